@@ -1,0 +1,94 @@
+"""Tiny, randomly initialised causal LMs and a byte-level tokenizer.
+
+Tests, examples and CI smoke runs use these: transformers builds the models from a
+config, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+Family = Literal["qwen2", "llama", "gpt2"]
+FAMILIES: tuple[Family, ...] = ("qwen2", "llama", "gpt2")
+
+#: Byte-level vocabulary: 256 byte symbols followed by the end-of-sequence token.
+BYTE_VOCAB_SIZE = 257
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A lossless byte-level tokenizer with 256 byte tokens and ``<|eos|>`` (id 256)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_unicode = sorted(alphabet, key=lambda ch: _byte_of(ch))
+    vocab = {symbol: i for i, symbol in enumerate(byte_to_unicode)}
+    vocab["<|eos|>"] = 256
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|eos|>")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _byte_of(symbol: str) -> int:
+    # GPT-2's byte <-> unicode table: printable bytes map to themselves, the rest to 256+.
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    code = ord(symbol)
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
+
+
+def tiny_config(
+    family: Family,
+    vocab_size: int = BYTE_VOCAB_SIZE,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 512,
+) -> PretrainedConfig:
+    """Config of a tiny decoder LM of the given family (Qwen2, Llama or GPT-2)."""
+    eos = vocab_size - 1
+    common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    if family == "qwen2":
+        return Qwen2Config(
+            hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
+            tie_word_embeddings=True, **common,
+        )
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
+            **common,
+        )
+    if family == "gpt2":
+        return GPT2Config(
+            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions,
+            **common,
+        )
+    raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
+
+
+def tiny_causal_lm(family: Family = "qwen2", seed: int = 0, **config_kwargs) -> PreTrainedModel:
+    """A randomly initialised tiny causal LM in eval mode (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
+    return model.eval()

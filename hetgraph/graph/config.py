@@ -1,0 +1,87 @@
+"""Configuration of the heterogeneous context graph."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from torch_geometric.typing import EdgeType, Metadata, NodeType
+
+#: Node type of the query (original-context) positions.
+CTX: NodeType = "ctx"
+#: Node type of the retrieved neighbour window tokens.
+NBR: NodeType = "nbr"
+#: Adjacent tokens inside one neighbour window (both directions, plus self-loops).
+N2N: EdgeType = (NBR, "n2n", NBR)
+#: Retrieved neighbour token -> query position.
+N2C: EdgeType = (NBR, "n2c", CTX)
+#: Causal query -> query edges (u <= v in the same sequence).
+C2C: EdgeType = (CTX, "c2c", CTX)
+#: All edge types, in the canonical order used by the layers.
+EDGE_TYPES: tuple[EdgeType, ...] = (N2N, N2C, C2C)
+
+
+def context_graph_metadata(c2c: bool = False) -> Metadata:
+    """The ``(node_types, edge_types)`` metadata of a context graph, as taken by
+    :class:`~hetgraph.nn.HeteroGraphAttention`. ``c2c`` adds the causal
+    context relation."""
+    edge_types = [N2N, N2C] + ([C2C] if c2c else [])
+    return [CTX, NBR], edge_types
+
+
+@dataclass
+class GraphConfig:
+    """How :func:`~hetgraph.graph.build_context_graph` builds a context graph.
+
+    Args:
+        left: Number of corpus tokens to the left of each retrieved position
+            that join its window (official GNN-LM: 1, then 2).
+        right: Number of corpus tokens to the right (``right >= 1`` brings in
+            the retrieved next token).
+        n2c: ``"center"`` links only the retrieved position to the query
+            (official code); ``"window"`` links every window token.
+        c2c: Add causal ``ctx -> ctx`` edges (``u <= v``, same sequence, with
+            self-loops).
+        c2c_window: If set, keep only causal edges with ``v - u < c2c_window``.
+        deduplicate: Merge ``nbr`` nodes of the same corpus row retrieved by
+            several queries of one sequence (the official code does not).
+        leakage_radius: With ``query_positions``, drop neighbours ``o`` of the
+            query's own document with ``|p - o| < leakage_radius``.
+    """
+
+    left: int = 1
+    right: int = 1
+    n2c: Literal["center", "window"] = "center"
+    c2c: bool = False
+    c2c_window: int | None = None
+    deduplicate: bool = False
+    leakage_radius: int = 3072
+
+    def __post_init__(self) -> None:
+        if self.left < 0 or self.right < 0:
+            raise ValueError(f"left/right must be >= 0 (got {self.left}, {self.right})")
+        if self.n2c not in ("center", "window"):
+            raise ValueError(f"n2c must be 'center' or 'window' (got {self.n2c!r})")
+        if self.c2c_window is not None and self.c2c_window < 1:
+            raise ValueError(f"c2c_window must be >= 1 or None (got {self.c2c_window})")
+        if self.leakage_radius < 0:
+            raise ValueError(f"leakage_radius must be >= 0 (got {self.leakage_radius})")
+
+    @property
+    def window_size(self) -> int:
+        """Tokens per neighbour window, ``left + right + 1``."""
+        return self.left + self.right + 1
+
+    def metadata(self) -> Metadata:
+        """Node and edge types of graphs built with this config."""
+        return context_graph_metadata(self.c2c)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GraphConfig fields: {sorted(unknown)}")
+        return cls(**data)

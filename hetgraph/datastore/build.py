@@ -1,0 +1,240 @@
+"""Building a datastore: one frozen-LM pass over a split, resumable after interruption."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hetgraph.corpus.windows import Window, sliding_windows
+from hetgraph.datastore.capture import (
+    HiddenStateCapture,
+    model_dtype_name,
+    normalize_layer,
+    probe_dims,
+    split_arrays,
+)
+from hetgraph.datastore.store import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    PROGRESS_FILE,
+    Datastore,
+    DatastoreConfig,
+    DatastoreError,
+    DatastoreMetadata,
+    atomic_write_text,
+)
+from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
+from hetgraph.models.layers import model_device
+
+
+def window_batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Group consecutive windows of equal length into batches of at most ``batch_size``.
+
+    The grouping depends on the window index only, so a resumed build processes exactly
+    the same batches (and gets bitwise the same numbers) as an uninterrupted one. Equal
+    lengths mean no padding and no attention mask is ever needed (with
+    :func:`sliding_windows` every window has the same length anyway).
+    """
+    batches: list[list[Window]] = []
+    for w in windows:
+        if batches and len(batches[-1]) < batch_size and \
+                (batches[-1][0].end - batches[-1][0].start) == (w.end - w.start):
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
+
+
+def batch_input_ids(tokens: np.ndarray, batch: list[Window], device: torch.device) -> torch.Tensor:
+    """``[B, T]`` int64 input ids of a batch of equal-length windows."""
+    ids = np.stack([tokens[w.start:w.end] for w in batch]).astype(np.int64)
+    return torch.from_numpy(ids).to(device, non_blocking=True)
+
+
+def build_datastore(
+    model: nn.Module,
+    tokenizer: Any,
+    split: Any,
+    out_dir: str | Path,
+    config: DatastoreConfig | None = None,
+    *,
+    corpus_fingerprint: str | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    max_batches: int | None = None,
+) -> Datastore:
+    """Run the frozen LM over a split and store a key per position.
+
+    Entry ``i`` of the datastore is position ``i`` of the split: its hidden state at
+    ``config.key_layer`` (fp16) and ``next_tokens[i] = tokens[i + 1]``. Windows come from
+    :func:`~hetgraph.corpus.windows.sliding_windows`; the model runs batched under
+    ``torch.inference_mode`` on its own device, and the forward pass stops as soon as
+    the requested states are captured (the LM head's logits are never computed).
+
+    The build is resumable: progress is saved after every flushed batch, and running the
+    same call again (same model, tokenizer, split and config) continues where it stopped
+    and gives a byte-identical datastore. A finished datastore is returned as is.
+
+    Args:
+        model: a Hugging Face causal LM (frozen; put it on the device you want used).
+        tokenizer: its tokenizer (fingerprinted into the metadata).
+        split: a ``TokenizedSplit``-like object (``tokens``, ``doc_ids``, ``positions``).
+        out_dir: datastore directory.
+        config: :class:`DatastoreConfig` (defaults if None).
+        corpus_fingerprint: identifies the split; default: a hash of its tokens and doc ids.
+        overwrite: delete an existing datastore built with anything different instead of
+            raising.
+        show_progress: show a tqdm bar.
+        max_batches: process at most this many batches in this call and return the
+            (incomplete) datastore; for chunked jobs under time limits and for tests.
+
+    Returns:
+        the opened :class:`Datastore` (``complete`` is False only if ``max_batches`` stopped it).
+
+    Raises:
+        DatastoreError: ``out_dir`` holds a datastore built differently and not ``overwrite``.
+    """
+    config = config or DatastoreConfig()
+    out = Path(out_dir)
+    tokens, doc_ids, positions = split_arrays(split, config.max_tokens)
+    if len(tokens) < 2:
+        raise ValueError(f"a datastore needs a split of at least 2 tokens, got {len(tokens)}")
+    num_entries = len(tokens) - 1
+    key_layer = normalize_layer(model, config.key_layer)
+    feature_layers = tuple(dict.fromkeys(normalize_layer(model, l) for l in config.feature_layers))
+    dims = probe_dims(model, [key_layer, *feature_layers], token_id=int(tokens[0]))
+    windows = sliding_windows(num_entries, config.context_length, config.stride)
+    batches = window_batches(windows, config.batch_size)
+    if corpus_fingerprint is None:
+        corpus_fingerprint = array_fingerprint(tokens, doc_ids)
+    model_fp = model_fingerprint(model, tokenizer)
+    identity = dict(
+        num_entries=num_entries, dim=dims[key_layer], key_layer=key_layer,
+        feature_dims={str(l): dims[l] for l in feature_layers},
+        context_length=config.context_length, stride=config.stride, batch_size=config.batch_size,
+        max_tokens=config.max_tokens, model=model_fp, model_dtype=model_dtype_name(model),
+        corpus_fingerprint=corpus_fingerprint, key_dtype="float16", num_batches=len(batches),
+        format_version=FORMAT_VERSION,
+    )
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    metadata = DatastoreMetadata(**identity, fingerprint=fingerprint, complete=False)
+
+    done = _prepare_directory(out, metadata, overwrite)
+    if done is None:  # already complete
+        return Datastore.open(out)
+    if done == 0 and not (out / "keys.npy").exists():
+        _write_static_arrays(out, metadata, tokens, doc_ids, positions)
+
+    keys = np.load(out / "keys.npy", mmap_mode="r+", allow_pickle=False)
+    feats = {l: np.load(out / f"features_{l}.npy", mmap_mode="r+", allow_pickle=False)
+             for l in feature_layers}
+    device = model_device(model)
+    bar = tqdm(total=num_entries, initial=sum(w.end - w.score_start for b in batches[:done] for w in b),
+               desc="datastore", unit="tok", disable=not show_progress, dynamic_ncols=True)
+    processed = 0
+    try:
+        with torch.inference_mode(), HiddenStateCapture(model, [key_layer, *feature_layers],
+                                                        stop_forward=True) as capture:
+            for b in range(done, len(batches)):
+                if max_batches is not None and processed >= max_batches:
+                    break
+                batch = batches[b]
+                states = capture.run(batch_input_ids(tokens, batch, device))
+                _write_batch(batch, states[key_layer], keys)
+                for l in feature_layers:
+                    _write_batch(batch, states[l], feats[l])
+                keys.flush()
+                for f in feats.values():
+                    f.flush()
+                _write_progress(out, b + 1, len(batches))
+                processed += 1
+                bar.update(sum(w.end - w.score_start for w in batch))
+    finally:
+        bar.close()
+        del keys, feats
+    if _read_progress(out) >= len(batches):
+        metadata.complete = True
+        metadata.to_json(out / METADATA_FILE)
+        return Datastore.open(out)
+    return Datastore.open(out, allow_incomplete=True)
+
+
+def _write_batch(batch: list[Window], hidden: torch.Tensor, target: np.memmap) -> None:
+    """Copy the scored positions of each window into the memmap rows they belong to."""
+    half = hidden.to(torch.float16)
+    for row, w in enumerate(batch):
+        offset = w.score_start - w.start
+        target[w.score_start:w.end] = half[row, offset:offset + (w.end - w.score_start)].cpu().numpy()
+
+
+def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> Optional[int]:
+    """Create / validate ``out``; return the number of batches already done (None = complete)."""
+    meta_file = out / METADATA_FILE
+    if meta_file.exists():
+        try:
+            existing = DatastoreMetadata.from_json(meta_file)
+            same = existing.identity() == metadata.identity()
+        except (DatastoreError, TypeError, ValueError, json.JSONDecodeError):
+            existing, same = None, False
+        if same:
+            if existing.complete:
+                return None
+            return _read_progress(out)
+        if not overwrite:
+            diff = _describe_difference(existing, metadata)
+            raise DatastoreError(
+                f"{out} already holds a datastore built with a different model, corpus or config "
+                f"({diff}); pass overwrite=True to replace it, or choose another directory")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise DatastoreError(f"{out} exists, is not empty and holds no datastore; pass "
+                                 "overwrite=True to replace it, or choose another directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return 0
+
+
+def _describe_difference(existing: DatastoreMetadata | None, new: DatastoreMetadata) -> str:
+    if existing is None:
+        return "unreadable metadata"
+    a, b = existing.identity(), new.identity()
+    keys = [k for k in b if a.get(k) != b.get(k)]
+    return "differs in " + ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
+
+
+def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndarray,
+                         doc_ids: np.ndarray, positions: np.ndarray) -> None:
+    n = metadata.num_entries
+    for name, array in (("tokens", tokens[:n]), ("next_tokens", tokens[1:n + 1]),
+                        ("doc_ids", doc_ids[:n]), ("positions", positions[:n])):
+        tmp = out / f"{name}.tmp.npy"
+        np.save(tmp, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
+        tmp.replace(out / f"{name}.npy")
+    for name, dim in (("keys", metadata.dim),
+                      *((f"features_{l}", d) for l, d in metadata.feature_dims.items())):
+        array = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.float16,
+                                          shape=(n, dim))
+        array.flush()
+        del array
+    _write_progress(out, 0, metadata.num_batches)
+    metadata.to_json(out / METADATA_FILE)
+
+
+def _write_progress(out: Path, batches_done: int, num_batches: int) -> None:
+    atomic_write_text(out / PROGRESS_FILE,
+                      json.dumps({"batches_done": batches_done, "num_batches": num_batches}) + "\n")
+
+
+def _read_progress(out: Path) -> int:
+    try:
+        return int(json.loads((out / PROGRESS_FILE).read_text())["batches_done"])
+    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
+        return 0

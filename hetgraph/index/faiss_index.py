@@ -1,0 +1,293 @@
+"""FAISS indexes over datastore keys: exact (``Flat``), IVF-PQ, OPQ+IVF-PQ, HNSW."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hetgraph.datastore.store import atomic_write_text
+
+INDEX_FILE = "index.faiss"
+INDEX_METADATA_FILE = "index.json"
+INDEX_FORMAT_VERSION = 1
+
+#: Below this many vectors ``auto`` picks exact search.
+EXACT_SEARCH_LIMIT = 1_000_000
+
+
+
+@dataclass
+class IndexConfig:
+    """How a FAISS index over the keys is built and searched.
+
+    Attributes:
+        factory: ``"auto"`` (see :func:`auto_factory`) or any ``faiss.index_factory`` string
+            (``"Flat"``, ``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``, ``"HNSW32"``, …).
+        metric: ``"l2"`` (distances are squared L2) or ``"ip"`` (distances are negated
+            inner products); smaller is closer in both.
+        train_size: vectors sampled (seeded) to train IVF / PQ / OPQ; None = automatic.
+        add_chunk_size: vectors cast fp16 -> fp32 and added per chunk.
+        nprobe: IVF lists visited per query.
+        ef_search: HNSW search breadth.
+        seed: sampling seed (and FAISS k-means seed).
+        num_threads: FAISS OpenMP threads; None = ``torch.get_num_threads()``.
+    """
+
+    factory: str = "auto"
+    metric: Literal["l2", "ip"] = "l2"
+    train_size: Optional[int] = None
+    add_chunk_size: int = 65536
+    nprobe: int = 32
+    ef_search: int = 128
+    seed: int = 0
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("l2", "ip"):
+            raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
+        if self.add_chunk_size < 1:
+            raise ValueError(f"add_chunk_size must be >= 1, got {self.add_chunk_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "IndexConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown IndexConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "IndexConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def auto_factory(n: int, d: int) -> str:
+    """A sensible FAISS factory string for ``n`` vectors of width ``d``.
+
+    Exact ``Flat`` below :data:`EXACT_SEARCH_LIMIT` vectors (exact, and fast enough);
+    above it ``IVF{nlist},PQ{m}`` with ``nlist ≈ 4·sqrt(n)`` (rounded to a power of two)
+    and ``m`` the largest divisor of ``d`` that is at most 64 (``m`` bytes per vector).
+    Prefix ``OPQ{m},`` for better recall at higher training cost.
+    """
+    if n < EXACT_SEARCH_LIMIT:
+        return "Flat"
+    nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
+    m = max(k for k in range(1, min(64, d) + 1) if d % k == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+def set_faiss_threads(num_threads: int | None) -> int:
+    """Set FAISS's OpenMP threads deliberately (None = torch's thread count); return it."""
+    n = int(num_threads) if num_threads else max(1, torch.get_num_threads())
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def _as_float32(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+
+
+class DatastoreIndex:
+    """A FAISS index over datastore keys with its metadata (``index.faiss`` + ``index.json``).
+
+    Build with :meth:`build`, persist with :meth:`save`, reopen with :meth:`load`,
+    query with :meth:`search`.
+    """
+
+    def __init__(self, index: faiss.Index, config: IndexConfig, factory: str,
+                 datastore_fingerprint: str | None = None):
+        self.index = index
+        self.config = config
+        self.factory = factory
+        self.datastore_fingerprint = datastore_fingerprint
+        self._apply_search_params()
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def metric(self) -> str:
+        return self.config.metric
+
+    def __repr__(self) -> str:
+        return (f"DatastoreIndex(factory={self.factory!r}, metric={self.metric!r}, "
+                f"ntotal={self.ntotal}, dim={self.dim})")
+
+    # -- building -----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, keys: Any, config: IndexConfig | None = None, *,
+              datastore_fingerprint: str | None = None, show_progress: bool = True) -> "DatastoreIndex":
+        """Train (on a seeded random sample) and fill an index with ``keys``.
+
+        Args:
+            keys: ``[N, d]`` array (typically the datastore's fp16 memmap) or a
+                :class:`~hetgraph.datastore.Datastore` (its keys and fingerprint are used).
+            config: :class:`IndexConfig`.
+            datastore_fingerprint: recorded in ``index.json``; taken from a Datastore.
+            show_progress: tqdm bar over the add chunks.
+        """
+        config = config or IndexConfig()
+        if hasattr(keys, "keys") and hasattr(keys, "fingerprint") and not isinstance(keys, np.ndarray):
+            datastore_fingerprint = datastore_fingerprint or keys.fingerprint
+            keys = keys.keys
+        if keys.ndim != 2 or keys.shape[0] < 1:
+            raise ValueError(f"keys must be a non-empty [N, d] array, got shape {tuple(keys.shape)}")
+        n, d = int(keys.shape[0]), int(keys.shape[1])
+        set_faiss_threads(config.num_threads)
+        factory = auto_factory(n, d) if config.factory == "auto" else config.factory
+        metric = faiss.METRIC_L2 if config.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        try:
+            index = faiss.index_factory(d, factory, metric)
+        except RuntimeError as e:
+            raise ValueError(f"FAISS cannot build index {factory!r} for d={d}: {e}") from e
+        _seed_clustering(index, config.seed)
+        if not index.is_trained:
+            size = config.train_size or _default_train_size(index, n)
+            size = min(n, size)
+            rng = np.random.default_rng(config.seed)
+            sample = np.sort(rng.choice(n, size=size, replace=False))
+            train = _as_float32(keys[sample])
+            index.train(train)
+        chunk = config.add_chunk_size
+        with tqdm(total=n, desc=f"index {factory}", unit="vec", disable=not show_progress,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, n, chunk):
+                block = _as_float32(keys[start:start + chunk])
+                index.add(block)
+                bar.update(len(block))
+        return cls(index, config, factory, datastore_fingerprint)
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write ``index.faiss`` and ``index.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (INDEX_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp))
+        tmp.replace(directory / INDEX_FILE)
+        meta = dict(format_version=INDEX_FORMAT_VERSION, factory=self.factory, metric=self.metric,
+                    num_vectors=self.ntotal, dim=self.dim,
+                    datastore_fingerprint=self.datastore_fingerprint, config=self.config.to_dict())
+        atomic_write_text(directory / INDEX_METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, datastore: Any | None = None, *,
+             config: IndexConfig | None = None) -> "DatastoreIndex":
+        """Read an index saved by :meth:`save`, checking it against ``datastore`` if given.
+
+        Args:
+            directory: where :meth:`save` wrote it.
+            datastore: a :class:`~hetgraph.datastore.Datastore`; its size, width and
+                fingerprint must match the index's.
+            config: override the stored search-time settings (nprobe, ef_search, threads).
+
+        Raises:
+            ValueError: missing files or a datastore mismatch.
+        """
+        directory = Path(directory)
+        meta_file, index_file = directory / INDEX_METADATA_FILE, directory / INDEX_FILE
+        if not meta_file.exists() or not index_file.exists():
+            raise ValueError(f"no index at {directory} (need {INDEX_FILE} and {INDEX_METADATA_FILE}); "
+                             "build one with DatastoreIndex.build(...).save(dir)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != INDEX_FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: unsupported index format {meta.get('format_version')}")
+        if datastore is not None:
+            problems = []
+            if meta["num_vectors"] != len(datastore):
+                problems.append(f"{meta['num_vectors']} vectors vs {len(datastore)} datastore entries")
+            if meta["dim"] != datastore.dim:
+                problems.append(f"dimension {meta['dim']} vs {datastore.dim}")
+            fp = getattr(datastore, "fingerprint", None)
+            if meta.get("datastore_fingerprint") and fp and meta["datastore_fingerprint"] != fp:
+                problems.append(f"datastore fingerprint {meta['datastore_fingerprint']} vs {fp}")
+            if problems:
+                raise ValueError(f"index {directory} was built for another datastore ("
+                                 + "; ".join(problems) + f"); rebuild it from {datastore.path}")
+        stored = IndexConfig.from_dict(meta["config"])
+        index = faiss.read_index(str(index_file))
+        if index.ntotal != meta["num_vectors"] or index.d != meta["dim"]:
+            raise ValueError(f"{index_file} does not match {meta_file}; the index is corrupt, rebuild it")
+        return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"))
+
+    # -- searching ----------------------------------------------------------------------------
+    def _apply_search_params(self) -> None:
+        set_faiss_threads(self.config.num_threads)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.nprobe = min(int(self.config.nprobe), int(ivf.nlist))
+        base = self.index
+        if isinstance(base, faiss.IndexPreTransform):
+            base = faiss.downcast_index(base.index)
+        if hasattr(base, "hnsw"):
+            base.hnsw.efSearch = int(self.config.ef_search)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest stored keys of each query.
+
+        Args:
+            queries: ``[Q, d]`` numpy array or torch tensor of any float dtype, any device.
+            k: neighbours per query, ``1 <= k <= ntotal``.
+
+        Returns:
+            ``(distances float32 [Q, k], ids int64 [Q, k])``, nearest first. Distances are
+            squared L2 (metric ``"l2"``) or negated inner products (``"ip"``): smaller is
+            closer. An approximate index may return ``id = -1`` / ``distance = inf`` when it
+            finds fewer than ``k`` candidates.
+
+        Raises:
+            ValueError: bad ``k`` or query shape.
+        """
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if k > self.ntotal:
+            raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
+        q = _as_float32(queries)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must have shape [Q, {self.dim}], got {tuple(q.shape)}")
+        distances, ids = self.index.search(q, k)
+        distances = distances.astype(np.float32, copy=False)
+        ids = ids.astype(np.int64, copy=False)
+        missing = ids < 0
+        if self.metric == "ip":
+            distances = -distances
+        if missing.any():
+            distances = np.where(missing, np.float32(np.inf), distances)
+        return distances, ids
+
+
+def _default_train_size(index: faiss.Index, n: int) -> int:
+    ivf = faiss.try_extract_index_ivf(index)
+    nlist = int(ivf.nlist) if ivf is not None else 1
+    return max(64 * nlist, 65536)
+
+
+def _seed_clustering(index: faiss.Index, seed: int) -> None:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = int(seed)

@@ -1,0 +1,4 @@
+"""Training the graph adapters (the base LM stays frozen)."""
+from hetgraph.training.trainer import TrainingConfig, TrainingResult, learning_rate_factor, train_adapter
+
+__all__ = ["TrainingConfig", "TrainingResult", "learning_rate_factor", "train_adapter"]

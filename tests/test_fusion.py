@@ -1,0 +1,214 @@
+"""Fusion of graph adapters into tiny Qwen2 / Llama / GPT-2 models through forward hooks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetgraph.corpus import TokenizedSplit
+from hetgraph.datastore import DatastoreConfig, build_datastore
+from hetgraph.fusion import AdapterMismatchError, FusionConfig, HetGraphLM
+from hetgraph.index import DatastoreIndex, IndexConfig
+from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
+from hetgraph.training import TrainingConfig, train_adapter
+
+SMALL_ADAPTER = dict(hidden_channels=32, num_layers=2, heads=4, dropout=0.0, attn_dropout=0.0)
+
+
+def repeated_pattern_split(num_docs: int = 6, pattern: int = 24, repeats: int = 6, seed: int = 0) -> TokenizedSplit:
+    """Documents that repeat a random byte pattern: the next token is predictable from
+    earlier repetitions, so retrieval is informative."""
+    rng = np.random.default_rng(seed)
+    tokens, doc_ids = [], []
+    for doc in range(num_docs):
+        body = np.tile(rng.integers(0, 256, size=pattern), repeats)
+        tokens.append(np.r_[body, 256])
+        doc_ids.append(np.full(len(body) + 1, doc))
+    return TokenizedSplit.from_arrays(
+        "train", np.concatenate(tokens).astype(np.int32), np.concatenate(doc_ids).astype(np.int32),
+        [f"doc{i}" for i in range(num_docs)])
+
+
+@pytest.fixture(scope="module")
+def split() -> TokenizedSplit:
+    return repeated_pattern_split()
+
+
+def build_store(tmp_path, family: str, split: TokenizedSplit, key_layer=None, seed: int = 0):
+    model = tiny_causal_lm(family, seed=seed)
+    tokenizer = byte_tokenizer()
+    store = build_datastore(model, tokenizer, split, tmp_path / f"ds-{family}-{key_layer}-{seed}",
+                            DatastoreConfig(context_length=64, stride=32, batch_size=4, key_layer=key_layer),
+                            show_progress=False)
+    index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
+    return model, tokenizer, store, index
+
+
+def randomise_gates(lm: HetGraphLM, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in lm.gates.values():
+            gate.copy_(torch.rand(gate.shape, generator=generator))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sites", [("head",), (0,), (0, "head")])
+def test_zero_gate_leaves_logits_unchanged(tmp_path, split, family, sites):
+    model, tokenizer, store, index = build_store(tmp_path, family, split)
+    input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None].repeat(2, 1)
+    mask = torch.ones_like(input_ids)
+    mask[1, :5] = 0
+    base = model(input_ids, attention_mask=mask).logits
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
+    assert lm.needs_prefetch == (0 in sites)
+    with lm:
+        fused = model(input_ids, attention_mask=mask).logits
+    assert torch.equal(base, fused)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_gate_greedy_generation_matches_base(tmp_path, split, family):
+    model, tokenizer, store, index = build_store(tmp_path, family, split)
+    prompt = torch.from_numpy(split.tokens[:12].astype(np.int64))[None]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=256)
+    base = model.generate(prompt, **kwargs)
+    for sites in [("head",), (0,)]:
+        lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
+        assert torch.equal(lm.generate(prompt, **kwargs), base)
+
+
+def hook_counts(model) -> list[tuple[int, int]]:
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def test_detach_restores_the_original_hooks(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    user_handle = model.model.layers[1].register_forward_hook(lambda *a: None)
+    before = hook_counts(model)
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, 1, "head"), k=4, adapter=SMALL_ADAPTER))
+    lm.attach()
+    assert hook_counts(model) != before
+    lm.attach()  # idempotent
+    lm.detach()
+    assert hook_counts(model) == before
+    with lm:
+        pass
+    assert hook_counts(model) == before
+    user_handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefetch_and_single_pass_agree(tmp_path, split, family):
+    # Retrieval at decoder layer 0, fusion at layer 1: single pass; forcing a prefetch pass
+    # must give the same neighbours and the same (non-zero-gate) outputs.
+    model, tokenizer, store, index = build_store(tmp_path, family, split, key_layer=0)
+    input_ids = torch.from_numpy(split.tokens[50:90].astype(np.int64))[None]
+    outputs = {}
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        config = FusionConfig(fusion_layers=(1,), k=4, adapter=SMALL_ADAPTER, prefetch=prefetch or None)
+        lm = HetGraphLM(model, store, index, config)
+        randomise_gates(lm)
+        assert lm.needs_prefetch == prefetch
+        with torch.no_grad():
+            outputs[prefetch] = lm(input_ids).logits
+    assert torch.allclose(outputs[False], outputs[True], atol=1e-6)
+    assert not torch.equal(outputs[False], model(input_ids).logits)
+
+
+def test_gradients_reach_adapters_only(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(1, "head"), k=4, adapter=SMALL_ADAPTER))
+    randomise_gates(lm)
+    lm.train()
+    input_ids = torch.from_numpy(split.tokens[:48].astype(np.int64))[None]
+    logits = lm(input_ids, use_cache=False).logits
+    torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:]).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+    for name, param in lm.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = FusionConfig(fusion_layers=("head",), k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4))
+    lm = HetGraphLM(model, store, index, config)
+    valid = repeated_pattern_split(num_docs=2, seed=1)
+    from hetgraph.evaluation import perplexity
+
+    before = perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-3, warmup_steps=5,
+                              eval_every=0, checkpoint_every=0, seed=0)
+    result = train_adapter(lm, split, None, training, tmp_path / "adapter", show_progress=False)
+    after = perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    assert np.mean(result.train_losses[-10:]) < np.mean(result.train_losses[:10])
+    assert after < 0.9 * before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, base_state[key]), key
+
+
+def test_training_resumes_to_the_same_adapter(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "gpt2", split)
+    config = FusionConfig(fusion_layers=("head",), k=4, adapter=dict(SMALL_ADAPTER, dropout=0.1),
+                          graph=dict(leakage_radius=4))
+    training = TrainingConfig(max_steps=6, batch_size=2, context_length=32, lr=1e-3, warmup_steps=2,
+                              eval_every=0, checkpoint_every=3, seed=3)
+
+    def run(out, steps_first=None):
+        torch.manual_seed(0)
+        lm = HetGraphLM(model, store, index, config)
+        if steps_first:
+            partial = TrainingConfig(**{**training.to_dict()})
+            try:
+                train_adapter(lm, split, None, partial, out, show_progress=False,
+                              stop_after=steps_first)
+            except KeyboardInterrupt:
+                pass
+            torch.manual_seed(0)
+            lm = HetGraphLM(model, store, index, config)
+        train_adapter(lm, split, None, training, out, show_progress=False)
+        return lm.state_dict()
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", steps_first=3)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("sites", [("head",), (0, "head")])
+def test_save_load_round_trip_gives_identical_logits(tmp_path, split, sites):
+    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER),
+                    tokenizer=tokenizer)
+    randomise_gates(lm)
+    input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
+    with torch.no_grad():
+        expected = lm(input_ids).logits
+    lm.save_pretrained(tmp_path / "adapter")
+    loaded = HetGraphLM.from_pretrained(tmp_path / "adapter", model, store, index, tokenizer=tokenizer)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, expected)
+
+
+def test_adapter_from_another_model_or_datastore_is_refused(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER))
+    lm.save_pretrained(tmp_path / "adapter")
+    other_model, _, other_store, other_index = build_store(tmp_path, "qwen2", split, seed=1)
+    with pytest.raises(AdapterMismatchError, match="different"):
+        HetGraphLM.from_pretrained(tmp_path / "adapter", other_model, other_store, other_index)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        HetGraphLM.from_pretrained(tmp_path / "nothing", model, store, index)
+
+
+def test_knn_interpolation_inside_generate(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER,
+                                                      knn_lambda=0.999, knn_temperature=0.01))
+    # The prompt is the start of a training document: kNN with λ≈1 continues it verbatim
+    # (the pattern repeats, so the next token is the one after the nearest stored context).
+    prompt = torch.from_numpy(split.tokens[24:48].astype(np.int64))[None]
+    out = lm.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=256, knn=True)
+    assert out[0, 24:].tolist() == split.tokens[48:54].tolist()

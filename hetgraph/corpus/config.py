@@ -1,0 +1,100 @@
+"""The JSON-serialisable description of a corpus: where it is and how it is split."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+#: Names of the three splits, in order.
+SPLITS: tuple[str, str, str] = ("train", "valid", "test")
+
+#: File suffixes read from a directory when no ``glob`` is given.
+DEFAULT_TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".text", ".md", ".markdown", ".rst")
+
+
+@dataclass
+class CorpusConfig:
+    """Where a corpus lives, how to read it and how to split it into train/valid/test.
+
+    Args:
+        path: a directory of text files (read recursively), a single text file, or a JSON
+            lines file (``.jsonl`` / ``.ndjson``, optionally ``.gz`` / ``.xz`` compressed).
+            ``None`` means the embedded Python 3.11 documentation
+            (:data:`hetgraph.corpus.EMBEDDED_CORPUS`).
+        text_field: JSON lines: the field holding a document's text.
+        id_field: JSON lines: the field holding a document's name (optional per line; a line
+            without it is named ``<file>:<line>``). ``None`` always uses ``<file>:<line>``.
+        glob: directories: the pattern of files to read, relative to the directory and
+            recursive when it contains ``**`` (e.g. ``"**/*.py"``). ``None`` reads every file
+            ending in one of :data:`DEFAULT_TEXT_SUFFIXES` (optionally ``.gz`` / ``.xz``
+            compressed), recursively. Hidden files and directories are skipped. Matched JSON
+            lines files are read as JSON lines.
+        fractions: ``(train, valid, test)`` fractions of documents; non-negative, sum to 1.
+        seed: mixed into the per-document hash that decides the split.
+        max_documents: read at most this many documents (in reading order: sorted paths,
+            then line order inside JSON lines files).
+        encoding: text encoding of the input files.
+        document_separator: a regular expression that splits each file's text into several
+            documents (named ``<name>#<i>``), e.g. ``r"\\n\\s*\\n\\s*\\n"`` for a single file
+            whose documents are separated by two blank lines. ``None`` keeps one document
+            per file (or per JSON line).
+    """
+
+    path: str | None = None
+    text_field: str = "text"
+    id_field: str | None = "id"
+    glob: str | None = None
+    fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+    seed: int = 0
+    max_documents: int | None = None
+    encoding: str = "utf-8"
+    document_separator: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self.path = str(self.path)
+        fractions = tuple(float(f) for f in self.fractions)
+        if len(fractions) != 3:
+            raise ValueError(f"fractions must be (train, valid, test), got {self.fractions!r}")
+        if any(f < 0 or not math.isfinite(f) for f in fractions) or not math.isclose(
+            sum(fractions), 1.0, abs_tol=1e-6
+        ):
+            raise ValueError(
+                f"fractions must be non-negative and sum to 1, got {self.fractions!r}"
+            )
+        self.fractions = fractions  # type: ignore[assignment]
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be >= 1 or None, got {self.max_documents}")
+
+    @property
+    def resolved_path(self) -> Path:
+        """The input path; the embedded corpus when :attr:`path` is ``None``."""
+        if self.path is None:
+            from .embedded import EMBEDDED_CORPUS
+
+            return EMBEDDED_CORPUS
+        return Path(self.path).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        data = asdict(self)
+        data["fractions"] = list(self.fractions)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CorpusConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CorpusConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CorpusConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,219 @@
+"""Tokenized splits and corpora, stored as ``.npy`` arrays plus JSON (never pickles)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import SPLITS, CorpusConfig
+
+#: Version of the on-disk layout written by :meth:`TokenizedCorpus.save`.
+FORMAT_VERSION = 1
+_METADATA_FILE = "corpus.json"
+
+
+def positions_from_doc_ids(doc_ids: np.ndarray) -> np.ndarray:
+    """Offset of every token inside its document (documents are contiguous runs of ids)."""
+    doc_ids = np.asarray(doc_ids)
+    n = len(doc_ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    change = np.empty(n, dtype=bool)
+    change[0] = True
+    np.not_equal(doc_ids[1:], doc_ids[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    run = np.cumsum(change) - 1
+    return (np.arange(n, dtype=np.int64) - starts[run]).astype(np.int32)
+
+
+@dataclass
+class TokenizedSplit:
+    """One split of a tokenized corpus: documents concatenated, each followed by EOS.
+
+    Attributes:
+        name: ``"train"``, ``"valid"`` or ``"test"``.
+        tokens: int32 ``[N]`` token ids.
+        doc_ids: int32 ``[N]`` index into :attr:`doc_names` of each token's document (the EOS
+            after a document belongs to it). Documents are contiguous and in order.
+        doc_names: name of every document.
+        positions: int32 ``[N]`` offset of each token inside its document (derived from
+            :attr:`doc_ids` when not given).
+    """
+
+    name: str
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    doc_names: list[str]
+    positions: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.tokens = np.asarray(self.tokens, dtype=np.int32)
+        self.doc_ids = np.asarray(self.doc_ids, dtype=np.int32)
+        self.doc_names = list(self.doc_names)
+        if self.tokens.ndim != 1 or self.tokens.shape != self.doc_ids.shape:
+            raise ValueError(
+                f"tokens {self.tokens.shape} and doc_ids {self.doc_ids.shape} must be 1-D and "
+                "of equal length"
+            )
+        if len(self.doc_ids) and (self.doc_ids.min() < 0 or self.doc_ids.max() >= len(self.doc_names)):
+            raise ValueError(f"doc_ids must index doc_names ({len(self.doc_names)} names)")
+        if self.positions is None:
+            self.positions = positions_from_doc_ids(self.doc_ids)
+        else:
+            self.positions = np.asarray(self.positions, dtype=np.int32)
+            if self.positions.shape != self.tokens.shape:
+                raise ValueError("positions must have the same shape as tokens")
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_names)
+
+    def truncate(self, max_tokens: int) -> TokenizedSplit:
+        """The first ``max_tokens`` tokens (documents past the cut are dropped from the names)."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        if max_tokens >= len(self):
+            return self
+        doc_ids = self.doc_ids[:max_tokens]
+        keep = int(doc_ids.max()) + 1 if len(doc_ids) else 0
+        return TokenizedSplit(
+            self.name, self.tokens[:max_tokens], doc_ids, self.doc_names[:keep],
+            self.positions[:max_tokens],
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``<name>.tokens.npy``, ``<name>.doc_ids.npy`` and ``<name>.docs.json``."""
+        directory = Path(directory)
+        np.save(directory / f"{self.name}.tokens.npy", self.tokens, allow_pickle=False)
+        np.save(directory / f"{self.name}.doc_ids.npy", self.doc_ids, allow_pickle=False)
+        (directory / f"{self.name}.docs.json").write_text(
+            json.dumps(self.doc_names, ensure_ascii=False), encoding="utf-8"
+        )
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str, mmap: bool = False) -> TokenizedSplit:
+        """Inverse of :meth:`save`; ``mmap=True`` maps the arrays read-only."""
+        directory = Path(directory)
+        mode = "r" if mmap else None
+        tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode=mode, allow_pickle=False)
+        doc_ids = np.load(directory / f"{name}.doc_ids.npy", mmap_mode=mode, allow_pickle=False)
+        names = json.loads((directory / f"{name}.docs.json").read_text(encoding="utf-8"))
+        return cls(name, tokens, doc_ids, names)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex digits) of the split's tokens, document ids and names."""
+        h = hashlib.sha256()
+        for array in (self.tokens, self.doc_ids):
+            h.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+            h.update(b"|")
+        h.update(json.dumps(self.doc_names, ensure_ascii=False).encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"TokenizedSplit(name={self.name!r}, tokens={len(self)}, documents={self.num_documents})"
+
+
+@dataclass
+class TokenizedCorpus:
+    """The train / valid / test splits of a corpus, tokenized with one tokenizer.
+
+    Attributes:
+        train, valid, test: the splits.
+        tokenizer_fingerprint: :func:`hetgraph.models.fingerprint.tokenizer_fingerprint` of the
+            tokenizer used.
+        eos_token_id: the id appended after every document.
+        config: the corpus configuration (``None`` if unknown).
+        fingerprint: identifies the tokenized content (all splits' tokens, doc ids and names).
+        path: the directory this corpus was loaded from or saved to, if any.
+    """
+
+    train: TokenizedSplit
+    valid: TokenizedSplit
+    test: TokenizedSplit
+    tokenizer_fingerprint: str
+    eos_token_id: int
+    config: CorpusConfig | None = None
+    fingerprint: str = ""
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            h = hashlib.sha256(self.tokenizer_fingerprint.encode())
+            for split in self.splits.values():
+                h.update(f"{split.name}:{split.fingerprint()};".encode())
+            self.fingerprint = h.hexdigest()[:16]
+
+    @property
+    def splits(self) -> dict[str, TokenizedSplit]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+    def split(self, name: str) -> TokenizedSplit:
+        """The split called ``name`` (``"train"``, ``"valid"`` or ``"test"``)."""
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; choose one of {SPLITS}")
+        return getattr(self, name)
+
+    def summary(self) -> dict[str, Any]:
+        """Documents and tokens per split (JSON-serialisable)."""
+        return {
+            name: {"documents": split.num_documents, "tokens": len(split)}
+            for name, split in self.splits.items()
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write every split and ``corpus.json`` (metadata, written last) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for split in self.splits.values():
+            split.save(directory)
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "eos_token_id": int(self.eos_token_id),
+            "config": None if self.config is None else self.config.to_dict(),
+            "summary": self.summary(),
+        }
+        (directory / _METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path, mmap: bool = False) -> TokenizedCorpus:
+        """Inverse of :meth:`save`.
+
+        Raises:
+            ValueError: if the directory holds no corpus of a known format.
+        """
+        directory = Path(directory)
+        meta_path = directory / _METADATA_FILE
+        if not meta_path.is_file():
+            raise ValueError(f"{directory} holds no tokenized corpus ({_METADATA_FILE} missing)")
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        if metadata.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{directory}: tokenized corpus format {metadata.get('format_version')}, "
+                f"expected {FORMAT_VERSION}; delete it and tokenize again"
+            )
+        splits = {name: TokenizedSplit.load(directory, name, mmap=mmap) for name in SPLITS}
+        config = metadata.get("config")
+        return cls(
+            **splits,
+            tokenizer_fingerprint=metadata["tokenizer_fingerprint"],
+            eos_token_id=int(metadata["eos_token_id"]),
+            config=None if config is None else CorpusConfig.from_dict(config),
+            fingerprint=metadata["fingerprint"],
+            path=directory,
+        )
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{name}={len(split)} tokens/{split.num_documents} docs"
+            for name, split in self.splits.items()
+        )
+        return f"TokenizedCorpus({parts}, fingerprint={self.fingerprint!r})"

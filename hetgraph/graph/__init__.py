@@ -2,6 +2,7 @@
 from hetgraph.graph.builder import (
     GRID_LAYOUT,
     IRREGULAR_LAYOUT,
+    ContextGraph,
     build_context_graph,
     ctx_to_dense,
     is_grid_graph,
@@ -19,6 +20,7 @@ from hetgraph.graph.config import (
 
 __all__ = [
     "GraphConfig",
+    "ContextGraph",
     "build_context_graph",
     "ctx_to_dense",
     "is_grid_graph",

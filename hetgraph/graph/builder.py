@@ -16,6 +16,21 @@ GRID_LAYOUT = "grid"
 IRREGULAR_LAYOUT = "irregular"
 
 
+class ContextGraph(HeteroData):
+    r"""The :class:`~torch_geometric.data.HeteroData` returned by
+    :func:`build_context_graph`. It only changes how
+    :meth:`~torch_geometric.data.Batch.from_data_list` offsets the
+    ``batch_index`` attributes: by the number of sequences of each graph
+    (PyG's default, ``max + 1``, fails on empty tensors and would offset
+    ``ctx`` and ``nbr`` differently). A batched graph is never ``"grid"``.
+    """
+
+    def __inc__(self, key: str, value: Any, store: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if key == "batch_index":
+            return int(self.query_shape[0])
+        return super().__inc__(key, value, store, *args, **kwargs)
+
+
 def _as_tensor(x: Tensor | np.ndarray | Any) -> Tensor:
     # Datastore arrays are numpy memmaps; avoid a copy where torch can share memory.
     if isinstance(x, Tensor):
@@ -40,7 +55,7 @@ def build_context_graph(
     config: GraphConfig,
     query_positions: Tensor | None = None,
     query_mask: Tensor | None = None,
-) -> HeteroData:
+) -> ContextGraph:
     r"""Builds one batched heterogeneous context graph (GNN-LM, `Meng et al.
     <https://arxiv.org/abs/2110.08743>`_) for a batch of query positions.
 
@@ -66,7 +81,7 @@ def build_context_graph(
             become ``ctx`` nodes.
 
     Returns:
-        A :class:`~torch_geometric.data.HeteroData` with
+        A :class:`ContextGraph` (a :class:`~torch_geometric.data.HeteroData`) with
 
         * ``graph['ctx'].batch_index``, ``graph['ctx'].seq_index``: ``[num_ctx]``
           int64 position of each ``ctx`` node in ``[B, T]`` (row-major order);
@@ -192,7 +207,7 @@ def build_context_graph(
     else:
         c2c = _empty_edges(device)
 
-    graph = HeteroData()
+    graph = ContextGraph()
     graph[CTX].num_nodes = C
     graph[CTX].batch_index = ctx_b.long()
     graph[CTX].seq_index = ctx_t.long()

@@ -1,0 +1,204 @@
+"""Tests of the context-graph builder against a slow loop-based reference."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hetgraph.graph import (
+    C2C,
+    CTX,
+    EDGE_TYPES,
+    N2C,
+    N2N,
+    NBR,
+    GraphConfig,
+    build_context_graph,
+    ctx_to_dense,
+    is_grid_graph,
+)
+
+
+def reference_graph(ids, tokens, docs, cfg: GraphConfig, qpos=None, qmask=None):
+    """Loop-based reference: the graph as the formulas describe it."""
+    B, T, K = ids.shape
+    N = len(docs)
+    l, r = cfg.left, cfg.right
+    ctx = [(b, t) for b in range(B) for t in range(T) if qmask is None or bool(qmask[b, t])]
+    node_pos: list[tuple[int, int]] = []  # (b, corpus row) per node
+    node_of: dict[tuple[int, int], int] = {}
+    n2n, n2c = [], []
+
+    def new_node(b, p):
+        if cfg.deduplicate:
+            if (b, p) not in node_of:
+                node_of[(b, p)] = len(node_pos)
+                node_pos.append((b, p))
+            return node_of[(b, p)]
+        node_pos.append((b, p))
+        return len(node_pos) - 1
+
+    for c, (b, t) in enumerate(ctx):
+        for j in range(K):
+            o = int(ids[b, t, j])
+            if o < 0:
+                continue
+            if qpos is not None:
+                p = int(qpos[b, t])
+                if p >= 0 and int(docs[p]) == int(docs[o]) and abs(p - o) < cfg.leakage_radius:
+                    continue
+            window = [p for p in range(o - l, o + r + 1) if 0 <= p < N and int(docs[p]) == int(docs[o])]
+            node = {p: new_node(b, p) for p in window}
+            for p in window:
+                n2n.append((node[p], node[p]))
+                if p + 1 in node:
+                    n2n.append((node[p], node[p + 1]))
+                    n2n.append((node[p + 1], node[p]))
+                if cfg.n2c == "window" or p == o:
+                    n2c.append((node[p], c))
+    c2c = []
+    if cfg.c2c:
+        for v, (bv, tv) in enumerate(ctx):
+            for u, (bu, tu) in enumerate(ctx):
+                if bu == bv and tu <= tv and (cfg.c2c_window is None or tv - tu < cfg.c2c_window):
+                    c2c.append((u, v))
+    if cfg.deduplicate:
+        # The builder numbers shared nodes by sorted (sequence, row); edges are sets.
+        order = sorted(range(len(node_pos)), key=lambda i: node_pos[i])
+        relabel = {old: new for new, old in enumerate(order)}
+        node_pos = [node_pos[i] for i in order]
+        n2n = sorted({(relabel[a], relabel[b]) for a, b in n2n})
+        n2c = sorted({(relabel[a], b) for a, b in n2c})
+    return ctx, node_pos, sorted(n2n), sorted(n2c), sorted(c2c)
+
+
+def edges(graph, edge_type):
+    ei = graph[edge_type].edge_index
+    assert ei.dtype == torch.int64 and ei.dim() == 2 and ei.size(0) == 2
+    return sorted(map(tuple, ei.t().tolist()))
+
+
+def random_corpus(N: int, num_docs: int, gen: torch.Generator):
+    cuts = torch.randperm(N - 1, generator=gen)[: num_docs - 1] + 1
+    docs = torch.zeros(N, dtype=torch.long)
+    docs[cuts] = 1
+    docs = docs.cumsum(0).to(torch.int32)
+    tokens = torch.randint(0, 257, (N,), generator=gen, dtype=torch.int32)
+    return tokens, docs
+
+
+CONFIGS = [
+    GraphConfig(),
+    GraphConfig(left=2, right=2, n2c="window"),
+    GraphConfig(left=0, right=3),
+    GraphConfig(c2c=True),
+    GraphConfig(c2c=True, c2c_window=3, left=2, right=1),
+    GraphConfig(deduplicate=True),
+    GraphConfig(deduplicate=True, n2c="window", left=2, right=2, c2c=True),
+    GraphConfig(leakage_radius=6),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: json.dumps(c.to_dict()))
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("masked", [False, True])
+def test_builder_matches_reference(cfg: GraphConfig, seed: int, masked: bool):
+    gen = torch.Generator().manual_seed(seed)
+    N, B, T, K = 80, 3, 7, 5
+    tokens, docs = random_corpus(N, 9, gen)
+    ids = torch.randint(0, N, (B, T, K), generator=gen)
+    ids[torch.rand(B, T, K, generator=gen) < 0.25] = -1
+    ids[:, :, 0] = torch.tensor([0, N - 1, 1])[:, None]  # windows clipped at the corpus ends
+    ids[0, 1] = ids[0, 2]  # two queries with the same neighbours (dedup must merge)
+    ids[1, 3] = -1  # a query with no neighbours at all
+    qpos = torch.randint(-1, N, (B, T), generator=gen)
+    qmask = torch.rand(B, T, generator=gen) < 0.7 if masked else None
+
+    graph = build_context_graph(ids, tokens, docs, cfg, query_positions=qpos, query_mask=qmask)
+    ctx, node_pos, n2n, n2c, c2c = reference_graph(ids, tokens, docs, cfg, qpos, qmask)
+
+    assert graph[CTX].num_nodes == len(ctx)
+    assert list(zip(graph[CTX].batch_index.tolist(), graph[CTX].seq_index.tolist())) == ctx
+    assert graph[NBR].num_nodes == len(node_pos)
+    assert graph[NBR].corpus_id.tolist() == [p for _, p in node_pos]
+    assert graph[NBR].batch_index.tolist() == [b for b, _ in node_pos]
+    assert graph[NBR].token_id.tolist() == [int(tokens[p]) for _, p in node_pos]
+    for key in ("corpus_id", "token_id", "batch_index"):
+        assert graph[NBR][key].dtype == torch.int64
+    assert set(graph.edge_types) == set(EDGE_TYPES)
+    assert edges(graph, N2N) == n2n
+    assert edges(graph, N2C) == n2c
+    assert edges(graph, C2C) == c2c
+    assert is_grid_graph(graph) == (not cfg.deduplicate and not cfg.c2c)
+
+
+def test_leakage_filter_drops_near_neighbours_of_same_document():
+    docs = torch.tensor([0] * 10 + [1] * 10)
+    tokens = torch.arange(20)
+    ids = torch.tensor([[[3, 7, 12, -1]]])
+    cfg = GraphConfig(left=0, right=0, leakage_radius=3)
+    # The query is row 5 of document 0: 3 (|5-3| = 2 < 3) leaks, 7 leaks, 12 is another document.
+    g = build_context_graph(ids, tokens, docs, cfg, query_positions=torch.tensor([[5]]))
+    assert g[NBR].corpus_id.tolist() == [12]
+    g = build_context_graph(ids, tokens, docs, cfg, query_positions=torch.tensor([[-1]]))
+    assert g[NBR].corpus_id.tolist() == [3, 7, 12]
+
+
+def test_grid_index_and_layout():
+    docs = torch.tensor([0, 0, 0, 1, 1, 1])
+    ids = torch.tensor([[[1, 3], [-1, 5]]])
+    g = build_context_graph(ids, torch.arange(6), docs, GraphConfig())
+    # windows: [0,1,2] full; [3]: row 2 is another doc -> slots (1,2); -1 -> none; [4,5] (end).
+    assert g.layout == "grid" and (g.grid_k, g.grid_w, g.grid_center) == (2, 3, 1)
+    assert g[NBR].grid_index.tolist() == [0, 1, 2, 4, 5, 9, 10]
+    assert g[NBR].corpus_id.tolist() == [0, 1, 2, 3, 4, 4, 5]
+
+
+def test_empty_and_device_agnostic_inputs():
+    docs = torch.zeros(5, dtype=torch.int32)
+    g = build_context_graph(torch.full((2, 3, 4), -1), torch.arange(5), docs, GraphConfig(c2c=True))
+    assert g[NBR].num_nodes == 0 and g[CTX].num_nodes == 6
+    assert g[N2N].edge_index.shape == (2, 0) and g[N2N].edge_index.dtype == torch.int64
+    assert g[C2C].edge_index.size(1) == 2 * 6  # 3 * 4 / 2 per sequence
+    # numpy corpus arrays (datastore memmaps) are accepted
+    g2 = build_context_graph(torch.tensor([[[1]]]), torch.arange(5).numpy(), docs.numpy(), GraphConfig())
+    assert g2[NBR].corpus_id.tolist() == [0, 1, 2]
+
+
+def test_out_of_range_neighbour_raises():
+    with pytest.raises(ValueError):
+        build_context_graph(torch.tensor([[[7]]]), torch.arange(5), torch.zeros(5), GraphConfig())
+
+
+def test_ctx_to_dense_scatters_back():
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    g = build_context_graph(torch.full((2, 3, 1), -1), torch.arange(4), torch.zeros(4), GraphConfig(), query_mask=mask)
+    x = torch.arange(1, 5, dtype=torch.float).view(4, 1)
+    dense = ctx_to_dense(g, x)
+    assert dense.shape == (2, 3, 1)
+    assert dense[..., 0].tolist() == [[1, 0, 2], [0, 3, 4]]
+
+
+def test_batching_keeps_all_edge_types():
+    from torch_geometric.data import Batch
+
+    docs = torch.zeros(10)
+    g1 = build_context_graph(torch.full((1, 2, 2), -1), torch.arange(10), docs, GraphConfig())
+    g2 = build_context_graph(torch.tensor([[[3, 4]]]), torch.arange(10), docs, GraphConfig(c2c=True))
+    batch = Batch.from_data_list([g1, g2])
+    assert set(batch.edge_types) == set(EDGE_TYPES)
+    # sequence ids stay consistent across graphs: g2's sequence 0 becomes sequence 1
+    assert batch[CTX].batch_index.tolist() == [0, 0, 1]
+    assert batch[NBR].batch_index.tolist() == [1] * 6
+    assert not is_grid_graph(batch)
+
+
+def test_config_roundtrip_and_validation():
+    cfg = GraphConfig(left=2, right=3, n2c="window", c2c=True, c2c_window=4, deduplicate=True)
+    assert GraphConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.window_size == 6
+    with pytest.raises(ValueError):
+        GraphConfig(n2c="all")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        GraphConfig.from_dict({"lefty": 1})

@@ -202,22 +202,32 @@ class GraphAdapter(Module):
             mask = torch.zeros(C * K * W, dtype=torch.bool, device=grid.device)
             mask[grid_index] = True
             mask = mask.view(C, K, W)
+            last = len(self.convs) - 1
             for i, conv in enumerate(self.convs):
-                ctx_h, grid = conv.forward_grid(ctx_h, grid, mask, graph.n2c_mode, int(graph.grid_center))
+                # The last layer's nbr outputs reach nothing: skip their attention.
+                ctx_h, grid = conv.forward_grid(
+                    ctx_h, grid, mask, graph.n2c_mode, int(graph.grid_center), update_nbr=i < last
+                )
                 ctx_h = self._feed_forward(i, CTX, ctx_h)
-                grid = self._feed_forward(i, NBR, grid)
+                if i < last:
+                    grid = self._feed_forward(i, NBR, grid)
             return self.out(ctx_h).to(ctx_x.dtype)
 
         edge_index_dict = {e: graph[e].edge_index for e in self.edge_types if e in graph.edge_types}
         x_dict = {CTX: ctx_h, NBR: nbr_h}
         attentions: list[AttentionDict] = []
+        last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
+            edges = edge_index_dict
+            if i == last and not return_attention_weights:
+                # The last layer's nbr outputs reach nothing: drop the edges into nbr nodes.
+                edges = {e: ei for e, ei in edge_index_dict.items() if e[2] == CTX}
             if return_attention_weights:
-                x_dict, attn = conv(x_dict, edge_index_dict, return_attention_weights=True)
+                x_dict, attn = conv(x_dict, edges, return_attention_weights=True)
                 attentions.append(attn)
             else:
-                x_dict = conv(x_dict, edge_index_dict)
-            x_dict = {t: self._feed_forward(i, t, x) for t, x in x_dict.items()}
+                x_dict = conv(x_dict, edges)
+            x_dict = {t: self._feed_forward(i, t, x) for t, x in x_dict.items() if i < last or t == CTX}
         out = self.out(x_dict[CTX]).to(ctx_x.dtype)
         if return_attention_weights:
             return out, attentions

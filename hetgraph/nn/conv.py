@@ -301,6 +301,7 @@ class HeteroGraphAttention(MessagePassing):
         nbr_mask: Tensor,
         n2c_mode: Literal["center", "window"] = "center",
         center: int = 1,
+        update_nbr: bool = True,
     ) -> tuple[Tensor, Tensor]:
         r"""Dense masked-attention path over the regular GNN-LM layout: each
         of :math:`C` ``ctx`` nodes owns a :math:`[k, W]` grid of ``nbr``
@@ -318,6 +319,9 @@ class HeteroGraphAttention(MessagePassing):
             n2c_mode (str, optional): :obj:`"center"` or :obj:`"window"`.
             center (int, optional): Window slot of the retrieved token
                 (:obj:`left`).
+            update_nbr (bool, optional): If :obj:`False`, skip the ``n2n``
+                attention and return :obj:`nbr_x` unchanged (the last layer
+                of a stack only needs the ``ctx`` output).
 
         :rtype: (:class:`torch.Tensor`, :class:`torch.Tensor`) - the new
             ``ctx`` features :math:`[C, F]` and ``nbr`` grid :math:`[C, k, W, F]`.
@@ -331,7 +335,9 @@ class HeteroGraphAttention(MessagePassing):
         qn, kn, vn = self.lin_qkv[NBR](xn).view(C * K, W, 3, H, D).unbind(2)  # [CK, W, H, D]
         mask = nbr_mask.view(C * K, W)
 
-        if N2N in self.edge_types:
+        if not update_nbr:
+            mn = None
+        elif N2N in self.edge_types:
             key = _rel_key(N2N)
             kr = torch.einsum("nwhd,hde->nhwe", kn, self.rel_att[key])
             vr = torch.einsum("nwhd,hde->nhwe", vn, self.rel_msg[key])
@@ -363,7 +369,7 @@ class HeteroGraphAttention(MessagePassing):
             mc = xc.new_zeros(C, H * D)
 
         ctx_out = self._update(CTX, xc, mc).to(ctx_x.dtype)
-        nbr_out = self._update(NBR, xn, mn).to(nbr_x.dtype)
+        nbr_out = nbr_x if mn is None else self._update(NBR, xn, mn).to(nbr_x.dtype)
         return ctx_out, nbr_out
 
     def __repr__(self) -> str:

@@ -80,6 +80,13 @@ def test_read_directory_glob(tmp_path: Path) -> None:
     assert [d.name for d in docs] == ["pkg/m.py"]
 
 
+def test_read_directory_of_jsonl_and_text(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "part1.jsonl.xz", {"x1": "one", "x2": "two"})
+    (tmp_path / "z.md").write_text("# three\n")
+    docs = read_documents(tmp_path)
+    assert [(d.name, d.text) for d in docs] == [("x1", "one"), ("x2", "two"), ("z.md", "# three\n")]
+
+
 def test_read_single_file(tmp_path: Path) -> None:
     path = tmp_path / "book.txt"
     path.write_text("\ufeffHello world\n", encoding="utf-8")
@@ -265,7 +272,7 @@ def test_truncate() -> None:
 
 def _assert_same(a: TokenizedCorpus, b: TokenizedCorpus) -> None:
     assert a.fingerprint == b.fingerprint
-    for x, y in zip(a.splits.values(), b.splits.values()):
+    for x, y in zip(a.splits.values(), b.splits.values(), strict=True):
         np.testing.assert_array_equal(x.tokens, y.tokens)
         np.testing.assert_array_equal(x.doc_ids, y.doc_ids)
         np.testing.assert_array_equal(x.positions, y.positions)

@@ -28,9 +28,9 @@ class CorpusConfig:
             without it is named ``<file>:<line>``). ``None`` always uses ``<file>:<line>``.
         glob: directories: the pattern of files to read, relative to the directory and
             recursive when it contains ``**`` (e.g. ``"**/*.py"``). ``None`` reads every file
-            ending in one of :data:`DEFAULT_TEXT_SUFFIXES` (optionally ``.gz`` / ``.xz``
-            compressed), recursively. Hidden files and directories are skipped. Matched JSON
-            lines files are read as JSON lines.
+            ending in one of :data:`DEFAULT_TEXT_SUFFIXES`, ``.jsonl`` or ``.ndjson``
+            (optionally ``.gz`` / ``.xz`` compressed), recursively. Hidden files and directories
+            are skipped. Matched JSON lines files are read as JSON lines.
         fractions: ``(train, valid, test)`` fractions of documents; non-negative, sum to 1.
         seed: mixed into the per-document hash that decides the split.
         max_documents: read at most this many documents (in reading order: sorted paths,

@@ -111,7 +111,7 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
     files = _list_files(root, config.glob)
     if not files:
         what = f"matching glob {config.glob!r}" if config.glob else (
-            "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + ")"
+            "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + ") or .jsonl"
         )
         raise CorpusError(
             f"corpus directory {root} contains no files {what}. Add text files, or set "
@@ -140,7 +140,7 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
 
 def _list_files(root: Path, pattern: str | None) -> list[Path]:
     if pattern is None:
-        candidates = (p for p in root.rglob("*") if _has_text_suffix(p))
+        candidates = (p for p in root.rglob("*") if _has_text_suffix(p) or _is_jsonl(p))
     else:
         candidates = root.glob(pattern)
     files = [

@@ -74,6 +74,6 @@ def split_documents(
             assignment[best] = empty
 
     splits: dict[str, list[Document]] = {name: [] for name in SPLITS}
-    for doc, index in zip(documents, assignment):
+    for doc, index in zip(documents, assignment, strict=True):
         splits[SPLITS[index]].append(doc)
     return splits

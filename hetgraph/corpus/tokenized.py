@@ -59,7 +59,8 @@ class TokenizedSplit:
                 f"tokens {self.tokens.shape} and doc_ids {self.doc_ids.shape} must be 1-D and "
                 "of equal length"
             )
-        if len(self.doc_ids) and (self.doc_ids.min() < 0 or self.doc_ids.max() >= len(self.doc_names)):
+        num_names = len(self.doc_names)
+        if len(self.doc_ids) and (self.doc_ids.min() < 0 or self.doc_ids.max() >= num_names):
             raise ValueError(f"doc_ids must index doc_names ({len(self.doc_names)} names)")
         if self.positions is None:
             self.positions = positions_from_doc_ids(self.doc_ids)
@@ -117,7 +118,10 @@ class TokenizedSplit:
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
-        return f"TokenizedSplit(name={self.name!r}, tokens={len(self)}, documents={self.num_documents})"
+        return (
+            f"TokenizedSplit(name={self.name!r}, tokens={len(self)}, "
+            f"documents={self.num_documents})"
+        )
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""FAISS index over a real (tiny-model) datastore: exact self-retrieval, factories, persistence."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetgraph.corpus import TokenizedSplit
+from hetgraph.datastore import DatastoreConfig, build_datastore
+from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
+from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
+
+
+def make_split(num_tokens: int, seed: int = 0) -> TokenizedSplit:
+    tokens = np.random.default_rng(seed).integers(0, 256, num_tokens).astype(np.int32)
+    return TokenizedSplit("train", tokens, np.zeros(num_tokens, np.int32), ["doc"])
+
+
+@pytest.fixture(scope="module")
+def datastores(tmp_path_factory):
+    tok = byte_tokenizer()
+    root = tmp_path_factory.mktemp("ds")
+    return {family: build_datastore(tiny_causal_lm(family), tok, make_split(1200), root / family,
+                                    DatastoreConfig(context_length=64, stride=32, batch_size=4),
+                                    show_progress=False)
+            for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_exact_search_finds_each_key_itself(datastores, family, metric):
+    ds = datastores[family]
+    index = DatastoreIndex.build(ds, IndexConfig(factory="Flat", metric=metric), show_progress=False)
+    assert index.ntotal == len(ds) and index.dim == ds.dim
+    distances, ids = index.search(ds.keys, 4)
+    assert distances.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (len(ds), 4)
+    keys = ds.keys.astype(np.float32)
+    if metric == "l2":
+        np.testing.assert_array_equal(ids[:, 0], np.arange(len(ds)))
+        np.testing.assert_allclose(distances[:, 0], 0.0, atol=1e-3)
+        expected = ((keys[:, None, :] - keys[ids]) ** 2).sum(-1)
+    else:
+        expected = -(keys[:, None, :] * keys[ids]).sum(-1)
+    np.testing.assert_allclose(distances, expected, rtol=1e-4, atol=1e-2)
+    assert (np.diff(distances, axis=1) >= -1e-4).all()  # smaller = closer, sorted
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ8x4", "OPQ8,IVF16,PQ8x4", "HNSW16"])
+def test_approximate_factories_build_and_search(datastores, factory, tmp_path):
+    ds = datastores["qwen2"]
+    config = IndexConfig(factory=factory, nprobe=16, add_chunk_size=500, seed=1, num_threads=1)
+    index = DatastoreIndex.build(ds, config, show_progress=False)
+    queries = torch.from_numpy(ds.keys[:50].astype(np.float32)).to(torch.bfloat16)  # any dtype
+    distances, ids = index.search(queries, 5)
+    assert distances.shape == ids.shape == (50, 5)
+    assert ((ids >= 0) & (ids < len(ds))).all()
+    # Non-quantised indexes find the query itself; PQ ones find it among the top 5 mostly.
+    recall = np.mean([i in row for i, row in enumerate(ids)])
+    assert recall >= (0.9 if "PQ" not in factory else 0.5)
+    index.save(tmp_path / "ix")
+    loaded = DatastoreIndex.load(tmp_path / "ix", ds)
+    assert loaded.factory == factory
+    d2, i2 = loaded.search(queries, 5)
+    np.testing.assert_array_equal(i2, ids)
+
+
+def test_save_load_checks_datastore(datastores, tmp_path):
+    ds, other = datastores["qwen2"], datastores["llama"]
+    index = DatastoreIndex.build(ds, IndexConfig(), show_progress=False)
+    assert index.factory == "Flat"
+    index.save(tmp_path / "ix")
+    DatastoreIndex.load(tmp_path / "ix", ds)
+    with pytest.raises(ValueError, match="another datastore.*fingerprint"):
+        DatastoreIndex.load(tmp_path / "ix", other)
+    with pytest.raises(ValueError, match="no index"):
+        DatastoreIndex.load(tmp_path / "nothing")
+
+
+def test_bad_k_and_queries_raise(datastores):
+    ds = datastores["gpt2"]
+    index = DatastoreIndex.build(ds.keys[:10], IndexConfig(), show_progress=False)
+    with pytest.raises(ValueError, match="exceeds the 10 vectors"):
+        index.search(ds.keys[:2], 11)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        index.search(ds.keys[:2], 0)
+    with pytest.raises(ValueError, match="shape"):
+        index.search(np.zeros((2, 7), np.float32), 1)
+    _, ids = index.search(ds.keys[:3], 10)  # k == N is fine
+    assert sorted(ids[0]) == list(range(10))
+
+
+def test_auto_factory_and_config_json(tmp_path):
+    assert auto_factory(10_000, 576) == "Flat"
+    assert auto_factory(999_999, 32) == "Flat"
+    assert auto_factory(4_000_000, 576) == "IVF8192,PQ64"
+    assert auto_factory(100_000_000, 1536) == "IVF32768,PQ64"
+    assert auto_factory(2_000_000, 40) == "IVF4096,PQ40"
+    config = IndexConfig(factory="HNSW32", metric="ip", nprobe=8)
+    config.to_json(tmp_path / "c.json")
+    assert IndexConfig.from_json(tmp_path / "c.json") == config
+    with pytest.raises(ValueError, match="metric"):
+        IndexConfig(metric="cosine")
+    with pytest.raises(ValueError, match="cannot build"):
+        DatastoreIndex.build(np.zeros((10, 30), np.float16), IndexConfig(factory="NotAnIndex"),
+                             show_progress=False)

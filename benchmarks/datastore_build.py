@@ -1,0 +1,83 @@
+"""Datastore build speed vs a plain forward pass, and a small kNN-LM evaluation.
+
+Usage: python benchmarks/datastore_build.py [--model smollm2] [--tokens 5000]
+Writes benchmarks/results/datastore_build.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hetgraph.corpus import tokenize_corpus
+from hetgraph.corpus.windows import sliding_windows
+from hetgraph.datastore import DatastoreConfig, build_datastore, split_arrays, window_batches
+from hetgraph.datastore.build import batch_input_ids
+from hetgraph.evaluation import EvalConfig, evaluate_base_knn, results_markdown_table
+from hetgraph.index import DatastoreIndex, IndexConfig
+from hetgraph.models.layers import model_device
+from hetgraph.models.loading import load_model
+
+
+def plain_forward_seconds(model, tokens, config: DatastoreConfig) -> float:
+    batches = window_batches(sliding_windows(len(tokens) - 1, config.context_length, config.stride),
+                             config.batch_size)
+    device = model_device(model)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            model(input_ids=batch_input_ids(tokens, batch, device), use_cache=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--eval-tokens", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    corpus = tokenize_corpus(None, tokenizer, show_progress=False)
+    config = DatastoreConfig(context_length=512, stride=256, batch_size=4, max_tokens=args.tokens)
+    tokens, _, _ = split_arrays(corpus.train, args.tokens)
+    plain_forward_seconds(model, tokens[:600], config)  # warm-up
+    work = Path(tempfile.mkdtemp(prefix="hetgraph-bench-"))
+    try:
+        runs = []
+        for _ in range(2):  # alternate to average out drift
+            plain = plain_forward_seconds(model, tokens, config)
+            shutil.rmtree(work / "ds", ignore_errors=True)
+            start = time.perf_counter()
+            ds = build_datastore(model, tokenizer, corpus.train, work / "ds", config, show_progress=False)
+            build = time.perf_counter() - start
+            runs.append({"plain_forward_s": plain, "build_s": build, "ratio": plain / build})
+        index = DatastoreIndex.build(ds, IndexConfig(), show_progress=False)
+        eval_config = EvalConfig(context_length=512, stride=256, batch_size=4, max_tokens=args.eval_tokens)
+        start = time.perf_counter()
+        results = evaluate_base_knn(model, tokenizer, ds, index, corpus.valid, corpus.test, k=32,
+                                    config=eval_config, show_progress=False)
+        eval_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = {
+        "model": type(model).__name__, "device": str(model_device(model)), "threads": args.threads,
+        "datastore_tokens": len(ds), "dim": ds.dim, "runs": runs,
+        "speed_ratio_plain_over_build": max(r["ratio"] for r in runs),
+        "build_tokens_per_s": len(ds) / min(r["build_s"] for r in runs),
+        "eval": {k: v for k, v in results.items() if k != "grid"}, "eval_seconds": eval_s,
+    }
+    path = Path(__file__).parent / "results" / "datastore_build.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    print(results_markdown_table(results, title=f"kNN-LM, {len(ds)}-token datastore"))
+
+
+if __name__ == "__main__":
+    main()

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=1_000_000)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layer-batch", type=int, default=2, help="sequences in the layer benchmark graph")
+    parser.add_argument("--layer-batch", type=int, default=1, help="sequences in the layer benchmark graph")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "graph_layer.json"))
     args = parser.parse_args()
@@ -97,7 +97,7 @@ def main() -> None:
     ids[torch.rand(B, T, K) < 0.05] = -1
     cfg = GraphConfig(left=1, right=1)
 
-    t_vec = timeit(lambda: build_context_graph(ids, tokens, docs, cfg), args.repeat)
+    t_vec = timeit(lambda: build_context_graph(ids, tokens, docs, cfg), 3 * args.repeat)
     ids_np, tok_np, doc_np = ids.numpy(), tokens.numpy(), docs.numpy()
     t_loop = timeit(
         lambda: Batch.from_data_list([loop_graph(ids_np[b], tok_np, doc_np, 1, 1) for b in range(B)]),

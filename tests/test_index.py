@@ -60,7 +60,7 @@ def test_approximate_factories_build_and_search(datastores, factory, tmp_path):
     index.save(tmp_path / "ix")
     loaded = DatastoreIndex.load(tmp_path / "ix", ds)
     assert loaded.factory == factory
-    d2, i2 = loaded.search(queries, 5)
+    _, i2 = loaded.search(queries, 5)
     np.testing.assert_array_equal(i2, ids)
 
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,14 +115,14 @@ def build_datastore(
     if corpus_fingerprint is None:
         corpus_fingerprint = array_fingerprint(tokens, doc_ids)
     model_fp = model_fingerprint(model, tokenizer)
-    identity = dict(
-        num_entries=num_entries, dim=dims[key_layer], key_layer=key_layer,
-        feature_dims={str(l): dims[l] for l in feature_layers},
-        context_length=config.context_length, stride=config.stride, batch_size=config.batch_size,
-        max_tokens=config.max_tokens, model=model_fp, model_dtype=model_dtype_name(model),
-        corpus_fingerprint=corpus_fingerprint, key_dtype="float16", num_batches=len(batches),
-        format_version=FORMAT_VERSION,
-    )
+    identity: dict[str, Any] = {
+        "num_entries": num_entries, "dim": dims[key_layer], "key_layer": key_layer,
+        "feature_dims": {str(l): dims[l] for l in feature_layers},
+        "context_length": config.context_length, "stride": config.stride,
+        "batch_size": config.batch_size, "max_tokens": config.max_tokens, "model": model_fp,
+        "model_dtype": model_dtype_name(model), "corpus_fingerprint": corpus_fingerprint,
+        "key_dtype": "float16", "num_batches": len(batches), "format_version": FORMAT_VERSION,
+    }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     metadata = DatastoreMetadata(**identity, fingerprint=fingerprint, complete=False)
 
@@ -174,7 +174,7 @@ def _write_batch(batch: list[Window], hidden: torch.Tensor, target: np.memmap) -
         target[w.score_start:w.end] = half[row, offset:offset + (w.end - w.score_start)].cpu().numpy()
 
 
-def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> Optional[int]:
+def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> int | None:
     """Create / validate ``out``; return the number of batches already done (None = complete)."""
     meta_file = out / METADATA_FILE
     if meta_file.exists():

@@ -25,7 +25,7 @@ from hetgraph.models.layers import (
     resolve_layer_index,
 )
 
-LayerSpec = Optional[int]
+LayerSpec = Optional[int]  # noqa: UP045 (a runtime alias)
 
 
 class _StopForward(Exception):
@@ -81,7 +81,7 @@ class HiddenStateCapture:
         if self.stop_forward and layer == self._last and len(self.states) == len(self.layers):
             raise _StopForward
 
-    def attach(self) -> "HiddenStateCapture":
+    def attach(self) -> HiddenStateCapture:
         if self._handles:
             return self
         layers = None
@@ -108,10 +108,10 @@ class HiddenStateCapture:
             handle.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "HiddenStateCapture":
+    def __enter__(self) -> HiddenStateCapture:  # noqa: PYI034
         return self.attach()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     # -- running ----------------------------------------------------------------------------

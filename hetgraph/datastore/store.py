@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,9 +66,9 @@ class DatastoreConfig:
     context_length: int = 512
     stride: int = 256
     batch_size: int = 8
-    key_layer: Optional[int] = None
+    key_layer: int | None = None
     feature_layers: tuple[int, ...] = ()
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self.feature_layers = tuple(int(l) for l in self.feature_layers)
@@ -86,7 +86,7 @@ class DatastoreConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DatastoreConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DatastoreConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -97,7 +97,7 @@ class DatastoreConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "DatastoreConfig":
+    def from_json(cls, path: str | Path) -> DatastoreConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -107,12 +107,12 @@ class DatastoreMetadata:
 
     num_entries: int
     dim: int
-    key_layer: Optional[int]
+    key_layer: int | None
     feature_dims: dict[str, int]
     context_length: int
     stride: int
     batch_size: int
-    max_tokens: Optional[int]
+    max_tokens: int | None
     model: dict[str, str]
     model_dtype: str
     corpus_fingerprint: str
@@ -138,7 +138,7 @@ class DatastoreMetadata:
         atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "DatastoreMetadata":
+    def from_json(cls, path: str | Path) -> DatastoreMetadata:
         data = json.loads(Path(path).read_text())
         version = data.get("format_version")
         if version != FORMAT_VERSION:
@@ -159,7 +159,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def key_dim_of(model: nn.Module, key_layer: Optional[int]) -> Optional[int]:
+def key_dim_of(model: nn.Module, key_layer: int | None) -> int | None:
     """The width of the key hidden state, read from the model without running it."""
     if key_layer is None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -210,7 +210,7 @@ class Datastore:
         key_layer: Any = ANY,
         *,
         allow_incomplete: bool = False,
-    ) -> "Datastore":
+    ) -> Datastore:
         """Open a datastore read-only, checking it against a model / tokenizer / key layer.
 
         Args:
@@ -286,7 +286,7 @@ class Datastore:
         return self.metadata.dim
 
     @property
-    def key_layer(self) -> Optional[int]:
+    def key_layer(self) -> int | None:
         return self.metadata.key_layer
 
     @property
@@ -322,5 +322,5 @@ class Datastore:
         return torch.from_numpy(np.array(array)).to(device) if device else torch.from_numpy(np.array(array))
 
 
-def _layer_str(layer: Optional[int]) -> str:
+def _layer_str(layer: int | None) -> str:
     return "None (LM-head input)" if layer is None else str(layer)

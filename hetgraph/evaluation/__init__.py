@@ -6,7 +6,13 @@ from hetgraph.evaluation.knn import (
     score_knn,
     score_lm,
 )
-from hetgraph.evaluation.lm import EvalConfig, ForwardFn, LMOutputs, collect_lm_outputs, default_forward
+from hetgraph.evaluation.lm import (
+    EvalConfig,
+    ForwardFn,
+    LMOutputs,
+    collect_lm_outputs,
+    default_forward,
+)
 
 __all__ = [
     "EvalConfig", "ForwardFn", "LMOutputs", "collect_lm_outputs", "default_forward",

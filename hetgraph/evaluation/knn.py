@@ -80,8 +80,8 @@ def evaluate_base_knn(
         "grid": {"lambdas", "temperatures", "valid_ppl"}}`` (JSON-serialisable).
     """
     datastore.check(model=model, tokenizer=tokenizer)
-    common = dict(config=config, index=index, datastore=datastore, k=k, forward=forward,
-                  show_progress=show_progress)
+    common: dict[str, Any] = {"config": config, "index": index, "datastore": datastore, "k": k,
+                              "forward": forward, "show_progress": show_progress}
     valid = collect_lm_outputs(model, valid_split, **common)
     test = collect_lm_outputs(model, test_split, **common)
     temps = list(temperatures) if temperatures is not None else default_temperatures(valid.knn_distances)
@@ -113,7 +113,7 @@ def results_markdown_table(results: Mapping[str, Any], title: str | None = None)
     for key, row in results.items():
         if not isinstance(row, Mapping) or "ppl" not in row or key == "valid_base":
             continue
-        fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+        fmt = lambda v, spec: "–" if v is None else format(v, spec)
         lines.append(f"| {names.get(key, key)} | {fmt(row['ppl'], '.3f')} | "
                      f"{fmt(row.get('acc'), '.2%').replace('%', ' %')} | {fmt(row.get('lambda'), '.2f')} | "
                      f"{fmt(row.get('temperature'), '.3g')} | {fmt(row.get('k'), 'd')} |")

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class EvalConfig:
     context_length: int = 512
     stride: int = 256
     batch_size: int = 8
-    max_tokens: Optional[int] = None
+    max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= self.context_length:
@@ -51,14 +51,14 @@ class EvalConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalConfig":
+    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown EvalConfig fields: {sorted(unknown)}")
         return cls(**data)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "EvalConfig":
+    def from_json(cls, path: str | Path) -> EvalConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -83,11 +83,11 @@ class LMOutputs:
     lm_log_probs: Tensor
     lm_argmax: Tensor
     lm_argmax_log_probs: Tensor
-    queries: Optional[Tensor] = None
-    knn_distances: Optional[Tensor] = None
-    knn_ids: Optional[Tensor] = None
-    knn_tokens: Optional[Tensor] = None
-    lm_neighbour_log_probs: Optional[Tensor] = None
+    queries: Tensor | None = None
+    knn_distances: Tensor | None = None
+    knn_ids: Tensor | None = None
+    knn_tokens: Tensor | None = None
+    lm_neighbour_log_probs: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -162,8 +162,6 @@ def collect_lm_outputs(
     num_positions = len(tokens) - 1
     batches = window_batches(sliding_windows(num_positions, config.context_length, config.stride),
                              config.batch_size)
-    next_tokens_ds = torch.from_numpy(np.asarray(datastore.next_tokens, dtype=np.int64)) \
-        if index is not None else None
     targets_all = torch.from_numpy(tokens[1:].astype(np.int64))
     parts: dict[str, list[Tensor]] = {name: [] for name in (
         "positions", "lm_log_probs", "lm_argmax", "lm_argmax_log_probs", "queries",
@@ -198,8 +196,9 @@ def collect_lm_outputs(
                     if index is not None:
                         dist, nid = index.search(query, k)
                         nid_t = torch.from_numpy(nid)
-                        ntok = torch.where(nid_t >= 0, next_tokens_ds[nid_t.clamp(min=0)],
-                                           torch.full_like(nid_t, -1))
+                        # Memmap lookup per batch: the datastore never has to fit in RAM.
+                        ntok = torch.from_numpy(datastore.next_tokens[np.maximum(nid, 0)].astype(np.int64))
+                        ntok = torch.where(nid_t >= 0, ntok, torch.full_like(nid_t, -1))
                         nb_lp = log_probs.gather(1, ntok.clamp(min=0).to(device)).cpu()
                         parts["knn_distances"].append(torch.from_numpy(dist))
                         parts["knn_ids"].append(nid_t)

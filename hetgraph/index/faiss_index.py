@@ -5,7 +5,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -42,12 +42,12 @@ class IndexConfig:
 
     factory: str = "auto"
     metric: Literal["l2", "ip"] = "l2"
-    train_size: Optional[int] = None
+    train_size: int | None = None
     add_chunk_size: int = 65536
     nprobe: int = 32
     ef_search: int = 128
     seed: int = 0
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in ("l2", "ip"):
@@ -59,7 +59,7 @@ class IndexConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "IndexConfig":
+    def from_dict(cls, data: dict[str, Any]) -> IndexConfig:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown IndexConfig fields: {sorted(unknown)}")
@@ -69,7 +69,7 @@ class IndexConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "IndexConfig":
+    def from_json(cls, path: str | Path) -> IndexConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
@@ -139,7 +139,7 @@ class DatastoreIndex:
     # -- building -----------------------------------------------------------------------------
     @classmethod
     def build(cls, keys: Any, config: IndexConfig | None = None, *,
-              datastore_fingerprint: str | None = None, show_progress: bool = True) -> "DatastoreIndex":
+              datastore_fingerprint: str | None = None, show_progress: bool = True) -> DatastoreIndex:
         """Train (on a seeded random sample) and fill an index with ``keys``.
 
         Args:
@@ -188,15 +188,15 @@ class DatastoreIndex:
         tmp = directory / (INDEX_FILE + ".tmp")
         faiss.write_index(self.index, str(tmp))
         tmp.replace(directory / INDEX_FILE)
-        meta = dict(format_version=INDEX_FORMAT_VERSION, factory=self.factory, metric=self.metric,
-                    num_vectors=self.ntotal, dim=self.dim,
-                    datastore_fingerprint=self.datastore_fingerprint, config=self.config.to_dict())
+        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory, "metric": self.metric,
+                "num_vectors": self.ntotal, "dim": self.dim,
+                "datastore_fingerprint": self.datastore_fingerprint, "config": self.config.to_dict()}
         atomic_write_text(directory / INDEX_METADATA_FILE, json.dumps(meta, indent=2) + "\n")
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, datastore: Any | None = None, *,
-             config: IndexConfig | None = None) -> "DatastoreIndex":
+             config: IndexConfig | None = None) -> DatastoreIndex:
         """Read an index saved by :meth:`save`, checking it against ``datastore`` if given.
 
         Args:

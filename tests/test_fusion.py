@@ -24,7 +24,7 @@ def repeated_pattern_split(num_docs: int = 6, pattern: int = 24, repeats: int = 
         body = np.tile(rng.integers(0, 256, size=pattern), repeats)
         tokens.append(np.r_[body, 256])
         doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit.from_arrays(
+    return TokenizedSplit(
         "train", np.concatenate(tokens).astype(np.int32), np.concatenate(doc_ids).astype(np.int32),
         [f"doc{i}" for i in range(num_docs)])
 
@@ -126,7 +126,14 @@ def test_gradients_reach_adapters_only(tmp_path, split):
     torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:]).backward()
     assert all(p.grad is None for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())
+    last = SMALL_ADAPTER["num_layers"] - 1
+    # The last graph layer's nbr-side outputs reach nothing (the adapter skips them).
+    dead = tuple(f".{part}.{last}.{suffix}" for part, suffix in [
+        ("convs", "lin_out.nbr"), ("convs", "norm.nbr"), ("convs", "rel_att.nbr__n2n"),
+        ("convs", "rel_msg.nbr__n2n"), ("convs", "rel_prior.nbr__n2n"), ("ffns", "nbr"), ("ffn_norms", "nbr")])
     for name, param in lm.named_parameters():
+        if any(part in name for part in dead):
+            continue
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
@@ -135,16 +142,19 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split):
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     config = FusionConfig(fusion_layers=("head",), k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4))
     lm = HetGraphLM(model, store, index, config)
-    valid = repeated_pattern_split(num_docs=2, seed=1)
-    from hetgraph.evaluation import perplexity
+    # Held-out documents that quote the stored patterns: only retrieval can predict them
+    # from their first tokens on (the tiny random LM cannot).
+    valid = repeated_pattern_split(num_docs=2, repeats=2, seed=0)
+    from hetgraph.evaluation import model_perplexity
 
-    before = perplexity(lm, valid, 10_000, context_length=64, stride=32)
-    training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-3, warmup_steps=5,
+    before = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    # The tiny random LM has tiny embeddings (std 0.02), so moving its logits needs a large lr.
+    training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-2, warmup_steps=5,
                               eval_every=0, checkpoint_every=0, seed=0)
     result = train_adapter(lm, split, None, training, tmp_path / "adapter", show_progress=False)
-    after = perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    after = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
     assert np.mean(result.train_losses[-10:]) < np.mean(result.train_losses[:10])
-    assert after < 0.9 * before
+    assert after < 0.5 * before, (before, after)
     for key, value in model.state_dict().items():
         assert torch.equal(value, base_state[key]), key
 

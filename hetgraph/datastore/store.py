@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint
+from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -264,6 +264,12 @@ class Datastore:
                     f"datastore {self.path} was built with a different model configuration "
                     f"(fingerprint {meta.model.get('config')}, this model {fp}, model_type "
                     f"{getattr(model.config, 'model_type', '?')}); rebuild it for this model")
+            weights = meta.model.get("weights")
+            if weights is not None and weights != weights_fingerprint(model):
+                raise DatastoreError(
+                    f"datastore {self.path} was built with other weights of this architecture "
+                    "(another checkpoint or fine-tune); its keys would not match this model's "
+                    "queries. Load the model it was built with, or rebuild the datastore")
         if tokenizer is not None:
             fp = tokenizer_fingerprint(tokenizer)
             if fp != meta.model.get("tokenizer"):

@@ -33,12 +33,22 @@ ForwardFn = Callable[[Tensor], Tensor]
 
 @dataclass
 class EvalConfig:
-    """Windows used for evaluation (same meaning as in :class:`~hetgraph.datastore.DatastoreConfig`)."""
+    """How a split is evaluated.
+
+    Args:
+        context_length, stride, batch_size: the strided windows (same meaning as in
+            :class:`~hetgraph.datastore.DatastoreConfig`).
+        max_tokens: score only the first ``max_tokens`` tokens of the evaluated split.
+        k: neighbours per position for kNN-LM.
+        valid_tokens: tokens of the valid split used to tune λ and T (``None``: all).
+    """
 
     context_length: int = 512
     stride: int = 256
     batch_size: int = 8
     max_tokens: int | None = None
+    k: int = 32
+    valid_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= self.context_length:
@@ -119,6 +129,7 @@ def collect_lm_outputs(
     key_layer: Any = ANY,
     forward: ForwardFn | None = None,
     keep_queries: bool = False,
+    neighbours_from: LMOutputs | None = None,
     show_progress: bool = True,
 ) -> LMOutputs:
     """Run a model over a split with strided windows and collect per-position outputs.
@@ -136,12 +147,18 @@ def collect_lm_outputs(
             a wrapped model (e.g. GNN-LM with fusion hooks attached) to evaluate it through
             the same path; the query capture still runs on ``model``'s modules.
         keep_queries: also return the fp16 query keys (needs ``index`` or ``key_layer``).
+        neighbours_from: outputs of an earlier run over the same split and windows whose
+            neighbours are reused instead of searching again (GNN-LM retrieves with the base
+            model's query states, so its neighbours are the base run's); this run's
+            log-probs of those neighbours' tokens are gathered.
         show_progress: tqdm bar.
     """
     config = config or EvalConfig()
     tokens, _, _ = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
         raise ValueError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}")
+    if neighbours_from is not None and index is not None:
+        raise ValueError("collect_lm_outputs: pass either an index or neighbours_from, not both")
     if index is not None and datastore is None:
         raise ValueError("collect_lm_outputs: pass the datastore together with the index "
                          "(its next tokens are the kNN predictions)")
@@ -204,10 +221,23 @@ def collect_lm_outputs(
                         parts["knn_ids"].append(nid_t)
                         parts["knn_tokens"].append(ntok)
                         parts["lm_neighbour_log_probs"].append(nb_lp)
+                if neighbours_from is not None:
+                    if neighbours_from.knn_tokens is None:
+                        raise ValueError("neighbours_from holds no neighbours; collect it with an index")
+                    rows_in_reused = pos.to(neighbours_from.positions.device) - neighbours_from.positions[0]
+                    ntok = neighbours_from.knn_tokens[rows_in_reused]
+                    nb_lp = log_probs.gather(1, ntok.clamp(min=0).to(device)).cpu()
+                    parts["lm_neighbour_log_probs"].append(nb_lp)
                 bar.update(len(pos))
     finally:
         bar.close()
         if capture is not None:
             capture.detach()
     cat = {name: (torch.cat(p) if p else None) for name, p in parts.items()}
+    if neighbours_from is not None:
+        if not torch.equal(cat["positions"], neighbours_from.positions):
+            raise ValueError("neighbours_from was collected over other positions (split, "
+                             "max_tokens or windows differ)")
+        for name in ("knn_distances", "knn_ids", "knn_tokens"):
+            cat[name] = getattr(neighbours_from, name)
     return LMOutputs(targets=targets_all[cat["positions"]], **cat)

@@ -29,7 +29,7 @@ from hetgraph.fusion.config import HEAD, FusionConfig, FusionSite
 from hetgraph.fusion.retrieval import Retriever
 from hetgraph.graph import GraphConfig, build_context_graph
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
-from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint
+from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from hetgraph.models.layers import (
     decoder_layers,
     hidden_states_of,
@@ -351,10 +351,10 @@ class HetGraphLM(nn.Module):
         ids = state.neighbour_ids[:, -length:]
         distances = state.distances[:, -length:]
         next_tokens = self._corpus_next.to(ids.device)[ids.clamp(min=0)]
-        valid = ids >= 0
-        knn = knn_log_probs(
-            torch.where(valid, distances, torch.full_like(distances, float("inf"))),
-            next_tokens, logits.shape[-1], temperature)
+        next_tokens = torch.where(ids >= 0, next_tokens, torch.full_like(next_tokens, -1))
+        batch, k = ids.shape[0], ids.shape[-1]
+        knn = knn_log_probs(distances.reshape(-1, k), next_tokens.reshape(-1, k), logits.shape[-1],
+                            temperature).view(batch, length, -1)
         lm = torch.log_softmax(logits.float(), dim=-1)
         output.logits = interpolate_log_probs(lm, knn, lam)
         return output
@@ -465,7 +465,8 @@ class HetGraphLM(nn.Module):
         saved = json.loads(config_path.read_text())
         lm = cls(model, datastore, index, FusionConfig.from_dict(saved["fusion"]), tokenizer=tokenizer)
         current = lm._identity()
-        current["model"] = {**current["model"], "config": config_fingerprint(model)}
+        current["model"] = {**current["model"], "config": config_fingerprint(model),
+                            "weights": weights_fingerprint(model)}
         if tokenizer is not None:
             current["model"]["tokenizer"] = tokenizer_fingerprint(tokenizer)
         for what in ("model", "datastore"):

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 # Config fields that differ between two loads of the same weights.
@@ -39,11 +40,27 @@ def config_fingerprint(model: nn.Module) -> str:
     return _sha(json.dumps(stable, sort_keys=True, default=str).encode())
 
 
+def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
+    """Hash of a strided sample of every parameter (two fine-tunes of one architecture
+    share a config but not their weights). Cheap: at most ``samples_per_tensor`` values
+    per tensor, hashed after rounding to bfloat16 so that loading the same weights in
+    float32 or bfloat16, on any device, gives the same fingerprint."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples_per_tensor)
+        sample = flat[::step][:samples_per_tensor].to(torch.bfloat16).float().cpu().numpy()
+        h.update(name.encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
 def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, str]:
     """Fingerprint of a (model, tokenizer) pair, as stored in metadata JSON files."""
     return {
         "model_type": str(getattr(model.config, "model_type", type(model).__name__)),
         "config": config_fingerprint(model),
+        "weights": weights_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
 

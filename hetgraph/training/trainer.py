@@ -191,14 +191,14 @@ def train_adapter(
         config: the training settings.
         out_dir: where the adapter, checkpoints and ``training.json`` go.
         evaluate: ``(lm, split, max_tokens) -> perplexity``; defaults to
-            :func:`hetgraph.evaluation.perplexity`.
+            :func:`hetgraph.evaluation.model_perplexity`.
         resume: continue from ``out_dir/checkpoint`` when present.
         show_progress: tqdm bar.
         stop_after: stop (as if interrupted, raising ``KeyboardInterrupt``) once this many
             steps have run in this call; for testing resumption.
     """
     if evaluate is None:
-        from hetgraph.evaluation import perplexity as evaluate
+        from hetgraph.evaluation import model_perplexity as evaluate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = _split_tokens(train_split)

@@ -292,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from hetgraph.evaluation.inspection import describe_generation
+    from hetgraph.inspection import describe_generation
 
     model, tokenizer = _load(args)
     store, index = _open_store(args.datastore, model, tokenizer)
@@ -311,13 +311,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hetgraph.evaluation.inspection import format_neighbours, inspect_position
+    from hetgraph.inspection import format_report, inspect_position
 
     model, tokenizer = _load(args)
     store, index = _open_store(args.datastore, model, tokenizer)
     lm = _hetgraph_lm(args, model, tokenizer, store, index)
     report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
-    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_neighbours(report))
+    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0
 
 

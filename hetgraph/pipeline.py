@@ -137,10 +137,10 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
     store = build_datastore(model, tokenizer, corpus.train, datastore_dir, ds_config,
                             corpus_fingerprint=corpus.fingerprint)
     index_dir = datastore_dir / "index"
-    try:
+    if (index_dir / "index.json").is_file():
         index = DatastoreIndex.load(index_dir, store)
         _log(f"reusing index {index}")
-    except FileNotFoundError:
+    else:
         index = DatastoreIndex.build(store, config.index_config())
         index.save(index_dir)
     return store, index

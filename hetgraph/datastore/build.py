@@ -21,6 +21,7 @@ from hetgraph.datastore.capture import (
     split_arrays,
 )
 from hetgraph.datastore.store import (
+    DOC_NAMES_FILE,
     FORMAT_VERSION,
     METADATA_FILE,
     PROGRESS_FILE,
@@ -130,7 +131,8 @@ def build_datastore(
     if done is None:  # already complete
         return Datastore.open(out)
     if done == 0 and not (out / "keys.npy").exists():
-        _write_static_arrays(out, metadata, tokens, doc_ids, positions)
+        _write_static_arrays(out, metadata, tokens, doc_ids, positions,
+                             getattr(split, "doc_names", None))
 
     keys = np.load(out / "keys.npy", mmap_mode="r+", allow_pickle=False)
     feats = {l: np.load(out / f"features_{l}.npy", mmap_mode="r+", allow_pickle=False)
@@ -211,8 +213,12 @@ def _describe_difference(existing: DatastoreMetadata | None, new: DatastoreMetad
 
 
 def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndarray,
-                         doc_ids: np.ndarray, positions: np.ndarray) -> None:
+                         doc_ids: np.ndarray, positions: np.ndarray,
+                         doc_names: list[str] | None = None) -> None:
     n = metadata.num_entries
+    if doc_names is not None:
+        # Names of the documents, so retrieved neighbours can be shown with their source.
+        atomic_write_text(out / DOC_NAMES_FILE, json.dumps(list(doc_names), ensure_ascii=False) + "\n")
     for name, array in (("tokens", tokens[:n]), ("next_tokens", tokens[1:n + 1]),
                         ("doc_ids", doc_ids[:n]), ("positions", positions[:n])):
         tmp = out / f"{name}.tmp.npy"

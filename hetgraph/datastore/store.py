@@ -34,6 +34,10 @@ PROGRESS_FILE = "progress.json"
 ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
 
 
+#: JSON list of document names, indexed by ``doc_ids``.
+DOC_NAMES_FILE = "doc_names.json"
+
+
 class DatastoreError(ValueError):
     """A datastore is missing, incomplete, or does not match the model / tokenizer / layer."""
 
@@ -306,6 +310,20 @@ class Datastore:
     @property
     def complete(self) -> bool:
         return self.metadata.complete
+
+    @property
+    def doc_names(self) -> list[str] | None:
+        """Name of every document (index = ``doc_ids`` value), or ``None`` if not recorded."""
+        if not hasattr(self, "_doc_names"):
+            path = self.path / DOC_NAMES_FILE
+            self._doc_names = json.loads(path.read_text()) if path.is_file() else None
+        return self._doc_names
+
+    def document_name(self, row: int) -> str:
+        """Name of the document of datastore row ``row`` (its id if names were not recorded)."""
+        doc = int(self.doc_ids[row])
+        names = self.doc_names
+        return names[doc] if names is not None and 0 <= doc < len(names) else f"document {doc}"
 
     def features(self, layer: int) -> np.ndarray:
         """Stored fp16 outputs ``[N, d_layer]`` of decoder layer ``layer`` (memmap)."""

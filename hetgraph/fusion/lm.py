@@ -183,7 +183,6 @@ class HetGraphLM(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._state = _ForwardState()
         return self
 
     def __enter__(self) -> "HetGraphLM":

@@ -1,0 +1,175 @@
+"""Why did the model predict that? The retrieved corpus contexts behind a position.
+
+For any position of any text, :func:`inspect_positions` returns the ``k`` corpus
+positions the query retrieved, as readable text with their distance, their document
+and the attention the adapter's last graph layer gave them (per fused site), next to
+the base and GNN-LM predictions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hetgraph.datastore import HiddenStateCapture
+from hetgraph.fusion import HEAD, HetGraphLM
+from hetgraph.graph import build_context_graph
+
+#: Tokens of corpus text shown left of a retrieved position.
+CONTEXT_TOKENS = 16
+
+
+@dataclass
+class Neighbour:
+    """One retrieved corpus position."""
+
+    rank: int
+    row: int
+    distance: float
+    document: str
+    context: str
+    token: str
+    next_token: str
+    attention: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NeighbourReport:
+    """The neighbours behind one position of a text."""
+
+    position: int
+    token: str
+    actual_next: str | None
+    base_prediction: str
+    gnn_prediction: str
+    neighbours: list[Neighbour]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _neighbour_attention(lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor) -> dict[str, Tensor]:
+    """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
+    retrieved neighbours of each of ``P`` positions (summed over heads' mean and, for
+    ``n2c="window"``, over the window)."""
+    out: dict[str, Tensor] = {}
+    positions, k = ids.shape
+    graph = build_context_graph(ids[None], lm._corpus_tokens, lm._corpus_doc_ids, lm.graph_config)
+    for site in lm.fusion_sites:
+        key = "head" if site == HEAD else f"layer_{site}"
+        adapter = lm.adapters[key]
+        ctx_x = hidden[None if site == HEAD else site].to(next(adapter.parameters()).dtype)
+        nbr_x = lm._neighbour_features(site, graph["nbr"].corpus_id).to(ctx_x)
+        with torch.no_grad():
+            token_x = lm.model.get_input_embeddings()(graph["nbr"].token_id.to(ctx_x.device)).to(ctx_x)
+            _, attention = adapter(graph, ctx_x, nbr_x, token_x, return_attention_weights=True)
+        edge_index, alpha = attention[-1][("nbr", "n2c", "ctx")]
+        weight = alpha.float().mean(dim=-1)  # mean over heads
+        src, dst = edge_index
+        # The retrieved row a message comes from: its window's centre row.
+        centre = graph["nbr"].window_centre if "window_centre" in graph["nbr"] else graph["nbr"].corpus_id
+        src_row = centre[src]
+        slot = (ids[dst] == src_row[:, None]).float().argmax(dim=1)
+        table = torch.zeros(positions, k)
+        table.index_put_((dst.cpu(), slot.cpu()), weight.cpu(), accumulate=True)
+        out[key] = table
+    return out
+
+
+@torch.no_grad()
+def inspect_positions(
+    lm: HetGraphLM,
+    tokenizer: Any,
+    input_ids: Tensor,
+    positions: Sequence[int],
+    num_neighbours: int = 8,
+    context_tokens: int = CONTEXT_TOKENS,
+) -> list[NeighbourReport]:
+    """Neighbour reports for ``positions`` of one token sequence ``input_ids [T]``."""
+    length = int(input_ids.shape[-1])
+    positions = [p % length for p in positions]
+    device = next(lm.model.parameters()).device
+    ids = input_ids.reshape(1, -1).to(device)
+    sites = [None if s == HEAD else s for s in lm.fusion_sites]
+    base_logits = lm.model(input_ids=ids, use_cache=False).logits[0]
+    # Registered before the fusion hooks, the capture sees each fused site's input state.
+    with HiddenStateCapture(lm.model, sites) as capture:
+        gnn_logits = lm(ids, use_cache=False).logits[0]
+        site_hidden = {layer: h[0, positions] for layer, h in capture.states.items()}
+    neighbour_ids, distances = lm.last_retrieval
+    neighbour_ids, distances = neighbour_ids[0, positions].cpu(), distances[0, positions].cpu()
+    attention = _neighbour_attention(lm, site_hidden, neighbour_ids)
+    store = lm.datastore
+    reports = []
+    for i, position in enumerate(positions):
+        neighbours = []
+        for rank in range(min(num_neighbours, neighbour_ids.shape[1])):
+            row = int(neighbour_ids[i, rank])
+            if row < 0:
+                continue
+            doc = int(store.doc_ids[row])
+            start = row
+            # Left context inside the neighbour's own document only.
+            lo = max(0, row - context_tokens)
+            same_doc = np.asarray(store.doc_ids[lo:row + 1]) == doc
+            start = lo + int(np.argmax(same_doc))
+            neighbours.append(Neighbour(
+                rank=rank, row=row, distance=float(distances[i, rank]), document=store.document_name(row),
+                context=_decode(tokenizer, store.tokens[start:row]),
+                token=_decode(tokenizer, [store.tokens[row]]),
+                next_token=_decode(tokenizer, [store.next_tokens[row]]),
+                attention={site: float(table[i, rank]) for site, table in attention.items()}))
+        reports.append(NeighbourReport(
+            position=position, token=_decode(tokenizer, [input_ids.reshape(-1)[position]]),
+            actual_next=_decode(tokenizer, [input_ids.reshape(-1)[position + 1]]) if position + 1 < length else None,
+            base_prediction=_decode(tokenizer, [int(base_logits[position].argmax())]),
+            gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
+            neighbours=neighbours))
+    return reports
+
+
+def inspect_position(
+    lm: HetGraphLM, tokenizer: Any, text: str, position: int = -1, num_neighbours: int = 8,
+) -> NeighbourReport:
+    """The corpus contexts retrieved for token ``position`` of ``text`` (``-1``: the last).
+
+    Args:
+        lm: the model with its datastore, index and (trained or zero-gate) adapters.
+        tokenizer: its tokenizer.
+        text: any text.
+        position: token position whose query is inspected (it predicts the next token).
+        num_neighbours: neighbours shown (nearest first).
+    """
+    input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if input_ids.numel() == 0:
+        raise ValueError("the text is empty after tokenization; give some text to inspect")
+    if not -input_ids.numel() <= position < input_ids.numel():
+        raise ValueError(f"position {position} is outside the text's {input_ids.numel()} tokens")
+    return inspect_positions(lm, tokenizer, input_ids, [position], num_neighbours)[0]
+
+
+def format_report(report: NeighbourReport) -> str:
+    """Human-readable text of one report."""
+    lines = [f"position {report.position}: token {report.token!r} → next {report.actual_next!r}; "
+             f"base predicts {report.base_prediction!r}, GNN-LM predicts {report.gnn_prediction!r}"]
+    for n in report.neighbours:
+        attention = " ".join(f"{site}={value:.3f}" for site, value in n.attention.items())
+        context = n.context.replace("\n", "⏎")
+        lines.append(f"  #{n.rank} d={n.distance:.1f} att[{attention}] {n.document}: …{context}"
+                     f"[{n.token}]→{n.next_token!r}")
+    return "\n".join(lines)
+
+
+def describe_generation(lm: HetGraphLM, tokenizer: Any, sequence: Tensor, prompt_length: int,
+                        num_neighbours: int = 3) -> str:
+    """The neighbours behind every generated token of ``sequence`` (prompt + generation)."""
+    positions = list(range(prompt_length - 1, int(sequence.shape[-1]) - 1))
+    reports = inspect_positions(lm, tokenizer, sequence, positions, num_neighbours)
+    return "\n".join(format_report(report) for report in reports)

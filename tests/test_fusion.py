@@ -137,7 +137,8 @@ def test_gradients_reach_adapters_only(tmp_path, split):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split):
+@pytest.mark.parametrize("from_datastore", [True, False])
+def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split, from_datastore):
     model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     config = FusionConfig(fusion_layers=("head",), k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4))
@@ -150,7 +151,7 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split):
     before = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
     # The tiny random LM has tiny embeddings (std 0.02), so moving its logits needs a large lr.
     training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-2, warmup_steps=5,
-                              eval_every=0, checkpoint_every=0, seed=0)
+                              eval_every=0, checkpoint_every=0, seed=0, from_datastore=from_datastore)
     result = train_adapter(lm, split, None, training, tmp_path / "adapter", show_progress=False)
     after = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
     assert np.mean(result.train_losses[-10:]) < np.mean(result.train_losses[:10])
@@ -159,12 +160,13 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split):
         assert torch.equal(value, base_state[key]), key
 
 
-def test_training_resumes_to_the_same_adapter(tmp_path, split):
+@pytest.mark.parametrize("from_datastore", [True, False])
+def test_training_resumes_to_the_same_adapter(tmp_path, split, from_datastore):
     model, tokenizer, store, index = build_store(tmp_path, "gpt2", split)
     config = FusionConfig(fusion_layers=("head",), k=4, adapter=dict(SMALL_ADAPTER, dropout=0.1),
                           graph=dict(leakage_radius=4))
     training = TrainingConfig(max_steps=6, batch_size=2, context_length=32, lr=1e-3, warmup_steps=2,
-                              eval_every=0, checkpoint_every=3, seed=3)
+                              eval_every=0, checkpoint_every=3, seed=3, from_datastore=from_datastore)
 
     def run(out, steps_first=None):
         torch.manual_seed(0)
@@ -222,3 +224,24 @@ def test_knn_interpolation_inside_generate(tmp_path, split):
     prompt = torch.from_numpy(split.tokens[24:48].astype(np.int64))[None]
     out = lm.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=256, knn=True)
     assert out[0, 24:].tolist() == split.tokens[48:54].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
+    # The first window of the datastore saw exactly these 40 tokens, so its stored keys are
+    # the head-input states of a forward over them (up to fp16 rounding).
+    model, tokenizer, store, index = build_store(tmp_path, family, split)
+    lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4)))
+    randomise_gates(lm)
+    assert lm.can_run_from_datastore
+    rows = torch.arange(40)[None]
+    input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
+    with torch.no_grad():
+        full = lm(input_ids, query_positions=rows).logits
+        cached = lm.forward_from_datastore(rows)
+    assert torch.allclose(full, cached, atol=1e-2, rtol=1e-2)
+    assert (full.argmax(-1) == cached.argmax(-1)).float().mean() > 0.95
+    layer_lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0,), k=4, adapter=SMALL_ADAPTER))
+    assert not layer_lm.can_run_from_datastore
+    with pytest.raises(ValueError, match="forward_from_datastore"):
+        layer_lm.forward_from_datastore(rows)

@@ -18,10 +18,10 @@ METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": 
 
 
 def _limit(split: Any, max_tokens: int | None) -> Any:
-    # ``max_tokens`` scored positions need max_tokens + 1 tokens.
-    if max_tokens is None or len(split) <= max_tokens + 1:
+    # As everywhere in hetgraph, ``max_tokens`` counts tokens used (max_tokens - 1 are scored).
+    if max_tokens is None or len(split) <= max_tokens:
         return split
-    return split.truncate(max_tokens + 1)
+    return split.truncate(max_tokens)
 
 
 def gnn_forward(lm: Any):

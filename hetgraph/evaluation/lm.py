@@ -38,7 +38,8 @@ class EvalConfig:
     Args:
         context_length, stride, batch_size: the strided windows (same meaning as in
             :class:`~hetgraph.datastore.DatastoreConfig`).
-        max_tokens: score only the first ``max_tokens`` tokens of the evaluated split.
+        max_tokens: use only the first ``max_tokens`` tokens of the evaluated split
+            (``max_tokens - 1`` positions are scored, each predicting the next token).
         k: neighbours per position for kNN-LM.
         valid_tokens: tokens of the valid split used to tune λ and T (``None``: all).
     """

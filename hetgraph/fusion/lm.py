@@ -388,6 +388,38 @@ class HetGraphLM(nn.Module):
             if attached_here:
                 self.detach()
 
+    @property
+    def can_run_from_datastore(self) -> bool:
+        """True when a forward over datastore text needs no base-model pass: retrieval and
+        every fused site are the LM-head input (whose states the datastore stores as keys),
+        neighbours use the keys, and no ``c2c`` edge links positions."""
+        return (self.retrieval_site == HEAD and set(self.fusion_sites) == {HEAD}
+                and not self.graph_config.c2c and not self.config.prefetch)
+
+    def forward_from_datastore(self, rows: Tensor) -> Tensor:
+        """Logits at datastore rows ``[B, T]`` computed from their stored keys.
+
+        For the default configuration (retrieve and fuse at the LM-head input) the base
+        model's state at a corpus position *is* its stored key, so training on the corpus
+        needs only the adapter and the LM head: ``logits = lm_head(k + g ⊙ adapter(G))``.
+        Positions are independent (no ``c2c``), so ``rows`` may be any sample of rows.
+        The leakage filter hides each row's own neighbourhood.
+
+        Raises:
+            ValueError: if :attr:`can_run_from_datastore` is False.
+        """
+        if not self.can_run_from_datastore:
+            raise ValueError("forward_from_datastore needs retrieval and fusion at the LM-head input, "
+                             "key features and no c2c edges; use forward() with input_ids instead")
+        device = self.gates[_site_key(HEAD)].device
+        rows = rows.to(device)
+        keys = torch.from_numpy(np.asarray(self.datastore.keys[rows.reshape(-1).cpu().numpy()]))
+        hidden = keys.to(device=device, dtype=next(self.model.parameters()).dtype).view(*rows.shape, -1)
+        self._state = _ForwardState(query_positions=rows)
+        self._retrieve(hidden)
+        fused = self._fuse(HEAD, hidden)
+        return output_embedding_input_hook_target(self.model)(fused)
+
     @torch.no_grad()
     def generate(self, *args: Any, knn: bool = False, **kwargs: Any) -> Any:
         """HF ``generate`` with retrieval for every new position (the KV cache stays on).

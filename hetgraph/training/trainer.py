@@ -39,6 +39,11 @@ class TrainingConfig:
         patience: evaluations without improvement before early stopping (``0`` = never stop).
         checkpoint_every: steps between resumable checkpoints (``0`` = at evaluations only).
         seed: makes data order, dropout and initialisation reproducible, across resumes too.
+        from_datastore: train from the stored keys without running the base model
+            (:meth:`HetGraphLM.forward_from_datastore`; each micro-batch is
+            ``batch_size × context_length`` random datastore rows). ``None``: whenever the
+            fusion configuration allows it (the default one does), else full forwards over
+            random windows of the train split.
     """
 
     max_steps: int = 300
@@ -55,6 +60,7 @@ class TrainingConfig:
     patience: int = 3
     checkpoint_every: int = 50
     seed: int = 0
+    from_datastore: bool | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
@@ -214,6 +220,11 @@ def train_adapter(
     if any(p.requires_grad for p in base_params):
         raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, do not unfreeze")
 
+    from_datastore = lm.can_run_from_datastore if config.from_datastore is None else config.from_datastore
+    if from_datastore and not lm.can_run_from_datastore:
+        raise ValueError("from_datastore=True needs retrieval and fusion at the LM-head input and no c2c "
+                         "edges; set from_datastore to null to train with full forwards")
+    next_tokens = lm.datastore.next_tokens
     torch.manual_seed(config.seed)
     params = [p for p in lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -266,18 +277,24 @@ def train_adapter(
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for micro in range(config.grad_accumulation):
-                starts = _sample_starts(len(tokens), config.context_length + 1, config.batch_size,
-                                        config.seed, step * config.grad_accumulation + micro)
-                offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-                input_ids = torch.from_numpy(tokens[offsets]).to(device)
-                labels = torch.from_numpy(tokens[offsets + 1]).to(device)
-                rows = torch.from_numpy(offsets).to(device)
-                outputs = lm(input_ids, query_positions=rows, use_cache=False)
-                logits = outputs.logits.float()
+                draw = step * config.grad_accumulation + micro
+                if from_datastore:
+                    rng = np.random.default_rng([config.seed, draw])
+                    offsets = rng.integers(0, num_rows, size=(config.batch_size, config.context_length))
+                    labels = torch.from_numpy(next_tokens[offsets].astype(np.int64)).to(device)
+                    logits = lm.forward_from_datastore(torch.from_numpy(offsets)).float()
+                else:
+                    starts = _sample_starts(len(tokens), config.context_length + 1, config.batch_size,
+                                            config.seed, draw)
+                    offsets = starts[:, None] + np.arange(config.context_length)[None, :]
+                    input_ids = torch.from_numpy(tokens[offsets]).to(device)
+                    labels = torch.from_numpy(tokens[offsets + 1]).to(device)
+                    rows = torch.from_numpy(offsets).to(device)
+                    logits = lm(input_ids, query_positions=rows, use_cache=False).logits.float()
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
                 (loss / config.grad_accumulation).backward()
                 loss_sum += float(loss.detach()) / config.grad_accumulation
-                seen_tokens += input_ids.numel()
+                seen_tokens += labels.numel()
             if config.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             optimizer.step()

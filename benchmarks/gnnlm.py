@@ -1,0 +1,133 @@
+"""GNN-LM end to end on the embedded default, and its speed against the base model.
+
+Runs the main job (datastore → index → adapter training → four-way evaluation) with a
+datastore of ``--tokens`` train tokens (default 200k) and ``--eval-tokens`` test tokens,
+then measures in the same process:
+
+* eval tokens/s of GNN-LM (retrieval + graph + adapter, k = 32, l = r = 1) as a ratio
+  to a plain base forward over exactly the same windows;
+* greedy ``generate`` tokens/s with retrieval at every new position (KV cache on) as a
+  ratio to the base model's ``generate``.
+
+The run directory is kept, so a second run reuses the datastore, index and adapter
+(delete it, or pass ``--out`` elsewhere, to start over).
+
+Usage: python benchmarks/gnnlm.py [--tokens 200000] [--eval-tokens 4096] [--steps 400]
+Writes benchmarks/results/gnnlm.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hetgraph.corpus import tokenize_corpus
+from hetgraph.corpus.windows import sliding_windows
+from hetgraph.datastore import window_batches
+from hetgraph.datastore.build import batch_input_ids
+from hetgraph.evaluation import results_table
+from hetgraph.fusion import HetGraphLM
+from hetgraph.models.loading import load_model
+from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
+
+PROMPTS = [
+    "The :mod:`os` module provides",
+    "To open a file for reading, use",
+    "A list comprehension consists of",
+    "The ``with`` statement is used to",
+]
+
+
+def forward_seconds(forward, tokens, context_length: int, stride: int, batch_size: int, device) -> float:
+    batches = window_batches(sliding_windows(len(tokens) - 1, context_length, stride), batch_size)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            forward(batch_input_ids(tokens, batch, device))
+    return time.perf_counter() - start
+
+
+def generate_seconds(generate, tokenizer, new_tokens: int, device) -> tuple[float, int]:
+    produced = 0
+    start = time.perf_counter()
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        out = generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=tokenizer.pad_token_id)
+        produced += out.shape[1] - ids["input_ids"].shape[1]
+    return time.perf_counter() - start, produced
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="run config (default: the demo's)")
+    parser.add_argument("--tokens", type=int, default=200_000, help="datastore train tokens")
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    parser.add_argument("--out", default="runs/bench-gnnlm")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    config = RunConfig.from_json_file(args.config) if args.config else RunConfig.default()
+    config.datastore["max_tokens"] = args.tokens + 1
+    config.evaluation["max_tokens"] = args.eval_tokens + 1
+    config.evaluation["valid_tokens"] = args.eval_tokens + 1
+    if args.steps is not None:
+        config.training["max_steps"] = args.steps
+    config.out_dir = args.out
+    config.threads = args.threads
+    started = time.perf_counter()
+    results = run_pipeline(config)
+    pipeline_s = time.perf_counter() - started
+
+    set_threads(args.threads)
+    model, tokenizer = load_model(config.model)
+    device = next(model.parameters()).device
+    corpus = tokenize_corpus(config.corpus_config(), tokenizer, show_progress=False)
+    store, index = prepare_datastore(model, tokenizer, corpus, config, Path(config.out_dir))
+    lm = HetGraphLM.from_pretrained(Path(config.out_dir) / "adapter", model, store, index, tokenizer=tokenizer)
+    lm.eval()
+    evaluation = config.evaluation_config()
+    tokens = corpus.test.tokens[: args.eval_tokens + 1]
+    windows = (evaluation.context_length, evaluation.stride, evaluation.batch_size, device)
+    forward_seconds(lambda ids: model(input_ids=ids), tokens[:600], *windows)  # warm-up
+    base_s = forward_seconds(lambda ids: model(input_ids=ids, use_cache=False), tokens, *windows)
+    gnn_s = forward_seconds(lambda ids: lm(ids, use_cache=False), tokens, *windows)
+    base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
+    gnn_gen_s, gnn_gen_n = generate_seconds(lm.generate, tokenizer, args.new_tokens, device)
+
+    scored = len(tokens) - 1
+    out = {
+        "model": type(model).__name__, "device": str(device), "threads": args.threads,
+        "datastore_tokens": len(store), "test_tokens": results["tokens"],
+        "fusion": config.fusion, "training": config.training,
+        "results": {key: results[key] for key in ("base", "knn", "gnn", "gnn_knn")},
+        "ratios_to_base_ppl": {key: results[key]["ppl"] / results["base"]["ppl"]
+                               for key in ("knn", "gnn", "gnn_knn")},
+        "acceptance": {
+            "gnn_below_base": results["gnn"]["ppl"] < results["base"]["ppl"],
+            "gnn_knn_below_knn_below_base": results["gnn_knn"]["ppl"] < results["knn"]["ppl"] < results["base"]["ppl"],
+        },
+        "speed": {
+            "base_forward_tokens_per_s": scored / base_s,
+            "gnn_forward_tokens_per_s": scored / gnn_s,
+            "eval_ratio_gnn_over_base": base_s / gnn_s,
+            "base_generate_tokens_per_s": base_gen_n / base_gen_s,
+            "gnn_generate_tokens_per_s": gnn_gen_n / gnn_gen_s,
+            "generate_ratio_gnn_over_base": (gnn_gen_n / gnn_gen_s) / (base_gen_n / base_gen_s),
+        },
+        "pipeline_seconds": pipeline_s,
+    }
+    path = Path(__file__).parent / "results" / "gnnlm.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(results_table(results, title=f"GNN-LM, {len(store):,}-token datastore"))
+    print(json.dumps(out["speed"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -150,6 +150,9 @@ class HetGraphLM(nn.Module):
 
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._state = _ForwardState()
+        self._next_query_positions: Tensor | None = None
+        self._generation_history: Tensor | None = None
+        self._knn_params: tuple[float, float] | None = None
         self._knn_enabled = False
         self._corpus_tokens = torch.from_numpy(np.asarray(datastore.tokens, dtype=np.int64))
         self._corpus_doc_ids = torch.from_numpy(np.asarray(datastore.doc_ids, dtype=np.int64))
@@ -200,7 +203,7 @@ class HetGraphLM(nn.Module):
         if lam is None or temperature is None:
             raise ValueError("kNN interpolation needs lambda and temperature: pass them or set "
                              "FusionConfig.knn_lambda / knn_temperature (hetgraph eval tunes both)")
-        previous = (self._knn_enabled, getattr(self, "_knn_params", None))
+        previous = (self._knn_enabled, self._knn_params)
         self._knn_enabled, self._knn_params = True, (float(lam), float(temperature))
         reattach = self.is_attached
         if reattach:
@@ -215,15 +218,13 @@ class HetGraphLM(nn.Module):
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._state.prefetching:
             return
-        query_positions = self._state.query_positions if self._pending_positions else None
-        self._pending_positions = False
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         attention_mask = kwargs.get("attention_mask")
-        self._state = _ForwardState(attention_mask=attention_mask, query_positions=query_positions)
+        # Query positions are set by forward() for exactly one call of the base model.
+        self._state = _ForwardState(attention_mask=attention_mask, query_positions=self._next_query_positions)
+        self._next_query_positions = None
         if self.needs_prefetch:
             self._prefetch(input_ids, attention_mask, kwargs.get("past_key_values"))
-
-    _pending_positions = False
 
     def _prefetch(self, input_ids: Tensor | None, attention_mask: Tensor | None, past: Any) -> None:
         if input_ids is None:
@@ -244,7 +245,7 @@ class HetGraphLM(nn.Module):
     def _history_ids(self, input_ids: Tensor, past: Any) -> Tensor:
         # With a KV cache the model sees only new tokens; the prefetch pass (no cache) needs all.
         past_length = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        previous = getattr(self, "_generation_history", None)
+        previous = self._generation_history
         if past_length == 0 or previous is None or previous.shape[-1] != past_length:
             history = input_ids
         else:
@@ -339,8 +340,7 @@ class HetGraphLM(nn.Module):
         delta = hidden.new_zeros(batch, length, width, dtype=out.dtype).index_put((b, t), out)
         return hidden + (param * delta).to(hidden.dtype)
 
-    def _knn_hook(self, module: nn.Module, args: tuple, kwargs_or_output: Any, output: Any = None) -> Any:
-        output = kwargs_or_output if output is None else output
+    def _knn_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         state = self._state
         if state.prefetching or state.neighbour_ids is None:
             return None
@@ -379,12 +379,11 @@ class HetGraphLM(nn.Module):
         attached_here = not self.is_attached
         if attached_here:
             self.attach()
-        self._state.query_positions = query_positions
-        self._pending_positions = query_positions is not None
+        self._next_query_positions = query_positions
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
-            self._pending_positions = False
+            self._next_query_positions = None
             if attached_here:
                 self.detach()
 

@@ -1,0 +1,172 @@
+"""Build-time pages of the hetgraph docs (a local Sphinx extension).
+
+At ``builder-inited`` it writes
+
+* ``_generated/api_members.rst``: one autodoc entry per name in ``hetgraph.__all__``,
+  grouped by the stage package that defines it (so a new public name appears without
+  editing the docs);
+* ``_generated/results_body.rst``: tables of ``benchmarks/results/*.json`` (every file that
+  exists; the known benchmarks that have not produced a file are listed as "not run yet");
+* ``figures/context_graph.svg`` when missing (``figures/make_graph_figure.py``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent.parent
+ROOT = DOCS.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: Benchmarks whose results the results page reports: file stem -> (title, script).
+BENCHMARKS = {
+    "knnlm": ("kNN-LM on the embedded default", "benchmarks/knnlm.py"),
+    "graph_layer": ("Graph construction and the attention layer", "benchmarks/graph_layer.py"),
+    "gnnlm": ("GNN-LM four-way evaluation", "benchmarks/gnnlm.py"),
+    "datastore_build": ("Datastore build throughput", "benchmarks/datastore_build.py"),
+}
+
+STAGES = [
+    ("Corpus", "hetgraph.corpus"), ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
+    ("Index", "hetgraph.index"), ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
+    ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"), ("Training", "hetgraph.training"),
+    ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),
+    ("Pipeline", "hetgraph.pipeline"),
+]
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _title(text: str, char: str) -> str:
+    return f"{text}\n{char * len(text)}\n\n"
+
+
+def api_members() -> str:
+    import inspect
+
+    import hetgraph
+
+    exports: dict[str, str] = dict(hetgraph._EXPORTS)  # name -> defining module
+    out = []
+    for title, package in STAGES:
+        names = [n for n, m in exports.items() if m == package or m.startswith(package + ".")]
+        if not names:
+            continue
+        out.append(_title(title, "-"))
+        out.append(f"Defined in :mod:`{package}`.\n\n")
+        for name in names:
+            obj = getattr(hetgraph, name)
+            if inspect.isclass(obj):
+                directive = "autoexception" if issubclass(obj, BaseException) else "autoclass"
+                out.append(f".. {directive}:: hetgraph.{name}\n\n")
+            elif callable(obj):
+                out.append(f".. autofunction:: hetgraph.{name}\n\n")
+            else:
+                value = repr(obj)
+                if isinstance(obj, Path):  # no build machine's absolute path in the docs
+                    value = f"<site-packages>/hetgraph/{obj.relative_to(Path(hetgraph.__file__).parent)}"
+                out.append(f".. py:data:: {name}\n   :module: hetgraph\n   :value: {value}\n\n")
+                doc = _data_doc(exports[name], name)
+                if doc:
+                    out.append(f"   {doc}\n\n")
+    missing = set(exports) - {n for _, p in STAGES for n, m in exports.items()
+                              if m == p or m.startswith(p + ".")}
+    if missing:
+        raise RuntimeError(f"public names of no documented stage: {sorted(missing)}; add the stage to STAGES")
+    return "".join(out)
+
+
+def _data_doc(module: str, name: str) -> str:
+    """The ``#:`` comment above a module-level constant (Sphinx's own convention)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    lines = Path(spec.origin).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"{name} ") or line.startswith(f"{name}:"):
+            doc = []
+            j = i - 1
+            while j >= 0 and lines[j].lstrip().startswith("#:"):
+                doc.insert(0, lines[j].lstrip()[2:].strip())
+                j -= 1
+            return " ".join(doc)
+    return ""
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        rows = []
+        for key, value in data.items():
+            rows.extend(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return rows
+    return [(prefix, data)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    out = [".. list-table::", "   :header-rows: 1", "   :widths: 60 40", "", "   * - key", "     - value"]
+    for key, value in rows:
+        out += [f"   * - ``{key}``", f"     - {_fmt(value) or '–'}"]
+    return "\n".join(out) + "\n\n"
+
+
+def results_body() -> str:
+    out = []
+    found = sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []
+    stems = [p.stem for p in found]
+    order = [s for s in BENCHMARKS if s in stems] + [s for s in stems if s not in BENCHMARKS]
+    for stem in order:
+        path = RESULTS / f"{stem}.json"
+        title, script = BENCHMARKS.get(stem, (stem, None))
+        out.append(_title(title, "-"))
+        out.append(f"From ``benchmarks/results/{stem}.json``" + (f" (``{script}``)" if script else "") + ".\n\n")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            out.append(f"Could not read this file: ``{error}``.\n\n")
+            continue
+        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+            for section, values in data.items():
+                out.append(_title(str(section), "~"))
+                out.append(_table(_flatten(values)))
+        else:
+            out.append(_table(_flatten(data if isinstance(data, dict) else {"value": data})))
+    missing = [s for s in BENCHMARKS if s not in stems]
+    if missing:
+        out.append(_title("Not run yet", "-"))
+        for stem in missing:
+            title, script = BENCHMARKS[stem]
+            out.append(f"* **{title}** (``benchmarks/results/{stem}.json``): not run yet; "
+                       f"run ``.venv/bin/python {script}`` (or ``make bench``).\n")
+        out.append("\n")
+    return "".join(out)
+
+
+def generate(app: Any) -> None:
+    generated = DOCS / "_generated"
+    _write_if_changed(generated / "api_members.rst", api_members())
+    _write_if_changed(generated / "results_body.rst", results_body())
+    figure = DOCS / "figures" / "context_graph.svg"
+    if not figure.is_file():
+        spec = importlib.util.spec_from_file_location("make_graph_figure", DOCS / "figures" / "make_graph_figure.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.draw(figure)
+
+
+def setup(app: Any) -> dict[str, Any]:
+    app.connect("builder-inited", generate)
+    return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -22,6 +22,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory or .gguf file (default: embedded SmolLM2-135M)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="model weights dtype (bfloat16 halves GPU memory; adapters stay float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads")
 
 
@@ -144,8 +146,10 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from hetgraph.models.loading import load_model
     from hetgraph.pipeline import resolve_device, set_threads
 
+    import torch
+
     set_threads(args.threads)
-    return load_model(args.model, device=resolve_device(args.device))
+    return load_model(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
 
 
 def _corpus(args: argparse.Namespace, tokenizer: Any):

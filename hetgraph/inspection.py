@@ -48,6 +48,7 @@ class NeighbourReport:
     neighbours: list[Neighbour]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (``hetgraph inspect --json``)."""
         return asdict(self)
 
 

@@ -63,28 +63,36 @@ class RunConfig:
         self.evaluation_config()
 
     def corpus_config(self) -> CorpusConfig:
+        """The corpus section as a :class:`~hetgraph.corpus.CorpusConfig`."""
         return CorpusConfig.from_dict(self.corpus)
 
     def datastore_config(self) -> DatastoreConfig:
+        """The datastore section as a :class:`~hetgraph.datastore.DatastoreConfig`."""
         return DatastoreConfig.from_dict(self.datastore)
 
     def index_config(self) -> IndexConfig:
+        """The index section as an :class:`~hetgraph.index.IndexConfig`."""
         return IndexConfig.from_dict(self.index)
 
     def fusion_config(self) -> FusionConfig:
+        """The fusion section as a :class:`~hetgraph.fusion.FusionConfig`."""
         return FusionConfig.from_dict(self.fusion)
 
     def training_config(self) -> TrainingConfig:
+        """The training section as a :class:`~hetgraph.training.TrainingConfig`."""
         return TrainingConfig.from_dict(self.training)
 
     def evaluation_config(self) -> EvalConfig:
+        """The evaluation section as an :class:`~hetgraph.evaluation.EvalConfig`."""
         return EvalConfig.from_dict(self.evaluation)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict of every section."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Inverse of :meth:`to_dict`; unknown sections are an error (likely a typo)."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -93,6 +101,7 @@ class RunConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "RunConfig":
+        """Read a run config JSON file, with a clear error if it is missing or malformed."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -106,10 +115,12 @@ class RunConfig:
 
     @classmethod
     def default(cls) -> "RunConfig":
+        """The embedded demo configuration (``hetgraph/configs/demo.json``)."""
         return cls.from_json_file(DEFAULT_CONFIG)
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a :class:`torch.device`; ``None`` means CUDA when available, else CPU."""
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -75,12 +75,14 @@ class FusionConfig:
         return base
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (the ``fusion`` section of a run config)."""
         data = asdict(self)
         data["fusion_layers"] = list(self.fusion_layers)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
+        """Inverse of :meth:`to_dict`; unknown fields are an error."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -88,8 +90,10 @@ class FusionConfig:
         return cls(**data)
 
     def to_json_file(self, path: str | Path) -> None:
+        """Write :meth:`to_dict` as JSON."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "FusionConfig":
+        """Read a file written by :meth:`to_json_file`."""
         return cls.from_dict(json.loads(Path(path).read_text()))

@@ -161,6 +161,7 @@ class HetGraphLM(nn.Module):
     # ------------------------------------------------------------------ hooks
     @property
     def is_attached(self) -> bool:
+        """Whether the hooks are registered on the base model."""
         return bool(self._handles)
 
     def attach(self) -> "HetGraphLM":

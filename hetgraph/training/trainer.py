@@ -70,10 +70,12 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (the ``training`` section of a run config)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
+        """Inverse of :meth:`to_dict`; unknown fields are an error."""
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -95,6 +97,7 @@ class TrainingResult:
     tokens_per_second: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (as written to ``training.json``)."""
         data = asdict(self)
         data["valid_ppl"] = {str(k): v for k, v in self.valid_ppl.items()}
         return data

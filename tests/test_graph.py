@@ -17,6 +17,7 @@ from hetgraph.graph import (
     build_context_graph,
     ctx_to_dense,
     is_grid_graph,
+    n2c_to_dense,
 )
 
 
@@ -29,6 +30,9 @@ def reference_graph(ids, tokens, docs, cfg: GraphConfig, qpos=None, qmask=None):
     node_pos: list[tuple[int, int]] = []  # (b, corpus row) per node
     node_of: dict[tuple[int, int], int] = {}
     n2n, n2c = [], []
+    share = cfg.share_windows and not cfg.deduplicate
+    shared: dict[int, dict[int, int]] = {}  # retrieved row -> {corpus row: node} of its one window
+    window_key: list[tuple[int, int]] = []  # (retrieved row, corpus row) per node, when shared
 
     def new_node(b, p):
         if cfg.deduplicate:
@@ -49,12 +53,19 @@ def reference_graph(ids, tokens, docs, cfg: GraphConfig, qpos=None, qmask=None):
                 if p >= 0 and int(docs[p]) == int(docs[o]) and abs(p - o) < cfg.leakage_radius:
                     continue
             window = [p for p in range(o - l, o + r + 1) if 0 <= p < N and int(docs[p]) == int(docs[o])]
-            node = {p: new_node(b, p) for p in window}
+            if share and o in shared:
+                node = shared[o]
+            else:
+                node = {p: new_node(b, p) for p in window}
+                for p in window:
+                    n2n.append((node[p], node[p]))
+                    if p + 1 in node:
+                        n2n.append((node[p], node[p + 1]))
+                        n2n.append((node[p + 1], node[p]))
+                if share:
+                    shared[o] = node
+                    window_key.extend((o, p) for p in window)
             for p in window:
-                n2n.append((node[p], node[p]))
-                if p + 1 in node:
-                    n2n.append((node[p], node[p + 1]))
-                    n2n.append((node[p + 1], node[p]))
                 if cfg.n2c == "window" or p == o:
                     n2c.append((node[p], c))
     c2c = []
@@ -63,6 +74,14 @@ def reference_graph(ids, tokens, docs, cfg: GraphConfig, qpos=None, qmask=None):
             for u, (bu, tu) in enumerate(ctx):
                 if bu == bv and tu <= tv and (cfg.c2c_window is None or tv - tu < cfg.c2c_window):
                     c2c.append((u, v))
+    if share:
+        # The builder numbers windows by retrieved row (then offset); a window's
+        # sequence is the first one that retrieved it (nodes are created in (b, t) order).
+        order = sorted(range(len(node_pos)), key=lambda i: window_key[i])
+        relabel = {old: new for new, old in enumerate(order)}
+        node_pos = [node_pos[i] for i in order]
+        n2n = [(relabel[a], relabel[b]) for a, b in n2n]
+        n2c = [(relabel[a], b) for a, b in n2c]
     if cfg.deduplicate:
         # The builder numbers shared nodes by sorted (sequence, row); edges are sets.
         order = sorted(range(len(node_pos)), key=lambda i: node_pos[i])
@@ -97,6 +116,11 @@ CONFIGS = [
     GraphConfig(deduplicate=True),
     GraphConfig(deduplicate=True, n2c="window", left=2, right=2, c2c=True),
     GraphConfig(leakage_radius=6),
+    GraphConfig(leakage_radius=6, n2c="window", left=2, right=1),
+    # the official one-window-per-(query, neighbour) layout
+    GraphConfig(share_windows=False),
+    GraphConfig(share_windows=False, left=2, right=2, n2c="window"),
+    GraphConfig(share_windows=False, c2c=True, leakage_radius=6),
 ]
 
 
@@ -131,6 +155,58 @@ def test_builder_matches_reference(cfg: GraphConfig, seed: int, masked: bool):
     assert edges(graph, N2C) == n2c
     assert edges(graph, C2C) == c2c
     assert is_grid_graph(graph) == (not cfg.deduplicate and not cfg.c2c)
+    expected_layout = "irregular" if cfg.deduplicate else "shared" if cfg.share_windows else "grid"
+    assert graph.layout == expected_layout
+    if not cfg.deduplicate:
+        # n2c edges in (ctx, k, offset) order, each mapped back to its neighbour slot
+        e = graph[N2C].edge_index
+        key = (e[1] * K + graph[N2C].nbr_slot) * cfg.window_size + graph[N2C].window_slot
+        assert torch.equal(key, key.sort().values)
+        assert (ids[graph[CTX].batch_index[e[1]], graph[CTX].seq_index[e[1]], graph[N2C].nbr_slot]
+                == graph[NBR].corpus_id[e[0]] - graph[N2C].window_slot + cfg.left).all()
+
+
+def shared_case(seed: int, N: int = 60, B: int = 2, T: int = 8, K: int = 4):
+    """Neighbour ids with heavy repetition, -1 padding, corpus ends and leakage."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, docs = random_corpus(N, 6, gen)
+    ids = torch.randint(0, N // 4, (B, T, K), generator=gen) * 4 % N  # few distinct rows
+    ids[torch.rand(B, T, K, generator=gen) < 0.2] = -1
+    ids[:, :2, 0] = torch.tensor([0, N - 1])  # clipped at the corpus ends, shared across sequences
+    qpos = torch.randint(-1, N, (B, T), generator=gen)
+    return ids, tokens, docs, qpos
+
+
+@pytest.mark.parametrize("n2c", ["center", "window"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shared_windows_node_count_and_window_index(n2c, seed):
+    ids, tokens, docs, qpos = shared_case(seed)
+    cfg = GraphConfig(left=2, right=1, n2c=n2c, leakage_radius=5)
+    g = build_context_graph(ids, tokens, docs, cfg, query_positions=qpos)
+    official = build_context_graph(ids, tokens, docs, GraphConfig(**{**cfg.to_dict(), "share_windows": False}),
+                                   query_positions=qpos)
+    # Distinct retrieved rows after the leakage filter, from the official graph's n2c edges.
+    e = official[N2C].edge_index
+    centre_rows = official[NBR].corpus_id[e[0][official[N2C].window_slot == cfg.left]]
+    rows = sorted(set(centre_rows.tolist()))
+    N = len(docs)
+    sizes = [sum(1 for p in range(o - 2, o + 2) if 0 <= p < N and docs[p] == docs[o]) for o in rows]
+    assert g.num_windows == len(rows)
+    assert g[NBR].num_nodes == sum(sizes)
+    assert g[NBR].num_nodes < official[NBR].num_nodes
+    # Each ctx's window index points at the window of its k-th neighbour (or -1 if missing/dropped).
+    win = g[CTX].nbr_window
+    assert win.shape == (g[CTX].num_nodes, ids.size(2)) and win.dtype == torch.int64
+    window_rows = torch.tensor(rows, dtype=torch.long)
+    query_ids = ids[g[CTX].batch_index, g[CTX].seq_index]
+    assert (window_rows[win[win >= 0]] == query_ids[win >= 0]).all()
+    # the nbr grid index: node i sits in slot (window, offset) of its corpus row
+    slot = g[NBR].grid_index
+    assert torch.equal(window_rows[slot // cfg.window_size] + slot % cfg.window_size - cfg.left, g[NBR].corpus_id)
+    # same n2c edge list as the official graph, up to the node numbering
+    assert torch.equal(g[N2C].edge_index[1], e[1])
+    assert torch.equal(g[N2C].nbr_slot, official[N2C].nbr_slot)
+    assert torch.equal(g[NBR].corpus_id[g[N2C].edge_index[0]], official[NBR].corpus_id[e[0]])
 
 
 def test_leakage_filter_drops_near_neighbours_of_same_document():
@@ -148,11 +224,43 @@ def test_leakage_filter_drops_near_neighbours_of_same_document():
 def test_grid_index_and_layout():
     docs = torch.tensor([0, 0, 0, 1, 1, 1])
     ids = torch.tensor([[[1, 3], [-1, 5]]])
-    g = build_context_graph(ids, torch.arange(6), docs, GraphConfig())
+    g = build_context_graph(ids, torch.arange(6), docs, GraphConfig(share_windows=False))
     # windows: [0,1,2] full; [3]: row 2 is another doc -> slots (1,2); -1 -> none; [4,5] (end).
     assert g.layout == "grid" and (g.grid_k, g.grid_w, g.grid_center) == (2, 3, 1)
     assert g[NBR].grid_index.tolist() == [0, 1, 2, 4, 5, 9, 10]
     assert g[NBR].corpus_id.tolist() == [0, 1, 2, 3, 4, 4, 5]
+
+
+def test_shared_layout_small_example():
+    docs = torch.tensor([0, 0, 0, 1, 1, 1])
+    ids = torch.tensor([[[1, 3], [-1, 1]], [[5, 3], [5, 5]]])
+    g = build_context_graph(ids, torch.arange(6), docs, GraphConfig())
+    # distinct rows 1, 3, 5 -> windows [0,1,2], [3,4] (row 2 is another doc), [4,5] (corpus end)
+    assert g.layout == "shared" and g.num_windows == 3 and (g.grid_k, g.grid_w, g.grid_center) == (2, 3, 1)
+    assert g[NBR].corpus_id.tolist() == [0, 1, 2, 3, 4, 4, 5]
+    assert g[NBR].grid_index.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert g[NBR].batch_index.tolist() == [0, 0, 0, 0, 0, 1, 1]  # first sequence using the window
+    assert g[CTX].nbr_window.tolist() == [[0, 1], [-1, 0], [2, 1], [2, 2]]
+    assert g[N2C].edge_index.tolist() == [[1, 3, 1, 6, 3, 6, 6], [0, 0, 1, 2, 2, 3, 3]]
+    assert g[N2C].nbr_slot.tolist() == [0, 1, 1, 0, 1, 0, 1]
+    assert edges(g, N2N) == sorted([(i, i) for i in range(7)] + [(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3), (5, 6), (6, 5)])
+
+
+def test_n2c_to_dense_maps_edges_to_neighbour_slots():
+    docs = torch.zeros(10)
+    ids = torch.tensor([[[4, -1, 7], [4, 2, -1]]])
+    for n2c in ("center", "window"):
+        g = build_context_graph(ids, torch.arange(10), docs, GraphConfig(n2c=n2c))
+        rows = g[NBR].corpus_id[g[N2C].edge_index[0]].float().unsqueeze(-1)
+        dense = n2c_to_dense(g, rows, fill_value=-1.0)[..., 0]
+        assert dense.shape == (2, 3, 3)
+        assert dense[:, :, 1].tolist() == [[4, -1, 7], [4, 2, -1]]
+        if n2c == "window":
+            assert dense[0, 0].tolist() == [3, 4, 5] and dense[1, 1].tolist() == [1, 2, 3]
+        else:
+            assert (dense[:, :, [0, 2]] == -1).all()
+    with pytest.raises(ValueError):
+        n2c_to_dense(build_context_graph(ids, torch.arange(10), docs, GraphConfig(deduplicate=True)), rows)
 
 
 def test_empty_and_device_agnostic_inputs():
@@ -197,6 +305,9 @@ def test_batching_keeps_all_edge_types():
 def test_config_roundtrip_and_validation():
     cfg = GraphConfig(left=2, right=3, n2c="window", c2c=True, c2c_window=4, deduplicate=True)
     assert GraphConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert GraphConfig().share_windows
+    official = GraphConfig(share_windows=False)
+    assert GraphConfig.from_dict(json.loads(json.dumps(official.to_dict()))) == official
     assert cfg.window_size == 6
     with pytest.raises(ValueError):
         GraphConfig(n2c="all")  # type: ignore[arg-type]

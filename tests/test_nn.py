@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch_geometric.utils import scatter
 
-from hetgraph.graph import C2C, CTX, N2C, N2N, NBR, GraphConfig, build_context_graph, context_graph_metadata
+from hetgraph.graph import (
+    C2C,
+    CTX,
+    N2C,
+    N2N,
+    NBR,
+    GraphConfig,
+    build_context_graph,
+    context_graph_metadata,
+    n2c_to_dense,
+)
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
 
 METADATA = context_graph_metadata(c2c=True)
@@ -188,8 +198,11 @@ def make_adapter(**kw) -> GraphAdapter:
     ids=["center", "window", "l2r2", "l0r2-window"],
 )
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
-def test_dense_path_equals_edge_list_path(gcfg, normalization):
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "per-query"])
+def test_dense_path_equals_edge_list_path(gcfg, normalization, share):
+    gcfg = GraphConfig(**{**gcfg.to_dict(), "share_windows": share})
     *_, graph = corpus_and_graph(gcfg)
+    assert graph.layout == ("shared" if share else "grid")
     adapter = make_adapter(normalization=normalization)
     assert adapter.use_dense(graph)
     inputs = adapter_inputs(graph)
@@ -199,6 +212,84 @@ def test_dense_path_equals_edge_list_path(gcfg, normalization):
     assert (dense - sparse).abs().max() <= 1e-5
     # the query without neighbours still gets a finite output
     assert torch.isfinite(dense).all()
+
+
+def repeated_neighbours(seed: int, B: int = 3, T: int = 10, K: int = 5, N: int = 120):
+    """Neighbour ids as retrieval gives them: neighbouring positions share most rows,
+    with -1 padding, windows clipped at the corpus ends and document boundaries, and
+    query positions inside the datastore (so the leakage filter drops some)."""
+    gen = torch.Generator().manual_seed(seed)
+    docs = (torch.arange(N) // 17).to(torch.int32)
+    tokens = torch.randint(0, 257, (N,), generator=gen)
+    walk = torch.randint(0, 3, (B, T), generator=gen).cumsum(1) + torch.randint(0, N - 40, (B, 1), generator=gen)
+    ids = walk[..., None] + torch.randperm(12, generator=gen)[:K] * 2
+    ids[torch.rand(B, T, K, generator=gen) < 0.15] = -1
+    ids[0, :3, 0] = 0
+    ids[1, 2:5, 1] = N - 1
+    ids[2, 4] = -1  # a query without neighbours
+    qpos = torch.randint(-1, N, (B, T), generator=gen)
+    return ids, tokens, docs, qpos
+
+
+def build_pair(gcfg: GraphConfig, seed: int):
+    ids, tokens, docs, qpos = repeated_neighbours(seed)
+    qmask = torch.rand(ids.shape[:2], generator=torch.Generator().manual_seed(seed)) < 0.9
+    kw = {"query_positions": qpos, "query_mask": qmask}
+    shared = build_context_graph(ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": True}), **kw)
+    official = build_context_graph(ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": False}), **kw)
+    return shared, official
+
+
+@pytest.mark.parametrize("n2c", ["center", "window"])
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_windows_give_the_official_ctx_outputs(n2c, normalization, seed):
+    shared, official = build_pair(GraphConfig(left=1, right=2, n2c=n2c, leakage_radius=4), seed)
+    assert shared.layout == "shared" and official.layout == "grid"
+    assert shared[NBR].num_nodes < 0.75 * official[NBR].num_nodes  # real sharing happens
+    adapter = make_adapter(normalization=normalization)
+    reference = adapter(official, *adapter_inputs(official, T=10), path="sparse")
+    assert torch.isfinite(reference).all()
+    for graph in (shared, official):
+        for path in ("dense", "sparse"):
+            out = adapter(graph, *adapter_inputs(graph, T=10), path=path)
+            assert (out - reference).abs().max() <= 1e-5, (graph.layout, path)
+
+
+@pytest.mark.parametrize("n2c", ["center", "window"])
+def test_shared_windows_attention_weights_match_official_edge_by_edge(n2c):
+    shared, official = build_pair(GraphConfig(n2c=n2c, leakage_radius=4), 3)
+    adapter = make_adapter()
+    _, attn_s = adapter(shared, *adapter_inputs(shared, T=10), return_attention_weights=True)
+    _, attn_o = adapter(official, *adapter_inputs(official, T=10), return_attention_weights=True)
+    for layer_s, layer_o in zip(attn_s, attn_o):
+        (e_s, a_s), (e_o, a_o) = layer_s[N2C], layer_o[N2C]
+        assert torch.equal(e_s[1], e_o[1])  # same ctx node per edge, same (ctx, k, offset) order
+        torch.testing.assert_close(a_s, a_o, atol=1e-6, rtol=1e-5)
+        dense_s, dense_o = n2c_to_dense(shared, a_s), n2c_to_dense(official, a_o)
+        assert dense_s.shape == (shared[CTX].num_nodes, 5, 3, 4)
+        torch.testing.assert_close(dense_s, dense_o, atol=1e-6, rtol=1e-5)
+
+
+def test_shared_dense_layer_without_windows():
+    # every neighbour missing: no windows at all, ctx outputs are LayerNorm-only updates
+    ids = torch.full((2, 3, 4), -1)
+    graph = build_context_graph(ids, torch.arange(10), torch.zeros(10), GraphConfig())
+    assert graph.layout == "shared" and graph.num_windows == 0
+    adapter = make_adapter()
+    ctx_x = torch.randn(6, 24)
+    nbr_x, tok_x = torch.zeros(0, 20), torch.zeros(0, 12)
+    dense = adapter(graph, ctx_x, nbr_x, tok_x)
+    torch.testing.assert_close(dense, adapter(graph, ctx_x, nbr_x, tok_x, path="sparse"))
+
+
+def test_forward_grid_checks_layout_arguments():
+    conv = HeteroGraphAttention(16, context_graph_metadata(), heads=4)
+    with pytest.raises(ValueError):
+        conv.forward_grid(torch.randn(2, 16), torch.randn(3, 3, 16), torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError):
+        conv.forward_grid(torch.randn(2, 16), torch.randn(2, 1, 3, 16), torch.ones(2, 1, 3, dtype=torch.bool),
+                          window=torch.zeros(2, 1, dtype=torch.long))
 
 
 def test_dense_path_bf16_smoke():
@@ -262,9 +353,10 @@ def test_permuting_nbr_nodes_changes_nothing(use_c2c):
     torch.testing.assert_close(out_p, out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["sparse", "dense", "dense-per-query"])
 def test_gradients_reach_every_parameter(path):
-    gcfg = GraphConfig(c2c=path == "sparse")
+    gcfg = GraphConfig(c2c=path == "sparse", share_windows=path != "dense-per-query")
+    path = path.split("-")[0]
     *_, graph = corpus_and_graph(gcfg)
     adapter = make_adapter(use_c2c=gcfg.c2c, dropout=0.1, attn_dropout=0.1).train()
     out = adapter(graph, *adapter_inputs(graph), path=path)

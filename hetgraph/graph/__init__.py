@@ -2,10 +2,12 @@
 from hetgraph.graph.builder import (
     GRID_LAYOUT,
     IRREGULAR_LAYOUT,
+    SHARED_LAYOUT,
     ContextGraph,
     build_context_graph,
     ctx_to_dense,
     is_grid_graph,
+    n2c_to_dense,
 )
 from hetgraph.graph.config import (
     C2C,
@@ -24,6 +26,7 @@ __all__ = [
     "build_context_graph",
     "ctx_to_dense",
     "is_grid_graph",
+    "n2c_to_dense",
     "context_graph_metadata",
     "CTX",
     "NBR",
@@ -33,4 +36,5 @@ __all__ = [
     "EDGE_TYPES",
     "GRID_LAYOUT",
     "IRREGULAR_LAYOUT",
+    "SHARED_LAYOUT",
 ]

@@ -12,6 +12,8 @@ from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, GraphConfig
 
 #: Value of ``graph.layout`` when the dense fast path applies.
 GRID_LAYOUT = "grid"
+#: Value of ``graph.layout`` for the dense path over shared windows (``share_windows``).
+SHARED_LAYOUT = "shared"
 #: Value of ``graph.layout`` when only the edge-list path applies.
 IRREGULAR_LAYOUT = "irregular"
 
@@ -87,13 +89,36 @@ def build_context_graph(
           int64 position of each ``ctx`` node in ``[B, T]`` (row-major order);
         * ``graph['nbr'].corpus_id``, ``graph['nbr'].token_id``,
           ``graph['nbr'].batch_index``: ``[num_nbr]`` int64;
-        * ``graph.layout``: ``"grid"`` when every ``nbr`` node has its own
-          slot in a ``[num_ctx, k, W]`` grid (no de-duplication), stored in
-          ``graph['nbr'].grid_index`` (flat slot index), with ``graph.grid_k``,
-          ``graph.grid_w``, ``graph.grid_center`` and ``graph.n2c_mode``; this
-          is what the dense fast path of :class:`~hetgraph.nn.GraphAdapter`
-          uses. Otherwise ``"irregular"``;
+        * ``graph.layout`` and the dense-path metadata:
+
+          - ``"shared"`` (``config.share_windows``, the default): one window
+            per distinct retrieved row of the batch; ``nbr`` nodes are ordered
+            by (row, offset) and ``graph['nbr'].grid_index`` is each node's flat
+            slot in a ``[graph.num_windows, W]`` grid;
+            ``graph['ctx'].nbr_window`` (``[num_ctx, k]`` int64) is the window
+            of each query's ``k``-th neighbour (``-1``: missing or dropped).
+            ``graph['nbr'].batch_index`` is then the first sequence that
+            retrieved the window.
+          - ``"grid"`` (``share_windows=False``, the official layout): every
+            ``nbr`` node has its own slot in a ``[num_ctx, k, W]`` grid,
+            stored as the flat slot index ``graph['nbr'].grid_index``.
+          - ``"irregular"`` (``deduplicate``): only the edge-list path applies.
+
+          Both grid layouts also set ``graph.grid_k``, ``graph.grid_w``,
+          ``graph.grid_center`` (``left``); every graph has ``graph.n2c_mode``;
+
+        * ``graph['n2c'].nbr_slot`` and ``graph['n2c'].window_slot`` (not with
+          ``deduplicate``): ``[num_n2c]`` int64, the neighbour slot ``k`` and
+          window offset ``j`` (``0 .. W-1``, ``left`` = retrieved token) of
+          each ``n2c`` edge; with its ``ctx`` node (``edge_index[1]``) they
+          map per-edge values such as attention weights back to the query's
+          retrieved neighbours (see :func:`n2c_to_dense`). ``n2c`` edges are
+          ordered by (ctx, k, j) in every layout, so shared and unshared
+          graphs list them in the same order;
         * ``graph.query_shape``: ``(B, T)``.
+
+    Batching graphs with :meth:`~torch_geometric.data.Batch.from_data_list`
+    gives an ``"irregular"`` graph (edge-list path only).
     """
     if neighbour_ids.dim() != 3:
         raise ValueError(f"neighbour_ids must be [B, T, k] (got shape {tuple(neighbour_ids.shape)})")
@@ -140,47 +165,76 @@ def build_context_graph(
         )
         valid = valid & ~leak
 
-    # ---- window slots [C, k, W]: valid when the centre is, inside the corpus and its document.
+    # ---- windows and their nbr nodes.
     offsets = torch.arange(-l, r + 1, device=device)
-    pos = centre[..., None] + offsets
-    in_corpus = (pos >= 0) & (pos < N)
-    pos = pos.clamp(0, max(N - 1, 0))
-    slot_valid = valid[..., None] & in_corpus & (lookup(docs, pos) == centre_doc[..., None])
 
-    node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
-    if config.deduplicate:
-        # One node per (sequence, corpus row): key = b * N + row.
-        slot_b = ctx_b.view(C, 1, 1).expand(C, K, W)
-        keys = slot_b[slot_valid] * N + pos[slot_valid]
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        node_grid[slot_valid] = inverse
-        corpus_id = unique_keys % N
-        nbr_batch = unique_keys // N
-        grid_index = None
-    else:
+    def window_slots(rows: Tensor, rows_doc: Tensor) -> tuple[Tensor, Tensor]:
+        # Corpus rows [..., W] of the windows around `rows` and which slots exist
+        # (inside the corpus and the centre's document).
+        pos = rows[..., None] + offsets
+        in_corpus = (pos >= 0) & (pos < N)
+        pos = pos.clamp(0, max(N - 1, 0))
+        return pos, in_corpus & (lookup(docs, pos) == rows_doc[..., None])
+
+    share = config.share_windows and not config.deduplicate
+    window_of: Tensor | None = None
+    if share:
+        # One window per distinct retrieved row of the batch (windows do not depend on the query).
+        rows, inverse = torch.unique(centre[valid], return_inverse=True)
+        U = rows.numel()
+        window_of = torch.full((C, K), -1, dtype=torch.long, device=device)
+        window_of[valid] = inverse
+        pos, slot_valid = window_slots(rows, lookup(docs, rows))  # [U, W]
         grid_index = slot_valid.view(-1).nonzero().view(-1)
-        node_grid.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
+        windows = torch.full((U, W), -1, dtype=torch.long, device=device)
+        windows.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
         corpus_id = pos.view(-1)[grid_index]
-        nbr_batch = ctx_b[grid_index // (K * W)]
+        # A shared window belongs to several sequences: record the first one.
+        seq = ctx_b.view(C, 1).expand(C, K)[valid]
+        window_b = torch.full((U,), B, dtype=torch.long, device=device).scatter_reduce(0, inverse, seq, "amin")
+        nbr_batch = window_b[grid_index // W]
+        # Node of every (query, neighbour, offset) slot, -1 where none.
+        if U > 0:
+            node_grid = windows[window_of.clamp(min=0)].masked_fill(~valid[..., None], -1)
+        else:
+            node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
+    else:
+        pos, slot_valid = window_slots(centre, centre_doc)  # [C, k, W]
+        slot_valid = slot_valid & valid[..., None]
+        node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
+        if config.deduplicate:
+            # One node per (sequence, corpus row): key = b * N + row.
+            slot_b = ctx_b.view(C, 1, 1).expand(C, K, W)
+            keys = slot_b[slot_valid] * N + pos[slot_valid]
+            unique_keys, inverse = torch.unique(keys, return_inverse=True)
+            node_grid[slot_valid] = inverse
+            corpus_id = unique_keys % N
+            nbr_batch = unique_keys // N
+            grid_index = None
+        else:
+            grid_index = slot_valid.view(-1).nonzero().view(-1)
+            node_grid.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
+            corpus_id = pos.view(-1)[grid_index]
+            nbr_batch = ctx_b[grid_index // (K * W)]
+        windows = node_grid.view(C * K, W)
     M = corpus_id.numel()
 
-    # ---- n2n: self-loops + adjacent slots of one window, both directions.
-    a, b = node_grid[..., :-1], node_grid[..., 1:]
+    # ---- n2n: self-loops + adjacent slots of one window, both directions (each window once).
+    a, b = windows[:, :-1], windows[:, 1:]
     adjacent = (a >= 0) & (b >= 0)
     a, b = a[adjacent], b[adjacent]
     loops = torch.arange(M, device=device)
     n2n_src = torch.cat([loops, a, b])
     n2n_dst = torch.cat([loops, b, a])
 
-    # ---- n2c: retrieved centre (or whole window) -> query.
-    ctx_of_slot = torch.arange(C, device=device).view(C, 1, 1).expand(C, K, W)
+    # ---- n2c: retrieved centre (or whole window) -> query, in (query, neighbour, offset) order.
+    slot_ctx = torch.arange(C, device=device).view(C, 1, 1).expand(C, K, W)
+    slot_k = torch.arange(K, device=device).view(1, K, 1).expand(C, K, W)
+    slot_j = offsets.view(1, 1, W).expand(C, K, W) + l
     if config.n2c == "center":
-        n2c_mask = slot_valid[..., l]
-        n2c_src = node_grid[..., l][n2c_mask]
-        n2c_dst = ctx_of_slot[..., l][n2c_mask]
-    else:
-        n2c_src = node_grid[slot_valid]
-        n2c_dst = ctx_of_slot[slot_valid]
+        node_grid, slot_ctx, slot_k, slot_j = (x[..., l : l + 1] for x in (node_grid, slot_ctx, slot_k, slot_j))
+    n2c_mask = node_grid >= 0
+    n2c_src, n2c_dst = node_grid[n2c_mask], slot_ctx[n2c_mask]
 
     if config.deduplicate:
         # Overlapping windows and repeated retrievals yield the same edge more than once.
@@ -220,19 +274,28 @@ def build_context_graph(
     graph[C2C].edge_index = c2c
     graph.query_shape = (B, T)
     graph.n2c_mode = config.n2c
-    if grid_index is not None:
-        graph.layout = GRID_LAYOUT
+    if not config.deduplicate:
+        # Maps each n2c edge (and its attention weight) back to its query's neighbour slot.
+        graph[N2C].nbr_slot = slot_k[n2c_mask]
+        graph[N2C].window_slot = slot_j[n2c_mask]
+    if grid_index is None:
+        graph.layout = IRREGULAR_LAYOUT
+    else:
+        graph.layout = SHARED_LAYOUT if share else GRID_LAYOUT
         graph[NBR].grid_index = grid_index
         graph.grid_k, graph.grid_w, graph.grid_center = K, W, l
-    else:
-        graph.layout = IRREGULAR_LAYOUT
+        if share:
+            graph[CTX].nbr_window = window_of
+            graph.num_windows = int(windows.size(0))
     return graph
 
 
 def is_grid_graph(graph: HeteroData) -> bool:
-    """Whether ``graph`` has the regular ``[num_ctx, k, W]`` layout and no causal
-    context edges, i.e. whether the dense fast path reproduces it exactly."""
-    if getattr(graph, "layout", None) != GRID_LAYOUT:
+    """Whether ``graph`` has one of the regular window layouts (``"grid"``:
+    ``[num_ctx, k, W]``, or ``"shared"``: ``[num_windows, W]`` with a
+    ``[num_ctx, k]`` window index) and no causal context edges, i.e. whether
+    the dense fast path reproduces it exactly."""
+    if getattr(graph, "layout", None) not in (GRID_LAYOUT, SHARED_LAYOUT):
         return False
     if C2C in graph.edge_types and graph[C2C].edge_index.numel() > 0:
         return False
@@ -245,4 +308,20 @@ def ctx_to_dense(graph: HeteroData, x: Tensor, fill_value: float = 0.0) -> Tenso
     B, T = graph.query_shape
     out = x.new_full((B, T) + tuple(x.shape[1:]), fill_value)
     out[graph[CTX].batch_index, graph[CTX].seq_index] = x
+    return out
+
+
+def n2c_to_dense(graph: HeteroData, values: Tensor, fill_value: float = 0.0) -> Tensor:
+    """Scatters per-``n2c``-edge values ``[num_n2c, *]`` (e.g. the attention
+    weights returned with ``return_attention_weights=True``) to
+    ``[num_ctx, k, W, *]`` by (ctx node, neighbour slot, window offset);
+    slots without an edge get ``fill_value``. With ``n2c="center"`` only
+    offset ``graph.grid_center`` is filled. Needs a graph built without
+    ``deduplicate``."""
+    store = graph[N2C]
+    if "nbr_slot" not in store:
+        raise ValueError("this graph has no per-edge neighbour slots (built with deduplicate=True?)")
+    C = graph[CTX].num_nodes
+    out = values.new_full((C, int(graph.grid_k), int(graph.grid_w)) + tuple(values.shape[1:]), fill_value)
+    out[store.edge_index[1], store.nbr_slot, store.window_slot] = values
     return out

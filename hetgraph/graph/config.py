@@ -43,7 +43,19 @@ class GraphConfig:
             self-loops).
         c2c_window: If set, keep only causal edges with ``v - u < c2c_window``.
         deduplicate: Merge ``nbr`` nodes of the same corpus row retrieved by
-            several queries of one sequence (the official code does not).
+            several queries of one sequence (the official code does not). This
+            changes the model (windows then exchange messages); it takes
+            precedence over ``share_windows``.
+        share_windows: Build one window per *distinct* retrieved corpus row of
+            the whole batch instead of one per (query, neighbour), and link it
+            to every query that retrieved it. Since no edge enters an ``nbr``
+            node from outside its own window, all windows centred on the same
+            row compute identical states, so the ``ctx`` outputs are exactly
+            those of the official per-(query, neighbour) graph (either
+            normalisation, either ``n2c`` mode) at a fraction of the ``nbr``
+            nodes (neighbouring queries retrieve largely the same rows). The
+            one training-time difference: dropout masks on ``nbr`` states are
+            shared by the queries that share a window.
         leakage_radius: With ``query_positions``, drop neighbours ``o`` of the
             query's own document with ``|p - o| < leakage_radius``.
     """
@@ -54,6 +66,7 @@ class GraphConfig:
     c2c: bool = False
     c2c_window: int | None = None
     deduplicate: bool = False
+    share_windows: bool = True
     leakage_radius: int = 3072
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """The GNN-LM adapter: input projections, a stack of hetero attention layers, output projection."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
-from hetgraph.graph.builder import is_grid_graph
+from hetgraph.graph.builder import SHARED_LAYOUT, is_grid_graph
 from hetgraph.graph.config import CTX, NBR, context_graph_metadata
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention, Normalization
 
@@ -86,9 +87,12 @@ class GraphAdapter(Module):
     + \mathrm{Dropout}(\mathrm{FFN}(\mathbf{x})))`), and an output projection
     of the ``ctx`` nodes.
 
-    On graphs with the regular ``[num_ctx, k, W]`` layout (see
-    :func:`~hetgraph.graph.build_context_graph`) and no causal edges, the
-    dense masked-attention path is used; otherwise the edge-list path.
+    On graphs with one of the regular window layouts (see
+    :func:`~hetgraph.graph.build_context_graph`: ``"shared"``, one window per
+    distinct retrieved row, or ``"grid"``, one per (query, neighbour)) and no
+    causal edges, the dense masked-attention path is used (``n2n`` attention
+    once per window, ``ctx`` attention over the gathered windows); otherwise
+    the edge-list path. Both give the same ``ctx`` outputs.
 
     Args:
         config (AdapterConfig): The hyper-parameters.
@@ -187,7 +191,9 @@ class GraphAdapter(Module):
             path (str, optional): Override :obj:`config.path`.
             return_attention_weights (bool, optional): Also return each
                 layer's attention coefficients per edge type (forces the
-                edge-list path).
+                edge-list path). Per-edge ``n2c`` weights map back to each
+                query's neighbour slots through ``graph['n2c'].nbr_slot`` /
+                ``window_slot``, see :func:`~hetgraph.graph.n2c_to_dense`.
 
         :rtype: :class:`torch.Tensor` :math:`[N_{ctx}, F_{out}]` in the dtype
             of :obj:`ctx_x`, optionally with a list of per-layer attention dicts.
@@ -196,17 +202,24 @@ class GraphAdapter(Module):
         if not return_attention_weights and self.use_dense(graph, path):
             C, K, W = ctx_h.size(0), int(graph.grid_k), int(graph.grid_w)
             grid_index = graph[NBR].grid_index
-            # Scatter nbr nodes into their [C, k, W] slots; empty slots stay zero and masked.
-            grid = nbr_h.new_zeros(C * K * W, nbr_h.size(-1)).index_copy(0, grid_index, nbr_h)
-            grid = grid.view(C, K, W, -1)
-            mask = torch.zeros(C * K * W, dtype=torch.bool, device=grid.device)
+            if graph.layout == SHARED_LAYOUT:
+                # One [W]-slot window per distinct retrieved row; ctx nodes gather theirs.
+                window = graph[CTX].nbr_window
+                shape = (int(graph.num_windows), W)
+            else:
+                window, shape = None, (C, K, W)
+            # Scatter nbr nodes into their slots; empty slots stay zero and masked.
+            num_slots = math.prod(shape)
+            grid = nbr_h.new_zeros(num_slots, nbr_h.size(-1)).index_copy(0, grid_index, nbr_h)
+            grid = grid.view(shape + (nbr_h.size(-1),))
+            mask = torch.zeros(num_slots, dtype=torch.bool, device=grid.device)
             mask[grid_index] = True
-            mask = mask.view(C, K, W)
+            mask = mask.view(shape)
             last = len(self.convs) - 1
             for i, conv in enumerate(self.convs):
                 # The last layer's nbr outputs reach nothing: skip their attention.
                 ctx_h, grid = conv.forward_grid(
-                    ctx_h, grid, mask, graph.n2c_mode, int(graph.grid_center), update_nbr=i < last
+                    ctx_h, grid, mask, graph.n2c_mode, int(graph.grid_center), update_nbr=i < last, window=window
                 )
                 ctx_h = self._feed_forward(i, CTX, ctx_h)
                 if i < last:

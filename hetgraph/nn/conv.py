@@ -302,74 +302,123 @@ class HeteroGraphAttention(MessagePassing):
         n2c_mode: Literal["center", "window"] = "center",
         center: int = 1,
         update_nbr: bool = True,
+        window: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        r"""Dense masked-attention path over the regular GNN-LM layout: each
-        of :math:`C` ``ctx`` nodes owns a :math:`[k, W]` grid of ``nbr``
-        slots; ``n2n`` links adjacent valid slots of a window (plus
-        self-loops), ``n2c`` links the valid centre slot (or every valid slot)
-        to its ``ctx`` node, and there are no ``c2c`` edges. Gives the same
-        result as :meth:`forward` on the equivalent edge list (for either
+        r"""Dense masked-attention path over the regular GNN-LM window layouts:
+        ``nbr`` nodes sit in windows of :math:`W` slots; ``n2n`` links
+        adjacent valid slots of a window (plus self-loops), ``n2c`` links the
+        valid centre slot (or every valid slot) of each of a ``ctx`` node's
+        :math:`k` windows to it, and there are no ``c2c`` edges. ``n2n``
+        attention runs once per window; each ``ctx`` node attends over the
+        gathered keys/values of its windows. Gives the same result as
+        :meth:`forward` on the equivalent edge list (for either
         normalisation, since each node then has one incoming relation).
+
+        Two layouts:
+
+        * per (query, neighbour) (``share_windows=False``): :obj:`nbr_x` is
+          :math:`[C, k, W, F]`, :obj:`nbr_mask` :math:`[C, k, W]`, each
+          ``ctx`` node owns its :math:`k` windows and :obj:`window` is
+          :obj:`None`;
+        * shared (``share_windows=True``): :obj:`nbr_x` is :math:`[U, W, F]`
+          over :math:`U` distinct windows, :obj:`nbr_mask` :math:`[U, W]`,
+          and :obj:`window` :math:`[C, k]` gives the window of each ``ctx``
+          node's :math:`k`-th neighbour (``-1``: none).
 
         Args:
             ctx_x (torch.Tensor): :math:`[C, F]` ``ctx`` features.
-            nbr_x (torch.Tensor): :math:`[C, k, W, F]` ``nbr`` slot features
-                (values in masked slots are ignored).
-            nbr_mask (torch.Tensor): :math:`[C, k, W]` bool, valid slots.
+            nbr_x (torch.Tensor): ``nbr`` slot features (values in masked
+                slots are ignored), :math:`[C, k, W, F]` or :math:`[U, W, F]`.
+            nbr_mask (torch.Tensor): bool, valid slots, :obj:`nbr_x` without
+                the feature dimension.
             n2c_mode (str, optional): :obj:`"center"` or :obj:`"window"`.
             center (int, optional): Window slot of the retrieved token
                 (:obj:`left`).
             update_nbr (bool, optional): If :obj:`False`, skip the ``n2n``
                 attention and return :obj:`nbr_x` unchanged (the last layer
                 of a stack only needs the ``ctx`` output).
+            window (torch.Tensor, optional): :math:`[C, k]` int64 window
+                index for the shared layout.
 
         :rtype: (:class:`torch.Tensor`, :class:`torch.Tensor`) - the new
-            ``ctx`` features :math:`[C, F]` and ``nbr`` grid :math:`[C, k, W, F]`.
+            ``ctx`` features :math:`[C, F]` and ``nbr`` slots (shape of :obj:`nbr_x`).
         """
         H, D = self.heads, self.head_channels
-        C, K, W, Fc = nbr_x.shape
+        C = ctx_x.size(0)
+        if nbr_x.dim() == 4:
+            if window is not None:
+                raise ValueError("window is only used with [U, W, F] nbr features")
+            K, W = nbr_x.size(1), nbr_x.size(2)
+        elif nbr_x.dim() == 3:
+            if window is None or window.dim() != 2 or window.size(0) != C:
+                raise ValueError("[U, W, F] nbr features need a [C, k] window index")
+            K, W = window.size(1), nbr_x.size(1)
+        else:
+            raise ValueError(f"nbr_x must be [C, k, W, F] or [U, W, F] (got shape {tuple(nbr_x.shape)})")
+        U = nbr_mask.numel() // W
         dtype = self.lin_qkv[NBR].weight.dtype
         scale = 1.0 / math.sqrt(D)
-        xc, xn = ctx_x.to(dtype), nbr_x.to(dtype)
-        qc, kc, vc = self.lin_qkv[CTX](xc).view(C, 3, H, D).unbind(1)
-        qn, kn, vn = self.lin_qkv[NBR](xn).view(C * K, W, 3, H, D).unbind(2)  # [CK, W, H, D]
-        mask = nbr_mask.view(C * K, W)
+        device = nbr_x.device
+        xc, xn = ctx_x.to(dtype), nbr_x.to(dtype).reshape(U, W, nbr_x.size(-1))
+        qc = self.lin_qkv[CTX](xc)[:, : H * D].view(C, H, D)  # ctx keys/values reach nothing here
+        qkv_n = self.lin_qkv[NBR](xn)  # [U, W, 3 * H * D]
+        mask = nbr_mask.reshape(U, W)
 
         if not update_nbr:
             mn = None
         elif N2N in self.edge_types:
             key = _rel_key(N2N)
+            qn, kn, vn = qkv_n.view(U, W, 3, H, D).unbind(2)  # [U, W, H, D]
             kr = torch.einsum("nwhd,hde->nhwe", kn, self.rel_att[key])
             vr = torch.einsum("nwhd,hde->nhwe", vn, self.rel_msg[key])
-            score = qn.transpose(1, 2) @ kr.transpose(-1, -2)  # [CK, H, W_dst, W_src]
+            score = qn.transpose(1, 2) @ kr.transpose(-1, -2)  # [U, H, W_dst, W_src]
             score = score * (self.rel_prior[key].view(1, H, 1, 1) * scale)
-            w = torch.arange(W, device=nbr_x.device)
+            w = torch.arange(W, device=device)
             band = (w.view(-1, 1) - w.view(1, -1)).abs() <= 1
-            alpha = _masked_softmax(score, band & mask.view(C * K, 1, 1, W))
+            alpha = _masked_softmax(score, band & mask.view(U, 1, 1, W))
             alpha = F.dropout(alpha, p=self.attn_dropout, training=self.training)
-            mn = (alpha @ vr).transpose(1, 2).reshape(C, K, W, H * D)
+            mn = (alpha @ vr).transpose(1, 2).reshape(U, W, H * D)
         else:
-            mn = xn.new_zeros(C, K, W, H * D)
+            mn = xn.new_zeros(U, W, H * D)
 
         if N2C in self.edge_types:
             key = _rel_key(N2C)
-            if n2c_mode == "center":
-                ks, vs, km = kn[:, center], vn[:, center], mask[:, center]
-                ks, vs, km = ks.view(C, K, H, D), vs.view(C, K, H, D), km.view(C, K)
+            if window is None:  # per-(query, neighbour) layout: ctx c owns windows c*k .. c*k+k-1
+                window = torch.arange(U, device=device).view(C, K)
+            # The n sources of each ctx node: (window, slot) pairs, -1 windows masked out.
+            slot = torch.arange(W, device=device) if n2c_mode == "window" else torch.tensor([center], device=device)
+            rows = (window.clamp(min=0).unsqueeze(-1) * W + slot).view(C, -1)  # [C, n] into [U * W]
+            n = rows.size(1)
+            km = (window >= 0).unsqueeze(-1).expand(C, K, slot.numel()).reshape(C, n)
+            if U > 0:
+                km = km & mask.view(-1)[rows]
+                # Gather the sources' keys and values straight from the qkv rows (one copy).
+                kv_index = torch.stack([rows * 3 + 1, rows * 3 + 2]).view(-1)
+                kv = qkv_n.view(U * W * 3, H * D).index_select(0, kv_index).view(2, C, n, H * D)
+                ks, vs = kv.unbind(0)
             else:
-                ks, vs, km = kn.reshape(C, K * W, H, D), vn.reshape(C, K * W, H, D), mask.view(C, K * W)
-            kr = torch.einsum("cnhd,hde->chne", ks, self.rel_att[key])
-            vr = torch.einsum("cnhd,hde->chne", vs, self.rel_msg[key])
-            score = qc.unsqueeze(2) @ kr.transpose(-1, -2)  # [C, H, 1, n]
-            score = score * (self.rel_prior[key].view(1, H, 1, 1) * scale)
-            alpha = _masked_softmax(score, km.view(C, 1, 1, -1))
+                ks = vs = qkv_n.new_zeros(C, n, H * D)
+            # q . (k W_att) = (W_att q) . k and sum(alpha v W_msg) = sum(alpha v) W_msg, so the
+            # relation maps act once per ctx node, not per source. Heads are batched through a
+            # block-diagonal query [C, H*D, H], so that every product is one plain bmm.
+            qr = torch.einsum("che,hde->chd", qc, self.rel_att[key])
+            qr = qr * (self.rel_prior[key].view(1, H, 1) * scale)
+            eye = torch.eye(H, dtype=dtype, device=device)
+            q_block = (qr.unsqueeze(-1) * eye.view(1, H, 1, H)).reshape(C, H * D, H)
+            score = (ks @ q_block).transpose(1, 2)  # [C, H, n]
+            alpha = _masked_softmax(score, km.view(C, 1, n))
             alpha = F.dropout(alpha, p=self.attn_dropout, training=self.training)
-            mc = (alpha @ vr).reshape(C, H * D)
+            m_all = alpha @ vs  # [C, H, H * D]: head h's weights applied to every head's values
+            m = m_all.view(C, H, H, D).diagonal(dim1=1, dim2=2).permute(0, 2, 1)  # [C, H, D]
+            mc = torch.einsum("chd,hde->che", m, self.rel_msg[key]).reshape(C, H * D)
         else:
             mc = xc.new_zeros(C, H * D)
 
         ctx_out = self._update(CTX, xc, mc).to(ctx_x.dtype)
-        nbr_out = nbr_x if mn is None else self._update(NBR, xn, mn).to(nbr_x.dtype)
+        if mn is None:
+            nbr_out = nbr_x
+        else:
+            nbr_out = self._update(NBR, xn, mn).to(nbr_x.dtype).view(nbr_x.shape)
         return ctx_out, nbr_out
 
     def __repr__(self) -> str:

@@ -73,11 +73,10 @@ def _neighbour_attention(lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor)
             _, attention = adapter(graph, ctx_x, nbr_x, token_x, return_attention_weights=True)
         edge_index, alpha = attention[-1][("nbr", "n2c", "ctx")]
         weight = alpha.float().mean(dim=-1)  # mean over heads
-        src, dst = edge_index
-        # The retrieved row a message comes from: its window's centre row.
-        centre = graph["nbr"].window_centre if "window_centre" in graph["nbr"] else graph["nbr"].corpus_id
-        src_row = centre[src]
-        slot = (ids[dst] == src_row[:, None]).float().argmax(dim=1)
+        dst = edge_index[1]
+        # Each n2c edge records which of its query's k neighbours (and which window token)
+        # it comes from; summing over the window gives one weight per retrieved neighbour.
+        slot = graph["n2c"].nbr_slot
         table = torch.zeros(positions, k)
         table.index_put_((dst.cpu(), slot.cpu()), weight.cpu(), accumulate=True)
         out[key] = table

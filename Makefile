@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/knnlm.py
 	$(BIN)/python benchmarks/graph_layer.py
 	$(BIN)/python benchmarks/gnnlm.py
+	$(BIN)/python benchmarks/features.py
 
 docs: setup
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

@@ -25,7 +25,8 @@ BENCHMARKS = {
     "knnlm": ("kNN-LM on the embedded default", "benchmarks/knnlm.py"),
     "graph_layer": ("Graph construction and the attention layer", "benchmarks/graph_layer.py"),
     "gnnlm": ("GNN-LM four-way evaluation", "benchmarks/gnnlm.py"),
-    "datastore_build": ("Datastore build throughput", "benchmarks/datastore_build.py"),
+    "features": ("Neighbour features of a fused decoder layer: stored vs projected key",
+                 "benchmarks/features.py"),
 }
 
 STAGES = [

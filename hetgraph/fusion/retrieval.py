@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from hetgraph.datastore import Datastore
+from hetgraph.graph import leakage_mask
 from hetgraph.index import DatastoreIndex
 
 
@@ -62,10 +63,7 @@ class Retriever:
         self, ids: Tensor, distances: Tensor, positions: Tensor, k: int, radius: int
     ) -> tuple[Tensor, Tensor]:
         found = ids >= 0
-        safe_ids = ids.clamp(min=0)
-        own = positions.unsqueeze(1)
-        same_doc = self._doc_ids[safe_ids] == self._doc_ids[own.clamp(min=0)]
-        leaking = (own >= 0) & same_doc & ((safe_ids - own).abs() < radius)
+        leaking = leakage_mask(ids, positions, self._doc_ids, radius)
         keep = found & ~leaking
         # Stable sort moves kept neighbours to the front without changing their order.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]

@@ -7,6 +7,7 @@ from hetgraph.graph.builder import (
     build_context_graph,
     ctx_to_dense,
     is_grid_graph,
+    leakage_mask,
     n2c_to_dense,
 )
 from hetgraph.graph.config import (
@@ -26,6 +27,7 @@ __all__ = [
     "build_context_graph",
     "ctx_to_dense",
     "is_grid_graph",
+    "leakage_mask",
     "n2c_to_dense",
     "context_graph_metadata",
     "CTX",

@@ -50,6 +50,31 @@ def _unique_edges(src: Tensor, dst: Tensor, num_src: int) -> Tensor:
     return torch.stack([key % num_src, key // num_src])
 
 
+def leakage_mask(neighbour_ids: Tensor, query_positions: Tensor, corpus_doc_ids: Tensor | np.ndarray,
+                 radius: int) -> Tensor:
+    r"""Which retrieved neighbours would leak the query's own text (the GNN-LM filter).
+
+    When the query text is itself in the datastore (training), neighbour :math:`o` of a
+    query at datastore row :math:`p` leaks if it lies in the same document and
+    :math:`|p - o| < \text{radius}`.
+
+    Args:
+        neighbour_ids: ``[Q, k]`` datastore rows (negative = missing, never leaks).
+        query_positions: ``[Q]`` datastore row of each query, ``-1`` if not in the store.
+        corpus_doc_ids: ``[N]`` document id of every datastore row.
+        radius: leakage radius in rows.
+
+    Returns:
+        ``[Q, k]`` bool, ``True`` where the neighbour must be dropped.
+    """
+    docs = _as_tensor(corpus_doc_ids)
+    n = docs.shape[0]
+    rows = neighbour_ids.long()
+    own = query_positions.long().to(rows.device)[:, None]
+    doc_of = lambda ids: docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)  # noqa: E731
+    return (rows >= 0) & (own >= 0) & (doc_of(own) == doc_of(rows)) & ((own - rows).abs() < radius)
+
+
 def build_context_graph(
     neighbour_ids: Tensor,
     corpus_tokens: Tensor,
@@ -156,14 +181,7 @@ def build_context_graph(
         if query_positions.shape != (B, T):
             raise ValueError(f"query_positions must be [B, T] = {(B, T)}")
         qpos = query_positions.to(device)[ctx_b, ctx_t].long()
-        in_store = qpos >= 0
-        qdoc = lookup(docs, qpos.clamp(min=0, max=max(N - 1, 0)))
-        leak = (
-            in_store[:, None]
-            & (qdoc[:, None] == centre_doc)
-            & ((qpos[:, None] - centre).abs() < config.leakage_radius)
-        )
-        valid = valid & ~leak
+        valid = valid & ~leakage_mask(centre, qpos, docs, config.leakage_radius)
 
     # ---- windows and their nbr nodes.
     offsets = torch.arange(-l, r + 1, device=device)

@@ -240,6 +240,8 @@ def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
         full = lm(input_ids, query_positions=rows).logits
         cached = lm.forward_from_datastore(rows)
     assert torch.allclose(full, cached, atol=1e-2, rtol=1e-2)
+    with lm:  # attached hooks (as during training) must not fuse a second time
+        assert torch.equal(lm.forward_from_datastore(rows), cached)
     assert (full.argmax(-1) == cached.argmax(-1)).float().mean() > 0.95
     layer_lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0,), k=4, adapter=SMALL_ADAPTER))
     assert not layer_lm.can_run_from_datastore

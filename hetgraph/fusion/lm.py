@@ -147,6 +147,7 @@ class HetGraphLM(nn.Module):
             self.adapters[_site_key(site)] = GraphAdapter(adapter_config)
             self.gates[_site_key(site)] = nn.Parameter(torch.zeros(width))
         self.to(device)
+        self.eval()  # like a loaded HF model: dropout off until train() is called
 
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._state = _ForwardState()
@@ -418,7 +419,8 @@ class HetGraphLM(nn.Module):
         self._state = _ForwardState(query_positions=rows)
         self._retrieve(hidden)
         fused = self._fuse(HEAD, hidden)
-        return output_embedding_input_hook_target(self.model)(fused)
+        # .forward, not __call__: the LM head's fusion hook (if attached) must not fuse twice.
+        return output_embedding_input_hook_target(self.model).forward(fused)
 
     @torch.no_grad()
     def generate(self, *args: Any, knn: bool = False, **kwargs: Any) -> Any:

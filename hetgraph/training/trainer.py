@@ -41,7 +41,7 @@ class TrainingConfig:
         seed: makes data order, dropout and initialisation reproducible, across resumes too.
         from_datastore: train from the stored keys without running the base model
             (:meth:`HetGraphLM.forward_from_datastore`; each micro-batch is
-            ``batch_size × context_length`` random datastore rows). ``None``: whenever the
+            ``batch_size`` random spans of ``context_length`` datastore rows). ``None``: whenever the
             fusion configuration allows it (the default one does), else full forwards over
             random windows of the train split.
     """
@@ -282,8 +282,11 @@ def train_adapter(
             for micro in range(config.grad_accumulation):
                 draw = step * config.grad_accumulation + micro
                 if from_datastore:
-                    rng = np.random.default_rng([config.seed, draw])
-                    offsets = rng.integers(0, num_rows, size=(config.batch_size, config.context_length))
+                    # Contiguous spans, like text: neighbouring rows retrieve overlapping
+                    # neighbours, so shared windows keep the graph small.
+                    starts = _sample_starts(num_rows, config.context_length, config.batch_size,
+                                            config.seed, draw)
+                    offsets = starts[:, None] + np.arange(config.context_length)[None, :]
                     labels = torch.from_numpy(next_tokens[offsets].astype(np.int64)).to(device)
                     logits = lm.forward_from_datastore(torch.from_numpy(offsets)).float()
                 else:

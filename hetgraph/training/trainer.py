@@ -268,6 +268,9 @@ def train_adapter(
         _write_checkpoint(lm, optimizer, out_dir, {
             "step": step, "bad_evals": bad_evals, "config": config.to_dict(), "result": result.to_dict()})
 
+    if start_step == 0 and valid_split is not None and config.eval_every:
+        # Step 0 is the base model (zero gates): the reference every later evaluation must beat.
+        run_eval(0)
     lm.train()
     started = time.perf_counter()
     seen_tokens = 0

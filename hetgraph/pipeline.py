@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.corpus import CorpusConfig, TokenizedCorpus, tokenize_corpus
 from hetgraph.datastore import Datastore, DatastoreConfig, build_datastore
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, plot_results, results_table
@@ -26,7 +27,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.json"
 
 
 @dataclass
-class RunConfig:
+class RunConfig(JSONConfigMixin):
     """Settings of the main job; each section is the keyword arguments of that stage's config.
 
     Args:
@@ -86,32 +87,16 @@ class RunConfig:
         """The evaluation section as an :class:`~hetgraph.evaluation.EvalConfig`."""
         return EvalConfig.from_dict(self.evaluation)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict of every section."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        """Inverse of :meth:`to_dict`; unknown sections are an error (likely a typo)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown run-config sections {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
-
     @classmethod
     def from_json_file(cls, path: str | Path) -> "RunConfig":
         """Read a run config JSON file, with a clear error if it is missing or malformed."""
-        path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            return super().from_json_file(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file {path} not found; `hetgraph demo --print-config > {path}` "
                                     "writes the default one") from None
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); fix it or regenerate it with "
-                             "`hetgraph demo --print-config`") from None
-        return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{error}; fix it or start again from `hetgraph demo --print-config`") from None
 
     @classmethod
     def default(cls) -> "RunConfig":

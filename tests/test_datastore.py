@@ -166,7 +166,7 @@ def test_capture_stops_before_the_lm_head(tokenizer):
 
 def test_config_json_roundtrip(tmp_path):
     config = DatastoreConfig(context_length=128, stride=64, key_layer=-1, feature_layers=(0, 1))
-    config.to_json(tmp_path / "c.json")
-    assert DatastoreConfig.from_json(tmp_path / "c.json") == config
+    config.to_json_file(tmp_path / "c.json")
+    assert DatastoreConfig.from_json_file(tmp_path / "c.json") == config
     with pytest.raises(ValueError, match="stride"):
         DatastoreConfig(context_length=8, stride=16)

@@ -96,8 +96,8 @@ def test_auto_factory_and_config_json(tmp_path):
     assert auto_factory(100_000_000, 1536) == "IVF32768,PQ64"
     assert auto_factory(2_000_000, 40) == "IVF4096,PQ40"
     config = IndexConfig(factory="HNSW32", metric="ip", nprobe=8)
-    config.to_json(tmp_path / "c.json")
-    assert IndexConfig.from_json(tmp_path / "c.json") == config
+    config.to_json_file(tmp_path / "c.json")
+    assert IndexConfig.from_json_file(tmp_path / "c.json") == config
     with pytest.raises(ValueError, match="metric"):
         IndexConfig(metric="cosine")
     with pytest.raises(ValueError, match="cannot build"):

@@ -1,11 +1,11 @@
 """The JSON-serialisable description of a corpus: where it is and how it is split."""
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from hetgraph.configuration import JSONConfigMixin
 
 #: Names of the three splits, in order.
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
@@ -15,7 +15,7 @@ DEFAULT_TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".text", ".md", ".markdown", "
 
 
 @dataclass
-class CorpusConfig:
+class CorpusConfig(JSONConfigMixin):
     """Where a corpus lives, how to read it and how to split it into train/valid/test.
 
     Args:
@@ -77,24 +77,3 @@ class CorpusConfig:
             return EMBEDDED_CORPUS
         return Path(self.path).expanduser()
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
-        data = asdict(self)
-        data["fractions"] = list(self.fractions)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CorpusConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CorpusConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> CorpusConfig:
-        return cls.from_dict(json.loads(text))

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from hetgraph.configuration import JSONConfigMixin
+from hetgraph.models.fingerprint import (
+    config_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -52,7 +57,7 @@ ANY: Any = _Any()
 
 
 @dataclass
-class DatastoreConfig:
+class DatastoreConfig(JSONConfigMixin):
     """How a datastore is built.
 
     Attributes:
@@ -84,25 +89,6 @@ class DatastoreConfig:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["feature_layers"] = list(self.feature_layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DatastoreConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DatastoreConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> DatastoreConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass

@@ -10,10 +10,8 @@ datastore keys) and its retrieved neighbours.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, normalize_layer, split_arrays
@@ -32,7 +31,7 @@ ForwardFn = Callable[[Tensor], Tensor]
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(JSONConfigMixin):
     """How a split is evaluated.
 
     Args:
@@ -58,19 +57,6 @@ class EvalConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EvalConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EvalConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> EvalConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Configuration of GNN-LM fusion: where to retrieve, where to fuse, and how."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+from hetgraph.configuration import JSONConfigMixin
 
 #: A fusion site: a decoder-layer index (its output is fused) or ``"head"`` (the input of
 #: the LM head, i.e. "on top of the last layer" as in the GNN-LM paper).
@@ -13,7 +13,7 @@ HEAD = "head"
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(JSONConfigMixin):
     """Where and how a :class:`~hetgraph.HetGraphLM` retrieves and fuses.
 
     Args:
@@ -74,26 +74,3 @@ class FusionConfig:
         base.__post_init__()
         return base
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (the ``fusion`` section of a run config)."""
-        data = asdict(self)
-        data["fusion_layers"] = list(self.fusion_layers)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
-        """Inverse of :meth:`to_dict`; unknown fields are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown FusionConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
-
-    def to_json_file(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "FusionConfig":
-        """Read a file written by :meth:`to_json_file`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,10 +1,12 @@
 """Configuration of the heterogeneous context graph."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 from torch_geometric.typing import EdgeType, Metadata, NodeType
+
+from hetgraph.configuration import JSONConfigMixin
 
 #: Node type of the query (original-context) positions.
 CTX: NodeType = "ctx"
@@ -29,7 +31,7 @@ def context_graph_metadata(c2c: bool = False) -> Metadata:
 
 
 @dataclass
-class GraphConfig:
+class GraphConfig(JSONConfigMixin):
     """How :func:`~hetgraph.graph.build_context_graph` builds a context graph.
 
     Args:
@@ -88,13 +90,3 @@ class GraphConfig:
         """Node and edge types of graphs built with this config."""
         return context_graph_metadata(self.c2c)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GraphConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown GraphConfig fields: {sorted(unknown)}")
-        return cls(**data)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.datastore.store import atomic_write_text
 
 INDEX_FILE = "index.faiss"
@@ -24,7 +25,7 @@ EXACT_SEARCH_LIMIT = 1_000_000
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(JSONConfigMixin):
     """How a FAISS index over the keys is built and searched.
 
     Attributes:
@@ -55,22 +56,6 @@ class IndexConfig:
         if self.add_chunk_size < 1:
             raise ValueError(f"add_chunk_size must be >= 1, got {self.add_chunk_size}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> IndexConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown IndexConfig fields: {sorted(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> IndexConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def auto_factory(n: int, d: int) -> str:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.graph.builder import SHARED_LAYOUT, is_grid_graph
 from hetgraph.graph.config import CTX, NBR, context_graph_metadata
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention, Normalization
@@ -20,7 +21,7 @@ Path = Literal["auto", "dense", "sparse"]
 
 
 @dataclass
-class AdapterConfig:
+class AdapterConfig(JSONConfigMixin):
     """Hyper-parameters of :class:`GraphAdapter` (JSON-serialisable).
 
     Args:
@@ -68,15 +69,6 @@ class AdapterConfig:
         if self.num_layers < 1:
             raise ValueError("num_layers must be >= 1")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig fields: {sorted(unknown)}")
-        return cls(**data)
 
 
 class GraphAdapter(Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.fusion import HetGraphLM
 
 CHECKPOINT_DIR = "checkpoint"
@@ -22,7 +23,7 @@ OPTIMIZER_WEIGHTS = "optimizer.safetensors"
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(JSONConfigMixin):
     """Settings of :func:`train_adapter` (JSON-serialisable).
 
     Args:
@@ -69,18 +70,6 @@ class TrainingConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (the ``training`` section of a run config)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        """Inverse of :meth:`to_dict`; unknown fields are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainingConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass

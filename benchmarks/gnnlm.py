@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    parser.add_argument("--factory", default=None,
+                        help="FAISS index factory (default: the config's, 'auto' = exact below 1M vectors)")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists visited per query")
     parser.add_argument("--out", default="runs/bench-gnnlm")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -78,6 +81,10 @@ def main() -> None:
     config.evaluation["valid_tokens"] = args.eval_tokens + 1
     if args.steps is not None:
         config.training["max_steps"] = args.steps
+    if args.factory is not None:
+        config.index["factory"] = args.factory
+    if args.nprobe is not None:
+        config.index["nprobe"] = args.nprobe
     config.out_dir = args.out
     config.threads = args.threads
     started = time.perf_counter()
@@ -104,6 +111,7 @@ def main() -> None:
     out = {
         "model": type(model).__name__, "device": str(device), "threads": args.threads,
         "datastore_tokens": len(store), "test_tokens": results["tokens"],
+        "index": index.factory, "nprobe": config.index_config().nprobe,
         "fusion": config.fusion, "training": config.training,
         "results": {key: results[key] for key in ("base", "knn", "gnn", "gnn_knn")},
         "ratios_to_base_ppl": {key: results[key]["ppl"] / results["base"]["ppl"]

@@ -19,7 +19,7 @@ from hetgraph.corpus import CorpusConfig, TokenizedCorpus, tokenize_corpus
 from hetgraph.datastore import Datastore, DatastoreConfig, build_datastore
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, plot_results, results_table
 from hetgraph.fusion import FusionConfig, HetGraphLM
-from hetgraph.index import DatastoreIndex, IndexConfig
+from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
 from hetgraph.models.loading import load_model
 from hetgraph.training import TrainingConfig, train_adapter
 
@@ -133,11 +133,19 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
     store = build_datastore(model, tokenizer, corpus.train, datastore_dir, ds_config,
                             corpus_fingerprint=corpus.fingerprint)
     index_dir = datastore_dir / "index"
+    index_config = config.index_config()
+    wanted = (auto_factory(len(store), store.dim) if index_config.factory == "auto"
+              else index_config.factory)
+    index = None
     if (index_dir / "index.json").is_file():
-        index = DatastoreIndex.load(index_dir, store)
-        _log(f"reusing index {index}")
-    else:
-        index = DatastoreIndex.build(store, config.index_config())
+        index = DatastoreIndex.load(index_dir, store, config=index_config)
+        if index.factory != wanted or index.metric != index_config.metric:
+            _log(f"the saved index is {index.factory} ({index.metric}); rebuilding as {wanted}")
+            index = None
+        else:
+            _log(f"reusing index {index}")
+    if index is None:
+        index = DatastoreIndex.build(store, index_config)
         index.save(index_dir)
     return store, index
 

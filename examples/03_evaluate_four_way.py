@@ -14,7 +14,7 @@ from pathlib import Path
 
 import _common
 
-from hetgraph import EvalConfig, HetGraphLM
+from hetgraph import EvalConfig
 from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
 
 
@@ -25,12 +25,9 @@ def main() -> None:
     tokenized = _common.corpus(args, tokenizer)
     store, index = _common.datastore_and_index(args, model, tokenizer, tokenized)
 
-    adapter_dir = Path(args.out) / "adapter"
-    if (adapter_dir / "training.json").is_file():
-        lm = HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
-    else:
-        lm = HetGraphLM(model, store, index, _common.fusion_config(args), tokenizer=tokenizer)
-        _common.train(args, lm, tokenized, store)
+    lm = _common.hetgraph_lm(args, model, tokenizer, store, index)
+    if not (Path(args.out) / "adapter" / "training.json").is_file():
+        _common.train(args, lm, tokenized, store)  # no adapter from example 02 yet
 
     config = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4,
                         max_tokens=s.eval_tokens, k=s.k, valid_tokens=s.eval_tokens)

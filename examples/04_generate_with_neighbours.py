@@ -11,12 +11,10 @@ token that followed it in the corpus.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import _common
 import torch
 
-from hetgraph import HetGraphLM
 from hetgraph.inspection import describe_generation
 
 
@@ -30,11 +28,7 @@ def main() -> None:
     tokenized = _common.corpus(args, tokenizer)
     store, index = _common.datastore_and_index(args, model, tokenizer, tokenized)
 
-    adapter_dir = Path(args.out) / "adapter"
-    if (adapter_dir / "training.json").is_file():
-        lm = HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
-    else:  # untrained adapter: zero gates, i.e. the base model, but retrieval still runs
-        lm = HetGraphLM(model, store, index, _common.fusion_config(args), tokenizer=tokenizer)
+    lm = _common.hetgraph_lm(args, model, tokenizer, store, index)
 
     prompt = args.prompt or tokenizer.decode(tokenized.valid.tokens[:24].tolist())
     max_new = args.max_new_tokens or (6 if args.tiny else 20)

@@ -141,6 +141,17 @@ def fusion_config(args: argparse.Namespace):
     return FusionConfig(fusion_layers=("head",), k=s.k, graph={"left": 1, "right": 1}, adapter=s.adapter)
 
 
+def hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
+    """The adapter trained by example 02 if it exists under ``--out``, else an untrained one
+    (zero gates: the base model's outputs, but retrieval still runs)."""
+    from hetgraph import HetGraphLM
+
+    adapter_dir = Path(args.out) / "adapter"
+    if (adapter_dir / "training.json").is_file():
+        return HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
+    return HetGraphLM(model, store, index, fusion_config(args), tokenizer=tokenizer)
+
+
 def train(args: argparse.Namespace, lm: Any, tokenized: Any, store: Any) -> Path:
     """Train (or resume) ``lm``'s adapter under ``--out/adapter``; returns that directory."""
     from functools import partial

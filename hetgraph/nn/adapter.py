@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,63 +10,10 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
-from hetgraph.configuration import JSONConfigMixin
 from hetgraph.graph.builder import SHARED_LAYOUT, is_grid_graph
 from hetgraph.graph.config import CTX, NBR, context_graph_metadata
-from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention, Normalization
-
-Path = Literal["auto", "dense", "sparse"]
-
-
-@dataclass
-class AdapterConfig(JSONConfigMixin):
-    """Hyper-parameters of :class:`GraphAdapter` (JSON-serialisable).
-
-    Args:
-        ctx_channels: Width of the ``ctx`` input features (the LM hidden size).
-        nbr_channels: Width of the stored ``nbr`` features.
-        hidden_channels: Width of the graph layers (``None``: ``ctx_channels``).
-        out_channels: Width of the ``ctx`` output (``None``: ``ctx_channels``).
-        token_channels: Width of the token embeddings added to ``nbr`` nodes
-            (``0``: no token embedding).
-        num_layers: Number of :class:`HeteroGraphAttention` layers.
-        heads: Attention heads.
-        dropout: Dropout on layer updates and the feed-forward block.
-        attn_dropout: Dropout on attention coefficients.
-        normalization: ``"per_relation"`` (official GNN-LM) or ``"joint"`` (HGTConv).
-        feed_forward: Add a position-wise feed-forward block after each layer.
-        ff_multiplier: Hidden width of that block, in multiples of ``hidden_channels``.
-        use_c2c: Give the layers the causal ``ctx -> ctx`` relation.
-        path: ``"auto"`` (dense where the graph layout allows), ``"dense"`` or ``"sparse"``.
-    """
-
-    ctx_channels: int
-    nbr_channels: int
-    hidden_channels: int | None = None
-    out_channels: int | None = None
-    token_channels: int = 0
-    num_layers: int = 3
-    heads: int = 8
-    dropout: float = 0.3
-    attn_dropout: float = 0.1
-    normalization: Normalization = "per_relation"
-    feed_forward: bool = True
-    ff_multiplier: int = 2
-    use_c2c: bool = False
-    path: Path = "auto"
-
-    def __post_init__(self) -> None:
-        if self.hidden_channels is None:
-            self.hidden_channels = self.ctx_channels
-        if self.out_channels is None:
-            self.out_channels = self.ctx_channels
-        if self.hidden_channels % self.heads != 0:
-            raise ValueError(f"hidden_channels ({self.hidden_channels}) must be divisible by heads ({self.heads})")
-        if self.path not in ("auto", "dense", "sparse"):
-            raise ValueError(f"path must be 'auto', 'dense' or 'sparse' (got {self.path!r})")
-        if self.num_layers < 1:
-            raise ValueError("num_layers must be >= 1")
-
+from hetgraph.nn.config import AdapterConfig, ComputePath
+from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
 
 
 class GraphAdapter(Module):
@@ -152,7 +97,7 @@ class GraphAdapter(Module):
             nbr_h = nbr_h + self.token_in(nbr_token_x.to(dtype))
         return ctx_h, nbr_h
 
-    def use_dense(self, graph: HeteroData, path: Path | None = None) -> bool:
+    def use_dense(self, graph: HeteroData, path: ComputePath | None = None) -> bool:
         """Whether :meth:`forward` takes the dense path on ``graph``."""
         path = path or self.config.path
         if path == "sparse":
@@ -169,7 +114,7 @@ class GraphAdapter(Module):
         nbr_x: Tensor,
         nbr_token_x: Tensor | None = None,
         *,
-        path: Path | None = None,
+        path: ComputePath | None = None,
         return_attention_weights: bool = False,
     ) -> Tensor | tuple[Tensor, list[AttentionDict]]:
         r"""Runs the adapter.

@@ -16,8 +16,8 @@ from torch_geometric.typing import EdgeType, Metadata, NodeType
 from torch_geometric.utils import softmax
 
 from hetgraph.graph.config import CTX, N2C, N2N, NBR
+from hetgraph.nn.config import Normalization
 
-Normalization = Literal["joint", "per_relation"]
 AttentionDict = dict[EdgeType, tuple[Tensor, Tensor]]
 
 

@@ -19,20 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from hetgraph.corpus import tokenize_corpus
-from hetgraph.datastore import DatastoreConfig, build_datastore
+from hetgraph.datastore import build_datastore
 from hetgraph.evaluation import model_perplexity
-from hetgraph.fusion import FusionConfig, HetGraphLM
+from hetgraph.fusion import HetGraphLM
 from hetgraph.index import DatastoreIndex
 from hetgraph.models.layers import resolve_layer_index
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, set_threads
-from hetgraph.training import TrainingConfig, train_adapter
+from hetgraph.training import train_adapter
 
 
 def main() -> None:
@@ -48,9 +48,9 @@ def main() -> None:
     run = RunConfig.default()
     model, tokenizer = load_model(run.model)
     layer = resolve_layer_index(model, args.layer)
-    corpus = tokenize_corpus(run.corpus_config(), tokenizer, show_progress=False)
+    corpus = tokenize_corpus(run.corpus, tokenizer, show_progress=False)
     out = Path(args.out)
-    ds_config = DatastoreConfig(**{**run.datastore, "max_tokens": args.tokens + 1, "feature_layers": (layer,)})
+    ds_config = replace(run.datastore, max_tokens=args.tokens + 1, feature_layers=(layer,))
     store = build_datastore(model, tokenizer, corpus.train, out / "datastore", ds_config,
                             corpus_fingerprint=corpus.fingerprint)
     index_dir = out / "datastore" / "index"
@@ -59,15 +59,13 @@ def main() -> None:
     else:
         index = DatastoreIndex.build(store)
         index.save(index_dir)
-    evaluation = run.evaluation_config()
-    perplexity = partial(model_perplexity, context_length=evaluation.context_length,
-                         stride=evaluation.stride, batch_size=evaluation.batch_size)
-    training = TrainingConfig(**{**run.training, "max_steps": args.steps, "eval_every": 0,
-                                 "checkpoint_every": 0})
+    evaluation = run.evaluation
+    windows = replace(evaluation, max_tokens=args.eval_tokens + 1)
+    training = replace(run.training, max_steps=args.steps, eval_every=0, checkpoint_every=0)
     results = {}
     for source in ("stored", "key"):
         torch.manual_seed(0)
-        fusion = FusionConfig.from_dict({**run.fusion, "fusion_layers": [layer], "neighbour_features": source})
+        fusion = replace(run.fusion, fusion_layers=(layer,), neighbour_features=source)
         lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
         started = time.perf_counter()
         trained = train_adapter(lm, corpus.train.truncate(len(store) + 1), None, training,
@@ -75,15 +73,15 @@ def main() -> None:
         results[source] = {
             "train_seconds": time.perf_counter() - started,
             "final_train_loss": sum(trained.train_losses[-10:]) / min(10, len(trained.train_losses)),
-            "valid_ppl": perplexity(lm, corpus.valid, args.eval_tokens + 1),
-            "test_ppl": perplexity(lm, corpus.test, args.eval_tokens + 1),
+            "valid_ppl": model_perplexity(lm, corpus.valid, windows),
+            "test_ppl": model_perplexity(lm, corpus.test, windows),
             "extra_bytes_per_token": 2 * store.features(layer).shape[1] if source == "stored" else 0,
         }
-    base = HetGraphLM(model, store, index, FusionConfig.from_dict({**run.fusion, "fusion_layers": [layer]}))
+    base = HetGraphLM(model, store, index, replace(run.fusion, fusion_layers=(layer,)))
     report = {
         "fused_layer": layer, "datastore_tokens": len(store), "steps": args.steps,
-        "base_valid_ppl": perplexity(base, corpus.valid, args.eval_tokens + 1),
-        "base_test_ppl": perplexity(base, corpus.test, args.eval_tokens + 1),
+        "base_valid_ppl": model_perplexity(base, corpus.valid, windows),
+        "base_test_ppl": model_perplexity(base, corpus.test, windows),
         "results": results,
         "better": min(results, key=lambda s: results[s]["valid_ppl"]),
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -79,13 +80,12 @@ def main() -> None:
     args = parser.parse_args()
 
     config = RunConfig.from_json_file(args.config) if args.config else RunConfig.default()
-    config.datastore["max_tokens"] = args.tokens + 1
-    config.evaluation["max_tokens"] = args.eval_tokens + 1
-    config.evaluation["valid_tokens"] = args.eval_tokens + 1
+    config.datastore = replace(config.datastore, max_tokens=args.tokens + 1)
+    config.evaluation = replace(config.evaluation, max_tokens=args.eval_tokens + 1,
+                                valid_tokens=args.eval_tokens + 1)
     if args.steps is not None:
-        config.training["max_steps"] = args.steps
-    config.index["factory"] = args.factory
-    config.index["nprobe"] = args.nprobe
+        config.training = replace(config.training, max_steps=args.steps)
+    config.index = replace(config.index, factory=args.factory, nprobe=args.nprobe)
     config.out_dir = args.out
     config.threads = args.threads
     started = time.perf_counter()
@@ -95,11 +95,11 @@ def main() -> None:
     set_threads(args.threads)
     model, tokenizer = load_model(config.model)
     device = next(model.parameters()).device
-    corpus = tokenize_corpus(config.corpus_config(), tokenizer, show_progress=False)
+    corpus = tokenize_corpus(config.corpus, tokenizer, show_progress=False)
     store, index = prepare_datastore(model, tokenizer, corpus, config, Path(config.out_dir))
     lm = HetGraphLM.from_pretrained(Path(config.out_dir) / "adapter", model, store, index, tokenizer=tokenizer)
     lm.eval()
-    evaluation = config.evaluation_config()
+    evaluation = config.evaluation
     tokens = corpus.test.tokens[: args.eval_tokens + 1]
     windows = (evaluation.context_length, evaluation.stride, evaluation.batch_size, device)
     forward_seconds(lambda ids: model(input_ids=ids), tokens[:600], *windows)  # warm-up
@@ -112,8 +112,8 @@ def main() -> None:
     out = {
         "model": type(model).__name__, "device": str(device), "threads": args.threads,
         "datastore_tokens": len(store), "test_tokens": results["tokens"],
-        "index": index.factory, "nprobe": config.index_config().nprobe,
-        "fusion": config.fusion, "training": config.training,
+        "index": index.factory, "nprobe": config.index.nprobe,
+        "fusion": config.fusion.to_dict(), "training": config.training.to_dict(),
         "results": {key: results[key] for key in ("base", "knn", "gnn", "gnn_knn")},
         "ratios_to_base_ppl": {key: results[key]["ppl"] / results["base"]["ppl"]
                                for key in ("knn", "gnn", "gnn_knn")},

@@ -5,7 +5,8 @@
    ``Batch.from_data_list`` (how GNN-LM's official code builds graphs), and
    (b) the vectorised builder called per sequence + ``Batch.from_data_list``.
 2. One layer forward + backward at width 256, 8 heads on the same graph:
-   ``HeteroGraphAttention`` (dense grid path and edge-list path) vs
+   ``HeteroGraphAttention`` (edge-list path, and its dense path
+   ``dense_window_attention`` on the "grid" layout) vs
    ``torch_geometric.nn.HGTConv``.
    Sections 1-2 use the official one-window-per-(query, neighbour) layout
    (``share_windows=False``) and uniformly random neighbours.
@@ -36,8 +37,17 @@ from torch_geometric.nn import HGTConv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hetgraph.graph import CTX, N2C, N2N, NBR, GraphConfig, build_context_graph, context_graph_metadata
+from hetgraph.graph import (
+    CTX,
+    N2C,
+    N2N,
+    NBR,
+    GraphConfig,
+    build_context_graph,
+    context_graph_metadata,
+)
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
+from hetgraph.nn.dense import dense_window_attention
 
 
 def timeit(fn, repeat: int, warmup: int = 1) -> float:
@@ -53,7 +63,7 @@ def timeit(fn, repeat: int, warmup: int = 1) -> float:
 
 def loop_graph(ids: np.ndarray, tokens: np.ndarray, docs: np.ndarray, l: int, r: int) -> HeteroData:
     """One sequence, built node by node with Python lists (the baseline)."""
-    T, K = ids.shape
+    T = ids.shape[0]
     N = len(docs)
     corpus_id, n2n, n2c = [], [], []
     for t in range(T):
@@ -113,7 +123,7 @@ def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather, args) ->
         adapter(g, *inputs).sum().backward()
 
     result = {
-        "layout": g.layout, "num_ctx": g[CTX].num_nodes, "num_nbr": g[NBR].num_nodes,
+        "layout": g.layout.kind, "num_ctx": g[CTX].num_nodes, "num_nbr": g[NBR].num_nodes,
         "num_n2n_edges": g[N2N].edge_index.size(1), "num_n2c_edges": g[N2C].edge_index.size(1),
         "build_s": timeit(lambda: build(cfg), 3 * args.repeat),
         "gather_inputs_s": timeit(lambda: gather(g), args.repeat),
@@ -217,11 +227,16 @@ def main() -> None:
     edge_index_dict = {N2N: lg[N2N].edge_index, N2C: lg[N2C].edge_index}
     ours = HeteroGraphAttention(F_, metadata, heads=H, normalization="joint")
     hgt = HGTConv(F_, F_, metadata, heads=H)
-    W = int(lg.grid_w)
-    grid_index = lg[NBR].grid_index
-    mask = torch.zeros(C * K * W, dtype=torch.bool)
+    # The dense unit on the "grid" layout: C * k windows of W slots.
+    U, W, slots = lg.layout.num_windows, lg.layout.window, lg.layout.query_slots
+    grid_index, window_index = lg[NBR].grid_index, lg[CTX].nbr_window
+    mask = torch.zeros(U * W, dtype=torch.bool)
     mask[grid_index] = True
-    mask = mask.view(C, K, W)
+    mask = mask.view(U, W)
+
+    def dense_layer():
+        windows = x_nbr.new_zeros(U * W, F_).index_copy(0, grid_index, x_nbr).view(U, W, F_)
+        return dense_window_attention(ours, x_ctx, windows, mask, window_index, N2N, N2C, slots)
 
     def run_hgt():
         out = hgt({CTX: x_ctx, NBR: x_nbr}, edge_index_dict)
@@ -232,14 +247,12 @@ def main() -> None:
         (out[CTX].sum() + out[NBR].sum()).backward()
 
     def run_dense():
-        grid = x_nbr.new_zeros(C * K * W, F_).index_copy(0, grid_index, x_nbr).view(C, K, W, F_)
-        out_c, out_n = ours.forward_grid(x_ctx, grid, mask, "center", int(lg.grid_center))
+        out_c, out_n = dense_layer()
         (out_c.sum() + out_n.view(-1, F_)[grid_index].sum()).backward()
 
     with torch.no_grad():
         a = ours({CTX: x_ctx, NBR: x_nbr}, edge_index_dict)
-        grid = x_nbr.new_zeros(C * K * W, F_).index_copy(0, grid_index, x_nbr).view(C, K, W, F_)
-        b_c, b_n = ours.forward_grid(x_ctx, grid, mask, "center", int(lg.grid_center))
+        b_c, b_n = dense_layer()
         max_diff = max(
             (a[CTX] - b_c).abs().max().item(), (a[NBR] - b_n.view(-1, F_)[grid_index]).abs().max().item()
         )

@@ -24,7 +24,7 @@ from hetgraph.corpus import tokenize_corpus
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore import DatastoreConfig, build_datastore, split_arrays, window_batches
 from hetgraph.datastore.build import batch_input_ids
-from hetgraph.evaluation import EvalConfig, evaluate_base_knn, results_markdown_table
+from hetgraph.evaluation import EvalConfig, evaluate_base_knn, results_table
 from hetgraph.index import DatastoreIndex, IndexConfig
 from hetgraph.models.layers import model_device
 from hetgraph.models.loading import load_model
@@ -79,9 +79,10 @@ def main() -> None:
         full_build_s = time.perf_counter() - start
         index = DatastoreIndex.build(ds, IndexConfig(), show_progress=False)
         # Same windows for valid and test; max_tokens limits both splits.
-        eval_config = EvalConfig(context_length=512, stride=256, batch_size=4, max_tokens=args.eval_tokens + 1)
+        eval_config = EvalConfig(context_length=512, stride=256, batch_size=4, k=32,
+                                 max_tokens=args.eval_tokens + 1, valid_tokens=args.eval_tokens + 1)
         start = time.perf_counter()
-        results = evaluate_base_knn(model, tokenizer, ds, index, corpus.valid, corpus.test, k=32,
+        results = evaluate_base_knn(model, tokenizer, ds, index, corpus.valid, corpus.test,
                                     config=eval_config, show_progress=False)
         eval_s = time.perf_counter() - start
     finally:
@@ -98,7 +99,7 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
-    print(results_markdown_table(results, title=f"kNN-LM, {len(ds)}-token datastore"))
+    print(results_table(results, title=f"kNN-LM, {len(ds)}-token datastore"))
 
 
 if __name__ == "__main__":

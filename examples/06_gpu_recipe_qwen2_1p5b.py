@@ -100,8 +100,7 @@ def main() -> None:
     # How much do shared windows save on this text? Distinct retrieved rows vs k per position.
     ids = torch.as_tensor(tokenized.valid.tokens[: sizes.train_context], dtype=torch.long, device=device)[None]
     with torch.no_grad():
-        lm(ids)
-    neighbour_ids, _ = lm.last_retrieval
+        neighbour_ids = lm(ids, output_retrieval=True).retrieval.neighbour_ids
     valid = neighbour_ids[neighbour_ids >= 0]
     print(f"shared windows: {valid.unique().numel():,} distinct rows for {valid.numel():,} retrieved "
           f"({valid.unique().numel() / max(1, valid.numel()):.0%} of the per-neighbour nbr nodes)")

@@ -154,10 +154,7 @@ def hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any
 
 def train(args: argparse.Namespace, lm: Any, tokenized: Any, store: Any) -> Path:
     """Train (or resume) ``lm``'s adapter under ``--out/adapter``; returns that directory."""
-    from functools import partial
-
-    from hetgraph import TrainingConfig, train_adapter
-    from hetgraph.evaluation import model_perplexity
+    from hetgraph import EvalConfig, TrainingConfig, train_adapter
 
     s = sizes(args)
     config = TrainingConfig(max_steps=s.train_steps, batch_size=2, context_length=s.train_context,
@@ -165,8 +162,8 @@ def train(args: argparse.Namespace, lm: Any, tokenized: Any, store: Any) -> Path
                             eval_tokens=s.eval_tokens, checkpoint_every=0, seed=0)
     out = Path(args.out) / "adapter"
     train_split = tokenized.train.truncate(len(store) + 1)
+    windows = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4)
     result = train_adapter(lm, train_split, tokenized.valid, config, out, show_progress=not args.tiny,
-                           evaluate=partial(model_perplexity, context_length=s.context_length,
-                                            stride=s.stride, batch_size=4))
+                           eval_config=windows)
     print(f"trained {result.steps} steps; best valid perplexity {result.best_valid_ppl:.2f}")
     return out

@@ -8,17 +8,21 @@ is added back into the decoder's hidden states through forward hooks
 (`Meng et al., ICLR 2022 <https://arxiv.org/abs/2110.08743>`_).
 
 The public API is re-exported here and imported lazily, so ``import hetgraph.graph``
-or ``from hetgraph import HeteroGraphAttention`` does not pull in transformers or FAISS.
+or ``from hetgraph import HeteroGraphAttention`` loads neither FAISS nor the datastore and
+fusion stages;
+the ``TYPE_CHECKING`` block lists the same names eagerly for type checkers.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # name -> module that defines it, grouped by stage of the data flow.
 _EXPORTS: dict[str, str] = {
+    # configuration
+    "ConfigError": "hetgraph.configuration",
     # corpus
     "CorpusConfig": "hetgraph.corpus",
     "CorpusError": "hetgraph.corpus",
@@ -54,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "ContextGraph": "hetgraph.graph",
     "GraphConfig": "hetgraph.graph",
     "build_context_graph": "hetgraph.graph",
+    "WindowLayout": "hetgraph.graph",
     "ctx_to_dense": "hetgraph.graph",
     # nn
     "AdapterConfig": "hetgraph.nn",
@@ -62,7 +67,9 @@ _EXPORTS: dict[str, str] = {
     # fusion
     "AdapterMismatchError": "hetgraph.fusion",
     "FusionConfig": "hetgraph.fusion",
+    "GraphInputBuilder": "hetgraph.fusion",
     "HetGraphLM": "hetgraph.fusion",
+    "Retrieval": "hetgraph.fusion",
     "Retriever": "hetgraph.fusion",
     # training
     "TrainingConfig": "hetgraph.training",
@@ -70,6 +77,7 @@ _EXPORTS: dict[str, str] = {
     "train_adapter": "hetgraph.training",
     # evaluation
     "EvalConfig": "hetgraph.evaluation",
+    "NeighbourSearch": "hetgraph.evaluation",
     "collect_lm_outputs": "hetgraph.evaluation",
     "evaluate_base_knn": "hetgraph.evaluation",
     "evaluate_four_way": "hetgraph.evaluation",
@@ -84,6 +92,177 @@ _EXPORTS: dict[str, str] = {
     "RunConfig": "hetgraph.pipeline",
     "run_pipeline": "hetgraph.pipeline",
 }
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from hetgraph.configuration import (
+        ConfigError as ConfigError,
+    )
+    from hetgraph.corpus import (
+        EMBEDDED_CORPUS as EMBEDDED_CORPUS,
+    )
+    from hetgraph.corpus import (
+        CorpusConfig as CorpusConfig,
+    )
+    from hetgraph.corpus import (
+        CorpusError as CorpusError,
+    )
+    from hetgraph.corpus import (
+        Document as Document,
+    )
+    from hetgraph.corpus import (
+        TokenizedCorpus as TokenizedCorpus,
+    )
+    from hetgraph.corpus import (
+        TokenizedSplit as TokenizedSplit,
+    )
+    from hetgraph.corpus import (
+        read_documents as read_documents,
+    )
+    from hetgraph.corpus import (
+        split_documents as split_documents,
+    )
+    from hetgraph.corpus import (
+        tokenize_corpus as tokenize_corpus,
+    )
+    from hetgraph.corpus.windows import (
+        sliding_windows as sliding_windows,
+    )
+    from hetgraph.datastore import (
+        Datastore as Datastore,
+    )
+    from hetgraph.datastore import (
+        DatastoreConfig as DatastoreConfig,
+    )
+    from hetgraph.datastore import (
+        DatastoreError as DatastoreError,
+    )
+    from hetgraph.datastore import (
+        HiddenStateCapture as HiddenStateCapture,
+    )
+    from hetgraph.datastore import (
+        build_datastore as build_datastore,
+    )
+    from hetgraph.evaluation import (
+        EvalConfig as EvalConfig,
+    )
+    from hetgraph.evaluation import (
+        NeighbourSearch as NeighbourSearch,
+    )
+    from hetgraph.evaluation import (
+        collect_lm_outputs as collect_lm_outputs,
+    )
+    from hetgraph.evaluation import (
+        evaluate_base_knn as evaluate_base_knn,
+    )
+    from hetgraph.evaluation import (
+        evaluate_four_way as evaluate_four_way,
+    )
+    from hetgraph.evaluation import (
+        model_perplexity as model_perplexity,
+    )
+    from hetgraph.evaluation import (
+        plot_results as plot_results,
+    )
+    from hetgraph.evaluation import (
+        results_table as results_table,
+    )
+    from hetgraph.fusion import (
+        AdapterMismatchError as AdapterMismatchError,
+    )
+    from hetgraph.fusion import (
+        FusionConfig as FusionConfig,
+    )
+    from hetgraph.fusion import (
+        GraphInputBuilder as GraphInputBuilder,
+    )
+    from hetgraph.fusion import (
+        HetGraphLM as HetGraphLM,
+    )
+    from hetgraph.fusion import (
+        Retrieval as Retrieval,
+    )
+    from hetgraph.fusion import (
+        Retriever as Retriever,
+    )
+    from hetgraph.graph import (
+        ContextGraph as ContextGraph,
+    )
+    from hetgraph.graph import (
+        GraphConfig as GraphConfig,
+    )
+    from hetgraph.graph import (
+        build_context_graph as build_context_graph,
+    )
+    from hetgraph.graph import (
+        WindowLayout as WindowLayout,
+        ctx_to_dense as ctx_to_dense,
+    )
+    from hetgraph.index import (
+        DatastoreIndex as DatastoreIndex,
+    )
+    from hetgraph.index import (
+        IndexConfig as IndexConfig,
+    )
+    from hetgraph.index import (
+        auto_factory as auto_factory,
+    )
+    from hetgraph.inspection import (
+        NeighbourReport as NeighbourReport,
+    )
+    from hetgraph.inspection import (
+        inspect_position as inspect_position,
+    )
+    from hetgraph.inspection import (
+        inspect_positions as inspect_positions,
+    )
+    from hetgraph.knnlm import (
+        interpolate_log_probs as interpolate_log_probs,
+    )
+    from hetgraph.knnlm import (
+        knn_log_probs as knn_log_probs,
+    )
+    from hetgraph.knnlm import (
+        knn_target_log_probs as knn_target_log_probs,
+    )
+    from hetgraph.knnlm import (
+        tune_knn as tune_knn,
+    )
+    from hetgraph.models.layers import (
+        decoder_layers as decoder_layers,
+    )
+    from hetgraph.models.loading import (
+        DEFAULT_MODEL as DEFAULT_MODEL,
+    )
+    from hetgraph.models.loading import (
+        ModelLoadError as ModelLoadError,
+    )
+    from hetgraph.models.loading import (
+        load_model as load_model,
+    )
+    from hetgraph.nn import (
+        AdapterConfig as AdapterConfig,
+    )
+    from hetgraph.nn import (
+        GraphAdapter as GraphAdapter,
+    )
+    from hetgraph.nn import (
+        HeteroGraphAttention as HeteroGraphAttention,
+    )
+    from hetgraph.pipeline import (
+        RunConfig as RunConfig,
+    )
+    from hetgraph.pipeline import (
+        run_pipeline as run_pipeline,
+    )
+    from hetgraph.training import (
+        TrainingConfig as TrainingConfig,
+    )
+    from hetgraph.training import (
+        TrainingResult as TrainingResult,
+    )
+    from hetgraph.training import (
+        train_adapter as train_adapter,
+    )
 
 __all__ = ["__version__", *_EXPORTS]
 

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+
+from hetgraph.io import INDEX_DIR, INDEX_FILE, atomic_write_json
 
 EPILOG = """examples:
   hetgraph demo                                   # the whole job on the embedded default
@@ -52,12 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_demo_command(commands)
+    _add_build_commands(commands)
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_generate_command(commands)
+    _add_inspect_command(commands)
+    return parser
+
+
+def _add_demo_command(commands: Any) -> None:
     demo = commands.add_parser("demo", help="run the main job: datastore → index → train → four-way eval")
     demo.add_argument("--config", type=Path, default=None, help="run config JSON (default: the embedded demo)")
     demo.add_argument("--out", default=None, help="run directory (overrides the config's out_dir)")
     demo.add_argument("--print-config", action="store_true", help="print the default run config and exit")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_build_commands(commands: Any) -> None:
     datastore = commands.add_parser("datastore", help="datastore commands").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     ds_build = datastore.add_parser("build", help="run the frozen LM over the train split and store keys")
@@ -87,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix_build.add_argument("--threads", type=int, default=None)
     ix_build.set_defaults(func=cmd_index_build)
 
+
+def _add_train_command(commands: Any) -> None:
     train = commands.add_parser("train", help="train graph adapters (the base model stays frozen)")
     _add_model(train)
     _add_corpus(train)
@@ -103,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None)
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval_command(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="perplexity and accuracy: base, kNN-LM (+ GNN-LM with --adapter)")
     _add_model(evaluate)
     _add_corpus(evaluate)
@@ -117,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate with retrieval at every new position")
     _add_model(generate)
     generate.add_argument("--datastore", required=True)
@@ -129,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--neighbours", type=int, default=3, help="contexts shown per token")
     generate.set_defaults(func=cmd_generate)
 
+
+def _add_inspect_command(commands: Any) -> None:
     inspect = commands.add_parser("inspect", help="show the corpus contexts retrieved for positions of a text")
     _add_model(inspect)
     inspect.add_argument("--datastore", required=True)
@@ -138,15 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--neighbours", type=int, default=8)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
-    return parser
+
 
 
 # ----------------------------------------------------------------------------- helpers
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    import torch
+
     from hetgraph.models.loading import load_model
     from hetgraph.pipeline import resolve_device, set_threads
-
-    import torch
 
     set_threads(args.threads)
     return load_model(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
@@ -170,8 +194,8 @@ def _open_store(path: str, model: Any, tokenizer: Any):
     from hetgraph.index import DatastoreIndex
 
     store = Datastore.open(path, model=model, tokenizer=tokenizer)
-    index_dir = Path(path) / "index"
-    if not (index_dir / "index.faiss").is_file():
+    index_dir = Path(path) / INDEX_DIR
+    if not (index_dir / INDEX_FILE).is_file():
         raise SystemExit(f"error: {path} has no index yet; run `hetgraph index build --datastore {path}`")
     return store, DatastoreIndex.load(index_dir, store)
 
@@ -192,6 +216,7 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
+    from hetgraph.evaluation import results_table
     from hetgraph.pipeline import DEFAULT_CONFIG, run_pipeline
 
     if args.print_config:
@@ -200,7 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _run_config(args.config)
     if args.out is not None:
         config.out_dir = args.out
-    run_pipeline(config)
+    print(results_table(run_pipeline(config)))
     return 0
 
 
@@ -218,7 +243,7 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
     print(f"datastore: {store}")
     if not args.no_index:
         index = DatastoreIndex.build(store, IndexConfig(num_threads=args.threads))
-        index.save(Path(args.out) / "index")
+        index.save(Path(args.out) / INDEX_DIR)
         print(f"index: {index}")
     return 0
 
@@ -230,54 +255,52 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     store = Datastore.open(args.datastore)
     index = DatastoreIndex.build(store, IndexConfig(factory=args.factory, metric=args.metric,
                                                     num_threads=args.threads))
-    index.save(Path(args.datastore) / "index")
+    index.save(Path(args.datastore) / INDEX_DIR)
     print(f"index: {index} saved in {Path(args.datastore) / 'index'}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from functools import partial
+    from dataclasses import replace
 
-    from hetgraph.evaluation import model_perplexity
-    from hetgraph.fusion import FusionConfig, HetGraphLM
+    from hetgraph.fusion import HetGraphLM
     from hetgraph.training import train_adapter
 
     run = _run_config(args.config)
-    fusion = run.fusion_config()
-    training = run.training_config()
+    fusion, training = run.fusion, run.training
     if args.fusion_layers is not None:
-        fusion.fusion_layers = tuple(s if s == "head" else int(s) for s in args.fusion_layers)
+        sites = tuple(s if s == "head" else int(s) for s in args.fusion_layers)
+        fusion = replace(fusion, fusion_layers=sites)
     if args.k is not None:
-        fusion.k = args.k
-    fusion = FusionConfig.from_dict(fusion.to_dict())
+        fusion = replace(fusion, k=args.k)
     for name in ("max_steps", "lr", "seed"):
         if getattr(args, name) is not None:
-            setattr(training, name, getattr(args, name))
-    evaluation = run.evaluation_config()
+            training = replace(training, **{name: getattr(args, name)})
+    evaluation = run.evaluation
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
     train_split = corpus.train.truncate(min(len(store) + 1, args.max_tokens or len(store) + 1))
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
-    result = train_adapter(lm, train_split, corpus.valid, training, args.out,
-                           evaluate=partial(model_perplexity, context_length=evaluation.context_length,
-                                            stride=evaluation.stride, batch_size=evaluation.batch_size))
+    result = train_adapter(lm, train_split, corpus.valid, training, args.out, eval_config=evaluation)
     print(json.dumps({"steps": result.steps, "best_step": result.best_step,
                       "best_valid_ppl": result.best_valid_ppl, "adapter": str(args.out)}, indent=2))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
 
     run = _run_config(args.config)
-    evaluation = run.evaluation_config()
+    evaluation = run.evaluation
     if args.k is not None:
-        evaluation.k = args.k
+        evaluation = replace(evaluation, k=args.k)
     if args.max_tokens is not None:
-        evaluation.max_tokens = args.max_tokens
+        evaluation = replace(evaluation, max_tokens=args.max_tokens)
     if args.tune_tokens is not None:
-        evaluation.valid_tokens = args.tune_tokens
+        evaluation = replace(evaluation, valid_tokens=args.tune_tokens)
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
@@ -287,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(results_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.json, results)
     if args.plot is not None:
         plot_results(results, args.plot)
     return 0
@@ -325,6 +348,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_progress_messages() -> None:
+    # The library logs what each stage does (logging.getLogger(__name__)); the CLI shows it.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[hetgraph] %(message)s"))
+    package_logger = logging.getLogger("hetgraph")
+    if not package_logger.handlers:
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -337,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
+    _show_progress_messages()
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from hetgraph.datastore import HiddenStateCapture
-from hetgraph.fusion import HEAD, HetGraphLM
-from hetgraph.graph import build_context_graph
+from hetgraph.fusion import HEAD, HetGraphLM, site_key
+from hetgraph.graph import N2C
 
 #: Tokens of corpus text shown left of a retrieved position.
 CONTEXT_TOKENS = 16
@@ -58,28 +58,26 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 def _neighbour_attention(lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor) -> dict[str, Tensor]:
     """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
-    retrieved neighbours of each of ``P`` positions (summed over heads' mean and, for
-    ``n2c="window"``, over the window)."""
+    retrieved neighbours of each of ``P`` positions (mean over heads; summed over the
+    window for ``n2c="window"``)."""
     out: dict[str, Tensor] = {}
     positions, k = ids.shape
-    graph = build_context_graph(ids[None], lm._corpus_tokens, lm._corpus_doc_ids, lm.graph_config)
+    graph = lm.graph_inputs.build_graph(ids[None])
+    embedding = lm.model.get_input_embeddings()
     for site in lm.fusion_sites:
-        key = "head" if site == HEAD else f"layer_{site}"
-        adapter = lm.adapters[key]
-        ctx_x = hidden[None if site == HEAD else site].to(next(adapter.parameters()).dtype)
-        nbr_x = lm._neighbour_features(site, graph["nbr"].corpus_id).to(ctx_x)
-        with torch.no_grad():
-            token_x = lm.model.get_input_embeddings()(graph["nbr"].token_id.to(ctx_x.device)).to(ctx_x)
-            _, attention = adapter(graph, ctx_x, nbr_x, token_x, return_attention_weights=True)
-        edge_index, alpha = attention[-1][("nbr", "n2c", "ctx")]
-        weight = alpha.float().mean(dim=-1)  # mean over heads
-        dst = edge_index[1]
+        adapter = lm.adapter_at(site)
+        dtype = lm.gates[site_key(site)].dtype
+        site_hidden = hidden[None if site == HEAD else site][None]  # [1, P, d]
+        inputs = lm.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
+        _, attention = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
+                               return_attention_weights=True)
+        edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)
         # it comes from; summing over the window gives one weight per retrieved neighbour.
-        slot = graph["n2c"].nbr_slot
         table = torch.zeros(positions, k)
-        table.index_put_((dst.cpu(), slot.cpu()), weight.cpu(), accumulate=True)
-        out[key] = table
+        table.index_put_((edge_index[1].cpu(), graph[N2C].nbr_slot.cpu()),
+                         alpha.float().mean(dim=-1).cpu(), accumulate=True)
+        out[site_key(site)] = table
     return out
 
 
@@ -101,10 +99,11 @@ def inspect_positions(
     base_logits = lm.model(input_ids=ids, use_cache=False).logits[0]
     # Registered before the fusion hooks, the capture sees each fused site's input state.
     with HiddenStateCapture(lm.model, sites) as capture:
-        gnn_logits = lm(ids, use_cache=False).logits[0]
+        output = lm(ids, use_cache=False, output_retrieval=True)
         site_hidden = {layer: h[0, positions] for layer, h in capture.states.items()}
-    neighbour_ids, distances = lm.last_retrieval
-    neighbour_ids, distances = neighbour_ids[0, positions].cpu(), distances[0, positions].cpu()
+    gnn_logits = output.logits[0]
+    neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
+    distances = output.retrieval.distances[0, positions].cpu()
     attention = _neighbour_attention(lm, site_hidden, neighbour_ids)
     store = lm.datastore
     reports = []

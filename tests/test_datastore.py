@@ -17,10 +17,12 @@ from hetgraph.datastore import (
     HiddenStateCapture,
     build_datastore,
 )
+from hetgraph.io import DATASTORE_METADATA, DATASTORE_PROGRESS
 from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
 
 
-def make_split(num_tokens: int = 300, num_docs: int = 3, seed: int = 0, name: str = "train") -> TokenizedSplit:
+def make_split(num_tokens: int = 300, num_docs: int = 3, seed: int = 0,
+               name: str = "train") -> TokenizedSplit:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 256, num_tokens).astype(np.int32)
     doc_ids = np.sort(rng.integers(0, num_docs, num_tokens)).astype(np.int32)
@@ -50,16 +52,18 @@ def test_layout_and_lm_head_keys_equal_final_hidden_states(family, tokenizer, tm
     np.testing.assert_array_equal(ds.positions, split.positions[:n])
     assert ds.keys.dtype == np.float16 and ds.keys.shape == (n, 32) and not ds.keys.flags.writeable
     with torch.no_grad():
-        out = model(torch.from_numpy(split.tokens[None, :n].astype(np.int64)), output_hidden_states=True)
+        out = model(torch.from_numpy(split.tokens[None, :n].astype(np.int64)),
+                    output_hidden_states=True)
     final = out.hidden_states[-1][0].to(torch.float16).numpy()
-    np.testing.assert_allclose(ds.keys.astype(np.float32), final.astype(np.float32), atol=2e-3, rtol=2e-3)
+    np.testing.assert_allclose(ds.keys.astype(np.float32), final.astype(np.float32),
+                               atol=2e-3, rtol=2e-3)
     # Stored per-layer features are the decoder-layer outputs (hidden_states[i + 1]).
     assert ds.feature_layers == (0, 1)
     layer0 = out.hidden_states[1][0].to(torch.float16).numpy().astype(np.float32)
     np.testing.assert_allclose(ds.features(0).astype(np.float32), layer0, atol=2e-3, rtol=2e-3)
     with pytest.raises(DatastoreError, match="stores no features"):
         ds.features(5)
-    meta = json.loads((tmp_path / "ds" / "metadata.json").read_text())
+    meta = json.loads((tmp_path / "ds" / DATASTORE_METADATA).read_text())
     assert meta["complete"] and meta["num_entries"] == n and meta["key_layer"] is None
 
 
@@ -94,16 +98,18 @@ def test_interrupted_then_resumed_build_is_byte_identical(family, tokenizer, tmp
     part = build_datastore(model, tokenizer, split, tmp_path / "part", config, show_progress=False,
                            max_batches=3)
     assert not part.complete
-    progress = json.loads((tmp_path / "part" / "progress.json").read_text())
+    progress = json.loads((tmp_path / "part" / DATASTORE_PROGRESS).read_text())
     assert progress["batches_done"] == 3 < progress["num_batches"]
     with pytest.raises(DatastoreError, match="incomplete.*same build command"):
         Datastore.open(tmp_path / "part")
     # Resume in two more steps, then compare every file byte for byte.
-    build_datastore(model, tokenizer, split, tmp_path / "part", config, show_progress=False, max_batches=2)
-    resumed = build_datastore(model, tokenizer, split, tmp_path / "part", config, show_progress=False)
+    build_datastore(model, tokenizer, split, tmp_path / "part", config, show_progress=False,
+                    max_batches=2)
+    resumed = build_datastore(model, tokenizer, split, tmp_path / "part", config,
+                              show_progress=False)
     assert resumed.complete and full.complete
     for name in ("keys.npy", "features_1.npy", "next_tokens.npy", "tokens.npy", "doc_ids.npy",
-                 "positions.npy", "metadata.json"):
+                 "positions.npy", DATASTORE_METADATA):
         assert filecmp.cmp(tmp_path / "full" / name, tmp_path / "part" / name, shallow=False), name
     # Building again is a no-op that returns the finished datastore.
     again = build_datastore(model, tokenizer, split, tmp_path / "full", config, show_progress=False)
@@ -114,10 +120,12 @@ def test_resume_with_other_config_or_model_is_refused(tokenizer, tmp_path):
     model = tiny_causal_lm("qwen2")
     split = make_split(200, seed=3)
     config = DatastoreConfig(context_length=32, stride=16, batch_size=2)
-    build_datastore(model, tokenizer, split, tmp_path / "ds", config, show_progress=False, max_batches=1)
+    build_datastore(model, tokenizer, split, tmp_path / "ds", config, show_progress=False,
+                    max_batches=1)
     with pytest.raises(DatastoreError, match="different model, corpus or config.*overwrite=True"):
         build_datastore(model, tokenizer, split, tmp_path / "ds",
-                        DatastoreConfig(context_length=32, stride=8, batch_size=2), show_progress=False)
+                        DatastoreConfig(context_length=32, stride=8, batch_size=2),
+                        show_progress=False)
     with pytest.raises(DatastoreError, match="different"):
         build_datastore(tiny_causal_lm("llama"), tokenizer, split, tmp_path / "ds", config,
                         show_progress=False)

@@ -11,9 +11,10 @@ from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.evaluation import (
     EvalConfig,
+    NeighbourSearch,
     collect_lm_outputs,
     evaluate_base_knn,
-    results_markdown_table,
+    results_table,
     score_knn,
     score_lm,
 )
@@ -82,8 +83,8 @@ def test_knn_scores_equal_full_distribution(family, tokenizer, tmp_path):
     index = DatastoreIndex.build(ds, IndexConfig(factory="Flat"), show_progress=False)
     # Test text overlapping the datastore text, so neighbours are informative.
     test = TokenizedSplit("test", train.tokens[100:180], np.zeros(80, np.int32), ["t"])
-    out = collect_lm_outputs(model, test, EvalConfig(context_length=128, stride=64), index=index,
-                             datastore=ds, k=8, show_progress=False)
+    out = collect_lm_outputs(model, test, EvalConfig(context_length=128, stride=64, k=8),
+                             search=NeighbourSearch(index, ds), show_progress=False)
     assert out.knn_distances.shape == out.knn_ids.shape == (79, 8)
     np.testing.assert_array_equal(out.knn_tokens.numpy(), np.asarray(ds.next_tokens)[out.knn_ids.numpy()])
     ids = torch.from_numpy(test.tokens[None].astype(np.int64))
@@ -107,15 +108,16 @@ def test_evaluate_base_knn_end_to_end(tokenizer, tmp_path):
     # Valid/test repeat datastore text: the kNN-LM must beat the random base LM there.
     valid = TokenizedSplit("valid", train.tokens[:200], np.zeros(200, np.int32), ["v"])
     test = TokenizedSplit("test", train.tokens[300:500], np.zeros(200, np.int32), ["t"])
-    results = evaluate_base_knn(model, tokenizer, ds, index, valid, test, k=8,
-                                config=EvalConfig(context_length=64, stride=32), show_progress=False)
+    results = evaluate_base_knn(model, tokenizer, ds, index, valid, test,
+                                config=EvalConfig(context_length=64, stride=32, k=8), show_progress=False)
     assert results["tokens"] == 199
     assert set(results["base"]) == {"ppl", "acc"}
     assert {"ppl", "acc", "lambda", "temperature", "k"} <= set(results["knn"])
     assert results["knn"]["lambda"] > 0 and results["knn"]["ppl"] < results["base"]["ppl"] / 2
     assert results["knn"]["acc"] > results["base"]["acc"]
     assert results["knn"]["valid_ppl"] <= results["valid_base"]["ppl"] + 1e-9
-    table = results_markdown_table(results, title="tiny")
+    table = results_table(results, title="tiny")
     assert "| base LM |" in table and "| kNN-LM |" in table and "199" in table
     with pytest.raises(ValueError, match="k must be"):
-        collect_lm_outputs(model, test, index=index, datastore=ds, k=len(ds) + 1, show_progress=False)
+        collect_lm_outputs(model, test, EvalConfig(k=len(ds) + 1), search=NeighbourSearch(index, ds),
+                           show_progress=False)

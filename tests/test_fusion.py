@@ -132,7 +132,7 @@ def test_gradients_reach_adapters_only(tmp_path, split):
         ("convs", "lin_out.nbr"), ("convs", "norm.nbr"), ("convs", "rel_att.nbr__n2n"),
         ("convs", "rel_msg.nbr__n2n"), ("convs", "rel_prior.nbr__n2n"), ("ffns", "nbr"), ("ffn_norms", "nbr")])
     for name, param in lm.named_parameters():
-        if any(part in name for part in dead):
+        if name.startswith("model.") or any(part in name for part in dead):
             continue
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
@@ -146,14 +146,15 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split, from_da
     # Held-out documents that quote the stored patterns: only retrieval can predict them
     # from their first tokens on (the tiny random LM cannot).
     valid = repeated_pattern_split(num_docs=2, repeats=2, seed=0)
-    from hetgraph.evaluation import model_perplexity
+    from hetgraph.evaluation import EvalConfig, model_perplexity
 
-    before = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    windows = EvalConfig(context_length=64, stride=32)
+    before = model_perplexity(lm, valid, windows)
     # The tiny random LM has tiny embeddings (std 0.02), so moving its logits needs a large lr.
     training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-2, warmup_steps=5,
                               eval_every=0, checkpoint_every=0, seed=0, from_datastore=from_datastore)
     result = train_adapter(lm, split, None, training, tmp_path / "adapter", show_progress=False)
-    after = model_perplexity(lm, valid, 10_000, context_length=64, stride=32)
+    after = model_perplexity(lm, valid, windows)
     assert np.mean(result.train_losses[-10:]) < np.mean(result.train_losses[:10])
     assert after < 0.5 * before, (before, after)
     for key, value in model.state_dict().items():
@@ -181,7 +182,7 @@ def test_training_resumes_to_the_same_adapter(tmp_path, split, from_datastore):
             torch.manual_seed(0)
             lm = HetGraphLM(model, store, index, config)
         train_adapter(lm, split, None, training, out, show_progress=False)
-        return lm.state_dict()
+        return lm.adapter_state_dict()
 
     straight = run(tmp_path / "a")
     resumed = run(tmp_path / "b", steps_first=3)
@@ -247,3 +248,72 @@ def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
     assert not layer_lm.can_run_from_datastore
     with pytest.raises(ValueError, match="forward_from_datastore"):
         layer_lm.forward_from_datastore(rows)
+
+
+def test_nested_calls_keep_their_own_state(tmp_path, split):
+    # A forward (and a generate) issued while another forward of the same HetGraphLM is
+    # running — e.g. from a user hook inside an evaluation loop — must not see or change
+    # the outer call's retrieval, graphs or options.
+    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
+    randomise_gates(lm)
+    outer_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
+    inner_ids = torch.from_numpy(split.tokens[100:117].astype(np.int64))[None]
+    prompt = torch.from_numpy(split.tokens[200:212].astype(np.int64))[None]
+    generate = dict(max_new_tokens=5, do_sample=False, pad_token_id=256)
+    with torch.no_grad():
+        expected_outer = lm(outer_ids, k=3, output_retrieval=True)
+        expected_inner = lm(inner_ids).logits
+        expected_generation = lm.generate(prompt, **generate)
+    seen: dict = {}
+
+    def nested(module, args, output):
+        if not seen:  # once, during the outer call (not again during the inner ones)
+            seen["started"] = True
+            seen["inner"] = lm(inner_ids).logits
+            seen["generation"] = lm.generate(prompt, **generate)
+
+    handle = model.model.layers[1].register_forward_hook(nested)
+    try:
+        with torch.no_grad():
+            outer = lm(outer_ids, k=3, output_retrieval=True)
+    finally:
+        handle.remove()
+    assert torch.equal(outer.logits, expected_outer.logits)
+    assert torch.equal(outer.retrieval.neighbour_ids, expected_outer.retrieval.neighbour_ids)
+    assert outer.retrieval.neighbour_ids.shape[-1] == 3
+    assert torch.equal(seen["inner"], expected_inner)
+    assert torch.equal(seen["generation"], expected_generation)
+    assert lm.config.k == 4 and not lm.is_attached
+
+
+def test_threads_see_their_own_calls(tmp_path, split):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER))
+    randomise_gates(lm)
+    inputs = [torch.from_numpy(split.tokens[i:i + 30].astype(np.int64))[None] for i in (0, 300, 600)]
+    with torch.no_grad():
+        expected = [lm(ids).logits for ids in inputs]
+        with lm, ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(lambda ids: lm(ids).logits, inputs * 3))
+    for i, logits in enumerate(results):
+        assert torch.equal(logits, expected[i % 3])
+
+
+def test_to_moves_the_base_model_adapters_and_corpus_tables(tmp_path, split):
+    model, tokenizer, store, index = build_store(tmp_path, "gpt2", split)
+    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
+    input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
+    assert lm.to(torch.float64) is lm
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {p.dtype for p in lm.adapters.parameters()} | {g.dtype for g in lm.gates.values()} == {torch.float64}
+    assert lm.graph_inputs.corpus_tokens.dtype == torch.int64  # integer tables keep their dtype
+    with torch.no_grad():  # zero gates: still exactly the (now float64) base model
+        assert torch.equal(lm(input_ids).logits, model(input_ids).logits)
+    lm.train()
+    assert lm.adapters.training and not model.training  # the frozen base model stays in eval mode
+    # Only the trained tensors are saved; the base model's weights are not ours to save.
+    assert set(lm.adapter_state_dict()) == {k for k in lm.state_dict() if not k.startswith("model.")}
+    assert all(k.startswith(("adapters.", "gates.")) for k in lm.adapter_state_dict())

@@ -14,9 +14,9 @@ from hetgraph.graph import (
     N2N,
     NBR,
     GraphConfig,
+    WindowLayout,
     build_context_graph,
     ctx_to_dense,
-    is_grid_graph,
     n2c_to_dense,
 )
 
@@ -154,9 +154,9 @@ def test_builder_matches_reference(cfg: GraphConfig, seed: int, masked: bool):
     assert edges(graph, N2N) == n2n
     assert edges(graph, N2C) == n2c
     assert edges(graph, C2C) == c2c
-    assert is_grid_graph(graph) == (not cfg.deduplicate and not cfg.c2c)
+    assert graph.layout.is_dense == (not cfg.deduplicate)
     expected_layout = "irregular" if cfg.deduplicate else "shared" if cfg.share_windows else "grid"
-    assert graph.layout == expected_layout
+    assert graph.layout.kind == expected_layout
     if not cfg.deduplicate:
         # n2c edges in (ctx, k, offset) order, each mapped back to its neighbour slot
         e = graph[N2C].edge_index
@@ -191,7 +191,7 @@ def test_shared_windows_node_count_and_window_index(n2c, seed):
     rows = sorted(set(centre_rows.tolist()))
     N = len(docs)
     sizes = [sum(1 for p in range(o - 2, o + 2) if 0 <= p < N and docs[p] == docs[o]) for o in rows]
-    assert g.num_windows == len(rows)
+    assert g.layout.num_windows == len(rows)
     assert g[NBR].num_nodes == sum(sizes)
     assert g[NBR].num_nodes < official[NBR].num_nodes
     # Each ctx's window index points at the window of its k-th neighbour (or -1 if missing/dropped).
@@ -226,7 +226,7 @@ def test_grid_index_and_layout():
     ids = torch.tensor([[[1, 3], [-1, 5]]])
     g = build_context_graph(ids, torch.arange(6), docs, GraphConfig(share_windows=False))
     # windows: [0,1,2] full; [3]: row 2 is another doc -> slots (1,2); -1 -> none; [4,5] (end).
-    assert g.layout == "grid" and (g.grid_k, g.grid_w, g.grid_center) == (2, 3, 1)
+    assert (g.layout.kind, g.layout.k, g.layout.window, g.layout.center) == ("grid", 2, 3, 1)
     assert g[NBR].grid_index.tolist() == [0, 1, 2, 4, 5, 9, 10]
     assert g[NBR].corpus_id.tolist() == [0, 1, 2, 3, 4, 4, 5]
 
@@ -236,7 +236,7 @@ def test_shared_layout_small_example():
     ids = torch.tensor([[[1, 3], [-1, 1]], [[5, 3], [5, 5]]])
     g = build_context_graph(ids, torch.arange(6), docs, GraphConfig())
     # distinct rows 1, 3, 5 -> windows [0,1,2], [3,4] (row 2 is another doc), [4,5] (corpus end)
-    assert g.layout == "shared" and g.num_windows == 3 and (g.grid_k, g.grid_w, g.grid_center) == (2, 3, 1)
+    assert g.layout == WindowLayout("shared", k=2, window=3, center=1, n2c="center", num_windows=3)
     assert g[NBR].corpus_id.tolist() == [0, 1, 2, 3, 4, 4, 5]
     assert g[NBR].grid_index.tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert g[NBR].batch_index.tolist() == [0, 0, 0, 0, 0, 1, 1]  # first sequence using the window
@@ -299,7 +299,7 @@ def test_batching_keeps_all_edge_types():
     # sequence ids stay consistent across graphs: g2's sequence 0 becomes sequence 1
     assert batch[CTX].batch_index.tolist() == [0, 0, 1]
     assert batch[NBR].batch_index.tolist() == [1] * 6
-    assert not is_grid_graph(batch)
+    assert batch.layout.kind == "irregular"
 
 
 def test_config_roundtrip_and_validation():
@@ -313,3 +313,77 @@ def test_config_roundtrip_and_validation():
         GraphConfig(n2c="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         GraphConfig.from_dict({"lefty": 1})
+
+
+# ---------------------------------------------------------------- the typed window layout
+
+
+def layout_case():
+    docs = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1])
+    ids = torch.tensor([[[1, 3], [-1, 1]], [[5, 3], [9, -1]]])
+    return ids, torch.arange(10), docs
+
+
+@pytest.mark.parametrize("kind", ["grid", "shared", "irregular"])
+@pytest.mark.parametrize("n2c", ["center", "window"])
+def test_window_layout_of_each_kind(kind, n2c):
+    ids, tokens, docs = layout_case()
+    cfg = GraphConfig(left=2, right=1, n2c=n2c, share_windows=kind == "shared",
+                      deduplicate=kind == "irregular")
+    g = build_context_graph(ids, tokens, docs, cfg)
+    layout = g.layout
+    assert isinstance(layout, WindowLayout)
+    assert (layout.kind, layout.k, layout.window, layout.center, layout.n2c) == (kind, 2, 4, 2, n2c)
+    assert layout.is_dense == (kind != "irregular")
+    assert layout.query_slots == ((0, 1, 2, 3) if n2c == "window" else (2,))
+    num_windows = {"grid": 4 * 2, "shared": 4, "irregular": 0}[kind]  # 4 distinct rows: 1, 3, 5, 9
+    assert layout.num_windows == num_windows
+    if kind == "irregular":
+        assert "grid_index" not in g[NBR] and "nbr_window" not in g[CTX]
+        return
+    # every nbr node sits in the slot of its corpus row, in the window of its query's neighbour
+    slot, win = g[NBR].grid_index, g[CTX].nbr_window
+    assert win.shape == (4, 2) and ((win >= 0) == (ids.view(4, 2) >= 0)).all()
+    if kind == "grid":
+        assert win[win >= 0].tolist() == [i for i, o in enumerate(ids.view(-1).tolist()) if o >= 0]
+    centre_of_window = torch.full((num_windows,), -1)
+    centre_of_window[win[win >= 0]] = ids.view(4, 2)[win >= 0]
+    assert torch.equal(centre_of_window[slot // 4] + slot % 4 - 2, g[NBR].corpus_id)
+    # the layout is immutable and moves (with its index tensors) with the graph
+    with pytest.raises(AttributeError):
+        layout.k = 3  # type: ignore[misc]
+    for copy in (g.clone(), g.to("cpu")):
+        assert copy.layout == layout and torch.equal(copy[NBR].grid_index, slot)
+    edited = g.clone()
+    edited.layout = layout.as_irregular()
+    assert edited.layout == WindowLayout("irregular", k=2, window=4, center=2, n2c=n2c)
+
+
+def test_batched_graph_layout_is_irregular():
+    from torch_geometric.data import Batch
+
+    ids, tokens, docs = layout_case()
+    for cfg in (GraphConfig(n2c="window"), GraphConfig(n2c="window", share_windows=False)):
+        parts = [build_context_graph(ids[b : b + 1], tokens, docs, cfg) for b in range(2)]
+        batch = Batch.from_data_list(parts)
+        assert batch.layout == WindowLayout("irregular", k=2, window=3, center=1, n2c="window")
+        # per-edge values still map back to (ctx, neighbour slot, offset) across the batch
+        values = [torch.randn(p[N2C].edge_index.size(1), 2) for p in parts]
+        dense = n2c_to_dense(batch, torch.cat(values), fill_value=-9.0)
+        expected = [n2c_to_dense(p, v, fill_value=-9.0) for p, v in zip(parts, values)]
+        assert torch.equal(dense, torch.cat(expected))
+    # a batch reads as irregular with the largest k; different windows do not batch
+    layouts = [WindowLayout("shared", k, 3, 1, "center", num_windows=5) for k in (2, 4)]
+    assert WindowLayout.batched(layouts) == WindowLayout("irregular", 4, 3, 1, "center")
+    mixed = Batch.from_data_list(
+        [build_context_graph(ids, tokens, docs, GraphConfig(left=left)) for left in (1, 2)])
+    with pytest.raises(ValueError):
+        _ = mixed.layout
+
+
+def test_window_layout_validation():
+    WindowLayout("grid", k=4, window=3, center=2, n2c="center", num_windows=8)
+    good = {"kind": "shared", "k": 4, "window": 3, "center": 1, "n2c": "center", "num_windows": 2}
+    for bad in ({"kind": "dense"}, {"n2c": "all"}, {"center": 3}, {"kind": "irregular"}):
+        with pytest.raises(ValueError):
+            WindowLayout(**{**good, **bad})

@@ -30,7 +30,8 @@ def datastores(tmp_path_factory):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_exact_search_finds_each_key_itself(datastores, family, metric):
     ds = datastores[family]
-    index = DatastoreIndex.build(ds, IndexConfig(factory="Flat", metric=metric), show_progress=False)
+    index = DatastoreIndex.build(ds, IndexConfig(factory="Flat", metric=metric),
+                                 show_progress=False)
     assert index.ntotal == len(ds) and index.dim == ds.dim
     distances, ids = index.search(ds.keys, 4)
     assert distances.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (len(ds), 4)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hetgraph.io import HF_MODEL_CONFIG
 from hetgraph.models.loading import DEFAULT_MODEL, ModelLoadError, embedded_gguf_path, load_model
 from hetgraph.testing import byte_tokenizer, tiny_causal_lm
 
@@ -68,7 +69,7 @@ def test_errors(tmp_path: Path, case: str, expected: str) -> None:
         _save_tiny(path, "llama", with_tokenizer=False)
     elif case == "bad_config":
         path.mkdir()
-        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (path / HF_MODEL_CONFIG).write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match=expected):
         load_model(path)
 

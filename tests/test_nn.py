@@ -21,6 +21,7 @@ from hetgraph.graph import (
     n2c_to_dense,
 )
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
+from hetgraph.nn.dense import dense_window_attention
 
 METADATA = context_graph_metadata(c2c=True)
 
@@ -109,6 +110,62 @@ def test_per_relation_attention_sums_to_one_per_relation():
     for et, (e, a) in attn.items():
         sums = scatter(a, e[1], 0, x[et[2]].size(0), reduce="sum")[e[1].unique()]
         torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def naive_attention(conv: HeteroGraphAttention, x, ei):
+    """Per-edge scores and a softmax per destination (within each relation for
+    "per_relation", over all relations into the node for "joint"), in Python loops."""
+    H, D, Fc = conv.heads, conv.head_channels, conv.channels
+    qkv = {t: conv.lin_qkv[t](x[t]) for t in x}
+    scores = {}
+    for et, e in ei.items():
+        rel = conv.relation_parameters(et)
+        rows = []
+        for u, v in e.t().tolist():
+            q = qkv[et[2]][v, :Fc].view(H, D)
+            k = qkv[et[0]][u, Fc : 2 * Fc].view(H, D)
+            score = torch.stack([q[h] @ (k[h] @ rel.att[h]) for h in range(H)])
+            rows.append(score * rel.prior / math.sqrt(D))
+        scores[et] = torch.stack(rows)
+    alpha = {}
+    for et, e in ei.items():
+        out = torch.empty_like(scores[et])
+        for i, v in enumerate(e[1].tolist()):
+            if conv.normalization == "per_relation":
+                group = scores[et][e[1] == v]
+            else:
+                group = torch.cat([scores[o][ei[o][1] == v] for o in ei if o[2] == et[2]])
+            out[i] = (scores[et][i] - group.logsumexp(0)).exp()
+        alpha[et] = out
+    return alpha
+
+
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+def test_returned_attention_equals_naive_softmax(normalization):
+    kw = {"normalization": normalization, "attn_dropout": 0.5}
+    conv = HeteroGraphAttention(16, METADATA, heads=4, **kw).eval()
+    with torch.no_grad():
+        for p in conv.rel_prior.values():
+            p.uniform_(0.5, 1.5)
+    x, ei = random_hetero(8)
+    _, attn = conv(x, ei, return_attention_weights=True)
+    ref = naive_attention(conv, x, ei)
+    assert list(attn) == conv.edge_types  # metadata order
+    for et in ei:
+        assert torch.equal(attn[et][0], ei[et])
+        torch.testing.assert_close(attn[et][1], ref[et], atol=1e-6, rtol=1e-5)
+    # returned, not stashed on the module
+    assert not any(isinstance(v, torch.Tensor) for k, v in vars(conv).items() if "alpha" in k)
+
+
+def test_returned_attention_is_before_attention_dropout():
+    torch.manual_seed(0)
+    conv = HeteroGraphAttention(16, METADATA, heads=4, attn_dropout=0.5).train()
+    x, ei = random_hetero(9)
+    _, attn = conv(x, ei, return_attention_weights=True)
+    ref = naive_attention(conv, x, ei)
+    for et in ei:
+        torch.testing.assert_close(attn[et][1], ref[et], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
@@ -202,7 +259,7 @@ def make_adapter(**kw) -> GraphAdapter:
 def test_dense_path_equals_edge_list_path(gcfg, normalization, share):
     gcfg = GraphConfig(**{**gcfg.to_dict(), "share_windows": share})
     *_, graph = corpus_and_graph(gcfg)
-    assert graph.layout == ("shared" if share else "grid")
+    assert graph.layout.kind == ("shared" if share else "grid")
     adapter = make_adapter(normalization=normalization)
     assert adapter.use_dense(graph)
     inputs = adapter_inputs(graph)
@@ -245,7 +302,7 @@ def build_pair(gcfg: GraphConfig, seed: int):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_shared_windows_give_the_official_ctx_outputs(n2c, normalization, seed):
     shared, official = build_pair(GraphConfig(left=1, right=2, n2c=n2c, leakage_radius=4), seed)
-    assert shared.layout == "shared" and official.layout == "grid"
+    assert shared.layout.kind == "shared" and official.layout.kind == "grid"
     assert shared[NBR].num_nodes < 0.75 * official[NBR].num_nodes  # real sharing happens
     adapter = make_adapter(normalization=normalization)
     reference = adapter(official, *adapter_inputs(official, T=10), path="sparse")
@@ -253,7 +310,7 @@ def test_shared_windows_give_the_official_ctx_outputs(n2c, normalization, seed):
     for graph in (shared, official):
         for path in ("dense", "sparse"):
             out = adapter(graph, *adapter_inputs(graph, T=10), path=path)
-            assert (out - reference).abs().max() <= 1e-5, (graph.layout, path)
+            assert (out - reference).abs().max() <= 1e-5, (graph.layout.kind, path)
 
 
 @pytest.mark.parametrize("n2c", ["center", "window"])
@@ -275,7 +332,7 @@ def test_shared_dense_layer_without_windows():
     # every neighbour missing: no windows at all, ctx outputs are LayerNorm-only updates
     ids = torch.full((2, 3, 4), -1)
     graph = build_context_graph(ids, torch.arange(10), torch.zeros(10), GraphConfig())
-    assert graph.layout == "shared" and graph.num_windows == 0
+    assert graph.layout.kind == "shared" and graph.layout.num_windows == 0
     adapter = make_adapter()
     ctx_x = torch.randn(6, 24)
     nbr_x, tok_x = torch.zeros(0, 20), torch.zeros(0, 12)
@@ -283,13 +340,98 @@ def test_shared_dense_layer_without_windows():
     torch.testing.assert_close(dense, adapter(graph, ctx_x, nbr_x, tok_x, path="sparse"))
 
 
-def test_forward_grid_checks_layout_arguments():
-    conv = HeteroGraphAttention(16, context_graph_metadata(), heads=4)
+# ---------------------------------------------------------------- dense unit, standalone
+
+# A non-GNN-LM heterograph: words sit in windows of W slots ("next" links adjacent words),
+# some slots of each window feed sentences ("in"); "cites" is never used by the dense unit.
+WORD, SENT = "word", "sentence"
+NEXT, IN, CITES = (WORD, "next", WORD), (WORD, "in", SENT), (SENT, "cites", SENT)
+
+
+def windowed_case(seed: int, U: int = 7, W: int = 4, C: int = 5, K: int = 3, channels: int = 16):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(U, W, generator=gen) < 0.7
+    mask[0] = False  # an empty window
+    window_index = torch.randint(0, U, (C, K), generator=gen)  # windows shared by several queries
+    window_index[torch.rand(C, K, generator=gen) < 0.25] = -1
+    window_index[-1] = -1  # a query without sources
+    query_x = torch.randn(C, channels, generator=gen)
+    return query_x, torch.randn(U, W, channels, generator=gen), mask, window_index
+
+
+def windowed_edge_list(mask, window_index, slots):
+    """The edge list the dense unit stands for; words numbered by flat slot order."""
+    U, W = mask.shape
+    node = torch.full((U * W,), -1, dtype=torch.long)
+    node[mask.view(-1)] = torch.arange(int(mask.sum()))
+    node = node.view(U, W)
+    nxt, into = [], []
+    for u in range(U):
+        for j in range(W):
+            for i in (j - 1, j, j + 1):
+                if 0 <= i < W and mask[u, i] and mask[u, j]:
+                    nxt.append((int(node[u, i]), int(node[u, j])))
+    for c, windows in enumerate(window_index.tolist()):
+        for u in windows:
+            into.extend((int(node[u, j]), c) for j in slots if u >= 0 and mask[u, j])
+    as_index = lambda e: torch.tensor(e, dtype=torch.long).view(-1, 2).t()
+    return {NEXT: as_index(nxt), IN: as_index(into)}
+
+
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+@pytest.mark.parametrize("slots", [(1,), (0, 2), None], ids=["one", "two", "all"])
+def test_dense_unit_standalone_equals_edge_list(normalization, slots):
+    torch.manual_seed(0)
+    metadata = ([SENT, WORD], [NEXT, IN, CITES])
+    conv = HeteroGraphAttention(16, metadata, heads=4, normalization=normalization).eval()
+    with torch.no_grad():
+        for p in conv.rel_prior.values():
+            p.uniform_(0.5, 1.5)
+    query_x, window_x, mask, window_index = windowed_case(1)
+    q_out, w_out = dense_window_attention(
+        conv, query_x, window_x, mask, window_index, window_relation=NEXT, query_relation=IN,
+        query_slots=slots)
+    assert q_out.shape == query_x.shape and w_out.shape == window_x.shape
+    edges = windowed_edge_list(mask, window_index, range(4) if slots is None else slots)
+    ref = conv({SENT: query_x, WORD: window_x[mask]}, edges)
+    torch.testing.assert_close(q_out, ref[SENT], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_out[mask], ref[WORD], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q_out[-1], conv.norm[SENT](query_x[-1:])[0])  # no sources: m = 0
+    # update_windows=False leaves the windows alone and gives the same query output
+    q_only, same = dense_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
+                                          slots, update_windows=False)
+    assert same is window_x and torch.equal(q_only, q_out)
+
+
+def test_dense_unit_relation_missing_from_metadata_sends_nothing():
+    conv = HeteroGraphAttention(16, ([SENT, WORD], [IN]), heads=4).eval()
+    query_x, window_x, mask, window_index = windowed_case(2)
+    q_out, w_out = dense_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN)
+    edges = windowed_edge_list(mask, window_index, range(4))
+    ref = conv({SENT: query_x, WORD: window_x[mask]}, edges)
+    torch.testing.assert_close(q_out, ref[SENT], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_out[mask], conv.norm[WORD](window_x[mask]))
+
+
+def test_dense_unit_checks_arguments():
+    conv = HeteroGraphAttention(16, ([SENT, WORD], [NEXT, IN]), heads=4)
+    query_x, window_x, mask, window_index = windowed_case(3)
+    good = (query_x, window_x, mask, window_index)
+    for bad in [
+        (query_x, window_x.unsqueeze(0), mask, window_index),  # [1, U, W, F]
+        (query_x, window_x, mask[:, :-1], window_index),  # mask does not match the windows
+        (query_x[:-1], window_x, mask, window_index),  # one window row per query
+        (query_x, window_x, mask, window_index.view(-1)),
+    ]:
+        with pytest.raises(ValueError):
+            dense_window_attention(conv, *bad, window_relation=NEXT, query_relation=IN)
+    wrong = [(IN, IN), (NEXT, (SENT, "in", WORD)), ((WORD, "x", SENT), IN),
+             ((NBR, "n2n", NBR), N2C)]
+    for relations in wrong:
+        with pytest.raises(ValueError):
+            dense_window_attention(conv, *good, *relations)
     with pytest.raises(ValueError):
-        conv.forward_grid(torch.randn(2, 16), torch.randn(3, 3, 16), torch.ones(3, 3, dtype=torch.bool))
-    with pytest.raises(ValueError):
-        conv.forward_grid(torch.randn(2, 16), torch.randn(2, 1, 3, 16), torch.ones(2, 1, 3, dtype=torch.bool),
-                          window=torch.zeros(2, 1, dtype=torch.long))
+        dense_window_attention(conv, *good, NEXT, IN, query_slots=(0, 4))  # W = 4
 
 
 def test_dense_path_bf16_smoke():
@@ -334,6 +476,29 @@ def test_batched_equals_per_sequence(gcfg):
         torch.testing.assert_close(out_b, out[graph[CTX].batch_index == b], atol=1e-5, rtol=1e-5)
 
 
+def test_graphs_batched_by_pyg_take_the_edge_list_path():
+    from torch_geometric.data import Batch
+
+    ids, tokens, docs, _ = corpus_and_graph(GraphConfig())
+    parts = [build_context_graph(ids[b : b + 1], tokens, docs, GraphConfig()) for b in range(3)]
+    batch = Batch.from_data_list(parts)
+    adapter = make_adapter()
+    assert batch.layout.kind == "irregular" and not adapter.use_dense(batch)
+    with pytest.raises(ValueError):
+        adapter(batch, *adapter_inputs(batch), path="dense")
+    ctx_x, nbr_x, tok_x = adapter_inputs(batch)
+    cp, npt = batch[CTX].ptr.tolist(), batch[NBR].ptr.tolist()
+    expected = torch.cat([
+        adapter(g, ctx_x[cp[i] : cp[i + 1]], nbr_x[npt[i] : npt[i + 1]], tok_x[npt[i] : npt[i + 1]])
+        for i, g in enumerate(parts)
+    ])
+    torch.testing.assert_close(adapter(batch, ctx_x, nbr_x, tok_x), expected, atol=1e-5, rtol=1e-5)
+    # graphs with different windows batch too; their batch is simply not dense
+    wider = build_context_graph(ids[:1], tokens, docs, GraphConfig(left=2))
+    mixed = Batch.from_data_list([parts[0], wider])
+    assert not adapter.use_dense(mixed)
+
+
 @pytest.mark.parametrize("use_c2c", [False, True])
 def test_permuting_nbr_nodes_changes_nothing(use_c2c):
     *_, graph = corpus_and_graph(GraphConfig(c2c=use_c2c, n2c="window"))
@@ -344,8 +509,7 @@ def test_permuting_nbr_nodes_changes_nothing(use_c2c):
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     permuted = graph.clone()
-    del permuted[NBR].grid_index
-    permuted.layout = "irregular"
+    permuted.layout = graph.layout.as_irregular()
     permuted[N2N].edge_index = inv[graph[N2N].edge_index]
     e = graph[N2C].edge_index
     permuted[N2C].edge_index = torch.stack([inv[e[0]], e[1]])

@@ -30,7 +30,7 @@ BENCHMARKS = {
 }
 
 STAGES = [
-    ("Corpus", "hetgraph.corpus"), ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
+    ("Configuration", "hetgraph.configuration"), ("Corpus", "hetgraph.corpus"), ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
     ("Index", "hetgraph.index"), ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
     ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"), ("Training", "hetgraph.training"),
     ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),

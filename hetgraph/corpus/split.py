@@ -8,8 +8,9 @@ and no document is ever in two splits.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
+
+from hetgraph.io import sha256_hex
 
 from .config import SPLITS
 from .documents import Document
@@ -17,8 +18,7 @@ from .documents import Document
 
 def document_hash(name: str, seed: int = 0) -> float:
     """The document's position in ``[0, 1)``: SHA-256 of ``"<seed>:<name>"``, first 8 bytes."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return int(sha256_hex(f"{seed}:{name}", length=16), 16) / 2**64  # 16 hex digits = 8 bytes
 
 
 def split_documents(

@@ -1,7 +1,6 @@
 """Tokenized splits and corpora, stored as ``.npy`` arrays plus JSON (never pickles)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,11 +8,19 @@ from typing import Any
 
 import numpy as np
 
+from hetgraph.io import (
+    CORPUS_METADATA,
+    StreamingHash,
+    atomic_save_npy,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
+
 from .config import SPLITS, CorpusConfig
 
 #: Version of the on-disk layout written by :meth:`TokenizedCorpus.save`.
 FORMAT_VERSION = 1
-_METADATA_FILE = "corpus.json"
 
 
 def positions_from_doc_ids(doc_ids: np.ndarray) -> np.ndarray:
@@ -92,11 +99,10 @@ class TokenizedSplit:
     def save(self, directory: str | Path) -> None:
         """Write ``<name>.tokens.npy``, ``<name>.doc_ids.npy`` and ``<name>.docs.json``."""
         directory = Path(directory)
-        np.save(directory / f"{self.name}.tokens.npy", self.tokens, allow_pickle=False)
-        np.save(directory / f"{self.name}.doc_ids.npy", self.doc_ids, allow_pickle=False)
-        (directory / f"{self.name}.docs.json").write_text(
-            json.dumps(self.doc_names, ensure_ascii=False), encoding="utf-8"
-        )
+        atomic_save_npy(directory / f"{self.name}.tokens.npy", self.tokens)
+        atomic_save_npy(directory / f"{self.name}.doc_ids.npy", self.doc_ids)
+        atomic_write_text(directory / f"{self.name}.docs.json",
+                          json.dumps(self.doc_names, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | Path, name: str, mmap: bool = False) -> TokenizedSplit:
@@ -105,17 +111,17 @@ class TokenizedSplit:
         mode = "r" if mmap else None
         tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode=mode, allow_pickle=False)
         doc_ids = np.load(directory / f"{name}.doc_ids.npy", mmap_mode=mode, allow_pickle=False)
-        names = json.loads((directory / f"{name}.docs.json").read_text(encoding="utf-8"))
+        names = read_json(directory / f"{name}.docs.json")
         return cls(name, tokens, doc_ids, names)
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the split's tokens, document ids and names."""
-        h = hashlib.sha256()
+        h = StreamingHash()
         for array in (self.tokens, self.doc_ids):
             h.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
             h.update(b"|")
-        h.update(json.dumps(self.doc_names, ensure_ascii=False).encode())
-        return h.hexdigest()[:16]
+        h.update(json.dumps(self.doc_names, ensure_ascii=False))
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         return (
@@ -149,10 +155,10 @@ class TokenizedCorpus:
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
-            h = hashlib.sha256(self.tokenizer_fingerprint.encode())
+            h = StreamingHash(self.tokenizer_fingerprint)
             for split in self.splits.values():
-                h.update(f"{split.name}:{split.fingerprint()};".encode())
-            self.fingerprint = h.hexdigest()[:16]
+                h.update(f"{split.name}:{split.fingerprint()};")
+            self.fingerprint = h.hexdigest()
 
     @property
     def splits(self) -> dict[str, TokenizedSplit]:
@@ -185,7 +191,7 @@ class TokenizedCorpus:
             "config": None if self.config is None else self.config.to_dict(),
             "summary": self.summary(),
         }
-        (directory / _METADATA_FILE).write_text(json.dumps(metadata, indent=2), encoding="utf-8")
+        atomic_write_json(directory / CORPUS_METADATA, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False) -> TokenizedCorpus:
@@ -195,10 +201,10 @@ class TokenizedCorpus:
             ValueError: if the directory holds no corpus of a known format.
         """
         directory = Path(directory)
-        meta_path = directory / _METADATA_FILE
+        meta_path = directory / CORPUS_METADATA
         if not meta_path.is_file():
-            raise ValueError(f"{directory} holds no tokenized corpus ({_METADATA_FILE} missing)")
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+            raise ValueError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} missing)")
+        metadata = read_json(meta_path)
         if metadata.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{directory}: tokenized corpus format {metadata.get('format_version')}, "

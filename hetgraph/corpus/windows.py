@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class Window:
@@ -44,7 +42,3 @@ def sliding_windows(num_positions: int, context_length: int, stride: int) -> lis
         windows.append(Window(start, end, scored))
         scored = end
     return windows
-
-
-def windows_as_array(windows: list[Window]) -> np.ndarray:
-    return np.array([(w.start, w.end, w.score_start) for w in windows], dtype=np.int64).reshape(-1, 3)

@@ -1,7 +1,6 @@
 """Building a datastore: one frozen-LM pass over a split, resumable after interruption."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,15 +20,22 @@ from hetgraph.datastore.capture import (
     split_arrays,
 )
 from hetgraph.datastore.store import (
-    DOC_NAMES_FILE,
     FORMAT_VERSION,
-    METADATA_FILE,
-    PROGRESS_FILE,
     Datastore,
     DatastoreConfig,
     DatastoreError,
     DatastoreMetadata,
+    array_path,
+)
+from hetgraph.io import (
+    DATASTORE_METADATA,
+    DATASTORE_PROGRESS,
+    DOC_NAMES,
+    atomic_save_npy,
+    atomic_write_json,
     atomic_write_text,
+    json_fingerprint,
+    read_json,
 )
 from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
 from hetgraph.models.layers import model_device
@@ -110,44 +116,63 @@ def build_datastore(
     num_entries = len(tokens) - 1
     key_layer = normalize_layer(model, config.key_layer)
     feature_layers = tuple(dict.fromkeys(normalize_layer(model, l) for l in config.feature_layers))
-    dims = probe_dims(model, [key_layer, *feature_layers], token_id=int(tokens[0]))
     windows = sliding_windows(num_entries, config.context_length, config.stride)
     batches = window_batches(windows, config.batch_size)
     if corpus_fingerprint is None:
         corpus_fingerprint = array_fingerprint(tokens, doc_ids)
-    model_fp = model_fingerprint(model, tokenizer)
-    identity: dict[str, Any] = {
-        "num_entries": num_entries, "dim": dims[key_layer], "key_layer": key_layer,
-        "feature_dims": {str(l): dims[l] for l in feature_layers},
-        "context_length": config.context_length, "stride": config.stride,
-        "batch_size": config.batch_size, "max_tokens": config.max_tokens, "model": model_fp,
-        "model_dtype": model_dtype_name(model), "corpus_fingerprint": corpus_fingerprint,
-        "key_dtype": "float16", "num_batches": len(batches), "format_version": FORMAT_VERSION,
-    }
-    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    metadata = DatastoreMetadata(**identity, fingerprint=fingerprint, complete=False)
+    metadata = _build_metadata(model, tokenizer, config, int(tokens[0]), num_entries, key_layer,
+                               feature_layers, len(batches), corpus_fingerprint)
 
     done = _prepare_directory(out, metadata, overwrite)
     if done is None:  # already complete
         return Datastore.open(out)
-    if done == 0 and not (out / "keys.npy").exists():
+    if done == 0 and not array_path(out, "keys").exists():
         _write_static_arrays(out, metadata, tokens, doc_ids, positions,
                              getattr(split, "doc_names", None))
 
-    keys = np.load(out / "keys.npy", mmap_mode="r+", allow_pickle=False)
-    feats = {l: np.load(out / f"features_{l}.npy", mmap_mode="r+", allow_pickle=False)
+    todo = batches[done:] if max_batches is None else batches[done:done + max_batches]
+    _run_batches(model, tokens, out, batches, done, todo, key_layer, feature_layers, show_progress)
+    if _read_progress(out) >= len(batches):
+        metadata.complete = True
+        metadata.save(out / DATASTORE_METADATA)
+        return Datastore.open(out)
+    return Datastore.open(out, allow_incomplete=True)
+
+
+def _build_metadata(model: nn.Module, tokenizer: Any, config: DatastoreConfig, probe_token: int,
+                    num_entries: int, key_layer: int | None, feature_layers: tuple[int, ...],
+                    num_batches: int, corpus_fingerprint: str) -> DatastoreMetadata:
+    """What the build will record in ``metadata.json`` (widths probed with one token)."""
+    dims = probe_dims(model, [key_layer, *feature_layers], token_id=probe_token)
+    identity: dict[str, Any] = {
+        "num_entries": num_entries, "dim": dims[key_layer], "key_layer": key_layer,
+        "feature_dims": {str(l): dims[l] for l in feature_layers},
+        "context_length": config.context_length, "stride": config.stride,
+        "batch_size": config.batch_size, "max_tokens": config.max_tokens,
+        "model": model_fingerprint(model, tokenizer),
+        "model_dtype": model_dtype_name(model), "corpus_fingerprint": corpus_fingerprint,
+        "key_dtype": "float16", "num_batches": num_batches, "format_version": FORMAT_VERSION,
+    }
+    return DatastoreMetadata(**identity, fingerprint=json_fingerprint(identity), complete=False)
+
+
+def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[list[Window]],
+                 done: int, todo: list[list[Window]], key_layer: int | None,
+                 feature_layers: tuple[int, ...], show_progress: bool) -> None:
+    """Capture and store the states of the batches ``todo`` (batches ``done``, ``done + 1``, …),
+    saving progress after every flushed batch."""
+    keys = np.load(array_path(out, "keys"), mmap_mode="r+", allow_pickle=False)
+    feats = {l: np.load(array_path(out, f"features_{l}"), mmap_mode="r+", allow_pickle=False)
              for l in feature_layers}
     device = model_device(model)
-    bar = tqdm(total=num_entries, initial=sum(w.end - w.score_start for b in batches[:done] for w in b),
-               desc="datastore", unit="tok", disable=not show_progress, dynamic_ncols=True)
-    processed = 0
+    scored_before = sum(w.end - w.score_start for b in batches[:done] for w in b)
+    total = sum(w.end - w.score_start for b in batches for w in b)
+    bar = tqdm(total=total, initial=scored_before, desc="datastore", unit="tok",
+               disable=not show_progress, dynamic_ncols=True)
     try:
         with torch.inference_mode(), HiddenStateCapture(model, [key_layer, *feature_layers],
                                                         stop_forward=True) as capture:
-            for b in range(done, len(batches)):
-                if max_batches is not None and processed >= max_batches:
-                    break
-                batch = batches[b]
+            for b, batch in enumerate(todo, start=done):
                 states = capture.run(batch_input_ids(tokens, batch, device))
                 _write_batch(batch, states[key_layer], keys)
                 for l in feature_layers:
@@ -156,16 +181,10 @@ def build_datastore(
                 for f in feats.values():
                     f.flush()
                 _write_progress(out, b + 1, len(batches))
-                processed += 1
                 bar.update(sum(w.end - w.score_start for w in batch))
     finally:
         bar.close()
         del keys, feats
-    if _read_progress(out) >= len(batches):
-        metadata.complete = True
-        metadata.to_json(out / METADATA_FILE)
-        return Datastore.open(out)
-    return Datastore.open(out, allow_incomplete=True)
 
 
 def _write_batch(batch: list[Window], hidden: torch.Tensor, target: np.memmap) -> None:
@@ -173,15 +192,16 @@ def _write_batch(batch: list[Window], hidden: torch.Tensor, target: np.memmap) -
     half = hidden.to(torch.float16)
     for row, w in enumerate(batch):
         offset = w.score_start - w.start
-        target[w.score_start:w.end] = half[row, offset:offset + (w.end - w.score_start)].cpu().numpy()
+        scored = w.end - w.score_start
+        target[w.score_start:w.end] = half[row, offset:offset + scored].cpu().numpy()
 
 
 def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> int | None:
     """Create / validate ``out``; return the number of batches already done (None = complete)."""
-    meta_file = out / METADATA_FILE
+    meta_file = out / DATASTORE_METADATA
     if meta_file.exists():
         try:
-            existing = DatastoreMetadata.from_json(meta_file)
+            existing = DatastoreMetadata.load(meta_file)
             same = existing.identity() == metadata.identity()
         except (DatastoreError, TypeError, ValueError, json.JSONDecodeError):
             existing, same = None, False
@@ -218,29 +238,27 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
     n = metadata.num_entries
     if doc_names is not None:
         # Names of the documents, so retrieved neighbours can be shown with their source.
-        atomic_write_text(out / DOC_NAMES_FILE, json.dumps(list(doc_names), ensure_ascii=False) + "\n")
+        atomic_write_text(out / DOC_NAMES, json.dumps(list(doc_names), ensure_ascii=False) + "\n")
     for name, array in (("tokens", tokens[:n]), ("next_tokens", tokens[1:n + 1]),
                         ("doc_ids", doc_ids[:n]), ("positions", positions[:n])):
-        tmp = out / f"{name}.tmp.npy"
-        np.save(tmp, np.ascontiguousarray(array, dtype=np.int32), allow_pickle=False)
-        tmp.replace(out / f"{name}.npy")
+        atomic_save_npy(array_path(out, name), np.ascontiguousarray(array, dtype=np.int32))
     for name, dim in (("keys", metadata.dim),
                       *((f"features_{l}", d) for l, d in metadata.feature_dims.items())):
-        array = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.float16,
+        array = np.lib.format.open_memmap(array_path(out, name), mode="w+", dtype=np.float16,
                                           shape=(n, dim))
         array.flush()
         del array
     _write_progress(out, 0, metadata.num_batches)
-    metadata.to_json(out / METADATA_FILE)
+    metadata.save(out / DATASTORE_METADATA)
 
 
 def _write_progress(out: Path, batches_done: int, num_batches: int) -> None:
-    atomic_write_text(out / PROGRESS_FILE,
-                      json.dumps({"batches_done": batches_done, "num_batches": num_batches}) + "\n")
+    atomic_write_json(out / DATASTORE_PROGRESS,
+                      {"batches_done": batches_done, "num_batches": num_batches})
 
 
 def _read_progress(out: Path) -> int:
     try:
-        return int(json.loads((out / PROGRESS_FILE).read_text())["batches_done"])
+        return int(read_json(out / DATASTORE_PROGRESS)["batches_done"])
     except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
         return 0

@@ -11,13 +11,14 @@ captured with a forward pre-hook on ``model.get_output_embeddings()``) or an ``i
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hetgraph.corpus.tokenized import positions_from_doc_ids
 from hetgraph.models.layers import (
     decoder_layers,
     hidden_states_of,
@@ -28,8 +29,10 @@ from hetgraph.models.layers import (
 LayerSpec = Optional[int]  # noqa: UP045 (a runtime alias)
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once every requested state is captured."""
+class StopForward(Exception):
+    """Raised by a capture hook to end a forward pass once every requested state is captured
+    (the rest of the model, e.g. the LM head's ``[B, T, V]`` logits, is never computed).
+    Whoever calls the model catches it; :meth:`HiddenStateCapture.run` does."""
 
 
 def normalize_layer(model: nn.Module, layer: LayerSpec) -> LayerSpec:
@@ -58,17 +61,23 @@ class HiddenStateCapture:
         stop_forward: if True, the forward pass is aborted right after the last requested
             state is captured (so the LM head's ``[B, T, V]`` logits are never computed);
             use :meth:`run` to call the model in that mode.
+        on_capture: if given, called as ``on_capture(layer, hidden)`` with each captured
+            state instead of recording it in :attr:`states` (the fusion hooks retrieve
+            neighbours from it). It may raise :class:`StopForward`.
 
     After a forward pass, ``capture.states[layer]`` holds the ``[B, T, d]`` tensor
     (detached, on the model's device, in the model's dtype).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec], stop_forward: bool = False):
+    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec], stop_forward: bool = False,
+                 on_capture: Callable[[LayerSpec, Tensor], None] | None = None):
         self.model = model
-        self.layers: list[LayerSpec] = list(dict.fromkeys(normalize_layer(model, l) for l in layers))
+        self.layers: list[LayerSpec] = list(
+            dict.fromkeys(normalize_layer(model, l) for l in layers))
         if not self.layers:
             raise ValueError("HiddenStateCapture needs at least one layer to capture")
         self.stop_forward = stop_forward
+        self.on_capture = on_capture
         self.states: dict[LayerSpec, Tensor] = {}
         self._handles: list[Any] = []
         ints = [l for l in self.layers if l is not None]
@@ -77,9 +86,12 @@ class HiddenStateCapture:
 
     # -- hooks -----------------------------------------------------------------------------
     def _store(self, layer: LayerSpec, hidden: Tensor) -> None:
+        if self.on_capture is not None:
+            self.on_capture(layer, hidden.detach())
+            return
         self.states[layer] = hidden.detach()
         if self.stop_forward and layer == self._last and len(self.states) == len(self.layers):
-            raise _StopForward
+            raise StopForward
 
     def attach(self) -> HiddenStateCapture:
         if self._handles:
@@ -115,7 +127,8 @@ class HiddenStateCapture:
         self.detach()
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> dict[LayerSpec, Tensor]:
+    def run(self, input_ids: Tensor,
+            attention_mask: Tensor | None = None) -> dict[LayerSpec, Tensor]:
         """Run the model on ``input_ids`` and return the captured states.
 
         With ``stop_forward=True`` the forward ends as soon as the states are captured.
@@ -126,7 +139,7 @@ class HiddenStateCapture:
         self.states = {}
         try:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         missing = [l for l in self.layers if l not in self.states]
         if missing:
@@ -134,7 +147,8 @@ class HiddenStateCapture:
         return self.states
 
 
-def split_arrays(split: Any, max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_arrays(split: Any,
+                 max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(tokens, doc_ids, positions)`` int32 arrays of a ``TokenizedSplit``-like object.
 
     ``split`` needs ``tokens`` and ``doc_ids`` arrays; ``positions`` (array or property)
@@ -150,29 +164,20 @@ def split_arrays(split: Any, max_tokens: int | None = None) -> tuple[np.ndarray,
     else:
         positions = np.asarray(positions)[: len(tokens)]
     if not (len(tokens) == len(doc_ids) == len(positions)):
-        raise ValueError(f"split arrays differ in length: tokens {len(tokens)}, doc_ids {len(doc_ids)}, "
-                         f"positions {len(positions)}")
+        raise ValueError(f"split arrays differ in length: tokens {len(tokens)}, "
+                         f"doc_ids {len(doc_ids)}, positions {len(positions)}")
     return (tokens.astype(np.int32, copy=False), doc_ids.astype(np.int32, copy=False),
             positions.astype(np.int32, copy=False))
 
 
-def positions_from_doc_ids(doc_ids: np.ndarray) -> np.ndarray:
-    """Offset of each token inside its document (documents are contiguous runs of ``doc_ids``)."""
-    doc_ids = np.asarray(doc_ids)
-    n = len(doc_ids)
-    if n == 0:
-        return np.zeros(0, dtype=np.int32)
-    starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
-    run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-    return (np.arange(n) - run_start).astype(np.int32)
-
-
 def model_dtype_name(model: nn.Module) -> str:
+    """The model's parameter dtype without the ``torch.`` prefix (``"float32"``, …)."""
     return str(next(model.parameters()).dtype).replace("torch.", "")
 
 
 @torch.no_grad()
-def probe_dims(model: nn.Module, layers: Sequence[LayerSpec], token_id: int = 0) -> dict[LayerSpec, int]:
+def probe_dims(model: nn.Module, layers: Sequence[LayerSpec],
+               token_id: int = 0) -> dict[LayerSpec, int]:
     """Width of the hidden state at each layer, measured with a one-token forward pass."""
     from hetgraph.models.layers import model_device
 

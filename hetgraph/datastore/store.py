@@ -16,9 +16,7 @@ split length minus one (the last token predicts nothing).
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.io import DATASTORE_METADATA, DOC_NAMES, atomic_write_json, read_json
 from hetgraph.models.fingerprint import (
     config_fingerprint,
     tokenizer_fingerprint,
@@ -34,13 +33,12 @@ from hetgraph.models.fingerprint import (
 )
 
 FORMAT_VERSION = 1
-METADATA_FILE = "metadata.json"
-PROGRESS_FILE = "progress.json"
 ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
 
 
-#: JSON list of document names, indexed by ``doc_ids``.
-DOC_NAMES_FILE = "doc_names.json"
+def array_path(directory: str | Path, name: str) -> Path:
+    """The ``.npy`` file of the datastore array ``name`` (``"keys"``, ``"features_3"``, …)."""
+    return Path(directory) / f"{name}.npy"
 
 
 class DatastoreError(ValueError):
@@ -111,7 +109,6 @@ class DatastoreMetadata:
     num_batches: int = 0
     complete: bool = False
     format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -120,33 +117,28 @@ class DatastoreMetadata:
     def identity(self) -> dict[str, Any]:
         """The fields that must match for a build to be resumed (everything but progress)."""
         d = asdict(self)
-        for volatile in ("complete", "extra"):
-            d.pop(volatile)
+        d.pop("complete")
         return d
 
-    def to_json(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+    def save(self, path: str | Path) -> None:
+        """Write the metadata to the JSON file ``path`` (atomically, keys sorted)."""
+        atomic_write_json(path, asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> DatastoreMetadata:
-        data = json.loads(Path(path).read_text())
+    def load(cls, path: str | Path) -> DatastoreMetadata:
+        """Read a JSON file written by :meth:`save`; keys this version does not know (such
+        as ``extra``, written by older versions) are ignored.
+
+        Raises:
+            DatastoreError: the file records another datastore format version.
+        """
+        data = read_json(path)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise DatastoreError(f"{path}: datastore format version {version} is not supported "
                                  f"(this hetgraph reads version {FORMAT_VERSION}); rebuild it")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file so that readers never see a half-written version."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def key_dim_of(model: nn.Module, key_layer: int | None) -> int | None:
@@ -166,7 +158,8 @@ class Datastore:
     Attributes:
         path: the datastore directory.
         metadata: :class:`DatastoreMetadata`.
-        keys: float16 ``[N, d]``; ``next_tokens``, ``tokens``, ``doc_ids``, ``positions``: int32 ``[N]``.
+        keys: float16 ``[N, d]``.
+        next_tokens, tokens, doc_ids, positions: int32 ``[N]``.
     """
 
     def __init__(self, path: Path, metadata: DatastoreMetadata):
@@ -181,13 +174,14 @@ class Datastore:
         self._features: dict[int, np.ndarray] = {}
 
     def _load(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        file = self.path / f"{name}.npy"
+        file = array_path(self.path, name)
         if not file.exists():
             raise DatastoreError(f"datastore {self.path} lacks {file.name}; rebuild it")
         array = np.load(file, mmap_mode="r", allow_pickle=False)
         if array.shape != shape or array.dtype != np.dtype(dtype):
             raise DatastoreError(f"{file}: expected {np.dtype(dtype).name} {shape}, found "
-                                 f"{array.dtype.name} {array.shape}; the datastore is corrupt, rebuild it")
+                                 f"{array.dtype.name} {array.shape}; the datastore is corrupt, "
+                                 "rebuild it")
         return array
 
     # -- opening -------------------------------------------------------------------------
@@ -215,11 +209,11 @@ class Datastore:
             DatastoreError: missing/incomplete datastore, or a mismatch.
         """
         path = Path(path)
-        meta_file = path / METADATA_FILE
+        meta_file = path / DATASTORE_METADATA
         if not meta_file.exists():
-            raise DatastoreError(f"no datastore at {path} (no {METADATA_FILE}); build one with "
-                                 "hetgraph.datastore.build_datastore")
-        metadata = DatastoreMetadata.from_json(meta_file)
+            raise DatastoreError(f"no datastore at {path} (no {DATASTORE_METADATA}); build one "
+                                 "with hetgraph.datastore.build_datastore")
+        metadata = DatastoreMetadata.load(meta_file)
         if not metadata.complete and not allow_incomplete:
             raise DatastoreError(
                 f"the datastore at {path} is incomplete (its build was interrupted); resume it by "
@@ -265,7 +259,8 @@ class Datastore:
             if fp != meta.model.get("tokenizer"):
                 raise DatastoreError(
                     f"datastore {self.path} was built with a different tokenizer (fingerprint "
-                    f"{meta.model.get('tokenizer')}, this tokenizer {fp}); token ids would not match")
+                    f"{meta.model.get('tokenizer')}, this tokenizer {fp}); token ids would not "
+                    "match")
 
     # -- access --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -301,8 +296,8 @@ class Datastore:
     def doc_names(self) -> list[str] | None:
         """Name of every document (index = ``doc_ids`` value), or ``None`` if not recorded."""
         if not hasattr(self, "_doc_names"):
-            path = self.path / DOC_NAMES_FILE
-            self._doc_names = json.loads(path.read_text()) if path.is_file() else None
+            path = self.path / DOC_NAMES
+            self._doc_names = read_json(path) if path.is_file() else None
         return self._doc_names
 
     def document_name(self, row: int) -> str:
@@ -329,7 +324,8 @@ class Datastore:
         array = getattr(self, name) if name in ARRAY_NAMES else None
         if array is None:
             raise KeyError(f"unknown datastore array {name!r}; choose one of {ARRAY_NAMES}")
-        return torch.from_numpy(np.array(array)).to(device) if device else torch.from_numpy(np.array(array))
+        tensor = torch.from_numpy(np.array(array))
+        return tensor.to(device) if device else tensor
 
 
 def _layer_str(layer: int | None) -> str:

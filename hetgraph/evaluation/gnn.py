@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
-from hetgraph.evaluation.lm import EvalConfig, LMOutputs, collect_lm_outputs
+from hetgraph.evaluation.lm import (
+    EvalConfig,
+    ForwardFn,
+    LMOutputs,
+    NeighbourSearch,
+    collect_lm_outputs,
+)
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
-
-#: Row labels of :func:`results_table`, in display order.
-METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": "GNN-LM + kNN"}
-
 
 def _limit(split: Any, max_tokens: int | None) -> Any:
     # As everywhere in hetgraph, ``max_tokens`` counts tokens used (max_tokens - 1 are scored).
@@ -24,26 +25,23 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
     return split.truncate(max_tokens)
 
 
-def gnn_forward(lm: Any):
-    """``input_ids -> logits`` of a :class:`~hetgraph.HetGraphLM` (hooks attached per call)."""
+def gnn_forward(lm: Any, k: int | None = None) -> ForwardFn:
+    """``input_ids -> logits`` of a :class:`~hetgraph.HetGraphLM` retrieving ``k`` neighbours
+    per position (default: its config's ``k``); hooks are attached per call."""
     def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        return lm(input_ids, use_cache=False).logits
+        return lm(input_ids, use_cache=False, k=k).logits
     return forward
 
 
-def model_perplexity(
-    lm: Any,
-    split: Any,
-    max_tokens: int | None = None,
-    *,
-    context_length: int = 512,
-    stride: int = 256,
-    batch_size: int = 8,
-) -> float:
-    """Perplexity of a :class:`~hetgraph.HetGraphLM` on the first ``max_tokens`` of a split."""
-    config = EvalConfig(context_length=context_length, stride=stride, batch_size=batch_size)
-    outputs = collect_lm_outputs(lm.model, _limit(split, max_tokens), config,
-                                 forward=gnn_forward(lm), show_progress=False)
+def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
+                     max_tokens: int | None = None) -> float:
+    """Perplexity of a :class:`~hetgraph.HetGraphLM` on a split, through ``config``'s
+    windows, over its first ``max_tokens`` tokens (default ``config.max_tokens``, else all).
+    The model retrieves its own ``FusionConfig.k`` neighbours (as in training)."""
+    config = config or EvalConfig()
+    if max_tokens is not None:
+        config = dataclasses.replace(config, max_tokens=max_tokens)
+    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm), show_progress=False)
     return perplexity(outputs.lm_log_probs)
 
 
@@ -86,15 +84,15 @@ def evaluate_four_way(
         (tokens/s of base and GNN-LM evaluation, and their ratio). JSON-serialisable.
     """
     config = config or EvalConfig()
-    model, datastore, index = lm.model, lm.datastore, lm.retriever.index
+    model = lm.model
     k = int(config.k)
     windows = dataclasses.replace(config, max_tokens=None)
     valid_split = _limit(valid_split, config.valid_tokens)
     test_split = _limit(test_split, config.max_tokens)
-    common = dict(index=index, datastore=datastore, k=k, show_progress=show_progress)
-    base_valid = collect_lm_outputs(model, valid_split, windows, **common)
+    search = NeighbourSearch(lm.index, lm.datastore)
+    base_valid = collect_lm_outputs(model, valid_split, windows, search=search, show_progress=show_progress)
     started = time.perf_counter()
-    base_test = collect_lm_outputs(model, test_split, windows, **common)
+    base_test = collect_lm_outputs(model, test_split, windows, search=search, show_progress=show_progress)
     base_seconds = time.perf_counter() - started
     results: dict[str, Any] = {
         "base": score_lm(base_test),
@@ -102,18 +100,13 @@ def evaluate_four_way(
     }
     speed: dict[str, float] = {"base_with_search_tokens_per_s": len(base_test) / base_seconds}
     if include_gnn:
-        previous_k = lm.config.k
-        lm.config.k = k
-        try:
-            forward = gnn_forward(lm)
-            gnn_valid = collect_lm_outputs(model, valid_split, windows, forward=forward,
-                                           neighbours_from=base_valid, show_progress=show_progress)
-            started = time.perf_counter()
-            gnn_test = collect_lm_outputs(model, test_split, windows, forward=forward,
-                                          neighbours_from=base_test, show_progress=show_progress)
-            gnn_seconds = time.perf_counter() - started
-        finally:
-            lm.config.k = previous_k
+        forward = gnn_forward(lm, k)
+        gnn_valid = collect_lm_outputs(model, valid_split, windows, forward=forward,
+                                       neighbours_from=base_valid, show_progress=show_progress)
+        started = time.perf_counter()
+        gnn_test = collect_lm_outputs(model, test_split, windows, forward=forward,
+                                      neighbours_from=base_test, show_progress=show_progress)
+        gnn_seconds = time.perf_counter() - started
         results["gnn"] = score_lm(gnn_test)
         results["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas)
         speed["gnn_tokens_per_s"] = len(gnn_test) / gnn_seconds
@@ -122,50 +115,3 @@ def evaluate_four_way(
     results["valid_tokens"] = len(base_valid)
     results["speed"] = speed
     return results
-
-
-def results_table(results: Mapping[str, Any], title: str | None = None) -> str:
-    """Markdown table of :func:`evaluate_four_way` results, with ratios to the base LM."""
-    lines = [f"**{title}**", ""] if title else []
-    lines += ["| method | perplexity | vs base | accuracy | λ | T |", "|---|---:|---:|---:|---:|---:|"]
-    base = results["base"]["ppl"]
-    for key, name in METHOD_NAMES.items():
-        row = results.get(key)
-        if not isinstance(row, Mapping):
-            continue
-        lam = f"{row['lambda']:.2f}" if "lambda" in row else "–"
-        temperature = f"{row['temperature']:.3g}" if "temperature" in row else "–"
-        lines.append(f"| {name} | {row['ppl']:.3f} | {row['ppl'] / base:.3f} | {100 * row['acc']:.2f} % "
-                     f"| {lam} | {temperature} |")
-    lines += ["", f"Test tokens: {results['tokens']:,} (λ and T tuned on {results['valid_tokens']:,} "
-                  "valid tokens)"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Bar chart of perplexity and accuracy per method, written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [key for key in METHOD_NAMES if isinstance(results.get(key), Mapping)]
-    names = [METHOD_NAMES[key] for key in keys]
-    colours = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"][: len(keys)]
-    fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, metric, label in ((ax_ppl, "ppl", "test perplexity (lower is better)"),
-                              (ax_acc, "acc", "next-token accuracy (higher is better)")):
-        values = [results[key][metric] * (100 if metric == "acc" else 1) for key in keys]
-        bars = ax.bar(names, values, color=colours)
-        ax.bar_label(bars, fmt="%.2f")
-        ax.set_title(label, fontsize=10)
-        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
-        low, high = min(values), max(values)
-        ax.set_ylim(max(0.0, low - 0.25 * (high - low + 1e-9) - 0.05 * high), high * 1.08)
-    fig.suptitle(f"hetgraph — {results['tokens']:,} test tokens", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

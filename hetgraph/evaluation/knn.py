@@ -1,7 +1,8 @@
 """Base-LM and kNN-LM evaluation: tune λ and T on valid, report on test."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,13 @@ import torch
 from torch import nn
 
 from hetgraph.datastore.store import Datastore
-from hetgraph.evaluation.lm import EvalConfig, ForwardFn, LMOutputs, collect_lm_outputs
+from hetgraph.evaluation.lm import (
+    EvalConfig,
+    ForwardFn,
+    LMOutputs,
+    NeighbourSearch,
+    collect_lm_outputs,
+)
 from hetgraph.knnlm import (
     DEFAULT_LAMBDAS,
     interpolate_log_probs,
@@ -61,7 +68,6 @@ def evaluate_base_knn(
     index: Any,
     valid_split: Any,
     test_split: Any,
-    k: int = 32,
     *,
     config: EvalConfig | None = None,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
@@ -72,7 +78,8 @@ def evaluate_base_knn(
     """Evaluate the base LM and the kNN-LM on the same test tokens.
 
     λ and T are tuned on ``valid_split`` by grid search (minimum perplexity), then
-    applied to ``test_split``.
+    applied to ``test_split``. ``config`` gives the windows, ``k`` and ``max_tokens`` (of
+    the test split) and ``valid_tokens`` (of the valid split).
 
     Returns:
         ``{"base": {"ppl", "acc"}, "knn": {"ppl", "acc", "lambda", "temperature", "k",
@@ -80,10 +87,13 @@ def evaluate_base_knn(
         "grid": {"lambdas", "temperatures", "valid_ppl"}}`` (JSON-serialisable).
     """
     datastore.check(model=model, tokenizer=tokenizer)
-    common: dict[str, Any] = {"config": config, "index": index, "datastore": datastore, "k": k,
-                              "forward": forward, "show_progress": show_progress}
-    valid = collect_lm_outputs(model, valid_split, **common)
-    test = collect_lm_outputs(model, test_split, **common)
+    config = config or EvalConfig()
+    k = int(config.k)
+    common: dict[str, Any] = {"search": NeighbourSearch(index, datastore), "forward": forward,
+                              "show_progress": show_progress}
+    valid_config = dataclasses.replace(config, max_tokens=config.valid_tokens)
+    valid = collect_lm_outputs(model, valid_split, valid_config, **common)
+    test = collect_lm_outputs(model, test_split, config, **common)
     temps = list(temperatures) if temperatures is not None else default_temperatures(valid.knn_distances)
     lam, temp, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
                                valid.targets, lambdas, temps)
@@ -98,25 +108,3 @@ def evaluate_base_knn(
         "grid": {"lambdas": [float(x) for x in lambdas], "temperatures": temps,
                  "valid_ppl": grid.tolist()},
     }
-
-
-def results_markdown_table(results: Mapping[str, Any], title: str | None = None) -> str:
-    """Render evaluation results as a Markdown table.
-
-    Every top-level entry whose value is a mapping with ``"ppl"`` becomes a row (so
-    ``"base"``, ``"knn"``, and any ``"gnn"`` / ``"gnn+knn"`` rows added later); the
-    columns are perplexity, accuracy, and λ / T / k where present.
-    """
-    names = {"base": "base LM", "knn": "kNN-LM", "valid_base": "base LM (valid)"}
-    lines = [f"**{title}**", ""] if title else []
-    lines += ["| system | perplexity | accuracy | λ | T | k |", "|---|---:|---:|---:|---:|---:|"]
-    for key, row in results.items():
-        if not isinstance(row, Mapping) or "ppl" not in row or key == "valid_base":
-            continue
-        fmt = lambda v, spec: "–" if v is None else format(v, spec)
-        lines.append(f"| {names.get(key, key)} | {fmt(row['ppl'], '.3f')} | "
-                     f"{fmt(row.get('acc'), '.2%').replace('%', ' %')} | {fmt(row.get('lambda'), '.2f')} | "
-                     f"{fmt(row.get('temperature'), '.3g')} | {fmt(row.get('k'), 'd')} |")
-    if "tokens" in results:
-        lines += ["", f"Test tokens: {results['tokens']:,}"]
-    return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ datastore keys) and its retrieved neighbours.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 
 from hetgraph.configuration import JSONConfigMixin
 from hetgraph.corpus.windows import sliding_windows
+from hetgraph.corpus.windows import Window
 from hetgraph.datastore.build import batch_input_ids, window_batches
-from hetgraph.datastore.capture import HiddenStateCapture, normalize_layer, split_arrays
+from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
 from hetgraph.models.layers import model_device
 
@@ -56,6 +58,12 @@ class EvalConfig(JSONConfigMixin):
                              f"got {self.stride}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        for name in ("max_tokens", "valid_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
 
 
@@ -99,10 +107,90 @@ class LMOutputs:
 
 
 def default_forward(model: nn.Module) -> ForwardFn:
+    """``input_ids -> logits`` of a plain HF causal LM (no cache)."""
     def forward(input_ids: Tensor) -> Tensor:
         out = model(input_ids=input_ids, use_cache=False)
         return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
     return forward
+
+
+@dataclass
+class NeighbourSearch:
+    """Where :func:`collect_lm_outputs` searches each position's query key (kNN-LM).
+
+    Args:
+        index: a :class:`~hetgraph.index.DatastoreIndex` over ``datastore``'s keys.
+        datastore: the datastore (its next tokens are the kNN predictions).
+    """
+
+    index: Any
+    datastore: Datastore
+
+    def check(self, k: int) -> None:
+        if not 1 <= k <= len(self.index):
+            raise ValueError(f"k must be in [1, {len(self.index)}] (the index size), got {k}")
+
+    def search(self, queries: Tensor, k: int, log_probs: Tensor) -> dict[str, Tensor]:
+        """Neighbours of ``[n, d]`` queries, their next tokens, and the LM's log-probs of those."""
+        distances, ids = self.index.search(queries, k)
+        ids_t = torch.from_numpy(ids)
+        # Memmap lookup per batch: the datastore never has to fit in RAM.
+        tokens = torch.from_numpy(self.datastore.next_tokens[np.maximum(ids, 0)].astype(np.int64))
+        tokens = torch.where(ids_t >= 0, tokens, torch.full_like(ids_t, -1))
+        return {"knn_distances": torch.from_numpy(distances), "knn_ids": ids_t, "knn_tokens": tokens,
+                "lm_neighbour_log_probs": _gather_cpu(log_probs, tokens)}
+
+
+def _gather_cpu(log_probs: Tensor, tokens: Tensor) -> Tensor:
+    return log_probs.gather(1, tokens.clamp(min=0).to(log_probs.device)).cpu()
+
+
+def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | None,
+                 keep_queries: bool) -> LayerSpec | Any:
+    # The layer whose states are the queries: the datastore's key layer unless told otherwise.
+    if key_layer is ANY:
+        key_layer = search.datastore.key_layer if search is not None else None
+    if search is None and not keep_queries:
+        return ANY
+    key_layer = normalize_layer(model, key_layer)
+    if search is not None and key_layer != search.datastore.key_layer:
+        raise ValueError(f"query layer {key_layer} differs from the datastore's key layer "
+                         f"{search.datastore.key_layer}")
+    return key_layer
+
+
+def _scored_rows(batch: list[Window], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # (window row, column, split position) of every position a batch of windows scores.
+    rows = torch.cat([torch.full((w.end - w.score_start,), r, dtype=torch.long) for r, w in enumerate(batch)])
+    cols = torch.cat([torch.arange(w.score_start - w.start, w.end - w.start) for w in batch])
+    positions = torch.cat([torch.arange(w.score_start, w.end) for w in batch])
+    return rows.to(device), cols.to(device), positions
+
+
+def _score(log_probs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    top_log_probs, top = log_probs.max(dim=-1)
+    return {"lm_log_probs": log_probs.gather(1, targets[:, None]).squeeze(1).cpu(),
+            "lm_argmax": top.cpu(), "lm_argmax_log_probs": top_log_probs.cpu()}
+
+
+def _reused_neighbour_log_probs(neighbours_from: LMOutputs, positions: Tensor,
+                                log_probs: Tensor) -> Tensor:
+    if neighbours_from.knn_tokens is None:
+        raise ValueError("neighbours_from holds no neighbours; collect it with an index")
+    rows = positions.to(neighbours_from.positions.device) - neighbours_from.positions[0]
+    return _gather_cpu(log_probs, neighbours_from.knn_tokens[rows])
+
+
+def _assemble(parts: dict[str, list[Tensor]], targets: Tensor,
+              neighbours_from: LMOutputs | None) -> LMOutputs:
+    cat = {name: (torch.cat(p) if p else None) for name, p in parts.items()}
+    if neighbours_from is not None:
+        if not torch.equal(cat["positions"], neighbours_from.positions):
+            raise ValueError("neighbours_from was collected over other positions (split, "
+                             "max_tokens or windows differ)")
+        for name in ("knn_distances", "knn_ids", "knn_tokens"):
+            cat[name] = getattr(neighbours_from, name)
+    return LMOutputs(targets=targets[cat["positions"]], **cat)
 
 
 def collect_lm_outputs(
@@ -110,11 +198,9 @@ def collect_lm_outputs(
     split: Any,
     config: EvalConfig | None = None,
     *,
-    index: Any | None = None,
-    datastore: Datastore | None = None,
-    k: int = 32,
-    key_layer: Any = ANY,
+    search: NeighbourSearch | None = None,
     forward: ForwardFn | None = None,
+    key_layer: Any = ANY,
     keep_queries: bool = False,
     neighbours_from: LMOutputs | None = None,
     show_progress: bool = True,
@@ -124,16 +210,14 @@ def collect_lm_outputs(
     Args:
         model: the HF causal LM; query keys are captured by hooks on it.
         split: ``TokenizedSplit``-like (``tokens``, ``doc_ids``).
-        config: :class:`EvalConfig`.
-        index: a :class:`~hetgraph.index.DatastoreIndex`; if given (with ``datastore``),
-            each position's query key is searched and its ``k`` neighbours kept.
-        datastore: the datastore the index was built on (for the neighbours' next tokens).
-        k: neighbours per position.
-        key_layer: layer of the query key; default: the datastore's key layer.
+        config: windows, ``max_tokens`` and ``k`` (neighbours per position).
+        search: if given, each position's query key is searched and its ``config.k``
+            neighbours kept (kNN-LM).
         forward: ``input_ids -> logits`` callable; default ``model(input_ids).logits``. Pass
             a wrapped model (e.g. GNN-LM with fusion hooks attached) to evaluate it through
             the same path; the query capture still runs on ``model``'s modules.
-        keep_queries: also return the fp16 query keys (needs ``index`` or ``key_layer``).
+        key_layer: layer of the query key; default: the datastore's key layer.
+        keep_queries: also return the fp16 query keys.
         neighbours_from: outputs of an earlier run over the same split and windows whose
             neighbours are reused instead of searching again (GNN-LM retrieves with the base
             model's query states, so its neighbours are the base run's); this run's
@@ -144,23 +228,11 @@ def collect_lm_outputs(
     tokens, _, _ = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
         raise ValueError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}")
-    if neighbours_from is not None and index is not None:
-        raise ValueError("collect_lm_outputs: pass either an index or neighbours_from, not both")
-    if index is not None and datastore is None:
-        raise ValueError("collect_lm_outputs: pass the datastore together with the index "
-                         "(its next tokens are the kNN predictions)")
-    if key_layer is ANY:
-        key_layer = datastore.key_layer if datastore is not None else None
-    need_queries = index is not None or keep_queries
-    if need_queries:
-        key_layer = normalize_layer(model, key_layer)
-        if datastore is not None and key_layer != datastore.key_layer:
-            raise ValueError(f"query layer {key_layer} differs from the datastore's key layer "
-                             f"{datastore.key_layer}")
-    if index is not None:
-        k = int(k)
-        if not 1 <= k <= len(index):
-            raise ValueError(f"k must be in [1, {len(index)}] (the index size), got {k}")
+    if neighbours_from is not None and search is not None:
+        raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
+    if search is not None:
+        search.check(int(config.k))
+    key_layer = _query_layer(model, key_layer, search, keep_queries)
     forward = forward or default_forward(model)
     device = model_device(model)
     num_positions = len(tokens) - 1
@@ -170,61 +242,26 @@ def collect_lm_outputs(
     parts: dict[str, list[Tensor]] = {name: [] for name in (
         "positions", "lm_log_probs", "lm_argmax", "lm_argmax_log_probs", "queries",
         "knn_distances", "knn_ids", "knn_tokens", "lm_neighbour_log_probs")}
-    capture = HiddenStateCapture(model, [key_layer]) if need_queries else None
+    capture = HiddenStateCapture(model, [key_layer]) if key_layer is not ANY else None
     bar = tqdm(total=num_positions, desc="evaluate", unit="tok", disable=not show_progress,
                dynamic_ncols=True)
-    try:
-        if capture is not None:
-            capture.attach()
-        with torch.inference_mode():
-            for batch in batches:
-                ids = batch_input_ids(tokens, batch, device)
-                logits = forward(ids)
-                rows = torch.cat([torch.full((w.end - w.score_start,), r, dtype=torch.long)
-                                  for r, w in enumerate(batch)]).to(device)
-                cols = torch.cat([torch.arange(w.score_start - w.start, w.end - w.start)
-                                  for w in batch]).to(device)
-                pos = torch.cat([torch.arange(w.score_start, w.end) for w in batch])
-                log_probs = torch.log_softmax(logits[rows, cols].float(), dim=-1)   # [n, V]
-                del logits
-                targets = targets_all[pos].to(device)
-                top_lp, top = log_probs.max(dim=-1)
-                parts["positions"].append(pos)
-                parts["lm_log_probs"].append(log_probs.gather(1, targets[:, None]).squeeze(1).cpu())
-                parts["lm_argmax"].append(top.cpu())
-                parts["lm_argmax_log_probs"].append(top_lp.cpu())
-                if capture is not None:
-                    query = capture.states[key_layer][rows, cols].to(torch.float16)
-                    if keep_queries:
-                        parts["queries"].append(query.cpu())
-                    if index is not None:
-                        dist, nid = index.search(query, k)
-                        nid_t = torch.from_numpy(nid)
-                        # Memmap lookup per batch: the datastore never has to fit in RAM.
-                        ntok = torch.from_numpy(datastore.next_tokens[np.maximum(nid, 0)].astype(np.int64))
-                        ntok = torch.where(nid_t >= 0, ntok, torch.full_like(nid_t, -1))
-                        nb_lp = log_probs.gather(1, ntok.clamp(min=0).to(device)).cpu()
-                        parts["knn_distances"].append(torch.from_numpy(dist))
-                        parts["knn_ids"].append(nid_t)
-                        parts["knn_tokens"].append(ntok)
-                        parts["lm_neighbour_log_probs"].append(nb_lp)
-                if neighbours_from is not None:
-                    if neighbours_from.knn_tokens is None:
-                        raise ValueError("neighbours_from holds no neighbours; collect it with an index")
-                    rows_in_reused = pos.to(neighbours_from.positions.device) - neighbours_from.positions[0]
-                    ntok = neighbours_from.knn_tokens[rows_in_reused]
-                    nb_lp = log_probs.gather(1, ntok.clamp(min=0).to(device)).cpu()
-                    parts["lm_neighbour_log_probs"].append(nb_lp)
-                bar.update(len(pos))
-    finally:
-        bar.close()
-        if capture is not None:
-            capture.detach()
-    cat = {name: (torch.cat(p) if p else None) for name, p in parts.items()}
-    if neighbours_from is not None:
-        if not torch.equal(cat["positions"], neighbours_from.positions):
-            raise ValueError("neighbours_from was collected over other positions (split, "
-                             "max_tokens or windows differ)")
-        for name in ("knn_distances", "knn_ids", "knn_tokens"):
-            cat[name] = getattr(neighbours_from, name)
-    return LMOutputs(targets=targets_all[cat["positions"]], **cat)
+    with bar, capture if capture is not None else nullcontext(), torch.inference_mode():
+        for batch in batches:
+            logits = forward(batch_input_ids(tokens, batch, device))
+            rows, cols, positions = _scored_rows(batch, device)
+            log_probs = torch.log_softmax(logits[rows, cols].float(), dim=-1)   # [n, V]
+            del logits
+            found = {"positions": positions, **_score(log_probs, targets_all[positions].to(device))}
+            if capture is not None:
+                queries = capture.states[key_layer][rows, cols].to(torch.float16)
+                if keep_queries:
+                    found["queries"] = queries.cpu()
+                if search is not None:
+                    found.update(search.search(queries, int(config.k), log_probs))
+            if neighbours_from is not None:
+                found["lm_neighbour_log_probs"] = _reused_neighbour_log_probs(
+                    neighbours_from, positions, log_probs)
+            for name, value in found.items():
+                parts[name].append(value)
+            bar.update(len(positions))
+    return _assemble(parts, targets_all, neighbours_from)

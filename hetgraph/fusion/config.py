@@ -1,20 +1,22 @@
-"""Configuration of GNN-LM fusion: where to retrieve, where to fuse, and how."""
+r"""Configuration of GNN-LM fusion: where to retrieve, where to fuse, and how."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.graph.config import GraphConfig
+from hetgraph.nn.config import AdapterConfig
 
 #: A fusion site: a decoder-layer index (its output is fused) or ``"head"`` (the input of
 #: the LM head, i.e. "on top of the last layer" as in the GNN-LM paper).
-FusionSite = Union[int, Literal["head"]]
+FusionSite = int | Literal["head"]
 HEAD = "head"
 
 
 @dataclass
 class FusionConfig(JSONConfigMixin):
-    """Where and how a :class:`~hetgraph.HetGraphLM` retrieves and fuses.
+    r"""Where and how a :class:`~hetgraph.HetGraphLM` retrieves and fuses.
 
     Args:
         fusion_layers: sites whose hidden states receive ``h + g ⊙ adapter(graph)``:
@@ -26,9 +28,12 @@ class FusionConfig(JSONConfigMixin):
             token to every adapter (each adapter's input projection is the learned per-layer
             map); ``"stored"`` uses per-layer features stored in the datastore
             (``DatastoreConfig.feature_layers``), the key at the retrieval site.
-        graph: keyword arguments of :class:`~hetgraph.graph.GraphConfig`.
-        adapter: keyword arguments of :class:`~hetgraph.nn.AdapterConfig` other than the
-            channel widths, which are taken from the model and the datastore.
+        graph: how context graphs are built (a dict of its fields is accepted too).
+        adapter: the graph adapter of every fused site (a dict of its fields is accepted
+            too). Its channel widths are normally left ``None``: HetGraphLM takes them from
+            the model and the datastore (:meth:`AdapterConfig.resolved
+            <hetgraph.nn.AdapterConfig.resolved>`), and sets ``token_channels`` and
+            ``use_c2c`` (from ``graph.c2c``) itself.
         prefetch: ``None`` decides automatically (a no-grad prefetch pass only when a fused
             site comes before the retrieval site); ``True`` always prefetches.
         knn_lambda, knn_temperature: kNN-LM interpolation used by ``generate`` and by the
@@ -39,38 +44,51 @@ class FusionConfig(JSONConfigMixin):
     k: int = 32
     retrieval_margin: int = 32
     neighbour_features: Literal["key", "stored"] = "key"
-    graph: dict[str, Any] = field(default_factory=dict)
-    adapter: dict[str, Any] = field(default_factory=dict)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     prefetch: bool | None = None
     knn_lambda: float | None = None
     knn_temperature: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.fusion_layers = tuple(
             site if site == HEAD else int(site) for site in self.fusion_layers
         )
         if not self.fusion_layers:
-            raise ValueError("fusion_layers is empty: give at least one decoder-layer index or 'head'")
+            raise ValueError("fusion_layers is empty: give at least one decoder-layer index "
+                             "or 'head'")
         for site in self.fusion_layers:
             if not (site == HEAD or isinstance(site, int)):
-                raise ValueError(f"fusion site {site!r} is neither a decoder-layer index nor 'head'")
+                raise ValueError(f"fusion site {site!r} is neither a decoder-layer index "
+                                 "nor 'head'")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.retrieval_margin < 0:
+            raise ValueError(f"retrieval_margin must be >= 0, got {self.retrieval_margin}")
         if self.neighbour_features not in ("key", "stored"):
-            raise ValueError(f"neighbour_features must be 'key' or 'stored', got {self.neighbour_features!r}")
+            raise ValueError("neighbour_features must be 'key' or 'stored', "
+                             f"got {self.neighbour_features!r}")
+        if self.knn_lambda is not None and not 0.0 <= self.knn_lambda <= 1.0:
+            raise ValueError(f"knn_lambda must be in [0, 1] or None, got {self.knn_lambda}")
+        if self.knn_temperature is not None and not self.knn_temperature > 0:
+            raise ValueError(f"knn_temperature must be > 0 or None, got {self.knn_temperature}")
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "FusionConfig":
-        """The GNN-LM paper's configuration: 3 graph layers on top of the last decoder layer,
-        with ``c2c`` context edges, k = 32, l = r = 1, 8 heads, dropout 0.3 / 0.1."""
+    def paper(cls, **overrides: Any) -> FusionConfig:
+        r"""The GNN-LM paper's configuration: 3 graph layers on top of the last decoder layer,
+        with ``c2c`` context edges, k = 32, l = r = 1, 8 heads, dropout 0.3 / 0.1.
+
+        Args:
+            overrides: fields to set instead (``graph`` / ``adapter`` replace the paper's
+                whole sub-config; configs or dicts), checked like :meth:`from_dict`.
+
+        Raises:
+            ConfigError: an unknown field or a value of the wrong type.
+        """
         base = cls(
             fusion_layers=(HEAD,), k=32,
-            graph=dict(left=1, right=1, c2c=True),
-            adapter=dict(num_layers=3, heads=8, dropout=0.3, attn_dropout=0.1,
-                         hidden_channels=None),
+            graph=GraphConfig(left=1, right=1, c2c=True),
+            adapter=AdapterConfig(num_layers=3, heads=8, dropout=0.3, attn_dropout=0.1),
         )
-        for key, value in overrides.items():
-            setattr(base, key, value)
-        base.__post_init__()
-        return base
-
+        return cls.from_dict({**{f.name: getattr(base, f.name) for f in fields(base)}, **overrides})

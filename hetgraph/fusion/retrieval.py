@@ -44,23 +44,23 @@ class Retriever:
             radius: leakage radius in tokens.
 
         Returns:
-            ``(ids [Q, k] int64, distances [Q, k] float32)`` on the queries' device; ``-1`` ids
-            (with ``inf`` distance) where fewer than ``k`` neighbours remain.
+            ``(distances [Q, k] float32, ids [Q, k] int64)`` on the queries' device, in FAISS's
+            order; ``-1`` ids (with ``inf`` distance) where fewer than ``k`` neighbours remain.
         """
         device = queries.device
         if queries.shape[0] == 0:
-            return (torch.empty(0, k, dtype=torch.long, device=device),
-                    torch.empty(0, k, dtype=torch.float32, device=device))
+            return (torch.empty(0, k, dtype=torch.float32, device=device),
+                    torch.empty(0, k, dtype=torch.long, device=device))
         fetch = k if exclude_positions is None else min(k + margin, len(self.datastore))
         distances_np, ids_np = self.index.search(queries.detach().float().cpu().numpy(), fetch)
         ids = torch.from_numpy(ids_np)
         distances = torch.from_numpy(distances_np)
         if exclude_positions is not None:
-            ids, distances = self._drop_leaking(ids, distances, exclude_positions.cpu(), k, radius)
-        return ids.to(device), distances.to(device)
+            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius)
+        return distances.to(device), ids.to(device)
 
     def _drop_leaking(
-        self, ids: Tensor, distances: Tensor, positions: Tensor, k: int, radius: int
+        self, distances: Tensor, ids: Tensor, positions: Tensor, k: int, radius: int
     ) -> tuple[Tensor, Tensor]:
         found = ids >= 0
         leaking = leakage_mask(ids, positions, self._doc_ids, radius)
@@ -74,4 +74,4 @@ class Retriever:
             pad = k - ids.shape[1]
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
             distances = torch.cat([distances, distances.new_full((ids.shape[0], pad), float("inf"))], 1)
-        return ids, distances
+        return distances, ids

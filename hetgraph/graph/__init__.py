@@ -1,15 +1,6 @@
 """Heterogeneous context graphs for GNN-LM (PyG ``HeteroData``)."""
-from hetgraph.graph.builder import (
-    GRID_LAYOUT,
-    IRREGULAR_LAYOUT,
-    SHARED_LAYOUT,
-    ContextGraph,
-    build_context_graph,
-    ctx_to_dense,
-    is_grid_graph,
-    leakage_mask,
-    n2c_to_dense,
-)
+
+from hetgraph.graph.builder import build_context_graph
 from hetgraph.graph.config import (
     C2C,
     CTX,
@@ -20,23 +11,24 @@ from hetgraph.graph.config import (
     GraphConfig,
     context_graph_metadata,
 )
+from hetgraph.graph.data import ContextGraph, ctx_to_dense, n2c_to_dense
+from hetgraph.graph.layout import LayoutKind, WindowLayout
+from hetgraph.graph.leakage import leakage_mask
 
 __all__ = [
-    "GraphConfig",
+    "C2C",
+    "CTX",
+    "EDGE_TYPES",
+    "N2C",
+    "N2N",
+    "NBR",
     "ContextGraph",
+    "GraphConfig",
+    "LayoutKind",
+    "WindowLayout",
     "build_context_graph",
+    "context_graph_metadata",
     "ctx_to_dense",
-    "is_grid_graph",
     "leakage_mask",
     "n2c_to_dense",
-    "context_graph_metadata",
-    "CTX",
-    "NBR",
-    "N2N",
-    "N2C",
-    "C2C",
-    "EDGE_TYPES",
-    "GRID_LAYOUT",
-    "IRREGULAR_LAYOUT",
-    "SHARED_LAYOUT",
 ]

@@ -1,36 +1,24 @@
-"""Vectorised construction of the batched GNN-LM context graph."""
+"""Vectorised construction of the batched GNN-LM context graph.
+
+:func:`build_context_graph` runs named steps: ``ctx`` nodes, retrieved centres
+(with the leakage filter), the ``nbr`` windows of one layout, ``n2n``, ``n2c`` and
+``c2c`` edges, assembly. Every step works on whole ``[C, k, W]`` tensors: no
+Python loop over tokens, neighbours or sequences.
+"""
+
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch_geometric.data import HeteroData
+from torch_geometric.typing import EdgeType
 
 from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, GraphConfig
-
-#: Value of ``graph.layout`` when the dense fast path applies.
-GRID_LAYOUT = "grid"
-#: Value of ``graph.layout`` for the dense path over shared windows (``share_windows``).
-SHARED_LAYOUT = "shared"
-#: Value of ``graph.layout`` when only the edge-list path applies.
-IRREGULAR_LAYOUT = "irregular"
-
-
-class ContextGraph(HeteroData):
-    r"""The :class:`~torch_geometric.data.HeteroData` returned by
-    :func:`build_context_graph`. It only changes how
-    :meth:`~torch_geometric.data.Batch.from_data_list` offsets the
-    ``batch_index`` attributes: by the number of sequences of each graph
-    (PyG's default, ``max + 1``, fails on empty tensors and would offset
-    ``ctx`` and ``nbr`` differently). A batched graph is never ``"grid"``.
-    """
-
-    def __inc__(self, key: str, value: Any, store: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if key == "batch_index":
-            return int(self.query_shape[0])
-        return super().__inc__(key, value, store, *args, **kwargs)
+from hetgraph.graph.data import ContextGraph
+from hetgraph.graph.layout import LayoutKind, WindowLayout
+from hetgraph.graph.leakage import leakage_mask
 
 
 def _as_tensor(x: Tensor | np.ndarray | Any) -> Tensor:
@@ -40,8 +28,158 @@ def _as_tensor(x: Tensor | np.ndarray | Any) -> Tensor:
     return torch.as_tensor(np.asarray(x))
 
 
-def _empty_edges(device: torch.device) -> Tensor:
-    return torch.empty(2, 0, dtype=torch.long, device=device)
+class _Corpus(NamedTuple):
+    """The datastore's token and document columns, read from the graph's device."""
+
+    tokens: Tensor
+    docs: Tensor
+    device: torch.device
+
+    @property
+    def size(self) -> int:
+        return self.docs.numel()
+
+    def lookup(self, table: Tensor, index: Tensor) -> Tensor:
+        # The corpus may live on another device (CPU memmap) than the queries.
+        return table[index.to(table.device)].to(device=self.device, dtype=torch.long)
+
+    def windows(self, rows: Tensor, rows_doc: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+        """Corpus rows ``[..., W]`` of the windows around ``rows`` and which slots
+        exist (inside the corpus and the centre's document)."""
+        pos = rows[..., None] + offsets
+        in_corpus = (pos >= 0) & (pos < self.size)
+        pos = pos.clamp(0, max(self.size - 1, 0))
+        return pos, in_corpus & (self.lookup(self.docs, pos) == rows_doc[..., None])
+
+
+class _Windows(NamedTuple):
+    """The ``nbr`` nodes of one layout."""
+
+    node_grid: Tensor  # [C, k, W] node of every (query, neighbour, offset) slot, -1: none
+    windows: Tensor  # [num_windows, W] node of every window slot (n2n links run along rows)
+    corpus_id: Tensor  # [M]
+    batch_index: Tensor  # [M]
+    grid_index: Tensor | None = None  # [M] flat slot in `windows` (dense layouts only)
+    nbr_window: Tensor | None = None  # [C, k] window of each neighbour slot, -1: none
+
+
+def _ctx_nodes(
+    B: int, T: int, query_mask: Tensor | None, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(batch_index, seq_index)`` of the ``ctx`` nodes, in row-major ``(b, t)`` order,
+    so that each sequence's nodes are contiguous and sorted."""
+    if query_mask is None:
+        return torch.arange(B, device=device).repeat_interleave(T), torch.arange(
+            T, device=device
+        ).repeat(B)
+    if query_mask.shape != (B, T):
+        raise ValueError(f"query_mask must be [B, T] = {(B, T)} (got {tuple(query_mask.shape)})")
+    return query_mask.to(device).nonzero(as_tuple=True)
+
+
+def _retrieved_centres(
+    neighbour_ids: Tensor,
+    ctx_b: Tensor,
+    ctx_t: Tensor,
+    corpus: _Corpus,
+    config: GraphConfig,
+    query_positions: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The ``[C, k]`` retrieved rows of each ``ctx`` node (clamped to ``>= 0``) and
+    which of them make windows (present and not leaking)."""
+    centre = neighbour_ids[ctx_b, ctx_t].long()
+    valid = centre >= 0
+    if centre.numel() > 0 and int(centre.max()) >= corpus.size:
+        raise ValueError(
+            f"neighbour id {int(centre.max())} out of range for a corpus of {corpus.size} rows"
+        )
+    centre = centre.clamp(min=0)
+    if query_positions is not None and config.leakage_radius > 0:
+        if query_positions.shape != neighbour_ids.shape[:2]:
+            raise ValueError(f"query_positions must be [B, T] = {tuple(neighbour_ids.shape[:2])}")
+        qpos = query_positions.to(centre.device)[ctx_b, ctx_t].long()
+        valid = valid & ~leakage_mask(centre, qpos, corpus.docs, config.leakage_radius)
+    return centre, valid
+
+
+def _grid_windows(
+    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor
+) -> _Windows:
+    """``"grid"``: one window per (query, neighbour slot); window ``c * k + j``."""
+    C, K = centre.shape
+    W = offsets.numel()
+    pos, slot_valid = corpus.windows(
+        centre, corpus.lookup(corpus.docs, centre), offsets
+    )  # [C, k, W]
+    slot_valid = slot_valid & valid[..., None]
+    grid_index = slot_valid.view(-1).nonzero().view(-1)
+    node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=corpus.device)
+    node_grid.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=corpus.device)
+    nbr_window = torch.arange(C * K, device=corpus.device).view(C, K).masked_fill(~valid, -1)
+    return _Windows(
+        node_grid,
+        node_grid.view(C * K, W),
+        pos.view(-1)[grid_index],
+        ctx_b[grid_index // (K * W)],
+        grid_index,
+        nbr_window,
+    )
+
+
+def _shared_windows(
+    centre: Tensor, valid: Tensor, ctx_b: Tensor, num_seqs: int, corpus: _Corpus, offsets: Tensor
+) -> _Windows:
+    """``"shared"``: one window per distinct retrieved row of the batch (a window does
+    not depend on the query), in row order."""
+    C, K = centre.shape
+    W = offsets.numel()
+    device = corpus.device
+    rows, inverse = torch.unique(centre[valid], return_inverse=True)
+    U = rows.numel()
+    nbr_window = torch.full((C, K), -1, dtype=torch.long, device=device)
+    nbr_window[valid] = inverse
+    pos, slot_valid = corpus.windows(rows, corpus.lookup(corpus.docs, rows), offsets)  # [U, W]
+    grid_index = slot_valid.view(-1).nonzero().view(-1)
+    windows = torch.full((U, W), -1, dtype=torch.long, device=device)
+    windows.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
+    # A shared window belongs to several sequences: record the first one.
+    seq = ctx_b.view(C, 1).expand(C, K)[valid]
+    window_b = torch.full((U,), num_seqs, dtype=torch.long, device=device).scatter_reduce(
+        0, inverse, seq, "amin"
+    )
+    if U > 0:
+        node_grid = windows[nbr_window.clamp(min=0)].masked_fill(~valid[..., None], -1)
+    else:
+        node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
+    return _Windows(
+        node_grid,
+        windows,
+        pos.view(-1)[grid_index],
+        window_b[grid_index // W],
+        grid_index,
+        nbr_window,
+    )
+
+
+def _deduplicated_windows(
+    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor
+) -> _Windows:
+    """``"irregular"`` (``deduplicate``): one node per (sequence, corpus row), ordered by
+    that key, shared by every window of the sequence that contains the row."""
+    C, K = centre.shape
+    W = offsets.numel()
+    pos, slot_valid = corpus.windows(
+        centre, corpus.lookup(corpus.docs, centre), offsets
+    )  # [C, k, W]
+    slot_valid = slot_valid & valid[..., None]
+    slot_b = ctx_b.view(C, 1, 1).expand(C, K, W)
+    keys = slot_b[slot_valid] * corpus.size + pos[slot_valid]
+    unique_keys, inverse = torch.unique(keys, return_inverse=True)
+    node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=corpus.device)
+    node_grid[slot_valid] = inverse
+    return _Windows(
+        node_grid, node_grid.view(C * K, W), unique_keys % corpus.size, unique_keys // corpus.size
+    )
 
 
 def _unique_edges(src: Tensor, dst: Tensor, num_src: int) -> Tensor:
@@ -50,29 +188,65 @@ def _unique_edges(src: Tensor, dst: Tensor, num_src: int) -> Tensor:
     return torch.stack([key % num_src, key // num_src])
 
 
-def leakage_mask(neighbour_ids: Tensor, query_positions: Tensor, corpus_doc_ids: Tensor | np.ndarray,
-                 radius: int) -> Tensor:
-    r"""Which retrieved neighbours would leak the query's own text (the GNN-LM filter).
+def _n2n_edges(windows: Tensor, num_nodes: int, coalesce: bool) -> Tensor:
+    """Self-loops plus both directions between adjacent slots of each window."""
+    a, b = windows[:, :-1], windows[:, 1:]
+    adjacent = (a >= 0) & (b >= 0)
+    a, b = a[adjacent], b[adjacent]
+    loops = torch.arange(num_nodes, device=windows.device)
+    src, dst = torch.cat([loops, a, b]), torch.cat([loops, b, a])
+    # Deduplicated nodes: overlapping windows yield the same edge more than once.
+    return _unique_edges(src, dst, num_nodes) if coalesce else torch.stack([src, dst])
 
-    When the query text is itself in the datastore (training), neighbour :math:`o` of a
-    query at datastore row :math:`p` leaks if it lies in the same document and
-    :math:`|p - o| < \text{radius}`.
 
-    Args:
-        neighbour_ids: ``[Q, k]`` datastore rows (negative = missing, never leaks).
-        query_positions: ``[Q]`` datastore row of each query, ``-1`` if not in the store.
-        corpus_doc_ids: ``[N]`` document id of every datastore row.
-        radius: leakage radius in rows.
+def _n2c_edges(
+    node_grid: Tensor, config: GraphConfig, num_nbr: int
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """Retrieved centre (or whole window) -> query, in (query, neighbour, offset) order,
+    with the neighbour slot ``k`` and window offset ``j`` of each edge (``None`` with
+    ``deduplicate``, whose edges are coalesced)."""
+    C, K, W = node_grid.shape
+    device = node_grid.device
+    slot_ctx = torch.arange(C, device=device).view(C, 1, 1).expand(C, K, W)
+    slot_k = torch.arange(K, device=device).view(1, K, 1).expand(C, K, W)
+    slot_j = torch.arange(W, device=device).view(1, 1, W).expand(C, K, W)
+    if config.n2c == "center":
+        l = config.left
+        node_grid, slot_ctx, slot_k, slot_j = (
+            x[..., l : l + 1] for x in (node_grid, slot_ctx, slot_k, slot_j)
+        )
+    linked = node_grid >= 0
+    src, dst = node_grid[linked], slot_ctx[linked]
+    if config.deduplicate:
+        # A shared node may reach the same query through several of its windows.
+        return _unique_edges(src, dst, num_nbr), None
+    return torch.stack([src, dst]), (slot_k[linked], slot_j[linked])
 
-    Returns:
-        ``[Q, k]`` bool, ``True`` where the neighbour must be dropped.
-    """
-    docs = _as_tensor(corpus_doc_ids)
-    n = docs.shape[0]
-    rows = neighbour_ids.long()
-    own = query_positions.long().to(rows.device)[:, None]
-    doc_of = lambda ids: docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)  # noqa: E731
-    return (rows >= 0) & (own >= 0) & (doc_of(own) == doc_of(rows)) & ((own - rows).abs() < radius)
+
+def _c2c_edges(ctx_b: Tensor, ctx_t: Tensor, T: int, config: GraphConfig) -> Tensor:
+    """Causal ``u -> v`` (``u <= v``, same sequence, optionally ``v - u < c2c_window``).
+    The sources of node ``v`` form the contiguous id range ``[lo_v, v]`` of its sequence."""
+    C = ctx_b.numel()
+    device = ctx_b.device
+    if not config.c2c or C == 0:
+        return torch.empty(2, 0, dtype=torch.long, device=device)
+    order_key = ctx_b * T + ctx_t  # sorted ascending
+    first_t = (
+        torch.zeros_like(ctx_t) if config.c2c_window is None else ctx_t - config.c2c_window + 1
+    )
+    lo = torch.searchsorted(order_key, ctx_b * T + first_t.clamp(min=0))
+    v = torch.arange(C, device=device)
+    counts = v - lo + 1
+    dst = v.repeat_interleave(counts)
+    starts = torch.cumsum(counts, 0) - counts
+    src = lo[dst] + torch.arange(dst.numel(), device=device) - starts[dst]
+    return torch.stack([src, dst])
+
+
+def _layout_kind(config: GraphConfig) -> LayoutKind:
+    if config.deduplicate:
+        return "irregular"
+    return "shared" if config.share_windows else "grid"
 
 
 def build_context_graph(
@@ -108,238 +282,73 @@ def build_context_graph(
             become ``ctx`` nodes.
 
     Returns:
-        A :class:`ContextGraph` (a :class:`~torch_geometric.data.HeteroData`) with
-
-        * ``graph['ctx'].batch_index``, ``graph['ctx'].seq_index``: ``[num_ctx]``
-          int64 position of each ``ctx`` node in ``[B, T]`` (row-major order);
-        * ``graph['nbr'].corpus_id``, ``graph['nbr'].token_id``,
-          ``graph['nbr'].batch_index``: ``[num_nbr]`` int64;
-        * ``graph.layout`` and the dense-path metadata:
-
-          - ``"shared"`` (``config.share_windows``, the default): one window
-            per distinct retrieved row of the batch; ``nbr`` nodes are ordered
-            by (row, offset) and ``graph['nbr'].grid_index`` is each node's flat
-            slot in a ``[graph.num_windows, W]`` grid;
-            ``graph['ctx'].nbr_window`` (``[num_ctx, k]`` int64) is the window
-            of each query's ``k``-th neighbour (``-1``: missing or dropped).
-            ``graph['nbr'].batch_index`` is then the first sequence that
-            retrieved the window.
-          - ``"grid"`` (``share_windows=False``, the official layout): every
-            ``nbr`` node has its own slot in a ``[num_ctx, k, W]`` grid,
-            stored as the flat slot index ``graph['nbr'].grid_index``.
-          - ``"irregular"`` (``deduplicate``): only the edge-list path applies.
-
-          Both grid layouts also set ``graph.grid_k``, ``graph.grid_w``,
-          ``graph.grid_center`` (``left``); every graph has ``graph.n2c_mode``;
-
-        * ``graph['n2c'].nbr_slot`` and ``graph['n2c'].window_slot`` (not with
-          ``deduplicate``): ``[num_n2c]`` int64, the neighbour slot ``k`` and
-          window offset ``j`` (``0 .. W-1``, ``left`` = retrieved token) of
-          each ``n2c`` edge; with its ``ctx`` node (``edge_index[1]``) they
-          map per-edge values such as attention weights back to the query's
-          retrieved neighbours (see :func:`n2c_to_dense`). ``n2c`` edges are
-          ordered by (ctx, k, j) in every layout, so shared and unshared
-          graphs list them in the same order;
-        * ``graph.query_shape``: ``(B, T)``.
-
-    Batching graphs with :meth:`~torch_geometric.data.Batch.from_data_list`
-    gives an ``"irregular"`` graph (edge-list path only).
+        A :class:`ContextGraph`; its node, edge and layout attributes are listed
+        there. Batching graphs with
+        :meth:`~torch_geometric.data.Batch.from_data_list` gives an
+        ``"irregular"`` graph (edge-list path only).
     """
     if neighbour_ids.dim() != 3:
-        raise ValueError(f"neighbour_ids must be [B, T, k] (got shape {tuple(neighbour_ids.shape)})")
+        raise ValueError(
+            f"neighbour_ids must be [B, T, k] (got shape {tuple(neighbour_ids.shape)})"
+        )
     device = neighbour_ids.device
     B, T, K = neighbour_ids.shape
-    tokens = _as_tensor(corpus_tokens)
-    docs = _as_tensor(corpus_doc_ids)
-    N = docs.numel()
-    if tokens.numel() != N:
-        raise ValueError(f"corpus_tokens ({tokens.numel()}) and corpus_doc_ids ({N}) differ in length")
-    l, r, W = config.left, config.right, config.window_size
+    corpus = _Corpus(_as_tensor(corpus_tokens), _as_tensor(corpus_doc_ids), device)
+    if corpus.tokens.numel() != corpus.size:
+        raise ValueError(
+            f"corpus_tokens ({corpus.tokens.numel()}) and corpus_doc_ids ({corpus.size}) "
+            "differ in length"
+        )
 
-    def lookup(table: Tensor, index: Tensor) -> Tensor:
-        # The corpus may live on another device (CPU memmap) than the queries.
-        return table[index.to(table.device)].to(device=device, dtype=torch.long)
-
-    # ---- ctx nodes: row-major (b, t), so each sequence's nodes are contiguous and sorted.
-    if query_mask is None:
-        ctx_b = torch.arange(B, device=device).repeat_interleave(T)
-        ctx_t = torch.arange(T, device=device).repeat(B)
+    ctx_b, ctx_t = _ctx_nodes(B, T, query_mask, device)
+    centre, valid = _retrieved_centres(neighbour_ids, ctx_b, ctx_t, corpus, config, query_positions)
+    offsets = torch.arange(-config.left, config.right + 1, device=device)
+    kind = _layout_kind(config)
+    if kind == "shared":
+        nbr = _shared_windows(centre, valid, ctx_b, B, corpus, offsets)
+    elif kind == "grid":
+        nbr = _grid_windows(centre, valid, ctx_b, corpus, offsets)
     else:
-        if query_mask.shape != (B, T):
-            raise ValueError(f"query_mask must be [B, T] = {(B, T)} (got {tuple(query_mask.shape)})")
-        ctx_b, ctx_t = query_mask.to(device).nonzero(as_tuple=True)
-    C = ctx_b.numel()
+        nbr = _deduplicated_windows(centre, valid, ctx_b, corpus, offsets)
+    M = nbr.corpus_id.numel()
+    n2c, n2c_slots = _n2c_edges(nbr.node_grid, config, M)
+    edges = {
+        N2N: _n2n_edges(nbr.windows, M, coalesce=config.deduplicate),
+        N2C: n2c,
+        C2C: _c2c_edges(ctx_b, ctx_t, T, config),
+    }
+    num_windows = nbr.windows.size(0) if kind != "irregular" else 0
+    layout = WindowLayout(kind, K, config.window_size, config.left, config.n2c, num_windows)
+    token_id = corpus.lookup(corpus.tokens, nbr.corpus_id)
+    return _assemble(layout, ctx_b, ctx_t, nbr, token_id, edges, n2c_slots, (B, T))
 
-    # ---- retrieved centres [C, k] and validity.
-    centre = neighbour_ids[ctx_b, ctx_t].long()
-    valid = centre >= 0
-    if C > 0 and K > 0 and int(centre.max()) >= N:
-        raise ValueError(f"neighbour id {int(centre.max())} out of range for a corpus of {N} rows")
-    centre = centre.clamp(min=0)
-    centre_doc = lookup(docs, centre)
-    if query_positions is not None and config.leakage_radius > 0:
-        if query_positions.shape != (B, T):
-            raise ValueError(f"query_positions must be [B, T] = {(B, T)}")
-        qpos = query_positions.to(device)[ctx_b, ctx_t].long()
-        valid = valid & ~leakage_mask(centre, qpos, docs, config.leakage_radius)
 
-    # ---- windows and their nbr nodes.
-    offsets = torch.arange(-l, r + 1, device=device)
-
-    def window_slots(rows: Tensor, rows_doc: Tensor) -> tuple[Tensor, Tensor]:
-        # Corpus rows [..., W] of the windows around `rows` and which slots exist
-        # (inside the corpus and the centre's document).
-        pos = rows[..., None] + offsets
-        in_corpus = (pos >= 0) & (pos < N)
-        pos = pos.clamp(0, max(N - 1, 0))
-        return pos, in_corpus & (lookup(docs, pos) == rows_doc[..., None])
-
-    share = config.share_windows and not config.deduplicate
-    window_of: Tensor | None = None
-    if share:
-        # One window per distinct retrieved row of the batch (windows do not depend on the query).
-        rows, inverse = torch.unique(centre[valid], return_inverse=True)
-        U = rows.numel()
-        window_of = torch.full((C, K), -1, dtype=torch.long, device=device)
-        window_of[valid] = inverse
-        pos, slot_valid = window_slots(rows, lookup(docs, rows))  # [U, W]
-        grid_index = slot_valid.view(-1).nonzero().view(-1)
-        windows = torch.full((U, W), -1, dtype=torch.long, device=device)
-        windows.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
-        corpus_id = pos.view(-1)[grid_index]
-        # A shared window belongs to several sequences: record the first one.
-        seq = ctx_b.view(C, 1).expand(C, K)[valid]
-        window_b = torch.full((U,), B, dtype=torch.long, device=device).scatter_reduce(0, inverse, seq, "amin")
-        nbr_batch = window_b[grid_index // W]
-        # Node of every (query, neighbour, offset) slot, -1 where none.
-        if U > 0:
-            node_grid = windows[window_of.clamp(min=0)].masked_fill(~valid[..., None], -1)
-        else:
-            node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
-    else:
-        pos, slot_valid = window_slots(centre, centre_doc)  # [C, k, W]
-        slot_valid = slot_valid & valid[..., None]
-        node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=device)
-        if config.deduplicate:
-            # One node per (sequence, corpus row): key = b * N + row.
-            slot_b = ctx_b.view(C, 1, 1).expand(C, K, W)
-            keys = slot_b[slot_valid] * N + pos[slot_valid]
-            unique_keys, inverse = torch.unique(keys, return_inverse=True)
-            node_grid[slot_valid] = inverse
-            corpus_id = unique_keys % N
-            nbr_batch = unique_keys // N
-            grid_index = None
-        else:
-            grid_index = slot_valid.view(-1).nonzero().view(-1)
-            node_grid.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
-            corpus_id = pos.view(-1)[grid_index]
-            nbr_batch = ctx_b[grid_index // (K * W)]
-        windows = node_grid.view(C * K, W)
-    M = corpus_id.numel()
-
-    # ---- n2n: self-loops + adjacent slots of one window, both directions (each window once).
-    a, b = windows[:, :-1], windows[:, 1:]
-    adjacent = (a >= 0) & (b >= 0)
-    a, b = a[adjacent], b[adjacent]
-    loops = torch.arange(M, device=device)
-    n2n_src = torch.cat([loops, a, b])
-    n2n_dst = torch.cat([loops, b, a])
-
-    # ---- n2c: retrieved centre (or whole window) -> query, in (query, neighbour, offset) order.
-    slot_ctx = torch.arange(C, device=device).view(C, 1, 1).expand(C, K, W)
-    slot_k = torch.arange(K, device=device).view(1, K, 1).expand(C, K, W)
-    slot_j = offsets.view(1, 1, W).expand(C, K, W) + l
-    if config.n2c == "center":
-        node_grid, slot_ctx, slot_k, slot_j = (x[..., l : l + 1] for x in (node_grid, slot_ctx, slot_k, slot_j))
-    n2c_mask = node_grid >= 0
-    n2c_src, n2c_dst = node_grid[n2c_mask], slot_ctx[n2c_mask]
-
-    if config.deduplicate:
-        # Overlapping windows and repeated retrievals yield the same edge more than once.
-        n2n = _unique_edges(n2n_src, n2n_dst, M)
-        n2c = _unique_edges(n2c_src, n2c_dst, M)
-    else:
-        n2n = torch.stack([n2n_src, n2n_dst])
-        n2c = torch.stack([n2c_src, n2c_dst])
-
-    # ---- c2c: for node v the sources form the contiguous id range [lo_v, v] of its sequence.
-    if config.c2c and C > 0:
-        order_key = ctx_b * T + ctx_t  # sorted ascending
-        if config.c2c_window is None:
-            first_t = torch.zeros_like(ctx_t)
-        else:
-            first_t = ctx_t - config.c2c_window + 1
-        lo = torch.searchsorted(order_key, ctx_b * T + first_t.clamp(min=0))
-        v = torch.arange(C, device=device)
-        counts = v - lo + 1
-        c2c_dst = v.repeat_interleave(counts)
-        starts = torch.cumsum(counts, 0) - counts
-        c2c_src = lo[c2c_dst] + torch.arange(c2c_dst.numel(), device=device) - starts[c2c_dst]
-        c2c = torch.stack([c2c_src, c2c_dst])
-    else:
-        c2c = _empty_edges(device)
-
+def _assemble(
+    layout: WindowLayout,
+    ctx_b: Tensor,
+    ctx_t: Tensor,
+    nbr: _Windows,
+    token_id: Tensor,
+    edges: dict[EdgeType, Tensor],
+    n2c_slots: tuple[Tensor, Tensor] | None,
+    query_shape: tuple[int, int],
+) -> ContextGraph:
     graph = ContextGraph()
-    graph[CTX].num_nodes = C
+    graph[CTX].num_nodes = ctx_b.numel()
     graph[CTX].batch_index = ctx_b.long()
     graph[CTX].seq_index = ctx_t.long()
-    graph[NBR].num_nodes = M
-    graph[NBR].corpus_id = corpus_id
-    graph[NBR].token_id = lookup(tokens, corpus_id)
-    graph[NBR].batch_index = nbr_batch
-    graph[N2N].edge_index = n2n
-    graph[N2C].edge_index = n2c
-    graph[C2C].edge_index = c2c
-    graph.query_shape = (B, T)
-    graph.n2c_mode = config.n2c
-    if not config.deduplicate:
+    graph[NBR].num_nodes = nbr.corpus_id.numel()
+    graph[NBR].corpus_id = nbr.corpus_id
+    graph[NBR].token_id = token_id
+    graph[NBR].batch_index = nbr.batch_index
+    for edge_type, edge_index in edges.items():
+        graph[edge_type].edge_index = edge_index
+    if n2c_slots is not None:
         # Maps each n2c edge (and its attention weight) back to its query's neighbour slot.
-        graph[N2C].nbr_slot = slot_k[n2c_mask]
-        graph[N2C].window_slot = slot_j[n2c_mask]
-    if grid_index is None:
-        graph.layout = IRREGULAR_LAYOUT
-    else:
-        graph.layout = SHARED_LAYOUT if share else GRID_LAYOUT
-        graph[NBR].grid_index = grid_index
-        graph.grid_k, graph.grid_w, graph.grid_center = K, W, l
-        if share:
-            graph[CTX].nbr_window = window_of
-            graph.num_windows = int(windows.size(0))
+        graph[N2C].nbr_slot, graph[N2C].window_slot = n2c_slots
+    if layout.is_dense:
+        graph[NBR].grid_index = nbr.grid_index
+        graph[CTX].nbr_window = nbr.nbr_window
+    graph.query_shape = query_shape
+    graph.layout = layout
     return graph
-
-
-def is_grid_graph(graph: HeteroData) -> bool:
-    """Whether ``graph`` has one of the regular window layouts (``"grid"``:
-    ``[num_ctx, k, W]``, or ``"shared"``: ``[num_windows, W]`` with a
-    ``[num_ctx, k]`` window index) and no causal context edges, i.e. whether
-    the dense fast path reproduces it exactly."""
-    if getattr(graph, "layout", None) not in (GRID_LAYOUT, SHARED_LAYOUT):
-        return False
-    if C2C in graph.edge_types and graph[C2C].edge_index.numel() > 0:
-        return False
-    return True
-
-
-def ctx_to_dense(graph: HeteroData, x: Tensor, fill_value: float = 0.0) -> Tensor:
-    """Scatters ``ctx`` node outputs ``[num_ctx, *]`` back to ``[B, T, *]``
-    (positions that are not ``ctx`` nodes get ``fill_value``)."""
-    B, T = graph.query_shape
-    out = x.new_full((B, T) + tuple(x.shape[1:]), fill_value)
-    out[graph[CTX].batch_index, graph[CTX].seq_index] = x
-    return out
-
-
-def n2c_to_dense(graph: HeteroData, values: Tensor, fill_value: float = 0.0) -> Tensor:
-    """Scatters per-``n2c``-edge values ``[num_n2c, *]`` (e.g. the attention
-    weights returned with ``return_attention_weights=True``) to
-    ``[num_ctx, k, W, *]`` by (ctx node, neighbour slot, window offset);
-    slots without an edge get ``fill_value``. With ``n2c="center"`` only
-    offset ``graph.grid_center`` is filled. Needs a graph built without
-    ``deduplicate``."""
-    store = graph[N2C]
-    if "nbr_slot" not in store:
-        raise ValueError("this graph has no per-edge neighbour slots (built with deduplicate=True?)")
-    C = graph[CTX].num_nodes
-    out = values.new_full((C, int(graph.grid_k), int(graph.grid_w)) + tuple(values.shape[1:]), fill_value)
-    out[store.edge_index[1], store.nbr_slot, store.window_slot] = values
-    return out

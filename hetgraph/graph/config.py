@@ -1,4 +1,4 @@
-"""Configuration of the heterogeneous context graph."""
+r"""Configuration of the heterogeneous context graph."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ def context_graph_metadata(c2c: bool = False) -> Metadata:
 
 @dataclass
 class GraphConfig(JSONConfigMixin):
-    """How :func:`~hetgraph.graph.build_context_graph` builds a context graph.
+    r"""How :func:`~hetgraph.graph.build_context_graph` builds a context graph.
 
     Args:
         left: Number of corpus tokens to the left of each retrieved position
@@ -72,6 +72,7 @@ class GraphConfig(JSONConfigMixin):
     leakage_radius: int = 3072
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.left < 0 or self.right < 0:
             raise ValueError(f"left/right must be >= 0 (got {self.left}, {self.right})")
         if self.n2c not in ("center", "window"):

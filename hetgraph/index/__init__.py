@@ -7,4 +7,6 @@ from hetgraph.index.faiss_index import (
     set_faiss_threads,
 )
 
-__all__ = ["EXACT_SEARCH_LIMIT", "DatastoreIndex", "IndexConfig", "auto_factory", "set_faiss_threads"]
+__all__ = [
+    "EXACT_SEARCH_LIMIT", "DatastoreIndex", "IndexConfig", "auto_factory", "set_faiss_threads",
+]

@@ -1,7 +1,6 @@
 """FAISS indexes over datastore keys: exact (``Flat``), IVF-PQ, OPQ+IVF-PQ, HNSW."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hetgraph.configuration import JSONConfigMixin
-from hetgraph.datastore.store import atomic_write_text
+from hetgraph.io import INDEX_FILE, INDEX_METADATA, atomic_path, atomic_write_json, read_json
 
-INDEX_FILE = "index.faiss"
-INDEX_METADATA_FILE = "index.json"
 INDEX_FORMAT_VERSION = 1
 
 #: Below this many vectors ``auto`` picks exact search.
@@ -124,7 +121,8 @@ class DatastoreIndex:
     # -- building -----------------------------------------------------------------------------
     @classmethod
     def build(cls, keys: Any, config: IndexConfig | None = None, *,
-              datastore_fingerprint: str | None = None, show_progress: bool = True) -> DatastoreIndex:
+              datastore_fingerprint: str | None = None,
+              show_progress: bool = True) -> DatastoreIndex:
         """Train (on a seeded random sample) and fill an index with ``keys``.
 
         Args:
@@ -135,11 +133,13 @@ class DatastoreIndex:
             show_progress: tqdm bar over the add chunks.
         """
         config = config or IndexConfig()
-        if hasattr(keys, "keys") and hasattr(keys, "fingerprint") and not isinstance(keys, np.ndarray):
+        is_datastore = hasattr(keys, "keys") and hasattr(keys, "fingerprint")
+        if is_datastore and not isinstance(keys, np.ndarray):
             datastore_fingerprint = datastore_fingerprint or keys.fingerprint
             keys = keys.keys
         if keys.ndim != 2 or keys.shape[0] < 1:
-            raise ValueError(f"keys must be a non-empty [N, d] array, got shape {tuple(keys.shape)}")
+            raise ValueError("keys must be a non-empty [N, d] array, got shape "
+                             f"{tuple(keys.shape)}")
         n, d = int(keys.shape[0]), int(keys.shape[1])
         set_faiss_threads(config.num_threads)
         factory = auto_factory(n, d) if config.factory == "auto" else config.factory
@@ -170,13 +170,13 @@ class DatastoreIndex:
         """Write ``index.faiss`` and ``index.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        tmp.replace(directory / INDEX_FILE)
-        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory, "metric": self.metric,
-                "num_vectors": self.ntotal, "dim": self.dim,
-                "datastore_fingerprint": self.datastore_fingerprint, "config": self.config.to_dict()}
-        atomic_write_text(directory / INDEX_METADATA_FILE, json.dumps(meta, indent=2) + "\n")
+        with atomic_path(directory / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
+        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory,
+                "metric": self.metric, "num_vectors": self.ntotal, "dim": self.dim,
+                "datastore_fingerprint": self.datastore_fingerprint,
+                "config": self.config.to_dict()}
+        atomic_write_json(directory / INDEX_METADATA, meta)
         return directory
 
     @classmethod
@@ -194,17 +194,18 @@ class DatastoreIndex:
             ValueError: missing files or a datastore mismatch.
         """
         directory = Path(directory)
-        meta_file, index_file = directory / INDEX_METADATA_FILE, directory / INDEX_FILE
+        meta_file, index_file = directory / INDEX_METADATA, directory / INDEX_FILE
         if not meta_file.exists() or not index_file.exists():
-            raise ValueError(f"no index at {directory} (need {INDEX_FILE} and {INDEX_METADATA_FILE}); "
+            raise ValueError(f"no index at {directory} (need {INDEX_FILE} and {INDEX_METADATA}); "
                              "build one with DatastoreIndex.build(...).save(dir)")
-        meta = json.loads(meta_file.read_text())
+        meta = read_json(meta_file)
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise ValueError(f"{meta_file}: unsupported index format {meta.get('format_version')}")
         if datastore is not None:
             problems = []
             if meta["num_vectors"] != len(datastore):
-                problems.append(f"{meta['num_vectors']} vectors vs {len(datastore)} datastore entries")
+                problems.append(f"{meta['num_vectors']} vectors vs {len(datastore)} datastore "
+                                "entries")
             if meta["dim"] != datastore.dim:
                 problems.append(f"dimension {meta['dim']} vs {datastore.dim}")
             fp = getattr(datastore, "fingerprint", None)
@@ -216,7 +217,8 @@ class DatastoreIndex:
         stored = IndexConfig.from_dict(meta["config"])
         index = faiss.read_index(str(index_file))
         if index.ntotal != meta["num_vectors"] or index.d != meta["dim"]:
-            raise ValueError(f"{index_file} does not match {meta_file}; the index is corrupt, rebuild it")
+            raise ValueError(f"{index_file} does not match {meta_file}; the index is corrupt, "
+                             "rebuild it")
         return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"))
 
     # -- searching ----------------------------------------------------------------------------

@@ -6,13 +6,13 @@ giving silently wrong neighbours.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from hetgraph.io import StreamingHash, json_fingerprint
 
 # Config fields that differ between two loads of the same weights.
 _VOLATILE_CONFIG_KEYS = {
@@ -22,22 +22,18 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of the tokenizer's vocabulary and special tokens."""
     vocab = sorted(tokenizer.get_vocab().items())
     special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
-    return _sha(json.dumps([vocab, special], ensure_ascii=False).encode())
+    return json_fingerprint([vocab, special], ensure_ascii=False)
 
 
 def config_fingerprint(model: nn.Module) -> str:
     """Hash of the architecture-defining part of a model's config."""
     config = model.config.to_dict()
     stable = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return _sha(json.dumps(stable, sort_keys=True, default=str).encode())
+    return json_fingerprint(stable, default=str)
 
 
 def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str:
@@ -45,14 +41,14 @@ def weights_fingerprint(model: nn.Module, samples_per_tensor: int = 1024) -> str
     share a config but not their weights). Cheap: at most ``samples_per_tensor`` values
     per tensor, hashed after rounding to bfloat16 so that loading the same weights in
     float32 or bfloat16, on any device, gives the same fingerprint."""
-    h = hashlib.sha256()
+    h = StreamingHash()
     for name, param in model.named_parameters():
         flat = param.detach().reshape(-1)
         step = max(1, flat.numel() // samples_per_tensor)
         sample = flat[::step][:samples_per_tensor].to(torch.bfloat16).float().cpu().numpy()
-        h.update(name.encode())
+        h.update(name)
         h.update(sample.tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, str]:
@@ -66,9 +62,10 @@ def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, str]:
 
 
 def array_fingerprint(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
+    """Hash of the arrays' dtypes, shapes and contents, in order."""
+    h = StreamingHash()
     for array in arrays:
         a = np.ascontiguousarray(array)
-        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(str((a.dtype.str, a.shape)))
         h.update(a.tobytes())
-    return h.hexdigest()[:16]
+    return h.hexdigest()

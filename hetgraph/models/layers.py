@@ -33,7 +33,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             "decoder layers live in one ModuleList (as in Qwen2, Llama, Mistral, GPT-2)."
         )
     # The shallowest such list is the decoder stack (nested lists belong to sub-blocks).
-    name, module = min(candidates, key=lambda item: item[0].count("."))
+    _, module = min(candidates, key=lambda item: item[0].count("."))
     return module
 
 

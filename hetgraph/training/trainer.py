@@ -1,25 +1,29 @@
 """Training the graph adapters of a :class:`~hetgraph.HetGraphLM`; the base model stays frozen."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hetgraph.configuration import JSONConfigMixin
 from hetgraph.fusion import HetGraphLM
+from hetgraph.io import ADAPTER_WEIGHTS, TRAINING_RESULT, atomic_write_json
+from hetgraph.training.checkpoint import (
+    load_adapter_weights,
+    read_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
 
-CHECKPOINT_DIR = "checkpoint"
-TRAINER_STATE = "trainer_state.json"
-OPTIMIZER_WEIGHTS = "optimizer.safetensors"
+if TYPE_CHECKING:
+    from hetgraph.evaluation import EvalConfig
 
 
 @dataclass
@@ -69,6 +73,9 @@ class TrainingConfig(JSONConfigMixin):
         for name in ("max_steps", "batch_size", "context_length", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_tokens", "patience", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 
@@ -111,54 +118,172 @@ def _sample_starts(num_tokens: int, length: int, count: int, seed: int, step: in
     return rng.integers(0, max(1, num_tokens - length), size=count)
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    state = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for param_id, param_state in state["state"].items():
-        for name, value in param_state.items():
-            key = f"{param_id}.{name}"
-            if isinstance(value, Tensor):
-                tensors[key] = value.detach().cpu().contiguous()
-            else:
-                scalars[key] = value
-    save_file(tensors, str(path))
-    return {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]) -> None:
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _write_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: Path,
-                      trainer_state: dict[str, Any]) -> None:
-    final = out_dir / CHECKPOINT_DIR
-    tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
-    if tmp.exists():
-        for child in tmp.iterdir():
-            child.unlink()
-    tmp.mkdir(parents=True, exist_ok=True)
-    lm.save_pretrained(tmp)
-    trainer_state = {**trainer_state, "optimizer": _save_optimizer(optimizer, tmp / OPTIMIZER_WEIGHTS)}
-    (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
-    # Swap in the new checkpoint only once it is complete: a kill leaves the old one usable.
-    old = out_dir / (CHECKPOINT_DIR + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        for child in old.iterdir():
-            child.unlink()
-        old.rmdir()
-
-
 def _split_tokens(split: Any) -> np.ndarray:
     return np.asarray(split.tokens, dtype=np.int64)
+
+
+class _TrainingRun:
+    """The state of one :func:`train_adapter` call: optimiser, schedule, results so far."""
+
+    def __init__(self, lm: HetGraphLM, train_split: Any, valid_split: Any | None,
+                 config: TrainingConfig, out_dir: Path, eval_config: EvalConfig | None) -> None:
+        self.lm, self.valid_split, self.config, self.out_dir = lm, valid_split, config, out_dir
+        self.eval_config = eval_config
+        self.tokens = _split_tokens(train_split)
+        self.num_rows = len(lm.datastore)
+        self._check_inputs()
+        self.device = next(lm.adapters.parameters()).device
+        self.from_datastore = (lm.can_run_from_datastore if config.from_datastore is None
+                               else config.from_datastore)
+        if self.from_datastore and not lm.can_run_from_datastore:
+            raise ValueError("from_datastore=True needs retrieval and fusion at the LM-head input and no "
+                             "c2c edges; set from_datastore to null to train with full forwards")
+        torch.manual_seed(config.seed)
+        self.params = [p for p in lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: learning_rate_factor(s, config))
+        self.result = TrainingResult()
+        self.start_step = 0
+        self.bad_evals = 0
+        self.seen_tokens = 0
+
+    def _check_inputs(self) -> None:
+        tokens, config = self.tokens, self.config
+        if len(tokens) < config.context_length + 1:
+            raise ValueError(f"the train split has {len(tokens)} tokens, fewer than context_length + 1 = "
+                             f"{config.context_length + 1}: lower --context-length or use more text")
+        if len(tokens) > self.num_rows + 1:
+            raise ValueError(f"the train split has {len(tokens)} tokens but the datastore only "
+                             f"{self.num_rows} rows: train on the split the datastore was built from "
+                             "(same --max-tokens)")
+        if any(p.requires_grad for p in self.lm.model.parameters()):
+            raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
+                               "do not unfreeze")
+
+    def resume(self) -> None:
+        """Continue from ``out_dir/checkpoint`` when one exists."""
+        state = read_checkpoint(self.out_dir)
+        if state is None:
+            return
+        if state["config"] != self.config.to_dict():
+            raise ValueError(f"{self.out_dir}/checkpoint was written with other training settings; use "
+                             "the same settings to resume, or a new --out directory")
+        restore_checkpoint(self.lm, self.optimizer, self.out_dir, state, self.device)
+        self.scheduler.last_epoch = self.start_step = state["step"]
+        self.bad_evals = state["bad_evals"]
+        self.result = TrainingResult(**{**state["result"], "valid_ppl": {
+            int(k): v for k, v in state["result"]["valid_ppl"].items()}})
+
+    def evaluate(self, step: int) -> bool:
+        """Valid perplexity at ``step``; saves the adapter when it is the best so far.
+        Returns whether early stopping triggers."""
+        from hetgraph.evaluation import model_perplexity
+
+        if self.valid_split is None:
+            return False
+        lm, result = self.lm, self.result
+        lm.eval()
+        ppl = float(model_perplexity(lm, self.valid_split, self.eval_config, self.config.eval_tokens))
+        lm.train()
+        result.valid_ppl[step] = ppl
+        if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
+            result.best_valid_ppl, result.best_step, self.bad_evals = ppl, step, 0
+            lm.save_pretrained(self.out_dir)
+        else:
+            self.bad_evals += 1
+        return self.config.patience > 0 and self.bad_evals >= self.config.patience
+
+    def save_checkpoint(self, step: int) -> None:
+        write_checkpoint(self.lm, self.optimizer, self.out_dir, {
+            "step": step, "bad_evals": self.bad_evals, "config": self.config.to_dict(),
+            "result": self.result.to_dict()})
+
+    def micro_batch_loss(self, draw: int) -> Tensor:
+        """Cross-entropy of micro-batch number ``draw`` (a seeded sample of spans)."""
+        config, device = self.config, self.device
+        if self.from_datastore:
+            # Contiguous spans, like text: neighbouring rows retrieve overlapping
+            # neighbours, so shared windows keep the graph small.
+            starts = _sample_starts(self.num_rows, config.context_length, config.batch_size, config.seed, draw)
+            offsets = starts[:, None] + np.arange(config.context_length)[None, :]
+            labels = torch.from_numpy(self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
+            logits = self.lm.forward_from_datastore(torch.from_numpy(offsets)).float()
+        else:
+            starts = _sample_starts(len(self.tokens), config.context_length + 1, config.batch_size,
+                                    config.seed, draw)
+            offsets = starts[:, None] + np.arange(config.context_length)[None, :]
+            input_ids = torch.from_numpy(self.tokens[offsets]).to(device)
+            labels = torch.from_numpy(self.tokens[offsets + 1]).to(device)
+            rows = torch.from_numpy(offsets).to(device)
+            logits = self.lm(input_ids, query_positions=rows, use_cache=False).logits.float()
+        self.seen_tokens += labels.numel()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def optimizer_step(self, step: int) -> float:
+        """One optimiser step (``grad_accumulation`` micro-batches); returns the mean loss."""
+        config = self.config
+        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, reproducible on resume
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(config.grad_accumulation):
+            loss = self.micro_batch_loss(step * config.grad_accumulation + micro)
+            (loss / config.grad_accumulation).backward()
+            loss_sum += float(loss.detach()) / config.grad_accumulation
+        if config.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, config.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss_sum
+
+    def after_step(self, step: int) -> bool:
+        """Evaluate and checkpoint after optimiser step ``step`` (0-based) as configured;
+        returns whether training stops early."""
+        config, done = self.config, step + 1
+        evaluated = (config.eval_every and done % config.eval_every == 0) or done == config.max_steps
+        if evaluated and self.evaluate(done):
+            self.result.stopped_early = True
+            self.save_checkpoint(done)
+            return True
+        if evaluated or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            self.save_checkpoint(done)
+        return False
+
+    def run(self, show_progress: bool, stop_after: int | None) -> None:
+        lm, config, result = self.lm, self.config, self.result
+        if self.start_step == 0 and self.valid_split is not None and config.eval_every:
+            # Step 0 is the base model (zero gates): the reference every later evaluation must beat.
+            self.evaluate(0)
+        lm.train()
+        bar = tqdm(total=config.max_steps, initial=self.start_step, desc="training adapter",
+                   disable=not show_progress, unit="step")
+        started = time.perf_counter()
+        try:
+            with lm:
+                for step in range(self.start_step, config.max_steps):
+                    loss = self.optimizer_step(step)
+                    result.train_losses.append(loss)
+                    result.steps = step + 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    if self.after_step(step):
+                        break
+                    if stop_after is not None and step + 1 - self.start_step >= stop_after:
+                        raise KeyboardInterrupt(f"stopped after {stop_after} steps (stop_after)")
+        finally:
+            bar.close()
+            lm.eval()
+        result.seconds = time.perf_counter() - started
+        result.tokens_per_second = self.seen_tokens / max(result.seconds, 1e-9)
+
+    def finish(self) -> None:
+        """Leave the best adapter in memory and on disk, and write ``training.json``."""
+        if self.valid_split is None:
+            self.lm.save_pretrained(self.out_dir)
+        elif self.result.best_step is not None and (self.out_dir / ADAPTER_WEIGHTS).is_file():
+            load_adapter_weights(self.lm, self.out_dir, self.device)
+        atomic_write_json(self.out_dir / TRAINING_RESULT,
+                          {"config": self.config.to_dict(), "result": self.result.to_dict()})
 
 
 def train_adapter(
@@ -168,7 +293,7 @@ def train_adapter(
     config: TrainingConfig,
     out_dir: str | Path,
     *,
-    evaluate: Callable[[HetGraphLM, Any, int], float] | None = None,
+    eval_config: EvalConfig | None = None,
     resume: bool = True,
     show_progress: bool = True,
     stop_after: int | None = None,
@@ -188,142 +313,18 @@ def train_adapter(
         valid_split: split for periodic valid perplexity (``None`` skips evaluation).
         config: the training settings.
         out_dir: where the adapter, checkpoints and ``training.json`` go.
-        evaluate: ``(lm, split, max_tokens) -> perplexity``; defaults to
-            :func:`hetgraph.evaluation.model_perplexity`.
+        eval_config: windows of the valid evaluations (:func:`hetgraph.evaluation.model_perplexity`
+            over the first ``config.eval_tokens`` valid tokens); default :class:`EvalConfig`.
         resume: continue from ``out_dir/checkpoint`` when present.
         show_progress: tqdm bar.
         stop_after: stop (as if interrupted, raising ``KeyboardInterrupt``) once this many
             steps have run in this call; for testing resumption.
     """
-    if evaluate is None:
-        from hetgraph.evaluation import model_perplexity as evaluate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokens = _split_tokens(train_split)
-    num_rows = len(lm.datastore)
-    if len(tokens) < config.context_length + 1:
-        raise ValueError(f"the train split has {len(tokens)} tokens, fewer than context_length + 1 = "
-                         f"{config.context_length + 1}: lower --context-length or use more text")
-    if len(tokens) > num_rows + 1:
-        raise ValueError(f"the train split has {len(tokens)} tokens but the datastore only {num_rows} rows: "
-                         "train on the split the datastore was built from (same --max-tokens)")
-    device = next(lm.parameters()).device
-    base_params = list(lm.model.parameters())
-    if any(p.requires_grad for p in base_params):
-        raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, do not unfreeze")
-
-    from_datastore = lm.can_run_from_datastore if config.from_datastore is None else config.from_datastore
-    if from_datastore and not lm.can_run_from_datastore:
-        raise ValueError("from_datastore=True needs retrieval and fusion at the LM-head input and no c2c "
-                         "edges; set from_datastore to null to train with full forwards")
-    next_tokens = lm.datastore.next_tokens
-    torch.manual_seed(config.seed)
-    params = [p for p in lm.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, config))
-    result = TrainingResult()
-    start_step = 0
-    bad_evals = 0
-    checkpoint = out_dir / CHECKPOINT_DIR
-    if resume and (checkpoint / TRAINER_STATE).is_file():
-        state = json.loads((checkpoint / TRAINER_STATE).read_text())
-        if state["config"] != config.to_dict():
-            raise ValueError(f"{checkpoint} was written with other training settings; use the same "
-                             "settings to resume, or a new --out directory")
-        lm.load_state_dict(load_file(str(checkpoint / "adapter.safetensors"), device=str(device)))
-        _load_optimizer(optimizer, checkpoint / OPTIMIZER_WEIGHTS, state["optimizer"])
-        scheduler.last_epoch = state["step"]
-        start_step = state["step"]
-        bad_evals = state["bad_evals"]
-        result = TrainingResult(**{**state["result"], "valid_ppl": {
-            int(k): v for k, v in state["result"]["valid_ppl"].items()}})
-
-    def run_eval(step: int) -> bool:
-        nonlocal bad_evals
-        if valid_split is None:
-            return False
-        lm.eval()
-        ppl = float(evaluate(lm, valid_split, config.eval_tokens))
-        lm.train()
-        result.valid_ppl[step] = ppl
-        if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
-            result.best_valid_ppl, result.best_step, bad_evals = ppl, step, 0
-            lm.save_pretrained(out_dir)
-        else:
-            bad_evals += 1
-        return config.patience > 0 and bad_evals >= config.patience
-
-    def save_checkpoint(step: int) -> None:
-        _write_checkpoint(lm, optimizer, out_dir, {
-            "step": step, "bad_evals": bad_evals, "config": config.to_dict(), "result": result.to_dict()})
-
-    if start_step == 0 and valid_split is not None and config.eval_every:
-        # Step 0 is the base model (zero gates): the reference every later evaluation must beat.
-        run_eval(0)
-    lm.train()
-    started = time.perf_counter()
-    seen_tokens = 0
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="training adapter",
-               disable=not show_progress, unit="step")
-    lm.attach()
-    try:
-        for step in range(start_step, config.max_steps):
-            torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, reproducible on resume
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(config.grad_accumulation):
-                draw = step * config.grad_accumulation + micro
-                if from_datastore:
-                    # Contiguous spans, like text: neighbouring rows retrieve overlapping
-                    # neighbours, so shared windows keep the graph small.
-                    starts = _sample_starts(num_rows, config.context_length, config.batch_size,
-                                            config.seed, draw)
-                    offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-                    labels = torch.from_numpy(next_tokens[offsets].astype(np.int64)).to(device)
-                    logits = lm.forward_from_datastore(torch.from_numpy(offsets)).float()
-                else:
-                    starts = _sample_starts(len(tokens), config.context_length + 1, config.batch_size,
-                                            config.seed, draw)
-                    offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-                    input_ids = torch.from_numpy(tokens[offsets]).to(device)
-                    labels = torch.from_numpy(tokens[offsets + 1]).to(device)
-                    rows = torch.from_numpy(offsets).to(device)
-                    logits = lm(input_ids, query_positions=rows, use_cache=False).logits.float()
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-                (loss / config.grad_accumulation).backward()
-                loss_sum += float(loss.detach()) / config.grad_accumulation
-                seen_tokens += labels.numel()
-            if config.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-            optimizer.step()
-            scheduler.step()
-            result.train_losses.append(loss_sum)
-            result.steps = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            done = step + 1 == config.max_steps
-            evaluated = False
-            if (config.eval_every and (step + 1) % config.eval_every == 0) or done:
-                evaluated = True
-                if run_eval(step + 1):
-                    result.stopped_early = True
-                    save_checkpoint(step + 1)
-                    break
-            if evaluated or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-                save_checkpoint(step + 1)
-            if stop_after is not None and step + 1 - start_step >= stop_after:
-                raise KeyboardInterrupt(f"stopped after {stop_after} steps (stop_after)")
-    finally:
-        bar.close()
-        lm.detach()
-        lm.eval()
-    result.seconds = time.perf_counter() - started
-    result.tokens_per_second = seen_tokens / max(result.seconds, 1e-9)
-    if valid_split is None:
-        lm.save_pretrained(out_dir)
-    elif result.best_step is not None and (out_dir / "adapter.safetensors").is_file():
-        # Leave the best adapter (not the last one) in memory, as on disk.
-        lm.load_state_dict(load_file(str(out_dir / "adapter.safetensors"), device=str(device)))
-    (out_dir / "training.json").write_text(json.dumps(
-        {"config": config.to_dict(), "result": result.to_dict()}, indent=2) + "\n")
-    return result
+    run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config)
+    if resume:
+        run.resume()
+    run.run(show_progress, stop_after)
+    run.finish()
+    return run.result

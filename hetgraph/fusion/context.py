@@ -1,0 +1,147 @@
+"""Per-call state of a :class:`~hetgraph.HetGraphLM` forward, kept out of the module.
+
+The fusion hooks are installed once per :meth:`~hetgraph.HetGraphLM.attach`; everything
+one forward call retrieves and builds lives in a :class:`ForwardContext` created when
+that call enters the base model and dropped when it leaves. The active context is held
+in a :class:`contextvars.ContextVar`, so nested calls (a ``generate`` inside an
+evaluation loop, a forward issued from a user hook) and calls from several threads
+each see their own state, and nothing is ever written onto the module.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hetgraph.graph import ContextGraph
+
+
+@dataclass(frozen=True)
+class KNNMixture:
+    """kNN-LM interpolation of the output distribution: ``λ·p_kNN + (1-λ)·p_LM``."""
+
+    lam: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """What the caller of one forward asks for.
+
+    Args:
+        query_positions: ``[B, T]`` datastore rows of the input tokens when the text is
+            itself in the datastore (training), else ``None``.
+        k: neighbours per position for this call (``None``: ``FusionConfig.k``).
+        knn: interpolate the output logits with kNN-LM, or ``None``.
+        output_retrieval: attach the call's :class:`Retrieval` to the model output
+            (``output.retrieval``).
+    """
+
+    query_positions: Tensor | None = None
+    k: int | None = None
+    knn: KNNMixture | None = None
+    output_retrieval: bool = False
+
+
+@dataclass
+class Retrieval:
+    """The neighbours one forward retrieved: ``[B, T, k]`` rows (``-1``: none) and
+    squared-L2 (or inner-product) distances, as returned by FAISS."""
+
+    distances: Tensor
+    neighbour_ids: Tensor
+
+
+@dataclass
+class GenerationState:
+    """State that lives across the steps of one ``generate`` call: the token history the
+    no-grad prefetch pass needs when the KV cache feeds the model only new tokens."""
+
+    history: Tensor | None = None
+
+
+@dataclass
+class ForwardContext:
+    """Everything one forward call of the wrapped model retrieves and builds."""
+
+    options: CallOptions
+    attention_mask: Tensor | None = None
+    generation: GenerationState | None = None
+    retrieval: Retrieval | None = None
+    #: Context graphs of this call, keyed by the number of positions they cover.
+    graphs: dict[int, ContextGraph] = field(default_factory=dict)
+    #: True while the no-grad prefetch pass of this call runs.
+    prefetching: bool = False
+    prefetched_queries: Tensor | None = None
+    #: Set just before the prefetch pass calls the base model, so that call (and only it,
+    #: not another call made meanwhile from a user hook) joins this context.
+    prefetch_call_pending: bool = False
+    #: Base-model calls running inside this context that belong to it (the prefetch pass).
+    inner_calls: int = 0
+    token: Token | None = None
+
+
+_active: ContextVar[ForwardContext | None] = ContextVar("hetgraph_forward_context", default=None)
+_options: ContextVar[CallOptions | None] = ContextVar("hetgraph_call_options", default=None)
+_knn: ContextVar[KNNMixture | None] = ContextVar("hetgraph_knn_mixture", default=None)
+_generation: ContextVar[GenerationState | None] = ContextVar("hetgraph_generation", default=None)
+
+
+def active_context() -> ForwardContext | None:
+    """The context of the forward call running in this thread / task, if any."""
+    return _active.get()
+
+
+def enter_context(attention_mask: Tensor | None) -> ForwardContext:
+    """Start the context of a base-model call: consumes the options the caller set with
+    :func:`call_options`, so a nested call does not inherit them."""
+    options = _options.get() or CallOptions()
+    if options.knn is None and _knn.get() is not None:
+        options = replace(options, knn=_knn.get())
+    context = ForwardContext(options=options, attention_mask=attention_mask,
+                             generation=_generation.get())
+    context.token = _active.set(context)
+    _options.set(None)
+    return context
+
+
+def exit_context(context: ForwardContext) -> None:
+    """End the context started by :func:`enter_context` (restores the enclosing one)."""
+    if context.token is not None:
+        _active.reset(context.token)
+        context.token = None
+
+
+@contextmanager
+def call_options(options: CallOptions) -> Iterator[None]:
+    """Within this block, the next base-model call starts with ``options``."""
+    token = _options.set(options)
+    try:
+        yield
+    finally:
+        _options.reset(token)
+
+
+@contextmanager
+def knn_mixture(mixture: KNNMixture | None) -> Iterator[None]:
+    """Within this block, every forward's logits are kNN-LM mixtures (``None``: off)."""
+    token = _knn.set(mixture)
+    try:
+        yield
+    finally:
+        _knn.reset(token)
+
+
+@contextmanager
+def generation_state() -> Iterator[GenerationState]:
+    """A fresh :class:`GenerationState` for the base-model calls of one ``generate``."""
+    state = GenerationState()
+    token = _generation.set(state)
+    try:
+        yield state
+    finally:
+        _generation.reset(token)

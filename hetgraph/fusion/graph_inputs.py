@@ -1,0 +1,130 @@
+r"""From retrieved neighbours to what a graph adapter reads: the graph and its node features.
+
+:class:`GraphInputBuilder` is the one place that turns query states and the neighbour rows
+retrieved for them into a :class:`~hetgraph.graph.ContextGraph` and the ``ctx`` / ``nbr``
+feature matrices of :class:`~hetgraph.nn.GraphAdapter`. It holds no per-call state, so the
+fusion hooks, the from-datastore training path, inspection and the benchmarks all call it
+the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hetgraph.datastore import Datastore
+from hetgraph.fusion.config import HEAD, FusionSite
+from hetgraph.graph import ContextGraph, GraphConfig, build_context_graph
+
+
+@dataclass
+class AdapterInputs:
+    r"""The arguments of :class:`~hetgraph.nn.GraphAdapter` for one graph.
+
+    Attributes:
+        graph: the context graph.
+        ctx_x: :math:`[N_{ctx}, d]` query states (the fused site's hidden states).
+        nbr_x: :math:`[N_{nbr}, d_{nbr}]` stored features of the neighbour tokens.
+        nbr_token_x: :math:`[N_{nbr}, d_{tok}]` input embeddings of the neighbour tokens.
+    """
+
+    graph: ContextGraph
+    ctx_x: Tensor
+    nbr_x: Tensor
+    nbr_token_x: Tensor
+
+
+class GraphInputBuilder(nn.Module):
+    r"""Builds context graphs over a datastore and gathers their node features.
+
+    The corpus token and document tables are non-persistent buffers, so they follow
+    ``.to(device)`` of the module that owns this one and are never saved.
+
+    Args:
+        datastore: the corpus datastore (keys, tokens, document ids, optional features).
+        graph_config: how graphs are built.
+        neighbour_features: ``"key"``: every site reads the neighbours' stored keys;
+            ``"stored"``: a decoder-layer site reads that layer's stored features (the key
+            at the retrieval site).
+        retrieval_site: the datastore's key site (``"head"`` or a decoder-layer index).
+    """
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        graph_config: GraphConfig,
+        neighbour_features: Literal["key", "stored"] = "key",
+        retrieval_site: FusionSite = HEAD,
+    ) -> None:
+        super().__init__()
+        self.datastore = datastore
+        self.graph_config = graph_config
+        self.neighbour_features = neighbour_features
+        self.retrieval_site = retrieval_site
+        as_long = lambda array: torch.from_numpy(np.asarray(array, dtype=np.int64))  # noqa: E731
+        self.register_buffer("corpus_tokens", as_long(datastore.tokens), persistent=False)
+        self.register_buffer("corpus_doc_ids", as_long(datastore.doc_ids), persistent=False)
+        self.register_buffer("corpus_next_tokens", as_long(datastore.next_tokens), persistent=False)
+
+    def build_graph(self, neighbour_ids: Tensor, query_mask: Tensor | None = None) -> ContextGraph:
+        """The context graph of ``[B, T, k]`` retrieved rows (``-1``: none), on their device.
+
+        ``query_mask`` (``[B, T]`` bool) keeps only the positions that become ``ctx`` nodes.
+        """
+        graph = build_context_graph(neighbour_ids, self.corpus_tokens, self.corpus_doc_ids,
+                                    self.graph_config, query_mask=query_mask)
+        return graph.to(neighbour_ids.device)
+
+    def next_tokens(self, neighbour_ids: Tensor) -> Tensor:
+        """The token that followed each retrieved row (``-1`` where the id is ``-1``)."""
+        table = self.corpus_next_tokens
+        tokens = table[neighbour_ids.clamp(min=0).to(table.device)].to(neighbour_ids.device)
+        return tokens.masked_fill(neighbour_ids < 0, -1)
+
+    def _reads_keys(self, site: FusionSite) -> bool:
+        return self.neighbour_features == "key" or site == self.retrieval_site
+
+    def feature_width(self, site: FusionSite) -> int:
+        """Width of the ``nbr`` features a fused ``site`` reads."""
+        if self._reads_keys(site):
+            return self.datastore.dim
+        return int(self.datastore.features(int(site)).shape[1])
+
+    def neighbour_features_of(self, corpus_ids: Tensor, site: FusionSite) -> Tensor:
+        """Stored features ``[M, d_nbr]`` of corpus rows (read from the memmaps, fp16)."""
+        store = self.datastore.keys if self._reads_keys(site) else self.datastore.features(int(site))
+        rows = corpus_ids.cpu().numpy()
+        return torch.from_numpy(np.asarray(store[rows])).to(corpus_ids.device)
+
+    def adapter_inputs(
+        self,
+        graph: ContextGraph,
+        hidden: Tensor,
+        site: FusionSite,
+        embedding: nn.Module,
+        dtype: torch.dtype,
+    ) -> AdapterInputs:
+        """Node features of ``graph`` for the adapter at ``site``.
+
+        Args:
+            graph: a graph from :meth:`build_graph` over the positions of ``hidden``.
+            hidden: ``[B, T, d]`` hidden states at ``site`` (the ``ctx`` features).
+            site: the fused site (decides which stored ``nbr`` features are read).
+            embedding: the LM's input embedding (``model.get_input_embeddings()``).
+            dtype: dtype of the adapter's parameters.
+        """
+        device = hidden.device
+        ctx = graph["ctx"]
+        ctx_x = hidden[ctx.batch_index, ctx.seq_index].to(dtype)
+        nbr = graph["nbr"]
+        nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device, dtype=dtype)
+        with torch.no_grad():  # the LM is frozen: its embedding needs no graph
+            token_x = embedding(nbr.token_id.to(device)).to(dtype)
+        return AdapterInputs(graph, ctx_x, nbr_x, token_x)
+
+    def extra_repr(self) -> str:
+        return (f"entries={len(self.datastore)}, neighbour_features={self.neighbour_features!r}, "
+                f"retrieval_site={self.retrieval_site!r}")

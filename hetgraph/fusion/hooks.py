@@ -1,0 +1,178 @@
+"""The forward hooks that join a :class:`~hetgraph.HetGraphLM` to its frozen base model.
+
+:class:`FusionHooks` registers, once per attach, a pre/post hook pair on the base model
+(which opens and closes each call's :class:`~hetgraph.fusion.context.ForwardContext`), a
+:class:`~hetgraph.datastore.HiddenStateCapture` at the retrieval site (the same code that
+captured the datastore's keys defines what a query is), and one hook per fused site. The
+hooks hold no state of their own: whatever a call retrieves and builds lives in its
+context, and every computation is a stateless method of the :class:`~hetgraph.HetGraphLM`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from hetgraph.datastore.capture import HiddenStateCapture, StopForward
+from hetgraph.fusion.config import HEAD, FusionSite
+from hetgraph.fusion.context import ForwardContext, active_context, enter_context, exit_context
+from hetgraph.models.layers import (
+    decoder_layers,
+    hidden_states_of,
+    output_embedding_input_hook_target,
+    with_hidden_states,
+)
+
+if TYPE_CHECKING:
+    from hetgraph.fusion.lm import HetGraphLM
+
+
+class FusionHooks:
+    """Retrieval and fusion hooks of one :class:`~hetgraph.HetGraphLM` on its base model.
+
+    Args:
+        lm: the model whose :meth:`~hetgraph.HetGraphLM.retrieve`,
+            :meth:`~hetgraph.HetGraphLM.fuse` and kNN mixture the hooks call.
+    """
+
+    def __init__(self, lm: HetGraphLM) -> None:
+        self.lm = lm
+        self.handles: list[RemovableHandle] = []
+        self.capture: HiddenStateCapture | None = None
+
+    @property
+    def is_attached(self) -> bool:
+        return bool(self.handles) or self.capture is not None
+
+    def attach(self) -> None:
+        """Register every hook (idempotent). The capture at the retrieval site is
+        registered before the fusion hooks, so it sees the site's unfused state."""
+        if self.is_attached:
+            return
+        model = self.lm.model
+        self.handles.append(model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self._on_call_end, always_call=True))
+        site = self.lm.retrieval_site
+        self.capture = HiddenStateCapture(model, [None if site == HEAD else int(site)],
+                                          on_capture=self._on_query).attach()
+        layers = decoder_layers(model)
+        for site in self.lm.fusion_sites:
+            if site == HEAD:
+                head = output_embedding_input_hook_target(model)
+                self.handles.append(head.register_forward_pre_hook(self._fuse_head_input))
+            else:
+                hook = self._layer_hook(int(site))
+                self.handles.append(layers[int(site)].register_forward_hook(hook))
+
+    def detach(self) -> None:
+        """Remove every hook; the base model is as it was before :meth:`attach`."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.capture is not None:
+            self.capture.detach()
+            self.capture = None
+
+    # ------------------------------------------------------------- call lifetime
+    def _on_call_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        outer = active_context()
+        if outer is not None and outer.prefetch_call_pending:
+            outer.prefetch_call_pending = False  # the prefetch pass of `outer` runs in its context
+            outer.inner_calls += 1
+            return
+        context = enter_context(kwargs.get("attention_mask"))
+        if self.lm.needs_prefetch:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            self._prefetch(context, input_ids, kwargs.get("past_key_values"))
+
+    def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        context = active_context()
+        if context is None:
+            return None
+        if context.inner_calls:
+            context.inner_calls -= 1
+            return None
+        exit_context(context)
+        if output is None:  # the call raised; always_call hooks still close its context
+            return None
+        if context.options.knn is not None and context.retrieval is not None:
+            output.logits = self.lm.knn_mixture_logits(output.logits, context.retrieval,
+                                                       context.options.knn)
+        if context.options.output_retrieval:
+            output.retrieval = context.retrieval
+        return output
+
+    # ------------------------------------------------------------------ retrieval
+    def _on_query(self, layer: int | None, hidden: Tensor) -> None:
+        context = active_context()
+        if context is None:
+            return
+        if context.prefetching:
+            context.prefetched_queries = hidden
+            raise StopForward
+        if not self.lm.needs_prefetch:
+            context.retrieval = self.lm.retrieve(hidden, context.options)
+
+    def _prefetch(self, context: ForwardContext, input_ids: Tensor | None, past: Any) -> None:
+        # Some fused site runs before the retrieval site: a no-grad pass up to the
+        # retrieval site supplies the queries first.
+        if input_ids is None:
+            raise ValueError("HetGraphLM with a prefetch pass needs input_ids (not inputs_embeds)")
+        history = self._history_ids(context, input_ids, past)
+        mask = context.attention_mask
+        if mask is not None and mask.shape[-1] != history.shape[-1]:
+            mask = None
+        context.prefetching = context.prefetch_call_pending = True
+        try:
+            with torch.no_grad():
+                self.lm.model(input_ids=history, attention_mask=mask, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            context.prefetching = context.prefetch_call_pending = False
+        if context.prefetched_queries is None:
+            raise RuntimeError("the prefetch pass never reached the retrieval site")
+        queries = context.prefetched_queries[:, -input_ids.shape[-1]:]
+        context.retrieval = self.lm.retrieve(queries, context.options)
+
+    @staticmethod
+    def _history_ids(context: ForwardContext, input_ids: Tensor, past: Any) -> Tensor:
+        # With a KV cache the model sees only new tokens; the prefetch pass (no cache) needs all.
+        state = context.generation
+        if state is None:
+            return input_ids
+        past_length = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        previous = state.history
+        if past_length == 0 or previous is None or previous.shape[-1] != past_length:
+            history = input_ids
+        else:
+            history = torch.cat([previous, input_ids], dim=-1)
+        state.history = history
+        return history
+
+    # --------------------------------------------------------------------- fusion
+    def _fuse(self, site: FusionSite, hidden: Tensor) -> Tensor | None:
+        context = active_context()
+        if context is None or context.prefetching:
+            return None
+        if context.retrieval is None:
+            raise RuntimeError("no neighbours were retrieved before a fused site; "
+                               "this is a bug in the hook order")
+        length = hidden.shape[1]
+        graph = context.graphs.get(length)
+        if graph is None:  # one graph per call, shared by every fused site
+            graph = self.lm.build_graph(context.retrieval, length, context.attention_mask)
+            context.graphs[length] = graph
+        return self.lm.fuse(site, hidden, graph)
+
+    def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        fused = self._fuse(HEAD, args[0])
+        return None if fused is None else (fused, *args[1:])
+
+    def _layer_hook(self, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            fused = self._fuse(layer, hidden_states_of(output))
+            return None if fused is None else with_hidden_states(output, fused)
+        return hook

@@ -36,7 +36,8 @@ from hetgraph.training import train_adapter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=60_000)
     parser.add_argument("--layer", type=int, default=-6, help="fused decoder layer")
     parser.add_argument("--steps", type=int, default=120)
@@ -72,10 +73,12 @@ def main() -> None:
                                 out / f"adapter-{source}")
         results[source] = {
             "train_seconds": time.perf_counter() - started,
-            "final_train_loss": sum(trained.train_losses[-10:]) / min(10, len(trained.train_losses)),
+            "final_train_loss": (sum(trained.train_losses[-10:])
+                                 / min(10, len(trained.train_losses))),
             "valid_ppl": model_perplexity(lm, corpus.valid, windows),
             "test_ppl": model_perplexity(lm, corpus.test, windows),
-            "extra_bytes_per_token": 2 * store.features(layer).shape[1] if source == "stored" else 0,
+            "extra_bytes_per_token": (2 * store.features(layer).shape[1]
+                                      if source == "stored" else 0),
         }
     base = HetGraphLM(model, store, index, replace(run.fusion, fusion_layers=(layer,)))
     report = {

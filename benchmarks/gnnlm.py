@@ -43,7 +43,8 @@ PROMPTS = [
 ]
 
 
-def forward_seconds(forward, tokens, context_length: int, stride: int, batch_size: int, device) -> float:
+def forward_seconds(forward, tokens, context_length: int, stride: int, batch_size: int,
+                    device) -> float:
     batches = window_batches(sliding_windows(len(tokens) - 1, context_length, stride), batch_size)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -64,11 +65,14 @@ def generate_seconds(generate, tokenizer, new_tokens: int, device) -> tuple[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, help="run config (default: the demo's)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="run config (default: the demo's)")
     parser.add_argument("--tokens", type=int, default=200_000, help="datastore train tokens")
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the config's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     # Exact search over 200k keys costs about as much as the LM forward on 2 CPU cores;
     # IVF with 32 of 1024 lists gives the same perplexities (see the closing note) at a
@@ -97,7 +101,8 @@ def main() -> None:
     device = next(model.parameters()).device
     corpus = tokenize_corpus(config.corpus, tokenizer, show_progress=False)
     store, index = prepare_datastore(model, tokenizer, corpus, config, Path(config.out_dir))
-    lm = HetGraphLM.from_pretrained(Path(config.out_dir) / "adapter", model, store, index, tokenizer=tokenizer)
+    lm = HetGraphLM.from_pretrained(Path(config.out_dir) / "adapter", model, store, index,
+                                    tokenizer=tokenizer)
     lm.eval()
     evaluation = config.evaluation
     tokens = corpus.test.tokens[: args.eval_tokens + 1]
@@ -119,7 +124,8 @@ def main() -> None:
                                for key in ("knn", "gnn", "gnn_knn")},
         "acceptance": {
             "gnn_below_base": results["gnn"]["ppl"] < results["base"]["ppl"],
-            "gnn_knn_below_knn_below_base": results["gnn_knn"]["ppl"] < results["knn"]["ppl"] < results["base"]["ppl"],
+            "gnn_knn_below_knn_below_base": (results["gnn_knn"]["ppl"] < results["knn"]["ppl"]
+                                             < results["base"]["ppl"]),
         },
         "speed": {
             "base_forward_tokens_per_s": scored / base_s,

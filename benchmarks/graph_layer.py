@@ -35,7 +35,8 @@ import torch_geometric
 from torch_geometric.data import Batch, HeteroData
 from torch_geometric.nn import HGTConv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+# run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hetgraph.graph import (
     CTX,
@@ -93,7 +94,8 @@ def loop_graph(ids: np.ndarray, tokens: np.ndarray, docs: np.ndarray, l: int, r:
     return g
 
 
-def realistic_neighbours(B: int, T: int, K: int, N: int, reach: int = 64, max_step: int = 5, seed: int = 0):
+def realistic_neighbours(B: int, T: int, K: int, N: int, reach: int = 64, max_step: int = 5,
+                         seed: int = 0):
     """Neighbour ids with retrieval-like repetition: position t of sequence b
     retrieves K distinct rows among ``reach`` rows after a random walk
     ``a_t`` (steps 0..max_step), so neighbouring positions share most rows."""
@@ -107,7 +109,8 @@ def realistic_neighbours(B: int, T: int, K: int, N: int, reach: int = 64, max_st
     return ids
 
 
-def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather, args) -> tuple[dict, torch.Tensor]:
+def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather,
+                args) -> tuple[dict, torch.Tensor]:
     """Build, gather and adapter timings on one layout; also the eval-mode output."""
     g = build(cfg)
     inputs = gather(g)
@@ -115,7 +118,8 @@ def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather, args) ->
     with torch.no_grad():
         output = adapter(g, *inputs)
         t_fwd = timeit(lambda: adapter(g, *inputs), args.real_repeat)
-        t_sparse = timeit(lambda: adapter(g, *inputs, path="sparse"), args.real_repeat) if cfg.share_windows else None
+        t_sparse = (timeit(lambda: adapter(g, *inputs, path="sparse"), args.real_repeat)
+                    if cfg.share_windows else None)
     adapter.train()
 
     def fwd_bwd():
@@ -138,7 +142,8 @@ def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather, args) ->
 def realistic_adapter(args) -> dict:
     B, T, K, N, width, vocab = 4, 512, 32, 200_000, 576, 49_152
     gen = torch.Generator().manual_seed(1)
-    docs = torch.from_numpy(np.sort(np.random.default_rng(1).integers(0, N // 2000, N)).astype(np.int32))
+    docs = torch.from_numpy(
+        np.sort(np.random.default_rng(1).integers(0, N // 2000, N)).astype(np.int32))
     tokens = torch.randint(0, vocab, (N,), dtype=torch.int32, generator=gen)
     features = torch.randn(N, width, generator=gen)  # stands in for the datastore's fp32 features
     embedding = torch.nn.Embedding(vocab, width).requires_grad_(False)
@@ -160,22 +165,26 @@ def realistic_adapter(args) -> dict:
                 embedding(g[NBR].token_id))
 
     out: dict = {
-        "B": B, "T": T, "k": K, "left": 1, "right": 1, "width": width, "hidden": 256, "layers": 2, "heads": 8,
+        "B": B, "T": T, "k": K, "left": 1, "right": 1, "width": width, "hidden": 256, "layers": 2,
+        "heads": 8,
         "feed_forward": True, "retrieved_rows": int(valid.numel()), "distinct_rows": distinct,
         "distinct_fraction": distinct / int(valid.numel()),
     }
     outputs = {}
     for name, share in (("shared", True), ("unshared", False)):
-        out[name], outputs[name] = time_layout(adapter, GraphConfig(left=1, right=1, share_windows=share), build,
-                                               gather, args)
+        out[name], outputs[name] = time_layout(
+            adapter, GraphConfig(left=1, right=1, share_windows=share), build, gather, args)
         print(name, json.dumps(out[name]), flush=True)
     s, u = out["shared"], out["unshared"]
     out["nbr_node_ratio"] = u["num_nbr"] / s["num_nbr"]
     out["speedup_forward"] = u["adapter_forward_s"] / s["adapter_forward_s"]
-    out["speedup_forward_backward"] = u["adapter_forward_backward_s"] / s["adapter_forward_backward_s"]
-    out["speedup_build_gather_forward"] = sum(u[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s")) / sum(
-        s[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s"))
-    out["shared_vs_unshared_max_abs_diff"] = (outputs["shared"] - outputs["unshared"]).abs().max().item()
+    out["speedup_forward_backward"] = (u["adapter_forward_backward_s"]
+                                       / s["adapter_forward_backward_s"])
+    out["speedup_build_gather_forward"] = (
+        sum(u[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s"))
+        / sum(s[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s")))
+    out["shared_vs_unshared_max_abs_diff"] = (
+        (outputs["shared"] - outputs["unshared"]).abs().max().item())
     return out
 
 
@@ -187,16 +196,20 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=1_000_000)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layer-batch", type=int, default=1, help="sequences in the layer benchmark graph")
+    parser.add_argument("--layer-batch", type=int, default=1,
+                        help="sequences in the layer benchmark graph")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--real-repeat", type=int, default=2, help="repeats of the realistic adapter timings")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "graph_layer.json"))
+    parser.add_argument("--real-repeat", type=int, default=2,
+                        help="repeats of the realistic adapter timings")
+    parser.add_argument("--out",
+                        default=str(Path(__file__).parent / "results" / "graph_layer.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
     B, T, K, N = args.batch, args.seq, args.k, args.corpus
-    docs = torch.from_numpy(np.sort(np.random.default_rng(0).integers(0, N // 1000, N)).astype(np.int32))
+    docs = torch.from_numpy(
+        np.sort(np.random.default_rng(0).integers(0, N // 1000, N)).astype(np.int32))
     tokens = torch.randint(0, 50_000, (N,), dtype=torch.int32)
     ids = torch.randint(0, N, (B, T, K))
     ids[torch.rand(B, T, K) < 0.05] = -1
@@ -205,11 +218,13 @@ def main() -> None:
     t_vec = timeit(lambda: build_context_graph(ids, tokens, docs, cfg), 3 * args.repeat)
     ids_np, tok_np, doc_np = ids.numpy(), tokens.numpy(), docs.numpy()
     t_loop = timeit(
-        lambda: Batch.from_data_list([loop_graph(ids_np[b], tok_np, doc_np, 1, 1) for b in range(B)]),
+        lambda: Batch.from_data_list(
+            [loop_graph(ids_np[b], tok_np, doc_np, 1, 1) for b in range(B)]),
         args.repeat,
     )
     t_per_seq = timeit(
-        lambda: Batch.from_data_list([build_context_graph(ids[b : b + 1], tokens, docs, cfg) for b in range(B)]),
+        lambda: Batch.from_data_list(
+            [build_context_graph(ids[b : b + 1], tokens, docs, cfg) for b in range(B)]),
         args.repeat,
     )
     g = build_context_graph(ids, tokens, docs, cfg)
@@ -254,14 +269,16 @@ def main() -> None:
         a = ours({CTX: x_ctx, NBR: x_nbr}, edge_index_dict)
         b_c, b_n = dense_layer()
         max_diff = max(
-            (a[CTX] - b_c).abs().max().item(), (a[NBR] - b_n.view(-1, F_)[grid_index]).abs().max().item()
+            (a[CTX] - b_c).abs().max().item(),
+            (a[NBR] - b_n.view(-1, F_)[grid_index]).abs().max().item(),
         )
     t_hgt = timeit(run_hgt, args.repeat)
     t_sparse = timeit(run_sparse, args.repeat)
     t_dense = timeit(run_dense, args.repeat)
 
     # ---- full adapter (3 layers + feed-forward, eval-mode dropout off) on the same graph
-    adapter = GraphAdapter(AdapterConfig(ctx_channels=F_, nbr_channels=F_, heads=H, dropout=0.0, attn_dropout=0.0))
+    adapter = GraphAdapter(AdapterConfig(ctx_channels=F_, nbr_channels=F_, heads=H, dropout=0.0,
+                                         attn_dropout=0.0))
 
     def run_adapter(path: str):
         adapter(lg, x_ctx, x_nbr, path=path).sum().backward()

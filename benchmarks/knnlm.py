@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--speed-tokens", type=int, default=12_000,
                         help="tokens of the interleaved build-vs-plain-forward speed comparison")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved build/forward pairs (median kept)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved build/forward pairs (median kept)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,13 +70,15 @@ def main() -> None:
             plain = plain_forward_seconds(model, speed_tokens, speed_config)
             target = work / f"speed{repeat}"
             start = time.perf_counter()
-            build_datastore(model, tokenizer, corpus.train, target, speed_config, show_progress=False)
+            build_datastore(model, tokenizer, corpus.train, target, speed_config,
+                            show_progress=False)
             build = time.perf_counter() - start
             shutil.rmtree(target, ignore_errors=True)
             runs.append({"plain_forward_s": plain, "build_s": build, "ratio": plain / build})
         # The datastore that kNN-LM uses: all --tokens train tokens.
         start = time.perf_counter()
-        ds = build_datastore(model, tokenizer, corpus.train, work / "ds", config, show_progress=False)
+        ds = build_datastore(model, tokenizer, corpus.train, work / "ds", config,
+                             show_progress=False)
         full_build_s = time.perf_counter() - start
         index = DatastoreIndex.build(ds, IndexConfig(), show_progress=False)
         # Same windows for valid and test; max_tokens limits both splits.

@@ -26,7 +26,8 @@ def main() -> None:
     # The first key of the store must find itself as its own nearest neighbour.
     query = np.asarray(store.keys[:1], dtype=np.float32)
     distances, ids = index.search(query, 4)
-    print(f"nearest rows of row 0: {ids[0].tolist()} (distances {np.round(distances[0], 3).tolist()})")
+    print(f"nearest rows of row 0: {ids[0].tolist()} "
+          f"(distances {np.round(distances[0], 3).tolist()})")
     print(f"row 0 is in document {store.document_name(0)!r}; next token "
           f"{tokenizer.decode([int(store.next_tokens[0])])!r}")
     print("datastore OK")

@@ -32,7 +32,8 @@ def main() -> None:
     with torch.no_grad():
         base = model(ids).logits
         fused = lm(ids).logits
-    print(f"untrained adapter changes the logits by {(fused - base).abs().max().item():.1e} (exact identity)")
+    print(f"untrained adapter changes the logits by {(fused - base).abs().max().item():.1e} "
+          "(exact identity)")
 
     adapter_dir = _common.train(args, lm, tokenized, store)
     gate = max(g.abs().max().item() for g in lm.gates.values())

@@ -31,7 +31,8 @@ def main() -> None:
 
     config = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4,
                         max_tokens=s.eval_tokens, k=s.k, valid_tokens=s.eval_tokens)
-    results = evaluate_four_way(lm, tokenized.valid, tokenized.test, config, show_progress=not args.tiny)
+    results = evaluate_four_way(lm, tokenized.valid, tokenized.test, config,
+                                show_progress=not args.tiny)
     print(results_table(results, title="four-way evaluation"))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -11,7 +11,6 @@ token that followed it in the corpus.
 """
 from __future__ import annotations
 
-
 import _common
 import torch
 
@@ -38,7 +37,8 @@ def main() -> None:
                             pad_token_id=tokenizer.pad_token_id)
     prompt_length = inputs["input_ids"].shape[1]
     print(f"prompt:    {prompt!r}")
-    print(f"generated: {tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)!r}")
+    continuation = tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)
+    print(f"generated: {continuation!r}")
     print()
     with torch.no_grad():
         print(describe_generation(lm, tokenizer, generated[0], prompt_length, args.neighbours))

@@ -20,16 +20,17 @@ from hetgraph import GraphConfig, HeteroGraphAttention, build_context_graph
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="accepted for symmetry: this example is always tiny")
+    p.add_argument("--tiny", action="store_true",
+                   help="accepted for symmetry: this example is always tiny")
     p.add_argument("--channels", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    corpus_tokens = torch.arange(100, 120)                 # token id of each datastore row
-    corpus_doc_ids = torch.tensor([0] * 12 + [1] * 8)      # two documents: windows stop at the border
-    neighbour_ids = torch.tensor([                          # [B=2, T=3, k=2]; -1 = no neighbour
+    corpus_tokens = torch.arange(100, 120)             # token id of each datastore row
+    corpus_doc_ids = torch.tensor([0] * 12 + [1] * 8)  # two documents: windows stop at the border
+    neighbour_ids = torch.tensor([                      # [B=2, T=3, k=2]; -1 = no neighbour
         [[3, 11], [4, 12], [5, -1]],
         [[12, 19], [13, 0], [4, 5]],
     ])

@@ -21,7 +21,9 @@ import torch
 
 TINY_ENV = "HETGRAPH_EXAMPLES_TINY"
 
-_WORDS = ["the", "list", "sort", "key", "value", "returns", "a", "new", "object", "when", "called", "with", "an", "iterable", "dict", "string", "format", "module", "import", "function", "class", "method", "raises", "error", "if"]
+_WORDS = ["the", "list", "sort", "key", "value", "returns", "a", "new", "object", "when", "called",
+          "with", "an", "iterable", "dict", "string", "format", "module", "import", "function",
+          "class", "method", "raises", "error", "if"]
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
@@ -30,9 +32,12 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true",
                    help=f"tiny random model and synthetic corpus (also: {TINY_ENV}=1)")
-    p.add_argument("--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--corpus", default=None, help="text folder (default: embedded Python 3.11 docs)")
-    p.add_argument("--out", default=None, help="work directory (default: runs/examples, or a temp dir with --tiny)")
+    p.add_argument("--model", default=None,
+                   help="model directory or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--corpus", default=None,
+                   help="text folder (default: embedded Python 3.11 docs)")
+    p.add_argument("--out", default=None,
+                   help="work directory (default: runs/examples, or a temp dir with --tiny)")
     p.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     return p
 
@@ -80,10 +85,12 @@ class Sizes:
 
 
 TINY = Sizes(datastore_tokens=6000, context_length=128, stride=64, k=8,
-             adapter={"hidden_channels": 32, "num_layers": 1, "heads": 4, "dropout": 0.0, "attn_dropout": 0.0},
+             adapter={"hidden_channels": 32, "num_layers": 1, "heads": 4, "dropout": 0.0,
+                      "attn_dropout": 0.0},
              train_steps=4, train_context=64, eval_tokens=300)
 MODEST = Sizes(datastore_tokens=20000, context_length=512, stride=384, k=16,
-               adapter={"hidden_channels": 256, "num_layers": 2, "heads": 8, "dropout": 0.1, "attn_dropout": 0.1},
+               adapter={"hidden_channels": 256, "num_layers": 2, "heads": 8, "dropout": 0.1,
+                        "attn_dropout": 0.1},
                train_steps=40, train_context=128, eval_tokens=2048)
 
 
@@ -93,7 +100,8 @@ def sizes(args: argparse.Namespace) -> Sizes:
 
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(model, tokenizer)``: a tiny random Qwen2 + byte tokenizer, or :func:`hetgraph.load_model`."""
+    """``(model, tokenizer)``: a tiny random Qwen2 + byte tokenizer, or
+    :func:`hetgraph.load_model`."""
     if args.tiny and args.model is None:
         from hetgraph.testing import byte_tokenizer, tiny_causal_lm
 
@@ -128,7 +136,8 @@ def datastore_and_index(args: argparse.Namespace, model: Any, tokenizer: Any, to
     if (out / "index" / "index.json").is_file():
         index = DatastoreIndex.load(out / "index", store)
     else:
-        index = DatastoreIndex.build(store, IndexConfig(factory="auto"), show_progress=not args.tiny)
+        index = DatastoreIndex.build(store, IndexConfig(factory="auto"),
+                                     show_progress=not args.tiny)
         index.save(out / "index")
     return store, index
 
@@ -138,7 +147,8 @@ def fusion_config(args: argparse.Namespace):
     from hetgraph import FusionConfig
 
     s = sizes(args)
-    return FusionConfig(fusion_layers=("head",), k=s.k, graph={"left": 1, "right": 1}, adapter=s.adapter)
+    return FusionConfig(fusion_layers=("head",), k=s.k, graph={"left": 1, "right": 1},
+                        adapter=s.adapter)
 
 
 def hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
@@ -163,7 +173,7 @@ def train(args: argparse.Namespace, lm: Any, tokenized: Any, store: Any) -> Path
     out = Path(args.out) / "adapter"
     train_split = tokenized.train.truncate(len(store) + 1)
     windows = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4)
-    result = train_adapter(lm, train_split, tokenized.valid, config, out, show_progress=not args.tiny,
-                           eval_config=windows)
+    result = train_adapter(lm, train_split, tokenized.valid, config, out,
+                           show_progress=not args.tiny, eval_config=windows)
     print(f"trained {result.steps} steps; best valid perplexity {result.best_valid_ppl:.2f}")
     return out

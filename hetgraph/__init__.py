@@ -191,10 +191,12 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         GraphConfig as GraphConfig,
     )
     from hetgraph.graph import (
+        WindowLayout as WindowLayout,
+    )
+    from hetgraph.graph import (
         build_context_graph as build_context_graph,
     )
     from hetgraph.graph import (
-        WindowLayout as WindowLayout,
         ctx_to_dense as ctx_to_dense,
     )
     from hetgraph.index import (

@@ -2,14 +2,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hetgraph.io import INDEX_DIR, INDEX_FILE, atomic_write_json
+from hetgraph.cli_commands import (
+    cmd_datastore_build,
+    cmd_demo,
+    cmd_eval,
+    cmd_generate,
+    cmd_index_build,
+    cmd_inspect,
+    cmd_train,
+)
 
 EPILOG = """examples:
   hetgraph demo                                   # the whole job on the embedded default
@@ -25,15 +32,18 @@ EPILOG = """examples:
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory or .gguf file (default: embedded SmolLM2-135M)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA if available)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 … (default: CUDA if available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="model weights dtype (bfloat16 halves GPU memory; adapters stay float32)")
+                        help="model weights dtype "
+                             "(bfloat16 halves GPU memory; adapters stay float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads")
 
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
-                        help="directory of text files, a text file or JSONL (default: embedded Python docs)")
+                        help="directory of text files, a text file or JSONL "
+                             "(default: embedded Python docs)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     parser.add_argument("--corpus-config", default=None, type=Path,
                         help="JSON file of CorpusConfig fields (split fractions, seed, glob …)")
@@ -45,13 +55,16 @@ def _layer(value: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"layer must be an integer or 'head', got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"layer must be an integer or 'head', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hetgraph", description="GNN-LM for any Hugging Face decoder LM: a datastore of a corpus, "
-        "a heterogeneous graph over retrieved contexts, and graph adapters fused into the frozen LM.",
+        prog="hetgraph",
+        description="GNN-LM for any Hugging Face decoder LM: a datastore of a corpus, "
+        "a heterogeneous graph over retrieved contexts, "
+        "and graph adapters fused into the frozen LM.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -66,30 +79,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo_command(commands: Any) -> None:
-    demo = commands.add_parser("demo", help="run the main job: datastore → index → train → four-way eval")
-    demo.add_argument("--config", type=Path, default=None, help="run config JSON (default: the embedded demo)")
+    demo = commands.add_parser(
+        "demo", help="run the main job: datastore → index → train → four-way eval")
+    demo.add_argument("--config", type=Path, default=None,
+                      help="run config JSON (default: the embedded demo)")
     demo.add_argument("--out", default=None, help="run directory (overrides the config's out_dir)")
-    demo.add_argument("--print-config", action="store_true", help="print the default run config and exit")
+    demo.add_argument("--print-config", action="store_true",
+                      help="print the default run config and exit")
     demo.set_defaults(func=cmd_demo)
 
 
 def _add_build_commands(commands: Any) -> None:
     datastore = commands.add_parser("datastore", help="datastore commands").add_subparsers(
         dest="action", metavar="ACTION", required=True)
-    ds_build = datastore.add_parser("build", help="run the frozen LM over the train split and store keys")
+    ds_build = datastore.add_parser(
+        "build", help="run the frozen LM over the train split and store keys")
     _add_model(ds_build)
     _add_corpus(ds_build)
     ds_build.add_argument("--out", required=True, help="datastore directory")
     ds_build.add_argument("--layer", type=_layer, default=None,
                           help="key layer: decoder-layer index or 'head' (LM-head input, default)")
-    ds_build.add_argument("--max-tokens", type=int, default=None, help="use the first N train tokens")
+    ds_build.add_argument("--max-tokens", type=int, default=None,
+                          help="use the first N train tokens")
     ds_build.add_argument("--context-length", type=int, default=512)
     ds_build.add_argument("--stride", type=int, default=256)
     ds_build.add_argument("--batch-size", type=int, default=8)
     ds_build.add_argument("--feature-layers", type=int, nargs="*", default=(),
                           help="also store these decoder layers' outputs as neighbour features")
-    ds_build.add_argument("--overwrite", action="store_true", help="replace a datastore built differently")
-    ds_build.add_argument("--no-index", action="store_true", help="do not build the default index afterwards")
+    ds_build.add_argument("--overwrite", action="store_true",
+                          help="replace a datastore built differently")
+    ds_build.add_argument("--no-index", action="store_true",
+                          help="do not build the default index afterwards")
     ds_build.set_defaults(func=cmd_datastore_build)
 
     index = commands.add_parser("index", help="index commands").add_subparsers(
@@ -97,7 +117,8 @@ def _add_build_commands(commands: Any) -> None:
     ix_build = index.add_parser("build", help="build the FAISS index of a datastore")
     ix_build.add_argument("--datastore", required=True)
     ix_build.add_argument("--factory", default="auto",
-                          help="FAISS index_factory string: Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64, HNSW32 "
+                          help="FAISS index_factory string: "
+                               "Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64, HNSW32 "
                                "or 'auto' (exact below ~1M vectors)")
     ix_build.add_argument("--metric", choices=("l2", "ip"), default="l2")
     ix_build.add_argument("--threads", type=int, default=None)
@@ -109,11 +130,13 @@ def _add_train_command(commands: Any) -> None:
     _add_model(train)
     _add_corpus(train)
     train.add_argument("--datastore", required=True)
-    train.add_argument("--out", required=True, help="adapter directory (checkpoints resume from it)")
+    train.add_argument("--out", required=True,
+                       help="adapter directory (checkpoints resume from it)")
     train.add_argument("--config", type=Path, default=None,
                        help="run config JSON; its fusion / training / evaluation sections are used")
     train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--max-tokens", type=int, default=None, help="train on the first N train tokens")
+    train.add_argument("--max-tokens", type=int, default=None,
+                       help="train on the first N train tokens")
     train.add_argument("--fusion-layers", nargs="+", default=None,
                        help="fused sites: decoder-layer indices and/or 'head'")
     train.add_argument("--k", type=int, default=None, help="neighbours per position")
@@ -123,16 +146,21 @@ def _add_train_command(commands: Any) -> None:
 
 
 def _add_eval_command(commands: Any) -> None:
-    evaluate = commands.add_parser("eval", help="perplexity and accuracy: base, kNN-LM (+ GNN-LM with --adapter)")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity and accuracy: base, kNN-LM (+ GNN-LM with --adapter)")
     _add_model(evaluate)
     _add_corpus(evaluate)
     evaluate.add_argument("--datastore", required=True)
-    evaluate.add_argument("--adapter", default=None, help="trained adapter directory (adds gnn and gnn_knn)")
+    evaluate.add_argument("--adapter", default=None,
+                          help="trained adapter directory (adds gnn and gnn_knn)")
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
-    evaluate.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens of the split")
-    evaluate.add_argument("--tune-tokens", type=int, default=None, help="valid tokens for tuning λ and T")
+    evaluate.add_argument("--max-tokens", type=int, default=None,
+                          help="score the first N tokens of the split")
+    evaluate.add_argument("--tune-tokens", type=int, default=None,
+                          help="valid tokens for tuning λ and T")
     evaluate.add_argument("--k", type=int, default=None)
-    evaluate.add_argument("--config", type=Path, default=None, help="run config JSON (evaluation section)")
+    evaluate.add_argument("--config", type=Path, default=None,
+                          help="run config JSON (evaluation section)")
     evaluate.add_argument("--json", type=Path, default=None, help="write the results here")
     evaluate.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
     evaluate.set_defaults(func=cmd_eval)
@@ -142,10 +170,12 @@ def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate with retrieval at every new position")
     _add_model(generate)
     generate.add_argument("--datastore", required=True)
-    generate.add_argument("--adapter", default=None, help="trained adapter (default: zero gates = base model)")
+    generate.add_argument("--adapter", default=None,
+                          help="trained adapter (default: zero gates = base model)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=int, default=40)
-    generate.add_argument("--knn", action="store_true", help="also interpolate kNN-LM (λ, T from the adapter)")
+    generate.add_argument("--knn", action="store_true",
+                          help="also interpolate kNN-LM (λ, T from the adapter)")
     generate.add_argument("--show-neighbours", action="store_true",
                           help="print the retrieved corpus contexts behind each generated token")
     generate.add_argument("--neighbours", type=int, default=3, help="contexts shown per token")
@@ -153,199 +183,17 @@ def _add_generate_command(commands: Any) -> None:
 
 
 def _add_inspect_command(commands: Any) -> None:
-    inspect = commands.add_parser("inspect", help="show the corpus contexts retrieved for positions of a text")
+    inspect = commands.add_parser(
+        "inspect", help="show the corpus contexts retrieved for positions of a text")
     _add_model(inspect)
     inspect.add_argument("--datastore", required=True)
     inspect.add_argument("--adapter", default=None)
     inspect.add_argument("--text", required=True)
-    inspect.add_argument("--position", type=int, default=-1, help="token position (default: the last)")
+    inspect.add_argument("--position", type=int, default=-1,
+                         help="token position (default: the last)")
     inspect.add_argument("--neighbours", type=int, default=8)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
-
-
-
-# ----------------------------------------------------------------------------- helpers
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    from hetgraph.models.loading import load_model
-    from hetgraph.pipeline import resolve_device, set_threads
-
-    set_threads(args.threads)
-    return load_model(args.model, device=resolve_device(args.device), dtype=getattr(torch, args.dtype))
-
-
-def _corpus(args: argparse.Namespace, tokenizer: Any):
-    from hetgraph.corpus import CorpusConfig, tokenize_corpus
-
-    data: dict[str, Any] = {}
-    if args.corpus_config is not None:
-        data = json.loads(Path(args.corpus_config).read_text())
-    if args.corpus is not None:
-        data["path"] = args.corpus
-    if args.text_field != "text":
-        data["text_field"] = args.text_field
-    return tokenize_corpus(CorpusConfig.from_dict(data), tokenizer)
-
-
-def _open_store(path: str, model: Any, tokenizer: Any):
-    from hetgraph.datastore import Datastore
-    from hetgraph.index import DatastoreIndex
-
-    store = Datastore.open(path, model=model, tokenizer=tokenizer)
-    index_dir = Path(path) / INDEX_DIR
-    if not (index_dir / INDEX_FILE).is_file():
-        raise SystemExit(f"error: {path} has no index yet; run `hetgraph index build --datastore {path}`")
-    return store, DatastoreIndex.load(index_dir, store)
-
-
-def _run_config(path: Path | None):
-    from hetgraph.pipeline import RunConfig
-
-    return RunConfig.from_json_file(path) if path is not None else RunConfig.default()
-
-
-def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
-    from hetgraph.fusion import FusionConfig, HetGraphLM
-
-    if args.adapter:
-        return HetGraphLM.from_pretrained(args.adapter, model, store, index, tokenizer=tokenizer)
-    return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
-
-
-# ---------------------------------------------------------------------------- commands
-def cmd_demo(args: argparse.Namespace) -> int:
-    from hetgraph.evaluation import results_table
-    from hetgraph.pipeline import DEFAULT_CONFIG, run_pipeline
-
-    if args.print_config:
-        print(DEFAULT_CONFIG.read_text(), end="")
-        return 0
-    config = _run_config(args.config)
-    if args.out is not None:
-        config.out_dir = args.out
-    print(results_table(run_pipeline(config)))
-    return 0
-
-
-def cmd_datastore_build(args: argparse.Namespace) -> int:
-    from hetgraph.datastore import DatastoreConfig, build_datastore
-    from hetgraph.index import DatastoreIndex, IndexConfig
-
-    model, tokenizer = _load(args)
-    corpus = _corpus(args, tokenizer)
-    config = DatastoreConfig(context_length=args.context_length, stride=args.stride,
-                             batch_size=args.batch_size, key_layer=args.layer,
-                             feature_layers=tuple(args.feature_layers), max_tokens=args.max_tokens)
-    store = build_datastore(model, tokenizer, corpus.train, args.out, config,
-                            corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
-    print(f"datastore: {store}")
-    if not args.no_index:
-        index = DatastoreIndex.build(store, IndexConfig(num_threads=args.threads))
-        index.save(Path(args.out) / INDEX_DIR)
-        print(f"index: {index}")
-    return 0
-
-
-def cmd_index_build(args: argparse.Namespace) -> int:
-    from hetgraph.datastore import Datastore
-    from hetgraph.index import DatastoreIndex, IndexConfig
-
-    store = Datastore.open(args.datastore)
-    index = DatastoreIndex.build(store, IndexConfig(factory=args.factory, metric=args.metric,
-                                                    num_threads=args.threads))
-    index.save(Path(args.datastore) / INDEX_DIR)
-    print(f"index: {index} saved in {Path(args.datastore) / 'index'}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from hetgraph.fusion import HetGraphLM
-    from hetgraph.training import train_adapter
-
-    run = _run_config(args.config)
-    fusion, training = run.fusion, run.training
-    if args.fusion_layers is not None:
-        sites = tuple(s if s == "head" else int(s) for s in args.fusion_layers)
-        fusion = replace(fusion, fusion_layers=sites)
-    if args.k is not None:
-        fusion = replace(fusion, k=args.k)
-    for name in ("max_steps", "lr", "seed"):
-        if getattr(args, name) is not None:
-            training = replace(training, **{name: getattr(args, name)})
-    evaluation = run.evaluation
-    model, tokenizer = _load(args)
-    corpus = _corpus(args, tokenizer)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    train_split = corpus.train.truncate(min(len(store) + 1, args.max_tokens or len(store) + 1))
-    lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
-    result = train_adapter(lm, train_split, corpus.valid, training, args.out, eval_config=evaluation)
-    print(json.dumps({"steps": result.steps, "best_step": result.best_step,
-                      "best_valid_ppl": result.best_valid_ppl, "adapter": str(args.out)}, indent=2))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
-
-    run = _run_config(args.config)
-    evaluation = run.evaluation
-    if args.k is not None:
-        evaluation = replace(evaluation, k=args.k)
-    if args.max_tokens is not None:
-        evaluation = replace(evaluation, max_tokens=args.max_tokens)
-    if args.tune_tokens is not None:
-        evaluation = replace(evaluation, valid_tokens=args.tune_tokens)
-    model, tokenizer = _load(args)
-    corpus = _corpus(args, tokenizer)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
-    eval_split = corpus.split(args.split)
-    results = evaluate_four_way(lm, corpus.valid, eval_split, evaluation, include_gnn=args.adapter is not None)
-    print(results_table(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, results)
-    if args.plot is not None:
-        plot_results(results, args.plot)
-    return 0
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from hetgraph.inspection import describe_generation
-
-    model, tokenizer = _load(args)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
-    device = next(model.parameters()).device
-    prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
-    generated = lm.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, knn=args.knn)
-    new_tokens = generated[0, prompt["input_ids"].shape[1]:]
-    print(args.prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))
-    if args.show_neighbours:
-        with torch.no_grad():
-            print(describe_generation(lm, tokenizer, generated[0], prompt["input_ids"].shape[1],
-                                      args.neighbours))
-    return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from hetgraph.inspection import format_report, inspect_position
-
-    model, tokenizer = _load(args)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
-    report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
-    return 0
 
 
 def _show_progress_messages() -> None:

@@ -221,7 +221,7 @@ def _coerce_sequence(value: Any, tp: Any, path: str) -> Any:
     else:
         item_types = [args[0] if args else Any] * len(value)
     items = [coerce_value(item, item_type, _join(path, i))
-             for i, (item, item_type) in enumerate(zip(value, item_types))]
+             for i, (item, item_type) in enumerate(zip(value, item_types, strict=True))]
     return tuple(items) if origin is tuple else items
 
 

@@ -7,8 +7,9 @@ the base and GNN-LM predictions.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _neighbour_attention(lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor) -> dict[str, Tensor]:
+def _neighbour_attention(
+    lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor,
+) -> dict[str, Tensor]:
     """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
     retrieved neighbours of each of ``P`` positions (mean over heads; summed over the
     window for ``n2c="window"``)."""
@@ -120,14 +123,16 @@ def inspect_positions(
             same_doc = np.asarray(store.doc_ids[lo:row + 1]) == doc
             start = lo + int(np.argmax(same_doc))
             neighbours.append(Neighbour(
-                rank=rank, row=row, distance=float(distances[i, rank]), document=store.document_name(row),
+                rank=rank, row=row, distance=float(distances[i, rank]),
+                document=store.document_name(row),
                 context=_decode(tokenizer, store.tokens[start:row]),
                 token=_decode(tokenizer, [store.tokens[row]]),
                 next_token=_decode(tokenizer, [store.next_tokens[row]]),
                 attention={site: float(table[i, rank]) for site, table in attention.items()}))
         reports.append(NeighbourReport(
             position=position, token=_decode(tokenizer, [input_ids.reshape(-1)[position]]),
-            actual_next=_decode(tokenizer, [input_ids.reshape(-1)[position + 1]]) if position + 1 < length else None,
+            actual_next=(_decode(tokenizer, [input_ids.reshape(-1)[position + 1]])
+                         if position + 1 < length else None),
             base_prediction=_decode(tokenizer, [int(base_logits[position].argmax())]),
             gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
             neighbours=neighbours))

@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 #: λ grid used by :func:`tune_knn` callers when none is given (0 = the LM alone).
-DEFAULT_LAMBDAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_LAMBDAS: tuple[float, ...] = (
+    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+)
 
 
 def _f32(x: Any, device: torch.device | None = None) -> Tensor:
@@ -39,7 +41,9 @@ def _i64(x: Any, device: torch.device | None = None) -> Tensor:
     return torch.as_tensor(x, device=device).to(torch.int64)
 
 
-def neighbour_log_weights(distances: Any, temperature: float, neighbour_tokens: Any | None = None) -> Tensor:
+def neighbour_log_weights(
+    distances: Any, temperature: float, neighbour_tokens: Any | None = None,
+) -> Tensor:
     """``log softmax_j(−d_j / T)`` over the k neighbours, ``[Q, k]`` float32.
 
     Neighbours with an infinite / NaN distance (or a negative token id, if tokens are
@@ -59,7 +63,9 @@ def neighbour_log_weights(distances: Any, temperature: float, neighbour_tokens: 
     return torch.where(valid, weights, torch.full_like(weights, -math.inf))
 
 
-def knn_log_probs(distances: Any, neighbour_next_tokens: Any, vocab_size: int, temperature: float) -> Tensor:
+def knn_log_probs(
+    distances: Any, neighbour_next_tokens: Any, vocab_size: int, temperature: float,
+) -> Tensor:
     """The full kNN distribution ``log p_kNN`` as ``[Q, V]`` float32.
 
     Args:
@@ -71,7 +77,8 @@ def knn_log_probs(distances: Any, neighbour_next_tokens: Any, vocab_size: int, t
     w = neighbour_log_weights(distances, temperature, neighbour_next_tokens)
     tokens = _i64(neighbour_next_tokens, w.device)
     if tokens.shape != w.shape:
-        raise ValueError(f"neighbour tokens {tuple(tokens.shape)} and distances {tuple(w.shape)} differ")
+        raise ValueError(
+            f"neighbour tokens {tuple(tokens.shape)} and distances {tuple(w.shape)} differ")
     if tokens.numel() and int(tokens.max()) >= vocab_size:
         raise ValueError(f"a neighbour token id {int(tokens.max())} is >= vocab_size {vocab_size}")
     # log Σ exp(w) per token: shift by the row max (finite unless the row is empty).
@@ -82,7 +89,9 @@ def knn_log_probs(distances: Any, neighbour_next_tokens: Any, vocab_size: int, t
     return torch.log(mass) + row_max
 
 
-def knn_target_log_probs(distances: Any, neighbour_tokens: Any, targets: Any, temperature: float) -> Tensor:
+def knn_target_log_probs(
+    distances: Any, neighbour_tokens: Any, targets: Any, temperature: float,
+) -> Tensor:
     """``log p_kNN(target)`` per query, ``[Q]`` float32 (``-inf`` if no neighbour has it).
 
     The cheap path for evaluation: ``logsumexp`` of the neighbour weights whose next
@@ -188,9 +197,11 @@ def knn_mixture_argmax(
     for s in range(0, tok_all.shape[0], chunk_size):
         w, tok, top = w_all[s:s + chunk_size], tok_all[s:s + chunk_size], top_all[s:s + chunk_size]
         cand = torch.cat([top.unsqueeze(-1), tok], dim=-1)                       # [q, k+1]
-        cand_lm = torch.cat([lm_top_all[s:s + chunk_size].unsqueeze(-1), lm_nb_all[s:s + chunk_size]], -1)
+        cand_lm = torch.cat(
+            [lm_top_all[s:s + chunk_size].unsqueeze(-1), lm_nb_all[s:s + chunk_size]], -1)
         same = cand.unsqueeze(-1) == tok.unsqueeze(-2)                           # [q, k+1, k]
-        knn = torch.logsumexp(torch.where(same, w.unsqueeze(-2), torch.tensor(-math.inf, device=w.device)), -1)
+        knn = torch.logsumexp(
+            torch.where(same, w.unsqueeze(-2), torch.tensor(-math.inf, device=w.device)), -1)
         score = interpolate_log_probs(cand_lm, knn, lam)
         score = torch.where(cand >= 0, score, torch.full_like(score, -math.inf))
         out[s:s + chunk_size] = cand.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)

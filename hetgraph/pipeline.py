@@ -130,7 +130,8 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
     if (index_dir / INDEX_METADATA).is_file():
         index = DatastoreIndex.load(index_dir, store, config=index_config)
         if index.factory != wanted or index.metric != index_config.metric:
-            logger.info("the saved index is %s (%s); rebuilding as %s", index.factory, index.metric, wanted)
+            logger.info("the saved index is %s (%s); rebuilding as %s",
+                        index.factory, index.metric, wanted)
             index = None
         else:
             logger.info("reusing index %s", index)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import string
 
 import pytest
 
@@ -22,12 +21,13 @@ def workspace(tmp_path_factory):
     corpus.mkdir()
     rng = random.Random(0)
     for i in range(12):
-        words = [rng.choice(["alpha", "beta", "gamma", "delta", "import os", "def f():"]) for _ in range(60)]
+        words = [rng.choice(["alpha", "beta", "gamma", "delta", "import os", "def f():"])
+                 for _ in range(60)]
         (corpus / f"doc{i:02d}.txt").write_text(" ".join(words) + "\n")
     config = {
         "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2, "dropout": 0.0,
-                                       "attn_dropout": 0.0}},
+        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,
+                                       "dropout": 0.0, "attn_dropout": 0.0}},
         "training": {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
                      "eval_tokens": 200, "checkpoint_every": 2},
         "evaluation": {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4},
@@ -57,11 +57,13 @@ def test_round_trip(workspace, capsys):
     assert (w / "ds" / "index" / "index.faiss").is_file()
     assert run("index", "build", "--datastore", w / "ds", "--factory", "HNSW16") == 0
     assert run("index", "build", "--datastore", w / "ds", "--factory", "Flat") == 0
-    assert run("train", *common, "--datastore", w / "ds", "--out", w / "adapter", "--config", w / "run.json") == 0
-    assert (w / "adapter" / "adapter.safetensors").is_file() and (w / "adapter" / "training.json").is_file()
+    assert run("train", *common, "--datastore", w / "ds", "--out", w / "adapter",
+               "--config", w / "run.json") == 0
+    assert ((w / "adapter" / "adapter.safetensors").is_file()
+            and (w / "adapter" / "training.json").is_file())
     capsys.readouterr()
-    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter", "--config", w / "run.json",
-               "--json", w / "eval.json", "--plot", w / "eval.png") == 0
+    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
+               "--config", w / "run.json", "--json", w / "eval.json", "--plot", w / "eval.png") == 0
     table = capsys.readouterr().out
     assert "GNN-LM + kNN" in table and "kNN-LM" in table
     results = json.loads((w / "eval.json").read_text())
@@ -71,19 +73,21 @@ def test_round_trip(workspace, capsys):
     # kNN-LM is tuned on valid over a grid that includes λ = 0, so it is never far above base.
     assert results["knn"]["ppl"] <= results["base"]["ppl"] * 1.05
     assert (w / "eval.png").stat().st_size > 1000
-    assert run("generate", "--model", w / "model", "--datastore", w / "ds", "--adapter", w / "adapter",
-               "--prompt", "import os", "--max-new-tokens", "5", "--show-neighbours") == 0
+    assert run("generate", "--model", w / "model", "--datastore", w / "ds",
+               "--adapter", w / "adapter", "--prompt", "import os", "--max-new-tokens", "5",
+               "--show-neighbours") == 0
     out = capsys.readouterr().out
     assert out.startswith("import os") and "#0" in out
-    assert run("inspect", "--model", w / "model", "--datastore", w / "ds", "--text", "alpha beta gamma",
-               "--json") == 0
+    assert run("inspect", "--model", w / "model", "--datastore", w / "ds",
+               "--text", "alpha beta gamma", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["neighbours"] and report["neighbours"][0]["document"].startswith("doc")
 
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(workspace, capsys):
     w = workspace
-    assert run("eval", "--model", w / "model", "--corpus", w / "corpus", "--datastore", w / "missing") == 2
+    assert run("eval", "--model", w / "model", "--corpus", w / "corpus",
+               "--datastore", w / "missing") == 2
     assert "no datastore" in capsys.readouterr().err
     assert run("datastore", "build", "--model", w / "model", "--corpus", w / "nothing-here",
                "--out", w / "ds2") == 2

@@ -100,7 +100,7 @@ def test_interrupted_then_resumed_build_is_byte_identical(family, tokenizer, tmp
     assert not part.complete
     progress = json.loads((tmp_path / "part" / DATASTORE_PROGRESS).read_text())
     assert progress["batches_done"] == 3 < progress["num_batches"]
-    with pytest.raises(DatastoreError, match="incomplete.*same build command"):
+    with pytest.raises(DatastoreError, match=r"incomplete.*same build command"):
         Datastore.open(tmp_path / "part")
     # Resume in two more steps, then compare every file byte for byte.
     build_datastore(model, tokenizer, split, tmp_path / "part", config, show_progress=False,
@@ -122,7 +122,7 @@ def test_resume_with_other_config_or_model_is_refused(tokenizer, tmp_path):
     config = DatastoreConfig(context_length=32, stride=16, batch_size=2)
     build_datastore(model, tokenizer, split, tmp_path / "ds", config, show_progress=False,
                     max_batches=1)
-    with pytest.raises(DatastoreError, match="different model, corpus or config.*overwrite=True"):
+    with pytest.raises(DatastoreError, match=r"different model, corpus or config.*overwrite=True"):
         build_datastore(model, tokenizer, split, tmp_path / "ds",
                         DatastoreConfig(context_length=32, stride=8, batch_size=2),
                         show_progress=False)

@@ -15,7 +15,8 @@ from hetgraph.training import TrainingConfig, train_adapter
 SMALL_ADAPTER = dict(hidden_channels=32, num_layers=2, heads=4, dropout=0.0, attn_dropout=0.0)
 
 
-def repeated_pattern_split(num_docs: int = 6, pattern: int = 24, repeats: int = 6, seed: int = 0) -> TokenizedSplit:
+def repeated_pattern_split(num_docs: int = 6, pattern: int = 24, repeats: int = 6,
+                           seed: int = 0) -> TokenizedSplit:
     """Documents that repeat a random byte pattern: the next token is predictable from
     earlier repetitions, so retrieval is informative."""
     rng = np.random.default_rng(seed)
@@ -38,7 +39,8 @@ def build_store(tmp_path, family: str, split: TokenizedSplit, key_layer=None, se
     model = tiny_causal_lm(family, seed=seed)
     tokenizer = byte_tokenizer()
     store = build_datastore(model, tokenizer, split, tmp_path / f"ds-{family}-{key_layer}-{seed}",
-                            DatastoreConfig(context_length=64, stride=32, batch_size=4, key_layer=key_layer),
+                            DatastoreConfig(context_length=64, stride=32, batch_size=4,
+                                            key_layer=key_layer),
                             show_progress=False)
     index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
     return model, tokenizer, store, index
@@ -54,12 +56,13 @@ def randomise_gates(lm: HetGraphLM, seed: int = 0) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("sites", [("head",), (0,), (0, "head")])
 def test_zero_gate_leaves_logits_unchanged(tmp_path, split, family, sites):
-    model, tokenizer, store, index = build_store(tmp_path, family, split)
+    model, _tokenizer, store, index = build_store(tmp_path, family, split)
     input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None].repeat(2, 1)
     mask = torch.ones_like(input_ids)
     mask[1, :5] = 0
     base = model(input_ids, attention_mask=mask).logits
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
     assert lm.needs_prefetch == (0 in sites)
     with lm:
         fused = model(input_ids, attention_mask=mask).logits
@@ -68,12 +71,13 @@ def test_zero_gate_leaves_logits_unchanged(tmp_path, split, family, sites):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_gate_greedy_generation_matches_base(tmp_path, split, family):
-    model, tokenizer, store, index = build_store(tmp_path, family, split)
+    model, _tokenizer, store, index = build_store(tmp_path, family, split)
     prompt = torch.from_numpy(split.tokens[:12].astype(np.int64))[None]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=256)
     base = model.generate(prompt, **kwargs)
     for sites in [("head",), (0,)]:
-        lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
+        lm = HetGraphLM(model, store, index,
+                        FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER))
         assert torch.equal(lm.generate(prompt, **kwargs), base)
 
 
@@ -82,10 +86,11 @@ def hook_counts(model) -> list[tuple[int, int]]:
 
 
 def test_detach_restores_the_original_hooks(tmp_path, split):
-    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "qwen2", split)
     user_handle = model.model.layers[1].register_forward_hook(lambda *a: None)
     before = hook_counts(model)
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, 1, "head"), k=4, adapter=SMALL_ADAPTER))
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=(0, 1, "head"), k=4, adapter=SMALL_ADAPTER))
     lm.attach()
     assert hook_counts(model) != before
     lm.attach()  # idempotent
@@ -101,12 +106,13 @@ def test_detach_restores_the_original_hooks(tmp_path, split):
 def test_prefetch_and_single_pass_agree(tmp_path, split, family):
     # Retrieval at decoder layer 0, fusion at layer 1: single pass; forcing a prefetch pass
     # must give the same neighbours and the same (non-zero-gate) outputs.
-    model, tokenizer, store, index = build_store(tmp_path, family, split, key_layer=0)
+    model, _tokenizer, store, index = build_store(tmp_path, family, split, key_layer=0)
     input_ids = torch.from_numpy(split.tokens[50:90].astype(np.int64))[None]
     outputs = {}
     for prefetch in (False, True):
         torch.manual_seed(0)
-        config = FusionConfig(fusion_layers=(1,), k=4, adapter=SMALL_ADAPTER, prefetch=prefetch or None)
+        config = FusionConfig(fusion_layers=(1,), k=4, adapter=SMALL_ADAPTER,
+                              prefetch=prefetch or None)
         lm = HetGraphLM(model, store, index, config)
         randomise_gates(lm)
         assert lm.needs_prefetch == prefetch
@@ -117,8 +123,9 @@ def test_prefetch_and_single_pass_agree(tmp_path, split, family):
 
 
 def test_gradients_reach_adapters_only(tmp_path, split):
-    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(1, "head"), k=4, adapter=SMALL_ADAPTER))
+    model, _tokenizer, store, index = build_store(tmp_path, "llama", split)
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=(1, "head"), k=4, adapter=SMALL_ADAPTER))
     randomise_gates(lm)
     lm.train()
     input_ids = torch.from_numpy(split.tokens[:48].astype(np.int64))[None]
@@ -130,7 +137,8 @@ def test_gradients_reach_adapters_only(tmp_path, split):
     # The last graph layer's nbr-side outputs reach nothing (the adapter skips them).
     dead = tuple(f".{part}.{last}.{suffix}" for part, suffix in [
         ("convs", "lin_out.nbr"), ("convs", "norm.nbr"), ("convs", "rel_att.nbr__n2n"),
-        ("convs", "rel_msg.nbr__n2n"), ("convs", "rel_prior.nbr__n2n"), ("ffns", "nbr"), ("ffn_norms", "nbr")])
+        ("convs", "rel_msg.nbr__n2n"), ("convs", "rel_prior.nbr__n2n"), ("ffns", "nbr"),
+        ("ffn_norms", "nbr")])
     for name, param in lm.named_parameters():
         if name.startswith("model.") or any(part in name for part in dead):
             continue
@@ -139,9 +147,10 @@ def test_gradients_reach_adapters_only(tmp_path, split):
 
 @pytest.mark.parametrize("from_datastore", [True, False])
 def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split, from_datastore):
-    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "qwen2", split)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    config = FusionConfig(fusion_layers=("head",), k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4))
+    config = FusionConfig(fusion_layers=("head",), k=4, adapter=SMALL_ADAPTER,
+                          graph=dict(leakage_radius=4))
     lm = HetGraphLM(model, store, index, config)
     # Held-out documents that quote the stored patterns: only retrieval can predict them
     # from their first tokens on (the tiny random LM cannot).
@@ -151,8 +160,9 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split, from_da
     windows = EvalConfig(context_length=64, stride=32)
     before = model_perplexity(lm, valid, windows)
     # The tiny random LM has tiny embeddings (std 0.02), so moving its logits needs a large lr.
-    training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-2, warmup_steps=5,
-                              eval_every=0, checkpoint_every=0, seed=0, from_datastore=from_datastore)
+    training = TrainingConfig(max_steps=60, batch_size=4, context_length=48, lr=3e-2,
+                              warmup_steps=5, eval_every=0, checkpoint_every=0, seed=0,
+                              from_datastore=from_datastore)
     result = train_adapter(lm, split, None, training, tmp_path / "adapter", show_progress=False)
     after = model_perplexity(lm, valid, windows)
     assert np.mean(result.train_losses[-10:]) < np.mean(result.train_losses[:10])
@@ -163,17 +173,18 @@ def test_training_lowers_loss_and_leaves_base_untouched(tmp_path, split, from_da
 
 @pytest.mark.parametrize("from_datastore", [True, False])
 def test_training_resumes_to_the_same_adapter(tmp_path, split, from_datastore):
-    model, tokenizer, store, index = build_store(tmp_path, "gpt2", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "gpt2", split)
     config = FusionConfig(fusion_layers=("head",), k=4, adapter=dict(SMALL_ADAPTER, dropout=0.1),
                           graph=dict(leakage_radius=4))
-    training = TrainingConfig(max_steps=6, batch_size=2, context_length=32, lr=1e-3, warmup_steps=2,
-                              eval_every=0, checkpoint_every=3, seed=3, from_datastore=from_datastore)
+    training = TrainingConfig(max_steps=6, batch_size=2, context_length=32, lr=1e-3,
+                              warmup_steps=2, eval_every=0, checkpoint_every=3, seed=3,
+                              from_datastore=from_datastore)
 
     def run(out, steps_first=None):
         torch.manual_seed(0)
         lm = HetGraphLM(model, store, index, config)
         if steps_first:
-            partial = TrainingConfig(**{**training.to_dict()})
+            partial = TrainingConfig(**training.to_dict())
             try:
                 train_adapter(lm, split, None, partial, out, show_progress=False,
                               stop_after=steps_first)
@@ -193,31 +204,33 @@ def test_training_resumes_to_the_same_adapter(tmp_path, split, from_datastore):
 @pytest.mark.parametrize("sites", [("head",), (0, "head")])
 def test_save_load_round_trip_gives_identical_logits(tmp_path, split, sites):
     model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER),
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER),
                     tokenizer=tokenizer)
     randomise_gates(lm)
     input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
     with torch.no_grad():
         expected = lm(input_ids).logits
     lm.save_pretrained(tmp_path / "adapter")
-    loaded = HetGraphLM.from_pretrained(tmp_path / "adapter", model, store, index, tokenizer=tokenizer)
+    loaded = HetGraphLM.from_pretrained(tmp_path / "adapter", model, store, index,
+                                        tokenizer=tokenizer)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, expected)
 
 
 def test_adapter_from_another_model_or_datastore_is_refused(tmp_path, split):
-    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "qwen2", split)
     lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER))
     lm.save_pretrained(tmp_path / "adapter")
     other_model, _, other_store, other_index = build_store(tmp_path, "qwen2", split, seed=1)
     with pytest.raises(AdapterMismatchError, match="different"):
         HetGraphLM.from_pretrained(tmp_path / "adapter", other_model, other_store, other_index)
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         HetGraphLM.from_pretrained(tmp_path / "nothing", model, store, index)
 
 
 def test_knn_interpolation_inside_generate(tmp_path, split):
-    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "llama", split)
     lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER,
                                                       knn_lambda=0.999, knn_temperature=0.01))
     # The prompt is the start of a training document: kNN with λ≈1 continues it verbatim
@@ -231,8 +244,9 @@ def test_knn_interpolation_inside_generate(tmp_path, split):
 def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
     # The first window of the datastore saw exactly these 40 tokens, so its stored keys are
     # the head-input states of a forward over them (up to fp16 rounding).
-    model, tokenizer, store, index = build_store(tmp_path, family, split)
-    lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4)))
+    model, _tokenizer, store, index = build_store(tmp_path, family, split)
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4)))
     randomise_gates(lm)
     assert lm.can_run_from_datastore
     rows = torch.arange(40)[None]
@@ -244,7 +258,8 @@ def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
     with lm:  # attached hooks (as during training) must not fuse a second time
         assert torch.equal(lm.forward_from_datastore(rows), cached)
     assert (full.argmax(-1) == cached.argmax(-1)).float().mean() > 0.95
-    layer_lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0,), k=4, adapter=SMALL_ADAPTER))
+    layer_lm = HetGraphLM(model, store, index,
+                          FusionConfig(fusion_layers=(0,), k=4, adapter=SMALL_ADAPTER))
     assert not layer_lm.can_run_from_datastore
     with pytest.raises(ValueError, match="forward_from_datastore"):
         layer_lm.forward_from_datastore(rows)
@@ -254,8 +269,9 @@ def test_nested_calls_keep_their_own_state(tmp_path, split):
     # A forward (and a generate) issued while another forward of the same HetGraphLM is
     # running — e.g. from a user hook inside an evaluation loop — must not see or change
     # the outer call's retrieval, graphs or options.
-    model, tokenizer, store, index = build_store(tmp_path, "qwen2", split)
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
+    model, _tokenizer, store, index = build_store(tmp_path, "qwen2", split)
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
     randomise_gates(lm)
     outer_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
     inner_ids = torch.from_numpy(split.tokens[100:117].astype(np.int64))[None]
@@ -290,10 +306,11 @@ def test_nested_calls_keep_their_own_state(tmp_path, split):
 def test_threads_see_their_own_calls(tmp_path, split):
     from concurrent.futures import ThreadPoolExecutor
 
-    model, tokenizer, store, index = build_store(tmp_path, "llama", split)
+    model, _tokenizer, store, index = build_store(tmp_path, "llama", split)
     lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER))
     randomise_gates(lm)
-    inputs = [torch.from_numpy(split.tokens[i:i + 30].astype(np.int64))[None] for i in (0, 300, 600)]
+    inputs = [torch.from_numpy(split.tokens[i:i + 30].astype(np.int64))[None]
+              for i in (0, 300, 600)]
     with torch.no_grad():
         expected = [lm(ids).logits for ids in inputs]
         with lm, ThreadPoolExecutor(3) as pool:
@@ -303,17 +320,20 @@ def test_threads_see_their_own_calls(tmp_path, split):
 
 
 def test_to_moves_the_base_model_adapters_and_corpus_tables(tmp_path, split):
-    model, tokenizer, store, index = build_store(tmp_path, "gpt2", split)
-    lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
+    model, _tokenizer, store, index = build_store(tmp_path, "gpt2", split)
+    lm = HetGraphLM(model, store, index,
+                    FusionConfig(fusion_layers=(0, "head"), k=4, adapter=SMALL_ADAPTER))
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     assert lm.to(torch.float64) is lm
     assert {p.dtype for p in model.parameters()} == {torch.float64}
-    assert {p.dtype for p in lm.adapters.parameters()} | {g.dtype for g in lm.gates.values()} == {torch.float64}
+    assert ({p.dtype for p in lm.adapters.parameters()}
+            | {g.dtype for g in lm.gates.values()}) == {torch.float64}
     assert lm.graph_inputs.corpus_tokens.dtype == torch.int64  # integer tables keep their dtype
     with torch.no_grad():  # zero gates: still exactly the (now float64) base model
         assert torch.equal(lm(input_ids).logits, model(input_ids).logits)
     lm.train()
     assert lm.adapters.training and not model.training  # the frozen base model stays in eval mode
     # Only the trained tensors are saved; the base model's weights are not ours to save.
-    assert set(lm.adapter_state_dict()) == {k for k in lm.state_dict() if not k.startswith("model.")}
+    assert set(lm.adapter_state_dict()) == {k for k in lm.state_dict()
+                                            if not k.startswith("model.")}
     assert all(k.startswith(("adapters.", "gates.")) for k in lm.adapter_state_dict())

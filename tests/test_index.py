@@ -71,7 +71,7 @@ def test_save_load_checks_datastore(datastores, tmp_path):
     assert index.factory == "Flat"
     index.save(tmp_path / "ix")
     DatastoreIndex.load(tmp_path / "ix", ds)
-    with pytest.raises(ValueError, match="another datastore.*fingerprint"):
+    with pytest.raises(ValueError, match=r"another datastore.*fingerprint"):
         DatastoreIndex.load(tmp_path / "ix", other)
     with pytest.raises(ValueError, match="no index"):
         DatastoreIndex.load(tmp_path / "nothing")

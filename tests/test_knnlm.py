@@ -58,11 +58,12 @@ def test_mixture_equals_naive_reference(missing, temperature, lam):
     naive = np.array([[lam * p_knn[q, w] + (1 - lam) * math.exp(float(lm[q, w])) for w in range(V)]
                       for q in range(Q)])
     with np.errstate(divide="ignore"):
-        np.testing.assert_allclose(mix.numpy(), np.log(naive).astype(np.float32), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mix.numpy(), np.log(naive).astype(np.float32),
+                                   rtol=1e-5, atol=1e-5)
     # The cheap target-only path agrees with the full distribution.
     target_lp = knn_target_log_probs(distances, tokens, targets, temperature)
-    np.testing.assert_allclose(target_lp.numpy(), knn.gather(1, targets[:, None]).squeeze(1).numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(target_lp.numpy(),
+                               knn.gather(1, targets[:, None]).squeeze(1).numpy(), atol=1e-6)
     # The exact mixture argmax over {LM argmax} ∪ {neighbour tokens} equals the full argmax.
     pred = knn_mixture_argmax(lm.argmax(-1), lm.gather(1, tokens.clamp(min=0)), distances, tokens,
                               lam, temperature, lm_argmax_log_probs=lm.max(-1).values, chunk_size=7)
@@ -79,7 +80,8 @@ def test_missing_targets_and_edges():
     assert torch.isneginf(knn_log_probs(distances, tokens, 5, 1.0)[1]).all()
     assert knn_log_probs(distances, tokens, 5, 1.0)[0, 3] == pytest.approx(0.0, abs=1e-6)
     lm = torch.tensor([-1.0, -2.0])
-    np.testing.assert_array_equal(interpolate_log_probs(lm, torch.tensor([-5.0, -math.inf]), 0.0), lm)
+    np.testing.assert_array_equal(
+        interpolate_log_probs(lm, torch.tensor([-5.0, -math.inf]), 0.0), lm)
     assert perplexity(torch.tensor([-1.0, -math.inf])) == math.inf
     with pytest.raises(ValueError, match="lambda"):
         interpolate_log_probs(lm, lm, 1.5)
@@ -104,7 +106,8 @@ def test_tune_picks_the_grid_optimum():
     for j, t in enumerate(temperatures):
         p_knn = naive_knn_probs(distances, tokens, t)
         for i, l in enumerate(lambdas):
-            p = [l * p_knn[q, int(targets[q])] + (1 - l) * math.exp(float(lm_target[q])) for q in range(Q)]
+            p = [l * p_knn[q, int(targets[q])] + (1 - l) * math.exp(float(lm_target[q]))
+                 for q in range(Q)]
             brute[i, j] = math.exp(-np.mean(np.log(p)))
     np.testing.assert_allclose(grid, brute, rtol=1e-5)
     i, j = np.unravel_index(brute.argmin(), brute.shape)

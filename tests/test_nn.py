@@ -28,10 +28,12 @@ METADATA = context_graph_metadata(c2c=True)
 
 def random_hetero(seed: int, num_ctx: int = 6, num_nbr: int = 15, channels: int = 16):
     gen = torch.Generator().manual_seed(seed)
-    x = {CTX: torch.randn(num_ctx, channels, generator=gen), NBR: torch.randn(num_nbr, channels, generator=gen)}
+    x = {CTX: torch.randn(num_ctx, channels, generator=gen),
+         NBR: torch.randn(num_nbr, channels, generator=gen)}
     ei = {
         N2N: torch.randint(0, num_nbr, (2, 30), generator=gen),
-        N2C: torch.stack([torch.randint(0, num_nbr, (12,), generator=gen), torch.randint(0, num_ctx - 1, (12,), generator=gen)]),
+        N2C: torch.stack([torch.randint(0, num_nbr, (12,), generator=gen),
+                          torch.randint(0, num_ctx - 1, (12,), generator=gen)]),
         C2C: torch.randint(0, num_ctx, (2, 8), generator=gen),
     }
     return x, ei
@@ -69,7 +71,8 @@ def reference_layer(conv: HeteroGraphAttention, x, ei):
                 s = torch.cat([p[0] for p in per_rel]).softmax(0)
                 m = (s.unsqueeze(-1) * torch.cat([p[1] for p in per_rel])).sum(0)
             else:
-                m = sum((s.softmax(0).unsqueeze(-1) * vals).sum(0) for s, vals in per_rel) / len(per_rel)
+                m = (sum((s.softmax(0).unsqueeze(-1) * vals).sum(0) for s, vals in per_rel)
+                     / len(per_rel))
             rows.append(conv.norm[t](x[t][v] + conv.lin_out[t](m.reshape(Fc))))
         out[t] = torch.stack(rows)
     return out
@@ -224,7 +227,8 @@ def test_layer_repr_and_reset():
 # ---------------------------------------------------------------- adapter
 
 
-def corpus_and_graph(cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K: int = 4, N: int = 120):
+def corpus_and_graph(cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K: int = 4,
+                     N: int = 120):
     gen = torch.Generator().manual_seed(seed)
     docs = (torch.arange(N) // 17).to(torch.int32)
     tokens = torch.randint(0, 257, (N,), generator=gen)
@@ -234,9 +238,11 @@ def corpus_and_graph(cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K:
     return ids, tokens, docs, build_context_graph(ids, tokens, docs, cfg)
 
 
-def adapter_inputs(graph, seed: int = 0, ctx_c: int = 24, nbr_c: int = 20, tok_c: int = 12, N: int = 120, T: int = 9):
+def adapter_inputs(graph, seed: int = 0, ctx_c: int = 24, nbr_c: int = 20, tok_c: int = 12,
+                   N: int = 120, T: int = 9):
     gen = torch.Generator().manual_seed(seed + 100)
-    # Features are functions of (sequence, position) / corpus row, so sub-graphs see the same values.
+    # Features are functions of (sequence, position) / corpus row, so sub-graphs see the same
+    # values.
     ctx_table = torch.randn(16, T, ctx_c, generator=gen)
     nbr_table = torch.randn(N, nbr_c, generator=gen)
     tok_table = torch.randn(257, tok_c, generator=gen)
@@ -246,12 +252,15 @@ def adapter_inputs(graph, seed: int = 0, ctx_c: int = 24, nbr_c: int = 20, tok_c
 
 def make_adapter(**kw) -> GraphAdapter:
     torch.manual_seed(0)
-    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32, out_channels=8, heads=4, **kw)
+    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
+                        out_channels=8, heads=4, **kw)
     return GraphAdapter(cfg).eval()
 
 
 @pytest.mark.parametrize(
-    "gcfg", [GraphConfig(), GraphConfig(n2c="window"), GraphConfig(left=2, right=2), GraphConfig(left=0, right=2, n2c="window")],
+    "gcfg",
+    [GraphConfig(), GraphConfig(n2c="window"), GraphConfig(left=2, right=2),
+     GraphConfig(left=0, right=2, n2c="window")],
     ids=["center", "window", "l2r2", "l0r2-window"],
 )
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
@@ -278,7 +287,8 @@ def repeated_neighbours(seed: int, B: int = 3, T: int = 10, K: int = 5, N: int =
     gen = torch.Generator().manual_seed(seed)
     docs = (torch.arange(N) // 17).to(torch.int32)
     tokens = torch.randint(0, 257, (N,), generator=gen)
-    walk = torch.randint(0, 3, (B, T), generator=gen).cumsum(1) + torch.randint(0, N - 40, (B, 1), generator=gen)
+    walk = (torch.randint(0, 3, (B, T), generator=gen).cumsum(1)
+            + torch.randint(0, N - 40, (B, 1), generator=gen))
     ids = walk[..., None] + torch.randperm(12, generator=gen)[:K] * 2
     ids[torch.rand(B, T, K, generator=gen) < 0.15] = -1
     ids[0, :3, 0] = 0
@@ -292,8 +302,10 @@ def build_pair(gcfg: GraphConfig, seed: int):
     ids, tokens, docs, qpos = repeated_neighbours(seed)
     qmask = torch.rand(ids.shape[:2], generator=torch.Generator().manual_seed(seed)) < 0.9
     kw = {"query_positions": qpos, "query_mask": qmask}
-    shared = build_context_graph(ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": True}), **kw)
-    official = build_context_graph(ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": False}), **kw)
+    shared = build_context_graph(
+        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": True}), **kw)
+    official = build_context_graph(
+        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": False}), **kw)
     return shared, official
 
 
@@ -319,7 +331,7 @@ def test_shared_windows_attention_weights_match_official_edge_by_edge(n2c):
     adapter = make_adapter()
     _, attn_s = adapter(shared, *adapter_inputs(shared, T=10), return_attention_weights=True)
     _, attn_o = adapter(official, *adapter_inputs(official, T=10), return_attention_weights=True)
-    for layer_s, layer_o in zip(attn_s, attn_o):
+    for layer_s, layer_o in zip(attn_s, attn_o, strict=True):
         (e_s, a_s), (e_o, a_o) = layer_s[N2C], layer_o[N2C]
         assert torch.equal(e_s[1], e_o[1])  # same ctx node per edge, same (ctx, k, offset) order
         torch.testing.assert_close(a_s, a_o, atol=1e-6, rtol=1e-5)
@@ -374,7 +386,8 @@ def windowed_edge_list(mask, window_index, slots):
     for c, windows in enumerate(window_index.tolist()):
         for u in windows:
             into.extend((int(node[u, j]), c) for j in slots if u >= 0 and mask[u, j])
-    as_index = lambda e: torch.tensor(e, dtype=torch.long).view(-1, 2).t()
+    def as_index(e):
+        return torch.tensor(e, dtype=torch.long).view(-1, 2).t()
     return {NEXT: as_index(nxt), IN: as_index(into)}
 
 
@@ -455,12 +468,15 @@ def test_dense_not_taken_for_irregular_graphs():
         adapter(g, *adapter_inputs(g), path="dense")
     *_, g = corpus_and_graph(GraphConfig(deduplicate=True))
     assert not adapter.use_dense(g)
-    # c2c requested but the adapter has no c2c relation: c2c edges are ignored, dense allowed only without them
+    # c2c requested but the adapter has no c2c relation: c2c edges are ignored, dense allowed only
+    # without them
     assert not make_adapter().use_dense(corpus_and_graph(GraphConfig(c2c=True))[-1])
 
 
 @pytest.mark.parametrize(
-    "gcfg", [GraphConfig(), GraphConfig(c2c=True, c2c_window=4), GraphConfig(deduplicate=True, n2c="window")],
+    "gcfg",
+    [GraphConfig(), GraphConfig(c2c=True, c2c_window=4),
+     GraphConfig(deduplicate=True, n2c="window")],
     ids=["grid", "c2c", "dedup"],
 )
 def test_batched_equals_per_sequence(gcfg):
@@ -527,9 +543,9 @@ def test_gradients_reach_every_parameter(path):
     (out * torch.randn_like(out)).sum().backward()
     last = adapter.config.num_layers - 1
     # Parameters that only update nbr nodes in the last layer cannot reach the ctx output.
-    dead = (f"convs.{last}.lin_out.nbr", f"convs.{last}.norm.nbr", f"convs.{last}.rel_att.nbr__n2n",
-            f"convs.{last}.rel_msg.nbr__n2n", f"convs.{last}.rel_prior.nbr__n2n", f"ffns.{last}.nbr",
-            f"ffn_norms.{last}.nbr")
+    dead = (f"convs.{last}.lin_out.nbr", f"convs.{last}.norm.nbr",
+            f"convs.{last}.rel_att.nbr__n2n", f"convs.{last}.rel_msg.nbr__n2n",
+            f"convs.{last}.rel_prior.nbr__n2n", f"ffns.{last}.nbr", f"ffn_norms.{last}.nbr")
     for name, p in adapter.named_parameters():
         if name.startswith(dead) or (path == "dense" and "c2c" in name):
             assert p.grad is None or p.grad.abs().sum() == 0, name
@@ -561,4 +577,6 @@ def test_adapter_config_roundtrip_repr_and_token_check():
     # reset_parameters re-initialises the layers
     before = [p.clone() for p in adapter.parameters()]
     adapter.reset_parameters()
-    assert any(not torch.equal(a, b) for a, b in zip(before, adapter.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, adapter.parameters(), strict=True)
+    )

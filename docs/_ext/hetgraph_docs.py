@@ -30,9 +30,11 @@ BENCHMARKS = {
 }
 
 STAGES = [
-    ("Configuration", "hetgraph.configuration"), ("Corpus", "hetgraph.corpus"), ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
+    ("Configuration", "hetgraph.configuration"), ("Corpus", "hetgraph.corpus"),
+    ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
     ("Index", "hetgraph.index"), ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
-    ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"), ("Training", "hetgraph.training"),
+    ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"),
+    ("Training", "hetgraph.training"),
     ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),
     ("Pipeline", "hetgraph.pipeline"),
 ]
@@ -71,7 +73,8 @@ def api_members() -> str:
             else:
                 value = repr(obj)
                 if isinstance(obj, Path):  # no build machine's absolute path in the docs
-                    value = f"<site-packages>/hetgraph/{obj.relative_to(Path(hetgraph.__file__).parent)}"
+                    relative = obj.relative_to(Path(hetgraph.__file__).parent)
+                    value = f"<site-packages>/hetgraph/{relative}"
                 out.append(f".. py:data:: {name}\n   :module: hetgraph\n   :value: {value}\n\n")
                 doc = _data_doc(exports[name], name)
                 if doc:
@@ -79,7 +82,8 @@ def api_members() -> str:
     missing = set(exports) - {n for _, p in STAGES for n, m in exports.items()
                               if m == p or m.startswith(p + ".")}
     if missing:
-        raise RuntimeError(f"public names of no documented stage: {sorted(missing)}; add the stage to STAGES")
+        raise RuntimeError(f"public names of no documented stage: {sorted(missing)}; "
+                           "add the stage to STAGES")
     return "".join(out)
 
 
@@ -90,7 +94,7 @@ def _data_doc(module: str, name: str) -> str:
         return ""
     lines = Path(spec.origin).read_text().splitlines()
     for i, line in enumerate(lines):
-        if line.startswith(f"{name} ") or line.startswith(f"{name}:"):
+        if line.startswith((f"{name} ", f"{name}:")):
             doc = []
             j = i - 1
             while j >= 0 and lines[j].lstrip().startswith("#:"):
@@ -118,7 +122,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
-    out = [".. list-table::", "   :header-rows: 1", "   :widths: 60 40", "", "   * - key", "     - value"]
+    out = [".. list-table::", "   :header-rows: 1", "   :widths: 60 40", "",
+           "   * - key", "     - value"]
     for key, value in rows:
         out += [f"   * - ``{key}``", f"     - {_fmt(value) or '–'}"]
     return "\n".join(out) + "\n\n"
@@ -133,7 +138,8 @@ def results_body() -> str:
         path = RESULTS / f"{stem}.json"
         title, script = BENCHMARKS.get(stem, (stem, None))
         out.append(_title(title, "-"))
-        out.append(f"From ``benchmarks/results/{stem}.json``" + (f" (``{script}``)" if script else "") + ".\n\n")
+        out.append(f"From ``benchmarks/results/{stem}.json``"
+                   + (f" (``{script}``)" if script else "") + ".\n\n")
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -162,7 +168,8 @@ def generate(app: Any) -> None:
     _write_if_changed(generated / "results_body.rst", results_body())
     figure = DOCS / "figures" / "context_graph.svg"
     if not figure.is_file():
-        spec = importlib.util.spec_from_file_location("make_graph_figure", DOCS / "figures" / "make_graph_figure.py")
+        spec = importlib.util.spec_from_file_location(
+            "make_graph_figure", DOCS / "figures" / "make_graph_figure.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.draw(figure)

@@ -11,22 +11,23 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 CTX_COLOR, NBR_COLOR, CENTER_COLOR = "#4C72B0", "#DD8452", "#C44E52"
 
 
 def node(ax, x, y, label, color, sub=None):
     ax.add_patch(plt.Circle((x, y), 0.28, color=color, zorder=3))
-    ax.text(x, y, label, ha="center", va="center", color="white", fontsize=9, zorder=4, weight="bold")
+    ax.text(x, y, label, ha="center", va="center", color="white", fontsize=9, zorder=4,
+            weight="bold")
     if sub:
         ax.text(x, y - 0.45, sub, ha="center", va="top", fontsize=7, color="#333333")
 
 
 def edge(ax, a, b, color, style="-", rad=0.0, both=False):
-    arrow = FancyArrowPatch(a, b, arrowstyle="<|-|>" if both else "-|>", mutation_scale=9, color=color,
-                            linestyle=style, shrinkA=11, shrinkB=11, lw=1.1,
+    arrow = FancyArrowPatch(a, b, arrowstyle="<|-|>" if both else "-|>", mutation_scale=9,
+                            color=color, linestyle=style, shrinkA=11, shrinkB=11, lw=1.1,
                             connectionstyle=f"arc3,rad={rad}", zorder=2)
     ax.add_patch(arrow)
 
@@ -48,7 +49,8 @@ def draw(path: Path) -> Path:
     ax.text(-0.7, 0.0, "ctx\n(query)", ha="left", va="center", fontsize=8, color=CTX_COLOR)
 
     # Two retrieved corpus positions o1, o2 of the last query; windows [o-1, o+1].
-    windows = [(0.8, "list.sort(key", ["sort", "(", "key"]), (5.2, "sorted(x, key", ["x", ",", "key"])]
+    windows = [(0.8, "list.sort(key", ["sort", "(", "key"]),
+               (5.2, "sorted(x, key", ["x", ",", "key"])]
     for w, (x0, _, toks) in enumerate(windows):
         box = FancyBboxPatch((x0 - 0.5, 2.35), 3.8, 1.3, boxstyle="round,pad=0.05", fc="#FFF4EC",
                              ec=NBR_COLOR, lw=0.8, zorder=1)
@@ -67,13 +69,15 @@ def draw(path: Path) -> Path:
 
     handles = [
         plt.Line2D([], [], color=NBR_COLOR, label="n2n: adjacent window tokens (+ self-loops)"),
-        plt.Line2D([], [], color=CENTER_COLOR, label="n2c: retrieved row o → query (or whole window)"),
+        plt.Line2D([], [], color=CENTER_COLOR,
+                   label="n2c: retrieved row o → query (or whole window)"),
         plt.Line2D([], [], color=CTX_COLOR, ls=":", label="c2c: causal u ≤ v (optional)"),
     ]
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=7,
               frameon=False)
     fig.tight_layout()
-    fig.savefig(path, format=path.suffix.lstrip("."), metadata={"Date": None} if path.suffix == ".svg" else None)
+    fig.savefig(path, format=path.suffix.lstrip("."),
+                metadata={"Date": None} if path.suffix == ".svg" else None)
     plt.close(fig)
     return path
 

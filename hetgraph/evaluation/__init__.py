@@ -18,6 +18,6 @@ from hetgraph.evaluation.report import METHOD_NAMES, plot_results, results_table
 
 __all__ = [
     "METHOD_NAMES", "EvalConfig", "ForwardFn", "LMOutputs", "NeighbourSearch", "collect_lm_outputs",
-    "default_forward", "default_temperatures", "evaluate_base_knn", "evaluate_four_way", "gnn_forward",
-    "model_perplexity", "plot_results", "results_table", "score_knn", "score_lm",
+    "default_forward", "default_temperatures", "evaluate_base_knn", "evaluate_four_way",
+    "gnn_forward", "model_perplexity", "plot_results", "results_table", "score_knn", "score_lm",
 ]

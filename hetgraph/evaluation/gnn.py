@@ -18,6 +18,7 @@ from hetgraph.evaluation.lm import (
 )
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 
+
 def _limit(split: Any, max_tokens: int | None) -> Any:
     # As everywhere in hetgraph, ``max_tokens`` counts tokens used (max_tokens - 1 are scored).
     if max_tokens is None or len(split) <= max_tokens:
@@ -41,7 +42,8 @@ def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
-    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm), show_progress=False)
+    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm),
+                                 show_progress=False)
     return perplexity(outputs.lm_log_probs)
 
 
@@ -49,8 +51,8 @@ def _tuned_knn(valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any) -> dict[
     temperatures = default_temperatures(valid.knn_distances)
     lam, temperature, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
                                       valid.targets, lambdas, temperatures)
-    return {**score_knn(test, lam, temperature), "lambda": float(lam), "temperature": float(temperature),
-            "k": int(k), "valid_ppl": float(np.nanmin(grid))}
+    return {**score_knn(test, lam, temperature), "lambda": float(lam),
+            "temperature": float(temperature), "k": int(k), "valid_ppl": float(np.nanmin(grid))}
 
 
 def evaluate_four_way(
@@ -90,9 +92,11 @@ def evaluate_four_way(
     valid_split = _limit(valid_split, config.valid_tokens)
     test_split = _limit(test_split, config.max_tokens)
     search = NeighbourSearch(lm.index, lm.datastore)
-    base_valid = collect_lm_outputs(model, valid_split, windows, search=search, show_progress=show_progress)
+    base_valid = collect_lm_outputs(model, valid_split, windows, search=search,
+                                    show_progress=show_progress)
     started = time.perf_counter()
-    base_test = collect_lm_outputs(model, test_split, windows, search=search, show_progress=show_progress)
+    base_test = collect_lm_outputs(model, test_split, windows, search=search,
+                                   show_progress=show_progress)
     base_seconds = time.perf_counter() - started
     results: dict[str, Any] = {
         "base": score_lm(base_test),
@@ -110,7 +114,9 @@ def evaluate_four_way(
         results["gnn"] = score_lm(gnn_test)
         results["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas)
         speed["gnn_tokens_per_s"] = len(gnn_test) / gnn_seconds
-        speed["gnn_over_base_with_search"] = speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"]
+        speed["gnn_over_base_with_search"] = (
+            speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"]
+        )
     results["tokens"] = len(base_test)
     results["valid_tokens"] = len(base_valid)
     results["speed"] = speed

@@ -53,7 +53,8 @@ def score_knn(outputs: LMOutputs, lam: float, temperature: float) -> dict[str, f
     """
     if not outputs.has_neighbours:
         raise ValueError("these LM outputs hold no neighbours; collect them with an index")
-    knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets, temperature)
+    knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets,
+                               temperature)
     mix = interpolate_log_probs(outputs.lm_log_probs, knn, lam)
     pred = knn_mixture_argmax(outputs.lm_argmax, outputs.lm_neighbour_log_probs,
                               outputs.knn_distances, outputs.knn_tokens, lam, temperature,
@@ -94,7 +95,8 @@ def evaluate_base_knn(
     valid_config = dataclasses.replace(config, max_tokens=config.valid_tokens)
     valid = collect_lm_outputs(model, valid_split, valid_config, **common)
     test = collect_lm_outputs(model, test_split, config, **common)
-    temps = list(temperatures) if temperatures is not None else default_temperatures(valid.knn_distances)
+    temps = (list(temperatures) if temperatures is not None
+             else default_temperatures(valid.knn_distances))
     lam, temp, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
                                valid.targets, lambdas, temps)
     knn = score_knn(test, lam, temp)

@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hetgraph.configuration import JSONConfigMixin
-from hetgraph.corpus.windows import sliding_windows
-from hetgraph.corpus.windows import Window
+from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
@@ -137,8 +136,8 @@ class NeighbourSearch:
         # Memmap lookup per batch: the datastore never has to fit in RAM.
         tokens = torch.from_numpy(self.datastore.next_tokens[np.maximum(ids, 0)].astype(np.int64))
         tokens = torch.where(ids_t >= 0, tokens, torch.full_like(ids_t, -1))
-        return {"knn_distances": torch.from_numpy(distances), "knn_ids": ids_t, "knn_tokens": tokens,
-                "lm_neighbour_log_probs": _gather_cpu(log_probs, tokens)}
+        return {"knn_distances": torch.from_numpy(distances), "knn_ids": ids_t,
+                "knn_tokens": tokens, "lm_neighbour_log_probs": _gather_cpu(log_probs, tokens)}
 
 
 def _gather_cpu(log_probs: Tensor, tokens: Tensor) -> Tensor:
@@ -161,7 +160,8 @@ def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | Non
 
 def _scored_rows(batch: list[Window], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     # (window row, column, split position) of every position a batch of windows scores.
-    rows = torch.cat([torch.full((w.end - w.score_start,), r, dtype=torch.long) for r, w in enumerate(batch)])
+    rows = torch.cat([torch.full((w.end - w.score_start,), r, dtype=torch.long)
+                      for r, w in enumerate(batch)])
     cols = torch.cat([torch.arange(w.score_start - w.start, w.end - w.start) for w in batch])
     positions = torch.cat([torch.arange(w.score_start, w.end) for w in batch])
     return rows.to(device), cols.to(device), positions

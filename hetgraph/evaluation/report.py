@@ -1,8 +1,9 @@
 """Rendering evaluation results: one Markdown table and one bar chart for every evaluation."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 #: Row labels of :func:`results_table`, in display order.
 METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": "GNN-LM + kNN"}
@@ -24,13 +25,15 @@ def results_table(results: Mapping[str, Any], title: str | None = None) -> str:
         row = results.get(key)
         if not isinstance(row, Mapping):
             continue
-        lines.append(f"| {name} | {row['ppl']:.3f} | {row['ppl'] / base:.3f} | {100 * row['acc']:.2f} % "
-                     f"| {_cell(row.get('lambda'), '.2f')} | {_cell(row.get('temperature'), '.3g')} "
+        lines.append(f"| {name} | {row['ppl']:.3f} | {row['ppl'] / base:.3f} "
+                     f"| {100 * row['acc']:.2f} % "
+                     f"| {_cell(row.get('lambda'), '.2f')} "
+                     f"| {_cell(row.get('temperature'), '.3g')} "
                      f"| {_cell(row.get('k'), 'd')} |")
     footer = f"Test tokens: {results['tokens']:,}"
     if "valid_tokens" in results:
         footer += f" (λ and T tuned on {results['valid_tokens']:,} valid tokens)"
-    return "\n".join(lines + ["", footer]) + "\n"
+    return "\n".join([*lines, "", footer]) + "\n"
 
 
 def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:

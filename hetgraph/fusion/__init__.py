@@ -9,5 +9,6 @@ from hetgraph.fusion.retrieval import Retriever
 
 __all__ = [
     "HEAD", "AdapterInputs", "AdapterMismatchError", "CallOptions", "FusionConfig", "FusionHooks",
-    "FusionSite", "GraphInputBuilder", "HetGraphLM", "KNNMixture", "Retrieval", "Retriever", "site_key",
+    "FusionSite", "GraphInputBuilder", "HetGraphLM", "KNNMixture", "Retrieval", "Retriever",
+    "site_key",
 ]

@@ -95,7 +95,8 @@ class GraphInputBuilder(nn.Module):
 
     def neighbour_features_of(self, corpus_ids: Tensor, site: FusionSite) -> Tensor:
         """Stored features ``[M, d_nbr]`` of corpus rows (read from the memmaps, fp16)."""
-        store = self.datastore.keys if self._reads_keys(site) else self.datastore.features(int(site))
+        store = (self.datastore.keys if self._reads_keys(site)
+                 else self.datastore.features(int(site)))
         rows = corpus_ids.cpu().numpy()
         return torch.from_numpy(np.asarray(store[rows])).to(corpus_ids.device)
 

@@ -5,7 +5,8 @@ key layer) retrieves ``k`` corpus positions; a heterogeneous context graph over 
 query positions and the retrieved windows is built; and at every fused site ``i``
 
 .. math::
-    \mathbf{h}_i \leftarrow \mathbf{h}_i + \mathbf{g}_i \odot \mathrm{Adapter}_i(\mathcal{G})_{\mathrm{ctx}}
+    \mathbf{h}_i \leftarrow
+    \mathbf{h}_i + \mathbf{g}_i \odot \mathrm{Adapter}_i(\mathcal{G})_{\mathrm{ctx}}
 
 with the gate :math:`\mathbf{g}_i` initialised to zero, so an attached, untrained model
 gives exactly the base model's logits. The hooks (:class:`~hetgraph.fusion.hooks.FusionHooks`)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,8 @@ from hetgraph.models.layers import (
 )
 from hetgraph.nn import GraphAdapter
 
+if TYPE_CHECKING:  # Python 3.10 has no typing.Self
+    from typing_extensions import Self
 
 def site_key(site: FusionSite) -> str:
     """Name of a fused site in :attr:`HetGraphLM.adapters` / ``gates``: ``"head"`` or
@@ -97,14 +100,17 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         width = int(model.config.hidden_size)
         if datastore.dim != width and datastore.key_layer is None:
             raise AdapterMismatchError(
-                f"datastore keys have width {datastore.dim} but the model's hidden size is {width}: "
+                f"datastore keys have width {datastore.dim} "
+                f"but the model's hidden size is {width}: "
                 "build the datastore with this model (hetgraph datastore build --model …)")
         self.retrieval_site: FusionSite = (
-            HEAD if datastore.key_layer is None else resolve_layer_index(model, datastore.key_layer))
+            HEAD if datastore.key_layer is None
+            else resolve_layer_index(model, datastore.key_layer))
         self.fusion_sites: tuple[FusionSite, ...] = tuple(
-            HEAD if s == HEAD else resolve_layer_index(model, int(s)) for s in self.config.fusion_layers)
-        self.graph_inputs = GraphInputBuilder(datastore, self.config.graph, self.config.neighbour_features,
-                                              self.retrieval_site)
+            HEAD if s == HEAD else resolve_layer_index(model, int(s))
+            for s in self.config.fusion_layers)
+        self.graph_inputs = GraphInputBuilder(datastore, self.config.graph,
+                                              self.config.neighbour_features, self.retrieval_site)
         self.adapters = nn.ModuleDict()
         self.gates = nn.ParameterDict()
         token_width = int(model.get_input_embeddings().embedding_dim)
@@ -163,10 +169,10 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         self.hooks.detach()
         return self
 
-    def __enter__(self) -> HetGraphLM:
+    def __enter__(self) -> Self:
         return self.attach()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     @contextmanager
@@ -219,28 +225,33 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         """The context graph of the last ``length`` positions of a retrieval (padded
         positions, ``attention_mask == 0``, become no nodes)."""
         ids = retrieval.neighbour_ids[:, -length:]
-        mask = None if attention_mask is None else attention_mask[:, -length:].to(ids.device, torch.bool)
+        mask = (None if attention_mask is None
+                else attention_mask[:, -length:].to(ids.device, torch.bool))
         return self.graph_inputs.build_graph(ids, query_mask=mask)
 
     def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph) -> Tensor:
         r""":math:`\mathbf{h} + \mathbf{g} \odot \mathrm{Adapter}(\mathcal{G})` at ``site`` for
         ``[B, T, d]`` hidden states whose positions ``graph`` covers."""
         adapter, gate = self.adapter_at(site), self.gates[site_key(site)]
-        inputs = self.graph_inputs.adapter_inputs(graph, hidden, site, self.model.get_input_embeddings(),
-                                                  gate.dtype)
+        inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
+                                                  self.model.get_input_embeddings(), gate.dtype)
         out = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x)
         ctx = graph["ctx"]
-        delta = hidden.new_zeros(hidden.shape, dtype=out.dtype).index_put((ctx.batch_index, ctx.seq_index), out)
+        delta = hidden.new_zeros(hidden.shape, dtype=out.dtype).index_put(
+            (ctx.batch_index, ctx.seq_index), out)
         return hidden + (gate * delta).to(hidden.dtype)
 
-    def knn_mixture_logits(self, logits: Tensor, retrieval: Retrieval, mixture: KNNMixture) -> Tensor:
+    def knn_mixture_logits(
+        self, logits: Tensor, retrieval: Retrieval, mixture: KNNMixture,
+    ) -> Tensor:
         """``log(λ·p_kNN + (1-λ)·softmax(logits))`` (float32) over a call's neighbours."""
         batch, length, vocab = logits.shape
         ids = retrieval.neighbour_ids[:, -length:]
         k = ids.shape[-1]
         next_tokens = self.graph_inputs.next_tokens(ids)
-        knn = knn_log_probs(retrieval.distances[:, -length:].reshape(-1, k), next_tokens.reshape(-1, k),
-                            vocab, mixture.temperature).view(batch, length, -1)
+        knn = knn_log_probs(retrieval.distances[:, -length:].reshape(-1, k),
+                            next_tokens.reshape(-1, k), vocab,
+                            mixture.temperature).view(batch, length, -1)
         return interpolate_log_probs(torch.log_softmax(logits.float(), dim=-1), knn, mixture.lam)
 
     # ---------------------------------------------------------------- public
@@ -267,7 +278,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 :class:`~hetgraph.fusion.context.Retrieval` (neighbour rows and distances).
             **kwargs: passed to the base model (``labels``, ``use_cache``, …).
         """
-        options = CallOptions(query_positions=query_positions, k=k, output_retrieval=output_retrieval)
+        options = CallOptions(query_positions=query_positions, k=k,
+                              output_retrieval=output_retrieval)
         with self._attached_for_call(), call_options(options):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -292,8 +304,9 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             ValueError: if :attr:`can_run_from_datastore` is False.
         """
         if not self.can_run_from_datastore:
-            raise ValueError("forward_from_datastore needs retrieval and fusion at the LM-head input, "
-                             "key features and no c2c edges; use forward() with input_ids instead")
+            raise ValueError("forward_from_datastore needs retrieval and fusion "
+                             "at the LM-head input, key features and no c2c edges; "
+                             "use forward() with input_ids instead")
         gate = self.gates[site_key(HEAD)]
         rows = rows.to(gate.device)
         keys = self.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)

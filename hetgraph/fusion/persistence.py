@@ -20,7 +20,11 @@ from hetgraph.io import (
     atomic_write_json,
     read_json,
 )
-from hetgraph.models.fingerprint import config_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from hetgraph.models.fingerprint import (
+    config_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,8 +61,8 @@ class AdapterPersistenceMixin:
         expected = {key for key in self.state_dict() if key.startswith(ADAPTER_PREFIXES)}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise AdapterMismatchError(f"adapter weights do not fit this model: missing {missing[:5]}, "
-                                       f"unexpected {unexpected[:5]}")
+            raise AdapterMismatchError(f"adapter weights do not fit this model: "
+                                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.load_state_dict(state, strict=False)
 
     def adapter_identity(self: HetGraphLM) -> dict[str, Any]:
@@ -104,7 +108,8 @@ class AdapterPersistenceMixin:
             raise FileNotFoundError(f"{config_path} not found: is {directory} an adapter directory "
                                     "written by HetGraphLM.save_pretrained / hetgraph train?")
         saved = read_json(config_path)
-        lm = cls(model, datastore, index, FusionConfig.from_dict(saved["fusion"]), tokenizer=tokenizer)
+        lm = cls(model, datastore, index, FusionConfig.from_dict(saved["fusion"]),
+                 tokenizer=tokenizer)
         _check_identity(lm, saved, directory, tokenizer)
         device = next(lm.adapters.parameters()).device
         lm.load_adapter_state_dict(load_file(str(directory / ADAPTER_WEIGHTS), device=str(device)))

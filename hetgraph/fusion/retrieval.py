@@ -69,9 +69,11 @@ class Retriever:
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
         kept = keep.gather(1, order)
         ids = torch.where(kept, ids.gather(1, order), torch.full_like(order, -1))
-        distances = torch.where(kept, distances.gather(1, order), torch.full_like(distances[:, :k], float("inf")))
+        distances = torch.where(kept, distances.gather(1, order),
+                                torch.full_like(distances[:, :k], float("inf")))
         if ids.shape[1] < k:  # the datastore is smaller than k + margin
             pad = k - ids.shape[1]
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
-            distances = torch.cat([distances, distances.new_full((ids.shape[0], pad), float("inf"))], 1)
+            distances = torch.cat(
+                [distances, distances.new_full((ids.shape[0], pad), float("inf"))], 1)
         return distances, ids

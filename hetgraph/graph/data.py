@@ -79,7 +79,7 @@ def ctx_to_dense(graph: HeteroData, x: Tensor, fill_value: float = 0.0) -> Tenso
     """Scatters ``ctx`` node outputs ``[num_ctx, *]`` back to ``[B, T, *]``
     (positions that are not ``ctx`` nodes get ``fill_value``)."""
     B, T = graph.query_shape
-    out = x.new_full((B, T) + tuple(x.shape[1:]), fill_value)
+    out = x.new_full((B, T, *x.shape[1:]), fill_value)
     out[graph[CTX].batch_index, graph[CTX].seq_index] = x
     return out
 
@@ -98,6 +98,6 @@ def n2c_to_dense(graph: ContextGraph, values: Tensor, fill_value: float = 0.0) -
         )
     layout = graph.layout
     C = graph[CTX].num_nodes
-    out = values.new_full((C, layout.k, layout.window) + tuple(values.shape[1:]), fill_value)
+    out = values.new_full((C, layout.k, layout.window, *values.shape[1:]), fill_value)
     out[store.edge_index[1], store.nbr_slot, store.window_slot] = values
     return out

@@ -34,5 +34,7 @@ def leakage_mask(
     n = docs.shape[0]
     rows = neighbour_ids.long()
     own = query_positions.long().to(rows.device)[:, None]
-    doc_of = lambda ids: docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)
+
+    def doc_of(ids: Tensor) -> Tensor:
+        return docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)
     return (rows >= 0) & (own >= 0) & (doc_of(own) == doc_of(rows)) & ((own - rows).abs() < radius)

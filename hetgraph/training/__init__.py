@@ -1,4 +1,9 @@
 """Training the graph adapters (the base LM stays frozen)."""
-from hetgraph.training.trainer import TrainingConfig, TrainingResult, learning_rate_factor, train_adapter
+from hetgraph.training.trainer import (
+    TrainingConfig,
+    TrainingResult,
+    learning_rate_factor,
+    train_adapter,
+)
 
 __all__ = ["TrainingConfig", "TrainingResult", "learning_rate_factor", "train_adapter"]

@@ -46,8 +46,8 @@ class TrainingConfig(JSONConfigMixin):
         seed: makes data order, dropout and initialisation reproducible, across resumes too.
         from_datastore: train from the stored keys without running the base model
             (:meth:`HetGraphLM.forward_from_datastore`; each micro-batch is
-            ``batch_size`` random spans of ``context_length`` datastore rows). ``None``: whenever the
-            fusion configuration allows it (the default one does), else full forwards over
+            ``batch_size`` random spans of ``context_length`` datastore rows). ``None``: whenever
+            the fusion configuration allows it (the default one does), else full forwards over
             random windows of the train split.
     """
 
@@ -69,7 +69,8 @@ class TrainingConfig(JSONConfigMixin):
 
     def __post_init__(self) -> None:
         if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
-            raise ValueError(f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")
+            raise ValueError(
+                f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")
         for name in ("max_steps", "batch_size", "context_length", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -136,11 +137,13 @@ class _TrainingRun:
         self.from_datastore = (lm.can_run_from_datastore if config.from_datastore is None
                                else config.from_datastore)
         if self.from_datastore and not lm.can_run_from_datastore:
-            raise ValueError("from_datastore=True needs retrieval and fusion at the LM-head input and no "
-                             "c2c edges; set from_datastore to null to train with full forwards")
+            raise ValueError("from_datastore=True needs retrieval and fusion "
+                             "at the LM-head input and no c2c edges; "
+                             "set from_datastore to null to train with full forwards")
         torch.manual_seed(config.seed)
         self.params = [p for p in lm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, config))
         self.result = TrainingResult()
@@ -151,11 +154,13 @@ class _TrainingRun:
     def _check_inputs(self) -> None:
         tokens, config = self.tokens, self.config
         if len(tokens) < config.context_length + 1:
-            raise ValueError(f"the train split has {len(tokens)} tokens, fewer than context_length + 1 = "
-                             f"{config.context_length + 1}: lower --context-length or use more text")
+            raise ValueError(f"the train split has {len(tokens)} tokens, "
+                             f"fewer than context_length + 1 = {config.context_length + 1}: "
+                             "lower --context-length or use more text")
         if len(tokens) > self.num_rows + 1:
             raise ValueError(f"the train split has {len(tokens)} tokens but the datastore only "
-                             f"{self.num_rows} rows: train on the split the datastore was built from "
+                             f"{self.num_rows} rows: "
+                             "train on the split the datastore was built from "
                              "(same --max-tokens)")
         if any(p.requires_grad for p in self.lm.model.parameters()):
             raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
@@ -167,8 +172,8 @@ class _TrainingRun:
         if state is None:
             return
         if state["config"] != self.config.to_dict():
-            raise ValueError(f"{self.out_dir}/checkpoint was written with other training settings; use "
-                             "the same settings to resume, or a new --out directory")
+            raise ValueError(f"{self.out_dir}/checkpoint was written with other training settings; "
+                             "use the same settings to resume, or a new --out directory")
         restore_checkpoint(self.lm, self.optimizer, self.out_dir, state, self.device)
         self.scheduler.last_epoch = self.start_step = state["step"]
         self.bad_evals = state["bad_evals"]
@@ -184,7 +189,8 @@ class _TrainingRun:
             return False
         lm, result = self.lm, self.result
         lm.eval()
-        ppl = float(model_perplexity(lm, self.valid_split, self.eval_config, self.config.eval_tokens))
+        ppl = float(model_perplexity(lm, self.valid_split, self.eval_config,
+                                     self.config.eval_tokens))
         lm.train()
         result.valid_ppl[step] = ppl
         if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
@@ -205,9 +211,11 @@ class _TrainingRun:
         if self.from_datastore:
             # Contiguous spans, like text: neighbouring rows retrieve overlapping
             # neighbours, so shared windows keep the graph small.
-            starts = _sample_starts(self.num_rows, config.context_length, config.batch_size, config.seed, draw)
+            starts = _sample_starts(self.num_rows, config.context_length, config.batch_size,
+                                    config.seed, draw)
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-            labels = torch.from_numpy(self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
+            labels = torch.from_numpy(
+                self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
             logits = self.lm.forward_from_datastore(torch.from_numpy(offsets)).float()
         else:
             starts = _sample_starts(len(self.tokens), config.context_length + 1, config.batch_size,
@@ -218,7 +226,8 @@ class _TrainingRun:
             rows = torch.from_numpy(offsets).to(device)
             logits = self.lm(input_ids, query_positions=rows, use_cache=False).logits.float()
         self.seen_tokens += labels.numel()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels.reshape(-1))
 
     def optimizer_step(self, step: int) -> float:
         """One optimiser step (``grad_accumulation`` micro-batches); returns the mean loss."""
@@ -240,7 +249,8 @@ class _TrainingRun:
         """Evaluate and checkpoint after optimiser step ``step`` (0-based) as configured;
         returns whether training stops early."""
         config, done = self.config, step + 1
-        evaluated = (config.eval_every and done % config.eval_every == 0) or done == config.max_steps
+        evaluated = ((config.eval_every and done % config.eval_every == 0)
+                     or done == config.max_steps)
         if evaluated and self.evaluate(done):
             self.result.stopped_early = True
             self.save_checkpoint(done)

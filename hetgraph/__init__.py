@@ -21,8 +21,9 @@ __version__ = "0.1.0"
 
 # name -> module that defines it, grouped by stage of the data flow.
 _EXPORTS: dict[str, str] = {
-    # configuration
+    # configuration and errors
     "ConfigError": "hetgraph.configuration",
+    "HetgraphError": "hetgraph.errors",
     # corpus
     "CorpusConfig": "hetgraph.corpus",
     "CorpusError": "hetgraph.corpus",
@@ -96,6 +97,9 @@ _EXPORTS: dict[str, str] = {
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from hetgraph.configuration import (
         ConfigError as ConfigError,
+    )
+    from hetgraph.errors import (
+        HetgraphError as HetgraphError,
     )
     from hetgraph.corpus import (
         EMBEDDED_CORPUS as EMBEDDED_CORPUS,

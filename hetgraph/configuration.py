@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
+from hetgraph.errors import HetgraphError
+
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
@@ -32,7 +34,7 @@ ConfigT = TypeVar("ConfigT", bound="JSONConfigMixin")
 _NONE_TYPE = type(None)
 
 
-class ConfigError(ValueError):
+class ConfigError(HetgraphError):
     r"""A configuration is invalid: an unknown or missing key, a value of the wrong type, or a
     value its config rejects. The message names the key by its dotted path from the config
     being built (``fusion.graph.left``; list items as ``fusion.fusion_layers[0]``).

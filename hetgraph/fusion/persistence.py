@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors.torch import load_file
 from torch import Tensor
 
+from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import FusionConfig
 from hetgraph.io import (
     ADAPTER_CONFIG,
@@ -38,7 +39,7 @@ FORMAT_VERSION = 1
 ADAPTER_PREFIXES = ("adapters.", "gates.")
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(HetgraphError):
     """An adapter was loaded against a different base model or datastore."""
 
 

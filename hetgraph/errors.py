@@ -1,0 +1,16 @@
+"""The base class of every expected hetgraph failure.
+
+Every error a user can cause and fix (a bad config, corpus, model folder, datastore, index
+or adapter; a refused provenance; a lock held by another writer) is a :class:`HetgraphError`
+whose message names the file or option and the fix. The CLI renders these as one
+``error: …`` line (exit status 2); any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class HetgraphError(ValueError):
+    """An expected failure with a message that names the file or option and the fix.
+
+    A :class:`ValueError` subclass, so code written against earlier versions that catches
+    ``ValueError`` keeps working.
+    """

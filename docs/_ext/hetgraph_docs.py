@@ -30,7 +30,8 @@ BENCHMARKS = {
 }
 
 STAGES = [
-    ("Configuration", "hetgraph.configuration"), ("Corpus", "hetgraph.corpus"),
+    ("Configuration", "hetgraph.configuration"), ("Errors", "hetgraph.errors"),
+    ("Corpus", "hetgraph.corpus"),
     ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
     ("Index", "hetgraph.index"), ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
     ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"),

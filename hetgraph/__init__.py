@@ -24,6 +24,11 @@ _EXPORTS: dict[str, str] = {
     # configuration and errors
     "ConfigError": "hetgraph.configuration",
     "HetgraphError": "hetgraph.errors",
+    "LockError": "hetgraph.locking",
+    "directory_lock": "hetgraph.locking",
+    "VerificationError": "hetgraph.verify",
+    "VerificationReport": "hetgraph.verify",
+    "verify": "hetgraph.verify",
     # corpus
     "CorpusConfig": "hetgraph.corpus",
     "CorpusError": "hetgraph.corpus",
@@ -64,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     # nn
     "AdapterConfig": "hetgraph.nn",
     "GraphAdapter": "hetgraph.nn",
+    "GNNLMStateDictError": "hetgraph.nn",
     "HeteroGraphAttention": "hetgraph.nn",
     # fusion
     "AdapterMismatchError": "hetgraph.fusion",
@@ -98,34 +104,15 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from hetgraph.configuration import (
         ConfigError as ConfigError,
     )
-    from hetgraph.errors import (
-        HetgraphError as HetgraphError,
-    )
     from hetgraph.corpus import (
         EMBEDDED_CORPUS as EMBEDDED_CORPUS,
-    )
-    from hetgraph.corpus import (
         CorpusConfig as CorpusConfig,
-    )
-    from hetgraph.corpus import (
         CorpusError as CorpusError,
-    )
-    from hetgraph.corpus import (
         Document as Document,
-    )
-    from hetgraph.corpus import (
         TokenizedCorpus as TokenizedCorpus,
-    )
-    from hetgraph.corpus import (
         TokenizedSplit as TokenizedSplit,
-    )
-    from hetgraph.corpus import (
         read_documents as read_documents,
-    )
-    from hetgraph.corpus import (
         split_documents as split_documents,
-    )
-    from hetgraph.corpus import (
         tokenize_corpus as tokenize_corpus,
     )
     from hetgraph.corpus.windows import (
@@ -133,141 +120,86 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     )
     from hetgraph.datastore import (
         Datastore as Datastore,
-    )
-    from hetgraph.datastore import (
         DatastoreConfig as DatastoreConfig,
-    )
-    from hetgraph.datastore import (
         DatastoreError as DatastoreError,
-    )
-    from hetgraph.datastore import (
         HiddenStateCapture as HiddenStateCapture,
-    )
-    from hetgraph.datastore import (
         build_datastore as build_datastore,
+    )
+    from hetgraph.errors import (
+        HetgraphError as HetgraphError,
     )
     from hetgraph.evaluation import (
         EvalConfig as EvalConfig,
-    )
-    from hetgraph.evaluation import (
         NeighbourSearch as NeighbourSearch,
-    )
-    from hetgraph.evaluation import (
         collect_lm_outputs as collect_lm_outputs,
-    )
-    from hetgraph.evaluation import (
         evaluate_base_knn as evaluate_base_knn,
-    )
-    from hetgraph.evaluation import (
         evaluate_four_way as evaluate_four_way,
-    )
-    from hetgraph.evaluation import (
         model_perplexity as model_perplexity,
-    )
-    from hetgraph.evaluation import (
         plot_results as plot_results,
-    )
-    from hetgraph.evaluation import (
         results_table as results_table,
     )
     from hetgraph.fusion import (
         AdapterMismatchError as AdapterMismatchError,
-    )
-    from hetgraph.fusion import (
         FusionConfig as FusionConfig,
-    )
-    from hetgraph.fusion import (
         GraphInputBuilder as GraphInputBuilder,
-    )
-    from hetgraph.fusion import (
         HetGraphLM as HetGraphLM,
-    )
-    from hetgraph.fusion import (
         Retrieval as Retrieval,
-    )
-    from hetgraph.fusion import (
         Retriever as Retriever,
     )
     from hetgraph.graph import (
         ContextGraph as ContextGraph,
-    )
-    from hetgraph.graph import (
         GraphConfig as GraphConfig,
-    )
-    from hetgraph.graph import (
         WindowLayout as WindowLayout,
-    )
-    from hetgraph.graph import (
         build_context_graph as build_context_graph,
-    )
-    from hetgraph.graph import (
         ctx_to_dense as ctx_to_dense,
     )
     from hetgraph.index import (
         DatastoreIndex as DatastoreIndex,
-    )
-    from hetgraph.index import (
         IndexConfig as IndexConfig,
-    )
-    from hetgraph.index import (
         auto_factory as auto_factory,
     )
     from hetgraph.inspection import (
         NeighbourReport as NeighbourReport,
-    )
-    from hetgraph.inspection import (
         inspect_position as inspect_position,
-    )
-    from hetgraph.inspection import (
         inspect_positions as inspect_positions,
     )
     from hetgraph.knnlm import (
         interpolate_log_probs as interpolate_log_probs,
-    )
-    from hetgraph.knnlm import (
         knn_log_probs as knn_log_probs,
-    )
-    from hetgraph.knnlm import (
         knn_target_log_probs as knn_target_log_probs,
-    )
-    from hetgraph.knnlm import (
         tune_knn as tune_knn,
+    )
+    from hetgraph.locking import (
+        LockError as LockError,
+        directory_lock as directory_lock,
     )
     from hetgraph.models.layers import (
         decoder_layers as decoder_layers,
     )
     from hetgraph.models.loading import (
         DEFAULT_MODEL as DEFAULT_MODEL,
-    )
-    from hetgraph.models.loading import (
         ModelLoadError as ModelLoadError,
-    )
-    from hetgraph.models.loading import (
         load_model as load_model,
     )
     from hetgraph.nn import (
         AdapterConfig as AdapterConfig,
-    )
-    from hetgraph.nn import (
+        GNNLMStateDictError as GNNLMStateDictError,
         GraphAdapter as GraphAdapter,
-    )
-    from hetgraph.nn import (
         HeteroGraphAttention as HeteroGraphAttention,
     )
     from hetgraph.pipeline import (
         RunConfig as RunConfig,
-    )
-    from hetgraph.pipeline import (
         run_pipeline as run_pipeline,
     )
     from hetgraph.training import (
         TrainingConfig as TrainingConfig,
-    )
-    from hetgraph.training import (
         TrainingResult as TrainingResult,
-    )
-    from hetgraph.training import (
         train_adapter as train_adapter,
+    )
+    from hetgraph.verify import (
+        VerificationError as VerificationError,
+        VerificationReport as VerificationReport,
+        verify as verify,
     )
 
 __all__ = ["__version__", *_EXPORTS]

@@ -16,6 +16,7 @@ from hetgraph.cli_commands import (
     cmd_index_build,
     cmd_inspect,
     cmd_train,
+    is_expected_error,
 )
 
 EPILOG = """examples:
@@ -29,6 +30,23 @@ EPILOG = """examples:
 --model defaults to the embedded SmolLM2-135M and --corpus to the embedded Python 3.11 docs."""
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (refused before anything runs)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
+        return number
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+POSITIVE = _at_least(1)
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model directory or .gguf file (default: embedded SmolLM2-135M)")
@@ -37,7 +55,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="model weights dtype "
                              "(bfloat16 halves GPU memory; adapters stay float32)")
-    parser.add_argument("--threads", type=int, default=None, help="torch and FAISS threads")
+    parser.add_argument("--threads", type=POSITIVE, default=None,
+                        help="torch and FAISS threads")
 
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
@@ -99,11 +118,11 @@ def _add_build_commands(commands: Any) -> None:
     ds_build.add_argument("--out", required=True, help="datastore directory")
     ds_build.add_argument("--layer", type=_layer, default=None,
                           help="key layer: decoder-layer index or 'head' (LM-head input, default)")
-    ds_build.add_argument("--max-tokens", type=int, default=None,
+    ds_build.add_argument("--max-tokens", type=_at_least(2), default=None,
                           help="use the first N train tokens")
-    ds_build.add_argument("--context-length", type=int, default=512)
-    ds_build.add_argument("--stride", type=int, default=256)
-    ds_build.add_argument("--batch-size", type=int, default=8)
+    ds_build.add_argument("--context-length", type=POSITIVE, default=512)
+    ds_build.add_argument("--stride", type=POSITIVE, default=256)
+    ds_build.add_argument("--batch-size", type=POSITIVE, default=8)
     ds_build.add_argument("--feature-layers", type=int, nargs="*", default=(),
                           help="also store these decoder layers' outputs as neighbour features")
     ds_build.add_argument("--overwrite", action="store_true",
@@ -121,7 +140,7 @@ def _add_build_commands(commands: Any) -> None:
                                "Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64, HNSW32 "
                                "or 'auto' (exact below ~1M vectors)")
     ix_build.add_argument("--metric", choices=("l2", "ip"), default="l2")
-    ix_build.add_argument("--threads", type=int, default=None)
+    ix_build.add_argument("--threads", type=POSITIVE, default=None)
     ix_build.set_defaults(func=cmd_index_build)
 
 
@@ -134,12 +153,12 @@ def _add_train_command(commands: Any) -> None:
                        help="adapter directory (checkpoints resume from it)")
     train.add_argument("--config", type=Path, default=None,
                        help="run config JSON; its fusion / training / evaluation sections are used")
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--max-tokens", type=int, default=None,
+    train.add_argument("--max-steps", type=POSITIVE, default=None)
+    train.add_argument("--max-tokens", type=_at_least(2), default=None,
                        help="train on the first N train tokens")
     train.add_argument("--fusion-layers", nargs="+", default=None,
                        help="fused sites: decoder-layer indices and/or 'head'")
-    train.add_argument("--k", type=int, default=None, help="neighbours per position")
+    train.add_argument("--k", type=POSITIVE, default=None, help="neighbours per position")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.set_defaults(func=cmd_train)
@@ -154,11 +173,15 @@ def _add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--adapter", default=None,
                           help="trained adapter directory (adds gnn and gnn_knn)")
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
-    evaluate.add_argument("--max-tokens", type=int, default=None,
+    evaluate.add_argument("--max-tokens", type=_at_least(2), default=None,
                           help="score the first N tokens of the split")
-    evaluate.add_argument("--tune-tokens", type=int, default=None,
+    evaluate.add_argument("--tune-tokens", type=_at_least(2), default=None,
                           help="valid tokens for tuning λ and T")
-    evaluate.add_argument("--k", type=int, default=None)
+    evaluate.add_argument("--k", type=POSITIVE, default=None,
+                          help="neighbours per position (fewer than the datastore's entries)")
+    evaluate.add_argument("--allow-other-corpus", action="store_true",
+                          help="evaluate on a corpus other than the one the datastore was built "
+                               "from (recorded in the results as provenance)")
     evaluate.add_argument("--config", type=Path, default=None,
                           help="run config JSON (evaluation section)")
     evaluate.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -173,12 +196,13 @@ def _add_generate_command(commands: Any) -> None:
     generate.add_argument("--adapter", default=None,
                           help="trained adapter (default: zero gates = base model)")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     generate.add_argument("--knn", action="store_true",
                           help="also interpolate kNN-LM (λ, T from the adapter)")
     generate.add_argument("--show-neighbours", action="store_true",
                           help="print the retrieved corpus contexts behind each generated token")
-    generate.add_argument("--neighbours", type=int, default=3, help="contexts shown per token")
+    generate.add_argument("--neighbours", type=POSITIVE, default=3,
+                          help="contexts shown per token")
     generate.set_defaults(func=cmd_generate)
 
 
@@ -191,22 +215,42 @@ def _add_inspect_command(commands: Any) -> None:
     inspect.add_argument("--text", required=True)
     inspect.add_argument("--position", type=int, default=-1,
                          help="token position (default: the last)")
-    inspect.add_argument("--neighbours", type=int, default=8)
+    inspect.add_argument("--neighbours", type=POSITIVE, default=8)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(func=cmd_inspect)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the stream of the first call), so
+    repeated :func:`main` calls in one process never write to a closed stream."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _show_progress_messages() -> None:
     # The library logs what each stage does (logging.getLogger(__name__)); the CLI shows it.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[hetgraph] %(message)s"))
     package_logger = logging.getLogger("hetgraph")
-    if not package_logger.handlers:
+    if not any(isinstance(h, _StderrHandler) for h in package_logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[hetgraph] %(message)s"))
         package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Every expected failure is a :class:`~hetgraph.errors.HetgraphError` and becomes one
+    ``error: …`` line on stderr with exit status 2 (argparse refuses bad option values the
+    same way, before anything runs). Any other exception is a bug: it propagates with its
+    traceback (the ``hetgraph`` script then exits with status 1).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -224,8 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError) as error:
-        # Library errors carry the problem and the fix; a traceback would only bury them.
+    except Exception as error:
+        if not is_expected_error(error):
+            raise
+        # Expected errors carry the problem and the fix; a traceback would only bury them.
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -1,12 +1,49 @@
-"""The commands behind the ``hetgraph`` command line (:mod:`hetgraph.cli` builds the parser)."""
+"""The commands behind the ``hetgraph`` command line (:mod:`hetgraph.cli` builds the parser).
+
+Every expected failure raised here is a :class:`~hetgraph.errors.HetgraphError` whose message
+names the option or file and the fix; :func:`is_expected_error` tells :func:`hetgraph.cli.main`
+which exceptions to render as one ``error: …`` line.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from hetgraph.io import INDEX_DIR, INDEX_FILE, atomic_write_json
+from hetgraph.errors import HetgraphError
+from hetgraph.io import ADAPTER_CONFIG, INDEX_DIR, INDEX_FILE, atomic_write_json
+
+#: Library errors that are expected failures but were defined before
+#: :class:`~hetgraph.errors.HetgraphError` existed (module, class name); harmless once they
+#: subclass it.
+_LEGACY_EXPECTED = (("hetgraph.datastore.store", "DatastoreError"),
+                    ("hetgraph.corpus.errors", "CorpusError"),
+                    ("hetgraph.models.loading", "ModelLoadError"))
+
+#: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
+#: the size limit, no permission, a read-only file system.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
+                                 errno.EPERM, errno.EROFS})
+
+
+class CommandLineError(HetgraphError):
+    """An option of a ``hetgraph`` command is invalid for the data it names."""
+
+
+def is_expected_error(error: BaseException) -> bool:
+    """Whether ``error`` is an expected failure the CLI shows as one ``error:`` line: a
+    :class:`~hetgraph.errors.HetgraphError` (or a library error predating it), or an
+    ``OSError`` caused by the machine (full disk, permissions). Anything else is a bug."""
+    if isinstance(error, HetgraphError):
+        return True
+    for module, name in _LEGACY_EXPECTED:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(error, cls):
+            return True
+    return isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -21,17 +58,37 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
                       dtype=getattr(torch, args.dtype))
 
 
+def _read_json_option(path: Path, option: str) -> Any:
+    from hetgraph.configuration import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{option} {path}: file not found; give an existing JSON file")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{option} {path} is not valid JSON ({error}); fix the file") from None
+
+
 def _corpus(args: argparse.Namespace, tokenizer: Any):
+    from hetgraph.configuration import ConfigError
     from hetgraph.corpus import CorpusConfig, tokenize_corpus
 
-    data: dict[str, Any] = {}
+    data: Any = {}
     if args.corpus_config is not None:
-        data = json.loads(Path(args.corpus_config).read_text())
+        data = _read_json_option(args.corpus_config, "--corpus-config")
+        if not isinstance(data, dict):
+            raise ConfigError(f"--corpus-config {args.corpus_config} must hold a JSON object "
+                              "of CorpusConfig fields")
     if args.corpus is not None:
         data["path"] = args.corpus
     if args.text_field != "text":
         data["text_field"] = args.text_field
-    return tokenize_corpus(CorpusConfig.from_dict(data), tokenizer)
+    try:
+        config = CorpusConfig.from_dict(data)
+    except ConfigError as error:
+        where = f"--corpus-config {args.corpus_config}" if args.corpus_config else "corpus"
+        raise ConfigError(f"{where}: {error}", error.key) from None
+    return tokenize_corpus(config, tokenizer)
 
 
 def _open_store(path: str, model: Any, tokenizer: Any):
@@ -41,8 +98,8 @@ def _open_store(path: str, model: Any, tokenizer: Any):
     store = Datastore.open(path, model=model, tokenizer=tokenizer)
     index_dir = Path(path) / INDEX_DIR
     if not (index_dir / INDEX_FILE).is_file():
-        raise SystemExit(
-            f"error: {path} has no index yet; run `hetgraph index build --datastore {path}`")
+        raise CommandLineError(
+            f"{path} has no index yet; run `hetgraph index build --datastore {path}`")
     return store, DatastoreIndex.load(index_dir, store)
 
 
@@ -52,10 +109,21 @@ def _run_config(path: Path | None):
     return RunConfig.from_json_file(path) if path is not None else RunConfig.default()
 
 
+def _check_k(k: int, store: Any, option: str) -> None:
+    if k >= len(store):
+        raise CommandLineError(f"{option} {k} must be smaller than the {len(store)} entries of "
+                               f"datastore {store.path}; lower {option} or build a larger "
+                               "datastore")
+
+
 def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
     from hetgraph.fusion import FusionConfig, HetGraphLM
 
     if args.adapter:
+        if not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
+            raise CommandLineError(
+                f"--adapter {args.adapter} holds no trained adapter ({ADAPTER_CONFIG} missing); "
+                "give the --out directory of `hetgraph train`, or leave --adapter out")
         return HetGraphLM.from_pretrained(args.adapter, model, store, index, tokenizer=tokenizer)
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
@@ -77,13 +145,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_datastore_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import DatastoreConfig, build_datastore
+    from hetgraph.evaluation import check_context_length
     from hetgraph.index import DatastoreIndex, IndexConfig
 
+    config = DatastoreConfig.from_dict(dict(
+        context_length=args.context_length, stride=args.stride, batch_size=args.batch_size,
+        key_layer=args.layer, feature_layers=list(args.feature_layers),
+        max_tokens=args.max_tokens))
     model, tokenizer = _load(args)
+    check_context_length(model, config.context_length, "--context-length")
     corpus = _corpus(args, tokenizer)
-    config = DatastoreConfig(context_length=args.context_length, stride=args.stride,
-                             batch_size=args.batch_size, key_layer=args.layer,
-                             feature_layers=tuple(args.feature_layers), max_tokens=args.max_tokens)
     store = build_datastore(model, tokenizer, corpus.train, args.out, config,
                             corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
     print(f"datastore: {store}")
@@ -98,35 +169,63 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import Datastore
     from hetgraph.index import DatastoreIndex, IndexConfig
 
+    config = IndexConfig.from_dict(dict(factory=args.factory, metric=args.metric,
+                                        num_threads=args.threads))
     store = Datastore.open(args.datastore)
-    index = DatastoreIndex.build(store, IndexConfig(factory=args.factory, metric=args.metric,
-                                                    num_threads=args.threads))
+    index = DatastoreIndex.build(store, config)
     index.save(Path(args.datastore) / INDEX_DIR)
-    print(f"index: {index} saved in {Path(args.datastore) / 'index'}")
+    print(f"index: {index} saved in {Path(args.datastore) / INDEX_DIR}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from hetgraph.fusion import HetGraphLM
-    from hetgraph.training import train_adapter
+def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The run config's fusion / training / evaluation sections with the options applied
+    (each checked here, before any model is loaded)."""
+    from hetgraph.configuration import ConfigError
+    from hetgraph.fusion import FusionConfig
+    from hetgraph.training import TrainingConfig
 
     run = _run_config(args.config)
-    fusion, training = run.fusion, run.training
+    fusion, training = run.fusion.to_dict(), run.training.to_dict()
     if args.fusion_layers is not None:
-        sites = tuple(s if s == "head" else int(s) for s in args.fusion_layers)
-        fusion = replace(fusion, fusion_layers=sites)
+        fusion["fusion_layers"] = [s if s == "head" else _int_option(s, "--fusion-layers")
+                                   for s in args.fusion_layers]
     if args.k is not None:
-        fusion = replace(fusion, k=args.k)
+        fusion["k"] = args.k
     for name in ("max_steps", "lr", "seed"):
         if getattr(args, name) is not None:
-            training = replace(training, **{name: getattr(args, name)})
-    evaluation = run.evaluation
+            training[name] = getattr(args, name)
+    try:
+        return FusionConfig.from_dict(fusion), TrainingConfig.from_dict(training), run.evaluation
+    except ConfigError as error:
+        raise ConfigError(f"option or --config value: {error}", error.key) from None
+
+
+def _int_option(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CommandLineError(f"{option}: expected decoder-layer indices or 'head', "
+                               f"got {value!r}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from hetgraph.fusion import HetGraphLM
+    from hetgraph.pipeline import check_corpus_provenance
+    from hetgraph.training import train_adapter
+
+    fusion, training, evaluation = _training_settings(args)
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
-    train_split = corpus.train.truncate(min(len(store) + 1, args.max_tokens or len(store) + 1))
+    check_corpus_provenance(store, corpus, command="train")
+    _check_k(fusion.k, store, "--k")
+    rows = len(store) + 1
+    train_split = corpus.train.truncate(rows if args.max_tokens is None
+                                        else min(rows, args.max_tokens))
+    torch.manual_seed(training.seed)  # the adapter's initialisation is part of the run
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
     result = train_adapter(lm, train_split, corpus.valid, training, args.out,
                            eval_config=evaluation)
@@ -139,22 +238,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
+    from hetgraph.pipeline import check_corpus_provenance
 
-    run = _run_config(args.config)
-    evaluation = run.evaluation
-    if args.k is not None:
-        evaluation = replace(evaluation, k=args.k)
-    if args.max_tokens is not None:
-        evaluation = replace(evaluation, max_tokens=args.max_tokens)
-    if args.tune_tokens is not None:
-        evaluation = replace(evaluation, valid_tokens=args.tune_tokens)
+    evaluation = _run_config(args.config).evaluation
+    for name, option in (("k", "k"), ("max_tokens", "max_tokens"),
+                         ("valid_tokens", "tune_tokens")):
+        if getattr(args, option) is not None:
+            evaluation = replace(evaluation, **{name: getattr(args, option)})
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
+    provenance = check_corpus_provenance(store, corpus, command="eval",
+                                         allow_other_corpus=args.allow_other_corpus)
+    _check_k(evaluation.k, store, "--k")
     lm = _hetgraph_lm(args, model, tokenizer, store, index)
-    eval_split = corpus.split(args.split)
-    results = evaluate_four_way(lm, corpus.valid, eval_split, evaluation,
+    results = evaluate_four_way(lm, corpus.valid, corpus.split(args.split), evaluation,
                                 include_gnn=args.adapter is not None)
+    results["provenance"] = provenance
     print(results_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -169,11 +269,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from hetgraph.inspection import describe_generation
 
+    if not args.prompt:
+        raise CommandLineError("--prompt is empty; give some text to continue")
     model, tokenizer = _load(args)
     store, index = _open_store(args.datastore, model, tokenizer)
     lm = _hetgraph_lm(args, model, tokenizer, store, index)
     device = next(model.parameters()).device
     prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
+    if prompt["input_ids"].shape[1] == 0:
+        raise CommandLineError("--prompt gives no tokens; give some text to continue")
     generated = lm.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
                             pad_token_id=tokenizer.pad_token_id, knn=args.knn)
     new_tokens = generated[0, prompt["input_ids"].shape[1]:]
@@ -188,6 +292,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hetgraph.inspection import format_report, inspect_position
 
+    if not args.text:
+        raise CommandLineError("--text is empty; give some text to inspect")
     model, tokenizer = _load(args)
     store, index = _open_store(args.datastore, model, tokenizer)
     lm = _hetgraph_lm(args, model, tokenizer, store, index)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hetgraph.datastore import HiddenStateCapture
+from hetgraph.errors import HetgraphError
 from hetgraph.fusion import HEAD, HetGraphLM, site_key
 from hetgraph.graph import N2C
 
@@ -153,21 +154,32 @@ def inspect_position(
     """
     input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if input_ids.numel() == 0:
-        raise ValueError("the text is empty after tokenization; give some text to inspect")
+        raise HetgraphError("the text is empty after tokenization; give some text to inspect")
     if not -input_ids.numel() <= position < input_ids.numel():
-        raise ValueError(f"position {position} is outside the text's {input_ids.numel()} tokens")
+        raise HetgraphError(f"--position {position} is outside the text's {input_ids.numel()} "
+                            f"tokens; give a position in [-{input_ids.numel()}, "
+                            f"{input_ids.numel() - 1}]")
     return inspect_positions(lm, tokenizer, input_ids, [position], num_neighbours)[0]
 
 
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: newlines as ``⏎`` and every other
+    non-printable character (ANSI escape codes, other control and bidirectional-override
+    characters) as its Python escape, e.g. ``\\x1b``."""
+    return "".join(
+        ch if ch.isprintable() else "⏎" if ch == "\n" else ch.encode("unicode_escape").decode()
+        for ch in text)
+
+
 def format_report(report: NeighbourReport) -> str:
-    """Human-readable text of one report."""
+    """Human-readable text of one report; corpus text, tokens and document names are
+    escaped with :func:`printable`, so nothing in the corpus reaches the terminal raw."""
     lines = [f"position {report.position}: token {report.token!r} → next {report.actual_next!r}; "
              f"base predicts {report.base_prediction!r}, GNN-LM predicts {report.gnn_prediction!r}"]
     for n in report.neighbours:
         attention = " ".join(f"{site}={value:.3f}" for site, value in n.attention.items())
-        context = n.context.replace("\n", "⏎")
-        lines.append(f"  #{n.rank} d={n.distance:.1f} att[{attention}] {n.document}: …{context}"
-                     f"[{n.token}]→{n.next_token!r}")
+        lines.append(f"  #{n.rank} d={n.distance:.1f} att[{attention}] {printable(n.document)}: "
+                     f"…{printable(n.context)}[{printable(n.token)}]→{n.next_token!r}")
     return "\n".join(lines)
 
 

@@ -8,10 +8,12 @@ directory, flushed to disk with ``fsync`` and then renamed onto the target, so a
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from hetgraph.errors import HetgraphError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,11 @@ MODEL_CACHE_DIR = "models"
 MODEL_CACHE_SOURCE = "hetgraph-source.json"
 #: The model configuration of a Hugging Face model directory (not hetgraph's).
 HF_MODEL_CONFIG = "config.json"
+#: A Hugging Face tokenizer's settings (JSON); may name custom code in ``auto_map``.
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+#: Files that hold a Hugging Face tokenizer's vocabulary; a model directory needs one.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                      "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
 #: A tokenized corpus's metadata (JSON), written after its splits.
 CORPUS_METADATA = "corpus.json"
 #: A datastore's :class:`~hetgraph.datastore.DatastoreMetadata` (JSON).
@@ -70,6 +79,11 @@ RUN_RESULTS_PLOT = "results.png"
 RUN_DATASTORE_DIR = "datastore"
 #: Sub-directory of a pipeline run holding the trained adapter.
 RUN_ADAPTER_DIR = "adapter"
+#: Key of the per-file size and checksum record in metadata.json / index.json /
+#: adapter_config.json (see :func:`file_record`).
+INTEGRITY_KEY = "integrity"
+#: Key of a JSON record's own checksum (see :func:`atomic_write_json_record`).
+CHECKSUM_KEY = "checksum"
 
 
 # -- the cache root ----------------------------------------------------------------------
@@ -293,3 +307,58 @@ def _swap_in(tmp: Path, target: Path, accept_existing: Callable[[Path], bool] | 
     fsync_directory(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# -- interrupted writes and full disks ------------------------------------------------------
+
+class StorageError(HetgraphError):
+    """Writing a file failed for lack of space or a file-size limit; nothing complete is lost."""
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp$")
+
+
+def temporary_target(name: str) -> str | None:
+    r"""The file name an :func:`atomic_path` temporary named ``name`` was to replace, or
+    ``None`` when ``name`` is no such temporary."""
+    match = _TEMPORARY.match(name)
+    return match["name"] if match else None
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    r"""Delete the temporary files that :func:`atomic_path` writers killed mid-write left in
+    ``directory`` (``.<name>.<pid>-<hex>.tmp``); return them. Call it only while holding
+    the directory's lock (:func:`hetgraph.locking.directory_lock`), so no live writer's
+    file is removed."""
+    removed = []
+    directory = Path(directory)
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if _TEMPORARY.match(path.name) and path.is_file():
+                _remove_quietly(path)
+                removed.append(path)
+    if removed:
+        logger.info("removed %d partial file(s) of an interrupted write in %s",
+                    len(removed), directory)
+    return removed
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for "
+                   "this file system or the file-size limit (ulimit -f)",
+                   errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system "
+                   "is read-only"}
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path, then: str) -> Iterator[None]:
+    r"""Turn an ``OSError`` of a full disk, a file-size limit, a quota or a read-only file
+    system raised in the block into a :class:`StorageError` naming ``path``, ending with
+    ``then`` (what to run once there is room)."""
+    try:
+        yield
+    except OSError as error:
+        reason = _STORAGE_ERRNOS.get(error.errno)
+        if reason is None:
+            raise
+        raise StorageError(f"cannot write {path}: {reason}; free space (or choose a directory "
+                           f"on another file system), then {then}") from None

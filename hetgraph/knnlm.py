@@ -171,6 +171,7 @@ def knn_mixture_argmax(
     *,
     lm_argmax_log_probs: Any,
     chunk_size: int = 8192,
+    max_block_elements: int = 1 << 24,
 ) -> Tensor:
     """Exact argmax of the full mixture ``λ p_kNN + (1 − λ) p_LM`` without ``[Q, V]``.
 
@@ -183,7 +184,9 @@ def knn_mixture_argmax(
         distances, neighbour_tokens: ``[Q, k]``.
         lam, temperature: mixture parameters.
         lm_argmax_log_probs: ``[Q]`` the LM's log-prob of its argmax.
-        chunk_size: queries per ``[chunk, k+1, k]`` comparison block.
+        chunk_size: at most this many queries per ``[chunk, k+1, k]`` comparison block.
+        max_block_elements: and at most this many elements per block, so memory stays
+            bounded (about 100 MB) however large ``k`` is.
 
     Returns:
         ``[Q]`` int64 predicted tokens (ties: the LM argmax, then the nearest neighbour).
@@ -194,6 +197,8 @@ def knn_mixture_argmax(
     lm_nb_all = _f32(lm_neighbour_log_probs, w_all.device)
     lm_top_all = _f32(lm_argmax_log_probs, w_all.device)
     out = torch.empty(tok_all.shape[0], dtype=torch.int64, device=w_all.device)
+    k = tok_all.shape[-1]
+    chunk_size = max(1, min(chunk_size, max_block_elements // max(1, (k + 1) * k)))
     for s in range(0, tok_all.shape[0], chunk_size):
         w, tok, top = w_all[s:s + chunk_size], tok_all[s:s + chunk_size], top_all[s:s + chunk_size]
         cand = torch.cat([top.unsqueeze(-1), tok], dim=-1)                       # [q, k+1]

@@ -17,6 +17,8 @@ import torch
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.corpus import CorpusConfig, TokenizedCorpus, tokenize_corpus
 from hetgraph.datastore import Datastore, DatastoreConfig, build_datastore
+from hetgraph.datastore.capture import split_arrays
+from hetgraph.errors import HetgraphError
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, plot_results, results_table
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
@@ -33,12 +35,19 @@ from hetgraph.io import (
     atomic_write_json,
     atomic_write_text,
 )
+from hetgraph.locking import directory_lock
+from hetgraph.models.fingerprint import array_fingerprint
 from hetgraph.models.loading import load_model
 from hetgraph.training import TrainingConfig, train_adapter
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.json"
+
+
+class ProvenanceError(HetgraphError):
+    """A datastore was built from another corpus (other files or other split settings) than
+    the one a command was given."""
 
 
 @dataclass
@@ -85,13 +94,12 @@ class RunConfig(JSONConfigMixin):
         try:
             return super().from_json_file(path)
         except FileNotFoundError:
-            raise FileNotFoundError(f"config file {path} not found; "
-                                    f"`hetgraph demo --print-config > {path}` "
-                                    "writes the default one") from None
+            raise ConfigError(f"config file {path} not found; "
+                              f"`hetgraph demo --print-config > {path}` "
+                              "writes the default one") from None
         except ValueError as error:
-            kind = ConfigError if isinstance(error, ConfigError) else ValueError
-            raise kind(f"{error}; fix it or start again from "
-                       "`hetgraph demo --print-config`") from None
+            raise ConfigError(f"{error}; fix it or start again from "
+                              "`hetgraph demo --print-config`") from None
 
     @classmethod
     def default(cls) -> RunConfig:
@@ -114,6 +122,52 @@ def set_threads(threads: int | None) -> None:
 
     torch.set_num_threads(threads)
     set_faiss_threads(threads)
+
+
+def check_corpus_provenance(store: Datastore, corpus: TokenizedCorpus, *, command: str,
+                            allow_other_corpus: bool = False) -> dict[str, Any]:
+    """Check that ``corpus`` (its files *and* split settings) is the one ``store`` was built
+    from, and return the provenance record that evaluation results keep.
+
+    The datastore records the fingerprint of the tokenized corpus it was built from
+    (:attr:`TokenizedCorpus.fingerprint`: every split's tokens, documents and the tokenizer;
+    another split seed or fraction moves documents between splits and changes it). A store
+    built through the Python API without one records a hash of its train-split arrays
+    instead; both are accepted.
+
+    Args:
+        store: the datastore.
+        corpus: the corpus the command was given.
+        command: ``"train"`` or ``"eval"``, for the message.
+        allow_other_corpus: accept another corpus (deliberate cross-corpus evaluation).
+
+    Returns:
+        ``{"datastore_corpus", "eval_corpus", "same_corpus", "allow_other_corpus"}``.
+
+    Raises:
+        ProvenanceError: the corpora differ and ``allow_other_corpus`` is false.
+    """
+    recorded = store.metadata.corpus_fingerprint
+    same = recorded == corpus.fingerprint
+    if not same:
+        tokens, doc_ids, _ = split_arrays(corpus.train, store.metadata.max_tokens)
+        same = recorded == array_fingerprint(tokens, doc_ids)
+    record = {"datastore_corpus": recorded, "eval_corpus": corpus.fingerprint,
+              "same_corpus": same, "allow_other_corpus": bool(allow_other_corpus)}
+    if same:
+        return record
+    if allow_other_corpus:
+        logger.warning("datastore %s was built from another corpus (%s, this one %s); "
+                       "evaluating anyway (--allow-other-corpus)", store.path, recorded,
+                       corpus.fingerprint)
+        return record
+    way_out = (" or pass --allow-other-corpus for a deliberate cross-corpus evaluation"
+               if command == "eval" else "")
+    raise ProvenanceError(
+        f"datastore {store.path} was built from another corpus or split (corpus fingerprint "
+        f"{recorded}; --corpus / --corpus-config give {corpus.fingerprint}): pass the same "
+        f"--corpus and --corpus-config as `hetgraph datastore build`, rebuild the datastore "
+        f"from this corpus{',' if way_out else ''}{way_out}")
 
 
 def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, config: RunConfig,
@@ -143,11 +197,19 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
 
 def run_pipeline(config: RunConfig) -> dict[str, Any]:
     """Run the whole job and return the four-way results (also written to ``out_dir``:
-    ``results.json``, the table ``results.md`` and the plot ``results.png``)."""
+    ``results.json``, the table ``results.md`` and the plot ``results.png``).
+
+    The run directory is locked (:func:`hetgraph.locking.directory_lock`) while the job runs,
+    so a second job on the same ``out_dir`` is refused instead of racing.
+    """
+    out_dir = Path(config.out_dir)
+    with directory_lock(out_dir, "run directory"):
+        return _run_locked(config, out_dir)
+
+
+def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     set_threads(config.threads)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / RUN_CONFIG, config.to_dict())
     device = resolve_device(config.device)
 
@@ -159,13 +221,16 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
 
     logger.info("datastore and index")
     store, index = prepare_datastore(model, tokenizer, corpus, config, out_dir)
+    provenance = check_corpus_provenance(store, corpus, command="demo")
     lm = prepare_adapter(model, tokenizer, corpus, store, index, config, out_dir / RUN_ADAPTER_DIR)
 
     logger.info("evaluating base, kNN-LM, GNN-LM and GNN-LM + kNN on the same test tokens")
     results = evaluate_four_way(lm, corpus.valid, corpus.test, config.evaluation)
+    results["provenance"] = provenance
     results["seconds"] = round(time.perf_counter() - started, 1)
+    table = results_table(results)  # refuses non-finite results before anything is written
     atomic_write_json(out_dir / RUN_RESULTS, results)
-    atomic_write_text(out_dir / RUN_RESULTS_MARKDOWN, results_table(results) + "\n")
+    atomic_write_text(out_dir / RUN_RESULTS_MARKDOWN, table + "\n")
     plot_results(results, out_dir / RUN_RESULTS_PLOT)
     logger.info("results in %s (%s, %s, %s; %.0f s)", out_dir, RUN_RESULTS, RUN_RESULTS_MARKDOWN,
                 RUN_RESULTS_PLOT, results["seconds"])
@@ -178,6 +243,7 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
     if (adapter_dir / TRAINING_RESULT).is_file():
         logger.info("reusing trained adapter %s", adapter_dir)
         return HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
+    torch.manual_seed(config.training.seed)  # the adapter's initialisation is part of the run
     lm = HetGraphLM(model, store, index, config.fusion, tokenizer=tokenizer)
     trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     logger.info("training the graph adapter (%s parameters)", f"{trained:,}")

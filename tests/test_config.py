@@ -21,7 +21,8 @@ from hetgraph.nn import AdapterConfig
 from hetgraph.pipeline import DEFAULT_CONFIG, RunConfig
 from hetgraph.training import TrainingConfig
 
-GRAPH_KEYS = "c2c, c2c_window, deduplicate, leakage_radius, left, n2c, right, share_windows"
+GRAPH_KEYS = ("c2c, c2c_window, deduplicate, leakage_radius, leakage_scope, left, n2c, right, "
+              "share_windows, window_clip")
 
 
 def _keys(cls: type) -> str:
@@ -224,7 +225,7 @@ def test_fusion_config_checks_dict_sub_configs(kwargs, message):
 
 def test_paper_config_and_overrides():
     paper = FusionConfig.paper()
-    assert paper.graph == GraphConfig(left=1, right=1, c2c=True)
+    assert paper.graph == GraphConfig.paper() and paper.graph.c2c
     assert (paper.adapter.num_layers, paper.adapter.heads, paper.adapter.dropout) == (3, 8, 0.3)
     tuned = FusionConfig.paper(k=8, fusion_layers=[-1], graph={"left": 2})
     assert tuned.k == 8 and tuned.fusion_layers == (-1,) and tuned.graph == GraphConfig(left=2)

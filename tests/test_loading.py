@@ -55,7 +55,7 @@ def test_pad_token_defaults_to_eos(tmp_path: Path) -> None:
         ("missing", "neither an existing local path"),
         ("empty_dir", "not a Hugging Face model directory"),
         ("text_file", "not a .gguf file"),
-        ("no_tokenizer", "not its tokenizer"),
+        ("no_tokenizer", "has no tokenizer files"),
         ("bad_config", "could not load a causal LM"),
     ],
 )
@@ -68,7 +68,7 @@ def test_errors(tmp_path: Path, case: str, expected: str) -> None:
     elif case == "no_tokenizer":
         _save_tiny(path, "llama", with_tokenizer=False)
     elif case == "bad_config":
-        path.mkdir()
+        byte_tokenizer().save_pretrained(path)
         (path / HF_MODEL_CONFIG).write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match=expected):
         load_model(path)

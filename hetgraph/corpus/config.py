@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetgraph.configuration import JSONConfigMixin
+from hetgraph.configuration import ConfigError, JSONConfigMixin
 
 #: Names of the three splits, in order.
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
@@ -40,6 +41,11 @@ class CorpusConfig(JSONConfigMixin):
             documents (named ``<name>#<i>``), e.g. ``r"\\n\\s*\\n\\s*\\n"`` for a single file
             whose documents are separated by two blank lines. ``None`` keeps one document
             per file (or per JSON line).
+
+    Raises:
+        ConfigError: fractions that are not three non-negative numbers summing to 1,
+            ``max_documents < 1``, or a ``document_separator`` that is not a valid regular
+            expression (or matches the empty string).
     """
 
     path: str | None = None
@@ -57,16 +63,42 @@ class CorpusConfig(JSONConfigMixin):
             self.path = str(self.path)
         fractions = tuple(float(f) for f in self.fractions)
         if len(fractions) != 3:
-            raise ValueError(f"fractions must be (train, valid, test), got {self.fractions!r}")
+            raise ConfigError(f"fractions must be (train, valid, test), got {self.fractions!r}",
+                              "fractions")
         if any(f < 0 or not math.isfinite(f) for f in fractions) or not math.isclose(
             sum(fractions), 1.0, abs_tol=1e-6
         ):
-            raise ValueError(
-                f"fractions must be non-negative and sum to 1, got {self.fractions!r}"
-            )
+            raise ConfigError(
+                f"fractions must be non-negative and sum to 1, got {self.fractions!r}",
+                "fractions")
         self.fractions = fractions  # type: ignore[assignment]
         if self.max_documents is not None and self.max_documents < 1:
-            raise ValueError(f"max_documents must be >= 1 or None, got {self.max_documents}")
+            raise ConfigError(f"max_documents must be >= 1 or None, got {self.max_documents}",
+                              "max_documents")
+        if self.document_separator is not None:
+            self.separator_pattern()
+
+    def separator_pattern(self) -> re.Pattern[str] | None:
+        """:attr:`document_separator` compiled, or ``None``.
+
+        Raises:
+            ConfigError: it is not a valid regular expression, or matches the empty string
+                (which would split every file into single characters).
+        """
+        if self.document_separator is None:
+            return None
+        try:
+            pattern = re.compile(self.document_separator)
+        except re.error as error:
+            raise ConfigError(
+                f"document_separator {self.document_separator!r} is not a valid regular "
+                f"expression ({error}); fix it, e.g. r'\\n\\s*\\n\\s*\\n' for two blank "
+                "lines", "document_separator") from None
+        if pattern.fullmatch(""):
+            raise ConfigError(
+                f"document_separator {self.document_separator!r} matches the empty string; "
+                "give a pattern that matches at least one character", "document_separator")
+        return pattern
 
     @property
     def resolved_path(self) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
-import re
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +15,40 @@ from .errors import CorpusError
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# Characters escaped in document names besides controls (Cc) and lone surrogates (Cs):
+# bidirectional overrides and isolates, and line / paragraph separators.
+_UNSAFE_NAME_CHARS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+                               "\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
+def safe_document_name(name: str) -> str:
+    r"""``name`` with control characters escaped, so printing it cannot move the cursor,
+    recolour a terminal or reorder text.
+
+    ANSI escapes, other C0/C1 controls (``\n``, ``\t``, ``\x1b`` …), lone surrogates (from
+    undecodable file names), bidirectional overrides and line separators become ``\xNN`` /
+    ``\uNNNN`` escapes; a name without them is returned unchanged (so splits of existing
+    corpora stay the same). Deterministic, and distinct names stay distinct unless one of
+    them already spells such an escape literally.
+    """
+    if all(_is_safe(ch) for ch in name):
+        return name
+    return "".join(ch if _is_safe(ch) else _escape(ch) for ch in name)
+
+
+def _is_safe(ch: str) -> bool:
+    return ch not in _UNSAFE_NAME_CHARS and unicodedata.category(ch) not in ("Cc", "Cs")
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 @dataclass(frozen=True)
 class Document:
-    """One document of a corpus: a stable ``name`` (relative path or id) and its ``text``."""
+    """One document of a corpus: a stable ``name`` (relative path or id, passed through
+    :func:`safe_document_name` when read) and its ``text``."""
 
     name: str
     text: str
@@ -53,12 +82,14 @@ def read_documents(
 
     Returns:
         The documents in reading order. Empty files inside a directory are skipped with a
-        warning; blank lines of JSON lines files are skipped.
+        warning; blank lines of JSON lines files are skipped. Names have control characters
+        escaped (:func:`safe_document_name`).
 
     Raises:
         CorpusError: if the path does not exist, a file is not valid text in ``encoding``, a
             single input file or a whole directory holds no text, or a JSON line is invalid
             or lacks ``text_field``.
+        ConfigError: an invalid ``document_separator`` (or other :class:`CorpusConfig` value).
     """
     if isinstance(source, CorpusConfig):
         config = source
@@ -72,9 +103,10 @@ def read_documents(
 
 
 def _iter_limited(config: CorpusConfig) -> Iterator[Document]:
-    separator = re.compile(config.document_separator) if config.document_separator else None
+    separator = config.separator_pattern()
     count = 0
     for document in _iter_documents(config):
+        document = Document(safe_document_name(document.name), document.text)
         parts = [document]
         if separator is not None:
             pieces = [p for p in separator.split(document.text) if p.strip()]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .cache import cache_key, default_cache_dir, load_cached, store_atomically
+from .chunking import LONG_DOCUMENT_CHARS, encode, encode_long
 from .config import SPLITS, CorpusConfig
 from .documents import Document, read_documents
 from .errors import CorpusError
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: Documents per call to the (fast, batched) tokenizer.
 TOKENIZE_BATCH_SIZE = 32
+#: Characters per call to the tokenizer (a longer document is tokenized alone, in pieces).
+TOKENIZE_BATCH_CHARS = 1_048_576
 
 
 def tokenize_documents(
@@ -30,7 +33,14 @@ def tokenize_documents(
     batch_size: int = TOKENIZE_BATCH_SIZE,
     show_progress: bool = True,
 ) -> TokenizedSplit:
-    """Tokenize documents (no special tokens) and concatenate them, each followed by EOS."""
+    """Tokenize documents (no special tokens) and concatenate them, each followed by EOS.
+
+    Documents are tokenized in batches of at most ``batch_size`` documents and
+    :data:`TOKENIZE_BATCH_CHARS` characters; a document longer than
+    :data:`~hetgraph.corpus.chunking.LONG_DOCUMENT_CHARS` characters is tokenized alone, in
+    pieces cut at verified points (:func:`~hetgraph.corpus.chunking.encode_long`), so memory
+    stays bounded whatever the documents' lengths.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError(
@@ -38,26 +48,47 @@ def tokenize_documents(
             "set `tokenizer.eos_token = ...` (hetgraph.load_model does this for you)."
         )
     pieces: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
     total_chars = sum(len(doc.text) for doc in documents)
     with tqdm(total=total_chars, desc=f"tokenizing {name}", unit="char", unit_scale=True,
               disable=not show_progress) as progress:
-        for start in range(0, len(documents), batch_size):
-            batch = documents[start:start + batch_size]
-            encoded = tokenizer(
-                [doc.text for doc in batch], add_special_tokens=False,
-                return_attention_mask=False, verbose=False,
-            )["input_ids"]
-            for offset, token_ids in enumerate(encoded):
+        for batch in _batches(documents, batch_size):
+            for token_ids in _encode_batch(tokenizer, [documents[i] for i in batch]):
                 array = np.empty(len(token_ids) + 1, dtype=np.int32)
                 array[:-1] = token_ids
                 array[-1] = eos
                 pieces.append(array)
-                ids.append(np.full(len(array), start + offset, dtype=np.int32))
-            progress.update(sum(len(doc.text) for doc in batch))
+            progress.update(sum(len(documents[i].text) for i in batch))
+    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    doc_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
+    doc_ids = np.repeat(np.arange(len(pieces), dtype=np.int32), lengths)
     return TokenizedSplit(name, tokens, doc_ids, [doc.name for doc in documents])
+
+
+def _batches(documents: Sequence[Document], batch_size: int) -> Iterator[list[int]]:
+    """Indices of consecutive documents, at most ``batch_size`` of them and (unless one
+    document alone is longer) :data:`TOKENIZE_BATCH_CHARS` characters per batch."""
+    batch: list[int] = []
+    chars = 0
+    for index, doc in enumerate(documents):
+        if batch and (len(batch) >= batch_size or chars + len(doc.text) > TOKENIZE_BATCH_CHARS):
+            yield batch
+            batch, chars = [], 0
+        batch.append(index)
+        chars += len(doc.text)
+    if batch:
+        yield batch
+
+
+def _encode_batch(tokenizer: Any, batch: list[Document]) -> list[Sequence[int]]:
+    short = [i for i, doc in enumerate(batch) if len(doc.text) <= LONG_DOCUMENT_CHARS]
+    result: list[Sequence[int]] = [()] * len(batch)
+    if short:
+        for i, ids in zip(short, encode(tokenizer, [batch[i].text for i in short]), strict=True):
+            result[i] = ids
+    for i, doc in enumerate(batch):
+        if len(doc.text) > LONG_DOCUMENT_CHARS:
+            result[i] = encode_long(tokenizer, doc.text, doc.name)
+    return result
 
 
 def tokenize_corpus(

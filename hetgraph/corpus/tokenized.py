@@ -18,9 +18,24 @@ from hetgraph.io import (
 )
 
 from .config import SPLITS, CorpusConfig
+from .errors import CorpusError
 
 #: Version of the on-disk layout written by :meth:`TokenizedCorpus.save`.
 FORMAT_VERSION = 1
+
+
+def _read_json_file(path: Path, kind: type) -> Any:
+    """The JSON value of ``path``, which must be a ``kind``; a :class:`CorpusError` naming the
+    file otherwise."""
+    try:
+        value = read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorpusError(f"{path} is not valid JSON ({error}); delete its directory and "
+                          "tokenize again") from None
+    if not isinstance(value, kind):
+        raise CorpusError(f"{path} holds a JSON {type(value).__name__}, expected a "
+                          f"{kind.__name__}; delete its directory and tokenize again")
+    return value
 
 
 def positions_from_doc_ids(doc_ids: np.ndarray) -> np.ndarray:
@@ -111,7 +126,7 @@ class TokenizedSplit:
         mode = "r" if mmap else None
         tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode=mode, allow_pickle=False)
         doc_ids = np.load(directory / f"{name}.doc_ids.npy", mmap_mode=mode, allow_pickle=False)
-        names = read_json(directory / f"{name}.docs.json")
+        names = _read_json_file(directory / f"{name}.docs.json", list)
         return cls(name, tokens, doc_ids, names)
 
     def fingerprint(self) -> str:
@@ -198,28 +213,34 @@ class TokenizedCorpus:
         """Inverse of :meth:`save`.
 
         Raises:
-            ValueError: if the directory holds no corpus of a known format.
+            CorpusError: if the directory holds no corpus of a known format, or one of its
+                JSON files is malformed (named, with the fix).
         """
         directory = Path(directory)
         meta_path = directory / CORPUS_METADATA
         if not meta_path.is_file():
-            raise ValueError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} missing)")
-        metadata = read_json(meta_path)
+            raise CorpusError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} "
+                              "missing); delete it and tokenize again")
+        metadata = _read_json_file(meta_path, dict)
         if metadata.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise CorpusError(
                 f"{directory}: tokenized corpus format {metadata.get('format_version')}, "
                 f"expected {FORMAT_VERSION}; delete it and tokenize again"
             )
         splits = {name: TokenizedSplit.load(directory, name, mmap=mmap) for name in SPLITS}
         config = metadata.get("config")
-        return cls(
-            **splits,
-            tokenizer_fingerprint=metadata["tokenizer_fingerprint"],
-            eos_token_id=int(metadata["eos_token_id"]),
-            config=None if config is None else CorpusConfig.from_dict(config),
-            fingerprint=metadata["fingerprint"],
-            path=directory,
-        )
+        try:
+            return cls(
+                **splits,
+                tokenizer_fingerprint=metadata["tokenizer_fingerprint"],
+                eos_token_id=int(metadata["eos_token_id"]),
+                config=None if config is None else CorpusConfig.from_dict(config),
+                fingerprint=metadata["fingerprint"],
+                path=directory,
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorpusError(f"{meta_path} is malformed ({type(error).__name__}: {error}); "
+                              "delete the directory and tokenize again") from error
 
     def __repr__(self) -> str:
         parts = ", ".join(

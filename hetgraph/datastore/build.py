@@ -1,8 +1,10 @@
 """Building a datastore: one frozen-LM pass over a split, resumable after interruption."""
 from __future__ import annotations
 
+import errno
 import json
-import shutil
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,13 @@ from hetgraph.datastore.capture import (
     normalize_layer,
     probe_dims,
     split_arrays,
+)
+from hetgraph.datastore.integrity import (
+    array_problems,
+    clear_datastore,
+    foreign_entries,
+    integrity_record,
+    recorded_file_problems,
 )
 from hetgraph.datastore.store import (
     FORMAT_VERSION,
@@ -36,9 +45,18 @@ from hetgraph.io import (
     atomic_write_text,
     json_fingerprint,
     read_json,
+    remove_stale_temporaries,
+    storage_errors,
 )
+from hetgraph.locking import directory_lock
 from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
 from hetgraph.models.layers import model_device
+
+logger = logging.getLogger(__name__)
+#: How a CLI or Python user replaces a datastore, for messages.
+OVERWRITE_HINT = "--overwrite (build_datastore(..., overwrite=True))"
+#: What to do after a build stopped for lack of space.
+RESUME_HINT = "run the same build command again: the build resumes where it stopped"
 
 
 def window_batches(windows: list[Window], batch_size: int) -> list[list[Window]]:
@@ -87,7 +105,10 @@ def build_datastore(
 
     The build is resumable: progress is saved after every flushed batch, and running the
     same call again (same model, tokenizer, split and config) continues where it stopped
-    and gives a byte-identical datastore. A finished datastore is returned as is.
+    and gives a byte-identical datastore. A finished datastore is returned as is, after a
+    cheap check of its files; a damaged one is rebuilt only with ``overwrite``. The build
+    holds the directory's lock (:func:`hetgraph.locking.directory_lock`) throughout, and
+    refuses batches whose hidden states are not finite (nothing of them is written).
 
     Args:
         model: a Hugging Face causal LM (frozen; put it on the device you want used).
@@ -96,8 +117,9 @@ def build_datastore(
         out_dir: datastore directory.
         config: :class:`DatastoreConfig` (defaults if None).
         corpus_fingerprint: identifies the split; default: a hash of its tokens and doc ids.
-        overwrite: delete an existing datastore built with anything different instead of
-            raising.
+        overwrite: replace an existing datastore that was built with anything different, or
+            is damaged, instead of raising. Only a datastore is ever replaced: a directory
+            holding any file a datastore build does not write is refused, never deleted.
         show_progress: show a tqdm bar.
         max_batches: process at most this many batches in this call and return the
             (incomplete) datastore; for chunked jobs under time limits and for tests.
@@ -106,13 +128,19 @@ def build_datastore(
         the opened :class:`Datastore` (``complete`` is False only if ``max_batches`` stopped it).
 
     Raises:
-        DatastoreError: ``out_dir`` holds a datastore built differently and not ``overwrite``.
+        DatastoreError: ``out_dir`` holds something other than a datastore; or a datastore
+            built differently, or damaged, and not ``overwrite``; or the model's hidden states
+            are not finite.
+        hetgraph.locking.LockError: another process is writing ``out_dir``.
+        hetgraph.io.StorageError: the disk is full (or a file-size limit is reached); the
+            build resumes after the fact.
     """
     config = config or DatastoreConfig()
     out = Path(out_dir)
     tokens, doc_ids, positions = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
-        raise ValueError(f"a datastore needs a split of at least 2 tokens, got {len(tokens)}")
+        raise DatastoreError(f"a datastore needs a split of at least 2 tokens, got {len(tokens)}; "
+                             "use a larger corpus (or a larger --max-tokens)")
     num_entries = len(tokens) - 1
     key_layer = normalize_layer(model, config.key_layer)
     feature_layers = tuple(dict.fromkeys(normalize_layer(model, l) for l in config.feature_layers))
@@ -123,20 +151,25 @@ def build_datastore(
     metadata = _build_metadata(model, tokenizer, config, int(tokens[0]), num_entries, key_layer,
                                feature_layers, len(batches), corpus_fingerprint)
 
-    done = _prepare_directory(out, metadata, overwrite)
-    if done is None:  # already complete
+    _refuse_foreign(out)  # before the lock file is created in someone else's directory
+    with directory_lock(out, "datastore"):
+        remove_stale_temporaries(out)
+        done = _prepare_directory(out, metadata, overwrite)
+        if done is None:  # already complete
+            return Datastore.open(out)
+        with storage_errors(out, RESUME_HINT):
+            if done == 0:
+                _write_static_arrays(out, metadata, tokens, doc_ids, positions,
+                                     getattr(split, "doc_names", None))
+            todo = batches[done:] if max_batches is None else batches[done:done + max_batches]
+            _run_batches(model, tokens, out, batches, done, todo, key_layer, feature_layers,
+                         show_progress)
+            if _read_progress(out) < len(batches):
+                return Datastore.open(out, allow_incomplete=True)
+            metadata.integrity = integrity_record(out, metadata)
+            metadata.complete = True
+            metadata.save(out / DATASTORE_METADATA)
         return Datastore.open(out)
-    if done == 0 and not array_path(out, "keys").exists():
-        _write_static_arrays(out, metadata, tokens, doc_ids, positions,
-                             getattr(split, "doc_names", None))
-
-    todo = batches[done:] if max_batches is None else batches[done:done + max_batches]
-    _run_batches(model, tokens, out, batches, done, todo, key_layer, feature_layers, show_progress)
-    if _read_progress(out) >= len(batches):
-        metadata.complete = True
-        metadata.save(out / DATASTORE_METADATA)
-        return Datastore.open(out)
-    return Datastore.open(out, allow_incomplete=True)
 
 
 def _build_metadata(model: nn.Module, tokenizer: Any, config: DatastoreConfig, probe_token: int,
@@ -174,9 +207,11 @@ def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[
                                                         stop_forward=True) as capture:
             for b, batch in enumerate(todo, start=done):
                 states = capture.run(batch_input_ids(tokens, batch, device))
-                _write_batch(batch, states[key_layer], keys)
+                halves = {l: _finite_half(states[l], l, b, batch, out)
+                          for l in [key_layer, *feature_layers]}
+                _write_batch(batch, halves[key_layer], keys)
                 for l in feature_layers:
-                    _write_batch(batch, states[l], feats[l])
+                    _write_batch(batch, halves[l], feats[l])
                 keys.flush()
                 for f in feats.values():
                     f.flush()
@@ -187,40 +222,73 @@ def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[
         del keys, feats
 
 
-def _write_batch(batch: list[Window], hidden: torch.Tensor, target: np.memmap) -> None:
-    """Copy the scored positions of each window into the memmap rows they belong to."""
+def _finite_half(hidden: torch.Tensor, layer: int | None, b: int, batch: list[Window],
+                 out: Path) -> torch.Tensor:
+    """``hidden`` as float16, refused when any value is NaN or infinite (after the cast: a
+    float32 value beyond ±65504 becomes ``inf``)."""
     half = hidden.to(torch.float16)
+    if not bool(torch.isfinite(half).all()):
+        what = "LM-head input" if layer is None else f"decoder layer {layer}"
+        raise DatastoreError(
+            f"datastore {out}: the model's hidden states at the {what} are not finite (NaN or "
+            f"beyond the float16 range) in batch {b} (corpus positions {batch[0].start}-"
+            f"{batch[-1].end}); nothing of that batch was written. Check the model's weights "
+            "and dtype (--dtype float32), then run the same build command again to resume")
+    return half
+
+
+def _write_batch(batch: list[Window], half: torch.Tensor, target: np.memmap) -> None:
+    """Copy the scored positions of each window into the memmap rows they belong to."""
     for row, w in enumerate(batch):
         offset = w.score_start - w.start
         scored = w.end - w.score_start
         target[w.score_start:w.end] = half[row, offset:offset + scored].cpu().numpy()
 
 
+def _refuse_foreign(out: Path) -> None:
+    """Refuse an output directory that holds anything a datastore build does not write."""
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise DatastoreError(
+            f"{out} is not a datastore directory (it holds {shown}); a build never deletes or "
+            "writes into such a directory, not even with --overwrite: choose another --out "
+            "directory (a new or empty one)")
+
+
 def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> int | None:
-    """Create / validate ``out``; return the number of batches already done (None = complete)."""
+    """Validate ``out`` (locked, holding datastore files only); clear it if needed; return the
+    number of batches already done (None = complete and intact)."""
+    _refuse_foreign(out)
     meta_file = out / DATASTORE_METADATA
-    if meta_file.exists():
-        try:
-            existing = DatastoreMetadata.load(meta_file)
-            same = existing.identity() == metadata.identity()
-        except (DatastoreError, TypeError, ValueError, json.JSONDecodeError):
-            existing, same = None, False
-        if same:
-            if existing.complete:
-                return None
-            return _read_progress(out)
-        if not overwrite:
-            diff = _describe_difference(existing, metadata)
-            raise DatastoreError(
-                f"{out} already holds a datastore built with a different model, corpus or config "
-                f"({diff}); pass overwrite=True to replace it, or choose another directory")
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise DatastoreError(f"{out} exists, is not empty and holds no datastore; pass "
-                                 "overwrite=True to replace it, or choose another directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not meta_file.exists():
+        if any(p.suffix == ".npy" or p.name in (DOC_NAMES, DATASTORE_PROGRESS)
+               for p in out.iterdir()):
+            # A build stopped before its metadata was written ran no batch: start again.
+            logger.info("%s holds a build stopped at its start; starting it again", out)
+            clear_datastore(out)
+        return 0
+    try:
+        existing: DatastoreMetadata | None = DatastoreMetadata.load(meta_file)
+        damage = None
+    except DatastoreError as error:
+        existing, damage = None, str(error)
+    if existing is not None and existing.identity() == metadata.identity():
+        problems = array_problems(out, existing)
+        if existing.complete and not problems:
+            problems = recorded_file_problems(out, existing, full=False)
+        if not problems:
+            return None if existing.complete else _read_progress(out)
+        damage = f"{out / problems[0]}"
+    if not overwrite:
+        if damage is not None:
+            raise DatastoreError(f"the datastore in {out} is damaged ({damage.split('; ')[0]}); "
+                                 f"rebuild it: run the same command with {OVERWRITE_HINT}")
+        raise DatastoreError(
+            f"{out} already holds a datastore built with a different model, corpus or config "
+            f"({_describe_difference(existing, metadata)}); pass {OVERWRITE_HINT} to replace "
+            "it, or choose another directory")
+    clear_datastore(out)
     return 0
 
 
@@ -248,8 +316,24 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
                                           shape=(n, dim))
         array.flush()
         del array
+        _allocate(array_path(out, name))
     _write_progress(out, 0, metadata.num_batches)
     metadata.save(out / DATASTORE_METADATA)
+
+
+def _allocate(path: Path) -> None:
+    """Reserve ``path``'s blocks now, so that a full disk is an error here and not a
+    ``SIGBUS`` when a memmap page is written later (a no-op where unsupported)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as error:
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_progress(out: Path, batches_done: int, num_batches: int) -> None:

@@ -25,24 +25,30 @@ import torch
 from torch import nn
 
 from hetgraph.configuration import JSONConfigMixin
-from hetgraph.io import DATASTORE_METADATA, DOC_NAMES, atomic_write_json, read_json
+from hetgraph.datastore.integrity import ARRAY_NAMES, array_path, open_array
+from hetgraph.errors import HetgraphError
+from hetgraph.integrity import atomic_write_json_record, read_json_record
+from hetgraph.io import DATASTORE_METADATA, DOC_NAMES, read_json
 from hetgraph.models.fingerprint import (
     config_fingerprint,
-    tokenizer_fingerprint,
+    tokenizer_matches,
     weights_fingerprint,
 )
 
 FORMAT_VERSION = 1
-ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
+__all__ = ["ANY", "ARRAY_NAMES", "Datastore", "DatastoreConfig", "DatastoreError",
+           "DatastoreMetadata", "array_path", "rebuild_hint"]
 
 
-def array_path(directory: str | Path, name: str) -> Path:
-    """The ``.npy`` file of the datastore array ``name`` (``"keys"``, ``"features_3"``, …)."""
-    return Path(directory) / f"{name}.npy"
+class DatastoreError(HetgraphError):
+    """A datastore is missing, incomplete, damaged, or does not match the model / tokenizer /
+    layer."""
 
 
-class DatastoreError(ValueError):
-    """A datastore is missing, incomplete, or does not match the model / tokenizer / layer."""
+def rebuild_hint(path: str | Path) -> str:
+    """How to rebuild the datastore at ``path``, for CLI and Python users alike."""
+    return (f"rebuild it (hetgraph datastore build … --out {path} --overwrite, "
+            "or build_datastore(..., overwrite=True))")
 
 
 class _Any:
@@ -109,20 +115,29 @@ class DatastoreMetadata:
     num_batches: int = 0
     complete: bool = False
     format_version: int = FORMAT_VERSION
+    #: Size and checksums of every file, recorded when the build completes
+    #: (:func:`hetgraph.integrity.file_record`); ``None`` before, and in older datastores.
+    integrity: dict[str, Any] | None = None
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
         return tuple(int(k) for k in self.feature_dims)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that must match for a build to be resumed (everything but progress)."""
+        """The fields that must match for a build to be resumed (everything but progress and
+        the integrity record)."""
         d = asdict(self)
         d.pop("complete")
+        d.pop("integrity")
         return d
 
     def save(self, path: str | Path) -> None:
-        """Write the metadata to the JSON file ``path`` (atomically, keys sorted)."""
-        atomic_write_json(path, asdict(self), sort_keys=True)
+        """Write the metadata to the JSON file ``path`` (atomically, keys sorted, with its own
+        checksum so that a changed byte is detected on load)."""
+        data = asdict(self)
+        if data["integrity"] is None:
+            data.pop("integrity")
+        atomic_write_json_record(path, data, sort_keys=True)
 
     @classmethod
     def load(cls, path: str | Path) -> DatastoreMetadata:
@@ -130,15 +145,44 @@ class DatastoreMetadata:
         as ``extra``, written by older versions) are ignored.
 
         Raises:
-            DatastoreError: the file records another datastore format version.
+            DatastoreError: the file is missing, damaged (not JSON, a failed checksum, missing
+                or mistyped fields), or records another datastore format version.
         """
-        data = read_json(path)
+        hint = rebuild_hint(Path(path).parent)
+        data = read_json_record(path, DatastoreError, hint)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise DatastoreError(f"{path}: datastore format version {version} is not supported "
-                                 f"(this hetgraph reads version {FORMAT_VERSION}); rebuild it")
+                                 f"(this hetgraph reads version {FORMAT_VERSION}); {hint}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            metadata = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as error:  # a required field is missing
+            raise DatastoreError(f"{path} is damaged ({error}); {hint}") from None
+        problem = metadata.type_problem()
+        if problem:
+            raise DatastoreError(f"{path} is damaged ({problem}); {hint}")
+        return metadata
+
+    def type_problem(self) -> str | None:
+        """What is mistyped in these fields (as read from JSON), or ``None``."""
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        checks = [
+            ("num_entries", is_int(self.num_entries) and self.num_entries >= 1),
+            ("dim", is_int(self.dim) and self.dim >= 1),
+            ("key_layer", self.key_layer is None or is_int(self.key_layer)),
+            ("feature_dims", isinstance(self.feature_dims, dict) and all(
+                isinstance(k, str) and k.lstrip("-").isdigit() and is_int(v) and v >= 1
+                for k, v in self.feature_dims.items())),
+            ("model", isinstance(self.model, dict)),
+            ("fingerprint", isinstance(self.fingerprint, str)),
+            ("complete", isinstance(self.complete, bool)),
+            ("integrity", self.integrity is None or isinstance(self.integrity, dict)),
+        ]
+        bad = [name for name, ok in checks if not ok]
+        return f"invalid {', '.join(bad)}" if bad else None
 
 
 def key_dim_of(model: nn.Module, key_layer: int | None) -> int | None:
@@ -174,14 +218,9 @@ class Datastore:
         self._features: dict[int, np.ndarray] = {}
 
     def _load(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        file = array_path(self.path, name)
-        if not file.exists():
-            raise DatastoreError(f"datastore {self.path} lacks {file.name}; rebuild it")
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
-        if array.shape != shape or array.dtype != np.dtype(dtype):
-            raise DatastoreError(f"{file}: expected {np.dtype(dtype).name} {shape}, found "
-                                 f"{array.dtype.name} {array.shape}; the datastore is corrupt, "
-                                 "rebuild it")
+        array, problem = open_array(array_path(self.path, name), shape, dtype)
+        if problem:
+            raise DatastoreError(f"datastore {self.path}: {problem}; {rebuild_hint(self.path)}")
         return array
 
     # -- opening -------------------------------------------------------------------------
@@ -205,19 +244,29 @@ class Datastore:
                 checked when left out.
             allow_incomplete: open a partially built datastore (unfilled keys are zero).
 
+        Opening is cheap: the metadata's own checksum, every array's ``.npy`` header, shape
+        and dtype, and, for a completed datastore, every file's recorded size and sampled
+        checksum (:func:`hetgraph.integrity.check_file_record`); :func:`hetgraph.verify.verify`
+        checks whole-file checksums.
+
         Raises:
-            DatastoreError: missing/incomplete datastore, or a mismatch.
+            DatastoreError: missing, incomplete or damaged datastore, or a mismatch.
         """
+        from hetgraph.datastore.integrity import recorded_file_problems
+
         path = Path(path)
         meta_file = path / DATASTORE_METADATA
         if not meta_file.exists():
             raise DatastoreError(f"no datastore at {path} (no {DATASTORE_METADATA}); build one "
-                                 "with hetgraph.datastore.build_datastore")
+                                 "(hetgraph datastore build … --out DIR, or build_datastore)")
         metadata = DatastoreMetadata.load(meta_file)
         if not metadata.complete and not allow_incomplete:
             raise DatastoreError(
                 f"the datastore at {path} is incomplete (its build was interrupted); resume it by "
                 "running the same build command again (same model, corpus and config)")
+        problems = recorded_file_problems(path, metadata, full=False)
+        if problems:
+            raise DatastoreError(f"datastore {path}: {problems[0]}; {rebuild_hint(path)}")
         store = cls(path, metadata)
         store.check(model=model, tokenizer=tokenizer, key_layer=key_layer)
         return store
@@ -255,12 +304,11 @@ class Datastore:
                     "(another checkpoint or fine-tune); its keys would not match this model's "
                     "queries. Load the model it was built with, or rebuild the datastore")
         if tokenizer is not None:
-            fp = tokenizer_fingerprint(tokenizer)
-            if fp != meta.model.get("tokenizer"):
+            mismatch = tokenizer_matches(meta.model, tokenizer)
+            if mismatch is not None:
                 raise DatastoreError(
-                    f"datastore {self.path} was built with a different tokenizer (fingerprint "
-                    f"{meta.model.get('tokenizer')}, this tokenizer {fp}); token ids would not "
-                    "match")
+                    f"datastore {self.path} was built with {mismatch}; token ids would not "
+                    "match. Load the tokenizer it was built with, or rebuild the datastore")
 
     # -- access --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -297,7 +345,15 @@ class Datastore:
         """Name of every document (index = ``doc_ids`` value), or ``None`` if not recorded."""
         if not hasattr(self, "_doc_names"):
             path = self.path / DOC_NAMES
-            self._doc_names = read_json(path) if path.is_file() else None
+            try:
+                names = read_json(path) if path.is_file() else None
+            except (ValueError, OSError):
+                names = False
+            if names is not None and not (isinstance(names, list)
+                                          and all(isinstance(n, str) for n in names)):
+                raise DatastoreError(f"{path} is damaged (not a JSON list of document names); "
+                                     f"{rebuild_hint(self.path)}")
+            self._doc_names = names
         return self._doc_names
 
     def document_name(self, row: int) -> str:

@@ -47,11 +47,12 @@ def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
     return perplexity(outputs.lm_log_probs)
 
 
-def _tuned_knn(valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any) -> dict[str, Any]:
+def _tuned_knn(valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any,
+               stage: str) -> dict[str, Any]:
     temperatures = default_temperatures(valid.knn_distances)
     lam, temperature, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
                                       valid.targets, lambdas, temperatures)
-    return {**score_knn(test, lam, temperature), "lambda": float(lam),
+    return {**score_knn(test, lam, temperature, stage), "lambda": float(lam),
             "temperature": float(temperature), "k": int(k), "valid_ppl": float(np.nanmin(grid))}
 
 
@@ -80,6 +81,10 @@ def evaluate_four_way(
         lambdas: λ grid.
         show_progress: tqdm bars.
 
+    Raises:
+        NonFiniteError: a method's perplexity or accuracy is not finite (its ``stage`` names
+            the method); nothing is returned, so no table with ``nan`` is ever written.
+
     Returns:
         ``{"base", "knn", "gnn", "gnn_knn"}`` rows with ``ppl`` and ``acc`` (kNN rows also
         ``lambda``, ``temperature``, ``k``), ``tokens``, ``valid_tokens`` and ``speed``
@@ -99,8 +104,8 @@ def evaluate_four_way(
                                    show_progress=show_progress)
     base_seconds = time.perf_counter() - started
     results: dict[str, Any] = {
-        "base": score_lm(base_test),
-        "knn": _tuned_knn(base_valid, base_test, k, lambdas),
+        "base": score_lm(base_test, "base"),
+        "knn": _tuned_knn(base_valid, base_test, k, lambdas, "kNN"),
     }
     speed: dict[str, float] = {"base_with_search_tokens_per_s": len(base_test) / base_seconds}
     if include_gnn:
@@ -111,8 +116,8 @@ def evaluate_four_way(
         gnn_test = collect_lm_outputs(model, test_split, windows, forward=forward,
                                       neighbours_from=base_test, show_progress=show_progress)
         gnn_seconds = time.perf_counter() - started
-        results["gnn"] = score_lm(gnn_test)
-        results["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas)
+        results["gnn"] = score_lm(gnn_test, "GNN")
+        results["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas, "GNN+kNN")
         speed["gnn_tokens_per_s"] = len(gnn_test) / gnn_seconds
         speed["gnn_over_base_with_search"] = (
             speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from hetgraph.evaluation.lm import (
     ForwardFn,
     LMOutputs,
     NeighbourSearch,
+    NonFiniteError,
     collect_lm_outputs,
 )
 from hetgraph.knnlm import (
@@ -40,16 +42,40 @@ def default_temperatures(distances: Any, num: int = 9) -> list[float]:
     return [float(scale * 2.0 ** e) for e in np.linspace(-6, 2, num)]
 
 
-def score_lm(outputs: LMOutputs) -> dict[str, float]:
-    """``{"ppl", "acc"}`` of the LM alone."""
-    return {"ppl": perplexity(outputs.lm_log_probs),
-            "acc": float(outputs.lm_correct.float().mean())}
+def finite_scores(scores: dict[str, float], stage: str) -> dict[str, float]:
+    """``scores`` unchanged when its perplexity and accuracy are finite.
+
+    Raises:
+        NonFiniteError: naming ``stage`` (``"base"``, ``"kNN"``, ``"GNN"``, ``"GNN+kNN"``).
+    """
+    bad = {name: value for name, value in scores.items() if not math.isfinite(value)}
+    if bad:
+        raise NonFiniteError(
+            f"evaluation ({stage}): {', '.join(f'{k} = {v}' for k, v in bad.items())} is not "
+            "finite, so no results are written; the model, datastore or adapter produces "
+            "NaN/inf (run `hetgraph verify` on the datastore and adapter, or load the model in "
+            "float32 with --dtype float32)", stage=stage)
+    return scores
 
 
-def score_knn(outputs: LMOutputs, lam: float, temperature: float) -> dict[str, float]:
+def score_lm(outputs: LMOutputs, stage: str = "base") -> dict[str, float]:
+    """``{"ppl", "acc"}`` of the LM alone.
+
+    Raises:
+        NonFiniteError: the perplexity is not finite (``stage`` names the method).
+    """
+    return finite_scores({"ppl": perplexity(outputs.lm_log_probs),
+                          "acc": float(outputs.lm_correct.float().mean())}, stage)
+
+
+def score_knn(outputs: LMOutputs, lam: float, temperature: float,
+              stage: str = "kNN") -> dict[str, float]:
     """``{"ppl", "acc"}`` of the kNN-LM mixture over exactly the tokens of ``outputs``.
 
     Accuracy is the exact argmax of the full mixture (see :func:`knn_mixture_argmax`).
+
+    Raises:
+        NonFiniteError: the perplexity is not finite (``stage`` names the method).
     """
     if not outputs.has_neighbours:
         raise ValueError("these LM outputs hold no neighbours; collect them with an index")
@@ -59,7 +85,8 @@ def score_knn(outputs: LMOutputs, lam: float, temperature: float) -> dict[str, f
     pred = knn_mixture_argmax(outputs.lm_argmax, outputs.lm_neighbour_log_probs,
                               outputs.knn_distances, outputs.knn_tokens, lam, temperature,
                               lm_argmax_log_probs=outputs.lm_argmax_log_probs)
-    return {"ppl": perplexity(mix), "acc": float((pred == outputs.targets).float().mean())}
+    return finite_scores({"ppl": perplexity(mix),
+                          "acc": float((pred == outputs.targets).float().mean())}, stage)
 
 
 def evaluate_base_knn(
@@ -104,7 +131,7 @@ def evaluate_base_knn(
         "base": score_lm(test),
         "knn": {**knn, "lambda": lam, "temperature": temp, "k": int(k),
                 "valid_ppl": float(np.nanmin(grid))},
-        "valid_base": score_lm(valid),
+        "valid_base": score_lm(valid, "base (valid)"),
         "tokens": len(test),
         "valid_tokens": len(valid),
         "grid": {"lambdas": [float(x) for x in lambdas], "temperatures": temps,

@@ -20,15 +20,63 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hetgraph.configuration import JSONConfigMixin
+from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
+from hetgraph.errors import HetgraphError
 from hetgraph.models.layers import model_device
 
 #: ``forward(input_ids [B, T] int64) -> logits [B, T, V]``; any model callable.
 ForwardFn = Callable[[Tensor], Tensor]
+
+
+class NonFiniteError(HetgraphError):
+    """A NaN or infinite value where a result must be finite: keys, distances, logits, a
+    loss or a perplexity. :attr:`stage` names where (``"base"``, ``"kNN"``, ``"GNN"``,
+    ``"GNN+kNN"``, ``"retrieval"``, ``"training"`` …); the message says what to do."""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model``'s position embeddings take (GPT-2's ``n_positions``),
+    or ``None`` where the config sets no hard limit (rotary models such as Qwen2 and Llama
+    extrapolate, so their ``max_position_embeddings`` is not enforced)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    limit = getattr(config, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_context_length(model: nn.Module, context_length: int, option: str) -> None:
+    """Refuse windows longer than the model's learned position table.
+
+    Raises:
+        ConfigError: ``context_length`` exceeds :func:`max_positions` (named by ``option``).
+    """
+    limit = max_positions(model)
+    if limit is not None and context_length > limit:
+        raise ConfigError(f"{option} {context_length} is longer than the model's {limit} "
+                          f"positions; set {option} to {limit} or less", option)
+
+
+def check_token_ids(model: nn.Module, tokens: np.ndarray, what: str) -> None:
+    """Refuse token ids the model's embedding table does not have (a corpus tokenized with
+    another tokenizer).
+
+    Raises:
+        HetgraphError: an id is negative or ``>=`` the model's vocabulary size.
+    """
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    if len(tokens) and (int(np.min(tokens)) < 0 or int(np.max(tokens)) >= vocab):
+        raise HetgraphError(f"{what} holds token ids up to {int(np.max(tokens))} but the model "
+                            f"has {vocab} embeddings: tokenize the corpus with this model's "
+                            "tokenizer (its cache is keyed by the tokenizer)")
 
 
 @dataclass
@@ -52,6 +100,7 @@ class EvalConfig(JSONConfigMixin):
     valid_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 1 <= self.stride <= self.context_length:
             raise ValueError(f"stride must be in [1, context_length={self.context_length}], "
                              f"got {self.stride}")
@@ -63,7 +112,6 @@ class EvalConfig(JSONConfigMixin):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-
 
 
 @dataclass
@@ -127,11 +175,21 @@ class NeighbourSearch:
 
     def check(self, k: int) -> None:
         if not 1 <= k <= len(self.index):
-            raise ValueError(f"k must be in [1, {len(self.index)}] (the index size), got {k}")
+            raise ConfigError(f"k must be in [1, {len(self.index)}] (the index size), got {k}; "
+                              "lower k", "k")
 
     def search(self, queries: Tensor, k: int, log_probs: Tensor) -> dict[str, Tensor]:
         """Neighbours of ``[n, d]`` queries, their next tokens, and the LM's log-probs of those."""
+        if not bool(torch.isfinite(queries).all()):
+            raise NonFiniteError("retrieval: a query key is NaN or infinite (the model's hidden "
+                                 "states overflow; load it in float32 with --dtype float32)",
+                                 stage="retrieval")
         distances, ids = self.index.search(queries, k)
+        if np.isnan(distances).any() or not np.isfinite(distances[ids >= 0]).all():
+            raise NonFiniteError(f"retrieval: the index of datastore {self.datastore.path} "
+                                 "returned NaN or infinite distances, so its keys are damaged; "
+                                 "run `hetgraph verify` on it and rebuild what it names",
+                                 stage="retrieval")
         ids_t = torch.from_numpy(ids)
         # Memmap lookup per batch: the datastore never has to fit in RAM.
         tokens = torch.from_numpy(self.datastore.next_tokens[np.maximum(ids, 0)].astype(np.int64))
@@ -227,7 +285,10 @@ def collect_lm_outputs(
     config = config or EvalConfig()
     tokens, _, _ = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
-        raise ValueError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}")
+        raise HetgraphError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
+                            "use a larger corpus or split fraction")
+    check_context_length(model, config.context_length, "evaluation.context_length")
+    check_token_ids(model, tokens, "the evaluated split")
     if neighbours_from is not None and search is not None:
         raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
     if search is not None:

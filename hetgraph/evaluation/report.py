@@ -1,6 +1,7 @@
 """Rendering evaluation results: one Markdown table and one bar chart for every evaluation."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,20 @@ def _cell(value: Any, spec: str) -> str:
 def results_table(results: Mapping[str, Any], title: str | None = None) -> str:
     """Markdown table of evaluation results (:func:`~hetgraph.evaluation.evaluate_four_way`
     or :func:`~hetgraph.evaluation.evaluate_base_knn`): one row per method present, with
-    its ratio to the base LM and the tuned kNN-LM λ / T / k."""
+    its ratio to the base LM and the tuned kNN-LM λ / T / k.
+
+    Raises:
+        NonFiniteError: a perplexity or accuracy is NaN or infinite (never printed as ``nan``).
+    """
+    from hetgraph.evaluation.lm import NonFiniteError
+
+    for key, name in METHOD_NAMES.items():
+        row = results.get(key)
+        if isinstance(row, Mapping) and not all(math.isfinite(float(row[m]))
+                                                for m in ("ppl", "acc")):
+            raise NonFiniteError(f"results: {name} has perplexity {row['ppl']} and accuracy "
+                                 f"{row['acc']}; a table of non-finite results is refused",
+                                 stage=name)
     lines = [f"**{title}**", ""] if title else []
     lines += ["| method | perplexity | vs base | accuracy | λ | T | k |",
               "|---|---:|---:|---:|---:|---:|---:|"]

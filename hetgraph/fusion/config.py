@@ -19,8 +19,9 @@ class FusionConfig(JSONConfigMixin):
     r"""Where and how a :class:`~hetgraph.HetGraphLM` retrieves and fuses.
 
     Args:
-        fusion_layers: sites whose hidden states receive ``h + g ⊙ adapter(graph)``:
-            decoder-layer indices (negative allowed) and/or ``"head"``.
+        fusion_layers: sites whose hidden states receive ``h + g ⊙ adapter(graph)`` (or
+            ``adapter(graph)`` itself, see ``fusion_mode``): decoder-layer indices
+            (negative allowed) and/or ``"head"``.
         k: neighbours retrieved per position.
         retrieval_margin: extra neighbours retrieved when a leakage filter may drop some
             (training on text that is itself in the datastore); the first ``k`` kept ones are used.
@@ -38,6 +39,20 @@ class FusionConfig(JSONConfigMixin):
             site comes before the retrieval site); ``True`` always prefetches.
         knn_lambda, knn_temperature: kNN-LM interpolation used by ``generate`` and by the
             ``gnn_knn`` evaluation when set (tuned on the valid split by ``hetgraph eval``).
+        fusion_mode: ``"gated_residual"``: :math:`\mathbf{h} + \mathbf{g} \odot
+            \mathrm{adapter}(\mathbf{h})` with the gate starting at zero (an untrained
+            adapter changes nothing); ``"replace"``: the adapter's ``ctx`` output replaces
+            :math:`\mathbf{h}` (official GNN-LM at the head: ``output_layer(HGT(h))``; the
+            gates are then unused).
+        neighbour_embedding: what a ``nbr`` node adds to its stored feature:
+            ``"own_token"`` the input embedding of the row's own token (hetgraph's variant);
+            ``"none"`` nothing (official: the stored feature alone); ``"label"`` the node's
+            feature *is* the input embedding of its label, the token that followed the
+            row, and no stored feature is read (the official fallback when no feature is
+            stored).
+        orig_prob_ratio: with a ``"head"`` site, the output distribution is
+            ``r·p_LM(h) + (1-r)·p_LM(fused h)`` (the official ``--orig_prob_ratio``, default
+            0: off); the logits become float32 log-probabilities.
     """
 
     fusion_layers: tuple[FusionSite, ...] = (HEAD,)
@@ -49,6 +64,9 @@ class FusionConfig(JSONConfigMixin):
     prefetch: bool | None = None
     knn_lambda: float | None = None
     knn_temperature: float | None = None
+    fusion_mode: Literal["gated_residual", "replace"] = "gated_residual"
+    neighbour_embedding: Literal["own_token", "none", "label"] = "own_token"
+    orig_prob_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +87,17 @@ class FusionConfig(JSONConfigMixin):
         if self.neighbour_features not in ("key", "stored"):
             raise ValueError("neighbour_features must be 'key' or 'stored', "
                              f"got {self.neighbour_features!r}")
+        if self.fusion_mode not in ("gated_residual", "replace"):
+            raise ValueError("fusion_mode must be 'gated_residual' or 'replace', "
+                             f"got {self.fusion_mode!r}")
+        if self.neighbour_embedding not in ("own_token", "none", "label"):
+            raise ValueError("neighbour_embedding must be 'own_token', 'none' or 'label', "
+                             f"got {self.neighbour_embedding!r}")
+        if not 0.0 <= self.orig_prob_ratio < 1.0:
+            raise ValueError(f"orig_prob_ratio must be in [0, 1), got {self.orig_prob_ratio}")
+        if self.orig_prob_ratio > 0 and HEAD not in self.fusion_layers:
+            raise ValueError("orig_prob_ratio mixes LM-head outputs: it needs 'head' in "
+                             "fusion_layers")
         if self.knn_lambda is not None and not 0.0 <= self.knn_lambda <= 1.0:
             raise ValueError(f"knn_lambda must be in [0, 1] or None, got {self.knn_lambda}")
         if self.knn_temperature is not None and not self.knn_temperature > 0:
@@ -76,8 +105,16 @@ class FusionConfig(JSONConfigMixin):
 
     @classmethod
     def paper(cls, **overrides: Any) -> FusionConfig:
-        r"""The GNN-LM paper's configuration: 3 graph layers on top of the last decoder layer,
-        with ``c2c`` context edges, k = 32, l = r = 1, 8 heads, dropout 0.3 / 0.1.
+        r"""The official GNN-LM model function (ShannonAI/GNN-LM, ``TokenGraphTransformerDecoder``
+        with ``HGT``): the graph network's ``ctx`` output replaces the last hidden state
+        before the LM head (``fusion_mode="replace"``); k = 32 with leaking neighbours
+        dropped and not replaced (``retrieval_margin=0``); neighbours carry their stored
+        feature alone; :meth:`GraphConfig.paper <hetgraph.graph.GraphConfig.paper>`
+        (l = r = 1, causal ``c2c``, official clipping and leakage) and
+        :meth:`AdapterConfig.paper <hetgraph.nn.AdapterConfig.paper>` (3 layers, 8 heads,
+        dropout 0.3 / 0.1, no FFN, official maps, tied ``intra``, output bias, DGL mean,
+        official init). Stage 2 of the paper: ``k=128, graph=GraphConfig.paper(left=2,
+        right=2)``.
 
         Args:
             overrides: fields to set instead (``graph`` / ``adapter`` replace the paper's
@@ -87,8 +124,7 @@ class FusionConfig(JSONConfigMixin):
             ConfigError: an unknown field or a value of the wrong type.
         """
         base = cls(
-            fusion_layers=(HEAD,), k=32,
-            graph=GraphConfig(left=1, right=1, c2c=True),
-            adapter=AdapterConfig(num_layers=3, heads=8, dropout=0.3, attn_dropout=0.1),
+            fusion_layers=(HEAD,), k=32, retrieval_margin=0, fusion_mode="replace",
+            neighbour_embedding="none", graph=GraphConfig.paper(), adapter=AdapterConfig.paper(),
         )
         return cls.from_dict({**{f.name: getattr(base, f.name) for f in fields(base)}, **overrides})

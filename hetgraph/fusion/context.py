@@ -83,6 +83,8 @@ class ForwardContext:
     prefetch_call_pending: bool = False
     #: Base-model calls running inside this context that belong to it (the prefetch pass).
     inner_calls: int = 0
+    #: The LM head's unfused input, kept for the ``orig_prob_ratio`` mixture.
+    head_input: Tensor | None = None
     token: Token | None = None
 
 

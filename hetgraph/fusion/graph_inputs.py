@@ -28,13 +28,14 @@ class AdapterInputs:
         graph: the context graph.
         ctx_x: :math:`[N_{ctx}, d]` query states (the fused site's hidden states).
         nbr_x: :math:`[N_{nbr}, d_{nbr}]` stored features of the neighbour tokens.
-        nbr_token_x: :math:`[N_{nbr}, d_{tok}]` input embeddings of the neighbour tokens.
+        nbr_token_x: :math:`[N_{nbr}, d_{tok}]` input embeddings of the neighbour rows' own
+            tokens (``None`` unless ``neighbour_embedding="own_token"``).
     """
 
     graph: ContextGraph
     ctx_x: Tensor
     nbr_x: Tensor
-    nbr_token_x: Tensor
+    nbr_token_x: Tensor | None
 
 
 class GraphInputBuilder(nn.Module):
@@ -50,6 +51,10 @@ class GraphInputBuilder(nn.Module):
             ``"stored"``: a decoder-layer site reads that layer's stored features (the key
             at the retrieval site).
         retrieval_site: the datastore's key site (``"head"`` or a decoder-layer index).
+        neighbour_embedding: ``"own_token"``: also return the embedding of each row's own
+            token; ``"none"``: the stored feature alone (official GNN-LM); ``"label"``: the
+            ``nbr`` feature is the embedding of the row's label, the token that followed
+            it (official fallback), and nothing stored is read.
     """
 
     def __init__(
@@ -58,8 +63,10 @@ class GraphInputBuilder(nn.Module):
         graph_config: GraphConfig,
         neighbour_features: Literal["key", "stored"] = "key",
         retrieval_site: FusionSite = HEAD,
+        neighbour_embedding: Literal["own_token", "none", "label"] = "own_token",
     ) -> None:
         super().__init__()
+        self.neighbour_embedding = neighbour_embedding
         self.datastore = datastore
         self.graph_config = graph_config
         self.neighbour_features = neighbour_features
@@ -121,11 +128,19 @@ class GraphInputBuilder(nn.Module):
         ctx = graph["ctx"]
         ctx_x = hidden[ctx.batch_index, ctx.seq_index].to(dtype)
         nbr = graph["nbr"]
-        nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device, dtype=dtype)
+        token_x = None
         with torch.no_grad():  # the LM is frozen: its embedding needs no graph
-            token_x = embedding(nbr.token_id.to(device)).to(dtype)
+            if self.neighbour_embedding == "label":
+                labels = self.next_tokens(nbr.corpus_id.to(self.corpus_next_tokens.device))
+                nbr_x = embedding(labels.to(device)).to(dtype)
+            else:
+                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
+                                                                           dtype=dtype)
+            if self.neighbour_embedding == "own_token":
+                token_x = embedding(nbr.token_id.to(device)).to(dtype)
         return AdapterInputs(graph, ctx_x, nbr_x, token_x)
 
     def extra_repr(self) -> str:
         return (f"entries={len(self.datastore)}, neighbour_features={self.neighbour_features!r}, "
-                f"retrieval_site={self.retrieval_site!r}")
+                f"retrieval_site={self.retrieval_site!r}, "
+                f"neighbour_embedding={self.neighbour_embedding!r}")

@@ -62,6 +62,8 @@ class FusionHooks:
             if site == HEAD:
                 head = output_embedding_input_hook_target(model)
                 self.handles.append(head.register_forward_pre_hook(self._fuse_head_input))
+                if self.lm.config.orig_prob_ratio > 0:
+                    self.handles.append(head.register_forward_hook(self._mix_original))
             else:
                 hook = self._layer_hook(int(site))
                 self.handles.append(layers[int(site)].register_forward_hook(hook))
@@ -169,7 +171,21 @@ class FusionHooks:
 
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])
-        return None if fused is None else (fused, *args[1:])
+        if fused is None:
+            return None
+        if self.lm.config.orig_prob_ratio > 0:
+            context = active_context()
+            if context is not None:
+                context.head_input = args[0]
+        return (fused, *args[1:])
+
+    def _mix_original(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        # orig_prob_ratio: log(r·softmax(head(h)) + (1-r)·softmax(head(fused))).
+        context = active_context()
+        if context is None or context.head_input is None:
+            return None
+        original, context.head_input = context.head_input, None
+        return self.lm.mix_original(output, module.forward(original))
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:

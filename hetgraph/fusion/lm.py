@@ -9,12 +9,17 @@ query positions and the retrieved windows is built; and at every fused site ``i`
     \mathbf{h}_i + \mathbf{g}_i \odot \mathrm{Adapter}_i(\mathcal{G})_{\mathrm{ctx}}
 
 with the gate :math:`\mathbf{g}_i` initialised to zero, so an attached, untrained model
-gives exactly the base model's logits. The hooks (:class:`~hetgraph.fusion.hooks.FusionHooks`)
+gives exactly the base model's logits. With ``FusionConfig(fusion_mode="replace")`` (the
+official GNN-LM, :meth:`FusionConfig.paper <hetgraph.FusionConfig.paper>`) the adapter's
+output replaces :math:`\mathbf{h}_i` instead, so the LM head reads
+:math:`\mathrm{Adapter}(\mathcal{G})_{\mathrm{ctx}}` (``output_layer(HGT(h))``).
+The hooks (:class:`~hetgraph.fusion.hooks.FusionHooks`)
 are kept as handles (no ``forward`` is replaced), so HF ``generate`` with a KV cache works
 unchanged; what one call retrieves lives in that call's context, never on the module.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -109,15 +114,20 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         self.fusion_sites: tuple[FusionSite, ...] = tuple(
             HEAD if s == HEAD else resolve_layer_index(model, int(s))
             for s in self.config.fusion_layers)
+        embedding = self.config.neighbour_embedding
         self.graph_inputs = GraphInputBuilder(datastore, self.config.graph,
-                                              self.config.neighbour_features, self.retrieval_site)
+                                              self.config.neighbour_features, self.retrieval_site,
+                                              neighbour_embedding=embedding)
         self.adapters = nn.ModuleDict()
         self.gates = nn.ParameterDict()
         token_width = int(model.get_input_embeddings().embedding_dim)
         for site in self.fusion_sites:
             adapter_config = self.config.adapter.resolved(
-                ctx_channels=width, nbr_channels=self.graph_inputs.feature_width(site),
-                out_channels=width, token_channels=token_width, use_c2c=self.config.graph.c2c)
+                ctx_channels=width,
+                nbr_channels=(token_width if embedding == "label"
+                              else self.graph_inputs.feature_width(site)),
+                out_channels=width, token_channels=token_width if embedding == "own_token" else 0,
+                use_c2c=self.config.graph.c2c)
             self.adapters[site_key(site)] = GraphAdapter(adapter_config)
             self.gates[site_key(site)] = nn.Parameter(torch.zeros(width))
         self.to(next(model.parameters()).device)
@@ -207,7 +217,9 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         """The ``k`` nearest datastore rows of ``[B, T, d]`` query states.
 
         With ``options.query_positions`` (text that is itself in the datastore), neighbours
-        within ``graph.leakage_radius`` of each query's own row are dropped.
+        within ``graph.leakage_radius`` of each query's own row (same document unless
+        ``graph.leakage_scope="corpus"``) are dropped; ``retrieval_margin`` extra candidates
+        refill them (``0``: not refilled, as officially).
         """
         options = options or CallOptions()
         batch, length = queries.shape[:2]
@@ -217,7 +229,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         distances, ids = self.retriever.search(
             queries.reshape(batch * length, -1), options.k or self.config.k,
             exclude_positions=positions, margin=self.config.retrieval_margin,
-            radius=self.graph_config.leakage_radius)
+            radius=self.graph_config.leakage_radius,
+            same_document=self.graph_config.leakage_scope == "document")
         return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
 
     def build_graph(self, retrieval: Retrieval, length: int,
@@ -231,15 +244,26 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
 
     def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph) -> Tensor:
         r""":math:`\mathbf{h} + \mathbf{g} \odot \mathrm{Adapter}(\mathcal{G})` at ``site`` for
-        ``[B, T, d]`` hidden states whose positions ``graph`` covers."""
+        ``[B, T, d]`` hidden states whose positions ``graph`` covers; with
+        ``fusion_mode="replace"`` the adapter's output itself at the ``ctx`` positions
+        (positions that are no ``ctx`` node, e.g. padding, keep :math:`\mathbf{h}`)."""
         adapter, gate = self.adapter_at(site), self.gates[site_key(site)]
         inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
                                                   self.model.get_input_embeddings(), gate.dtype)
         out = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x)
         ctx = graph["ctx"]
+        if self.config.fusion_mode == "replace":
+            return hidden.index_put((ctx.batch_index, ctx.seq_index), out.to(hidden.dtype))
         delta = hidden.new_zeros(hidden.shape, dtype=out.dtype).index_put(
             (ctx.batch_index, ctx.seq_index), out)
         return hidden + (gate * delta).to(hidden.dtype)
+
+    def mix_original(self, logits: Tensor, original_logits: Tensor) -> Tensor:
+        """``log(r·softmax(original_logits) + (1-r)·softmax(logits))`` in float32, with
+        ``r = config.orig_prob_ratio`` (the official GNN-LM ``orig_prob_ratio`` mixture)."""
+        r = self.config.orig_prob_ratio
+        return torch.logaddexp(math.log(r) + torch.log_softmax(original_logits.float(), -1),
+                               math.log1p(-r) + torch.log_softmax(logits.float(), -1))
 
     def knn_mixture_logits(
         self, logits: Tensor, retrieval: Retrieval, mixture: KNNMixture,
@@ -272,7 +296,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             attention_mask: ``[B, T]``; padded positions build no graph nodes.
             query_positions: ``[B, T]`` datastore rows of the input tokens when the text is
                 itself in the datastore (training), else ``None``; neighbours within
-                ``graph.leakage_radius`` of a query's own row (same document) are dropped.
+                ``graph.leakage_radius`` of a query's own row (same document unless
+                ``graph.leakage_scope="corpus"``) are dropped.
             k: neighbours per position for this call (default ``config.k``).
             output_retrieval: set ``output.retrieval`` to the call's
                 :class:`~hetgraph.fusion.context.Retrieval` (neighbour rows and distances).
@@ -286,27 +311,37 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     @property
     def can_run_from_datastore(self) -> bool:
         """True when a forward over datastore text needs no base-model pass: retrieval and
-        every fused site are the LM-head input (whose states the datastore stores as keys),
-        neighbours use the keys, and no ``c2c`` edge links positions."""
+        every fused site are the LM-head input (whose states the datastore stores as keys)
+        and neighbours use the keys. With ``c2c`` edges the rows must be contiguous spans
+        (see :meth:`forward_from_datastore`)."""
         return (self.retrieval_site == HEAD and set(self.fusion_sites) == {HEAD}
-                and not self.graph_config.c2c and not self.config.prefetch)
+                and not self.config.prefetch)
 
     def forward_from_datastore(self, rows: Tensor) -> Tensor:
         """Logits at datastore rows ``[B, T]`` computed from their stored keys.
 
         For the default configuration (retrieve and fuse at the LM-head input) the base
         model's state at a corpus position *is* its stored key, so training on the corpus
-        needs only the adapter and the LM head: ``logits = lm_head(k + g ⊙ adapter(G))``.
-        Positions are independent (no ``c2c``), so ``rows`` may be any sample of rows.
-        The leakage filter hides each row's own neighbourhood.
+        needs only the adapter and the LM head: ``logits = lm_head(fuse(k, adapter(G)))``.
+        Without ``c2c`` positions are independent, so ``rows`` may be any sample of rows;
+        with ``c2c`` (paper mode) each row of ``rows`` must be a contiguous span
+        ``s, s + 1, …`` (the causal edges link the span's positions as they link the
+        positions of a text; the span's own states are its stored keys). The leakage filter
+        hides each row's own neighbourhood.
 
         Raises:
-            ValueError: if :attr:`can_run_from_datastore` is False.
+            ValueError: if :attr:`can_run_from_datastore` is False, or ``c2c`` is on and a
+                row of ``rows`` is not a contiguous span.
         """
         if not self.can_run_from_datastore:
             raise ValueError("forward_from_datastore needs retrieval and fusion "
-                             "at the LM-head input, key features and no c2c edges; "
+                             "at the LM-head input and key features; "
                              "use forward() with input_ids instead")
+        if self.graph_config.c2c and rows.shape[1] > 1 and not bool(
+                (rows[:, 1:] - rows[:, :-1] == 1).all()):
+            raise ValueError("forward_from_datastore with c2c edges needs contiguous spans of "
+                             "rows (rows[b] = s, s + 1, …): the causal edges link neighbouring "
+                             "positions of a text")
         gate = self.gates[site_key(HEAD)]
         rows = rows.to(gate.device)
         keys = self.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
@@ -314,7 +349,10 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         retrieval = self.retrieve(hidden, CallOptions(query_positions=rows))
         fused = self.fuse(HEAD, hidden, self.build_graph(retrieval, rows.shape[1]))
         # .forward, not __call__: the LM head's fusion hook (if attached) must not fuse twice.
-        return output_embedding_input_hook_target(self.model).forward(fused)
+        head = output_embedding_input_hook_target(self.model)
+        if self.config.orig_prob_ratio > 0:
+            return self.mix_original(head.forward(fused), head.forward(hidden))
+        return head.forward(fused)
 
     @torch.no_grad()
     def generate(self, *args: Any, knn: bool = False, **kwargs: Any) -> Any:

@@ -30,6 +30,7 @@ class Retriever:
         exclude_positions: Tensor | None = None,
         margin: int = 0,
         radius: int = 3072,
+        same_document: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """``k`` nearest datastore rows of each query, nearest first.
 
@@ -37,11 +38,14 @@ class Retriever:
             queries: ``[Q, d]`` query states (any float dtype, any device).
             k: neighbours per query.
             exclude_positions: ``[Q]`` datastore row of each query when its text is itself in
-                the datastore (``-1`` otherwise). Neighbours in the same document within
-                ``radius`` rows of it are dropped (the GNN-LM leakage filter), and
-                ``k + margin`` are retrieved so that ``k`` usually remain.
+                the datastore (``-1`` otherwise). Neighbours within ``radius`` rows of it
+                (in the same document, with ``same_document``) are dropped (the GNN-LM
+                leakage filter), and ``k + margin`` are retrieved so that ``k`` usually
+                remain (``margin=0``: dropped neighbours are not replaced, as officially).
             margin: extra neighbours retrieved when ``exclude_positions`` is given.
             radius: leakage radius in tokens.
+            same_document: only neighbours of the query's document can leak (``False``:
+                any neighbour within ``radius`` rows, as the official code).
 
         Returns:
             ``(distances [Q, k] float32, ids [Q, k] int64)`` on the queries' device, in FAISS's
@@ -56,14 +60,16 @@ class Retriever:
         ids = torch.from_numpy(ids_np)
         distances = torch.from_numpy(distances_np)
         if exclude_positions is not None:
-            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius)
+            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius,
+                                                same_document)
         return distances.to(device), ids.to(device)
 
     def _drop_leaking(
-        self, distances: Tensor, ids: Tensor, positions: Tensor, k: int, radius: int
+        self, distances: Tensor, ids: Tensor, positions: Tensor, k: int, radius: int,
+        same_document: bool,
     ) -> tuple[Tensor, Tensor]:
         found = ids >= 0
-        leaking = leakage_mask(ids, positions, self._doc_ids, radius)
+        leaking = leakage_mask(ids, positions, self._doc_ids, radius, same_document=same_document)
         keep = found & ~leaking
         # Stable sort moves kept neighbours to the front without changing their order.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]

@@ -43,12 +43,15 @@ class _Corpus(NamedTuple):
         # The corpus may live on another device (CPU memmap) than the queries.
         return table[index.to(table.device)].to(device=self.device, dtype=torch.long)
 
-    def windows(self, rows: Tensor, rows_doc: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    def windows(self, rows: Tensor, offsets: Tensor, clip: str) -> tuple[Tensor, Tensor]:
         """Corpus rows ``[..., W]`` of the windows around ``rows`` and which slots
-        exist (inside the corpus and the centre's document)."""
+        exist (inside the corpus, and with ``clip="document"`` the centre's document)."""
         pos = rows[..., None] + offsets
         in_corpus = (pos >= 0) & (pos < self.size)
         pos = pos.clamp(0, max(self.size - 1, 0))
+        if clip == "corpus":
+            return pos, in_corpus
+        rows_doc = self.lookup(self.docs, rows)
         return pos, in_corpus & (self.lookup(self.docs, pos) == rows_doc[..., None])
 
 
@@ -98,19 +101,18 @@ def _retrieved_centres(
         if query_positions.shape != neighbour_ids.shape[:2]:
             raise ValueError(f"query_positions must be [B, T] = {tuple(neighbour_ids.shape[:2])}")
         qpos = query_positions.to(centre.device)[ctx_b, ctx_t].long()
-        valid = valid & ~leakage_mask(centre, qpos, corpus.docs, config.leakage_radius)
+        valid = valid & ~leakage_mask(centre, qpos, corpus.docs, config.leakage_radius,
+                                      same_document=config.leakage_scope == "document")
     return centre, valid
 
 
 def _grid_windows(
-    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor
+    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor, clip: str
 ) -> _Windows:
     """``"grid"``: one window per (query, neighbour slot); window ``c * k + j``."""
     C, K = centre.shape
     W = offsets.numel()
-    pos, slot_valid = corpus.windows(
-        centre, corpus.lookup(corpus.docs, centre), offsets
-    )  # [C, k, W]
+    pos, slot_valid = corpus.windows(centre, offsets, clip)  # [C, k, W]
     slot_valid = slot_valid & valid[..., None]
     grid_index = slot_valid.view(-1).nonzero().view(-1)
     node_grid = torch.full((C, K, W), -1, dtype=torch.long, device=corpus.device)
@@ -127,7 +129,13 @@ def _grid_windows(
 
 
 def _shared_windows(
-    centre: Tensor, valid: Tensor, ctx_b: Tensor, num_seqs: int, corpus: _Corpus, offsets: Tensor
+    centre: Tensor,
+    valid: Tensor,
+    ctx_b: Tensor,
+    num_seqs: int,
+    corpus: _Corpus,
+    offsets: Tensor,
+    clip: str,
 ) -> _Windows:
     """``"shared"``: one window per distinct retrieved row of the batch (a window does
     not depend on the query), in row order."""
@@ -138,7 +146,7 @@ def _shared_windows(
     U = rows.numel()
     nbr_window = torch.full((C, K), -1, dtype=torch.long, device=device)
     nbr_window[valid] = inverse
-    pos, slot_valid = corpus.windows(rows, corpus.lookup(corpus.docs, rows), offsets)  # [U, W]
+    pos, slot_valid = corpus.windows(rows, offsets, clip)  # [U, W]
     grid_index = slot_valid.view(-1).nonzero().view(-1)
     windows = torch.full((U, W), -1, dtype=torch.long, device=device)
     windows.view(-1)[grid_index] = torch.arange(grid_index.numel(), device=device)
@@ -162,15 +170,13 @@ def _shared_windows(
 
 
 def _deduplicated_windows(
-    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor
+    centre: Tensor, valid: Tensor, ctx_b: Tensor, corpus: _Corpus, offsets: Tensor, clip: str
 ) -> _Windows:
     """``"irregular"`` (``deduplicate``): one node per (sequence, corpus row), ordered by
     that key, shared by every window of the sequence that contains the row."""
     C, K = centre.shape
     W = offsets.numel()
-    pos, slot_valid = corpus.windows(
-        centre, corpus.lookup(corpus.docs, centre), offsets
-    )  # [C, k, W]
+    pos, slot_valid = corpus.windows(centre, offsets, clip)  # [C, k, W]
     slot_valid = slot_valid & valid[..., None]
     slot_b = ctx_b.view(C, 1, 1).expand(C, K, W)
     keys = slot_b[slot_valid] * corpus.size + pos[slot_valid]
@@ -262,8 +268,9 @@ def build_context_graph(
 
     Every query position becomes a ``ctx`` node; every corpus token of the
     window :math:`[o - l, o + r]` around each retrieved datastore row :math:`o`
-    becomes an ``nbr`` node (windows are clipped at document boundaries and at
-    the corpus ends). Edge types ``('nbr', 'n2n', 'nbr')``,
+    becomes an ``nbr`` node (windows are clipped at the corpus ends and, with
+    ``config.window_clip="document"``, at document boundaries; the official
+    GNN-LM code clips only at the corpus ends). Edge types ``('nbr', 'n2n', 'nbr')``,
     ``('nbr', 'n2c', 'ctx')`` and ``('ctx', 'c2c', 'ctx')`` are always present
     (empty ``[2, 0]`` int64 tensors where unused). Fully vectorised: no Python
     loop over tokens, neighbours or sequences.
@@ -276,8 +283,9 @@ def build_context_graph(
         config: The :class:`GraphConfig`.
         query_positions: ``[B, T]`` datastore row of each query position when
             the query text is itself in the datastore (``-1`` otherwise).
-            Neighbours ``o`` of the same document with
-            ``|query_pos - o| < config.leakage_radius`` are dropped.
+            Neighbours ``o`` with ``|query_pos - o| < config.leakage_radius``
+            (of the same document, unless ``config.leakage_scope="corpus"``, as
+            the official code) are dropped and not replaced.
         query_mask: ``[B, T]`` bool; only positions where it is ``True``
             become ``ctx`` nodes.
 
@@ -304,12 +312,13 @@ def build_context_graph(
     centre, valid = _retrieved_centres(neighbour_ids, ctx_b, ctx_t, corpus, config, query_positions)
     offsets = torch.arange(-config.left, config.right + 1, device=device)
     kind = _layout_kind(config)
+    clip = config.window_clip
     if kind == "shared":
-        nbr = _shared_windows(centre, valid, ctx_b, B, corpus, offsets)
+        nbr = _shared_windows(centre, valid, ctx_b, B, corpus, offsets, clip)
     elif kind == "grid":
-        nbr = _grid_windows(centre, valid, ctx_b, corpus, offsets)
+        nbr = _grid_windows(centre, valid, ctx_b, corpus, offsets, clip)
     else:
-        nbr = _deduplicated_windows(centre, valid, ctx_b, corpus, offsets)
+        nbr = _deduplicated_windows(centre, valid, ctx_b, corpus, offsets, clip)
     M = nbr.corpus_id.numel()
     n2c, n2c_slots = _n2c_edges(nbr.node_grid, config, M)
     edges = {

@@ -2,7 +2,7 @@ r"""Configuration of the heterogeneous context graph."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch_geometric.typing import EdgeType, Metadata, NodeType
 
@@ -58,8 +58,15 @@ class GraphConfig(JSONConfigMixin):
             nodes (neighbouring queries retrieve largely the same rows). The
             one training-time difference: dropout masks on ``nbr`` states are
             shared by the queries that share a window.
-        leakage_radius: With ``query_positions``, drop neighbours ``o`` of the
-            query's own document with ``|p - o| < leakage_radius``.
+        leakage_radius: With ``query_positions``, drop neighbours ``o`` with
+            ``|p - o| < leakage_radius`` (see ``leakage_scope``).
+        window_clip: ``"document"`` clips windows at document boundaries and the
+            corpus ends; ``"corpus"`` only at the corpus ends (official code).
+        leakage_scope: ``"document"``: only neighbours of the query's own document
+            leak; ``"corpus"``: any neighbour within the radius, regardless of
+            document (official code).
+
+    :meth:`paper` gives the official GNN-LM graph.
     """
 
     left: int = 1
@@ -70,6 +77,21 @@ class GraphConfig(JSONConfigMixin):
     deduplicate: bool = False
     share_windows: bool = True
     leakage_radius: int = 3072
+    window_clip: Literal["document", "corpus"] = "document"
+    leakage_scope: Literal["document", "corpus"] = "document"
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> GraphConfig:
+        r"""The official GNN-LM graph (``GraphTokenBlockDataset.new_build_graph``):
+        l = r = 1, ``n2c`` from the retrieved centre, causal ``c2c`` with self-loops and
+        unlimited window, one window per (query, neighbour) (``share_windows`` gives the
+        same ``ctx`` outputs), windows clipped only at the corpus ends, leakage radius 3072
+        over corpus offsets regardless of document. ``overrides`` set other fields (e.g.
+        ``left=2, right=2`` for stage 2), checked like :meth:`from_dict`."""
+        base = {"left": 1, "right": 1, "n2c": "center", "c2c": True, "c2c_window": None,
+                "deduplicate": False, "leakage_radius": 3072, "window_clip": "corpus",
+                "leakage_scope": "corpus"}
+        return cls.from_dict({**base, **overrides})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +101,10 @@ class GraphConfig(JSONConfigMixin):
             raise ValueError(f"n2c must be 'center' or 'window' (got {self.n2c!r})")
         if self.c2c_window is not None and self.c2c_window < 1:
             raise ValueError(f"c2c_window must be >= 1 or None (got {self.c2c_window})")
+        for name in ("window_clip", "leakage_scope"):
+            if getattr(self, name) not in ("document", "corpus"):
+                raise ValueError(f"{name} must be 'document' or 'corpus' "
+                                 f"(got {getattr(self, name)!r})")
         if self.leakage_radius < 0:
             raise ValueError(f"leakage_radius must be >= 0 (got {self.leakage_radius})")
 

@@ -8,19 +8,25 @@ from torch import Tensor
 
 
 def leakage_mask(
-    neighbour_ids: Tensor, query_positions: Tensor, corpus_doc_ids: Tensor | np.ndarray, radius: int
+    neighbour_ids: Tensor,
+    query_positions: Tensor,
+    corpus_doc_ids: Tensor | np.ndarray,
+    radius: int,
+    same_document: bool = True,
 ) -> Tensor:
     r"""Which retrieved neighbours would leak the query's own text (the GNN-LM filter).
 
     When the query text is itself in the datastore (training), neighbour :math:`o` of a
-    query at datastore row :math:`p` leaks if it lies in the same document and
-    :math:`|p - o| < \text{radius}`.
+    query at datastore row :math:`p` leaks if :math:`|p - o| < \text{radius}` and (with
+    ``same_document``) it lies in the same document. The official GNN-LM code compares
+    corpus offsets regardless of document (``same_document=False``).
 
     Args:
         neighbour_ids: ``[Q, k]`` datastore rows (negative = missing, never leaks).
         query_positions: ``[Q]`` datastore row of each query, ``-1`` if not in the store.
         corpus_doc_ids: ``[N]`` document id of every datastore row.
         radius: leakage radius in rows.
+        same_document: only neighbours of the query's own document can leak.
 
     Returns:
         ``[Q, k]`` bool, ``True`` where the neighbour must be dropped.
@@ -37,4 +43,5 @@ def leakage_mask(
 
     def doc_of(ids: Tensor) -> Tensor:
         return docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)
-    return (rows >= 0) & (own >= 0) & (doc_of(own) == doc_of(rows)) & ((own - rows).abs() < radius)
+    near = (rows >= 0) & (own >= 0) & ((own - rows).abs() < radius)
+    return near & (doc_of(own) == doc_of(rows)) if same_document else near

@@ -12,9 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from hetgraph.configuration import JSONConfigMixin
-from hetgraph.io import INDEX_FILE, INDEX_METADATA, atomic_path, atomic_write_json, read_json
-
-INDEX_FORMAT_VERSION = 1
+from hetgraph.index.files import (
+    INDEX_FORMAT_VERSION,
+    DatastoreIndexError,
+    read_faiss_index,
+    read_index_metadata,
+    rebuild_index_hint,
+    write_index_files,
+)
 
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000
@@ -133,13 +138,15 @@ class DatastoreIndex:
             show_progress: tqdm bar over the add chunks.
         """
         config = config or IndexConfig()
+        source = "the keys"
         is_datastore = hasattr(keys, "keys") and hasattr(keys, "fingerprint")
         if is_datastore and not isinstance(keys, np.ndarray):
             datastore_fingerprint = datastore_fingerprint or keys.fingerprint
+            source = f"the keys of datastore {getattr(keys, 'path', '')}"
             keys = keys.keys
         if keys.ndim != 2 or keys.shape[0] < 1:
-            raise ValueError("keys must be a non-empty [N, d] array, got shape "
-                             f"{tuple(keys.shape)}")
+            raise DatastoreIndexError("keys must be a non-empty [N, d] array, got shape "
+                                      f"{tuple(keys.shape)}")
         n, d = int(keys.shape[0]), int(keys.shape[1])
         set_faiss_threads(config.num_threads)
         factory = auto_factory(n, d) if config.factory == "auto" else config.factory
@@ -147,42 +154,53 @@ class DatastoreIndex:
         try:
             index = faiss.index_factory(d, factory, metric)
         except RuntimeError as e:
-            raise ValueError(f"FAISS cannot build index {factory!r} for d={d}: {e}") from e
+            raise DatastoreIndexError(f"FAISS cannot build index {factory!r} for d={d} "
+                                      f"({str(e).splitlines()[-1]}); choose another factory "
+                                      "(--factory)") from None
         _seed_clustering(index, config.seed)
         if not index.is_trained:
             size = config.train_size or _default_train_size(index, n)
             size = min(n, size)
             rng = np.random.default_rng(config.seed)
             sample = np.sort(rng.choice(n, size=size, replace=False))
-            train = _as_float32(keys[sample])
+            train = _finite(_as_float32(keys[sample]), sample, source)
             index.train(train)
         chunk = config.add_chunk_size
         with tqdm(total=n, desc=f"index {factory}", unit="vec", disable=not show_progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, n, chunk):
-                block = _as_float32(keys[start:start + chunk])
+                block = _finite(_as_float32(keys[start:start + chunk]),
+                                np.arange(start, start + min(chunk, n - start)), source)
                 index.add(block)
                 bar.update(len(block))
         return cls(index, config, factory, datastore_fingerprint)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``index.faiss`` and ``index.json`` into ``directory``."""
+        """Write ``index.faiss`` and ``index.json`` (with the file's size and checksums) into
+        ``directory``, holding its lock (:func:`hetgraph.locking.directory_lock`).
+
+        Raises:
+            hetgraph.locking.LockError: another process is writing ``directory``.
+            hetgraph.io.StorageError: the disk is full; the old ``index.json`` is gone then,
+                so the unfinished index is never loaded.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        with atomic_path(directory / INDEX_FILE) as tmp:
-            faiss.write_index(self.index, str(tmp))
         meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory,
                 "metric": self.metric, "num_vectors": self.ntotal, "dim": self.dim,
                 "datastore_fingerprint": self.datastore_fingerprint,
                 "config": self.config.to_dict()}
-        atomic_write_json(directory / INDEX_METADATA, meta)
+        write_index_files(directory, self.index, meta)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, datastore: Any | None = None, *,
              config: IndexConfig | None = None) -> DatastoreIndex:
         """Read an index saved by :meth:`save`, checking it against ``datastore`` if given.
+
+        Loading checks ``index.json``'s checksum and ``index.faiss``'s recorded size and
+        sampled checksum, and refuses a file whose vectors, dimension or metric disagree with
+        ``index.json``; :func:`hetgraph.verify.verify` compares the whole-file checksum too.
 
         Args:
             directory: where :meth:`save` wrote it.
@@ -191,16 +209,10 @@ class DatastoreIndex:
             config: override the stored search-time settings (nprobe, ef_search, threads).
 
         Raises:
-            ValueError: missing files or a datastore mismatch.
+            DatastoreIndexError: missing or damaged files, or a datastore mismatch.
         """
         directory = Path(directory)
-        meta_file, index_file = directory / INDEX_METADATA, directory / INDEX_FILE
-        if not meta_file.exists() or not index_file.exists():
-            raise ValueError(f"no index at {directory} (need {INDEX_FILE} and {INDEX_METADATA}); "
-                             "build one with DatastoreIndex.build(...).save(dir)")
-        meta = read_json(meta_file)
-        if meta.get("format_version") != INDEX_FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: unsupported index format {meta.get('format_version')}")
+        meta = read_index_metadata(directory)
         if datastore is not None:
             problems = []
             if meta["num_vectors"] != len(datastore):
@@ -212,13 +224,15 @@ class DatastoreIndex:
             if meta.get("datastore_fingerprint") and fp and meta["datastore_fingerprint"] != fp:
                 problems.append(f"datastore fingerprint {meta['datastore_fingerprint']} vs {fp}")
             if problems:
-                raise ValueError(f"index {directory} was built for another datastore ("
-                                 + "; ".join(problems) + f"); rebuild it from {datastore.path}")
-        stored = IndexConfig.from_dict(meta["config"])
-        index = faiss.read_index(str(index_file))
-        if index.ntotal != meta["num_vectors"] or index.d != meta["dim"]:
-            raise ValueError(f"{index_file} does not match {meta_file}; the index is corrupt, "
-                             "rebuild it")
+                raise DatastoreIndexError(
+                    f"index {directory} was built for another datastore ("
+                    + "; ".join(problems) + f"); {rebuild_index_hint(directory)}")
+        try:
+            stored = IndexConfig.from_dict(meta["config"])
+        except ValueError as error:
+            raise DatastoreIndexError(f"{directory}/index.json is damaged ({error}); "
+                                      f"{rebuild_index_hint(directory)}") from None
+        index = read_faiss_index(directory, meta)
         return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"))
 
     # -- searching ----------------------------------------------------------------------------
@@ -251,12 +265,14 @@ class DatastoreIndex:
         """
         k = int(k)
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise DatastoreIndexError(f"k must be >= 1, got {k}")
         if k > self.ntotal:
-            raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
+            raise DatastoreIndexError(f"k={k} exceeds the {self.ntotal} vectors in the index; "
+                                      "choose a smaller k")
         q = _as_float32(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape [Q, {self.dim}], got {tuple(q.shape)}")
+            raise DatastoreIndexError(f"queries must have shape [Q, {self.dim}], got "
+                                      f"{tuple(q.shape)}")
         distances, ids = self.index.search(q, k)
         distances = distances.astype(np.float32, copy=False)
         ids = ids.astype(np.int64, copy=False)
@@ -266,6 +282,19 @@ class DatastoreIndex:
         if missing.any():
             distances = np.where(missing, np.float32(np.inf), distances)
         return distances, ids
+
+
+def _finite(block: np.ndarray, rows: np.ndarray, source: str) -> np.ndarray:
+    """``block`` (the keys' rows ``rows``), refused if any value is not finite."""
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        row = int(rows[int(np.argmax(bad))])
+        raise DatastoreIndexError(
+            f"{source} hold non-finite values (NaN or inf; the first in row {row}); an index "
+            "over them would return garbage neighbours. Rebuild the "
+            "datastore (hetgraph datastore build … --overwrite) with a model that gives finite "
+            "hidden states")
+    return block
 
 
 def _default_train_size(index: faiss.Index, n: int) -> int:

@@ -22,11 +22,67 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
+#: Texts whose token ids make up :func:`tokenizer_behaviour_fingerprint`: case, accents
+#: (composed and decomposed), runs of spaces, tabs and newlines, digits, punctuation, code,
+#: non-Latin scripts and emoji, so that another normaliser or pre-tokenizer changes some ids.
+BEHAVIOUR_PROBES: tuple[str, ...] = (
+    "Hello World! THE Quick brown fox; the QUICK Brown FOX.",
+    "caf\u00e9 cafe\u0301 na\u00efve \u00c5ngstr\u00f6m \ufb01ne \u2460 \uff21",
+    "  two  spaces,\tone tab,\n\nnew lines\r\n and   trailing   ",
+    "3.14159 1,000,000 2024-01-31 0x1F -42 1e-9",
+    "def f(x):\n    return x ** 2  # comment\n",
+    "\u4f60\u597d\u4e16\u754c \u041f\u0440\u0438\u0432\u0435\u0442 "
+    "\u0645\u0631\u062d\u0628\u0627 \U0001f600\U0001f44d",
+    "don't won't it's I'm we've they'll 'quoted' \"double\"",
+)
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of the tokenizer's vocabulary and special tokens."""
+    """Hash of the tokenizer's vocabulary and special tokens (see also
+    :func:`tokenizer_behaviour_fingerprint`, which covers how texts are split)."""
     vocab = sorted(tokenizer.get_vocab().items())
     special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
     return json_fingerprint([vocab, special], ensure_ascii=False)
+
+
+def tokenizer_behaviour_fingerprint(tokenizer: Any) -> str:
+    """Hash of the token ids of :data:`BEHAVIOUR_PROBES` (no special tokens added).
+
+    Two tokenizers with one vocabulary but another normaliser (e.g. lowercasing), another
+    pre-tokenizer or other merges tokenize some probe differently and so differ here. It
+    hashes behaviour, not the tokenizer's serialisation, so it stays the same across library
+    versions that serialise the same tokenizer differently.
+    """
+    ids = [list(map(int, tokenizer.encode(probe, add_special_tokens=False)))
+           for probe in BEHAVIOUR_PROBES]
+    return json_fingerprint(ids)
+
+
+def tokenizer_matches(recorded: dict[str, Any], tokenizer: Any) -> str | None:
+    """Compare ``tokenizer`` with a recorded :func:`model_fingerprint`.
+
+    Args:
+        recorded: the ``model`` fingerprint dict stored by a datastore (or adapter). Its
+            ``"tokenizer_behaviour"`` entry is checked only when present: datastores built
+            before it existed record only ``"tokenizer"`` and stay usable.
+        tokenizer: the tokenizer about to be used with it.
+
+    Returns:
+        ``None`` if they match, else a message fragment saying what differs (both
+        fingerprints), e.g. ``"a different tokenizer (vocabulary fingerprint …)"``.
+    """
+    current = tokenizer_fingerprint(tokenizer)
+    if recorded.get("tokenizer") != current:
+        return (f"a different tokenizer (vocabulary fingerprint {recorded.get('tokenizer')}, "
+                f"this tokenizer {current})")
+    behaviour = recorded.get("tokenizer_behaviour")
+    if behaviour is not None:
+        current = tokenizer_behaviour_fingerprint(tokenizer)
+        if behaviour != current:
+            return ("a tokenizer with the same vocabulary that splits text differently (another "
+                    f"normaliser or pre-tokenizer, e.g. lowercasing: behaviour fingerprint "
+                    f"{behaviour}, this tokenizer {current})")
+    return None
 
 
 def config_fingerprint(model: nn.Module) -> str:
@@ -58,6 +114,7 @@ def model_fingerprint(model: nn.Module, tokenizer: Any) -> dict[str, str]:
         "config": config_fingerprint(model),
         "weights": weights_fingerprint(model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer_behaviour": tokenizer_behaviour_fingerprint(tokenizer),
     }
 
 

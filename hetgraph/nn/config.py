@@ -11,6 +11,16 @@ from hetgraph.configuration import JSONConfigMixin
 ComputePath = Literal["auto", "dense", "sparse"]
 #: How attention is normalised: per relation then averaged (GNN-LM) or jointly (HGTConv).
 Normalization = Literal["joint", "per_relation"]
+#: The divisor of the ``"per_relation"`` mean: relations that reach the node, or (DGL,
+#: official GNN-LM) every relation into its node type that has an edge in the graph.
+RelationMean = Literal["reached", "all"]
+#: Initialisation of the relation matrices: glorot per ``[H, d, d]`` or the official
+#: GNN-LM xavier on the stacked ``[R, H, d, d]``.
+RelationInit = Literal["glorot", "official"]
+#: Input / output maps of the adapter: always a Linear (hetgraph), or the official GNN-LM
+#: maps (input: Linear + GELU only when the width differs from the hidden width; output:
+#: Linear only when hidden differs from out).
+MapKind = Literal["linear", "official"]
 #: The channel widths of an :class:`AdapterConfig` (``None`` until resolved).
 _WIDTHS = ("ctx_channels", "nbr_channels", "hidden_channels", "out_channels")
 
@@ -42,6 +52,20 @@ class AdapterConfig(JSONConfigMixin):
         use_c2c: Give the layers the causal ``ctx -> ctx`` relation. HetGraphLM sets it
             from :attr:`GraphConfig.c2c <hetgraph.graph.GraphConfig.c2c>`.
         path: ``"auto"`` (dense where the graph layout allows), ``"dense"`` or ``"sparse"``.
+        input_maps: ``"linear"``: a Linear per node type; ``"official"``: Linear + GELU
+            (GNN-LM's ``adapt_ws``) only for a type whose width differs from
+            ``hidden_channels``, else the identity.
+        output_map: ``"linear"``: a Linear; ``"official"``: a Linear only when
+            ``hidden_channels != out_channels``, else the identity.
+        output_bias: Give each layer's :math:`\mathbf{W}_o` a bias (official: yes).
+        relation_mean: Divisor of the ``"per_relation"`` mean, ``"reached"`` or ``"all"``
+            (official, DGL), see :class:`~hetgraph.nn.HeteroGraphAttention`.
+        tie_intra: ``n2n`` and ``c2c`` share :math:`W_{att}`, :math:`W_{msg}` and
+            :math:`\mu` (the official ``intra`` relation; ``n2c`` is ``inter``).
+        relation_init: ``"glorot"`` or ``"official"`` (see
+            :func:`~hetgraph.nn.relations.init_relation_parameters`).
+
+    :meth:`paper` gives the official GNN-LM model function.
     """
 
     ctx_channels: int | None = None
@@ -58,6 +82,25 @@ class AdapterConfig(JSONConfigMixin):
     ff_multiplier: int = 2
     use_c2c: bool = False
     path: ComputePath = "auto"
+    input_maps: MapKind = "linear"
+    output_map: MapKind = "linear"
+    output_bias: bool = False
+    relation_mean: RelationMean = "reached"
+    tie_intra: bool = False
+    relation_init: RelationInit = "glorot"
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> AdapterConfig:
+        r"""The official GNN-LM graph network (``fairseq/models/hgt.py`` ``HGT``): 3 layers,
+        8 heads, dropout 0.3 / 0.1, per-relation softmax with DGL's mean, no feed-forward
+        block, official input / output maps, output bias, tied ``intra`` relation, official
+        initialisation, ``c2c`` on. ``overrides`` set other fields (checked like
+        :meth:`from_dict`)."""
+        base = {"num_layers": 3, "heads": 8, "dropout": 0.3, "attn_dropout": 0.1,
+                "normalization": "per_relation", "feed_forward": False, "use_c2c": True,
+                "input_maps": "official", "output_map": "official", "output_bias": True,
+                "relation_mean": "all", "tie_intra": True, "relation_init": "official"}
+        return cls.from_dict({**base, **overrides})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +127,12 @@ class AdapterConfig(JSONConfigMixin):
         if self.normalization not in ("joint", "per_relation"):
             raise ValueError("normalization must be 'joint' or 'per_relation' "
                              f"(got {self.normalization!r})")
+        for name, allowed in (("input_maps", ("linear", "official")),
+                              ("output_map", ("linear", "official")),
+                              ("relation_mean", ("reached", "all")),
+                              ("relation_init", ("glorot", "official"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if self.path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse' (got {self.path!r})")
 

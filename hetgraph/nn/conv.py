@@ -3,48 +3,29 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, overload
+from collections.abc import Mapping
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import LayerNorm, Linear, Parameter
 from torch_geometric.nn.conv import MessagePassing
-from torch_geometric.nn.inits import glorot, ones
 from torch_geometric.nn.module_dict import ModuleDict
 from torch_geometric.nn.parameter_dict import ParameterDict
 from torch_geometric.typing import EdgeType, Metadata, NodeType
 from torch_geometric.utils import softmax
 
-from hetgraph.nn.config import Normalization
+from hetgraph.nn.config import Normalization, RelationInit, RelationMean
+from hetgraph.nn.relations import (
+    RelationParameters,
+    StackedRelations,
+    init_relation_parameters,
+    mean_over_relations,
+    relation_key,
+)
 
 AttentionDict = dict[EdgeType, tuple[Tensor, Tensor]]
-
-
-def _rel_key(edge_type: EdgeType) -> str:
-    return "__".join(edge_type)
-
-
-class RelationParameters(NamedTuple):
-    """The parameters of one relation :math:`\\phi` of :class:`HeteroGraphAttention`."""
-
-    att: Tensor  #: :math:`\mathbf{W}_{\mathrm{att}}^{\phi}`, ``[H, d_k, d_k]`` (acts on keys)
-    msg: Tensor  #: :math:`\mathbf{W}_{\mathrm{msg}}^{\phi}`, ``[H, d_k, d_k]`` (acts on values)
-    prior: Tensor  #: :math:`\mu_{\phi}`, ``[H]``
-
-
-class _Relations(NamedTuple):
-    """The non-empty relations as one bipartite graph: sources are the per-relation
-    transformed keys/values stacked in metadata order, destinations all node types
-    concatenated in metadata order."""
-
-    edge_index: Tensor  # [2, E]
-    key: Tensor  # [S, H, D]
-    value: Tensor  # [S, H, D]
-    prior: Tensor  # [E, H]
-    group: Tensor  # [E] softmax group of each edge
-    num_groups: int
-    reached: list[tuple[int, Tensor]]  # (relation id, destination of each edge) per relation
 
 
 class HeteroGraphAttention(MessagePassing):
@@ -72,13 +53,25 @@ class HeteroGraphAttention(MessagePassing):
             \big\Vert_{h} \mathbf{m}^{h}_v\right)\right)
 
     With :obj:`normalization="joint"` the softmax runs over all in-edges of
-    :math:`v` (as :class:`~torch_geometric.nn.conv.HGTConv`); with
-    :obj:`"per_relation"` it runs within each relation and the per-relation
-    messages are averaged over the relations that have in-edges to :math:`v`
-    (as the official GNN-LM DGL code). :math:`\mathbf{W}_o` has no bias, so a
-    node without in-edges gets :math:`\mathbf{m}_v = 0`, i.e.
+    :math:`v` and the messages of all relations are summed (the aggregation of
+    :class:`~torch_geometric.nn.conv.HGTConv`, tested to 1e-10; HGTConv's
+    *update* differs: :math:`\sigma(\beta)\,\mathbf{W}_o\,\mathrm{GELU}(\mathbf{m}_v)
+    + (1 - \sigma(\beta))\,\mathbf{x}_v` with a learned :math:`\beta` per node
+    type, no skip at all when the widths differ, and no LayerNorm). With
+    :obj:`"per_relation"` the softmax runs within each relation and the
+    per-relation messages are averaged (the official GNN-LM code):
+    :obj:`relation_mean="reached"` divides by the relations that have an
+    in-edge to :math:`v`; :obj:`"all"` divides by every relation into
+    :math:`v`'s node type that has at least one edge in the graph (DGL's
+    ``multi_update_all(..., "mean")``, which skips relations without edges), so
+    a node reached by one of two such relations gets half its message.
+    :math:`\mathbf{W}_o` has a bias only with :obj:`out_bias=True` (official:
+    yes); without it a node without in-edges gets
     :math:`\mathbf{x}_v^{\prime} = \mathrm{LayerNorm}(\mathbf{x}_v)`.
-    :math:`\mu_\phi` is initialised to one.
+    :math:`\mu_\phi` is initialised to one. :obj:`relation_names` lets edge
+    types share :math:`\mathbf{W}_{\mathrm{att}}`, :math:`\mathbf{W}_{\mathrm{msg}}`
+    and :math:`\mu` (official GNN-LM: ``intra`` for ``tgt -> tgt`` and
+    ``ntgt -> ntgt``); softmax groups and the mean stay per edge type.
 
     Unlike :class:`~torch_geometric.nn.conv.HGTConv`, the result does not
     depend on the order of :obj:`edge_index_dict`, and every node type in
@@ -104,6 +97,17 @@ class HeteroGraphAttention(MessagePassing):
             :obj:`"per_relation"`. (default: :obj:`"joint"`)
         bias (bool, optional): Bias of the query/key/value maps.
             (default: :obj:`True`)
+        out_bias (bool, optional): Bias of :math:`\mathbf{W}_o`.
+            (default: :obj:`False`)
+        relation_mean (str, optional): :obj:`"reached"` or :obj:`"all"`, the
+            divisor of :obj:`"per_relation"` (see above). (default: :obj:`"reached"`)
+        relation_names (Dict[Tuple[str, str, str], str], optional): Parameter
+            set of each edge type; edge types with the same name share it.
+            (default: one set per edge type)
+        relation_init (str, optional): :obj:`"glorot"` (per relation
+            :math:`[H, d_k, d_k]`) or :obj:`"official"` (GNN-LM's
+            ``xavier_uniform_`` on the stacked :math:`[R, H, d_k, d_k]`, bound
+            :math:`\sqrt{6 / ((R + H) d_k^2)}`). (default: :obj:`"glorot"`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -124,6 +128,10 @@ class HeteroGraphAttention(MessagePassing):
         attn_dropout: float = 0.0,
         normalization: Normalization = "joint",
         bias: bool = True,
+        out_bias: bool = False,
+        relation_mean: RelationMean = "reached",
+        relation_names: Mapping[EdgeType, str] | None = None,
+        relation_init: RelationInit = "glorot",
         **kwargs,
     ) -> None:
         kwargs.setdefault("aggr", "sum")
@@ -136,6 +144,13 @@ class HeteroGraphAttention(MessagePassing):
             raise ValueError(
                 f"normalization must be 'joint' or 'per_relation' (got {normalization!r})"
             )
+        if relation_mean not in ("reached", "all"):
+            raise ValueError(f"relation_mean must be 'reached' or 'all' (got {relation_mean!r})")
+        if relation_init not in ("glorot", "official"):
+            raise ValueError(f"relation_init must be 'glorot' or 'official' "
+                             f"(got {relation_init!r})")
+        self.relation_mean = relation_mean
+        self.relation_init = relation_init
         self.channels = channels
         self.heads = heads
         self.head_channels = channels // heads
@@ -150,23 +165,24 @@ class HeteroGraphAttention(MessagePassing):
                     f"edge type {(src, _, dst)} uses a node type missing from metadata"
                 )
 
+        names = dict(relation_names or {})
+        #: The parameter set (key of :attr:`rel_att` / ``rel_msg`` / ``rel_prior``) of each
+        #: edge type.
+        self.relation_keys: dict[EdgeType, str] = {
+            e: names.get(e, relation_key(e)) for e in self.edge_types
+        }
+        keys = list(dict.fromkeys(self.relation_keys.values()))
         H, D = heads, self.head_channels
         self.lin_qkv = ModuleDict(
             {t: Linear(channels, 3 * channels, bias=bias) for t in self.node_types}
         )
         self.lin_out = ModuleDict(
-            {t: Linear(channels, channels, bias=False) for t in self.node_types}
+            {t: Linear(channels, channels, bias=out_bias) for t in self.node_types}
         )
         self.norm = ModuleDict({t: LayerNorm(channels) for t in self.node_types})
-        self.rel_att = ParameterDict(
-            {_rel_key(e): Parameter(torch.empty(H, D, D)) for e in self.edge_types}
-        )
-        self.rel_msg = ParameterDict(
-            {_rel_key(e): Parameter(torch.empty(H, D, D)) for e in self.edge_types}
-        )
-        self.rel_prior = ParameterDict(
-            {_rel_key(e): Parameter(torch.empty(H)) for e in self.edge_types}
-        )
+        self.rel_att = ParameterDict({k: Parameter(torch.empty(H, D, D)) for k in keys})
+        self.rel_msg = ParameterDict({k: Parameter(torch.empty(H, D, D)) for k in keys})
+        self.rel_prior = ParameterDict({k: Parameter(torch.empty(H)) for k in keys})
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -175,10 +191,7 @@ class HeteroGraphAttention(MessagePassing):
             self.lin_qkv[t].reset_parameters()
             self.lin_out[t].reset_parameters()
             self.norm[t].reset_parameters()
-        for key in self.rel_att:
-            glorot(self.rel_att[key])
-            glorot(self.rel_msg[key])
-            ones(self.rel_prior[key])
+        init_relation_parameters(self.rel_att, self.rel_msg, self.rel_prior, self.relation_init)
 
     # -------------------------------------------------------- per-type and per-relation maps
     @property
@@ -198,7 +211,7 @@ class HeteroGraphAttention(MessagePassing):
     def relation_parameters(self, edge_type: EdgeType) -> RelationParameters:
         """:math:`\\mathbf{W}_{\\mathrm{att}}`, :math:`\\mathbf{W}_{\\mathrm{msg}}` and
         :math:`\\mu` of relation ``edge_type`` (one of :attr:`edge_types`)."""
-        key = _rel_key(edge_type)
+        key = self.relation_keys[tuple(edge_type)]  # type: ignore[index]
         return RelationParameters(self.rel_att[key], self.rel_msg[key], self.rel_prior[key])
 
     def node_update(self, node_type: NodeType, x: Tensor, m: Tensor) -> Tensor:
@@ -253,7 +266,9 @@ class HeteroGraphAttention(MessagePassing):
             query = torch.cat([qkv[t][0] for t in types])
             out, alpha = self._attend(relations, query)
             if self.normalization == "per_relation":
-                out = self._mean_over_relations(out, relations.reached)
+                sizes = {t: x_dict[t].size(0) for t in types}
+                out = mean_over_relations(out, relations.reached, self.edge_types,
+                                          self.relation_mean, offsets, sizes)
         else:
             device = x_dict[types[0]].device if types else None
             out = torch.zeros(
@@ -302,7 +317,7 @@ class HeteroGraphAttention(MessagePassing):
         qkv: dict[NodeType, tuple[Tensor, Tensor, Tensor]],
         offsets: dict[NodeType, int],
         num_dst: int,
-    ) -> _Relations | None:
+    ) -> StackedRelations | None:
         """Per-relation keys :math:`K W_{att}` and values :math:`V W_{msg}` of the source
         nodes, stacked, with the edges re-indexed into that stack and into the
         concatenated destinations; ``None`` without edges."""
@@ -327,7 +342,7 @@ class HeteroGraphAttention(MessagePassing):
         if not src:
             return None
         num_groups = num_dst if self.normalization == "joint" else num_dst * len(self.edge_types)
-        return _Relations(
+        return StackedRelations(
             torch.stack([torch.cat(src), torch.cat(dst)]),
             torch.cat(keys),
             torch.cat(values),
@@ -337,7 +352,7 @@ class HeteroGraphAttention(MessagePassing):
             reached,
         )
 
-    def _attend(self, relations: _Relations, query: Tensor) -> tuple[Tensor, Tensor]:
+    def _attend(self, relations: StackedRelations, query: Tensor) -> tuple[Tensor, Tensor]:
         """Attention coefficients (:meth:`edge_update`) and the aggregated messages
         :math:`[N_{dst}, H, d_k]`."""
         size = (relations.key.size(0), query.size(0))
@@ -352,13 +367,6 @@ class HeteroGraphAttention(MessagePassing):
         )
         out = self.propagate(relations.edge_index, v=relations.value, alpha=alpha, size=size)
         return out, alpha
-
-    def _mean_over_relations(self, out: Tensor, reached: list[tuple[int, Tensor]]) -> Tensor:
-        # Sum of per-relation messages / number of relations with an in-edge to the node.
-        hit = torch.zeros(len(self.edge_types), out.size(0), dtype=torch.bool, device=out.device)
-        for r, dst in reached:
-            hit[r, dst] = True
-        return out / hit.sum(0).clamp(min=1).to(out.dtype).view(-1, 1, 1)
 
     def edge_update(
         self, q_i: Tensor, k_j: Tensor, prior: Tensor, group: Tensor, num_groups: int

@@ -5,10 +5,15 @@ A checkpoint is the directory ``<out_dir>/checkpoint`` holding what
 tensors) and ``trainer_state.json`` (step, settings, results so far, and the optimiser's
 parameter groups and scalar state). It is written into a temporary directory and swapped
 in whole (:func:`hetgraph.io.atomic_directory`), so a run killed while saving still
-finds the previous checkpoint.
+finds the previous checkpoint. A crash between that swap's two renames leaves the previous
+checkpoint only under its set-aside name (``.checkpoint.old-*``); :func:`read_checkpoint`
+puts it back instead of starting again from step 0.
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,8 @@ from hetgraph.io import (
 
 if TYPE_CHECKING:
     from hetgraph.fusion import HetGraphLM
+
+logger = logging.getLogger(__name__)
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
@@ -74,9 +81,29 @@ def write_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: 
 
 def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
     r"""The trainer state of ``out_dir/checkpoint`` as written by :func:`write_checkpoint`,
-    or ``None`` if there is no checkpoint."""
-    path = Path(out_dir) / CHECKPOINT_DIR / TRAINER_STATE
-    return read_json(path) if path.is_file() else None
+    or ``None`` if there is no checkpoint.
+
+    When ``checkpoint`` is missing but a checkpoint set aside by an interrupted swap
+    (:func:`hetgraph.io.atomic_directory` names it ``.checkpoint.old-*``) is complete, it is
+    renamed back to ``checkpoint`` and read; set-aside copies next to a complete
+    ``checkpoint`` are stale and removed. Call it only while holding ``out_dir``'s lock.
+    """
+    out_dir = Path(out_dir)
+    target = out_dir / CHECKPOINT_DIR
+    set_aside = sorted(out_dir.glob(f".{CHECKPOINT_DIR}.old-*"))
+    if not (target / TRAINER_STATE).is_file():
+        complete = [p for p in set_aside if (p / TRAINER_STATE).is_file()]
+        if not complete:
+            return None
+        best = max(complete, key=lambda p: read_json(p / TRAINER_STATE).get("step", -1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(best, target)
+        logger.warning("recovered the checkpoint %s from %s, left by a run interrupted while "
+                       "saving", target, best.name)
+    for stale in out_dir.glob(f".{CHECKPOINT_DIR}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return read_json(target / TRAINER_STATE)
 
 
 def load_adapter_weights(lm: HetGraphLM, directory: str | Path,

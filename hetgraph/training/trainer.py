@@ -12,9 +12,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hetgraph.configuration import JSONConfigMixin
+from hetgraph.configuration import ConfigError, JSONConfigMixin
+from hetgraph.errors import HetgraphError
+from hetgraph.evaluation.lm import NonFiniteError, check_context_length, check_token_ids
 from hetgraph.fusion import HetGraphLM
-from hetgraph.io import ADAPTER_WEIGHTS, TRAINING_RESULT, atomic_write_json
+from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT, atomic_write_json
+from hetgraph.locking import directory_lock
 from hetgraph.training.checkpoint import (
     load_adapter_weights,
     read_checkpoint,
@@ -68,6 +71,8 @@ class TrainingConfig(JSONConfigMixin):
     from_datastore: bool | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # types first: "max_steps": "ten" is a ConfigError
+        # ValueErrors here become ConfigErrors named by their dotted path (build_config).
         if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
             raise ValueError(
                 f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")
@@ -77,7 +82,16 @@ class TrainingConfig(JSONConfigMixin):
         for name in ("eval_every", "eval_tokens", "patience", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip_norm"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be a finite number "
+                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
 
+
+class TrainingError(HetgraphError):
+    """The data given to :func:`train_adapter` cannot train the adapter (the message says
+    why and what to change)."""
 
 
 @dataclass
@@ -137,7 +151,7 @@ class _TrainingRun:
         self.from_datastore = (lm.can_run_from_datastore if config.from_datastore is None
                                else config.from_datastore)
         if self.from_datastore and not lm.can_run_from_datastore:
-            raise ValueError("from_datastore=True needs retrieval and fusion "
+            raise ConfigError("from_datastore=True needs retrieval and fusion "
                              "at the LM-head input and no c2c edges; "
                              "set from_datastore to null to train with full forwards")
         torch.manual_seed(config.seed)
@@ -154,14 +168,17 @@ class _TrainingRun:
     def _check_inputs(self) -> None:
         tokens, config = self.tokens, self.config
         if len(tokens) < config.context_length + 1:
-            raise ValueError(f"the train split has {len(tokens)} tokens, "
-                             f"fewer than context_length + 1 = {config.context_length + 1}: "
-                             "lower --context-length or use more text")
+            raise TrainingError(f"the train split has {len(tokens)} tokens, "
+                                f"fewer than context_length + 1 = {config.context_length + 1}: "
+                                "lower training.context_length or use more text "
+                                "(a larger --max-tokens)")
         if len(tokens) > self.num_rows + 1:
-            raise ValueError(f"the train split has {len(tokens)} tokens but the datastore only "
-                             f"{self.num_rows} rows: "
-                             "train on the split the datastore was built from "
-                             "(same --max-tokens)")
+            raise TrainingError(f"the train split has {len(tokens)} tokens but the datastore "
+                                f"only {self.num_rows} rows: "
+                                "train on the split the datastore was built from "
+                                "(same --max-tokens)")
+        check_context_length(self.lm.model, config.context_length, "training.context_length")
+        check_token_ids(self.lm.model, tokens, "the train split")
         if any(p.requires_grad for p in self.lm.model.parameters()):
             raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
                                "do not unfreeze")
@@ -172,8 +189,9 @@ class _TrainingRun:
         if state is None:
             return
         if state["config"] != self.config.to_dict():
-            raise ValueError(f"{self.out_dir}/checkpoint was written with other training settings; "
-                             "use the same settings to resume, or a new --out directory")
+            raise TrainingError(f"{self.out_dir}/checkpoint was written with other training "
+                                "settings; use the same settings to resume, or a new --out "
+                                "directory")
         restore_checkpoint(self.lm, self.optimizer, self.out_dir, state, self.device)
         self.scheduler.last_epoch = self.start_step = state["step"]
         self.bad_evals = state["bad_evals"]
@@ -192,6 +210,12 @@ class _TrainingRun:
         ppl = float(model_perplexity(lm, self.valid_split, self.eval_config,
                                      self.config.eval_tokens))
         lm.train()
+        if not math.isfinite(ppl):
+            raise NonFiniteError(
+                f"training: the valid perplexity at step {step} is {ppl}; the adapter saved "
+                f"in {self.out_dir} is the last good one. Lower the learning rate "
+                f"(lr {self.config.lr}) or check the datastore for damaged keys or features",
+                stage="training")
         result.valid_ppl[step] = ppl
         if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
             result.best_valid_ppl, result.best_step, self.bad_evals = ppl, step, 0
@@ -237,6 +261,8 @@ class _TrainingRun:
         loss_sum = 0.0
         for micro in range(config.grad_accumulation):
             loss = self.micro_batch_loss(step * config.grad_accumulation + micro)
+            if not torch.isfinite(loss.detach()):
+                self.refuse_non_finite(step, float(loss.detach()))
             (loss / config.grad_accumulation).backward()
             loss_sum += float(loss.detach()) / config.grad_accumulation
         if config.clip_norm > 0:
@@ -244,6 +270,16 @@ class _TrainingRun:
         self.optimizer.step()
         self.scheduler.step()
         return loss_sum
+
+    def refuse_non_finite(self, step: int, loss: float) -> None:
+        """Stop before a non-finite loss reaches the weights; what is on disk stays intact."""
+        state = read_checkpoint(self.out_dir)
+        last = (f"the last checkpoint ({self.out_dir / CHECKPOINT_DIR}, step {state['step']}) "
+                "is intact and resumes" if state is not None else "no checkpoint was written")
+        raise NonFiniteError(
+            f"training: the loss at step {step + 1} is {loss} (not finite); {last}. Lower the "
+            f"learning rate (lr {self.config.lr}), keep clip_norm > 0, or check the datastore "
+            "for damaged keys", stage="training")
 
     def after_step(self, step: int) -> bool:
         """Evaluate and checkpoint after optimiser step ``step`` (0-based) as configured;
@@ -315,7 +351,12 @@ def train_adapter(
     (``query_positions`` = its datastore row). The best adapter by valid perplexity is
     saved to ``out_dir`` with :meth:`HetGraphLM.save_pretrained`; ``out_dir/checkpoint``
     holds a resumable checkpoint (adapter, optimiser, step), and a run started again with
-    the same arguments continues from it.
+    the same arguments continues from it. ``out_dir`` is locked while training runs
+    (:func:`hetgraph.locking.directory_lock`), so a second writer is refused.
+
+    A non-finite training loss or valid perplexity stops training with a
+    :class:`~hetgraph.evaluation.NonFiniteError` before the optimiser applies it; the last
+    checkpoint and the best adapter on disk stay as they were.
 
     Args:
         lm: the model with adapters to train.
@@ -331,10 +372,10 @@ def train_adapter(
             steps have run in this call; for testing resumption.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config)
-    if resume:
-        run.resume()
-    run.run(show_progress, stop_after)
-    run.finish()
+    with directory_lock(out_dir, "adapter directory"):
+        run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config)
+        if resume:
+            run.resume()
+        run.run(show_progress, stop_after)
+        run.finish()
     return run.result

@@ -1,0 +1,167 @@
+"""The files of a datastore: which they are, their integrity record, and their checks.
+
+A completed datastore records every file's size and checksums in ``metadata.json``
+(``integrity``, see :func:`hetgraph.integrity.file_record`). :meth:`Datastore.open
+<hetgraph.datastore.Datastore.open>` compares sizes and sampled checksums;
+:func:`datastore_problems` (used by :func:`hetgraph.verify.verify`) compares everything.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hetgraph.integrity import check_file_record, file_record
+from hetgraph.io import (
+    DATASTORE_METADATA,
+    DATASTORE_PROGRESS,
+    DOC_NAMES,
+    INDEX_DIR,
+    INDEX_FILE,
+    INDEX_METADATA,
+    temporary_target,
+)
+from hetgraph.locking import LOCK_FILE
+
+logger = logging.getLogger(__name__)
+
+ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
+_OWN_FILES = {DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES, LOCK_FILE,
+              *(f"{name}.npy" for name in ARRAY_NAMES)}
+_FEATURES = re.compile(r"^features_-?\d+\.npy$")
+_OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, LOCK_FILE}
+
+
+def array_path(directory: str | Path, name: str) -> Path:
+    """The ``.npy`` file of the datastore array ``name`` (``"keys"``, ``"features_3"``, …)."""
+    return Path(directory) / f"{name}.npy"
+
+
+def open_array(file: Path, shape: tuple[int, ...],
+               dtype: Any) -> tuple[np.ndarray | None, str | None]:
+    """``(memmap, None)`` of the ``.npy`` file ``file`` if it holds ``dtype`` ``shape``, else
+    ``(None, what is wrong with it)`` (never numpy's own messages, which suggest loading
+    pickles)."""
+    if not file.is_file():
+        return None, f"{file.name} is missing"
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        truncated = isinstance(error, EOFError) or "mmap length" in str(error)
+        what = "truncated" if truncated else "not a valid .npy array file"
+        return None, f"{file.name} is damaged ({what})"
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        return None, (f"{file.name} is damaged: expected {np.dtype(dtype).name} {shape}, found "
+                      f"{array.dtype.name} {array.shape}")
+    return array, None
+
+
+def expected_arrays(metadata: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Name -> (shape, dtype) of every array a datastore with ``metadata`` holds."""
+    n = metadata.num_entries
+    arrays: dict[str, tuple[tuple[int, ...], Any]] = {"keys": ((n, metadata.dim), np.float16)}
+    arrays.update(dict.fromkeys(ARRAY_NAMES[1:], ((n,), np.int32)))
+    arrays.update({f"features_{layer}": ((n, dim), np.float16)
+                   for layer, dim in metadata.feature_dims.items()})
+    return arrays
+
+
+def array_problems(directory: Path, metadata: Any) -> list[str]:
+    """What is wrong with the ``.npy`` headers, shapes and dtypes (cheap: nothing is read)."""
+    problems = []
+    for name, (shape, dtype) in expected_arrays(metadata).items():
+        _, problem = open_array(array_path(directory, name), shape, dtype)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def integrity_record(directory: Path, metadata: Any) -> dict[str, Any]:
+    """The ``integrity`` section of a completed datastore's ``metadata.json``: a
+    :func:`~hetgraph.integrity.file_record` of every array and of ``doc_names.json``."""
+    names = [f"{name}.npy" for name in expected_arrays(metadata)]
+    if (directory / DOC_NAMES).is_file():
+        names.append(DOC_NAMES)
+    return {"files": {name: file_record(directory / name) for name in names}}
+
+
+def recorded_file_problems(directory: Path, metadata: Any, *, full: bool) -> list[str]:
+    """What is wrong with the files against ``metadata.integrity`` (nothing to compare in
+    older datastores without one); sizes and sampled checksums, whole files if ``full``."""
+    record = metadata.integrity
+    if not record:
+        return []
+    files = record.get("files")
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        return [f"{DATASTORE_METADATA} is damaged (its integrity record is malformed)"]
+    problems = []
+    for name, file in files.items():
+        problem = check_file_record(directory / name, file, full=full)
+        if problem:
+            problems.append(f"{name} {problem}")
+    return problems
+
+
+def is_own_entry(path: Path) -> bool:
+    """Whether ``path`` (an entry of a datastore directory) is a file a datastore build or an
+    index build writes there (including partial files of an interrupted write)."""
+    name = temporary_target(path.name) or path.name
+    if path.is_dir():
+        return path.name == INDEX_DIR and all(
+            (temporary_target(p.name) or p.name) in _OWN_INDEX_FILES for p in path.iterdir())
+    return name in _OWN_FILES or bool(_FEATURES.match(name))
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """Names of the entries of ``directory`` that no datastore build wrote (sorted)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir() if not is_own_entry(p))
+
+
+def clear_datastore(directory: Path) -> None:
+    """Delete the datastore files in ``directory`` (and its index), keeping the lock file.
+
+    Raises:
+        ValueError: ``directory`` holds anything else; nothing is deleted then.
+    """
+    foreign = foreign_entries(directory)
+    if foreign:
+        raise ValueError(f"{directory} holds files no datastore build wrote: {foreign[:5]}")
+    for path in directory.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir():
+            for inner in path.iterdir():
+                if inner.name != LOCK_FILE:
+                    inner.unlink()
+        else:
+            path.unlink()
+    logger.info("removed the datastore files in %s", directory)
+
+
+def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
+    """Every check of the datastore in ``directory``, whole-file checksums included:
+    ``(files checked, problems)``; each problem names the file and the repair."""
+    from hetgraph.datastore.store import DatastoreError, DatastoreMetadata, rebuild_hint
+
+    try:
+        metadata = DatastoreMetadata.load(directory / DATASTORE_METADATA)
+    except DatastoreError as error:
+        return [DATASTORE_METADATA], [str(error)]
+    checked = [DATASTORE_METADATA, *(f"{name}.npy" for name in expected_arrays(metadata))]
+    if not metadata.complete:
+        return checked, [f"{directory / DATASTORE_METADATA} records an interrupted build; resume "
+                         "it by running the same build command again"]
+    problems = array_problems(directory, metadata)
+    damaged = {problem.split(" ")[0] for problem in problems}
+    problems += [problem for problem in recorded_file_problems(directory, metadata, full=True)
+                 if problem.split(" ")[0] not in damaged]
+    if not metadata.integrity:
+        logger.info("%s has no integrity record (built by an older hetgraph); only the array "
+                    "headers were checked", directory)
+    hint = rebuild_hint(directory)
+    return checked, [f"{directory}/{problem}; {hint}" for problem in problems]

@@ -42,7 +42,8 @@ _EXPORTS: dict[str, str] = {
     "sliding_windows": "hetgraph.corpus.windows",
     # models
     "DEFAULT_MODEL": "hetgraph.models.loading",
-    "ModelLoadError": "hetgraph.models.loading",
+    "CustomCodeError": "hetgraph.models.errors",
+    "ModelLoadError": "hetgraph.models.errors",
     "load_model": "hetgraph.models.loading",
     "decoder_layers": "hetgraph.models.layers",
     # datastore
@@ -80,10 +81,12 @@ _EXPORTS: dict[str, str] = {
     "Retriever": "hetgraph.fusion",
     # training
     "TrainingConfig": "hetgraph.training",
+    "TrainingError": "hetgraph.training.trainer",
     "TrainingResult": "hetgraph.training",
     "train_adapter": "hetgraph.training",
     # evaluation
     "EvalConfig": "hetgraph.evaluation",
+    "NonFiniteError": "hetgraph.evaluation",
     "NeighbourSearch": "hetgraph.evaluation",
     "collect_lm_outputs": "hetgraph.evaluation",
     "evaluate_base_knn": "hetgraph.evaluation",
@@ -96,6 +99,7 @@ _EXPORTS: dict[str, str] = {
     "inspect_position": "hetgraph.inspection",
     "inspect_positions": "hetgraph.inspection",
     # the main job
+    "ProvenanceError": "hetgraph.pipeline",
     "RunConfig": "hetgraph.pipeline",
     "run_pipeline": "hetgraph.pipeline",
 }
@@ -131,6 +135,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from hetgraph.evaluation import (
         EvalConfig as EvalConfig,
         NeighbourSearch as NeighbourSearch,
+        NonFiniteError as NonFiniteError,
         collect_lm_outputs as collect_lm_outputs,
         evaluate_base_knn as evaluate_base_knn,
         evaluate_four_way as evaluate_four_way,
@@ -173,12 +178,15 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         LockError as LockError,
         directory_lock as directory_lock,
     )
+    from hetgraph.models.errors import (
+        CustomCodeError as CustomCodeError,
+        ModelLoadError as ModelLoadError,
+    )
     from hetgraph.models.layers import (
         decoder_layers as decoder_layers,
     )
     from hetgraph.models.loading import (
         DEFAULT_MODEL as DEFAULT_MODEL,
-        ModelLoadError as ModelLoadError,
         load_model as load_model,
     )
     from hetgraph.nn import (
@@ -188,6 +196,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         HeteroGraphAttention as HeteroGraphAttention,
     )
     from hetgraph.pipeline import (
+        ProvenanceError as ProvenanceError,
         RunConfig as RunConfig,
         run_pipeline as run_pipeline,
     )
@@ -195,6 +204,9 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         TrainingConfig as TrainingConfig,
         TrainingResult as TrainingResult,
         train_adapter as train_adapter,
+    )
+    from hetgraph.training.trainer import (
+        TrainingError as TrainingError,
     )
     from hetgraph.verify import (
         VerificationError as VerificationError,

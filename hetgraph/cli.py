@@ -16,6 +16,7 @@ from hetgraph.cli_commands import (
     cmd_index_build,
     cmd_inspect,
     cmd_train,
+    cmd_verify,
     is_expected_error,
 )
 
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_command(commands)
     _add_generate_command(commands)
     _add_inspect_command(commands)
+    _add_verify_command(commands)
     return parser
 
 
@@ -204,6 +206,13 @@ def _add_generate_command(commands: Any) -> None:
     generate.add_argument("--neighbours", type=POSITIVE, default=3,
                           help="contexts shown per token")
     generate.set_defaults(func=cmd_generate)
+
+
+def _add_verify_command(commands: Any) -> None:
+    verify = commands.add_parser(
+        "verify", help="check every file of a datastore, index, adapter or run directory")
+    verify.add_argument("path", help="a datastore, index, adapter, checkpoint or run directory")
+    verify.set_defaults(func=cmd_verify)
 
 
 def _add_inspect_command(commands: Any) -> None:

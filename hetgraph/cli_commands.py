@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,6 @@ from hetgraph.io import ADAPTER_CONFIG, INDEX_DIR, INDEX_FILE, atomic_write_json
 #: Library errors that are expected failures but were defined before
 #: :class:`~hetgraph.errors.HetgraphError` existed (module, class name); harmless once they
 #: subclass it.
-_LEGACY_EXPECTED = (("hetgraph.datastore.store", "DatastoreError"),
-                    ("hetgraph.corpus.errors", "CorpusError"),
-                    ("hetgraph.models.loading", "ModelLoadError"))
-
 #: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
 #: the size limit, no permission, a read-only file system.
 _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
@@ -35,14 +30,10 @@ class CommandLineError(HetgraphError):
 
 def is_expected_error(error: BaseException) -> bool:
     """Whether ``error`` is an expected failure the CLI shows as one ``error:`` line: a
-    :class:`~hetgraph.errors.HetgraphError` (or a library error predating it), or an
+    :class:`~hetgraph.errors.HetgraphError`, or an
     ``OSError`` caused by the machine (full disk, permissions). Anything else is a bug."""
     if isinstance(error, HetgraphError):
         return True
-    for module, name in _LEGACY_EXPECTED:
-        cls = getattr(sys.modules.get(module), name, None)
-        if cls is not None and isinstance(error, cls):
-            return True
     return isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS
 
 
@@ -145,8 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_datastore_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import DatastoreConfig, build_datastore
-    from hetgraph.evaluation import check_context_length
     from hetgraph.index import DatastoreIndex, IndexConfig
+    from hetgraph.models.checks import check_context_length
 
     config = DatastoreConfig.from_dict(dict(
         context_length=args.context_length, stride=args.stride, batch_size=args.batch_size,
@@ -301,3 +292,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_report(report))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Full integrity check; prints the report, exit status 2 when something is damaged."""
+    from hetgraph.verify import verify
+
+    report = verify(args.path)
+    print(report)
+    return 0 if report.ok else 2

@@ -15,11 +15,12 @@ the wrong type raises :class:`ConfigError` naming it by its dotted path, e.g.
 """
 from __future__ import annotations
 
+import functools
 import json
 import reprlib
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, asdict, fields, is_dataclass
 from functools import cache
 from pathlib import Path
@@ -147,10 +148,11 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any], path: str = "") ->
               for name, value in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as error:
-        raise ConfigError(f"{path}: {error}" if path else str(error), path or None) from error
+    except ConfigError as error:
+        if error.key is not None or not path:
+            raise
+        # A value the class itself rejected: name the section it sits in.
+        raise ConfigError(f"{path}: {error}", path) from error
 
 
 def coerce_value(value: Any, tp: Any, path: str) -> Any:
@@ -255,6 +257,24 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+#: ``__post_init__`` wrappers made by :func:`_raising_config_errors` (never wrapped twice).
+_CHECKED_POST_INITS: set[Callable[[Any], None]] = set()
+
+
+def _raising_config_errors(post_init: Callable[[Any], None]) -> Callable[[Any], None]:
+    @functools.wraps(post_init)
+    def checked(self: Any) -> None:
+        try:
+            post_init(self)
+        except ConfigError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    _CHECKED_POST_INITS.add(checked)
+    return checked
+
+
 class JSONConfigMixin:
     r"""``to_dict`` / ``from_dict`` / JSON text / JSON files for a dataclass config.
 
@@ -264,6 +284,15 @@ class JSONConfigMixin:
     (``FusionConfig(graph={"left": 2})``) through the same checks, paths relative to the
     constructed config.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass's own __post_init__ checks raise ValueError; make every rejected value
+        # a ConfigError (an expected failure the CLI shows as one line), however the config
+        # was built — from JSON, from CLI options, or directly in Python.
+        super().__init_subclass__(**kwargs)
+        post_init = cls.__dict__.get("__post_init__")
+        if post_init is not None and post_init not in _CHECKED_POST_INITS:
+            cls.__post_init__ = _raising_config_errors(post_init)  # type: ignore[method-assign]
 
     def __post_init__(self) -> None:
         for name, tp in _nested_fields(type(self)).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 
@@ -45,7 +46,8 @@ def test_help_lists_every_command(capsys):
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "datastore", "index", "train", "eval", "generate", "inspect"):
+    for command in ("demo", "datastore", "index", "train", "eval", "generate", "inspect",
+                    "verify"):
         assert command in out
 
 
@@ -82,6 +84,18 @@ def test_round_trip(workspace, capsys):
                "--text", "alpha beta gamma", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["neighbours"] and report["neighbours"][0]["document"].startswith("doc")
+    for path in (w / "ds", w / "adapter"):
+        assert run("verify", path) == 0
+        assert capsys.readouterr().out.startswith(f"OK: {path}")
+    damaged = w / "adapter-damaged"
+    shutil.copytree(w / "adapter", damaged)
+    weights = damaged / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in the tensor data
+    weights.write_bytes(bytes(data))
+    assert run("verify", damaged) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"DAMAGED: {damaged}") and "adapter.safetensors" in out
 
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(workspace, capsys):

@@ -193,7 +193,7 @@ def test_context_longer_than_gpt2_positions_is_refused(ws, capsys):
 def test_token_ids_outside_the_vocabulary_are_refused():
     model = tiny_causal_lm("qwen2", vocab_size=100)
     split = TokenizedSplit("test", np.arange(150) % 200, np.zeros(150), ["d"])
-    with pytest.raises(HetgraphError, match="100 embeddings"):
+    with pytest.raises(HetgraphError, match="vocabulary of 100 ids"):
         collect_lm_outputs(model, split, EvalConfig(context_length=32, stride=16),
                            show_progress=False)
 

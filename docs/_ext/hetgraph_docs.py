@@ -37,6 +37,7 @@ STAGES = [
     ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"),
     ("Training", "hetgraph.training"),
     ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),
+    ("Integrity", "hetgraph.verify"), ("Locks", "hetgraph.locking"),
     ("Pipeline", "hetgraph.pipeline"),
 ]
 

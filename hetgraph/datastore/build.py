@@ -49,6 +49,7 @@ from hetgraph.io import (
     storage_errors,
 )
 from hetgraph.locking import directory_lock
+from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
 from hetgraph.models.layers import model_device
 
@@ -141,6 +142,8 @@ def build_datastore(
     if len(tokens) < 2:
         raise DatastoreError(f"a datastore needs a split of at least 2 tokens, got {len(tokens)}; "
                              "use a larger corpus (or a larger --max-tokens)")
+    check_context_length(model, config.context_length, "--context-length")
+    check_token_ids(tokens, model, "the train split")
     num_entries = len(tokens) - 1
     key_layer = normalize_layer(model, config.key_layer)
     feature_layers = tuple(dict.fromkeys(normalize_layer(model, l) for l in config.feature_layers))

@@ -12,18 +12,15 @@ from hetgraph.evaluation.lm import (
     LMOutputs,
     NeighbourSearch,
     NonFiniteError,
-    check_context_length,
-    check_token_ids,
     collect_lm_outputs,
     default_forward,
-    max_positions,
 )
 from hetgraph.evaluation.report import METHOD_NAMES, plot_results, results_table
 
 __all__ = [
     "METHOD_NAMES", "EvalConfig", "ForwardFn", "LMOutputs", "NeighbourSearch", "NonFiniteError",
-    "check_context_length", "check_token_ids", "collect_lm_outputs", "default_forward",
+    "collect_lm_outputs", "default_forward",
     "default_temperatures", "evaluate_base_knn", "evaluate_four_way", "gnn_forward",
-    "max_positions", "model_perplexity", "plot_results", "results_table", "score_knn",
+    "model_perplexity", "plot_results", "results_table", "score_knn",
     "score_lm",
 ]

@@ -26,6 +26,7 @@ from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
 from hetgraph.errors import HetgraphError
+from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.layers import model_device
 
 #: ``forward(input_ids [B, T] int64) -> logits [B, T, V]``; any model callable.
@@ -40,43 +41,6 @@ class NonFiniteError(HetgraphError):
     def __init__(self, message: str, stage: str) -> None:
         super().__init__(message)
         self.stage = stage
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence ``model``'s position embeddings take (GPT-2's ``n_positions``),
-    or ``None`` where the config sets no hard limit (rotary models such as Qwen2 and Llama
-    extrapolate, so their ``max_position_embeddings`` is not enforced)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        return None
-    limit = getattr(config, "n_positions", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else None
-
-
-def check_context_length(model: nn.Module, context_length: int, option: str) -> None:
-    """Refuse windows longer than the model's learned position table.
-
-    Raises:
-        ConfigError: ``context_length`` exceeds :func:`max_positions` (named by ``option``).
-    """
-    limit = max_positions(model)
-    if limit is not None and context_length > limit:
-        raise ConfigError(f"{option} {context_length} is longer than the model's {limit} "
-                          f"positions; set {option} to {limit} or less", option)
-
-
-def check_token_ids(model: nn.Module, tokens: np.ndarray, what: str) -> None:
-    """Refuse token ids the model's embedding table does not have (a corpus tokenized with
-    another tokenizer).
-
-    Raises:
-        HetgraphError: an id is negative or ``>=`` the model's vocabulary size.
-    """
-    vocab = int(model.get_input_embeddings().num_embeddings)
-    if len(tokens) and (int(np.min(tokens)) < 0 or int(np.max(tokens)) >= vocab):
-        raise HetgraphError(f"{what} holds token ids up to {int(np.max(tokens))} but the model "
-                            f"has {vocab} embeddings: tokenize the corpus with this model's "
-                            "tokenizer (its cache is keyed by the tokenizer)")
 
 
 @dataclass
@@ -288,7 +252,7 @@ def collect_lm_outputs(
         raise HetgraphError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
                             "use a larger corpus or split fraction")
     check_context_length(model, config.context_length, "evaluation.context_length")
-    check_token_ids(model, tokens, "the evaluated split")
+    check_token_ids(tokens, model, "the evaluated split")
     if neighbours_from is not None and search is not None:
         raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
     if search is not None:

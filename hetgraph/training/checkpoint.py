@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from hetgraph.fusion.persistence import read_adapter_weights
 from hetgraph.io import (
-    ADAPTER_WEIGHTS,
     CHECKPOINT_DIR,
     OPTIMIZER_WEIGHTS,
     TRAINER_STATE,
@@ -109,9 +109,9 @@ def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
 def load_adapter_weights(lm: HetGraphLM, directory: str | Path,
                          device: torch.device | str) -> None:
     r"""Load the adapter weights ``directory/adapter.safetensors`` (as written by
-    ``HetGraphLM.save_pretrained``) into ``lm``, onto ``device``."""
-    state = load_file(str(Path(directory) / ADAPTER_WEIGHTS), device=str(device))
-    lm.load_adapter_state_dict(state)
+    ``HetGraphLM.save_pretrained``) into ``lm``, onto ``device``, checked against their
+    integrity record like any saved adapter."""
+    lm.load_adapter_state_dict(read_adapter_weights(directory, device))
 
 
 def restore_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: str | Path,

@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.errors import HetgraphError
-from hetgraph.evaluation.lm import NonFiniteError, check_context_length, check_token_ids
+from hetgraph.evaluation.lm import NonFiniteError
 from hetgraph.fusion import HetGraphLM
 from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT, atomic_write_json
 from hetgraph.locking import directory_lock
+from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.training.checkpoint import (
     load_adapter_weights,
     read_checkpoint,
@@ -151,9 +152,9 @@ class _TrainingRun:
         self.from_datastore = (lm.can_run_from_datastore if config.from_datastore is None
                                else config.from_datastore)
         if self.from_datastore and not lm.can_run_from_datastore:
-            raise ConfigError("from_datastore=True needs retrieval and fusion "
-                             "at the LM-head input and no c2c edges; "
-                             "set from_datastore to null to train with full forwards")
+            raise ConfigError("from_datastore=True needs retrieval and fusion at the LM-head "
+                              "input and key features (HetGraphLM.can_run_from_datastore); "
+                              "set from_datastore to null to train with full forwards")
         torch.manual_seed(config.seed)
         self.params = [p for p in lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
@@ -178,7 +179,7 @@ class _TrainingRun:
                                 "train on the split the datastore was built from "
                                 "(same --max-tokens)")
         check_context_length(self.lm.model, config.context_length, "training.context_length")
-        check_token_ids(self.lm.model, tokens, "the train split")
+        check_token_ids(tokens, self.lm.model, "the train split")
         if any(p.requires_grad for p in self.lm.model.parameters()):
             raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
                                "do not unfreeze")

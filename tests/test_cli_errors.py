@@ -362,3 +362,13 @@ def test_train_max_tokens_below_the_context_is_one_line(ws, capsys, tmp_path):
                "--config", ws / "run.json", "--max-tokens", "10") == 2
     line = one_error_line(capsys)
     assert "10 tokens" in line and "context_length" in line
+
+
+def test_overwrite_pointed_at_the_corpus_deletes_nothing(ws, capsys):
+    # Item 6 through the CLI: --out at the corpus folder with --overwrite is refused, and
+    # every corpus file is still there, byte for byte.
+    before = {p.name: p.read_bytes() for p in (ws / "corpus").iterdir()}
+    assert run("datastore", "build", *common(ws), "--out", ws / "corpus", "--overwrite",
+               "--context-length", "64", "--stride", "32") == 2
+    assert str(ws / "corpus") in one_error_line(capsys)
+    assert {p.name: p.read_bytes() for p in (ws / "corpus").iterdir()} == before

@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python benchmarks/graph_layer.py
 	$(BIN)/python benchmarks/gnnlm.py
 	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/paper_mode.py
 
 docs: setup
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

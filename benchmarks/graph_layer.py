@@ -16,6 +16,12 @@
    ~8 % of the retrieved rows are distinct): shared windows
    (``share_windows=True``, the default) vs the official layout, for graph
    build, feature gathering, adapter forward and forward + backward.
+4. Paper mode's graph, with causal ``c2c`` edges (``GraphConfig.paper()``: B=2, T=128,
+   k=16, l=r=1, shared windows, random neighbours), one layer forward + backward at
+   width 128, 4 heads, both normalisations (``per_relation`` with the paper's options:
+   DGL mean, tied ``intra``, output bias, official init): ``HGTConv`` vs the edge-list
+   path vs the dense path ``dense_causal_window_attention``. ``--only c2c`` runs just
+   this section and updates it in the existing results file.
 
 Writes benchmarks/results/graph_layer.json and prints it.
 """
@@ -39,6 +45,7 @@ from torch_geometric.nn import HGTConv
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hetgraph.graph import (
+    C2C,
     CTX,
     N2C,
     N2N,
@@ -48,7 +55,8 @@ from hetgraph.graph import (
     context_graph_metadata,
 )
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
-from hetgraph.nn.dense import dense_window_attention
+from hetgraph.nn.adapter import INTRA_INTER
+from hetgraph.nn.dense import causal_layout, dense_causal_window_attention, dense_window_attention
 
 
 def timeit(fn, repeat: int, warmup: int = 1) -> float:
@@ -188,6 +196,100 @@ def realistic_adapter(args) -> dict:
     return out
 
 
+def layer_c2c(args) -> dict:
+    """Section 4: one layer, forward + backward, on paper mode's graph with causal c2c."""
+    B, T, K, N, F_, H = 2, 128, 16, 1_000_000, 128, 4
+    torch.manual_seed(0)
+    docs = torch.from_numpy(
+        np.sort(np.random.default_rng(0).integers(0, N // 1000, N)).astype(np.int32))
+    tokens = torch.randint(0, 50_000, (N,), dtype=torch.int32)
+    ids = torch.randint(0, N, (B, T, K))
+    ids[torch.rand(B, T, K) < 0.05] = -1
+    g = build_context_graph(ids, tokens, docs, GraphConfig.paper())
+    metadata = context_graph_metadata(c2c=True)
+    edges = {e: g[e].edge_index for e in metadata[1]}
+    x_ctx = torch.randn(g[CTX].num_nodes, F_, requires_grad=True)
+    x_nbr = torch.randn(g[NBR].num_nodes, F_, requires_grad=True)
+    U, W = g.layout.num_windows, g.layout.window
+    grid_index = g[NBR].grid_index
+    mask = torch.zeros(U * W, dtype=torch.bool)
+    mask[grid_index] = True
+    mask = mask.view(U, W)
+    causal = causal_layout(g[CTX].batch_index, g[CTX].seq_index, g.layout.c2c_window)
+    hgt = HGTConv(F_, F_, metadata, heads=H)
+
+    def dense(layer):
+        windows = x_nbr.new_zeros(U * W, F_).index_copy(0, grid_index, x_nbr).view(U, W, F_)
+        return dense_causal_window_attention(layer, x_ctx, windows, mask, g[CTX].nbr_window,
+                                             N2N, N2C, C2C, causal, g.layout.query_slots)
+
+    def edge_list(layer):
+        out = layer({CTX: x_ctx, NBR: x_nbr}, edges)
+        return out[CTX], out[NBR]
+
+    def fwd_bwd(fn):
+        def run():
+            out_c, out_n = fn()
+            # dense: [U, W, F] window grid, of which the valid slots are the nbr nodes
+            out_n = (out_n.sum(-1) * mask).sum() if out_n.dim() == 3 else out_n.sum()
+            (out_c.sum() + out_n).backward()
+        return run
+
+    result: dict = {"B": B, "T": T, "k": K, "left": 1, "right": 1, "channels": F_, "heads": H,
+                    "layout": g.layout.kind, "num_ctx": g[CTX].num_nodes,
+                    "num_nbr": g[NBR].num_nodes,
+                    **{f"num_{e[1]}_edges": int(ei.size(1)) for e, ei in edges.items()}}
+    for name, options in (("per_relation", {"normalization": "per_relation",
+                                            "relation_mean": "all", "out_bias": True,
+                                            "relation_names": INTRA_INTER,
+                                            "relation_init": "official"}),
+                          ("joint", {"normalization": "joint"})):
+        ours = HeteroGraphAttention(F_, metadata, heads=H, **options)
+        with torch.no_grad():
+            (a_c, a_n), (b_c, b_n) = edge_list(ours), dense(ours)
+            diff = torch.stack([(a_c - b_c).abs().max(),
+                                (a_n - b_n.view(-1, F_)[grid_index]).abs().max()]).max().item()
+        # interleaved rounds, so that load from other processes hits all three alike
+        times: dict[str, list[float]] = {"hgtconv": [], "edge_list": [], "dense": []}
+        for _ in range(args.c2c_rounds):
+            times["hgtconv"].append(timeit(fwd_bwd(lambda: edge_list(hgt)), 3))
+            times["edge_list"].append(timeit(fwd_bwd(lambda ours=ours: edge_list(ours)), 3))
+            times["dense"].append(timeit(fwd_bwd(lambda ours=ours: dense(ours)), 3))
+        t = {k: statistics.median(v) for k, v in times.items()}
+        result[name] = {
+            "hgtconv_s": t["hgtconv"], "ours_edge_list_s": t["edge_list"],
+            "ours_dense_s": t["dense"],
+            "speedup_dense_vs_hgtconv": t["hgtconv"] / t["dense"],
+            "speedup_edge_list_vs_hgtconv": t["hgtconv"] / t["edge_list"],
+            "speedup_dense_vs_edge_list": t["edge_list"] / t["dense"],
+            "dense_vs_edge_list_max_abs_diff": diff,
+        }
+        print("c2c", name, json.dumps(result[name]), flush=True)
+    return result
+
+
+def c2c_discussion(c2c: dict) -> str:
+    """The results page's paragraph on section 4 (paper mode's causal c2c graph)."""
+    pr, jt = c2c["per_relation"], c2c["joint"]
+    return (
+        "Paper mode's graph has causal c2c edges. The dense path now covers them "
+        "(dense_causal_window_attention: causal masked attention over each sequence's ctx "
+        "nodes, merged with the n2c messages per relation or, for the joint softmax, through "
+        "the per-relation log-sum-exps). On the B=2, T=128, k=16, l=r=1 graph (width 128, "
+        f"4 heads) one layer forward + backward takes {pr['ours_dense_s'] * 1e3:.0f} ms "
+        f"dense vs {pr['ours_edge_list_s'] * 1e3:.0f} ms on the edge lists and "
+        f"{pr['hgtconv_s'] * 1e3:.0f} ms in HGTConv with the paper's per-relation options "
+        f"({pr['speedup_dense_vs_hgtconv']:.1f}x HGTConv; joint: "
+        f"{jt['speedup_dense_vs_hgtconv']:.1f}x), short of the 3x aimed at. Profiled on 2 "
+        f"cores, the projections of the {c2c['num_nbr']} nbr nodes (q/k/v and W_o, forward "
+        "and backward: the same GEMMs HGTConv runs) take about 27 ms and the [3, 3] window "
+        "attentions, memory-bound, about 15 ms; 3x HGTConv (about 40 ms) would leave almost "
+        "nothing for the attention. Folding W_att into the query rows and W_msg into W_o "
+        "removed the relation maps' passes over the nbr nodes; a fused "
+        "scaled_dot_product_attention ran the window attention 2x slower at 2 threads."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -201,11 +303,23 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--real-repeat", type=int, default=2,
                         help="repeats of the realistic adapter timings")
+    parser.add_argument("--c2c-rounds", type=int, default=5,
+                        help="interleaved timing rounds of section 4")
+    parser.add_argument("--only", choices=["all", "c2c"], default="all",
+                        help="'c2c': run section 4 only and update it in --out")
     parser.add_argument("--out",
                         default=str(Path(__file__).parent / "results" / "graph_layer.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if args.only == "c2c":
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        result["layer_c2c_fwd_bwd"] = layer_c2c(args)
+        result["discussion"] = c2c_discussion(result["layer_c2c_fwd_bwd"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["layer_c2c_fwd_bwd"], indent=2))
+        return
 
     B, T, K, N = args.batch, args.seq, args.k, args.corpus
     docs = torch.from_numpy(
@@ -287,6 +401,7 @@ def main() -> None:
     t_ad_dense = timeit(lambda: run_adapter("dense"), args.repeat)
 
     realistic = realistic_adapter(args)
+    c2c = layer_c2c(args)
 
     result = {
         "machine": {
@@ -324,6 +439,8 @@ def main() -> None:
             "speedup_dense_vs_edge_list": t_ad_sparse / t_ad_dense,
         },
         "adapter_realistic": realistic,
+        "layer_c2c_fwd_bwd": c2c,
+        "discussion": c2c_discussion(c2c),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,7 @@ _EXPORTS: dict[str, str] = {
     # training
     "TrainingConfig": "hetgraph.training",
     "TrainingError": "hetgraph.training.trainer",
+    "InitAdapterError": "hetgraph.training",
     "TrainingResult": "hetgraph.training",
     "train_adapter": "hetgraph.training",
     # evaluation
@@ -201,6 +202,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         run_pipeline as run_pipeline,
     )
     from hetgraph.training import (
+        InitAdapterError as InitAdapterError,
         TrainingConfig as TrainingConfig,
         TrainingResult as TrainingResult,
         train_adapter as train_adapter,

@@ -46,6 +46,9 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 POSITIVE = _at_least(1)
+#: ``--preset`` names: :data:`hetgraph.pipeline.FUSION_PRESETS`, repeated here so that parsing
+#: (and ``--help``) does not import torch.
+PRESETS = ("default", "paper")
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -106,8 +109,20 @@ def _add_demo_command(commands: Any) -> None:
                       help="run config JSON (default: the embedded demo)")
     demo.add_argument("--out", default=None, help="run directory (overrides the config's out_dir)")
     demo.add_argument("--print-config", action="store_true",
-                      help="print the default run config and exit")
+                      help="print the run config (with --preset applied) and exit")
+    _add_preset(demo, "runs/demo-paper")
     demo.set_defaults(func=cmd_demo)
+
+
+def _add_preset(parser: argparse.ArgumentParser, paper_out: str | None) -> None:
+    where = (f" (and the run directory {paper_out} unless --out or --config is given)"
+             if paper_out else "")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="replace the config's fusion section: 'paper' = "
+                             "FusionConfig.paper(), the official GNN-LM model (replace at the "
+                             "head, k 32, l = r = 1, causal c2c, 3 layers x 8 heads at the "
+                             "model width, dropout 0.3); 'default' = the demo's. Training "
+                             f"settings are kept{where}; options such as --k apply on top")
 
 
 def _add_build_commands(commands: Any) -> None:
@@ -155,12 +170,21 @@ def _add_train_command(commands: Any) -> None:
                        help="adapter directory (checkpoints resume from it)")
     train.add_argument("--config", type=Path, default=None,
                        help="run config JSON; its fusion / training / evaluation sections are used")
+    _add_preset(train, None)
+    train.add_argument("--init-from", type=Path, default=None, metavar="ADAPTER_DIR",
+                       help="start from this trained adapter instead of a fresh one: the "
+                            "paper's stage 2 (e.g. --preset paper --k 128 --left 2 --right 2 "
+                            "--init-from STAGE1_DIR); only the graph and k may change")
     train.add_argument("--max-steps", type=POSITIVE, default=None)
     train.add_argument("--max-tokens", type=_at_least(2), default=None,
                        help="train on the first N train tokens")
     train.add_argument("--fusion-layers", nargs="+", default=None,
                        help="fused sites: decoder-layer indices and/or 'head'")
     train.add_argument("--k", type=POSITIVE, default=None, help="neighbours per position")
+    train.add_argument("--left", type=_at_least(0), default=None,
+                       help="neighbour window: tokens left of each retrieved position (l)")
+    train.add_argument("--right", type=_at_least(0), default=None,
+                       help="neighbour window: tokens right of each retrieved position (r)")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.set_defaults(func=cmd_train)

@@ -24,6 +24,10 @@ _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.
                                  errno.EPERM, errno.EROFS})
 
 
+#: Run directory of ``hetgraph demo --preset paper`` (without ``--out`` or ``--config``).
+PAPER_DEMO_DIR = "runs/demo-paper"
+
+
 class CommandLineError(HetgraphError):
     """An option of a ``hetgraph`` command is invalid for the data it names."""
 
@@ -122,14 +126,21 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     from hetgraph.evaluation import results_table
-    from hetgraph.pipeline import DEFAULT_CONFIG, run_pipeline
+    from hetgraph.pipeline import DEFAULT_CONFIG, apply_preset, run_pipeline
 
-    if args.print_config:
+    if args.print_config and args.preset is None and args.config is None and args.out is None:
         print(DEFAULT_CONFIG.read_text(), end="")
         return 0
     config = _run_config(args.config)
+    if args.preset is not None:
+        config = apply_preset(config, args.preset)
+        if args.preset == "paper" and args.config is None:
+            config.out_dir = PAPER_DEMO_DIR  # never mixed with the default demo's run
     if args.out is not None:
         config.out_dir = args.out
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     print(results_table(run_pipeline(config)))
     return 0
 
@@ -174,10 +185,22 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     (each checked here, before any model is loaded)."""
     from hetgraph.configuration import ConfigError
     from hetgraph.fusion import FusionConfig
+    from hetgraph.pipeline import apply_preset
     from hetgraph.training import TrainingConfig
 
     run = _run_config(args.config)
+    if args.preset is not None:
+        run = apply_preset(run, args.preset)
     fusion, training = run.fusion.to_dict(), run.training.to_dict()
+    for name in ("left", "right"):
+        if getattr(args, name) is not None:
+            fusion["graph"][name] = getattr(args, name)
+    if args.init_from is not None:
+        if not (args.init_from / ADAPTER_CONFIG).is_file():
+            raise CommandLineError(f"--init-from {args.init_from} holds no trained adapter "
+                                   f"({ADAPTER_CONFIG} missing); give the --out directory of "
+                                   "the stage-1 `hetgraph train`")
+        training["init_from"] = str(args.init_from)
     if args.fusion_layers is not None:
         fusion["fusion_layers"] = [s if s == "head" else _int_option(s, "--fusion-layers")
                                    for s in args.fusion_layers]

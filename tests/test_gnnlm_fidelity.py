@@ -91,10 +91,13 @@ def test_paper_mode_equals_official_code(case, layers, width_in, hidden, width_o
                                share_windows=share_windows)
     graph = build_context_graph(ids, torch.zeros(N, dtype=torch.long), DOCS, config,
                                 query_positions=query_rows)
-    with torch.no_grad():
-        got = adapter(graph, ctx_x.reshape(B * T, -1), feats[graph[NBR].corpus_id])
-    assert got.dtype == torch.float64 and got.shape == (B * T, width_out)
-    torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
+    # Both paths: the edge lists and the dense path (causal c2c as masked attention).
+    for path in ("sparse", "dense"):
+        with torch.no_grad():
+            got = adapter(graph, ctx_x.reshape(B * T, -1), feats[graph[NBR].corpus_id],
+                          path=path)
+        assert got.dtype == torch.float64 and got.shape == (B * T, width_out)
+        torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
     if not share_windows:  # one window per (query, neighbour), exactly the official nodes
         assert sorted(graph[NBR].corpus_id.tolist()) == sorted(g.ntgt_offsets)
         assert graph[N2C].edge_index.size(1) == len(g.edges[("ntgt", "inter", "tgt")][0])

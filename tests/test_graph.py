@@ -396,6 +396,26 @@ def test_batched_graph_layout_is_irregular():
 def test_window_layout_validation():
     WindowLayout("grid", k=4, window=3, center=2, n2c="center", num_windows=8)
     good = {"kind": "shared", "k": 4, "window": 3, "center": 1, "n2c": "center", "num_windows": 2}
-    for bad in ({"kind": "dense"}, {"n2c": "all"}, {"center": 3}, {"kind": "irregular"}):
+    for bad in ({"kind": "dense"}, {"n2c": "all"}, {"center": 3}, {"kind": "irregular"},
+                {"c2c": True, "c2c_window": 0}):
         with pytest.raises(ValueError):
             WindowLayout(**{**good, **bad})
+
+
+@pytest.mark.parametrize("c2c, c2c_window", [(False, None), (False, 3), (True, None), (True, 3)])
+def test_layout_records_the_causal_c2c_edges(c2c, c2c_window):
+    # The dense path trusts layout.c2c / c2c_window to stand for the builder's c2c edges.
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6, 2), generator=gen)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, [1, 4]] = False
+    g = build_context_graph(ids, torch.arange(50), torch.zeros(50, dtype=torch.long),
+                            GraphConfig(c2c=c2c, c2c_window=c2c_window), query_mask=mask)
+    assert g.layout.c2c == c2c
+    assert g.layout.c2c_window == (c2c_window if c2c else None)
+    b, t = g["ctx"].batch_index, g["ctx"].seq_index
+    d = t.view(-1, 1) - t.view(1, -1)  # [v, u]
+    rule = (b.view(-1, 1) == b.view(1, -1)) & (d >= 0) & (d < (c2c_window or 99))
+    expected = rule.nonzero().flip(1).t() if c2c else torch.empty(2, 0, dtype=torch.long)
+    got = g["ctx", "c2c", "ctx"].edge_index
+    assert sorted(map(tuple, got.t().tolist())) == sorted(map(tuple, expected.t().tolist()))

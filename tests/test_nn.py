@@ -1,6 +1,7 @@
 """Tests of HeteroGraphAttention and GraphAdapter against naive references."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -463,14 +464,19 @@ def test_dense_path_bf16_smoke():
 def test_dense_not_taken_for_irregular_graphs():
     adapter = make_adapter(use_c2c=True)
     *_, g = corpus_and_graph(GraphConfig(c2c=True))
+    assert adapter.use_dense(g)  # the builder's causal c2c edges have a dense path
+    g.layout = dataclasses.replace(g.layout, c2c=False)  # e.g. c2c edges edited by hand
     assert not adapter.use_dense(g)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="causal edges"):
         adapter(g, *adapter_inputs(g), path="dense")
     *_, g = corpus_and_graph(GraphConfig(deduplicate=True))
     assert not adapter.use_dense(g)
-    # c2c requested but the adapter has no c2c relation: c2c edges are ignored, dense allowed only
-    # without them
-    assert not make_adapter().use_dense(corpus_and_graph(GraphConfig(c2c=True))[-1])
+    # an adapter without the c2c relation ignores c2c edges on both paths
+    *_, g = corpus_and_graph(GraphConfig(c2c=True))
+    plain = make_adapter()
+    assert plain.use_dense(g)
+    torch.testing.assert_close(plain(g, *adapter_inputs(g)),
+                               plain(g, *adapter_inputs(g), path="sparse"), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -533,9 +539,9 @@ def test_permuting_nbr_nodes_changes_nothing(use_c2c):
     torch.testing.assert_close(out_p, out, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["sparse", "dense", "dense-per-query"])
+@pytest.mark.parametrize("path", ["sparse", "dense", "dense-per-query", "dense-c2c"])
 def test_gradients_reach_every_parameter(path):
-    gcfg = GraphConfig(c2c=path == "sparse", share_windows=path != "dense-per-query")
+    gcfg = GraphConfig(c2c=path in ("sparse", "dense-c2c"), share_windows=path != "dense-per-query")
     path = path.split("-")[0]
     *_, graph = corpus_and_graph(gcfg)
     adapter = make_adapter(use_c2c=gcfg.c2c, dropout=0.1, attn_dropout=0.1).train()
@@ -547,7 +553,7 @@ def test_gradients_reach_every_parameter(path):
             f"convs.{last}.rel_att.nbr__n2n", f"convs.{last}.rel_msg.nbr__n2n",
             f"convs.{last}.rel_prior.nbr__n2n", f"ffns.{last}.nbr", f"ffn_norms.{last}.nbr")
     for name, p in adapter.named_parameters():
-        if name.startswith(dead) or (path == "dense" and "c2c" in name):
+        if name.startswith(dead) or (path == "dense" and not gcfg.c2c and "c2c" in name):
             assert p.grad is None or p.grad.abs().sum() == 0, name
             continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -580,3 +586,167 @@ def test_adapter_config_roundtrip_repr_and_token_check():
     assert any(
         not torch.equal(a, b) for a, b in zip(before, adapter.parameters(), strict=True)
     )
+
+
+# ---------------------------------------------------------------- dense path with causal c2c
+
+
+def causal_case(gcfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 11, K: int = 4):
+    """A c2c graph with padded queries: sequences of 11, 7 and 4 ctx nodes with gaps."""
+    gen = torch.Generator().manual_seed(seed)
+    N = 120
+    docs = (torch.arange(N) // 17).to(torch.int32)
+    tokens = torch.randint(0, 257, (N,), generator=gen)
+    ids = torch.randint(0, N, (B, T, K), generator=gen)
+    ids[torch.rand(B, T, K, generator=gen) < 0.2] = -1
+    ids[0, 0] = -1  # a query without neighbours
+    ids[1, 3:6] = -1
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, [0, 2, 5, 9]] = False
+    mask[2, 4:] = False
+    mask[2, 1] = False
+    return build_context_graph(ids, tokens, docs, gcfg, query_mask=mask)
+
+
+CAUSAL_GRAPHS = [GraphConfig.paper(), GraphConfig.paper(c2c_window=3),
+                 GraphConfig.paper(left=2, right=2, n2c="window", share_windows=False)]
+
+
+@pytest.mark.parametrize("gcfg", CAUSAL_GRAPHS, ids=["paper", "c2c_window3", "l2r2-window-grid"])
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+@pytest.mark.parametrize("relation_mean", ["reached", "all"])
+@pytest.mark.parametrize("tie_intra", [False, True])
+def test_dense_c2c_equals_edge_list_path(gcfg, normalization, relation_mean, tie_intra):
+    graph = causal_case(gcfg)
+    assert graph.layout.c2c and graph[C2C].edge_index.size(1) > 0
+    adapter = make_adapter(use_c2c=True, normalization=normalization,
+                           relation_mean=relation_mean, tie_intra=tie_intra, output_bias=True)
+    assert adapter.use_dense(graph)
+    inputs = adapter_inputs(graph, T=11)
+    dense = adapter(graph, *inputs)
+    torch.testing.assert_close(dense, adapter(graph, *inputs, path="sparse"),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+@pytest.mark.parametrize("relation_mean", ["reached", "all"])
+def test_dense_c2c_paper_adapter_float64_and_gradients(normalization, relation_mean):
+    graph = causal_case(GraphConfig.paper(c2c_window=4), seed=1)
+    torch.manual_seed(0)
+    cfg = AdapterConfig.paper(ctx_channels=24, nbr_channels=20, hidden_channels=32,
+                              out_channels=8, heads=4, dropout=0.0, attn_dropout=0.0,
+                              normalization=normalization, relation_mean=relation_mean)
+    adapter = GraphAdapter(cfg).double()
+    inputs = [x.double().requires_grad_() for x in adapter_inputs(graph, T=11)[:2]]
+    grads = []
+    for path in ("dense", "sparse"):
+        adapter.zero_grad(set_to_none=True)
+        out = adapter(graph, *inputs, path=path)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
+                             dtype=out.dtype)
+        (out * weight).sum().backward()
+        grads.append((out.detach(), [x.grad.clone() for x in inputs],
+                      {n: p.grad.clone() for n, p in adapter.named_parameters()
+                       if p.grad is not None}))
+        for x in inputs:
+            x.grad = None
+    (out_d, in_d, par_d), (out_s, in_s, par_s) = grads
+    torch.testing.assert_close(out_d, out_s, atol=1e-12, rtol=1e-10)
+    for a, b in zip(in_d, in_s, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert par_d.keys() == par_s.keys() and any("intra" in n for n in par_d)
+    for name in par_d:
+        torch.testing.assert_close(par_d[name], par_s[name], atol=1e-12, rtol=1e-10)
+
+
+def test_dense_c2c_train_mode_dropout():
+    graph = causal_case(GraphConfig.paper())
+    inputs = adapter_inputs(graph, T=11)
+    adapter = make_adapter(use_c2c=True, dropout=0.3, attn_dropout=0.1).train()
+    a, b = adapter(graph, *inputs), adapter(graph, *inputs)
+    assert a.shape == b.shape == (graph[CTX].num_nodes, 8) and torch.isfinite(a).all()
+    assert not torch.equal(a, b)  # fresh dropout masks per call
+    # attention dropout 1 drops every coefficient on both paths: m = 0 everywhere
+    adapter = make_adapter(use_c2c=True, dropout=0.0, attn_dropout=1.0).train()
+    torch.testing.assert_close(adapter(graph, *inputs),
+                               adapter(graph, *inputs, path="sparse"), atol=1e-5, rtol=1e-5)
+    adapter.eval()
+    assert not torch.allclose(adapter(graph, *inputs), adapter.train()(graph, *inputs))
+
+
+# A non-GNN-LM heterograph for the causal unit: sentences also follow each other ("after").
+AFTER = (SENT, "after", SENT)
+
+
+def causal_edge_list(group, position, window=None):
+    src, dst = [], []
+    for v in range(group.numel()):
+        for u in range(group.numel()):
+            d = int(position[v] - position[u])
+            if group[u] == group[v] and d >= 0 and (window is None or d < window):
+                src.append(u)
+                dst.append(v)
+    return torch.tensor([src, dst], dtype=torch.long).view(2, -1)
+
+
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+@pytest.mark.parametrize("relation_mean", ["reached", "all"])
+@pytest.mark.parametrize("window", [None, 2])
+def test_dense_causal_unit_standalone_equals_edge_list_and_naive(normalization, relation_mean,
+                                                                 window):
+    from hetgraph.nn.dense import causal_layout, dense_causal_window_attention
+
+    torch.manual_seed(0)
+    metadata = ([SENT, WORD], [NEXT, IN, CITES, AFTER])
+    conv = HeteroGraphAttention(16, metadata, heads=4, normalization=normalization,
+                                relation_mean=relation_mean, out_bias=True).eval()
+    with torch.no_grad():
+        for p in conv.rel_prior.values():
+            p.uniform_(0.5, 1.5)
+    query_x, window_x, mask, window_index = windowed_case(4, C=7)
+    # queries in no particular order: groups 1, 0, 1, 2, 0, 1, 0 at scattered positions
+    group = torch.tensor([1, 0, 1, 2, 0, 1, 0])
+    position = torch.tensor([5, 2, 1, 7, 9, 2, 3])
+    layout = causal_layout(group, position, window)
+    q_out, w_out = dense_causal_window_attention(conv, query_x, window_x, mask, window_index,
+                                                 NEXT, IN, AFTER, layout, query_slots=(1, 2))
+    edges = windowed_edge_list(mask, window_index, (1, 2))
+    edges[AFTER] = causal_edge_list(group, position, window)
+    x = {SENT: query_x, WORD: window_x[mask]}
+    ref = conv(x, edges)
+    torch.testing.assert_close(q_out, ref[SENT], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w_out[mask], ref[WORD], atol=1e-5, rtol=1e-5)
+    if relation_mean == "reached":  # the naive reference divides by the reaching relations
+        naive = reference_layer(conv, x, edges)
+        torch.testing.assert_close(q_out, naive[SENT], atol=1e-5, rtol=1e-5)
+    # without the causal relation in the metadata the unit is dense_window_attention
+    plain = HeteroGraphAttention(16, ([SENT, WORD], [NEXT, IN]), heads=4,
+                                 normalization=normalization, relation_mean=relation_mean)
+    q_plain, _ = dense_causal_window_attention(plain.eval(), query_x, window_x, mask,
+                                               window_index, NEXT, IN, AFTER, layout)
+    torch.testing.assert_close(q_plain, dense_window_attention(
+        plain, query_x, window_x, mask, window_index, NEXT, IN)[0])
+
+
+def test_causal_layout_checks_and_empty():
+    from hetgraph.nn.dense import causal_layout, dense_causal_window_attention
+
+    empty = causal_layout(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    assert empty.groups == empty.length == 0 and empty.index.numel() == 0
+    layout = causal_layout(torch.tensor([3, 3, 5]), torch.tensor([4, 0, 2]), window=4)
+    assert (layout.groups, layout.length) == (2, 2)
+    assert layout.allowed.sum() == 3  # 0->0, 4->4 in group 3 (4 - 0 = window); 2->2 in 5
+    assert causal_layout(torch.tensor([3, 3, 5]), torch.tensor([4, 0, 2])).allowed.sum() == 4
+    with pytest.raises(ValueError):
+        causal_layout(torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        causal_layout(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), 0)
+    conv = HeteroGraphAttention(16, ([SENT, WORD], [NEXT, IN, AFTER]), heads=4)
+    query_x, window_x, mask, window_index = windowed_case(3)
+    good = causal_layout(torch.zeros(5, dtype=torch.long), torch.arange(5))
+    with pytest.raises(ValueError):  # the causal relation must link the query type to itself
+        dense_causal_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
+                                      (WORD, "after", SENT), good)
+    with pytest.raises(ValueError):  # a layout of other queries
+        dense_causal_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
+                                      AFTER, layout)

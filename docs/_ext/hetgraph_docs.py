@@ -7,6 +7,7 @@ At ``builder-inited`` it writes
   editing the docs);
 * ``_generated/results_body.rst``: tables of ``benchmarks/results/*.json`` (every file that
   exists; the known benchmarks that have not produced a file are listed as "not run yet");
+  a top-level ``"discussion"`` (a string, or ``{"text": …}``) is shown as a paragraph;
 * ``figures/context_graph.svg`` when missing (``figures/make_graph_figure.py``).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "gnnlm": ("GNN-LM four-way evaluation", "benchmarks/gnnlm.py"),
     "features": ("Neighbour features of a fused decoder layer: stored vs projected key",
                  "benchmarks/features.py"),
+    "paper_mode": ("Exact GNN-LM paper mode vs hetgraph's default", "benchmarks/paper_mode.py"),
 }
 
 STAGES = [
@@ -147,6 +149,11 @@ def results_body() -> str:
         except (OSError, json.JSONDecodeError) as error:
             out.append(f"Could not read this file: ``{error}``.\n\n")
             continue
+        discussion = data.pop("discussion", None) if isinstance(data, dict) else None
+        if isinstance(discussion, dict):
+            discussion = discussion.get("text")
+        if isinstance(discussion, str):  # prose, not a one-cell table
+            out.append(f"{discussion}\n\n")
         if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
             for section, values in data.items():
                 out.append(_title(str(section), "~"))

@@ -327,7 +327,8 @@ def build_context_graph(
         C2C: _c2c_edges(ctx_b, ctx_t, T, config),
     }
     num_windows = nbr.windows.size(0) if kind != "irregular" else 0
-    layout = WindowLayout(kind, K, config.window_size, config.left, config.n2c, num_windows)
+    layout = WindowLayout(kind, K, config.window_size, config.left, config.n2c, num_windows,
+                          c2c=config.c2c, c2c_window=config.c2c_window if config.c2c else None)
     token_id = corpus.lookup(corpus.tokens, nbr.corpus_id)
     return _assemble(layout, ctx_b, ctx_t, nbr, token_id, edges, n2c_slots, (B, T))
 

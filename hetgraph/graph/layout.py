@@ -48,6 +48,16 @@ class WindowLayout:
         num_windows: Windows of the grid (``num_ctx * k`` for ``"grid"``, the
             number of distinct retrieved rows for ``"shared"``, ``0`` for
             ``"irregular"``).
+        c2c: Whether the ``c2c`` edges are exactly the causal edges of
+            :func:`~hetgraph.graph.build_context_graph`: :math:`u \to v` for
+            ``ctx`` nodes of one sequence (``batch_index``) with
+            ``seq_index`` :math:`t_u \le t_v` (and :math:`t_v - t_u <`
+            ``c2c_window``), so that the dense path computes them as masked
+            attention per sequence
+            (:func:`~hetgraph.nn.dense.dense_causal_window_attention`). A graph
+            whose ``c2c`` edges are edited must clear it (or use
+            :meth:`as_irregular`).
+        c2c_window: The ``c2c_window`` of those edges (``None``: unlimited).
     """
 
     kind: LayoutKind
@@ -56,6 +66,8 @@ class WindowLayout:
     center: int
     n2c: N2CMode
     num_windows: int = 0
+    c2c: bool = False
+    c2c_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("grid", "shared", "irregular"):
@@ -68,6 +80,8 @@ class WindowLayout:
             )
         if self.kind == "irregular" and self.num_windows != 0:
             raise ValueError("an irregular layout has no windows (num_windows must be 0)")
+        if self.c2c_window is not None and self.c2c_window < 1:
+            raise ValueError(f"c2c_window must be >= 1 or None (got {self.c2c_window})")
 
     @property
     def is_dense(self) -> bool:

@@ -3,7 +3,7 @@
 from hetgraph.nn.adapter import GraphAdapter
 from hetgraph.nn.config import AdapterConfig
 from hetgraph.nn.conv import HeteroGraphAttention, RelationParameters
-from hetgraph.nn.dense import dense_window_attention
+from hetgraph.nn.dense import dense_causal_window_attention, dense_window_attention
 from hetgraph.nn.gnnlm import GNNLMStateDictError
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "GraphAdapter",
     "HeteroGraphAttention",
     "RelationParameters",
+    "dense_causal_window_attention",
     "dense_window_attention",
 ]

@@ -16,7 +16,11 @@ from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, context_graph_metadat
 from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
-from hetgraph.nn.dense import dense_window_attention
+from hetgraph.nn.dense import (
+    causal_layout,
+    dense_causal_window_attention,
+    dense_window_attention,
+)
 
 #: Parameter sets of the official GNN-LM relations (``tie_intra``): ``intra`` is shared by
 #: ``tgt -> tgt`` (c2c) and ``ntgt -> ntgt`` (n2n), ``inter`` is ``ntgt -> tgt`` (n2c).
@@ -26,14 +30,16 @@ INTRA_INTER = {N2N: "intra", C2C: "intra", N2C: "inter"}
 def _dense_layout(graph: HeteroData) -> WindowLayout | None:
     """The :class:`~hetgraph.graph.WindowLayout` of ``graph`` if the dense path
     reproduces the graph exactly: a window grid (``"grid"`` or ``"shared"``) and
-    no edges but ``n2n`` and ``n2c``; else :obj:`None`."""
+    no edges but ``n2n``, ``n2c`` and causal ``c2c`` edges as the layout describes
+    them (``layout.c2c``); else :obj:`None`."""
     try:
         layout = getattr(graph, "layout", None)
     except ValueError:  # a batch of graphs with different windows
         return None
     if not isinstance(layout, WindowLayout) or not layout.is_dense:
         return None
-    if any(graph[e].edge_index.numel() > 0 for e in graph.edge_types if e not in (N2N, N2C)):
+    allowed = (N2N, N2C, C2C) if layout.c2c else (N2N, N2C)
+    if any(graph[e].edge_index.numel() > 0 for e in graph.edge_types if e not in allowed):
         return None
     return layout
 
@@ -65,10 +71,12 @@ class GraphAdapter(Module):
 
     On graphs whose :attr:`~hetgraph.graph.ContextGraph.layout` is a window
     grid (``"shared"``, one window per distinct retrieved row, or ``"grid"``,
-    one per (query, neighbour)) and that have no causal edges, the dense
-    masked-attention path runs
+    one per (query, neighbour)) and whose ``c2c`` edges, if any, are the causal
+    edges of the builder (``layout.c2c``), the dense masked-attention path runs
     (:func:`~hetgraph.nn.dense.dense_window_attention`: ``n2n`` attention
-    once per window, ``ctx`` attention over the gathered windows); otherwise
+    once per window, ``ctx`` attention over the gathered windows; with ``c2c``
+    :func:`~hetgraph.nn.dense.dense_causal_window_attention`, which adds causal
+    masked attention over each sequence's ``ctx`` nodes); otherwise
     the edge-list path. Both use the same weights and give the same ``ctx``
     outputs.
 
@@ -185,7 +193,9 @@ class GraphAdapter(Module):
         ok = _dense_layout(graph) is not None
         if path == "dense" and not ok:
             raise ValueError(
-                "the dense path needs a graph with a window-grid layout and no c2c edges"
+                "the dense path needs a graph from build_context_graph with a window-grid "
+                "layout (share_windows, not deduplicate, not batched by PyG) whose c2c edges "
+                "are the builder's causal edges"
             )
         return ok
 
@@ -234,19 +244,21 @@ class GraphAdapter(Module):
         mask[grid_index] = True
         mask = mask.view(U, W)
         last = len(self.convs) - 1
+        causal = None
+        if C2C in self.edge_types and layout.c2c and graph[C2C].edge_index.numel() > 0:
+            causal = causal_layout(graph[CTX].batch_index, graph[CTX].seq_index,
+                                   layout.c2c_window)
         for i, conv in enumerate(self.convs):
             # The last layer's nbr outputs reach nothing: skip their attention.
-            ctx_h, windows = dense_window_attention(
-                conv,
-                ctx_h,
-                windows,
-                mask,
-                graph[CTX].nbr_window,
-                window_relation=N2N,
-                query_relation=N2C,
-                query_slots=layout.query_slots,
-                update_windows=i < last,
-            )
+            args = (conv, ctx_h, windows, mask, graph[CTX].nbr_window, N2N, N2C)
+            if causal is None:
+                ctx_h, windows = dense_window_attention(
+                    *args, query_slots=layout.query_slots, update_windows=i < last
+                )
+            else:
+                ctx_h, windows = dense_causal_window_attention(
+                    *args, C2C, causal, query_slots=layout.query_slots, update_windows=i < last
+                )
             ctx_h = self._feed_forward(i, CTX, ctx_h)
             if i < last:
                 windows = self._feed_forward(i, NBR, windows)

@@ -1,4 +1,5 @@
 """Training the graph adapters (the base LM stays frozen)."""
+from hetgraph.training.checkpoint import InitAdapterError
 from hetgraph.training.trainer import (
     TrainingConfig,
     TrainingResult,
@@ -6,4 +7,5 @@ from hetgraph.training.trainer import (
     train_adapter,
 )
 
-__all__ = ["TrainingConfig", "TrainingResult", "learning_rate_factor", "train_adapter"]
+__all__ = ["InitAdapterError", "TrainingConfig", "TrainingResult", "learning_rate_factor",
+           "train_adapter"]

@@ -21,7 +21,13 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from hetgraph.fusion.persistence import read_adapter_weights
+from hetgraph.errors import HetgraphError
+from hetgraph.fusion.persistence import (
+    AdapterFileError,
+    AdapterMismatchError,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from hetgraph.io import (
     CHECKPOINT_DIR,
     OPTIMIZER_WEIGHTS,
@@ -112,6 +118,52 @@ def load_adapter_weights(lm: HetGraphLM, directory: str | Path,
     ``HetGraphLM.save_pretrained``) into ``lm``, onto ``device``, checked against their
     integrity record like any saved adapter."""
     lm.load_adapter_state_dict(read_adapter_weights(directory, device))
+
+
+class InitAdapterError(HetgraphError):
+    """The adapter named by ``TrainingConfig.init_from`` (``hetgraph train --init-from``)
+    cannot start this training run."""
+
+
+def check_init_from(directory: str | Path, out_dir: str | Path) -> None:
+    """Refuse ``training.init_from`` naming the training run's own output directory.
+
+    Raises:
+        InitAdapterError: ``directory`` is ``out_dir``.
+    """
+    if Path(directory).resolve() == Path(out_dir).resolve():
+        raise InitAdapterError(f"training.init_from (--init-from) {directory} is the output "
+                               "directory itself; give the stage-1 adapter directory and a "
+                               "new --out")
+
+
+def load_initial_adapter(lm: HetGraphLM, directory: str | Path, device: torch.device | str,
+                         out_dir: str | Path) -> None:
+    r"""Start training from the trained adapter in ``directory`` (two-stage training: stage 2
+    starts from stage 1's adapter with another graph and ``k``; an adapter's parameters depend
+    on neither).
+
+    The adapter must have been trained on the same base model and fit ``lm``'s adapters key
+    for key and shape (same fusion sites, widths, layers and heads); its weights are checked
+    in full like any saved adapter.
+
+    Raises:
+        InitAdapterError: ``directory`` is ``out_dir``, holds no readable adapter, was trained
+            on another base model, or does not fit ``lm``.
+    """
+    check_init_from(directory, out_dir)
+    where = f"training.init_from (--init-from) {directory}"
+    try:
+        saved = read_adapter_config(directory)
+        if saved.get("model") != lm.adapter_identity()["model"]:
+            raise InitAdapterError(f"{where} was trained on another base model; start from an "
+                                   "adapter of this model (or leave --init-from out)")
+        lm.load_adapter_state_dict(read_adapter_weights(directory, device, saved))
+    except (AdapterFileError, AdapterMismatchError) as error:
+        raise InitAdapterError(f"{where}: {error}; the stage-2 adapter must keep stage 1's "
+                               "fusion sites, widths, layers and heads (only the graph and k "
+                               "may change)") from None
+    logger.info("training starts from the adapter in %s", directory)
 
 
 def restore_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: str | Path,

@@ -15,12 +15,15 @@ from tqdm.auto import tqdm
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.errors import HetgraphError
 from hetgraph.evaluation.lm import NonFiniteError
-from hetgraph.fusion import HetGraphLM
+from hetgraph.fusion import FusionConfig, HetGraphLM
+from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT, atomic_write_json
 from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.training.checkpoint import (
+    check_init_from,
     load_adapter_weights,
+    load_initial_adapter,
     read_checkpoint,
     restore_checkpoint,
     write_checkpoint,
@@ -53,6 +56,9 @@ class TrainingConfig(JSONConfigMixin):
             ``batch_size`` random spans of ``context_length`` datastore rows). ``None``: whenever
             the fusion configuration allows it (the default one does), else full forwards over
             random windows of the train split.
+        init_from: an adapter directory to start from instead of a fresh initialisation
+            (the paper's two-stage training: stage 2, e.g. ``k=128`` and ``l = r = 2``, starts
+            from stage 1's adapter); a run that resumes from its checkpoint ignores it.
     """
 
     max_steps: int = 300
@@ -70,6 +76,7 @@ class TrainingConfig(JSONConfigMixin):
     checkpoint_every: int = 50
     seed: int = 0
     from_datastore: bool | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types first: "max_steps": "ten" is a ConfigError
@@ -165,6 +172,9 @@ class _TrainingRun:
         self.start_step = 0
         self.bad_evals = 0
         self.seen_tokens = 0
+        self.seconds_before = 0.0  # training seconds of earlier (interrupted) calls, so
+        # result.seconds (also in every checkpoint) is the time summed over resumed calls
+        self.started = time.perf_counter()
 
     def _check_inputs(self) -> None:
         tokens, config = self.tokens, self.config
@@ -184,20 +194,24 @@ class _TrainingRun:
             raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
                                "do not unfreeze")
 
-    def resume(self) -> None:
-        """Continue from ``out_dir/checkpoint`` when one exists."""
+    def resume(self) -> bool:
+        """Continue from ``out_dir/checkpoint`` when one exists; returns whether it did."""
         state = read_checkpoint(self.out_dir)
         if state is None:
-            return
-        if state["config"] != self.config.to_dict():
+            return False
+        saved = read_adapter_config(self.out_dir / CHECKPOINT_DIR)["fusion"]
+        if (state["config"] != self.config.to_dict()
+                or FusionConfig.from_dict(saved).to_dict() != self.lm.config.to_dict()):
             raise TrainingError(f"{self.out_dir}/checkpoint was written with other training "
-                                "settings; use the same settings to resume, or a new --out "
-                                "directory")
+                                "or fusion settings; use the same settings to resume, or a new "
+                                "--out directory")
         restore_checkpoint(self.lm, self.optimizer, self.out_dir, state, self.device)
         self.scheduler.last_epoch = self.start_step = state["step"]
         self.bad_evals = state["bad_evals"]
+        self.seconds_before = state["result"]["seconds"]
         self.result = TrainingResult(**{**state["result"], "valid_ppl": {
             int(k): v for k, v in state["result"]["valid_ppl"].items()}})
+        return True
 
     def evaluate(self, step: int) -> bool:
         """Valid perplexity at ``step``; saves the adapter when it is the best so far.
@@ -226,6 +240,7 @@ class _TrainingRun:
         return self.config.patience > 0 and self.bad_evals >= self.config.patience
 
     def save_checkpoint(self, step: int) -> None:
+        self.result.seconds = self.seconds_before + time.perf_counter() - self.started
         write_checkpoint(self.lm, self.optimizer, self.out_dir, {
             "step": step, "bad_evals": self.bad_evals, "config": self.config.to_dict(),
             "result": self.result.to_dict()})
@@ -299,12 +314,13 @@ class _TrainingRun:
     def run(self, show_progress: bool, stop_after: int | None) -> None:
         lm, config, result = self.lm, self.config, self.result
         if self.start_step == 0 and self.valid_split is not None and config.eval_every:
-            # Step 0 is the base model (zero gates): the reference every later evaluation must beat.
+            # Step 0 is the starting point (zero gates: the base model; or the --init-from
+            # adapter): the reference every later evaluation must beat.
             self.evaluate(0)
         lm.train()
         bar = tqdm(total=config.max_steps, initial=self.start_step, desc="training adapter",
                    disable=not show_progress, unit="step")
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         try:
             with lm:
                 for step in range(self.start_step, config.max_steps):
@@ -320,8 +336,8 @@ class _TrainingRun:
         finally:
             bar.close()
             lm.eval()
-        result.seconds = time.perf_counter() - started
-        result.tokens_per_second = self.seen_tokens / max(result.seconds, 1e-9)
+        result.seconds = self.seconds_before + time.perf_counter() - started
+        result.tokens_per_second = self.seen_tokens / max(time.perf_counter() - started, 1e-9)
 
     def finish(self) -> None:
         """Leave the best adapter in memory and on disk, and write ``training.json``."""
@@ -373,10 +389,12 @@ def train_adapter(
             steps have run in this call; for testing resumption.
     """
     out_dir = Path(out_dir)
+    if config.init_from is not None:
+        check_init_from(config.init_from, out_dir)
     with directory_lock(out_dir, "adapter directory"):
         run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config)
-        if resume:
-            run.resume()
+        if not (resume and run.resume()) and config.init_from is not None:
+            load_initial_adapter(lm, config.init_from, run.device, out_dir)
         run.run(show_progress, stop_after)
         run.finish()
     return run.result

@@ -5,6 +5,8 @@ config, so nothing is downloaded.
 """
 from __future__ import annotations
 
+import random
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -92,3 +94,28 @@ def tiny_causal_lm(family: Family = "qwen2", seed: int = 0, **config_kwargs) -> 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
     return model.eval()
+
+
+#: Words of :func:`write_word_corpus` documents: a little prose, a little Python.
+CORPUS_WORDS = ("alpha", "beta", "gamma", "delta", "import os", "def f():")
+
+
+def save_tiny_model(folder: str | Path, family: Family = "qwen2", seed: int = 0) -> Path:
+    """Save :func:`tiny_causal_lm` with :func:`byte_tokenizer` as a model folder, as a user's
+    ``--model`` directory would be."""
+    folder = Path(folder)
+    tiny_causal_lm(family, seed=seed).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_word_corpus(folder: str | Path, num_documents: int = 12, seed: int = 0,
+                      words: tuple[str, ...] = CORPUS_WORDS, length: int = 60) -> Path:
+    """A folder of ``num_documents`` text files of ``length`` random ``words`` each."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i in range(num_documents):
+        text = " ".join(rng.choice(words) for _ in range(length))
+        (folder / f"doc{i:02d}.txt").write_text(text + "\n")
+    return folder

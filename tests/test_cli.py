@@ -3,28 +3,19 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 
 import pytest
 
 from hetgraph.cli import build_parser, main
-from hetgraph.testing import byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import save_tiny_model, write_word_corpus
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "model"
-    tiny_causal_lm("qwen2", seed=0).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for i in range(12):
-        words = [rng.choice(["alpha", "beta", "gamma", "delta", "import os", "def f():"])
-                 for _ in range(60)]
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words) + "\n")
+    save_tiny_model(root / "model", "qwen2")
+    write_word_corpus(root / "corpus")
     config = {
         "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
         "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ from hetgraph.inspection import Neighbour, NeighbourReport, format_report
 from hetgraph.knnlm import knn_mixture_argmax
 from hetgraph.locking import LockError, directory_lock
 from hetgraph.pipeline import RunConfig, run_pipeline
-from hetgraph.testing import byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import byte_tokenizer, save_tiny_model, tiny_causal_lm, write_word_corpus
 from hetgraph.training import TrainingConfig, train_adapter, trainer as trainer_module
 from hetgraph.training.checkpoint import read_checkpoint
 
@@ -52,16 +51,9 @@ RUN_CONFIG = {
 def ws(tmp_path_factory):
     """A tiny Qwen2 model folder, a 12-document corpus, a run config and a built datastore."""
     root = tmp_path_factory.mktemp("cli-errors")
-    tiny_causal_lm("qwen2", seed=0).save_pretrained(root / "model")
-    byte_tokenizer().save_pretrained(root / "model")
-    tiny_causal_lm("gpt2", seed=0).save_pretrained(root / "gpt2")
-    byte_tokenizer().save_pretrained(root / "gpt2")
-    (root / "corpus").mkdir()
-    rng = random.Random(0)
-    for i in range(12):
-        words = [rng.choice(["alpha", "beta", "gamma", "delta", "import os", "def f():"])
-                 for _ in range(60)]
-        (root / "corpus" / f"doc{i:02d}.txt").write_text(" ".join(words) + "\n")
+    save_tiny_model(root / "model", "qwen2")
+    save_tiny_model(root / "gpt2", "gpt2")
+    write_word_corpus(root / "corpus")
     (root / "run.json").write_text(json.dumps(RUN_CONFIG))
     (root / "other-split.json").write_text(json.dumps({"seed": 7}))
     assert run("datastore", "build", *common(root), "--out", root / "ds", "--context-length",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from hetgraph.pipeline import (
     apply_preset,
     prepare_adapter,
 )
-from hetgraph.testing import byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import save_tiny_model, write_word_corpus
 from hetgraph.training import InitAdapterError, TrainingConfig, train_adapter
 from hetgraph.training.checkpoint import load_adapter_weights
 
@@ -37,23 +36,16 @@ EVALUATION = {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4}
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_cli")
-    model_dir = root / "model"
-    tiny_causal_lm("llama", seed=0).save_pretrained(model_dir)
-    byte_tokenizer().save_pretrained(model_dir)
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(1)
-    for i in range(10):
-        words = [rng.choice(["alpha", "beta", "gamma", "import os", "def f():", "return x"])
-                 for _ in range(60)]
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words) + "\n")
+    save_tiny_model(root / "model", "llama")
+    write_word_corpus(root / "corpus", num_documents=10, seed=1,
+                      words=("alpha", "beta", "gamma", "import os", "def f():", "return x"))
     # The demo's fusion section (not the paper's), so --preset paper visibly replaces it.
     config = {"datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
               "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1,
                                              "heads": 2}},
               "training": TRAINING, "evaluation": EVALUATION}
     (root / "run.json").write_text(json.dumps(config))
-    common = ["--model", model_dir, "--corpus", corpus, "--threads", "1"]
+    common = ["--model", root / "model", "--corpus", root / "corpus", "--threads", "1"]
     assert run("datastore", "build", *common, "--out", root / "ds", "--context-length", "64",
                "--stride", "32", "--batch-size", "4") == 0
     return root, common

@@ -7,13 +7,16 @@ At ``builder-inited`` it writes
   editing the docs);
 * ``_generated/results_body.rst``: tables of ``benchmarks/results/*.json`` (every file that
   exists; the known benchmarks that have not produced a file are listed as "not run yet");
-  a top-level ``"discussion"`` (a string, or ``{"text": …}``) is shown as a paragraph;
+  a top-level ``"discussion"`` (a string, or ``{"text": …}``) is shown as a paragraph and a
+  top-level ``"plots"`` (``[{"file": "name.svg", "caption": "…"}]``, files next to the JSON)
+  as figures, copied into ``_generated/``;
 * ``figures/context_graph.svg`` when missing (``figures/make_graph_figure.py``).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,10 @@ BENCHMARKS = {
     "features": ("Neighbour features of a fused decoder layer: stored vs projected key",
                  "benchmarks/features.py"),
     "paper_mode": ("Exact GNN-LM paper mode vs hetgraph's default", "benchmarks/paper_mode.py"),
+    "ablation": ("Ablation: fusion sites, paper mode, graph and adapter choices, learning curve",
+                 "benchmarks/ablation.py"),
+    "scaling": ("Scaling: index size, on-disk lists, distributed build and training",
+                "benchmarks/scaling.py"),
 }
 
 STAGES = [
@@ -133,6 +140,23 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(out) + "\n\n"
 
 
+def _figures(plots: Any) -> str:
+    """``.. figure::`` blocks for a results file's plots (files beside it in ``RESULTS``)."""
+    out = []
+    for plot in plots if isinstance(plots, list) else []:
+        name = plot.get("file") if isinstance(plot, dict) else None
+        source = RESULTS / str(name)
+        if not name or not source.is_file():
+            out.append(f"(plot ``{name}`` is missing; re-run the benchmark)\n\n")
+            continue
+        target = DOCS / "_generated" / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        out.append(f".. figure:: /_generated/{source.name}\n   :width: 90%\n\n"
+                   f"   {plot.get('caption', '')}\n\n")
+    return "".join(out)
+
+
 def results_body() -> str:
     out = []
     found = sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []
@@ -154,6 +178,8 @@ def results_body() -> str:
             discussion = discussion.get("text")
         if isinstance(discussion, str):  # prose, not a one-cell table
             out.append(f"{discussion}\n\n")
+        plots = data.pop("plots", None) if isinstance(data, dict) else None
+        out.append(_figures(plots))
         if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
             for section, values in data.items():
                 out.append(_title(str(section), "~"))

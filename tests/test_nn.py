@@ -750,3 +750,41 @@ def test_causal_layout_checks_and_empty():
     with pytest.raises(ValueError):  # a layout of other queries
         dense_causal_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
                                       AFTER, layout)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "gcfg",
+    [GraphConfig(left=2, right=2), GraphConfig(left=0, right=2, n2c="window"),
+     GraphConfig.paper(left=2, right=2)],
+    ids=["l2r2-center", "l0r2-window", "paper-l2r2"],
+)
+def test_dense_skips_only_slots_out_of_reach(num_layers, gcfg):
+    """The dense path computes window outputs only for slots within reach of the queries
+    (fewer each layer, none in the last); outputs and every gradient still equal the
+    edge-list path's, which updates every node, in float64."""
+    graph = causal_case(gcfg) if gcfg.c2c else corpus_and_graph(gcfg)[-1]
+    torch.manual_seed(0)
+    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
+                        out_channels=8, heads=4, num_layers=num_layers, dropout=0.0,
+                        attn_dropout=0.0, use_c2c=gcfg.c2c)
+    adapter = GraphAdapter(cfg).double()
+    assert adapter.use_dense(graph)
+    inputs = [x.double().requires_grad_() for x in adapter_inputs(graph, T=11 if gcfg.c2c else 9)]
+    results = []
+    for path in ("dense", "sparse"):
+        adapter.zero_grad(set_to_none=True)
+        out = adapter(graph, *inputs, path=path)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), [x.grad.clone() for x in inputs],
+                        {n: p.grad.clone() for n, p in adapter.named_parameters()
+                         if p.grad is not None}))
+        for x in inputs:
+            x.grad = None
+    (out_d, in_d, par_d), (out_s, in_s, par_s) = results
+    torch.testing.assert_close(out_d, out_s, atol=1e-12, rtol=1e-10)
+    for a, b in zip(in_d, in_s, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    assert par_d.keys() == par_s.keys()
+    for name in par_d:
+        torch.testing.assert_close(par_d[name], par_s[name], atol=1e-12, rtol=1e-10)

@@ -44,6 +44,18 @@ def _dense_layout(graph: HeteroData) -> WindowLayout | None:
     return layout
 
 
+def _slots_within_reach(query_slots: list[int], width: int, layers_after: int) -> slice | None:
+    """The window slots whose outputs the remaining ``layers_after`` layers read: a slot
+    reaches the queries through ``layers_after - 1`` chain steps and then an n2c edge, so
+    the slots within that distance of a query slot (:obj:`None` after the last layer,
+    whose window outputs reach nothing). Skipping the others is exact, and with
+    l = r = 1 it leaves a third of the nbr-side work of the last two layers."""
+    if layers_after == 0:
+        return None
+    reach = layers_after - 1
+    return slice(max(0, min(query_slots) - reach), min(width, max(query_slots) + 1 + reach))
+
+
 def _input_map(width: int, hidden: int, kind: str) -> Module:
     """``"linear"``: a Linear; ``"official"``: Linear + GELU (GNN-LM ``adapt_ws``) only when
     the width differs from ``hidden``, else the identity."""
@@ -243,25 +255,26 @@ class GraphAdapter(Module):
         mask = torch.zeros(U * W, dtype=torch.bool, device=windows.device)
         mask[grid_index] = True
         mask = mask.view(U, W)
-        last = len(self.convs) - 1
         causal = None
         if C2C in self.edge_types and layout.c2c and graph[C2C].edge_index.numel() > 0:
             causal = causal_layout(graph[CTX].batch_index, graph[CTX].seq_index,
                                    layout.c2c_window)
+        query_slots = list(layout.query_slots) if layout.query_slots is not None else list(
+            range(W))
         for i, conv in enumerate(self.convs):
-            # The last layer's nbr outputs reach nothing: skip their attention.
+            keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
             args = (conv, ctx_h, windows, mask, graph[CTX].nbr_window, N2N, N2C)
+            kwargs = {"query_slots": query_slots, "update_windows": keep is not None,
+                      "output_slots": keep}
             if causal is None:
-                ctx_h, windows = dense_window_attention(
-                    *args, query_slots=layout.query_slots, update_windows=i < last
-                )
+                ctx_h, windows = dense_window_attention(*args, **kwargs)
             else:
-                ctx_h, windows = dense_causal_window_attention(
-                    *args, C2C, causal, query_slots=layout.query_slots, update_windows=i < last
-                )
+                ctx_h, windows = dense_causal_window_attention(*args, C2C, causal, **kwargs)
             ctx_h = self._feed_forward(i, CTX, ctx_h)
-            if i < last:
+            if keep is not None:
                 windows = self._feed_forward(i, NBR, windows)
+                mask = mask[:, keep]
+                query_slots = [j - keep.start for j in query_slots]
         return ctx_h
 
     def _forward_edges(

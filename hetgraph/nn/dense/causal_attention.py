@@ -22,6 +22,7 @@ from hetgraph.nn.dense.common import (
     no_messages,
     query_window_messages,
     slot_index,
+    slot_keys_values,
     window_outputs,
     window_projection,
 )
@@ -111,6 +112,7 @@ def dense_causal_window_attention(
     causal: CausalLayout,
     query_slots: Sequence[int] | None = None,
     update_windows: bool = True,
+    output_slots: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     r""":func:`~hetgraph.nn.dense.dense_window_attention` plus a causal relation
     :obj:`causal_relation` :math:`= (t, \kappa, t)` among the :math:`C` queries: query
@@ -130,7 +132,7 @@ def dense_causal_window_attention(
 
     Args:
         layer, query_x, window_x, window_mask, window_index, window_relation,
-        query_relation, query_slots, update_windows: As for
+        query_relation, query_slots, update_windows, output_slots: As for
             :func:`~hetgraph.nn.dense.dense_window_attention`.
         causal_relation (Tuple[str, str, str]): The relation among the queries.
         causal (CausalLayout): The causal edges, from :func:`causal_layout` (computed once,
@@ -152,20 +154,24 @@ def dense_causal_window_attention(
     C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query_qkv = layer.project(query_type, query_x)  # [C, 3, H, D]
     has_window = window_relation in layer.edge_types and update_windows
-    # 3 x [U * W, H, D]; queries folded with the window relation's W_att
-    qkv = window_projection(layer, window_type, window_x,
-                            window_relation if has_window else None)
+    # 3 x [U * W, H, D]; queries folded with the window relation's W_att. Without the
+    # window update only the linked slots' keys and values are needed (slot_keys_values).
+    qkv = (window_projection(layer, window_type, window_x,
+                             window_relation if has_window else None, output_slots)
+           if update_windows else None)
     slots = slot_index(query_slots, W, window_x.device)
 
     # A fixed order of dropout draws (training): windows, query, causal messages, update.
     windows_out = window_x
     if update_windows:
+        assert qkv is not None
         windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
-                                     window_relation if has_window else None)
+                                     window_relation if has_window else None, output_slots)
     parts = [no_messages(query_qkv, C, H, D)]
     if query_relation in layer.edge_types:
-        parts[0] = query_window_messages(layer, query_qkv[:, 0], qkv, window_mask,
-                                         window_index, slots, query_relation)
+        slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
+        parts[0] = query_window_messages(layer, query_qkv[:, 0], slot_kv,
+                                         window_mask[:, slots], window_index, query_relation)
     if causal_relation in layer.edge_types:
         parts.append(causal_messages(layer, query_qkv, causal, causal_relation))
     return layer.node_update(query_type, query_x, combine_messages(layer, parts)), windows_out

@@ -65,7 +65,11 @@ def combine_messages(layer: HeteroGraphAttention, parts: Sequence[RelationMessag
 
 
 def window_projection(
-    layer: HeteroGraphAttention, node_type: str, x: Tensor, relation: EdgeType | None
+    layer: HeteroGraphAttention,
+    node_type: str,
+    x: Tensor,
+    relation: EdgeType | None,
+    output_slots: slice | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Queries, keys and values ``[N, H, d_k]`` of nodes of type ``node_type``, as
     :meth:`HeteroGraphAttention.project` gives them, except that with ``relation`` the
@@ -73,7 +77,9 @@ def window_projection(
     \mathbf{q}` (so that :math:`\mathbf{q}'^{\top} \mathbf{k}` is the score of
     relation :math:`\phi`), folded into the query rows of the Linear: the relation map
     costs no pass over the nodes. Three Linears on the row blocks of the weight, so that
-    each result is contiguous (cheaper in the backward pass than one Linear split in 3)."""
+    each result is contiguous (cheaper in the backward pass than one Linear split in 3).
+    With ``output_slots`` (``x`` a ``[U, W, F]`` window grid) only those slots' queries
+    are computed (``[U * len, H, d_k]``): the others' outputs are not needed."""
     H, D, width = layer.heads, layer.head_channels, layer.channels
     lin = layer.lin_qkv[node_type]
     weights = list(lin.weight.split(width))
@@ -85,30 +91,41 @@ def window_projection(
         weights[0] = weights[0].reshape(width, -1)
         if biases[0] is not None:
             biases[0] = torch.einsum("hde,he->hd", fold, biases[0].view(H, D)).reshape(width)
-    x = x.to(layer.param_dtype).reshape(-1, x.size(-1))
-    q, k, v = (F.linear(x, w, b).view(-1, H, D) for w, b in zip(weights, biases, strict=True))
+    x = x.to(layer.param_dtype)
+    x_query = x if output_slots is None else x[:, output_slots]
+    q = F.linear(x_query.reshape(-1, x.size(-1)), weights[0], biases[0]).view(-1, H, D)
+    x = x.reshape(-1, x.size(-1))
+    k, v = (F.linear(x, w, b).view(-1, H, D) for w, b in zip(weights[1:], biases[1:], strict=True))
     return q, k, v
 
 
 def window_messages(
-    layer: HeteroGraphAttention, qkv: Sequence[Tensor], window_mask: Tensor
+    layer: HeteroGraphAttention,
+    qkv: Sequence[Tensor],
+    window_mask: Tensor,
+    output_slots: slice | None = None,
 ) -> Tensor:
     r"""The attention-weighted sums of the *raw* values, :math:`\sum_u \alpha_u v_u`
     ``[U * W, H, d_k]`` (:math:`\mathbf{W}_{\mathrm{msg}}` not applied, see
     :func:`window_update`), along the chain of adjacent valid slots (with self-loops)
     of each window: one ``[W, W]`` attention per window. ``qkv``: the slots' folded
-    queries, keys and values from :func:`window_projection`. Empty slots get zeros.
+    queries, keys and values from :func:`window_projection` (queries of the
+    ``output_slots`` only, when given: then ``[U * len, H, d_k]`` messages into them).
+    Empty slots get zeros.
     (Measured: matmul + masked softmax beats
     ``scaled_dot_product_attention`` with a mask here by 2x at 2 threads.)"""
     U, W = window_mask.shape
     H, D = layer.heads, layer.head_channels
-    q, k, v = (x.view(U, W, H, D).transpose(1, 2) for x in qkv)  # [U, H, W, D]
+    dst = range(W)[output_slots] if output_slots is not None else range(W)
+    q = qkv[0].view(U, len(dst), H, D).transpose(1, 2)  # [U, H, W_dst, D]
+    k, v = (x.view(U, W, H, D).transpose(1, 2) for x in qkv[1:])  # [U, H, W, D]
     score = q @ k.transpose(-1, -2)  # [U, H, W_dst, W_src]
-    w = torch.arange(W, device=window_mask.device)
-    chain = (w.view(-1, 1) - w.view(1, -1)).abs() <= 1
+    w_dst = torch.arange(dst.start, dst.stop, device=window_mask.device)
+    w_src = torch.arange(W, device=window_mask.device)
+    chain = (w_dst.view(-1, 1) - w_src.view(1, -1)).abs() <= 1
     alpha, _ = masked_softmax(score, chain & window_mask.view(U, 1, 1, W))
     alpha = F.dropout(alpha, p=layer.attn_dropout, training=layer.training)
-    return (alpha @ v).transpose(1, 2).reshape(U * W, H, D)
+    return (alpha @ v).transpose(1, 2).reshape(U * len(dst), H, D)
 
 
 def window_update(
@@ -133,50 +150,79 @@ def window_outputs(
     qkv: Sequence[Tensor],
     window_mask: Tensor,
     relation: EdgeType | None,
+    output_slots: slice | None = None,
 ) -> Tensor:
-    """The layer's outputs ``[U, W, F]`` of the window slots: :func:`window_update` of
-    :func:`window_messages`; with ``relation`` :obj:`None` (not in the layer's metadata)
-    the update without messages."""
-    U, W = window_mask.shape
+    """The layer's outputs ``[U, W, F]`` of the window slots (``[U, len, F]`` of the
+    ``output_slots`` only, when given): :func:`window_update` of :func:`window_messages`;
+    with ``relation`` :obj:`None` (not in the layer's metadata) the update without
+    messages."""
+    U = window_mask.size(0)
     H, D = layer.heads, layer.head_channels
+    x = window_x if output_slots is None else window_x[:, output_slots]
     if relation is None:
-        m = window_x.new_zeros(U, W, H * D, dtype=layer.param_dtype)
-        return layer.node_update(node_type, window_x, m)
-    m = window_messages(layer, qkv, window_mask).view(U, W, H, D)
-    return window_update(layer, node_type, window_x, m, relation)
+        m = x.new_zeros(*x.shape[:2], H * D, dtype=layer.param_dtype)
+        return layer.node_update(node_type, x, m)
+    m = window_messages(layer, qkv, window_mask, output_slots).view(U, x.size(1), H, D)
+    return window_update(layer, node_type, x, m, relation)
+
+
+def slot_keys_values(
+    layer: HeteroGraphAttention,
+    node_type: str,
+    window_x: Tensor,
+    slots: Tensor,
+    qkv: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Keys and values ``[U, S, H * d_k]`` of the window ``slots`` linked to the queries.
+
+    With ``qkv`` (every slot's projection, needed anyway when the windows are updated)
+    they are sliced from it; without, only the linked slots are projected, and only to
+    keys and values: in the last layer of a stack the other slots and the queries of
+    the windows reach nothing (with l = r = 1, a third of the slots and two of the
+    three maps)."""
+    U, W = window_x.shape[:2]
+    H, D = layer.heads, layer.head_channels
+    S = slots.numel()
+    lo = int(slots[0]) if S else 0
+    contiguous = bool((slots == torch.arange(lo, lo + S, device=slots.device)).all())
+
+    def pick(x: Tensor) -> Tensor:  # a slice where the slots are a range: cheaper backward
+        return x[:, lo : lo + S] if contiguous else x[:, slots]
+
+    if qkv is not None:
+        k, v = (pick(x.view(U, W, H * D)) for x in qkv[1:])
+        return k, v
+    lin = layer.lin_qkv[node_type]
+    width = layer.channels
+    x = pick(window_x).to(layer.param_dtype)
+    weights = lin.weight[width:].split(width)
+    biases = lin.bias[width:].split(width) if lin.bias is not None else (None, None)
+    k, v = (F.linear(x, w, b) for w, b in zip(weights, biases, strict=True))
+    return k, v
 
 
 def query_window_messages(
     layer: HeteroGraphAttention,
     query: Tensor,
-    qkv: Sequence[Tensor],
-    window_mask: Tensor,
+    slot_kv: tuple[Tensor, Tensor],
+    slot_mask: Tensor,
     window_index: Tensor,
-    slots: Tensor,
     relation: EdgeType,
 ) -> RelationMessages:
-    """Messages into each of ``C`` queries (``query``: ``[C, H, d_k]``) from the
-    ``slots`` of its ``k`` windows (``window_index`` ``[C, k]``, ``-1``: none; ``qkv``
-    as for :func:`window_messages`, the queries unused)."""
-    U, W = window_mask.shape
+    """Messages into each of ``C`` queries (``query``: ``[C, H, d_k]``) from the linked
+    slots of its ``k`` windows (``window_index`` ``[C, k]``, ``-1``: none; ``slot_kv``:
+    the slots' keys and values ``[U, S, H * d_k]`` from :func:`slot_keys_values`;
+    ``slot_mask`` ``[U, S]``: which of them hold a node)."""
+    U, S = slot_mask.shape
     C, K = window_index.shape
     H, D = layer.heads, layer.head_channels
     rel = layer.relation_parameters(relation)
-    n = K * slots.numel()
+    n = K * S
     rows = window_index.clamp(min=0).view(-1)
-    allowed = (window_index >= 0).view(C, K, 1).expand(C, K, slots.numel()).reshape(C, n)
+    allowed = (window_index >= 0).view(C, K, 1).expand(C, K, S).reshape(C, n)
     if U > 0:
-        allowed = allowed & window_mask[:, slots][rows].view(C, n)
-        # Keys and values of the linked slots only (a slice where the slots are a range,
-        # whose backward is cheaper), then one gather per (query, window).
-        S = slots.numel()
-        lo = int(slots[0]) if S else 0
-        contiguous = bool((slots == torch.arange(lo, lo + S, device=slots.device)).all())
-        k, v = (
-            (x.view(U, W, H * D)[:, lo : lo + S] if contiguous else x.view(U, W, H * D)[:, slots])
-            .index_select(0, rows).view(C, n, H * D)
-            for x in qkv[1:]
-        )
+        allowed = allowed & slot_mask[rows].view(C, n)
+        k, v = (x.index_select(0, rows).view(C, n, H * D) for x in slot_kv)  # per (query, window)
     else:
         k = v = query.new_zeros(C, n, H * D)
     # q . (k W_att) = (W_att q) . k and sum(alpha v W_msg) = sum(alpha v) W_msg, so the

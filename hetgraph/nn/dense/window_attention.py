@@ -14,6 +14,7 @@ from hetgraph.nn.dense.common import (
     combine_messages,
     query_window_messages,
     slot_index,
+    slot_keys_values,
     window_outputs,
     window_projection,
 )
@@ -29,6 +30,7 @@ def dense_window_attention(
     query_relation: EdgeType,
     query_slots: Sequence[int] | None = None,
     update_windows: bool = True,
+    output_slots: slice | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""One :class:`~hetgraph.nn.HeteroGraphAttention` layer (GNN-LM, `Meng et
     al. <https://arxiv.org/abs/2110.08743>`_), run as dense masked attention
@@ -74,12 +76,16 @@ def dense_window_attention(
         update_windows (bool, optional): If :obj:`False`, skip the window
             attention and return :obj:`window_x` unchanged (the last layer of
             a stack only needs the query output). (default: :obj:`True`)
+        output_slots (slice, optional): Compute and return the window outputs of
+            these slots only, :math:`(U, |\text{slots}|, F)`: a stack's later layers
+            need only the slots within reach of the queries (:obj:`None`: all).
 
     Shapes:
         - **input:** query features :math:`(C, F)`, window features :math:`(U, W, F)`,
           window mask :math:`(U, W)` (bool), window index :math:`(C, k)` (int64)
         - **output:** query features :math:`(C, F)` and window features
-          :math:`(U, W, F)`, in the dtypes of the inputs
+          :math:`(U, W, F)` (:math:`(U, |\text{output\_slots}|, F)`), in the dtypes of
+          the inputs
     """
     window_type, query_type = check_window_relations(layer, window_relation, query_relation)
     check_window_shapes(query_x, window_x, window_mask, window_index)
@@ -87,19 +93,23 @@ def dense_window_attention(
     C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query = layer.project(query_type, query_x)[:, 0]  # [C, H, D]; query keys/values reach nothing
     has_window = window_relation in layer.edge_types and update_windows
-    # 3 x [U * W, H, D]; queries folded with the window relation's W_att
-    qkv = window_projection(layer, window_type, window_x,
-                            window_relation if has_window else None)
+    # 3 x [U * W, H, D]; queries folded with the window relation's W_att. Without the
+    # window update only the linked slots' keys and values are needed (slot_keys_values).
+    qkv = (window_projection(layer, window_type, window_x,
+                             window_relation if has_window else None, output_slots)
+           if update_windows else None)
     slots = slot_index(query_slots, W, window_x.device)
 
     # A fixed order of dropout draws (training): windows, then queries.
     windows_out = window_x
     if update_windows:
+        assert qkv is not None
         windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
-                                     window_relation if has_window else None)
+                                     window_relation if has_window else None, output_slots)
     if query_relation in layer.edge_types:
+        slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
         part = query_window_messages(
-            layer, query, qkv, window_mask, window_index, slots, query_relation
+            layer, query, slot_kv, window_mask[:, slots], window_index, query_relation
         )
         m_query = combine_messages(layer, [part])
     else:

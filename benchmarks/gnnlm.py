@@ -6,6 +6,8 @@ then measures in the same process:
 
 * eval tokens/s of GNN-LM (retrieval + graph + adapter, k = 32, l = r = 1) as a ratio
   to a plain base forward over exactly the same windows;
+* adapter training tokens/s from the stored keys as a ratio to the base forward;
+* peak resident memory after each stage of the main job;
 * greedy ``generate`` tokens/s with retrieval at every new position (KV cache on) as a
   ratio to the base model's ``generate``.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +37,7 @@ from hetgraph.evaluation import results_table
 from hetgraph.fusion import HetGraphLM
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
+from hetgraph.training import train_adapter
 
 PROMPTS = [
     "The :mod:`os` module provides",
@@ -64,6 +68,22 @@ def generate_seconds(generate, tokenizer, new_tokens: int, device) -> tuple[floa
     return time.perf_counter() - start, produced
 
 
+def training_tokens_per_s(model, tokenizer, store, index, corpus, config, steps: int) -> float:
+    """Adapter training tokens/s from the stored keys (a fresh adapter, ``steps`` steps after
+    one warm-up step, no evaluation or checkpoints), as ``make demo`` trains it."""
+    torch.manual_seed(config.training.seed)
+    lm = HetGraphLM(model, store, index, config.fusion, tokenizer=tokenizer)
+    training = replace(config.training, max_steps=steps + 1, eval_every=0, checkpoint_every=0,
+                       warmup_steps=1)
+    train_split = corpus.train.truncate(len(store) + 1)
+    with tempfile.TemporaryDirectory() as scratch:
+        warm = replace(training, max_steps=1)
+        train_adapter(lm, train_split, None, warm, Path(scratch) / "warm", show_progress=False)
+        result = train_adapter(lm, train_split, None, training, Path(scratch) / "timed",
+                               show_progress=False)
+    return result.tokens_per_second
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +99,8 @@ def main() -> None:
     # fraction of the cost. `--factory auto` measures exact search.
     parser.add_argument("--factory", default="IVF1024,Flat", help="FAISS index factory")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
+    parser.add_argument("--train-speed-steps", type=int, default=8,
+                        help="adapter training steps timed for the training tokens/s")
     parser.add_argument("--out", default="runs/bench-gnnlm")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -112,6 +134,8 @@ def main() -> None:
     gnn_s = forward_seconds(lambda ids: lm(ids, use_cache=False), tokens, *windows)
     base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
     gnn_gen_s, gnn_gen_n = generate_seconds(lm.generate, tokenizer, args.new_tokens, device)
+    train_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, config,
+                                      args.train_speed_steps)
 
     scored = len(tokens) - 1
     out = {
@@ -134,7 +158,10 @@ def main() -> None:
             "base_generate_tokens_per_s": base_gen_n / base_gen_s,
             "gnn_generate_tokens_per_s": gnn_gen_n / gnn_gen_s,
             "generate_ratio_gnn_over_base": (gnn_gen_n / gnn_gen_s) / (base_gen_n / base_gen_s),
+            "adapter_training_tokens_per_s": train_tps,
+            "training_ratio_over_base_forward": train_tps / (scored / base_s),
         },
+        "peak_memory_mb_after_stage": results.get("peak_memory_mb"),
         "pipeline_seconds": pipeline_s,
     }
     path = Path(__file__).parent / "results" / "gnnlm.json"

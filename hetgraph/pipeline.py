@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +231,17 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
     return store, index
 
 
+def peak_resident_memory_mb() -> float:
+    """This process's peak resident memory so far, in MiB (``getrusage``; 0 where the
+    platform has no ``resource`` module)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)  # bytes there, KiB here
+
+
 def run_pipeline(config: RunConfig) -> dict[str, Any]:
     """Run the whole job and return the four-way results (also written to ``out_dir``:
     ``results.json``, the table ``results.md`` and the plot ``results.png``).
@@ -248,20 +260,31 @@ def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     atomic_write_json(out_dir / RUN_CONFIG, config.to_dict())
     device = resolve_device(config.device)
 
+    # Peak resident memory after each stage (a running maximum: a stage's own peak is
+    # where the figure grows).
+    memory: dict[str, float] = {}
     logger.info("loading model %s on %s", config.model or "embedded SmolLM2-135M", device)
     model, tokenizer = load_model(config.model, device=device)
+    memory["model"] = peak_resident_memory_mb()
     logger.info("reading and tokenizing the corpus")
     corpus = tokenize_corpus(config.corpus, tokenizer)
     logger.info("corpus: %s", corpus)
+    memory["corpus"] = peak_resident_memory_mb()
 
     logger.info("datastore and index")
     store, index = prepare_datastore(model, tokenizer, corpus, config, out_dir)
     provenance = check_corpus_provenance(store, corpus, command="demo")
+    memory["datastore_and_index"] = peak_resident_memory_mb()
     lm = prepare_adapter(model, tokenizer, corpus, store, index, config, out_dir / RUN_ADAPTER_DIR)
+    memory["training"] = peak_resident_memory_mb()
 
     logger.info("evaluating base, kNN-LM, GNN-LM and GNN-LM + kNN on the same test tokens")
     results = evaluate_four_way(lm, corpus.valid, corpus.test, config.evaluation)
+    memory["evaluation"] = peak_resident_memory_mb()
+    logger.info("peak resident memory after each stage (MiB): %s",
+                ", ".join(f"{stage} {mb:.0f}" for stage, mb in memory.items()))
     results["provenance"] = provenance
+    results["peak_memory_mb"] = {stage: round(mb, 1) for stage, mb in memory.items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
     table = results_table(results)  # refuses non-finite results before anything is written
     atomic_write_json(out_dir / RUN_RESULTS, results)

@@ -347,6 +347,9 @@ def test_the_demo_pipeline_is_reproducible_and_records_provenance(ws, tmp_path):
     for method in ("base", "knn", "gnn", "gnn_knn"):
         assert results[0][method] == results[1][method]
     assert results[0]["provenance"]["same_corpus"] is True
+    memory = results[0]["peak_memory_mb"]  # a running peak, recorded after every stage
+    assert list(memory) == ["model", "corpus", "datastore_and_index", "training", "evaluation"]
+    assert 0 < memory["model"] <= memory["corpus"] <= memory["evaluation"]
 
 
 def test_train_max_tokens_below_the_context_is_one_line(ws, capsys, tmp_path):

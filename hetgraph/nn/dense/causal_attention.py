@@ -23,8 +23,8 @@ from hetgraph.nn.dense.common import (
     query_window_messages,
     slot_index,
     slot_keys_values,
+    window_layer_inputs,
     window_outputs,
-    window_projection,
 )
 
 
@@ -154,17 +154,13 @@ def dense_causal_window_attention(
     C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query_qkv = layer.project(query_type, query_x)  # [C, 3, H, D]
     has_window = window_relation in layer.edge_types and update_windows
-    # 3 x [U * W, H, D]; queries folded with the window relation's W_att. Without the
-    # window update only the linked slots' keys and values are needed (slot_keys_values).
-    qkv = (window_projection(layer, window_type, window_x,
-                             window_relation if has_window else None, output_slots)
-           if update_windows else None)
+    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
+                              output_slots)  # 3 x [U * W, H, D] or None
     slots = slot_index(query_slots, W, window_x.device)
 
     # A fixed order of dropout draws (training): windows, query, causal messages, update.
     windows_out = window_x
-    if update_windows:
-        assert qkv is not None
+    if qkv is not None:
         windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
                                      window_relation if has_window else None, output_slots)
     parts = [no_messages(query_qkv, C, H, D)]

@@ -99,6 +99,23 @@ def window_projection(
     return q, k, v
 
 
+def window_layer_inputs(
+    layer: HeteroGraphAttention,
+    window_type: str,
+    window_x: Tensor,
+    window_relation: EdgeType,
+    update_windows: bool,
+    output_slots: slice | None,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`window_projection` of every slot when the windows are updated (queries
+    folded with ``window_relation``'s W_att if the layer has it), else :obj:`None`: only the
+    linked slots' keys and values are then needed (:func:`slot_keys_values`)."""
+    if not update_windows:
+        return None
+    relation = window_relation if window_relation in layer.edge_types else None
+    return window_projection(layer, window_type, window_x, relation, output_slots)
+
+
 def window_messages(
     layer: HeteroGraphAttention,
     qkv: Sequence[Tensor],

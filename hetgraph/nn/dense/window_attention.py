@@ -15,8 +15,8 @@ from hetgraph.nn.dense.common import (
     query_window_messages,
     slot_index,
     slot_keys_values,
+    window_layer_inputs,
     window_outputs,
-    window_projection,
 )
 
 
@@ -89,29 +89,20 @@ def dense_window_attention(
     """
     window_type, query_type = check_window_relations(layer, window_relation, query_relation)
     check_window_shapes(query_x, window_x, window_mask, window_index)
-    W = window_mask.size(1)
     C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query = layer.project(query_type, query_x)[:, 0]  # [C, H, D]; query keys/values reach nothing
     has_window = window_relation in layer.edge_types and update_windows
-    # 3 x [U * W, H, D]; queries folded with the window relation's W_att. Without the
-    # window update only the linked slots' keys and values are needed (slot_keys_values).
-    qkv = (window_projection(layer, window_type, window_x,
-                             window_relation if has_window else None, output_slots)
-           if update_windows else None)
-    slots = slot_index(query_slots, W, window_x.device)
-
+    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
+                              output_slots)  # 3 x [U * W, H, D] or None
+    slots = slot_index(query_slots, window_mask.size(1), window_x.device)
     # A fixed order of dropout draws (training): windows, then queries.
     windows_out = window_x
-    if update_windows:
-        assert qkv is not None
+    if qkv is not None:
         windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
                                      window_relation if has_window else None, output_slots)
+    m_query = query.new_zeros(C, H * D)
     if query_relation in layer.edge_types:
         slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
-        part = query_window_messages(
-            layer, query, slot_kv, window_mask[:, slots], window_index, query_relation
-        )
-        m_query = combine_messages(layer, [part])
-    else:
-        m_query = query.new_zeros(C, H * D)
+        m_query = combine_messages(layer, [query_window_messages(
+            layer, query, slot_kv, window_mask[:, slots], window_index, query_relation)])
     return layer.node_update(query_type, query_x, m_query), windows_out

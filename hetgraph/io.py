@@ -47,6 +47,9 @@ CORPUS_METADATA = "corpus.json"
 DATASTORE_METADATA = "metadata.json"
 #: A datastore build's progress (batches done), read to resume the build.
 DATASTORE_PROGRESS = "progress.json"
+#: One rank's progress in a distributed datastore build (``.format(rank=r)``); removed when
+#: the build completes.
+DATASTORE_RANK_PROGRESS = "progress.rank{rank}.json"
 #: JSON list of a datastore's document names, indexed by ``doc_ids``.
 DOC_NAMES = "doc_names.json"
 #: Sub-directory of a datastore holding its nearest-neighbour index.
@@ -55,6 +58,10 @@ INDEX_DIR = "index"
 INDEX_FILE = "index.faiss"
 #: What the index was built from and with (JSON), next to :data:`INDEX_FILE`.
 INDEX_METADATA = "index.json"
+#: On-disk inverted lists of an on-disk IVF index, next to :data:`INDEX_FILE` (mmap'd).
+INDEX_LISTS_FILE = "index.ivfdata"
+#: Sub-directory of an index directory holding the per-shard files of an unfinished build.
+INDEX_SHARDS_DIR = "shards"
 #: Adapter weights written by ``HetGraphLM.save_pretrained`` (safetensors).
 ADAPTER_WEIGHTS = "adapter.safetensors"
 #: Adapter and fusion settings written by ``HetGraphLM.save_pretrained`` (JSON).

@@ -1,10 +1,27 @@
-"""Building a datastore: one frozen-LM pass over a split, resumable after interruption."""
+"""Building a datastore: one frozen-LM pass over a split, resumable after interruption.
+
+The same build runs in one process or under ``torchrun`` (see :mod:`hetgraph.distributed`).
+Distributed, the deterministic batch schedule (:func:`window_batches`) is split into
+contiguous shares, one per rank, and every rank writes the rows of its batches **directly
+into the shared memmaps** that rank 0 preallocated. We chose this over per-rank shard files
+merged by rank 0 because the row of every position is known from the schedule before any
+batch runs: there is no merge pass (which would re-read and re-write every key, hours at
+100M tokens), no second copy of the keys on disk while merging (the fp16 keys alone are
+hundreds of GB at that size), and the files are the single-process files from the start — the
+same code opens, checks and resumes them. Ranks write disjoint rows; each keeps its own
+progress record (:mod:`hetgraph.datastore.progress`), so after a crash every rank — in a run
+with any number of processes — skips exactly the batches already written. Rank 0 writes the
+complete ``metadata.json`` once, atomically, after a barrier when every rank has finished.
+The result is byte-identical to a one-process build.
+"""
 from __future__ import annotations
 
 import errno
 import json
 import logging
 import os
+import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +45,14 @@ from hetgraph.datastore.integrity import (
     integrity_record,
     recorded_file_problems,
 )
+from hetgraph.datastore.progress import (
+    ProgressRecorder,
+    from_intervals,
+    mark_complete,
+    read_done,
+    to_intervals,
+    write_prefix,
+)
 from hetgraph.datastore.store import (
     FORMAT_VERSION,
     Datastore,
@@ -36,15 +61,14 @@ from hetgraph.datastore.store import (
     DatastoreMetadata,
     array_path,
 )
+from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.io import (
     DATASTORE_METADATA,
     DATASTORE_PROGRESS,
     DOC_NAMES,
     atomic_save_npy,
-    atomic_write_json,
     atomic_write_text,
     json_fingerprint,
-    read_json,
     remove_stale_temporaries,
     storage_errors,
 )
@@ -95,6 +119,7 @@ def build_datastore(
     overwrite: bool = False,
     show_progress: bool = True,
     max_batches: int | None = None,
+    distributed: DistributedContext | None = None,
 ) -> Datastore:
     """Run the frozen LM over a split and store a key per position.
 
@@ -122,8 +147,10 @@ def build_datastore(
             is damaged, instead of raising. Only a datastore is ever replaced: a directory
             holding any file a datastore build does not write is refused, never deleted.
         show_progress: show a tqdm bar.
-        max_batches: process at most this many batches in this call and return the
+        max_batches: process at most this many batches per rank in this call and return the
             (incomplete) datastore; for chunked jobs under time limits and for tests.
+        distributed: the ``torchrun`` job sharing the build (every rank calls with the same
+            arguments); default :func:`~hetgraph.distributed.current_context`.
 
     Returns:
         the opened :class:`Datastore` (``complete`` is False only if ``max_batches`` stopped it).
@@ -153,26 +180,55 @@ def build_datastore(
         corpus_fingerprint = array_fingerprint(tokens, doc_ids)
     metadata = _build_metadata(model, tokenizer, config, int(tokens[0]), num_entries, key_layer,
                                feature_layers, len(batches), corpus_fingerprint)
-
-    _refuse_foreign(out)  # before the lock file is created in someone else's directory
-    with directory_lock(out, "datastore"):
-        remove_stale_temporaries(out)
-        done = _prepare_directory(out, metadata, overwrite)
-        if done is None:  # already complete
+    ctx = distributed or current_context()
+    with ExitStack() as lock:
+        plan = ctx.run_on_main(lambda: _start_build(lock, out, metadata, overwrite, tokens,
+                                                    doc_ids, positions, split))
+        if plan is None:  # already complete
             return Datastore.open(out)
+        done = from_intervals(plan, len(batches))
+        remaining = [b for b in range(len(batches)) if b not in done]  # this rank's share:
+        todo = [remaining[i] for i in ctx.share(len(remaining))][:max_batches]
+        prefix = not ctx.is_distributed and done == set(range(len(done)))
+        recorder = ProgressRecorder(out, ctx.rank, done, len(batches), prefix)
         with storage_errors(out, RESUME_HINT):
-            if done == 0:
-                _write_static_arrays(out, metadata, tokens, doc_ids, positions,
-                                     getattr(split, "doc_names", None))
-            todo = batches[done:] if max_batches is None else batches[done:done + max_batches]
-            _run_batches(model, tokens, out, batches, done, todo, key_layer, feature_layers,
-                         show_progress)
-            if _read_progress(out) < len(batches):
-                return Datastore.open(out, allow_incomplete=True)
-            metadata.integrity = integrity_record(out, metadata)
-            metadata.complete = True
-            metadata.save(out / DATASTORE_METADATA)
-        return Datastore.open(out)
+            _run_batches(model, tokens, out, batches, todo, recorder, key_layer, feature_layers,
+                         show_progress and ctx.is_main)
+        ctx.barrier()  # every rank's rows and progress are on disk
+        complete = ctx.run_on_main(lambda: _finish_build(out, metadata, len(batches)))
+    return Datastore.open(out, allow_incomplete=not complete)
+
+
+def _start_build(lock: ExitStack, out: Path, metadata: DatastoreMetadata, overwrite: bool,
+                 tokens: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray,
+                 split: Any) -> list[list[int]] | None:
+    """Rank 0: lock ``out`` (held until ``lock`` closes), check and prepare it, write the
+    static arrays of a new build; return the batches already done as intervals (None: the
+    datastore is complete)."""
+    _refuse_foreign(out)  # before the lock file is created in someone else's directory
+    lock.enter_context(directory_lock(out, "datastore"))
+    remove_stale_temporaries(out)
+    done = _prepare_directory(out, metadata, overwrite)
+    if done is None:
+        return None
+    if not done:
+        with storage_errors(out, RESUME_HINT):
+            _write_static_arrays(out, metadata, tokens, doc_ids, positions,
+                                 getattr(split, "doc_names", None))
+    return to_intervals(done)
+
+
+def _finish_build(out: Path, metadata: DatastoreMetadata, num_batches: int) -> bool:
+    """Rank 0, after every rank finished: when every batch is written, record it and write the
+    complete metadata (atomically, once); returns whether the datastore is complete."""
+    if len(read_done(out, num_batches)) < num_batches:
+        return False
+    with storage_errors(out, RESUME_HINT):
+        mark_complete(out, num_batches)
+        metadata.integrity = integrity_record(out, metadata)
+        metadata.complete = True
+        metadata.save(out / DATASTORE_METADATA)
+    return True
 
 
 def _build_metadata(model: nn.Module, tokenizer: Any, config: DatastoreConfig, probe_token: int,
@@ -193,22 +249,23 @@ def _build_metadata(model: nn.Module, tokenizer: Any, config: DatastoreConfig, p
 
 
 def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[list[Window]],
-                 done: int, todo: list[list[Window]], key_layer: int | None,
+                 todo: list[int], recorder: ProgressRecorder, key_layer: int | None,
                  feature_layers: tuple[int, ...], show_progress: bool) -> None:
-    """Capture and store the states of the batches ``todo`` (batches ``done``, ``done + 1``, …),
-    saving progress after every flushed batch."""
+    """Store the states of the batches numbered ``todo``; record progress after each."""
     keys = np.load(array_path(out, "keys"), mmap_mode="r+", allow_pickle=False)
     feats = {l: np.load(array_path(out, f"features_{l}"), mmap_mode="r+", allow_pickle=False)
              for l in feature_layers}
     device = model_device(model)
-    scored_before = sum(w.end - w.score_start for b in batches[:done] for w in b)
-    total = sum(w.end - w.score_start for b in batches for w in b)
+    scored_before = sum(w.end - w.score_start for b in recorder.done for w in batches[b])
+    total = scored_before + sum(w.end - w.score_start for b in todo for w in batches[b])
     bar = tqdm(total=total, initial=scored_before, desc="datastore", unit="tok",
                disable=not show_progress, dynamic_ncols=True)
+    started = time.perf_counter()
     try:
         with torch.inference_mode(), HiddenStateCapture(model, [key_layer, *feature_layers],
                                                         stop_forward=True) as capture:
-            for b, batch in enumerate(todo, start=done):
+            for b in todo:
+                batch = batches[b]
                 states = capture.run(batch_input_ids(tokens, batch, device))
                 halves = {l: _finite_half(states[l], l, b, batch, out)
                           for l in [key_layer, *feature_layers]}
@@ -218,11 +275,14 @@ def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[
                 keys.flush()
                 for f in feats.values():
                     f.flush()
-                _write_progress(out, b + 1, len(batches))
+                recorder.record(b)
                 bar.update(sum(w.end - w.score_start for w in batch))
     finally:
         bar.close()
         del keys, feats
+    seconds, scored = time.perf_counter() - started, total - scored_before
+    logger.info("datastore: rank %d wrote %d positions in %.1f s (%.0f tokens/s)", recorder.rank,
+                scored, seconds, scored / max(seconds, 1e-9))
 
 
 def _finite_half(hidden: torch.Tensor, layer: int | None, b: int, batch: list[Window],
@@ -259,9 +319,10 @@ def _refuse_foreign(out: Path) -> None:
             "directory (a new or empty one)")
 
 
-def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> int | None:
+def _prepare_directory(out: Path, metadata: DatastoreMetadata,
+                       overwrite: bool) -> set[int] | None:
     """Validate ``out`` (locked, holding datastore files only); clear it if needed; return the
-    number of batches already done (None = complete and intact)."""
+    batches already done (None = complete and intact)."""
     _refuse_foreign(out)
     meta_file = out / DATASTORE_METADATA
     if not meta_file.exists():
@@ -270,7 +331,7 @@ def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) 
             # A build stopped before its metadata was written ran no batch: start again.
             logger.info("%s holds a build stopped at its start; starting it again", out)
             clear_datastore(out)
-        return 0
+        return set()
     try:
         existing: DatastoreMetadata | None = DatastoreMetadata.load(meta_file)
         damage = None
@@ -281,7 +342,7 @@ def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) 
         if existing.complete and not problems:
             problems = recorded_file_problems(out, existing, full=False)
         if not problems:
-            return None if existing.complete else _read_progress(out)
+            return None if existing.complete else read_done(out, metadata.num_batches)
         damage = f"{out / problems[0]}"
     if not overwrite:
         if damage is not None:
@@ -292,7 +353,7 @@ def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) 
             f"({_describe_difference(existing, metadata)}); pass {OVERWRITE_HINT} to replace "
             "it, or choose another directory")
     clear_datastore(out)
-    return 0
+    return set()
 
 
 def _describe_difference(existing: DatastoreMetadata | None, new: DatastoreMetadata) -> str:
@@ -320,7 +381,7 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
         array.flush()
         del array
         _allocate(array_path(out, name))
-    _write_progress(out, 0, metadata.num_batches)
+    write_prefix(out, 0, metadata.num_batches)
     metadata.save(out / DATASTORE_METADATA)
 
 
@@ -337,15 +398,3 @@ def _allocate(path: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
-def _write_progress(out: Path, batches_done: int, num_batches: int) -> None:
-    atomic_write_json(out / DATASTORE_PROGRESS,
-                      {"batches_done": batches_done, "num_batches": num_batches})
-
-
-def _read_progress(out: Path) -> int:
-    try:
-        return int(read_json(out / DATASTORE_PROGRESS)["batches_done"])
-    except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError):
-        return 0

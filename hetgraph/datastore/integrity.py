@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
 _OWN_FILES = {DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES, LOCK_FILE,
               *(f"{name}.npy" for name in ARRAY_NAMES)}
-_FEATURES = re.compile(r"^features_-?\d+\.npy$")
+#: Per-layer feature arrays, and the per-rank progress records of a distributed build.
+_OWN_PATTERN = re.compile(r"^features_-?\d+\.npy$|^progress\.rank\d+\.json$")
 _OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, LOCK_FILE}
 
 
@@ -112,7 +113,7 @@ def is_own_entry(path: Path) -> bool:
     if path.is_dir():
         return path.name == INDEX_DIR and all(
             (temporary_target(p.name) or p.name) in _OWN_INDEX_FILES for p in path.iterdir())
-    return name in _OWN_FILES or bool(_FEATURES.match(name))
+    return name in _OWN_FILES or bool(_OWN_PATTERN.match(name))
 
 
 def foreign_entries(directory: Path) -> list[str]:

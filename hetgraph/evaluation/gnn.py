@@ -38,7 +38,9 @@ def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
                      max_tokens: int | None = None) -> float:
     """Perplexity of a :class:`~hetgraph.HetGraphLM` on a split, through ``config``'s
     windows, over its first ``max_tokens`` tokens (default ``config.max_tokens``, else all).
-    The model retrieves its own ``FusionConfig.k`` neighbours (as in training)."""
+    The model retrieves its own ``FusionConfig.k`` neighbours (as in training). Under
+    ``torchrun`` the windows are shared across ranks and the result is the one-process
+    perplexity on every rank (:func:`~hetgraph.evaluation.collect_lm_outputs`)."""
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
@@ -71,6 +73,8 @@ def evaluate_four_way(
     The kNN-LM λ and temperature are tuned on the valid split, separately for the base LM
     and for GNN-LM. GNN-LM retrieves with the base model's query states, so its
     neighbours are the base run's, and they are reused rather than searched again.
+    Under ``torchrun`` every rank calls this with the same arguments; each scores a share of
+    the windows, and every rank returns the one-process results.
 
     Args:
         lm: a :class:`~hetgraph.HetGraphLM` (its model, datastore and index are used).

@@ -7,6 +7,12 @@ position the target, the LM's target log-prob (float32 ``log_softmax``), the LM'
 and, when an index is given, the query key (captured by
 :class:`~hetgraph.datastore.HiddenStateCapture`, the same code that captured the
 datastore keys) and its retrieved neighbours.
+
+Under ``torchrun`` every rank scores a contiguous share of the window batches and the
+per-token results are gathered onto every rank in position order
+(:meth:`~hetgraph.distributed.DistributedContext.all_gather_rows`, exact bytes): the batches
+are the one-process batches, so every rank ends with exactly the one-process outputs, and
+everything computed from them (perplexities, λ and T tuned on valid) is identical too.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
+from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.layers import model_device
@@ -204,8 +211,8 @@ def _reused_neighbour_log_probs(neighbours_from: LMOutputs, positions: Tensor,
 
 
 def _assemble(parts: dict[str, list[Tensor]], targets: Tensor,
-              neighbours_from: LMOutputs | None) -> LMOutputs:
-    cat = {name: (torch.cat(p) if p else None) for name, p in parts.items()}
+              neighbours_from: LMOutputs | None, ctx: DistributedContext) -> LMOutputs:
+    cat = {name: ctx.all_gather_rows(torch.cat(p) if p else None) for name, p in parts.items()}
     if neighbours_from is not None:
         if not torch.equal(cat["positions"], neighbours_from.positions):
             raise ValueError("neighbours_from was collected over other positions (split, "
@@ -226,6 +233,7 @@ def collect_lm_outputs(
     keep_queries: bool = False,
     neighbours_from: LMOutputs | None = None,
     show_progress: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> LMOutputs:
     """Run a model over a split with strided windows and collect per-position outputs.
 
@@ -244,9 +252,13 @@ def collect_lm_outputs(
             neighbours are reused instead of searching again (GNN-LM retrieves with the base
             model's query states, so its neighbours are the base run's); this run's
             log-probs of those neighbours' tokens are gathered.
-        show_progress: tqdm bar.
+        show_progress: tqdm bar (rank 0 only).
+        distributed: the ``torchrun`` job sharing the windows (every rank calls this with the
+            same arguments and receives all outputs); default
+            :func:`~hetgraph.distributed.current_context`.
     """
     config = config or EvalConfig()
+    ctx = distributed or current_context()
     tokens, _, _ = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
         raise HetgraphError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
@@ -263,13 +275,14 @@ def collect_lm_outputs(
     num_positions = len(tokens) - 1
     batches = window_batches(sliding_windows(num_positions, config.context_length, config.stride),
                              config.batch_size)
+    batches = [batches[i] for i in ctx.share(len(batches))]
     targets_all = torch.from_numpy(tokens[1:].astype(np.int64))
     parts: dict[str, list[Tensor]] = {name: [] for name in (
         "positions", "lm_log_probs", "lm_argmax", "lm_argmax_log_probs", "queries",
         "knn_distances", "knn_ids", "knn_tokens", "lm_neighbour_log_probs")}
     capture = HiddenStateCapture(model, [key_layer]) if key_layer is not ANY else None
-    bar = tqdm(total=num_positions, desc="evaluate", unit="tok", disable=not show_progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=sum(w.end - w.score_start for b in batches for w in b), desc="evaluate",
+               unit="tok", disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
     with bar, capture if capture is not None else nullcontext(), torch.inference_mode():
         for batch in batches:
             logits = forward(batch_input_ids(tokens, batch, device))
@@ -289,4 +302,4 @@ def collect_lm_outputs(
             for name, value in found.items():
                 parts[name].append(value)
             bar.update(len(positions))
-    return _assemble(parts, targets_all, neighbours_from)
+    return _assemble(parts, targets_all, neighbours_from, ctx)

@@ -1,8 +1,14 @@
-"""Training the graph adapters of a :class:`~hetgraph.HetGraphLM`; the base model stays frozen."""
+"""Training the graph adapters of a :class:`~hetgraph.HetGraphLM`; the base model stays frozen.
+
+Under ``torchrun`` the same call trains data-parallel (:mod:`hetgraph.training.ddp`): every
+rank runs it with the same arguments; rank 0 holds the directory lock and writes checkpoints,
+the best adapter and ``training.json``; checkpoints resume with any number of processes.
+"""
 from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +18,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hetgraph.configuration import ConfigError, JSONConfigMixin
+from hetgraph.configuration import ConfigError
+from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError
 from hetgraph.evaluation.lm import NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
@@ -28,73 +35,12 @@ from hetgraph.training.checkpoint import (
     restore_checkpoint,
     write_checkpoint,
 )
+from hetgraph.training.config import TrainingConfig
+from hetgraph.training.ddp import DataParallelLoss
+from hetgraph.training.schedule import learning_rate_factor, sample_starts, split_tokens
 
 if TYPE_CHECKING:
     from hetgraph.evaluation import EvalConfig
-
-
-@dataclass
-class TrainingConfig(JSONConfigMixin):
-    """Settings of :func:`train_adapter` (JSON-serialisable).
-
-    Args:
-        max_steps: optimiser steps.
-        batch_size: sequences per micro-batch.
-        context_length: tokens per training sequence (random windows of the train split).
-        grad_accumulation: micro-batches per optimiser step.
-        lr, weight_decay: AdamW settings for the adapter parameters.
-        warmup_steps: linear warm-up, then ``schedule``.
-        schedule: ``"inverse_sqrt"`` (GNN-LM), ``"cosine"`` or ``"constant"``.
-        clip_norm: gradient-norm clipping (``0`` disables).
-        eval_every: steps between valid-perplexity evaluations (``0`` = only at the end).
-        eval_tokens: valid tokens scored per evaluation.
-        patience: evaluations without improvement before early stopping (``0`` = never stop).
-        checkpoint_every: steps between resumable checkpoints (``0`` = at evaluations only).
-        seed: makes data order, dropout and initialisation reproducible, across resumes too.
-        from_datastore: train from the stored keys without running the base model
-            (:meth:`HetGraphLM.forward_from_datastore`; each micro-batch is
-            ``batch_size`` random spans of ``context_length`` datastore rows). ``None``: whenever
-            the fusion configuration allows it (the default one does), else full forwards over
-            random windows of the train split.
-        init_from: an adapter directory to start from instead of a fresh initialisation
-            (the paper's two-stage training: stage 2, e.g. ``k=128`` and ``l = r = 2``, starts
-            from stage 1's adapter); a run that resumes from its checkpoint ignores it.
-    """
-
-    max_steps: int = 300
-    batch_size: int = 4
-    context_length: int = 256
-    grad_accumulation: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 30
-    schedule: str = "inverse_sqrt"
-    clip_norm: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int = 4096
-    patience: int = 3
-    checkpoint_every: int = 50
-    seed: int = 0
-    from_datastore: bool | None = None
-    init_from: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()  # types first: "max_steps": "ten" is a ConfigError
-        # ValueErrors here become ConfigErrors named by their dotted path (build_config).
-        if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
-            raise ValueError(
-                f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")
-        for name in ("max_steps", "batch_size", "context_length", "grad_accumulation"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_tokens", "patience", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "clip_norm"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number "
-                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
 
 
 class TrainingError(HetgraphError):
@@ -122,37 +68,15 @@ class TrainingResult:
         return data
 
 
-def learning_rate_factor(step: int, config: TrainingConfig) -> float:
-    """Multiplier of ``config.lr`` at optimiser step ``step`` (0-based)."""
-    warmup = max(config.warmup_steps, 0)
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / (step + 1))
-    progress = (step - warmup) / max(1, config.max_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _sample_starts(num_tokens: int, length: int, count: int, seed: int, step: int) -> np.ndarray:
-    # One generator per step: the data order is the same whether or not the run resumed.
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, max(1, num_tokens - length), size=count)
-
-
-def _split_tokens(split: Any) -> np.ndarray:
-    return np.asarray(split.tokens, dtype=np.int64)
-
-
 class _TrainingRun:
     """The state of one :func:`train_adapter` call: optimiser, schedule, results so far."""
 
     def __init__(self, lm: HetGraphLM, train_split: Any, valid_split: Any | None,
-                 config: TrainingConfig, out_dir: Path, eval_config: EvalConfig | None) -> None:
+                 config: TrainingConfig, out_dir: Path, eval_config: EvalConfig | None,
+                 ctx: DistributedContext) -> None:
         self.lm, self.valid_split, self.config, self.out_dir = lm, valid_split, config, out_dir
-        self.eval_config = eval_config
-        self.tokens = _split_tokens(train_split)
+        self.eval_config, self.ctx = eval_config, ctx
+        self.tokens = split_tokens(train_split)
         self.num_rows = len(lm.datastore)
         self._check_inputs()
         self.device = next(lm.adapters.parameters()).device
@@ -164,6 +88,8 @@ class _TrainingRun:
                               "set from_datastore to null to train with full forwards")
         torch.manual_seed(config.seed)
         self.params = [p for p in lm.parameters() if p.requires_grad]
+        self.parallel = DataParallelLoss(self.params, lambda d: self.micro_batch_loss(d),
+                                         config.batch_size, ctx)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -178,6 +104,10 @@ class _TrainingRun:
 
     def _check_inputs(self) -> None:
         tokens, config = self.tokens, self.config
+        if config.batch_size < self.ctx.world_size:
+            raise TrainingError(f"training.batch_size {config.batch_size} is the global batch and "
+                                f"must be at least the number of processes "
+                                f"({self.ctx.world_size}); raise it or start fewer processes")
         if len(tokens) < config.context_length + 1:
             raise TrainingError(f"the train split has {len(tokens)} tokens, "
                                 f"fewer than context_length + 1 = {config.context_length + 1}: "
@@ -196,7 +126,8 @@ class _TrainingRun:
 
     def resume(self) -> bool:
         """Continue from ``out_dir/checkpoint`` when one exists; returns whether it did."""
-        state = read_checkpoint(self.out_dir)
+        # Rank 0 reads (and may repair) the checkpoint; every rank then loads its files.
+        state = self.ctx.run_on_main(lambda: read_checkpoint(self.out_dir))
         if state is None:
             return False
         saved = read_adapter_config(self.out_dir / CHECKPOINT_DIR)["fusion"]
@@ -234,32 +165,36 @@ class _TrainingRun:
         result.valid_ppl[step] = ppl
         if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
             result.best_valid_ppl, result.best_step, self.bad_evals = ppl, step, 0
-            lm.save_pretrained(self.out_dir)
+            if self.ctx.is_main:
+                lm.save_pretrained(self.out_dir)
         else:
             self.bad_evals += 1
         return self.config.patience > 0 and self.bad_evals >= self.config.patience
 
     def save_checkpoint(self, step: int) -> None:
         self.result.seconds = self.seconds_before + time.perf_counter() - self.started
+        if not self.ctx.is_main:
+            return
         write_checkpoint(self.lm, self.optimizer, self.out_dir, {
             "step": step, "bad_evals": self.bad_evals, "config": self.config.to_dict(),
             "result": self.result.to_dict()})
 
     def micro_batch_loss(self, draw: int) -> Tensor:
-        """Cross-entropy of micro-batch number ``draw`` (a seeded sample of spans)."""
-        config, device = self.config, self.device
+        """Cross-entropy of micro-batch number ``draw`` (a seeded sample of spans; under
+        ``torchrun`` this rank's share of it)."""
+        config, device, share = self.config, self.device, self.parallel.share
         if self.from_datastore:
             # Contiguous spans, like text: neighbouring rows retrieve overlapping
             # neighbours, so shared windows keep the graph small.
-            starts = _sample_starts(self.num_rows, config.context_length, config.batch_size,
-                                    config.seed, draw)
+            starts = sample_starts(self.num_rows, config.context_length, config.batch_size,
+                                   config.seed, draw)[share.start:share.stop]
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
             labels = torch.from_numpy(
                 self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
             logits = self.lm.forward_from_datastore(torch.from_numpy(offsets)).float()
         else:
-            starts = _sample_starts(len(self.tokens), config.context_length + 1, config.batch_size,
-                                    config.seed, draw)
+            starts = sample_starts(len(self.tokens), config.context_length + 1,
+                                   config.batch_size, config.seed, draw)[share.start:share.stop]
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
             input_ids = torch.from_numpy(self.tokens[offsets]).to(device)
             labels = torch.from_numpy(self.tokens[offsets + 1]).to(device)
@@ -271,16 +206,19 @@ class _TrainingRun:
 
     def optimizer_step(self, step: int) -> float:
         """One optimiser step (``grad_accumulation`` micro-batches); returns the mean loss."""
-        config = self.config
-        torch.manual_seed(config.seed * 1_000_003 + step)  # dropout, reproducible on resume
+        config, parallel = self.config, self.parallel
+        # Dropout, reproducible on resume (each rank its own stream; rank 0 = one process).
+        torch.manual_seed(config.seed * 1_000_003 + step + self.ctx.rank * 7_919_000_011)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(config.grad_accumulation):
-            loss = self.micro_batch_loss(step * config.grad_accumulation + micro)
-            if not torch.isfinite(loss.detach()):
-                self.refuse_non_finite(step, float(loss.detach()))
-            (loss / config.grad_accumulation).backward()
-            loss_sum += float(loss.detach()) / config.grad_accumulation
+            with parallel.sync(micro == config.grad_accumulation - 1):
+                loss = parallel.loss(step * config.grad_accumulation + micro)
+                value = parallel.global_value(loss)  # the same on every rank
+                if not math.isfinite(value):
+                    self.refuse_non_finite(step, value)
+                (loss / config.grad_accumulation).backward()
+            loss_sum += value / config.grad_accumulation
         if config.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, config.clip_norm)
         self.optimizer.step()
@@ -289,7 +227,7 @@ class _TrainingRun:
 
     def refuse_non_finite(self, step: int, loss: float) -> None:
         """Stop before a non-finite loss reaches the weights; what is on disk stays intact."""
-        state = read_checkpoint(self.out_dir)
+        state = self.ctx.run_on_main(lambda: read_checkpoint(self.out_dir))
         last = (f"the last checkpoint ({self.out_dir / CHECKPOINT_DIR}, step {state['step']}) "
                 "is intact and resumes" if state is not None else "no checkpoint was written")
         raise NonFiniteError(
@@ -337,16 +275,21 @@ class _TrainingRun:
             bar.close()
             lm.eval()
         result.seconds = self.seconds_before + time.perf_counter() - started
-        result.tokens_per_second = self.seen_tokens / max(time.perf_counter() - started, 1e-9)
+        seen = self.ctx.sum_float(float(self.seen_tokens))  # over all ranks
+        result.tokens_per_second = seen / max(time.perf_counter() - started, 1e-9)
 
     def finish(self) -> None:
         """Leave the best adapter in memory and on disk, and write ``training.json``."""
         if self.valid_split is None:
-            self.lm.save_pretrained(self.out_dir)
-        elif self.result.best_step is not None and (self.out_dir / ADAPTER_WEIGHTS).is_file():
-            load_adapter_weights(self.lm, self.out_dir, self.device)
-        atomic_write_json(self.out_dir / TRAINING_RESULT,
-                          {"config": self.config.to_dict(), "result": self.result.to_dict()})
+            if self.ctx.is_main:
+                self.lm.save_pretrained(self.out_dir)
+        else:
+            self.ctx.barrier()  # rank 0 has written the best adapter
+            if self.result.best_step is not None and (self.out_dir / ADAPTER_WEIGHTS).is_file():
+                load_adapter_weights(self.lm, self.out_dir, self.device)
+        if self.ctx.is_main:
+            atomic_write_json(self.out_dir / TRAINING_RESULT,
+                              {"config": self.config.to_dict(), "result": self.result.to_dict()})
 
 
 def train_adapter(
@@ -360,6 +303,7 @@ def train_adapter(
     resume: bool = True,
     show_progress: bool = True,
     stop_after: int | None = None,
+    distributed: DistributedContext | None = None,
 ) -> TrainingResult:
     """Train ``lm``'s adapters on ``train_split`` (the text the datastore was built from).
 
@@ -387,14 +331,19 @@ def train_adapter(
         show_progress: tqdm bar.
         stop_after: stop (as if interrupted, raising ``KeyboardInterrupt``) once this many
             steps have run in this call; for testing resumption.
+        distributed: the ``torchrun`` job to train data-parallel with (every rank calls this
+            with the same arguments); default :func:`~hetgraph.distributed.current_context`.
     """
     out_dir = Path(out_dir)
+    ctx = distributed or current_context()
     if config.init_from is not None:
         check_init_from(config.init_from, out_dir)
-    with directory_lock(out_dir, "adapter directory"):
-        run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config)
+    with ExitStack() as lock:
+        ctx.run_on_main(lambda: lock.enter_context(
+            directory_lock(out_dir, "adapter directory")) and None)
+        run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config, ctx)
         if not (resume and run.resume()) and config.init_from is not None:
             load_initial_adapter(lm, config.init_from, run.device, out_dir)
-        run.run(show_progress, stop_after)
+        run.run(show_progress and ctx.is_main, stop_after)
         run.finish()
     return run.result

@@ -287,8 +287,11 @@ def collect_lm_outputs(
         for batch in batches:
             logits = forward(batch_input_ids(tokens, batch, device))
             rows, cols, positions = _scored_rows(batch, device)
-            log_probs = torch.log_softmax(logits[rows, cols].float(), dim=-1)   # [n, V]
+            # log_softmax in place on the gathered copy of the scored rows: one [n, V]
+            # buffer besides the logits instead of two (the evaluation's memory peak).
+            log_probs = logits[rows, cols].float()  # [n, V], a new tensor
             del logits
+            log_probs.sub_(log_probs.logsumexp(dim=-1, keepdim=True))
             found = {"positions": positions, **_score(log_probs, targets_all[positions].to(device))}
             if capture is not None:
                 queries = capture.states[key_layer][rows, cols].to(torch.float16)

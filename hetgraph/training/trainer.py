@@ -90,8 +90,12 @@ class _TrainingRun:
         self.params = [p for p in lm.parameters() if p.requires_grad]
         self.parallel = DataParallelLoss(self.params, lambda d: self.micro_batch_loss(d),
                                          config.batch_size, ctx)
+        # The fused kernel: one pass over all parameters (CPU and CUDA); the per-tensor
+        # default loop measured 10-100x slower on 2 CPU cores for the adapter's ~50 tensors.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                    for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, config))
         self.result = TrainingResult()

@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "DatastoreIndex": "hetgraph.index",
     "IndexConfig": "hetgraph.index",
     "auto_factory": "hetgraph.index",
+    "build_ondisk_index": "hetgraph.index",
     # kNN-LM
     "interpolate_log_probs": "hetgraph.knnlm",
     "knn_log_probs": "hetgraph.knnlm",
@@ -79,6 +80,8 @@ _EXPORTS: dict[str, str] = {
     "HetGraphLM": "hetgraph.fusion",
     "Retrieval": "hetgraph.fusion",
     "Retriever": "hetgraph.fusion",
+    "RetrievalGate": "hetgraph.fusion",
+    "resolve_fusion_sites": "hetgraph.fusion",
     # training
     "TrainingConfig": "hetgraph.training",
     "TrainingError": "hetgraph.training.trainer",
@@ -150,7 +153,9 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         GraphInputBuilder as GraphInputBuilder,
         HetGraphLM as HetGraphLM,
         Retrieval as Retrieval,
+        RetrievalGate as RetrievalGate,
         Retriever as Retriever,
+        resolve_fusion_sites as resolve_fusion_sites,
     )
     from hetgraph.graph import (
         ContextGraph as ContextGraph,
@@ -163,6 +168,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         DatastoreIndex as DatastoreIndex,
         IndexConfig as IndexConfig,
         auto_factory as auto_factory,
+        build_ondisk_index as build_ondisk_index,
     )
     from hetgraph.inspection import (
         NeighbourReport as NeighbourReport,

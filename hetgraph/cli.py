@@ -158,6 +158,15 @@ def _add_build_commands(commands: Any) -> None:
                                "or 'auto' (exact below ~1M vectors)")
     ix_build.add_argument("--metric", choices=("l2", "ip"), default="l2")
     ix_build.add_argument("--threads", type=POSITIVE, default=None)
+    ix_build.add_argument("--on-disk", dest="on_disk", action="store_const", const=True,
+                          default=None, help="IVF lists on disk (mmap'd); default: by size "
+                          "(docs: Scaling out)")
+    ix_build.add_argument("--in-memory", dest="on_disk", action="store_const", const=False)
+    ix_build.add_argument("--nprobe", type=POSITIVE, default=32, help="IVF lists per query")
+    ix_build.add_argument("--rerank", type=int, default=0, metavar="K_PRIME",
+                          help="re-rank K_PRIME candidates exactly against the keys (0: off)")
+    ix_build.add_argument("--shard-rows", type=POSITIVE, default=1_000_000,
+                          help="rows per block of an on-disk build (the unit of a rank's work)")
     ix_build.set_defaults(func=cmd_index_build)
 
 
@@ -179,7 +188,10 @@ def _add_train_command(commands: Any) -> None:
     train.add_argument("--max-tokens", type=_at_least(2), default=None,
                        help="train on the first N train tokens")
     train.add_argument("--fusion-layers", nargs="+", default=None,
-                       help="fused sites: decoder-layer indices and/or 'head'")
+                       help="fused sites: decoder-layer indices, 'head', 'all' (every decoder "
+                            "layer) and/or Python ranges such as 0:30:4 or ::2, e.g. "
+                            "'--fusion-layers all head'; write a range that starts with '-' "
+                            "as '--fusion-layers=-4:'")
     train.add_argument("--k", type=POSITIVE, default=None, help="neighbours per position")
     train.add_argument("--left", type=_at_least(0), default=None,
                        help="neighbour window: tokens left of each retrieved position (l)")

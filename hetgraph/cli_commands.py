@@ -147,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_datastore_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import DatastoreConfig, build_datastore
+    from hetgraph.distributed import init_distributed
     from hetgraph.index import DatastoreIndex, IndexConfig
     from hetgraph.models.checks import check_context_length
 
@@ -154,11 +155,14 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
         context_length=args.context_length, stride=args.stride, batch_size=args.batch_size,
         key_layer=args.layer, feature_layers=list(args.feature_layers),
         max_tokens=args.max_tokens))
+    ctx = init_distributed()  # under torchrun every rank builds its share; rank 0 reports
     model, tokenizer = _load(args)
     check_context_length(model, config.context_length, "--context-length")
     corpus = _corpus(args, tokenizer)
     store = build_datastore(model, tokenizer, corpus.train, args.out, config,
                             corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
+    if not ctx.is_main:
+        return 0
     print(f"datastore: {store}")
     if not args.no_index:
         index = DatastoreIndex.build(store, IndexConfig(num_threads=args.threads))
@@ -169,14 +173,18 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import Datastore
-    from hetgraph.index import DatastoreIndex, IndexConfig
+    from hetgraph.distributed import init_distributed
+    from hetgraph.index import IndexConfig, build_index
 
-    config = IndexConfig.from_dict(dict(factory=args.factory, metric=args.metric,
-                                        num_threads=args.threads))
+    config = IndexConfig.from_dict(dict(
+        factory=args.factory, metric=args.metric, num_threads=args.threads,
+        on_disk=args.on_disk, nprobe=args.nprobe, rerank=args.rerank, shard_rows=args.shard_rows))
+    ctx = init_distributed()  # under torchrun an on-disk build is shard-parallel
     store = Datastore.open(args.datastore)
-    index = DatastoreIndex.build(store, config)
-    index.save(Path(args.datastore) / INDEX_DIR)
-    print(f"index: {index} saved in {Path(args.datastore) / INDEX_DIR}")
+    index = build_index(store, Path(args.datastore) / INDEX_DIR, config, distributed=ctx)
+    if ctx.is_main:
+        print(f"index: {index} saved in {Path(args.datastore) / INDEX_DIR}"
+              + (" (lists on disk)" if index.on_disk else ""))
     return 0
 
 
@@ -202,8 +210,7 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                                    "the stage-1 `hetgraph train`")
         training["init_from"] = str(args.init_from)
     if args.fusion_layers is not None:
-        fusion["fusion_layers"] = [s if s == "head" else _int_option(s, "--fusion-layers")
-                                   for s in args.fusion_layers]
+        fusion["fusion_layers"] = list(args.fusion_layers)  # parsed by FusionConfig
     if args.k is not None:
         fusion["k"] = args.k
     for name in ("max_steps", "lr", "seed"):
@@ -215,22 +222,16 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise ConfigError(f"option or --config value: {error}", error.key) from None
 
 
-def _int_option(value: str, option: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise CommandLineError(f"{option}: expected decoder-layer indices or 'head', "
-                               f"got {value!r}") from None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from hetgraph.distributed import init_distributed
     from hetgraph.fusion import HetGraphLM
     from hetgraph.pipeline import check_corpus_provenance
     from hetgraph.training import train_adapter
 
     fusion, training, evaluation = _training_settings(args)
+    ctx = init_distributed()  # under torchrun: DDP; rank 0 writes and reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
@@ -243,6 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
     result = train_adapter(lm, train_split, corpus.valid, training, args.out,
                            eval_config=evaluation)
+    if not ctx.is_main:
+        return 0
     print(json.dumps({"steps": result.steps, "best_step": result.best_step,
                       "best_valid_ppl": result.best_valid_ppl, "adapter": str(args.out)}, indent=2))
     return 0
@@ -251,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from hetgraph.distributed import init_distributed
     from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
     from hetgraph.pipeline import check_corpus_provenance
 
@@ -259,6 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          ("valid_tokens", "tune_tokens")):
         if getattr(args, option) is not None:
             evaluation = replace(evaluation, **{name: getattr(args, option)})
+    ctx = init_distributed()  # under torchrun the windows are shared; rank 0 reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
@@ -269,6 +274,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_four_way(lm, corpus.valid, corpus.split(args.split), evaluation,
                                 include_gnn=args.adapter is not None)
     results["provenance"] = provenance
+    if not ctx.is_main:
+        return 0
     print(results_table(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 For any position of any text, :func:`inspect_positions` returns the ``k`` corpus
 positions the query retrieved, as readable text with their distance, their document
 and the attention the adapter's last graph layer gave them (per fused site), next to
-the base and GNN-LM predictions.
+the base and GNN-LM predictions and, with ``FusionConfig(gate="retrieval")``, each site's
+retrieval-gate factor at the position.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class NeighbourReport:
     base_prediction: str
     gnn_prediction: str
     neighbours: list[Neighbour]
+    #: Per fused site, the retrieval gate's factor σ(a·s + b) at this position
+    #: (``FusionConfig(gate="retrieval")`` only; empty otherwise).
+    gate_factors: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (``hetgraph inspect --json``)."""
@@ -85,6 +89,16 @@ def _neighbour_attention(
     return out
 
 
+def _gate_factors(lm: HetGraphLM, retrieval: Any, length: int,
+                  positions: Sequence[int]) -> dict[str, Tensor]:
+    """``{site: [P]}`` retrieval-gate factors at ``positions`` (empty without that gate)."""
+    statistics = lm.gate_statistics(retrieval, length)
+    if statistics is None:
+        return {}
+    chosen = statistics[0, list(positions)]
+    return {key: gate(chosen).float().cpu() for key, gate in lm.retrieval_gates.items()}
+
+
 @torch.no_grad()
 def inspect_positions(
     lm: HetGraphLM,
@@ -109,6 +123,7 @@ def inspect_positions(
     neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
     distances = output.retrieval.distances[0, positions].cpu()
     attention = _neighbour_attention(lm, site_hidden, neighbour_ids)
+    factors = _gate_factors(lm, output.retrieval, length, positions)
     store = lm.datastore
     reports = []
     for i, position in enumerate(positions):
@@ -136,7 +151,8 @@ def inspect_positions(
                          if position + 1 < length else None),
             base_prediction=_decode(tokenizer, [int(base_logits[position].argmax())]),
             gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
-            neighbours=neighbours))
+            neighbours=neighbours,
+            gate_factors={site: float(values[i]) for site, values in factors.items()}))
     return reports
 
 
@@ -176,6 +192,9 @@ def format_report(report: NeighbourReport) -> str:
     escaped with :func:`printable`, so nothing in the corpus reaches the terminal raw."""
     lines = [f"position {report.position}: token {report.token!r} → next {report.actual_next!r}; "
              f"base predicts {report.base_prediction!r}, GNN-LM predicts {report.gnn_prediction!r}"]
+    if report.gate_factors:
+        lines.append("  retrieval gate " + " ".join(
+            f"{site}={value:.3f}" for site, value in report.gate_factors.items()))
     for n in report.neighbours:
         attention = " ".join(f"{site}={value:.3f}" for site, value in n.attention.items())
         lines.append(f"  #{n.rank} d={n.distance:.1f} att[{attention}] {printable(n.document)}: "

@@ -87,7 +87,7 @@ def test_cli_reports_a_deep_typo_before_loading_anything(tmp_path, capsys):
     ({"fusion": {"adapter": {"feed_forward": 1}}},
      "fusion.adapter.feed_forward: expected bool, got 1"),
     ({"fusion": {"fusion_layers": ["head", "top"]}},
-     "fusion.fusion_layers[1]: expected int | 'head', got 'top'"),
+     "fusion.fusion_layers[1]: expected int | 'head' | 'all' | 'start:stop:step', got 'top'"),
     ({"fusion": {"neighbour_features": "keys"}},
      "fusion.neighbour_features: expected 'key' | 'stored', got 'keys'"),
     ({"fusion": {"graph": [1]}}, "fusion.graph: expected GraphConfig, got [1]"),

@@ -133,6 +133,8 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
+    if not rows:  # an empty section: a list-table needs at least one row
+        return "(empty)\n\n"
     out = [".. list-table::", "   :header-rows: 1", "   :widths: 60 40", "",
            "   * - key", "     - value"]
     for key, value in rows:

@@ -5,13 +5,17 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.fusion.sites import (
+    HEAD,
+    FusionLayers,
+    FusionSite,
+    parse_fusion_layers,
+    resolve_fusion_sites,
+)
 from hetgraph.graph.config import GraphConfig
 from hetgraph.nn.config import AdapterConfig
 
-#: A fusion site: a decoder-layer index (its output is fused) or ``"head"`` (the input of
-#: the LM head, i.e. "on top of the last layer" as in the GNN-LM paper).
-FusionSite = int | Literal["head"]
-HEAD = "head"
+__all__ = ["HEAD", "FusionConfig", "FusionSite"]
 
 
 @dataclass
@@ -20,8 +24,14 @@ class FusionConfig(JSONConfigMixin):
 
     Args:
         fusion_layers: sites whose hidden states receive ``h + g ⊙ adapter(graph)`` (or
-            ``adapter(graph)`` itself, see ``fusion_mode``): decoder-layer indices
-            (negative allowed) and/or ``"head"``.
+            ``adapter(graph)`` itself, see ``fusion_mode``): one item or a list of items,
+            each a decoder-layer index (negative allowed), ``"head"``, ``"all"`` (every
+            decoder layer, not the head) or a Python slice over the decoder layers
+            (``"0:30:4"``, ``"-4:"``, ``"::2"``), e.g. ``"all"`` or ``[-4, -3, -2, -1, "head"]``.
+            Kept in the canonical form of :func:`~hetgraph.fusion.sites.parse_fusion_layers`
+            (always a tuple; this is what JSON stores, and it re-parses to itself); resolved
+            against the model's decoder layers by :meth:`resolved_sites` when a
+            :class:`~hetgraph.HetGraphLM` is built (sorted, de-duplicated, ``"head"`` last).
         k: neighbours retrieved per position.
         retrieval_margin: extra neighbours retrieved when a leakage filter may drop some
             (training on text that is itself in the datastore); the first ``k`` kept ones are used.
@@ -53,9 +63,26 @@ class FusionConfig(JSONConfigMixin):
         orig_prob_ratio: with a ``"head"`` site, the output distribution is
             ``r·p_LM(h) + (1-r)·p_LM(fused h)`` (the official ``--orig_prob_ratio``, default
             0: off); the logits become float32 log-probabilities.
+        gate: ``"static"``: each gated-residual site adds :math:`\mathbf{g} \odot
+            \mathrm{adapter}(\cdot)` with one learned vector :math:`\mathbf{g}` (zero at
+            initialisation); ``"retrieval"``: the gate of position :math:`t` is
+            :math:`\mathbf{g} \odot \sigma(\mathbf{a} \cdot \mathbf{s}_t + b)`, where
+            :math:`\mathbf{s}_t` are statistics of the neighbours retrieved for :math:`t`
+            (:func:`~hetgraph.fusion.gates.retrieval_statistics`: nearest and mean
+            neighbour distance, normalised, and the fraction of the ``k`` neighbours that
+            survived the leakage filter) and :math:`\mathbf{a}, b` are learned per site, so
+            the adapter can learn to fall back to the base model where the neighbours are
+            far (as kNN-LM does with λ = 0). Still exactly the base model at initialisation
+            (:math:`\mathbf{g} = 0`). Needs ``fusion_mode="gated_residual"``.
+        gradient_checkpointing: recompute the frozen decoder layers' activations in the
+            backward pass instead of keeping them (HF activation checkpointing, non-reentrant,
+            switched on only while the model is in training mode). Saves memory when a
+            fused site lies below the last layer (gradients then flow through frozen layers);
+            the fusion hooks run outside the recomputed region, so retrieval, graphs and
+            adapter dropout are not redone, and loss and gradients are unchanged.
     """
 
-    fusion_layers: tuple[FusionSite, ...] = (HEAD,)
+    fusion_layers: FusionLayers = (HEAD,)
     k: int = 32
     retrieval_margin: int = 32
     neighbour_features: Literal["key", "stored"] = "key"
@@ -67,19 +94,17 @@ class FusionConfig(JSONConfigMixin):
     fusion_mode: Literal["gated_residual", "replace"] = "gated_residual"
     neighbour_embedding: Literal["own_token", "none", "label"] = "own_token"
     orig_prob_ratio: float = 0.0
+    gate: Literal["static", "retrieval"] = "static"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.fusion_layers = tuple(
-            site if site == HEAD else int(site) for site in self.fusion_layers
-        )
-        if not self.fusion_layers:
-            raise ValueError("fusion_layers is empty: give at least one decoder-layer index "
-                             "or 'head'")
-        for site in self.fusion_layers:
-            if not (site == HEAD or isinstance(site, int)):
-                raise ValueError(f"fusion site {site!r} is neither a decoder-layer index "
-                                 "nor 'head'")
+        self.fusion_layers = parse_fusion_layers(self.fusion_layers)
+        if self.gate not in ("static", "retrieval"):
+            raise ValueError(f"gate must be 'static' or 'retrieval', got {self.gate!r}")
+        if self.gate == "retrieval" and self.fusion_mode == "replace":
+            raise ValueError("gate='retrieval' gates a residual: it needs "
+                             "fusion_mode='gated_residual' (with 'replace' there is no gate)")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.retrieval_margin < 0:
@@ -102,6 +127,15 @@ class FusionConfig(JSONConfigMixin):
             raise ValueError(f"knn_lambda must be in [0, 1] or None, got {self.knn_lambda}")
         if self.knn_temperature is not None and not self.knn_temperature > 0:
             raise ValueError(f"knn_temperature must be > 0 or None, got {self.knn_temperature}")
+
+    def resolved_sites(self, num_layers: int) -> tuple[FusionSite, ...]:
+        """The fused sites for a model with ``num_layers`` decoder layers: ascending layer
+        indices, then ``"head"`` (see :func:`~hetgraph.fusion.sites.resolve_fusion_sites`).
+
+        Raises:
+            ConfigError: a site outside the model (named ``fusion.fusion_layers``).
+        """
+        return resolve_fusion_sites(self.fusion_layers, num_layers)
 
     @classmethod
     def paper(cls, **overrides: Any) -> FusionConfig:

@@ -75,6 +75,8 @@ class ForwardContext:
     retrieval: Retrieval | None = None
     #: Context graphs of this call, keyed by the number of positions they cover.
     graphs: dict[int, ContextGraph] = field(default_factory=dict)
+    #: Retrieval-gate statistics of this call (``gate="retrieval"``), keyed like ``graphs``.
+    gate_statistics: dict[int, Tensor | None] = field(default_factory=dict)
     #: True while the no-grad prefetch pass of this call runs.
     prefetching: bool = False
     prefetched_queries: Tensor | None = None
@@ -148,3 +150,19 @@ def generation_state() -> Iterator[GenerationState]:
         yield state
     finally:
         _generation.reset(token)
+
+
+@contextmanager
+def reactivated(context: ForwardContext | None) -> Iterator[None]:
+    """Within this block, ``context`` is the active one again (``None``: no change). Used
+    when activation checkpointing recomputes a layer in the backward pass, after the
+    forward call's context has ended, so fusion hooks inside the recomputed region find the
+    call's retrieval and graphs instead of retrieving again."""
+    if context is None:
+        yield
+        return
+    token = _active.set(context)
+    try:
+        yield
+    finally:
+        _active.reset(token)

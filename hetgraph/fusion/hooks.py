@@ -167,7 +167,8 @@ class FusionHooks:
         if graph is None:  # one graph per call, shared by every fused site
             graph = self.lm.build_graph(context.retrieval, length, context.attention_mask)
             context.graphs[length] = graph
-        return self.lm.fuse(site, hidden, graph)
+            context.gate_statistics[length] = self.lm.gate_statistics(context.retrieval, length)
+        return self.lm.fuse(site, hidden, graph, context.gate_statistics[length])
 
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])

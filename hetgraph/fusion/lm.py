@@ -9,7 +9,10 @@ query positions and the retrieved windows is built; and at every fused site ``i`
     \mathbf{h}_i + \mathbf{g}_i \odot \mathrm{Adapter}_i(\mathcal{G})_{\mathrm{ctx}}
 
 with the gate :math:`\mathbf{g}_i` initialised to zero, so an attached, untrained model
-gives exactly the base model's logits. With ``FusionConfig(fusion_mode="replace")`` (the
+gives exactly the base model's logits (with ``FusionConfig(gate="retrieval")`` the gate is
+:math:`\mathbf{g}_i \odot \sigma(\mathbf{a}_i \cdot \mathbf{s} + b_i)`, see
+:mod:`hetgraph.fusion.gates`). One retrieval and one graph per forward call are shared by
+every fused site. With ``FusionConfig(fusion_mode="replace")`` (the
 official GNN-LM, :meth:`FusionConfig.paper <hetgraph.FusionConfig.paper>`) the adapter's
 output replaces :math:`\mathbf{h}_i` instead, so the LM head reads
 :math:`\mathrm{Adapter}(\mathcal{G})_{\mathrm{ctx}}` (``output_layer(HGT(h))``).
@@ -26,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hetgraph.datastore import Datastore
+from hetgraph.fusion.checkpointing import set_checkpointing
 from hetgraph.fusion.config import HEAD, FusionConfig, FusionSite
 from hetgraph.fusion.context import (
     CallOptions,
@@ -37,15 +42,18 @@ from hetgraph.fusion.context import (
     generation_state,
     knn_mixture,
 )
+from hetgraph.fusion.gates import RetrievalGate, retrieval_statistics
 from hetgraph.fusion.graph_inputs import GraphInputBuilder
 from hetgraph.fusion.hooks import FusionHooks
 from hetgraph.fusion.persistence import AdapterMismatchError, AdapterPersistenceMixin
 from hetgraph.fusion.retrieval import Retriever
+from hetgraph.fusion.sites import describe_sites, site_key
 from hetgraph.graph import ContextGraph
 from hetgraph.index import DatastoreIndex
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
 from hetgraph.models.layers import (
     decoder_layers,
+    num_decoder_layers,
     output_embedding_input_hook_target,
     resolve_layer_index,
 )
@@ -53,12 +61,6 @@ from hetgraph.nn import GraphAdapter
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
-
-def site_key(site: FusionSite) -> str:
-    """Name of a fused site in :attr:`HetGraphLM.adapters` / ``gates``: ``"head"`` or
-    ``"layer_<i>"``."""
-    return "head" if site == HEAD else f"layer_{int(site)}"
-
 
 class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     r"""A frozen causal LM with GNN-LM graph adapters fused into its hidden states.
@@ -111,15 +113,15 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         self.retrieval_site: FusionSite = (
             HEAD if datastore.key_layer is None
             else resolve_layer_index(model, datastore.key_layer))
-        self.fusion_sites: tuple[FusionSite, ...] = tuple(
-            HEAD if s == HEAD else resolve_layer_index(model, int(s))
-            for s in self.config.fusion_layers)
+        self.fusion_sites: tuple[FusionSite, ...] = self.config.resolved_sites(
+            num_decoder_layers(model))
         embedding = self.config.neighbour_embedding
         self.graph_inputs = GraphInputBuilder(datastore, self.config.graph,
                                               self.config.neighbour_features, self.retrieval_site,
                                               neighbour_embedding=embedding)
         self.adapters = nn.ModuleDict()
         self.gates = nn.ParameterDict()
+        self.retrieval_gates = nn.ModuleDict()  # per-site RetrievalGate (gate="retrieval")
         token_width = int(model.get_input_embeddings().embedding_dim)
         for site in self.fusion_sites:
             adapter_config = self.config.adapter.resolved(
@@ -130,6 +132,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 use_c2c=self.config.graph.c2c)
             self.adapters[site_key(site)] = GraphAdapter(adapter_config)
             self.gates[site_key(site)] = nn.Parameter(torch.zeros(width))
+            if self.config.gate == "retrieval":
+                self.retrieval_gates[site_key(site)] = RetrievalGate()
         self.to(next(model.parameters()).device)
         self.eval()  # like a loaded HF model: dropout off until train() is called
         self.hooks = FusionHooks(self)
@@ -154,9 +158,12 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             order(s) < order(self.retrieval_site) for s in self.fusion_sites)
 
     def train(self, mode: bool = True) -> HetGraphLM:
-        """Set the adapters' training mode; the frozen base model always stays in eval mode."""
+        """Set the adapters' training mode; the frozen base model stays in eval mode (with
+        ``gradient_checkpointing`` its decoder layers are checkpointed in training mode)."""
         super().train(mode)
         self.model.eval()
+        if self.config.gradient_checkpointing:
+            set_checkpointing(self.model, mode)
         return self
 
     def adapter_at(self, site: FusionSite) -> GraphAdapter:
@@ -242,11 +249,29 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 else attention_mask[:, -length:].to(ids.device, torch.bool))
         return self.graph_inputs.build_graph(ids, query_mask=mask)
 
-    def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph) -> Tensor:
+    def gate_statistics(self, retrieval: Retrieval, length: int) -> Tensor | None:
+        """``[B, length, 3]`` retrieval-gate inputs of the last ``length`` positions (``None``
+        unless ``gate="retrieval"``)."""
+        ids, distances = retrieval.neighbour_ids[:, -length:], retrieval.distances[:, -length:]
+        return (retrieval_statistics(distances, ids, self.datastore.dim)
+                if self.config.gate == "retrieval" else None)
+
+    def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
+             statistics: Tensor | None = None) -> Tensor:
         r""":math:`\mathbf{h} + \mathbf{g} \odot \mathrm{Adapter}(\mathcal{G})` at ``site`` for
         ``[B, T, d]`` hidden states whose positions ``graph`` covers; with
         ``fusion_mode="replace"`` the adapter's output itself at the ``ctx`` positions
-        (positions that are no ``ctx`` node, e.g. padding, keep :math:`\mathbf{h}`)."""
+        (positions that are no ``ctx`` node, e.g. padding, keep :math:`\mathbf{h}`).
+        ``statistics`` (:meth:`gate_statistics`) feed the retrieval gate. With
+        ``gradient_checkpointing`` in training mode the site (features, adapter, gate) is
+        recomputed in the backward pass, not kept (same dropout masks: RNG state restored)."""
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._fuse_site, site, hidden, graph, statistics,
+                              use_reentrant=False)
+        return self._fuse_site(site, hidden, graph, statistics)
+
+    def _fuse_site(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
+                   statistics: Tensor | None) -> Tensor:
         adapter, gate = self.adapter_at(site), self.gates[site_key(site)]
         inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
                                                   self.model.get_input_embeddings(), gate.dtype)
@@ -256,6 +281,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             return hidden.index_put((ctx.batch_index, ctx.seq_index), out.to(hidden.dtype))
         delta = hidden.new_zeros(hidden.shape, dtype=out.dtype).index_put(
             (ctx.batch_index, ctx.seq_index), out)
+        if self.config.gate == "retrieval":  # g ⊙ σ(a·s + b) per position
+            delta = delta * self.retrieval_gates[site_key(site)](statistics).unsqueeze(-1)
         return hidden + (gate * delta).to(hidden.dtype)
 
     def mix_original(self, logits: Tensor, original_logits: Tensor) -> Tensor:
@@ -347,7 +374,9 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         keys = self.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
         hidden = keys.to(dtype=next(self.model.parameters()).dtype).view(*rows.shape, -1)
         retrieval = self.retrieve(hidden, CallOptions(query_positions=rows))
-        fused = self.fuse(HEAD, hidden, self.build_graph(retrieval, rows.shape[1]))
+        length = rows.shape[1]
+        fused = self.fuse(HEAD, hidden, self.build_graph(retrieval, length),
+                          self.gate_statistics(retrieval, length))
         # .forward, not __call__: the LM head's fusion hook (if attached) must not fuse twice.
         head = output_embedding_input_hook_target(self.model)
         if self.config.orig_prob_ratio > 0:
@@ -367,5 +396,5 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             return self.model.generate(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"retrieval_site={self.retrieval_site!r}, fusion_sites={list(self.fusion_sites)}, "
-                f"k={self.config.k}, prefetch={self.needs_prefetch}")
+        return (f"retrieval={self.retrieval_site!r}, sites={describe_sites(self.fusion_sites)}, "
+                f"k={self.config.k}, prefetch={self.needs_prefetch}, gate={self.config.gate!r}")

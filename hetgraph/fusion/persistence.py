@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 #: Prefixes of the trained parameters in ``HetGraphLM.state_dict()``.
-ADAPTER_PREFIXES = ("adapters.", "gates.")
+ADAPTER_PREFIXES = ("adapters.", "gates.", "retrieval_gates.")
 
 
 class AdapterMismatchError(HetgraphError):

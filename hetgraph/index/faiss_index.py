@@ -1,4 +1,6 @@
-"""FAISS indexes over datastore keys: exact (``Flat``), IVF-PQ, OPQ+IVF-PQ, HNSW."""
+"""FAISS indexes over datastore keys: exact (``Flat``), IVF-PQ, OPQ+IVF-PQ, HNSW; in memory or
+with on-disk inverted lists (:mod:`hetgraph.index.ondisk`), optionally re-ranked exactly
+(:mod:`hetgraph.index.rerank`) and searched on GPU FAISS (:mod:`hetgraph.index.gpu`)."""
 from __future__ import annotations
 
 import math
@@ -15,11 +17,14 @@ from hetgraph.configuration import JSONConfigMixin
 from hetgraph.index.files import (
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
+    is_on_disk,
     read_faiss_index,
     read_index_metadata,
     rebuild_index_hint,
     write_index_files,
 )
+from hetgraph.index.gpu import to_all_gpus, wants_gpu
+from hetgraph.index.rerank import rerank
 
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000
@@ -41,6 +46,15 @@ class IndexConfig(JSONConfigMixin):
         ef_search: HNSW search breadth.
         seed: sampling seed (and FAISS k-means seed).
         num_threads: FAISS OpenMP threads; None = ``torch.get_num_threads()``.
+        on_disk: inverted lists on disk (:mod:`hetgraph.index.ondisk`): True, False, or None
+            = decided by size when ``factory`` is ``auto``
+            (:func:`hetgraph.index.ondisk.choose_layout`).
+        shard_rows: rows per block file of an on-disk build (the unit of work of a rank, of
+            resuming, and of the memory the build holds).
+        rerank: ``k'``: when > ``k``, search ``k'`` candidates and re-rank them exactly
+            against the datastore's keys (:mod:`hetgraph.index.rerank`); 0 = off.
+        gpu: ``"auto"``: GPU FAISS when installed and the queries are CUDA tensors
+            (:mod:`hetgraph.index.gpu`); ``"never"``: always the CPU.
     """
 
     factory: str = "auto"
@@ -51,12 +65,21 @@ class IndexConfig(JSONConfigMixin):
     ef_search: int = 128
     seed: int = 0
     num_threads: int | None = None
+    on_disk: bool | None = None
+    shard_rows: int = 1_000_000
+    rerank: int = 0
+    gpu: Literal["auto", "never"] = "auto"
 
     def __post_init__(self) -> None:
         if self.metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
         if self.add_chunk_size < 1:
             raise ValueError(f"add_chunk_size must be >= 1, got {self.add_chunk_size}")
+        if self.shard_rows < 1 or self.rerank < 0:
+            raise ValueError(f"shard_rows must be >= 1 and rerank >= 0, got {self.shard_rows} "
+                             f"and {self.rerank}")
+        if self.gpu not in ("auto", "never"):
+            raise ValueError(f"gpu must be 'auto' or 'never', got {self.gpu!r}")
 
 
 
@@ -70,7 +93,16 @@ def auto_factory(n: int, d: int) -> str:
     """
     if n < EXACT_SEARCH_LIMIT:
         return "Flat"
+    return ivf_pq_factory(n, d)
+
+
+def ivf_pq_factory(n: int, d: int) -> str:
+    """``IVF{nlist},PQ{m}`` for ``n`` vectors of width ``d``: ``nlist ≈ 4·sqrt(n)`` (a power
+    of two, at least 16, at most ``n // 39`` so k-means has data) and ``m`` the largest divisor
+    of ``d`` that is at most 64."""
     nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
     m = max(k for k in range(1, min(64, d) + 1) if d % k == 0)
     return f"IVF{nlist},PQ{m}"
 
@@ -82,7 +114,9 @@ def set_faiss_threads(num_threads: int | None) -> int:
     return n
 
 
-def _as_float32(x: Any) -> np.ndarray:
+def as_float32(x: Any) -> np.ndarray:
+    """``x`` (numpy array, memmap slice or tensor on any device) as a C-contiguous float32
+    numpy array."""
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
@@ -96,11 +130,19 @@ class DatastoreIndex:
     """
 
     def __init__(self, index: faiss.Index, config: IndexConfig, factory: str,
-                 datastore_fingerprint: str | None = None):
+                 datastore_fingerprint: str | None = None, *, keys: Any = None,
+                 on_disk: bool = False, directory: Path | None = None):
         self.index = index
         self.config = config
         self.factory = factory
         self.datastore_fingerprint = datastore_fingerprint
+        #: ``[N, d]`` keys the index was built over (the datastore's fp16 memmap), used by
+        #: exact re-ranking; None when not known (then ``config.rerank`` is refused).
+        self.keys = keys
+        #: Whether the inverted lists are memory-mapped from ``directory/index.ivfdata``.
+        self.on_disk = on_disk
+        self.directory = directory
+        self._gpu_index: faiss.Index | None = None
         self._apply_search_params()
 
     # -- properties -------------------------------------------------------------------------
@@ -158,22 +200,29 @@ class DatastoreIndex:
                                       f"({str(e).splitlines()[-1]}); choose another factory "
                                       "(--factory)") from None
         _seed_clustering(index, config.seed)
-        if not index.is_trained:
-            size = config.train_size or _default_train_size(index, n)
-            size = min(n, size)
-            rng = np.random.default_rng(config.seed)
-            sample = np.sort(rng.choice(n, size=size, replace=False))
-            train = _finite(_as_float32(keys[sample]), sample, source)
-            index.train(train)
+        sample = training_sample(index, n, config)
+        if sample is not None:
+            index.train(finite_rows(as_float32(keys[sample]), sample, source))
         chunk = config.add_chunk_size
         with tqdm(total=n, desc=f"index {factory}", unit="vec", disable=not show_progress,
                   dynamic_ncols=True) as bar:
             for start in range(0, n, chunk):
-                block = _finite(_as_float32(keys[start:start + chunk]),
+                block = finite_rows(as_float32(keys[start:start + chunk]),
                                 np.arange(start, start + min(chunk, n - start)), source)
                 index.add(block)
                 bar.update(len(block))
-        return cls(index, config, factory, datastore_fingerprint)
+        return cls(index, config, factory, datastore_fingerprint, keys=keys)
+
+    @classmethod
+    def build_on_disk(cls, keys: Any, directory: str | Path, config: IndexConfig | None = None,
+                      **kwargs: Any) -> DatastoreIndex:
+        """An IVF index with on-disk inverted lists built into ``directory`` (shard-parallel
+        under ``torchrun``): :func:`hetgraph.index.ondisk.build_ondisk_index`."""
+        from hetgraph.index.ondisk import build_ondisk_index
+
+        index = build_ondisk_index(keys, directory, config, **kwargs)
+        index.keys = keys.keys if hasattr(keys, "fingerprint") else keys
+        return index
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
@@ -186,6 +235,12 @@ class DatastoreIndex:
                 so the unfinished index is never loaded.
         """
         directory = Path(directory)
+        if self.on_disk:
+            if self.directory is not None and directory.resolve() == self.directory.resolve():
+                return directory  # already saved where it was built
+            raise DatastoreIndexError(
+                f"an on-disk index lives in {self.directory}; it is not copied to {directory}: "
+                "build it there (DatastoreIndex.build_on_disk or hetgraph index build --on-disk)")
         meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory,
                 "metric": self.metric, "num_vectors": self.ntotal, "dim": self.dim,
                 "datastore_fingerprint": self.datastore_fingerprint,
@@ -233,7 +288,9 @@ class DatastoreIndex:
             raise DatastoreIndexError(f"{directory}/index.json is damaged ({error}); "
                                       f"{rebuild_index_hint(directory)}") from None
         index = read_faiss_index(directory, meta)
-        return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"))
+        return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"),
+                   keys=getattr(datastore, "keys", None), on_disk=is_on_disk(meta),
+                   directory=directory)
 
     # -- searching ----------------------------------------------------------------------------
     def _apply_search_params(self) -> None:
@@ -246,6 +303,15 @@ class DatastoreIndex:
             base = faiss.downcast_index(base.index)
         if hasattr(base, "hnsw"):
             base.hnsw.efSearch = int(self.config.ef_search)
+
+    def _faiss_index(self, queries: Any) -> faiss.Index:
+        """The FAISS index that searches ``queries``: a GPU copy for CUDA queries when GPU
+        FAISS is installed (:mod:`hetgraph.index.gpu`), else the CPU index."""
+        if not wants_gpu(queries, self.config.gpu, self.on_disk):
+            return self.index
+        if self._gpu_index is None:
+            self._gpu_index = to_all_gpus(self.index)
+        return self._gpu_index
 
     def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest stored keys of each query.
@@ -269,11 +335,19 @@ class DatastoreIndex:
         if k > self.ntotal:
             raise DatastoreIndexError(f"k={k} exceeds the {self.ntotal} vectors in the index; "
                                       "choose a smaller k")
-        q = _as_float32(queries)
+        q = as_float32(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise DatastoreIndexError(f"queries must have shape [Q, {self.dim}], got "
                                       f"{tuple(q.shape)}")
-        distances, ids = self.index.search(q, k)
+        candidates = min(self.ntotal, max(k, int(self.config.rerank)))
+        if candidates > k and self.keys is None:
+            raise DatastoreIndexError(
+                f"IndexConfig.rerank={self.config.rerank} needs the datastore's keys: open the "
+                "index with DatastoreIndex.load(directory, datastore) or set index.keys")
+        distances, ids = self._faiss_index(queries).search(q, candidates)
+        if candidates > k:
+            metric_distances, ids = rerank(self.keys, q, ids.astype(np.int64), k, self.metric)
+            return metric_distances, ids
         distances = distances.astype(np.float32, copy=False)
         ids = ids.astype(np.int64, copy=False)
         missing = ids < 0
@@ -284,7 +358,16 @@ class DatastoreIndex:
         return distances, ids
 
 
-def _finite(block: np.ndarray, rows: np.ndarray, source: str) -> np.ndarray:
+def training_sample(index: faiss.Index, n: int, config: IndexConfig) -> np.ndarray | None:
+    """Sorted row numbers of the seeded training sample of ``n`` keys (None: no training
+    needed): ``config.train_size`` rows, or 64 per IVF list and at least 65,536."""
+    if index.is_trained:
+        return None
+    size = min(n, config.train_size or _default_train_size(index, n))
+    return np.sort(np.random.default_rng(config.seed).choice(n, size=size, replace=False))
+
+
+def finite_rows(block: np.ndarray, rows: np.ndarray, source: str) -> np.ndarray:
     """``block`` (the keys' rows ``rows``), refused if any value is not finite."""
     bad = ~np.isfinite(block).all(axis=1)
     if bad.any():

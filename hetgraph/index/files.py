@@ -1,5 +1,5 @@
-"""The files of a saved index (``index.faiss`` + ``index.json``): writing, checked reading,
-and the full check :func:`hetgraph.verify.verify` runs.
+"""The files of a saved index (``index.faiss`` + ``index.json``, and ``index.ivfdata`` for an
+on-disk index): writing, checked reading, and the full check :func:`hetgraph.verify.verify` runs.
 
 ``index.json`` carries its own checksum and an integrity record of ``index.faiss`` (size,
 full and sampled SHA-256). Saving removes the old ``index.json`` first, so a save that is
@@ -25,6 +25,7 @@ from hetgraph.integrity import (
 from hetgraph.io import (
     INDEX_DIR,
     INDEX_FILE,
+    INDEX_LISTS_FILE,
     INDEX_METADATA,
     INTEGRITY_KEY,
     atomic_path,
@@ -59,8 +60,9 @@ def write_index_files(directory: Path, index: faiss.Index, meta: dict[str, Any])
     with directory_lock(directory, "index"), storage_errors(
             directory, "build the index again"):
         remove_stale_temporaries(directory)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / INDEX_METADATA).unlink()  # no stale pair if this save is interrupted
+        for stale in (INDEX_METADATA, INDEX_LISTS_FILE):  # no stale pair if interrupted;
+            with contextlib.suppress(FileNotFoundError):  # no lists of an on-disk predecessor
+                (directory / stale).unlink()
         fsync_directory(directory)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(index, str(tmp))
@@ -100,15 +102,36 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def is_on_disk(meta: dict[str, Any]) -> bool:
+    """Whether ``index.json`` describes an on-disk index (lists in ``index.ivfdata``)."""
+    return meta.get("storage") == "ondisk"
+
+
 def index_file_problem(directory: Path, meta: dict[str, Any], *, full: bool) -> str | None:
-    """What is wrong with ``index.faiss`` against the record in ``meta`` (None if nothing, or
-    if ``meta`` has no record: an index saved by an older hetgraph)."""
+    """What is wrong with ``index.faiss`` (and ``index.ivfdata`` of an on-disk index) against
+    the record in ``meta`` (None if nothing, or if ``meta`` has no record: an index saved by
+    an older hetgraph)."""
     files = meta.get(INTEGRITY_KEY, {}).get("files")
-    record = files.get(INDEX_FILE) if isinstance(files, dict) else None
-    if not isinstance(record, dict):
-        return None
-    problem = check_file_record(directory / INDEX_FILE, record, full=full)
-    return f"{directory / INDEX_FILE} {problem}" if problem else None
+    names = [INDEX_FILE, INDEX_LISTS_FILE] if is_on_disk(meta) else [INDEX_FILE]
+    for name in names:
+        record = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(record, dict):
+            if name == INDEX_LISTS_FILE:
+                return f"{directory / INDEX_METADATA} is damaged (no record of {name})"
+            continue
+        problem = check_file_record(directory / name, record, full=full)
+        if problem:
+            return f"{directory / name} {problem}"
+    return None
+
+
+def write_ondisk_metadata(directory: Path, meta: dict[str, Any]) -> None:
+    """Write ``index.json`` of an on-disk index whose ``index.faiss`` and ``index.ivfdata``
+    are complete in ``directory`` (their integrity records are computed here)."""
+    record = {"files": {name: file_record(directory / name)
+                        for name in (INDEX_FILE, INDEX_LISTS_FILE)}}
+    atomic_write_json_record(directory / INDEX_METADATA,
+                             {**meta, "storage": "ondisk", INTEGRITY_KEY: record})
 
 
 def read_faiss_index(directory: Path, meta: dict[str, Any], *, full: bool = False) -> faiss.Index:
@@ -122,8 +145,10 @@ def read_faiss_index(directory: Path, meta: dict[str, Any], *, full: bool = Fals
     problem = index_file_problem(directory, meta, full=full)
     if problem:
         raise DatastoreIndexError(f"{problem}; {hint}")
+    # On-disk lists stay in index.ivfdata (mmap'd, paged in on demand), found next to the file.
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if is_on_disk(meta) else 0
     try:
-        index = faiss.read_index(str(index_file))
+        index = faiss.read_index(str(index_file), flags)
     except (RuntimeError, MemoryError):
         raise DatastoreIndexError(f"{index_file} is damaged (FAISS cannot read it: truncated, "
                                   f"empty or not an index file); {hint}") from None
@@ -140,8 +165,12 @@ def read_faiss_index(directory: Path, meta: dict[str, Any], *, full: bool = Fals
 def index_problems(directory: Path) -> tuple[list[str], list[str]]:
     """Every check of the index in ``directory``, the whole-file checksum included:
     ``(files checked, problems)``; each problem names the file and the repair."""
+    names = [INDEX_METADATA, INDEX_FILE]
     try:
-        read_faiss_index(directory, read_index_metadata(directory), full=True)
+        meta = read_index_metadata(directory)
+        if is_on_disk(meta):
+            names.append(INDEX_LISTS_FILE)
+        read_faiss_index(directory, meta, full=True)
     except DatastoreIndexError as error:
-        return [INDEX_METADATA, INDEX_FILE], [str(error)]
-    return [INDEX_METADATA, INDEX_FILE], []
+        return names, [str(error)]
+    return names, []

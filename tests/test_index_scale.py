@@ -1,0 +1,269 @@
+"""Indexes past RAM (on-disk IVF lists, shard-parallel builds), exact re-ranking, GPU
+fallback and the ``auto`` layout rule."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from hetgraph.distributed import DistributedContext, shard_range
+from hetgraph.index import (
+    DatastoreIndex,
+    DatastoreIndexError,
+    IndexConfig,
+    build_ondisk_index,
+    choose_layout,
+    estimated_index_bytes,
+    faiss_index as faiss_index_module,
+    rerank,
+)
+from hetgraph.index.gpu import wants_gpu
+from hetgraph.io import INDEX_LISTS_FILE, INDEX_SHARDS_DIR
+from hetgraph.verify import verify
+
+N, D = 3000, 16
+
+
+def _keys(n: int = N, d: int = D, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, d)).astype(np.float32) * 3
+    x = centres[rng.integers(0, 20, n)] + rng.standard_normal((n, d)).astype(np.float32)
+    return x.astype(np.float16)
+
+
+def _queries(q: int = 40, d: int = D) -> np.ndarray:
+    return _keys(q, d, seed=1).astype(np.float32)
+
+
+def _config(factory: str = "IVF16,PQ4x4", **kw) -> IndexConfig:
+    base = dict(factory=factory, nprobe=4, train_size=2000, shard_rows=700, add_chunk_size=256,
+                num_threads=1)
+    return IndexConfig(**{**base, **kw})
+
+
+def _recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return sum(len(set(f) & set(e)) for f, e in zip(found, exact, strict=True)) / exact.size
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ4x4", "OPQ4,IVF16,PQ4x4"])
+def test_ondisk_built_in_blocks_equals_in_memory(tmp_path, factory):
+    keys = _keys()
+    memory = DatastoreIndex.build(keys, _config(factory), show_progress=False)
+    disk = build_ondisk_index(keys, tmp_path / "index", _config(factory))
+    assert disk.on_disk and disk.ntotal == N
+    assert sorted(p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith(".")) \
+        == ["index.faiss", "index.ivfdata", "index.json"]  # shards/ removed after the merge
+    d_mem, i_mem = memory.search(_queries(), 10)
+    d_disk, i_disk = disk.search(_queries(), 10)
+    np.testing.assert_array_equal(i_disk, i_mem)
+    np.testing.assert_allclose(d_disk, d_mem, rtol=1e-5)
+
+
+def test_ondisk_index_is_memory_mapped_not_loaded(tmp_path):
+    build_ondisk_index(_keys(), tmp_path / "index", _config())
+    index = DatastoreIndex.load(tmp_path / "index")
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists)
+    assert lists.filename == str(tmp_path / "index" / INDEX_LISTS_FILE)
+    # index.faiss holds only the quantizers and the list header: the codes stay in the lists.
+    assert (tmp_path / "index" / "index.faiss").stat().st_size < \
+        (tmp_path / "index" / INDEX_LISTS_FILE).stat().st_size
+    assert verify(tmp_path / "index").ok
+
+
+class _SimulatedRank(DistributedContext):
+    """A rank of a 2-process job played in one process: collectives are no-ops and
+    ``run_on_main`` runs its function here (rank 0's work, done by whichever rank calls)."""
+
+    def run_on_main(self, fn):
+        return fn()
+
+    def barrier(self) -> None:
+        pass
+
+
+def test_sharded_build_resumes_and_merges_to_same_results(tmp_path):
+    keys, config = _keys(), _config()
+    single = build_ondisk_index(keys, tmp_path / "single", config)
+    # Rank 1 finishes its blocks first; the merge then names the block rank 0 still owes.
+    with pytest.raises(DatastoreIndexError, match=r"shard-00000\.faiss is missing") as err:
+        build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(1, 2))
+    assert "\n" not in str(err.value) and "again to resume" in str(err.value)
+    blocks = sorted(p.name for p in (tmp_path / "two" / INDEX_SHARDS_DIR).glob("shard-*"))
+    assert blocks == [f"shard-{b:05d}.faiss" for b in shard_range(5, 1, 2)]
+    two = build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(0, 2))
+    for a, b in zip(single.search(_queries(), 10), two.search(_queries(), 10), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (tmp_path / "two" / INDEX_SHARDS_DIR).exists()
+
+
+_GLOO_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from hetgraph.distributed import init_distributed
+    from hetgraph.index import IndexConfig, build_ondisk_index
+    ctx = init_distributed("gloo")
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((2000, 16)).astype(np.float16)
+    config = IndexConfig(factory="IVF16,PQ4x4", nprobe=4, train_size=1500, shard_rows=400,
+                         num_threads=1)
+    index = build_ondisk_index(keys, sys.argv[1], config, distributed=ctx)
+    ids = index.search(keys[:20].astype(np.float32), 5)[1]
+    np.save(f"{sys.argv[1]}.rank{ctx.rank}.npy", ids)
+""")
+
+
+def test_two_process_gloo_build_matches_single_process(tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(_GLOO_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--standalone", str(script), str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    keys = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float16)
+    config = IndexConfig(factory="IVF16,PQ4x4", nprobe=4, train_size=1500, shard_rows=400,
+                         num_threads=1)
+    single = build_ondisk_index(keys, tmp_path / "one", config)
+    expected = single.search(keys[:20].astype(np.float32), 5)[1]
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"two.rank{rank}.npy"), expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_rerank_recall_at_least_approximate_and_exact_when_all_candidates(tmp_path, metric):
+    keys, queries = _keys(), _queries()
+    exact = DatastoreIndex.build(keys, IndexConfig(factory="Flat", metric=metric),
+                                 show_progress=False)
+    d_exact, i_exact = exact.search(queries, 10)
+    approx = DatastoreIndex.build(keys, _config(metric=metric), show_progress=False)
+    recall_approx = _recall(approx.search(queries, 10)[1], i_exact)
+    approx.config = dataclasses.replace(approx.config, rerank=300)
+    recall_reranked = _recall(approx.search(queries, 10)[1], i_exact)
+    assert recall_reranked >= recall_approx + 0.2, (recall_approx, recall_reranked)
+    # Re-ranking every row is exact search, to the id.
+    approx.config = dataclasses.replace(approx.config, rerank=N, nprobe=16)
+    approx.index.nprobe = 16  # visit every list: all N rows are candidates
+    d_all, i_all = approx.search(queries, 10)
+    np.testing.assert_array_equal(i_all, i_exact)
+    np.testing.assert_allclose(d_all, d_exact, rtol=1e-4, atol=1e-3)
+
+
+def test_rerank_gathers_fp16_memmap_and_marks_missing(tmp_path):
+    keys = _keys(50)
+    np.save(tmp_path / "keys.npy", keys)
+    memmap = np.load(tmp_path / "keys.npy", mmap_mode="r")
+    q = _queries(3)
+    candidates = np.array([[4, 7, -1, 2], [0, 1, 2, 3], [-1, -1, 9, 8]], dtype=np.int64)
+    dist, ids = rerank(memmap, q, candidates, 3, "l2")
+    full = ((q[:, None, :] - keys.astype(np.float32)[None]) ** 2).sum(-1)
+    for row in range(3):
+        valid = [c for c in candidates[row] if c >= 0]
+        best = sorted(valid, key=lambda c: full[row, c])[:3]
+        assert list(ids[row][ids[row] >= 0]) == best
+    assert ids[2, 2] == -1 and np.isinf(dist[2, 2])
+    np.testing.assert_allclose(dist[1], np.sort(full[1, :4])[:3], rtol=1e-5)
+
+
+def test_rerank_needs_keys_and_loads_them_from_the_datastore(tmp_path):
+    index = DatastoreIndex.build(_keys(), _config(rerank=40), show_progress=False)
+    index.keys = None
+    with pytest.raises(DatastoreIndexError, match="needs the datastore's keys"):
+        index.search(_queries(), 5)
+
+
+def test_ondisk_index_is_not_copied_elsewhere(tmp_path):
+    index = build_ondisk_index(_keys(), tmp_path / "index", _config())
+    assert index.save(tmp_path / "index") == tmp_path / "index"
+    with pytest.raises(DatastoreIndexError, match="on-disk index lives in"):
+        index.save(tmp_path / "other")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_lists_file_is_a_one_line_error_naming_it(tmp_path, damage):
+    build_ondisk_index(_keys(), tmp_path / "index", _config())
+    lists = tmp_path / "index" / INDEX_LISTS_FILE
+    if damage == "truncate":
+        with open(lists, "r+b") as f:
+            f.truncate(lists.stat().st_size // 2)
+    else:
+        lists.unlink()
+    with pytest.raises(DatastoreIndexError) as err:
+        DatastoreIndex.load(tmp_path / "index")
+    message = str(err.value)
+    assert str(lists) in message and "\n" not in message and "rebuild it" in message
+    report = verify(tmp_path / "index")
+    assert not report.ok and any(str(lists) in p for p in report.problems)
+
+
+def test_ondisk_needs_an_ivf_factory(tmp_path):
+    with pytest.raises(DatastoreIndexError, match="on-disk lists need an IVF factory"):
+        build_ondisk_index(_keys(), tmp_path / "index", _config("HNSW8"))
+
+
+def test_auto_layout_rule():
+    # Small: exact search in memory.
+    assert choose_layout(10_000, 576, IndexConfig(), available=2**34) == ("Flat", False)
+    # Flat over 900k × 1536 is 5.5 GB: more than half of 8 GiB free -> on-disk IVF-PQ.
+    factory, on_disk = choose_layout(900_000, 1536, IndexConfig(), available=2**33)
+    assert on_disk and factory.startswith("IVF") and factory.endswith("PQ64")
+    # Beyond ONDISK_ROW_LIMIT rows always on disk; an explicit factory stays as asked.
+    assert choose_layout(60_000_000, 576, IndexConfig(), available=2**40)[1]
+    assert choose_layout(60_000_000, 576, IndexConfig(factory="IVF4096,PQ64"),
+                         available=2**40) == ("IVF4096,PQ64", False)
+    assert choose_layout(5000, 16, IndexConfig(on_disk=True))[1]
+    assert estimated_index_bytes("IVF4096,PQ64", 10**6, 576) == 10**6 * 72 + 4 * 576 * 4096
+    assert estimated_index_bytes("Flat", 10, 576) == 10 * 576 * 4
+
+
+def test_gpu_is_used_only_for_cuda_queries_when_available(monkeypatch):
+    index = DatastoreIndex.build(_keys(), _config(), show_progress=False)
+    expected = index.search(_queries(), 5)
+    # faiss-cpu: no GPU, CPU tensors and numpy arrays: the CPU path.
+    assert not wants_gpu(torch.from_numpy(_queries()), "auto", on_disk=False)
+    assert not wants_gpu(_queries(), "auto", on_disk=False)
+    for a, b in zip(index.search(torch.from_numpy(_queries()), 5), expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # With GPU FAISS (simulated): the index is copied once and the copy searched.
+    copies = []
+    monkeypatch.setattr(faiss_index_module, "wants_gpu", lambda q, setting, on_disk: True)
+    monkeypatch.setattr(faiss_index_module, "to_all_gpus",
+                        lambda ix: copies.append(ix) or faiss.clone_index(ix))
+    for _ in range(2):
+        for a, b in zip(index.search(_queries(), 5), expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert len(copies) == 1
+
+
+def test_cli_builds_an_on_disk_index_with_reranking(tmp_path, capsys):
+    from hetgraph.cli import main
+    from hetgraph.datastore import Datastore
+    from hetgraph.testing import save_tiny_model, write_word_corpus
+
+    save_tiny_model(tmp_path / "model", "qwen2")
+    write_word_corpus(tmp_path / "corpus")
+    ds = tmp_path / "ds"
+    assert main(["datastore", "build", "--model", str(tmp_path / "model"), "--corpus",
+                 str(tmp_path / "corpus"), "--threads", "1", "--out", str(ds),
+                 "--context-length", "64", "--stride", "32", "--no-index"]) == 0
+    assert main(["index", "build", "--datastore", str(ds), "--factory", "IVF4,Flat",
+                 "--on-disk", "--rerank", "16", "--nprobe", "1", "--shard-rows", "500"]) == 0
+    assert "(lists on disk)" in capsys.readouterr().out
+    store = Datastore.open(ds)
+    index = DatastoreIndex.load(ds / "index", store)
+    assert index.on_disk and index.config.rerank == 16 and index.keys is not None
+    exact = DatastoreIndex.build(store, IndexConfig(factory="Flat"), show_progress=False)
+    queries = np.asarray(store.keys[:30], dtype=np.float32) + 0.01
+    np.testing.assert_array_equal(index.search(queries, 1)[1], exact.search(queries, 1)[1])
+    # Back to an in-memory index: the on-disk lists go with the old index.
+    assert main(["index", "build", "--datastore", str(ds), "--factory", "Flat",
+                 "--in-memory"]) == 0
+    assert not (ds / "index" / INDEX_LISTS_FILE).exists()
+    assert not DatastoreIndex.load(ds / "index", store).on_disk

@@ -27,6 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The .deb download and unpacking are shared with the second corpus's script (a sibling
+# module: scripts run as `python scripts/<name>.py`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from extract_debian_corpus import download_deb, extract_deb
+
 PACKAGE = "python3.11-doc"
 SOURCES_DIR = Path("usr/share/doc/python3.11/html/_sources")
 DEBIAN_COPYRIGHT = Path("usr/share/doc/python3.11-doc/copyright")
@@ -35,21 +40,6 @@ DEBIAN_CHANGELOG = Path("usr/share/doc/python3.11-doc/changelog.Debian.gz")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "hetgraph" / "corpus" / "data" / "python311_docs.jsonl.xz"
 DEFAULT_LICENSE = REPO_ROOT / "hetgraph" / "corpus" / "data" / "LICENSE-python-docs.txt"
-
-
-def download_deb(directory: Path) -> Path:
-    """``apt-get download python3.11-doc`` into ``directory``; returns the .deb path."""
-    subprocess.run(["apt-get", "download", PACKAGE], cwd=directory, check=True)
-    debs = sorted(directory.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        raise SystemExit(f"apt-get download {PACKAGE} produced no .deb in {directory}")
-    return debs[-1]
-
-
-def extract_deb(deb: Path, directory: Path) -> Path:
-    """``dpkg -x deb directory``; returns ``directory``."""
-    subprocess.run(["dpkg", "-x", str(deb), str(directory)], check=True)
-    return directory
 
 
 def debian_version(root: Path, deb: Path | None) -> str:
@@ -166,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             root = args.extracted
         else:
             if deb is None:
-                deb = download_deb(Path(tmp))
+                deb = download_deb(PACKAGE, Path(tmp))
             root = extract_deb(deb, Path(tmp) / "x")
         version = debian_version(root, deb)
         documents = collect_documents(root)

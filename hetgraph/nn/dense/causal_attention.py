@@ -19,12 +19,7 @@ from hetgraph.nn.dense.common import (
     check_window_shapes,
     combine_messages,
     masked_softmax,
-    no_messages,
-    query_window_messages,
-    slot_index,
-    slot_keys_values,
-    window_layer_inputs,
-    window_outputs,
+    window_and_query_messages,
 )
 
 
@@ -142,7 +137,7 @@ def dense_causal_window_attention(
         - **input:** as :func:`~hetgraph.nn.dense.dense_window_attention`
         - **output:** query features :math:`(C, F)` and window features :math:`(U, W, F)`
     """
-    window_type, query_type = check_window_relations(layer, window_relation, query_relation)
+    _, query_type = check_window_relations(layer, window_relation, query_relation)
     check_window_shapes(query_x, window_x, window_mask, window_index)
     if causal_relation[0] != query_type or causal_relation[2] != query_type:
         raise ValueError(f"causal_relation {causal_relation} must link the query type "
@@ -150,24 +145,12 @@ def dense_causal_window_attention(
     if causal.index.numel() != query_x.size(0):
         raise ValueError(f"the causal layout has {causal.index.numel()} queries, "
                          f"query_x {query_x.size(0)}")
-    W = window_mask.size(1)
-    C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query_qkv = layer.project(query_type, query_x)  # [C, 3, H, D]
-    has_window = window_relation in layer.edge_types and update_windows
-    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
-                              output_slots)  # 3 x [U * W, H, D] or None
-    slots = slot_index(query_slots, W, window_x.device)
-
     # A fixed order of dropout draws (training): windows, query, causal messages, update.
-    windows_out = window_x
-    if qkv is not None:
-        windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
-                                     window_relation if has_window else None, output_slots)
-    parts = [no_messages(query_qkv, C, H, D)]
-    if query_relation in layer.edge_types:
-        slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
-        parts[0] = query_window_messages(layer, query_qkv[:, 0], slot_kv,
-                                         window_mask[:, slots], window_index, query_relation)
+    windows_out, part = window_and_query_messages(
+        layer, query_qkv[:, 0], window_x, window_mask, window_index,
+        (window_relation, query_relation), query_slots, update_windows, output_slots)
+    parts = [part]
     if causal_relation in layer.edge_types:
         parts.append(causal_messages(layer, query_qkv, causal, causal_relation))
     return layer.node_update(query_type, query_x, combine_messages(layer, parts)), windows_out

@@ -257,6 +257,39 @@ def query_window_messages(
     return RelationMessages(torch.einsum("chd,hde->che", m, rel.msg), lse, allowed.any(-1))
 
 
+def window_and_query_messages(
+    layer: HeteroGraphAttention,
+    query: Tensor,
+    window_x: Tensor,
+    window_mask: Tensor,
+    window_index: Tensor,
+    relations: tuple[EdgeType, EdgeType],
+    query_slots: Sequence[int] | None,
+    update_windows: bool,
+    output_slots: slice | None,
+) -> tuple[Tensor, RelationMessages]:
+    """The part every dense unit shares: the windows' outputs (``window_x`` unchanged
+    without ``update_windows``; only the ``output_slots`` when given) and the messages of
+    ``relations[1]`` from the linked slots into the queries (``query``: their ``[C, H, d_k]``
+    projections; no messages if the layer lacks that relation). Dropout is drawn in this
+    fixed order: windows, then queries."""
+    window_relation, query_relation = relations
+    window_type = window_relation[0]
+    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
+                              output_slots)  # 3 x [U * W, H, D] or None
+    windows_out = window_x
+    if qkv is not None:
+        relation = window_relation if window_relation in layer.edge_types else None
+        windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask, relation,
+                                     output_slots)
+    if query_relation not in layer.edge_types:
+        return windows_out, no_messages(query, query.size(0), layer.heads, layer.head_channels)
+    slots = slot_index(query_slots, window_mask.size(1), window_x.device)
+    slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
+    return windows_out, query_window_messages(layer, query, slot_kv, window_mask[:, slots],
+                                              window_index, query_relation)
+
+
 def no_messages(like: Tensor, N: int, heads: int, head_channels: int) -> RelationMessages:
     """The messages of a relation without edges into ``N`` nodes."""
     return RelationMessages(

@@ -12,11 +12,7 @@ from hetgraph.nn.dense.common import (
     check_window_relations,
     check_window_shapes,
     combine_messages,
-    query_window_messages,
-    slot_index,
-    slot_keys_values,
-    window_layer_inputs,
-    window_outputs,
+    window_and_query_messages,
 )
 
 
@@ -87,22 +83,11 @@ def dense_window_attention(
           :math:`(U, W, F)` (:math:`(U, |\text{output\_slots}|, F)`), in the dtypes of
           the inputs
     """
-    window_type, query_type = check_window_relations(layer, window_relation, query_relation)
+    _, query_type = check_window_relations(layer, window_relation, query_relation)
     check_window_shapes(query_x, window_x, window_mask, window_index)
-    C, H, D = query_x.size(0), layer.heads, layer.head_channels
     query = layer.project(query_type, query_x)[:, 0]  # [C, H, D]; query keys/values reach nothing
-    has_window = window_relation in layer.edge_types and update_windows
-    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
-                              output_slots)  # 3 x [U * W, H, D] or None
-    slots = slot_index(query_slots, window_mask.size(1), window_x.device)
-    # A fixed order of dropout draws (training): windows, then queries.
-    windows_out = window_x
-    if qkv is not None:
-        windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask,
-                                     window_relation if has_window else None, output_slots)
-    m_query = query.new_zeros(C, H * D)
-    if query_relation in layer.edge_types:
-        slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
-        m_query = combine_messages(layer, [query_window_messages(
-            layer, query, slot_kv, window_mask[:, slots], window_index, query_relation)])
+    windows_out, part = window_and_query_messages(
+        layer, query, window_x, window_mask, window_index, (window_relation, query_relation),
+        query_slots, update_windows, output_slots)
+    m_query = combine_messages(layer, [part])  # zero where the relation reaches nothing
     return layer.node_update(query_type, query_x, m_query), windows_out

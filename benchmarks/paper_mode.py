@@ -73,7 +73,9 @@ DISCUSSION = (
     "are second order and the fusion mode is what separates the two. This measures the "
     "training budget each fusion needs, not the official model's quality at convergence; the "
     "official orig_prob_ratio mixture is the paper's other way to keep the base distribution "
-    "available. Wall-clock seconds were measured on 2 CPU cores shared with other jobs and "
+    "available. The same collapse of replace mode at this budget shows on a second corpus of "
+    "another domain, the GCIDE dictionary (benchmarks/ablation.py, its 'paper' arm). "
+    "Wall-clock seconds were measured on 2 CPU cores shared with other jobs and "
     "are not comparable across arms; the token budgets are equal.")
 
 

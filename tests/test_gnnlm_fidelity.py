@@ -160,6 +160,17 @@ def test_gnnlm_state_dict_errors_name_the_key():
         GraphAdapter(AdapterConfig(ctx_channels=8, nbr_channels=8)).to_gnnlm_state_dict()
 
 
+@pytest.mark.parametrize("name, bad", [
+    ("gcs.0.relation_att", torch.zeros(4)),  # was an IndexError traceback
+    ("adapt_ws.0.weight", torch.zeros(8)),
+    ("gcs.0.k_linears.0.weight", torch.zeros(8, 8, 1)),
+])
+def test_gnnlm_state_dict_with_a_misshapen_tensor_names_it(name, bad):
+    sd = {**HGT(8, 8, 8, 1, n_heads=2).state_dict(), name: bad}
+    with pytest.raises(GNNLMStateDictError, match=re.escape(f"{name!r} has shape")):
+        GraphAdapter.from_gnnlm_state_dict(sd)
+
+
 def test_official_init_is_xavier_on_the_stacked_relations():
     conv = HeteroGraphAttention(64, context_graph_metadata(True), heads=8,
                                 relation_names={N2N: "intra", C2C: "intra", N2C: "inter"},

@@ -54,11 +54,17 @@ def _infer_config(sd: dict[str, Tensor], overrides: dict[str, Any]) -> AdapterCo
         raise GNNLMStateDictError(
             f"no consecutive 'gcs.<i>.' layers among the keys ({sorted(sd)[:4]} …): "
             "is this an official GNN-LM HGT state dict, and is the prefix right?")
-    try:
-        hidden = sd["gcs.0.k_linears.0.weight"].shape[0]
-        heads = sd["gcs.0.relation_att"].shape[1]
-    except KeyError as e:
-        raise GNNLMStateDictError(f"official GNN-LM state dict lacks {e.args[0]!r}") from None
+    # The tensors whose shapes give the widths (the adapt_ws / out maps are optional).
+    dimensions = {"gcs.0.k_linears.0.weight": 2, "gcs.0.relation_att": 4,
+                  "adapt_ws.0.weight": 2, "out.weight": 2}
+    for name, dims in dimensions.items():
+        if name not in sd and name.startswith("gcs."):
+            raise GNNLMStateDictError(f"official GNN-LM state dict lacks {name!r}")
+        if name in sd and sd[name].dim() != dims:
+            raise GNNLMStateDictError(f"{name!r} has shape {tuple(sd[name].shape)}, expected "
+                                      f"{dims} dimensions")
+    hidden = sd["gcs.0.k_linears.0.weight"].shape[0]
+    heads = sd["gcs.0.relation_att"].shape[1]
     width_in = sd["adapt_ws.0.weight"].shape[1] if "adapt_ws.0.weight" in sd else hidden
     width_out = sd["out.weight"].shape[0] if "out.weight" in sd else hidden
     return AdapterConfig.paper(**{

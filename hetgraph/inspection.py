@@ -63,29 +63,30 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _neighbour_attention(
-    lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor,
+    lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor, positions: Sequence[int],
 ) -> dict[str, Tensor]:
     """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
-    retrieved neighbours of each of ``P`` positions (mean over heads; summed over the
-    window for ``n2c="window"``)."""
+    retrieved neighbours of each of ``P`` ``positions`` (mean over heads; summed over the
+    window for ``n2c="window"``). The graph covers the whole text (``hidden`` ``[T, d]``
+    per site, ``ids`` ``[T, k]``), as in the forward, so ``c2c`` edges count."""
     out: dict[str, Tensor] = {}
-    positions, k = ids.shape
+    length, k = ids.shape
     graph = lm.graph_inputs.build_graph(ids[None])
     embedding = lm.model.get_input_embeddings()
     for site in lm.fusion_sites:
         adapter = lm.adapter_at(site)
         dtype = lm.gates[site_key(site)].dtype
-        site_hidden = hidden[None if site == HEAD else site][None]  # [1, P, d]
+        site_hidden = hidden[None if site == HEAD else site][None]  # [1, T, d]
         inputs = lm.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
         _, attention = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
                                return_attention_weights=True)
         edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)
         # it comes from; summing over the window gives one weight per retrieved neighbour.
-        table = torch.zeros(positions, k)
+        table = torch.zeros(length, k)  # ctx node t is position t (one sequence, no mask)
         table.index_put_((edge_index[1].cpu(), graph[N2C].nbr_slot.cpu()),
                          alpha.float().mean(dim=-1).cpu(), accumulate=True)
-        out[site_key(site)] = table
+        out[site_key(site)] = table[list(positions)]
     return out
 
 
@@ -118,11 +119,12 @@ def inspect_positions(
     # Registered before the fusion hooks, the capture sees each fused site's input state.
     with HiddenStateCapture(lm.model, sites) as capture:
         output = lm(ids, use_cache=False, output_retrieval=True)
-        site_hidden = {layer: h[0, positions] for layer, h in capture.states.items()}
+        site_hidden = {layer: h[0] for layer, h in capture.states.items()}
     gnn_logits = output.logits[0]
     neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
     distances = output.retrieval.distances[0, positions].cpu()
-    attention = _neighbour_attention(lm, site_hidden, neighbour_ids)
+    attention = _neighbour_attention(lm, site_hidden, output.retrieval.neighbour_ids[0],
+                                     positions)
     factors = _gate_factors(lm, output.retrieval, length, positions)
     store = lm.datastore
     reports = []

@@ -14,7 +14,7 @@ from hetgraph.cli_commands import _training_settings
 from hetgraph.configuration import ConfigError
 from hetgraph.fusion import FusionConfig, HetGraphLM, resolve_fusion_sites, retrieval_statistics
 from hetgraph.fusion.persistence import read_adapter_config
-from hetgraph.inspection import format_report, inspect_position
+from hetgraph.inspection import format_report, inspect_position, inspect_positions
 from hetgraph.integrity import atomic_write_json_record
 from hetgraph.io import ADAPTER_CONFIG
 from hetgraph.models.layers import decoder_layers
@@ -340,3 +340,18 @@ def test_inspection_shows_every_sites_attention(tmp_path, split, family):
     assert report.gate_factors == dict.fromkeys(expected, 0.5)
     shown = format_report(report)
     assert all(f"{site}=" in shown for site in expected) and "retrieval gate" in shown
+
+
+def test_inspected_attention_does_not_depend_on_the_other_inspected_positions(tmp_path, split):
+    # With c2c edges a position's graph state depends on the text before it: the attention
+    # reported for a position is that of the forward's graph over the whole text, the same
+    # whichever other positions are inspected with it (it was the graph of the inspected
+    # positions alone).
+    parts = build_store(tmp_path, "llama", split)
+    lm = fused_lm(parts, sites=("head",), graph={"c2c": True})
+    input_ids = text(split, start=60, length=30)[0]
+    alone = inspect_positions(lm, parts[1], input_ids, [20], num_neighbours=4)[0]
+    together = inspect_positions(lm, parts[1], input_ids, [5, 12, 20], num_neighbours=4)[2]
+    for a, b in zip(alone.neighbours, together.neighbours, strict=True):
+        assert a.row == b.row
+        assert a.attention["head"] == pytest.approx(b.attention["head"], abs=1e-6)

@@ -9,7 +9,9 @@ decide whether to checkpoint (the decoder layers in transformers 5, the decoder 
 4.x) are switched to training mode, not their children.
 
 In transformers 5 the checkpoint wraps each layer's ``forward``, so the fusion hooks run
-outside it and nothing of the fusion is recomputed. Where a version wraps ``__call__``
+outside it: the layers' checkpoint recomputes nothing of the fusion (each site's adapter is
+checkpointed separately by :meth:`HetGraphLM.fuse <hetgraph.HetGraphLM.fuse>`, retrieval
+and graph are never redone). Where a version wraps ``__call__``
 (hooks inside), the checkpoint's ``context_fn`` re-activates the forward call's context for
 the recomputation: the hooks reuse the call's retrieval and graph, and the preserved RNG
 state gives the adapters the same dropout masks, so loss and gradients are unchanged.

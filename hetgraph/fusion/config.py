@@ -78,8 +78,10 @@ class FusionConfig(JSONConfigMixin):
             backward pass instead of keeping them (HF activation checkpointing, non-reentrant,
             switched on only while the model is in training mode). Saves memory when a
             fused site lies below the last layer (gradients then flow through frozen layers);
-            the fusion hooks run outside the recomputed region, so retrieval, graphs and
-            adapter dropout are not redone, and loss and gradients are unchanged.
+            each site's adapter is checkpointed too (:meth:`HetGraphLM.fuse
+            <hetgraph.HetGraphLM.fuse>`). Retrieval and graphs are not redone, and the
+            recomputed adapters get the same dropout masks (RNG state restored), so loss
+            and gradients are unchanged.
     """
 
     fusion_layers: FusionLayers = (HEAD,)

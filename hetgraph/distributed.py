@@ -68,8 +68,8 @@ from hetgraph.errors import HetgraphError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistributedContext", "DistributedError", "current_context", "init_distributed",
-           "shard_range"]
+__all__ = ["DistributedContext", "DistributedEnvironmentError", "DistributedError",
+           "current_context", "init_distributed", "shard_range"]
 
 T = TypeVar("T")
 
@@ -81,6 +81,11 @@ _MAX_DIMS = 4
 
 class DistributedError(HetgraphError):
     """Another rank of a ``torchrun`` job failed with an expected error (its message follows)."""
+
+
+class DistributedEnvironmentError(HetgraphError):
+    """The ``torchrun`` environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) is half set or
+    not integers."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +229,7 @@ def current_context() -> DistributedContext:
     if not (dist.is_available() and dist.is_initialized()):
         return DistributedContext()
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                              local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                              local_rank=_env_int("LOCAL_RANK", 0))
 
 
 def init_distributed(backend: str | None = None) -> DistributedContext:
@@ -236,12 +241,20 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     Args:
         backend: ``"nccl"`` or ``"gloo"``; by default NCCL when CUDA is available, else Gloo.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
         return DistributedContext()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", None), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world_size or local_rank < 0:
+        raise DistributedEnvironmentError(
+            f"RANK={rank} / LOCAL_RANK={local_rank} are outside WORLD_SIZE={world_size}; "
+            "launch with torchrun, or unset WORLD_SIZE to run one process")
     if not dist.is_initialized():
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise DistributedEnvironmentError(
+                f"WORLD_SIZE={world_size} asks for a torchrun job but {' and '.join(missing)} "
+                "are unset; launch with torchrun, or unset WORLD_SIZE to run one process")
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
             torch.cuda.set_device(local_rank)
@@ -249,6 +262,21 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
         atexit.register(_destroy)
         logger.info("joined a %s process group: rank %d of %d", chosen, rank, world_size)
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def _env_int(name: str, default: int | None) -> int:
+    """The integer environment variable ``name`` (``default`` when unset, required if None)."""
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        shown = "unset" if text is None else f"{text!r}"
+        raise DistributedEnvironmentError(
+            f"environment variable {name} is {shown} but must be an integer (WORLD_SIZE="
+            f"{os.environ.get('WORLD_SIZE')!r} asks for a torchrun job); launch with torchrun, "
+            "or unset WORLD_SIZE to run one process") from None
 
 
 def _destroy() -> None:

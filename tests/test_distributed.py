@@ -22,6 +22,7 @@ from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import Datastore, DatastoreConfig, build_datastore
 from hetgraph.distributed import (
     DistributedContext,
+    DistributedEnvironmentError,
     current_context,
     init_distributed,
     shard_range,
@@ -253,3 +254,21 @@ def test_ddp_training_matches_one_process_and_resumes_with_another_world_size(jo
         assert trained.keys() == weights.keys()
         for key in weights:
             torch.testing.assert_close(trained[key], weights[key], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("env, names", [
+    ({"WORLD_SIZE": "2"}, ["RANK", "unset"]),
+    ({"WORLD_SIZE": "two"}, ["WORLD_SIZE", "'two'"]),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, ["LOCAL_RANK", "'x'"]),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, ["RANK=2", "WORLD_SIZE=2"]),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, ["MASTER_ADDR", "MASTER_PORT"]),
+])
+def test_half_set_torchrun_environment_is_a_one_line_error(monkeypatch, env, names):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistributedEnvironmentError) as raised:
+        init_distributed("gloo")
+    assert all(name in str(raised.value) for name in names), str(raised.value)
+    assert "unset WORLD_SIZE" in str(raised.value) and not dist.is_initialized()

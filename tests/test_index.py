@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetgraph.configuration import ConfigError
 from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
@@ -104,3 +105,16 @@ def test_auto_factory_and_config_json(tmp_path):
     with pytest.raises(ValueError, match="cannot build"):
         DatastoreIndex.build(np.zeros((10, 30), np.float16), IndexConfig(factory="NotAnIndex"),
                              show_progress=False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("on_disk", "yes"), ("shard_rows", 0), ("shard_rows", "10"), ("shard_rows", True),
+    ("rerank", -1), ("rerank", 1.5), ("gpu", "always"),
+])
+def test_index_config_rejects_bad_scale_fields_naming_them(field, value):
+    for build in (lambda: IndexConfig(**{field: value}),
+                  lambda: IndexConfig.from_dict({field: value})):
+        with pytest.raises(ConfigError) as raised:
+            build()
+        assert raised.value.key == field and field in str(raised.value)
+    assert IndexConfig(on_disk=True, shard_rows=np.int64(5), rerank=64, gpu="never").rerank == 64

@@ -4,6 +4,7 @@ with on-disk inverted lists (:mod:`hetgraph.index.ondisk`), optionally re-ranked
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hetgraph.configuration import JSONConfigMixin
+from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.index.files import (
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
@@ -75,11 +76,15 @@ class IndexConfig(JSONConfigMixin):
             raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
         if self.add_chunk_size < 1:
             raise ValueError(f"add_chunk_size must be >= 1, got {self.add_chunk_size}")
-        if self.shard_rows < 1 or self.rerank < 0:
-            raise ValueError(f"shard_rows must be >= 1 and rerank >= 0, got {self.shard_rows} "
-                             f"and {self.rerank}")
+        if self.on_disk not in (None, True, False):
+            raise ConfigError(f"on_disk must be true, false or null (decide by size), got "
+                              f"{self.on_disk!r}", "on_disk")
+        for name, low in (("shard_rows", 1), ("rerank", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", name)
         if self.gpu not in ("auto", "never"):
-            raise ValueError(f"gpu must be 'auto' or 'never', got {self.gpu!r}")
+            raise ConfigError(f"gpu must be 'auto' or 'never', got {self.gpu!r}", "gpu")
 
 
 

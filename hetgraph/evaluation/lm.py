@@ -189,10 +189,13 @@ def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | Non
 
 def _scored_rows(batch: list[Window], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     # (window row, column, split position) of every position a batch of windows scores.
-    rows = torch.cat([torch.full((w.end - w.score_start,), r, dtype=torch.long)
-                      for r, w in enumerate(batch)])
-    cols = torch.cat([torch.arange(w.score_start - w.start, w.end - w.start) for w in batch])
-    positions = torch.cat([torch.arange(w.score_start, w.end) for w in batch])
+    # One tensor op over the batch's windows, not one small tensor per window.
+    bounds = torch.tensor([(w.start, w.score_start, w.end) for w in batch], dtype=torch.long)
+    start, score_start, end = bounds.unbind(1)
+    rows = torch.repeat_interleave(torch.arange(len(batch)), end - score_start)
+    offsets = torch.cumsum(end - score_start, 0) - (end - score_start)
+    positions = torch.arange(int(rows.numel())) - offsets[rows] + score_start[rows]
+    cols = positions - start[rows]
     return rows.to(device), cols.to(device), positions
 
 

@@ -70,6 +70,11 @@ def test_mixture_equals_naive_reference(missing, temperature, lam):
     defined = naive.max(-1) > 0  # λ = 1 and no neighbour: the mixture is all zero
     np.testing.assert_array_equal(pred.numpy()[defined], naive.argmax(-1)[defined])
     np.testing.assert_array_equal(pred.numpy()[~defined], lm.argmax(-1).numpy()[~defined])
+    # The memory cap on a comparison block (here: one query per block) changes nothing.
+    capped = knn_mixture_argmax(lm.argmax(-1), lm.gather(1, tokens.clamp(min=0)), distances,
+                                tokens, lam, temperature, lm_argmax_log_probs=lm.max(-1).values,
+                                max_block_elements=1)
+    np.testing.assert_array_equal(capped.numpy(), pred.numpy())
 
 
 def test_missing_targets_and_edges():

@@ -2,10 +2,11 @@ r"""GPU FAISS, used automatically when it is installed and the queries are on CU
 
 With ``faiss-gpu`` (or ``faiss-gpu-cu12``) installed instead of ``faiss-cpu``,
 :meth:`~hetgraph.index.DatastoreIndex.search` given CUDA query tensors copies the index once
-to every visible GPU (``faiss.index_cpu_to_all_gpus``: sharded over several GPUs) and
-searches there. Everything else stays on the CPU path, the default: numpy queries or CPU
-tensors, ``faiss-cpu`` (``faiss.get_num_gpus() == 0``), ``IndexConfig.gpu = "never"``, and
-on-disk indexes (copying one to a GPU would load it whole).
+to every visible GPU (``faiss.index_cpu_to_all_gpus`` with its default options: a whole
+replica on each GPU, the queries split among them — not sharded, so the index must fit in
+one GPU's memory) and searches there. Everything else stays on the CPU path, the default:
+numpy queries or CPU tensors, ``faiss-cpu`` (``faiss.get_num_gpus() == 0``),
+``IndexConfig.gpu = "never"``, and on-disk indexes (copying one to a GPU would load it whole).
 """
 from __future__ import annotations
 

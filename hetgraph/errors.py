@@ -14,3 +14,14 @@ class HetgraphError(ValueError):
     A :class:`ValueError` subclass, so code written against earlier versions that catches
     ``ValueError`` keeps working.
     """
+
+
+class NonFiniteError(HetgraphError):
+    """A NaN or infinite value where a result must be finite: keys, distances, logits, a
+    loss or a perplexity. :attr:`stage` names where (``"base"``, ``"kNN"``, ``"GNN"``,
+    ``"GNN+kNN"``, ``"retrieval"``, ``"training"`` …); the message says what to do.
+    (Shared by evaluation and training, so it lives with the base class.)"""
+
+    def __init__(self, message: str, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage

@@ -32,22 +32,12 @@ from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.errors import HetgraphError
+from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.layers import model_device
 
 #: ``forward(input_ids [B, T] int64) -> logits [B, T, V]``; any model callable.
 ForwardFn = Callable[[Tensor], Tensor]
-
-
-class NonFiniteError(HetgraphError):
-    """A NaN or infinite value where a result must be finite: keys, distances, logits, a
-    loss or a perplexity. :attr:`stage` names where (``"base"``, ``"kNN"``, ``"GNN"``,
-    ``"GNN+kNN"``, ``"retrieval"``, ``"training"`` …); the message says what to do."""
-
-    def __init__(self, message: str, stage: str) -> None:
-        super().__init__(message)
-        self.stage = stage
 
 
 @dataclass

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from hetgraph.configuration import ConfigError
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.errors import HetgraphError
-from hetgraph.evaluation.lm import NonFiniteError
+from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT, atomic_write_json

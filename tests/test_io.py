@@ -24,6 +24,7 @@ from hetgraph.io import (
     ADAPTER_WEIGHTS,
     CHECKPOINT_DIR,
     DATASTORE_METADATA,
+    TRAINER_STATE,
     StreamingHash,
     atomic_directory,
     atomic_path,
@@ -347,3 +348,21 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     saved, restored = optimizer.state_dict(), other_optimizer.state_dict()
     for name in ("exp_avg", "exp_avg_sq", "step"):
         torch.testing.assert_close(restored["state"][0][name], saved["state"][0][name])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_object"])
+def test_damaged_checkpoint_state_is_one_line_naming_it(tmp_path: Path, damage: str) -> None:
+    from hetgraph.training.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+
+    lm = _TinyAdapterLM()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=0.1)
+    write_checkpoint(lm, optimizer, tmp_path, {"step": 3})
+    state = tmp_path / CHECKPOINT_DIR / TRAINER_STATE
+    state.write_text('{"step": 3' if damage == "truncated" else "[3]")
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and str(state) in message and "delete" in message
+    # A damaged set-aside copy (a save interrupted mid-write) is skipped, not recovered.
+    (tmp_path / CHECKPOINT_DIR).rename(tmp_path / f".{CHECKPOINT_DIR}.old-0badc0de")
+    assert read_checkpoint(tmp_path) is None

@@ -11,6 +11,7 @@ puts it back instead of starting again from step 0.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -98,10 +99,12 @@ def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
     target = out_dir / CHECKPOINT_DIR
     set_aside = sorted(out_dir.glob(f".{CHECKPOINT_DIR}.old-*"))
     if not (target / TRAINER_STATE).is_file():
-        complete = [p for p in set_aside if (p / TRAINER_STATE).is_file()]
+        # A set-aside copy whose state does not read is incomplete: never recovered.
+        steps = {p: _readable_state(p / TRAINER_STATE) for p in set_aside}
+        complete = [p for p, state in steps.items() if state is not None]
         if not complete:
             return None
-        best = max(complete, key=lambda p: read_json(p / TRAINER_STATE).get("step", -1))
+        best = max(complete, key=lambda p: steps[p].get("step", -1))  # type: ignore[union-attr]
         if target.exists():
             shutil.rmtree(target)
         os.rename(best, target)
@@ -109,7 +112,27 @@ def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
                        "saving", target, best.name)
     for stale in out_dir.glob(f".{CHECKPOINT_DIR}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    return read_json(target / TRAINER_STATE)
+    state = _readable_state(target / TRAINER_STATE)
+    if state is None:
+        raise CheckpointError(f"{target / TRAINER_STATE} is damaged (not a JSON object); delete "
+                              f"{target} to train again from the start (the best adapter "
+                              f"saved in {out_dir}, if any, is kept)")
+    return state
+
+
+class CheckpointError(HetgraphError):
+    """A training checkpoint that cannot be resumed (its state file does not read)."""
+
+
+def _readable_state(path: Path) -> dict[str, Any] | None:
+    """The trainer state in ``path`` if it is a readable JSON object, else :obj:`None`."""
+    if not path.is_file():
+        return None
+    try:
+        state = read_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def load_adapter_weights(lm: HetGraphLM, directory: str | Path,

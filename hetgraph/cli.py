@@ -163,7 +163,7 @@ def _add_build_commands(commands: Any) -> None:
                           "(docs: Scaling out)")
     ix_build.add_argument("--in-memory", dest="on_disk", action="store_const", const=False)
     ix_build.add_argument("--nprobe", type=POSITIVE, default=32, help="IVF lists per query")
-    ix_build.add_argument("--rerank", type=int, default=0, metavar="K_PRIME",
+    ix_build.add_argument("--rerank", type=_at_least(0), default=0, metavar="K_PRIME",
                           help="re-rank K_PRIME candidates exactly against the keys (0: off)")
     ix_build.add_argument("--shard-rows", type=POSITIVE, default=1_000_000,
                           help="rows per block of an on-disk build (the unit of a rank's work)")

@@ -5,6 +5,7 @@ config, so nothing is downloaded.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Literal
@@ -119,3 +120,26 @@ def write_word_corpus(folder: str | Path, num_documents: int = 12, seed: int = 0
         text = " ".join(rng.choice(words) for _ in range(length))
         (folder / f"doc{i:02d}.txt").write_text(text + "\n")
     return folder
+
+
+def tiny_run_config(dropout: float = 0.0) -> dict:
+    """A run config (``hetgraph demo --config`` / ``train --config``) sized for
+    :func:`save_tiny_model` and :func:`write_word_corpus`: a few seconds end to end on CPU."""
+    return {
+        "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
+        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,
+                                       "dropout": dropout, "attn_dropout": 0.0}},
+        "training": {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
+                     "eval_tokens": 200, "checkpoint_every": 2},
+        "evaluation": {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4},
+    }
+
+
+def write_cli_workspace(root: str | Path, dropout: float = 0.0) -> Path:
+    """``root`` with a tiny Qwen2 ``model/``, a word ``corpus/`` and ``run.json``
+    (:func:`tiny_run_config`): the inputs of a command-line test."""
+    root = Path(root)
+    save_tiny_model(root / "model", "qwen2")
+    write_word_corpus(root / "corpus")
+    (root / "run.json").write_text(json.dumps(tiny_run_config(dropout)))
+    return root

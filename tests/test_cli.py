@@ -8,24 +8,12 @@ import shutil
 import pytest
 
 from hetgraph.cli import build_parser, main
-from hetgraph.testing import save_tiny_model, write_word_corpus
+from hetgraph.testing import write_cli_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny_model(root / "model", "qwen2")
-    write_word_corpus(root / "corpus")
-    config = {
-        "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,
-                                       "dropout": 0.0, "attn_dropout": 0.0}},
-        "training": {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
-                     "eval_tokens": 200, "checkpoint_every": 2},
-        "evaluation": {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4},
-    }
-    (root / "run.json").write_text(json.dumps(config))
-    return root
+    return write_cli_workspace(tmp_path_factory.mktemp("cli"))
 
 
 def run(*argv: str) -> int:

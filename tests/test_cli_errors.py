@@ -33,28 +33,25 @@ from hetgraph.inspection import Neighbour, NeighbourReport, format_report
 from hetgraph.knnlm import knn_mixture_argmax
 from hetgraph.locking import LockError, directory_lock
 from hetgraph.pipeline import RunConfig, run_pipeline
-from hetgraph.testing import byte_tokenizer, save_tiny_model, tiny_causal_lm, write_word_corpus
+from hetgraph.testing import (
+    byte_tokenizer,
+    save_tiny_model,
+    tiny_causal_lm,
+    tiny_run_config,
+    write_cli_workspace,
+)
 from hetgraph.training import TrainingConfig, train_adapter, trainer as trainer_module
 from hetgraph.training.checkpoint import read_checkpoint
 
-RUN_CONFIG = {
-    "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-    "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,
-                                   "dropout": 0.1, "attn_dropout": 0.0}},
-    "training": {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
-                 "eval_tokens": 200, "checkpoint_every": 2},
-    "evaluation": {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4},
-}
+RUN_CONFIG = tiny_run_config(dropout=0.1)
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A tiny Qwen2 model folder, a 12-document corpus, a run config and a built datastore."""
     root = tmp_path_factory.mktemp("cli-errors")
-    save_tiny_model(root / "model", "qwen2")
+    write_cli_workspace(root, dropout=0.1)
     save_tiny_model(root / "gpt2", "gpt2")
-    write_word_corpus(root / "corpus")
-    (root / "run.json").write_text(json.dumps(RUN_CONFIG))
     (root / "other-split.json").write_text(json.dumps({"seed": 7}))
     assert run("datastore", "build", *common(root), "--out", root / "ds", "--context-length",
                "64", "--stride", "32", "--batch-size", "4") == 0
@@ -111,6 +108,9 @@ def test_disk_full_is_an_expected_error_and_other_os_errors_are_bugs():
     (["train", "--datastore", "DS", "--out", "OUT", "--max-tokens", "0"], "--max-tokens"),
     (["eval", "--datastore", "DS", "--k", "0"], "--k"),
     (["index", "build", "--datastore", "DS", "--threads", "0"], "--threads"),
+    (["index", "build", "--datastore", "DS", "--rerank", "-1"], "--rerank"),
+    (["index", "build", "--datastore", "DS", "--nprobe", "0"], "--nprobe"),
+    (["index", "build", "--datastore", "DS", "--shard-rows", "0"], "--shard-rows"),
     (["generate", "--datastore", "DS", "--prompt", "x", "--max-new-tokens", "0"],
      "--max-new-tokens"),
     (["datastore", "build", "--out", "OUT", "--stride", "0"], "--stride"),

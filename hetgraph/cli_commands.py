@@ -15,9 +15,6 @@ from typing import Any
 from hetgraph.errors import HetgraphError
 from hetgraph.io import ADAPTER_CONFIG, INDEX_DIR, INDEX_FILE, atomic_write_json
 
-#: Library errors that are expected failures but were defined before
-#: :class:`~hetgraph.errors.HetgraphError` existed (module, class name); harmless once they
-#: subclass it.
 #: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
 #: the size limit, no permission, a read-only file system.
 _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
@@ -122,6 +119,16 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
         return HetGraphLM.from_pretrained(args.adapter, model, store, index, tokenizer=tokenizer)
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
+
+
+def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
+    """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses an empty ``text``
+    (given as ``option``) before loading the model, the datastore, its index and the adapter."""
+    if not text:
+        raise CommandLineError(f"{option} is empty; give some text to {verb}")
+    model, tokenizer = _load(args)
+    store, index = _open_store(args.datastore, model, tokenizer)
+    return _hetgraph_lm(args, model, tokenizer, store, index), model, tokenizer
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -290,11 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from hetgraph.inspection import describe_generation
 
-    if not args.prompt:
-        raise CommandLineError("--prompt is empty; give some text to continue")
-    model, tokenizer = _load(args)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
+    lm, model, tokenizer = _lm_for_text(args, args.prompt, "--prompt", "continue")
     device = next(model.parameters()).device
     prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
     if prompt["input_ids"].shape[1] == 0:
@@ -313,11 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hetgraph.inspection import format_report, inspect_position
 
-    if not args.text:
-        raise CommandLineError("--text is empty; give some text to inspect")
-    model, tokenizer = _load(args)
-    store, index = _open_store(args.datastore, model, tokenizer)
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
+    lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect")
     report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_report(report))

@@ -31,11 +31,12 @@ import gzip
 import json
 import lzma
 import math
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from hetgraph.io import atomic_write
 
 PACKAGE = "dict-gcide"
 DICTIONARY = "gcide"
@@ -154,12 +155,19 @@ def license_notice(root: Path, package: str, version: str, output_name: str,
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:  # fsync'd temporary renamed onto ``path``
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def unpacked_package(deb: Path | None, extracted: Path | None, package: str,
+                     tmp: Path) -> tuple[Path, Path | None]:
+    """``(root, deb)``: the ``dpkg -x`` tree of ``package`` — ``extracted`` as given, else
+    ``deb`` (downloaded into ``tmp`` when ``None``) unpacked into ``tmp``."""
+    if extracted is not None:
+        return extracted, deb
+    if deb is None:
+        deb = download_deb(package, tmp)
+    return extract_deb(deb, tmp / "x"), deb
 
 
 def encode_jsonl_xz(documents: list[dict[str, str]]) -> bytes:
@@ -184,13 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="hetgraph-deb-") as tmp:
-        deb: Path | None = args.deb
-        if args.extracted is not None:
-            root = args.extracted
-        else:
-            if deb is None:
-                deb = download_deb(args.package, Path(tmp))
-            root = extract_deb(deb, Path(tmp) / "x")
+        root, deb = unpacked_package(args.deb, args.extracted, args.package, Path(tmp))
         version = debian_version(root, args.package, deb)
         entries = read_entries(root, args.dictionary)
         documents = make_documents(entries, args.entries_per_document, args.target_chars)

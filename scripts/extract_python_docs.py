@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
-import lzma
-import os
 import re
 import subprocess
 import sys
@@ -30,7 +27,7 @@ from pathlib import Path
 # The .deb download and unpacking are shared with the second corpus's script (a sibling
 # module: scripts run as `python scripts/<name>.py`).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extract_debian_corpus import download_deb, extract_deb
+from extract_debian_corpus import _write_atomic, encode_jsonl_xz, unpacked_package
 
 PACKAGE = "python3.11-doc"
 SOURCES_DIR = Path("usr/share/doc/python3.11/html/_sources")
@@ -125,22 +122,6 @@ def license_notice(root: Path, version: str) -> str:
     ])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def encode_jsonl_xz(documents: list[dict[str, str]]) -> bytes:
-    """Deterministic xz-compressed JSON lines (xz carries no timestamps)."""
-    lines = "".join(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n" for doc in documents)
-    return lzma.compress(
-        lines.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
-        preset=9 | lzma.PRESET_EXTREME,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
@@ -151,13 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="hetgraph-pydoc-") as tmp:
-        deb: Path | None = args.deb
-        if args.extracted is not None:
-            root = args.extracted
-        else:
-            if deb is None:
-                deb = download_deb(PACKAGE, Path(tmp))
-            root = extract_deb(deb, Path(tmp) / "x")
+        root, deb = unpacked_package(args.deb, args.extracted, PACKAGE, Path(tmp))
         version = debian_version(root, deb)
         documents = collect_documents(root)
         data = encode_jsonl_xz(documents)

@@ -133,20 +133,21 @@ def _add(report: VerificationReport, kind: str, directory: Path,
     report.problems += problems
 
 
-def _check_json(path: Path, report: VerificationReport) -> None:
+def _check_json(path: Path, report: VerificationReport,
+                fix: str = "train the adapter again") -> None:
     if path.is_file():
         report.checked.append(path)
         try:
             read_json_record(path)
         except HetgraphError as error:
-            report.problems.append(f"{error}; train the adapter again")
+            report.problems.append(f"{error}; {fix}")
 
 
 def _check_checkpoint(directory: Path, report: VerificationReport) -> None:
     from safetensors import SafetensorError, safe_open
 
     fix = "delete the checkpoint directory to restart training from step 0"
-    _check_json(directory / TRAINER_STATE, report)
+    _check_json(directory / TRAINER_STATE, report, fix)
     optimizer = directory / OPTIMIZER_WEIGHTS
     report.checked.append(optimizer)
     try:

@@ -357,3 +357,15 @@ def test_a_file_size_limit_or_full_disk_is_a_typed_error_naming_the_file(tmp_pat
     assert "too large" in out and "run the same build command again" in out
     assert "Errno" not in out
     assert issubclass(StorageError, HetgraphError)
+
+
+def test_verify_tells_to_delete_a_checkpoint_whose_state_is_damaged(tree):
+    from hetgraph.io import CHECKPOINT_DIR, OPTIMIZER_WEIGHTS, TRAINER_STATE
+
+    checkpoint = tree / "adapter" / CHECKPOINT_DIR
+    checkpoint.mkdir()
+    (checkpoint / TRAINER_STATE).write_text('{"step": 2')  # cut short
+    (checkpoint / OPTIMIZER_WEIGHTS).write_bytes(b"")
+    report = verify(tree)
+    problems = [p for p in report.problems if TRAINER_STATE in p]
+    assert problems and all("delete the checkpoint directory" in p for p in problems), problems

@@ -72,6 +72,7 @@ class IndexConfig(JSONConfigMixin):
     gpu: Literal["auto", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # field types, as for every config
         if self.metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {self.metric!r}")
         if self.add_chunk_size < 1:

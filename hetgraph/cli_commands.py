@@ -122,8 +122,12 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
 
 
 def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
-    """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses an empty ``text``
-    (given as ``option``) before loading the model, the datastore, its index and the adapter."""
+    """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses a ``torchrun`` job and
+    an empty ``text`` (given as ``option``) before loading the model, the datastore, its index
+    and the adapter."""
+    from hetgraph.distributed import require_single_process
+
+    require_single_process(args.command)
     if not text:
         raise CommandLineError(f"{option} is empty; give some text to {verb}")
     model, tokenizer = _load(args)
@@ -132,9 +136,11 @@ def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
+    from hetgraph.distributed import require_single_process
     from hetgraph.evaluation import results_table
     from hetgraph.pipeline import DEFAULT_CONFIG, apply_preset, run_pipeline
 
+    require_single_process("demo")
     if args.print_config and args.preset is None and args.config is None and args.out is None:
         print(DEFAULT_CONFIG.read_text(), end="")
         return 0

@@ -232,6 +232,23 @@ def current_context() -> DistributedContext:
                               local_rank=_env_int("LOCAL_RANK", 0))
 
 
+def require_single_process(command: str) -> None:
+    """Refuse to run ``command`` as one rank of a ``torchrun`` job (``WORLD_SIZE`` > 1).
+
+    Commands with no distributed form would otherwise run once per rank, every rank writing
+    the same files.
+
+    Raises:
+        DistributedEnvironmentError: ``WORLD_SIZE`` > 1.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size > 1:
+        raise DistributedEnvironmentError(
+            f"hetgraph {command} runs in one process but WORLD_SIZE={world_size} (torchrun): "
+            f"run it without torchrun, or use the distributed commands (datastore build, "
+            f"index build, train, eval) under torchrun")
+
+
 def init_distributed(backend: str | None = None) -> DistributedContext:
     """Join the process group ``torchrun`` describes, or return the single-process context.
 

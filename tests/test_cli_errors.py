@@ -154,6 +154,22 @@ def test_missing_files_and_empty_inputs_are_one_line(ws, capsys):
     assert "--position 99" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--out", "{out}"],
+    ["generate", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--prompt", "abc"],
+    ["inspect", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--text", "abc"],
+])
+def test_single_process_commands_refuse_torchrun(ws, tmp_path, monkeypatch, capsys, argv):
+    # every rank would run the whole command and write the same files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "demo-out"
+    assert run(*(a.format(ws=ws, out=out) for a in argv)) == 2
+    line = one_error_line(capsys)
+    assert f"hetgraph {argv[0]} runs in one process" in line and "WORLD_SIZE=2" in line
+    assert not out.exists()
+
+
 def test_k_as_large_as_the_datastore_is_refused(ws, capsys):
     with open(ws / "ds" / "metadata.json") as f:
         entries = json.load(f)["num_entries"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from hetgraph.configuration import ConfigError
 from hetgraph.distributed import DistributedContext, shard_range
 from hetgraph.index import (
     DatastoreIndex,
@@ -76,6 +77,22 @@ def test_ondisk_index_is_memory_mapped_not_loaded(tmp_path):
     assert (tmp_path / "index" / "index.faiss").stat().st_size < \
         (tmp_path / "index" / INDEX_LISTS_FILE).stat().st_size
     assert verify(tmp_path / "index").ok
+
+
+@pytest.mark.parametrize("prefetch, threads, expected", [(None, 2, 2), (0, 2, 0), (5, 1, 5)])
+def test_ondisk_prefetch_threads_follow_the_search_threads(tmp_path, prefetch, threads, expected):
+    # FAISS's own default is 32 prefetch threads, whatever the cores
+    build_ondisk_index(_keys(), tmp_path / "index", _config())
+    config = _config(num_threads=threads, prefetch_threads=prefetch)
+    index = DatastoreIndex.load(tmp_path / "index", config=config)
+    index.search(_queries(4), 3)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index.index).invlists)
+    assert lists.prefetch_nthread == expected
+
+
+def test_prefetch_threads_must_be_a_count():
+    with pytest.raises(ConfigError, match="prefetch_threads"):
+        IndexConfig(prefetch_threads=-1)
 
 
 class _SimulatedRank(DistributedContext):

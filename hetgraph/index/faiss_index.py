@@ -56,6 +56,10 @@ class IndexConfig(JSONConfigMixin):
             against the datastore's keys (:mod:`hetgraph.index.rerank`); 0 = off.
         gpu: ``"auto"``: GPU FAISS when installed and the queries are CUDA tensors
             (:mod:`hetgraph.index.gpu`); ``"never"``: always the CPU.
+        prefetch_threads: threads that page an on-disk index's probed lists in ahead of a
+            search (FAISS's ``OnDiskInvertedLists.prefetch_nthread``, whose own default is
+            32); None = as many as the search threads, since more only compete with the
+            search for the cores; 0 = no prefetching.
     """
 
     factory: str = "auto"
@@ -70,6 +74,7 @@ class IndexConfig(JSONConfigMixin):
     shard_rows: int = 1_000_000
     rerank: int = 0
     gpu: Literal["auto", "never"] = "auto"
+    prefetch_threads: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()  # field types, as for every config
@@ -84,6 +89,10 @@ class IndexConfig(JSONConfigMixin):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", name)
+        if self.prefetch_threads is not None and (
+                isinstance(self.prefetch_threads, bool) or self.prefetch_threads < 0):
+            raise ConfigError(f"prefetch_threads must be an integer >= 0 or null (as many as "
+                              f"num_threads), got {self.prefetch_threads!r}", "prefetch_threads")
         if self.gpu not in ("auto", "never"):
             raise ConfigError(f"gpu must be 'auto' or 'never', got {self.gpu!r}", "gpu")
 
@@ -300,10 +309,14 @@ class DatastoreIndex:
 
     # -- searching ----------------------------------------------------------------------------
     def _apply_search_params(self) -> None:
-        set_faiss_threads(self.config.num_threads)
+        threads = set_faiss_threads(self.config.num_threads)
         ivf = faiss.try_extract_index_ivf(self.index)
         if ivf is not None:
             ivf.nprobe = min(int(self.config.nprobe), int(ivf.nlist))
+            lists = faiss.downcast_InvertedLists(ivf.invlists)
+            if isinstance(lists, faiss.OnDiskInvertedLists):
+                prefetch = self.config.prefetch_threads
+                lists.prefetch_nthread = threads if prefetch is None else int(prefetch)
         base = self.index
         if isinstance(base, faiss.IndexPreTransform):
             base = faiss.downcast_index(base.index)

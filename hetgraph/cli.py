@@ -192,6 +192,12 @@ def _add_train_command(commands: Any) -> None:
                             "layer) and/or Python ranges such as 0:30:4 or ::2, e.g. "
                             "'--fusion-layers all head'; write a range that starts with '-' "
                             "as '--fusion-layers=-4:'")
+    train.add_argument("--gate", choices=("static", "retrieval"), default=None,
+                       help="gated-residual gate: 'static' (one learned vector per site) or "
+                            "'retrieval' (also scaled by how close the neighbours are)")
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                       help="recompute the frozen decoder layers in backward (less memory when "
+                            "fusing below the last layer)")
     train.add_argument("--k", type=POSITIVE, default=None, help="neighbours per position")
     train.add_argument("--left", type=_at_least(0), default=None,
                        help="neighbour window: tokens left of each retrieved position (l)")

@@ -224,8 +224,9 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         training["init_from"] = str(args.init_from)
     if args.fusion_layers is not None:
         fusion["fusion_layers"] = list(args.fusion_layers)  # parsed by FusionConfig
-    if args.k is not None:
-        fusion["k"] = args.k
+    for name in ("k", "gate", "gradient_checkpointing"):
+        if getattr(args, name) is not None:
+            fusion[name] = getattr(args, name)
     for name in ("max_steps", "lr", "seed"):
         if getattr(args, name) is not None:
             training[name] = getattr(args, name)

@@ -119,6 +119,17 @@ def test_cli_fusion_layers(tmp_path, argv, expected):
     assert fusion.fusion_layers == expected
 
 
+@pytest.mark.parametrize("argv, gate, checkpointing", [
+    ([], "static", False),
+    (["--gate", "retrieval", "--gradient-checkpointing"], "retrieval", True),
+])
+def test_cli_gate_and_gradient_checkpointing(tmp_path, argv, gate, checkpointing):
+    args = build_parser().parse_args(["train", "--datastore", str(tmp_path),
+                                      "--out", str(tmp_path), *argv])
+    fusion, _training, _evaluation = _training_settings(args)
+    assert (fusion.gate, fusion.gradient_checkpointing) == (gate, checkpointing)
+
+
 def test_cli_rejects_a_bad_site(tmp_path):
     args = build_parser().parse_args(["train", "--datastore", str(tmp_path), "--out", str(tmp_path),
                                       "--fusion-layers", "top"])

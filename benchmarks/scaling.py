@@ -15,6 +15,10 @@ the script again skips the sections already there — ``--redo NAME`` repeats on
   (exact = brute force on the same fp16 vectors, streamed in chunks), the same with exact
   re-ranking of 128 candidates, and the resident memory (RSS) of a fresh process that opens
   the on-disk index and searches it, next to the index size.
+- ``past_ram``: a 2.2 GiB on-disk ``IVF1024,Flat`` index of 10^6 rows built inside a memory
+  cgroup capped at 1 GiB and searched inside one capped at 512 MiB (:mod:`memory_cap`), with
+  its resident and anonymous memory and recall; as a control, reading the lists file into
+  memory under the same cap is killed. Skipped where no memory cgroup can be created.
 - ``perplexity``: kNN-LM perplexity on the real 100k datastore with the exact index, the
   on-disk IVF-PQ index, and IVF-PQ + re-ranking.
 - ``distributed``: ``benchmarks/results/distributed_throughput.json`` reported if present.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -66,8 +71,10 @@ base = rss()
 index = DatastoreIndex.load(sys.argv[1], config=IndexConfig(nprobe=32, num_threads=2))
 opened = rss()
 q = np.load(sys.argv[2])
-start = time.perf_counter(); index.search(q, 32); elapsed = time.perf_counter() - start
+start = time.perf_counter(); _, ids = index.search(q, 32); elapsed = time.perf_counter() - start
 searched = rss()
+if len(sys.argv) > 3:
+    np.save(sys.argv[3], ids)
 print(json.dumps({"rss_after_imports": base["VmRSS"], "rss_after_open": opened["VmRSS"],
                   "rss_after_search": searched["VmRSS"],
                   "anon_after_search": searched.get("RssAnon"),
@@ -75,6 +82,28 @@ print(json.dumps({"rss_after_imports": base["VmRSS"], "rss_after_open": opened["
                   "file_backed_after_search": searched.get("RssFile"),
                   "cold_search_s": elapsed}))
 """
+
+
+BUILD_PROBE = r"""
+import json, sys, time, numpy as np
+from hetgraph.index import IndexConfig, build_ondisk_index
+keys = np.load(sys.argv[1], mmap_mode="r")
+config = IndexConfig(factory=sys.argv[3], train_size=16384, nprobe=32, num_threads=2,
+                     shard_rows=int(sys.argv[4]), add_chunk_size=32768)
+start = time.perf_counter()
+build_ondisk_index(keys, sys.argv[2], config)
+print(json.dumps({"build_s": time.perf_counter() - start}))
+"""
+#: Read the whole lists file into the process's own memory: what "loading the index" costs.
+LOAD_WHOLE_PROBE = "import sys; data = open(sys.argv[1], 'rb').read(); print(len(data))"
+
+#: The past-RAM section: IVF-Flat lists (2,304 B/row at width 576) make a 2.1 GiB index from
+#: 10^6 rows, four times the search's memory cap and twice the build's.
+PAST_RAM_ROWS = 1_000_000
+PAST_RAM_FACTORY = "IVF1024,Flat"
+PAST_RAM_SEARCH_CAP = 512 * 2**20
+PAST_RAM_BUILD_CAP = 1024 * 2**20
+PAST_RAM_SHARD_ROWS = 100_000
 
 
 def save(results: dict) -> None:
@@ -181,6 +210,67 @@ def size_section(work: Path, real: np.ndarray, queries: np.ndarray, n: int) -> d
             rss["rss_after_imports"]}
 
 
+def evict_from_page_cache(path: Path) -> None:
+    """Drop a file's clean pages from the page cache, so a probe starts cold and every page it
+    reads is charged to its own cgroup."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def past_ram_section(work: Path, real: np.ndarray, queries: np.ndarray) -> dict:
+    """Build and search an on-disk index larger than the memory the process may hold.
+
+    Both run in a memory cgroup (:mod:`memory_cap`) whose hard cap is below the index size;
+    as a control, reading the lists file into memory under the search's cap is killed.
+    """
+    from memory_cap import capped_cgroup_root, run_capped
+
+    if capped_cgroup_root() is None:
+        return {"skipped": "no writable memory cgroup controller on this machine: the capped "
+                           "build and search need one (root, or a delegated cgroup)"}
+    n = PAST_RAM_ROWS
+    np.save(work / "q.npy", queries)
+    keys, kind = make_keys(work, real, n, seed=1)
+    exact = exact_topk(keys, queries, K)
+    directory = work / "index_past_ram"
+    shutil.rmtree(directory, ignore_errors=True)
+    python = sys.executable
+    build = run_capped([python, "-c", BUILD_PROBE, str(work / f"keys_{n}.f16"), str(directory),
+                        PAST_RAM_FACTORY, str(PAST_RAM_SHARD_ROWS)], PAST_RAM_BUILD_CAP)
+    if build["returncode"] != 0:
+        raise RuntimeError(f"capped build failed: {build['stderr_tail']}")
+    index_bytes = sum((directory / f).stat().st_size for f in (INDEX_FILE, INDEX_LISTS_FILE))
+    ids_path = work / "past_ram_ids.npy"
+    evict_from_page_cache(directory / INDEX_LISTS_FILE)
+    search = run_capped([python, "-c", RSS_PROBE, str(directory), str(work / "q.npy"),
+                         str(ids_path)], PAST_RAM_SEARCH_CAP)
+    if search["returncode"] != 0:
+        raise RuntimeError(f"capped search failed: {search['stderr_tail']}")
+    probe = json.loads(search.pop("stdout").strip().splitlines()[-1])
+    evict_from_page_cache(directory / INDEX_LISTS_FILE)
+    control = run_capped([python, "-c", LOAD_WHOLE_PROBE, str(directory / INDEX_LISTS_FILE)],
+                         PAST_RAM_SEARCH_CAP)
+    control.pop("stdout")
+    result = {
+        "rows": n, "keys": kind, "factory": PAST_RAM_FACTORY, "storage": "on-disk lists",
+        "nprobe": 32, "index_bytes": index_bytes, "bytes_per_row": index_bytes / n,
+        "build": {k: v for k, v in build.items() if k not in ("stdout", "stderr_tail")}
+        | json.loads(build["stdout"].strip().splitlines()[-1])
+        | {"shard_rows": PAST_RAM_SHARD_ROWS},
+        "search": {k: v for k, v in search.items() if k != "stderr_tail"} | probe,
+        "recall_at_32": recall(np.load(ids_path), exact),
+        "control_read_lists_into_memory": {k: v for k, v in control.items()
+                                           if k != "stderr_tail"},
+    }
+    shutil.rmtree(directory, ignore_errors=True)
+    ids_path.unlink(missing_ok=True)
+    (work / f"keys_{n}.f16").unlink(missing_ok=True)
+    return result
+
+
 def perplexity_section(work: Path, threads: int) -> dict:
     from hetgraph.corpus import tokenize_corpus
     from hetgraph.datastore import Datastore
@@ -260,11 +350,36 @@ def discussion(results: dict) -> str:
              for r in rows]
     text = "; ".join(parts) + "." if parts else ""
     if parts:
-        text += (" The RSS is VmRSS, which counts the pages of the mmap'd lists file that the "
-                 "search touched (page cache the kernel can evict and re-read): with nprobe 32 "
-                 "and 1,000 queries most lists are touched, so it does not by itself show that "
-                 "the index is never loaded whole; the probe now also records RssAnon, the "
-                 "memory the process holds itself (measured in runs after this change).")
+        text += (" The RSS is VmRSS, which also counts the pages of the memory-mapped lists "
+                 "file that the search touched (page cache, which the kernel evicts and re-reads "
+                 "as needed); RssAnon, where recorded, is what the process holds itself. Most of "
+                 "that after opening an IVF-PQ index is FAISS's precomputed residual table "
+                 "(nlist x M x 256 floats: 128 MiB for IVF2048,PQ64), built on load whatever the "
+                 "number of rows; FAISS skips it above 2 GiB (precomputed_table_max_bytes).")
+    past = results.get("past_ram")
+    if past and "skipped" not in past:
+        search, build, control = (past["search"], past["build"],
+                                  past["control_read_lists_into_memory"])
+        mib = 2**20
+        text += (f" Past RAM: a {past['index_bytes'] / mib:,.0f} MiB on-disk {past['factory']} "
+                 f"index of {past['rows']:,} rows ({past['keys']} keys) was built in "
+                 f"{build['build_s']:.0f} s inside a memory cgroup capped at "
+                 f"{build['limit_bytes'] / mib:.0f} MiB (peak "
+                 f"{build['peak_cgroup_bytes'] / mib:.0f} MiB, page cache included) and "
+                 f"searched (1,000 queries, nprobe 32, recall@32 "
+                 f"{past['recall_at_32']:.3f}) inside a cap of {search['limit_bytes'] / mib:.0f} "
+                 f"MiB in {search['cold_search_s']:.1f} s, with "
+                 f"{(search['anon_after_search'] or 0) / mib:.0f} MiB of anonymous memory "
+                 f"({search['anon_search_minus_imports'] / mib:.0f} MiB above the imports); the "
+                 f"time is the price of the cap: each query's nprobe lists (about 70 MiB of "
+                 f"IVF-Flat codes) are mostly re-read from disk, where IVF-PQ's 32x smaller "
+                 f"codes would mostly stay cached; "
+                 f"reading the lists file into memory under the same cap was "
+                 + ("killed by the OOM killer" if control["killed_by_oom"] else
+                    f"not killed (exit {control['returncode']}): the cap did not hold")
+                 + ".")
+    elif past:
+        text += f" Past-RAM section skipped: {past['skipped']}."
     missing = [s for s in results.get("sizes_requested", []) if f"rows_{s}" not in results]
     if missing:
         text += (f" Not measured (the run's time budget on a shared 2-core machine ran out "
@@ -304,10 +419,10 @@ def main() -> None:
     real = Datastore.open(args.work / "ds").keys
     queries = np.load(args.work / "queries.npy")
     # Real-key sizes and the perplexity first; then the noisy sizes while the budget lasts.
-    sections = [n for n in args.sizes if n <= len(real)] + ["perplexity"] + \
+    sections = [n for n in args.sizes if n <= len(real)] + ["perplexity", "past_ram"] + \
         [n for n in args.sizes if n > len(real)]
     for n in sections:
-        name = n if n == "perplexity" else f"rows_{n}"
+        name = n if isinstance(n, str) else f"rows_{n}"
         if name in results:
             continue
         if time.perf_counter() - started > args.budget_s:
@@ -315,6 +430,8 @@ def main() -> None:
             continue
         if n == "perplexity":
             results[name] = perplexity_section(args.work, args.threads)
+        elif n == "past_ram":
+            results[name] = past_ram_section(args.work, real, queries)
         else:
             results[name] = size_section(args.work, real, queries, n)
         save(results)

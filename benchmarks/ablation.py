@@ -89,7 +89,8 @@ def arm_stages(name: str, default: FusionConfig) -> list[tuple[str, FusionConfig
         "head": default,
         "top4": replace(default, fusion_layers=TOP4),
         "every4th": replace(default, fusion_layers=tuple(range(0, 30, 4))),
-        "all": replace(default, fusion_layers=tuple(range(30))),
+        # Without checkpointing the 30 sites' activations passed 20 GB (OOM-killed here).
+        "all": replace(default, fusion_layers=tuple(range(30)), gradient_checkpointing=True),
         "paper": paper,
         "paper_gated": replace(paper, fusion_mode="gated_residual"),
         "default_replace": replace(default, fusion_mode="replace"),
@@ -300,6 +301,7 @@ class Bench:
                 "num_layers": fusion.adapter.num_layers,
                 "hidden_channels": fusion.adapter.hidden_channels or 0,
                 "neighbour_features": fusion.neighbour_features,
+                "gradient_checkpointing": fusion.gradient_checkpointing,
                 "gate": str(getattr(fusion, "gate", "constant"))}
 
 

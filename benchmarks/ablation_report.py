@@ -157,6 +157,27 @@ def _targets(tables: dict[str, dict[str, Any]], cli: dict[str, Any]) -> dict[str
     return targets
 
 
+def _curve_targets(tables: dict[str, dict[str, Any]], curves: dict[str, Any]) -> dict[str, Any]:
+    """The 200k-store targets along the learning curves: the longest-trained point (the
+    budget the curve reached) and the point chosen on valid."""
+    targets: dict[str, Any] = {}
+    for name, points in curves.items():
+        corpus = name.split()[0]
+        table = tables.get(corpus, {})
+        if "kNN-LM" not in table or not points:
+            continue
+        knn, base = table["kNN-LM"]["test_ppl"], table["base LM"]["test_ppl"]
+        last = points[max(points, key=int)]
+        chosen = min(points.values(), key=lambda p: p["valid_ppl"])
+        for label, point in (("longest", last), ("chosen on valid", chosen)):
+            tokens = point["training_tokens"]
+            targets[f"{name} curve, {label} ({tokens:,} training tokens): GNN / base"] = (
+                point["test_ppl"] / base)
+            targets[f"{name} curve, {label} ({tokens:,} training tokens): GNN+kNN / kNN"] = (
+                point["gnn_knn_test_ppl"] / knn)
+    return targets
+
+
 def _cli_default() -> dict[str, Any]:
     """``hetgraph eval --split test --json`` results of the CLI check on gcide."""
     cli = {}
@@ -265,6 +286,7 @@ def write_report() -> dict[str, Any]:
     cli = _cli_default()
     cross = _cross_corpus()
     targets = _targets(tables, cli)
+    targets.update(_curve_targets(tables, curves))
     for name, row in cross.items():
         targets[f"{name}: kNN lambda {row['knn_lambda']:.2f}, GNN / base (target <= 1.000 "
                 f"where lambda = 0)"] = row["gnn_over_base"]

@@ -26,6 +26,7 @@ from hetgraph.index.files import (
 )
 from hetgraph.index.gpu import to_all_gpus, wants_gpu
 from hetgraph.index.rerank import rerank
+from hetgraph.index.training import as_float32, finite_rows, seed_clustering, training_sample
 
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000
@@ -129,14 +130,6 @@ def set_faiss_threads(num_threads: int | None) -> int:
     return n
 
 
-def as_float32(x: Any) -> np.ndarray:
-    """``x`` (numpy array, memmap slice or tensor on any device) as a C-contiguous float32
-    numpy array."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
-
-
 class DatastoreIndex:
     """A FAISS index over datastore keys with its metadata (``index.faiss`` + ``index.json``).
 
@@ -214,7 +207,7 @@ class DatastoreIndex:
             raise DatastoreIndexError(f"FAISS cannot build index {factory!r} for d={d} "
                                       f"({str(e).splitlines()[-1]}); choose another factory "
                                       "(--factory)") from None
-        _seed_clustering(index, config.seed)
+        seed_clustering(index, config.seed)
         sample = training_sample(index, n, config)
         if sample is not None:
             index.train(finite_rows(as_float32(keys[sample]), sample, source))
@@ -375,37 +368,3 @@ class DatastoreIndex:
         if missing.any():
             distances = np.where(missing, np.float32(np.inf), distances)
         return distances, ids
-
-
-def training_sample(index: faiss.Index, n: int, config: IndexConfig) -> np.ndarray | None:
-    """Sorted row numbers of the seeded training sample of ``n`` keys (None: no training
-    needed): ``config.train_size`` rows, or 64 per IVF list and at least 65,536."""
-    if index.is_trained:
-        return None
-    size = min(n, config.train_size or _default_train_size(index, n))
-    return np.sort(np.random.default_rng(config.seed).choice(n, size=size, replace=False))
-
-
-def finite_rows(block: np.ndarray, rows: np.ndarray, source: str) -> np.ndarray:
-    """``block`` (the keys' rows ``rows``), refused if any value is not finite."""
-    bad = ~np.isfinite(block).all(axis=1)
-    if bad.any():
-        row = int(rows[int(np.argmax(bad))])
-        raise DatastoreIndexError(
-            f"{source} hold non-finite values (NaN or inf; the first in row {row}); an index "
-            "over them would return garbage neighbours. Rebuild the "
-            "datastore (hetgraph datastore build … --overwrite) with a model that gives finite "
-            "hidden states")
-    return block
-
-
-def _default_train_size(index: faiss.Index, n: int) -> int:
-    ivf = faiss.try_extract_index_ivf(index)
-    nlist = int(ivf.nlist) if ivf is not None else 1
-    return max(64 * nlist, 65536)
-
-
-def _seed_clustering(index: faiss.Index, seed: int) -> None:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.cp.seed = int(seed)

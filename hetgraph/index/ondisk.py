@@ -41,21 +41,14 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.index.faiss_index import (
-    DatastoreIndex,
-    IndexConfig,
-    as_float32,
-    auto_factory,
-    finite_rows,
-    ivf_pq_factory,
-    training_sample,
-)
+from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, auto_factory, ivf_pq_factory
 from hetgraph.index.files import (
     FAISS_METRICS,
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
     write_ondisk_metadata,
 )
+from hetgraph.index.training import as_float32, finite_rows, training_sample
 from hetgraph.io import (
     INDEX_FILE,
     INDEX_LISTS_FILE,

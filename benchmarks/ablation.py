@@ -20,11 +20,13 @@ done; a re-run skips finished arms and resumes an interrupted training from its 
 ``--curve ARM …`` trains those arms for longer with checkpoints at log-spaced steps
 (24 · 2^i) and records valid and test perplexity at each (resumable point by point).
 After every arm the combined ``benchmarks/results/ablation.json`` and its two SVG plots are
-rewritten from everything on disk (``--report-only`` only rewrites them).
+rewritten from everything on disk (``--report-only`` only rewrites them). ``--generate ARM …``
+times greedy ``generate`` (KV cache on) with those trained adapters against the base model.
 
 Usage: python benchmarks/ablation.py --corpus python [--arms head paper ...] [--steps 48]
        [--eval-tokens 2048] [--threads 2]
        python benchmarks/ablation.py --corpus python --curve head default_c2c
+       python benchmarks/ablation.py --corpus python60k --generate head every4th all
        python benchmarks/ablation.py --report-only
 """
 from __future__ import annotations
@@ -346,6 +348,39 @@ def run_curve(bench: Bench, name: str, max_steps: int) -> None:
                      result["gnn_valid_ppl"], result["gnn_test_ppl"])
         write_report()
 
+PROMPTS = ("The :mod:`os` module provides", "To open a file for reading, use",
+           "A list comprehension consists of")
+
+
+def run_generate(bench: Bench, names: list[str], new_tokens: int = 24, rounds: int = 2) -> None:
+    """Greedy ``generate`` tokens/s of the trained arms ``names`` against the base model,
+    interleaved over ``rounds`` rounds (best of each), into ``<out>/generate.json``."""
+    lms = {"base LM": bench.model}
+    for name in names:
+        adapter_dir = bench.out / "adapters" / name
+        if not (adapter_dir / "training.json").is_file():
+            logging.info("generate %s: no trained adapter in %s, skipped", name, adapter_dir)
+            continue
+        lms[name] = HetGraphLM.from_pretrained(adapter_dir, bench.model, bench.store, bench.index,
+                                               tokenizer=bench.tokenizer).eval()
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, lm in lms.items():
+            produced, started = 0, time.perf_counter()
+            for prompt in PROMPTS:
+                ids = bench.tokenizer(prompt, return_tensors="pt")
+                out = lm.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False, pad_token_id=bench.tokenizer.pad_token_id)
+                produced += out.shape[1] - ids["input_ids"].shape[1]
+            best[name] = max(best.get(name, 0.0), produced / (time.perf_counter() - started))
+    record = {name: {"tokens_per_s": tps, "over_base": tps / best["base LM"]}
+              for name, tps in best.items()}
+    record["setup"] = {"prompts": len(PROMPTS), "new_tokens": new_tokens, "rounds": rounds,
+                       "threads": bench.args.threads, "kv_cache": True, "greedy": True}
+    atomic_write_json(bench.out / "generate.json", record)
+    logging.info("generate: %s", record)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,6 +394,8 @@ def main() -> None:
     parser.add_argument("--curve", nargs="*", choices=ARMS, default=None,
                         help="learning curve of these arms instead of the arms")
     parser.add_argument("--curve-steps", type=int, default=384)
+    parser.add_argument("--generate", nargs="*", choices=ARMS, default=None,
+                        help="greedy generate tokens/s of these trained arms vs the base model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -369,6 +406,10 @@ def main() -> None:
     bench = Bench(args.corpus, args)
     arms_dir = bench.out / "arms"
     arms_dir.mkdir(parents=True, exist_ok=True)
+    if args.generate is not None:
+        run_generate(bench, args.generate)
+        write_report()
+        return
     if args.curve is not None:
         for name in args.curve:
             run_curve(bench, name, args.curve_steps)

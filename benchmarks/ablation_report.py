@@ -302,7 +302,11 @@ def write_report() -> dict[str, Any]:
                 f"where lambda = 0)"] = row["gnn_over_base"]
     setup = {corpus: read_json(Path(spec["out"]) / "setup.json") for corpus, spec in CORPORA.items()
              if (Path(spec["out"]) / "setup.json").is_file()}
+    generation = {corpus: read_json(Path(spec["out"]) / "generate.json")
+                  for corpus, spec in CORPORA.items()
+                  if (Path(spec["out"]) / "generate.json").is_file()}
     report = {"setup": setup, **tables, "learning_curve": curves, "cli_default": cli,
+              "generation": generation,
               "retrieval_offers_little": cross,
               "targets": targets,
               "discussion": f"{DISCUSSION} Measured here: {_measured(tables, targets)}",

@@ -54,37 +54,40 @@ DISCUSSION = (
     'python60k. A fused decoder layer changes the states every later layer reads, which '
     "interpolating the neighbours' next tokens (kNN-LM) cannot imitate; an adapter at the head "
     'mostly learns the same next-token evidence that kNN-LM adds. The top 4 layers alone do worse '
-    'than the head (0.956): the sites must be spread through the depth. The price is compute: a '
-    'decoder-layer step runs the frozen LM forward and backward, while the head trains from the '
-    'stored keys without running the LM at all. Training CPU per arm: head 120 s, every 4th 700 s '
-    '(5.8x), every layer 2,759 s (23x; 6.9 GB peak with checkpointing, 20 GB and OOM-killed without'
-    " it); greedy generation with every layer fused runs at 0.20x the base model's tokens/s (a "
-    'prefetch pass for the query plus the fused pass and 30 adapters per token; the head 0.78x, '
-    "same run, 1 thread, python60k). Training tokens help every arm: the head's curve on the 200k "
-    'store keeps falling to one full pass over the store (test GNN/base 0.974, 0.930, 0.881, 0.829,'
-    ' 0.779 at 12k, 25k, 49k, 98k and 197k tokens; valid 5.05, 4.87, 4.70, 4.53, 4.33), and every '
-    "4th layer's on GCIDE too (0.937, 0.866, 0.768 at 12k, 25k, 49k; GNN+kNN/kNN 0.957, 0.915, "
-    '0.840). For GNN-LM alone the head is the better use of a CPU-second (4x its tokens, 192 steps '
-    "at less CPU than every 4th's 48, reach 0.819 on python60k against 0.892); for GNN-LM + kNN "
-    "decoder-layer fusion is: the head's GNN+kNN/kNN on the 200k store goes 0.992, 0.984, 0.975, "
-    '0.955, 0.967 along its curve (kNN-LM alone is already 0.619 x base there) while every 4th '
-    "layer reaches 0.840 on GCIDE at 49k tokens. WHAT DOES NOT HELP at this budget: the graph's own"
-    ' shape. l = r = 2 (GCIDE 0.939), k = 128 (0.941 at 2x CPU), causal c2c edges (python60k 0.936,'
-    " GCIDE 0.938), adapter depth 3 (GCIDE 0.942 at 1.6x CPU) and the adapter's feed-forward blocks"
-    ' (no-FFN 0.931 / 0.938 / 0.930 on python60k / GCIDE / python with 38 % fewer parameters; its '
+    'than the head (0.956 on python60k, 0.971 on GCIDE): the sites must be spread through the '
+    'depth. The price is compute: a decoder-layer step runs the frozen LM forward and backward, '
+    'while the head trains from the stored keys without running the LM at all. Training CPU per '
+    'arm: head 120 s, every 4th 700 s (5.8x), every layer 2,759 s (23x; 6.9 GB peak with '
+    'checkpointing, 20 GB and OOM-killed without it); greedy generation with every layer fused runs'
+    " at 0.20x the base model's tokens/s (a prefetch pass for the query plus the fused pass and 30 "
+    'adapters per token; the head 0.78x, same run, 1 thread, python60k). Training tokens help every'
+    " arm: the head's curve on the 200k store keeps falling to one full pass over the store (test "
+    'GNN/base 0.974, 0.930, 0.881, 0.829, 0.779 at 12k, 25k, 49k, 98k and 197k tokens; valid 5.05, '
+    "4.87, 4.70, 4.53, 4.33), and every 4th layer's on GCIDE too (0.937, 0.866, 0.768 at 12k, 25k, "
+    '49k; GNN+kNN/kNN 0.957, 0.915, 0.840). For GNN-LM alone the head is the better use of a '
+    "CPU-second (4x its tokens, 192 steps at less CPU than every 4th's 48, reach 0.819 on python60k"
+    " against 0.892); for GNN-LM + kNN decoder-layer fusion is: the head's GNN+kNN/kNN on the 200k "
+    'store goes 0.992, 0.984, 0.975, 0.955, 0.967 along its curve (kNN-LM alone is already 0.619 x '
+    'base there) while every 4th layer reaches 0.840 on GCIDE at 49k tokens. WHAT DOES NOT HELP at '
+    "this budget: the graph's own shape. l = r = 2 (GNN/base 0.939 on GCIDE, 0.933 on python60k, "
+    'where the head is 0.939 and 0.933), k = 128 (0.941 / 0.935 at 2x CPU), causal c2c edges (0.938'
+    " / 0.936), adapter depth 3 (0.942 / 0.935 at 1.5x CPU) and the adapter's feed-forward blocks "
+    '(no-FFN 0.931 / 0.938 / 0.930 on python60k / GCIDE / python with 38 % fewer parameters; its '
     "curve on python60k matches the head's, 0.821 vs 0.819 at 98k tokens) land within the noise of "
-    '2,048 test tokens of the default. Width 576 is marginally better on GCIDE (0.928 vs 0.939) at '
-    "2.3x CPU. The paper's two-stage schedule (2/3 of the budget at k = 32, l = r = 1, then k = "
-    '128, l = r = 2) is no better than one stage (0.948). WHAT HURTS: replacing the hidden state by'
-    " the graph output (replace mode, the paper's fusion): GNN/base 5.11 on python60k and 6.43 on "
-    'GCIDE with the default graph, 7.11 for the full paper mode on GCIDE, because the network '
-    "starts as a random function of h and must relearn the LM's own state; the paper's network with"
-    " hetgraph's gated residual instead (paper_gated) is 0.945, close to the default. The "
-    "retrieval-aware gate (gate='retrieval') learns more slowly (0.951 vs 0.933 on python60k, 0.955"
-    " vs 0.939 on GCIDE): its sigmoid starts at one half, which halves the residual's step until a "
-    'and b move. WHERE RETRIEVAL OFFERS NOTHING: the python60k store and its adapters on GCIDE test'
-    " text (hetgraph eval --allow-other-corpus, 4,096 tokens): kNN-LM's lambda is tuned to 0.00 and"
-    ' GNN-LM is 0.996 x base with the static gate, 0.995 x with the retrieval gate; neither hurts. '
+    '2,048 test tokens of the default. Width 576 is somewhat better on both (0.928 vs 0.939 on '
+    'GCIDE, 0.916 vs 0.933 on python60k) at 2.1-2.3x CPU; with depth 3 doing nothing, more width is'
+    " the graph change worth a longer run. The paper's two-stage schedule (2/3 of the budget at k ="
+    ' 32, l = r = 1, then k = 128, l = r = 2) is no better than one stage (0.946 / 0.948 on '
+    'python60k / GCIDE). WHAT HURTS: replacing the hidden state by the graph output (replace mode, '
+    "the paper's fusion): GNN/base 5.11 on python60k and 6.43 on GCIDE with the default graph, 5.68"
+    ' / 7.11 for the full paper mode on python60k / GCIDE, because the network starts as a random '
+    "function of h and must relearn the LM's own state; the paper's network with hetgraph's gated "
+    'residual instead (paper_gated) is 0.940 / 0.945, close to the default. The retrieval-aware '
+    "gate (gate='retrieval') learns more slowly (0.951 vs 0.933 on python60k, 0.955 vs 0.939 on "
+    "GCIDE): its sigmoid starts at one half, which halves the residual's step until a and b move. "
+    'WHERE RETRIEVAL OFFERS NOTHING: the python60k store and its adapters on GCIDE test text '
+    "(hetgraph eval --allow-other-corpus, 4,096 tokens): kNN-LM's lambda is tuned to 0.00 and "
+    'GNN-LM is 0.996 x base with the static gate, 0.995 x with the retrieval gate; neither hurts. '
     'TARGETS: GNN/base <= 0.85 on the 200k store is met from 98k training tokens (0.829; 0.779 at '
     'one pass). GNN+kNN/kNN <= 0.90 is met by every-layer fusion on the 60k Python store (0.899 at '
     '24k tokens) and by every 4th layer on GCIDE (0.840 at 49k), but not on the 200k store, where '

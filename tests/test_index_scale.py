@@ -225,6 +225,25 @@ def test_ondisk_needs_an_ivf_factory(tmp_path):
         build_ondisk_index(_keys(), tmp_path / "index", _config("HNSW8"))
 
 
+@pytest.mark.parametrize("keys", [np.zeros((0, 16), np.float16), np.zeros(16, np.float16)])
+@pytest.mark.parametrize("build", ["on_disk", "in_memory"])
+def test_empty_or_flat_keys_are_refused_by_both_builds(tmp_path, keys, build):
+    # (the on-disk build used to fail in math.log2 while choosing the factory)
+    with pytest.raises(DatastoreIndexError, match=r"keys must be a non-empty \[N, d\] array"):
+        if build == "on_disk":
+            build_ondisk_index(keys, tmp_path / "index", _config())
+        else:
+            DatastoreIndex.build(keys, _config(), show_progress=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_both_builds_name_a_factory_faiss_cannot_build(tmp_path):
+    for build in (lambda c: build_ondisk_index(_keys(), tmp_path / "index", c),
+                  lambda c: DatastoreIndex.build(_keys(), c, show_progress=False)):
+        with pytest.raises(DatastoreIndexError, match="FAISS cannot build index 'IVF16,PQ5'"):
+            build(_config("IVF16,PQ5"))
+
+
 def test_auto_layout_rule():
     # Small: exact search in memory.
     assert choose_layout(10_000, 576, IndexConfig(), available=2**34) == ("Flat", False)

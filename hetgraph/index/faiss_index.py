@@ -26,7 +26,13 @@ from hetgraph.index.files import (
 )
 from hetgraph.index.gpu import to_all_gpus, wants_gpu
 from hetgraph.index.rerank import rerank
-from hetgraph.index.training import as_float32, finite_rows, seed_clustering, training_sample
+from hetgraph.index.training import (
+    as_float32,
+    finite_rows,
+    key_array,
+    new_index,
+    training_sample,
+)
 
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000
@@ -188,26 +194,12 @@ class DatastoreIndex:
             show_progress: tqdm bar over the add chunks.
         """
         config = config or IndexConfig()
-        source = "the keys"
-        is_datastore = hasattr(keys, "keys") and hasattr(keys, "fingerprint")
-        if is_datastore and not isinstance(keys, np.ndarray):
-            datastore_fingerprint = datastore_fingerprint or keys.fingerprint
-            source = f"the keys of datastore {getattr(keys, 'path', '')}"
-            keys = keys.keys
-        if keys.ndim != 2 or keys.shape[0] < 1:
-            raise DatastoreIndexError("keys must be a non-empty [N, d] array, got shape "
-                                      f"{tuple(keys.shape)}")
+        keys, fingerprint, source = key_array(keys)
+        datastore_fingerprint = datastore_fingerprint or fingerprint
         n, d = int(keys.shape[0]), int(keys.shape[1])
         set_faiss_threads(config.num_threads)
         factory = auto_factory(n, d) if config.factory == "auto" else config.factory
-        metric = faiss.METRIC_L2 if config.metric == "l2" else faiss.METRIC_INNER_PRODUCT
-        try:
-            index = faiss.index_factory(d, factory, metric)
-        except RuntimeError as e:
-            raise DatastoreIndexError(f"FAISS cannot build index {factory!r} for d={d} "
-                                      f"({str(e).splitlines()[-1]}); choose another factory "
-                                      "(--factory)") from None
-        seed_clustering(index, config.seed)
+        index = new_index(factory, d, config.metric, config.seed)
         sample = training_sample(index, n, config)
         if sample is not None:
             index.train(finite_rows(as_float32(keys[sample]), sample, source))
@@ -229,7 +221,7 @@ class DatastoreIndex:
         from hetgraph.index.ondisk import build_ondisk_index
 
         index = build_ondisk_index(keys, directory, config, **kwargs)
-        index.keys = keys.keys if hasattr(keys, "fingerprint") else keys
+        index.keys = key_array(keys)[0]
         return index
 
     # -- persistence --------------------------------------------------------------------------

@@ -41,14 +41,19 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, auto_factory, ivf_pq_factory
+from hetgraph.index.faiss_index import (
+    DatastoreIndex,
+    IndexConfig,
+    auto_factory,
+    ivf_pq_factory,
+    set_faiss_threads,
+)
 from hetgraph.index.files import (
-    FAISS_METRICS,
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
     write_ondisk_metadata,
 )
-from hetgraph.index.training import as_float32, finite_rows, training_sample
+from hetgraph.index.training import as_float32, finite_rows, key_array, new_index, training_sample
 from hetgraph.io import (
     INDEX_FILE,
     INDEX_LISTS_FILE,
@@ -146,11 +151,11 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     """
     config = config or IndexConfig()
     ctx = distributed or current_context()
-    if hasattr(keys, "fingerprint") and not isinstance(keys, np.ndarray):
-        datastore_fingerprint = datastore_fingerprint or keys.fingerprint
-        keys = keys.keys
+    keys, fingerprint, _ = key_array(keys)
+    datastore_fingerprint = datastore_fingerprint or fingerprint
     directory = Path(directory)
     n, d = int(keys.shape[0]), int(keys.shape[1])
+    set_faiss_threads(config.num_threads)
     factory = ivf_pq_factory(n, d) if config.factory == "auto" else config.factory
     plan = {"format_version": INDEX_FORMAT_VERSION, "factory": factory, "metric": config.metric,
             "num_vectors": n, "dim": d, "seed": config.seed, "train_size": config.train_size,
@@ -189,17 +194,11 @@ def _prepare(keys: Any, shards: Path, plan: dict[str, Any], config: IndexConfig)
 
 
 def _new_ivf_index(plan: dict[str, Any]) -> faiss.Index:
-    try:
-        index = faiss.index_factory(plan["dim"], plan["factory"], FAISS_METRICS[plan["metric"]])
-    except RuntimeError as e:
-        raise DatastoreIndexError(f"FAISS cannot build index {plan['factory']!r} for "
-                                  f"d={plan['dim']} ({str(e).splitlines()[-1]}); choose another "
-                                  "factory (--factory)") from None
+    index = new_index(plan["factory"], plan["dim"], plan["metric"], plan["seed"])
     if faiss.try_extract_index_ivf(index) is None:
         raise DatastoreIndexError(
             f"on-disk lists need an IVF factory (e.g. IVF4096,PQ64), got {plan['factory']!r}; "
             "choose one with --factory or drop --on-disk")
-    faiss.extract_index_ivf(index).cp.seed = int(plan["seed"])
     return index
 
 
@@ -269,8 +268,7 @@ def build_index(keys: Any, directory: str | Path, config: IndexConfig | None = N
     the saved index, opened with the datastore's keys for re-ranking."""
     config = config or IndexConfig()
     ctx = distributed or current_context()
-    source = keys.keys if hasattr(keys, "fingerprint") and not isinstance(keys, np.ndarray) \
-        else keys
+    source = key_array(keys)[0]
     factory, on_disk = choose_layout(int(source.shape[0]), int(source.shape[1]), config)
     chosen = dataclasses.replace(config, factory=factory, on_disk=on_disk)
     logger.info("index %s, lists %s", factory, "on disk" if on_disk else "in memory")

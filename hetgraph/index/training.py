@@ -1,4 +1,5 @@
-"""Training and filling an index: the seeded training sample, the float32 conversion of key
+"""Creating, training and filling an index: the keys of a datastore or an array, a seeded
+FAISS index from a factory string, the seeded training sample, the float32 conversion of key
 blocks and the refusal of non-finite keys, shared by the in-memory build
 (:meth:`~hetgraph.index.DatastoreIndex.build`) and the on-disk one
 (:func:`~hetgraph.index.build_ondisk_index`)."""
@@ -10,10 +11,45 @@ import faiss
 import numpy as np
 import torch
 
-from hetgraph.index.files import DatastoreIndexError
+from hetgraph.index.files import FAISS_METRICS, DatastoreIndexError
 
 if TYPE_CHECKING:
     from hetgraph.index.faiss_index import IndexConfig
+
+
+def key_array(keys: Any) -> tuple[Any, str | None, str]:
+    """``(array, fingerprint, source)`` of ``keys``: a :class:`~hetgraph.datastore.Datastore`
+    (its ``[N, d]`` keys memmap and fingerprint) or an ``[N, d]`` array (no fingerprint);
+    ``source`` names them in error messages.
+
+    Raises:
+        DatastoreIndexError: the keys are not a non-empty ``[N, d]`` array.
+    """
+    fingerprint, source = None, "the keys"
+    if hasattr(keys, "keys") and hasattr(keys, "fingerprint") and not isinstance(keys, np.ndarray):
+        fingerprint, source = keys.fingerprint, f"the keys of datastore {getattr(keys, 'path', '')}"
+        keys = keys.keys
+    shape = tuple(getattr(keys, "shape", ()))
+    if len(shape) != 2 or shape[0] < 1:
+        raise DatastoreIndexError(f"keys must be a non-empty [N, d] array, got shape {shape}")
+    return keys, fingerprint, source
+
+
+def new_index(factory: str, d: int, metric: str, seed: int) -> faiss.Index:
+    """An empty FAISS index ``factory`` for width ``d`` and ``metric`` (``"l2"``/``"ip"``),
+    its IVF k-means seeded with ``seed``.
+
+    Raises:
+        DatastoreIndexError: FAISS cannot build ``factory`` (the message says why).
+    """
+    try:
+        index = faiss.index_factory(d, factory, FAISS_METRICS[metric])
+    except RuntimeError as e:
+        raise DatastoreIndexError(f"FAISS cannot build index {factory!r} for d={d} "
+                                  f"({str(e).splitlines()[-1]}); choose another factory "
+                                  "(--factory)") from None
+    seed_clustering(index, seed)
+    return index
 
 
 def as_float32(x: Any) -> np.ndarray:

@@ -120,7 +120,6 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
 
-
 def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
     """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses a ``torchrun`` job and
     an empty ``text`` (given as ``option``) before loading the model, the datastore, its index
@@ -133,6 +132,7 @@ def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
     model, tokenizer = _load(args)
     store, index = _open_store(args.datastore, model, tokenizer)
     return _hetgraph_lm(args, model, tokenizer, store, index), model, tokenizer
+
 
 # ---------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:

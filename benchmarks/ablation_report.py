@@ -212,17 +212,24 @@ def _cli_default() -> dict[str, Any]:
 CROSS_CORPUS = Path("runs/cross-corpus")
 
 
+#: The ``hetgraph eval`` option that selects each corpus's text (none: the embedded docs).
+TEXTS = {"gcide": "--corpus benchmarks/data/gcide.jsonl.xz", "python": ""}
+
+
 def _cross_corpus() -> dict[str, Any]:
-    """``hetgraph eval --allow-other-corpus`` of python60k adapters on GCIDE text: a store
-    with little to offer the text, the case where kNN-LM tunes lambda towards 0."""
+    """``hetgraph eval --allow-other-corpus`` of one corpus's store and adapters on the other
+    corpus's test text (``runs/cross-corpus/<store>-on-<text>-<arm>.json``): a store with
+    little to offer the text, the case where kNN-LM tunes lambda towards 0."""
     rows = {}
-    for path in sorted(CROSS_CORPUS.glob("*.json")):
+    for path in sorted(CROSS_CORPUS.glob("*-on-*-*.json")):
+        store, rest = path.stem.split("-on-", 1)
+        text, arm = rest.split("-", 1)
         data = read_json(path)
-        rows[f"python60k store + {path.stem} adapter, GCIDE test text"] = {
-            "command": ("hetgraph eval --corpus benchmarks/data/gcide.jsonl.xz --datastore "
-                        "runs/ablation-python60k/datastore --adapter "
-                        f"runs/ablation-python60k/adapters/{path.stem} --allow-other-corpus "
-                        "--split test --max-tokens 4096 --tune-tokens 4096"),
+        corpus = TEXTS[text]
+        rows[f"{store} store + {arm} adapter, {text} test text"] = {
+            "command": (f"hetgraph eval {corpus} --datastore runs/ablation-{store}/datastore "
+                        f"--adapter runs/ablation-{store}/adapters/{arm} --allow-other-corpus "
+                        "--split test --max-tokens 4096 --tune-tokens 4096").replace("  ", " "),
             "test_tokens": data.get("tokens"), "base_ppl": data["base"]["ppl"],
             "knn_ppl": data["knn"]["ppl"], "knn_lambda": data["knn"]["lambda"],
             "gnn_ppl": data["gnn"]["ppl"], "gnn_knn_ppl": data["gnn_knn"]["ppl"],

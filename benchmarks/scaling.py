@@ -303,6 +303,7 @@ def perplexity_section(work: Path, threads: int) -> dict:
 def plot(results: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "hetgraph-scaling"  # reproducible element ids
     import matplotlib.pyplot as plt
 
     rows = sorted((v for k, v in results.items() if k.startswith("rows_")),
@@ -334,7 +335,7 @@ def plot(results: dict) -> None:
         ax.grid(alpha=0.3)
     axes[2].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(RESULTS / "scaling.svg")
+    fig.savefig(RESULTS / "scaling.svg", metadata={"Date": None})
     plt.close(fig)
 
 

@@ -121,6 +121,22 @@ def test_sharded_build_resumes_and_merges_to_same_results(tmp_path):
     assert not (tmp_path / "two" / INDEX_SHARDS_DIR).exists()
 
 
+def test_ondisk_build_shows_the_rows_rank_zero_adds(tmp_path, capsys):
+    keys, config = _keys(), _config()
+    build_ondisk_index(keys, tmp_path / "single", config)
+    assert f"{N}/{N}" in capsys.readouterr().err
+    with pytest.raises(DatastoreIndexError):  # rank 1: no bar, then rank 0 still owes blocks
+        build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(1, 2))
+    assert "index IVF16,PQ4x4" not in capsys.readouterr().err
+    build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(0, 2),
+                       show_progress=True)
+    mine = shard_range(5, 0, 2)
+    rows = len(mine) * config.shard_rows
+    assert f"{rows}/{rows}" in capsys.readouterr().err
+    build_ondisk_index(keys, tmp_path / "quiet", config, show_progress=False)
+    assert "index IVF16,PQ4x4" not in capsys.readouterr().err
+
+
 _GLOO_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np

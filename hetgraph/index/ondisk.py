@@ -39,6 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
+from tqdm.auto import tqdm
 
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.index.faiss_index import (
@@ -130,7 +131,8 @@ def choose_layout(n: int, d: int, config: IndexConfig,
 
 def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | None = None, *,
                        datastore_fingerprint: str | None = None,
-                       distributed: DistributedContext | None = None) -> DatastoreIndex:
+                       distributed: DistributedContext | None = None,
+                       show_progress: bool = True) -> DatastoreIndex:
     """Build an IVF index with on-disk inverted lists into ``directory`` and open it.
 
     Args:
@@ -144,6 +146,7 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
         datastore_fingerprint: recorded in ``index.json``; taken from a Datastore.
         distributed: the ``torchrun`` job (default :func:`~hetgraph.distributed.current_context`):
             every rank must call this; each adds its share of the blocks.
+        show_progress: tqdm bar over the rows this rank adds (rank 0 only).
 
     Raises:
         DatastoreIndexError: not an IVF factory, non-finite keys, or a block file missing
@@ -164,8 +167,13 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     ctx.run_on_main(lambda: _prepare(keys, shards, plan, config))
     ctx.barrier()
     blocks = math.ceil(n / config.shard_rows)
-    for block in ctx.share(blocks):
-        _build_block(keys, shards, block, config)
+    mine = ctx.share(blocks)
+    rows = min(n, mine.stop * config.shard_rows) - mine.start * config.shard_rows if mine else 0
+    with tqdm(total=rows, desc=f"index {factory} (on disk)", unit="vec", dynamic_ncols=True,
+              disable=not (show_progress and ctx.is_main)) as bar:
+        for block in mine:
+            _build_block(keys, shards, block, config)
+            bar.update(min(n, (block + 1) * config.shard_rows) - block * config.shard_rows)
     ctx.barrier()
     meta = {"format_version": INDEX_FORMAT_VERSION, "factory": factory, "metric": config.metric,
             "num_vectors": n, "dim": d, "datastore_fingerprint": datastore_fingerprint,

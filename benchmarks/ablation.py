@@ -1,13 +1,15 @@
 """Ablation of GNN-LM's choices on two real corpora, arm by arm, and a learning curve.
 
-Corpora: the embedded Python 3.11 docs (``python``) and a sample of the GNU Collaborative
-International Dictionary of English (``gcide``, ``benchmarks/data/gcide.jsonl.xz``, built by
-``scripts/extract_debian_corpus.py`` from Debian's ``dict-gcide``). Each corpus has ONE
-datastore of 200k train tokens under ``runs/ablation-<corpus>/datastore`` (built once and
-reused), read by the embedded SmolLM2-135M. Every arm of a corpus is evaluated on the same
-valid and test tokens; base LM and kNN-LM are computed once per process (λ and T of every
-kNN mixture tuned on valid only) and every arm is trained with the same budget (``--steps``
-× 4 × 128 tokens, from the stored keys when the arm allows it, else with full forwards).
+Corpora (:data:`ablation_report.CORPORA`): the embedded Python 3.11 docs, with the 200k-token
+store of the issue (``python``) and the demo's 60k-token store (``python60k``), and a sample of
+the GNU Collaborative International Dictionary of English (``gcide``, 60k tokens,
+``benchmarks/data/gcide.jsonl.xz``, built by ``scripts/extract_debian_corpus.py`` from
+Debian's ``dict-gcide``). Each has ONE datastore under ``runs/ablation-<corpus>/datastore``
+(built once and reused), read by the embedded SmolLM2-135M. Every arm of a corpus is
+evaluated on the same valid and test tokens; base LM and kNN-LM are computed once per process
+(λ and T of every kNN mixture tuned on valid only) and every arm is trained with the same
+budget (``--steps`` × 4 × 128 tokens, from the stored keys when the arm allows it, else with
+full forwards).
 
 Arms (:data:`ARMS`): fusion sites (head, top 4 layers, every 4th layer, every layer), paper
 mode and its single differences from the default (replace vs gated residual, c2c, FFN),
@@ -110,8 +112,6 @@ def arm_stages(name: str, default: FusionConfig) -> list[tuple[str, FusionConfig
                 ("two_stage_2", _graph(replace(default, k=128), left=2, right=2), 1 / 3)]
     fusion = single[name]
     return [] if fusion is None else [(name, fusion, 1.0)]
-
-
 
 
 def peak_rss_reset() -> None:

@@ -33,7 +33,8 @@ from hetgraph.corpus import tokenize_corpus
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore import window_batches
 from hetgraph.datastore.build import batch_input_ids
-from hetgraph.evaluation import results_table
+from hetgraph.evaluation import TrimmedForward, default_forward, gnn_forward, results_table
+from hetgraph.evaluation.lm import scored_columns
 from hetgraph.fusion import HetGraphLM
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
@@ -49,11 +50,17 @@ PROMPTS = [
 
 def forward_seconds(forward, tokens, context_length: int, stride: int, batch_size: int,
                     device) -> float:
+    """Seconds of the forwards an evaluation runs (a TrimmedForward: the scored columns'
+    logits only, as ``collect_lm_outputs`` asks for them)."""
     batches = window_batches(sliding_windows(len(tokens) - 1, context_length, stride), batch_size)
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            forward(batch_input_ids(tokens, batch, device))
+            input_ids = batch_input_ids(tokens, batch, device)
+            if isinstance(forward, TrimmedForward):
+                forward(input_ids, scored_columns(batch))
+            else:
+                forward(input_ids)
     return time.perf_counter() - start
 
 
@@ -129,9 +136,10 @@ def main() -> None:
     evaluation = config.evaluation
     tokens = corpus.test.tokens[: args.eval_tokens + 1]
     windows = (evaluation.context_length, evaluation.stride, evaluation.batch_size, device)
-    forward_seconds(lambda ids: model(input_ids=ids), tokens[:600], *windows)  # warm-up
-    base_s = forward_seconds(lambda ids: model(input_ids=ids, use_cache=False), tokens, *windows)
-    gnn_s = forward_seconds(lambda ids: lm(ids, use_cache=False), tokens, *windows)
+    base_forward = default_forward(model)
+    forward_seconds(base_forward, tokens[:600], *windows)  # warm-up
+    base_s = forward_seconds(base_forward, tokens, *windows)
+    gnn_s = forward_seconds(gnn_forward(lm), tokens, *windows)
     base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
     gnn_gen_s, gnn_gen_n = generate_seconds(lm.generate, tokenizer, args.new_tokens, device)
     train_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, config,

@@ -337,3 +337,59 @@ def test_to_moves_the_base_model_adapters_and_corpus_tables(tmp_path, split):
     assert set(lm.adapter_state_dict()) == {k for k in lm.state_dict()
                                             if not k.startswith("model.")}
     assert all(k.startswith(("adapters.", "gates.")) for k in lm.adapter_state_dict())
+
+
+class _CountingIndex:
+    """Counts the queries searched through an index."""
+
+    def __init__(self, index) -> None:
+        self.index, self.queries = index, 0
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def search(self, queries, k, *args, **kwargs):
+        self.queries += len(queries)
+        return self.index.search(queries, k, *args, **kwargs)
+
+
+@pytest.mark.parametrize("family, sites, c2c, trimmed", [
+    *((family, ("head",), False, True) for family in FAMILIES),
+    (FAMILIES[0], (0,), False, True), (FAMILIES[0], (0, "head"), False, True),
+    (FAMILIES[0], ("head",), True, False), (FAMILIES[0], (0,), True, True)])
+def test_evaluation_skips_unscored_positions_with_the_same_log_probs(
+        tmp_path, split, family, sites, c2c, trimmed):
+    # Strided evaluation scores the last `stride` columns of a window: a fused head whose
+    # graph links no two positions retrieves and builds a graph for those only, through
+    # HF's logits_to_keep; with causal c2c edges at the head every position is computed.
+    from hetgraph.corpus.windows import sliding_windows
+    from hetgraph.datastore.build import window_batches
+    from hetgraph.evaluation import EvalConfig, TrimmedForward, collect_lm_outputs, gnn_forward
+
+    model, _tokenizer, store, index = build_store(tmp_path, family, split)
+    counting = _CountingIndex(index)
+    graph = {"c2c": True} if c2c else {}
+    lm = HetGraphLM(model, store, counting,
+                    FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER, graph=graph))
+    randomise_gates(lm)
+    lm.eval()
+    forward = gnn_forward(lm)
+    assert isinstance(forward, TrimmedForward) == trimmed == lm.fuses_positions_independently
+    windows = EvalConfig(context_length=48, stride=16, batch_size=2)
+    test = split.truncate(120)
+    trim = collect_lm_outputs(model, test, windows, forward=forward, show_progress=False)
+    searched_trimmed, counting.queries = counting.queries, 0
+    full = collect_lm_outputs(model, test, windows, forward=lambda ids: lm(ids).logits,
+                              show_progress=False)
+    torch.testing.assert_close(trim.lm_log_probs, full.lm_log_probs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(trim.positions.numpy(), np.arange(119))
+    if trimmed and "head" in sites and 0 not in sites:
+        # one retrieval per column a batch scores (its widest window's), not per column
+        batches = window_batches(sliding_windows(119, 48, 16), 2)
+        scored = sum(len(b) * max(w.end - w.score_start for w in b) for b in batches)
+        assert searched_trimmed == scored < counting.queries == 48 * sum(map(len, batches))
+    else:
+        assert searched_trimmed == counting.queries

@@ -12,6 +12,7 @@ from hetgraph.evaluation.lm import (
     LMOutputs,
     NeighbourSearch,
     NonFiniteError,
+    TrimmedForward,
     collect_lm_outputs,
     default_forward,
 )
@@ -19,7 +20,7 @@ from hetgraph.evaluation.report import METHOD_NAMES, plot_results, results_table
 
 __all__ = [
     "METHOD_NAMES", "EvalConfig", "ForwardFn", "LMOutputs", "NeighbourSearch", "NonFiniteError",
-    "collect_lm_outputs", "default_forward",
+    "TrimmedForward", "collect_lm_outputs", "default_forward",
     "default_temperatures", "evaluate_base_knn", "evaluate_four_way", "gnn_forward",
     "model_perplexity", "plot_results", "results_table", "score_knn",
     "score_lm",

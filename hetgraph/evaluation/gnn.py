@@ -14,6 +14,8 @@ from hetgraph.evaluation.lm import (
     ForwardFn,
     LMOutputs,
     NeighbourSearch,
+    TrimmedForward,
+    accepts_logits_to_keep,
     collect_lm_outputs,
 )
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
@@ -26,11 +28,18 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
     return split.truncate(max_tokens)
 
 
-def gnn_forward(lm: Any, k: int | None = None) -> ForwardFn:
+def gnn_forward(lm: Any, k: int | None = None) -> ForwardFn | TrimmedForward:
     """``input_ids -> logits`` of a :class:`~hetgraph.HetGraphLM` retrieving ``k`` neighbours
-    per position (default: its config's ``k``); hooks are attached per call."""
-    def forward(input_ids: torch.Tensor) -> torch.Tensor:
-        return lm(input_ids, use_cache=False, k=k).logits
+    per position (default: its config's ``k``); hooks are attached per call. A
+    :class:`~hetgraph.TrimmedForward` when the base model takes ``logits_to_keep``
+    and the positions are fused independently
+    (:attr:`~hetgraph.HetGraphLM.fuses_positions_independently`): then the positions whose
+    logits are not kept are not retrieved for, nor put in the head's graph."""
+    def forward(input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        return lm(input_ids, use_cache=False, k=k, **kwargs).logits
+    if lm.fuses_positions_independently and accepts_logits_to_keep(lm.model):
+        return TrimmedForward(forward)
     return forward
 
 

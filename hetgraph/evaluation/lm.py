@@ -16,6 +16,7 @@ everything computed from them (perplexities, λ and T tuned on valid) is identic
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +39,29 @@ from hetgraph.models.layers import model_device
 
 #: ``forward(input_ids [B, T] int64) -> logits [B, T, V]``; any model callable.
 ForwardFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class TrimmedForward:
+    """A forward that can compute the logits of the last positions only.
+
+    ``fn(input_ids, logits_to_keep)`` returns the logits ``[B, logits_to_keep, V]`` of the
+    last ``logits_to_keep`` positions (all ``T`` for ``0``), as HF causal LMs do with their
+    ``logits_to_keep`` argument. :func:`collect_lm_outputs` asks it for the scored columns of
+    each batch only, so the ``context_length - stride`` columns a strided window reads only
+    as context cost no LM head (and, for a :class:`~hetgraph.HetGraphLM` fused at the head,
+    no retrieval and no graph). A plain :data:`ForwardFn` computes every position.
+    """
+
+    fn: Callable[[Tensor, int], Tensor]
+
+    def __call__(self, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
+        return self.fn(input_ids, logits_to_keep)
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes HF's ``logits_to_keep`` argument."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @dataclass
@@ -114,12 +138,14 @@ class LMOutputs:
         return self.knn_distances is not None
 
 
-def default_forward(model: nn.Module) -> ForwardFn:
-    """``input_ids -> logits`` of a plain HF causal LM (no cache)."""
-    def forward(input_ids: Tensor) -> Tensor:
-        out = model(input_ids=input_ids, use_cache=False)
+def default_forward(model: nn.Module) -> ForwardFn | TrimmedForward:
+    """``input_ids -> logits`` of a plain HF causal LM (no cache); a :class:`TrimmedForward`
+    when the model takes ``logits_to_keep``."""
+    def forward(input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
+        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        out = model(input_ids=input_ids, use_cache=False, **kwargs)
         return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
-    return forward
+    return TrimmedForward(forward) if accepts_logits_to_keep(model) else forward
 
 
 @dataclass
@@ -175,6 +201,18 @@ def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | Non
         raise ValueError(f"query layer {key_layer} differs from the datastore's key layer "
                          f"{search.datastore.key_layer}")
     return key_layer
+
+
+def scored_columns(batch: list[Window]) -> int:
+    """How many trailing columns of a batch of equal-length windows hold a scored position
+    (the ``logits_to_keep`` of a :class:`TrimmedForward` over the batch)."""
+    return max(w.end - w.score_start for w in batch)
+
+
+def _at_columns(values: Tensor, rows: Tensor, cols: Tensor, width: int) -> Tensor:
+    # values[rows, cols] for columns of a [B, width] window batch, where ``values`` may hold
+    # only the last columns (a TrimmedForward's logits, the LM-head input it captured).
+    return values[rows, cols - (width - values.shape[1])]
 
 
 def _scored_rows(batch: list[Window], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,9 +274,10 @@ def collect_lm_outputs(
         config: windows, ``max_tokens`` and ``k`` (neighbours per position).
         search: if given, each position's query key is searched and its ``config.k``
             neighbours kept (kNN-LM).
-        forward: ``input_ids -> logits`` callable; default ``model(input_ids).logits``. Pass
+        forward: ``input_ids -> logits`` callable; default :func:`default_forward`. Pass
             a wrapped model (e.g. GNN-LM with fusion hooks attached) to evaluate it through
-            the same path; the query capture still runs on ``model``'s modules.
+            the same path; the query capture still runs on ``model``'s modules. A
+            :class:`TrimmedForward` is asked for the scored columns' logits only.
         key_layer: layer of the query key; default: the datastore's key layer.
         keep_queries: also return the fp16 query keys.
         neighbours_from: outputs of an earlier run over the same split and windows whose
@@ -278,16 +317,20 @@ def collect_lm_outputs(
                unit="tok", disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
     with bar, capture if capture is not None else nullcontext(), torch.inference_mode():
         for batch in batches:
-            logits = forward(batch_input_ids(tokens, batch, device))
+            input_ids = batch_input_ids(tokens, batch, device)
+            width = input_ids.shape[1]
+            logits = (forward(input_ids, scored_columns(batch))
+                      if isinstance(forward, TrimmedForward) else forward(input_ids))
             rows, cols, positions = _scored_rows(batch, device)
             # log_softmax in place on the gathered copy of the scored rows: one [n, V]
             # buffer besides the logits instead of two (the evaluation's memory peak).
-            log_probs = logits[rows, cols].float()  # [n, V], a new tensor
+            log_probs = _at_columns(logits, rows, cols, width).float()  # [n, V], a new tensor
             del logits
             log_probs.sub_(log_probs.logsumexp(dim=-1, keepdim=True))
             found = {"positions": positions, **_score(log_probs, targets_all[positions].to(device))}
             if capture is not None:
-                queries = capture.states[key_layer][rows, cols].to(torch.float16)
+                queries = _at_columns(capture.states[key_layer], rows, cols, width).to(
+                    torch.float16)
                 if keep_queries:
                     found["queries"] = queries.cpu()
                 if search is not None:

@@ -12,13 +12,12 @@ with the gate :math:`\mathbf{g}_i` initialised to zero, so an attached, untraine
 gives exactly the base model's logits (with ``FusionConfig(gate="retrieval")`` the gate is
 :math:`\mathbf{g}_i \odot \sigma(\mathbf{a}_i \cdot \mathbf{s} + b_i)`, see
 :mod:`hetgraph.fusion.gates`). One retrieval and one graph per forward call are shared by
-every fused site. With ``FusionConfig(fusion_mode="replace")`` (the
-official GNN-LM, :meth:`FusionConfig.paper <hetgraph.FusionConfig.paper>`) the adapter's
-output replaces :math:`\mathbf{h}_i` instead, so the LM head reads
-:math:`\mathrm{Adapter}(\mathcal{G})_{\mathrm{ctx}}` (``output_layer(HGT(h))``).
-The hooks (:class:`~hetgraph.fusion.hooks.FusionHooks`)
-are kept as handles (no ``forward`` is replaced), so HF ``generate`` with a KV cache works
-unchanged; what one call retrieves lives in that call's context, never on the module.
+every fused site. With ``FusionConfig(fusion_mode="replace")`` (the official GNN-LM,
+:meth:`FusionConfig.paper <hetgraph.FusionConfig.paper>`) the adapter's output replaces
+:math:`\mathbf{h}_i`, so the LM head reads :math:`\mathrm{Adapter}(\mathcal{G})_{\mathrm{ctx}}`
+(``output_layer(HGT(h))``). The hooks (:class:`~hetgraph.fusion.hooks.FusionHooks`) are kept
+as handles (no ``forward`` is replaced), so HF ``generate`` with a KV cache works unchanged;
+what one call retrieves lives in that call's context, never on the module.
 """
 from __future__ import annotations
 
@@ -147,6 +146,12 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     def index(self) -> DatastoreIndex:
         """The FAISS index searched for neighbours."""
         return self.retriever.index
+
+    @property
+    def fuses_positions_independently(self) -> bool:
+        """Whether HF's ``logits_to_keep`` leaves the kept logits unchanged while it limits
+        the head's retrieval and graph to the kept positions: no fused head, or no ``c2c``."""
+        return HEAD not in self.fusion_sites or not self.graph_config.c2c
 
     @property
     def needs_prefetch(self) -> bool:
@@ -347,14 +352,11 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     def forward_from_datastore(self, rows: Tensor) -> Tensor:
         """Logits at datastore rows ``[B, T]`` computed from their stored keys.
 
-        For the default configuration (retrieve and fuse at the LM-head input) the base
-        model's state at a corpus position *is* its stored key, so training on the corpus
-        needs only the adapter and the LM head: ``logits = lm_head(fuse(k, adapter(G)))``.
-        Without ``c2c`` positions are independent, so ``rows`` may be any sample of rows;
-        with ``c2c`` (paper mode) each row of ``rows`` must be a contiguous span
-        ``s, s + 1, …`` (the causal edges link the span's positions as they link the
-        positions of a text; the span's own states are its stored keys). The leakage filter
-        hides each row's own neighbourhood.
+        With retrieval and fusion at the LM-head input the base model's state at a corpus
+        position *is* its stored key, so ``logits = lm_head(fuse(k, adapter(G)))`` needs no
+        base forward. ``rows`` may be any sample of rows, or with ``c2c`` (paper mode)
+        contiguous spans ``s, s + 1, …`` (the causal edges link a span's positions as they
+        link a text's). The leakage filter hides each row's own neighbourhood.
 
         Raises:
             ValueError: if :attr:`can_run_from_datastore` is False, or ``c2c`` is on and a
@@ -385,12 +387,9 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, knn: bool = False, **kwargs: Any) -> Any:
-        """HF ``generate`` with retrieval for every new position (the KV cache stays on).
-
-        Args:
-            knn: also interpolate the kNN-LM distribution (needs ``knn_lambda`` /
-                ``knn_temperature`` in the config).
-        """
+        """HF ``generate`` with retrieval for every new position (the KV cache stays on);
+        ``knn=True`` also interpolates the kNN-LM distribution (needs ``knn_lambda`` and
+        ``knn_temperature`` in the config)."""
         mixture = self.knn_interpolation() if knn else nullcontext()
         with self._attached_for_call(), generation_state(), mixture:
             return self.model.generate(*args, **kwargs)

@@ -62,6 +62,11 @@ INDEX_METADATA = "index.json"
 INDEX_LISTS_FILE = "index.ivfdata"
 #: Sub-directory of an index directory holding the per-shard files of an unfinished build.
 INDEX_SHARDS_DIR = "shards"
+#: In :data:`INDEX_SHARDS_DIR`: the trained, empty index and what the build makes (JSON).
+INDEX_TRAINED_FILE = "trained.faiss"
+INDEX_PLAN_FILE = "plan.json"
+#: In :data:`INDEX_SHARDS_DIR`: block ``b``'s index (``.format(block=b)``).
+INDEX_BLOCK_FILE = "shard-{block:05d}.faiss"
 #: Adapter weights written by ``HetGraphLM.save_pretrained`` (safetensors).
 ADAPTER_WEIGHTS = "adapter.safetensors"
 #: Adapter and fusion settings written by ``HetGraphLM.save_pretrained`` (JSON).

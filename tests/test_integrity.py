@@ -230,6 +230,26 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_datastore(tmp_path):
     assert (corpus / "doc.txt").read_text() == "precious"
 
 
+def test_an_on_disk_index_and_its_unfinished_shards_belong_to_the_datastore(tree):
+    # A datastore with an on-disk index (index.ivfdata) or an interrupted on-disk build
+    # (index/shards/) is still a datastore: built again, reused; overwritten, replaced.
+    shutil.rmtree(tree / "adapter")
+    index = tree / INDEX_DIR
+    (index / "index.ivfdata").write_bytes(b"lists")
+    shards = index / "shards"
+    shards.mkdir()
+    for name in ("trained.faiss", "plan.json", "shard-00000.faiss", ".shard-00001.faiss.123-0badc0de.tmp"):
+        (shards / name).write_bytes(b"x")
+    assert build(tree).complete
+    (shards / "notes.txt").write_text("mine")
+    with pytest.raises(DatastoreError, match=r"not a datastore directory \(it holds index\)"):
+        build(tree, tiny_causal_lm("llama"), overwrite=True)
+    (shards / "notes.txt").unlink()
+    store = build(tree, tiny_causal_lm("llama"), overwrite=True)
+    assert store.metadata.model["model_type"] == "llama" and not shards.exists()
+    assert not (index / "index.ivfdata").exists()
+
+
 def test_overwrite_refuses_a_datastore_with_foreign_files_and_replaces_a_pure_one(tree):
     (tree / "adapter" / "notes.txt").write_text("mine")
     with pytest.raises(DatastoreError, match="adapter"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ from hetgraph.io import (
     DOC_NAMES,
     INDEX_DIR,
     INDEX_FILE,
+    INDEX_LISTS_FILE,
     INDEX_METADATA,
+    INDEX_PLAN_FILE,
+    INDEX_SHARDS_DIR,
+    INDEX_TRAINED_FILE,
     temporary_target,
 )
 from hetgraph.locking import LOCK_FILE
@@ -33,7 +38,21 @@ _OWN_FILES = {DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES, LOCK_FILE,
               *(f"{name}.npy" for name in ARRAY_NAMES)}
 #: Per-layer feature arrays, and the per-rank progress records of a distributed build.
 _OWN_PATTERN = re.compile(r"^features_-?\d+\.npy$|^progress\.rank\d+\.json$")
-_OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, LOCK_FILE}
+_OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, INDEX_LISTS_FILE, LOCK_FILE}
+#: What an unfinished on-disk index build keeps in ``index/shards/``.
+_OWN_SHARD_PATTERN = re.compile(
+    rf"^{re.escape(INDEX_TRAINED_FILE)}$|^{re.escape(INDEX_PLAN_FILE)}$|^shard-\d+\.faiss$")
+
+
+def _own_name(path: Path) -> str:
+    return temporary_target(path.name) or path.name
+
+
+def _is_own_index_entry(path: Path) -> bool:
+    if path.is_dir():
+        return path.name == INDEX_SHARDS_DIR and all(
+            _OWN_SHARD_PATTERN.match(_own_name(p)) for p in path.iterdir())
+    return _own_name(path) in _OWN_INDEX_FILES
 
 
 def array_path(directory: str | Path, name: str) -> Path:
@@ -109,10 +128,9 @@ def recorded_file_problems(directory: Path, metadata: Any, *, full: bool) -> lis
 def is_own_entry(path: Path) -> bool:
     """Whether ``path`` (an entry of a datastore directory) is a file a datastore build or an
     index build writes there (including partial files of an interrupted write)."""
-    name = temporary_target(path.name) or path.name
     if path.is_dir():
-        return path.name == INDEX_DIR and all(
-            (temporary_target(p.name) or p.name) in _OWN_INDEX_FILES for p in path.iterdir())
+        return path.name == INDEX_DIR and all(_is_own_index_entry(p) for p in path.iterdir())
+    name = _own_name(path)
     return name in _OWN_FILES or bool(_OWN_PATTERN.match(name))
 
 
@@ -137,7 +155,9 @@ def clear_datastore(directory: Path) -> None:
             continue
         if path.is_dir():
             for inner in path.iterdir():
-                if inner.name != LOCK_FILE:
+                if inner.is_dir():  # the shards of an unfinished on-disk index build
+                    shutil.rmtree(inner)
+                elif inner.name != LOCK_FILE:
                     inner.unlink()
         else:
             path.unlink()

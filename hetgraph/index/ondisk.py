@@ -56,10 +56,13 @@ from hetgraph.index.files import (
 )
 from hetgraph.index.training import as_float32, finite_rows, key_array, new_index, training_sample
 from hetgraph.io import (
+    INDEX_BLOCK_FILE,
     INDEX_FILE,
     INDEX_LISTS_FILE,
     INDEX_METADATA,
+    INDEX_PLAN_FILE,
     INDEX_SHARDS_DIR,
+    INDEX_TRAINED_FILE,
     atomic_path,
     atomic_write_json,
     fsync_directory,
@@ -76,8 +79,6 @@ ONDISK_ROW_LIMIT = 50_000_000
 #: ``auto`` also keeps them on disk when the in-memory index would take more than this
 #: fraction of the memory available when the build starts.
 RAM_FRACTION = 0.5
-TRAINED_FILE = "trained.faiss"
-PLAN_FILE = "plan.json"
 
 
 def estimated_index_bytes(factory: str, n: int, d: int) -> int:
@@ -186,8 +187,8 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
 def _prepare(keys: Any, shards: Path, plan: dict[str, Any], config: IndexConfig) -> None:
     """Rank 0: train the index (unless ``shards/`` holds this plan's training already)."""
     with storage_errors(shards, "build the index again"):
-        if (shards / PLAN_FILE).is_file() and read_json(shards / PLAN_FILE) == plan \
-                and (shards / TRAINED_FILE).is_file():
+        if (shards / INDEX_PLAN_FILE).is_file() and read_json(shards / INDEX_PLAN_FILE) == plan \
+                and (shards / INDEX_TRAINED_FILE).is_file():
             logger.info("resuming the index build in %s", shards)
             return
         shutil.rmtree(shards, ignore_errors=True)
@@ -196,9 +197,9 @@ def _prepare(keys: Any, shards: Path, plan: dict[str, Any], config: IndexConfig)
         sample = training_sample(index, plan["num_vectors"], config)
         if sample is not None:
             index.train(finite_rows(as_float32(keys[sample]), sample, "the keys"))
-        with atomic_path(shards / TRAINED_FILE) as tmp:
+        with atomic_path(shards / INDEX_TRAINED_FILE) as tmp:
             faiss.write_index(index, str(tmp))
-        atomic_write_json(shards / PLAN_FILE, plan)
+        atomic_write_json(shards / INDEX_PLAN_FILE, plan)
 
 
 def _new_ivf_index(plan: dict[str, Any]) -> faiss.Index:
@@ -212,7 +213,7 @@ def _new_ivf_index(plan: dict[str, Any]) -> faiss.Index:
 
 def block_file(shards: Path, block: int) -> Path:
     """The file of block ``block`` of an unfinished on-disk build."""
-    return shards / f"shard-{block:05d}.faiss"
+    return shards / INDEX_BLOCK_FILE.format(block=block)
 
 
 def _build_block(keys: Any, shards: Path, block: int, config: IndexConfig) -> None:
@@ -220,7 +221,7 @@ def _build_block(keys: Any, shards: Path, block: int, config: IndexConfig) -> No
     target = block_file(shards, block)
     if target.is_file():
         return  # written atomically: complete
-    index = faiss.read_index(str(shards / TRAINED_FILE))
+    index = faiss.read_index(str(shards / INDEX_TRAINED_FILE))
     n = int(keys.shape[0])
     start, stop = block * config.shard_rows, min(n, (block + 1) * config.shard_rows)
     for lo in range(start, stop, config.add_chunk_size):
@@ -254,7 +255,7 @@ def _merge(directory: Path, blocks: int, meta: dict[str, Any]) -> None:
 
 
 def _write_merged(shards: Path, files: list[Path], lists: Path, directory: Path) -> None:
-    index = faiss.read_index(str(shards / TRAINED_FILE))
+    index = faiss.read_index(str(shards / INDEX_TRAINED_FILE))
     try:
         merge_ondisk(index, [str(f) for f in files], str(lists))
     except RuntimeError as e:

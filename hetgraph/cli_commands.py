@@ -161,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_datastore_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import DatastoreConfig, build_datastore
     from hetgraph.distributed import init_distributed
-    from hetgraph.index import DatastoreIndex, IndexConfig
+    from hetgraph.index import IndexConfig, build_index
     from hetgraph.models.checks import check_context_length
 
     config = DatastoreConfig.from_dict(dict(
@@ -174,13 +174,13 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
     corpus = _corpus(args, tokenizer)
     store = build_datastore(model, tokenizer, corpus.train, args.out, config,
                             corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
-    if not ctx.is_main:
-        return 0
-    print(f"datastore: {store}")
-    if not args.no_index:
-        index = DatastoreIndex.build(store, IndexConfig(num_threads=args.threads))
-        index.save(Path(args.out) / INDEX_DIR)
-        print(f"index: {index}")
+    if ctx.is_main:
+        print(f"datastore: {store}")
+    if not args.no_index:  # as `hetgraph index build` with its defaults (layout by size)
+        index = build_index(store, Path(args.out) / INDEX_DIR,
+                            IndexConfig(num_threads=args.threads), distributed=ctx)
+        if ctx.is_main:
+            print(f"index: {index}" + (" (lists on disk)" if index.on_disk else ""))
     return 0
 
 

@@ -24,7 +24,7 @@ from hetgraph.errors import HetgraphError
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, plot_results, results_table
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.persistence import read_adapter_config
-from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
+from hetgraph.index import DatastoreIndex, IndexConfig, build_index, choose_layout
 from hetgraph.io import (
     INDEX_DIR,
     INDEX_METADATA,
@@ -214,20 +214,20 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
                             corpus_fingerprint=corpus.fingerprint)
     index_dir = datastore_dir / INDEX_DIR
     index_config = config.index
-    wanted = (auto_factory(len(store), store.dim) if index_config.factory == "auto"
-              else index_config.factory)
+    # The layout `hetgraph index build` would choose: index.on_disk and the size rule count.
+    wanted, on_disk = choose_layout(len(store), store.dim, index_config)
     index = None
     if (index_dir / INDEX_METADATA).is_file():
         index = DatastoreIndex.load(index_dir, store, config=index_config)
-        if index.factory != wanted or index.metric != index_config.metric:
-            logger.info("the saved index is %s (%s); rebuilding as %s",
-                        index.factory, index.metric, wanted)
+        if index.factory != wanted or index.metric != index_config.metric or (
+                index_config.on_disk is not None and index.on_disk != on_disk):
+            logger.info("the saved index is %s (%s%s); rebuilding as %s", index.factory,
+                        index.metric, ", on disk" if index.on_disk else "", wanted)
             index = None
         else:
             logger.info("reusing index %s", index)
     if index is None:
-        index = DatastoreIndex.build(store, index_config)
-        index.save(index_dir)
+        index = build_index(store, index_dir, index_config)
     return store, index
 
 

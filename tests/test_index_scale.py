@@ -26,7 +26,7 @@ from hetgraph.index import (
     rerank,
 )
 from hetgraph.index.gpu import wants_gpu
-from hetgraph.io import INDEX_LISTS_FILE, INDEX_SHARDS_DIR
+from hetgraph.io import INDEX_FILE, INDEX_LISTS_FILE, INDEX_SHARDS_DIR
 from hetgraph.verify import verify
 
 N, D = 3000, 16
@@ -319,3 +319,34 @@ def test_cli_builds_an_on_disk_index_with_reranking(tmp_path, capsys):
                  "--in-memory"]) == 0
     assert not (ds / "index" / INDEX_LISTS_FILE).exists()
     assert not DatastoreIndex.load(ds / "index", store).on_disk
+
+
+def test_the_pipeline_builds_the_layout_its_index_config_asks_for(tmp_path):
+    # The run config's index section is what `hetgraph index build` takes: on_disk counts
+    # (it was once ignored by the demo pipeline, which always built in memory).
+    from hetgraph.corpus import tokenize_corpus
+    from hetgraph.models.loading import load_model
+    from hetgraph.pipeline import RunConfig, prepare_datastore
+    from hetgraph.testing import save_tiny_model, tiny_run_config, write_word_corpus
+
+    save_tiny_model(tmp_path / "model", "qwen2")
+    write_word_corpus(tmp_path / "corpus")
+
+    def config(on_disk):
+        return RunConfig.from_dict({
+            **tiny_run_config(), "model": str(tmp_path / "model"),
+            "corpus": {"path": str(tmp_path / "corpus")}, "out_dir": str(tmp_path / "run"),
+            "index": {"factory": "IVF4,Flat", "nprobe": 4, "on_disk": on_disk}})
+
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    corpus = tokenize_corpus(config(True).corpus, tokenizer, show_progress=False)
+    index_dir = tmp_path / "run" / "datastore" / "index"
+    built = []
+    for on_disk in (True, True, False, None):
+        _, index = prepare_datastore(model, tokenizer, corpus, config(on_disk), tmp_path / "run")
+        built.append((index_dir / INDEX_FILE).stat().st_mtime_ns)
+        # None: the size rule, which keeps this tiny index in memory; the saved one is reused
+        assert index.on_disk is (on_disk is True), on_disk
+        assert (index_dir / INDEX_LISTS_FILE).exists() is (on_disk is True), on_disk
+        assert index.factory == "IVF4,Flat"
+    assert built[1] == built[0] and built[3] == built[2] != built[1]  # reused, rebuilt, reused

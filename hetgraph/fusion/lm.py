@@ -51,7 +51,6 @@ from hetgraph.graph import ContextGraph
 from hetgraph.index import DatastoreIndex
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
 from hetgraph.models.layers import (
-    decoder_layers,
     num_decoder_layers,
     output_embedding_input_hook_target,
     resolve_layer_index,
@@ -157,8 +156,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     def needs_prefetch(self) -> bool:
         """True when some fused site runs before the retrieval site (or ``prefetch`` is set),
         so a no-grad prefetch pass must supply the queries first."""
-        num_layers = len(decoder_layers(self.model))
-        order = lambda site: num_layers if site == HEAD else int(site)  # noqa: E731
+        # Evaluated on every forward call: no walk over the model's modules here.
+        order = lambda site: math.inf if site == HEAD else int(site)  # noqa: E731
         return bool(self.config.prefetch) or any(
             order(s) < order(self.retrieval_site) for s in self.fusion_sites)
 

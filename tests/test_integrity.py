@@ -238,7 +238,8 @@ def test_an_on_disk_index_and_its_unfinished_shards_belong_to_the_datastore(tree
     (index / "index.ivfdata").write_bytes(b"lists")
     shards = index / "shards"
     shards.mkdir()
-    for name in ("trained.faiss", "plan.json", "shard-00000.faiss", ".shard-00001.faiss.123-0badc0de.tmp"):
+    for name in ("trained.faiss", "plan.json", "shard-00000.faiss",
+                 ".shard-00001.faiss.123-0badc0de.tmp"):  # a block being written
         (shards / name).write_bytes(b"x")
     assert build(tree).complete
     (shards / "notes.txt").write_text("mine")

@@ -1,0 +1,60 @@
+"""glibc's mmap threshold, fixed by the command line for bounded resident memory."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hetgraph.allocator import bound_heap_growth
+
+# A child process, so the test process's allocator stays as it was. After a 16 MiB block is
+# freed, glibc's dynamic threshold has risen above 8 MiB, so freed 8 MiB blocks between live
+# ones stay in the heap (resident); with the threshold fixed at 4 MiB they are unmapped.
+_SCRIPT = textwrap.dedent("""
+    import ctypes, sys
+    from hetgraph.allocator import bound_heap_growth
+    fixed = bound_heap_growth() if sys.argv[1] == "fixed" else False
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    def anon_kb():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    big = libc.malloc(16 << 20); ctypes.memset(big, 1, 16 << 20); libc.free(big)
+    before = anon_kb()
+    blocks, pins = [], []
+    for _ in range(8):  # a live small block after each: the heap cannot just shrink back
+        blocks.append(libc.malloc(8 << 20))
+        pins.append(libc.malloc(256 << 10))
+    for block in blocks:
+        ctypes.memset(block, 1, 8 << 20)
+    for block in blocks:
+        libc.free(block)
+    print(fixed, anon_kb() - before)
+""")
+
+
+def _retained_kb(mode: str, env: dict | None = None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True,
+                         check=True, env=env).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_a_fixed_threshold_returns_freed_blocks_to_the_system():
+    fixed, retained_fixed = _retained_kb("fixed")
+    if fixed != "True":
+        pytest.skip("not glibc")
+    _, retained_dynamic = _retained_kb("dynamic")
+    assert retained_dynamic > 32 << 10  # the heap kept the 64 MiB of freed blocks
+    assert retained_fixed < 8 << 10  # unmapped on free
+
+
+def test_the_users_own_setting_wins(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert bound_heap_growth() is False
+    with pytest.raises(ValueError, match="positive"):
+        bound_heap_growth(0)

@@ -73,38 +73,40 @@ DISCUSSION = (
     "budget (96 steps, about 1,340 CPU-seconds: 0.768 and 0.840, where the head's 384 steps, about "
     '940 CPU-seconds, give 0.803 and 0.889, falling about 0.04 and 0.03 per doubling). On the 200k '
     "Python store the head's GNN+kNN/kNN barely moves along its curve (0.992, 0.984, 0.975, 0.955, "
-    '0.967; kNN-LM alone is already 0.619 x base there); no decoder-layer curve was run on that '
-    "store. WHAT DOES NOT HELP at this budget: the graph's own shape. l = r = 2 (GNN/base 0.939 on "
-    'GCIDE, 0.933 on python60k, where the head is 0.939 and 0.933), k = 128 (0.941 / 0.935 at 2x '
-    'CPU), causal c2c edges (0.938 / 0.936), adapter depth 3 (0.942 / 0.935 at 1.5x CPU) and the '
-    "adapter's feed-forward blocks (no-FFN 0.931 / 0.938 / 0.930 on python60k / GCIDE / python with"
-    " 38 % fewer parameters; its curve on python60k matches the head's, 0.821 vs 0.819 at 98k "
-    'tokens) land within the noise of 2,048 test tokens of the default. Width 576 is somewhat '
-    'better on both (0.928 vs 0.939 on GCIDE, 0.916 vs 0.933 on python60k) at 2.1-2.3x CPU; with '
-    'depth 3 doing nothing, more width is the graph change worth a longer run. A two-stage schedule'
-    " after the paper's (the official script trains stage 1 at k = 32, c = 1 on 1,024-token samples"
-    " and stage 2 at k = 128, c = 2 on 256-token samples from stage 1's best checkpoint; this arm "
-    "spends 2/3 of the budget at k = 32, l = r = 1 and 1/3 at k = 128, l = r = 2 on hetgraph's "
-    'default network with one sample length, a split of our choosing) is no better than one stage '
-    '(0.946 / 0.948 on python60k / GCIDE). WHAT HURTS: replacing the hidden state by the graph '
-    "output (replace mode, the paper's fusion): GNN/base 5.11 on python60k and 6.43 on GCIDE with "
-    'the default graph, 5.68 / 7.11 for the full paper mode on python60k / GCIDE, because the '
-    "network starts as a random function of h and must relearn the LM's own state; the paper's "
-    "network with hetgraph's gated residual instead (paper_gated) is 0.940 / 0.945, close to the "
-    "default. The retrieval-aware gate (gate='retrieval') learns more slowly (0.951 vs 0.933 on "
-    'python60k, 0.955 vs 0.939 on GCIDE): its sigmoid starts at one half, which halves the '
-    "residual's step until a and b move. WHERE RETRIEVAL OFFERS NOTHING: the python60k store and "
-    "its adapters on GCIDE test text (hetgraph eval --allow-other-corpus, 4,096 tokens): kNN-LM's "
-    'lambda is tuned to 0.00 and GNN-LM is 0.996 x base with the static gate, 0.995 x with the '
-    'retrieval gate; the other way round, the GCIDE store and its adapters on Python test text, '
-    'lambda is 0.00 and GNN-LM 0.993 x base with either gate. Neither hurts. TARGETS: GNN/base <= '
-    '0.85 on the 200k store is met from 98k training tokens (0.829; 0.779 at one pass). GNN+kNN/kNN'
-    ' <= 0.90 is met by every-layer fusion on the 60k Python store (0.899 at 24k tokens), by every '
-    '4th layer on GCIDE (0.840 at 49k) and by the head on GCIDE at 197k tokens (0.889), but not on '
-    'the 200k store, where only the head arm could be trained long (0.967 at one pass, the point '
-    'valid chooses): a decoder-layer'
-    " curve on the 200k store (6-23x the head's compute per token) did not fit this machine's "
-    'session. GNN/base on the second corpus: 0.939 (head arm), 0.873 (CLI defaults, 150 steps), '
+    "0.967; kNN-LM alone is already 0.619 x base there); every layer's curve there, stopped at 48 "
+    "steps for this session's time (the same command resumes it), gives GNN/base 0.915 and 0.807 "
+    "and GNN+kNN/kNN 0.982 and 0.970 at 12k and 25k tokens, against the head's 0.974 and 0.930, "
+    '0.992 and 0.984: decoder-layer fusion helps GNN-LM alone on the 200k store as on the 60k ones,'
+    ' but adds far less to the stronger kNN-LM there. WHAT DOES NOT HELP at this budget: the '
+    "graph's own shape. l = r = 2 (GNN/base 0.939 on GCIDE, 0.933 on python60k, where the head is "
+    '0.939 and 0.933), k = 128 (0.941 / 0.935 at 2x CPU), causal c2c edges (0.938 / 0.936), adapter'
+    " depth 3 (0.942 / 0.935 at 1.5x CPU) and the adapter's feed-forward blocks (no-FFN 0.931 / "
+    '0.938 / 0.930 on python60k / GCIDE / python with 38 % fewer parameters; its curve on python60k'
+    " matches the head's, 0.821 vs 0.819 at 98k tokens) land within the noise of 2,048 test tokens "
+    'of the default. Width 576 is somewhat better on both (0.928 vs 0.939 on GCIDE, 0.916 vs 0.933 '
+    'on python60k) at 2.1-2.3x CPU; with depth 3 doing nothing, more width is the graph change '
+    "worth a longer run. A two-stage schedule after the paper's (the official script trains stage 1"
+    ' at k = 32, c = 1 on 1,024-token samples and stage 2 at k = 128, c = 2 on 256-token samples '
+    "from stage 1's best checkpoint; this arm spends 2/3 of the budget at k = 32, l = r = 1 and 1/3"
+    " at k = 128, l = r = 2 on hetgraph's default network with one sample length, a split of our "
+    'choosing) is no better than one stage (0.946 / 0.948 on python60k / GCIDE). WHAT HURTS: '
+    "replacing the hidden state by the graph output (replace mode, the paper's fusion): GNN/base "
+    '5.11 on python60k and 6.43 on GCIDE with the default graph, 5.68 / 7.11 for the full paper '
+    'mode on python60k / GCIDE, because the network starts as a random function of h and must '
+    "relearn the LM's own state; the paper's network with hetgraph's gated residual instead "
+    '(paper_gated) is 0.940 / 0.945, close to the default. The retrieval-aware gate '
+    "(gate='retrieval') learns more slowly (0.951 vs 0.933 on python60k, 0.955 vs 0.939 on GCIDE): "
+    "its sigmoid starts at one half, which halves the residual's step until a and b move. WHERE "
+    'RETRIEVAL OFFERS NOTHING: the python60k store and its adapters on GCIDE test text (hetgraph '
+    "eval --allow-other-corpus, 4,096 tokens): kNN-LM's lambda is tuned to 0.00 and GNN-LM is 0.996"
+    ' x base with the static gate, 0.995 x with the retrieval gate; the other way round, the GCIDE '
+    'store and its adapters on Python test text, lambda is 0.00 and GNN-LM 0.993 x base with either'
+    ' gate. Neither hurts. TARGETS: GNN/base <= 0.85 on the 200k store is met from 98k training '
+    'tokens (0.829; 0.779 at one pass). GNN+kNN/kNN <= 0.90 is met by every-layer fusion on the 60k'
+    ' Python store (0.899 at 24k tokens), by every 4th layer on GCIDE (0.840 at 49k) and by the '
+    'head on GCIDE at 197k tokens (0.889), but not on the 200k store, where kNN-LM alone is 0.619 x'
+    ' base: the head reaches 0.967 at one pass (the point valid chooses) and every layer 0.970 at '
+    '25k tokens. GNN/base on the second corpus: 0.939 (head arm), 0.873 (CLI defaults, 150 steps), '
     "0.866 (every 4th). The demo keeps the head, decided on valid: on python60k, every 4th layer's "
     'valid perplexity after its 48 steps (4.667, 700 CPU-seconds) is what the head reaches after 96'
     " steps (4.656, about 240 CPU-seconds), and the demo's 150 head steps fit its 15-minute budget "

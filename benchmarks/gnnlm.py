@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from hetgraph.allocator import bound_heap_growth
 from hetgraph.corpus import tokenize_corpus
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore import window_batches
@@ -122,7 +121,6 @@ def main() -> None:
     config.index = replace(config.index, factory=args.factory, nprobe=args.nprobe)
     config.out_dir = args.out
     config.threads = args.threads
-    bound_heap_growth()  # as the hetgraph command line does (hetgraph.allocator)
     started = time.perf_counter()
     results = run_pipeline(config)
     pipeline_s = time.perf_counter() - started

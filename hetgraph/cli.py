@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hetgraph.allocator import bound_heap_growth
 from hetgraph.cli_commands import (
     cmd_datastore_build,
     cmd_demo,
@@ -315,7 +314,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _show_progress_messages()
-    bound_heap_growth()  # bounded resident memory on long CPU runs (hetgraph.allocator)
     try:
         return func(args)
     except KeyboardInterrupt:

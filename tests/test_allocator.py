@@ -7,14 +7,14 @@ import textwrap
 
 import pytest
 
-from hetgraph.allocator import bound_heap_growth
+from hetgraph.allocator import bound_heap_growth, release_free_memory
 
 # A child process, so the test process's allocator stays as it was. After a 16 MiB block is
 # freed, glibc's dynamic threshold has risen above 8 MiB, so freed 8 MiB blocks between live
 # ones stay in the heap (resident); with the threshold fixed at 4 MiB they are unmapped.
 _SCRIPT = textwrap.dedent("""
     import ctypes, sys
-    from hetgraph.allocator import bound_heap_growth
+    from hetgraph.allocator import bound_heap_growth, release_free_memory
     fixed = bound_heap_growth() if sys.argv[1] == "fixed" else False
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -58,3 +58,14 @@ def test_the_users_own_setting_wins(monkeypatch):
     assert bound_heap_growth() is False
     with pytest.raises(ValueError, match="positive"):
         bound_heap_growth(0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_release_free_memory_hands_back_the_heaps_free_pages():
+    script = _SCRIPT.replace('print(fixed, anon_kb() - before)',
+                             'from hetgraph.allocator import release_free_memory\n'
+                             'release_free_memory()\nprint(fixed, anon_kb() - before)')
+    out = subprocess.run([sys.executable, "-c", script, "dynamic"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert int(out[1]) < 8 << 10  # the 64 MiB of freed heap blocks went back
+    assert isinstance(release_free_memory(), bool)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hetgraph.allocator import RELEASE_EVERY_STEPS, release_free_memory
 from hetgraph.configuration import ConfigError
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError, NonFiniteError
@@ -158,6 +159,7 @@ class _TrainingRun:
         lm.eval()
         ppl = float(model_perplexity(lm, self.valid_split, self.eval_config,
                                      self.config.eval_tokens))
+        release_free_memory()  # the evaluation's temporaries (hetgraph.allocator)
         lm.train()
         if not math.isfinite(ppl):
             raise NonFiniteError(
@@ -244,6 +246,8 @@ class _TrainingRun:
         config, done = self.config, step + 1
         evaluated = ((config.eval_every and done % config.eval_every == 0)
                      or done == config.max_steps)
+        if done % RELEASE_EVERY_STEPS == 0:
+            release_free_memory()  # the heap fragments on CPU (hetgraph.allocator)
         if evaluated and self.evaluate(done):
             self.result.stopped_early = True
             self.save_checkpoint(done)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,9 @@ def results_body() -> str:
         if isinstance(discussion, dict):
             discussion = discussion.get("text")
         if isinstance(discussion, str):  # prose, not a one-cell table
-            out.append(f"{discussion}\n\n")
+            # One paragraph, wrapped: docutils refuses a line over 10,000 characters.
+            out.append(textwrap.fill(discussion, 100, break_long_words=False,
+                                     break_on_hyphens=False) + "\n\n")
         plots = data.pop("plots", None) if isinstance(data, dict) else None
         out.append(_figures(plots))
         if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):

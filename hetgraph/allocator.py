@@ -12,9 +12,10 @@ neighbour windows does) the freed blocks fragment it. Measured on ``make demo``'
 Two remedies, measured on 2 cores:
 
 - :func:`release_free_memory` (glibc ``malloc_trim``) hands the heap's free pages back. The
-  trainer calls it every :data:`RELEASE_EVERY_STEPS` steps and after each validation
-  evaluation: the growth is bounded, for a few per cent of the step time (the pages are
-  faulted in again).
+  trainer calls it after every :data:`RELEASE_EVERY_STEPS` steps and each validation, the
+  evaluation after every batch of windows: ``make demo`` then peaked at 2.3 GB in training
+  instead of 3.8 GB, and ran no slower (the pages are faulted in again, a small cost next
+  to a step).
 - :func:`bound_heap_growth` fixes the threshold (4 MiB by default): every larger block is
   mapped and unmapped, so nothing accumulates (training peaked at 2.1 GB instead of 3.0 GB
   after 40 steps), but the kernel zero-fills every mapped block — the base model's forward
@@ -37,7 +38,7 @@ _M_MMAP_THRESHOLD = -3
 #: The threshold :func:`bound_heap_growth` sets by default.
 DEFAULT_MMAP_THRESHOLD = 4 << 20
 #: How often the trainer calls :func:`release_free_memory`.
-RELEASE_EVERY_STEPS = 5
+RELEASE_EVERY_STEPS = 1
 
 
 def _glibc_function(name: str) -> Any | None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hetgraph.allocator import release_free_memory
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
@@ -341,4 +342,5 @@ def collect_lm_outputs(
             for name, value in found.items():
                 parts[name].append(value)
             bar.update(len(positions))
+            release_free_memory()  # the forward's temporaries fragment the heap on CPU
     return _assemble(parts, targets_all, neighbours_from, ctx)

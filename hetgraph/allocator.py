@@ -13,9 +13,9 @@ Two remedies, measured on 2 cores:
 
 - :func:`release_free_memory` (glibc ``malloc_trim``) hands the heap's free pages back. The
   trainer calls it after every :data:`RELEASE_EVERY_STEPS` steps and each validation, the
-  evaluation after every batch of windows: ``make demo`` then peaked at 2.3 GB in training
-  instead of 3.8 GB, and ran no slower (the pages are faulted in again, a small cost next
-  to a step).
+  evaluation after every batch of windows: ``make demo`` then peaked at 2.4 GB instead of
+  3.9 GB. The released pages are faulted in again: the 8-step training speed of
+  ``benchmarks/gnnlm.py`` was 240 tokens/s against 255–280 before (a noisy figure).
 - :func:`bound_heap_growth` fixes the threshold (4 MiB by default): every larger block is
   mapped and unmapped, so nothing accumulates (training peaked at 2.1 GB instead of 3.0 GB
   after 40 steps), but the kernel zero-fills every mapped block — the base model's forward

@@ -26,6 +26,7 @@ Two remedies, measured on 2 cores:
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -41,6 +42,7 @@ DEFAULT_MMAP_THRESHOLD = 4 << 20
 RELEASE_EVERY_STEPS = 1
 
 
+@functools.cache  # looked up once: release_free_memory runs after every step and batch
 def _glibc_function(name: str) -> Any | None:
     # The C library's function `name`, or None off Linux or without it (musl: no mallopt).
     if not sys.platform.startswith("linux"):
@@ -61,16 +63,21 @@ def release_free_memory() -> bool:
     return bool(trim(0))
 
 
+#: glibc refuses a larger threshold (``HEAP_MAX_SIZE / 2`` on 64-bit systems).
+MAX_MMAP_THRESHOLD = 32 << 20
+
+
 def bound_heap_growth(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes for this process (see the module
     docstring for the cost); True if it was set. Nothing happens (False) off glibc or where
     ``MALLOC_MMAP_THRESHOLD_`` is set in the environment.
 
     Raises:
-        ValueError: ``threshold`` is not positive.
+        ValueError: ``threshold`` is not in ``1 … MAX_MMAP_THRESHOLD`` bytes.
     """
-    if threshold <= 0:
-        raise ValueError(f"threshold must be a positive number of bytes, got {threshold}")
+    if not 0 < threshold <= MAX_MMAP_THRESHOLD:
+        raise ValueError(f"threshold must be 1 to {MAX_MMAP_THRESHOLD} bytes (32 MiB, glibc's "
+                         f"limit), got {threshold}")
     mallopt = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _glibc_function("mallopt")
     if mallopt is None:
         return False

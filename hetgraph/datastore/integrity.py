@@ -20,6 +20,7 @@ from hetgraph.io import (
     DATASTORE_METADATA,
     DATASTORE_PROGRESS,
     DOC_NAMES,
+    INDEX_BLOCK_FILE,
     INDEX_DIR,
     INDEX_FILE,
     INDEX_LISTS_FILE,
@@ -40,8 +41,10 @@ _OWN_FILES = {DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES, LOCK_FILE,
 _OWN_PATTERN = re.compile(r"^features_-?\d+\.npy$|^progress\.rank\d+\.json$")
 _OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, INDEX_LISTS_FILE, LOCK_FILE}
 #: What an unfinished on-disk index build keeps in ``index/shards/``.
+_BLOCK_PREFIX, _, _BLOCK_REST = INDEX_BLOCK_FILE.partition("{")
 _OWN_SHARD_PATTERN = re.compile(
-    rf"^{re.escape(INDEX_TRAINED_FILE)}$|^{re.escape(INDEX_PLAN_FILE)}$|^shard-\d+\.faiss$")
+    rf"^{re.escape(INDEX_TRAINED_FILE)}$|^{re.escape(INDEX_PLAN_FILE)}$"
+    rf"|^{re.escape(_BLOCK_PREFIX)}\d+{re.escape(_BLOCK_REST.partition('}')[2])}$")
 
 
 def _own_name(path: Path) -> str:

@@ -33,8 +33,8 @@ from hetgraph.corpus import tokenize_corpus
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore import window_batches
 from hetgraph.datastore.build import batch_input_ids
-from hetgraph.evaluation import TrimmedForward, default_forward, gnn_forward, results_table
-from hetgraph.evaluation.lm import scored_columns
+from hetgraph.evaluation import default_forward, gnn_forward, results_table
+from hetgraph.evaluation.lm import batch_logits
 from hetgraph.fusion import HetGraphLM
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
@@ -56,11 +56,7 @@ def forward_seconds(forward, tokens, context_length: int, stride: int, batch_siz
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            input_ids = batch_input_ids(tokens, batch, device)
-            if isinstance(forward, TrimmedForward):
-                forward(input_ids, scored_columns(batch))
-            else:
-                forward(input_ids)
+            batch_logits(forward, batch_input_ids(tokens, batch, device), batch)
     return time.perf_counter() - start
 
 

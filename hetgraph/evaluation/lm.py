@@ -204,10 +204,14 @@ def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | Non
     return key_layer
 
 
-def scored_columns(batch: list[Window]) -> int:
-    """How many trailing columns of a batch of equal-length windows hold a scored position
-    (the ``logits_to_keep`` of a :class:`TrimmedForward` over the batch)."""
-    return max(w.end - w.score_start for w in batch)
+def batch_logits(forward: ForwardFn | TrimmedForward, input_ids: Tensor,
+                 batch: list[Window]) -> Tensor:
+    """The logits ``forward`` gives for ``input_ids``, a batch of equal-length windows: a
+    :class:`TrimmedForward`'s for the trailing columns that hold a scored position only, any
+    other forward's for every column (what :func:`collect_lm_outputs` runs per batch)."""
+    if isinstance(forward, TrimmedForward):
+        return forward(input_ids, max(w.end - w.score_start for w in batch))
+    return forward(input_ids)
 
 
 def _at_columns(values: Tensor, rows: Tensor, cols: Tensor, width: int) -> Tensor:
@@ -320,8 +324,7 @@ def collect_lm_outputs(
         for batch in batches:
             input_ids = batch_input_ids(tokens, batch, device)
             width = input_ids.shape[1]
-            logits = (forward(input_ids, scored_columns(batch))
-                      if isinstance(forward, TrimmedForward) else forward(input_ids))
+            logits = batch_logits(forward, input_ids, batch)
             rows, cols, positions = _scored_rows(batch, device)
             # log_softmax in place on the gathered copy of the scored rows: one [n, V]
             # buffer besides the logits instead of two (the evaluation's memory peak).

@@ -64,6 +64,7 @@ from hetgraph.training import train_adapter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation_report import ARMS, CORPORA, write_report
+from gnnlm import PROMPTS as GENERATE_PROMPTS, generate_seconds
 from paper_mode import PAPER_SIZE
 
 TOP4 = (26, 27, 28, 29)
@@ -348,13 +349,10 @@ def run_curve(bench: Bench, name: str, max_steps: int) -> None:
                      result["gnn_valid_ppl"], result["gnn_test_ppl"])
         write_report()
 
-PROMPTS = ("The :mod:`os` module provides", "To open a file for reading, use",
-           "A list comprehension consists of")
-
-
 def run_generate(bench: Bench, names: list[str], new_tokens: int = 24, rounds: int = 2) -> None:
-    """Greedy ``generate`` tokens/s of the trained arms ``names`` against the base model,
-    interleaved over ``rounds`` rounds (best of each), into ``<out>/generate.json``."""
+    """Greedy ``generate`` tokens/s of the trained arms ``names`` against the base model
+    (``gnnlm.py``'s prompts and timing), interleaved over ``rounds`` rounds (best of each),
+    into ``<out>/generate.json``."""
     lms = {"base LM": bench.model}
     for name in names:
         adapter_dir = bench.out / "adapters" / name
@@ -363,20 +361,17 @@ def run_generate(bench: Bench, names: list[str], new_tokens: int = 24, rounds: i
             continue
         lms[name] = HetGraphLM.from_pretrained(adapter_dir, bench.model, bench.store, bench.index,
                                                tokenizer=bench.tokenizer).eval()
+    device = next(bench.model.parameters()).device
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, lm in lms.items():
-            produced, started = 0, time.perf_counter()
-            for prompt in PROMPTS:
-                ids = bench.tokenizer(prompt, return_tensors="pt")
-                out = lm.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                  do_sample=False, pad_token_id=bench.tokenizer.pad_token_id)
-                produced += out.shape[1] - ids["input_ids"].shape[1]
-            best[name] = max(best.get(name, 0.0), produced / (time.perf_counter() - started))
+            seconds, produced = generate_seconds(lm.generate, bench.tokenizer, new_tokens, device)
+            best[name] = max(best.get(name, 0.0), produced / seconds)
     record = {name: {"tokens_per_s": tps, "over_base": tps / best["base LM"]}
               for name, tps in best.items()}
-    record["setup"] = {"prompts": len(PROMPTS), "new_tokens": new_tokens, "rounds": rounds,
-                       "threads": bench.args.threads, "kv_cache": True, "greedy": True}
+    record["setup"] = {"prompts": len(GENERATE_PROMPTS), "new_tokens": new_tokens,
+                       "rounds": rounds, "threads": bench.args.threads, "kv_cache": True,
+                       "greedy": True}
     atomic_write_json(bench.out / "generate.json", record)
     logging.info("generate: %s", record)
 

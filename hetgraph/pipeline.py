@@ -214,13 +214,17 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
                             corpus_fingerprint=corpus.fingerprint)
     index_dir = datastore_dir / INDEX_DIR
     index_config = config.index
-    # The layout `hetgraph index build` would choose: index.on_disk and the size rule count.
-    wanted, on_disk = choose_layout(len(store), store.dim, index_config)
     index = None
     if (index_dir / INDEX_METADATA).is_file():
         index = DatastoreIndex.load(index_dir, store, config=index_config)
-        if index.factory != wanted or index.metric != index_config.metric or (
-                index_config.on_disk is not None and index.on_disk != on_disk):
+        # The layout `hetgraph index build` would choose (index.on_disk, else the size rule);
+        # left to the rule, a saved index keeps its layout: the memory free at this moment
+        # must not decide a rebuild.
+        layout = (index_config if index_config.on_disk is not None
+                  else dataclasses.replace(index_config, on_disk=index.on_disk))
+        wanted, on_disk = choose_layout(len(store), store.dim, layout)
+        if (index.factory, index.metric, index.on_disk) != (wanted, index_config.metric,
+                                                             on_disk):
             logger.info("the saved index is %s (%s%s); rebuilding as %s", index.factory,
                         index.metric, ", on disk" if index.on_disk else "", wanted)
             index = None

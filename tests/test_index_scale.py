@@ -350,3 +350,28 @@ def test_the_pipeline_builds_the_layout_its_index_config_asks_for(tmp_path):
         assert (index_dir / INDEX_LISTS_FILE).exists() is (on_disk is True), on_disk
         assert index.factory == "IVF4,Flat"
     assert built[1] == built[0] and built[3] == built[2] != built[1]  # reused, rebuilt, reused
+
+
+def test_the_pipeline_keeps_a_saved_index_when_the_free_memory_changes(tmp_path, monkeypatch):
+    # Left to the size rule (factory auto, on_disk unset), a run must not rebuild its index
+    # because less memory happens to be free now than when it was built.
+    from hetgraph.corpus import tokenize_corpus
+    from hetgraph.index import ondisk
+    from hetgraph.models.loading import load_model
+    from hetgraph.pipeline import RunConfig, prepare_datastore
+    from hetgraph.testing import save_tiny_model, tiny_run_config, write_word_corpus
+
+    save_tiny_model(tmp_path / "model", "qwen2")
+    write_word_corpus(tmp_path / "corpus")
+    config = RunConfig.from_dict({
+        **tiny_run_config(), "model": str(tmp_path / "model"),
+        "corpus": {"path": str(tmp_path / "corpus")}, "out_dir": str(tmp_path / "run")})
+    model, tokenizer = load_model(str(tmp_path / "model"))
+    corpus = tokenize_corpus(config.corpus, tokenizer, show_progress=False)
+    _, index = prepare_datastore(model, tokenizer, corpus, config, tmp_path / "run")
+    saved = (tmp_path / "run" / "datastore" / "index" / INDEX_FILE).stat().st_mtime_ns
+    assert index.factory == "Flat" and not index.on_disk
+    monkeypatch.setattr(ondisk, "available_memory_bytes", lambda: 1)
+    _, again = prepare_datastore(model, tokenizer, corpus, config, tmp_path / "run")
+    assert again.factory == "Flat" and not again.on_disk
+    assert (tmp_path / "run" / "datastore" / "index" / INDEX_FILE).stat().st_mtime_ns == saved

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hetgraph.allocator import release_free_memory
+from hetgraph.allocator import RELEASE_EVERY_BATCHES, release_free_memory
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import batch_input_ids, window_batches
@@ -321,7 +321,7 @@ def collect_lm_outputs(
     bar = tqdm(total=sum(w.end - w.score_start for b in batches for w in b), desc="evaluate",
                unit="tok", disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
     with bar, capture if capture is not None else nullcontext(), torch.inference_mode():
-        for batch in batches:
+        for number, batch in enumerate(batches):
             input_ids = batch_input_ids(tokens, batch, device)
             width = input_ids.shape[1]
             logits = batch_logits(forward, input_ids, batch)
@@ -345,5 +345,6 @@ def collect_lm_outputs(
             for name, value in found.items():
                 parts[name].append(value)
             bar.update(len(positions))
-            release_free_memory()  # the forward's temporaries fragment the heap on CPU
+            if number % RELEASE_EVERY_BATCHES == 0:  # the forwards' temporaries fragment
+                release_free_memory()  # the heap on CPU (hetgraph.allocator)
     return _assemble(parts, targets_all, neighbours_from, ctx)

@@ -20,6 +20,7 @@ from hetgraph.graph import (
     build_context_graph,
     context_graph_metadata,
     n2c_to_dense,
+    window_rows,
 )
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
 from hetgraph.nn.dense import dense_window_attention
@@ -781,3 +782,67 @@ def test_dense_skips_only_slots_out_of_reach(num_layers, gcfg):
     assert adapter.use_dense(graph)
     inputs = [x.double().requires_grad_() for x in adapter_inputs(graph, T=11 if gcfg.c2c else 9)]
     assert_dense_equals_edge_list_float64(adapter, graph, inputs)
+
+
+# ---------------------------------------------------------------- window key/values, ctx side
+
+
+@pytest.mark.parametrize(
+    "gcfg",
+    [GraphConfig(), GraphConfig(n2c="window"), GraphConfig(left=2, right=2, share_windows=False),
+     GraphConfig.paper(), GraphConfig.paper(left=2, right=2, n2c="window")],
+    ids=["center", "window", "l2r2-grid", "paper", "paper-l2r2-window"],
+)
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("normalization", ["joint", "per_relation"])
+def test_ctx_forward_from_window_key_values_equals_forward(gcfg, layers, normalization):
+    """The ctx side run on the windows' precomputed keys and values gives the full
+    adapter's output (float64); a window's key/values do not depend on the queries: a
+    graph of the same rows retrieved by other queries gives them row for row."""
+    graph = causal_case(gcfg) if gcfg.c2c else corpus_and_graph(gcfg)[-1]
+    torch.manual_seed(0)
+    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
+                        out_channels=8, heads=4, num_layers=layers, use_c2c=gcfg.c2c,
+                        normalization=normalization)
+    adapter = GraphAdapter(cfg).double().eval()
+    ctx_x, nbr_x, tok_x = (x.double() for x in adapter_inputs(graph, T=11 if gcfg.c2c else 9))
+    key_values = adapter.window_key_values(graph, nbr_x, tok_x)
+    slots = len(graph.layout.query_slots)
+    assert len(key_values) == layers
+    assert all(k.shape == v.shape == (graph.layout.num_windows, slots, 32)
+               for k, v in key_values)
+    torch.testing.assert_close(adapter.ctx_forward(graph, ctx_x, key_values),
+                               adapter(graph, ctx_x, nbr_x, tok_x), atol=1e-12, rtol=1e-10)
+    # The windows of the same rows retrieved one per query: the same key/values per row.
+    tokens, docs = corpus_and_graph(gcfg)[1:3]
+    rows = window_rows(graph)
+    valid = rows >= 0
+    unique_rows = rows[valid].unique()
+    single = build_context_graph(unique_rows.view(1, -1, 1), tokens, docs, gcfg)
+    assert torch.equal(window_rows(single), unique_rows)
+    at = torch.searchsorted(unique_rows, rows[valid])
+    gen = torch.Generator().manual_seed(7)
+    nbr_table, tok_table = torch.randn(120, 20, generator=gen), torch.randn(257, 12, generator=gen)
+
+    def features(g):
+        return (nbr_table[g[NBR].corpus_id].double(), tok_table[g[NBR].token_id].double())
+
+    key_values = adapter.window_key_values(graph, *features(graph))
+    alone = adapter.window_key_values(single, *features(single))
+    for (k, v), (k1, v1) in zip(key_values, alone, strict=True):
+        torch.testing.assert_close(k[valid], k1[at], atol=1e-12, rtol=0)
+        torch.testing.assert_close(v[valid], v1[at], atol=1e-12, rtol=0)
+
+
+def test_ctx_forward_checks_its_inputs():
+    *_, graph = corpus_and_graph(GraphConfig())
+    adapter = make_adapter()
+    ctx_x, nbr_x, tok_x = adapter_inputs(graph)
+    key_values = adapter.window_key_values(graph, nbr_x, tok_x)
+    with pytest.raises(ValueError, match="1 layers, the adapter 3"):
+        adapter.ctx_forward(graph, ctx_x, key_values[:1])
+    irregular = corpus_and_graph(GraphConfig(deduplicate=True))[-1]
+    with pytest.raises(ValueError, match="window-grid layout"):
+        adapter.window_key_values(irregular, *adapter_inputs(irregular)[1:])
+    with pytest.raises(ValueError, match="token embeddings"):
+        adapter.window_key_values(graph, nbr_x)

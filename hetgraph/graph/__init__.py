@@ -11,7 +11,7 @@ from hetgraph.graph.config import (
     GraphConfig,
     context_graph_metadata,
 )
-from hetgraph.graph.data import ContextGraph, ctx_to_dense, n2c_to_dense
+from hetgraph.graph.data import ContextGraph, ctx_to_dense, n2c_to_dense, window_rows
 from hetgraph.graph.layout import LayoutKind, WindowLayout
 from hetgraph.graph.leakage import leakage_mask
 
@@ -31,4 +31,5 @@ __all__ = [
     "ctx_to_dense",
     "leakage_mask",
     "n2c_to_dense",
+    "window_rows",
 ]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch_geometric.data import HeteroData
 
-from hetgraph.graph.config import CTX, N2C
+from hetgraph.graph.config import CTX, N2C, NBR
 from hetgraph.graph.layout import WindowLayout
 
 
@@ -101,3 +102,21 @@ def n2c_to_dense(graph: ContextGraph, values: Tensor, fill_value: float = 0.0) -
     out = values.new_full((C, layout.k, layout.window, *values.shape[1:]), fill_value)
     out[store.edge_index[1], store.nbr_slot, store.window_slot] = values
     return out
+
+
+def window_rows(graph: ContextGraph) -> Tensor:
+    """The datastore row each window of a window-grid graph is centred on, ``[num_windows]``
+    int64 (``-1``: a window without nodes, e.g. a dropped neighbour's in the ``"grid"``
+    layout). A window's nodes are the rows around its centre, so this row decides them.
+
+    Raises:
+        ValueError: if ``graph`` has no window grid (``"irregular"`` layout).
+    """
+    layout = graph.layout
+    if not layout.is_dense:
+        raise ValueError("an irregular graph (deduplicate, or batched by PyG) has no windows")
+    grid_index = graph[NBR].grid_index
+    centre = grid_index % layout.window == layout.center
+    rows = torch.full((layout.num_windows,), -1, dtype=torch.long, device=grid_index.device)
+    rows[grid_index[centre] // layout.window] = graph[NBR].corpus_id[centre]
+    return rows

@@ -17,9 +17,17 @@ from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
 from hetgraph.nn.dense import (
+    CausalLayout,
     causal_layout,
     dense_causal_window_attention,
+    dense_query_attention,
     dense_window_attention,
+)
+from hetgraph.nn.dense.common import (
+    slot_index,
+    slot_keys_values,
+    window_layer_inputs,
+    window_outputs,
 )
 
 #: Parameter sets of the official GNN-LM relations (``tie_intra``): ``intra`` is shared by
@@ -246,21 +254,30 @@ class GraphAdapter(Module):
         out = self.out(ctx_h).to(ctx_x.dtype)
         return (out, attentions) if return_attention_weights else out
 
-    def _forward_dense(self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor) -> Tensor:
+    def _window_grid(self, graph: HeteroData, nbr_h: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """The ``[U, W, F]`` grid of the nbr nodes' states (empty slots zero; :obj:`None`
+        without ``nbr_h``) and its ``[U, W]`` mask of the slots that hold a node."""
         layout = graph.layout
-        U, W, F_ = layout.num_windows, layout.window, nbr_h.size(-1)
+        U, W = layout.num_windows, layout.window
         grid_index = graph[NBR].grid_index
-        # Scatter nbr nodes into their window slots; empty slots stay zero and masked.
-        windows = nbr_h.new_zeros(U * W, F_).index_copy(0, grid_index, nbr_h).view(U, W, F_)
-        mask = torch.zeros(U * W, dtype=torch.bool, device=windows.device)
+        mask = torch.zeros(U * W, dtype=torch.bool, device=grid_index.device)
         mask[grid_index] = True
-        mask = mask.view(U, W)
-        causal = None
+        if nbr_h is None:
+            return None, mask.view(U, W)
+        F_ = nbr_h.size(-1)
+        windows = nbr_h.new_zeros(U * W, F_).index_copy(0, grid_index, nbr_h)
+        return windows.view(U, W, F_), mask.view(U, W)
+
+    def _causal_layout(self, graph: HeteroData) -> CausalLayout | None:
+        layout = graph.layout
         if C2C in self.edge_types and layout.c2c and graph[C2C].edge_index.numel() > 0:
-            causal = causal_layout(graph[CTX].batch_index, graph[CTX].seq_index,
-                                   layout.c2c_window)
-        query_slots = list(layout.query_slots) if layout.query_slots is not None else list(
-            range(W))
+            return causal_layout(graph[CTX].batch_index, graph[CTX].seq_index, layout.c2c_window)
+        return None
+
+    def _forward_dense(self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor) -> Tensor:
+        windows, mask = self._window_grid(graph, nbr_h)
+        causal = self._causal_layout(graph)
+        query_slots = list(graph.layout.query_slots)
         for i, conv in enumerate(self.convs):
             keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
             args = (conv, ctx_h, windows, mask, graph[CTX].nbr_window, N2N, N2C)
@@ -276,6 +293,75 @@ class GraphAdapter(Module):
                 mask = mask[:, keep]
                 query_slots = [j - keep.start for j in query_slots]
         return ctx_h
+
+    def _require_dense(self, graph: HeteroData) -> None:
+        if not self.use_dense(graph, "auto"):
+            raise ValueError("window key/values need a graph with a window-grid layout "
+                             "(build_context_graph with share_windows or the official grid, "
+                             "not deduplicate, not batched by PyG)")
+
+    def window_key_values(
+        self, graph: HeteroData, nbr_x: Tensor, nbr_token_x: Tensor | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        r"""What each layer's ``ctx`` nodes read from the windows: per layer, the keys and
+        values :math:`[U, S, H d_k]` of the :math:`S` query-linked slots
+        (``graph.layout.query_slots``) of every window.
+
+        The windows receive nothing from the ``ctx`` nodes, so these depend on the
+        windows alone: a window's are the same whichever queries retrieve it (the
+        basis of :class:`~hetgraph.NeighbourStates`). With :meth:`ctx_forward`
+        they give :meth:`forward`'s output in eval mode; in training mode dropout
+        is drawn in another order than :meth:`forward`'s.
+
+        Raises:
+            ValueError: if ``graph`` has no window grid (see :meth:`use_dense`).
+        """
+        self._require_dense(graph)
+        nbr_h = self.nbr_in(nbr_x.to(self.param_dtype))
+        if self.token_in is not None:
+            if nbr_token_x is None:
+                raise ValueError("this adapter adds token embeddings: pass nbr_token_x")
+            nbr_h = nbr_h + self.token_in(nbr_token_x.to(self.param_dtype))
+        windows, mask = self._window_grid(graph, nbr_h)
+        query_slots = list(graph.layout.query_slots)
+        key_values = []
+        for i, conv in enumerate(self.convs):
+            keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
+            qkv = window_layer_inputs(conv, NBR, windows, N2N, keep is not None, keep)
+            slots = slot_index(query_slots, mask.size(1), mask.device)
+            key_values.append(slot_keys_values(conv, NBR, windows, slots, qkv))
+            if qkv is not None:
+                relation = N2N if N2N in conv.edge_types else None
+                windows = window_outputs(conv, NBR, windows, qkv, mask, relation, keep)
+                windows = self._feed_forward(i, NBR, windows)
+                mask = mask[:, keep]
+                query_slots = [j - keep.start for j in query_slots]
+        return key_values
+
+    def ctx_forward(
+        self, graph: HeteroData, ctx_x: Tensor, window_key_values: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
+        r"""The adapter's output :math:`[N_{ctx}, F_{out}]` from the ``ctx`` features and
+        the windows' per-layer keys and values (:meth:`window_key_values`, or rows of a
+        :class:`~hetgraph.NeighbourStates`): the nbr side is not computed.
+
+        Raises:
+            ValueError: if ``graph`` has no window grid, or there are not one pair of
+                keys and values per layer.
+        """
+        self._require_dense(graph)
+        if len(window_key_values) != len(self.convs):
+            raise ValueError(f"window_key_values has {len(window_key_values)} layers, the "
+                             f"adapter {len(self.convs)}")
+        ctx_h = self.ctx_in(ctx_x.to(self.param_dtype))
+        _, mask = self._window_grid(graph, None)
+        slot_mask = mask[:, list(graph.layout.query_slots)]
+        causal = self._causal_layout(graph)
+        for i, conv in enumerate(self.convs):
+            ctx_h = dense_query_attention(conv, ctx_h, window_key_values[i], slot_mask,
+                                          graph[CTX].nbr_window, N2C, C2C, causal)
+            ctx_h = self._feed_forward(i, CTX, ctx_h)
+        return self.out(ctx_h).to(ctx_x.dtype)
 
     def _forward_edges(
         self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor, return_attention_weights: bool

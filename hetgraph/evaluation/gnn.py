@@ -18,6 +18,8 @@ from hetgraph.evaluation.lm import (
     accepts_logits_to_keep,
     collect_lm_outputs,
 )
+from hetgraph.fusion.neighbour_states import NeighbourStates
+from hetgraph.index.ondisk import available_memory_bytes
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 
 
@@ -28,19 +30,37 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
     return split.truncate(max_tokens)
 
 
-def gnn_forward(lm: Any, k: int | None = None) -> ForwardFn | TrimmedForward:
+def gnn_forward(lm: Any, k: int | None = None,
+                neighbour_states: NeighbourStates | None = None) -> ForwardFn | TrimmedForward:
     """``input_ids -> logits`` of a :class:`~hetgraph.HetGraphLM` retrieving ``k`` neighbours
-    per position (default: its config's ``k``); hooks are attached per call. A
+    per position (default: its config's ``k``), reading its adapters' window side from
+    ``neighbour_states`` if given; hooks are attached per call. A
     :class:`~hetgraph.TrimmedForward` when the base model takes ``logits_to_keep``
     and the positions are fused independently
     (:attr:`~hetgraph.HetGraphLM.fuses_positions_independently`): then the positions whose
     logits are not kept are not retrieved for, nor put in the head's graph."""
     def forward(input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-        return lm(input_ids, use_cache=False, k=k, **kwargs).logits
+        return lm(input_ids, use_cache=False, k=k, neighbour_states=neighbour_states,
+                  **kwargs).logits
     if lm.fuses_positions_independently and accepts_logits_to_keep(lm.model):
         return TrimmedForward(forward)
     return forward
+
+
+def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
+                                k: int) -> NeighbourStates | None:
+    """The :class:`~hetgraph.NeighbourStates` an evaluation of ``tokens`` positions by ``lm``
+    with ``k`` neighbours each uses, as ``config.neighbour_states`` says (``"auto"``: the
+    table fits a quarter of the available memory and ``tokens × k ≥ 2 × rows``), or
+    ``None``."""
+    if config.neighbour_states == "off" or lm.graph_config.deduplicate:
+        return None
+    if config.neighbour_states == "auto":
+        fits = NeighbourStates.estimate_nbytes(lm) <= available_memory_bytes() // 4
+        if not fits or tokens * k < 2 * len(lm.datastore):
+            return None
+    return NeighbourStates.build(lm, show_progress=False)
 
 
 def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
@@ -53,7 +73,9 @@ def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
-    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm),
+    tokens = min(len(split), config.max_tokens or len(split))
+    states = evaluation_neighbour_states(lm, config, tokens, lm.config.k)
+    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm, None, states),
                                  show_progress=False)
     return perplexity(outputs.lm_log_probs)
 
@@ -122,7 +144,11 @@ def evaluate_four_way(
     }
     speed: dict[str, float] = {"base_with_search_tokens_per_s": len(base_test) / base_seconds}
     if include_gnn:
-        forward = gnn_forward(lm, k)
+        started = time.perf_counter()
+        states = evaluation_neighbour_states(lm, config, len(valid_split) + len(test_split), k)
+        if states is not None:
+            speed["neighbour_states_seconds"] = time.perf_counter() - started
+        forward = gnn_forward(lm, k, states)
         gnn_valid = collect_lm_outputs(model, valid_split, windows, forward=forward,
                                        neighbours_from=base_valid, show_progress=show_progress)
         started = time.perf_counter()

@@ -20,7 +20,7 @@ import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -76,6 +76,12 @@ class EvalConfig(JSONConfigMixin):
             (``max_tokens - 1`` positions are scored, each predicting the next token).
         k: neighbours per position for kNN-LM.
         valid_tokens: tokens of the valid split used to tune λ and T (``None``: all).
+        neighbour_states: whether GNN-LM reads its adapters' window side from a
+            :class:`~hetgraph.NeighbourStates` table built once per evaluation (the same
+            logits, less work per position): ``"on"``, ``"off"``, or ``"auto"``: when the
+            table takes at most a quarter of the available memory and the evaluation
+            retrieves at least twice as many windows as the table holds (so that building
+            it pays for itself).
     """
 
     context_length: int = 512
@@ -84,6 +90,7 @@ class EvalConfig(JSONConfigMixin):
     max_tokens: int | None = None
     k: int = 32
     valid_tokens: int | None = None
+    neighbour_states: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +105,9 @@ class EvalConfig(JSONConfigMixin):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.neighbour_states not in ("auto", "on", "off"):
+            raise ValueError(f"neighbour_states must be 'auto', 'on' or 'off', "
+                             f"got {self.neighbour_states!r}")
 
 
 @dataclass

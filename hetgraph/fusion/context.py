@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from hetgraph.fusion.neighbour_states import NeighbourStates
     from hetgraph.graph import ContextGraph
 
 
@@ -40,12 +41,15 @@ class CallOptions:
         knn: interpolate the output logits with kNN-LM, or ``None``.
         output_retrieval: attach the call's :class:`Retrieval` to the model output
             (``output.retrieval``).
+        neighbour_states: the :class:`~hetgraph.NeighbourStates` the adapters read their
+            windows' part from (eval mode), or ``None``.
     """
 
     query_positions: Tensor | None = None
     k: int | None = None
     knn: KNNMixture | None = None
     output_retrieval: bool = False
+    neighbour_states: NeighbourStates | None = None
 
 
 @dataclass
@@ -60,9 +64,11 @@ class Retrieval:
 @dataclass
 class GenerationState:
     """State that lives across the steps of one ``generate`` call: the token history the
-    no-grad prefetch pass needs when the KV cache feeds the model only new tokens."""
+    no-grad prefetch pass needs when the KV cache feeds the model only new tokens, and the
+    :class:`~hetgraph.NeighbourStates` every step reads (or ``None``)."""
 
     history: Tensor | None = None
+    neighbour_states: NeighbourStates | None = None
 
 
 @dataclass
@@ -107,8 +113,11 @@ def enter_context(attention_mask: Tensor | None) -> ForwardContext:
     options = _options.get() or CallOptions()
     if options.knn is None and _knn.get() is not None:
         options = replace(options, knn=_knn.get())
+    generation = _generation.get()
+    if options.neighbour_states is None and generation is not None:
+        options = replace(options, neighbour_states=generation.neighbour_states)
     context = ForwardContext(options=options, attention_mask=attention_mask,
-                             generation=_generation.get())
+                             generation=generation)
     context.token = _active.set(context)
     _options.set(None)
     return context
@@ -142,9 +151,11 @@ def knn_mixture(mixture: KNNMixture | None) -> Iterator[None]:
 
 
 @contextmanager
-def generation_state() -> Iterator[GenerationState]:
+def generation_state(
+    neighbour_states: NeighbourStates | None = None,
+) -> Iterator[GenerationState]:
     """A fresh :class:`GenerationState` for the base-model calls of one ``generate``."""
-    state = GenerationState()
+    state = GenerationState(neighbour_states=neighbour_states)
     token = _generation.set(state)
     try:
         yield state

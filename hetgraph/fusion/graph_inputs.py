@@ -107,6 +107,31 @@ class GraphInputBuilder(nn.Module):
         rows = corpus_ids.cpu().numpy()
         return torch.from_numpy(np.asarray(store[rows])).to(corpus_ids.device)
 
+    def ctx_features(self, graph: ContextGraph, hidden: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[N_ctx, d]`` features of ``graph``'s ``ctx`` nodes: the ``[B, T, d]`` hidden
+        states at their positions."""
+        ctx = graph["ctx"]
+        return hidden[ctx.batch_index, ctx.seq_index].to(dtype)
+
+    def neighbour_inputs(
+        self, graph: ContextGraph, site: FusionSite, embedding: nn.Module, dtype: torch.dtype,
+        device: torch.device,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(nbr_x, nbr_token_x)`` of ``graph``'s ``nbr`` nodes for the adapter at ``site``,
+        on ``device`` (``nbr_token_x`` ``None`` unless ``neighbour_embedding="own_token"``)."""
+        nbr = graph["nbr"]
+        token_x = None
+        with torch.no_grad():  # the LM is frozen: its embedding needs no graph
+            if self.neighbour_embedding == "label":
+                labels = self.next_tokens(nbr.corpus_id.to(self.corpus_next_tokens.device))
+                nbr_x = embedding(labels.to(device)).to(dtype)
+            else:
+                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
+                                                                           dtype=dtype)
+            if self.neighbour_embedding == "own_token":
+                token_x = embedding(nbr.token_id.to(device)).to(dtype)
+        return nbr_x, token_x
+
     def adapter_inputs(
         self,
         graph: ContextGraph,
@@ -124,21 +149,8 @@ class GraphInputBuilder(nn.Module):
             embedding: the LM's input embedding (``model.get_input_embeddings()``).
             dtype: dtype of the adapter's parameters.
         """
-        device = hidden.device
-        ctx = graph["ctx"]
-        ctx_x = hidden[ctx.batch_index, ctx.seq_index].to(dtype)
-        nbr = graph["nbr"]
-        token_x = None
-        with torch.no_grad():  # the LM is frozen: its embedding needs no graph
-            if self.neighbour_embedding == "label":
-                labels = self.next_tokens(nbr.corpus_id.to(self.corpus_next_tokens.device))
-                nbr_x = embedding(labels.to(device)).to(dtype)
-            else:
-                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
-                                                                           dtype=dtype)
-            if self.neighbour_embedding == "own_token":
-                token_x = embedding(nbr.token_id.to(device)).to(dtype)
-        return AdapterInputs(graph, ctx_x, nbr_x, token_x)
+        return AdapterInputs(graph, self.ctx_features(graph, hidden, dtype),
+                             *self.neighbour_inputs(graph, site, embedding, dtype, hidden.device))
 
     def extra_repr(self) -> str:
         return (f"entries={len(self.datastore)}, neighbour_features={self.neighbour_features!r}, "

@@ -168,7 +168,8 @@ class FusionHooks:
             graph = self.lm.build_graph(context.retrieval, length, context.attention_mask)
             context.graphs[length] = graph
             context.gate_statistics[length] = self.lm.gate_statistics(context.retrieval, length)
-        return self.lm.fuse(site, hidden, graph, context.gate_statistics[length])
+        return self.lm.fuse(site, hidden, graph, context.gate_statistics[length],
+                            context.options.neighbour_states)
 
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])

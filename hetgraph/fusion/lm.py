@@ -41,6 +41,7 @@ from hetgraph.fusion.context import (
     generation_state,
     knn_mixture,
 )
+from hetgraph.fusion.datastore_forward import logits_from_datastore
 from hetgraph.fusion.gates import RetrievalGate, retrieval_statistics
 from hetgraph.fusion.graph_inputs import GraphInputBuilder
 from hetgraph.fusion.hooks import FusionHooks
@@ -52,13 +53,14 @@ from hetgraph.index import DatastoreIndex
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
 from hetgraph.models.layers import (
     num_decoder_layers,
-    output_embedding_input_hook_target,
     resolve_layer_index,
 )
 from hetgraph.nn import GraphAdapter
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
+
+    from hetgraph.fusion.neighbour_states import NeighbourStates
 
 class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     r"""A frozen causal LM with GNN-LM graph adapters fused into its hidden states.
@@ -261,25 +263,37 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 if self.config.gate == "retrieval" else None)
 
     def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
-             statistics: Tensor | None = None) -> Tensor:
+             statistics: Tensor | None = None, states: NeighbourStates | None = None) -> Tensor:
         r""":math:`\mathbf{h} + \mathbf{g} \odot \mathrm{Adapter}(\mathcal{G})` at ``site`` for
         ``[B, T, d]`` hidden states whose positions ``graph`` covers; with
         ``fusion_mode="replace"`` the adapter's output itself at the ``ctx`` positions
         (positions that are no ``ctx`` node, e.g. padding, keep :math:`\mathbf{h}`).
         ``statistics`` (:meth:`gate_statistics`) feed the retrieval gate. With
         ``gradient_checkpointing`` in training mode the site (features, adapter, gate) is
-        recomputed in the backward pass, not kept (same dropout masks: RNG state restored)."""
+        recomputed in the backward pass, not kept (same dropout masks: RNG state restored).
+        ``states``: see :meth:`adapter_output`."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._fuse_site, site, hidden, graph, statistics,
                               use_reentrant=False)
-        return self._fuse_site(site, hidden, graph, statistics)
+        return self._fuse_site(site, hidden, graph, statistics, states)
+
+    def adapter_output(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
+                       states: NeighbourStates | None = None) -> Tensor:
+        """``[N_ctx, d]`` output of the adapter at ``site``; in eval mode with ``states``
+        that cover the site, only its ``ctx`` side runs (the windows' part is read)."""
+        adapter, dtype = self.adapter_at(site), self.gates[site_key(site)].dtype
+        if states is not None and not self.training and states.covers(site):
+            states.check(self)
+            ctx_x = self.graph_inputs.ctx_features(graph, hidden, dtype)
+            return adapter.ctx_forward(graph, ctx_x, states.window_key_values(site, graph))
+        inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
+                                                  self.model.get_input_embeddings(), dtype)
+        return adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x)
 
     def _fuse_site(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
-                   statistics: Tensor | None) -> Tensor:
-        adapter, gate = self.adapter_at(site), self.gates[site_key(site)]
-        inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
-                                                  self.model.get_input_embeddings(), gate.dtype)
-        out = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x)
+                   statistics: Tensor | None, states: NeighbourStates | None = None) -> Tensor:
+        gate = self.gates[site_key(site)]
+        out = self.adapter_output(site, hidden, graph, states)
         ctx = graph["ctx"]
         if self.config.fusion_mode == "replace":
             return hidden.index_put((ctx.batch_index, ctx.seq_index), out.to(hidden.dtype))
@@ -318,6 +332,7 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         *,
         k: int | None = None,
         output_retrieval: bool = False,
+        neighbour_states: NeighbourStates | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the base model with fusion.
@@ -332,10 +347,12 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             k: neighbours per position for this call (default ``config.k``).
             output_retrieval: set ``output.retrieval`` to the call's
                 :class:`~hetgraph.fusion.context.Retrieval` (neighbour rows and distances).
+            neighbour_states: read the windows' part of the adapters from these
+                (:class:`~hetgraph.NeighbourStates`; eval mode).
             **kwargs: passed to the base model (``labels``, ``use_cache``, …).
         """
         options = CallOptions(query_positions=query_positions, k=k,
-                              output_retrieval=output_retrieval)
+                              output_retrieval=output_retrieval, neighbour_states=neighbour_states)
         with self._attached_for_call(), call_options(options):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -349,48 +366,18 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 and not self.config.prefetch)
 
     def forward_from_datastore(self, rows: Tensor) -> Tensor:
-        """Logits at datastore rows ``[B, T]`` computed from their stored keys.
-
-        With retrieval and fusion at the LM-head input the base model's state at a corpus
-        position *is* its stored key, so ``logits = lm_head(fuse(k, adapter(G)))`` needs no
-        base forward. ``rows`` may be any sample of rows, or with ``c2c`` (paper mode)
-        contiguous spans ``s, s + 1, …`` (the causal edges link a span's positions as they
-        link a text's). The leakage filter hides each row's own neighbourhood.
-
-        Raises:
-            ValueError: if :attr:`can_run_from_datastore` is False, or ``c2c`` is on and a
-                row of ``rows`` is not a contiguous span.
-        """
-        if not self.can_run_from_datastore:
-            raise ValueError("forward_from_datastore needs retrieval and fusion "
-                             "at the LM-head input and key features; "
-                             "use forward() with input_ids instead")
-        if self.graph_config.c2c and rows.shape[1] > 1 and not bool(
-                (rows[:, 1:] - rows[:, :-1] == 1).all()):
-            raise ValueError("forward_from_datastore with c2c edges needs contiguous spans of "
-                             "rows (rows[b] = s, s + 1, …): the causal edges link neighbouring "
-                             "positions of a text")
-        gate = self.gates[site_key(HEAD)]
-        rows = rows.to(gate.device)
-        keys = self.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
-        hidden = keys.to(dtype=next(self.model.parameters()).dtype).view(*rows.shape, -1)
-        retrieval = self.retrieve(hidden, CallOptions(query_positions=rows))
-        length = rows.shape[1]
-        fused = self.fuse(HEAD, hidden, self.build_graph(retrieval, length),
-                          self.gate_statistics(retrieval, length))
-        # .forward, not __call__: the LM head's fusion hook (if attached) must not fuse twice.
-        head = output_embedding_input_hook_target(self.model)
-        if self.config.orig_prob_ratio > 0:
-            return self.mix_original(head.forward(fused), head.forward(hidden))
-        return head.forward(fused)
+        """Logits at datastore rows ``[B, T]`` computed from their stored keys, no base
+        forward: see :func:`~hetgraph.fusion.datastore_forward.logits_from_datastore`."""
+        return logits_from_datastore(self, rows)
 
     @torch.no_grad()
-    def generate(self, *args: Any, knn: bool = False, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, knn: bool = False,
+                 neighbour_states: NeighbourStates | None = None, **kwargs: Any) -> Any:
         """HF ``generate`` with retrieval for every new position (the KV cache stays on);
         ``knn=True`` also interpolates the kNN-LM distribution (needs ``knn_lambda`` and
-        ``knn_temperature`` in the config)."""
+        ``knn_temperature`` in the config); ``neighbour_states`` as in :meth:`forward`."""
         mixture = self.knn_interpolation() if knn else nullcontext()
-        with self._attached_for_call(), generation_state(), mixture:
+        with self._attached_for_call(), generation_state(neighbour_states), mixture:
             return self.model.generate(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,176 @@
+r"""What the adapters read from every datastore row's neighbour window, computed once.
+
+In a GNN-LM context graph (`Meng et al. <https://arxiv.org/abs/2110.08743>`_) the ``nbr``
+windows receive nothing from the ``ctx`` nodes: what a layer's ``ctx`` nodes read from a
+window, the keys and values of its query-linked slots, depends on the window's rows alone
+(:meth:`~hetgraph.nn.GraphAdapter.window_key_values`), and a window is decided by the row it
+is centred on. A trained adapter's nbr side, most of its cost at evaluation and generation,
+is therefore a table over the datastore's rows. :class:`NeighbourStates` computes that table
+once (eval mode) and hands a forward the rows it retrieved; the adapter then runs only its
+``ctx`` side (:meth:`~hetgraph.nn.GraphAdapter.ctx_forward`). The logits are those of the
+full forward (eval mode, up to float rounding).
+
+It costs ``rows × layers × 2 × S × hidden`` numbers per fused site (``S`` the query-linked
+slots per window: 1 with ``n2c="center"``), e.g. 0.8 GB in float32 for 200k rows, 2 layers
+and hidden 256: meant for evaluation and generation over a store that fits; training never
+uses it (the adapter changes every step).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hetgraph.fusion.config import FusionSite
+from hetgraph.fusion.sites import site_key
+from hetgraph.graph import ContextGraph, window_rows
+
+if TYPE_CHECKING:
+    from hetgraph.fusion.lm import HetGraphLM
+
+logger = logging.getLogger(__name__)
+
+
+class NeighbourStates:
+    r"""Per fused site, the keys and values each adapter layer's queries read from the
+    window of every datastore row (see the module docstring).
+
+    Build it with :meth:`build` from a :class:`~hetgraph.HetGraphLM` whose adapters are
+    trained, then pass it to the calls that should use it: ``lm(input_ids,
+    neighbour_states=states)``, ``lm.generate(..., neighbour_states=states)``,
+    :func:`~hetgraph.evaluation.gnn_forward` (``neighbour_states=``), or let
+    ``EvalConfig(neighbour_states=True)`` build one per evaluation. A call in training mode,
+    or at a site the table does not cover, computes the windows as usual.
+
+    Raises (at use):
+        ValueError: if the model's adapter weights, graph or fusion settings, or datastore
+            differ from those the table was built with (rebuild it).
+    """
+
+    def __init__(self, tables: dict[str, Tensor], lm: HetGraphLM) -> None:
+        self.tables = tables
+        self.num_rows = len(lm.datastore)
+        self.config = lm.config
+        # A model trained further, or with other adapters loaded, must not read a stale
+        # table: fingerprints of the weights it was computed with (not copies: with a
+        # site per decoder layer those would cost hundreds of MB).
+        self.fingerprints = {key: _fingerprint(lm.adapters[key]) for key in tables}
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        lm: HetGraphLM,
+        sites: Sequence[FusionSite] | None = None,
+        *,
+        batch_rows: int = 8192,
+        show_progress: bool = True,
+    ) -> NeighbourStates:
+        """Computes the table of ``sites`` (default: every fused site) over all the
+        datastore's rows, ``batch_rows`` windows at a time, with the adapters in eval mode
+        (their mode is restored after).
+
+        Raises:
+            ValueError: if the graphs have no window grid (``graph.deduplicate``), a site
+                is not fused, or ``batch_rows < 1``.
+        """
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1 (got {batch_rows})")
+        if lm.graph_config.deduplicate:
+            raise ValueError("neighbour states need window graphs: they cannot be built "
+                             "with graph.deduplicate=true (set it to false)")
+        sites = tuple(lm.fusion_sites if sites is None else sites)
+        unknown = [s for s in sites if s not in lm.fusion_sites]
+        if unknown:
+            raise ValueError(f"sites {unknown} are not fused by this model "
+                             f"(fused: {list(lm.fusion_sites)})")
+        adapters = {site: lm.adapter_at(site) for site in sites}
+        modes = {site: adapter.training for site, adapter in adapters.items()}
+        tables: dict[str, Tensor] = {}
+        rows_total = len(lm.datastore)
+        embedding = lm.model.get_input_embeddings()
+        try:
+            for adapter in adapters.values():
+                adapter.eval()
+            starts = range(0, rows_total, batch_rows)
+            for start in tqdm(starts, desc="neighbour states", unit="batch",
+                              disable=not show_progress):
+                for site, adapter in adapters.items():
+                    device = next(adapter.parameters()).device
+                    rows = torch.arange(start, min(start + batch_rows, rows_total),
+                                        device=device)
+                    graph = lm.graph_inputs.build_graph(rows.view(1, -1, 1))
+                    nbr_x, token_x = lm.graph_inputs.neighbour_inputs(
+                        graph, site, embedding, adapter.param_dtype, device)
+                    stacked = torch.stack([torch.stack(kv, 1)
+                                           for kv in adapter.window_key_values(graph, nbr_x,
+                                                                               token_x)], 1)
+                    key = site_key(site)
+                    if key not in tables:
+                        tables[key] = stacked.new_empty(rows_total, *stacked.shape[1:])
+                    tables[key][window_rows(graph)] = stacked
+        finally:
+            for site, adapter in adapters.items():
+                adapter.train(modes[site])
+        states = cls(tables, lm)
+        logger.info("neighbour states of %d rows at %d site(s): %.1f MB", rows_total,
+                    len(tables), states.nbytes / 2**20)
+        return states
+
+    @staticmethod
+    def estimate_nbytes(lm: HetGraphLM, sites: Sequence[FusionSite] | None = None) -> int:
+        """Memory :meth:`build` would take for ``sites`` (default: every fused site)."""
+        slots = lm.graph_config.window_size if lm.graph_config.n2c == "window" else 1
+        total = 0
+        for site in lm.fusion_sites if sites is None else sites:
+            adapter = lm.adapter_at(site)
+            width = adapter.config.hidden_channels
+            per_row = adapter.config.num_layers * 2 * slots * width
+            total += len(lm.datastore) * per_row * adapter.param_dtype.itemsize
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the tables take."""
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+    def covers(self, site: FusionSite) -> bool:
+        """Whether the table holds ``site``'s windows."""
+        return site_key(site) in self.tables
+
+    def check(self, lm: HetGraphLM) -> None:
+        """Raises :class:`ValueError` unless ``lm`` has the datastore size, fusion settings
+        and adapter weights the table was built with."""
+        if len(lm.datastore) != self.num_rows or lm.config != self.config:
+            raise ValueError("these neighbour states were built for another datastore or "
+                             "fusion config: rebuild them with NeighbourStates.build(lm)")
+        for key, fingerprint in self.fingerprints.items():
+            if key not in lm.adapters or not torch.equal(_fingerprint(lm.adapters[key]),
+                                                          fingerprint):
+                raise ValueError(f"the adapter at {key} changed since these neighbour states "
+                                 "were built: rebuild them with NeighbourStates.build(lm)")
+
+    def window_key_values(self, site: FusionSite, graph: ContextGraph) -> list[tuple[Tensor,
+                                                                                    Tensor]]:
+        """Per adapter layer, the keys and values ``[U, S, H * d_k]`` of ``graph``'s windows
+        at ``site`` (as :meth:`~hetgraph.nn.GraphAdapter.window_key_values` computes them)."""
+        table = self.tables[site_key(site)]
+        rows = window_rows(graph).clamp(min=0)  # a window without nodes is masked anyway
+        found = table.index_select(0, rows.to(table.device))  # [U, layers, 2, S, H * d_k]
+        return [(found[:, i, 0], found[:, i, 1]) for i in range(found.size(1))]
+
+
+def _fingerprint(module: torch.nn.Module) -> Tensor:
+    """``[P, 3]`` float64 sums of each parameter's values, squares and position-weighted
+    values: any training step or other loaded weights change them."""
+    rows = []
+    with torch.no_grad():
+        for p in module.parameters():
+            x = p.detach().double().flatten()
+            ramp = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
+            rows.append(torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()]).cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)

@@ -223,6 +223,10 @@ def _add_eval_command(commands: Any) -> None:
                           help="valid tokens for tuning λ and T")
     evaluate.add_argument("--k", type=POSITIVE, default=None,
                           help="neighbours per position (fewer than the datastore's entries)")
+    evaluate.add_argument("--neighbour-states", choices=("auto", "on", "off"), default=None,
+                          help="read the adapter's window side from a table built once over "
+                               "the datastore (same results, faster; default: the config's, "
+                               "auto)")
     evaluate.add_argument("--allow-other-corpus", action="store_true",
                           help="evaluate on a corpus other than the one the datastore was built "
                                "from (recorded in the results as provenance)")

@@ -274,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     evaluation = _run_config(args.config).evaluation
     for name, option in (("k", "k"), ("max_tokens", "max_tokens"),
-                         ("valid_tokens", "tune_tokens")):
+                         ("valid_tokens", "tune_tokens"), ("neighbour_states", "neighbour_states")):
         if getattr(args, option) is not None:
             evaluation = replace(evaluation, **{name: getattr(args, option)})
     ctx = init_distributed()  # under torchrun the windows are shared; rank 0 reports

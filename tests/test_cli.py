@@ -54,6 +54,19 @@ def test_round_trip(workspace, capsys):
     # kNN-LM is tuned on valid over a grid that includes λ = 0, so it is never far above base.
     assert results["knn"]["ppl"] <= results["base"]["ppl"] * 1.05
     assert (w / "eval.png").stat().st_size > 1000
+    # The window side read from a table built once gives the same GNN-LM results.
+    by_setting = {}
+    for setting in ("on", "off"):
+        assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
+                   "--config", w / "run.json", "--neighbour-states", setting,
+                   "--json", w / f"eval-{setting}.json") == 0
+        by_setting[setting] = json.loads((w / f"eval-{setting}.json").read_text())
+    assert "neighbour_states_seconds" in by_setting["on"]["speed"]
+    assert "neighbour_states_seconds" not in by_setting["off"]["speed"]
+    for method in ("gnn", "gnn_knn"):
+        assert by_setting["on"][method]["ppl"] == pytest.approx(by_setting["off"][method]["ppl"],
+                                                                rel=1e-5)
+    capsys.readouterr()
     assert run("generate", "--model", w / "model", "--datastore", w / "ds",
                "--adapter", w / "adapter", "--prompt", "import os", "--max-new-tokens", "5",
                "--show-neighbours") == 0

@@ -9,7 +9,9 @@ then measures in the same process:
 * adapter training tokens/s from the stored keys as a ratio to the base forward;
 * peak resident memory after each stage of the main job;
 * greedy ``generate`` tokens/s with retrieval at every new position (KV cache on) as a
-  ratio to the base model's ``generate``.
+  ratio to the base model's ``generate``;
+* the eval and ``generate`` ratios again with the adapter's window side read from a
+  :class:`~hetgraph.NeighbourStates` table (the same logits), its build time and size.
 
 The run directory is kept, so a second run reuses the datastore, index and adapter
 (delete it, or pass ``--out`` elsewhere, to start over).
@@ -25,6 +27,7 @@ import json
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,7 +38,7 @@ from hetgraph.datastore import window_batches
 from hetgraph.datastore.build import batch_input_ids
 from hetgraph.evaluation import default_forward, gnn_forward, results_table
 from hetgraph.evaluation.lm import batch_logits
-from hetgraph.fusion import HetGraphLM
+from hetgraph.fusion import HetGraphLM, NeighbourStates
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
 from hetgraph.training import train_adapter
@@ -136,8 +139,15 @@ def main() -> None:
     forward_seconds(base_forward, tokens[:600], *windows)  # warm-up
     base_s = forward_seconds(base_forward, tokens, *windows)
     gnn_s = forward_seconds(gnn_forward(lm), tokens, *windows)
+    started = time.perf_counter()
+    states = NeighbourStates.build(lm, show_progress=False)
+    states_build_s = time.perf_counter() - started
+    states_s = forward_seconds(gnn_forward(lm, neighbour_states=states), tokens, *windows)
     base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
     gnn_gen_s, gnn_gen_n = generate_seconds(lm.generate, tokenizer, args.new_tokens, device)
+    states_gen_s, states_gen_n = generate_seconds(partial(lm.generate, neighbour_states=states),
+                                                  tokenizer, args.new_tokens, device)
+    del states
     train_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, config,
                                       args.train_speed_steps)
 
@@ -162,6 +172,15 @@ def main() -> None:
             "base_generate_tokens_per_s": base_gen_n / base_gen_s,
             "gnn_generate_tokens_per_s": gnn_gen_n / gnn_gen_s,
             "generate_ratio_gnn_over_base": (gnn_gen_n / gnn_gen_s) / (base_gen_n / base_gen_s),
+            # The adapters' window side read from a table over the datastore (NeighbourStates,
+            # the same logits), built once per trained adapter:
+            "neighbour_states_build_seconds": states_build_s,
+            "neighbour_states_mb": NeighbourStates.estimate_nbytes(lm) / 2**20,
+            "gnn_forward_with_states_tokens_per_s": scored / states_s,
+            "eval_ratio_gnn_with_states_over_base": base_s / states_s,
+            "gnn_generate_with_states_tokens_per_s": states_gen_n / states_gen_s,
+            "generate_ratio_gnn_with_states_over_base": ((states_gen_n / states_gen_s)
+                                                         / (base_gen_n / base_gen_s)),
             "adapter_training_tokens_per_s": train_tps,
             "training_ratio_over_base_forward": train_tps / (scored / base_s),
         },

@@ -79,6 +79,7 @@ def _neighbour_attention(
         site_hidden = hidden[None if site == HEAD else site][None]  # [1, T, d]
         inputs = lm.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
         _, attention = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
+                               nbr_token_index=inputs.nbr_token_index,
                                return_attention_weights=True)
         edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)

@@ -295,6 +295,11 @@ def test_neighbour_embedding_options(tmp_path, pattern_split, embedding):
             stored = torch.from_numpy(store.keys[rows.numpy()].astype("float32"))
             assert torch.equal(inputs.nbr_x, stored)
     assert (inputs.nbr_token_x is not None) == (embedding == "own_token")
+    if embedding == "own_token":  # each distinct token once, and each node's row of them
+        tokens = graph[NBR].token_id
+        assert inputs.nbr_token_x.size(0) == tokens.unique().numel() < tokens.numel()
+        with torch.no_grad():
+            assert torch.equal(inputs.nbr_token_x[inputs.nbr_token_index], emb(tokens))
 
 
 def test_paper_mode_trains_from_the_datastore_with_c2c(tmp_path, pattern_split):

@@ -846,3 +846,29 @@ def test_ctx_forward_checks_its_inputs():
         adapter.window_key_values(irregular, *adapter_inputs(irregular)[1:])
     with pytest.raises(ValueError, match="token embeddings"):
         adapter.window_key_values(graph, nbr_x)
+
+
+def test_distinct_token_rows_give_the_per_node_result_and_gradients():
+    """nbr_token_x holding each distinct token once plus nbr_token_index gives the output
+    and every parameter gradient of per-node token features (float64)."""
+    *_, graph = corpus_and_graph(GraphConfig())
+    torch.manual_seed(0)
+    adapter = make_adapter().double()
+    ctx_x, nbr_x, _ = (x.double() for x in adapter_inputs(graph))
+    table = torch.randn(257, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    tokens, index = graph[NBR].token_id.unique(return_inverse=True)
+    results = []
+    for token_x, token_index in ((table[graph[NBR].token_id], None), (table[tokens], index)):
+        adapter.zero_grad(set_to_none=True)
+        out = adapter(graph, ctx_x, nbr_x, token_x, nbr_token_index=token_index)
+        out.square().sum().backward()
+        key_values = adapter.window_key_values(graph, nbr_x, token_x, token_index)
+        results.append((out.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters()
+                                       if p.grad is not None},
+                        torch.cat([torch.cat(kv, -1) for kv in key_values], -1)))
+    (out_a, grads_a, kv_a), (out_b, grads_b, kv_b) = results
+    torch.testing.assert_close(out_b, out_a, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(kv_b, kv_a, atol=1e-12, rtol=1e-10)
+    assert grads_a.keys() == grads_b.keys() and any("token_in" in n for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-12, rtol=1e-10)

@@ -28,14 +28,16 @@ class AdapterInputs:
         graph: the context graph.
         ctx_x: :math:`[N_{ctx}, d]` query states (the fused site's hidden states).
         nbr_x: :math:`[N_{nbr}, d_{nbr}]` stored features of the neighbour tokens.
-        nbr_token_x: :math:`[N_{nbr}, d_{tok}]` input embeddings of the neighbour rows' own
-            tokens (``None`` unless ``neighbour_embedding="own_token"``).
+        nbr_token_x: :math:`[N_{tok}, d_{tok}]` input embeddings of the distinct tokens of
+            the neighbour rows (``None`` unless ``neighbour_embedding="own_token"``).
+        nbr_token_index: :math:`[N_{nbr}]` each ``nbr`` node's row of ``nbr_token_x``.
     """
 
     graph: ContextGraph
     ctx_x: Tensor
     nbr_x: Tensor
     nbr_token_x: Tensor | None
+    nbr_token_index: Tensor | None = None
 
 
 class GraphInputBuilder(nn.Module):
@@ -116,11 +118,13 @@ class GraphInputBuilder(nn.Module):
     def neighbour_inputs(
         self, graph: ContextGraph, site: FusionSite, embedding: nn.Module, dtype: torch.dtype,
         device: torch.device,
-    ) -> tuple[Tensor, Tensor | None]:
-        """``(nbr_x, nbr_token_x)`` of ``graph``'s ``nbr`` nodes for the adapter at ``site``,
-        on ``device`` (``nbr_token_x`` ``None`` unless ``neighbour_embedding="own_token"``)."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(nbr_x, nbr_token_x, nbr_token_index)`` of ``graph``'s ``nbr`` nodes for the
+        adapter at ``site``, on ``device``: with ``neighbour_embedding="own_token"`` the
+        embeddings of the distinct tokens and each node's row of them (a batch's nodes
+        hold a few thousand distinct tokens: the adapter maps each once), else ``None``."""
         nbr = graph["nbr"]
-        token_x = None
+        token_x = token_index = None
         with torch.no_grad():  # the LM is frozen: its embedding needs no graph
             if self.neighbour_embedding == "label":
                 labels = self.next_tokens(nbr.corpus_id.to(self.corpus_next_tokens.device))
@@ -129,8 +133,9 @@ class GraphInputBuilder(nn.Module):
                 nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
                                                                            dtype=dtype)
             if self.neighbour_embedding == "own_token":
-                token_x = embedding(nbr.token_id.to(device)).to(dtype)
-        return nbr_x, token_x
+                tokens, token_index = nbr.token_id.to(device).unique(return_inverse=True)
+                token_x = embedding(tokens).to(dtype)
+        return nbr_x, token_x, token_index
 
     def adapter_inputs(
         self,

@@ -288,7 +288,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             return adapter.ctx_forward(graph, ctx_x, states.window_key_values(site, graph))
         inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
                                                   self.model.get_input_embeddings(), dtype)
-        return adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x)
+        return adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
+                       nbr_token_index=inputs.nbr_token_index)
 
     def _fuse_site(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
                    statistics: Tensor | None, states: NeighbourStates | None = None) -> Tensor:

@@ -104,11 +104,10 @@ class NeighbourStates:
                     rows = torch.arange(start, min(start + batch_rows, rows_total),
                                         device=device)
                     graph = lm.graph_inputs.build_graph(rows.view(1, -1, 1))
-                    nbr_x, token_x = lm.graph_inputs.neighbour_inputs(
-                        graph, site, embedding, adapter.param_dtype, device)
-                    stacked = torch.stack([torch.stack(kv, 1)
-                                           for kv in adapter.window_key_values(graph, nbr_x,
-                                                                               token_x)], 1)
+                    inputs = lm.graph_inputs.neighbour_inputs(graph, site, embedding,
+                                                              adapter.param_dtype, device)
+                    stacked = torch.stack([torch.stack(kv, 1) for kv in
+                                           adapter.window_key_values(graph, *inputs)], 1)
                     key = site_key(site)
                     if key not in tables:
                         tables[key] = stacked.new_empty(rows_total, *stacked.shape[1:])

@@ -194,16 +194,24 @@ class GraphAdapter(Module):
         return self.ffn_norms[i][node_type](x + y)
 
     def _inputs(
-        self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None
+        self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None,
+        nbr_token_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        return self.ctx_in(ctx_x.to(self.param_dtype)), self._nbr_inputs(nbr_x, nbr_token_x,
+                                                                         nbr_token_index)
+
+    def _nbr_inputs(
+        self, nbr_x: Tensor, nbr_token_x: Tensor | None, nbr_token_index: Tensor | None
+    ) -> Tensor:
         dtype = self.param_dtype
-        ctx_h = self.ctx_in(ctx_x.to(dtype))
         nbr_h = self.nbr_in(nbr_x.to(dtype))
         if self.token_in is not None:
             if nbr_token_x is None:
                 raise ValueError("this adapter adds token embeddings: pass nbr_token_x")
-            nbr_h = nbr_h + self.token_in(nbr_token_x.to(dtype))
-        return ctx_h, nbr_h
+            token_h = self.token_in(nbr_token_x.to(dtype))
+            # Distinct tokens mapped once: far fewer rows than nodes (forward and backward).
+            nbr_h = nbr_h + (token_h if nbr_token_index is None else token_h[nbr_token_index])
+        return nbr_h
 
     def use_dense(self, graph: HeteroData, path: ComputePath | None = None) -> bool:
         """Whether :meth:`forward` takes the dense path on ``graph``."""
@@ -226,6 +234,7 @@ class GraphAdapter(Module):
         nbr_x: Tensor,
         nbr_token_x: Tensor | None = None,
         *,
+        nbr_token_index: Tensor | None = None,
         path: ComputePath | None = None,
         return_attention_weights: bool = False,
     ) -> Tensor | tuple[Tensor, list[AttentionDict]]:
@@ -236,7 +245,12 @@ class GraphAdapter(Module):
             ctx_x (torch.Tensor): :math:`[N_{ctx}, F_{ctx}]` query features.
             nbr_x (torch.Tensor): :math:`[N_{nbr}, F_{nbr}]` neighbour features.
             nbr_token_x (torch.Tensor, optional): :math:`[N_{nbr}, F_{tok}]`
-                token embeddings of the neighbour tokens.
+                token embeddings of the neighbour tokens (with
+                :obj:`nbr_token_index`, :math:`[N_{tok}, F_{tok}]`: one row per distinct
+                token).
+            nbr_token_index (torch.Tensor, optional): :math:`[N_{nbr}]` the row of
+                :obj:`nbr_token_x` of each nbr node, when it holds each distinct token
+                once (their maps are then computed once per token).
             path (str, optional): Override :obj:`config.path`.
             return_attention_weights (bool, optional): Also return each
                 layer's attention coefficients per edge type (forces the
@@ -247,7 +261,7 @@ class GraphAdapter(Module):
         :rtype: :class:`torch.Tensor` :math:`[N_{ctx}, F_{out}]` in the dtype
             of :obj:`ctx_x`, optionally with a list of per-layer attention dicts.
         """
-        ctx_h, nbr_h = self._inputs(ctx_x, nbr_x, nbr_token_x)
+        ctx_h, nbr_h = self._inputs(ctx_x, nbr_x, nbr_token_x, nbr_token_index)
         if not return_attention_weights and self.use_dense(graph, path):
             return self.out(self._forward_dense(graph, ctx_h, nbr_h)).to(ctx_x.dtype)
         ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)
@@ -301,7 +315,8 @@ class GraphAdapter(Module):
                              "not deduplicate, not batched by PyG)")
 
     def window_key_values(
-        self, graph: HeteroData, nbr_x: Tensor, nbr_token_x: Tensor | None = None
+        self, graph: HeteroData, nbr_x: Tensor, nbr_token_x: Tensor | None = None,
+        nbr_token_index: Tensor | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         r"""What each layer's ``ctx`` nodes read from the windows: per layer, the keys and
         values :math:`[U, S, H d_k]` of the :math:`S` query-linked slots
@@ -317,11 +332,7 @@ class GraphAdapter(Module):
             ValueError: if ``graph`` has no window grid (see :meth:`use_dense`).
         """
         self._require_dense(graph)
-        nbr_h = self.nbr_in(nbr_x.to(self.param_dtype))
-        if self.token_in is not None:
-            if nbr_token_x is None:
-                raise ValueError("this adapter adds token embeddings: pass nbr_token_x")
-            nbr_h = nbr_h + self.token_in(nbr_token_x.to(self.param_dtype))
+        nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
         windows, mask = self._window_grid(graph, nbr_h)
         query_slots = list(graph.layout.query_slots)
         key_values = []

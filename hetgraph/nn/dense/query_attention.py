@@ -29,16 +29,8 @@ def dense_query_attention(
     :math:`\mathbf{k}_u, \mathbf{v}_u` of the linked slots :math:`u`, is a function of
     the windows alone (see :meth:`~hetgraph.nn.GraphAdapter.window_key_values`). Given
     them, query :math:`c` attends over the linked slots :math:`\mathcal{S}(c)` of its
-    :math:`k` windows exactly as the full layer does:
-
-    .. math::
-        \alpha^{h}_{cu} = \mathrm{softmax}_{u \in \mathcal{S}(c)}\left(
-            \frac{\mu^{h}_{\psi}}{\sqrt{d_k}}
-            \left(\mathbf{W}_{\mathrm{att}}^{\psi,h} \mathbf{q}^{h}_c\right)^{\top}
-            \mathbf{k}^{h}_u\right), \qquad
-        \mathbf{m}^{h}_c = \mathbf{W}_{\mathrm{msg}}^{\psi,h\top}
-            \sum_{u \in \mathcal{S}(c)} \alpha^{h}_{cu}\, \mathbf{v}^{h}_u
-
+    :math:`k` windows exactly as the full layer does (the :math:`\alpha^h_{cu}` and
+    :math:`\mathbf{m}^h_c` of :func:`~hetgraph.nn.dense.dense_window_attention`),
     plus, with :obj:`causal_relation` in the layer, the causal messages among the
     queries, aggregated as the layer's :obj:`normalization` says.
 

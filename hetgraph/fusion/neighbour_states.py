@@ -103,7 +103,8 @@ class NeighbourStates:
                     device = next(adapter.parameters()).device
                     rows = torch.arange(start, min(start + batch_rows, rows_total),
                                         device=device)
-                    graph = lm.graph_inputs.build_graph(rows.view(1, -1, 1))
+                    # One sequence per row: no causal c2c edges among the rows (paper mode).
+                    graph = lm.graph_inputs.build_graph(rows.view(-1, 1, 1))
                     inputs = lm.graph_inputs.neighbour_inputs(graph, site, embedding,
                                                               adapter.param_dtype, device)
                     stacked = torch.stack([torch.stack(kv, 1) for kv in

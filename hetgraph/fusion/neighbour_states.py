@@ -164,13 +164,17 @@ class NeighbourStates:
         return [(found[:, i, 0], found[:, i, 1]) for i in range(found.size(1))]
 
 
-def _fingerprint(module: torch.nn.Module) -> Tensor:
-    """``[P, 3]`` float64 sums of each parameter's values, squares and position-weighted
-    values: any training step or other loaded weights change them."""
-    rows = []
+def _fingerprint(module: torch.nn.Module, stride: int = 97) -> Tensor:
+    """Float64 sums of a sample of the parameters (every ``stride``-th value of each): of
+    the values, their squares and the position-weighted values, and the sample's size. A
+    training step or other loaded weights change them; checked on every call, so a sample
+    keeps it far below a generation step's cost (all 2.8M values of a 2-layer adapter
+    took 8 ms)."""
     with torch.no_grad():
-        for p in module.parameters():
-            x = p.detach().double().flatten()
-            ramp = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
-            rows.append(torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()]).cpu())
-    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+        parts = [p.detach().flatten()[::stride] for p in module.parameters()]
+        if not parts:
+            return torch.zeros(4, dtype=torch.float64)
+        x = torch.cat([part.to(parts[0].device) for part in parts]).double()
+        ramp = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
+        return torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum(),
+                            torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]).cpu()

@@ -73,11 +73,13 @@ DISCUSSION = (
     "budget (96 steps, about 1,340 CPU-seconds: 0.768 and 0.840, where the head's 384 steps, about "
     '940 CPU-seconds, give 0.803 and 0.889, falling about 0.04 and 0.03 per doubling). On the 200k '
     "Python store the head's GNN+kNN/kNN barely moves along its curve (0.992, 0.984, 0.975, 0.955, "
-    "0.967; kNN-LM alone is already 0.619 x base there); every layer's curve there, stopped at 48 "
-    "steps for this session's time (the same command resumes it), gives GNN/base 0.915 and 0.807 "
-    "and GNN+kNN/kNN 0.982 and 0.970 at 12k and 25k tokens, against the head's 0.974 and 0.930, "
-    '0.992 and 0.984: decoder-layer fusion helps GNN-LM alone on the 200k store as on the 60k ones,'
-    ' but adds far less to the stronger kNN-LM there. WHAT DOES NOT HELP at this budget: the '
+    "0.967; kNN-LM alone is already 0.619 x base there); every layer's curve there gives GNN/base "
+    "0.915, 0.807, 0.693 and GNN+kNN/kNN 0.982, 0.970, 0.894 at 12k, 25k, 49k tokens (valid 4.72, "
+    "4.35, 3.94, still falling steeply), against the head's 0.974, 0.930, 0.881 and 0.992, 0.984, "
+    "0.975: on the 200k store too, decoder-layer fusion keeps adding to kNN-LM where the head's "
+    "gain levels off, but it costs 86 CPU-seconds a step against the head's 3.5 (8,250 against "
+    "1,360 CPU-seconds for the two curves, the head's running to 197k tokens). WHAT DOES NOT HELP "
+    'at this budget: the '
     "graph's own shape. l = r = 2 (GNN/base 0.939 on GCIDE, 0.933 on python60k, where the head is "
     '0.939 and 0.933), k = 128 (0.941 / 0.935 at 2x CPU), causal c2c edges (0.938 / 0.936), adapter'
     " depth 3 (0.942 / 0.935 at 1.5x CPU) and the adapter's feed-forward blocks (no-FFN 0.931 / "
@@ -104,9 +106,10 @@ DISCUSSION = (
     ' gate. Neither hurts. TARGETS: GNN/base <= 0.85 on the 200k store is met from 98k training '
     'tokens (0.829; 0.779 at one pass). GNN+kNN/kNN <= 0.90 is met by every-layer fusion on the 60k'
     ' Python store (0.899 at 24k tokens), by every 4th layer on GCIDE (0.840 at 49k) and by the '
-    'head on GCIDE at 197k tokens (0.889), but not on the 200k store, where kNN-LM alone is 0.619 x'
-    ' base: the head reaches 0.967 at one pass (the point valid chooses) and every layer 0.970 at '
-    '25k tokens. GNN/base on the second corpus: 0.939 (head arm), 0.873 (CLI defaults, 150 steps), '
+    'head on GCIDE at 197k tokens (0.889), and on the 200k store, where kNN-LM alone is 0.619 x '
+    'base, by every layer at 49k tokens (0.894, the point valid chooses; GNN/base 0.693 there), '
+    'not by the head, which reaches 0.967 at one pass (the point valid chooses). GNN/base on '
+    'the second corpus: 0.939 (head arm), 0.873 (CLI defaults, 150 steps), '
     "0.866 (every 4th). The demo keeps the head, decided on valid: on python60k, every 4th layer's "
     'valid perplexity after its 48 steps (4.667, 700 CPU-seconds) is what the head reaches after 96'
     " steps (4.656, about 240 CPU-seconds), and the demo's 150 head steps fit its 15-minute budget "

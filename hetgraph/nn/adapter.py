@@ -193,13 +193,6 @@ class GraphAdapter(Module):
         y = F.dropout(self.ffns[i][node_type](x), p=self.config.dropout, training=self.training)
         return self.ffn_norms[i][node_type](x + y)
 
-    def _inputs(
-        self, ctx_x: Tensor, nbr_x: Tensor, nbr_token_x: Tensor | None,
-        nbr_token_index: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        return self.ctx_in(ctx_x.to(self.param_dtype)), self._nbr_inputs(nbr_x, nbr_token_x,
-                                                                         nbr_token_index)
-
     def _nbr_inputs(
         self, nbr_x: Tensor, nbr_token_x: Tensor | None, nbr_token_index: Tensor | None
     ) -> Tensor:
@@ -261,7 +254,8 @@ class GraphAdapter(Module):
         :rtype: :class:`torch.Tensor` :math:`[N_{ctx}, F_{out}]` in the dtype
             of :obj:`ctx_x`, optionally with a list of per-layer attention dicts.
         """
-        ctx_h, nbr_h = self._inputs(ctx_x, nbr_x, nbr_token_x, nbr_token_index)
+        ctx_h = self.ctx_in(ctx_x.to(self.param_dtype))
+        nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
         if not return_attention_weights and self.use_dense(graph, path):
             return self.out(self._forward_dense(graph, ctx_h, nbr_h)).to(ctx_x.dtype)
         ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)

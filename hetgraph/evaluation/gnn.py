@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetgraph.allocator import available_memory_bytes
 from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
 from hetgraph.evaluation.lm import (
     EvalConfig,
@@ -19,7 +20,6 @@ from hetgraph.evaluation.lm import (
     collect_lm_outputs,
 )
 from hetgraph.fusion.neighbour_states import NeighbourStates
-from hetgraph.index.ondisk import available_memory_bytes
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 
 

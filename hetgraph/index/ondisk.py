@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 from tqdm.auto import tqdm
 
+from hetgraph.allocator import available_memory_bytes
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.index.faiss_index import (
     DatastoreIndex,
@@ -97,15 +97,6 @@ def estimated_index_bytes(factory: str, n: int, d: int) -> int:
     if hnsw := re.match(r"HNSW(\d+)", factory):
         return n * (4 * d + 8 * int(hnsw.group(1)))
     return 4 * d * n
-
-
-def available_memory_bytes() -> int:
-    """Memory available to a new allocation now (``MemAvailable``; free pages elsewhere)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def choose_layout(n: int, d: int, config: IndexConfig,

@@ -279,11 +279,13 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
 
     def adapter_output(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
                        states: NeighbourStates | None = None) -> Tensor:
-        """``[N_ctx, d]`` output of the adapter at ``site``; in eval mode with ``states``
-        that cover the site, only its ``ctx`` side runs (the windows' part is read)."""
+        """``[N_ctx, d]`` output of the adapter at ``site``; in eval mode without autograd,
+        with ``states`` that cover the site, only its ``ctx`` side runs (the windows' part
+        is read: it would get no gradient)."""
         adapter, dtype = self.adapter_at(site), self.gates[site_key(site)].dtype
-        if states is not None and not self.training and states.covers(site):
-            states.check(self)
+        if (states is not None and states.covers(site) and not self.training
+                and not torch.is_grad_enabled()):
+            states.check(self, [site])
             ctx_x = self.graph_inputs.ctx_features(graph, hidden, dtype)
             return adapter.ctx_forward(graph, ctx_x, states.window_key_values(site, graph))
         inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,

@@ -1,7 +1,9 @@
 r"""What the adapters read from every datastore row's neighbour window, computed once.
 
 In a GNN-LM context graph (`Meng et al. <https://arxiv.org/abs/2110.08743>`_) the ``nbr``
-windows receive nothing from the ``ctx`` nodes: what a layer's ``ctx`` nodes read from a
+windows receive nothing from the ``ctx`` nodes (the official ``TokenGraphTransformerDecoder``
+has the edge types ``tgt -> tgt``, ``ntgt -> tgt`` and ``ntgt -> ntgt`` only; hetgraph's
+``c2c``, ``n2c`` and ``n2n``): what a layer's ``ctx`` nodes read from a
 window, the keys and values of its query-linked slots, depends on the window's rows alone
 (:meth:`~hetgraph.nn.GraphAdapter.window_key_values`), and a window is decided by the row it
 is centred on. A trained adapter's nbr side, most of its cost at evaluation and generation,
@@ -43,8 +45,11 @@ class NeighbourStates:
     trained, then pass it to the calls that should use it: ``lm(input_ids,
     neighbour_states=states)``, ``lm.generate(..., neighbour_states=states)``,
     :func:`~hetgraph.evaluation.gnn_forward` (``neighbour_states=``), or let
-    ``EvalConfig(neighbour_states=True)`` build one per evaluation. A call in training mode,
-    or at a site the table does not cover, computes the windows as usual.
+    ``EvalConfig(neighbour_states="on")`` (or ``"auto"``) build one per evaluation. The table
+    is read in eval mode without autograd (``torch.no_grad`` / ``inference_mode``, as
+    evaluation and ``generate`` run): a call in training mode, one that records gradients
+    (the windows' weights would get none), or one at a site the table does not cover
+    computes the windows as usual.
 
     Raises (at use):
         ValueError: if the model's adapter weights, graph or fusion settings, or datastore
@@ -142,15 +147,18 @@ class NeighbourStates:
         """Whether the table holds ``site``'s windows."""
         return site_key(site) in self.tables
 
-    def check(self, lm: HetGraphLM) -> None:
+    def check(self, lm: HetGraphLM, sites: Sequence[FusionSite] | None = None) -> None:
         """Raises :class:`ValueError` unless ``lm`` has the datastore size, fusion settings
-        and adapter weights the table was built with."""
+        and, at ``sites`` (default: every site of the table), the adapter weights the table
+        was built with. A forward checks the site it is about to read, so that a model
+        fused at every layer fingerprints each adapter once per call, not once per site."""
         if len(lm.datastore) != self.num_rows or lm.config != self.config:
             raise ValueError("these neighbour states were built for another datastore or "
                              "fusion config: rebuild them with NeighbourStates.build(lm)")
-        for key, fingerprint in self.fingerprints.items():
+        keys = self.fingerprints if sites is None else [site_key(s) for s in sites]
+        for key in keys:
             if key not in lm.adapters or not torch.equal(_fingerprint(lm.adapters[key]),
-                                                          fingerprint):
+                                                          self.fingerprints[key]):
                 raise ValueError(f"the adapter at {key} changed since these neighbour states "
                                  "were built: rebuild them with NeighbourStates.build(lm)")
 

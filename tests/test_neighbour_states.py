@@ -8,8 +8,8 @@ import pytest
 import torch
 from test_fusion import SMALL_ADAPTER, build_store, randomise_gates, repeated_pattern_split
 
-from hetgraph import EvalConfig, NeighbourStates
-from hetgraph.evaluation import model_perplexity
+from hetgraph import ConfigError, EvalConfig, NeighbourStates
+from hetgraph.evaluation import evaluate_four_way, gnn as gnn_module, model_perplexity
 from hetgraph.evaluation.gnn import evaluation_neighbour_states
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.testing import FAMILIES
@@ -142,6 +142,20 @@ def test_evaluation_setting_and_perplexity(tmp_path, split):
     # auto: only when the evaluation retrieves at least twice the table's windows
     assert evaluation_neighbour_states(lm, auto, rows // 2, 4) is None
     assert isinstance(evaluation_neighbour_states(lm, auto, rows // 2 + 1, 4), NeighbourStates)
+    processes = 10**9  # auto shares the memory among the node's torchrun processes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LOCAL_WORLD_SIZE", str(processes))
+        assert evaluation_neighbour_states(lm, auto, 10 * rows, 4) is None
+    dedup = make_lm(tmp_path / "dedup", split, graph={"deduplicate": True})
+    assert evaluation_neighbour_states(dedup, auto, 10 * rows, 4) is None
+    with pytest.raises(ConfigError, match="deduplicate is true"):
+        evaluation_neighbour_states(dedup, config, 10 * rows, 4)
+    # ... and the four-way evaluation refuses it before any evaluation runs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gnn_module, "collect_lm_outputs",
+                      lambda *a, **k: pytest.fail("evaluated before refusing the setting"))
+        with pytest.raises(ConfigError, match="--neighbour-states off"):
+            evaluate_four_way(dedup, split, split, config, show_progress=False)
     valid = repeated_pattern_split(num_docs=2, seed=1)
     on = model_perplexity(lm, valid, config)
     assert on == pytest.approx(model_perplexity(lm, valid, off), rel=1e-5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from hetgraph.allocator import available_memory_bytes
+from hetgraph.configuration import ConfigError
 from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
 from hetgraph.evaluation.lm import (
     EvalConfig,
@@ -51,14 +53,26 @@ def gnn_forward(lm: Any, k: int | None = None,
 def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
                                 k: int) -> NeighbourStates | None:
     """The :class:`~hetgraph.NeighbourStates` an evaluation of ``tokens`` positions by ``lm``
-    with ``k`` neighbours each uses, as ``config.neighbour_states`` says (``"auto"``: the
-    table fits a quarter of the available memory and ``tokens × k ≥ 2 × rows``), or
-    ``None``."""
-    if config.neighbour_states == "off" or lm.graph_config.deduplicate:
+    with ``k`` neighbours each uses, as ``config.neighbour_states`` says, or ``None``.
+    ``"auto"``: the graphs have windows (not ``deduplicate``), the table fits a quarter of
+    the available memory shared by this node's processes (``LOCAL_WORLD_SIZE`` under
+    ``torchrun``: each builds its own) and ``tokens × k ≥ 2 × rows``.
+
+    Raises:
+        ConfigError: ``"on"`` with ``graph.deduplicate`` (no windows to tabulate).
+    """
+    if config.neighbour_states == "off":
+        return None
+    if lm.graph_config.deduplicate:
+        if config.neighbour_states == "on":
+            raise ConfigError("evaluation.neighbour_states is 'on' but fusion.graph.deduplicate "
+                              "is true: its graphs have no windows to tabulate; set "
+                              "neighbour_states to 'auto' or 'off' (--neighbour-states off)")
         return None
     if config.neighbour_states == "auto":
-        fits = NeighbourStates.estimate_nbytes(lm) <= available_memory_bytes() // 4
-        if not fits or tokens * k < 2 * len(lm.datastore):
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        budget = available_memory_bytes() // (4 * processes)
+        if NeighbourStates.estimate_nbytes(lm) > budget or tokens * k < 2 * len(lm.datastore):
             return None
     return NeighbourStates.build(lm, show_progress=False)
 
@@ -131,6 +145,11 @@ def evaluate_four_way(
     windows = dataclasses.replace(config, max_tokens=None)
     valid_split = _limit(valid_split, config.valid_tokens)
     test_split = _limit(test_split, config.max_tokens)
+    states, states_seconds = None, 0.0
+    if include_gnn:  # first: a setting that cannot hold fails before any work
+        started = time.perf_counter()
+        states = evaluation_neighbour_states(lm, config, len(valid_split) + len(test_split), k)
+        states_seconds = time.perf_counter() - started
     search = NeighbourSearch(lm.index, lm.datastore)
     base_valid = collect_lm_outputs(model, valid_split, windows, search=search,
                                     show_progress=show_progress)
@@ -144,10 +163,8 @@ def evaluate_four_way(
     }
     speed: dict[str, float] = {"base_with_search_tokens_per_s": len(base_test) / base_seconds}
     if include_gnn:
-        started = time.perf_counter()
-        states = evaluation_neighbour_states(lm, config, len(valid_split) + len(test_split), k)
         if states is not None:
-            speed["neighbour_states_seconds"] = time.perf_counter() - started
+            speed["neighbour_states_seconds"] = states_seconds
         forward = gnn_forward(lm, k, states)
         gnn_valid = collect_lm_outputs(model, valid_split, windows, forward=forward,
                                        neighbours_from=base_valid, show_progress=show_progress)

@@ -79,9 +79,9 @@ class EvalConfig(JSONConfigMixin):
         neighbour_states: whether GNN-LM reads its adapters' window side from a
             :class:`~hetgraph.NeighbourStates` table built once per evaluation (the same
             logits, less work per position): ``"on"``, ``"off"``, or ``"auto"``: when the
-            table takes at most a quarter of the available memory and the evaluation
-            retrieves at least twice as many windows as the table holds (so that building
-            it pays for itself).
+            table takes at most a quarter of the available memory (shared by the node's
+            processes under ``torchrun``) and the evaluation retrieves at least twice as
+            many windows as the table holds (so that building it pays for itself).
     """
 
     context_length: int = 512

@@ -6,12 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from gnnlm_reference import CANONICAL_ETYPES
 from test_fusion import SMALL_ADAPTER, build_store, randomise_gates, repeated_pattern_split
 
 from hetgraph import ConfigError, EvalConfig, NeighbourStates
 from hetgraph.evaluation import evaluate_four_way, gnn as gnn_module, model_perplexity
 from hetgraph.evaluation.gnn import evaluation_neighbour_states
 from hetgraph.fusion import FusionConfig, HetGraphLM
+from hetgraph.graph import EDGE_TYPES
 from hetgraph.testing import FAMILIES
 
 ADAPTER = {**SMALL_ADAPTER, "dropout": 0.1, "attn_dropout": 0.1}
@@ -159,3 +161,12 @@ def test_evaluation_setting_and_perplexity(tmp_path, split):
     valid = repeated_pattern_split(num_docs=2, seed=1)
     on = model_perplexity(lm, valid, config)
     assert on == pytest.approx(model_perplexity(lm, valid, off), rel=1e-5)
+
+
+def test_the_official_decoder_sends_nothing_into_the_neighbour_windows():
+    """The table's exactness in paper mode rests on this: the official
+    TokenGraphTransformerDecoder (our independent port in gnnlm_reference.py) has no edge
+    type into ``ntgt`` nodes from ``tgt`` nodes, as hetgraph has no ctx -> nbr relation."""
+    assert ("ntgt", "inter", "tgt") in CANONICAL_ETYPES
+    assert not [e for e in CANONICAL_ETYPES if e[0] == "tgt" and e[2] == "ntgt"]
+    assert not [e for e in EDGE_TYPES if e[0] == "ctx" and e[2] == "nbr"]

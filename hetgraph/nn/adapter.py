@@ -16,13 +16,7 @@ from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, context_graph_metadat
 from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
-from hetgraph.nn.dense import (
-    CausalLayout,
-    causal_layout,
-    dense_causal_window_attention,
-    dense_query_attention,
-    dense_window_attention,
-)
+from hetgraph.nn.dense import CausalLayout, causal_layout, dense_query_attention
 from hetgraph.nn.dense.common import (
     slot_index,
     slot_keys_values,
@@ -92,13 +86,16 @@ class GraphAdapter(Module):
     On graphs whose :attr:`~hetgraph.graph.ContextGraph.layout` is a window
     grid (``"shared"``, one window per distinct retrieved row, or ``"grid"``,
     one per (query, neighbour)) and whose ``c2c`` edges, if any, are the causal
-    edges of the builder (``layout.c2c``), the dense masked-attention path runs
-    (:func:`~hetgraph.nn.dense.dense_window_attention`: ``n2n`` attention
-    once per window, ``ctx`` attention over the gathered windows; with ``c2c``
-    :func:`~hetgraph.nn.dense.dense_causal_window_attention`, which adds causal
-    masked attention over each sequence's ``ctx`` nodes); otherwise
-    the edge-list path. Both use the same weights and give the same ``ctx``
-    outputs.
+    edges of the builder (``layout.c2c``), the dense masked-attention path runs:
+    the windows receive nothing from the ``ctx`` nodes, so their stack runs first
+    (:meth:`window_key_values`: ``n2n`` attention once per window), then the ``ctx``
+    layers on the keys and values each layer reads from them (:meth:`ctx_forward`,
+    :func:`~hetgraph.nn.dense.dense_query_attention`: attention over the gathered
+    windows, with ``c2c`` plus causal masked attention over each sequence's ``ctx``
+    nodes) — per layer the computation of
+    :func:`~hetgraph.nn.dense.dense_window_attention` /
+    :func:`~hetgraph.nn.dense.dense_causal_window_attention`. Otherwise the
+    edge-list path runs. Both use the same weights and give the same ``ctx`` outputs.
 
     Args:
         config (AdapterConfig): The hyper-parameters.
@@ -283,23 +280,38 @@ class GraphAdapter(Module):
         return None
 
     def _forward_dense(self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor) -> Tensor:
+        # The windows receive nothing from the queries: run their stack first, then the
+        # queries' layers on what each layer reads from them (the same functions the
+        # neighbour-state table is built and read with).
+        return self._ctx_layers(graph, ctx_h, self._window_layers(graph, nbr_h))
+
+    def _window_layers(self, graph: HeteroData, nbr_h: Tensor) -> list[tuple[Tensor, Tensor]]:
         windows, mask = self._window_grid(graph, nbr_h)
-        causal = self._causal_layout(graph)
         query_slots = list(graph.layout.query_slots)
+        key_values = []
         for i, conv in enumerate(self.convs):
+            # Only the slots whose outputs later layers read are updated (none in the last).
             keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
-            args = (conv, ctx_h, windows, mask, graph[CTX].nbr_window, N2N, N2C)
-            kwargs = {"query_slots": query_slots, "update_windows": keep is not None,
-                      "output_slots": keep}
-            if causal is None:
-                ctx_h, windows = dense_window_attention(*args, **kwargs)
-            else:
-                ctx_h, windows = dense_causal_window_attention(*args, C2C, causal, **kwargs)
-            ctx_h = self._feed_forward(i, CTX, ctx_h)
-            if keep is not None:
+            qkv = window_layer_inputs(conv, NBR, windows, N2N, keep is not None, keep)
+            slots = slot_index(query_slots, mask.size(1), mask.device)
+            key_values.append(slot_keys_values(conv, NBR, windows, slots, qkv))
+            if qkv is not None:
+                relation = N2N if N2N in conv.edge_types else None
+                windows = window_outputs(conv, NBR, windows, qkv, mask, relation, keep)
                 windows = self._feed_forward(i, NBR, windows)
                 mask = mask[:, keep]
                 query_slots = [j - keep.start for j in query_slots]
+        return key_values
+
+    def _ctx_layers(self, graph: HeteroData, ctx_h: Tensor,
+                    key_values: list[tuple[Tensor, Tensor]]) -> Tensor:
+        _, mask = self._window_grid(graph, None)
+        slot_mask = mask[:, list(graph.layout.query_slots)]
+        causal = self._causal_layout(graph)
+        for i, conv in enumerate(self.convs):
+            ctx_h = dense_query_attention(conv, ctx_h, key_values[i], slot_mask,
+                                          graph[CTX].nbr_window, N2C, C2C, causal)
+            ctx_h = self._feed_forward(i, CTX, ctx_h)
         return ctx_h
 
     def _require_dense(self, graph: HeteroData) -> None:
@@ -318,30 +330,14 @@ class GraphAdapter(Module):
 
         The windows receive nothing from the ``ctx`` nodes, so these depend on the
         windows alone: a window's are the same whichever queries retrieve it (the
-        basis of :class:`~hetgraph.NeighbourStates`). With :meth:`ctx_forward`
-        they give :meth:`forward`'s output in eval mode; in training mode dropout
-        is drawn in another order than :meth:`forward`'s.
+        basis of :class:`~hetgraph.NeighbourStates`). :meth:`forward`'s dense path is
+        :meth:`ctx_forward` of these.
 
         Raises:
             ValueError: if ``graph`` has no window grid (see :meth:`use_dense`).
         """
         self._require_dense(graph)
-        nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
-        windows, mask = self._window_grid(graph, nbr_h)
-        query_slots = list(graph.layout.query_slots)
-        key_values = []
-        for i, conv in enumerate(self.convs):
-            keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
-            qkv = window_layer_inputs(conv, NBR, windows, N2N, keep is not None, keep)
-            slots = slot_index(query_slots, mask.size(1), mask.device)
-            key_values.append(slot_keys_values(conv, NBR, windows, slots, qkv))
-            if qkv is not None:
-                relation = N2N if N2N in conv.edge_types else None
-                windows = window_outputs(conv, NBR, windows, qkv, mask, relation, keep)
-                windows = self._feed_forward(i, NBR, windows)
-                mask = mask[:, keep]
-                query_slots = [j - keep.start for j in query_slots]
-        return key_values
+        return self._window_layers(graph, self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index))
 
     def ctx_forward(
         self, graph: HeteroData, ctx_x: Tensor, window_key_values: list[tuple[Tensor, Tensor]]
@@ -359,14 +355,7 @@ class GraphAdapter(Module):
             raise ValueError(f"window_key_values has {len(window_key_values)} layers, the "
                              f"adapter {len(self.convs)}")
         ctx_h = self.ctx_in(ctx_x.to(self.param_dtype))
-        _, mask = self._window_grid(graph, None)
-        slot_mask = mask[:, list(graph.layout.query_slots)]
-        causal = self._causal_layout(graph)
-        for i, conv in enumerate(self.convs):
-            ctx_h = dense_query_attention(conv, ctx_h, window_key_values[i], slot_mask,
-                                          graph[CTX].nbr_window, N2C, C2C, causal)
-            ctx_h = self._feed_forward(i, CTX, ctx_h)
-        return self.out(ctx_h).to(ctx_x.dtype)
+        return self.out(self._ctx_layers(graph, ctx_h, window_key_values)).to(ctx_x.dtype)
 
     def _forward_edges(
         self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor, return_attention_weights: bool

@@ -204,6 +204,9 @@ def _add_train_command(commands: Any) -> None:
     train.add_argument("--right", type=_at_least(0), default=None,
                        help="neighbour window: tokens right of each retrieved position (r)")
     train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None,
+                       help="train in bfloat16 autocast ('auto': where the device has native "
+                            "bfloat16; evaluations stay float32; default: the config's)")
     train.add_argument("--seed", type=int, default=None)
     train.set_defaults(func=cmd_train)
 

@@ -227,7 +227,7 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     for name in ("k", "gate", "gradient_checkpointing"):
         if getattr(args, name) is not None:
             fusion[name] = getattr(args, name)
-    for name in ("max_steps", "lr", "seed"):
+    for name in ("max_steps", "lr", "seed", "mixed_precision"):
         if getattr(args, name) is not None:
             training[name] = getattr(args, name)
     try:

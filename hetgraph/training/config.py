@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.training.precision import MIXED_PRECISION
 
 
 @dataclass
@@ -33,6 +34,11 @@ class TrainingConfig(JSONConfigMixin):
         init_from: an adapter directory to start from instead of a fresh initialisation
             (the paper's two-stage training: stage 2, e.g. ``k=128`` and ``l = r = 2``, starts
             from stage 1's adapter); a run that resumes from its checkpoint ignores it.
+        mixed_precision: the training forward's matrix products in bfloat16
+            (``torch.autocast``; weights, optimiser, loss and evaluations stay float32):
+            ``"no"``, ``"bf16"``, or ``"auto"`` (bfloat16 where the device computes it
+            natively, :func:`~hetgraph.training.precision.native_bfloat16`). GNN-LM trained
+            in mixed precision too (fp16); the embedded demo configuration uses ``"auto"``.
     """
 
     max_steps: int = 300
@@ -51,10 +57,14 @@ class TrainingConfig(JSONConfigMixin):
     seed: int = 0
     from_datastore: bool | None = None
     init_from: str | None = None
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types first: "max_steps": "ten" is a ConfigError
         # ValueErrors here become ConfigErrors named by their dotted path (build_config).
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                             f"got {self.mixed_precision!r}")
         if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
             raise ValueError(
                 f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")

@@ -6,6 +6,7 @@ the best adapter and ``training.json``; checkpoints resume with any number of pr
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import ExitStack
@@ -37,10 +38,14 @@ from hetgraph.training.checkpoint import (
 )
 from hetgraph.training.config import TrainingConfig
 from hetgraph.training.ddp import DataParallelLoss
+from hetgraph.training.precision import autocast_dtype, precision_name, training_autocast
 from hetgraph.training.schedule import learning_rate_factor, sample_starts, split_tokens
 
 if TYPE_CHECKING:
     from hetgraph.evaluation import EvalConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(HetgraphError):
@@ -60,6 +65,7 @@ class TrainingResult:
     stopped_early: bool = False
     seconds: float = 0.0
     tokens_per_second: float = 0.0
+    mixed_precision: str = "no"  # what the run trained in ("bf16" or "no"), "auto" resolved
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (as written to ``training.json``)."""
@@ -86,6 +92,10 @@ class _TrainingRun:
             raise ConfigError("from_datastore=True needs retrieval and fusion at the LM-head "
                               "input and key features (HetGraphLM.can_run_from_datastore); "
                               "set from_datastore to null to train with full forwards")
+        self.autocast = autocast_dtype(config.mixed_precision, self.device)
+        if self.autocast is not None:
+            logger.info("training in %s mixed precision (torch.autocast); weights, optimiser, "
+                        "loss and evaluations stay float32", self.autocast)
         torch.manual_seed(config.seed)
         self.params = [p for p in lm.parameters() if p.requires_grad]
         self.parallel = DataParallelLoss(self.params, lambda d: self.micro_batch_loss(d),
@@ -98,7 +108,7 @@ class _TrainingRun:
                                            weight_decay=config.weight_decay, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, config))
-        self.result = TrainingResult()
+        self.result = TrainingResult(mixed_precision=precision_name(self.autocast))
         self.start_step = 0
         self.bad_evals = 0
         self.seen_tokens = 0
@@ -135,7 +145,8 @@ class _TrainingRun:
         if state is None:
             return False
         saved = read_adapter_config(self.out_dir / CHECKPOINT_DIR)["fusion"]
-        if (state["config"] != self.config.to_dict()
+        # Through from_dict: a checkpoint from before a new option compares by its default.
+        if (TrainingConfig.from_dict(state["config"]).to_dict() != self.config.to_dict()
                 or FusionConfig.from_dict(saved).to_dict() != self.lm.config.to_dict()):
             raise TrainingError(f"{self.out_dir}/checkpoint was written with other training "
                                 "or fusion settings; use the same settings to resume, or a new "
@@ -146,6 +157,7 @@ class _TrainingRun:
         self.seconds_before = state["result"]["seconds"]
         self.result = TrainingResult(**{**state["result"], "valid_ppl": {
             int(k): v for k, v in state["result"]["valid_ppl"].items()}})
+        self.result.mixed_precision = precision_name(self.autocast)  # this call's, if mixed
         return True
 
     def evaluate(self, step: int) -> bool:
@@ -196,7 +208,8 @@ class _TrainingRun:
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
             labels = torch.from_numpy(
                 self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
-            logits = self.lm.forward_from_datastore(torch.from_numpy(offsets)).float()
+            with training_autocast(self.autocast, device):
+                logits = self.lm.forward_from_datastore(torch.from_numpy(offsets))
         else:
             starts = sample_starts(len(self.tokens), config.context_length + 1,
                                    config.batch_size, config.seed, draw)[share.start:share.stop]
@@ -204,8 +217,10 @@ class _TrainingRun:
             input_ids = torch.from_numpy(self.tokens[offsets]).to(device)
             labels = torch.from_numpy(self.tokens[offsets + 1]).to(device)
             rows = torch.from_numpy(offsets).to(device)
-            logits = self.lm(input_ids, query_positions=rows, use_cache=False).logits.float()
+            with training_autocast(self.autocast, device):
+                logits = self.lm(input_ids, query_positions=rows, use_cache=False).logits
         self.seen_tokens += labels.numel()
+        logits = logits.float()  # the loss in float32, also under mixed precision
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                  labels.reshape(-1))
 

@@ -1,0 +1,69 @@
+"""Mixed-precision training: the dtype the adapter's training forward runs its matrix
+products in (``torch.autocast``), while weights, optimiser state, the loss and every
+evaluation stay float32.
+
+GNN-LM itself trained in mixed precision (fairseq ``--fp16`` on GPUs). Here bfloat16 is
+offered instead of float16: it has float32's range, so no loss scaling is needed.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Values of :attr:`TrainingConfig.mixed_precision <hetgraph.training.TrainingConfig>`.
+MIXED_PRECISION = ("no", "bf16", "auto")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: CUDA with bfloat16
+    support (compute capability 8 and later), or a CPU whose bfloat16 instructions oneDNN
+    uses (AVX512-BF16, AMX, Arm BF16). Elsewhere bfloat16 is emulated and slower than
+    float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        # PyTorch's own probe of oneDNN's CPU dispatch (what its CPU tests use); absent
+        # from builds without oneDNN, where bfloat16 matmuls are emulated.
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(probe()) if probe is not None else False
+        except RuntimeError:
+            return False
+    return False
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``mixed_precision=setting`` on ``device`` (``None``: float32).
+
+    ``"auto"`` is bfloat16 where :func:`native_bfloat16` holds and float32 elsewhere;
+    ``"bf16"`` is bfloat16 everywhere (emulated, hence slow, on other hardware).
+    """
+    if setting not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                         f"got {setting!r}")
+    if setting == "no":
+        return None
+    native = native_bfloat16(device)
+    if setting == "bf16" and not native:
+        logger.warning("mixed_precision bf16: %s has no native bfloat16 matrix products, so "
+                       "training runs emulated and slower than float32; use 'auto' or 'no'",
+                       device)
+    return torch.bfloat16 if setting == "bf16" or native else None
+
+
+def training_autocast(dtype: torch.dtype | None,
+                      device: torch.device) -> AbstractContextManager[object]:
+    """The context a training forward runs in: ``torch.autocast`` to ``dtype`` on
+    ``device``'s type, or nothing for float32."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"bf16"`` or ``"no"``: how ``training.json`` records what a run trained in."""
+    return "no" if dtype is None else "bf16"

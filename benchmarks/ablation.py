@@ -14,8 +14,9 @@ full forwards).
 Arms (:data:`ARMS`): fusion sites (head, top 4 layers, every 4th layer, every layer), paper
 mode and its single differences from the default (replace vs gated residual, c2c, FFN),
 l = r = 2, k = 128, the paper's two-stage schedule, adapter depth 3, width 576, stored
-per-layer neighbour features at the top 4 layers, and the retrieval-aware gate when
-:class:`~hetgraph.FusionConfig` has one.
+per-layer neighbour features at the top 4 layers, the retrieval-aware gate when
+:class:`~hetgraph.FusionConfig` has one, and the head and every 4th layer trained in bfloat16
+mixed precision (:data:`TRAINING_ARMS`; every other arm trains in float32).
 
 Each arm's record goes to ``runs/ablation-<corpus>/arms/<arm>.json`` (atomic) when it is
 done; a re-run skips finished arms and resumes an interrupted training from its checkpoint.
@@ -68,6 +69,12 @@ from gnnlm import PROMPTS as GENERATE_PROMPTS, generate_seconds
 from paper_mode import PAPER_SIZE
 
 TOP4 = (26, 27, 28, 29)
+#: Arms that differ from another arm in their training settings only: the same fusion
+#: configuration trained in bfloat16 mixed precision (every other arm trains in float32).
+TRAINING_ARMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "head_bf16": ("head", {"mixed_precision": "bf16"}),
+    "every4th_bf16": ("every4th", {"mixed_precision": "bf16"}),
+}
 CURVE_STEPS = (24, 48, 96, 192, 384, 768)
 
 
@@ -111,7 +118,7 @@ def arm_stages(name: str, default: FusionConfig) -> list[tuple[str, FusionConfig
     if name == "two_stage":
         return [("two_stage_1", default, 2 / 3),
                 ("two_stage_2", _graph(replace(default, k=128), left=2, right=2), 1 / 3)]
-    fusion = single[name]
+    fusion = single[TRAINING_ARMS[name][0] if name in TRAINING_ARMS else name]
     return [] if fusion is None else [(name, fusion, 1.0)]
 
 
@@ -163,8 +170,9 @@ class Bench:
             run.corpus = CorpusConfig(path=spec["corpus"])
         tokens = args.eval_tokens + 1
         run.evaluation = replace(run.evaluation, max_tokens=tokens, valid_tokens=tokens)
+        # float32 unless an arm says otherwise (TRAINING_ARMS), as the arms were measured
         run.training = replace(run.training, max_steps=args.steps, eval_every=0,
-                               checkpoint_every=max(1, args.steps // 4))
+                               checkpoint_every=max(1, args.steps // 4), mixed_precision="no")
         self.run = run
         set_threads(args.threads)
         self.model, self.tokenizer = load_model(run.model, device=torch.device("cpu"))
@@ -243,7 +251,8 @@ class Bench:
     def train_stage(self, stage: str, fusion: FusionConfig, steps: int,
                     init_from: Path | None) -> tuple[HetGraphLM, dict[str, Any]]:
         """Train (or resume, or reuse) one stage's adapter under ``<out>/adapters/<stage>``."""
-        training = replace(self.run.training, max_steps=steps,
+        changes = TRAINING_ARMS.get(stage, ("", {}))[1]
+        training = replace(self.run.training, **changes, max_steps=steps,
                            warmup_steps=min(self.run.training.warmup_steps, steps),
                            checkpoint_every=max(1, steps // 4),
                            init_from=None if init_from is None else str(init_from))

@@ -27,7 +27,7 @@ CORPORA: dict[str, dict[str, Any]] = {
 
 ARMS = ("head", "paper", "default_replace", "paper_gated", "default_c2c", "default_no_ffn",
         "lr2", "k128", "two_stage", "depth3", "width576", "top4", "every4th", "top4_stored",
-        "all", "gate")
+        "all", "gate", "head_bf16", "every4th_bf16")
 
 
 RESULT = Path(__file__).parent / "results" / "ablation.json"

@@ -39,9 +39,13 @@ from hetgraph.datastore.build import batch_input_ids
 from hetgraph.evaluation import default_forward, gnn_forward, results_table
 from hetgraph.evaluation.lm import batch_logits
 from hetgraph.fusion import HetGraphLM, NeighbourStates
+from hetgraph.fusion.config import HEAD
+from hetgraph.fusion.context import CallOptions
+from hetgraph.models.layers import output_embedding_input_hook_target
 from hetgraph.models.loading import load_model
 from hetgraph.pipeline import RunConfig, prepare_datastore, run_pipeline, set_threads
 from hetgraph.training import train_adapter
+from hetgraph.training.precision import autocast_dtype, training_autocast
 
 PROMPTS = [
     "The :mod:`os` module provides",
@@ -88,6 +92,54 @@ def training_tokens_per_s(model, tokenizer, store, index, corpus, config, steps:
         result = train_adapter(lm, train_split, None, training, Path(scratch) / "timed",
                                show_progress=False)
     return result.tokens_per_second
+
+
+def training_step_phases(lm: HetGraphLM, rows_per_step: tuple[int, int], steps: int,
+                         dtype: torch.dtype | None) -> dict[str, float]:
+    """Milliseconds per training step from the stored keys, by phase (what
+    :func:`~hetgraph.fusion.datastore_forward.logits_from_datastore` and the trainer run, timed
+    one after the other on random spans): the FAISS search, building the graph, the adapter
+    forward, the frozen LM head's forward with the loss, its backward (the input gradient)
+    and the adapter's backward. ``dtype``: the autocast dtype (``None``: float32)."""
+    device = lm.gates[next(iter(lm.gates))].device
+    generator = torch.Generator().manual_seed(0)
+    batch, length = rows_per_step
+    head = output_embedding_input_hook_target(lm.model)
+    totals: dict[str, float] = {}
+
+    def tick(name: str, since: float) -> float:
+        now = time.perf_counter()
+        totals[name] = totals.get(name, 0.0) + (now - since) * 1000
+        return now
+
+    lm.train()
+    for step in range(steps + 1):  # step 0 warms up and is not counted
+        if step == 1:
+            totals.clear()
+        starts = torch.randint(0, len(lm.datastore) - length, (batch, 1), generator=generator)
+        rows = (starts + torch.arange(length)).to(device)
+        labels = torch.from_numpy(lm.datastore.next_tokens[rows.cpu().numpy()]).long()
+        now = time.perf_counter()
+        with training_autocast(dtype, device):
+            keys = lm.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
+            hidden = keys.float().view(batch, length, -1)
+            retrieval = lm.retrieve(hidden, CallOptions(query_positions=rows))
+            now = tick("retrieval", now)
+            graph = lm.build_graph(retrieval, length)
+            now = tick("graph", now)
+            fused = lm.fuse(HEAD, hidden, graph)
+            now = tick("adapter_forward", now)
+            logits = head.forward(fused).float()
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]),
+                                                     labels.view(-1).to(device))
+            now = tick("head_forward_and_loss", now)
+        (fused_grad,) = torch.autograd.grad(loss, fused, retain_graph=True)
+        now = tick("head_backward", now)
+        fused.backward(fused_grad)
+        tick("adapter_backward", now)
+        lm.zero_grad(set_to_none=True)
+    lm.eval()
+    return {name: value / steps for name, value in totals.items()}
 
 
 def main() -> None:
@@ -150,6 +202,21 @@ def main() -> None:
     del states
     train_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, config,
                                       args.train_speed_steps)
+    float32 = replace(config, training=replace(config.training, mixed_precision="no"))
+    train_fp32_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, float32,
+                                           args.train_speed_steps)
+    # The base forward in bfloat16 autocast (where the hardware has it): the same-precision
+    # reference for bfloat16 training. Evaluations themselves run in float32.
+    bf16 = autocast_dtype("auto", device)
+    base_bf16_s = None
+    if bf16 is not None:
+        with training_autocast(bf16, device):
+            base_bf16_s = forward_seconds(base_forward, tokens, *windows)
+    step_rows = (config.training.batch_size, config.training.context_length)
+    phases = {"float32": training_step_phases(lm, step_rows, args.train_speed_steps, None)}
+    if bf16 is not None:
+        phases["bf16"] = training_step_phases(lm, step_rows, args.train_speed_steps, bf16)
+    trained_in = "bf16" if autocast_dtype(config.training.mixed_precision, device) else "float32"
 
     scored = len(tokens) - 1
     out = {
@@ -181,8 +248,18 @@ def main() -> None:
             "gnn_generate_with_states_tokens_per_s": states_gen_n / states_gen_s,
             "generate_ratio_gnn_with_states_over_base": ((states_gen_n / states_gen_s)
                                                          / (base_gen_n / base_gen_s)),
+            # Training as the config trains (mixed_precision, resolved here), over the float32
+            # base forward that evaluations run; then each precision over its own base forward.
+            "training_precision": trained_in,
             "adapter_training_tokens_per_s": train_tps,
             "training_ratio_over_base_forward": train_tps / (scored / base_s),
+            "adapter_training_float32_tokens_per_s": train_fp32_tps,
+            "training_ratio_float32_over_base_forward": train_fp32_tps / (scored / base_s),
+            "base_forward_bf16_tokens_per_s": scored / base_bf16_s if base_bf16_s else None,
+            "training_ratio_bf16_over_base_forward_bf16": (
+                train_tps / (scored / base_bf16_s) if base_bf16_s and trained_in == "bf16"
+                else None),
+            "training_step_ms_by_phase": phases,
         },
         "peak_memory_mb_after_stage": results.get("peak_memory_mb"),
         "pipeline_seconds": pipeline_s,

@@ -37,6 +37,7 @@ from hetgraph.io import (
     TRAINING_RESULT,
     atomic_write_json,
     atomic_write_text,
+    read_json,
 )
 from hetgraph.locking import directory_lock
 from hetgraph.models.fingerprint import array_fingerprint
@@ -309,7 +310,12 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
                 f"{adapter_dir} holds an adapter trained with another fusion config (another "
                 "--preset or fusion section); use another run directory (--out) or delete "
                 f"{adapter_dir} to train again")
-        logger.info("reusing trained adapter %s", adapter_dir)
+        changed = _changed_training_settings(adapter_dir, config.training)
+        if changed:  # the fusion config decides what the adapter is; training only how
+            logger.warning("reusing the adapter in %s, trained with other training settings "
+                           "(%s); delete it to train with these", adapter_dir, changed)
+        else:
+            logger.info("reusing trained adapter %s", adapter_dir)
         return HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
     torch.manual_seed(config.training.seed)  # the adapter's initialisation is part of the run
     lm = HetGraphLM(model, store, index, config.fusion, tokenizer=tokenizer)
@@ -319,3 +325,12 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
     train_adapter(lm, train_split, corpus.valid, config.training, adapter_dir,
                   eval_config=config.evaluation)
     return lm
+
+
+def _changed_training_settings(adapter_dir: Path, training: TrainingConfig) -> str:
+    """``"key: saved, now new"`` for each training setting that differs from the one the
+    adapter in ``adapter_dir`` was trained with (``""``: none)."""
+    saved = TrainingConfig.from_dict(read_json(adapter_dir / TRAINING_RESULT)["config"]).to_dict()
+    now = training.to_dict()
+    return ", ".join(f"{key}: {saved[key]!r}, now {value!r}" for key, value in now.items()
+                     if saved[key] != value)

@@ -218,6 +218,22 @@ def test_a_run_directory_with_another_fusion_config_is_refused(paper_adapter, lo
     assert lm.config == FusionConfig.paper(k=4)
 
 
+def test_reusing_an_adapter_trained_otherwise_says_what_differs(paper_adapter, loaded, caplog):
+    model, tokenizer, store, index, corpus = loaded
+    longer = RunConfig.from_dict({"fusion": FusionConfig.paper(k=4), "training": {
+        **TRAINING, "max_steps": TRAINING["max_steps"] + 5, "mixed_precision": "bf16"}})
+    with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
+        prepare_adapter(model, tokenizer, corpus, store, index, longer, paper_adapter)
+    message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert (f"max_steps: {TRAINING['max_steps']}, now {TRAINING['max_steps'] + 5}" in message
+            and "mixed_precision: 'no', now 'bf16'" in message), message
+    caplog.clear()
+    same = RunConfig.from_dict({"fusion": FusionConfig.paper(k=4), "training": TRAINING})
+    with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
+        prepare_adapter(model, tokenizer, corpus, store, index, same, paper_adapter)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_demo_with_the_paper_preset_and_a_reused_run_directory(workspace, capsys):
     root, _ = workspace
     out = root / "demo-run"

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from hetgraph.allocator import limit_primitive_cache
 from hetgraph.cli_commands import (
     cmd_datastore_build,
     cmd_demo,
@@ -311,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    limit_primitive_cache()  # before any computation: oneDNN reads it once (allocator docs)
     if args.version:
         from hetgraph import __version__
 

@@ -1,6 +1,8 @@
-"""glibc's mmap threshold, fixed by the command line for bounded resident memory."""
+"""glibc's mmap threshold and oneDNN's primitive cache, bounded by the command line for
+bounded resident memory."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -71,3 +73,51 @@ def test_release_free_memory_hands_back_the_heaps_free_pages():
                          text=True, check=True).stdout.split()
     assert int(out[1]) < 8 << 10  # the 64 MiB of freed heap blocks went back
     assert isinstance(release_free_memory(), bool)
+
+
+_PRIMITIVES_SCRIPT = textwrap.dedent("""
+    import sys
+    from hetgraph.allocator import limit_primitive_cache
+    if sys.argv[1] == "limited":
+        limit_primitive_cache()
+    import torch
+    def anon_kb():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    weight = torch.randn(256, 512, dtype=torch.bfloat16)
+    before = anon_kb()
+    for rows in range(2000, 2200):  # a new shape each time, as the adapter's node counts
+        torch.randn(rows, 256, dtype=torch.bfloat16) @ weight
+    print(anon_kb() - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssAnon is Linux's")
+def test_a_limited_primitive_cache_does_not_keep_one_use_shapes(monkeypatch):
+    import torch
+
+    from hetgraph.training.precision import native_bfloat16
+
+    if not native_bfloat16(torch.device("cpu")):
+        pytest.skip("bfloat16 matmuls do not run through oneDNN here")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+
+    def retained_kb(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", _PRIMITIVES_SCRIPT, mode],
+                                  capture_output=True, text=True, check=True).stdout)
+
+    default, limited = retained_kb("default"), retained_kb("limited")
+    assert limited < default - (16 << 10), (default, limited)
+
+
+def test_the_command_line_limits_the_primitive_cache_unless_the_user_did(monkeypatch, capsys):
+    from hetgraph.allocator import PRIMITIVE_CACHE_CAPACITY, limit_primitive_cache
+    from hetgraph.cli import main
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert main(["--version"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(PRIMITIVE_CACHE_CAPACITY)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    assert limit_primitive_cache() is False
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"

@@ -14,8 +14,7 @@ from hetgraph.evaluation import EvalConfig, model_perplexity
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.pipeline import RunConfig
 from hetgraph.testing import FAMILIES
-from hetgraph.training import TrainingConfig, train_adapter
-from hetgraph.training import precision
+from hetgraph.training import TrainingConfig, precision, train_adapter
 from hetgraph.training.trainer import TrainingError
 
 

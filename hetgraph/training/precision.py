@@ -2,8 +2,8 @@
 products in (``torch.autocast``), while weights, optimiser state, the loss and every
 evaluation stay float32.
 
-GNN-LM itself trained in mixed precision (fairseq ``--fp16`` on GPUs). Here bfloat16 is
-offered instead of float16: it has float32's range, so no loss scaling is needed.
+An option of hetgraph's, not the paper's (the official GNN-LM trains in float32). bfloat16
+rather than float16: it has float32's range, so no loss scaling is needed.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from hetgraph.allocator import limit_primitive_cache
 from hetgraph.corpus import tokenize_corpus
 from hetgraph.corpus.windows import sliding_windows
 from hetgraph.datastore import window_batches
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-gnnlm")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    limit_primitive_cache()  # as the command line does, before any computation
 
     config = RunConfig.from_json_file(args.config) if args.config else RunConfig.default()
     config.datastore = replace(config.datastore, max_tokens=args.tokens + 1)

@@ -118,3 +118,19 @@ def test_index_config_rejects_bad_scale_fields_naming_them(field, value):
             build()
         assert raised.value.key == field and field in str(raised.value)
     assert IndexConfig(on_disk=True, shard_rows=np.int64(5), rerank=64, gpu="never").rerank == 64
+
+
+def test_fp16_scalar_quantizer_is_lossless_over_fp16_keys():
+    """The datastore stores keys in float16, so ``SQfp16`` codes hold them exactly: an
+    ``IVF…,SQfp16`` index finds the same neighbours at the same distances as ``IVF…,Flat``
+    (same seeded coarse quantizer) in half the memory."""
+    rng = np.random.default_rng(0)
+    keys = (rng.standard_normal((2000, 32)) * 3).astype(np.float16)
+    queries = rng.standard_normal((50, 32)).astype(np.float32)
+    found = {}
+    for codes in ("Flat", "SQfp16"):
+        index = DatastoreIndex.build(keys, IndexConfig(factory=f"IVF16,{codes}", nprobe=4),
+                                     show_progress=False)
+        found[codes] = index.search(queries, 8)
+    np.testing.assert_array_equal(found["SQfp16"][1], found["Flat"][1])
+    np.testing.assert_array_equal(found["SQfp16"][0], found["Flat"][0])

@@ -273,6 +273,10 @@ def test_auto_layout_rule():
     assert choose_layout(5000, 16, IndexConfig(on_disk=True))[1]
     assert estimated_index_bytes("IVF4096,PQ64", 10**6, 576) == 10**6 * 72 + 4 * 576 * 4096
     assert estimated_index_bytes("Flat", 10, 576) == 10 * 576 * 4
+    assert estimated_index_bytes("IVF1024,SQfp16", 200_000, 576) == (200_000 * (2 * 576 + 8)
+                                                                   + 4 * 576 * 1024)
+    assert estimated_index_bytes("SQ8", 10, 576) == 10 * 576
+    assert estimated_index_bytes("IVF16,SQ4", 10, 576) == 10 * (288 + 8) + 4 * 576 * 16
 
 
 def test_gpu_is_used_only_for_cuda_queries_when_available(monkeypatch):

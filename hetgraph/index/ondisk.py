@@ -86,12 +86,16 @@ def estimated_index_bytes(factory: str, n: int, d: int) -> int:
 
     ``Flat``: ``4·d`` per row; ``IVF…,PQm``: ``m`` code bytes + 8 id bytes per row plus the
     centroids (``4·d·nlist``) and an OPQ matrix (``4·d²``); ``IVF…,Flat``: ``4·d + 8`` per row;
-    ``HNSWM``: ``4·d + 8·M`` per row. Other factories are counted as ``Flat``.
+    ``SQfp16`` / ``SQ8`` / ``SQ4`` codes: ``2·d`` / ``d`` / ``d/2`` bytes per row (``+ 8`` in
+    IVF lists); ``HNSWM``: ``4·d + 8·M`` per row. Other factories are counted as ``Flat``.
     """
     nlist = int(m.group(1)) if (m := re.search(r"IVF(\d+)", factory)) else 0
     fixed = 4 * d * nlist + (4 * d * d if factory.startswith("OPQ") else 0)
-    if (pq := re.search(r"PQ(\d+)", factory)) and nlist:
+    if (pq := re.search(r"(?<!S)PQ(\d+)", factory)) and nlist:
         return n * (int(pq.group(1)) + 8) + fixed
+    code = {"SQfp16": 2 * d, "SQ8": d, "SQ4": (d + 1) // 2}
+    if (sq := re.search(r"SQ(fp16|8|4)\b", factory)) is not None:
+        return n * (code["SQ" + sq.group(1)] + (8 if nlist else 0)) + fixed
     if nlist:
         return n * (4 * d + 8) + fixed
     if hnsw := re.match(r"HNSW(\d+)", factory):

@@ -49,7 +49,23 @@ def new_index(factory: str, d: int, metric: str, seed: int) -> faiss.Index:
                                   f"({str(e).splitlines()[-1]}); choose another factory "
                                   "(--factory)") from None
     seed_clustering(index, seed)
+    _encode_keys_not_residuals(index)
     return index
+
+
+def _encode_keys_not_residuals(index: faiss.Index) -> None:
+    """fp16 scalar-quantizer lists store the keys themselves, not their residuals from the
+    centroid (FAISS's default): the datastore's keys are float16, so these codes hold them
+    exactly and ``IVF…,SQfp16`` finds the same neighbours at the same distances as
+    ``IVF…,Flat`` in half the memory, its scan about twice as fast; residual codes would
+    round them again."""
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not an IVF index
+        return
+    if (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
+            and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
+        ivf.by_residual = False
 
 
 def as_float32(x: Any) -> np.ndarray:

@@ -42,6 +42,15 @@ def test_autocast_dtype_resolves_auto_by_the_hardware(monkeypatch, setting, nati
     assert precision.autocast_dtype(setting, torch.device("cpu")) is expected
 
 
+@pytest.mark.parametrize("capabilities, expected", [
+    ({"avx2": True, "avx512_bf16": False}, False), ({"avx512_bf16": True}, True),
+    ({"amx_bf16": True}, True), ({"bf16": True, "neon": True}, True), ({}, False)])
+def test_native_bfloat16_on_cpu_follows_torchs_capabilities(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    assert precision.native_bfloat16(torch.device("cpu")) is expected
+
+
 def test_native_bfloat16_answers_for_any_device():
     assert isinstance(precision.native_bfloat16(torch.device("cpu")), bool)
     assert precision.native_bfloat16(torch.device("meta")) is False

@@ -18,21 +18,23 @@ logger = logging.getLogger(__name__)
 MIXED_PRECISION = ("no", "bf16", "auto")
 
 
+#: CPU features with bfloat16 dot products (``torch.cpu.get_capabilities()``: x86 AVX512-BF16
+#: and AMX, Arm BF16 and SVE-BF16).
+BFLOAT16_CPU_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware: CUDA with bfloat16
-    support (compute capability 8 and later), or a CPU whose bfloat16 instructions oneDNN
-    uses (AVX512-BF16, AMX, Arm BF16). Elsewhere bfloat16 is emulated and slower than
-    float32."""
+    support (compute capability 8 and later), or a CPU with one of
+    :data:`BFLOAT16_CPU_FEATURES` (PyTorch's own ``torch.cpu.get_capabilities``) whose
+    bfloat16 products PyTorch runs through oneDNN. Elsewhere bfloat16 is emulated and
+    slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        # PyTorch's own probe of oneDNN's CPU dispatch (what its CPU tests use); absent
-        # from builds without oneDNN, where bfloat16 matmuls are emulated.
-        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        try:
-            return bool(probe()) if probe is not None else False
-        except RuntimeError:
-            return False
+        capabilities = torch.cpu.get_capabilities()
+        return torch.backends.mkldnn.is_available() and any(
+            capabilities.get(feature, False) for feature in BFLOAT16_CPU_FEATURES)
     return False
 
 

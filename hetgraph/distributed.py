@@ -232,6 +232,21 @@ def current_context() -> DistributedContext:
                               local_rank=_env_int("LOCAL_RANK", 0))
 
 
+def processes_on_this_node() -> int:
+    """How many processes of this job share this machine: ``LOCAL_WORLD_SIZE`` under
+    ``torchrun``, else 1.
+
+    Raises:
+        DistributedEnvironmentError: ``LOCAL_WORLD_SIZE`` is set but not a positive integer.
+    """
+    processes = _env_int("LOCAL_WORLD_SIZE", 1)
+    if processes < 1:
+        raise DistributedEnvironmentError(
+            f"environment variable LOCAL_WORLD_SIZE is {processes} but must be at least 1; "
+            "launch with torchrun, or unset it to run one process")
+    return processes
+
+
 def require_single_process(command: str) -> None:
     """Refuse to run ``command`` as one rank of a ``torchrun`` job (``WORLD_SIZE`` > 1).
 

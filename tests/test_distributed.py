@@ -25,6 +25,7 @@ from hetgraph.distributed import (
     DistributedEnvironmentError,
     current_context,
     init_distributed,
+    processes_on_this_node,
     shard_range,
 )
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, model_perplexity
@@ -256,6 +257,19 @@ def test_ddp_training_matches_one_process_and_resumes_with_another_world_size(jo
         assert trained.keys() == weights.keys()
         for key in weights:
             torch.testing.assert_close(trained[key], weights[key], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("four", "LOCAL_WORLD_SIZE is 'four' but must be an integer"),
+    ("0", "LOCAL_WORLD_SIZE is 0 but must be at least 1")])
+def test_a_bad_local_world_size_is_a_one_line_error(monkeypatch, value, message):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+    with pytest.raises(DistributedEnvironmentError, match=message):
+        processes_on_this_node()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert processes_on_this_node() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert processes_on_this_node() == 4
 
 
 @pytest.mark.parametrize("env, names", [

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 
 from hetgraph.allocator import available_memory_bytes
 from hetgraph.configuration import ConfigError
+from hetgraph.distributed import processes_on_this_node
 from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
 from hetgraph.evaluation.lm import (
     EvalConfig,
@@ -70,8 +70,7 @@ def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
                               "neighbour_states to 'auto' or 'off' (--neighbour-states off)")
         return None
     if config.neighbour_states == "auto":
-        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        budget = available_memory_bytes() // (4 * processes)
+        budget = available_memory_bytes() // (4 * processes_on_this_node())
         if NeighbourStates.estimate_nbytes(lm) > budget or tokens * k < 2 * len(lm.datastore):
             return None
     return NeighbourStates.build(lm, show_progress=False)

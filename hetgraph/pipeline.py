@@ -329,8 +329,14 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
 
 def _changed_training_settings(adapter_dir: Path, training: TrainingConfig) -> str:
     """``"key: saved, now new"`` for each training setting that differs from the one the
-    adapter in ``adapter_dir`` was trained with (``""``: none)."""
-    saved = TrainingConfig.from_dict(read_json(adapter_dir / TRAINING_RESULT)["config"]).to_dict()
+    adapter in ``adapter_dir`` was trained with (``""``: none). The record only informs a
+    warning, so a damaged or foreign one says so instead of stopping a run that reuses a
+    good adapter."""
+    record = adapter_dir / TRAINING_RESULT
+    try:
+        saved = TrainingConfig.from_dict(read_json(record)["config"]).to_dict()
+    except (OSError, ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
+        return f"unknown: {record} has no readable training settings ({type(error).__name__})"
     now = training.to_dict()
     return ", ".join(f"{key}: {saved[key]!r}, now {value!r}" for key, value in now.items()
                      if saved[key] != value)

@@ -232,6 +232,19 @@ def test_reusing_an_adapter_trained_otherwise_says_what_differs(paper_adapter, l
     with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
         prepare_adapter(model, tokenizer, corpus, store, index, same, paper_adapter)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # A damaged training record only changes the warning: the good adapter is still reused.
+    record = paper_adapter / "training.json"
+    saved = record.read_bytes()
+    try:
+        for damaged in (saved[: len(saved) // 2], b'{"result": {}}', b'{"config": {"lr": "x"}}'):
+            record.write_bytes(damaged)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
+                lm = prepare_adapter(model, tokenizer, corpus, store, index, same, paper_adapter)
+            assert lm.config == FusionConfig.paper(k=4)
+            assert "has no readable training settings" in caplog.text
+    finally:
+        record.write_bytes(saved)
 
 
 def test_demo_with_the_paper_preset_and_a_reused_run_directory(workspace, capsys):

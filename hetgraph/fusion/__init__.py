@@ -12,8 +12,7 @@ from hetgraph.fusion.sites import ALL, parse_fusion_layers, resolve_fusion_sites
 
 __all__ = [
     "ALL", "HEAD", "AdapterInputs", "AdapterMismatchError", "CallOptions", "FusionConfig",
-    "FusionHooks", "FusionSite", "GraphInputBuilder", "HetGraphLM", "KNNMixture", "NeighbourStates",
-    "Retrieval",
-    "RetrievalGate", "Retriever", "parse_fusion_layers", "resolve_fusion_sites",
-    "retrieval_statistics", "site_key",
+    "FusionHooks", "FusionSite", "GraphInputBuilder", "HetGraphLM", "KNNMixture",
+    "NeighbourStates", "Retrieval", "RetrievalGate", "Retriever", "parse_fusion_layers",
+    "resolve_fusion_sites", "retrieval_statistics", "site_key",
 ]

@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cache import cache_key, default_cache_dir, load_cached, store_atomically
+from .cache import (
+    cache_key,
+    default_cache_dir,
+    load_cached,
+    remove_dead_temporaries,
+    store_atomically,
+)
 from .chunking import LONG_DOCUMENT_CHARS, encode, encode_long
 from .config import SPLITS, CorpusConfig
 from .documents import Document, read_documents
@@ -129,6 +135,7 @@ def tokenize_corpus(
     entry: Path | None = None
     if use_cache:
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        remove_dead_temporaries(root)
         entry = root / cache_key(tokenizer, documents, config)
         cached = load_cached(entry)
         if cached is not None:

@@ -8,11 +8,17 @@ from typing import Any
 
 import numpy as np
 
+from hetgraph.integrity import (
+    atomic_write_json_record,
+    check_file_record,
+    file_record,
+    read_json_record,
+)
 from hetgraph.io import (
     CORPUS_METADATA,
+    INTEGRITY_KEY,
     StreamingHash,
     atomic_save_npy,
-    atomic_write_json,
     atomic_write_text,
     read_json,
 )
@@ -22,6 +28,13 @@ from .errors import CorpusError
 
 #: Version of the on-disk layout written by :meth:`TokenizedCorpus.save`.
 FORMAT_VERSION = 1
+
+_REWRITE_HINT = "delete its directory and tokenize again"
+
+
+def split_file_names(name: str) -> tuple[str, str, str]:
+    r"""The files :meth:`TokenizedSplit.save` writes for the split ``name``."""
+    return f"{name}.tokens.npy", f"{name}.doc_ids.npy", f"{name}.docs.json"
 
 
 def _read_json_file(path: Path, kind: type) -> Any:
@@ -114,20 +127,30 @@ class TokenizedSplit:
     def save(self, directory: str | Path) -> None:
         """Write ``<name>.tokens.npy``, ``<name>.doc_ids.npy`` and ``<name>.docs.json``."""
         directory = Path(directory)
-        atomic_save_npy(directory / f"{self.name}.tokens.npy", self.tokens)
-        atomic_save_npy(directory / f"{self.name}.doc_ids.npy", self.doc_ids)
-        atomic_write_text(directory / f"{self.name}.docs.json",
-                          json.dumps(self.doc_names, ensure_ascii=False))
+        tokens, doc_ids, docs = split_file_names(self.name)
+        atomic_save_npy(directory / tokens, self.tokens)
+        atomic_save_npy(directory / doc_ids, self.doc_ids)
+        atomic_write_text(directory / docs, json.dumps(self.doc_names, ensure_ascii=False))
 
     @classmethod
     def load(cls, directory: str | Path, name: str, mmap: bool = False) -> TokenizedSplit:
         """Inverse of :meth:`save`; ``mmap=True`` maps the arrays read-only."""
         directory = Path(directory)
         mode = "r" if mmap else None
-        tokens = np.load(directory / f"{name}.tokens.npy", mmap_mode=mode, allow_pickle=False)
-        doc_ids = np.load(directory / f"{name}.doc_ids.npy", mmap_mode=mode, allow_pickle=False)
-        names = _read_json_file(directory / f"{name}.docs.json", list)
-        return cls(name, tokens, doc_ids, names)
+        tokens_file, doc_ids_file, docs_file = split_file_names(name)
+        arrays = []
+        for file in (tokens_file, doc_ids_file):
+            try:
+                arrays.append(np.load(directory / file, mmap_mode=mode, allow_pickle=False))
+            except (OSError, ValueError, EOFError) as error:
+                raise CorpusError(f"{directory / file} cannot be read ({error}); "
+                                  f"{_REWRITE_HINT}") from None
+        names = _read_json_file(directory / docs_file, list)
+        try:
+            return cls(name, *arrays, names)
+        except ValueError as error:
+            raise CorpusError(f"{directory}: the {name} split is inconsistent ({error}); "
+                              f"{_REWRITE_HINT}") from None
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the split's tokens, document ids and names."""
@@ -193,11 +216,16 @@ class TokenizedCorpus:
         }
 
     def save(self, directory: str | Path) -> None:
-        """Write every split and ``corpus.json`` (metadata, written last) into ``directory``."""
+        r"""Write every split and ``corpus.json`` (metadata, written last) into ``directory``.
+
+        ``corpus.json`` records every split file's size and SHA-256 (under ``integrity``)
+        and carries its own checksum, so that :meth:`load` detects a changed byte."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for split in self.splits.values():
             split.save(directory)
+        files = {file: file_record(directory / file)
+                 for name in SPLITS for file in split_file_names(name)}
         metadata = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -205,28 +233,29 @@ class TokenizedCorpus:
             "eos_token_id": int(self.eos_token_id),
             "config": None if self.config is None else self.config.to_dict(),
             "summary": self.summary(),
+            INTEGRITY_KEY: {"files": files},
         }
-        atomic_write_json(directory / CORPUS_METADATA, metadata)
+        atomic_write_json_record(directory / CORPUS_METADATA, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, mmap: bool = False) -> TokenizedCorpus:
         """Inverse of :meth:`save`.
 
+        Every split file is checked against the sizes and checksums ``corpus.json`` records
+        (in full; with ``mmap=True`` only sizes and sampled checksums, so that mapping a
+        large corpus stays cheap). A corpus saved before the record existed loads unchecked.
+
         Raises:
-            CorpusError: if the directory holds no corpus of a known format, or one of its
-                JSON files is malformed (named, with the fix).
+            CorpusError: if the directory holds no corpus of a known format, one of its
+                JSON files is malformed or a file differs from its record (named, with the
+                fix).
         """
         directory = Path(directory)
+        metadata = read_metadata(directory)
+        problems = integrity_problems(directory, metadata, full=not mmap)
+        if problems:
+            raise CorpusError(f"{problems[0]}; {_REWRITE_HINT}")
         meta_path = directory / CORPUS_METADATA
-        if not meta_path.is_file():
-            raise CorpusError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} "
-                              "missing); delete it and tokenize again")
-        metadata = _read_json_file(meta_path, dict)
-        if metadata.get("format_version") != FORMAT_VERSION:
-            raise CorpusError(
-                f"{directory}: tokenized corpus format {metadata.get('format_version')}, "
-                f"expected {FORMAT_VERSION}; delete it and tokenize again"
-            )
         splits = {name: TokenizedSplit.load(directory, name, mmap=mmap) for name in SPLITS}
         config = metadata.get("config")
         try:
@@ -248,3 +277,57 @@ class TokenizedCorpus:
             for name, split in self.splits.items()
         )
         return f"TokenizedCorpus({parts}, fingerprint={self.fingerprint!r})"
+
+
+def read_metadata(directory: str | Path) -> dict[str, Any]:
+    r"""The ``corpus.json`` of the tokenized corpus in ``directory``, its own checksum (when
+    it has one) checked, and its format version.
+
+    Raises:
+        CorpusError: it is missing, damaged, or of another format version.
+    """
+    directory = Path(directory)
+    meta_path = directory / CORPUS_METADATA
+    if not meta_path.is_file():
+        raise CorpusError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} "
+                          "missing); delete it and tokenize again")
+    metadata = read_json_record(meta_path, CorpusError, _REWRITE_HINT)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CorpusError(
+            f"{directory}: tokenized corpus format {metadata.get('format_version')}, "
+            f"expected {FORMAT_VERSION}; delete it and tokenize again"
+        )
+    return metadata
+
+
+def file_records(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    r"""The per-file records of a ``corpus.json``, or ``None`` when it has none."""
+    integrity = metadata.get(INTEGRITY_KEY)
+    files = integrity.get("files") if isinstance(integrity, dict) else None
+    return files if isinstance(files, dict) else None
+
+
+def integrity_problems(directory: str | Path, metadata: dict[str, Any], *,
+                       full: bool = True) -> list[str]:
+    r"""One line per split file of the tokenized corpus in ``directory`` that differs from
+    the record in its ``metadata`` (:func:`read_metadata`), naming the file; empty when all
+    match or when there is no record (a corpus saved by an older hetgraph).
+
+    Args:
+        full: compare whole-file SHA-256 checksums (else sizes and sampled checksums only).
+    """
+    directory = Path(directory)
+    records = file_records(metadata)
+    if records is None:
+        return []
+    problems = []
+    for name in SPLITS:
+        for file in split_file_names(name):
+            record = records.get(file)
+            if not isinstance(record, dict):
+                problems.append(f"{directory / CORPUS_METADATA} records no checksum of {file}")
+                continue
+            problem = check_file_record(directory / file, record, full=full)
+            if problem is not None:
+                problems.append(f"{directory / file} {problem}")
+    return problems

@@ -212,8 +212,12 @@ def _refuse_custom_code(where: str, error: Exception) -> None:
 
 
 def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
-    gguf = embedded_gguf_path()
+    from hetgraph.corpus.cache import remove_dead_temporaries
+
     cached = cache_root() / MODEL_CACHE_DIR / _EMBEDDED_CACHE_NAME
+    # A de-quantisation killed mid-write leaves a ~300 MB temporary copy behind.
+    remove_dead_temporaries(cached.parent)
+    gguf = embedded_gguf_path()
     source = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size,
               "distribution_version": _distribution_version()}
     if not _valid_cache(cached, source):

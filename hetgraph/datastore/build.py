@@ -68,6 +68,7 @@ from hetgraph.io import (
     DOC_NAMES,
     atomic_save_npy,
     atomic_write_text,
+    check_free_space,
     json_fingerprint,
     remove_stale_temporaries,
     storage_errors,
@@ -386,15 +387,21 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
 
 
 def _allocate(path: Path) -> None:
-    """Reserve ``path``'s blocks now, so that a full disk is an error here and not a
-    ``SIGBUS`` when a memmap page is written later (a no-op where unsupported)."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-    finally:
-        os.close(fd)
+    """Reserve ``path``'s blocks now, so that a full disk is an error here (a
+    :class:`~hetgraph.io.StorageError` naming the file, the space needed and free) and not a
+    ``SIGBUS`` when a memmap page is written later. Where the file system cannot reserve
+    blocks, the free space is checked instead."""
+    size = path.stat().st_size
+    with storage_errors(path, needed=size):
+        if not hasattr(os, "posix_fallocate"):
+            check_free_space(path, size - path.stat().st_blocks * 512)
+            return
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            check_free_space(path, size - os.fstat(fd).st_blocks * 512)
+        finally:
+            os.close(fd)

@@ -29,6 +29,7 @@ from hetgraph.datastore.integrity import ARRAY_NAMES, array_path, open_array
 from hetgraph.errors import HetgraphError
 from hetgraph.integrity import atomic_write_json_record, read_json_record
 from hetgraph.io import DATASTORE_METADATA, DOC_NAMES, read_json
+from hetgraph.locking import while_unlocked
 from hetgraph.models.fingerprint import (
     config_fingerprint,
     tokenizer_matches,
@@ -251,23 +252,29 @@ class Datastore:
 
         Raises:
             DatastoreError: missing, incomplete or damaged datastore, or a mismatch.
+            hetgraph.locking.LockError: missing, incomplete or damaged as far as can be seen
+                while another process is writing it (a build running).
         """
         from hetgraph.datastore.integrity import recorded_file_problems
 
         path = Path(path)
         meta_file = path / DATASTORE_METADATA
-        if not meta_file.exists():
-            raise DatastoreError(f"no datastore at {path} (no {DATASTORE_METADATA}); build one "
-                                 "(hetgraph datastore build … --out DIR, or build_datastore)")
-        metadata = DatastoreMetadata.load(meta_file)
-        if not metadata.complete and not allow_incomplete:
-            raise DatastoreError(
-                f"the datastore at {path} is incomplete (its build was interrupted); resume it by "
-                "running the same build command again (same model, corpus and config)")
-        problems = recorded_file_problems(path, metadata, full=False)
-        if problems:
-            raise DatastoreError(f"datastore {path}: {problems[0]}; {rebuild_hint(path)}")
-        store = cls(path, metadata)
+        # What a build running meanwhile has not finished looks missing or incomplete: then
+        # the error says that a build is running instead.
+        with while_unlocked(path, "datastore"):
+            if not meta_file.exists():
+                raise DatastoreError(f"no datastore at {path} (no {DATASTORE_METADATA}); build "
+                                     "one (hetgraph datastore build … --out DIR, or "
+                                     "build_datastore)")
+            metadata = DatastoreMetadata.load(meta_file)
+            if not metadata.complete and not allow_incomplete:
+                raise DatastoreError(
+                    f"the datastore at {path} is incomplete (its build was interrupted); resume "
+                    "it by running the same build command again (same model, corpus and config)")
+            problems = recorded_file_problems(path, metadata, full=False)
+            if problems:
+                raise DatastoreError(f"datastore {path}: {problems[0]}; {rebuild_hint(path)}")
+            store = cls(path, metadata)
         store.check(model=model, tokenizer=tokenizer, key_layer=key_layer)
         return store
 

@@ -2,10 +2,12 @@
 on-disk index): writing, checked reading, and the full check :func:`hetgraph.verify.verify` runs.
 
 ``index.json`` carries its own checksum and an integrity record of ``index.faiss`` (size,
-full and sampled SHA-256). Saving removes the old ``index.json`` first, so a save that is
-interrupted leaves no pair that looks complete. Loading checks the record cheaply (size and
-sampled checksum), then refuses a file whose dimension, size or metric disagrees with
-``index.json`` (an index read with the wrong metric would rank neighbours backwards).
+full and sampled SHA-256). Saving writes the new ``index.faiss`` aside, then removes
+the old ``index.json`` before renaming it into place, so a save that is interrupted leaves
+no pair that looks complete and one that fails for lack of space leaves the old index
+whole. Loading checks the record cheaply (size and sampled checksum), then refuses a file
+whose dimension, size or metric disagrees with ``index.json`` (an index read with the wrong
+metric would rank neighbours backwards).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from hetgraph.io import (
     remove_stale_temporaries,
     storage_errors,
 )
-from hetgraph.locking import directory_lock
+from hetgraph.locking import LockError, directory_lock, while_unlocked
 
 INDEX_FORMAT_VERSION = 1
 #: FAISS's metric constant of each ``IndexConfig.metric``.
@@ -60,12 +62,15 @@ def write_index_files(directory: Path, index: faiss.Index, meta: dict[str, Any])
     with directory_lock(directory, "index"), storage_errors(
             directory, "build the index again"):
         remove_stale_temporaries(directory)
-        for stale in (INDEX_METADATA, INDEX_LISTS_FILE):  # no stale pair if interrupted;
-            with contextlib.suppress(FileNotFoundError):  # no lists of an on-disk predecessor
-                (directory / stale).unlink()
-        fsync_directory(directory)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(index, str(tmp))
+            # Written in full (a full disk leaves the old index whole); before the rename,
+            # retire the old pair (no stale pair if interrupted) and an on-disk
+            # predecessor's lists.
+            for stale in (INDEX_METADATA, INDEX_LISTS_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / stale).unlink()
+            fsync_directory(directory)
         record = {"files": {INDEX_FILE: file_record(directory / INDEX_FILE)}}
         atomic_write_json_record(directory / INDEX_METADATA, {**meta, INTEGRITY_KEY: record})
 
@@ -75,7 +80,14 @@ def read_index_metadata(directory: Path) -> dict[str, Any]:
 
     Raises:
         DatastoreIndexError: missing or damaged files.
+        hetgraph.locking.LockError: so it seems because another process is writing the
+            index right now.
     """
+    with while_unlocked(directory, "index"):
+        return _read_index_metadata(directory)
+
+
+def _read_index_metadata(directory: Path) -> dict[str, Any]:
     meta_file, index_file = directory / INDEX_METADATA, directory / INDEX_FILE
     if not meta_file.is_file() or not index_file.is_file():
         raise DatastoreIndexError(
@@ -140,7 +152,14 @@ def read_faiss_index(directory: Path, meta: dict[str, Any], *, full: bool = Fals
     Raises:
         DatastoreIndexError: the file is damaged or disagrees with ``index.json`` (vectors,
             dimension or metric).
+        hetgraph.locking.LockError: so it seems because another process is writing the
+            index right now.
     """
+    with while_unlocked(directory, "index"):
+        return _read_faiss_index(directory, meta, full)
+
+
+def _read_faiss_index(directory: Path, meta: dict[str, Any], full: bool) -> faiss.Index:
     index_file, hint = directory / INDEX_FILE, rebuild_index_hint(directory)
     problem = index_file_problem(directory, meta, full=full)
     if problem:
@@ -171,6 +190,6 @@ def index_problems(directory: Path) -> tuple[list[str], list[str]]:
         if is_on_disk(meta):
             names.append(INDEX_LISTS_FILE)
         read_faiss_index(directory, meta, full=True)
-    except DatastoreIndexError as error:
+    except (DatastoreIndexError, LockError) as error:
         return names, [str(error)]
     return names, []

@@ -20,7 +20,9 @@ Building (:func:`build_ondisk_index`):
    ``index.json`` with both files' integrity records, and removes ``shards/``.
 
 Every file is written atomically (:func:`hetgraph.io.atomic_path`); ``index.json`` is removed
-before the merge and written after it, so an interrupted build is never loaded. The result
+once the merged lists are written and before they are renamed into place, and written
+after, so an interrupted build is never loaded. The merge first checks the free space
+(FAISS writes the lists through a memory map, where a full disk would be a ``SIGBUS``). The result
 does not depend on the number of processes (same training sample, same ids, lists merged in
 block order).
 """
@@ -65,15 +67,19 @@ from hetgraph.io import (
     INDEX_TRAINED_FILE,
     atomic_path,
     atomic_write_json,
+    check_free_space,
     fsync_directory,
     read_json,
     remove_stale_temporaries,
     storage_errors,
+    storage_reason,
 )
 from hetgraph.locking import directory_lock
 
 logger = logging.getLogger(__name__)
 
+#: What to do after a full disk or an interrupted build: blocks already written are kept.
+RESUME_HINT = "run the same index build again (it resumes from the index blocks written)"
 #: ``auto`` keeps the lists on disk from this many rows on, whatever the free memory.
 ONDISK_ROW_LIMIT = 50_000_000
 #: ``auto`` also keeps them on disk when the in-memory index would take more than this
@@ -134,8 +140,8 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     Args:
         keys: ``[N, d]`` array (typically the datastore's fp16 memmap) or a
             :class:`~hetgraph.datastore.Datastore`.
-        directory: the index directory (``DATASTORE/index``); an index already there is
-            unusable from the start of the merge (its ``index.json`` is removed first).
+        directory: the index directory (``DATASTORE/index``); an index already there stays
+            usable until the new lists are written (then its ``index.json`` is removed).
         config: :class:`IndexConfig`; ``factory`` must be an IVF factory or ``auto``
             (:func:`~hetgraph.index.faiss_index.ivf_pq_factory`); ``shard_rows`` rows per
             block file.
@@ -160,28 +166,38 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
             "num_vectors": n, "dim": d, "seed": config.seed, "train_size": config.train_size,
             "shard_rows": config.shard_rows, "datastore_fingerprint": datastore_fingerprint}
     shards = directory / INDEX_SHARDS_DIR
-    ctx.run_on_main(lambda: _prepare(keys, shards, plan, config))
-    ctx.barrier()
-    blocks = math.ceil(n / config.shard_rows)
-    mine = ctx.share(blocks)
-    rows = min(n, mine.stop * config.shard_rows) - mine.start * config.shard_rows if mine else 0
-    with tqdm(total=rows, desc=f"index {factory} (on disk)", unit="vec", dynamic_ncols=True,
-              disable=not (show_progress and ctx.is_main)) as bar:
-        for block in mine:
-            _build_block(keys, shards, block, config)
-            bar.update(min(n, (block + 1) * config.shard_rows) - block * config.shard_rows)
-    ctx.barrier()
-    meta = {"format_version": INDEX_FORMAT_VERSION, "factory": factory, "metric": config.metric,
-            "num_vectors": n, "dim": d, "datastore_fingerprint": datastore_fingerprint,
-            "config": {**config.to_dict(), "on_disk": True}}
-    ctx.run_on_main(lambda: _merge(directory, blocks, meta))
-    ctx.barrier()
+    # Rank 0 holds the index directory's lock for the whole build, so that a reader meanwhile
+    # is told a build is running instead of "no index", and stale temporaries can go.
+    with contextlib.ExitStack() as lock:
+        ctx.run_on_main(lambda: _prepare(lock, keys, shards, plan, config))
+        ctx.barrier()
+        blocks = math.ceil(n / config.shard_rows)
+        mine = ctx.share(blocks)
+        rows = (min(n, mine.stop * config.shard_rows) - mine.start * config.shard_rows
+                if mine else 0)
+        with tqdm(total=rows, desc=f"index {factory} (on disk)", unit="vec", dynamic_ncols=True,
+                  disable=not (show_progress and ctx.is_main)) as bar:
+            for block in mine:
+                _build_block(keys, shards, block, config)
+                bar.update(min(n, (block + 1) * config.shard_rows) - block * config.shard_rows)
+        ctx.barrier()
+        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": factory,
+                "metric": config.metric, "num_vectors": n, "dim": d,
+                "datastore_fingerprint": datastore_fingerprint,
+                "config": {**config.to_dict(), "on_disk": True}}
+        ctx.run_on_main(lambda: _merge(directory, blocks, meta))
+        ctx.barrier()
     return DatastoreIndex.load(directory)
 
 
-def _prepare(keys: Any, shards: Path, plan: dict[str, Any], config: IndexConfig) -> None:
-    """Rank 0: train the index (unless ``shards/`` holds this plan's training already)."""
-    with storage_errors(shards, "build the index again"):
+def _prepare(lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str, Any],
+             config: IndexConfig) -> None:
+    """Rank 0: lock the index directory (until ``lock`` closes); train the index (unless
+    ``shards/`` holds this plan's training already)."""
+    lock.enter_context(directory_lock(shards.parent, "index"))
+    remove_stale_temporaries(shards.parent)
+    remove_stale_temporaries(shards)
+    with storage_errors(shards, RESUME_HINT):
         if (shards / INDEX_PLAN_FILE).is_file() and read_json(shards / INDEX_PLAN_FILE) == plan \
                 and (shards / INDEX_TRAINED_FILE).is_file():
             logger.info("resuming the index build in %s", shards)
@@ -223,7 +239,7 @@ def _build_block(keys: Any, shards: Path, block: int, config: IndexConfig) -> No
         hi = min(stop, lo + config.add_chunk_size)
         rows = np.arange(lo, hi, dtype=np.int64)
         index.add_with_ids(finite_rows(as_float32(keys[lo:hi]), rows, "the keys"), rows)
-    with storage_errors(shards, "build the index again"), atomic_path(target) as tmp:
+    with storage_errors(shards, RESUME_HINT), atomic_path(target) as tmp:
         faiss.write_index(index, str(tmp))
     logger.info("index block %d (rows %d-%d) written to %s", block, start, stop, target)
 
@@ -238,12 +254,16 @@ def _merge(directory: Path, blocks: int, meta: dict[str, Any]) -> None:
         raise DatastoreIndexError(
             f"{missing[0]} is missing ({len(missing)} of {blocks} index blocks; a rank did not "
             "finish); run the same index build again to resume")
-    with directory_lock(directory, "index"), storage_errors(directory, "build the index again"):
-        remove_stale_temporaries(directory)
-        with contextlib.suppress(FileNotFoundError):
-            (directory / INDEX_METADATA).unlink()  # no stale pair if the merge is interrupted
-        fsync_directory(directory)
-        with atomic_path(directory / INDEX_LISTS_FILE) as tmp_lists:
+    with storage_errors(directory, RESUME_HINT):
+        # The lists are written through a memory map that FAISS grows as a sparse file: on
+        # a full disk a page written there is a SIGBUS, not an error. Refuse it up front,
+        # while the previous index (if any) is still whole.
+        trained = shards / INDEX_TRAINED_FILE
+        ivf = faiss.extract_index_ivf(faiss.read_index(str(trained)))
+        lists_bytes = int(meta["num_vectors"]) * (int(ivf.code_size) + 8)
+        check_free_space(directory / INDEX_LISTS_FILE,
+                         lists_bytes + 2 * trained.stat().st_size + (1 << 20))
+        with atomic_path(directory / INDEX_LISTS_FILE, size=lists_bytes) as tmp_lists:
             _write_merged(shards, files, tmp_lists, directory)
         write_ondisk_metadata(directory, meta)
         shutil.rmtree(shards, ignore_errors=True)
@@ -254,9 +274,16 @@ def _write_merged(shards: Path, files: list[Path], lists: Path, directory: Path)
     try:
         merge_ondisk(index, [str(f) for f in files], str(lists))
     except RuntimeError as e:
+        if storage_reason(e) is not None:
+            raise  # atomic_path names the file
         raise DatastoreIndexError(f"an index block in {shards} is damaged "
                                   f"({str(e).splitlines()[-1]}); delete {shards} and build the "
                                   "index again") from None
+    # The new lists are complete: only now retire the old index (no stale pair if the
+    # renames below are interrupted; a failed merge leaves the old index whole).
+    with contextlib.suppress(FileNotFoundError):
+        (directory / INDEX_METADATA).unlink()
+    fsync_directory(directory)
     invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     invlists.filename = str(directory / INDEX_LISTS_FILE)  # its name once renamed into place
     with atomic_path(directory / INDEX_FILE) as tmp:

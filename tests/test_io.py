@@ -319,7 +319,8 @@ class _TinyAdapterLM(torch.nn.Module):
         atomic_save_safetensors(Path(directory) / ADAPTER_WEIGHTS,
                                 {"weight": self.weight.detach().clone()})
         # The smallest adapter_config.json a checkpoint reader accepts (no integrity record).
-        atomic_write_json(Path(directory) / "adapter_config.json", {"fusion": {}, "model": {}})
+        atomic_write_json(Path(directory) / "adapter_config.json",
+                          {"format_version": 1, "fusion": {}, "model": {}})
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)

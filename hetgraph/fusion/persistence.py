@@ -7,12 +7,14 @@ adapter config, and the identity of the base model and datastore it was trained 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hetgraph.errors import HetgraphError
@@ -27,10 +29,12 @@ from hetgraph.io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     INTEGRITY_KEY,
-    atomic_save_safetensors,
+    atomic_path,
     fsync_directory,
     storage_errors,
 )
+from hetgraph.limits import ResourceLimitError, check_memory, format_bytes
+from hetgraph.locking import LockError, while_unlocked
 from hetgraph.models.fingerprint import (
     config_fingerprint,
     tokenizer_fingerprint,
@@ -106,28 +110,35 @@ class AdapterPersistenceMixin:
         """Write ``adapter.safetensors`` (adapters + gates) and ``adapter_config.json`` (with
         the weights file's size and checksums, and its own checksum).
 
-        The old ``adapter_config.json`` is removed first, so an interrupted save never leaves
-        a pair of files that looks complete.
+        Both new files are written in full under temporary names first; only then is the
+        old ``adapter_config.json`` removed and the two renamed into place (weights, then
+        config). A save that fails — a full disk — leaves the previous adapter as it was,
+        and one interrupted between the renames leaves no pair of files that looks complete.
 
         Raises:
-            hetgraph.io.StorageError: the disk is full.
+            hetgraph.io.StorageError: the disk is full (the previous adapter is kept).
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         config = {
             "format_version": FORMAT_VERSION,
             "fusion": self.config.to_dict(),
             "adapters": {key: adapter.config.to_dict() for key, adapter in self.adapters.items()},
             **self.adapter_identity(),
         }
-        with storage_errors(directory, "save the adapter again"):
-            with contextlib.suppress(FileNotFoundError):
-                (directory / ADAPTER_CONFIG).unlink()
-            fsync_directory(directory)
-            atomic_save_safetensors(directory / ADAPTER_WEIGHTS, self.adapter_state_dict())
-            config[INTEGRITY_KEY] = {
-                "files": {ADAPTER_WEIGHTS: file_record(directory / ADAPTER_WEIGHTS)}}
-            atomic_write_json_record(directory / ADAPTER_CONFIG, config)
+        state = self.adapter_state_dict()
+        size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096
+        with storage_errors(directory, "save the adapter again (the previous one is kept)",
+                            outer_then_first=True):
+            directory.mkdir(parents=True, exist_ok=True)
+            # Exits in reverse order: the weights are renamed into place before the config.
+            with atomic_path(directory / ADAPTER_CONFIG) as tmp_config, \
+                    atomic_path(directory / ADAPTER_WEIGHTS, size=size) as tmp_weights:
+                save_file(state, str(tmp_weights))
+                config[INTEGRITY_KEY] = {"files": {ADAPTER_WEIGHTS: file_record(tmp_weights)}}
+                atomic_write_json_record(tmp_config, config)
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / ADAPTER_CONFIG).unlink()
+                fsync_directory(directory)
 
     @classmethod
     def from_pretrained(
@@ -161,13 +172,21 @@ class AdapterPersistenceMixin:
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
-    """``adapter_config.json`` of ``directory``, its checksum checked (when it has one).
+    """``adapter_config.json`` of ``directory``, its checksum, format version and sections
+    checked.
 
     Raises:
         AdapterNotFoundError: there is none.
-        AdapterFileError: it is damaged.
+        AdapterFileError: it is damaged or of another format version.
+        hetgraph.locking.LockError: missing or damaged as far as can be seen while another
+            process is writing the directory (training saving its best adapter).
     """
     directory = Path(directory)
+    with while_unlocked(directory, "adapter directory"):
+        return _read_adapter_config(directory)
+
+
+def _read_adapter_config(directory: Path) -> dict[str, Any]:
     config_path = directory / ADAPTER_CONFIG
     if not config_path.is_file():
         raise AdapterNotFoundError(
@@ -175,31 +194,171 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
             "HetGraphLM.save_pretrained / hetgraph train? (An interrupted save leaves none: "
             f"{retrain_hint(directory)})")
     saved = read_json_record(config_path, AdapterFileError, retrain_hint(directory))
+    version = saved.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise AdapterFileError(f"{config_path}: unsupported adapter format {version!r} (this "
+                               f"hetgraph reads format {FORMAT_VERSION}); "
+                               f"{retrain_hint(directory)}")
+    integrity = saved.get(INTEGRITY_KEY, {})
+    # An integrity section, when there is one, must hold a record of the weights: a
+    # malformed one must not switch the weights check off.
+    record_ok = INTEGRITY_KEY not in saved or (
+        isinstance(integrity, dict) and isinstance(integrity.get("files"), dict)
+        and isinstance(integrity["files"].get(ADAPTER_WEIGHTS), dict))
     if not isinstance(saved.get("fusion"), dict) or not isinstance(saved.get("model"), dict) \
-            or not isinstance(saved.get(INTEGRITY_KEY, {}), dict):
+            or not record_ok:
         raise AdapterFileError(f"{config_path} is damaged (invalid fusion, model or integrity "
                                f"section); {retrain_hint(directory)}")
     return saved
+
+
+#: Bytes per element of the safetensors dtypes.
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+#: Largest safetensors header read (the format's own limit is 100 MB).
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file's header declares, read without loading any
+    tensor (a small file can declare huge tensors over a sparse file).
+
+    Raises:
+        AdapterFileError: the header is unreadable or inconsistent with the file's size.
+    """
+    path = Path(path)
+    damaged = f"{path} is damaged (not a readable safetensors file)"
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            length = int.from_bytes(f.read(8), "little")
+            if size < 8 or length > min(_MAX_HEADER_BYTES, size - 8):
+                raise AdapterFileError(damaged)
+            header = json.loads(f.read(length))
+        shapes, ends = {}, []
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            shape = tuple(entry["shape"])
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                       for n in shape):
+                raise TypeError(name)
+            shapes[name] = shape
+            begin, end = entry["data_offsets"]
+            if end - begin != math.prod(shape) * _DTYPE_BYTES[entry["dtype"]]:
+                raise ValueError(name)
+            ends.append(end)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise AdapterFileError(damaged) from None
+    if ends and max(ends) != size - 8 - length:
+        raise AdapterFileError(damaged)
+    return shapes
+
+
+def expected_adapter_shapes(saved: dict[str, Any], config_path: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors the adapter config ``saved`` implies (its adapters built on
+    PyTorch's ``meta`` device: nothing is allocated), checked against the memory available
+    (:func:`hetgraph.limits.check_memory`).
+
+    Raises:
+        AdapterFileError: the config's adapter sections do not describe adapters.
+        hetgraph.limits.ResourceLimitError: they would not fit in memory.
+    """
+    from hetgraph.fusion.gates import RetrievalGate
+    from hetgraph.nn import AdapterConfig, GraphAdapter
+
+    adapters = saved.get("adapters")
+    hint = retrain_hint(config_path.parent)
+    shapes: dict[str, tuple[int, ...]] = {}
+    try:
+        configs = {key: AdapterConfig.from_dict(value) for key, value in adapters.items()}
+        for key, config in configs.items():
+            # Before building anything (slow for absurd sizes): a lower bound, one hidden ×
+            # hidden float32 matrix per layer.
+            check_memory(f"the adapter {key!r} of {config_path}",
+                         4 * config.num_layers * (config.hidden_channels or 1) ** 2,
+                         f"the file is damaged; {hint}")
+            with torch.device("meta"):
+                module = GraphAdapter(config)
+                gate_shape = (int(config.out_channels),)
+                retrieval = (RetrievalGate().state_dict()
+                             if saved["fusion"].get("gate") == "retrieval" else {})
+            tensors = module.state_dict()
+            check_memory(f"the adapter {key!r} of {config_path}",
+                         4 * sum(t.numel() for t in tensors.values()),
+                         f"the file is damaged; {hint}")
+            shapes.update({f"adapters.{key}.{name}": tuple(t.shape)
+                           for name, t in tensors.items()})
+            shapes[f"gates.{key}"] = gate_shape
+            shapes.update({f"retrieval_gates.{key}.{name}": tuple(t.shape)
+                           for name, t in retrieval.items()})
+    except ResourceLimitError:
+        raise
+    except Exception as error:  # any malformed section: the config cannot be right
+        raise AdapterFileError(f"{config_path} is damaged (its adapters section: "
+                               f"{type(error).__name__}: {error}); {hint}") from None
+    return shapes
+
+
+def check_weight_shapes(path: Path, saved: dict[str, Any], config_path: Path) -> None:
+    """Refuse ``adapter.safetensors`` when the tensors its header declares are not those
+    ``adapter_config.json`` implies — before reading them (a few KB on disk can declare
+    gigabytes over a sparse file).
+
+    Raises:
+        AdapterFileError: other tensors or shapes.
+        hetgraph.limits.ResourceLimitError: the declared tensors would not fit in memory.
+    """
+    declared = safetensors_shapes(path)
+    hint = retrain_hint(path.parent)
+    if "adapters" not in saved:  # nothing to compare with: at least the memory it would take
+        check_memory(f"the tensors {path} declares",
+                     sum(math.prod(shape) for shape in declared.values()) * 4,
+                     f"the file is damaged; {hint}")
+        return
+    expected = expected_adapter_shapes(saved, config_path)
+    wrong = sorted(k for k in declared.keys() & expected.keys() if declared[k] != expected[k])
+    extra, missing = sorted(declared.keys() - expected.keys()), sorted(
+        expected.keys() - declared.keys())
+    if wrong or extra or missing:
+        total = sum(math.prod(shape) for shape in declared.values()) * 4
+        what = (f"{wrong[0]} has shape {list(declared[wrong[0]])}, the config implies "
+                f"{list(expected[wrong[0]])}" if wrong else
+                f"unexpected {extra[:3]}" if extra else f"missing {missing[:3]}")
+        raise AdapterFileError(f"{path} does not match {config_path} ({what}; it declares "
+                               f"about {format_bytes(total)} of tensors): the file is damaged "
+                               f"or not this adapter's; {hint}")
 
 
 def read_adapter_weights(directory: str | Path, device: torch.device | str = "cpu",
                          saved: dict[str, Any] | None = None) -> dict[str, Tensor]:
     """The tensors of ``directory/adapter.safetensors`` on ``device``, checked in full against
     the record in ``adapter_config.json`` (``saved``, read if not given; adapters saved by
-    older versions have no record) and for non-finite values.
+    older versions have no record), against the shapes the config implies (before they are
+    read) and for non-finite values.
 
     Raises:
-        AdapterFileError: the file is missing, damaged, or holds NaN / inf.
+        AdapterFileError: the file is missing, damaged, of other shapes, or holds NaN / inf.
+        hetgraph.locking.LockError: so it seems while another process is writing the
+            directory (training saving its best adapter).
     """
     directory = Path(directory)
+    with while_unlocked(directory, "adapter directory"):
+        return _read_adapter_weights(directory, device, saved)
+
+
+def _read_adapter_weights(directory: Path, device: torch.device | str,
+                          saved: dict[str, Any] | None) -> dict[str, Tensor]:
     path, hint = directory / ADAPTER_WEIGHTS, retrain_hint(directory)
-    saved = read_adapter_config(directory) if saved is None else saved
+    saved = _read_adapter_config(directory) if saved is None else saved
     files = saved.get(INTEGRITY_KEY, {}).get("files")
     record = files.get(ADAPTER_WEIGHTS) if isinstance(files, dict) else None
     problem = check_file_record(path, record, full=True) if isinstance(record, dict) else (
         None if path.is_file() else "is missing")
     if problem:
         raise AdapterFileError(f"{path} {problem}; {hint}")
+    check_weight_shapes(path, saved, directory / ADAPTER_CONFIG)
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError):
@@ -213,11 +372,12 @@ def read_adapter_weights(directory: str | Path, device: torch.device | str = "cp
 
 
 def adapter_problems(directory: str | Path) -> tuple[list[str], list[str]]:
-    """Every check of the adapter in ``directory`` (both files in full): ``(files checked,
-    problems)``; each problem names the file and the repair."""
+    """Every check of the adapter in ``directory`` (both files in full, the weights' shapes
+    against the config): ``(files checked, problems)``; each problem names the file and the
+    repair."""
     try:
         read_adapter_weights(directory)
-    except AdapterFileError as error:
+    except (AdapterFileError, ResourceLimitError, LockError) as error:
         return [ADAPTER_CONFIG, ADAPTER_WEIGHTS], [str(error)]
     return [ADAPTER_CONFIG, ADAPTER_WEIGHTS], []
 

@@ -25,7 +25,14 @@ from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.persistence import read_adapter_config
-from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT, atomic_write_json
+from hetgraph.io import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_DIR,
+    TRAINING_RESULT,
+    atomic_write_json,
+    remove_stale_temporaries,
+    storage_errors,
+)
 from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.training.checkpoint import (
@@ -46,6 +53,9 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+#: What to do after a full disk: the best adapter saved so far and the last checkpoint stay.
+RESUME_HINT = ("run the same train command again (it resumes from the last checkpoint; the "
+               "best adapter saved so far is kept)")
 
 
 class TrainingError(HetgraphError):
@@ -360,9 +370,12 @@ def train_adapter(
     ctx = distributed or current_context()
     if config.init_from is not None:
         check_init_from(config.init_from, out_dir)
-    with ExitStack() as lock:
+    with ExitStack() as lock, storage_errors(out_dir, RESUME_HINT):
         ctx.run_on_main(lambda: lock.enter_context(
             directory_lock(out_dir, "adapter directory")) and None)
+        # Under the lock: what killed writers left (a checkpoint directory or adapter file
+        # half-written under a temporary name) goes.
+        ctx.run_on_main(lambda: remove_stale_temporaries(out_dir) and None)
         run = _TrainingRun(lm, train_split, valid_split, config, out_dir, eval_config, ctx)
         if not (resume and run.resume()) and config.init_from is not None:
             load_initial_adapter(lm, config.init_from, run.device, out_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from hetgraph.io import (
     INDEX_PLAN_FILE,
     INDEX_SHARDS_DIR,
     INDEX_TRAINED_FILE,
+    remove_without_following,
     temporary_target,
 )
 from hetgraph.locking import LOCK_FILE
@@ -156,14 +156,12 @@ def clear_datastore(directory: Path) -> None:
     for path in directory.iterdir():
         if path.name == LOCK_FILE:
             continue
-        if path.is_dir():
-            for inner in path.iterdir():
-                if inner.is_dir():  # the shards of an unfinished on-disk index build
-                    shutil.rmtree(inner)
-                elif inner.name != LOCK_FILE:
-                    inner.unlink()
+        if path.is_dir() and not path.is_symlink():  # a linked index/: only the link goes
+            for inner in path.iterdir():  # shards/ of an unfinished on-disk index build too
+                if inner.name != LOCK_FILE:
+                    remove_without_following(inner, directory)
         else:
-            path.unlink()
+            remove_without_following(path, directory)
     logger.info("removed the datastore files in %s", directory)
 
 

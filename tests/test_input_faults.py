@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hetgraph.cli import main
-from hetgraph.corpus import TokenizedCorpus
+from hetgraph.corpus import CorpusConfig, CorpusError, TokenizedCorpus, read_documents
 from hetgraph.corpus.cache import corpus_cache_problems, remove_dead_temporaries
 from hetgraph.corpus.tokenization import tokenize_corpus
 from hetgraph.io import CORPUS_METADATA, read_json
@@ -289,3 +289,64 @@ def test_damaged_gguf_is_one_line(tmp_path, capsys, content) -> None:
              "--out", tmp_path / "ds", "--threads", "1")
     line = one_error_line(capsys)
     assert rc == 2 and f"{path} is not a readable GGUF file" in line
+
+
+# -- item 4: corpus globs and deeply nested JSON lines ---------------------------------------
+@pytest.mark.parametrize(("glob", "expected"), [
+    ("/etc/*", r"glob '/etc/\*' is absolute"),
+    ("../**/*.txt", r"glob '\.\./\*\*/\*\.txt' climbs out of the corpus directory"),
+    ("docs/../../*", r"climbs out of the corpus directory"),
+    ("", r"glob must be a non-empty string"),
+])
+def test_corpus_glob_outside_the_directory_is_one_line(models, tmp_path, capsys, glob,
+                                                      expected) -> None:
+    config = tmp_path / "corpus.json"
+    config.write_text(json.dumps({"glob": glob}))
+    rc = run("datastore", "build", "--model", models / "qwen2", "--corpus", models / "corpus",
+             "--corpus-config", config, "--out", tmp_path / "ds", "--threads", "1")
+    line = one_error_line(capsys)
+    assert rc == 2 and f"--corpus-config {config}" in line and re.search(expected, line), line
+    assert not (tmp_path / "ds").exists()
+
+
+def test_relative_globs_still_read(tmp_path: Path) -> None:
+    root = write_word_corpus(tmp_path / "c", num_documents=2)
+    (root / "sub").mkdir()
+    (root / "sub" / "x.md").write_text("markdown\n")
+    assert [d.name for d in read_documents(CorpusConfig(str(root), glob="**/*.md"))] == \
+        ["sub/x.md"]
+    assert len(read_documents(CorpusConfig(str(root), glob="doc*.txt"))) == 2
+
+
+def test_deeply_nested_jsonl_line_is_one_line(models, tmp_path, capsys) -> None:
+    path = tmp_path / "deep.jsonl"
+    depth = 200_000
+    path.write_text('{"text": "fine"}\n' + '{"text": ' + "[" * depth + "]" * depth + "}\n")
+    rc = run("datastore", "build", "--model", models / "qwen2", "--corpus", path,
+             "--out", tmp_path / "ds", "--threads", "1")
+    line = one_error_line(capsys)
+    assert rc == 2 and f"{path}, line 2: the JSON value is nested too deeply" in line
+
+
+# -- item 5: symbolic links out of the corpus ------------------------------------------------
+def test_file_links_out_of_the_corpus_are_skipped(tmp_path: Path, caplog) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("a secret outside the corpus\n")
+    (outside / "other.txt").write_text("another\n")
+    root = write_word_corpus(tmp_path / "c", num_documents=3)
+    (root / "sub").mkdir()
+    (root / "leak.txt").symlink_to(outside / "secret.txt")
+    (root / "sub" / "leak2.txt").symlink_to(outside / "other.txt")
+    (root / "alias.txt").symlink_to(root / "doc00.txt")  # inside the corpus: read
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    with caplog.at_level("WARNING", logger="hetgraph"):
+        names = [d.name for d in read_documents(root)]
+    assert names == ["alias.txt", "doc00.txt", "doc01.txt", "doc02.txt"]
+    warnings = [r for r in caplog.records if "symbolic links to outside" in r.message]
+    assert len(warnings) == 1 and "skipped 2 file(s)" in warnings[0].message
+    # A glob through a linked directory is held to the same rule.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hetgraph"), pytest.raises(CorpusError):
+        read_documents(CorpusConfig(str(root), glob="linked/*.txt"))
+    assert "skipped 2 file(s)" in caplog.text

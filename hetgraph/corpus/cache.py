@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from hetgraph.io import (
     atomic_directory,
     cache_root,
     json_fingerprint,
+    process_alive,
 )
 
 from .config import CorpusConfig
@@ -158,18 +158,6 @@ def _without_hint(error: Exception) -> str:
     return _DELETE_HINT.sub("", str(error))
 
 
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # another user's process (or an unusable pid): leave its files alone
-    return True
-
-
 def remove_dead_temporaries(directory: str | Path) -> list[Path]:
     r"""Delete what killed writers left in a cache directory; return what was removed.
 
@@ -177,9 +165,11 @@ def remove_dead_temporaries(directory: str | Path) -> list[Path]:
     :func:`~hetgraph.io.atomic_path` (``.<name>.<pid>-<hex>.tmp``, files or directories)
     whose writer process ``<pid>`` no longer runs on this machine, and old copies
     (``.<name>.old-<hex>``) left by a writer killed while swapping ``<name>``, once
-    ``<name>`` is in place again. A temporary whose writer is alive is kept. Caches are not
-    locked, so this relies on the process id; on a cache shared between machines, another
-    machine's live writer could lose its temporary (and then fail, without damage).
+    ``<name>`` is in place again. A temporary whose writer is alive
+    (:func:`hetgraph.io.process_alive`) is kept. Caches are not locked (so
+    :func:`hetgraph.io.remove_stale_temporaries`, which assumes a lock, does not fit): this
+    relies on the process id, and on a cache shared between machines another machine's
+    live writer could lose its temporary (and then fail, without damage).
     """
     directory = Path(directory)
     removed: list[Path] = []
@@ -189,7 +179,7 @@ def remove_dead_temporaries(directory: str | Path) -> list[Path]:
         temporary = _TEMPORARY.match(path.name)
         old = _OLD_COPY.match(path.name)
         if temporary is not None:
-            stale = not _process_alive(int(temporary["pid"]))
+            stale = not process_alive(int(temporary["pid"]))
         else:
             stale = old is not None and (directory / old["name"]).exists()
         if not stale:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from hetgraph.configuration import ConfigError, JSONConfigMixin
 
@@ -28,7 +28,8 @@ class CorpusConfig(JSONConfigMixin):
         id_field: JSON lines: the field holding a document's name (optional per line; a line
             without it is named ``<file>:<line>``). ``None`` always uses ``<file>:<line>``.
         glob: directories: the pattern of files to read, relative to the directory and
-            recursive when it contains ``**`` (e.g. ``"**/*.py"``). ``None`` reads every file
+            recursive when it contains ``**`` (e.g. ``"**/*.py"``); it must stay inside the
+            directory (no absolute pattern, no ``..``). ``None`` reads every file
             ending in one of :data:`DEFAULT_TEXT_SUFFIXES`, ``.jsonl`` or ``.ndjson``
             (optionally ``.gz`` / ``.xz`` compressed), recursively. Hidden files and directories
             are skipped. Matched JSON lines files are read as JSON lines.
@@ -44,7 +45,8 @@ class CorpusConfig(JSONConfigMixin):
 
     Raises:
         ConfigError: fractions that are not three non-negative numbers summing to 1,
-            ``max_documents < 1``, or a ``document_separator`` that is not a valid regular
+            ``max_documents < 1``, a ``glob`` that is empty, absolute or climbs out of the
+            directory with ``..``, or a ``document_separator`` that is not a valid regular
             expression (or matches the empty string).
     """
 
@@ -75,6 +77,8 @@ class CorpusConfig(JSONConfigMixin):
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError(f"max_documents must be >= 1 or None, got {self.max_documents}",
                               "max_documents")
+        if self.glob is not None:
+            _check_glob(self.glob)
         if self.document_separator is not None:
             self.separator_pattern()
 
@@ -109,3 +113,18 @@ class CorpusConfig(JSONConfigMixin):
             return EMBEDDED_CORPUS
         return Path(self.path).expanduser()
 
+
+
+def _check_glob(pattern: object) -> None:
+    """Refuse a ``glob`` that is not a relative pattern inside the corpus directory."""
+    fix = "give a pattern relative to the corpus directory, e.g. '**/*.txt'"
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ConfigError(f"glob must be a non-empty string, got {pattern!r}; {fix}", "glob")
+    posix, windows = PurePosixPath(pattern), PureWindowsPath(pattern)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        raise ConfigError(f"glob {pattern!r} is absolute, but only files inside the corpus "
+                          f"directory are read; {fix}", "glob")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise ConfigError(f"glob {pattern!r} climbs out of the corpus directory with '..'; "
+                          f"{fix}, or point the corpus at a directory that holds the files",
+                          "glob")

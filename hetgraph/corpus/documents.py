@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import lzma
 import unicodedata
 import warnings
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from .config import DEFAULT_TEXT_SUFFIXES, CorpusConfig
 from .errors import CorpusError
+
+logger = logging.getLogger(__name__)
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -82,7 +85,9 @@ def read_documents(
 
     Returns:
         The documents in reading order. Empty files inside a directory are skipped with a
-        warning; blank lines of JSON lines files are skipped. Names have control characters
+        warning, and so are files reached through a symbolic link whose target lies
+        outside the directory (one warning with their number); blank lines of JSON lines
+        files are skipped. Names have control characters
         escaped (:func:`safe_document_name`).
 
     Raises:
@@ -179,7 +184,17 @@ def _list_files(root: Path, pattern: str | None) -> list[Path]:
         p for p in candidates
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    # A symbolic link (to a file, or a linked directory a glob names) may lead out of the
+    # corpus: like linked directories, which the recursive walk never enters, skip it.
+    real_root = root.resolve()
+    inside = [p for p in files if p.resolve().is_relative_to(real_root)]
+    if len(inside) < len(files):
+        outside = sorted(set(files) - set(inside))
+        logger.warning(
+            "skipped %d file(s) of corpus directory %s that are symbolic links to outside "
+            "it (e.g. %s -> %s); copy the files into the directory to read them",
+            len(outside), root, outside[0].relative_to(root), outside[0].resolve())
+    return sorted(inside, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _strip_compression(name: str) -> str:
@@ -252,6 +267,12 @@ def _iter_jsonl(path: Path, name: str, config: CorpusConfig) -> Iterator[Documen
             continue
         try:
             record = json.loads(line)
+        except RecursionError:
+            raise CorpusError(
+                f"{path}, line {number}: the JSON value is nested too deeply to read. Each "
+                "line of a JSON lines file must be one JSON object, e.g. "
+                f'{{"{config.text_field}": "..."}}.'
+            ) from None
         except json.JSONDecodeError as error:
             raise CorpusError(
                 f"{path}, line {number}: invalid JSON ({error.msg} at column {error.colno}). "

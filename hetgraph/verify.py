@@ -29,7 +29,6 @@ from hetgraph.io import (
     INDEX_DIR,
     INDEX_FILE,
     INDEX_METADATA,
-    OPTIMIZER_WEIGHTS,
     RUN_ADAPTER_DIR,
     RUN_DATASTORE_DIR,
     TRAINER_STATE,
@@ -109,17 +108,19 @@ def _verify_into(path: Path, report: VerificationReport) -> None:
     from hetgraph.datastore.integrity import datastore_problems
     from hetgraph.fusion.persistence import adapter_problems
     from hetgraph.index.files import index_problems
+    from hetgraph.training.checkpoint import checkpoint_problems
 
     if (path / DATASTORE_METADATA).is_file() or (path / DATASTORE_PROGRESS).is_file():
         _add(report, "datastore", path, datastore_problems)
     if (path / INDEX_METADATA).is_file() or (path / INDEX_FILE).is_file():
         _add(report, "index", path, index_problems)
-    if (path / ADAPTER_CONFIG).is_file() or (path / ADAPTER_WEIGHTS).is_file():
+    if (path / TRAINER_STATE).is_file():  # a checkpoint directory itself
+        _add(report, "checkpoint", path, checkpoint_problems)
+    elif (path / ADAPTER_CONFIG).is_file() or (path / ADAPTER_WEIGHTS).is_file():
         _add(report, "adapter", path, adapter_problems)
         _check_json(path / TRAINING_RESULT, report)
     if (path / CHECKPOINT_DIR).is_dir():
-        _add(report, "checkpoint", path / CHECKPOINT_DIR, adapter_problems)
-        _check_checkpoint(path / CHECKPOINT_DIR, report)
+        _add(report, "checkpoint", path / CHECKPOINT_DIR, checkpoint_problems)
     for sub in (INDEX_DIR, RUN_DATASTORE_DIR, RUN_ADAPTER_DIR):
         if (path / sub).is_dir():
             _verify_into(path / sub, report)
@@ -141,18 +142,3 @@ def _check_json(path: Path, report: VerificationReport,
             read_json_record(path)
         except HetgraphError as error:
             report.problems.append(f"{error}; {fix}")
-
-
-def _check_checkpoint(directory: Path, report: VerificationReport) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    fix = "delete the checkpoint directory to restart training from step 0"
-    _check_json(directory / TRAINER_STATE, report, fix)
-    optimizer = directory / OPTIMIZER_WEIGHTS
-    report.checked.append(optimizer)
-    try:
-        with safe_open(str(optimizer), "pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError, ValueError):
-        report.problems.append(f"{optimizer} is missing or damaged; {fix}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from hetgraph.errors import HetgraphError
 from hetgraph.integrity import check_file_record, file_record
 from hetgraph.io import (
     DATASTORE_METADATA,
@@ -175,9 +176,11 @@ def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
     except DatastoreError as error:
         return [DATASTORE_METADATA], [str(error)]
     checked = [DATASTORE_METADATA, *(f"{name}.npy" for name in expected_arrays(metadata))]
+    progress_checked, progress = progress_problems(directory, metadata.complete)
+    checked += progress_checked
     if not metadata.complete:
         return checked, [f"{directory / DATASTORE_METADATA} records an interrupted build; resume "
-                         "it by running the same build command again"]
+                         "it by running the same build command again", *progress]
     problems = array_problems(directory, metadata)
     damaged = {problem.split(" ")[0] for problem in problems}
     problems += [problem for problem in recorded_file_problems(directory, metadata, full=True)
@@ -186,4 +189,23 @@ def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
         logger.info("%s has no integrity record (built by an older hetgraph); only the array "
                     "headers were checked", directory)
     hint = rebuild_hint(directory)
-    return checked, [f"{directory}/{problem}; {hint}" for problem in problems]
+    return checked, [f"{directory}/{problem}; {hint}" for problem in problems] + progress
+
+
+def progress_problems(directory: Path, complete: bool) -> tuple[list[str], list[str]]:
+    """The progress records (``progress.json``, ``progress.rank*.json``) of the datastore in
+    ``directory`` checked against their checksums: ``(names checked, problems)``; each problem
+    names the record and what to do."""
+    from hetgraph.datastore.progress import progress_files, read_record
+
+    problems, checked = [], []
+    for path in progress_files(directory):
+        checked.append(path.name)
+        try:
+            read_record(path)
+        except HetgraphError as error:
+            what = ("a completed datastore never reads it: delete it" if complete else
+                    "the build does not trust it: running the same build command again "
+                    "computes the batches it recorded again")
+            problems.append(f"{error}; {what}")
+    return checked, problems

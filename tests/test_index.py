@@ -1,15 +1,21 @@
 """FAISS index over a real (tiny-model) datastore: exact self-retrieval, factories, persistence."""
 from __future__ import annotations
 
+import re
+import shutil
+
 import faiss
 import numpy as np
 import pytest
 import torch
 
+from hetgraph.cli import main
 from hetgraph.configuration import ConfigError
 from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
+from hetgraph.index.files import DatastoreIndexError
+from hetgraph.index.training import parse_factory
 from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
 
 
@@ -103,7 +109,7 @@ def test_auto_factory_and_config_json(tmp_path):
     assert IndexConfig.from_json_file(tmp_path / "c.json") == config
     with pytest.raises(ValueError, match="metric"):
         IndexConfig(metric="cosine")
-    with pytest.raises(ValueError, match="cannot build"):
+    with pytest.raises(ValueError, match="'NotAnIndex' is not one hetgraph builds"):
         DatastoreIndex.build(np.zeros((10, 30), np.float16), IndexConfig(factory="NotAnIndex"),
                              show_progress=False)
 
@@ -142,3 +148,75 @@ def test_fp16_scalar_quantizer_is_lossless_over_fp16_keys():
     np.testing.assert_array_equal(decoded, keys.astype(np.float32))
     np.testing.assert_array_equal(found["SQfp16"][1], found["Flat"][1])
     np.testing.assert_allclose(found["SQfp16"][0], found["Flat"][0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- factory strings checked before FAISS
+#: (factory, part of the one error line). HNSW0 aborts and HNSW1 segfaults the interpreter in
+#: FAISS's add; IDMap wrappers refuse add; the rest were FAISS tracebacks at training time.
+BAD_FACTORIES = [
+    ("HNSW0", "HNSW needs M >= 2"),
+    ("HNSW1", "HNSW needs M >= 2"),
+    ("IDMap,Flat", "not one hetgraph builds"),
+    ("IDMap2,Flat", "not one hetgraph builds"),
+    ("Flat,IDMap", "not one hetgraph builds"),
+    ("IVF4,Flat,RFlat", "not one hetgraph builds"),
+    ("IVF4", "needs an encoding"),
+    ("IVF0,Flat", "at least 1 list"),
+    ("PQ5", "PQ5 splits the width 32"),
+    ("IVF4,PQ8x0", "1 to 16 bits"),
+    ("OPQ5,IVF4,PQ8", "OPQ5 splits the width 32"),
+    ("PCA64,Flat", "cannot output more dimensions"),
+    ("IVF99999,Flat", "IVF99999 (a key per list) needs at least 99999 training keys"),
+    ("IVF2000000000,Flat", "lists of index 'IVF2000000000,Flat' would need"),
+]
+
+
+@pytest.mark.parametrize("factory, message", BAD_FACTORIES)
+def test_cli_refuses_bad_factories_in_one_line_writing_nothing(datastores, factory, message,
+                                                               tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "1G")
+    # parse_factory alone first: a regression must not reach FAISS and crash the interpreter.
+    if "training keys" not in message:
+        with pytest.raises(DatastoreIndexError, match=message):
+            parse_factory(factory, 32)
+    ds = datastores["qwen2"]
+    copy = shutil.copytree(ds.path, tmp_path / "ds")
+    assert main(["index", "build", "--datastore", str(copy), "--factory", factory,
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0] and "--factory" in lines[0] and repr(factory) in lines[0]
+    assert not (copy / "index").exists()
+
+
+@pytest.mark.parametrize("factory, train_size, message", [
+    ("PQ4x10", 500, "PQ4x10 (1024 centroids per sub-quantizer) needs at least 1024 training "
+                    "keys but there are only 500 training keys"),
+    ("OPQ8,Flat", 200, "OPQ8 (it trains a 256-centroid PQ) needs at least 256"),
+    ("PCA16,Flat", 10, "PCA16 (a key per output dimension) needs at least 16"),
+    ("IVF16,Flat", 10, "use at most IVF10"),
+])
+def test_factories_needing_more_training_keys_are_refused(factory, train_size, message):
+    keys = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float16)
+    with pytest.raises(DatastoreIndexError, match=re.escape(message)):
+        DatastoreIndex.build(keys, IndexConfig(factory=factory, train_size=train_size),
+                             show_progress=False)
+
+
+def test_hnsw_links_beyond_memory_are_refused_before_adding(monkeypatch):
+    keys = np.zeros((1000, 32), np.float16)
+    monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "1M")
+    with pytest.raises(DatastoreIndexError, match=r"links of index 'HNSW1000' over 1000 keys "
+                                                  r"would need 8.1 MB.*smaller HNSW M"):
+        DatastoreIndex.build(keys, IndexConfig(factory="HNSW1000"), show_progress=False)
+
+
+@pytest.mark.parametrize("factory", ["HNSW2", "HNSW8,SQ8", "OPQ8_16,IVF4,PQ8x4", "PCAR16,Flat",
+                                     "IVF4,SQbf16"])
+def test_supported_boundary_factories_build_and_search(factory):
+    keys = np.random.default_rng(1).standard_normal((600, 32)).astype(np.float16)
+    index = DatastoreIndex.build(keys, IndexConfig(factory=factory, nprobe=4, num_threads=1),
+                                 show_progress=False)
+    _, ids = index.search(keys[:20], 3)
+    assert index.ntotal == 600 and ((ids >= 0) & (ids < 600)).all()

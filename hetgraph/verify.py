@@ -24,6 +24,7 @@ from hetgraph.io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CHECKPOINT_DIR,
+    CORPUS_METADATA,
     DATASTORE_METADATA,
     DATASTORE_PROGRESS,
     INDEX_DIR,
@@ -81,9 +82,11 @@ def verify(path: str | Path) -> VerificationReport:
     """Check every file under a datastore, index, adapter or run directory in full.
 
     Recognised (and combined, e.g. a datastore with its ``index/``): a datastore
-    (``metadata.json``), an index (``index.json`` / ``index.faiss``), an adapter
-    (``adapter_config.json``), a training run's ``checkpoint/``, and a pipeline run directory
-    (``datastore/`` and ``adapter/``). Reads every byte; it never changes a file.
+    (``metadata.json``, and its progress records, whose checksums are checked), an index
+    (``index.json`` / ``index.faiss``), an adapter (``adapter_config.json``), a training run's
+    ``checkpoint/`` (or a checkpoint directory itself: ``trainer_state.json``), a corpus cache
+    entry (``corpus.json``) or a corpus cache directory holding entries, and a pipeline run
+    directory (``datastore/`` and ``adapter/``). Reads every byte; it never changes a file.
 
     Returns:
         a :class:`VerificationReport`; a path holding none of these has the problem "not a
@@ -99,8 +102,9 @@ def verify(path: str | Path) -> VerificationReport:
     if not report.kinds:
         report.problems.append(
             f"{path} holds no hetgraph datastore ({DATASTORE_METADATA}), index ({INDEX_METADATA}),"
-            f" adapter ({ADAPTER_CONFIG}) or run directory ({RUN_DATASTORE_DIR}/, "
-            f"{RUN_ADAPTER_DIR}/); pass one of those")
+            f" adapter ({ADAPTER_CONFIG}), checkpoint ({TRAINER_STATE}), corpus cache "
+            f"({CORPUS_METADATA}) or run directory ({RUN_DATASTORE_DIR}/, {RUN_ADAPTER_DIR}/); "
+            "pass one of those")
     return report
 
 
@@ -121,9 +125,29 @@ def _verify_into(path: Path, report: VerificationReport) -> None:
         _check_json(path / TRAINING_RESULT, report)
     if (path / CHECKPOINT_DIR).is_dir():
         _add(report, "checkpoint", path / CHECKPOINT_DIR, checkpoint_problems)
+    if _is_corpus_cache(path):
+        _add(report, "corpus cache", path, _corpus_cache_problems)
     for sub in (INDEX_DIR, RUN_DATASTORE_DIR, RUN_ADAPTER_DIR):
         if (path / sub).is_dir():
             _verify_into(path / sub, report)
+
+
+def _is_corpus_cache(path: Path) -> bool:
+    """A corpus cache entry (it holds ``corpus.json``) or a cache root holding entries
+    (``$HETGRAPH_CACHE/corpus``)."""
+    if (path / CORPUS_METADATA).is_file():
+        return True
+    return any(p.is_dir() and (p / CORPUS_METADATA).is_file() for p in path.iterdir())
+
+
+def _corpus_cache_problems(directory: Path) -> tuple[list[str], list[str]]:
+    from hetgraph.corpus.cache import corpus_cache_problems
+
+    entries = [directory] if (directory / CORPUS_METADATA).is_file() else sorted(
+        p for p in directory.iterdir() if p.is_dir() and (p / CORPUS_METADATA).is_file())
+    checked = [str(f.relative_to(directory)) for entry in entries
+               for f in sorted(entry.iterdir()) if f.is_file()]
+    return checked, corpus_cache_problems(directory)
 
 
 def _add(report: VerificationReport, kind: str, directory: Path,

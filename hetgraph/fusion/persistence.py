@@ -2,7 +2,8 @@
 
 An adapter directory holds ``adapter.safetensors`` (adapter and gate tensors, keyed as in
 ``HetGraphLM.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
-adapter config, and the identity of the base model and datastore it was trained with).
+adapter config, and the identity of the base model and datastore it was trained with), and a
+model card, ``README.md`` (:mod:`hetgraph.fusion.model_card`), which nothing reads back.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import FusionConfig
+from hetgraph.fusion.model_card import base_model_name, write_model_card
 from hetgraph.integrity import (
     atomic_write_json_record,
     check_file_record,
@@ -108,7 +110,9 @@ class AdapterPersistenceMixin:
 
     def save_pretrained(self: HetGraphLM, directory: str | Path) -> None:
         """Write ``adapter.safetensors`` (adapters + gates) and ``adapter_config.json`` (with
-        the weights file's size and checksums, and its own checksum).
+        the weights file's size and checksums, and its own checksum), then the model card
+        ``README.md`` (:func:`~hetgraph.fusion.model_card.write_model_card`; best effort,
+        outside the integrity record: loading and ``verify`` never depend on it).
 
         Both new files are written in full under temporary names first; only then is the
         old ``adapter_config.json`` removed and the two renamed into place (weights, then
@@ -124,6 +128,8 @@ class AdapterPersistenceMixin:
             "fusion": self.config.to_dict(),
             "adapters": {key: adapter.config.to_dict() for key, adapter in self.adapters.items()},
             **self.adapter_identity(),
+            # For people and the model card only; the identity check uses "model".
+            "base_model_name_or_path": base_model_name(self.model),
         }
         state = self.adapter_state_dict()
         size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096
@@ -139,6 +145,7 @@ class AdapterPersistenceMixin:
                 with contextlib.suppress(FileNotFoundError):
                     (directory / ADAPTER_CONFIG).unlink()
                 fsync_directory(directory)
+        write_model_card(directory, config)
 
     @classmethod
     def from_pretrained(

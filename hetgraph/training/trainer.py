@@ -24,6 +24,7 @@ from hetgraph.configuration import ConfigError
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
+from hetgraph.fusion.model_card import write_model_card
 from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.io import (
     ADAPTER_WEIGHTS,
@@ -322,6 +323,7 @@ class _TrainingRun:
         if self.ctx.is_main:
             atomic_write_json(self.out_dir / TRAINING_RESULT,
                               {"config": self.config.to_dict(), "result": self.result.to_dict()})
+            write_model_card(self.out_dir)  # now with the training tokens (best effort)
 
 
 def train_adapter(

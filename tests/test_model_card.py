@@ -218,3 +218,15 @@ def test_train_and_eval_through_the_cli_fill_the_card(tmp_path, capsys):
     gnn_row = next(line for line in printed.splitlines() if line.startswith("| GNN-LM |"))
     assert gnn_row in (ws / "adapter" / MODEL_CARD).read_text()
     assert main(["verify", str(ws / "adapter")]) == 0
+
+
+def test_evaluation_results_that_cannot_be_recorded_are_a_warning(tree, monkeypatch, caplog):
+    def read_only(path, record):
+        raise StorageError(f"{path}: the file system is read-only")
+    monkeypatch.setattr(card_module, "atomic_write_json_record", read_only)
+    before = (tree / "adapter" / MODEL_CARD).read_bytes()
+    with caplog.at_level(logging.WARNING):
+        assert record_evaluation_in_card(tree / "adapter", RESULTS) is None
+    assert "could not record the evaluation results" in caplog.text
+    assert (tree / "adapter" / MODEL_CARD).read_bytes() == before
+    assert record_evaluation_in_card(None, RESULTS) is None  # eval without --adapter

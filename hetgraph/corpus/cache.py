@@ -88,6 +88,8 @@ def cache_key(tokenizer: Any, documents: Sequence[Document], config: CorpusConfi
     """The cache entry's name: a hash of tokenizer, documents and configuration."""
     settings = config.to_dict()
     settings.pop("path")  # the documents' content is hashed instead
+    if settings.get("dataset_splits") is None:  # keeps the keys of entries written before it
+        settings.pop("dataset_splits", None)
     payload = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer_cache_fingerprint(tokenizer),

@@ -1,4 +1,5 @@
-"""Reading documents from a directory, a text file or a JSON lines file."""
+"""Reading documents from a directory, a text file, a JSON lines file, a Parquet file or a
+🤗 datasets directory (:mod:`hetgraph.corpus.hf_datasets`)."""
 from __future__ import annotations
 
 import gzip
@@ -10,14 +11,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import DEFAULT_TEXT_SUFFIXES, CorpusConfig
+from .config import DATASET_SPLITS_OPTION, DEFAULT_TEXT_SUFFIXES, SPLITS, CorpusConfig
 from .errors import CorpusError
 
 logger = logging.getLogger(__name__)
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+_PARQUET_SUFFIX = ".parquet"  # hf_datasets.PARQUET_SUFFIX, which imports this module
 # Characters escaped in document names besides controls (Cc) and lone surrogates (Cs):
 # bidirectional overrides and isolates, and line / paragraph separators.
 _UNSAFE_NAME_CHARS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
@@ -62,7 +65,7 @@ class Document:
 
 
 def read_documents(
-    source: str | Path | CorpusConfig | None = None,
+    source: str | Path | CorpusConfig | Any | None = None,
     *,
     text_field: str = "text",
     id_field: str | None = "id",
@@ -77,9 +80,11 @@ def read_documents(
         source: a directory (files matching ``glob`` are read recursively, in sorted order of
             their relative paths, which become the document names), a single text file (one
             document named after the file), a JSON lines file (one document per line;
-            ``.gz`` / ``.xz`` compression is recognised by the suffix), a
-            :class:`CorpusConfig` (its fields replace the keyword arguments), or ``None`` for
-            the embedded Python 3.11 documentation.
+            ``.gz`` / ``.xz`` compression is recognised by the suffix), a Parquet file or a
+            🤗 ``save_to_disk`` directory (one document per row of ``text_field``; Parquet
+            files inside a directory are read too), a ``datasets.Dataset`` or
+            ``DatasetDict`` (its splits pooled), a :class:`CorpusConfig` (its fields replace
+            the keyword arguments), or ``None`` for the embedded Python 3.11 documentation.
         text_field, id_field, glob, max_documents, encoding, document_separator: as in
             :class:`CorpusConfig`.
 
@@ -92,25 +97,85 @@ def read_documents(
 
     Raises:
         CorpusError: if the path does not exist, a file is not valid text in ``encoding``, a
-            single input file or a whole directory holds no text, or a JSON line is invalid
-            or lacks ``text_field``.
+            single input file or a whole directory holds no text, a JSON line is invalid
+            or lacks ``text_field``, a dataset or Parquet file lacks the ``text_field``
+            column (or it holds no strings) or cannot be read, or reading a dataset needs
+            the ``hf-datasets`` extra.
         ConfigError: an invalid ``document_separator`` (or other :class:`CorpusConfig` value).
     """
     if isinstance(source, CorpusConfig):
-        config = source
-    else:
-        config = CorpusConfig(
-            path=None if source is None else str(source), text_field=text_field,
-            id_field=id_field, glob=glob, max_documents=max_documents, encoding=encoding,
-            document_separator=document_separator,
-        )
-    return list(_iter_limited(config))
+        return read_corpus(source)[0]
+    dataset = source if source is not None and _is_dataset_object(source) else None
+    config = CorpusConfig(
+        path=None if source is None else _describe_source(source), text_field=text_field,
+        id_field=id_field, glob=glob, max_documents=max_documents, encoding=encoding,
+        document_separator=document_separator,
+    )
+    return read_corpus(config, dataset)[0]
 
 
-def _iter_limited(config: CorpusConfig) -> Iterator[Document]:
+def _is_dataset_object(source: object) -> bool:
+    if isinstance(source, (str, Path, CorpusConfig)):
+        return False
+    from .hf_datasets import is_dataset_object
+
+    return is_dataset_object(source)
+
+
+def _describe_source(source: Any) -> str:
+    if _is_dataset_object(source):
+        from .hf_datasets import describe_object
+
+        return describe_object(source)
+    return str(source)
+
+
+def read_corpus(config: CorpusConfig, dataset: Any = None,
+                ) -> tuple[list[Document], dict[str, list[Document]] | None]:
+    r"""The documents of the corpus ``config`` describes and, when it asks for a
+    ``DatasetDict``'s own splits (``dataset_splits``), those splits.
+
+    Args:
+        config: the corpus; its ``path`` is only a description when ``dataset`` is given.
+        dataset: a ``datasets.Dataset`` or ``DatasetDict`` to read instead of ``config.path``.
+
+    Returns:
+        ``(documents, splits)``: ``splits`` is ``None`` without ``dataset_splits`` (the caller
+        splits the documents), else ``{"train": [...], "valid": [...], "test": [...]}`` with
+        ``documents`` their concatenation in that order. ``max_documents`` limits each split.
+
+    Raises:
+        CorpusError: as :func:`read_documents`; and with ``dataset_splits``, a corpus that
+            is no ``DatasetDict`` or lacks a split it names.
+    """
     separator = config.separator_pattern()
+    if config.dataset_splits is None:
+        return list(_iter_limited(_iter_documents(config, dataset), config, separator)), None
+    sources = _dataset_split_sources(config, dataset)
+    splits = {name: list(_iter_limited(sources[name], config, separator))
+              if name in sources else [] for name in SPLITS}
+    return [doc for name in SPLITS for doc in splits[name]], splits
+
+
+def _dataset_split_sources(config: CorpusConfig, dataset: Any) -> dict[str, Iterator[Document]]:
+    from . import hf_datasets
+
+    if dataset is not None:
+        return hf_datasets.dataset_split_documents(dataset, config, str(config.path))
+    path = _existing_path(config)
+    if not hf_datasets.is_saved_dataset(path):
+        raise CorpusError(
+            f"{DATASET_SPLITS_OPTION} uses a DatasetDict's own splits, but corpus {path} is no "
+            "directory written by DatasetDict.save_to_disk; leave the option out to let "
+            "hetgraph split the documents, or point the corpus at such a directory")
+    return hf_datasets.dataset_split_documents(hf_datasets.load_saved_dataset(path), config,
+                                               str(path))
+
+
+def _iter_limited(documents: Iterator[Document], config: CorpusConfig,
+                  separator: Any) -> Iterator[Document]:
     count = 0
-    for document in _iter_documents(config):
+    for document in documents:
         document = Document(safe_document_name(document.name), document.text)
         parts = [document]
         if separator is not None:
@@ -123,17 +188,37 @@ def _iter_limited(config: CorpusConfig) -> Iterator[Document]:
             yield part
 
 
-def _iter_documents(config: CorpusConfig) -> Iterator[Document]:
+def _existing_path(config: CorpusConfig) -> Path:
     path = config.resolved_path
     if not path.exists():
         raise CorpusError(
             f"corpus path {path} does not exist. Pass a directory of text files, a text file, "
-            "or a JSON lines file (.jsonl, optionally .gz/.xz), or None for the embedded corpus."
+            "a JSON lines file (.jsonl, optionally .gz/.xz), a Parquet file, a 🤗 datasets "
+            "save_to_disk directory, or None for the embedded corpus."
         )
+    return path
+
+
+def _iter_documents(config: CorpusConfig, dataset: Any = None) -> Iterator[Document]:
+    from . import hf_datasets
+
+    rows = f"no rows with text in column {config.text_field!r}"
+    if dataset is not None:
+        yield from _require_some(hf_datasets.dataset_documents(dataset, config, str(config.path)),
+                                 f"dataset {config.path}", rows)
+        return
+    path = _existing_path(config)
     if path.is_dir():
-        yield from _iter_directory(path, config)
+        if hf_datasets.is_saved_dataset(path):
+            yield from _require_some(hf_datasets.saved_dataset_documents(path, config),
+                                     f"🤗 datasets directory {path}", rows)
+        else:
+            yield from _iter_directory(path, config)
     elif _is_jsonl(path):
-        yield from _require_some(_iter_jsonl(path, path.name, config), path)
+        yield from _require_some(_iter_jsonl(path, path.name, config), f"JSON lines file {path}")
+    elif hf_datasets.is_parquet(path):
+        yield from _require_some(hf_datasets.parquet_documents(path, path.name, config),
+                                 f"Parquet file {path}", rows)
     else:
         text = _read_text(path, config.encoding)
         if not text.strip():
@@ -148,7 +233,7 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
     files = _list_files(root, config.glob)
     if not files:
         what = f"matching glob {config.glob!r}" if config.glob else (
-            "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + ") or .jsonl"
+            "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + "), .jsonl or .parquet"
         )
         raise CorpusError(
             f"corpus directory {root} contains no files {what}. Add text files, or set "
@@ -157,8 +242,14 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
     produced = 0
     for path in files:
         name = path.relative_to(root).as_posix()
-        if _is_jsonl(path):
-            for document in _iter_jsonl(path, name, config):
+        if _is_jsonl(path) or _is_parquet(path):
+            if _is_jsonl(path):
+                documents = _iter_jsonl(path, name, config)
+            else:
+                from .hf_datasets import parquet_documents
+
+                documents = parquet_documents(path, name, config)
+            for document in documents:
                 produced += 1
                 yield document
             continue
@@ -177,7 +268,8 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
 
 def _list_files(root: Path, pattern: str | None) -> list[Path]:
     if pattern is None:
-        candidates = (p for p in root.rglob("*") if _has_text_suffix(p) or _is_jsonl(p))
+        candidates = (p for p in root.rglob("*")
+                      if _has_text_suffix(p) or _is_jsonl(p) or _is_parquet(p))
     else:
         candidates = root.glob(pattern)
     files = [
@@ -210,6 +302,10 @@ def _has_text_suffix(path: Path) -> bool:
 
 def _is_jsonl(path: Path) -> bool:
     return _strip_compression(path.name).lower().endswith(_JSONL_SUFFIXES)
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(_PARQUET_SUFFIX)
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -248,16 +344,17 @@ def _read_text(path: Path, encoding: str) -> str:
     return _decode(_read_bytes(path), path, encoding)
 
 
-def _require_some(documents: Iterator[Document], path: Path) -> Iterator[Document]:
+def _require_some(documents: Iterator[Document], what: str,
+                  empty: str = "no non-empty lines with text") -> Iterator[Document]:
     produced = False
     for document in documents:
         produced = True
         yield document
     if not produced:
-        raise CorpusError(
-            f"JSON lines file {path} holds no documents (no non-empty lines with text). "
-            "Add one JSON object per line, or point the corpus elsewhere."
-        )
+        fix = ("Add one JSON object per line" if what.startswith("JSON") else
+               "Set --text-field (CorpusConfig.text_field) to the column holding the text")
+        raise CorpusError(f"{what} holds no documents ({empty}). {fix}, or point the corpus "
+                          "elsewhere.")
 
 
 def _iter_jsonl(path: Path, name: str, config: CorpusConfig) -> Iterator[Document]:

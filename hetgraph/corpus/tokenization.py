@@ -18,7 +18,7 @@ from .cache import (
 )
 from .chunking import LONG_DOCUMENT_CHARS, encode, encode_long
 from .config import SPLITS, CorpusConfig
-from .documents import Document, read_documents
+from .documents import Document, read_corpus
 from .errors import CorpusError
 from .split import split_documents
 from .tokenized import TokenizedCorpus, TokenizedSplit
@@ -98,9 +98,10 @@ def _encode_batch(tokenizer: Any, batch: list[Document]) -> list[Sequence[int]]:
 
 
 def tokenize_corpus(
-    source: str | Path | CorpusConfig | None,
+    source: str | Path | CorpusConfig | Any | None,
     tokenizer: Any,
     *,
+    config: CorpusConfig | None = None,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     show_progress: bool = True,
@@ -108,9 +109,14 @@ def tokenize_corpus(
     """Read, split and tokenize a corpus, reusing a cached result when one exists.
 
     Args:
-        source: a path (directory, text file or JSON lines file), a :class:`CorpusConfig`,
-            or ``None`` for the embedded Python 3.11 documentation.
+        source: a path (directory, text file, JSON lines file, Parquet file or 🤗 datasets
+            ``save_to_disk`` directory), a :class:`CorpusConfig`, a ``datasets.Dataset`` or
+            ``DatasetDict`` (one document per row), or ``None`` for the embedded Python 3.11
+            documentation.
         tokenizer: a Hugging Face tokenizer with an EOS token (a fast one is much quicker).
+        config: with a ``datasets`` object as ``source``: how to read and split it
+            (``text_field``, ``dataset_splits``, ``fractions`` …; its ``path`` is replaced by
+            a description of the object, which is what the result records).
         cache_dir: directory holding cached corpora (default: ``$HETGRAPH_CACHE/corpus`` or
             ``~/.cache/hetgraph/corpus``); each entry is named by a hash of the tokenizer, the
             documents and the configuration.
@@ -119,18 +125,31 @@ def tokenize_corpus(
 
     Returns:
         The tokenized train / valid / test splits (documents split as by
-        :func:`split_documents`).
+        :func:`split_documents`, or a ``DatasetDict``'s own splits when
+        ``config.dataset_splits`` maps them).
 
     Raises:
         CorpusError: for unreadable or empty input, or a tokenizer without EOS token.
+        TypeError: ``config`` given with a ``source`` that is not a ``datasets`` object.
     """
     from hetgraph.models.fingerprint import tokenizer_fingerprint
 
-    if isinstance(source, CorpusConfig):
+    from .hf_datasets import describe_object, is_dataset_object
+
+    dataset = None
+    if source is not None and not isinstance(source, (str, Path, CorpusConfig)) \
+            and is_dataset_object(source):
+        dataset = source
+        config = CorpusConfig.from_dict({**(config or CorpusConfig()).to_dict(),
+                                         "path": describe_object(source)})
+    elif config is not None:
+        raise TypeError("tokenize_corpus: config= describes a datasets.Dataset / DatasetDict "
+                        "source; for a path, pass a CorpusConfig as the source instead")
+    elif isinstance(source, CorpusConfig):
         config = source
     else:
         config = CorpusConfig(path=None if source is None else str(source))
-    documents = read_documents(config)
+    documents, given_splits = read_corpus(config, dataset)
 
     entry: Path | None = None
     if use_cache:
@@ -142,8 +161,16 @@ def tokenize_corpus(
             logger.info("loaded tokenized corpus from %s", entry)
             return cached
 
-    split_docs = split_documents(documents, config.fractions, config.seed)
-    for name in SPLITS:
+    if given_splits is not None:
+        split_docs = given_splits
+        for name in SPLITS:
+            if not split_docs[name] and name in (config.dataset_splits or {}):
+                logger.warning("the %s split of %s is empty: its dataset split %r has no rows "
+                               "with text", name, config.resolved_path,
+                               (config.dataset_splits or {})[name])
+    else:
+        split_docs = split_documents(documents, config.fractions, config.seed)
+    for name in SPLITS if given_splits is None else ():
         if not split_docs[name] and config.fractions[SPLITS.index(name)] > 0:
             logger.warning(
                 "the %s split of %s is empty (%d documents in all); use a corpus with more "

@@ -66,9 +66,13 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None,
-                        help="directory of text files, a text file or JSONL "
-                             "(default: embedded Python docs)")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+                        help="directory of text files, a text file, JSONL, Parquet or a 🤗 "
+                             "datasets save_to_disk directory (default: embedded Python docs)")
+    parser.add_argument("--text-field", default="text",
+                        help="JSONL field or dataset / Parquet column holding the text")
+    parser.add_argument("--hf-splits", nargs="?", const="", default=None, metavar="MAP",
+                        help="use a DatasetDict's own splits instead of hetgraph's document "
+                             "split; MAP defaults to train=train,valid=validation,test=test")
     parser.add_argument("--corpus-config", default=None, type=Path,
                         help="JSON file of CorpusConfig fields (split fractions, seed, glob …)")
 

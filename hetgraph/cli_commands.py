@@ -75,6 +75,10 @@ def _corpus(args: argparse.Namespace, tokenizer: Any):
         data["path"] = args.corpus
     if args.text_field != "text":
         data["text_field"] = args.text_field
+    if getattr(args, "hf_splits", None) is not None:
+        from hetgraph.corpus.config import parse_dataset_splits
+
+        data["dataset_splits"] = parse_dataset_splits(args.hf_splits)
     try:
         config = CorpusConfig.from_dict(data)
     except ConfigError as error:

@@ -2,8 +2,7 @@
 
 An adapter directory holds ``adapter.safetensors`` (adapter and gate tensors, keyed as in
 ``HetGraphLM.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
-adapter config, and the identity of the base model and datastore it was trained with), and a
-model card, ``README.md`` (:mod:`hetgraph.fusion.model_card`), which nothing reads back.
+adapter config, and the base model's and datastore's identity); its model card is never read.
 """
 from __future__ import annotations
 
@@ -111,8 +110,7 @@ class AdapterPersistenceMixin:
     def save_pretrained(self: HetGraphLM, directory: str | Path) -> None:
         """Write ``adapter.safetensors`` (adapters + gates) and ``adapter_config.json`` (with
         the weights file's size and checksums, and its own checksum), then the model card
-        ``README.md`` (:func:`~hetgraph.fusion.model_card.write_model_card`; best effort,
-        outside the integrity record: loading and ``verify`` never depend on it).
+        (:func:`~hetgraph.fusion.model_card.write_model_card`: best effort, never read back).
 
         Both new files are written in full under temporary names first; only then is the
         old ``adapter_config.json`` removed and the two renamed into place (weights, then
@@ -128,8 +126,7 @@ class AdapterPersistenceMixin:
             "fusion": self.config.to_dict(),
             "adapters": {key: adapter.config.to_dict() for key, adapter in self.adapters.items()},
             **self.adapter_identity(),
-            # For people and the model card only; the identity check uses "model".
-            "base_model_name_or_path": base_model_name(self.model),
+            "base_model_name_or_path": base_model_name(self.model),  # for the card; unchecked
         }
         state = self.adapter_state_dict()
         size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096

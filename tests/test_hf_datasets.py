@@ -158,6 +158,8 @@ def test_tokenize_corpus_takes_dataset_objects(ws):
     assert read_documents(_dataset(), text_field="content")[0].text == _texts(1)[0]
     with pytest.raises(TypeError, match="config="):
         tokenize_corpus(ws / "ds", tokenizer, config=config)
+    with pytest.raises(CorpusError, match="not the IterableDataset given"):
+        read_documents(_dataset().to_iterable_dataset(), text_field="content")
 
 
 def test_fingerprint_follows_rows_not_files(tmp_path):

@@ -78,22 +78,20 @@ def is_parquet(path: Path) -> bool:
 
 
 def is_dataset_object(source: object) -> bool:
-    r"""Whether ``source`` is a ``datasets.Dataset`` or ``datasets.DatasetDict`` (without
-    importing datasets: such an object exists only once it is imported)."""
+    r"""Whether ``source`` is an object of the ``datasets`` package (a ``Dataset``,
+    ``DatasetDict`` or one that :func:`dataset_documents` refuses by name, such as an
+    ``IterableDataset``), decided without importing datasets."""
     module = type(source).__module__ or ""
-    if not module.startswith("datasets"):
-        return False
-    datasets = importlib.import_module("datasets")
-    return isinstance(source, (datasets.Dataset, datasets.DatasetDict))
+    return module == "datasets" or module.startswith("datasets.")
 
 
 def describe_object(source: Any) -> str:
     r"""How an in-memory dataset is named in messages and recorded as the corpus path."""
     fingerprint = getattr(source, "_fingerprint", None)
-    if fingerprint is None:  # a DatasetDict: its splits' fingerprints
+    if fingerprint is None and hasattr(source, "items"):  # a DatasetDict: its splits'
         fingerprint = ",".join(f"{k}={getattr(v, '_fingerprint', '?')}"
                                for k, v in source.items())
-    return f"<in-memory {type(source).__name__} {fingerprint}>"
+    return f"<in-memory {type(source).__name__} {fingerprint or ''}>".replace(" >", ">")
 
 
 def _unreadable(where: str, error: BaseException, fix: str) -> CorpusError:
@@ -167,6 +165,7 @@ def saved_dataset_documents(path: Path, config: CorpusConfig) -> Iterator[Docume
 
 def dataset_documents(source: Any, config: CorpusConfig, where: str) -> Iterator[Document]:
     r"""The documents of a ``Dataset``, or of every split of a ``DatasetDict`` pooled."""
+    _check_supported(source, where)
     if _is_dataset_dict(source):
         if config.dataset_splits is None:
             logger.warning(
@@ -188,6 +187,7 @@ def dataset_split_documents(source: Any, config: CorpusConfig,
         CorpusError: ``source`` is no ``DatasetDict``, or lacks a split the map names.
     """
     assert config.dataset_splits is not None
+    _check_supported(source, where)
     if not _is_dataset_dict(source):
         raise CorpusError(
             f"{DATASET_SPLITS_OPTION} uses a DatasetDict's own splits, but corpus {where} is "
@@ -204,6 +204,14 @@ def dataset_split_documents(source: Any, config: CorpusConfig,
             for ours, theirs in config.dataset_splits.items()}
 
 
+def _check_supported(source: Any, where: str) -> None:
+    datasets = importlib.import_module("datasets")
+    if not isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        raise CorpusError(f"corpus {where}: hetgraph reads a datasets.Dataset or DatasetDict, "
+                          f"not the {type(source).__name__} given; convert a streamed one, "
+                          "e.g. with Dataset.from_generator")
+
+
 def _is_dataset_dict(source: Any) -> bool:
     datasets = importlib.import_module("datasets")
     return isinstance(source, datasets.DatasetDict)
@@ -212,11 +220,7 @@ def _is_dataset_dict(source: Any) -> bool:
 def _rows(dataset: Any, config: CorpusConfig, where: str,
           prefix: str | None) -> Iterator[Document]:
     """One document per row of a ``datasets.Dataset``, read in Arrow batches."""
-    datasets = importlib.import_module("datasets")
-    if not isinstance(dataset, datasets.Dataset):
-        raise CorpusError(f"corpus {where} is a {type(dataset).__name__}; hetgraph reads a "
-                          "datasets.Dataset or DatasetDict (convert an IterableDataset with "
-                          "Dataset.from_generator)")
+    _check_supported(dataset, where)
     schema = dataset.data.schema
     columns = _columns(schema, config, where)
     if config.max_documents is None and dataset.data.num_rows:

@@ -134,21 +134,7 @@ def tokenize_corpus(
     """
     from hetgraph.models.fingerprint import tokenizer_fingerprint
 
-    from .hf_datasets import describe_object, is_dataset_object
-
-    dataset = None
-    if source is not None and not isinstance(source, (str, Path, CorpusConfig)) \
-            and is_dataset_object(source):
-        dataset = source
-        config = CorpusConfig.from_dict({**(config or CorpusConfig()).to_dict(),
-                                         "path": describe_object(source)})
-    elif config is not None:
-        raise TypeError("tokenize_corpus: config= describes a datasets.Dataset / DatasetDict "
-                        "source; for a path, pass a CorpusConfig as the source instead")
-    elif isinstance(source, CorpusConfig):
-        config = source
-    else:
-        config = CorpusConfig(path=None if source is None else str(source))
+    config, dataset = _resolve_source(source, config)
     documents, given_splits = read_corpus(config, dataset)
 
     entry: Path | None = None
@@ -189,3 +175,20 @@ def tokenize_corpus(
         store_atomically(corpus, entry)
         logger.info("cached tokenized corpus in %s", entry)
     return corpus
+
+
+def _resolve_source(source: Any, config: CorpusConfig | None) -> tuple[CorpusConfig, Any]:
+    """``(config, dataset)`` of :func:`tokenize_corpus`: ``dataset`` is the ``datasets``
+    object given as ``source`` (``config.path`` then describes it), else ``None``."""
+    from .hf_datasets import describe_object, is_dataset_object
+
+    if source is not None and not isinstance(source, (str, Path, CorpusConfig)) \
+            and is_dataset_object(source):
+        return CorpusConfig.from_dict({**(config or CorpusConfig()).to_dict(),
+                                       "path": describe_object(source)}), source
+    if config is not None:
+        raise TypeError("tokenize_corpus: config= describes a datasets.Dataset / DatasetDict "
+                        "source; for a path, pass a CorpusConfig as the source instead")
+    if isinstance(source, CorpusConfig):
+        return source, None
+    return CorpusConfig(path=None if source is None else str(source)), None

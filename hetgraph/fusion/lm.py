@@ -374,12 +374,14 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         return logits_from_datastore(self, rows)
 
     @torch.no_grad()
-    def generate(self, *args: Any, knn: bool = False,
+    def generate(self, *args: Any, knn: bool = False, knn_lambda: float | None = None,
+                 knn_temperature: float | None = None,
                  neighbour_states: NeighbourStates | None = None, **kwargs: Any) -> Any:
         """HF ``generate`` with retrieval for every new position (the KV cache stays on);
-        ``knn=True`` also interpolates the kNN-LM distribution (needs ``knn_lambda`` and
-        ``knn_temperature`` in the config); ``neighbour_states`` as in :meth:`forward`."""
-        mixture = self.knn_interpolation() if knn else nullcontext()
+        ``knn=True`` also interpolates the kNN-LM distribution with ``knn_lambda`` and
+        ``knn_temperature`` (each defaulting to the config's; one of the two missing raises
+        before any work); ``neighbour_states`` as in :meth:`forward`."""
+        mixture = self.knn_interpolation(knn_lambda, knn_temperature) if knn else nullcontext()
         with self._attached_for_call(), generation_state(neighbour_states), mixture:
             return self.model.generate(*args, **kwargs)
 

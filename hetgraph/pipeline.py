@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -144,17 +145,57 @@ class RunDirectoryError(HetgraphError):
     """A run directory holds the results of another configuration."""
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``device`` as a :class:`torch.device`; ``None`` means CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+class DeviceError(HetgraphError):
+    """A ``--device`` (or config ``device``) that names no device this machine has."""
 
 
-def set_threads(threads: int | None) -> None:
-    """Set torch and FAISS threads deliberately (both spawn their own pools)."""
+def resolve_device(device: str | None, option: str = "--device") -> torch.device:
+    """``device`` as a :class:`torch.device`; ``None`` means CUDA when available, else CPU.
+
+    Checked before any model is loaded: a name torch does not know, CUDA on a machine (or a
+    torch build) without it, a CUDA index beyond the devices present, or a device type
+    this machine lacks.
+
+    Raises:
+        DeviceError: one line naming ``option`` and the devices that exist.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{option} {device!r} is not a device name; give cpu, cuda or "
+                          "cuda:N (or leave it out: CUDA when available, else CPU)") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"{option} {device}: this machine has no usable CUDA device (or "
+                              "torch was built without CUDA); use --device cpu or leave it out")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceError(f"{option} {device}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 … cuda:{count - 1}; choose one of them")
+        return parsed
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return parsed
+    raise DeviceError(f"{option} {device}: {parsed.type} devices are not available on this "
+                      "machine; use cpu or cuda")
+
+
+def set_threads(threads: int | None, option: str = "--threads") -> None:
+    """Set torch and FAISS threads deliberately (both spawn their own pools).
+
+    Raises:
+        ConfigError: ``threads`` is above the machine's CPU count (each thread is an OS
+            thread: an absurd count exhausts the machine instead of speeding anything up).
+    """
     if threads is None:
         return
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:
+        raise ConfigError(f"{option} is {threads}; give 1 to {cpus} (the CPUs of this "
+                          "machine)", option)
     from hetgraph.index import set_faiss_threads
 
     torch.set_num_threads(threads)
@@ -261,9 +302,9 @@ def run_pipeline(config: RunConfig) -> dict[str, Any]:
 
 def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    set_threads(config.threads)
+    set_threads(config.threads, "config threads")
+    device = resolve_device(config.device, "config device")  # before anything is written
     atomic_write_json(out_dir / RUN_CONFIG, config.to_dict())
-    device = resolve_device(config.device)
 
     # Peak resident memory after each stage (a running maximum: a stage's own peak is
     # where the figure grows).

@@ -23,6 +23,25 @@ from hetgraph.evaluation.lm import (
 )
 from hetgraph.fusion.neighbour_states import NeighbourStates
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
+from hetgraph.limits import check_memory
+
+#: Bytes an evaluation holds per (scored position, neighbour): distances and log-probs
+#: (float32), ids and tokens (int64), GNN-LM's own log-probs, and the λ / T tuning's
+#: float32 working copies.
+NEIGHBOUR_BYTES = 4 + 8 + 8 + 4 + 4 + 16
+
+
+def check_neighbour_memory(positions: int, k: int) -> None:
+    r"""Refuse an evaluation whose ``positions × k`` neighbour table would not fit the memory
+    budget (:func:`hetgraph.limits.check_memory`), before any forward pass.
+
+    Raises:
+        ResourceLimitError: naming k, the positions and the options that lower them.
+    """
+    check_memory(f"the kNN-LM neighbours of {positions:,} evaluated positions × k {k}",
+                 positions * k * NEIGHBOUR_BYTES,
+                 "lower --k (evaluation.k) or evaluate fewer tokens (--max-tokens, "
+                 "--tune-tokens)")
 
 
 def _limit(split: Any, max_tokens: int | None) -> Any:
@@ -144,6 +163,7 @@ def evaluate_four_way(
     windows = dataclasses.replace(config, max_tokens=None)
     valid_split = _limit(valid_split, config.valid_tokens)
     test_split = _limit(test_split, config.max_tokens)
+    check_neighbour_memory(max(len(valid_split) - 1, 0) + max(len(test_split) - 1, 0), k)
     states, states_seconds = None, 0.0
     if include_gnn:  # first: a setting that cannot hold fails before any work
         started = time.perf_counter()

@@ -50,9 +50,14 @@ def results_table(results: Mapping[str, Any], title: str | None = None) -> str:
     return "\n".join([*lines, "", footer]) + "\n"
 
 
-def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Bar chart of perplexity and accuracy per method, written as PNG."""
+def plot_results(results: Mapping[str, Any], path: str | Path, format: str | None = None) -> Path:
+    """Bar chart of perplexity and accuracy per method, written to ``path`` atomically
+    (:func:`hetgraph.io.atomic_path`: a reader never sees half a chart, and an existing file
+    is replaced only once the new one is complete) in ``format`` (default: ``path``'s suffix,
+    else PNG)."""
     import matplotlib
+
+    from hetgraph.io import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -74,6 +79,11 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # The temporary's name ends in ".tmp", so the format is given, never guessed from it.
+    format = format or path.suffix.lower().lstrip(".") or "png"
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=format)
+    finally:
+        plt.close(fig)
     return path

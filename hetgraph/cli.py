@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +49,54 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 POSITIVE = _at_least(1)
+#: Seeds are numpy's: ``0 <= seed < 2**32``.
+SEED_LIMIT = 2 ** 32
+
+
+def _threads(value: str) -> int:
+    """An argparse type: a thread count in ``[1, the machine's CPUs]`` (torch and FAISS
+    start one OS thread per unit asked for, so 100000 would exhaust the machine)."""
+    number = POSITIVE(value)
+    cpus = os.cpu_count() or 1
+    if number > cpus:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {cpus} (the CPUs of this machine), got {number}")
+    return number
+
+
+def _seed(value: str) -> int:
+    """An argparse type: a random seed, ``0 <= seed < 2**32`` (numpy's limit)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if not 0 <= number < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, {SEED_LIMIT - 1}] (2**32 - 1), got {number}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    """An argparse type: a number in ``[0, 1]`` (the kNN-LM weight λ)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0 (the kNN-LM temperature T)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return number
+
 #: ``--preset`` names: :data:`hetgraph.pipeline.FUSION_PRESETS`, repeated here so that parsing
 #: (and ``--help``) does not import torch.
 PRESETS = ("default", "paper")
@@ -60,8 +110,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="model weights dtype "
                              "(bfloat16 halves GPU memory; adapters stay float32)")
-    parser.add_argument("--threads", type=POSITIVE, default=None,
-                        help="torch and FAISS threads")
+    parser.add_argument("--threads", type=_threads, default=None,
+                        help="torch and FAISS threads (at most the machine's CPUs)")
 
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +212,8 @@ def _add_build_commands(commands: Any) -> None:
                                "Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64, HNSW32 "
                                "or 'auto' (exact below ~1M vectors)")
     ix_build.add_argument("--metric", choices=("l2", "ip"), default="l2")
-    ix_build.add_argument("--threads", type=POSITIVE, default=None)
+    ix_build.add_argument("--threads", type=_threads, default=None,
+                          help="FAISS threads (at most the machine's CPUs)")
     ix_build.add_argument("--on-disk", dest="on_disk", action="store_const", const=True,
                           default=None, help="IVF lists on disk (mmap'd); default: by size "
                           "(docs: Scaling out)")
@@ -212,7 +263,8 @@ def _add_train_command(commands: Any) -> None:
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None,
                        help="train in bfloat16 autocast ('auto': where the device has native "
                             "bfloat16; evaluations stay float32; default: the config's)")
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--seed", type=_seed, default=None,
+                       help="random seed, 0 <= seed < 2**32 (default: the config's)")
     train.set_defaults(func=cmd_train)
 
 
@@ -254,7 +306,15 @@ def _add_generate_command(commands: Any) -> None:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--max-new-tokens", type=POSITIVE, default=40)
     generate.add_argument("--knn", action="store_true",
-                          help="also interpolate kNN-LM (λ, T from the adapter)")
+                          help="also interpolate kNN-LM: λ and T from --lambda / --temperature, "
+                               "else the adapter's fusion config, else the values the last "
+                               "`hetgraph eval` of this adapter (or, without --adapter, of this "
+                               "datastore) tuned")
+    generate.add_argument("--lambda", dest="knn_lambda", type=_fraction, default=None,
+                          metavar="LAMBDA", help="kNN-LM weight λ in [0, 1] (with --knn)")
+    generate.add_argument("--temperature", dest="knn_temperature", type=_positive_float,
+                          default=None, metavar="T",
+                          help="kNN-LM temperature T > 0 of softmax(-d / T) (with --knn)")
     generate.add_argument("--show-neighbours", action="store_true",
                           help="print the retrieved corpus contexts behind each generated token")
     generate.add_argument("--neighbours", type=POSITIVE, default=3,

@@ -9,17 +9,46 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from hetgraph.errors import HetgraphError
-from hetgraph.io import ADAPTER_CONFIG, INDEX_DIR, INDEX_FILE, atomic_write_json
+from hetgraph.io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_DIR,
+    DATASTORE_METADATA,
+    DATASTORE_PROGRESS,
+    DOC_NAMES,
+    HF_MODEL_CONFIG,
+    HF_TOKENIZER_CONFIG,
+    HF_TOKENIZER_FILES,
+    INDEX_DIR,
+    INDEX_FILE,
+    INDEX_METADATA,
+    INDEX_SHARDS_DIR,
+    OPTIMIZER_WEIGHTS,
+    RUN_ADAPTER_DIR,
+    RUN_CONFIG,
+    RUN_DATASTORE_DIR,
+    RUN_RESULTS,
+    RUN_RESULTS_MARKDOWN,
+    RUN_RESULTS_PLOT,
+    TRAINER_STATE,
+    TRAINING_RESULT,
+    atomic_write_json,
+)
 
 #: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
 #: the size limit, no permission, a read-only file system.
 _ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
                                  errno.EPERM, errno.EROFS})
 
+
+logger = logging.getLogger(__name__)
 
 #: Run directory of ``hetgraph demo --preset paper`` (without ``--out`` or ``--config``).
 PAPER_DEMO_DIR = "runs/demo-paper"
@@ -39,15 +68,161 @@ def is_expected_error(error: BaseException) -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
+#: Files whose presence makes a directory one of hetgraph's (or a model's), by kind.
+_OWNED_MARKERS = {  # a checkpoint holds adapter files too, so it is recognised first
+    "checkpoint": (TRAINER_STATE, OPTIMIZER_WEIGHTS),
+    "datastore": (DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES),
+    "index": (INDEX_METADATA, INDEX_FILE, INDEX_SHARDS_DIR),
+    "adapter": (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_RESULT, CHECKPOINT_DIR),
+}
+#: A pipeline run directory's own files (its other content is in sub-directories).
+_RUN_FILES = (RUN_CONFIG, RUN_RESULTS, RUN_RESULTS_MARKDOWN, RUN_RESULTS_PLOT)
+
+
+def directory_kind(directory: Path) -> str | None:
+    r"""``"datastore"``, ``"index"``, ``"adapter"``, ``"checkpoint"``, ``"model"`` (a Hugging
+    Face model folder: ``config.json`` with tokenizer or weight files), ``"run"`` (a
+    ``hetgraph demo`` run directory) or ``None``: what owns the files of ``directory``."""
+    if not directory.is_dir():
+        return None
+    for kind, markers in _OWNED_MARKERS.items():
+        if any((directory / name).exists() for name in markers):
+            return kind
+    if (directory / RUN_CONFIG).is_file() and any(
+            (directory / name).is_dir() for name in (RUN_DATASTORE_DIR, RUN_ADAPTER_DIR)):
+        return "run"
+    if (directory / HF_MODEL_CONFIG).is_file() and (
+            any((directory / name).is_file() for name in (HF_TOKENIZER_CONFIG,
+                                                            *HF_TOKENIZER_FILES))
+            or any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))):
+        return "model"
+    return None
+
+
+def _existing_ancestor(path: Path) -> Path:
+    # The nearest of path, its parent, … that exists (what a mkdir -p would start from).
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_can_create_in(directory: Path, option: str, path: Path) -> None:
+    r"""Refuse ``path`` (``option``'s file or directory) unless ``directory`` (``path`` or its
+    parent) can be created and written: its nearest existing ancestor must be a directory in
+    which a file can be made (probed with an empty temporary directory, removed at once:
+    permission bits do not tell root, a read-only mount or ``/proc`` apart)."""
+    ancestor = _existing_ancestor(directory)
+    if not ancestor.is_dir():
+        raise CommandLineError(f"{option} {path}: {ancestor} is a file, not a directory; "
+                               "give a path under a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hetgraph-probe-", dir=ancestor))
+    except OSError as error:
+        raise CommandLineError(f"{option} {path}: cannot create anything in {ancestor} "
+                               f"({error.strerror}); choose a writable directory") from None
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def check_output_directory(path: str | Path, option: str, kind: str,
+                           accept: tuple[str, ...] = ()) -> None:
+    r"""Refuse ``path`` as the output directory of a command (``option`` is ``--out``),
+    before any model is loaded: an existing file, a directory that cannot be created or
+    written, or a directory that holds another kind of hetgraph (or model) data than
+    ``kind`` (a datastore, an adapter …; ``accept`` lists further kinds that may be
+    there)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandLineError(f"{option} {path} is an existing file, not a directory; give "
+                               f"the path of a (new or existing) {kind} directory")
+    found = directory_kind(path)
+    if found is not None and found not in (kind, *accept):
+        raise CommandLineError(f"{option} {path} holds {_a(found)}, not {_a(kind)}; give "
+                               "another directory (a new one is created)")
+    _check_can_create_in(path, option, path)
+
+
+def check_output_file(path: Path, option: str, inputs: tuple[Path | None, ...] = ()) -> None:
+    r"""Refuse ``path`` as an output file (``--json``, ``--plot``) before any work: a
+    directory, a path under a file, a directory that cannot be written, one of the command's
+    ``inputs``, or a file inside a datastore, index, adapter, checkpoint or model directory
+    (or a run directory's own ``config.json`` / ``results.*``), whose files hetgraph owns."""
+    if path.is_dir():
+        example = path / ("results.png" if option == "--plot" else "results.json")
+        raise CommandLineError(f"{option} {path} is a directory; give a file path, e.g. "
+                               f"{example}")
+    resolved = Path(os.path.abspath(path)).resolve()
+    for source in inputs:
+        if source is not None and Path(os.path.abspath(source)).resolve() == resolved:
+            raise CommandLineError(f"{option} {path} is an input of this command; write the "
+                                   "results to another file")
+    kind = directory_kind(resolved.parent)
+    if kind is not None and (kind != "run" or resolved.name in _RUN_FILES):
+        raise CommandLineError(f"{option} {path} would write into {resolved.parent}, "
+                               f"{_a(kind)} directory whose files hetgraph owns; write the "
+                               "results elsewhere (e.g. beside that directory)")
+    _check_can_create_in(path.parent, option, path)
+
+
+def check_plot_path(path: Path, option: str = "--plot") -> str:
+    r"""The matplotlib format of ``path`` (its suffix; none: PNG), refused unless matplotlib
+    can write it."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".") or "png"
+    if suffix not in formats:
+        raise CommandLineError(f"{option} {path}: matplotlib cannot write .{suffix} files; "
+                               f"use one of .{', .'.join(sorted(formats))} (e.g. .png)")
+    return suffix
+
+
+def check_layers(model: Any, options: dict[str, list[int | None]]) -> None:
+    r"""Refuse decoder-layer numbers (``{option: [layer, …]}``; ``None`` is the LM head)
+    outside the model's ``-L … L-1``, as soon as the model is loaded."""
+    from hetgraph.models.layers import num_decoder_layers
+
+    count = num_decoder_layers(model)
+    for option, layers in options.items():
+        for layer in layers:
+            if layer is not None and not -count <= layer < count:
+                raise CommandLineError(
+                    f"{option} {layer} is outside the model's {count} decoder layers; give "
+                    f"{-count} … {count - 1} (negative counts from the last)"
+                    + (" or 'head'" if option == "--layer" else ""))
+
+
+def check_positions(model: Any, tokens: int, option: str, new_tokens: int = 0) -> None:
+    r"""Refuse a text of ``tokens`` tokens (``option``), plus ``new_tokens`` to generate,
+    beyond the model's maximum positions, before any forward pass: GPT-2 fails with an
+    ``IndexError`` there and rotary models run on silently, slowly and degraded."""
+    from hetgraph.models.checks import max_positions
+
+    limit = max_positions(model)
+    if limit is None or tokens + new_tokens <= limit:
+        return
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if new_tokens:
+        raise CommandLineError(
+            f"{option} is {tokens} tokens and --max-new-tokens {new_tokens}: {tokens + new_tokens}"
+            f" positions, more than the {limit} the model ({model_type}) supports; shorten "
+            f"{option} or lower --max-new-tokens (together at most {limit})")
+    raise CommandLineError(f"{option} is {tokens} tokens, more than the {limit} positions the "
+                           f"model ({model_type}) supports; shorten {option}")
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
     from hetgraph.models.loading import load_model
     from hetgraph.pipeline import resolve_device, set_threads
 
+    device = resolve_device(args.device)  # a device that does not exist: before any load
     set_threads(args.threads)
-    return load_model(args.model, device=resolve_device(args.device),
-                      dtype=getattr(torch, args.dtype))
+    return load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
 
 
 def _read_json_option(path: Path, option: str) -> Any:
@@ -124,16 +299,20 @@ def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: An
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
 
-def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str):
+def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str, *,
+                 new_tokens: int = 0, special_tokens: bool = True):
     """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses a ``torchrun`` job and
-    an empty ``text`` (given as ``option``) before loading the model, the datastore, its index
-    and the adapter."""
+    an empty ``text`` (given as ``option``) before loading the model, and a ``text`` whose
+    tokens (as the command tokenizes it) plus ``new_tokens`` exceed the model's positions
+    before loading the datastore, its index and the adapter."""
     from hetgraph.distributed import require_single_process
 
     require_single_process(args.command)
     if not text:
         raise CommandLineError(f"{option} is empty; give some text to {verb}")
     model, tokenizer = _load(args)
+    tokens = len(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+    check_positions(model, tokens, option, new_tokens)
     store, index = _open_store(args.datastore, model, tokenizer)
     return _hetgraph_lm(args, model, tokenizer, store, index), model, tokenizer
 
@@ -172,9 +351,11 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
         context_length=args.context_length, stride=args.stride, batch_size=args.batch_size,
         key_layer=args.layer, feature_layers=list(args.feature_layers),
         max_tokens=args.max_tokens))
+    check_output_directory(args.out, "--out", "datastore")
     ctx = init_distributed()  # under torchrun every rank builds its share; rank 0 reports
     model, tokenizer = _load(args)
     check_context_length(model, config.context_length, "--context-length")
+    check_layers(model, {"--layer": [args.layer], "--feature-layers": list(args.feature_layers)})
     corpus = _corpus(args, tokenizer)
     store = build_datastore(model, tokenizer, corpus.train, args.out, config,
                             corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
@@ -249,6 +430,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hetgraph.training import train_adapter
 
     fusion, training, evaluation = _training_settings(args)
+    check_output_directory(args.out, "--out", "adapter")
     ctx = init_distributed()  # under torchrun: DDP; rank 0 writes and reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
@@ -274,8 +456,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from hetgraph.distributed import init_distributed
     from hetgraph.evaluation import evaluate_four_way, plot_results, results_table
+    from hetgraph.fusion.model_card import record_evaluation_in_card
     from hetgraph.pipeline import check_corpus_provenance
 
+    plot_format = _check_eval_outputs(args)  # before any work: results are never lost
     evaluation = _run_config(args.config).evaluation
     for name, option in (("k", "k"), ("max_tokens", "max_tokens"),
                          ("valid_tokens", "tune_tokens"), ("neighbour_states", "neighbour_states")):
@@ -299,8 +483,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, results)
     if args.plot is not None:
-        plot_results(results, args.plot)
+        plot_results(results, args.plot, format=plot_format)
+    _record_knn_tuning(args, store, results)
+    record_evaluation_in_card(args.adapter, results, split=args.split)  # its README.md
     return 0
+
+
+def _check_eval_outputs(args: argparse.Namespace) -> str | None:
+    """Check ``eval``'s ``--json`` and ``--plot`` before anything runs; the plot's format."""
+    inputs = (args.config, args.corpus_config, Path(args.corpus) if args.corpus else None)
+    if args.json is not None:
+        check_output_file(args.json, "--json", inputs)
+    if args.plot is None:
+        return None
+    check_output_file(args.plot, "--plot", inputs)
+    if args.json is not None and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        raise CommandLineError(f"--json and --plot are the same file {args.plot}; give two")
+    return check_plot_path(args.plot)
+
+
+def _adapter_identity(adapter: str | None) -> str | None:
+    # The adapter_config.json bytes: it records the weights' checksum, so a retrained adapter
+    # in the same directory has another identity and its old tuning is not used.
+    from hetgraph.io import sha256_hex
+
+    return None if adapter is None else sha256_hex((Path(adapter) / ADAPTER_CONFIG).read_bytes())
+
+
+def _record_knn_tuning(args: argparse.Namespace, store: Any, results: dict[str, Any]) -> None:
+    """Leave the tuned λ / T where ``generate --knn`` finds them: the base LM's in the
+    datastore directory, GNN-LM's in the adapter directory. Only a convenience, so a
+    directory that cannot be written (a shared, read-only datastore) is a warning."""
+    from hetgraph.knnlm import write_knn_tuning
+
+    targets = [(store.path, results["knn"], None)]
+    if args.adapter is not None and "gnn_knn" in results:
+        targets.append((Path(args.adapter), results["gnn_knn"], args.adapter))
+    for directory, row, adapter in targets:
+        try:
+            identity = {"datastore": store.fingerprint, "adapter": _adapter_identity(adapter)}
+            path = write_knn_tuning(directory, row, identity)
+            logger.info("recorded λ %.2f, T %.3g in %s (for `hetgraph generate --knn`)",
+                        row["lambda"], row["temperature"], path)
+        except (OSError, HetgraphError) as error:
+            logger.warning("could not record the tuned λ and T in %s (%s); give "
+                           "`generate --knn` --lambda %.2f --temperature %.3g", directory, error,
+                           row["lambda"], row["temperature"])
+
+
+def _knn_settings(args: argparse.Namespace, lm: Any) -> tuple[float, float]:
+    """λ and T of ``generate --knn``: the options, else the adapter's fusion config, else
+    what the last ``hetgraph eval`` of this adapter (or datastore) tuned."""
+    from hetgraph.knnlm import read_knn_tuning
+
+    lam = args.knn_lambda if args.knn_lambda is not None else lm.config.knn_lambda
+    temperature = (args.knn_temperature if args.knn_temperature is not None
+                   else lm.config.knn_temperature)
+    if lam is not None and temperature is not None:
+        return float(lam), float(temperature)
+    directory = Path(args.adapter) if args.adapter else Path(lm.datastore.path)
+    tuned = read_knn_tuning(directory, {"datastore": lm.datastore.fingerprint,
+                                        "adapter": _adapter_identity(args.adapter)})
+    if tuned is None:
+        adapter = f" --adapter {args.adapter}" if args.adapter else ""
+        raise CommandLineError(
+            f"generate --knn needs the kNN-LM λ and temperature, and none are recorded for "
+            f"{'adapter ' + args.adapter if args.adapter else 'datastore ' + args.datastore}; "
+            f"run `hetgraph eval --datastore {args.datastore}{adapter}` first (it tunes and "
+            "records them), or give --lambda and --temperature")
+    lam = tuned["lambda"] if lam is None else lam
+    temperature = tuned["temperature"] if temperature is None else temperature
+    logger.info("kNN-LM λ %.2f, T %.3g (tuned by `hetgraph eval`, %s)", lam, temperature,
+                directory)
+    return float(lam), float(temperature)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -308,13 +563,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from hetgraph.inspection import describe_generation
 
-    lm, model, tokenizer = _lm_for_text(args, args.prompt, "--prompt", "continue")
+    if not args.knn and (args.knn_lambda is not None or args.knn_temperature is not None):
+        raise CommandLineError("--lambda and --temperature set the kNN-LM mixture; add --knn "
+                               "to use it, or leave them out")
+    lm, model, tokenizer = _lm_for_text(args, args.prompt, "--prompt", "continue",
+                                        new_tokens=args.max_new_tokens)
+    mixture = _knn_settings(args, lm) if args.knn else (None, None)
     device = next(model.parameters()).device
     prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
     if prompt["input_ids"].shape[1] == 0:
         raise CommandLineError("--prompt gives no tokens; give some text to continue")
     generated = lm.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, knn=args.knn)
+                            pad_token_id=tokenizer.pad_token_id, knn=args.knn,
+                            knn_lambda=mixture[0], knn_temperature=mixture[1])
     new_tokens = generated[0, prompt["input_ids"].shape[1]:]
     print(args.prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))
     if args.show_neighbours:
@@ -327,7 +588,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hetgraph.inspection import format_report, inspect_position
 
-    lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect")
+    lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect",
+                                    special_tokens=False)
     report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_report(report))

@@ -27,12 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from hetgraph.errors import HetgraphError
+from hetgraph.limits import ResourceLimitError
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
 ConfigT = TypeVar("ConfigT", bound="JSONConfigMixin")
 _NONE_TYPE = type(None)
+#: Deepest nesting of objects and lists a JSON config may have (the deepest real one, a run
+#: config's ``fusion.adapter`` section, has 3); far deeper text exhausts Python's recursion
+#: limit in the JSON reader.
+MAX_JSON_DEPTH = 32
 
 
 class ConfigError(HetgraphError):
@@ -50,6 +55,18 @@ class ConfigError(HetgraphError):
         self.key = key
         #: True when the error is a value of the wrong type (not a wrong key or range).
         self.type_mismatch = False
+
+
+class ConfigLimitError(ConfigError, ResourceLimitError):
+    r"""A config value that asks for more memory, or more of some count, than the machine or
+    the format allows (:mod:`hetgraph.limits`): both a :class:`ConfigError` (named by its
+    dotted path and file) and a :class:`~hetgraph.limits.ResourceLimitError`."""
+
+
+def _same_kind(error: ConfigError, message: str, key: str | None) -> ConfigError:
+    r"""A :class:`ConfigError` with ``message``, a :class:`ConfigLimitError` if ``error`` is."""
+    kind = ConfigLimitError if isinstance(error, ResourceLimitError) else ConfigError
+    return kind(message, key)
 
 
 def _type_mismatch(path: str, expected: Any, value: Any) -> ConfigError:
@@ -152,7 +169,7 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any], path: str = "") ->
         if error.key is not None or not path:
             raise
         # A value the class itself rejected: name the section it sits in.
-        raise ConfigError(f"{path}: {error}", path) from error
+        raise _same_kind(error, f"{path}: {error}", path) from error
 
 
 def coerce_value(value: Any, tp: Any, path: str) -> Any:
@@ -249,6 +266,43 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+def json_depth(value: Any, limit: int) -> int:
+    r"""Nesting depth of the JSON value ``value`` (a scalar is 0, ``[]`` and ``{}`` are 1),
+    counted without recursion and only up to ``limit`` (deeper values return ``limit``)."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level and depth < limit:
+        depth += 1
+        level = [item for node in level
+                 for item in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(item, (dict, list))]
+    return depth
+
+
+def parse_json(text: str, source: str) -> Any:
+    r"""``text`` parsed as JSON, refused if it nests deeper than :data:`MAX_JSON_DEPTH`
+    (text thousands of levels deep exhausts Python's recursion limit in the reader: a
+    ``RecursionError`` traceback, not an answer).
+
+    Args:
+        text: the JSON text.
+        source: what it is, for the message (a file's path, ``--corpus-config x.json``).
+
+    Raises:
+        json.JSONDecodeError: it is not JSON.
+        ConfigError: it nests too deep (one line naming ``source``).
+    """
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        data, depth = None, MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(data, MAX_JSON_DEPTH + 1)
+    if depth > MAX_JSON_DEPTH:
+        raise ConfigError(f"{source} nests objects or lists more than {MAX_JSON_DEPTH} deep; "
+                          "a config nests only a few levels: flatten it")
+    return data
+
+
 def _json_ready(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _json_ready(item) for key, item in value.items()}
@@ -269,7 +323,8 @@ def _raising_config_errors(post_init: Callable[[Any], None]) -> Callable[[Any], 
         except ConfigError:
             raise
         except ValueError as error:
-            raise ConfigError(str(error)) from error
+            kind = ConfigLimitError if isinstance(error, ResourceLimitError) else ConfigError
+            raise kind(str(error)) from error
 
     _CHECKED_POST_INITS.add(checked)
     return checked
@@ -328,9 +383,10 @@ class JSONConfigMixin:
         r"""Inverse of :meth:`to_json`.
 
         Raises:
-            ConfigError: as :meth:`from_dict`.
+            ConfigError: as :meth:`from_dict`, or the text nests deeper than
+                :data:`MAX_JSON_DEPTH`.
         """
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, f"the JSON text of {cls.__name__}"))
 
     def to_json_file(self, path: str | Path) -> None:
         r"""Write the config as a JSON file."""
@@ -342,17 +398,17 @@ class JSONConfigMixin:
 
         Raises:
             FileNotFoundError: the file does not exist.
-            ConfigError: it is not valid JSON, or as :meth:`from_dict` (the message starts
-                with the file's path).
+            ConfigError: it is not valid JSON, nests deeper than :data:`MAX_JSON_DEPTH`, or
+                as :meth:`from_dict` (the message starts with the file's path).
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            data = parse_json(path.read_text(encoding="utf-8"), str(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path} is not valid JSON ({error})") from None
         try:
             return cls.from_dict(data)
         except ConfigError as error:
-            raise ConfigError(f"{path}: {error}", error.key) from error
+            raise _same_kind(error, f"{path}: {error}", error.key) from error

@@ -84,3 +84,12 @@ def check_count(what: str, value: int, maximum: int, fix: str, *, minimum: int =
     if not minimum <= value <= maximum:
         raise ResourceLimitError(
             f"{what} is {value}, outside [{minimum}, {maximum}]; {fix}")
+
+
+def naming(error: ResourceLimitError, source: object) -> ResourceLimitError:
+    r"""``error`` if its message names ``source`` (a file or an option), else an error of the
+    same kind with ``"{source}: "`` in front: for checks made where the source is unknown
+    (a config's own size checks, re-raised by the reader of its file)."""
+    if str(source) in str(error):
+        return error
+    return type(error)(f"{source}: {error}")

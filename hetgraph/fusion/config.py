@@ -13,6 +13,7 @@ from hetgraph.fusion.sites import (
     resolve_fusion_sites,
 )
 from hetgraph.graph.config import GraphConfig
+from hetgraph.limits import check_memory
 from hetgraph.nn.config import AdapterConfig
 
 __all__ = ["HEAD", "FusionConfig", "FusionSite"]
@@ -129,6 +130,15 @@ class FusionConfig(JSONConfigMixin):
             raise ValueError(f"knn_lambda must be in [0, 1] or None, got {self.knn_lambda}")
         if self.knn_temperature is not None and not self.knn_temperature > 0:
             raise ValueError(f"knn_temperature must be > 0 or None, got {self.knn_temperature}")
+        # One query position alone already needs k windows of left + right + 1 nodes (each
+        # with its corpus position and a feature of the adapter's width, at least one float)
+        # and k + retrieval_margin neighbours (id and distance): a floor of any batch.
+        nodes = self.k * self.graph.window_size
+        width = self.adapter.hidden_channels or 1
+        check_memory(f"the context graph of one position (k {self.k} × (graph.left + "
+                     f"graph.right + 1) = {nodes:,} neighbour nodes)",
+                     nodes * (8 + 4 * width) + 12 * (self.k + self.retrieval_margin),
+                     "lower k, graph.left or graph.right")
 
     def resolved_sites(self, num_layers: int) -> tuple[FusionSite, ...]:
         """The fused sites for a model with ``num_layers`` decoder layers: ascending layer

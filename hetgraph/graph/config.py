@@ -7,6 +7,7 @@ from typing import Any, Literal
 from torch_geometric.typing import EdgeType, Metadata, NodeType
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.limits import check_count
 
 #: Node type of the query (original-context) positions.
 CTX: NodeType = "ctx"
@@ -20,6 +21,10 @@ N2C: EdgeType = (NBR, "n2c", CTX)
 C2C: EdgeType = (CTX, "c2c", CTX)
 #: All edge types, in the canonical order used by the layers.
 EDGE_TYPES: tuple[EdgeType, ...] = (N2N, N2C, C2C)
+#: Most corpus tokens a neighbour window may take on each side (GNN-LM: 1, then 2). A graph
+#: holds k × (left + right + 1) ``nbr`` nodes per query position, and the windows' positions
+#: are laid out before they are clipped: a 10⁸-token side asked for 558 GB at once.
+MAX_WINDOW_SIDE = 256
 
 
 def context_graph_metadata(c2c: bool = False) -> Metadata:
@@ -97,6 +102,9 @@ class GraphConfig(JSONConfigMixin):
         super().__post_init__()
         if self.left < 0 or self.right < 0:
             raise ValueError(f"left/right must be >= 0 (got {self.left}, {self.right})")
+        for name in ("left", "right"):
+            check_count(name, getattr(self, name), MAX_WINDOW_SIDE,
+                        "neighbour windows take a few tokens on each side (GNN-LM: 1 or 2)")
         if self.n2c not in ("center", "window"):
             raise ValueError(f"n2c must be 'center' or 'window' (got {self.n2c!r})")
         if self.c2c_window is not None and self.c2c_window < 1:

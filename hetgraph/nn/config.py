@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.limits import check_count, check_memory
 
 #: Which implementation :class:`~hetgraph.nn.GraphAdapter` runs: ``"auto"`` (dense where the
 #: graph layout allows), ``"dense"`` or ``"sparse"`` (edge lists).
@@ -23,6 +24,13 @@ RelationInit = Literal["glorot", "official"]
 MapKind = Literal["linear", "official"]
 #: The channel widths of an :class:`AdapterConfig` (``None`` until resolved).
 _WIDTHS = ("ctx_channels", "nbr_channels", "hidden_channels", "out_channels")
+#: Most graph layers an adapter may stack (GNN-LM: 3). Each layer is a few dozen modules:
+#: millions of them take unbounded time and memory to build even when narrow.
+MAX_ADAPTER_LAYERS = 1024
+#: Most attention heads (each at least one channel wide) and the largest feed-forward
+#: multiplier: bounds that hold before the widths are known (GNN-LM: 8 heads; 2 or 4).
+MAX_ADAPTER_HEADS = 1024
+MAX_FF_MULTIPLIER = 64
 
 
 @dataclass
@@ -116,6 +124,12 @@ class AdapterConfig(JSONConfigMixin):
         for name in ("num_layers", "heads", "ff_multiplier"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_count("num_layers", self.num_layers, MAX_ADAPTER_LAYERS,
+                    "GNN-LM uses 3 graph layers", minimum=1)
+        check_count("heads", self.heads, MAX_ADAPTER_HEADS,
+                    "use a few heads that divide hidden_channels (GNN-LM: 8)", minimum=1)
+        check_count("ff_multiplier", self.ff_multiplier, MAX_FF_MULTIPLIER,
+                    "the feed-forward block is usually 2 or 4 times hidden_channels", minimum=1)
         if self.token_channels < 0:
             raise ValueError(f"token_channels must be >= 0, got {self.token_channels}")
         if self.hidden_channels is not None and self.hidden_channels % self.heads != 0:
@@ -135,6 +149,38 @@ class AdapterConfig(JSONConfigMixin):
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if self.path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse' (got {self.path!r})")
+        if self.hidden_channels is not None:  # else checked once resolved() sets it
+            params = self.parameter_count()
+            check_memory(f"an adapter of about {params:,} float32 parameters (hidden_channels "
+                         f"{self.hidden_channels}, num_layers {self.num_layers}, ff_multiplier "
+                         f"{self.ff_multiplier})", 4 * params,
+                         "lower hidden_channels, num_layers, ff_multiplier or the other widths")
+
+    def parameter_count(self) -> int:
+        r"""The parameters of a :class:`GraphAdapter` with this config, estimated before one is
+        built (exact for the default maps; widths still ``None`` count as
+        ``hidden_channels``). Needs ``hidden_channels``.
+
+        Raises:
+            ValueError: ``hidden_channels`` is not set.
+        """
+        h = self.hidden_channels
+        if h is None:
+            raise ValueError("AdapterConfig.parameter_count needs hidden_channels")
+        # Node types ctx and nbr; relations n2n, n2c and c2c (tie_intra: n2n and c2c share).
+        types = 2
+        relations = 3 if self.use_c2c and not self.tie_intra else 2
+        # Per type: q/k/v and W_o (bias optional) and a LayerNorm; per relation: two [H, D, D]
+        # matrices and H priors.
+        layer = (types * (4 * h * h + 3 * h + (h if self.output_bias else 0) + 2 * h)
+                 + relations * (2 * h * h // self.heads + self.heads))
+        if self.feed_forward:
+            ff = self.ff_multiplier * h
+            layer += types * (2 * h * ff + ff + 3 * h)
+        widths = [self.ctx_channels or h, self.nbr_channels or h]
+        maps = sum(w * h + h for w in widths) + self.token_channels * h
+        maps += (self.out_channels or h) * (h + 1)
+        return self.num_layers * layer + maps
 
     def resolved(self, *, ctx_channels: int, nbr_channels: int, out_channels: int | None = None,
                  token_channels: int | None = None, use_c2c: bool | None = None) -> AdapterConfig:

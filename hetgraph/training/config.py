@@ -5,7 +5,14 @@ import math
 from dataclasses import dataclass
 
 from hetgraph.configuration import JSONConfigMixin
+from hetgraph.limits import check_count, check_memory
 from hetgraph.training.precision import MIXED_PRECISION
+
+#: Most sequences one micro-batch may hold (``grad_accumulation`` makes larger batches).
+MAX_BATCH_SIZE = 1 << 16
+#: Bytes a training token takes at the very least: the LM's float32 logits over a
+#: vocabulary of 256 or more tokens, before any hidden state, graph or gradient.
+MIN_BYTES_PER_TOKEN = 1024
 
 
 @dataclass
@@ -72,6 +79,12 @@ class TrainingConfig(JSONConfigMixin):
         for name in ("max_steps", "batch_size", "context_length", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        fix = ("lower batch_size or context_length (grad_accumulation gives larger batches "
+               "without the memory)")
+        check_count("batch_size", self.batch_size, MAX_BATCH_SIZE, fix, minimum=1)
+        tokens = self.batch_size * self.context_length
+        check_memory(f"a micro-batch of batch_size × context_length = {tokens:,} tokens",
+                     tokens * MIN_BYTES_PER_TOKEN, fix)
         for name in ("eval_every", "eval_tokens", "patience", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -337,5 +337,5 @@ def test_an_adapter_config_implying_huge_tensors_is_refused(adapter, monkeypatch
     monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "64M")
     rewrite_config(adapter, lambda c: c["adapters"]["head"].update(hidden_channels=1 << 20,
                                                                    heads=2))
-    with pytest.raises(ResourceLimitError, match=r"adapter 'head' of .*adapter_config\.json"):
+    with pytest.raises(ResourceLimitError, match=r"adapter_config\.json: an adapter of about"):
         read_adapter_weights(adapter)

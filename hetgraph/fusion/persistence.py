@@ -34,7 +34,7 @@ from hetgraph.io import (
     fsync_directory,
     storage_errors,
 )
-from hetgraph.limits import ResourceLimitError, check_memory, format_bytes
+from hetgraph.limits import ResourceLimitError, check_memory, format_bytes, naming
 from hetgraph.locking import LockError, while_unlocked
 from hetgraph.models.fingerprint import (
     config_fingerprint,
@@ -297,8 +297,8 @@ def expected_adapter_shapes(saved: dict[str, Any], config_path: Path) -> dict[st
             shapes[f"gates.{key}"] = gate_shape
             shapes.update({f"retrieval_gates.{key}.{name}": tuple(t.shape)
                            for name, t in retrieval.items()})
-    except ResourceLimitError:
-        raise
+    except ResourceLimitError as error:  # an AdapterConfig's own size check names no file
+        raise naming(error, config_path) from None
     except Exception as error:  # any malformed section: the config cannot be right
         raise AdapterFileError(f"{config_path} is damaged (its adapters section: "
                                f"{type(error).__name__}: {error}); {hint}") from None

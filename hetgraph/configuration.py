@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from hetgraph.errors import HetgraphError
-from hetgraph.limits import ResourceLimitError
+from hetgraph.limits import ResourceLimitError, json_depth
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
 ConfigT = TypeVar("ConfigT", bound="JSONConfigMixin")
 _NONE_TYPE = type(None)
-#: Deepest nesting of objects and lists a JSON config may have (the deepest real one, a run
-#: config's ``fusion.adapter`` section, has 3); far deeper text exhausts Python's recursion
-#: limit in the JSON reader.
+#: Deepest nesting a JSON config may have (a run config's ``fusion.adapter`` has 3); far
+#: deeper text exhausts Python's recursion limit in the JSON reader.
 MAX_JSON_DEPTH = 32
 
 
@@ -58,9 +57,8 @@ class ConfigError(HetgraphError):
 
 
 class ConfigLimitError(ConfigError, ResourceLimitError):
-    r"""A config value that asks for more memory, or more of some count, than the machine or
-    the format allows (:mod:`hetgraph.limits`): both a :class:`ConfigError` (named by its
-    dotted path and file) and a :class:`~hetgraph.limits.ResourceLimitError`."""
+    r"""A config value asking for more memory or more of a count than allowed
+    (:mod:`hetgraph.limits`), named by its dotted path like any :class:`ConfigError`."""
 
 
 def _same_kind(error: ConfigError, message: str, key: str | None) -> ConfigError:
@@ -264,18 +262,6 @@ def _coerce_scalar(value: Any, tp: Any, path: str) -> Any:
     if not ok:
         raise _type_mismatch(path, tp, value)
     return value
-
-
-def json_depth(value: Any, limit: int) -> int:
-    r"""Nesting depth of the JSON value ``value`` (a scalar is 0, ``[]`` and ``{}`` are 1),
-    counted without recursion and only up to ``limit`` (deeper values return ``limit``)."""
-    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
-    while level and depth < limit:
-        depth += 1
-        level = [item for node in level
-                 for item in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(item, (dict, list))]
-    return depth
 
 
 def parse_json(text: str, source: str) -> Any:

@@ -93,3 +93,15 @@ def naming(error: ResourceLimitError, source: object) -> ResourceLimitError:
     if str(source) in str(error):
         return error
     return type(error)(f"{source}: {error}")
+
+
+def json_depth(value: object, limit: int) -> int:
+    r"""Nesting depth of the JSON value ``value`` (a scalar is 0, ``[]`` and ``{}`` are 1),
+    counted without recursion and only up to ``limit`` (deeper values return ``limit``)."""
+    depth, level = 0, [value] if isinstance(value, (dict, list)) else []
+    while level and depth < limit:
+        depth += 1
+        level = [item for node in level
+                 for item in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(item, (dict, list))]
+    return depth

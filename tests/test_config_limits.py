@@ -10,10 +10,10 @@ import re
 import pytest
 
 from hetgraph.cli import main
-from hetgraph.configuration import MAX_JSON_DEPTH, ConfigError, json_depth, parse_json
+from hetgraph.configuration import MAX_JSON_DEPTH, ConfigError, parse_json
 from hetgraph.fusion import FusionConfig
 from hetgraph.graph import GraphConfig
-from hetgraph.limits import ResourceLimitError, naming
+from hetgraph.limits import ResourceLimitError, json_depth, naming
 from hetgraph.nn import AdapterConfig, GraphAdapter
 from hetgraph.pipeline import RunConfig
 from hetgraph.testing import tiny_run_config

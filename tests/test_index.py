@@ -15,7 +15,7 @@ from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.index import DatastoreIndex, IndexConfig, auto_factory
 from hetgraph.index.files import DatastoreIndexError
-from hetgraph.index.training import parse_factory
+from hetgraph.index.training import check_factory, parse_factory
 from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
 
 
@@ -220,3 +220,14 @@ def test_supported_boundary_factories_build_and_search(factory):
                                  show_progress=False)
     _, ids = index.search(keys[:20], 3)
     assert index.ntotal == 600 and ((ids >= 0) & (ids < 600)).all()
+
+
+def test_check_factory_answers_before_anything_is_built():
+    check_factory("auto", 10, 32)
+    check_factory("IVF16,PQ8", 5000, 32)
+    with pytest.raises(DatastoreIndexError, match="use at most IVF4224"):
+        check_factory("IVF99999,Flat", 4224, 32)
+    with pytest.raises(DatastoreIndexError, match=r"only 300 training keys \(of 5000; "):
+        check_factory("IVF400,Flat", 5000, 32, train_size=300)
+    with pytest.raises(DatastoreIndexError, match="HNSW needs M >= 2"):
+        check_factory("HNSW1", 5000, 32)

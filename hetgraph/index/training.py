@@ -289,3 +289,17 @@ def check_factory_rows(factory: str, d: int, n: int, train: int) -> None:
                          n * (8 * spec.hnsw + 4 * spec.dim), "use a smaller HNSW M")
         except ResourceLimitError as error:
             raise DatastoreIndexError(f"{error} (--factory)") from None
+
+
+def check_factory(factory: str, n: int, d: int, train_size: int | None = None) -> None:
+    """Everything :func:`new_index` and :func:`training_sample` check about ``factory`` for
+    ``n`` keys of width ``d`` (``train_size`` as :attr:`IndexConfig.train_size
+    <hetgraph.index.IndexConfig.train_size>`), without building anything: for callers that
+    want the answer before they create files (``"auto"`` always passes).
+
+    Raises:
+        DatastoreIndexError: one line naming ``factory``, ``--factory`` and the fix.
+    """
+    if factory != "auto":
+        nlist = parse_factory(factory, d).nlist or 1  # as _default_train_size
+        check_factory_rows(factory, d, n, min(n, train_size or max(64 * nlist, 65536)))

@@ -98,6 +98,10 @@ _EXPORTS: dict[str, str] = {
     "collect_lm_outputs": "hetgraph.evaluation",
     "evaluate_base_knn": "hetgraph.evaluation",
     "evaluate_four_way": "hetgraph.evaluation",
+    "BootstrapSpec": "hetgraph.evaluation",
+    "perplexity_intervals": "hetgraph.evaluation",
+    "stratified_segments": "hetgraph.evaluation",
+    "write_per_token": "hetgraph.evaluation",
     "model_perplexity": "hetgraph.evaluation",
     "plot_results": "hetgraph.evaluation",
     "results_table": "hetgraph.evaluation",
@@ -140,6 +144,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         HetgraphError as HetgraphError,
     )
     from hetgraph.evaluation import (
+        BootstrapSpec as BootstrapSpec,
         EvalConfig as EvalConfig,
         NeighbourSearch as NeighbourSearch,
         NonFiniteError as NonFiniteError,
@@ -149,8 +154,11 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         evaluate_four_way as evaluate_four_way,
         gnn_forward as gnn_forward,
         model_perplexity as model_perplexity,
+        perplexity_intervals as perplexity_intervals,
         plot_results as plot_results,
         results_table as results_table,
+        stratified_segments as stratified_segments,
+        write_per_token as write_per_token,
     )
     from hetgraph.fusion import (
         AdapterMismatchError as AdapterMismatchError,

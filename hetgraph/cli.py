@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +20,16 @@ from hetgraph.cli_commands import (
     cmd_verify,
     is_expected_error,
 )
+from hetgraph.cli_options import (
+    POSITIVE,
+    at_least,
+    fraction,
+    layer_number,
+    positive_float,
+    seed_value,
+    thread_count,
+    token_budget,
+)
 
 EPILOG = """examples:
   hetgraph demo                                   # the whole job on the embedded default
@@ -33,69 +41,6 @@ EPILOG = """examples:
 
 --model defaults to the embedded SmolLM2-135M and --corpus to the embedded Python 3.11 docs."""
 
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (refused before anything runs)."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
-        return number
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-POSITIVE = _at_least(1)
-#: Seeds are numpy's: ``0 <= seed < 2**32``.
-SEED_LIMIT = 2 ** 32
-
-
-def _threads(value: str) -> int:
-    """An argparse type: a thread count in ``[1, the machine's CPUs]`` (torch and FAISS
-    start one OS thread per unit asked for, so 100000 would exhaust the machine)."""
-    number = POSITIVE(value)
-    cpus = os.cpu_count() or 1
-    if number > cpus:
-        raise argparse.ArgumentTypeError(
-            f"must be at most {cpus} (the CPUs of this machine), got {number}")
-    return number
-
-
-def _seed(value: str) -> int:
-    """An argparse type: a random seed, ``0 <= seed < 2**32`` (numpy's limit)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if not 0 <= number < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"must be in [0, {SEED_LIMIT - 1}] (2**32 - 1), got {number}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    """An argparse type: a number in ``[0, 1]`` (the kNN-LM weight λ)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    """An argparse type: a finite number > 0 (the kNN-LM temperature T)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return number
 
 #: ``--preset`` names: :data:`hetgraph.pipeline.FUSION_PRESETS`, repeated here so that parsing
 #: (and ``--help``) does not import torch.
@@ -110,7 +55,7 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="model weights dtype "
                              "(bfloat16 halves GPU memory; adapters stay float32)")
-    parser.add_argument("--threads", type=_threads, default=None,
+    parser.add_argument("--threads", type=thread_count, default=None,
                         help="torch and FAISS threads (at most the machine's CPUs)")
 
 
@@ -125,16 +70,6 @@ def _add_corpus(parser: argparse.ArgumentParser) -> None:
                              "split; MAP defaults to train=train,valid=validation,test=test")
     parser.add_argument("--corpus-config", default=None, type=Path,
                         help="JSON file of CorpusConfig fields (split fractions, seed, glob …)")
-
-
-def _layer(value: str) -> int | None:
-    if value in ("head", "lm_head", "none", "None"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"layer must be an integer or 'head', got {value!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +123,9 @@ def _add_build_commands(commands: Any) -> None:
     _add_model(ds_build)
     _add_corpus(ds_build)
     ds_build.add_argument("--out", required=True, help="datastore directory")
-    ds_build.add_argument("--layer", type=_layer, default=None,
+    ds_build.add_argument("--layer", type=layer_number, default=None,
                           help="key layer: decoder-layer index or 'head' (LM-head input, default)")
-    ds_build.add_argument("--max-tokens", type=_at_least(2), default=None,
+    ds_build.add_argument("--max-tokens", type=at_least(2), default=None,
                           help="use the first N train tokens")
     ds_build.add_argument("--context-length", type=POSITIVE, default=512)
     ds_build.add_argument("--stride", type=POSITIVE, default=256)
@@ -212,14 +147,14 @@ def _add_build_commands(commands: Any) -> None:
                                "Flat, IVF4096,PQ64, OPQ64,IVF4096,PQ64, HNSW32 "
                                "or 'auto' (exact below ~1M vectors)")
     ix_build.add_argument("--metric", choices=("l2", "ip"), default="l2")
-    ix_build.add_argument("--threads", type=_threads, default=None,
+    ix_build.add_argument("--threads", type=thread_count, default=None,
                           help="FAISS threads (at most the machine's CPUs)")
     ix_build.add_argument("--on-disk", dest="on_disk", action="store_const", const=True,
                           default=None, help="IVF lists on disk (mmap'd); default: by size "
                           "(docs: Scaling out)")
     ix_build.add_argument("--in-memory", dest="on_disk", action="store_const", const=False)
     ix_build.add_argument("--nprobe", type=POSITIVE, default=32, help="IVF lists per query")
-    ix_build.add_argument("--rerank", type=_at_least(0), default=0, metavar="K_PRIME",
+    ix_build.add_argument("--rerank", type=at_least(0), default=0, metavar="K_PRIME",
                           help="re-rank K_PRIME candidates exactly against the keys (0: off)")
     ix_build.add_argument("--shard-rows", type=POSITIVE, default=1_000_000,
                           help="rows per block of an on-disk build (the unit of a rank's work)")
@@ -241,7 +176,7 @@ def _add_train_command(commands: Any) -> None:
                             "paper's stage 2 (e.g. --preset paper --k 128 --left 2 --right 2 "
                             "--init-from STAGE1_DIR); only the graph and k may change")
     train.add_argument("--max-steps", type=POSITIVE, default=None)
-    train.add_argument("--max-tokens", type=_at_least(2), default=None,
+    train.add_argument("--max-tokens", type=at_least(2), default=None,
                        help="train on the first N train tokens")
     train.add_argument("--fusion-layers", nargs="+", default=None,
                        help="fused sites: decoder-layer indices, 'head', 'all' (every decoder "
@@ -255,15 +190,15 @@ def _add_train_command(commands: Any) -> None:
                        help="recompute the frozen decoder layers in backward (less memory when "
                             "fusing below the last layer)")
     train.add_argument("--k", type=POSITIVE, default=None, help="neighbours per position")
-    train.add_argument("--left", type=_at_least(0), default=None,
+    train.add_argument("--left", type=at_least(0), default=None,
                        help="neighbour window: tokens left of each retrieved position (l)")
-    train.add_argument("--right", type=_at_least(0), default=None,
+    train.add_argument("--right", type=at_least(0), default=None,
                        help="neighbour window: tokens right of each retrieved position (r)")
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default=None,
                        help="train in bfloat16 autocast ('auto': where the device has native "
                             "bfloat16; evaluations stay float32; default: the config's)")
-    train.add_argument("--seed", type=_seed, default=None,
+    train.add_argument("--seed", type=seed_value, default=None,
                        help="random seed, 0 <= seed < 2**32 (default: the config's)")
     train.set_defaults(func=cmd_train)
 
@@ -277,10 +212,21 @@ def _add_eval_command(commands: Any) -> None:
     evaluate.add_argument("--adapter", default=None,
                           help="trained adapter directory (adds gnn and gnn_knn)")
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
-    evaluate.add_argument("--max-tokens", type=_at_least(2), default=None,
-                          help="score the first N tokens of the split")
-    evaluate.add_argument("--tune-tokens", type=_at_least(2), default=None,
-                          help="valid tokens for tuning λ and T")
+    evaluate.add_argument("--max-tokens", type=token_budget, default=argparse.SUPPRESS,
+                          help="tokens of the split to score, spread over every document "
+                               "(see --sample), or 'all' (default: the config's)")
+    evaluate.add_argument("--tune-tokens", type=token_budget, default=argparse.SUPPRESS,
+                          help="valid tokens for tuning λ and T, sampled the same way, or 'all'")
+    evaluate.add_argument("--sample", choices=("stratified", "prefix"), default=None,
+                          help="which tokens: a seeded sample spread over every document "
+                               "(default) or the first ones")
+    evaluate.add_argument("--sample-seed", type=seed_value, default=None,
+                          help="seed of the stratified sample (default 0)")
+    evaluate.add_argument("--bootstrap-resamples", type=POSITIVE, default=None,
+                          help="document resamples of the 95 %% intervals (default 1000)")
+    evaluate.add_argument("--per-token", type=Path, default=None,
+                          help="write every scored token's document, position, target and "
+                               "log-probability per method here (safetensors)")
     evaluate.add_argument("--k", type=POSITIVE, default=None,
                           help="neighbours per position (fewer than the datastore's entries)")
     evaluate.add_argument("--neighbour-states", choices=("auto", "on", "off"), default=None,
@@ -310,9 +256,9 @@ def _add_generate_command(commands: Any) -> None:
                                "else the adapter's fusion config, else the values the last "
                                "`hetgraph eval` of this adapter (or, without --adapter, of this "
                                "datastore) tuned")
-    generate.add_argument("--lambda", dest="knn_lambda", type=_fraction, default=None,
+    generate.add_argument("--lambda", dest="knn_lambda", type=fraction, default=None,
                           metavar="LAMBDA", help="kNN-LM weight λ in [0, 1] (with --knn)")
-    generate.add_argument("--temperature", dest="knn_temperature", type=_positive_float,
+    generate.add_argument("--temperature", dest="knn_temperature", type=positive_float,
                           default=None, metavar="T",
                           help="kNN-LM temperature T > 0 of softmax(-d / T) (with --knn)")
     generate.add_argument("--show-neighbours", action="store_true",

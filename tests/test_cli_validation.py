@@ -260,7 +260,7 @@ def test_eval_never_writes_over_hetgraph_files(ws, capsys, no_evaluation, target
 
 
 def test_eval_json_in_a_run_directory_spares_the_runs_own_files(tmp_path):
-    from hetgraph.cli_commands import CommandLineError, check_output_file
+    from hetgraph.cli_checks import CommandLineError, check_output_file
 
     run_dir = tmp_path / "run"
     (run_dir / "datastore").mkdir(parents=True)

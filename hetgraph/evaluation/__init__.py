@@ -1,8 +1,21 @@
 """Evaluation over strided windows: base LM, kNN-LM, GNN-LM and GNN-LM + kNN on the same tokens."""
-from hetgraph.evaluation.gnn import evaluate_four_way, gnn_forward, model_perplexity
+from hetgraph.evaluation.gnn import (
+    add_intervals,
+    evaluate_four_way,
+    gnn_forward,
+    model_perplexity,
+)
+from hetgraph.evaluation.intervals import (
+    BootstrapSpec,
+    PerplexityInterval,
+    RatioInterval,
+    bootstrap_perplexities,
+    perplexity_intervals,
+)
 from hetgraph.evaluation.knn import (
     default_temperatures,
     evaluate_base_knn,
+    knn_mixture_log_probs,
     score_knn,
     score_lm,
 )
@@ -16,12 +29,46 @@ from hetgraph.evaluation.lm import (
     collect_lm_outputs,
     default_forward,
 )
-from hetgraph.evaluation.report import METHOD_NAMES, plot_results, results_table
+from hetgraph.evaluation.report import (
+    METHOD_NAMES,
+    plot_results,
+    ratio_sentences,
+    results_table,
+    write_per_token,
+)
+from hetgraph.evaluation.sampling import (
+    segment_windows,
+    stratified_segments,
+)
 
 __all__ = [
-    "METHOD_NAMES", "EvalConfig", "ForwardFn", "LMOutputs", "NeighbourSearch", "NonFiniteError",
-    "TrimmedForward", "collect_lm_outputs", "default_forward",
-    "default_temperatures", "evaluate_base_knn", "evaluate_four_way", "gnn_forward",
-    "model_perplexity", "plot_results", "results_table", "score_knn",
+    "METHOD_NAMES",
+    "BootstrapSpec",
+    "EvalConfig",
+    "ForwardFn",
+    "LMOutputs",
+    "NeighbourSearch",
+    "NonFiniteError",
+    "PerplexityInterval",
+    "RatioInterval",
+    "TrimmedForward",
+    "add_intervals",
+    "bootstrap_perplexities",
+    "collect_lm_outputs",
+    "default_forward",
+    "default_temperatures",
+    "evaluate_base_knn",
+    "evaluate_four_way",
+    "gnn_forward",
+    "knn_mixture_log_probs",
+    "model_perplexity",
+    "perplexity_intervals",
+    "plot_results",
+    "ratio_sentences",
+    "results_table",
+    "score_knn",
     "score_lm",
+    "segment_windows",
+    "stratified_segments",
+    "write_per_token",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,8 +11,14 @@ import torch
 
 from hetgraph.allocator import available_memory_bytes
 from hetgraph.configuration import ConfigError
-from hetgraph.distributed import processes_on_this_node
-from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
+from hetgraph.distributed import current_context, processes_on_this_node
+from hetgraph.evaluation.intervals import perplexity_intervals
+from hetgraph.evaluation.knn import (
+    default_temperatures,
+    knn_mixture_log_probs,
+    score_knn,
+    score_lm,
+)
 from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
@@ -21,6 +28,8 @@ from hetgraph.evaluation.lm import (
     accepts_logits_to_keep,
     collect_lm_outputs,
 )
+from hetgraph.evaluation.report import write_per_token
+from hetgraph.evaluation.sampling import scored_count
 from hetgraph.fusion.neighbour_states import NeighbourStates
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 from hetgraph.limits import check_memory
@@ -98,27 +107,71 @@ def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
 def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
                      max_tokens: int | None = None) -> float:
     """Perplexity of a :class:`~hetgraph.HetGraphLM` on a split, through ``config``'s
-    windows, over its first ``max_tokens`` tokens (default ``config.max_tokens``, else all).
+    windows, over ``max_tokens`` of its tokens (default ``config.max_tokens``, else all;
+    sampled as ``config.sample`` says).
     The model retrieves its own ``FusionConfig.k`` neighbours (as in training). Under
     ``torchrun`` the windows are shared across ranks and the result is the one-process
     perplexity on every rank (:func:`~hetgraph.evaluation.collect_lm_outputs`)."""
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
-    tokens = min(len(split), config.max_tokens or len(split))
-    states = evaluation_neighbour_states(lm, config, tokens, lm.config.k)
+    states = evaluation_neighbour_states(lm, config, scored_count(len(split), config),
+                                         lm.config.k)
     outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm, None, states),
                                  show_progress=False)
     return perplexity(outputs.lm_log_probs)
 
 
 def _tuned_knn(valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any,
-               stage: str) -> dict[str, Any]:
+               stage: str) -> tuple[dict[str, Any], torch.Tensor]:
+    # The tuned row and the mixture's per-token log-probs on test.
     temperatures = default_temperatures(valid.knn_distances)
     lam, temperature, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
                                       valid.targets, lambdas, temperatures)
-    return {**score_knn(test, lam, temperature, stage), "lambda": float(lam),
-            "temperature": float(temperature), "k": int(k), "valid_ppl": float(np.nanmin(grid))}
+    row = {**score_knn(test, lam, temperature, stage), "lambda": float(lam),
+           "temperature": float(temperature), "k": int(k), "valid_ppl": float(np.nanmin(grid))}
+    return row, knn_mixture_log_probs(test, lam, temperature)
+
+
+def add_intervals(results: dict[str, Any], log_probs: dict[str, torch.Tensor],
+                  doc_ids: torch.Tensor, config: EvalConfig) -> None:
+    r"""Add to ``results`` each method's 95 % document-bootstrap interval and documents
+    (``"ppl_ci95"``, ``"documents"`` in its row), every ratio between two methods with its
+    paired interval (top-level ``"ratios"``, keyed ``"gnn/base"``, ``"gnn_knn/knn"``, …),
+    and how they were drawn (``"bootstrap"``).
+
+    Args:
+        results: method rows (``{"ppl", "acc", …}``) keyed like ``log_probs``.
+        log_probs: method -> ``[M]`` log-probabilities of the same scored tokens.
+        doc_ids: ``[M]`` the document of each token.
+        config: the bootstrap's resamples and seed.
+    """
+    spec = config.bootstrap
+    methods, ratios = perplexity_intervals(
+        {name: values.numpy() for name, values in log_probs.items()}, doc_ids.numpy(), spec)
+    for name, stat in methods.items():
+        results[name]["ppl_ci95"] = [stat.ci95[0], stat.ci95[1]]
+        results[name]["documents"] = stat.documents
+    results["ratios"] = {key: {"ratio": r.ratio, "ci95": [r.ci95[0], r.ci95[1]]}
+                         for key, r in ratios.items()}
+    results["bootstrap"] = {"resamples": spec.resamples, "seed": spec.seed,
+                            "level": spec.level, "over": "documents"}
+
+
+def _sampled(config: EvalConfig, valid_split: Any, test_split: Any) -> tuple[Any, ...]:
+    # (valid split, test split, valid config, test config): a stratified sample chooses its
+    # positions among whole splits; "prefix" cuts each split to its first tokens.
+    if config.sample == "prefix":
+        whole = dataclasses.replace(config, max_tokens=None)
+        return (_limit(valid_split, config.valid_tokens), _limit(test_split, config.max_tokens),
+                whole, whole)
+    return (valid_split, test_split, dataclasses.replace(config, max_tokens=config.valid_tokens),
+            config)
+
+
+def _sample_record(config: EvalConfig, outputs: LMOutputs) -> dict[str, Any]:
+    return {"kind": config.sample, "seed": config.sample_seed, "tokens": len(outputs),
+            "documents": int(torch.unique(outputs.doc_ids).numel())}
 
 
 def evaluate_four_way(
@@ -130,74 +183,84 @@ def evaluate_four_way(
     include_gnn: bool = True,
     lambdas: Any = DEFAULT_LAMBDAS,
     show_progress: bool = True,
+    per_token: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate base, kNN-LM, GNN-LM and GNN-LM + kNN on exactly the same test tokens.
 
-    The kNN-LM λ and temperature are tuned on the valid split, separately for the base LM
-    and for GNN-LM. GNN-LM retrieves with the base model's query states, so its
-    neighbours are the base run's, and they are reused rather than searched again.
-    Under ``torchrun`` every rank calls this with the same arguments; each scores a share of
-    the windows, and every rank returns the one-process results.
+    The scored tokens are ``config.max_tokens`` positions spread over every document of the
+    test split (``config.sample``: :mod:`hetgraph.evaluation.sampling`), and λ and T are
+    tuned on ``config.valid_tokens`` positions of the valid split sampled the same way,
+    separately for the base LM and for GNN-LM. GNN-LM retrieves with the base model's
+    query states, so its neighbours are the base run's, and they are reused for its kNN-LM
+    mixture. Every perplexity carries a 95 % interval from a bootstrap over the test
+    documents, and every ratio between two methods a paired one
+    (:func:`add_intervals`). Under ``torchrun`` every rank calls this with the same
+    arguments; each scores a share of the windows, and every rank returns the one-process
+    results.
 
     Args:
         lm: a :class:`~hetgraph.HetGraphLM` (its model, datastore and index are used).
-        valid_split: split for tuning λ and T (first ``config.valid_tokens`` tokens).
-        test_split: split reported (first ``config.max_tokens`` tokens).
-        config: windows, ``k`` and token limits.
+        valid_split, test_split: the split λ and T are tuned on, and the one reported.
+        config: windows, ``k``, token budgets, the sample and the bootstrap.
         include_gnn: also evaluate ``gnn`` and ``gnn_knn`` (needs a trained adapter).
         lambdas: λ grid.
         show_progress: tqdm bars.
+        per_token: also write every scored token's document, position, target and each
+            method's log-probability there (:func:`~hetgraph.evaluation.write_per_token`;
+            rank 0 only).
 
     Raises:
         NonFiniteError: a method's perplexity or accuracy is not finite (its ``stage`` names
             the method); nothing is returned, so no table with ``nan`` is ever written.
 
     Returns:
-        ``{"base", "knn", "gnn", "gnn_knn"}`` rows with ``ppl`` and ``acc`` (kNN rows also
-        ``lambda``, ``temperature``, ``k``), ``tokens``, ``valid_tokens`` and ``speed``
-        (tokens/s of base and GNN-LM evaluation, and their ratio). JSON-serialisable.
+        ``{"base", "knn", "gnn", "gnn_knn"}`` rows with ``ppl``, ``ppl_ci95``, ``documents``
+        and ``acc`` (kNN rows also ``lambda``, ``temperature``, ``k``), ``ratios``,
+        ``bootstrap``, ``sample``, ``tokens``, ``valid_tokens`` and ``speed`` (tokens/s of
+        base and GNN-LM evaluation, and their ratio). JSON-serialisable.
     """
-    config = config or EvalConfig()
-    model = lm.model
+    config, model = config or EvalConfig(), lm.model
     k = int(config.k)
-    windows = dataclasses.replace(config, max_tokens=None)
-    valid_split = _limit(valid_split, config.valid_tokens)
-    test_split = _limit(test_split, config.max_tokens)
-    check_neighbour_memory(max(len(valid_split) - 1, 0) + max(len(test_split) - 1, 0), k)
+    valid_split, test_split, valid_config, test_config = _sampled(config, valid_split,
+                                                                  test_split)
+    valid_positions = scored_count(len(valid_split), valid_config)
+    test_positions = scored_count(len(test_split), test_config)
+    check_neighbour_memory(valid_positions + test_positions, k)
     states, states_seconds = None, 0.0
     if include_gnn:  # first: a setting that cannot hold fails before any work
         started = time.perf_counter()
-        states = evaluation_neighbour_states(lm, config, len(valid_split) + len(test_split), k)
+        states = evaluation_neighbour_states(lm, config, valid_positions + test_positions, k)
         states_seconds = time.perf_counter() - started
     search = NeighbourSearch(lm.index, lm.datastore)
-    base_valid = collect_lm_outputs(model, valid_split, windows, search=search,
+    base_valid = collect_lm_outputs(model, valid_split, valid_config, search=search,
                                     show_progress=show_progress)
     started = time.perf_counter()
-    base_test = collect_lm_outputs(model, test_split, windows, search=search,
+    base_test = collect_lm_outputs(model, test_split, test_config, search=search,
                                    show_progress=show_progress)
-    base_seconds = time.perf_counter() - started
-    results: dict[str, Any] = {
-        "base": score_lm(base_test, "base"),
-        "knn": _tuned_knn(base_valid, base_test, k, lambdas, "kNN"),
-    }
-    speed: dict[str, float] = {"base_with_search_tokens_per_s": len(base_test) / base_seconds}
+    speed = {"base_with_search_tokens_per_s": len(base_test) / (time.perf_counter() - started)}
+    results: dict[str, Any] = {"base": score_lm(base_test, "base")}
+    log_probs = {"base": base_test.lm_log_probs}
+    results["knn"], log_probs["knn"] = _tuned_knn(base_valid, base_test, k, lambdas, "kNN")
     if include_gnn:
         if states is not None:
             speed["neighbour_states_seconds"] = states_seconds
         forward = gnn_forward(lm, k, states)
-        gnn_valid = collect_lm_outputs(model, valid_split, windows, forward=forward,
+        gnn_valid = collect_lm_outputs(model, valid_split, valid_config, forward=forward,
                                        neighbours_from=base_valid, show_progress=show_progress)
         started = time.perf_counter()
-        gnn_test = collect_lm_outputs(model, test_split, windows, forward=forward,
+        gnn_test = collect_lm_outputs(model, test_split, test_config, forward=forward,
                                       neighbours_from=base_test, show_progress=show_progress)
-        gnn_seconds = time.perf_counter() - started
-        results["gnn"] = score_lm(gnn_test, "GNN")
-        results["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas, "GNN+kNN")
-        speed["gnn_tokens_per_s"] = len(gnn_test) / gnn_seconds
+        speed["gnn_tokens_per_s"] = len(gnn_test) / (time.perf_counter() - started)
         speed["gnn_over_base_with_search"] = (
-            speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"]
-        )
-    results["tokens"] = len(base_test)
-    results["valid_tokens"] = len(base_valid)
-    results["speed"] = speed
+            speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"])
+        results["gnn"], log_probs["gnn"] = score_lm(gnn_test, "GNN"), gnn_test.lm_log_probs
+        results["gnn_knn"], log_probs["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas,
+                                                              "GNN+kNN")
+    add_intervals(results, log_probs, base_test.doc_ids, config)
+    sample = {"test": _sample_record(test_config, base_test),
+              "valid": _sample_record(valid_config, base_valid)}
+    results.update(tokens=len(base_test), valid_tokens=len(base_valid), sample=sample,
+                   documents=sample["test"]["documents"], speed=speed)
+    if per_token is not None and current_context().is_main:
+        write_per_token(per_token, base_test, log_probs, test_split)
     return results

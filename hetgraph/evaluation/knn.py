@@ -68,6 +68,16 @@ def score_lm(outputs: LMOutputs, stage: str = "base") -> dict[str, float]:
                           "acc": float(outputs.lm_correct.float().mean())}, stage)
 
 
+def knn_mixture_log_probs(outputs: LMOutputs, lam: float, temperature: float) -> torch.Tensor:
+    """float32 ``[M]``: each scored token's log-probability under the kNN-LM mixture of
+    ``outputs``' LM and neighbours (λ ``lam``, temperature ``temperature``)."""
+    if not outputs.has_neighbours:
+        raise ValueError("these LM outputs hold no neighbours; collect them with an index")
+    knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets,
+                               temperature)
+    return interpolate_log_probs(outputs.lm_log_probs, knn, lam)
+
+
 def score_knn(outputs: LMOutputs, lam: float, temperature: float,
               stage: str = "kNN") -> dict[str, float]:
     """``{"ppl", "acc"}`` of the kNN-LM mixture over exactly the tokens of ``outputs``.
@@ -77,11 +87,7 @@ def score_knn(outputs: LMOutputs, lam: float, temperature: float,
     Raises:
         NonFiniteError: the perplexity is not finite (``stage`` names the method).
     """
-    if not outputs.has_neighbours:
-        raise ValueError("these LM outputs hold no neighbours; collect them with an index")
-    knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets,
-                               temperature)
-    mix = interpolate_log_probs(outputs.lm_log_probs, knn, lam)
+    mix = knn_mixture_log_probs(outputs, lam, temperature)
     pred = knn_mixture_argmax(outputs.lm_argmax, outputs.lm_neighbour_log_probs,
                               outputs.knn_distances, outputs.knn_tokens, lam, temperature,
                               lm_argmax_log_probs=outputs.lm_argmax_log_probs)

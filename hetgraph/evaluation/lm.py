@@ -29,12 +29,14 @@ from tqdm.auto import tqdm
 
 from hetgraph.allocator import RELEASE_EVERY_BATCHES, release_free_memory
 from hetgraph.configuration import ConfigError, JSONConfigMixin
-from hetgraph.corpus.windows import Window, sliding_windows
+from hetgraph.corpus.windows import Window
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
 from hetgraph.datastore.store import ANY, Datastore
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError, NonFiniteError
+from hetgraph.evaluation.intervals import DEFAULT_BOOTSTRAP_SEED, DEFAULT_RESAMPLES, BootstrapSpec
+from hetgraph.evaluation.sampling import DEFAULT_SAMPLE_SEED, evaluation_windows, prefix_tokens
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.layers import model_device
 
@@ -72,10 +74,20 @@ class EvalConfig(JSONConfigMixin):
     Args:
         context_length, stride, batch_size: the strided windows (same meaning as in
             :class:`~hetgraph.datastore.DatastoreConfig`).
-        max_tokens: use only the first ``max_tokens`` tokens of the evaluated split
-            (``max_tokens - 1`` positions are scored, each predicting the next token).
+        max_tokens: how many tokens of the evaluated split are scored (``None``: all). With
+            ``sample="stratified"`` (the default) they are ``max_tokens`` positions spread
+            over every document of the split (:mod:`hetgraph.evaluation.sampling`); with
+            ``"prefix"`` the first ``max_tokens`` tokens (``max_tokens - 1`` positions scored,
+            each predicting the next token; hetgraph before 0.2 did only this).
         k: neighbours per position for kNN-LM.
-        valid_tokens: tokens of the valid split used to tune λ and T (``None``: all).
+        valid_tokens: tokens of the valid split used to tune λ and T (``None``: all),
+            sampled as ``sample`` says.
+        sample: ``"stratified"`` or ``"prefix"``, see ``max_tokens``.
+        sample_seed: seed of the stratified sample (the shares' remainder and each
+            document's segment offset); the same seed scores the same positions.
+        bootstrap_resamples: document resamples of the 95 % intervals
+            (:mod:`hetgraph.evaluation.intervals`).
+        bootstrap_seed: seed of those resamples.
         neighbour_states: whether GNN-LM reads its adapters' window side from a
             :class:`~hetgraph.NeighbourStates` table built once per evaluation (the same
             logits, less work per position): ``"on"``, ``"off"``, or ``"auto"``: when the
@@ -91,6 +103,10 @@ class EvalConfig(JSONConfigMixin):
     k: int = 32
     valid_tokens: int | None = None
     neighbour_states: Literal["auto", "on", "off"] = "auto"
+    sample: Literal["stratified", "prefix"] = "stratified"
+    sample_seed: int = DEFAULT_SAMPLE_SEED
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_seed: int = DEFAULT_BOOTSTRAP_SEED
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,14 +124,29 @@ class EvalConfig(JSONConfigMixin):
         if self.neighbour_states not in ("auto", "on", "off"):
             raise ValueError(f"neighbour_states must be 'auto', 'on' or 'off', "
                              f"got {self.neighbour_states!r}")
+        if self.sample not in ("stratified", "prefix"):
+            raise ValueError(f"sample must be 'stratified' or 'prefix', got {self.sample!r}")
+        if self.bootstrap_resamples < 1:
+            raise ValueError(f"bootstrap_resamples must be >= 1, got {self.bootstrap_resamples}")
+        for name in ("sample_seed", "bootstrap_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise ValueError(f"{name} must be in [0, 2**32), got {getattr(self, name)}")
+
+    @property
+    def bootstrap(self) -> BootstrapSpec:
+        """The intervals' resamples and seed."""
+        return BootstrapSpec(resamples=self.bootstrap_resamples, seed=self.bootstrap_seed)
 
 
 @dataclass
 class LMOutputs:
-    """Per scored position of a split (``M = len(split) - 1`` rows, in position order).
+    """Per scored position of a split (``M`` rows, in position order: every position of the
+    split, or the evaluation's sample of them).
 
     Attributes:
         positions: int64 ``[M]`` split position (predicts the token at ``position + 1``).
+        doc_ids: int64 ``[M]`` the document of the predicted token (what the intervals
+            resample).
         targets: int64 ``[M]`` the token to predict.
         lm_log_probs: float32 ``[M]`` LM log-prob of the target.
         lm_argmax: int64 ``[M]`` LM's most likely token; ``lm_argmax_log_probs`` its log-prob.
@@ -127,6 +158,7 @@ class LMOutputs:
     """
 
     positions: Tensor
+    doc_ids: Tensor
     targets: Tensor
     lm_log_probs: Tensor
     lm_argmax: Tensor
@@ -252,11 +284,14 @@ def _reused_neighbour_log_probs(neighbours_from: LMOutputs, positions: Tensor,
                                 log_probs: Tensor) -> Tensor:
     if neighbours_from.knn_tokens is None:
         raise ValueError("neighbours_from holds no neighbours; collect it with an index")
-    rows = positions.to(neighbours_from.positions.device) - neighbours_from.positions[0]
+    # Rows of these positions in the earlier run (sorted positions; a sample need not be
+    # contiguous). A position it did not score is caught by _assemble's comparison.
+    rows = torch.searchsorted(neighbours_from.positions, positions.to(
+        neighbours_from.positions.device)).clamp(max=len(neighbours_from) - 1)
     return _gather_cpu(log_probs, neighbours_from.knn_tokens[rows])
 
 
-def _assemble(parts: dict[str, list[Tensor]], targets: Tensor,
+def _assemble(parts: dict[str, list[Tensor]], targets: Tensor, doc_ids: Tensor,
               neighbours_from: LMOutputs | None, ctx: DistributedContext) -> LMOutputs:
     cat = {name: ctx.all_gather_rows(torch.cat(p) if p else None) for name, p in parts.items()}
     if neighbours_from is not None:
@@ -265,7 +300,7 @@ def _assemble(parts: dict[str, list[Tensor]], targets: Tensor,
                              "max_tokens or windows differ)")
         for name in ("knn_distances", "knn_ids", "knn_tokens"):
             cat[name] = getattr(neighbours_from, name)
-    return LMOutputs(targets=targets[cat["positions"]], **cat)
+    return LMOutputs(targets=targets[cat["positions"]], doc_ids=doc_ids[cat["positions"]], **cat)
 
 
 def collect_lm_outputs(
@@ -306,7 +341,7 @@ def collect_lm_outputs(
     """
     config = config or EvalConfig()
     ctx = distributed or current_context()
-    tokens, _, _ = split_arrays(split, config.max_tokens)
+    tokens, doc_ids, _ = split_arrays(split, prefix_tokens(config))
     if len(tokens) < 2:
         raise HetgraphError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
                             "use a larger corpus or split fraction")
@@ -319,11 +354,10 @@ def collect_lm_outputs(
     key_layer = _query_layer(model, key_layer, search, keep_queries)
     forward = forward or default_forward(model)
     device = model_device(model)
-    num_positions = len(tokens) - 1
-    batches = window_batches(sliding_windows(num_positions, config.context_length, config.stride),
-                             config.batch_size)
+    batches = window_batches(evaluation_windows(doc_ids, config), config.batch_size)
     batches = [batches[i] for i in ctx.share(len(batches))]
     targets_all = torch.from_numpy(tokens[1:].astype(np.int64))
+    target_docs = torch.from_numpy(doc_ids[1:].astype(np.int64))
     parts: dict[str, list[Tensor]] = {name: [] for name in (
         "positions", "lm_log_probs", "lm_argmax", "lm_argmax_log_probs", "queries",
         "knn_distances", "knn_ids", "knn_tokens", "lm_neighbour_log_probs")}
@@ -357,4 +391,4 @@ def collect_lm_outputs(
             bar.update(len(positions))
             if number % RELEASE_EVERY_BATCHES == 0:  # the forwards' temporaries fragment
                 release_free_memory()  # the heap on CPU (hetgraph.allocator)
-    return _assemble(parts, targets_all, neighbours_from, ctx)
+    return _assemble(parts, targets_all, target_docs, neighbours_from, ctx)

@@ -16,9 +16,14 @@ has that much text before it).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from hetgraph.corpus.windows import Window
+from hetgraph.corpus.windows import Window, sliding_windows
+
+if TYPE_CHECKING:  # the config is read only; it imports this module
+    from hetgraph.evaluation.lm import EvalConfig
 
 #: Default seed of the evaluation sample.
 DEFAULT_SAMPLE_SEED = 0
@@ -123,3 +128,32 @@ def scored_positions(segments: np.ndarray) -> np.ndarray:
     lengths = segments[:, 1] - segments[:, 0]
     offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     return np.repeat(segments[:, 0], lengths) + offsets
+
+
+def prefix_tokens(config: EvalConfig) -> int | None:
+    """The tokens of a split an evaluation reads: ``config.max_tokens`` for a ``"prefix"``
+    sample, all (``None``) for a stratified one, which chooses its positions among all."""
+    return config.max_tokens if config.sample == "prefix" else None
+
+
+def evaluation_windows(doc_ids: np.ndarray, config: EvalConfig) -> list[Window]:
+    """The windows that score ``config``'s positions of a split whose tokens belong to
+    ``doc_ids`` (already cut to :func:`prefix_tokens`): strided windows over every position
+    when all are scored, else over the stratified sample's segments."""
+    num_positions = len(doc_ids) - 1
+    budget = config.max_tokens if config.sample == "stratified" else None
+    if budget is None or budget >= num_positions:
+        return sliding_windows(num_positions, config.context_length, config.stride)
+    # The document of a position is that of the token it predicts.
+    segments = stratified_segments(doc_ids[1:], budget, config.sample_seed)
+    return segment_windows(segments, config.context_length, config.stride)
+
+
+def scored_count(num_tokens: int, config: EvalConfig) -> int:
+    """How many positions ``config`` scores in a split of ``num_tokens`` tokens."""
+    positions = max(num_tokens - 1, 0)
+    if config.max_tokens is None:
+        return positions
+    if config.sample == "prefix":
+        return max(min(num_tokens, config.max_tokens) - 1, 0)
+    return min(positions, config.max_tokens)

@@ -200,6 +200,13 @@ def _add_train_command(commands: Any) -> None:
                             "bfloat16; evaluations stay float32; default: the config's)")
     train.add_argument("--seed", type=seed_value, default=None,
                        help="random seed, 0 <= seed < 2**32 (default: the config's)")
+    train.add_argument("--neighbours", choices=("retrieved", "random"), default=None,
+                       help="'random': the random-neighbours control (k datastore rows drawn "
+                            "uniformly per position instead of retrieved; default: retrieved)")
+    train.add_argument("--control", choices=("lora",), default=None,
+                       help="train a control instead of a graph adapter: 'lora' (PEFT LoRA on "
+                            "the frozen LM, rank matched to the graph adapter's parameters, "
+                            "the same tokens and schedule)")
     train.set_defaults(func=cmd_train)
 
 
@@ -210,7 +217,11 @@ def _add_eval_command(commands: Any) -> None:
     _add_corpus(evaluate)
     evaluate.add_argument("--datastore", required=True)
     evaluate.add_argument("--adapter", default=None,
-                          help="trained adapter directory (adds gnn and gnn_knn)")
+                          help="trained adapter directory (adds gnn and gnn_knn; a LoRA "
+                               "control's adds lora and lora_knn)")
+    evaluate.add_argument("--control", default=None, metavar="LORA_DIR",
+                          help="a LoRA control (train --control lora) evaluated beside "
+                               "--adapter on the same tokens (adds lora, lora_knn)")
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
     evaluate.add_argument("--max-tokens", type=token_budget, default=argparse.SUPPRESS,
                           help="tokens of the split to score, spread over every document "

@@ -125,15 +125,15 @@ def _check_k(k: int, store: Any, option: str) -> None:
                                "datastore")
 
 
-def _hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
+def _hetgraph_lm(adapter: str | None, model: Any, tokenizer: Any, store: Any, index: Any):
     from hetgraph.fusion import FusionConfig, HetGraphLM
 
-    if args.adapter:
-        if not (Path(args.adapter) / ADAPTER_CONFIG).is_file():
+    if adapter:
+        if not (Path(adapter) / ADAPTER_CONFIG).is_file():
             raise CommandLineError(
-                f"--adapter {args.adapter} holds no trained adapter ({ADAPTER_CONFIG} missing); "
+                f"--adapter {adapter} holds no trained adapter ({ADAPTER_CONFIG} missing); "
                 "give the --out directory of `hetgraph train`, or leave --adapter out")
-        return HetGraphLM.from_pretrained(args.adapter, model, store, index, tokenizer=tokenizer)
+        return HetGraphLM.from_pretrained(adapter, model, store, index, tokenizer=tokenizer)
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
 
@@ -152,7 +152,7 @@ def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str, *,
     tokens = len(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
     check_positions(model, tokens, option, new_tokens)
     store, index = _open_store(args.datastore, model, tokenizer)
-    return _hetgraph_lm(args, model, tokenizer, store, index), model, tokenizer
+    return _hetgraph_lm(args.adapter, model, tokenizer, store, index), model, tokenizer
 
 
 # ---------------------------------------------------------------------------- commands
@@ -247,7 +247,7 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         training["init_from"] = str(args.init_from)
     if args.fusion_layers is not None:
         fusion["fusion_layers"] = list(args.fusion_layers)  # parsed by FusionConfig
-    for name in ("k", "gate", "gradient_checkpointing"):
+    for name in ("k", "gate", "gradient_checkpointing", "neighbours"):
         if getattr(args, name) is not None:
             fusion[name] = getattr(args, name)
     for name in ("max_steps", "lr", "seed", "mixed_precision"):
@@ -280,6 +280,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         else min(rows, args.max_tokens))
     torch.manual_seed(training.seed)  # the adapter's initialisation is part of the run
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
+    if args.control == "lora":
+        return _train_lora_control(lm, tokenizer, train_split, corpus.valid, training,
+                                   evaluation, args.out)
     result = train_adapter(lm, train_split, corpus.valid, training, args.out,
                            eval_config=evaluation)
     if not ctx.is_main:
@@ -287,6 +290,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(json.dumps({"steps": result.steps, "best_step": result.best_step,
                       "best_valid_ppl": result.best_valid_ppl, "adapter": str(args.out)}, indent=2))
     return 0
+
+
+def _train_lora_control(lm: Any, tokenizer: Any, train_split: Any, valid_split: Any,
+                        training: Any, evaluation: Any, out: Path) -> int:
+    """``train --control lora``: a LoRA of the graph adapter's size (``lm``'s, untrained)
+    on the same tokens and schedule."""
+    from hetgraph.distributed import require_single_process
+    from hetgraph.training.lora import (
+        LoraControlConfig,
+        graph_adapter_parameters,
+        train_lora_control,
+    )
+
+    require_single_process("train --control lora")
+    target = graph_adapter_parameters(lm)
+    result = train_lora_control(lm.model, tokenizer, train_split, valid_split, training,
+                                LoraControlConfig(), out, target_params=target,
+                                sites=lm.config.fusion_layers, eval_config=evaluation)
+    print(json.dumps({"control": "lora", "steps": result.steps, "best_step": result.best_step,
+                      "best_valid_ppl": result.best_valid_ppl, "rank": result.rank,
+                      "trained_parameters": result.trained_params,
+                      "graph_adapter_parameters": target, "tokens": result.tokens,
+                      "out": str(out)}, indent=2))
+    return 0
+
+
+def _eval_adapters(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """``(graph adapter, LoRA control)`` directories of ``eval``: ``--adapter`` may name
+    either; ``--control`` names a control beside a graph adapter."""
+    from hetgraph.training.lora import is_lora_control
+
+    adapter, control = args.adapter, args.control
+    if adapter is not None and is_lora_control(adapter):
+        if control is not None:
+            raise CommandLineError(f"--adapter {adapter} is a LoRA control and --control gives "
+                                   "another; give the graph adapter as --adapter")
+        return None, adapter
+    if control is not None and not is_lora_control(control):
+        raise CommandLineError(f"--control {control} holds no LoRA control; give the --out "
+                               "directory of `hetgraph train --control lora`")
+    return adapter, control
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -298,6 +342,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hetgraph.pipeline import check_corpus_provenance
 
     plot_format = _check_eval_outputs(args)  # before any work: results are never lost
+    adapter, control_dir = _eval_adapters(args)
     evaluation = _run_config(args.config).evaluation
     for name, option in (("k", "k"), ("neighbour_states", "neighbour_states"),
                          ("sample", "sample"), ("sample_seed", "sample_seed"),
@@ -314,9 +359,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     provenance = check_corpus_provenance(store, corpus, command="eval",
                                          allow_other_corpus=args.allow_other_corpus)
     _check_k(evaluation.k, store, "--k")
-    lm = _hetgraph_lm(args, model, tokenizer, store, index)
+    lm = _hetgraph_lm(adapter, model, tokenizer, store, index)
+    control = None
+    if control_dir is not None:
+        from hetgraph.training.lora import load_lora_control
+
+        control = load_lora_control(control_dir, model, tokenizer)
     results = evaluate_four_way(lm, corpus.valid, corpus.split(args.split), evaluation,
-                                include_gnn=args.adapter is not None, per_token=args.per_token)
+                                include_gnn=adapter is not None, per_token=args.per_token,
+                                control=control)
     results["provenance"] = provenance
     if not ctx.is_main:
         return 0
@@ -326,8 +377,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, results)
     if args.plot is not None:
         plot_results(results, args.plot, format=plot_format)
-    _record_knn_tuning(args, store, results)
-    record_evaluation_in_card(args.adapter, results, split=args.split)  # its README.md
+    _record_knn_tuning(adapter, store, results)
+    record_evaluation_in_card(adapter, results, split=args.split)  # its README.md
     return 0
 
 
@@ -354,18 +405,18 @@ def _adapter_identity(adapter: str | None) -> str | None:
     return None if adapter is None else sha256_hex((Path(adapter) / ADAPTER_CONFIG).read_bytes())
 
 
-def _record_knn_tuning(args: argparse.Namespace, store: Any, results: dict[str, Any]) -> None:
+def _record_knn_tuning(adapter: str | None, store: Any, results: dict[str, Any]) -> None:
     """Leave the tuned λ / T where ``generate --knn`` finds them: the base LM's in the
     datastore directory, GNN-LM's in the adapter directory. Only a convenience, so a
     directory that cannot be written (a shared, read-only datastore) is a warning."""
     from hetgraph.knnlm import write_knn_tuning
 
     targets = [(store.path, results["knn"], None)]
-    if args.adapter is not None and "gnn_knn" in results:
-        targets.append((Path(args.adapter), results["gnn_knn"], args.adapter))
-    for directory, row, adapter in targets:
+    if adapter is not None and "gnn_knn" in results:
+        targets.append((Path(adapter), results["gnn_knn"], adapter))
+    for directory, row, tuned_for in targets:
         try:
-            identity = {"datastore": store.fingerprint, "adapter": _adapter_identity(adapter)}
+            identity = {"datastore": store.fingerprint, "adapter": _adapter_identity(tuned_for)}
             path = write_knn_tuning(directory, row, identity)
             logger.info("recorded λ %.2f, T %.3g in %s (for `hetgraph generate --knn`)",
                         row["lambda"], row["temperature"], path)

@@ -104,3 +104,33 @@ def test_per_token_path_is_checked_before_any_work(workspace, capsys):
                w / "same.json") == 2
     assert "same file" in capsys.readouterr().err
     assert not (w / "same.json").exists()
+
+
+def test_lora_control_trains_and_evaluates_beside_the_graph_adapter(workspace, capsys):
+    """`train --control lora` sizes a LoRA to the graph adapter; `eval --control` scores it
+    on the same tokens with paired ratios against GNN-LM."""
+    pytest.importorskip("peft")
+    w = workspace
+    common = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
+    capsys.readouterr()
+    assert run("train", *common, "--datastore", w / "ds", "--out", w / "lora", "--config",
+               w / "run.json", "--control", "lora") == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert abs(trained["trained_parameters"] / trained["graph_adapter_parameters"] - 1) <= 0.1
+    results, per_token = _eval(w, "d", "--max-tokens", "120", "--tune-tokens", "100",
+                               "--control", w / "lora")
+    for method in ("lora", "lora_knn", "gnn", "gnn_knn"):
+        assert math.isfinite(results[method]["ppl"]) and "ppl_ci95" in results[method]
+    assert {"gnn_knn/lora_knn", "gnn/lora", "lora/base"} <= set(results["ratios"])
+    assert "log_prob.lora_knn" in load_file(per_token)
+    # The base rows are the base model's: the control is switched off for them.
+    alone, _ = _eval(w, "d2", "--max-tokens", "120", "--tune-tokens", "100")
+    assert results["base"]["ppl"] == pytest.approx(alone["base"]["ppl"], rel=1e-6)
+    assert results["gnn"]["ppl"] == pytest.approx(alone["gnn"]["ppl"], rel=1e-6)
+    # The control alone through --adapter.
+    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "lora",
+               "--config", w / "run.json", "--max-tokens", "120", "--tune-tokens", "100",
+               "--json", w / "d3.json") == 0
+    only = json.loads((w / "d3.json").read_text())
+    assert "lora" in only and "gnn" not in only
+    assert only["lora"]["ppl"] == pytest.approx(results["lora"]["ppl"], rel=1e-6)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hetgraph.evaluation.lm import (
     TrimmedForward,
     accepts_logits_to_keep,
     collect_lm_outputs,
+    default_forward,
 )
 from hetgraph.evaluation.report import write_per_token
 from hetgraph.evaluation.sampling import scored_count
@@ -158,6 +160,28 @@ def add_intervals(results: dict[str, Any], log_probs: dict[str, torch.Tensor],
                             "level": spec.level, "over": "documents"}
 
 
+#: Stage names of a method's rows in errors (:class:`~hetgraph.errors.NonFiniteError`).
+STAGES = {"gnn": "GNN", "lora": "LoRA"}
+
+
+def _method_rows(name: str, model: Any, forward: Any, splits: tuple[Any, Any],
+                 configs: tuple[EvalConfig, EvalConfig], bases: tuple[LMOutputs, LMOutputs],
+                 k: int, lambdas: Any, show_progress: bool, results: dict[str, Any],
+                 log_probs: dict[str, torch.Tensor]) -> float:
+    # Rows `name` and `name_knn` (with the base run's neighbours) into `results` and
+    # `log_probs`; returns the method's test tokens/s.
+    valid = collect_lm_outputs(model, splits[0], configs[0], forward=forward,
+                               neighbours_from=bases[0], show_progress=show_progress)
+    started = time.perf_counter()
+    test = collect_lm_outputs(model, splits[1], configs[1], forward=forward,
+                              neighbours_from=bases[1], show_progress=show_progress)
+    tokens_per_s = len(test) / (time.perf_counter() - started)
+    results[name], log_probs[name] = score_lm(test, STAGES[name]), test.lm_log_probs
+    results[f"{name}_knn"], log_probs[f"{name}_knn"] = _tuned_knn(
+        valid, test, k, lambdas, f"{STAGES[name]}+kNN")
+    return tokens_per_s
+
+
 def _sampled(config: EvalConfig, valid_split: Any, test_split: Any) -> tuple[Any, ...]:
     # (valid split, test split, valid config, test config): a stratified sample chooses its
     # positions among whole splits; "prefix" cuts each split to its first tokens.
@@ -184,6 +208,7 @@ def evaluate_four_way(
     lambdas: Any = DEFAULT_LAMBDAS,
     show_progress: bool = True,
     per_token: str | Path | None = None,
+    control: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate base, kNN-LM, GNN-LM and GNN-LM + kNN on exactly the same test tokens.
 
@@ -208,6 +233,9 @@ def evaluate_four_way(
         per_token: also write every scored token's document, position, target and each
             method's log-probability there (:func:`~hetgraph.evaluation.write_per_token`;
             rank 0 only).
+        control: a LoRA control (:func:`hetgraph.training.lora.load_lora_control`, injected
+            into ``lm.model``): adds rows ``lora`` and ``lora_knn`` (its own kNN-LM mixture
+            over the base model's neighbours); the base rows run with it switched off.
 
     Raises:
         NonFiniteError: a method's perplexity or accuracy is not finite (its ``stage`` names
@@ -232,35 +260,37 @@ def evaluate_four_way(
         states = evaluation_neighbour_states(lm, config, valid_positions + test_positions, k)
         states_seconds = time.perf_counter() - started
     search = NeighbourSearch(lm.index, lm.datastore)
-    base_valid = collect_lm_outputs(model, valid_split, valid_config, search=search,
-                                    show_progress=show_progress)
-    started = time.perf_counter()
-    base_test = collect_lm_outputs(model, test_split, test_config, search=search,
-                                   show_progress=show_progress)
+    with control.disable_adapter() if control is not None else nullcontext():  # the base LM
+        base_valid = collect_lm_outputs(model, valid_split, valid_config, search=search,
+                                        show_progress=show_progress)
+        started = time.perf_counter()
+        base_test = collect_lm_outputs(model, test_split, test_config, search=search,
+                                       show_progress=show_progress)
     speed = {"base_with_search_tokens_per_s": len(base_test) / (time.perf_counter() - started)}
+    splits, configs = (valid_split, test_split), (valid_config, test_config)
     results: dict[str, Any] = {"base": score_lm(base_test, "base")}
     log_probs = {"base": base_test.lm_log_probs}
     results["knn"], log_probs["knn"] = _tuned_knn(base_valid, base_test, k, lambdas, "kNN")
-    if include_gnn:
-        if states is not None:
-            speed["neighbour_states_seconds"] = states_seconds
-        forward = gnn_forward(lm, k, states)
-        gnn_valid = collect_lm_outputs(model, valid_split, valid_config, forward=forward,
-                                       neighbours_from=base_valid, show_progress=show_progress)
-        started = time.perf_counter()
-        gnn_test = collect_lm_outputs(model, test_split, test_config, forward=forward,
-                                      neighbours_from=base_test, show_progress=show_progress)
-        speed["gnn_tokens_per_s"] = len(gnn_test) / (time.perf_counter() - started)
-        speed["gnn_over_base_with_search"] = (
-            speed["gnn_tokens_per_s"] / speed["base_with_search_tokens_per_s"])
-        results["gnn"], log_probs["gnn"] = score_lm(gnn_test, "GNN"), gnn_test.lm_log_probs
-        results["gnn_knn"], log_probs["gnn_knn"] = _tuned_knn(gnn_valid, gnn_test, k, lambdas,
-                                                              "GNN+kNN")
+    # The control first, with its LoRA on; GNN-LM on the base model, with it off.
+    off = control.disable_adapter if control is not None else nullcontext
+    for name, forward, context in (
+            ("lora", default_forward(model) if control is not None else None, nullcontext),
+            ("gnn", gnn_forward(lm, k, states) if include_gnn else None, off)):
+        if forward is not None:
+            with context():
+                speed[f"{name}_tokens_per_s"] = _method_rows(
+                    name, model, forward, splits, configs, (base_valid, base_test), k,
+                    lambdas, show_progress, results, log_probs)
+            speed[f"{name}_over_base_with_search"] = (
+                speed[f"{name}_tokens_per_s"] / speed["base_with_search_tokens_per_s"])
+    if states is not None:
+        speed["neighbour_states_seconds"] = states_seconds
     add_intervals(results, log_probs, base_test.doc_ids, config)
     sample = {"test": _sample_record(test_config, base_test),
               "valid": _sample_record(valid_config, base_valid)}
     results.update(tokens=len(base_test), valid_tokens=len(base_valid), sample=sample,
-                   documents=sample["test"]["documents"], speed=speed)
+                   documents=sample["test"]["documents"], speed=speed,
+                   neighbours=lm.config.neighbours if include_gnn else "retrieved")
     if per_token is not None and current_context().is_main:
         write_per_token(per_token, base_test, log_probs, test_split)
     return results

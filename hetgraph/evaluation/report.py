@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 #: Row labels of :func:`results_table`, in display order.
-METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": "GNN-LM + kNN"}
+METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": "GNN-LM + kNN",
+                "lora": "LoRA (control)", "lora_knn": "LoRA + kNN"}
 
 
 def _cell(value: Any, spec: str) -> str:
@@ -67,7 +68,8 @@ def _interval(bounds: Any, spec: str) -> str:
 
 
 #: The comparisons :func:`ratio_sentences` states, in order: what each method adds.
-KEY_RATIOS = ("knn/base", "gnn/base", "gnn_knn/base", "gnn_knn/knn", "gnn_knn/gnn")
+KEY_RATIOS = ("knn/base", "gnn/base", "gnn_knn/base", "gnn_knn/knn", "gnn_knn/gnn",
+              "lora/base", "lora_knn/knn")
 
 
 def ratio_sentences(results: Mapping[str, Any]) -> list[str]:
@@ -142,7 +144,7 @@ def plot_results(results: Mapping[str, Any], path: str | Path, format: str | Non
 
     keys = [key for key in METHOD_NAMES if isinstance(results.get(key), Mapping)]
     names = [METHOD_NAMES[key] for key in keys]
-    colours = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"][: len(keys)]
+    colours = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b"][: len(keys)]
     fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric, label in ((ax_ppl, "ppl", "test perplexity (lower is better)"),
                               (ax_acc, "acc", "next-token accuracy (higher is better)")):

@@ -24,6 +24,7 @@ from hetgraph.datastore.capture import split_arrays
 from hetgraph.errors import HetgraphError
 from hetgraph.evaluation import EvalConfig, evaluate_four_way, plot_results, results_table
 from hetgraph.fusion import FusionConfig, HetGraphLM
+from hetgraph.fusion.model_card import record_evaluation_in_card
 from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.index import DatastoreIndex, IndexConfig, build_index, choose_layout
 from hetgraph.io import (
@@ -336,6 +337,7 @@ def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     atomic_write_json(out_dir / RUN_RESULTS, results)
     atomic_write_text(out_dir / RUN_RESULTS_MARKDOWN, table + "\n")
     plot_results(results, out_dir / RUN_RESULTS_PLOT)
+    record_evaluation_in_card(out_dir / RUN_ADAPTER_DIR, results, split="test")  # README.md
     logger.info("results in %s (%s, %s, %s; %.0f s)", out_dir, RUN_RESULTS, RUN_RESULTS_MARKDOWN,
                 RUN_RESULTS_PLOT, results["seconds"])
     return results

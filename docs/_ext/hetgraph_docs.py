@@ -10,6 +10,9 @@ At ``builder-inited`` it writes
   a top-level ``"discussion"`` (a string, or ``{"text": …}``) is shown as a paragraph and a
   top-level ``"plots"`` (``[{"file": "name.svg", "caption": "…"}]``, files next to the JSON)
   as figures, copied into ``_generated/``;
+* ``_generated/evidence_body.rst``: the headline table of ``benchmarks/results/evidence.json``
+  (the evidence protocol: each key figure's mean over seeds, its spread and the first
+  seed's 95 % interval), or a note that it has not run yet;
 * ``figures/context_graph.svg`` when missing (``figures/make_graph_figure.py``).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 #: Benchmarks whose results the results page reports: file stem -> (title, script).
 BENCHMARKS = {
+    "evidence": ("Evidence protocol: retrieval against its controls", "benchmarks/evidence.py"),
     "knnlm": ("kNN-LM on the embedded default", "benchmarks/knnlm.py"),
     "graph_layer": ("Graph construction and the attention layer", "benchmarks/graph_layer.py"),
     "gnnlm": ("GNN-LM four-way evaluation", "benchmarks/gnnlm.py"),
@@ -202,9 +206,56 @@ def results_body() -> str:
     return "".join(out)
 
 
+#: Rows of the headline table: (key in evidence.json, label).
+EVIDENCE_ROWS = [
+    ("base", "base LM"), ("knn", "kNN-LM"), ("lora", "LoRA (control)"),
+    ("lora_knn", "LoRA + kNN"), ("gnn_random", "GNN-LM, random neighbours (control)"),
+    ("gnn", "GNN-LM"), ("gnn_knn", "GNN-LM + kNN"),
+    ("gnn/lora", "ratio GNN-LM / LoRA"), ("gnn_knn/lora_knn", "ratio GNN-LM + kNN / LoRA + kNN"),
+    ("gnn/gnn_random", "ratio GNN-LM / random neighbours"),
+    ("gnn_knn/knn", "ratio GNN-LM + kNN / kNN-LM"),
+]
+
+
+def _interval(value: Any) -> str:
+    bounds = value.get("ppl_ci95") or value.get("ci95") if isinstance(value, dict) else None
+    return f"{bounds[0]:.3f}–{bounds[1]:.3f}" if bounds else "–"
+
+
+def evidence_body() -> str:
+    """The headline table: per corpus, each key figure's mean over seeds, spread, and the
+    first seed's interval."""
+    path = RESULTS / "evidence.json"
+    if not path.is_file():
+        return ("The evidence benchmark has not produced ``benchmarks/results/evidence.json`` "
+                "yet; run ``.venv/bin/python benchmarks/evidence.py`` (it resumes).\n\n")
+    data = json.loads(path.read_text())
+    out = []
+    for corpus, rows in data.get("corpora", {}).items():
+        setup = next(iter(rows.get("_setup", {}).get("seeds", {}).values()), {})
+        seeds = sorted(rows.get("base", {}).get("seeds", {}))
+        out.append(_title(f"{corpus}: {setup.get('tokens', '?')} test tokens from "
+                          f"{setup.get('documents', '?')} documents, seeds "
+                          f"{', '.join(seeds) or '–'}", "~"))
+        out += [".. list-table::", "   :header-rows: 1", "",
+                "   * - figure", "     - mean over seeds", "     - spread over seeds",
+                f"     - 95 % interval (seed {seeds[0] if seeds else '–'})"]
+        for key, label in EVIDENCE_ROWS:
+            row = rows.get(key)
+            if not row:
+                continue
+            first = row["seeds"][seeds[0]] if seeds else {}
+            out += [f"   * - {label}", f"     - {row['mean']:.3f}",
+                    f"     - {row['spread'][0]:.3f}–{row['spread'][1]:.3f}",
+                    f"     - {_interval(first)}"]
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
 def generate(app: Any) -> None:
     generated = DOCS / "_generated"
     _write_if_changed(generated / "api_members.rst", api_members())
+    _write_if_changed(generated / "evidence_body.rst", evidence_body())
     _write_if_changed(generated / "results_body.rst", results_body())
     figure = DOCS / "figures" / "context_graph.svg"
     if not figure.is_file():

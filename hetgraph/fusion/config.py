@@ -83,6 +83,17 @@ class FusionConfig(JSONConfigMixin):
             <hetgraph.HetGraphLM.fuse>`). Retrieval and graphs are not redone, and the
             recomputed adapters get the same dropout masks (RNG state restored), so loss
             and gradients are unchanged.
+        neighbours: ``"retrieved"``: each position's ``k`` nearest datastore rows (FAISS);
+            ``"random"``: the random-neighbours control, ``k`` rows drawn uniformly from the
+            datastore (:mod:`~hetgraph.fusion.random_neighbours`: the same adapter, graph and
+            training without the retrieval; the leakage filter still applies). Saved with
+            the adapter, so a random-neighbour adapter is evaluated and generates with
+            random neighbours; the kNN-LM mixture (``gnn_knn``, ``generate(knn=True)``)
+            still uses the retrieved ones. An ``adapter_config.json`` without the field is
+            ``"retrieved"``.
+        neighbour_seed: the seed of the random neighbours, in ``[0, 2**63)``: a query's
+            rows are a function of the seed and its datastore row (training) or its last
+            32 tokens (evaluation, generation) only, never of batching or call order.
     """
 
     fusion_layers: FusionLayers = (HEAD,)
@@ -99,6 +110,8 @@ class FusionConfig(JSONConfigMixin):
     orig_prob_ratio: float = 0.0
     gate: Literal["static", "retrieval"] = "static"
     gradient_checkpointing: bool = False
+    neighbours: Literal["retrieved", "random"] = "retrieved"
+    neighbour_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,6 +121,11 @@ class FusionConfig(JSONConfigMixin):
         if self.gate == "retrieval" and self.fusion_mode == "replace":
             raise ValueError("gate='retrieval' gates a residual: it needs "
                              "fusion_mode='gated_residual' (with 'replace' there is no gate)")
+        if self.neighbours not in ("retrieved", "random"):
+            raise ValueError("neighbours must be 'retrieved' or 'random', "
+                             f"got {self.neighbours!r}")
+        if not 0 <= self.neighbour_seed < 2**63:
+            raise ValueError(f"neighbour_seed must be in [0, 2**63), got {self.neighbour_seed}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.retrieval_margin < 0:

@@ -79,6 +79,10 @@ class ForwardContext:
     attention_mask: Tensor | None = None
     generation: GenerationState | None = None
     retrieval: Retrieval | None = None
+    #: With random neighbours: the call's tokens (``-1`` at padding), which identify its
+    #: queries, and the retrieved neighbours the kNN-LM mixture uses (when it is on).
+    query_tokens: Tensor | None = None
+    knn_retrieval: Retrieval | None = None
     #: Context graphs of this call, keyed by the number of positions they cover.
     graphs: dict[int, ContextGraph] = field(default_factory=dict)
     #: Retrieval-gate statistics of this call (``gate="retrieval"``), keyed like ``graphs``.

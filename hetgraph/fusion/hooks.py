@@ -85,9 +85,19 @@ class FusionHooks:
             outer.inner_calls += 1
             return
         context = enter_context(kwargs.get("attention_mask"))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        random = self.lm.config.neighbours == "random"
+        history = None
+        if input_ids is not None and (random or self.lm.needs_prefetch):
+            # The KV cache is ``cache`` since transformers 5, ``past_key_values`` before.
+            past = kwargs.get("cache", kwargs.get("past_key_values"))
+            history = self._history_ids(context, input_ids, past)
+        if random and history is not None:  # random neighbours are drawn from the tokens
+            mask = context.attention_mask
+            context.query_tokens = (history if mask is None or mask.shape != history.shape
+                                    else history.masked_fill(mask == 0, -1))
         if self.lm.needs_prefetch:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            self._prefetch(context, input_ids, kwargs.get("past_key_values"))
+            self._prefetch(context, input_ids, history)
 
     def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
         context = active_context()
@@ -99,8 +109,10 @@ class FusionHooks:
         exit_context(context)
         if output is None:  # the call raised; always_call hooks still close its context
             return None
-        if context.options.knn is not None and context.retrieval is not None:
-            output.logits = self.lm.knn_mixture_logits(output.logits, context.retrieval,
+        # Random neighbours feed the graph; the kNN-LM mixture keeps the retrieved ones.
+        knn_retrieval = context.knn_retrieval or context.retrieval
+        if context.options.knn is not None and knn_retrieval is not None:
+            output.logits = self.lm.knn_mixture_logits(output.logits, knn_retrieval,
                                                        context.options.knn)
         if context.options.output_retrieval:
             output.retrieval = context.retrieval
@@ -115,14 +127,21 @@ class FusionHooks:
             context.prefetched_queries = hidden
             raise StopForward
         if not self.lm.needs_prefetch:
-            context.retrieval = self.lm.retrieve(hidden, context.options)
+            self._retrieve(context, hidden)
 
-    def _prefetch(self, context: ForwardContext, input_ids: Tensor | None, past: Any) -> None:
+    def _retrieve(self, context: ForwardContext, queries: Tensor) -> None:
+        context.retrieval = self.lm.retrieve(queries, context.options,
+                                             tokens=context.query_tokens)
+        if context.options.knn is not None and self.lm.config.neighbours == "random":
+            context.knn_retrieval = self.lm.retrieve(queries, context.options,
+                                                     neighbours="retrieved")
+
+    def _prefetch(self, context: ForwardContext, input_ids: Tensor | None,
+                  history: Tensor | None) -> None:
         # Some fused site runs before the retrieval site: a no-grad pass up to the
-        # retrieval site supplies the queries first.
-        if input_ids is None:
+        # retrieval site supplies the queries first (history: _history_ids of input_ids).
+        if input_ids is None or history is None:
             raise ValueError("HetGraphLM with a prefetch pass needs input_ids (not inputs_embeds)")
-        history = self._history_ids(context, input_ids, past)
         mask = context.attention_mask
         if mask is not None and mask.shape[-1] != history.shape[-1]:
             mask = None
@@ -136,8 +155,7 @@ class FusionHooks:
             context.prefetching = context.prefetch_call_pending = False
         if context.prefetched_queries is None:
             raise RuntimeError("the prefetch pass never reached the retrieval site")
-        queries = context.prefetched_queries[:, -input_ids.shape[-1]:]
-        context.retrieval = self.lm.retrieve(queries, context.options)
+        self._retrieve(context, context.prefetched_queries[:, -input_ids.shape[-1]:])
 
     @staticmethod
     def _history_ids(context: ForwardContext, input_ids: Tensor, past: Any) -> Tensor:

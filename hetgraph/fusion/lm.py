@@ -46,6 +46,7 @@ from hetgraph.fusion.gates import RetrievalGate, retrieval_statistics
 from hetgraph.fusion.graph_inputs import GraphInputBuilder
 from hetgraph.fusion.hooks import FusionHooks
 from hetgraph.fusion.persistence import AdapterMismatchError, AdapterPersistenceMixin
+from hetgraph.fusion.random_neighbours import query_identities
 from hetgraph.fusion.retrieval import Retriever
 from hetgraph.fusion.sites import describe_sites, site_key
 from hetgraph.graph import ContextGraph
@@ -226,24 +227,33 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         return knn_mixture(self.knn_mixture(lam, temperature))
 
     # ------------------------------------------------------ stateless steps
-    def retrieve(self, queries: Tensor, options: CallOptions | None = None) -> Retrieval:
-        """The ``k`` nearest datastore rows of ``[B, T, d]`` query states.
-
-        With ``options.query_positions`` (text that is itself in the datastore), neighbours
+    def retrieve(self, queries: Tensor, options: CallOptions | None = None, *,
+                 tokens: Tensor | None = None, neighbours: str | None = None) -> Retrieval:
+        """The ``k`` nearest datastore rows of ``[B, T, d]`` query states (``neighbours=
+        "random"``: ``k`` rows drawn uniformly, :meth:`~hetgraph.Retriever.random`). With
+        ``options.query_positions`` (text that is itself in the datastore), neighbours
         within ``graph.leakage_radius`` of each query's own row (same document unless
         ``graph.leakage_scope="corpus"``) are dropped; ``retrieval_margin`` extra candidates
-        refill them (``0``: not refilled, as officially).
+        refill them (``0``: not refilled, as officially). ``tokens``: ``[B, T' >= T]`` ids
+        ending at the queries (``-1``: padding) identify random-neighbour queries without a
+        row; ``neighbours`` overrides ``config.neighbours``.
         """
         options = options or CallOptions()
         batch, length = queries.shape[:2]
         positions = options.query_positions
         if positions is not None:
             positions = positions[:, -length:].to(queries.device).reshape(-1)
-        distances, ids = self.retriever.search(
-            queries.reshape(batch * length, -1), options.k or self.config.k,
-            exclude_positions=positions, margin=self.config.retrieval_margin,
-            radius=self.graph_config.leakage_radius,
-            same_document=self.graph_config.leakage_scope == "document")
+        k = options.k or self.config.k
+        leakage = dict(exclude_positions=positions, margin=self.config.retrieval_margin,
+                       radius=self.graph_config.leakage_radius,
+                       same_document=self.graph_config.leakage_scope == "document")
+        flat = queries.reshape(batch * length, -1)
+        if (neighbours or self.config.neighbours) == "random":
+            identities = query_identities(positions, tokens, batch, length,
+                                          self.config.neighbour_seed)
+            distances, ids = self.retriever.random(flat, k, identities, **leakage)
+        else:
+            distances, ids = self.retriever.search(flat, k, **leakage)
         return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
 
     def build_graph(self, retrieval: Retrieval, length: int,

@@ -6,8 +6,10 @@ import torch
 from torch import Tensor
 
 from hetgraph.datastore import Datastore
+from hetgraph.fusion.random_neighbours import draw_rows
 from hetgraph.graph import leakage_mask
 from hetgraph.index import DatastoreIndex
+from hetgraph.index.rerank import exact_distances
 
 
 class Retriever:
@@ -63,6 +65,51 @@ class Retriever:
             distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius,
                                                 same_document)
         return distances.to(device), ids.to(device)
+
+    def random(
+        self,
+        queries: Tensor,
+        k: int,
+        identities: Tensor,
+        exclude_positions: Tensor | None = None,
+        margin: int = 0,
+        radius: int = 3072,
+        same_document: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """``k`` datastore rows drawn uniformly for each query (the random-neighbours
+        control), as :meth:`search` returns retrieved ones.
+
+        Each query draws ``k`` distinct rows (``k + margin`` with ``exclude_positions``,
+        of which leaking ones are dropped and the first ``k`` kept in draw order, so the
+        filter cannot favour any row) from its ``[Q, 2]`` ``identities``
+        (:mod:`hetgraph.fusion.random_neighbours`). Distances are the exact ones between
+        each query and its drawn keys (squared L2, or negated inner product, as the index's
+        metric), and rows come nearest first (ties by row), as from :meth:`search`.
+
+        Returns:
+            ``(distances [Q, k] float32, ids [Q, k] int64)`` on the queries' device; ``-1``
+            ids (``inf`` distance) where fewer than ``k`` rows remain.
+        """
+        device = queries.device
+        if queries.shape[0] == 0:
+            return self.search(queries, k)
+        n = len(self.datastore)
+        fetch = min(k if exclude_positions is None else k + margin, n)
+        ids = draw_rows(identities.cpu(), fetch, n)
+        distances = torch.zeros(ids.shape, dtype=torch.float32)
+        if exclude_positions is not None:
+            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius,
+                                                same_document)
+        elif ids.shape[1] < k:
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], k - ids.shape[1]), -1)], 1)
+        found = exact_distances(self.datastore.keys, queries.detach().float().cpu().numpy(),
+                                ids.numpy(), self.index.metric)
+        distances = torch.from_numpy(found)
+        # Nearest first, ties (and missing rows, at inf) by row, missing last.
+        by_row = torch.sort(torch.where(ids < 0, torch.iinfo(torch.long).max, ids), dim=1).indices
+        ids, distances = ids.gather(1, by_row), distances.gather(1, by_row)
+        order = torch.sort(distances, dim=1, stable=True).indices
+        return distances.gather(1, order).to(device), ids.gather(1, order).to(device)
 
     def _drop_leaking(
         self, distances: Tensor, ids: Tensor, positions: Tensor, k: int, radius: int,

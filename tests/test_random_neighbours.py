@@ -164,6 +164,7 @@ def test_the_setting_is_saved_with_the_adapter(stores, tmp_path, split):
     lm = random_lm(stores, neighbour_seed=7)
     randomise_gates(lm)
     lm.save_pretrained(tmp_path / "adapter")
+    assert "random-neighbours control" in (tmp_path / "adapter" / "README.md").read_text()
     model, tokenizer, store, index = stores["qwen2"]
     loaded = HetGraphLM.from_pretrained(tmp_path / "adapter", model, store, index, tokenizer)
     assert loaded.config.neighbours == "random" and loaded.config.neighbour_seed == 7

@@ -163,6 +163,7 @@ def _front_matter(config: Mapping[str, Any], training: dict[str, Any] | None,
         "fusion_layers": config["fusion"].get("fusion_layers"),
         "fusion_mode": config["fusion"].get("fusion_mode"),
         "k": config["fusion"].get("k"),
+        "neighbours": config["fusion"].get("neighbours", "retrieved"),
     }
     weights = config.get(INTEGRITY_KEY, {}).get("files", {}).get(ADAPTER_WEIGHTS, {})
     if isinstance(weights, Mapping) and "sha256" in weights:
@@ -211,6 +212,10 @@ def _body(config: Mapping[str, Any], training: dict[str, Any] | None,
         f"(fingerprint {_code(store.get('fingerprint', ''))}, "
         f"{store.get('num_entries', '?')} entries) are needed to use it, and loading checks "
         "that they are the ones it was trained with.", "",
+        *(["This is the **random-neighbours control**: each position's neighbours are "
+           "datastore rows drawn uniformly (seeded), not retrieved, so it measures the "
+           "adapter's capacity and training without retrieval.", ""]
+          if config["fusion"].get("neighbours") == "random" else []),
         "## How to use it", "",
         "```bash",
         f"hetgraph eval --model {shell} --corpus CORPUS --datastore DATASTORE --adapter ADAPTER",

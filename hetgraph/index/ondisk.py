@@ -56,7 +56,15 @@ from hetgraph.index.files import (
     DatastoreIndexError,
     write_ondisk_metadata,
 )
-from hetgraph.index.training import as_float32, finite_rows, key_array, new_index, training_sample
+from hetgraph.index.training import (
+    as_float32,
+    check_factory,
+    finite_rows,
+    key_array,
+    new_index,
+    parse_factory,
+    training_sample,
+)
 from hetgraph.io import (
     INDEX_BLOCK_FILE,
     INDEX_FILE,
@@ -162,6 +170,10 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     n, d = int(keys.shape[0]), int(keys.shape[1])
     set_faiss_threads(config.num_threads)
     factory = ivf_pq_factory(n, d) if config.factory == "auto" else config.factory
+    # Refuse the factory before shards/ exists: a refusal must not leave an empty directory.
+    if not parse_factory(factory, d).nlist:
+        raise _not_ivf(factory)
+    check_factory(config.factory, n, d, config.train_size)
     plan = {"format_version": INDEX_FORMAT_VERSION, "factory": factory, "metric": config.metric,
             "num_vectors": n, "dim": d, "seed": config.seed, "train_size": config.train_size,
             "shard_rows": config.shard_rows, "datastore_fingerprint": datastore_fingerprint}
@@ -198,8 +210,7 @@ def _prepare(lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str
     remove_stale_temporaries(shards.parent)
     remove_stale_temporaries(shards)
     with storage_errors(shards, RESUME_HINT):
-        if (shards / INDEX_PLAN_FILE).is_file() and read_json(shards / INDEX_PLAN_FILE) == plan \
-                and (shards / INDEX_TRAINED_FILE).is_file():
+        if _resumable(shards, plan):
             logger.info("resuming the index build in %s", shards)
             return
         shutil.rmtree(shards, ignore_errors=True)
@@ -213,13 +224,27 @@ def _prepare(lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str
         atomic_write_json(shards / INDEX_PLAN_FILE, plan)
 
 
+def _resumable(shards: Path, plan: dict[str, Any]) -> bool:
+    """Whether ``shards/`` holds the trained index of ``plan`` (a damaged plan file: no, and
+    the build starts again)."""
+    try:
+        return ((shards / INDEX_PLAN_FILE).is_file() and read_json(shards / INDEX_PLAN_FILE)
+                == plan and (shards / INDEX_TRAINED_FILE).is_file())
+    except ValueError:  # not JSON, nested too deep, not UTF-8
+        return False
+
+
 def _new_ivf_index(plan: dict[str, Any]) -> faiss.Index:
     index = new_index(plan["factory"], plan["dim"], plan["metric"], plan["seed"])
     if faiss.try_extract_index_ivf(index) is None:
-        raise DatastoreIndexError(
-            f"on-disk lists need an IVF factory (e.g. IVF4096,PQ64), got {plan['factory']!r}; "
-            "choose one with --factory or drop --on-disk")
+        raise _not_ivf(plan["factory"])
     return index
+
+
+def _not_ivf(factory: str) -> DatastoreIndexError:
+    return DatastoreIndexError(
+        f"on-disk lists need an IVF factory (e.g. IVF4096,PQ64), got {factory!r}; "
+        "choose one with --factory or drop --on-disk")
 
 
 def block_file(shards: Path, block: int) -> Path:

@@ -27,16 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from hetgraph.errors import HetgraphError
-from hetgraph.limits import ResourceLimitError, json_depth
+from hetgraph.limits import MAX_JSON_DEPTH, JSONDepthError, ResourceLimitError, loads_json
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
 ConfigT = TypeVar("ConfigT", bound="JSONConfigMixin")
 _NONE_TYPE = type(None)
-#: Deepest nesting a JSON config may have (a run config's ``fusion.adapter`` has 3); far
-#: deeper text exhausts Python's recursion limit in the JSON reader.
-MAX_JSON_DEPTH = 32
 
 
 class ConfigError(HetgraphError):
@@ -278,15 +275,10 @@ def parse_json(text: str, source: str) -> Any:
         ConfigError: it nests too deep (one line naming ``source``).
     """
     try:
-        data = json.loads(text)
-    except RecursionError:
-        data, depth = None, MAX_JSON_DEPTH + 1
-    else:
-        depth = json_depth(data, MAX_JSON_DEPTH + 1)
-    if depth > MAX_JSON_DEPTH:
+        return loads_json(text)
+    except JSONDepthError:
         raise ConfigError(f"{source} nests objects or lists more than {MAX_JSON_DEPTH} deep; "
-                          "a config nests only a few levels: flatten it")
-    return data
+                          "a config nests only a few levels: flatten it") from None
 
 
 def _json_ready(value: Any) -> Any:

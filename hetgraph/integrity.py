@@ -17,6 +17,7 @@ from typing import Any
 
 from hetgraph.errors import HetgraphError
 from hetgraph.io import CHECKSUM_KEY, StreamingHash, atomic_write_json, json_fingerprint
+from hetgraph.limits import JSONDepthError, loads_json
 
 #: Bytes read per block by :func:`sampled_digest`, and blocks read per file.
 SAMPLE_BLOCK_SIZE = 65536
@@ -102,7 +103,7 @@ def read_json_record(path: str | Path, error: type[HetgraphError] = HetgraphErro
     path = Path(path)
     fix = f"; {fix}" if fix else ""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = loads_json(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise error(f"{path} is missing{fix}") from None
     except OSError as e:
@@ -110,8 +111,9 @@ def read_json_record(path: str | Path, error: type[HetgraphError] = HetgraphErro
     except UnicodeDecodeError:
         raise error(f"{path} is damaged (not UTF-8 text){fix}") from None
     except json.JSONDecodeError as e:
-        what = "is empty" if not e.doc.strip() else (
-            f"is damaged (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})")
+        what = ("is empty" if not e.doc.strip() else f"is damaged ({e.msg})"
+                if isinstance(e, JSONDepthError) else
+                f"is damaged (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})")
         raise error(f"{path} {what}{fix}") from None
     if not isinstance(data, dict):
         raise error(f"{path} is damaged (a JSON {type(data).__name__}, not an object){fix}")

@@ -24,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 from hetgraph.errors import HetgraphError
+from hetgraph.limits import loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +253,9 @@ def atomic_write_json(path: str | Path, obj: Any, *, sort_keys: bool = False,
 
 
 def read_json(path: str | Path) -> Any:
-    r"""The JSON value stored in ``path`` (UTF-8)."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    r"""The JSON value stored in ``path`` (UTF-8); nested deeper than
+    :data:`~hetgraph.limits.MAX_JSON_DEPTH` it is malformed (``json.JSONDecodeError``)."""
+    return loads_json(Path(path).read_text(encoding="utf-8"))
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:

@@ -13,6 +13,7 @@ suffix) replaces it, for tests and for users who share a machine.
 """
 from __future__ import annotations
 
+import json
 import os
 
 from hetgraph.allocator import available_memory_bytes
@@ -105,3 +106,34 @@ def json_depth(value: object, limit: int) -> int:
                  for item in (node.values() if isinstance(node, dict) else node)
                  if isinstance(item, (dict, list))]
     return depth
+
+
+#: Deepest nesting of objects and lists accepted in a JSON file or text hetgraph reads: its
+#: own files and configs nest a few levels; thousands of levels exhaust the recursion of
+#: Python's JSON reader (a ``RecursionError`` traceback, not an answer).
+MAX_JSON_DEPTH = 32
+
+
+class JSONDepthError(json.JSONDecodeError):
+    """JSON nested deeper than :data:`MAX_JSON_DEPTH`: malformed to a reader that handles
+    ``json.JSONDecodeError``, recognisable to one that says more."""
+
+
+def loads_json(text: str | bytes) -> object:
+    r"""``json.loads(text)``, refused like malformed JSON if it nests deeper than
+    :data:`MAX_JSON_DEPTH`, so that every reader's handling of damaged JSON applies.
+
+    Raises:
+        json.JSONDecodeError: ``text`` is not JSON; :class:`JSONDepthError` (a subclass) when
+            it nests too deep.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(value, MAX_JSON_DEPTH + 1)
+    if depth > MAX_JSON_DEPTH:
+        doc = text if isinstance(text, str) else "<bytes>"
+        raise JSONDepthError(f"objects or lists nested more than {MAX_JSON_DEPTH} deep", doc, 0)
+    return value

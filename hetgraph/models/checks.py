@@ -17,6 +17,7 @@ r"""Safety checks on a model folder, a tokenizer and a requested context length.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 
 from hetgraph.configuration import ConfigError
 from hetgraph.io import HF_MODEL_CONFIG, HF_TOKENIZER_CONFIG, HF_TOKENIZER_FILES
+from hetgraph.limits import loads_json
 
 from .errors import CustomCodeError, ModelLoadError
 
@@ -45,10 +47,8 @@ _SAVE_HINT = ("save the tokenizer next to the model with "
 
 
 def _read_object(path: Path) -> dict[str, Any]:
-    import json
-
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = loads_json(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelLoadError(
             f"{path} is not valid JSON ({error}); restore the file, e.g. save the model again "
@@ -246,7 +246,6 @@ def check_safetensors_file(path: str | Path) -> int:
     Raises:
         ModelLoadError: naming the file and what is wrong with it.
     """
-    import json
     import math
 
     path = Path(path)
@@ -270,8 +269,8 @@ def check_safetensors_file(path: str | Path) -> int:
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = loads_json(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
         raise damaged("its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise damaged("its header is not a JSON object")

@@ -3,8 +3,10 @@ with on-disk inverted lists (:mod:`hetgraph.index.ondisk`), optionally re-ranked
 (:mod:`hetgraph.index.rerank`) and searched on GPU FAISS (:mod:`hetgraph.index.gpu`)."""
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +36,8 @@ from hetgraph.index.training import (
     training_sample,
 )
 
+logger = logging.getLogger(__name__)
+
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000
 
@@ -44,8 +48,12 @@ class IndexConfig(JSONConfigMixin):
     """How a FAISS index over the keys is built and searched.
 
     Attributes:
-        factory: ``"auto"`` (see :func:`auto_factory`) or any ``faiss.index_factory`` string
-            (``"Flat"``, ``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``, ``"HNSW32"``, …).
+        factory: ``"auto"`` (see :func:`auto_factory`) or a ``faiss.index_factory`` string
+            of the forms hetgraph builds (:data:`hetgraph.index.training.SUPPORTED_FACTORIES`:
+            ``"Flat"``, ``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``, ``"HNSW32"``, …),
+            checked with the keys' width and count before FAISS sees it
+            (:func:`~hetgraph.index.training.parse_factory`,
+            :func:`~hetgraph.index.training.check_factory`).
             ``"IVF{nlist},SQfp16"`` is lossless here: its lists hold the float16 keys
             exactly (not their residuals), so it finds what ``"IVF{nlist},Flat"`` finds, in
             half the memory and about twice as fast.
@@ -56,7 +64,9 @@ class IndexConfig(JSONConfigMixin):
         nprobe: IVF lists visited per query.
         ef_search: HNSW search breadth.
         seed: sampling seed (and FAISS k-means seed).
-        num_threads: FAISS OpenMP threads; None = ``torch.get_num_threads()``.
+        num_threads: FAISS OpenMP threads, 1 to the CPU count; None =
+            ``torch.get_num_threads()``. A larger count recorded in ``index.json`` is clamped
+            with a warning when the index is loaded.
         on_disk: inverted lists on disk (:mod:`hetgraph.index.ondisk`): True, False, or None
             = decided by size when ``factory`` is ``auto``
             (:func:`hetgraph.index.ondisk.choose_layout`).
@@ -105,6 +115,11 @@ class IndexConfig(JSONConfigMixin):
                               f"num_threads), got {self.prefetch_threads!r}", "prefetch_threads")
         if self.gpu not in ("auto", "never"):
             raise ConfigError(f"gpu must be 'auto' or 'never', got {self.gpu!r}", "gpu")
+        cpus = os.cpu_count() or 1
+        if self.num_threads is not None and not 1 <= self.num_threads <= cpus:
+            # Each is an OS thread: FAISS started with 100,000 crashes the interpreter.
+            raise ConfigError(f"num_threads is {self.num_threads}; give 1 to {cpus} (the CPUs "
+                              "of this machine) or null (torch's thread count)", "num_threads")
 
 
 
@@ -133,10 +148,37 @@ def ivf_pq_factory(n: int, d: int) -> str:
 
 
 def set_faiss_threads(num_threads: int | None) -> int:
-    """Set FAISS's OpenMP threads deliberately (None = torch's thread count); return it."""
+    """Set FAISS's OpenMP threads deliberately (None = torch's thread count), at most the
+    CPU count (more is clamped with a warning: thousands of threads crash the interpreter);
+    return it."""
     n = int(num_threads) if num_threads else max(1, torch.get_num_threads())
+    cpus = os.cpu_count() or 1
+    if n > cpus:
+        logger.warning("%d FAISS threads asked for; using the %d CPUs of this machine", n, cpus)
+        n = cpus
     faiss.omp_set_num_threads(n)
     return n
+
+
+def loadable_config(recorded: dict[str, Any], directory: Path) -> IndexConfig:
+    """The :class:`IndexConfig` recorded in ``directory``'s ``index.json``, its
+    ``num_threads`` clamped to this machine's CPUs with a warning: an index built elsewhere
+    (or recorded by an older hetgraph, by hand) stays loadable.
+
+    Raises:
+        DatastoreIndexError: a recorded setting is invalid (``index.json`` is damaged).
+    """
+    cpus = os.cpu_count() or 1
+    threads = recorded.get("num_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool) and threads > cpus:
+        logger.warning("%s/index.json records num_threads %d; using the %d CPUs of this "
+                       "machine", directory, threads, cpus)
+        recorded = {**recorded, "num_threads": cpus}
+    try:
+        return IndexConfig.from_dict(recorded)
+    except ValueError as error:
+        raise DatastoreIndexError(f"{directory}/index.json is damaged ({error}); "
+                                  f"{rebuild_index_hint(directory)}") from None
 
 
 class DatastoreIndex:
@@ -285,11 +327,7 @@ class DatastoreIndex:
                 raise DatastoreIndexError(
                     f"index {directory} was built for another datastore ("
                     + "; ".join(problems) + f"); {rebuild_index_hint(directory)}")
-        try:
-            stored = IndexConfig.from_dict(meta["config"])
-        except ValueError as error:
-            raise DatastoreIndexError(f"{directory}/index.json is damaged ({error}); "
-                                      f"{rebuild_index_hint(directory)}") from None
+        stored = loadable_config(meta["config"], directory)
         index = read_faiss_index(directory, meta)
         return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"),
                    keys=getattr(datastore, "keys", None), on_disk=is_on_disk(meta),

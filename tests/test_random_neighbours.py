@@ -3,18 +3,21 @@ neighbours uniformly from the datastore, seeded by the query's identity (its row
 leakage-filtered, saved with the adapter, and never searches FAISS for the graph."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from test_fusion import SMALL_ADAPTER, build_store, randomise_gates, repeated_pattern_split
 
 from hetgraph import ConfigError, EvalConfig, TrainingConfig
+from hetgraph.cli import main
 from hetgraph.evaluation import evaluate_four_way
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.context import CallOptions
 from hetgraph.fusion.random_neighbours import draw_rows, row_identities, token_identities
 from hetgraph.io import ADAPTER_WEIGHTS
-from hetgraph.testing import FAMILIES
+from hetgraph.testing import FAMILIES, write_cli_workspace
 from hetgraph.training import train_adapter
 
 
@@ -258,3 +261,22 @@ def test_training_and_evaluation_with_random_neighbours(stores, split, tmp_path,
                                 show_progress=False)
     assert {"base", "knn", "gnn", "gnn_knn"} <= set(results)
     assert all(np.isfinite(results[name]["ppl"]) for name in ("gnn", "gnn_knn"))
+
+
+def test_train_and_eval_through_the_cli(tmp_path, capsys):
+    w = write_cli_workspace(tmp_path)
+    common = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
+    run = lambda *argv: main([str(a) for a in argv])  # noqa: E731
+    assert run("datastore", "build", *common, "--out", w / "ds", "--context-length", "64",
+               "--stride", "32", "--batch-size", "4") == 0
+    assert run("train", *common, "--datastore", w / "ds", "--out", w / "adapter",
+               "--config", w / "run.json", "--neighbours", "random") == 0
+    saved = json.loads((w / "adapter" / "adapter_config.json").read_text())["fusion"]
+    assert saved["neighbours"] == "random" and saved["neighbour_seed"] == 0
+    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
+               "--config", w / "run.json", "--max-tokens", "300", "--tune-tokens", "200",
+               "--json", w / "eval.json") == 0
+    results = json.loads((w / "eval.json").read_text())
+    assert results["neighbours"] == "random"
+    assert all(np.isfinite(results[name]["ppl"]) for name in ("gnn", "gnn_knn"))
+    capsys.readouterr()

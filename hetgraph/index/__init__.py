@@ -1,12 +1,5 @@
 """FAISS nearest-neighbour indexes over datastore keys (in memory or with on-disk lists)."""
-from hetgraph.index.faiss_index import (
-    EXACT_SEARCH_LIMIT,
-    DatastoreIndex,
-    IndexConfig,
-    auto_factory,
-    ivf_pq_factory,
-    set_faiss_threads,
-)
+from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, set_faiss_threads
 from hetgraph.index.files import DatastoreIndexError
 from hetgraph.index.ondisk import (
     ONDISK_ROW_LIMIT,
@@ -16,6 +9,7 @@ from hetgraph.index.ondisk import (
     estimated_index_bytes,
 )
 from hetgraph.index.rerank import rerank
+from hetgraph.index.training import EXACT_SEARCH_LIMIT, auto_factory, ivf_pq_factory
 
 __all__ = [
     "EXACT_SEARCH_LIMIT", "ONDISK_ROW_LIMIT", "DatastoreIndex", "DatastoreIndexError",

@@ -4,7 +4,6 @@ with on-disk inverted lists (:mod:`hetgraph.index.ondisk`), optionally re-ranked
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -27,9 +26,16 @@ from hetgraph.index.files import (
     write_index_files,
 )
 from hetgraph.index.gpu import to_all_gpus, wants_gpu
-from hetgraph.index.rerank import exact_distances, rerank
+from hetgraph.index.rerank import (
+    exact_top_k,
+    exhaustive_vectors,
+    order_ties,
+    rerank,
+    takes_blas_path,
+)
 from hetgraph.index.training import (
     as_float32,
+    auto_factory,
     finite_rows,
     key_array,
     new_index,
@@ -38,17 +44,12 @@ from hetgraph.index.training import (
 
 logger = logging.getLogger(__name__)
 
-#: Below this many vectors ``auto`` picks exact search.
-EXACT_SEARCH_LIMIT = 1_000_000
-
-
-
 @dataclass
 class IndexConfig(JSONConfigMixin):
     """How a FAISS index over the keys is built and searched.
 
     Attributes:
-        factory: ``"auto"`` (see :func:`auto_factory`) or a ``faiss.index_factory`` string
+        factory: ``"auto"`` (:func:`~hetgraph.index.auto_factory`) or a factory string
             of the forms hetgraph builds (:data:`hetgraph.index.training.SUPPORTED_FACTORIES`:
             ``"Flat"``, ``"IVF4096,PQ64"``, ``"OPQ64,IVF4096,PQ64"``, ``"HNSW32"``, …),
             checked with the keys' width and count before FAISS sees it
@@ -120,31 +121,6 @@ class IndexConfig(JSONConfigMixin):
             # Each is an OS thread: FAISS started with 100,000 crashes the interpreter.
             raise ConfigError(f"num_threads is {self.num_threads}; give 1 to {cpus} (the CPUs "
                               "of this machine) or null (torch's thread count)", "num_threads")
-
-
-
-def auto_factory(n: int, d: int) -> str:
-    """A sensible FAISS factory string for ``n`` vectors of width ``d``.
-
-    Exact ``Flat`` below :data:`EXACT_SEARCH_LIMIT` vectors (exact, and fast enough);
-    above it ``IVF{nlist},PQ{m}`` with ``nlist ≈ 4·sqrt(n)`` (rounded to a power of two)
-    and ``m`` the largest divisor of ``d`` that is at most 64 (``m`` bytes per vector).
-    Prefix ``OPQ{m},`` for better recall at higher training cost.
-    """
-    if n < EXACT_SEARCH_LIMIT:
-        return "Flat"
-    return ivf_pq_factory(n, d)
-
-
-def ivf_pq_factory(n: int, d: int) -> str:
-    """``IVF{nlist},PQ{m}`` for ``n`` vectors of width ``d``: ``nlist ≈ 4·sqrt(n)`` (a power
-    of two, at least 16, at most ``n // 39`` so k-means has data) and ``m`` the largest divisor
-    of ``d`` that is at most 64."""
-    nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
-    while nlist > 16 and nlist * 39 > n:
-        nlist //= 2
-    m = max(k for k in range(1, min(64, d) + 1) if d % k == 0)
-    return f"IVF{nlist},PQ{m}"
 
 
 def set_faiss_threads(num_threads: int | None) -> int:
@@ -405,63 +381,3 @@ class DatastoreIndex:
         if missing.any():
             distances = np.where(missing, np.float32(np.inf), distances)
         return order_ties(distances, ids)
-
-
-#: Extra candidates :func:`exact_top_k` takes from FAISS, beyond ``k`` (at least this many,
-#: or a quarter of ``k``), so that a neighbour pushed just past the ``k``-th by rounding is
-#: still among them.
-EXACT_TOP_K_MARGIN = 8
-
-
-def exhaustive_vectors(index: faiss.Index) -> np.ndarray | None:
-    """The ``[N, d]`` float32 vectors of an exhaustive (``Flat``) index, without a copy;
-    None for any other index."""
-    if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
-        return None
-    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal,
-                                                                             index.d)
-
-
-def takes_blas_path(num_queries: int, dim: int) -> bool:
-    r"""Whether FAISS computes an exhaustive search of ``num_queries`` queries as one BLAS
-    matrix product (measured: 1.15.1 does from ``num_queries * dim >=
-    faiss.cvar.distance_compute_blas_threshold``, 128,000; older releases from 20 queries,
-    which this also covers)."""
-    return num_queries * dim >= int(faiss.cvar.distance_compute_blas_threshold)
-
-
-def exact_top_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
-                metric: str) -> tuple[np.ndarray, np.ndarray]:
-    r"""The ``k`` nearest of ``vectors`` (``index``'s own) by distances computed query by
-    query, in a fixed order: the same results for any number of threads.
-
-    FAISS's exhaustive search of a large batch (:func:`takes_blas_path`) is one BLAS product
-    whose rounding depends on how it is split among the threads: on a tiny datastore, 2,000
-    queries on 1 and 2 threads differed in the last bits of 516 of 16,000 distances (and
-    so, through the adapter's edge features, the trained adapter did). The product is kept to
-    find candidates fast: ``k`` plus a margin (:data:`EXACT_TOP_K_MARGIN`) are taken, scored
-    again exactly (:func:`hetgraph.index.rerank.exact_distances`, single-threaded NumPy) and
-    the best ``k`` kept, ties by id (:func:`order_ties`). The extra work is ``(k + margin) /
-    N`` of the search's.
-    """
-    fetch = min(int(index.ntotal), k + max(EXACT_TOP_K_MARGIN, k // 4))
-    _, ids = index.search(queries, fetch)
-    ids = ids.astype(np.int64, copy=False)
-    distances = exact_distances(vectors, queries, ids, metric)
-    distances, ids = order_ties(distances, ids, always=True)
-    return np.ascontiguousarray(distances[:, :k]), np.ascontiguousarray(ids[:, :k])
-
-
-def order_ties(distances: np.ndarray, ids: np.ndarray, *,
-               always: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    r"""Each row of ``(distances, ids)`` ordered by distance, then id (missing ids, ``-1``,
-    last): neighbours at the same distance come in the same order however the search found
-    them (GPU FAISS merges partial results in its own order). Unless ``always``, rows already
-    sorted without a tie are returned as they are (no sort)."""
-    if not always and (distances.shape[1] < 2
-                       or not (distances[:, 1:] == distances[:, :-1]).any()):
-        return distances, ids
-    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((key, distances), axis=1)
-    return (np.take_along_axis(distances, order, axis=1),
-            np.take_along_axis(ids, order, axis=1))

@@ -44,13 +44,7 @@ from tqdm.auto import tqdm
 
 from hetgraph.allocator import available_memory_bytes
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.index.faiss_index import (
-    DatastoreIndex,
-    IndexConfig,
-    auto_factory,
-    ivf_pq_factory,
-    set_faiss_threads,
-)
+from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, set_faiss_threads
 from hetgraph.index.files import (
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
@@ -58,8 +52,10 @@ from hetgraph.index.files import (
 )
 from hetgraph.index.training import (
     as_float32,
+    auto_factory,
     check_factory,
     finite_rows,
+    ivf_pq_factory,
     key_array,
     new_index,
     parse_factory,
@@ -122,7 +118,7 @@ def choose_layout(n: int, d: int, config: IndexConfig,
     """``(factory, on_disk)`` for ``n`` keys of width ``d`` under ``config``.
 
     ``on_disk=True`` uses ``config.factory`` (an IVF factory; ``auto`` becomes
-    :func:`~hetgraph.index.faiss_index.ivf_pq_factory`); ``False`` keeps the index in memory.
+    :func:`~hetgraph.index.training.ivf_pq_factory`); ``False`` keeps the index in memory.
     ``None`` (the default) with factory ``auto``: :func:`~hetgraph.index.auto_factory`
     in memory, unless ``n >= ONDISK_ROW_LIMIT`` or its estimated size
     (:func:`estimated_index_bytes`) exceeds ``RAM_FRACTION`` of ``available`` (default: the
@@ -151,7 +147,7 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
         directory: the index directory (``DATASTORE/index``); an index already there stays
             usable until the new lists are written (then its ``index.json`` is removed).
         config: :class:`IndexConfig`; ``factory`` must be an IVF factory or ``auto``
-            (:func:`~hetgraph.index.faiss_index.ivf_pq_factory`); ``shard_rows`` rows per
+            (:func:`~hetgraph.index.training.ivf_pq_factory`); ``shard_rows`` rows per
             block file.
         datastore_fingerprint: recorded in ``index.json``; taken from a Datastore.
         distributed: the ``torchrun`` job (default :func:`~hetgraph.distributed.current_context`):

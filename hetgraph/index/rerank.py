@@ -6,11 +6,17 @@ the index for ``k'`` candidates, re-scores them exactly against the datastore's 
 (read from the memmap by one vectorised gather per block of queries, no per-query loop) and
 keeps the best ``k``. Recall then depends only on whether the true neighbours are among the
 ``k'`` candidates; each query reads ``k'·d`` fp16 values (``k'=128``, ``d=1536``: 384 KiB).
+
+The same exact scoring makes results independent of the FAISS threads: a large exhaustive
+search, which FAISS computes as one thread-dependent BLAS product, is re-scored query by
+query (:func:`exact_top_k`), and neighbours at equal distances are ordered by id
+(:func:`order_ties`).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import faiss
 import numpy as np
 
 #: float32 values held at once while re-ranking (bounds the gather's memory: 256 MiB).
@@ -58,3 +64,63 @@ def rerank(keys: Any, queries: np.ndarray, candidates: np.ndarray, k: int,
     ids = np.take_along_axis(candidates, order, axis=1)
     distances = np.take_along_axis(distances, order, axis=1)
     return distances, np.where(np.isfinite(distances), ids, -1)
+
+
+#: Extra candidates :func:`exact_top_k` takes from FAISS, beyond ``k`` (at least this many,
+#: or a quarter of ``k``), so that a neighbour pushed just past the ``k``-th by rounding is
+#: still among them.
+EXACT_TOP_K_MARGIN = 8
+
+
+def exhaustive_vectors(index: faiss.Index) -> np.ndarray | None:
+    """The ``[N, d]`` float32 vectors of an exhaustive (``Flat``) index, without a copy;
+    None for any other index."""
+    if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal,
+                                                                             index.d)
+
+
+def takes_blas_path(num_queries: int, dim: int) -> bool:
+    r"""Whether FAISS computes an exhaustive search of ``num_queries`` queries as one BLAS
+    matrix product (measured: 1.15.1 does from ``num_queries * dim >=
+    faiss.cvar.distance_compute_blas_threshold``, 128,000; older releases from 20 queries,
+    which this also covers)."""
+    return num_queries * dim >= int(faiss.cvar.distance_compute_blas_threshold)
+
+
+def exact_top_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
+                metric: str) -> tuple[np.ndarray, np.ndarray]:
+    r"""The ``k`` nearest of ``vectors`` (``index``'s own) by distances computed query by
+    query, in a fixed order: the same results for any number of threads.
+
+    FAISS's exhaustive search of a large batch (:func:`takes_blas_path`) is one BLAS product
+    whose rounding depends on how it is split among the threads: on a tiny datastore, 2,000
+    queries on 1 and 2 threads differed in the last bits of 516 of 16,000 distances (and
+    so, through the adapter's edge features, the trained adapter did). The product is kept to
+    find candidates fast: ``k`` plus a margin (:data:`EXACT_TOP_K_MARGIN`) are taken, scored
+    again exactly (:func:`hetgraph.index.rerank.exact_distances`, single-threaded NumPy) and
+    the best ``k`` kept, ties by id (:func:`order_ties`). The extra work is ``(k + margin) /
+    N`` of the search's.
+    """
+    fetch = min(int(index.ntotal), k + max(EXACT_TOP_K_MARGIN, k // 4))
+    _, ids = index.search(queries, fetch)
+    ids = ids.astype(np.int64, copy=False)
+    distances = exact_distances(vectors, queries, ids, metric)
+    distances, ids = order_ties(distances, ids, always=True)
+    return np.ascontiguousarray(distances[:, :k]), np.ascontiguousarray(ids[:, :k])
+
+
+def order_ties(distances: np.ndarray, ids: np.ndarray, *,
+               always: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    r"""Each row of ``(distances, ids)`` ordered by distance, then id (missing ids, ``-1``,
+    last): neighbours at the same distance come in the same order however the search found
+    them (GPU FAISS merges partial results in its own order). Unless ``always``, rows already
+    sorted without a tie are returned as they are (no sort)."""
+    if not always and (distances.shape[1] < 2
+                       or not (distances[:, 1:] == distances[:, :-1]).any()):
+        return distances, ids
+    key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((key, distances), axis=1)
+    return (np.take_along_axis(distances, order, axis=1),
+            np.take_along_axis(ids, order, axis=1))

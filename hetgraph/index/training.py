@@ -1,10 +1,11 @@
-"""Creating, training and filling an index: the keys of a datastore or an array, a seeded
-FAISS index from a factory string, the seeded training sample, the float32 conversion of key
-blocks and the refusal of non-finite keys, shared by the in-memory build
-(:meth:`~hetgraph.index.DatastoreIndex.build`) and the on-disk one
+"""Creating, training and filling an index: the factory ``auto`` picks, the keys of a
+datastore or an array, a seeded FAISS index from a factory string, the seeded training
+sample, the float32 conversion of key blocks and the refusal of non-finite keys, shared by
+the in-memory build (:meth:`~hetgraph.index.DatastoreIndex.build`) and the on-disk one
 (:func:`~hetgraph.index.build_ondisk_index`)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,34 @@ from hetgraph.limits import ResourceLimitError, check_memory
 
 if TYPE_CHECKING:
     from hetgraph.index.faiss_index import IndexConfig
+
+
+#: Below this many vectors ``auto`` picks exact search.
+EXACT_SEARCH_LIMIT = 1_000_000
+
+
+def auto_factory(n: int, d: int) -> str:
+    """A sensible FAISS factory string for ``n`` vectors of width ``d``.
+
+    Exact ``Flat`` below :data:`EXACT_SEARCH_LIMIT` vectors (exact, and fast enough);
+    above it ``IVF{nlist},PQ{m}`` with ``nlist ≈ 4·sqrt(n)`` (rounded to a power of two)
+    and ``m`` the largest divisor of ``d`` that is at most 64 (``m`` bytes per vector).
+    Prefix ``OPQ{m},`` for better recall at higher training cost.
+    """
+    if n < EXACT_SEARCH_LIMIT:
+        return "Flat"
+    return ivf_pq_factory(n, d)
+
+
+def ivf_pq_factory(n: int, d: int) -> str:
+    """``IVF{nlist},PQ{m}`` for ``n`` vectors of width ``d``: ``nlist ≈ 4·sqrt(n)`` (a power
+    of two, at least 16, at most ``n // 39`` so k-means has data) and ``m`` the largest divisor
+    of ``d`` that is at most 64."""
+    nlist = 2 ** max(4, round(math.log2(4 * math.sqrt(n))))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    m = max(k for k in range(1, min(64, d) + 1) if d % k == 0)
+    return f"IVF{nlist},PQ{m}"
 
 
 def key_array(keys: Any) -> tuple[Any, str | None, str]:

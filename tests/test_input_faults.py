@@ -21,8 +21,8 @@ from hetgraph.corpus import CorpusConfig, CorpusError, TokenizedCorpus, read_doc
 from hetgraph.corpus.cache import corpus_cache_problems, remove_dead_temporaries
 from hetgraph.corpus.tokenization import tokenize_corpus
 from hetgraph.io import CORPUS_METADATA, read_json
-from hetgraph.models.checks import check_model_size
 from hetgraph.models.errors import ModelLoadError
+from hetgraph.models.weights import check_model_size
 from hetgraph.testing import byte_tokenizer, save_tiny_model, write_word_corpus
 
 

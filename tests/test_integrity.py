@@ -19,8 +19,9 @@ from hetgraph.errors import HetgraphError
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.persistence import AdapterFileError
 from hetgraph.index import DatastoreIndex, DatastoreIndexError, IndexConfig
-from hetgraph.io import DATASTORE_METADATA, INDEX_DIR, StorageError, read_json
+from hetgraph.io import DATASTORE_METADATA, INDEX_DIR, read_json
 from hetgraph.locking import LOCK_FILE, LockError
+from hetgraph.storage import StorageError
 from hetgraph.testing import byte_tokenizer, tiny_causal_lm
 from hetgraph.verify import VerificationError, verify
 

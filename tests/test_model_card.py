@@ -26,7 +26,8 @@ from hetgraph.fusion.model_card import (
     write_model_card,
 )
 from hetgraph.index import DatastoreIndex, IndexConfig
-from hetgraph.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_DIR, StorageError, read_json
+from hetgraph.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INDEX_DIR, read_json
+from hetgraph.storage import StorageError
 from hetgraph.testing import byte_tokenizer, tiny_causal_lm, write_cli_workspace
 from hetgraph.verify import verify
 

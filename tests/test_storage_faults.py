@@ -4,7 +4,7 @@ readers racing a writer, ``--overwrite`` and symbolic links, and damaged adapter
 
 No test fills a real disk: a file-size limit (``RLIMIT_FSIZE``, ``SIGXFSZ`` ignored) in a
 child process makes real writers fail with ``EFBIG``, and the free space is patched
-(:func:`hetgraph.io.free_bytes`) to stand for a full disk.
+(:func:`hetgraph.storage.free_bytes`) to stand for a full disk.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from hetgraph import io
+from hetgraph import storage
 from hetgraph.cli import main
 from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import Datastore, DatastoreConfig, build_datastore
@@ -36,15 +36,12 @@ from hetgraph.io import (
     ADAPTER_WEIGHTS,
     INDEX_DIR,
     INTEGRITY_KEY,
-    StorageError,
     atomic_directory,
     atomic_save_npy,
-    remove_stale_temporaries,
-    storage_errors,
-    storage_reason,
 )
 from hetgraph.limits import ResourceLimitError
 from hetgraph.locking import LockError
+from hetgraph.storage import StorageError, remove_stale_temporaries, storage_errors, storage_reason
 from hetgraph.testing import byte_tokenizer, save_tiny_model, tiny_causal_lm, write_word_corpus
 
 
@@ -141,7 +138,7 @@ def test_a_file_size_limit_is_a_storage_error_naming_the_file_for_every_writer(t
 def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
     target = tmp_path / "a.npy"
     atomic_save_npy(target, np.arange(3))
-    monkeypatch.setattr(io, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
     with pytest.raises(StorageError, match=rf"cannot write {target}: .*needs 804.1 KB, "
                                            r"1.0 KB free\)"):
         atomic_save_npy(target, np.zeros(100_000, np.float64))
@@ -155,7 +152,7 @@ def test_an_ondisk_merge_without_room_is_refused_before_mapping_and_resumes(tmp_
     directory = tmp_path / "index"
     DatastoreIndex.build(keys, IndexConfig(factory="Flat"), show_progress=False).save(directory)
     config = IndexConfig(factory="IVF8,Flat", on_disk=True, shard_rows=500, num_threads=1)
-    monkeypatch.setattr(io, "free_bytes", lambda path: 40_000)  # blocks fit, the lists not
+    monkeypatch.setattr(storage, "free_bytes", lambda path: 40_000)  # blocks fit, the lists not
     with pytest.raises(StorageError, match=rf"cannot write {directory / 'index.ivfdata'}: .*"
                                            r"needs .*40.0 KB free.*index build again"):
         build_ondisk_index(keys, directory, config, show_progress=False)

@@ -30,8 +30,8 @@ from hetgraph.io import (
     atomic_directory,
     cache_root,
     json_fingerprint,
-    process_alive,
 )
+from hetgraph.storage import process_alive
 
 from .config import CorpusConfig
 from .documents import Document
@@ -168,8 +168,8 @@ def remove_dead_temporaries(directory: str | Path) -> list[Path]:
     whose writer process ``<pid>`` no longer runs on this machine, and old copies
     (``.<name>.old-<hex>``) left by a writer killed while swapping ``<name>``, once
     ``<name>`` is in place again. A temporary whose writer is alive
-    (:func:`hetgraph.io.process_alive`) is kept. Caches are not locked (so
-    :func:`hetgraph.io.remove_stale_temporaries`, which assumes a lock, does not fit): this
+    (:func:`hetgraph.storage.process_alive`) is kept. Caches are not locked (so
+    :func:`hetgraph.storage.remove_stale_temporaries`, which assumes a lock, does not fit): this
     relies on the process id, and on a cache shared between machines another machine's
     live writer could lose its temporary (and then fail, without damage).
     """

@@ -68,15 +68,13 @@ from hetgraph.io import (
     DOC_NAMES,
     atomic_save_npy,
     atomic_write_text,
-    check_free_space,
     json_fingerprint,
-    remove_stale_temporaries,
-    storage_errors,
 )
 from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
 from hetgraph.models.layers import model_device
+from hetgraph.storage import check_free_space, remove_stale_temporaries, storage_errors
 
 logger = logging.getLogger(__name__)
 #: How a CLI or Python user replaces a datastore, for messages.
@@ -161,7 +159,7 @@ def build_datastore(
             built differently, or damaged, and not ``overwrite``; or the model's hidden states
             are not finite.
         hetgraph.locking.LockError: another process is writing ``out_dir``.
-        hetgraph.io.StorageError: the disk is full (or a file-size limit is reached); the
+        hetgraph.storage.StorageError: the disk is full (or a file-size limit is reached); the
             build resumes after the fact.
     """
     config = config or DatastoreConfig()
@@ -388,7 +386,7 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
 
 def _allocate(path: Path) -> None:
     """Reserve ``path``'s blocks now, so that a full disk is an error here (a
-    :class:`~hetgraph.io.StorageError` naming the file, the space needed and free) and not a
+    :class:`~hetgraph.storage.StorageError` naming the file, the space needed and free) and not a
     ``SIGBUS`` when a memmap page is written later. Where the file system cannot reserve
     blocks, the free space is checked instead."""
     size = path.stat().st_size

@@ -28,10 +28,9 @@ from hetgraph.io import (
     INDEX_PLAN_FILE,
     INDEX_SHARDS_DIR,
     INDEX_TRAINED_FILE,
-    remove_without_following,
-    temporary_target,
 )
 from hetgraph.locking import LOCK_FILE
+from hetgraph.storage import remove_without_following, temporary_target
 
 logger = logging.getLogger(__name__)
 

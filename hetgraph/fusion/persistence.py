@@ -32,7 +32,6 @@ from hetgraph.io import (
     INTEGRITY_KEY,
     atomic_path,
     fsync_directory,
-    storage_errors,
 )
 from hetgraph.limits import ResourceLimitError, check_memory, format_bytes, naming
 from hetgraph.locking import LockError, while_unlocked
@@ -41,6 +40,7 @@ from hetgraph.models.fingerprint import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from hetgraph.storage import storage_errors
 
 if TYPE_CHECKING:
     from torch import nn
@@ -118,7 +118,7 @@ class AdapterPersistenceMixin:
         and one interrupted between the renames leaves no pair of files that looks complete.
 
         Raises:
-            hetgraph.io.StorageError: the disk is full (the previous adapter is kept).
+            hetgraph.storage.StorageError: the disk is full (the previous adapter is kept).
         """
         directory = Path(directory)
         config = {

@@ -252,7 +252,7 @@ class DatastoreIndex:
 
         Raises:
             hetgraph.locking.LockError: another process is writing ``directory``.
-            hetgraph.io.StorageError: the disk is full; the old ``index.json`` is gone then,
+            hetgraph.storage.StorageError: the disk is full; the old ``index.json`` is gone then,
                 so the unfinished index is never loaded.
         """
         directory = Path(directory)

@@ -32,10 +32,9 @@ from hetgraph.io import (
     INTEGRITY_KEY,
     atomic_path,
     fsync_directory,
-    remove_stale_temporaries,
-    storage_errors,
 )
 from hetgraph.locking import LockError, directory_lock, while_unlocked
+from hetgraph.storage import remove_stale_temporaries, storage_errors
 
 INDEX_FORMAT_VERSION = 1
 #: FAISS's metric constant of each ``IndexConfig.metric``.

@@ -71,14 +71,16 @@ from hetgraph.io import (
     INDEX_TRAINED_FILE,
     atomic_path,
     atomic_write_json,
-    check_free_space,
     fsync_directory,
     read_json,
+)
+from hetgraph.locking import directory_lock
+from hetgraph.storage import (
+    check_free_space,
     remove_stale_temporaries,
     storage_errors,
     storage_reason,
 )
-from hetgraph.locking import directory_lock
 
 logger = logging.getLogger(__name__)
 

@@ -25,13 +25,14 @@ from hetgraph.integrity import (
     file_record,
     read_json_record,
 )
-from hetgraph.io import fsync_directory, storage_errors
+from hetgraph.io import fsync_directory
 from hetgraph.models.fingerprint import (
     config_fingerprint,
     model_fingerprint,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from hetgraph.storage import storage_errors
 
 #: hetgraph's record in a LoRA control directory (JSON with its own checksum).
 LORA_CONTROL_MARKER = "lora_control.json"
@@ -80,7 +81,7 @@ def save_lora_control(peft_model: Any, directory: str | Path, record: dict[str, 
     leaves either a complete control or no marker (never one describing other files).
 
     Raises:
-        hetgraph.io.StorageError: the disk is full (the previous control is kept).
+        hetgraph.storage.StorageError: the disk is full (the previous control is kept).
     """
     directory = Path(directory)
     with storage_errors(directory, "save the control again (the previous one is kept)"):

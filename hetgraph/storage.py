@@ -227,3 +227,25 @@ def storage_errors(path: str | Path, then: str | None = None, *, needed: int | N
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def reserve_blocks(path: str | Path) -> None:
+    """Reserve the blocks of the file ``path`` (a sparse file, e.g. a new memmap) now, so that
+    a full disk is an error here (a :class:`StorageError` naming the file, the space needed
+    and free) and not a ``SIGBUS`` when a memmap page is written later. Where the file system
+    cannot reserve blocks, the free space is checked instead."""
+    path = Path(path)
+    size = path.stat().st_size
+    with storage_errors(path, needed=size):
+        if not hasattr(os, "posix_fallocate"):
+            check_free_space(path, size - path.stat().st_blocks * 512)
+            return
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            check_free_space(path, size - os.fstat(fd).st_blocks * 512)
+        finally:
+            os.close(fd)

@@ -16,10 +16,8 @@ The result is byte-identical to a one-process build.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -74,7 +72,7 @@ from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.fingerprint import array_fingerprint, model_fingerprint
 from hetgraph.models.layers import model_device
-from hetgraph.storage import check_free_space, remove_stale_temporaries, storage_errors
+from hetgraph.storage import remove_stale_temporaries, reserve_blocks, storage_errors
 
 logger = logging.getLogger(__name__)
 #: How a CLI or Python user replaces a datastore, for messages.
@@ -379,27 +377,6 @@ def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndar
                                           shape=(n, dim))
         array.flush()
         del array
-        _allocate(array_path(out, name))
+        reserve_blocks(array_path(out, name))
     write_prefix(out, 0, metadata.num_batches)
     metadata.save(out / DATASTORE_METADATA)
-
-
-def _allocate(path: Path) -> None:
-    """Reserve ``path``'s blocks now, so that a full disk is an error here (a
-    :class:`~hetgraph.storage.StorageError` naming the file, the space needed and free) and not a
-    ``SIGBUS`` when a memmap page is written later. Where the file system cannot reserve
-    blocks, the free space is checked instead."""
-    size = path.stat().st_size
-    with storage_errors(path, needed=size):
-        if not hasattr(os, "posix_fallocate"):
-            check_free_space(path, size - path.stat().st_blocks * 512)
-            return
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            check_free_space(path, size - os.fstat(fd).st_blocks * 512)
-        finally:
-            os.close(fd)

@@ -16,8 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hetgraph.io import HF_MODEL_CONFIG
-from hetgraph.limits import loads_json
+from hetgraph.limits import check_count, check_memory, format_bytes, loads_json
 
 from .errors import ModelLoadError
 
@@ -197,10 +199,6 @@ def check_model_size(folder: str | Path, dtype: Any = None) -> None:
             that does not match its weights; naming ``config.json`` and the field.
         ResourceLimitError: a count out of range, or too little memory; naming the field.
     """
-    import torch
-
-    from hetgraph.limits import check_count, check_memory, format_bytes
-
     folder = Path(folder)
     path = folder / HF_MODEL_CONFIG
     config = load_config(folder)

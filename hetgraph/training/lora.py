@@ -42,11 +42,10 @@ import torch
 from torch import nn
 
 from hetgraph.configuration import JSONConfigMixin
-from hetgraph.integrity import read_json_record
+from hetgraph.integrity import atomic_write_json_record, read_json_record
 from hetgraph.io import (
     ADAPTER_WEIGHTS,
     TRAINING_RESULT,
-    atomic_write_json,
     remove_stale_temporaries,
 )
 from hetgraph.locking import directory_lock
@@ -285,7 +284,7 @@ def train_lora_control(model: nn.Module, tokenizer: Any, train_split: Any,
                           out_dir, record).run(show_progress)
         result.rank, result.target_modules, result.target_params = rank, targets, target_params
         result.trained_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        atomic_write_json(out_dir / TRAINING_RESULT, {
+        atomic_write_json_record(out_dir / TRAINING_RESULT, {
             "config": training_config.to_dict(), "control": "lora", "result": result.to_dict()})
     return result
 

@@ -26,11 +26,11 @@ from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.model_card import write_model_card
 from hetgraph.fusion.persistence import read_adapter_config
+from hetgraph.integrity import atomic_write_json_record
 from hetgraph.io import (
     ADAPTER_WEIGHTS,
     CHECKPOINT_DIR,
     TRAINING_RESULT,
-    atomic_write_json,
     remove_stale_temporaries,
     storage_errors,
 )
@@ -321,8 +321,9 @@ class _TrainingRun:
             if self.result.best_step is not None and (self.out_dir / ADAPTER_WEIGHTS).is_file():
                 load_adapter_weights(self.lm, self.out_dir, self.device)
         if self.ctx.is_main:
-            atomic_write_json(self.out_dir / TRAINING_RESULT,
-                              {"config": self.config.to_dict(), "result": self.result.to_dict()})
+            # Its own checksum: verify finds a changed value (read_json_record strips it).
+            atomic_write_json_record(self.out_dir / TRAINING_RESULT, {
+                "config": self.config.to_dict(), "result": self.result.to_dict()})
             write_model_card(self.out_dir)  # now with the training tokens (best effort)
 
 

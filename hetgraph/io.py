@@ -207,6 +207,7 @@ def atomic_path(path: str | Path, *, size: int | None = None) -> Iterator[Path]:
     against the free space first (:func:`check_free_space`), so nothing is written then.
     """
     path = Path(path)
+    remove_dead_temporaries(path)  # a killed writer's, also where no lock is held (--json)
     tmp = temporary_name(path)
     with storage_errors(path, needed=size):
         if size is not None:

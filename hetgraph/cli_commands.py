@@ -29,6 +29,7 @@ from hetgraph.io import (
     INDEX_FILE,
     atomic_write_json,
 )
+from hetgraph.limits import loads_json
 
 #: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
 #: the size limit, no permission, a read-only file system.
@@ -69,7 +70,7 @@ def _read_json_option(path: Path, option: str) -> Any:
     if not Path(path).is_file():
         raise ConfigError(f"{option} {path}: file not found; give an existing JSON file")
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return loads_json(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"{option} {path} is not valid JSON ({error}); fix the file") from None
 

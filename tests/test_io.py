@@ -274,6 +274,7 @@ def test_tokenizer_and_config_fingerprints_match_the_old_computation() -> None:
     config = CorpusConfig(path="x")
     settings = config.to_dict()
     settings.pop("path")
+    settings.pop("dataset_splits")  # a later field, left out of the key while unset
     payload = json.dumps({"format_version": 1, "tokenizer": h.hexdigest()[:16],
                           "documents": _old_documents_fingerprint(DOCUMENTS[:2]),
                           "config": settings}, sort_keys=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hetgraph.errors import HetgraphError
-from hetgraph.limits import check_memory
+from hetgraph.limits import check_memory, loads_json
 
 from .config import DATASET_SPLITS_OPTION, CorpusConfig
 from .documents import Document
@@ -143,7 +143,7 @@ def _check_layout(path: Path) -> None:
 
 
 def _json_object(file: Path) -> dict[str, Any]:
-    value = json.loads(file.read_text(encoding="utf-8"))
+    value = loads_json(file.read_text(encoding="utf-8"))
     if not isinstance(value, dict):
         raise CorpusError(f"{file} holds a JSON {type(value).__name__}, not the object "
                           f"save_to_disk writes; {_RESAVE}")

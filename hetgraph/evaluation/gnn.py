@@ -212,16 +212,12 @@ def evaluate_four_way(
 ) -> dict[str, Any]:
     """Evaluate base, kNN-LM, GNN-LM and GNN-LM + kNN on exactly the same test tokens.
 
-    The scored tokens are ``config.max_tokens`` positions spread over every document of the
-    test split (``config.sample``: :mod:`hetgraph.evaluation.sampling`), and λ and T are
-    tuned on ``config.valid_tokens`` positions of the valid split sampled the same way,
-    separately for the base LM and for GNN-LM. GNN-LM retrieves with the base model's
-    query states, so its neighbours are the base run's, and they are reused for its kNN-LM
-    mixture. Every perplexity carries a 95 % interval from a bootstrap over the test
-    documents, and every ratio between two methods a paired one
-    (:func:`add_intervals`). Under ``torchrun`` every rank calls this with the same
-    arguments; each scores a share of the windows, and every rank returns the one-process
-    results.
+    The scored tokens are ``config.max_tokens`` positions spread over every test document
+    (``config.sample``, :mod:`hetgraph.evaluation.sampling`); λ and T are tuned per method
+    on ``config.valid_tokens`` valid positions sampled the same way. The kNN-LM mixtures use
+    the base run's neighbours. Every perplexity carries a 95 % document-bootstrap interval,
+    every ratio a paired one (:func:`add_intervals`). Under ``torchrun`` every rank calls
+    this with the same arguments and returns the one-process results.
 
     Args:
         lm: a :class:`~hetgraph.HetGraphLM` (its model, datastore and index are used).
@@ -233,19 +229,17 @@ def evaluate_four_way(
         per_token: also write every scored token's document, position, target and each
             method's log-probability there (:func:`~hetgraph.evaluation.write_per_token`;
             rank 0 only).
-        control: a LoRA control (:func:`hetgraph.training.lora.load_lora_control`, injected
-            into ``lm.model``): adds rows ``lora`` and ``lora_knn`` (its own kNN-LM mixture
-            over the base model's neighbours); the base rows run with it switched off.
+        control: a LoRA control injected into ``lm.model`` (``load_lora_control``): adds
+            rows ``lora`` and ``lora_knn``; it is switched off for the others.
 
     Raises:
         NonFiniteError: a method's perplexity or accuracy is not finite (its ``stage`` names
             the method); nothing is returned, so no table with ``nan`` is ever written.
 
     Returns:
-        ``{"base", "knn", "gnn", "gnn_knn"}`` rows with ``ppl``, ``ppl_ci95``, ``documents``
-        and ``acc`` (kNN rows also ``lambda``, ``temperature``, ``k``), ``ratios``,
-        ``bootstrap``, ``sample``, ``tokens``, ``valid_tokens`` and ``speed`` (tokens/s of
-        base and GNN-LM evaluation, and their ratio). JSON-serialisable.
+        Method rows (``ppl``, ``ppl_ci95``, ``documents``, ``acc``; kNN rows ``lambda``,
+        ``temperature``, ``k``), ``ratios``, ``bootstrap``, ``sample``, ``neighbours``,
+        ``tokens``, ``valid_tokens`` and ``speed`` (tokens/s). JSON-serialisable.
     """
     config, model = config or EvalConfig(), lm.model
     k = int(config.k)

@@ -7,7 +7,6 @@ adapter config, and the base model's and datastore's identity); its model card i
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from hetgraph.io import (
     atomic_path,
     fsync_directory,
 )
-from hetgraph.limits import ResourceLimitError, check_memory, format_bytes, naming
+from hetgraph.limits import ResourceLimitError, check_memory, format_bytes, loads_json, naming
 from hetgraph.locking import LockError, while_unlocked
 from hetgraph.models.fingerprint import (
     config_fingerprint,
@@ -239,7 +238,7 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             length = int.from_bytes(f.read(8), "little")
             if size < 8 or length > min(_MAX_HEADER_BYTES, size - 8):
                 raise AdapterFileError(damaged)
-            header = json.loads(f.read(length))
+            header = loads_json(f.read(length))
         shapes, ends = {}, []
         for name, entry in header.items():
             if name == "__metadata__":

@@ -21,10 +21,9 @@ from typing import IO, Any
 import numpy as np
 
 from hetgraph.limits import loads_json
-from hetgraph.storage import (  # remove_stale_temporaries: until training/ imports it there
+from hetgraph.storage import (
     check_free_space,
     remove_dead_temporaries,
-    remove_stale_temporaries,  # noqa: F401
     storage_errors,
     temporary_name,
 )

@@ -43,15 +43,12 @@ from torch import nn
 
 from hetgraph.configuration import JSONConfigMixin
 from hetgraph.integrity import atomic_write_json_record, read_json_record
-from hetgraph.io import (
-    ADAPTER_WEIGHTS,
-    TRAINING_RESULT,
-    remove_stale_temporaries,
-)
+from hetgraph.io import ADAPTER_WEIGHTS, TRAINING_RESULT
 from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.fingerprint import array_fingerprint
 from hetgraph.models.layers import decoder_layers, resolve_layer_index
+from hetgraph.storage import remove_stale_temporaries
 from hetgraph.training.config import TrainingConfig
 from hetgraph.training.lora_persistence import (
     FORMAT_VERSION,

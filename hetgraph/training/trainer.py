@@ -27,15 +27,10 @@ from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.model_card import write_model_card
 from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.integrity import atomic_write_json_record
-from hetgraph.io import (
-    ADAPTER_WEIGHTS,
-    CHECKPOINT_DIR,
-    TRAINING_RESULT,
-    remove_stale_temporaries,
-    storage_errors,
-)
+from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT
 from hetgraph.locking import directory_lock
 from hetgraph.models.checks import check_context_length, check_token_ids
+from hetgraph.storage import remove_stale_temporaries, storage_errors
 from hetgraph.training.checkpoint import (
     check_init_from,
     load_adapter_weights,

@@ -143,3 +143,20 @@ def write_cli_workspace(root: str | Path, dropout: float = 0.0) -> Path:
     write_word_corpus(root / "corpus")
     (root / "run.json").write_text(json.dumps(tiny_run_config(dropout)))
     return root
+
+
+def run_cli(*argv: object) -> int:
+    """Run the ``hetgraph`` command line on ``argv`` (paths and numbers are passed as
+    strings) in this process; its exit status."""
+    from hetgraph.cli import main  # the CLI imports every stage; tests of one stage need not
+
+    return main([str(a) for a in argv])
+
+
+def one_error_line(capsys: object) -> str:
+    """The one ``error: …`` line a command printed on stderr (pytest's ``capsys``),
+    asserting there is exactly one and no traceback."""
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

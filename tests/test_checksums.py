@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hetgraph.cli import main
 from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.datastore.progress import read_done, write_prefix, write_rank
@@ -30,23 +29,14 @@ from hetgraph.io import (
 from hetgraph.storage import temporary_target
 from hetgraph.testing import (
     byte_tokenizer,
+    one_error_line,
+    run_cli as run,
     save_tiny_model,
     tiny_causal_lm,
     tiny_run_config,
     write_word_corpus,
 )
 from hetgraph.verify import verify
-
-
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def train_argv(root: Path, out: Path) -> list:

@@ -35,6 +35,8 @@ from hetgraph.locking import LockError, directory_lock
 from hetgraph.pipeline import RunConfig, run_pipeline
 from hetgraph.testing import (
     byte_tokenizer,
+    one_error_line,
+    run_cli as run,
     save_tiny_model,
     tiny_causal_lm,
     tiny_run_config,
@@ -58,19 +60,8 @@ def ws(tmp_path_factory):
     return root
 
 
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
 def common(w, model="model"):
     return ["--model", w / model, "--corpus", w / "corpus", "--threads", "1"]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------ the one error path

@@ -18,7 +18,7 @@ from hetgraph.cli import main
 from hetgraph.evaluation import plot_results
 from hetgraph.knnlm import KNN_TUNING
 from hetgraph.pipeline import DeviceError, resolve_device
-from hetgraph.testing import save_tiny_model, write_cli_workspace
+from hetgraph.testing import one_error_line, run_cli as run, save_tiny_model, write_cli_workspace
 
 DS_OPTIONS = ["--context-length", "64", "--stride", "32", "--batch-size", "4"]
 RESULTS = {"base": {"ppl": 10.0, "acc": 0.1}, "knn": {"ppl": 9.0, "acc": 0.2, "lambda": 0.2,
@@ -41,19 +41,8 @@ def ws(tmp_path_factory):
     return root
 
 
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
 def common(w, model="model"):
     return ["--model", w / model, "--corpus", w / "corpus", "--threads", "1"]
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

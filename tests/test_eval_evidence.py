@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from hetgraph.cli import main
 from hetgraph.corpus import CorpusConfig, tokenize_corpus
 from hetgraph.evaluation import BootstrapSpec, perplexity_intervals
 from hetgraph.models.loading import load_model
-from hetgraph.testing import write_cli_workspace, write_word_corpus
+from hetgraph.testing import run_cli as run, write_cli_workspace, write_word_corpus
 
 METHODS = ("base", "knn", "gnn", "gnn_knn")
-
-
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module")

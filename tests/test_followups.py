@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hetgraph.cli import main
 from hetgraph.configuration import ConfigError
 from hetgraph.index import DatastoreIndex, IndexConfig, build_ondisk_index, set_faiss_threads
 from hetgraph.index.files import DatastoreIndexError
@@ -30,20 +29,9 @@ from hetgraph.io import (
     read_json,
 )
 from hetgraph.limits import MAX_JSON_DEPTH, JSONDepthError, loads_json
-from hetgraph.testing import save_tiny_model, write_word_corpus
+from hetgraph.testing import one_error_line, run_cli as run, save_tiny_model, write_word_corpus
 
 DEEP = "[" * 100_000 + "]" * 100_000
-
-
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when datasets is imported
 datasets = pytest.importorskip("datasets")
 
-from hetgraph.cli import main  # noqa: E402
 from hetgraph.configuration import ConfigError  # noqa: E402
 from hetgraph.corpus import (  # noqa: E402
     CorpusConfig,
@@ -28,7 +27,13 @@ from hetgraph.corpus import (  # noqa: E402
 )
 from hetgraph.datastore import Datastore  # noqa: E402
 from hetgraph.limits import ResourceLimitError  # noqa: E402
-from hetgraph.testing import CORPUS_WORDS, byte_tokenizer, save_tiny_model  # noqa: E402
+from hetgraph.testing import (  # noqa: E402
+    CORPUS_WORDS,
+    byte_tokenizer,
+    one_error_line,
+    run_cli as run,
+    save_tiny_model,
+)
 
 SPLITS = {"train": "train", "valid": "validation", "test": "test"}
 
@@ -68,21 +73,10 @@ def ws(tmp_path_factory):
     return root
 
 
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
 def build(ws, tmp_path, *corpus) -> int:
     return run("datastore", "build", "--model", ws / "model", *corpus, "--out", tmp_path / "out",
                "--context-length", "64", "--stride", "32", "--batch-size", "4",
                "--threads", "1")
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------ the CLI reads datasets

@@ -16,25 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from hetgraph.cli import main
 from hetgraph.corpus import CorpusConfig, CorpusError, TokenizedCorpus, read_documents
 from hetgraph.corpus.cache import corpus_cache_problems, remove_dead_temporaries
 from hetgraph.corpus.tokenization import tokenize_corpus
 from hetgraph.io import CORPUS_METADATA, read_json
 from hetgraph.models.errors import ModelLoadError
 from hetgraph.models.weights import check_model_size
-from hetgraph.testing import byte_tokenizer, save_tiny_model, write_word_corpus
-
-
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from hetgraph.testing import (
+    byte_tokenizer,
+    one_error_line,
+    run_cli as run,
+    save_tiny_model,
+    write_word_corpus,
+)
 
 
 def _dead_pid() -> int:

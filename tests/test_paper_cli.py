@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hetgraph.cli import PRESETS, main
+from hetgraph.cli import PRESETS
 from hetgraph.configuration import ConfigError
 from hetgraph.corpus import CorpusConfig, tokenize_corpus
 from hetgraph.datastore import Datastore
@@ -24,7 +24,7 @@ from hetgraph.pipeline import (
     apply_preset,
     prepare_adapter,
 )
-from hetgraph.testing import save_tiny_model, write_word_corpus
+from hetgraph.testing import run_cli as run, save_tiny_model, write_word_corpus
 from hetgraph.training import InitAdapterError, TrainingConfig, train_adapter
 from hetgraph.training.checkpoint import load_adapter_weights
 
@@ -71,10 +71,6 @@ def loaded(workspace):
     corpus = tokenize_corpus(CorpusConfig(path=str(root / "corpus")), tokenizer,
                              show_progress=False)
     return model, tokenizer, store, index, corpus
-
-
-def run(*argv) -> int:
-    return main([str(a) for a in argv])
 
 
 def saved_fusion(adapter_dir) -> dict:

@@ -45,13 +45,6 @@ from hetgraph.storage import StorageError, remove_stale_temporaries, storage_err
 from hetgraph.testing import byte_tokenizer, save_tiny_model, tiny_causal_lm, write_word_corpus
 
 
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("*") if p.name.endswith(".tmp"))
 
@@ -233,6 +226,7 @@ def test_temporary_directories_of_killed_writers_go_and_live_ones_stay(tmp_path)
 HOLD = """
 import sys, time
 from hetgraph.locking import directory_lock
+from hetgraph.testing import one_error_line
 with directory_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)

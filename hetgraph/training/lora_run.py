@@ -24,25 +24,20 @@ from hetgraph.training.config import TrainingConfig
 from hetgraph.training.lora_persistence import PEFT_WEIGHTS, save_lora_control
 from hetgraph.training.precision import autocast_dtype, training_autocast
 from hetgraph.training.schedule import learning_rate_factor, sample_starts
+from hetgraph.training.trainer import TrainingResult
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LoraControlResult:
-    """What :func:`train_lora_control` did, as :class:`~hetgraph.training.TrainingResult`
+class LoraControlResult(TrainingResult):
+    """What :func:`train_lora_control` did: a :class:`~hetgraph.training.TrainingResult`
     plus the control's size; ``model`` is the trained PEFT model (not serialised)."""
 
     rank: int = 0
     trained_params: int = 0
     target_params: int = 0
     target_modules: list[str] = field(default_factory=list)
-    steps: int = 0
-    train_losses: list[float] = field(default_factory=list)
-    valid_ppl: dict[int, float] = field(default_factory=dict)
-    best_step: int | None = None
-    best_valid_ppl: float | None = None
-    stopped_early: bool = False
     tokens: int = 0
     model: Any = field(default=None, repr=False)
 

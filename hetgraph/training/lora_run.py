@@ -23,7 +23,7 @@ from hetgraph.models.layers import model_device
 from hetgraph.training.config import TrainingConfig
 from hetgraph.training.lora_persistence import PEFT_WEIGHTS, save_lora_control
 from hetgraph.training.precision import autocast_dtype, training_autocast
-from hetgraph.training.schedule import learning_rate_factor, sample_starts
+from hetgraph.training.schedule import optimizer_and_schedule, sample_starts
 from hetgraph.training.trainer import TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,7 @@ class LoraRun:
         self.device = model_device(peft_model)
         self.autocast = autocast_dtype(config.mixed_precision, self.device)
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                    for p in self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: learning_rate_factor(s, config))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, config)
         self.result = LoraControlResult(model=peft_model)
         self.bad_evals = 0
 

@@ -9,6 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from hetgraph.training.trainer import TrainingConfig
@@ -40,3 +41,17 @@ def sample_starts(num_tokens: int, length: int, count: int, seed: int, draw: int
 def split_tokens(split: Any) -> np.ndarray:
     """A split's tokens as int64."""
     return np.asarray(split.tokens, dtype=np.int64)
+
+
+def optimizer_and_schedule(params: list[torch.nn.Parameter], config: TrainingConfig
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` with ``config``'s learning rate and weight decay, and its
+    :func:`learning_rate_factor` schedule: what the graph adapter and the LoRA control both
+    train with. The fused kernel runs when every parameter allows it (CPU or CUDA floats):
+    one pass over all parameters, where the per-tensor default loop measured 10-100x slower
+    on 2 CPU cores for the adapter's ~50 tensors."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=fused or None)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, config))

@@ -42,7 +42,7 @@ from hetgraph.training.checkpoint import (
 from hetgraph.training.config import TrainingConfig
 from hetgraph.training.ddp import DataParallelLoss
 from hetgraph.training.precision import autocast_dtype, precision_name, training_autocast
-from hetgraph.training.schedule import learning_rate_factor, sample_starts, split_tokens
+from hetgraph.training.schedule import optimizer_and_schedule, sample_starts, split_tokens
 
 if TYPE_CHECKING:
     from hetgraph.evaluation import EvalConfig
@@ -106,14 +106,7 @@ class _TrainingRun:
         self.params = [p for p in lm.parameters() if p.requires_grad]
         self.parallel = DataParallelLoss(self.params, lambda d: self.micro_batch_loss(d),
                                          config.batch_size, ctx)
-        # The fused kernel: one pass over all parameters (CPU and CUDA); the per-tensor
-        # default loop measured 10-100x slower on 2 CPU cores for the adapter's ~50 tensors.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
-                    for p in self.params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: learning_rate_factor(s, config))
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, config)
         self.result = TrainingResult(mixed_precision=precision_name(self.autocast))
         self.start_step = 0
         self.bad_evals = 0

@@ -45,13 +45,13 @@ def split_tokens(split: Any) -> np.ndarray:
 
 def optimizer_and_schedule(params: list[torch.nn.Parameter], config: TrainingConfig
                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over ``params`` with ``config``'s learning rate and weight decay, and its
+    """AdamW over ``params`` with ``config``'s learning rate, betas and weight decay, and its
     :func:`learning_rate_factor` schedule: what the graph adapter and the LoRA control both
     train with. The fused kernel runs when every parameter allows it (CPU or CUDA floats):
     one pass over all parameters, where the per-tensor default loop measured 10-100x slower
     on 2 CPU cores for the adapter's ~50 tensors."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=fused or None)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
+                                  weight_decay=config.weight_decay, fused=fused or None)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config))

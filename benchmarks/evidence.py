@@ -15,10 +15,15 @@ with the demo's settings (60k-token datastore, graph adapter at the head, 150 st
 All are scored by ``hetgraph eval`` on one document-stratified sample of ``--test-tokens``
 test tokens spread over every test document (λ and T tuned on a sample of the valid split),
 with 95 % intervals from a bootstrap over documents and paired intervals on every ratio;
-per-token files are kept, so any comparison can be recomputed. Seeds change the adapters'
-initialisation and training order, not the sample. Everything goes through the command line
+per-token files are kept (under ``runs/``), so any comparison can be recomputed; the adapter
+on retrieved neighbours and the one on random neighbours are compared paired from them
+(:func:`hetgraph.evaluation.per_token.paired_ratio`). Seeds change the adapters'
+initialisation and training order, not the sample. Training cost is recorded as wall and
+CPU seconds (the CLI processes' user + system time). Everything goes through the command line
 and resumes: a finished step (datastore, adapter, evaluation JSON) is reused, an interrupted
-one resumes, so the whole protocol can run in the background over several sessions.
+one resumes, so the whole protocol can run in the background over several sessions; each
+finished corpus and seed is kept in ``benchmarks/results/evidence/<corpus>-s<seed>.json``
+(in the repository), which a later run reuses instead of training that seed again.
 
     python benchmarks/evidence.py [--corpora python gcide] [--seeds 0 1 2]
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,10 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hetgraph.evaluation.intervals import BootstrapSpec
+from hetgraph.evaluation.per_token import paired_ratio, read_per_token
 from hetgraph.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "evidence.json"
+#: One JSON per corpus and seed (both evaluations, costs, paired ratios), kept in git.
+SEED_RECORDS = ROOT / "benchmarks" / "results" / "evidence"
 CORPORA = {"python": None, "gcide": "benchmarks/data/gcide.jsonl.xz"}
 #: The rows a reader compares, and what each isolates.
 KEY_RATIOS = {
@@ -46,6 +56,12 @@ KEY_RATIOS = {
     "gnn_knn/knn": "GNN-LM + kNN over kNN-LM",
     "knn/base": "kNN-LM over the base model",
 }
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children (the CLI runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def hetgraph(*argv: Any, log: Path) -> None:
@@ -67,39 +83,59 @@ def run_corpus(name: str, seeds: list[int], args: argparse.Namespace) -> dict[st
     log = out / "commands.log"
     corpus = ["--corpus", CORPORA[name]] if CORPORA[name] else []
     common = [*corpus, "--threads", str(args.threads)]
-    config = ROOT / "hetgraph" / "configs" / "demo.json"
     datastore = out / "datastore"
-    if not (datastore / "index" / "index.json").is_file():
+    records = {seed: SEED_RECORDS / f"{name}-s{seed}.json" for seed in seeds}
+    needed = any(not record.is_file() for record in records.values())
+    if needed and not (datastore / "index" / "index.json").is_file():
         hetgraph("datastore", "build", *common, "--out", datastore, "--max-tokens", 60000,
                  "--context-length", 512, "--stride", 384, log=log)
     runs: dict[str, Any] = {}
-    for seed in seeds:
-        arms = {"graph": out / f"graph-s{seed}", "random": out / f"random-s{seed}",
-                "lora": out / f"lora-s{seed}"}
-        extra = {"graph": [], "random": ["--neighbours", "random"], "lora": ["--control", "lora"]}
-        for arm, directory in arms.items():
-            if not (directory / "training.json").is_file():
-                started = time.perf_counter()
-                hetgraph("train", *common, "--datastore", datastore, "--config", config,
-                         "--out", directory, "--seed", seed, *extra[arm], log=log)
-                (directory / "cpu_seconds.txt").write_text(
-                    f"{time.perf_counter() - started:.0f}\n")
-        evaluations = {"graph": ["--adapter", arms["graph"], "--control", arms["lora"]],
-                       "random": ["--adapter", arms["random"]]}
-        for arm, options in evaluations.items():
-            target = out / f"eval-{arm}-s{seed}.json"
-            if not target.is_file():
-                hetgraph("eval", *common, "--datastore", datastore, "--config", config,
-                         *options, "--max-tokens", args.test_tokens, "--tune-tokens",
-                         args.valid_tokens, "--json", target, "--per-token",
-                         target.with_suffix(".safetensors"), log=log)
-        runs[str(seed)] = {arm: json.loads((out / f"eval-{arm}-s{seed}.json").read_text())
-                           for arm in evaluations}
-        for arm, directory in arms.items():
-            seconds = directory / "cpu_seconds.txt"
-            runs[str(seed)][f"{arm}_train_seconds"] = (
-                float(seconds.read_text()) if seconds.is_file() else None)
+    SEED_RECORDS.mkdir(parents=True, exist_ok=True)
+    for seed, record in records.items():
+        if not record.is_file():  # kept in the repository: a new work tree skips the seed
+            atomic_write_json(record, run_seed(seed, out, [*common, "--datastore", datastore],
+                                               args, log))
+        runs[str(seed)] = json.loads(record.read_text())
     return summarise(runs)
+
+
+def run_seed(seed: int, out: Path, common: list[Any], args: argparse.Namespace,
+             log: Path) -> dict[str, Any]:
+    """Train the three arms of one seed, evaluate them on the shared sample, and return both
+    evaluations, the training costs, and the paired retrieved / random ratios."""
+    config = ROOT / "hetgraph" / "configs" / "demo.json"
+    arms = {"graph": out / f"graph-s{seed}", "random": out / f"random-s{seed}",
+            "lora": out / f"lora-s{seed}"}
+    extra = {"graph": [], "random": ["--neighbours", "random"], "lora": ["--control", "lora"]}
+    for arm, directory in arms.items():
+        if not (directory / "training.json").is_file():
+            started, cpu = time.perf_counter(), children_cpu_seconds()
+            hetgraph("train", *common, "--config", config, "--out", directory,
+                     "--seed", seed, *extra[arm], log=log)
+            atomic_write_json(directory / "cost.json", {
+                "wall_seconds": round(time.perf_counter() - started, 1),
+                "cpu_seconds": round(children_cpu_seconds() - cpu, 1)})
+    evaluations = {"graph": ["--adapter", arms["graph"], "--control", arms["lora"]],
+                   "random": ["--adapter", arms["random"]]}
+    for arm, options in evaluations.items():
+        target = out / f"eval-{arm}-s{seed}.json"
+        if not target.is_file():
+            hetgraph("eval", *common, "--config", config, *options, "--max-tokens",
+                     args.test_tokens, "--tune-tokens", args.valid_tokens, "--json", target,
+                     "--per-token", target.with_suffix(".safetensors"), log=log)
+    run = {arm: json.loads((out / f"eval-{arm}-s{seed}.json").read_text())
+           for arm in evaluations}
+    for arm, directory in arms.items():
+        cost = directory / "cost.json"
+        run[f"{arm}_train_cost"] = json.loads(cost.read_text()) if cost.is_file() else None
+    graph = read_per_token(out / f"eval-graph-s{seed}.safetensors")
+    random = read_per_token(out / f"eval-random-s{seed}.safetensors")
+    spec = BootstrapSpec(**{k: run["graph"]["bootstrap"][k] for k in ("resamples", "seed")})
+    run["paired"] = {}
+    for key in ("gnn", "gnn_knn"):  # retrieved vs random neighbours: two runs, same tokens
+        ratio = paired_ratio(graph, key, random, key, spec)
+        run["paired"][f"{key}/{key}_random"] = {"ratio": ratio.ratio, "ci95": list(ratio.ci95)}
+    return run
 
 
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:
@@ -109,19 +145,14 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
         graph, random = run["graph"], run["random"]
         figures = {m: graph[m] for m in ("base", "knn", "gnn", "gnn_knn", "lora", "lora_knn")}
         figures["gnn_random"], figures["gnn_knn_random"] = random["gnn"], random["gnn_knn"]
-        ratios = dict(graph["ratios"])
-        for key in ("gnn", "gnn_knn"):  # retrieved vs random neighbours: two runs, same tokens
-            ratios[f"{key}/{key}_random"] = {
-                "ratio": graph[key]["ppl"] / random[key]["ppl"], "ci95": None,
-                "note": "unpaired across runs: recompute a paired interval from the "
-                        "per-token files"}
+        ratios = {**graph["ratios"], **run["paired"]}
         for name, value in {**figures, **ratios}.items():
             rows.setdefault(name, {"seeds": {}})["seeds"][seed] = value
         rows.setdefault("_setup", {"seeds": {}})["seeds"][seed] = {
             "tokens": graph["tokens"], "documents": graph["documents"],
             "valid_tokens": graph["valid_tokens"], "bootstrap": graph["bootstrap"],
-            "train_seconds": {arm: run[f"{arm}_train_seconds"]
-                              for arm in ("graph", "random", "lora")}}
+            "train_cost": {arm: run[f"{arm}_train_cost"]
+                           for arm in ("graph", "random", "lora")}}
     for name, row in rows.items():
         if name == "_setup":
             continue

@@ -7,13 +7,8 @@ from hetgraph.datastore.capture import (
     layer_name,
     split_arrays,
 )
-from hetgraph.datastore.store import (
-    ANY,
-    Datastore,
-    DatastoreConfig,
-    DatastoreError,
-    DatastoreMetadata,
-)
+from hetgraph.datastore.metadata import DatastoreError, DatastoreMetadata
+from hetgraph.datastore.store import ANY, Datastore, DatastoreConfig
 
 __all__ = [
     "ANY", "Datastore", "DatastoreConfig", "DatastoreError", "DatastoreMetadata",

@@ -37,12 +37,14 @@ from hetgraph.datastore.capture import (
     split_arrays,
 )
 from hetgraph.datastore.integrity import (
+    array_path,
     array_problems,
     clear_datastore,
     foreign_entries,
     integrity_record,
     recorded_file_problems,
 )
+from hetgraph.datastore.metadata import FORMAT_VERSION, DatastoreError, DatastoreMetadata
 from hetgraph.datastore.progress import (
     ProgressRecorder,
     from_intervals,
@@ -51,14 +53,7 @@ from hetgraph.datastore.progress import (
     to_intervals,
     write_prefix,
 )
-from hetgraph.datastore.store import (
-    FORMAT_VERSION,
-    Datastore,
-    DatastoreConfig,
-    DatastoreError,
-    DatastoreMetadata,
-    array_path,
-)
+from hetgraph.datastore.store import Datastore, DatastoreConfig
 from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.io import (
     DATASTORE_METADATA,
@@ -340,7 +335,7 @@ def _prepare_directory(out: Path, metadata: DatastoreMetadata,
             problems = recorded_file_problems(out, existing, full=False)
         if not problems:
             return None if existing.complete else read_done(out, metadata.num_batches)
-        damage = f"{out / problems[0]}"
+        damage = str(out / problems[0].message)
     if not overwrite:
         if damage is not None:
             raise DatastoreError(f"the datastore in {out} is damaged ({damage.split('; ')[0]}); "

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hetgraph.datastore.metadata import DatastoreError, DatastoreMetadata, rebuild_hint
+from hetgraph.datastore.progress import progress_files, read_record
 from hetgraph.errors import HetgraphError
 from hetgraph.integrity import check_file_record, file_record
 from hetgraph.io import (
@@ -47,6 +50,23 @@ _OWN_SHARD_PATTERN = re.compile(
     rf"|^{re.escape(_BLOCK_PREFIX)}\d+{re.escape(_BLOCK_REST.partition('}')[2])}$")
 
 
+@dataclass(frozen=True)
+class FileProblem:
+    """What is wrong with one file of a datastore.
+
+    Attributes:
+        file: the file's name inside the datastore directory (``"keys.npy"``).
+        message: the whole sentence, naming the file (``"keys.npy is missing"``); it is
+            also the problem's ``str``.
+    """
+
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _own_name(path: Path) -> str:
     return temporary_target(path.name) or path.name
 
@@ -64,25 +84,26 @@ def array_path(directory: str | Path, name: str) -> Path:
 
 
 def open_array(file: Path, shape: tuple[int, ...],
-               dtype: Any) -> tuple[np.ndarray | None, str | None]:
+               dtype: Any) -> tuple[np.ndarray | None, FileProblem | None]:
     """``(memmap, None)`` of the ``.npy`` file ``file`` if it holds ``dtype`` ``shape``, else
     ``(None, what is wrong with it)`` (never numpy's own messages, which suggest loading
     pickles)."""
     if not file.is_file():
-        return None, f"{file.name} is missing"
+        return None, FileProblem(file.name, f"{file.name} is missing")
     try:
         array = np.load(file, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         truncated = isinstance(error, EOFError) or "mmap length" in str(error)
         what = "truncated" if truncated else "not a valid .npy array file"
-        return None, f"{file.name} is damaged ({what})"
+        return None, FileProblem(file.name, f"{file.name} is damaged ({what})")
     if array.shape != shape or array.dtype != np.dtype(dtype):
-        return None, (f"{file.name} is damaged: expected {np.dtype(dtype).name} {shape}, found "
-                      f"{array.dtype.name} {array.shape}")
+        return None, FileProblem(file.name, (
+            f"{file.name} is damaged: expected {np.dtype(dtype).name} {shape}, found "
+            f"{array.dtype.name} {array.shape}"))
     return array, None
 
 
-def expected_arrays(metadata: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+def expected_arrays(metadata: DatastoreMetadata) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Name -> (shape, dtype) of every array a datastore with ``metadata`` holds."""
     n = metadata.num_entries
     arrays: dict[str, tuple[tuple[int, ...], Any]] = {"keys": ((n, metadata.dim), np.float16)}
@@ -92,7 +113,7 @@ def expected_arrays(metadata: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     return arrays
 
 
-def array_problems(directory: Path, metadata: Any) -> list[str]:
+def array_problems(directory: Path, metadata: DatastoreMetadata) -> list[FileProblem]:
     """What is wrong with the ``.npy`` headers, shapes and dtypes (cheap: nothing is read)."""
     problems = []
     for name, (shape, dtype) in expected_arrays(metadata).items():
@@ -102,7 +123,7 @@ def array_problems(directory: Path, metadata: Any) -> list[str]:
     return problems
 
 
-def integrity_record(directory: Path, metadata: Any) -> dict[str, Any]:
+def integrity_record(directory: Path, metadata: DatastoreMetadata) -> dict[str, Any]:
     """The ``integrity`` section of a completed datastore's ``metadata.json``: a
     :func:`~hetgraph.integrity.file_record` of every array and of ``doc_names.json``."""
     names = [f"{name}.npy" for name in expected_arrays(metadata)]
@@ -111,7 +132,8 @@ def integrity_record(directory: Path, metadata: Any) -> dict[str, Any]:
     return {"files": {name: file_record(directory / name) for name in names}}
 
 
-def recorded_file_problems(directory: Path, metadata: Any, *, full: bool) -> list[str]:
+def recorded_file_problems(directory: Path, metadata: DatastoreMetadata, *,
+                           full: bool) -> list[FileProblem]:
     """What is wrong with the files against ``metadata.integrity`` (nothing to compare in
     older datastores without one); sizes and sampled checksums, whole files if ``full``."""
     record = metadata.integrity
@@ -119,12 +141,13 @@ def recorded_file_problems(directory: Path, metadata: Any, *, full: bool) -> lis
         return []
     files = record.get("files")
     if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
-        return [f"{DATASTORE_METADATA} is damaged (its integrity record is malformed)"]
+        return [FileProblem(DATASTORE_METADATA,
+                            f"{DATASTORE_METADATA} is damaged (its integrity record is malformed)")]
     problems = []
     for name, file in files.items():
         problem = check_file_record(directory / name, file, full=full)
         if problem:
-            problems.append(f"{name} {problem}")
+            problems.append(FileProblem(name, f"{name} {problem}"))
     return problems
 
 
@@ -168,8 +191,6 @@ def clear_datastore(directory: Path) -> None:
 def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
     """Every check of the datastore in ``directory``, whole-file checksums included:
     ``(files checked, problems)``; each problem names the file and the repair."""
-    from hetgraph.datastore.store import DatastoreError, DatastoreMetadata, rebuild_hint
-
     try:
         metadata = DatastoreMetadata.load(directory / DATASTORE_METADATA)
     except DatastoreError as error:
@@ -181,9 +202,9 @@ def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
         return checked, [f"{directory / DATASTORE_METADATA} records an interrupted build; resume "
                          "it by running the same build command again", *progress]
     problems = array_problems(directory, metadata)
-    damaged = {problem.split(" ")[0] for problem in problems}
+    damaged = {problem.file for problem in problems}
     problems += [problem for problem in recorded_file_problems(directory, metadata, full=True)
-                 if problem.split(" ")[0] not in damaged]
+                 if problem.file not in damaged]
     if not metadata.integrity:
         logger.info("%s has no integrity record (built by an older hetgraph); only the array "
                     "headers were checked", directory)
@@ -195,8 +216,6 @@ def progress_problems(directory: Path, complete: bool) -> tuple[list[str], list[
     """The progress records (``progress.json``, ``progress.rank*.json``) of the datastore in
     ``directory`` checked against their checksums: ``(names checked, problems)``; each problem
     names the record and what to do."""
-    from hetgraph.datastore.progress import progress_files, read_record
-
     problems, checked = [], []
     for path in progress_files(directory):
         checked.append(path.name)

@@ -57,6 +57,14 @@ _EXPORTS: dict[str, str] = {
     "IndexConfig": "hetgraph.index",
     "auto_factory": "hetgraph.index",
     "build_ondisk_index": "hetgraph.index",
+    # relation encoder (learned retrieval)
+    "ContrastiveConfig": "hetgraph.encoder",
+    "EncodedIndex": "hetgraph.encoder",
+    "EncoderConfig": "hetgraph.encoder",
+    "EncoderError": "hetgraph.encoder",
+    "RelationEncoder": "hetgraph.encoder",
+    "build_encoded_index": "hetgraph.encoder",
+    "train_encoder": "hetgraph.encoder",
     # kNN-LM
     "interpolate_log_probs": "hetgraph.knnlm",
     "knn_log_probs": "hetgraph.knnlm",
@@ -139,6 +147,15 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         DatastoreError as DatastoreError,
         HiddenStateCapture as HiddenStateCapture,
         build_datastore as build_datastore,
+    )
+    from hetgraph.encoder import (
+        ContrastiveConfig as ContrastiveConfig,
+        EncodedIndex as EncodedIndex,
+        EncoderConfig as EncoderConfig,
+        EncoderError as EncoderError,
+        RelationEncoder as RelationEncoder,
+        build_encoded_index as build_encoded_index,
+        train_encoder as train_encoder,
     )
     from hetgraph.errors import (
         HetgraphError as HetgraphError,

@@ -20,6 +20,7 @@ from hetgraph.cli_commands import (
     cmd_verify,
     is_expected_error,
 )
+from hetgraph.cli_encoder import add_encoder_commands, with_encoder
 from hetgraph.cli_options import (
     POSITIVE,
     at_least,
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(commands)
     _add_inspect_command(commands)
     _add_verify_command(commands)
+    add_encoder_commands(commands)
     return parser
 
 
@@ -158,7 +160,10 @@ def _add_build_commands(commands: Any) -> None:
                           help="re-rank K_PRIME candidates exactly against the keys (0: off)")
     ix_build.add_argument("--shard-rows", type=POSITIVE, default=1_000_000,
                           help="rows per block of an on-disk build (the unit of a rank's work)")
-    ix_build.set_defaults(func=cmd_index_build)
+    ix_build.add_argument("--encoder", default=None, metavar="ENC",
+                          help="index the keys encoded by this relation encoder (hetgraph "
+                               "encoder train) into ENC/index; the encoder sets the metric")
+    ix_build.set_defaults(func=with_encoder(cmd_index_build))
 
 
 def _add_train_command(commands: Any) -> None:

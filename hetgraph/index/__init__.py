@@ -1,5 +1,6 @@
 """FAISS nearest-neighbour indexes over datastore keys (in memory or with on-disk lists)."""
-from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, set_faiss_threads
+from hetgraph.index.config import IndexConfig
+from hetgraph.index.faiss_index import DatastoreIndex, set_faiss_threads
 from hetgraph.index.files import DatastoreIndexError
 from hetgraph.index.ondisk import (
     ONDISK_ROW_LIMIT,

@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from hetgraph.allocator import available_memory_bytes
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.index.faiss_index import DatastoreIndex, IndexConfig, set_faiss_threads
+from hetgraph.index.config import IndexConfig
+from hetgraph.index.faiss_index import DatastoreIndex, set_faiss_threads
 from hetgraph.index.files import (
     INDEX_FORMAT_VERSION,
     DatastoreIndexError,
@@ -197,7 +198,9 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
                 "config": {**config.to_dict(), "on_disk": True}}
         ctx.run_on_main(lambda: _merge(directory, blocks, meta))
         ctx.barrier()
-    return DatastoreIndex.load(directory)
+    index = DatastoreIndex.load(directory)
+    index.keys = keys  # for exact re-ranking (IndexConfig.rerank)
+    return index
 
 
 def _prepare(lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str, Any],

@@ -8,18 +8,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
 import torch
 
+from hetgraph.index.config import IndexConfig
 from hetgraph.index.files import FAISS_METRICS, DatastoreIndexError
 from hetgraph.limits import ResourceLimitError, check_memory
-
-if TYPE_CHECKING:
-    from hetgraph.index.faiss_index import IndexConfig
-
 
 #: Below this many vectors ``auto`` picks exact search.
 EXACT_SEARCH_LIMIT = 1_000_000

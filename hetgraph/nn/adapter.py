@@ -23,6 +23,11 @@ from hetgraph.nn.dense.common import (
     window_layer_inputs,
     window_outputs,
 )
+from hetgraph.nn.gnnlm import (
+    adapter_to_gnnlm_state_dict,
+    gnnlm_adapter_config,
+    load_gnnlm_state_dict,
+)
 
 #: Parameter sets of the official GNN-LM relations (``tie_intra``): ``intra`` is shared by
 #: ``tgt -> tgt`` (c2c) and ``ntgt -> ntgt`` (n2n), ``inter`` is ``ntgt -> tgt`` (n2c).
@@ -166,17 +171,23 @@ class GraphAdapter(Module):
         cls, state_dict: Mapping[str, Tensor], prefix: str = "", **overrides: Any
     ) -> GraphAdapter:
         r"""The paper-mode adapter (:meth:`AdapterConfig.paper
-        <hetgraph.nn.AdapterConfig.paper>`) holding the weights of an official GNN-LM
-        ``HGT`` state dict; see :func:`~hetgraph.nn.gnnlm.adapter_from_gnnlm_state_dict`."""
-        from hetgraph.nn.gnnlm import adapter_from_gnnlm_state_dict
+        <hetgraph.nn.AdapterConfig.paper>`) holding an official GNN-LM ``HGT`` state dict
+        (:mod:`hetgraph.nn.gnnlm`): widths, layers and heads from the tensors' shapes,
+        ``overrides`` for other :class:`~hetgraph.nn.AdapterConfig` fields (``dropout``, …);
+        the adapter takes the state dict's dtype. Its forward on a graph built with
+        :meth:`GraphConfig.paper() <hetgraph.graph.GraphConfig.paper>`, with ``nbr_x`` the
+        stored features of ``graph["nbr"].corpus_id``, equals the official
+        ``HGT.forward(graph, {"tgt": ctx_x, "ntgt": nbr_x})["tgt"]``.
 
-        return adapter_from_gnnlm_state_dict(state_dict, prefix, **overrides)
+        Raises:
+            GNNLMStateDictError: a key is missing, unexpected or of the wrong shape.
+        """
+        adapter = cls(gnnlm_adapter_config(state_dict, prefix, **overrides))
+        return load_gnnlm_state_dict(adapter, state_dict, prefix)
 
     def to_gnnlm_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
         """This adapter's weights with the official GNN-LM module names; see
         :func:`~hetgraph.nn.gnnlm.adapter_to_gnnlm_state_dict`."""
-        from hetgraph.nn.gnnlm import adapter_to_gnnlm_state_dict
-
         return adapter_to_gnnlm_state_dict(self, prefix)
 
     def reset_parameters(self) -> None:

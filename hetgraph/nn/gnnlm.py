@@ -12,6 +12,11 @@ The official module names are, for layer ``i``, node type ``t`` (``tgt`` = 0 is 
     hidden != out)
 
 Strip the fairseq prefix with ``prefix`` (e.g. ``"decoder.hgt_decoder."``).
+
+The functions here read and write the parameters of an adapter they are given, so this
+module does not import :class:`~hetgraph.nn.GraphAdapter` at run time;
+:meth:`GraphAdapter.from_gnnlm_state_dict <hetgraph.nn.GraphAdapter.from_gnnlm_state_dict>`
+builds one from :func:`gnnlm_adapter_config` and fills it with :func:`load_gnnlm_state_dict`.
 """
 from __future__ import annotations
 
@@ -131,25 +136,26 @@ def adapter_to_gnnlm_state_dict(adapter: GraphAdapter, prefix: str = "") -> dict
     return {prefix + k: v for k, v in sd.items()}
 
 
-def adapter_from_gnnlm_state_dict(
-    state_dict: Mapping[str, Tensor], prefix: str = "", **overrides: Any
-) -> GraphAdapter:
-    r"""A paper-mode :class:`~hetgraph.nn.GraphAdapter` holding an official GNN-LM ``HGT``.
+def gnnlm_adapter_config(state_dict: Mapping[str, Tensor], prefix: str = "",
+                         **overrides: Any) -> AdapterConfig:
+    """The paper-mode :class:`~hetgraph.nn.AdapterConfig` of an official GNN-LM ``HGT`` state
+    dict: widths, layers and heads from the tensors' shapes, other fields from ``overrides``.
 
-    Widths, layers and heads come from the tensors' shapes; ``overrides`` set other
-    :class:`~hetgraph.nn.AdapterConfig` fields (``dropout``, ``attn_dropout``, …). The
-    adapter takes the state dict's dtype. Its forward on a graph built with
-    :meth:`GraphConfig.paper() <hetgraph.graph.GraphConfig.paper>`, with ``nbr_x`` the
-    stored features of ``graph["nbr"].corpus_id``, equals the official
-    ``HGT.forward(graph, {"tgt": ctx_x, "ntgt": nbr_x})["tgt"]``.
+    Raises:
+        GNNLMStateDictError: no key starts with ``prefix``, or the shapes are not an ``HGT``'s.
+    """
+    return _infer_config(_strip(state_dict, prefix), overrides)
+
+
+def load_gnnlm_state_dict(adapter: GraphAdapter, state_dict: Mapping[str, Tensor],
+                          prefix: str = "") -> GraphAdapter:
+    """Copy an official GNN-LM ``HGT`` state dict into ``adapter`` (built with
+    :func:`gnnlm_adapter_config` of it), which takes the state dict's dtype; return it.
 
     Raises:
         GNNLMStateDictError: a key is missing, unexpected or of the wrong shape.
     """
-    from hetgraph.nn.adapter import GraphAdapter
-
     sd = _strip(state_dict, prefix)
-    adapter = GraphAdapter(_infer_config(sd, overrides))
     dtype = sd["gcs.0.relation_att"].dtype
     adapter.to(dtype)
     targets = _layer_map(adapter)

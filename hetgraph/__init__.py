@@ -117,6 +117,15 @@ _EXPORTS: dict[str, str] = {
     "NeighbourReport": "hetgraph.inspection",
     "inspect_position": "hetgraph.inspection",
     "inspect_positions": "hetgraph.inspection",
+    # knowledge graph
+    "KnowledgeGraph": "hetgraph.kg",
+    "KnowledgeGraphError": "hetgraph.kg",
+    "AliasConfig": "hetgraph.kg",
+    "EntityLinker": "hetgraph.kg",
+    "EntityLinks": "hetgraph.kg",
+    "EmbeddingConfig": "hetgraph.kg",
+    "embed_knowledge_graph": "hetgraph.kg",
+    "load_entity_features": "hetgraph.kg",
     # the main job
     "ProvenanceError": "hetgraph.pipeline",
     "RunConfig": "hetgraph.pipeline",
@@ -205,6 +214,16 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         NeighbourReport as NeighbourReport,
         inspect_position as inspect_position,
         inspect_positions as inspect_positions,
+    )
+    from hetgraph.kg import (
+        AliasConfig as AliasConfig,
+        EmbeddingConfig as EmbeddingConfig,
+        EntityLinker as EntityLinker,
+        EntityLinks as EntityLinks,
+        KnowledgeGraph as KnowledgeGraph,
+        KnowledgeGraphError as KnowledgeGraphError,
+        embed_knowledge_graph as embed_knowledge_graph,
+        load_entity_features as load_entity_features,
     )
     from hetgraph.knnlm import (
         interpolate_log_probs as interpolate_log_probs,

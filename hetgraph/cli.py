@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_demo_command(commands)
+    from hetgraph.cli_kg import add_kg_commands  # hetgraph kg build / embed
+
+    add_kg_commands(commands, _add_model)
     _add_build_commands(commands)
     _add_train_command(commands)
     _add_eval_command(commands)

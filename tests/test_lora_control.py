@@ -253,3 +253,17 @@ def test_hetgraph_imports_without_peft():
     code = ("import sys; sys.modules['peft'] = None; import hetgraph.training.lora, "
             "hetgraph.evaluation.lora, hetgraph.cli")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", True, None])
+def test_an_unknown_control_format_version_is_refused(tmp_path, version):
+    from hetgraph.integrity import atomic_write_json_record
+    from hetgraph.training.lora_persistence import LORA_CONTROL_MARKER, read_lora_control
+
+    record = {"kind": "lora_control", "model": {}, "integrity": {"files": {}}}
+    if version is not None:
+        record["format_version"] = version
+    atomic_write_json_record(tmp_path / LORA_CONTROL_MARKER, record)
+    with pytest.raises(LoraControlError, match=rf"unsupported LoRA control format "
+                                               rf"{version!r}.*reads format 1.*train the control"):
+        read_lora_control(tmp_path)

@@ -115,8 +115,8 @@ def is_lora_control(directory: str | Path) -> bool:
 
 
 def read_lora_control(directory: str | Path) -> dict[str, Any]:
-    """The marker of the control in ``directory``, checked: checksum, kind, and the sizes and
-    sampled checksums of PEFT's files.
+    """The marker of the control in ``directory``, checked: checksum, kind, format version,
+    and the sizes and sampled checksums of PEFT's files.
 
     Raises:
         LoraControlError: naming the damaged or missing file and the fix.
@@ -127,6 +127,11 @@ def read_lora_control(directory: str | Path) -> dict[str, Any]:
     if record.get("kind") != LORA_CONTROL_KIND or not isinstance(record.get("model"), dict):
         raise LoraControlError(f"{path} is not a LoRA control record (kind "
                                f"{record.get('kind')!r}); {retrain_hint(directory)}")
+    version = record.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise LoraControlError(f"{path}: unsupported LoRA control format {version!r} (this "
+                               f"hetgraph reads format {FORMAT_VERSION}); "
+                               f"{retrain_hint(directory)}")
     files = record.get("integrity", {}).get("files", {})
     for name in (PEFT_WEIGHTS, PEFT_CONFIG):
         problem = check_file_record(directory / name, files.get(name, {}), full=False)

@@ -6,13 +6,12 @@ run, and a run with any number of processes, draws exactly the same global batch
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from hetgraph.training.trainer import TrainingConfig
+from hetgraph.training.config import TrainingConfig
 
 
 def learning_rate_factor(step: int, config: TrainingConfig) -> float:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from hetgraph.errors import HetgraphError
+from hetgraph.io import atomic_write_text
 from hetgraph.limits import MAX_JSON_DEPTH, JSONDepthError, ResourceLimitError, loads_json
 
 if TYPE_CHECKING:  # Python 3.10 has no typing.Self
@@ -367,8 +368,10 @@ class JSONConfigMixin:
         return cls.from_dict(parse_json(text, f"the JSON text of {cls.__name__}"))
 
     def to_json_file(self, path: str | Path) -> None:
-        r"""Write the config as a JSON file."""
-        Path(path).write_text(self.to_json() + "\n")
+        r"""Write the config as a JSON file, UTF-8, atomically
+        (:func:`hetgraph.io.atomic_write_text`: a reader never sees half a file, and an existing
+        one is replaced only once the new one is complete)."""
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Self:

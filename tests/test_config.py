@@ -167,6 +167,26 @@ def test_json_roundtrip(config, tmp_path):
     assert cls.from_json_file(tmp_path / "c.json") == config
 
 
+def test_to_json_file_replaces_a_file_only_once_the_new_one_is_complete(tmp_path, monkeypatch):
+    import os
+
+    from hetgraph.errors import HetgraphError
+
+    path = tmp_path / "c.json"
+    DatastoreConfig(stride=128).to_json_file(path)
+    before = path.read_bytes()
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises((OSError, HetgraphError)):
+        DatastoreConfig(stride=64).to_json_file(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    assert DatastoreConfig.from_json_file(path) == DatastoreConfig(stride=128)
+
+
 def test_nested_to_dict_is_plain_dicts():
     data = RunConfig().to_dict()
     assert type(data["fusion"]) is dict and type(data["fusion"]["graph"]) is dict

@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hetgraph.errors import NonFiniteError
+from hetgraph.io import atomic_path, atomic_save_safetensors
+
 #: Row labels of :func:`results_table`, in display order.
 METHOD_NAMES = {"base": "base LM", "knn": "kNN-LM", "gnn": "GNN-LM", "gnn_knn": "GNN-LM + kNN",
                 "lora": "LoRA (control)", "lora_knn": "LoRA + kNN"}
@@ -23,8 +26,6 @@ def results_table(results: Mapping[str, Any], title: str | None = None) -> str:
     Raises:
         NonFiniteError: a perplexity or accuracy is NaN or infinite (never printed as ``nan``).
     """
-    from hetgraph.evaluation.lm import NonFiniteError
-
     for key, name in METHOD_NAMES.items():
         row = results.get(key)
         if isinstance(row, Mapping) and not all(math.isfinite(float(row[m]))
@@ -108,8 +109,6 @@ def write_per_token(path: str | Path, outputs: Any, log_probs: Mapping[str, Any]
     import numpy as np
     import torch
 
-    from hetgraph.io import atomic_save_safetensors
-
     positions = outputs.positions.to(torch.int64)
     within = getattr(split, "positions", None)
     tensors = {"doc_ids": outputs.doc_ids.to(torch.int64).contiguous(),
@@ -135,8 +134,6 @@ def plot_results(results: Mapping[str, Any], path: str | Path, format: str | Non
     is replaced only once the new one is complete) in ``format`` (default: ``path``'s suffix,
     else PNG)."""
     import matplotlib
-
-    from hetgraph.io import atomic_path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

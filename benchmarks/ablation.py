@@ -11,8 +11,10 @@ evaluated on the same valid and test tokens; base LM and kNN-LM are computed onc
 budget (``--steps`` × 4 × 128 tokens, from the stored keys when the arm allows it, else with
 full forwards).
 
-Arms (:data:`ARMS`): fusion sites (head, top 4 layers, every 4th layer, every layer), paper
-mode and its single differences from the default (replace vs gated residual, c2c, FFN),
+Arms (:data:`ARMS`): fusion sites (head, top 4 layers, every 4th layer, every layer), the
+official network shrunk to 2 × 256 (``paper_2x256``; not paper mode, whose own size is
+measured by ``benchmarks/paper_mode.py``) and single differences from the default (replace
+vs gated residual, c2c, FFN),
 l = r = 2, k = 128, the paper's two-stage schedule, adapter depth 3, width 576, stored
 per-layer neighbour features at the top 4 layers, the retrieval-aware gate when
 :class:`~hetgraph.FusionConfig` has one, and the head and every 4th layer trained in bfloat16
@@ -26,7 +28,7 @@ After every arm the combined ``benchmarks/results/ablation.json`` and its two SV
 rewritten from everything on disk (``--report-only`` only rewrites them). ``--generate ARM …``
 times greedy ``generate`` (KV cache on) with those trained adapters against the base model.
 
-Usage: python benchmarks/ablation.py --corpus python [--arms head paper ...] [--steps 48]
+Usage: python benchmarks/ablation.py --corpus python [--arms head paper_2x256 ...] [--steps 48]
        [--eval-tokens 2048] [--threads 2]
        python benchmarks/ablation.py --corpus python --curve head default_c2c
        python benchmarks/ablation.py --corpus python60k --generate head every4th all
@@ -66,9 +68,11 @@ from hetgraph.training import train_adapter
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation_report import ARMS, CORPORA, write_report
 from gnnlm import PROMPTS as GENERATE_PROMPTS, generate_seconds
-from paper_mode import PAPER_SIZE
 
 TOP4 = (26, 27, 28, 29)
+#: The official network shrunk to 2 layers at width 256 (arms paper_2x256*): NOT paper mode —
+#: at a width other than the model's, the official rule adds random input and output maps.
+PAPER_2X256 = {"hidden_channels": 256, "num_layers": 2}
 #: Arms that differ from another arm in their training settings only: the same fusion
 #: configuration trained in bfloat16 mixed precision (every other arm trains in float32).
 TRAINING_ARMS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -96,15 +100,15 @@ def _gate_arm(fusion: FusionConfig) -> FusionConfig | None:
 def arm_stages(name: str, default: FusionConfig) -> list[tuple[str, FusionConfig, float]]:
     """``[(stage, fusion, share of the budget)]`` of arm ``name`` (two stages for the
     two-stage arm); ``[]`` when the arm cannot run with this version of hetgraph."""
-    paper = FusionConfig.paper(adapter=AdapterConfig.paper(**PAPER_SIZE))
+    paper = FusionConfig.paper(adapter=AdapterConfig.paper(**PAPER_2X256))
     single = {
         "head": default,
         "top4": replace(default, fusion_layers=TOP4),
         "every4th": replace(default, fusion_layers=tuple(range(0, 30, 4))),
         # Without checkpointing the 30 sites' activations passed 20 GB (OOM-killed here).
         "all": replace(default, fusion_layers=tuple(range(30)), gradient_checkpointing=True),
-        "paper": paper,
-        "paper_gated": replace(paper, fusion_mode="gated_residual"),
+        "paper_2x256": paper,
+        "paper_2x256_gated": replace(paper, fusion_mode="gated_residual"),
         "default_replace": replace(default, fusion_mode="replace"),
         "default_c2c": _graph(default, c2c=True),
         "default_no_ffn": _adapter(default, feed_forward=False),

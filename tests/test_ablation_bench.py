@@ -100,7 +100,7 @@ def test_shipped_corpus_is_small_and_licensed():
     assert "dict-gcide" in notice and "GNU General Public License" in notice
 
 
-@pytest.mark.parametrize("name", ["head", "paper", "paper_gated", "default_replace",
+@pytest.mark.parametrize("name", ["head", "paper_2x256", "paper_2x256_gated", "default_replace",
                                   "default_c2c", "default_no_ffn", "lr2", "k128", "two_stage",
                                   "depth3", "width576", "top4", "every4th", "top4_stored", "all",
                                   "gate"])
@@ -120,13 +120,13 @@ def test_every_arm_differs_from_the_default_as_named(ablation, name):
                 "default_c2c": lambda f: f.graph.c2c and not default.graph.c2c,
                 "default_no_ffn": lambda f: not f.adapter.feed_forward,
                 "default_replace": lambda f: f.fusion_mode == "replace",
-                "paper_gated": lambda f: f.fusion_mode == "gated_residual" and f.graph.c2c,
+                "paper_2x256_gated": lambda f: f.fusion_mode == "gated_residual" and f.graph.c2c,
                 "lr2": lambda f: (f.graph.left, f.graph.right) == (2, 2),
                 "k128": lambda f: f.k == 128,
                 "two_stage": lambda f: f.k == 128 and f.graph.left == 2 and len(stages) == 2,
                 "depth3": lambda f: f.adapter.num_layers == 3,
                 "width576": lambda f: f.adapter.hidden_channels == 576,
                 "top4_stored": lambda f: f.neighbour_features == "stored",
-                "paper": lambda f: f.fusion_mode == "replace" and f.graph.c2c,
+                "paper_2x256": lambda f: f.fusion_mode == "replace" and f.graph.c2c,
                 "gate": lambda f: getattr(f, "gate", None) == "retrieval"}[name]
     assert expected(fusion)

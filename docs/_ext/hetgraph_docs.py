@@ -43,6 +43,9 @@ BENCHMARKS = {
                 "benchmarks/scaling.py"),
 }
 
+#: Benchmarks measured under the evidence protocol, with a section of their own on the page.
+DEDICATED = ("evidence", "paper_mode")
+
 STAGES = [
     ("Configuration", "hetgraph.configuration"), ("Errors", "hetgraph.errors"),
     ("Corpus", "hetgraph.corpus"),
@@ -169,6 +172,7 @@ def results_body() -> str:
     found = sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []
     stems = [p.stem for p in found]
     order = [s for s in BENCHMARKS if s in stems] + [s for s in stems if s not in BENCHMARKS]
+    order = [s for s in order if s not in DEDICATED]
     for stem in order:
         path = RESULTS / f"{stem}.json"
         title, script = BENCHMARKS.get(stem, (stem, None))
@@ -195,7 +199,7 @@ def results_body() -> str:
                 out.append(_table(_flatten(values)))
         else:
             out.append(_table(_flatten(data if isinstance(data, dict) else {"value": data})))
-    missing = [s for s in BENCHMARKS if s not in stems]
+    missing = [s for s in BENCHMARKS if s not in stems and s not in DEDICATED]
     if missing:
         out.append(_title("Not run yet", "-"))
         for stem in missing:
@@ -211,8 +215,11 @@ EVIDENCE_ROWS = [
     ("base", "base LM"), ("knn", "kNN-LM"), ("lora", "LoRA (control)"),
     ("lora_knn", "LoRA + kNN"), ("gnn_random", "GNN-LM, random neighbours (control)"),
     ("gnn", "GNN-LM"), ("gnn_knn", "GNN-LM + kNN"),
+    ("gnn_knn_random", "GNN-LM + kNN, random neighbours (control)"),
+    ("gnn/base", "ratio GNN-LM / base LM"), ("knn/base", "ratio kNN-LM / base LM"),
     ("gnn/lora", "ratio GNN-LM / LoRA"), ("gnn_knn/lora_knn", "ratio GNN-LM + kNN / LoRA + kNN"),
     ("gnn/gnn_random", "ratio GNN-LM / random neighbours"),
+    ("gnn_knn/gnn_knn_random", "ratio GNN-LM + kNN / random neighbours + kNN"),
     ("gnn_knn/knn", "ratio GNN-LM + kNN / kNN-LM"),
 ]
 
@@ -252,10 +259,47 @@ def evidence_body() -> str:
     return "\n".join(out) + "\n"
 
 
+def _list_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [header, *rows]:
+        out += [f"   * - {row[0]}", *(f"     - {cell}" for cell in row[1:])]
+    return [*out, ""]
+
+
+def paper_mode_body() -> str:
+    """Paper mode at its own size: the learning-rate grid (step-0 and best valid perplexity)
+    and the chosen rate's test figures with intervals, paired against the default adapter."""
+    path = RESULTS / "paper_mode.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if "lr_grid" not in data:
+        return ("Not measured under the protocol yet: run ``.venv/bin/python "
+                "benchmarks/paper_mode.py`` (it resumes).\n\n")
+    out = [textwrap.fill(data.get("discussion", ""), 100, break_long_words=False), ""]
+    rows = [[f"{arm['lr']:g}", f"{arm['step0_valid_ppl']:.3f}", f"{arm['best_valid_ppl']:.3f}",
+             str(arm["best_step"])] for arm in data["lr_grid"].values()]
+    out += _list_table(["lr", "valid ppl at step 0", "best valid ppl", "at step"], rows)
+    test = data["test"]
+    setup = data["setup"]["evaluation"]
+    out.append(f"Test, lr {data['chosen_lr']:g} (chosen on valid): {setup['test_tokens']} tokens "
+               f"from {setup['documents']} documents.")
+    out.append("")
+    rows = [[label, f"{test[key]['ppl']:.3f}", _interval(test[key])]
+            for key, label in (("base", "base LM"), ("knn", "kNN-LM"), ("gnn", "paper mode"),
+                               ("gnn_knn", "paper mode + kNN"))]
+    ratios = {key: data["test_ratios"][key] for key in ("gnn/base", "knn/base", "gnn_knn/knn")
+              if key in data["test_ratios"]}
+    for key, value in {**ratios, **data.get("paired_with_default", {})}.items():
+        if isinstance(value, dict) and "ratio" in value:
+            rows.append([f"ratio {key}", f"{value['ratio']:.3f}", _interval(value)])
+    out += _list_table(["figure", "value", "95 % interval"], rows)
+    return "\n".join(out) + "\n"
+
+
 def generate(app: Any) -> None:
     generated = DOCS / "_generated"
     _write_if_changed(generated / "api_members.rst", api_members())
     _write_if_changed(generated / "evidence_body.rst", evidence_body())
+    _write_if_changed(generated / "paper_mode_body.rst", paper_mode_body())
     _write_if_changed(generated / "results_body.rst", results_body())
     figure = DOCS / "figures" / "context_graph.svg"
     if not figure.is_file():

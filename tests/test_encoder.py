@@ -230,3 +230,26 @@ def test_encoder_cli_trains_validates_and_indexes(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("index", "build", "--datastore", w / "ds", "--encoder", w / "nowhere") == 2
     assert "no relation encoder" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["encoder", "train", "--datastore", "{tmp}/nowhere", "--out", "{tmp}/enc"],
+     "no datastore at"),
+    (["index", "build", "--datastore", "{tmp}/ds", "--encoder", "{tmp}/missing"],
+     "no relation encoder at"),
+])
+def test_encoder_commands_refuse_bad_input_in_one_line(tmp_path, capsys, argv, message):
+    synthetic_datastore(tmp_path / "ds", index=False)
+    assert run_cli(*[a.format(tmp=tmp_path) for a in argv]) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_identity_training_keeps_the_raw_figures(tmp_path):
+    store = synthetic_datastore(tmp_path / "ds", index=False)
+    result = train_encoder(store, ContrastiveConfig(**TINY),
+                           EncoderConfig(input_dim=16, kind="identity"), show_progress=False)
+    assert result.losses == []
+    raw, encoded = result.validation["raw"], result.validation["encoded"]
+    for name in ("recall@1", "recall@8", "knn_coverage"):
+        assert encoded[name] == raw[name]
+    assert encoded["knn_ppl"] == pytest.approx(raw["knn_ppl"], rel=1e-5)

@@ -126,7 +126,7 @@ def train_one(name: str, num_entities: int, num_relations: int, train: Tensor, v
             loss = model.loss(head, relation, tail)
             loss.backward()
             optimizer.step()
-            total, count = total + float(loss) * head.numel(), count + head.numel()
+            total, count = total + float(loss.detach()) * head.numel(), count + head.numel()
         losses.append(total / count)
     model.eval()
     mean_rank, mrr, hits = model.test(valid[:, 0], valid[:, 1], valid[:, 2],
@@ -170,6 +170,7 @@ def embed_knowledge_graph(directory: str | Path, config: EmbeddingConfig) -> dic
     ``embeddings.safetensors`` first, then ``kg.json`` (both atomically), so a crash leaves
     the previous state. Returns the manifest's ``embeddings`` record."""
     directory = Path(directory)
+    read_manifest(directory)  # a clear error before the lock creates anything
     with directory_lock(directory, "knowledge graph"):
         graph = KnowledgeGraph.from_pretrained(directory)
         chosen, trained = train_embeddings(graph, config)

@@ -129,6 +129,27 @@ def test_open_refuses_a_damaged_array_naming_the_file_and_the_fix(tree, damage, 
     assert "allow_pickle" not in message and "mmap length" not in message
 
 
+@pytest.mark.parametrize("damage, message", [("deleted", "keys.npy is missing"),
+                                             ("truncated", "keys.npy is damaged (truncated)")])
+def test_file_problems_are_typed_records_and_name_each_file_once(tree, damage, message):
+    from hetgraph.datastore.integrity import (
+        FileProblem,
+        array_problems,
+        datastore_problems,
+        recorded_file_problems,
+    )
+    from hetgraph.datastore.metadata import DatastoreMetadata, rebuild_hint
+
+    DAMAGE[damage](tree / "keys.npy")
+    metadata = DatastoreMetadata.load(tree / DATASTORE_METADATA)
+    assert array_problems(tree, metadata) == [FileProblem("keys.npy", message)]
+    recorded = recorded_file_problems(tree, metadata, full=True)
+    assert [problem.file for problem in recorded] == ["keys.npy"]
+    assert str(recorded[0]) == recorded[0].message and recorded[0].message.startswith("keys.npy ")
+    # The header problem and the recorded-size problem are one problem of one file.
+    assert datastore_problems(tree)[1] == [f"{tree}/{message}; {rebuild_hint(tree)}"]
+
+
 @pytest.mark.parametrize("text", ["", "{", "[1, 2]", '{"format_version": 1}',
                                   '{"format_version": 1, "num_entries": "ten", "dim": 4}'])
 def test_malformed_metadata_json_is_a_typed_error_naming_it(tree, text):

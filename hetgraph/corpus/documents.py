@@ -6,64 +6,20 @@ import gzip
 import json
 import logging
 import lzma
-import unicodedata
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import hf_datasets
 from .config import DATASET_SPLITS_OPTION, DEFAULT_TEXT_SUFFIXES, SPLITS, CorpusConfig
+from .document import Document, safe_document_name
 from .errors import CorpusError
 
 logger = logging.getLogger(__name__)
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
-_PARQUET_SUFFIX = ".parquet"  # hf_datasets.PARQUET_SUFFIX, which imports this module
-# Characters escaped in document names besides controls (Cc) and lone surrogates (Cs):
-# bidirectional overrides and isolates, and line / paragraph separators.
-_UNSAFE_NAME_CHARS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                               "\u2066\u2067\u2068\u2069\u2028\u2029")
-
-
-def safe_document_name(name: str) -> str:
-    r"""``name`` with control characters escaped, so printing it cannot move the cursor,
-    recolour a terminal or reorder text.
-
-    ANSI escapes, other C0/C1 controls (``\n``, ``\t``, ``\x1b`` …), lone surrogates (from
-    undecodable file names), bidirectional overrides and line separators become ``\xNN`` /
-    ``\uNNNN`` escapes; a name without them is returned unchanged (so splits of existing
-    corpora stay the same). Deterministic, and distinct names stay distinct unless one of
-    them already spells such an escape literally.
-    """
-    if all(_is_safe(ch) for ch in name):
-        return name
-    return "".join(ch if _is_safe(ch) else _escape(ch) for ch in name)
-
-
-def _is_safe(ch: str) -> bool:
-    return ch not in _UNSAFE_NAME_CHARS and unicodedata.category(ch) not in ("Cc", "Cs")
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document of a corpus: a stable ``name`` (relative path or id, passed through
-    :func:`safe_document_name` when read) and its ``text``."""
-
-    name: str
-    text: str
-
-    def __repr__(self) -> str:
-        preview = self.text[:40].replace("\n", " ")
-        return f"Document(name={self.name!r}, chars={len(self.text)}, text={preview!r}...)"
-
-
 def read_documents(
     source: str | Path | CorpusConfig | Any | None = None,
     *,
@@ -117,16 +73,14 @@ def read_documents(
 def _is_dataset_object(source: object) -> bool:
     if isinstance(source, (str, Path, CorpusConfig)):
         return False
-    from .hf_datasets import is_dataset_object
 
-    return is_dataset_object(source)
+    return hf_datasets.is_dataset_object(source)
 
 
 def _describe_source(source: Any) -> str:
     if _is_dataset_object(source):
-        from .hf_datasets import describe_object
 
-        return describe_object(source)
+        return hf_datasets.describe_object(source)
     return str(source)
 
 
@@ -158,7 +112,6 @@ def read_corpus(config: CorpusConfig, dataset: Any = None,
 
 
 def _dataset_split_sources(config: CorpusConfig, dataset: Any) -> dict[str, Iterator[Document]]:
-    from . import hf_datasets
 
     if dataset is not None:
         return hf_datasets.dataset_split_documents(dataset, config, str(config.path))
@@ -200,7 +153,6 @@ def _existing_path(config: CorpusConfig) -> Path:
 
 
 def _iter_documents(config: CorpusConfig, dataset: Any = None) -> Iterator[Document]:
-    from . import hf_datasets
 
     rows = f"no rows with text in column {config.text_field!r}"
     if dataset is not None:
@@ -246,9 +198,8 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
             if _is_jsonl(path):
                 documents = _iter_jsonl(path, name, config)
             else:
-                from .hf_datasets import parquet_documents
 
-                documents = parquet_documents(path, name, config)
+                documents = hf_datasets.parquet_documents(path, name, config)
             for document in documents:
                 produced += 1
                 yield document
@@ -305,7 +256,7 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def _is_parquet(path: Path) -> bool:
-    return path.name.lower().endswith(_PARQUET_SUFFIX)
+    return path.name.lower().endswith(hf_datasets.PARQUET_SUFFIX)
 
 
 def _read_bytes(path: Path) -> bytes:

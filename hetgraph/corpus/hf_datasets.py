@@ -33,7 +33,7 @@ from hetgraph.errors import HetgraphError
 from hetgraph.limits import check_memory, loads_json
 
 from .config import DATASET_SPLITS_OPTION, CorpusConfig
-from .documents import Document
+from .document import Document
 from .errors import CorpusError
 
 logger = logging.getLogger(__name__)

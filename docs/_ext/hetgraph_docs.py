@@ -53,6 +53,7 @@ STAGES = [
     ("Index", "hetgraph.index"), ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
     ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"),
     ("Training", "hetgraph.training"),
+    ("Knowledge graph", "hetgraph.kg"),
     ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),
     ("Integrity", "hetgraph.verify"), ("Locks", "hetgraph.locking"),
     ("Pipeline", "hetgraph.pipeline"),

@@ -118,7 +118,7 @@ def train_one(name: str, num_entities: int, num_relations: int, train: Tensor, v
     loader = model.loader(train[:, 0], train[:, 1], train[:, 2],
                           batch_size=config.batch_size, shuffle=True)
     losses = []
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         model.train()
         total, count = 0.0, 0
         for head, relation, tail in loader:
@@ -128,6 +128,7 @@ def train_one(name: str, num_entities: int, num_relations: int, train: Tensor, v
             optimizer.step()
             total, count = total + float(loss.detach()) * head.numel(), count + head.numel()
         losses.append(total / count)
+        logger.info("%s epoch %d/%d: loss %.4f", name, epoch + 1, config.epochs, losses[-1])
     model.eval()
     mean_rank, mrr, hits = model.test(valid[:, 0], valid[:, 1], valid[:, 2],
                                       batch_size=max(1, min(num_entities, 65536)), k=10,

@@ -169,10 +169,11 @@ def train_encoder(store: Any, config: ContrastiveConfig | None = None,
                           config.seed)
     training_rows = np.flatnonzero(sampler.training)
     losses: list[float] = []
-    if not encoder.is_identity and config.steps > 0:
+    if not encoder.is_identity:
         stats = np.sort(sampler.rng.choice(training_rows, min(STATISTICS_ROWS,
                                                               len(training_rows)), replace=False))
         encoder.fit_input_statistics(store.keys[stats])
+    if not encoder.is_identity and config.steps > 0:
         pool = sampler.anchor_pool(config.anchor_pool)
         hard = sampler.hard_negatives(pool, index or raw_index(store), store.keys,
                                       config.hard_negatives, show_progress)

@@ -328,7 +328,9 @@ def test_to_moves_the_base_model_adapters_and_corpus_tables(tmp_path, split):
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert ({p.dtype for p in lm.adapters.parameters()}
             | {g.dtype for g in lm.gates.values()}) == {torch.float64}
-    assert lm.graph_inputs.corpus_tokens.dtype == torch.int64  # integer tables keep their dtype
+    # The corpus tables stay the datastore's int32 memmaps: .to() neither casts nor copies them.
+    assert lm.graph_inputs.corpus.tokens is store.tokens
+    assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.int32
     with torch.no_grad():  # zero gates: still exactly the (now float64) base model
         assert torch.equal(lm(input_ids).logits, model(input_ids).logits)
     lm.train()

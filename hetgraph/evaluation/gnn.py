@@ -24,7 +24,6 @@ from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
     LMOutputs,
-    NeighbourSearch,
     TrimmedForward,
     accepts_logits_to_keep,
     collect_lm_outputs,
@@ -32,7 +31,9 @@ from hetgraph.evaluation.lm import (
 )
 from hetgraph.evaluation.report import write_per_token
 from hetgraph.evaluation.sampling import scored_count
+from hetgraph.fusion.context import Retrieval
 from hetgraph.fusion.neighbour_states import NeighbourStates
+from hetgraph.fusion.retrieval import Retriever
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 from hetgraph.limits import check_memory
 
@@ -70,9 +71,18 @@ def gnn_forward(lm: Any, k: int | None = None,
     :class:`~hetgraph.TrimmedForward` when the base model takes ``logits_to_keep``
     and the positions are fused independently
     (:attr:`~hetgraph.HetGraphLM.fuses_positions_independently`): then the positions whose
-    logits are not kept are not retrieved for, nor put in the head's graph."""
-    def forward(input_ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    logits are not kept are not retrieved for, nor put in the head's graph. The forward
+    takes a ``retrieval`` (:class:`~hetgraph.Retrieval` of the window batch's positions,
+    as :func:`~hetgraph.evaluation.collect_lm_outputs` passes from ``neighbours_from``):
+    the positions it covers are not searched again (a retrieval with another ``k`` is
+    ignored)."""
+    wanted = k or lm.config.k
+
+    def forward(input_ids: torch.Tensor, logits_to_keep: int = 0,
+                retrieval: Retrieval | None = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+        if retrieval is not None and retrieval.neighbour_ids.shape[-1] == wanted:
+            kwargs["retrieval"] = retrieval
         return lm(input_ids, use_cache=False, k=k, neighbour_states=neighbour_states,
                   **kwargs).logits
     if lm.fuses_positions_independently and accepts_logits_to_keep(lm.model):
@@ -214,10 +224,10 @@ def evaluate_four_way(
 
     The scored tokens are ``config.max_tokens`` positions spread over every test document
     (``config.sample``, :mod:`hetgraph.evaluation.sampling`); λ and T are tuned per method
-    on ``config.valid_tokens`` valid positions sampled the same way. The kNN-LM mixtures use
-    the base run's neighbours. Every perplexity carries a 95 % document-bootstrap interval,
-    every ratio a paired one (:func:`add_intervals`). Under ``torchrun`` every rank calls
-    this with the same arguments and returns the one-process results.
+    on ``config.valid_tokens`` valid positions sampled the same way. kNN-LM and GNN-LM use
+    the base run's neighbours (one search per position). Every perplexity has a 95 %
+    document-bootstrap interval, every ratio a paired one (:func:`add_intervals`). Under
+    ``torchrun`` every rank calls this alike and returns the one-process results.
 
     Args:
         lm: a :class:`~hetgraph.HetGraphLM` (its model, datastore and index are used).
@@ -253,7 +263,7 @@ def evaluate_four_way(
         started = time.perf_counter()
         states = evaluation_neighbour_states(lm, config, valid_positions + test_positions, k)
         states_seconds = time.perf_counter() - started
-    search = NeighbourSearch(lm.index, lm.datastore)
+    search = Retriever(lm.datastore, lm.index)
     with control.disable_adapter() if control is not None else nullcontext():  # the base LM
         base_valid = collect_lm_outputs(model, valid_split, valid_config, search=search,
                                         show_progress=show_progress)

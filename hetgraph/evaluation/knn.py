@@ -15,10 +15,10 @@ from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
     LMOutputs,
-    NeighbourSearch,
     NonFiniteError,
     collect_lm_outputs,
 )
+from hetgraph.fusion.retrieval import Retriever
 from hetgraph.knnlm import (
     DEFAULT_LAMBDAS,
     interpolate_log_probs,
@@ -123,7 +123,7 @@ def evaluate_base_knn(
     datastore.check(model=model, tokenizer=tokenizer)
     config = config or EvalConfig()
     k = int(config.k)
-    common: dict[str, Any] = {"search": NeighbourSearch(index, datastore), "forward": forward,
+    common: dict[str, Any] = {"search": Retriever(datastore, index), "forward": forward,
                               "show_progress": show_progress}
     valid_config = dataclasses.replace(config, max_tokens=config.valid_tokens)
     valid = collect_lm_outputs(model, valid_split, valid_config, **common)

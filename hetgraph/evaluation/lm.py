@@ -28,15 +28,27 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hetgraph.allocator import RELEASE_EVERY_BATCHES, release_free_memory
-from hetgraph.configuration import ConfigError, JSONConfigMixin
+from hetgraph.configuration import JSONConfigMixin
 from hetgraph.corpus.windows import Window
 from hetgraph.datastore.build import batch_input_ids, window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, LayerSpec, normalize_layer, split_arrays
-from hetgraph.datastore.store import ANY, Datastore
+from hetgraph.datastore.store import ANY
 from hetgraph.distributed import DistributedContext, current_context
-from hetgraph.errors import HetgraphError, NonFiniteError
+from hetgraph.errors import (
+    HetgraphError,
+    NonFiniteError as NonFiniteError,  # re-exported
+)
 from hetgraph.evaluation.intervals import DEFAULT_BOOTSTRAP_SEED, DEFAULT_RESAMPLES, BootstrapSpec
+from hetgraph.evaluation.neighbours import (
+    NeighbourSearch as NeighbourSearch,  # the deprecated alias, re-exported
+    accepts_retrieval,
+    batch_retrieval,
+    reused_neighbour_log_probs,
+    search_neighbours,
+)
 from hetgraph.evaluation.sampling import DEFAULT_SAMPLE_SEED, evaluation_windows, prefix_tokens
+from hetgraph.fusion.context import Retrieval
+from hetgraph.fusion.retrieval import Retriever
 from hetgraph.models.checks import check_context_length, check_token_ids
 from hetgraph.models.layers import model_device
 
@@ -56,10 +68,10 @@ class TrimmedForward:
     no retrieval and no graph). A plain :data:`ForwardFn` computes every position.
     """
 
-    fn: Callable[[Tensor, int], Tensor]
+    fn: Callable[..., Tensor]
 
-    def __call__(self, input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
-        return self.fn(input_ids, logits_to_keep)
+    def __call__(self, input_ids: Tensor, logits_to_keep: int = 0, **kwargs: Any) -> Tensor:
+        return self.fn(input_ids, logits_to_keep, **kwargs)
 
 
 def accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -191,48 +203,7 @@ def default_forward(model: nn.Module) -> ForwardFn | TrimmedForward:
     return TrimmedForward(forward) if accepts_logits_to_keep(model) else forward
 
 
-@dataclass
-class NeighbourSearch:
-    """Where :func:`collect_lm_outputs` searches each position's query key (kNN-LM).
-
-    Args:
-        index: a :class:`~hetgraph.index.DatastoreIndex` over ``datastore``'s keys.
-        datastore: the datastore (its next tokens are the kNN predictions).
-    """
-
-    index: Any
-    datastore: Datastore
-
-    def check(self, k: int) -> None:
-        if not 1 <= k <= len(self.index):
-            raise ConfigError(f"k must be in [1, {len(self.index)}] (the index size), got {k}; "
-                              "lower k", "k")
-
-    def search(self, queries: Tensor, k: int, log_probs: Tensor) -> dict[str, Tensor]:
-        """Neighbours of ``[n, d]`` queries, their next tokens, and the LM's log-probs of those."""
-        if not bool(torch.isfinite(queries).all()):
-            raise NonFiniteError("retrieval: a query key is NaN or infinite (the model's hidden "
-                                 "states overflow; load it in float32 with --dtype float32)",
-                                 stage="retrieval")
-        distances, ids = self.index.search(queries, k)
-        if np.isnan(distances).any() or not np.isfinite(distances[ids >= 0]).all():
-            raise NonFiniteError(f"retrieval: the index of datastore {self.datastore.path} "
-                                 "returned NaN or infinite distances, so its keys are damaged; "
-                                 "run `hetgraph verify` on it and rebuild what it names",
-                                 stage="retrieval")
-        ids_t = torch.from_numpy(ids)
-        # Memmap lookup per batch: the datastore never has to fit in RAM.
-        tokens = torch.from_numpy(self.datastore.next_tokens[np.maximum(ids, 0)].astype(np.int64))
-        tokens = torch.where(ids_t >= 0, tokens, torch.full_like(ids_t, -1))
-        return {"knn_distances": torch.from_numpy(distances), "knn_ids": ids_t,
-                "knn_tokens": tokens, "lm_neighbour_log_probs": _gather_cpu(log_probs, tokens)}
-
-
-def _gather_cpu(log_probs: Tensor, tokens: Tensor) -> Tensor:
-    return log_probs.gather(1, tokens.clamp(min=0).to(log_probs.device)).cpu()
-
-
-def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | None,
+def _query_layer(model: nn.Module, key_layer: Any, search: Retriever | None,
                  keep_queries: bool) -> LayerSpec | Any:
     # The layer whose states are the queries: the datastore's key layer unless told otherwise.
     if key_layer is ANY:
@@ -247,13 +218,15 @@ def _query_layer(model: nn.Module, key_layer: Any, search: NeighbourSearch | Non
 
 
 def batch_logits(forward: ForwardFn | TrimmedForward, input_ids: Tensor,
-                 batch: list[Window]) -> Tensor:
+                 batch: list[Window], retrieval: Retrieval | None = None) -> Tensor:
     """The logits ``forward`` gives for ``input_ids``, a batch of equal-length windows: a
     :class:`TrimmedForward`'s for the trailing columns that hold a scored position only, any
-    other forward's for every column (what :func:`collect_lm_outputs` runs per batch)."""
+    other forward's for every column (what :func:`collect_lm_outputs` runs per batch).
+    ``retrieval``: the batch's neighbours, passed to a forward that takes them."""
+    kwargs = {} if retrieval is None else {"retrieval": retrieval}
     if isinstance(forward, TrimmedForward):
-        return forward(input_ids, max(w.end - w.score_start for w in batch))
-    return forward(input_ids)
+        return forward(input_ids, max(w.end - w.score_start for w in batch), **kwargs)
+    return forward(input_ids, **kwargs)
 
 
 def _at_columns(values: Tensor, rows: Tensor, cols: Tensor, width: int) -> Tensor:
@@ -280,17 +253,6 @@ def _score(log_probs: Tensor, targets: Tensor) -> dict[str, Tensor]:
             "lm_argmax": top.cpu(), "lm_argmax_log_probs": top_log_probs.cpu()}
 
 
-def _reused_neighbour_log_probs(neighbours_from: LMOutputs, positions: Tensor,
-                                log_probs: Tensor) -> Tensor:
-    if neighbours_from.knn_tokens is None:
-        raise ValueError("neighbours_from holds no neighbours; collect it with an index")
-    # Rows of these positions in the earlier run (sorted positions; a sample need not be
-    # contiguous). A position it did not score is caught by _assemble's comparison.
-    rows = torch.searchsorted(neighbours_from.positions, positions.to(
-        neighbours_from.positions.device)).clamp(max=len(neighbours_from) - 1)
-    return _gather_cpu(log_probs, neighbours_from.knn_tokens[rows])
-
-
 def _assemble(parts: dict[str, list[Tensor]], targets: Tensor, doc_ids: Tensor,
               neighbours_from: LMOutputs | None, ctx: DistributedContext) -> LMOutputs:
     cat = {name: ctx.all_gather_rows(torch.cat(p) if p else None) for name, p in parts.items()}
@@ -303,12 +265,20 @@ def _assemble(parts: dict[str, list[Tensor]], targets: Tensor, doc_ids: Tensor,
     return LMOutputs(targets=targets[cat["positions"]], doc_ids=doc_ids[cat["positions"]], **cat)
 
 
+def _check_neighbour_sources(search: Retriever | None, neighbours_from: LMOutputs | None,
+                             k: int) -> None:
+    if neighbours_from is not None and search is not None:
+        raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
+    if search is not None:
+        search.check(k)
+
+
 def collect_lm_outputs(
     model: nn.Module,
     split: Any,
     config: EvalConfig | None = None,
     *,
-    search: NeighbourSearch | None = None,
+    search: Retriever | None = None,
     forward: ForwardFn | None = None,
     key_layer: Any = ANY,
     keep_queries: bool = False,
@@ -322,8 +292,8 @@ def collect_lm_outputs(
         model: the HF causal LM; query keys are captured by hooks on it.
         split: ``TokenizedSplit``-like (``tokens``, ``doc_ids``).
         config: windows, ``max_tokens`` and ``k`` (neighbours per position).
-        search: if given, each position's query key is searched and its ``config.k``
-            neighbours kept (kNN-LM).
+        search: a :class:`~hetgraph.Retriever`: each scored position's ``config.k``
+            neighbours are searched and kept (kNN-LM).
         forward: ``input_ids -> logits`` callable; default :func:`default_forward`. Pass
             a wrapped model (e.g. GNN-LM with fusion hooks attached) to evaluate it through
             the same path; the query capture still runs on ``model``'s modules. A
@@ -333,7 +303,8 @@ def collect_lm_outputs(
         neighbours_from: outputs of an earlier run over the same split and windows whose
             neighbours are reused instead of searching again (GNN-LM retrieves with the base
             model's query states, so its neighbours are the base run's); this run's
-            log-probs of those neighbours' tokens are gathered.
+            log-probs of those neighbours' tokens are gathered; a ``forward`` taking a
+            ``retrieval`` (:func:`~hetgraph.evaluation.gnn_forward`) gets them per batch.
         show_progress: tqdm bar (rank 0 only).
         distributed: the ``torchrun`` job sharing the windows (every rank calls this with the
             same arguments and receives all outputs); default
@@ -347,12 +318,10 @@ def collect_lm_outputs(
                             "use a larger corpus or split fraction")
     check_context_length(model, config.context_length, "evaluation.context_length")
     check_token_ids(tokens, model, "the evaluated split")
-    if neighbours_from is not None and search is not None:
-        raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
-    if search is not None:
-        search.check(int(config.k))
+    _check_neighbour_sources(search, neighbours_from, int(config.k))
     key_layer = _query_layer(model, key_layer, search, keep_queries)
     forward = forward or default_forward(model)
+    reuse = neighbours_from is not None and accepts_retrieval(forward)
     device = model_device(model)
     batches = window_batches(evaluation_windows(doc_ids, config), config.batch_size)
     batches = [batches[i] for i in ctx.share(len(batches))]
@@ -368,8 +337,10 @@ def collect_lm_outputs(
         for number, batch in enumerate(batches):
             input_ids = batch_input_ids(tokens, batch, device)
             width = input_ids.shape[1]
-            logits = batch_logits(forward, input_ids, batch)
             rows, cols, positions = _scored_rows(batch, device)
+            retrieval = (batch_retrieval(neighbours_from, rows, cols, positions,
+                                         tuple(input_ids.shape)) if reuse else None)
+            logits = batch_logits(forward, input_ids, batch, retrieval)
             # log_softmax in place on the gathered copy of the scored rows: one [n, V]
             # buffer besides the logits instead of two (the evaluation's memory peak).
             log_probs = _at_columns(logits, rows, cols, width).float()  # [n, V], a new tensor
@@ -377,14 +348,13 @@ def collect_lm_outputs(
             log_probs.sub_(log_probs.logsumexp(dim=-1, keepdim=True))
             found = {"positions": positions, **_score(log_probs, targets_all[positions].to(device))}
             if capture is not None:
-                queries = _at_columns(capture.states[key_layer], rows, cols, width).to(
-                    torch.float16)
+                queries = _at_columns(capture.states[key_layer], rows, cols, width)
                 if keep_queries:
-                    found["queries"] = queries.cpu()
+                    found["queries"] = queries.to(torch.float16).cpu()
                 if search is not None:
-                    found.update(search.search(queries, int(config.k), log_probs))
+                    found.update(search_neighbours(search, queries, int(config.k), log_probs))
             if neighbours_from is not None:
-                found["lm_neighbour_log_probs"] = _reused_neighbour_log_probs(
+                found["lm_neighbour_log_probs"] = reused_neighbour_log_probs(
                     neighbours_from, positions, log_probs)
             for name, value in found.items():
                 parts[name].append(value)

@@ -43,6 +43,11 @@ class CallOptions:
             (``output.retrieval``).
         neighbour_states: the :class:`~hetgraph.NeighbourStates` the adapters read their
             windows' part from (eval mode), or ``None``.
+        retrieval: neighbours already retrieved for the call's last positions (a
+            :class:`Retrieval` of ``k`` neighbours each, e.g. an evaluation's base run):
+            used instead of searching the index, which is then searched only for the
+            positions it does not cover (with ``neighbours="random"`` the graph's draws
+            ignore it; the kNN-LM mixture uses it).
     """
 
     query_positions: Tensor | None = None
@@ -50,15 +55,29 @@ class CallOptions:
     knn: KNNMixture | None = None
     output_retrieval: bool = False
     neighbour_states: NeighbourStates | None = None
+    retrieval: Retrieval | None = None
 
 
 @dataclass
 class Retrieval:
     """The neighbours one forward retrieved: ``[B, T, k]`` rows (``-1``: none) and
-    squared-L2 (or inner-product) distances, as returned by FAISS."""
+    squared-L2 (or inner-product) distances, as returned by FAISS. ``covered`` (``[B, T]``
+    bool, ``None``: every position) marks the positions whose neighbours it holds, when it
+    is handed into a call (:attr:`CallOptions.retrieval`) for some positions only."""
 
     distances: Tensor
     neighbour_ids: Tensor
+    covered: Tensor | None = None
+
+    def last(self, length: int) -> Retrieval:
+        """The retrieval of the last ``length`` positions."""
+        covered = None if self.covered is None else self.covered[:, -length:]
+        return Retrieval(self.distances[:, -length:], self.neighbour_ids[:, -length:], covered)
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether it holds the neighbours of every position."""
+        return self.covered is None or bool(self.covered.all())
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hetgraph.datastore import Datastore
 from hetgraph.fusion.config import HEAD, FusionSite
-from hetgraph.graph import ContextGraph, GraphConfig, build_context_graph
+from hetgraph.graph import ContextGraph, CorpusTable, GraphConfig, build_context_graph
 
 
 @dataclass
@@ -43,8 +43,9 @@ class AdapterInputs:
 class GraphInputBuilder(nn.Module):
     r"""Builds context graphs over a datastore and gathers their node features.
 
-    The corpus token and document tables are non-persistent buffers, so they follow
-    ``.to(device)`` of the module that owns this one and are never saved.
+    The corpus token, document and next-token columns are a :class:`~hetgraph.graph.CorpusTable`
+    over the datastore's memmaps: never copied, never moved by ``.to(device)``; each graph
+    reads the rows it needs on the CPU and moves those to the queries' device.
 
     Args:
         datastore: the corpus datastore (keys, tokens, document ids, optional features).
@@ -66,6 +67,7 @@ class GraphInputBuilder(nn.Module):
         neighbour_features: Literal["key", "stored"] = "key",
         retrieval_site: FusionSite = HEAD,
         neighbour_embedding: Literal["own_token", "none", "label"] = "own_token",
+        corpus: CorpusTable | None = None,
     ) -> None:
         super().__init__()
         self.neighbour_embedding = neighbour_embedding
@@ -73,25 +75,20 @@ class GraphInputBuilder(nn.Module):
         self.graph_config = graph_config
         self.neighbour_features = neighbour_features
         self.retrieval_site = retrieval_site
-        as_long = lambda array: torch.from_numpy(np.asarray(array, dtype=np.int64))  # noqa: E731
-        self.register_buffer("corpus_tokens", as_long(datastore.tokens), persistent=False)
-        self.register_buffer("corpus_doc_ids", as_long(datastore.doc_ids), persistent=False)
-        self.register_buffer("corpus_next_tokens", as_long(datastore.next_tokens), persistent=False)
+        self.corpus = corpus if corpus is not None else CorpusTable.of(datastore)
 
     def build_graph(self, neighbour_ids: Tensor, query_mask: Tensor | None = None) -> ContextGraph:
         """The context graph of ``[B, T, k]`` retrieved rows (``-1``: none), on their device.
 
         ``query_mask`` (``[B, T]`` bool) keeps only the positions that become ``ctx`` nodes.
         """
-        graph = build_context_graph(neighbour_ids, self.corpus_tokens, self.corpus_doc_ids,
+        graph = build_context_graph(neighbour_ids, self.corpus.tokens, self.corpus.doc_ids,
                                     self.graph_config, query_mask=query_mask)
         return graph.to(neighbour_ids.device)
 
     def next_tokens(self, neighbour_ids: Tensor) -> Tensor:
         """The token that followed each retrieved row (``-1`` where the id is ``-1``)."""
-        table = self.corpus_next_tokens
-        tokens = table[neighbour_ids.clamp(min=0).to(table.device)].to(neighbour_ids.device)
-        return tokens.masked_fill(neighbour_ids < 0, -1)
+        return self.corpus.next_tokens_of(neighbour_ids)
 
     def _reads_keys(self, site: FusionSite) -> bool:
         return self.neighbour_features == "key" or site == self.retrieval_site
@@ -127,8 +124,7 @@ class GraphInputBuilder(nn.Module):
         token_x = token_index = None
         with torch.no_grad():  # the LM is frozen: its embedding needs no graph
             if self.neighbour_embedding == "label":
-                labels = self.next_tokens(nbr.corpus_id.to(self.corpus_next_tokens.device))
-                nbr_x = embedding(labels.to(device)).to(dtype)
+                nbr_x = embedding(self.next_tokens(nbr.corpus_id.to(device))).to(dtype)
             else:
                 nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
                                                                            dtype=dtype)

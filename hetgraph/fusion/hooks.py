@@ -142,6 +142,13 @@ class FusionHooks:
         # retrieval site supplies the queries first (history: _history_ids of input_ids).
         if input_ids is None or history is None:
             raise ValueError("HetGraphLM with a prefetch pass needs input_ids (not inputs_embeds)")
+        if self.lm.config.neighbours == "retrieved":  # neighbours handed in: no queries needed
+            k = context.options.k or self.lm.config.k
+            ready = self.lm.retriever.complete(context.options, k, input_ids.shape[0],
+                                               input_ids.shape[-1], input_ids.device)
+            if ready is not None:
+                context.retrieval = ready
+                return
         mask = context.attention_mask
         if mask is not None and mask.shape[-1] != history.shape[-1]:
             mask = None

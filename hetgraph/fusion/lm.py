@@ -46,10 +46,9 @@ from hetgraph.fusion.gates import RetrievalGate, retrieval_statistics
 from hetgraph.fusion.graph_inputs import GraphInputBuilder
 from hetgraph.fusion.hooks import FusionHooks
 from hetgraph.fusion.persistence import AdapterMismatchError, AdapterPersistenceMixin
-from hetgraph.fusion.random_neighbours import query_identities
 from hetgraph.fusion.retrieval import Retriever
 from hetgraph.fusion.sites import describe_sites, site_key
-from hetgraph.graph import ContextGraph
+from hetgraph.graph import ContextGraph, CorpusTable
 from hetgraph.index import DatastoreIndex
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
 from hetgraph.models.layers import (
@@ -71,8 +70,9 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
 
     The base model is a frozen submodule (``requires_grad_(False)``, always in eval mode),
     so ``lm.to(device)`` / ``.cuda()`` / ``.to(dtype)`` move it together with the
-    adapters, the gates and the corpus token tables; the datastore's arrays stay memory
-    maps on disk and the FAISS index stays on the CPU. Only the adapters and gates are
+    adapters and the gates; the datastore's arrays (keys, tokens, document ids, next
+    tokens) stay memory maps on disk, read at the rows each batch retrieved, and the FAISS
+    index stays on the CPU. Only the adapters and gates are
     trained and saved (:meth:`adapter_state_dict`, :meth:`save_pretrained`).
 
     Args:
@@ -104,7 +104,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         datastore.check(model=model, tokenizer=tokenizer)
         self.model = model
         self.datastore = datastore
-        self.retriever = Retriever(datastore, index)
+        corpus = CorpusTable.of(datastore)  # the datastore's memmaps, read per batch
+        self.retriever = Retriever(datastore, index, corpus)
         width = int(model.config.hidden_size)
         if datastore.dim != width and datastore.key_layer is None:
             raise AdapterMismatchError(
@@ -119,7 +120,7 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         embedding = self.config.neighbour_embedding
         self.graph_inputs = GraphInputBuilder(datastore, self.config.graph,
                                               self.config.neighbour_features, self.retrieval_site,
-                                              neighbour_embedding=embedding)
+                                              neighbour_embedding=embedding, corpus=corpus)
         self.adapters = nn.ModuleDict()
         self.gates = nn.ParameterDict()
         self.retrieval_gates = nn.ModuleDict()  # per-site RetrievalGate (gate="retrieval")
@@ -236,25 +237,11 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         ``graph.leakage_scope="corpus"``) are dropped; ``retrieval_margin`` extra candidates
         refill them (``0``: not refilled, as officially). ``tokens``: ``[B, T' >= T]`` ids
         ending at the queries (``-1``: padding) identify random-neighbour queries without a
-        row; ``neighbours`` overrides ``config.neighbours``.
+        row; ``neighbours`` overrides ``config.neighbours``. Positions that
+        ``options.retrieval`` covers take its neighbours and are not searched again.
         """
-        options = options or CallOptions()
-        batch, length = queries.shape[:2]
-        positions = options.query_positions
-        if positions is not None:
-            positions = positions[:, -length:].to(queries.device).reshape(-1)
-        k = options.k or self.config.k
-        leakage = dict(exclude_positions=positions, margin=self.config.retrieval_margin,
-                       radius=self.graph_config.leakage_radius,
-                       same_document=self.graph_config.leakage_scope == "document")
-        flat = queries.reshape(batch * length, -1)
-        if (neighbours or self.config.neighbours) == "random":
-            identities = query_identities(positions, tokens, batch, length,
-                                          self.config.neighbour_seed)
-            distances, ids = self.retriever.random(flat, k, identities, **leakage)
-        else:
-            distances, ids = self.retriever.search(flat, k, **leakage)
-        return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
+        return self.retriever.retrieve(queries, options or CallOptions(), self.config,
+                                       tokens=tokens, neighbours=neighbours)
 
     def build_graph(self, retrieval: Retrieval, length: int,
                     attention_mask: Tensor | None = None) -> ContextGraph:
@@ -346,6 +333,7 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         k: int | None = None,
         output_retrieval: bool = False,
         neighbour_states: NeighbourStates | None = None,
+        retrieval: Retrieval | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the base model with fusion.
@@ -362,10 +350,14 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 :class:`~hetgraph.fusion.context.Retrieval` (neighbour rows and distances).
             neighbour_states: read the windows' part of the adapters from these
                 (:class:`~hetgraph.NeighbourStates`; eval mode).
+            retrieval: neighbours already retrieved for the input positions
+                (:attr:`~hetgraph.fusion.CallOptions.retrieval`): not
+                searched again.
             **kwargs: passed to the base model (``labels``, ``use_cache``, …).
         """
         options = CallOptions(query_positions=query_positions, k=k,
-                              output_retrieval=output_retrieval, neighbour_states=neighbour_states)
+                              output_retrieval=output_retrieval, neighbour_states=neighbour_states,
+                              retrieval=retrieval)
         with self._attached_for_call(), call_options(options):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

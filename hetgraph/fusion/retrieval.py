@@ -1,29 +1,112 @@
-"""Retrieval of neighbour corpus positions for query hidden states."""
+"""Retrieval of neighbour corpus positions for query hidden states.
+
+:class:`Retriever` is the one wrapper of a datastore's FAISS index: the fusion hooks, the
+from-datastore training path and the evaluation (kNN-LM, and the GNN-LM pass that reuses
+the base run's neighbours through :attr:`~hetgraph.fusion.context.CallOptions.retrieval`)
+all search through it, so every position is searched once.
+"""
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
+from hetgraph.configuration import ConfigError
 from hetgraph.datastore import Datastore
-from hetgraph.fusion.random_neighbours import draw_rows
-from hetgraph.graph import leakage_mask
+from hetgraph.fusion.context import CallOptions, Retrieval
+from hetgraph.fusion.random_neighbours import draw_rows, query_identities
+from hetgraph.graph import CorpusTable, leakage_mask
 from hetgraph.index import DatastoreIndex
 from hetgraph.index.rerank import exact_distances
 
+if TYPE_CHECKING:
+    from hetgraph.fusion.config import FusionConfig
+
 
 class Retriever:
-    """Searches a datastore's FAISS index with torch queries and returns torch results.
+    r"""Searches a datastore's FAISS index with torch queries and returns torch results.
 
     Args:
-        datastore: the datastore the index was built over (for document ids).
+        datastore: the datastore the index was built over.
         index: its FAISS index.
+        corpus: the datastore's integer columns (default: :meth:`CorpusTable.of
+            <hetgraph.graph.CorpusTable.of>` the datastore, i.e. its memmaps); the leakage
+            filter reads the document ids of the retrieved rows only.
     """
 
-    def __init__(self, datastore: Datastore, index: DatastoreIndex) -> None:
+    def __init__(self, datastore: Datastore, index: DatastoreIndex,
+                 corpus: CorpusTable | None = None) -> None:
         self.datastore = datastore
         self.index = index
-        self._doc_ids = torch.from_numpy(np.asarray(datastore.doc_ids, dtype=np.int64))
+        self.corpus = corpus if corpus is not None else CorpusTable.of(datastore)
+
+    def check(self, k: int) -> None:
+        """Refuse ``k`` outside ``[1, index size]`` (one-line :class:`ConfigError`)."""
+        if not 1 <= k <= len(self.index):
+            raise ConfigError(f"k must be in [1, {len(self.index)}] (the index size), got {k}; "
+                              "lower k", "k")
+
+    def retrieve(self, queries: Tensor, options: CallOptions, config: FusionConfig, *,
+                 tokens: Tensor | None = None, neighbours: str | None = None) -> Retrieval:
+        """The neighbours of ``[B, T, d]`` query states for one call, as
+        :meth:`HetGraphLM.retrieve <hetgraph.HetGraphLM.retrieve>` describes; positions
+        that ``options.retrieval`` covers take its neighbours and are not searched."""
+        batch, length = queries.shape[:2]
+        positions = options.query_positions
+        if positions is not None:
+            positions = positions[:, -length:].to(queries.device).reshape(-1)
+        k = options.k or config.k
+        leakage = dict(exclude_positions=positions, margin=config.retrieval_margin,
+                       radius=config.graph.leakage_radius,
+                       same_document=config.graph.leakage_scope == "document")
+        flat = queries.reshape(batch * length, -1)
+        if (neighbours or config.neighbours) == "random":
+            identities = query_identities(positions, tokens, batch, length,
+                                          config.neighbour_seed)
+            distances, ids = self.random(flat, k, identities, **leakage)
+            return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
+        given = self.given(options, k, batch, length)
+        if given is None:
+            distances, ids = self.search(flat, k, **leakage)
+            return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
+        distances = given.distances.to(queries.device, torch.float32).reshape(batch * length, k)
+        ids = given.neighbour_ids.to(queries.device, torch.long).reshape(batch * length, k)
+        if not given.is_complete:  # search the positions it does not cover, once
+            distances, ids = distances.clone(), ids.clone()  # never write into the caller's
+            missing = (~given.covered.to(queries.device)).reshape(-1).nonzero().view(-1)
+            if positions is not None:
+                leakage["exclude_positions"] = positions[missing]
+            distances[missing], ids[missing] = self.search(flat[missing], k, **leakage)
+        return Retrieval(distances.view(batch, length, k), ids.view(batch, length, k))
+
+    @staticmethod
+    def given(options: CallOptions, k: int, batch: int, length: int) -> Retrieval | None:
+        """``options.retrieval`` for the last ``length`` positions of a ``batch``-row call
+        with ``k`` neighbours per position (``None`` when there is none).
+
+        Raises:
+            ValueError: it does not have ``[batch, >= length, k]`` neighbours.
+        """
+        given = options.retrieval
+        if given is None:
+            return None
+        shape = tuple(given.neighbour_ids.shape)
+        if len(shape) != 3 or shape[0] != batch or shape[1] < length or shape[2] != k:
+            raise ValueError(f"CallOptions.retrieval holds neighbours of shape {shape}; this "
+                             f"call needs [{batch}, >= {length}, k={k}]: retrieve with the "
+                             "call's k, over its input positions")
+        return given.last(length)
+
+    def complete(self, options: CallOptions, k: int, batch: int, length: int,
+                 device: torch.device) -> Retrieval | None:
+        """``options.retrieval`` of the last ``length`` positions on ``device`` when it covers
+        every one of them (then a call needs no query states at all), else ``None``."""
+        given = self.given(options, k, batch, length)
+        if given is None or not given.is_complete:
+            return None
+        return Retrieval(given.distances.to(device, torch.float32),
+                         given.neighbour_ids.to(device, torch.long))
 
     def search(
         self,
@@ -116,7 +199,8 @@ class Retriever:
         same_document: bool,
     ) -> tuple[Tensor, Tensor]:
         found = ids >= 0
-        leaking = leakage_mask(ids, positions, self._doc_ids, radius, same_document=same_document)
+        leaking = leakage_mask(ids, positions, self.corpus.doc_ids, radius,
+                               same_document=same_document)
         keep = found & ~leaking
         # Stable sort moves kept neighbours to the front without changing their order.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]

@@ -11,6 +11,7 @@ from hetgraph.graph.config import (
     GraphConfig,
     context_graph_metadata,
 )
+from hetgraph.graph.corpus import CorpusTable, gather_rows
 from hetgraph.graph.data import ContextGraph, ctx_to_dense, n2c_to_dense, window_rows
 from hetgraph.graph.layout import LayoutKind, WindowLayout
 from hetgraph.graph.leakage import leakage_mask
@@ -23,12 +24,14 @@ __all__ = [
     "N2N",
     "NBR",
     "ContextGraph",
+    "CorpusTable",
     "GraphConfig",
     "LayoutKind",
     "WindowLayout",
     "build_context_graph",
     "context_graph_metadata",
     "ctx_to_dense",
+    "gather_rows",
     "leakage_mask",
     "n2c_to_dense",
     "window_rows",

@@ -16,14 +16,16 @@ from torch import Tensor
 from torch_geometric.typing import EdgeType
 
 from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, GraphConfig
+from hetgraph.graph.corpus import Column, column_length, gather_rows
 from hetgraph.graph.data import ContextGraph
 from hetgraph.graph.layout import LayoutKind, WindowLayout
 from hetgraph.graph.leakage import leakage_mask
 
 
-def _as_tensor(x: Tensor | np.ndarray | Any) -> Tensor:
-    # Datastore arrays are numpy memmaps; avoid a copy where torch can share memory.
-    if isinstance(x, Tensor):
+def _as_column(x: Column | Any) -> Column:
+    # Datastore columns are numpy memmaps: kept as they are and read at the rows a graph
+    # needs (gather_rows); anything else array-like becomes a tensor.
+    if isinstance(x, (Tensor, np.ndarray)):
         return x
     return torch.as_tensor(np.asarray(x))
 
@@ -31,17 +33,17 @@ def _as_tensor(x: Tensor | np.ndarray | Any) -> Tensor:
 class _Corpus(NamedTuple):
     """The datastore's token and document columns, read from the graph's device."""
 
-    tokens: Tensor
-    docs: Tensor
+    tokens: Column
+    docs: Column
     device: torch.device
 
     @property
     def size(self) -> int:
-        return self.docs.numel()
+        return column_length(self.docs)
 
-    def lookup(self, table: Tensor, index: Tensor) -> Tensor:
-        # The corpus may live on another device (CPU memmap) than the queries.
-        return table[index.to(table.device)].to(device=self.device, dtype=torch.long)
+    def lookup(self, table: Column, index: Tensor) -> Tensor:
+        # The corpus may live elsewhere (a CPU memmap) than the queries.
+        return gather_rows(table, index, self.device)
 
     def windows(self, rows: Tensor, offsets: Tensor, clip: str) -> tuple[Tensor, Tensor]:
         """Corpus rows ``[..., W]`` of the windows around ``rows`` and which slots
@@ -257,8 +259,8 @@ def _layout_kind(config: GraphConfig) -> LayoutKind:
 
 def build_context_graph(
     neighbour_ids: Tensor,
-    corpus_tokens: Tensor,
-    corpus_doc_ids: Tensor,
+    corpus_tokens: Column,
+    corpus_doc_ids: Column,
     config: GraphConfig,
     query_positions: Tensor | None = None,
     query_mask: Tensor | None = None,
@@ -278,8 +280,10 @@ def build_context_graph(
     Args:
         neighbour_ids: ``[B, T, k]`` int datastore rows retrieved for each
             position; ``-1`` marks a missing neighbour (creates no node).
-        corpus_tokens: ``[N]`` token id of every datastore row.
-        corpus_doc_ids: ``[N]`` document id of every datastore row.
+        corpus_tokens: ``[N]`` token id of every datastore row: a tensor, or a numpy
+            array such as the datastore's memmap (read at the rows the graph needs only,
+            on the CPU, and those rows moved to ``neighbour_ids``' device).
+        corpus_doc_ids: ``[N]`` document id of every datastore row (the same).
         config: The :class:`GraphConfig`.
         query_positions: ``[B, T]`` datastore row of each query position when
             the query text is itself in the datastore (``-1`` otherwise).
@@ -301,10 +305,10 @@ def build_context_graph(
         )
     device = neighbour_ids.device
     B, T, K = neighbour_ids.shape
-    corpus = _Corpus(_as_tensor(corpus_tokens), _as_tensor(corpus_doc_ids), device)
-    if corpus.tokens.numel() != corpus.size:
+    corpus = _Corpus(_as_column(corpus_tokens), _as_column(corpus_doc_ids), device)
+    if column_length(corpus.tokens) != corpus.size:
         raise ValueError(
-            f"corpus_tokens ({corpus.tokens.numel()}) and corpus_doc_ids ({corpus.size}) "
+            f"corpus_tokens ({column_length(corpus.tokens)}) and corpus_doc_ids ({corpus.size}) "
             "differ in length"
         )
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
+
+from hetgraph.graph.corpus import column_length, gather_rows
 
 
 def leakage_mask(
@@ -24,24 +25,20 @@ def leakage_mask(
     Args:
         neighbour_ids: ``[Q, k]`` datastore rows (negative = missing, never leaks).
         query_positions: ``[Q]`` datastore row of each query, ``-1`` if not in the store.
-        corpus_doc_ids: ``[N]`` document id of every datastore row.
+        corpus_doc_ids: ``[N]`` document id of every datastore row (a tensor, or a numpy
+            memmap read at the rows asked for only).
         radius: leakage radius in rows.
         same_document: only neighbours of the query's own document can leak.
 
     Returns:
         ``[Q, k]`` bool, ``True`` where the neighbour must be dropped.
     """
-    # Datastore arrays are numpy memmaps; avoid a copy where torch can share memory.
-    docs = (
-        corpus_doc_ids
-        if isinstance(corpus_doc_ids, Tensor)
-        else torch.as_tensor(np.asarray(corpus_doc_ids))
-    )
-    n = docs.shape[0]
+    # Datastore columns are numpy memmaps: only the rows asked for are read (gather_rows).
+    n = column_length(corpus_doc_ids)
     rows = neighbour_ids.long()
     own = query_positions.long().to(rows.device)[:, None]
 
     def doc_of(ids: Tensor) -> Tensor:
-        return docs[ids.clamp(min=0, max=max(n - 1, 0)).to(docs.device)].to(rows.device)
+        return gather_rows(corpus_doc_ids, ids.clamp(min=0, max=max(n - 1, 0)))
     near = (rows >= 0) & (own >= 0) & ((own - rows).abs() < radius)
     return near & (doc_of(own) == doc_of(rows)) if same_document else near

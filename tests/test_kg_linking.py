@@ -125,3 +125,13 @@ def test_aliases_link_in_text_with_word_boundaries_and_variants():
                  int(links.entities[s, 0])) for s in range(len(ids)) if links.mention_start[s] == s}
     assert {(text, e) for _, text, e in mentions} == {
         ("Dog", 0), (" hot dog", 1), (" sea turtle", 2)}
+
+
+@pytest.mark.parametrize("t", [0, 1, 3])
+def test_empty_inputs_and_a_linker_without_aliases(t):
+    empty = EntityLinker(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32),
+                         max_entities=2)
+    links = empty(torch.zeros(2, t, dtype=torch.long))
+    assert links.entities.shape == (2, t, 2) and bool((links.entities == -1).all())
+    linker = EntityLinker(np.array([0]), np.array([0, 1]), np.array([5]))
+    assert linker(torch.zeros(1, t, dtype=torch.long)).entities[..., 0].tolist() == [[5] * t]

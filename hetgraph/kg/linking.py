@@ -201,7 +201,10 @@ class EntityLinker:
             start[:, j:] = torch.where(source, positions[:, :t - j], start[:, j:])
             span[:, j:] = torch.where(source, length[:, :t - j], span[:, j:])
             covering[:, j:] = torch.where(source, key[:, :t - j], covering[:, j:])
-        entities = torch.where(covering[..., None] >= 0, self.table[covering.clamp(min=0)], -1)
+        entities = torch.full((b, t, self.max_entities), -1, dtype=torch.long, device=ids.device)
+        if self.num_keys:
+            entities = torch.where(covering[..., None] >= 0, self.table[covering.clamp(min=0)],
+                                   entities)
         links = EntityLinks(entities, start, span)
         if single:
             links = EntityLinks(entities[0], start[0], span[0])

@@ -90,6 +90,7 @@ def train_grid(lrs: list[float], common: list[Any], config: Path, log: Path
             "lr": lr, "directory": str(directory.relative_to(ROOT)),
             "step0_valid_ppl": curve.get(0), "valid_ppl_by_step": curve,
             "best_step": result["best_step"], "best_valid_ppl": result["best_valid_ppl"],
+            "training_seconds": round(result["seconds"], 1),  # the trainer's own wall clock
             "cost": read_json(directory / "cost.json") if (directory / "cost.json").is_file()
             else None}
     return grid

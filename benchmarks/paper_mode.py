@@ -72,28 +72,51 @@ def paper_config(out: Path) -> Path:
     return path
 
 
-def train_grid(lrs: list[float], common: list[Any], config: Path, log: Path
-               ) -> dict[str, Any]:
-    """Train one paper-mode adapter per learning rate; their valid curves and costs."""
+def trained_record(directory: Path) -> tuple[dict[str, Any], bool] | None:
+    """``(result, finished)`` of a training: ``training.json`` when it finished, else the
+    last checkpoint's (a grid point stopped for budget), else ``None``."""
+    if (directory / "training.json").is_file():
+        return read_json(directory / "training.json")["result"], True
+    state = directory / "checkpoint" / "trainer_state.json"
+    return (read_json(state)["result"], False) if state.is_file() else None
+
+
+def train_grid(lrs: list[float], common: list[Any], config: Path, log: Path, *,
+               train: bool) -> dict[str, Any]:
+    """Train one paper-mode adapter per learning rate (unless ``train`` is false: then only
+    what is on disk is read); their valid curves and costs."""
     grid = {}
     for lr in lrs:
         directory = OUT / f"paper-lr{lr:g}"
-        if not (directory / "training.json").is_file():
+        if train and not (directory / "training.json").is_file():
             cpu = children_cpu_seconds()
             hetgraph("train", *common, "--config", config, "--preset", "paper", "--lr", lr,
                      "--out", directory, log=log)
             atomic_write_json(directory / "cost.json",
                               {"cpu_seconds": round(children_cpu_seconds() - cpu, 1)})
-        result = read_json(directory / "training.json")["result"]
+        record = trained_record(directory)
+        if record is None:
+            continue
+        result, finished = record
         curve = {int(step): ppl for step, ppl in result["valid_ppl"].items()}
         grid[f"{lr:g}"] = {
-            "lr": lr, "directory": str(directory.relative_to(ROOT)),
-            "step0_valid_ppl": curve.get(0), "valid_ppl_by_step": curve,
-            "best_step": result["best_step"], "best_valid_ppl": result["best_valid_ppl"],
+            "lr": lr, "directory": str(directory.relative_to(ROOT)), "finished": finished,
+            "steps": result["steps"], "step0_valid_ppl": curve.get(0),
+            "valid_ppl_by_step": curve, "best_step": result["best_step"],
+            "best_valid_ppl": result["best_valid_ppl"],
             "training_seconds": round(result["seconds"], 1),  # the trainer's own wall clock
             "cost": read_json(directory / "cost.json") if (directory / "cost.json").is_file()
             else None}
     return grid
+
+
+def choose_lr(grid: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The grid point with the lowest valid perplexity at the last step every point reached
+    (points stopped early for budget are compared where they stopped), and that step."""
+    step = min(max(arm["valid_ppl_by_step"]) for arm in grid.values())
+    chosen = min(grid.values(), key=lambda arm: arm["valid_ppl_by_step"].get(step, math.inf)
+                 if math.isfinite(arm["valid_ppl_by_step"].get(step, math.inf)) else math.inf)
+    return chosen, step
 
 
 def compare_with_default(paper_file: Path, bootstrap: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +141,9 @@ def main() -> None:
     parser.add_argument("--test-tokens", type=int, default=16384)
     parser.add_argument("--valid-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: report the grid points on disk (one stopped "
+                             "for budget is compared at the step it reached)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     log = OUT / "commands.log"
@@ -127,9 +153,11 @@ def main() -> None:
         hetgraph("datastore", "build", "--threads", args.threads, "--out", datastore,
                  "--max-tokens", 60000, "--context-length", 512, "--stride", 384, log=log)
     config = paper_config(OUT)
-    grid = train_grid(args.lrs, common, config, log)
-    chosen = min(grid.values(), key=lambda arm: arm["best_valid_ppl"]
-                 if math.isfinite(arm["best_valid_ppl"]) else math.inf)
+    grid = train_grid(args.lrs, common, config, log, train=not args.no_train)
+    chosen, compared_at = choose_lr(grid)
+    if not chosen["finished"]:
+        raise SystemExit(f"the chosen lr {chosen['lr']:g} has not finished training; run "
+                         "again without --no-train")
     target = OUT / f"eval-paper-lr{chosen['lr']:g}.json"
     if not target.is_file():
         hetgraph("eval", *common, "--config", config, "--adapter", ROOT / chosen["directory"],
@@ -142,10 +170,11 @@ def main() -> None:
                   "preset": "paper: 3 layers x 8 heads at the model width 576, replace mode",
                   "training": {**PAPER_TRAINING, "steps": 150, "batch": "4 x 128 tokens",
                                "tokens": 150 * 4 * 128, "lr_grid": args.lrs,
-                               "chosen_on": "best valid perplexity"},
+                               "chosen_on": "valid perplexity at the last step every "
+                                            "grid point reached"},
                   "evaluation": {"test_tokens": test["tokens"], "documents": test["documents"],
                                  "sample": test["sample"], "bootstrap": test["bootstrap"]}},
-        "lr_grid": grid, "chosen_lr": chosen["lr"],
+        "lr_grid": grid, "chosen_lr": chosen["lr"], "lr_compared_at_step": compared_at,
         "test": {m: test[m] for m in ("base", "knn", "gnn", "gnn_knn")},
         "test_ratios": test["ratios"],
         "paired_with_default": compare_with_default(target.with_suffix(".safetensors"),

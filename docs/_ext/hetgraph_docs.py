@@ -277,9 +277,14 @@ def paper_mode_body() -> str:
         return ("Not measured under the protocol yet: run ``.venv/bin/python "
                 "benchmarks/paper_mode.py`` (it resumes).\n\n")
     out = [textwrap.fill(data.get("discussion", ""), 100, break_long_words=False), ""]
-    rows = [[f"{arm['lr']:g}", f"{arm['step0_valid_ppl']:.3f}", f"{arm['best_valid_ppl']:.3f}",
-             str(arm["best_step"])] for arm in data["lr_grid"].values()]
-    out += _list_table(["lr", "valid ppl at step 0", "best valid ppl", "at step"], rows)
+    step = data.get("lr_compared_at_step")
+    rows = [[f"{arm['lr']:g}", f"{arm['steps']}" + ("" if arm["finished"] else " (stopped)"),
+             f"{arm['step0_valid_ppl']:.3f}",
+             f"{arm['valid_ppl_by_step'].get(str(step), float('nan')):.3f}",
+             f"{arm['best_valid_ppl']:.3f} (step {arm['best_step']})"]
+            for arm in data["lr_grid"].values()]
+    out += _list_table(["lr", "steps trained", "valid ppl at step 0",
+                        f"valid ppl at step {step}", "best valid ppl"], rows)
     test = data["test"]
     setup = data["setup"]["evaluation"]
     out.append(f"Test, lr {data['chosen_lr']:g} (chosen on valid): {setup['test_tokens']} tokens "

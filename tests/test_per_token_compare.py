@@ -57,7 +57,7 @@ def test_different_tokens_are_refused(tmp_path):
 def test_a_file_that_is_not_a_per_token_file_is_refused(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not safetensors")
-    with pytest.raises(PerTokenError, match="bad.safetensors: cannot read it"):
+    with pytest.raises(PerTokenError, match=r"bad\.safetensors: cannot read it"):
         read_per_token(bad)
-    with pytest.raises(PerTokenError, match="missing.safetensors: cannot read it"):
+    with pytest.raises(PerTokenError, match=r"missing\.safetensors: cannot read it"):
         read_per_token(tmp_path / "missing.safetensors")

@@ -285,6 +285,9 @@ def paper_mode_body() -> str:
             for arm in data["lr_grid"].values()]
     out += _list_table(["lr", "steps trained", "valid ppl at step 0",
                         f"valid ppl at step {step}", "best valid ppl"], rows)
+    if data.get("base_valid_ppl"):
+        out += [f"The base model's valid perplexity on the same valid tokens: "
+                f"{data['base_valid_ppl']:.3f}.", ""]
     test = data["test"]
     setup = data["setup"]["evaluation"]
     out.append(f"Test, lr {data['chosen_lr']:g} (chosen on valid): {setup['test_tokens']} tokens "

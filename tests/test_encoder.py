@@ -83,7 +83,8 @@ def test_identity_encoder_reproduces_the_raw_neighbours_exactly(tmp_path):
     d_raw, i_raw = raw.search(queries, 10)
     d_enc, i_enc = encoded.search(queries, 10)
     np.testing.assert_array_equal(i_enc, i_raw)
-    np.testing.assert_array_equal(d_enc, d_raw)
+    # Two indexes may compute the same distances through different kernels: close, not equal.
+    np.testing.assert_allclose(d_enc, d_raw, rtol=1e-5, atol=1e-5)
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path):

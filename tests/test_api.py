@@ -1,4 +1,5 @@
 """The public API and the package's structural rules, checked on the source itself."""
+
 from __future__ import annotations
 
 import ast
@@ -20,10 +21,17 @@ def test_every_export_resolves():
 
 def test_type_checking_block_lists_every_lazy_export():
     tree = ast.parse((PACKAGE / "__init__.py").read_text())
-    block = next(node for node in tree.body if isinstance(node, ast.If)
-                 and getattr(node.test, "id", None) == "TYPE_CHECKING")
-    eager = {(alias.asname or alias.name, node.module) for node in block.body
-             if isinstance(node, ast.ImportFrom) for alias in node.names}
+    block = next(
+        node
+        for node in tree.body
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    )
+    eager = {
+        (alias.asname or alias.name, node.module)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     lazy = {(name, module) for name, module in hetgraph._EXPORTS.items()}
     assert eager == lazy
 
@@ -49,24 +57,36 @@ def test_no_module_reads_another_objects_private_members(path):
     assert _foreign_private_reads(ast.parse(path.read_text())) == []
 
 
-#: Modules allowed past 400 lines, each with its ceiling and why it is still one concept
-#: (a line count is a smell detector: a split must follow the concept, not the count).
+#: Sizes are counted in statement lines (``ast.unparse``: one line per simple statement,
+#: docstrings kept, comments and the formatter's line wrapping not counted), so adopting a
+#: formatter does not move them. Modules allowed past the ceiling, each with its own and why
+#: it is still one concept (a size is a smell detector: a split must follow the concept).
+MODULE_CEILING = 360
+FUNCTION_CEILING = 75
 LONG_MODULES = {
-    "cli_commands.py": (550, "one function per command of the CLI (nine, with their "
-                             "controls) and the loaders they share; the option types and the "
-                             "checks against files are their own modules already"),
+    "cli_commands.py": (
+        400,
+        "one function per command of the CLI (nine, with their "
+        "controls) and the loaders they share; the option types and the "
+        "checks against files are their own modules already",
+    ),
 }
+
+
+def _statement_lines(node: ast.AST) -> int:
+    return ast.unparse(node).count("\n") + 1
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_functions_and_modules_stay_readable(path):
-    source = path.read_text()
-    ceiling = LONG_MODULES.get(str(path.relative_to(PACKAGE)), (400, ""))[0]
-    assert source.count("\n") <= ceiling, f"{path.name} has {source.count(chr(10))} lines"
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(path.read_text())
+    ceiling = LONG_MODULES.get(str(path.relative_to(PACKAGE)), (MODULE_CEILING, ""))[0]
+    size = _statement_lines(tree)
+    assert size <= ceiling, f"{path.name} has {size} statement lines"
+    for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            length = node.end_lineno - node.lineno + 1
-            assert length <= 90, f"{node.name} (line {node.lineno}) has {length} lines"
+            length = _statement_lines(node)
+            assert length <= FUNCTION_CEILING, f"{node.name} (line {node.lineno}) has {length}"
 
 
 @pytest.mark.parametrize("module", ["hetgraph.graph", "hetgraph.nn"])
@@ -76,7 +96,9 @@ def test_graph_and_nn_import_without_faiss_or_the_fusion_code(module):
     import subprocess
     import sys
 
-    code = (f"import sys; import {module}; "
-            "assert not {'faiss', 'hetgraph.fusion', 'hetgraph.datastore'} & set(sys.modules)")
+    code = (
+        f"import sys; import {module}; "
+        "assert not {'faiss', 'hetgraph.fusion', 'hetgraph.datastore'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert importlib.import_module(module)

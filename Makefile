@@ -19,7 +19,7 @@ STAMP      := $(VENV)/.hetgraph-installed
 
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: setup demo test bench docs clean constraints
+.PHONY: setup demo test lint bench docs clean constraints
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The linter and the formatter, as CI runs them (`ruff format .` applies the formatting).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/python benchmarks/knnlm.py

@@ -34,6 +34,7 @@ Usage: python benchmarks/ablation.py --corpus python [--arms head paper_2x256 ..
        python benchmarks/ablation.py --corpus python60k --generate head every4th all
        python benchmarks/ablation.py --report-only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,10 @@ def arm_stages(name: str, default: FusionConfig) -> list[tuple[str, FusionConfig
         "gate": _gate_arm(default),
     }
     if name == "two_stage":
-        return [("two_stage_1", default, 2 / 3),
-                ("two_stage_2", _graph(replace(default, k=128), left=2, right=2), 1 / 3)]
+        return [
+            ("two_stage_1", default, 2 / 3),
+            ("two_stage_2", _graph(replace(default, k=128), left=2, right=2), 1 / 3),
+        ]
     fusion = single[TRAINING_ARMS[name][0] if name in TRAINING_ARMS else name]
     return [] if fusion is None else [(name, fusion, 1.0)]
 
@@ -152,13 +155,23 @@ def cpu_seconds() -> float:
 
 def tuned_knn(valid: Any, test: Any) -> dict[str, float]:
     """kNN mixture with λ and T tuned on ``valid`` only, scored once on ``test``."""
-    lam, temperature, _ = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
-                                   valid.targets, DEFAULT_LAMBDAS,
-                                   default_temperatures(valid.knn_distances))
+    lam, temperature, _ = tune_knn(
+        valid.lm_log_probs,
+        valid.knn_distances,
+        valid.knn_tokens,
+        valid.targets,
+        DEFAULT_LAMBDAS,
+        default_temperatures(valid.knn_distances),
+    )
     valid_ppl = score_knn(valid, lam, temperature, "kNN valid")["ppl"]
     test_scores = score_knn(test, lam, temperature, "kNN")
-    return {"valid_ppl": valid_ppl, "test_ppl": test_scores["ppl"], "test_acc": test_scores["acc"],
-            "lambda": float(lam), "temperature": float(temperature)}
+    return {
+        "valid_ppl": valid_ppl,
+        "test_ppl": test_scores["ppl"],
+        "test_acc": test_scores["acc"],
+        "lambda": float(lam),
+        "temperature": float(temperature),
+    }
 
 
 class Bench:
@@ -175,14 +188,20 @@ class Bench:
         tokens = args.eval_tokens + 1
         run.evaluation = replace(run.evaluation, max_tokens=tokens, valid_tokens=tokens)
         # float32 unless an arm says otherwise (TRAINING_ARMS), as the arms were measured
-        run.training = replace(run.training, max_steps=args.steps, eval_every=0,
-                               checkpoint_every=max(1, args.steps // 4), mixed_precision="no")
+        run.training = replace(
+            run.training,
+            max_steps=args.steps,
+            eval_every=0,
+            checkpoint_every=max(1, args.steps // 4),
+            mixed_precision="no",
+        )
         self.run = run
         set_threads(args.threads)
         self.model, self.tokenizer = load_model(run.model, device=torch.device("cpu"))
         self.corpus = tokenize_corpus(run.corpus, self.tokenizer, show_progress=False)
-        self.store, self.index = prepare_datastore(self.model, self.tokenizer, self.corpus, run,
-                                                   self.out)
+        self.store, self.index = prepare_datastore(
+            self.model, self.tokenizer, self.corpus, run, self.out
+        )
         self.train = self.corpus.train.truncate(len(self.store) + 1)
         self.valid = self.corpus.valid.truncate(tokens)
         self.test = self.corpus.test.truncate(tokens)
@@ -190,22 +209,35 @@ class Bench:
         self._base: dict[str, Any] | None = None
         training = run.training
         budget = training.max_steps * training.batch_size * training.context_length
-        atomic_write_json(self.out / "setup.json", {
-            "corpus": spec["corpus"] or "embedded Python 3.11 docs",
-            "model": "embedded SmolLM2-135M-Instruct (fp32)",
-            "datastore_rows": len(self.store), "index": self.index.factory,
-            "datastore_windows": f"{run.datastore.context_length} / stride {run.datastore.stride}",
-            "feature_layers": ", ".join(map(str, run.datastore.feature_layers)) or "none",
-            "budget": (f"{training.max_steps} steps x {training.batch_size} x "
-                       f"{training.context_length} = {budget} training tokens per arm, lr "
-                       f"{training.lr}, {training.schedule}, no early stopping inside it"),
-            "evaluation": (f"{args.eval_tokens} valid + {args.eval_tokens} test tokens, windows "
-                           f"{run.evaluation.context_length} / stride {run.evaluation.stride}; "
-                           "lambda and T tuned on valid"),
-            "machine": (f"{platform.machine()}, {args.threads} torch threads, CPU only, "
-                        "2 cores shared with other jobs: wall-clock is not comparable "
-                        "across arms, CPU seconds are closer"),
-            "resume": f"python benchmarks/ablation.py --corpus {corpus_name} --threads 1"})
+        atomic_write_json(
+            self.out / "setup.json",
+            {
+                "corpus": spec["corpus"] or "embedded Python 3.11 docs",
+                "model": "embedded SmolLM2-135M-Instruct (fp32)",
+                "datastore_rows": len(self.store),
+                "index": self.index.factory,
+                "datastore_windows": (
+                    f"{run.datastore.context_length} / stride {run.datastore.stride}"
+                ),
+                "feature_layers": ", ".join(map(str, run.datastore.feature_layers)) or "none",
+                "budget": (
+                    f"{training.max_steps} steps x {training.batch_size} x "
+                    f"{training.context_length} = {budget} training tokens per arm, lr "
+                    f"{training.lr}, {training.schedule}, no early stopping inside it"
+                ),
+                "evaluation": (
+                    f"{args.eval_tokens} valid + {args.eval_tokens} test tokens, windows "
+                    f"{run.evaluation.context_length} / stride {run.evaluation.stride}; "
+                    "lambda and T tuned on valid"
+                ),
+                "machine": (
+                    f"{platform.machine()}, {args.threads} torch threads, CPU only, "
+                    "2 cores shared with other jobs: wall-clock is not comparable "
+                    "across arms, CPU seconds are closer"
+                ),
+                "resume": f"python benchmarks/ablation.py --corpus {corpus_name} --threads 1",
+            },
+        )
 
     def base(self) -> dict[str, Any]:
         """Base-LM and kNN-LM outputs on valid and test (computed once, kept in memory), and
@@ -213,17 +245,23 @@ class Bench:
         if self._base is None:
             search = NeighbourSearch(self.index, self.store)
             started = time.perf_counter()
-            valid = collect_lm_outputs(self.model, self.valid, self.windows, search=search,
-                                       show_progress=False)
-            test = collect_lm_outputs(self.model, self.test, self.windows, search=search,
-                                      show_progress=False)
+            valid = collect_lm_outputs(
+                self.model, self.valid, self.windows, search=search, show_progress=False
+            )
+            test = collect_lm_outputs(
+                self.model, self.test, self.windows, search=search, show_progress=False
+            )
             seconds = time.perf_counter() - started
-            record = {"valid_ppl": score_lm(valid, "base valid")["ppl"],
-                      "test_ppl": score_lm(test, "base")["ppl"],
-                      "test_acc": score_lm(test, "base")["acc"],
-                      "knn": tuned_knn(valid, test), "valid_tokens": len(valid),
-                      "test_tokens": len(test), "k": int(self.windows.k),
-                      "seconds": round(seconds, 1)}
+            record = {
+                "valid_ppl": score_lm(valid, "base valid")["ppl"],
+                "test_ppl": score_lm(test, "base")["ppl"],
+                "test_acc": score_lm(test, "base")["acc"],
+                "knn": tuned_knn(valid, test),
+                "valid_tokens": len(valid),
+                "test_tokens": len(test),
+                "k": int(self.windows.k),
+                "seconds": round(seconds, 1),
+            }
             atomic_write_json(self.out / "base.json", record)
             self._base = {"valid": valid, "test": test, "record": record}
         return self._base
@@ -233,18 +271,33 @@ class Bench:
         base = self.base()
         forward = gnn_forward(lm)
         started = time.perf_counter()
-        valid = collect_lm_outputs(self.model, self.valid, self.windows, forward=forward,
-                                   neighbours_from=base["valid"], show_progress=False)
-        test = collect_lm_outputs(self.model, self.test, self.windows, forward=forward,
-                                  neighbours_from=base["test"], show_progress=False)
+        valid = collect_lm_outputs(
+            self.model,
+            self.valid,
+            self.windows,
+            forward=forward,
+            neighbours_from=base["valid"],
+            show_progress=False,
+        )
+        test = collect_lm_outputs(
+            self.model,
+            self.test,
+            self.windows,
+            forward=forward,
+            neighbours_from=base["test"],
+            show_progress=False,
+        )
         seconds = time.perf_counter() - started
         gnn_test = score_lm(test, "GNN")
         mixed = tuned_knn(valid, test)
         record = base["record"]
         return {
-            "gnn_valid_ppl": score_lm(valid, "GNN valid")["ppl"], "gnn_test_ppl": gnn_test["ppl"],
-            "gnn_test_acc": gnn_test["acc"], "gnn_knn_valid_ppl": mixed["valid_ppl"],
-            "gnn_knn_test_ppl": mixed["test_ppl"], "gnn_knn_lambda": mixed["lambda"],
+            "gnn_valid_ppl": score_lm(valid, "GNN valid")["ppl"],
+            "gnn_test_ppl": gnn_test["ppl"],
+            "gnn_test_acc": gnn_test["acc"],
+            "gnn_knn_valid_ppl": mixed["valid_ppl"],
+            "gnn_knn_test_ppl": mixed["test_ppl"],
+            "gnn_knn_lambda": mixed["lambda"],
             "gnn_knn_temperature": mixed["temperature"],
             "gnn_over_base": gnn_test["ppl"] / record["test_ppl"],
             "gnn_knn_over_knn": mixed["test_ppl"] / record["knn"]["test_ppl"],
@@ -252,30 +305,39 @@ class Bench:
             "eval_seconds": round(seconds, 1),
         }
 
-    def train_stage(self, stage: str, fusion: FusionConfig, steps: int,
-                    init_from: Path | None) -> tuple[HetGraphLM, dict[str, Any]]:
+    def train_stage(
+        self, stage: str, fusion: FusionConfig, steps: int, init_from: Path | None
+    ) -> tuple[HetGraphLM, dict[str, Any]]:
         """Train (or resume, or reuse) one stage's adapter under ``<out>/adapters/<stage>``."""
         changes = TRAINING_ARMS.get(stage, ("", {}))[1]
-        training = replace(self.run.training, **changes, max_steps=steps,
-                           warmup_steps=min(self.run.training.warmup_steps, steps),
-                           checkpoint_every=max(1, steps // 4),
-                           init_from=None if init_from is None else str(init_from))
+        training = replace(
+            self.run.training,
+            **changes,
+            max_steps=steps,
+            warmup_steps=min(self.run.training.warmup_steps, steps),
+            checkpoint_every=max(1, steps // 4),
+            init_from=None if init_from is None else str(init_from),
+        )
         adapter_dir = self.out / "adapters" / stage
         torch.manual_seed(training.seed)
         lm = HetGraphLM(self.model, self.store, self.index, fusion, tokenizer=self.tokenizer)
         cpu = cpu_seconds()
         if (adapter_dir / "training.json").is_file():
-            lm = HetGraphLM.from_pretrained(adapter_dir, self.model, self.store, self.index,
-                                            tokenizer=self.tokenizer)
+            lm = HetGraphLM.from_pretrained(
+                adapter_dir, self.model, self.store, self.index, tokenizer=self.tokenizer
+            )
         else:
             train_adapter(lm, self.train, None, training, adapter_dir, show_progress=False)
         saved = read_json(adapter_dir / "training.json")["result"]
         tokens = steps * training.batch_size * training.context_length
-        return lm, {"steps": saved["steps"], "tokens": tokens, "seconds": saved["seconds"],
-                    "cpu_seconds": cpu_seconds() - cpu,
-                    "from_datastore": bool(lm.can_run_from_datastore),
-                    "trained_parameters": sum(p.numel() for p in lm.parameters()
-                                              if p.requires_grad)}
+        return lm, {
+            "steps": saved["steps"],
+            "tokens": tokens,
+            "seconds": saved["seconds"],
+            "cpu_seconds": cpu_seconds() - cpu,
+            "from_datastore": bool(lm.can_run_from_datastore),
+            "trained_parameters": sum(p.numel() for p in lm.parameters() if p.requires_grad),
+        }
 
     def run_arm(self, name: str) -> dict[str, Any] | None:
         stages = arm_stages(name, self.run.fusion)
@@ -296,29 +358,38 @@ class Bench:
             parts.append(done)
         logging.info("[%s] arm %s: evaluating", self.name, name)
         record = {**self.describe(lm.config), **self.evaluate(lm)}
-        record.update({
-            "training_tokens": totals["tokens"], "training_seconds": round(totals["seconds"], 1),
-            "training_cpu_seconds": round(totals["cpu_seconds"], 1),
-            "training_tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
-            "from_datastore": parts[-1]["from_datastore"],
-            "trained_parameters": parts[-1]["trained_parameters"],
-            "peak_rss_mb": round(peak_rss_mb()),
-        })
+        record.update(
+            {
+                "training_tokens": totals["tokens"],
+                "training_seconds": round(totals["seconds"], 1),
+                "training_cpu_seconds": round(totals["cpu_seconds"], 1),
+                "training_tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
+                "from_datastore": parts[-1]["from_datastore"],
+                "trained_parameters": parts[-1]["trained_parameters"],
+                "peak_rss_mb": round(peak_rss_mb()),
+            }
+        )
         return record
 
     @staticmethod
     def describe(fusion: FusionConfig) -> dict[str, Any]:
         sites = fusion.fusion_layers
-        return {"sites": ", ".join(str(s) for s in sites) if len(sites) <= 8
-                else f"{len(sites)} decoder layers",
-                "fusion_mode": fusion.fusion_mode, "k": fusion.k, "left": fusion.graph.left,
-                "right": fusion.graph.right, "c2c": fusion.graph.c2c,
-                "feed_forward": fusion.adapter.feed_forward,
-                "num_layers": fusion.adapter.num_layers,
-                "hidden_channels": fusion.adapter.hidden_channels or 0,
-                "neighbour_features": fusion.neighbour_features,
-                "gradient_checkpointing": fusion.gradient_checkpointing,
-                "gate": str(getattr(fusion, "gate", "constant"))}
+        return {
+            "sites": ", ".join(str(s) for s in sites)
+            if len(sites) <= 8
+            else f"{len(sites)} decoder layers",
+            "fusion_mode": fusion.fusion_mode,
+            "k": fusion.k,
+            "left": fusion.graph.left,
+            "right": fusion.graph.right,
+            "c2c": fusion.graph.c2c,
+            "feed_forward": fusion.adapter.feed_forward,
+            "num_layers": fusion.adapter.num_layers,
+            "hidden_channels": fusion.adapter.hidden_channels or 0,
+            "neighbour_features": fusion.neighbour_features,
+            "gradient_checkpointing": fusion.gradient_checkpointing,
+            "gate": str(getattr(fusion, "gate", "constant")),
+        }
 
 
 def run_curve(bench: Bench, name: str, max_steps: int) -> None:
@@ -344,8 +415,15 @@ def run_curve(bench: Bench, name: str, max_steps: int) -> None:
             continue
         started = time.perf_counter()
         try:
-            train_adapter(lm, bench.train, None, training, adapter_dir, show_progress=False,
-                          stop_after=step - done if step < points[-1] else None)
+            train_adapter(
+                lm,
+                bench.train,
+                None,
+                training,
+                adapter_dir,
+                show_progress=False,
+                stop_after=step - done if step < points[-1] else None,
+            )
         except KeyboardInterrupt:  # stop_after: the checkpoint at `step` is on disk
             pass
         done = step
@@ -353,14 +431,22 @@ def run_curve(bench: Bench, name: str, max_steps: int) -> None:
         result = bench.evaluate(lm)
         curve[str(step)] = {
             "training_tokens": step * training.batch_size * training.context_length,
-            "valid_ppl": result["gnn_valid_ppl"], "test_ppl": result["gnn_test_ppl"],
+            "valid_ppl": result["gnn_valid_ppl"],
+            "test_ppl": result["gnn_test_ppl"],
             "gnn_over_base": result["gnn_over_base"],
             "gnn_knn_test_ppl": result["gnn_knn_test_ppl"],
-            "training_seconds_this_leg": round(time.perf_counter() - started, 1)}
+            "training_seconds_this_leg": round(time.perf_counter() - started, 1),
+        }
         atomic_write_json(path, curve)
-        logging.info("curve %s step %d: valid %.3f test %.3f", name, step,
-                     result["gnn_valid_ppl"], result["gnn_test_ppl"])
+        logging.info(
+            "curve %s step %d: valid %.3f test %.3f",
+            name,
+            step,
+            result["gnn_valid_ppl"],
+            result["gnn_test_ppl"],
+        )
         write_report()
+
 
 def run_generate(bench: Bench, names: list[str], new_tokens: int = 24, rounds: int = 2) -> None:
     """Greedy ``generate`` tokens/s of the trained arms ``names`` against the base model
@@ -372,38 +458,64 @@ def run_generate(bench: Bench, names: list[str], new_tokens: int = 24, rounds: i
         if not (adapter_dir / "training.json").is_file():
             logging.info("generate %s: no trained adapter in %s, skipped", name, adapter_dir)
             continue
-        lms[name] = HetGraphLM.from_pretrained(adapter_dir, bench.model, bench.store, bench.index,
-                                               tokenizer=bench.tokenizer).eval()
+        lms[name] = HetGraphLM.from_pretrained(
+            adapter_dir, bench.model, bench.store, bench.index, tokenizer=bench.tokenizer
+        ).eval()
     device = next(bench.model.parameters()).device
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, lm in lms.items():
             seconds, produced = generate_seconds(lm.generate, bench.tokenizer, new_tokens, device)
             best[name] = max(best.get(name, 0.0), produced / seconds)
-    record = {name: {"tokens_per_s": tps, "over_base": tps / best["base LM"]}
-              for name, tps in best.items()}
-    record["setup"] = {"prompts": len(GENERATE_PROMPTS), "new_tokens": new_tokens,
-                       "rounds": rounds, "threads": bench.args.threads, "kv_cache": True,
-                       "greedy": True}
+    record = {
+        name: {"tokens_per_s": tps, "over_base": tps / best["base LM"]}
+        for name, tps in best.items()
+    }
+    record["setup"] = {
+        "prompts": len(GENERATE_PROMPTS),
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "threads": bench.args.threads,
+        "kv_cache": True,
+        "greedy": True,
+    }
     atomic_write_json(bench.out / "generate.json", record)
     logging.info("generate: %s", record)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="python")
-    parser.add_argument("--arms", nargs="*", choices=ARMS, default=None,
-                        help="arms to run, in this order (default: all)")
-    parser.add_argument("--steps", type=int, default=48,
-                        help="training budget per arm in steps of 4 x 128 tokens")
-    parser.add_argument("--eval-tokens", type=int, default=2048,
-                        help="valid and test tokens scored per arm")
-    parser.add_argument("--curve", nargs="*", choices=ARMS, default=None,
-                        help="learning curve of these arms instead of the arms")
+    parser.add_argument(
+        "--arms",
+        nargs="*",
+        choices=ARMS,
+        default=None,
+        help="arms to run, in this order (default: all)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=48, help="training budget per arm in steps of 4 x 128 tokens"
+    )
+    parser.add_argument(
+        "--eval-tokens", type=int, default=2048, help="valid and test tokens scored per arm"
+    )
+    parser.add_argument(
+        "--curve",
+        nargs="*",
+        choices=ARMS,
+        default=None,
+        help="learning curve of these arms instead of the arms",
+    )
     parser.add_argument("--curve-steps", type=int, default=384)
-    parser.add_argument("--generate", nargs="*", choices=ARMS, default=None,
-                        help="greedy generate tokens/s of these trained arms vs the base model")
+    parser.add_argument(
+        "--generate",
+        nargs="*",
+        choices=ARMS,
+        default=None,
+        help="greedy generate tokens/s of these trained arms vs the base model",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()

@@ -9,6 +9,7 @@ index, encoded through ``ENC`` for the encoded one: the encoder's time is includ
 
 Usage: python benchmarks/encoder_retrieval.py --datastore DS --encoder ENC [--json OUT]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,22 +68,34 @@ def main() -> None:
     encoded_keys = np.load(args.encoder / "index" / "encoded_keys.npy", mmap_mode="r")
     figures = {}
     for name, index, seconds, ids, keys, q in (
-            ("raw", raw, raw_s, raw_ids, np.asarray(store.keys), queries),
-            ("encoded", encoded.index, enc_s, enc_ids, np.asarray(encoded_keys),
-             encoded.encode_queries(queries).numpy())):
+        ("raw", raw, raw_s, raw_ids, np.asarray(store.keys), queries),
+        (
+            "encoded",
+            encoded.index,
+            enc_s,
+            enc_ids,
+            np.asarray(encoded_keys),
+            encoded.encode_queries(queries).numpy(),
+        ),
+    ):
         size = (index.directory / "index.faiss").stat().st_size
         figures[name] = {
-            "factory": index.factory, "dim": index.dim, "metric": index.metric,
+            "factory": index.factory,
+            "dim": index.dim,
+            "metric": index.metric,
             "index_bytes_per_row": size / len(store),
             "search_ms_per_1000_queries": 1000 * seconds * 1000 / len(queries),
-            f"recall@{args.k}_vs_own_exact": recall(ids, exact_ids(keys, q, args.k,
-                                                                  index.metric))}
+            f"recall@{args.k}_vs_own_exact": recall(ids, exact_ids(keys, q, args.k, index.metric)),
+        }
     figures["ratio"] = {
         "bytes": figures["encoded"]["index_bytes_per_row"] / figures["raw"]["index_bytes_per_row"],
         "speedup": figures["raw"]["search_ms_per_1000_queries"]
-        / figures["encoded"]["search_ms_per_1000_queries"]}
-    text = json.dumps({"rows": len(store), "queries": len(queries), "k": args.k, "threads": 1,
-                       **figures}, indent=2)
+        / figures["encoded"]["search_ms_per_1000_queries"],
+    }
+    text = json.dumps(
+        {"rows": len(store), "queries": len(queries), "k": args.k, "threads": 1, **figures},
+        indent=2,
+    )
     print(text)
     if args.json:
         args.json.write_text(text + "\n")

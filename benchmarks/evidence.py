@@ -27,6 +27,7 @@ finished corpus and seed is kept in ``benchmarks/results/evidence/<corpus>-s<see
 
     python benchmarks/evidence.py [--corpora python gcide] [--seeds 0 1 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,44 +88,89 @@ def run_corpus(name: str, seeds: list[int], args: argparse.Namespace) -> dict[st
     records = {seed: SEED_RECORDS / f"{name}-s{seed}.json" for seed in seeds}
     needed = any(not record.is_file() for record in records.values())
     if needed and not (datastore / "index" / "index.json").is_file():
-        hetgraph("datastore", "build", *common, "--out", datastore, "--max-tokens", 60000,
-                 "--context-length", 512, "--stride", 384, log=log)
+        hetgraph(
+            "datastore",
+            "build",
+            *common,
+            "--out",
+            datastore,
+            "--max-tokens",
+            60000,
+            "--context-length",
+            512,
+            "--stride",
+            384,
+            log=log,
+        )
     runs: dict[str, Any] = {}
     SEED_RECORDS.mkdir(parents=True, exist_ok=True)
     for seed, record in records.items():
         if not record.is_file():  # kept in the repository: a new work tree skips the seed
-            atomic_write_json(record, run_seed(seed, out, [*common, "--datastore", datastore],
-                                               args, log))
+            atomic_write_json(
+                record, run_seed(seed, out, [*common, "--datastore", datastore], args, log)
+            )
         runs[str(seed)] = json.loads(record.read_text())
     return summarise(runs)
 
 
-def run_seed(seed: int, out: Path, common: list[Any], args: argparse.Namespace,
-             log: Path) -> dict[str, Any]:
+def run_seed(
+    seed: int, out: Path, common: list[Any], args: argparse.Namespace, log: Path
+) -> dict[str, Any]:
     """Train the three arms of one seed, evaluate them on the shared sample, and return both
     evaluations, the training costs, and the paired retrieved / random ratios."""
     config = ROOT / "hetgraph" / "configs" / "demo.json"
-    arms = {"graph": out / f"graph-s{seed}", "random": out / f"random-s{seed}",
-            "lora": out / f"lora-s{seed}"}
+    arms = {
+        "graph": out / f"graph-s{seed}",
+        "random": out / f"random-s{seed}",
+        "lora": out / f"lora-s{seed}",
+    }
     extra = {"graph": [], "random": ["--neighbours", "random"], "lora": ["--control", "lora"]}
     for arm, directory in arms.items():
         if not (directory / "training.json").is_file():
             started, cpu = time.perf_counter(), children_cpu_seconds()
-            hetgraph("train", *common, "--config", config, "--out", directory,
-                     "--seed", seed, *extra[arm], log=log)
-            atomic_write_json(directory / "cost.json", {
-                "wall_seconds": round(time.perf_counter() - started, 1),
-                "cpu_seconds": round(children_cpu_seconds() - cpu, 1)})
-    evaluations = {"graph": ["--adapter", arms["graph"], "--control", arms["lora"]],
-                   "random": ["--adapter", arms["random"]]}
+            hetgraph(
+                "train",
+                *common,
+                "--config",
+                config,
+                "--out",
+                directory,
+                "--seed",
+                seed,
+                *extra[arm],
+                log=log,
+            )
+            atomic_write_json(
+                directory / "cost.json",
+                {
+                    "wall_seconds": round(time.perf_counter() - started, 1),
+                    "cpu_seconds": round(children_cpu_seconds() - cpu, 1),
+                },
+            )
+    evaluations = {
+        "graph": ["--adapter", arms["graph"], "--control", arms["lora"]],
+        "random": ["--adapter", arms["random"]],
+    }
     for arm, options in evaluations.items():
         target = out / f"eval-{arm}-s{seed}.json"
         if not target.is_file():
-            hetgraph("eval", *common, "--config", config, *options, "--max-tokens",
-                     args.test_tokens, "--tune-tokens", args.valid_tokens, "--json", target,
-                     "--per-token", target.with_suffix(".safetensors"), log=log)
-    run = {arm: json.loads((out / f"eval-{arm}-s{seed}.json").read_text())
-           for arm in evaluations}
+            hetgraph(
+                "eval",
+                *common,
+                "--config",
+                config,
+                *options,
+                "--max-tokens",
+                args.test_tokens,
+                "--tune-tokens",
+                args.valid_tokens,
+                "--json",
+                target,
+                "--per-token",
+                target.with_suffix(".safetensors"),
+                log=log,
+            )
+    run = {arm: json.loads((out / f"eval-{arm}-s{seed}.json").read_text()) for arm in evaluations}
     for arm, directory in arms.items():
         cost = directory / "cost.json"
         run[f"{arm}_train_cost"] = json.loads(cost.read_text()) if cost.is_file() else None
@@ -149,10 +195,12 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
         for name, value in {**figures, **ratios}.items():
             rows.setdefault(name, {"seeds": {}})["seeds"][seed] = value
         rows.setdefault("_setup", {"seeds": {}})["seeds"][seed] = {
-            "tokens": graph["tokens"], "documents": graph["documents"],
-            "valid_tokens": graph["valid_tokens"], "bootstrap": graph["bootstrap"],
-            "train_cost": {arm: run[f"{arm}_train_cost"]
-                           for arm in ("graph", "random", "lora")}}
+            "tokens": graph["tokens"],
+            "documents": graph["documents"],
+            "valid_tokens": graph["valid_tokens"],
+            "bootstrap": graph["bootstrap"],
+            "train_cost": {arm: run[f"{arm}_train_cost"] for arm in ("graph", "random", "lora")},
+        }
     for name, row in rows.items():
         if name == "_setup":
             continue
@@ -172,17 +220,26 @@ def main() -> None:
     args = parser.parse_args()
     result: dict[str, Any] = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     result["protocol"] = {
-        "test_tokens": args.test_tokens, "valid_tokens": args.valid_tokens,
+        "test_tokens": args.test_tokens,
+        "valid_tokens": args.valid_tokens,
         "sample": "document-stratified over every test document (seed 0)",
         "intervals": "95 %, bootstrap over test documents, paired for ratios",
         "arms": ["graph (retrieved)", "random neighbours", "LoRA (matched parameters)"],
         "settings": "hetgraph/configs/demo.json (head adapter, 150 steps x 4 x 128 tokens)",
-        "key_ratios": KEY_RATIOS}
+        "key_ratios": KEY_RATIOS,
+    }
     for name in args.corpora:
         result.setdefault("corpora", {})[name] = run_corpus(name, args.seeds, args)
         atomic_write_json(RESULT, result)  # after each corpus
-    print(json.dumps({c: {k: r.get(k, {}).get("mean") for k in KEY_RATIOS}
-                      for c, r in result.get("corpora", {}).items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                c: {k: r.get(k, {}).get("mean") for k in KEY_RATIOS}
+                for c, r in result.get("corpora", {}).items()
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ compared on valid and test perplexity.
 Usage: python benchmarks/features.py [--tokens 60000] [--layer -6] [--steps 120]
 Writes benchmarks/results/features.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ from hetgraph.training import train_adapter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=60_000)
     parser.add_argument("--layer", type=int, default=-6, help="fused decoder layer")
     parser.add_argument("--steps", type=int, default=120)
@@ -52,8 +54,14 @@ def main() -> None:
     corpus = tokenize_corpus(run.corpus, tokenizer, show_progress=False)
     out = Path(args.out)
     ds_config = replace(run.datastore, max_tokens=args.tokens + 1, feature_layers=(layer,))
-    store = build_datastore(model, tokenizer, corpus.train, out / "datastore", ds_config,
-                            corpus_fingerprint=corpus.fingerprint)
+    store = build_datastore(
+        model,
+        tokenizer,
+        corpus.train,
+        out / "datastore",
+        ds_config,
+        corpus_fingerprint=corpus.fingerprint,
+    )
     index_dir = out / "datastore" / "index"
     if (index_dir / "index.json").is_file():
         index = DatastoreIndex.load(index_dir, store)
@@ -69,20 +77,25 @@ def main() -> None:
         fusion = replace(run.fusion, fusion_layers=(layer,), neighbour_features=source)
         lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
         started = time.perf_counter()
-        trained = train_adapter(lm, corpus.train.truncate(len(store) + 1), None, training,
-                                out / f"adapter-{source}")
+        trained = train_adapter(
+            lm, corpus.train.truncate(len(store) + 1), None, training, out / f"adapter-{source}"
+        )
         results[source] = {
             "train_seconds": time.perf_counter() - started,
-            "final_train_loss": (sum(trained.train_losses[-10:])
-                                 / min(10, len(trained.train_losses))),
+            "final_train_loss": (
+                sum(trained.train_losses[-10:]) / min(10, len(trained.train_losses))
+            ),
             "valid_ppl": model_perplexity(lm, corpus.valid, windows),
             "test_ppl": model_perplexity(lm, corpus.test, windows),
-            "extra_bytes_per_token": (2 * store.features(layer).shape[1]
-                                      if source == "stored" else 0),
+            "extra_bytes_per_token": (
+                2 * store.features(layer).shape[1] if source == "stored" else 0
+            ),
         }
     base = HetGraphLM(model, store, index, replace(run.fusion, fusion_layers=(layer,)))
     report = {
-        "fused_layer": layer, "datastore_tokens": len(store), "steps": args.steps,
+        "fused_layer": layer,
+        "datastore_tokens": len(store),
+        "steps": args.steps,
         "base_valid_ppl": model_perplexity(base, corpus.valid, windows),
         "base_test_ppl": model_perplexity(base, corpus.test, windows),
         "results": results,

@@ -20,6 +20,7 @@ Usage: python benchmarks/gnnlm.py [--tokens 200000] [--eval-tokens 4096] [--step
        [--factory IVF1024,SQfp16] [--nprobe 32]
 Writes benchmarks/results/gnnlm.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ PROMPTS = [
 ]
 
 
-def forward_seconds(forward, tokens, context_length: int, stride: int, batch_size: int,
-                    device) -> float:
+def forward_seconds(
+    forward, tokens, context_length: int, stride: int, batch_size: int, device
+) -> float:
     """Seconds of the forwards an evaluation runs (a TrimmedForward: the scored columns'
     logits only, as ``collect_lm_outputs`` asks for them)."""
     batches = window_batches(sliding_windows(len(tokens) - 1, context_length, stride), batch_size)
@@ -73,8 +75,13 @@ def generate_seconds(generate, tokenizer, new_tokens: int, device) -> tuple[floa
     start = time.perf_counter()
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").to(device)
-        out = generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
+        out = generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         produced += out.shape[1] - ids["input_ids"].shape[1]
     return time.perf_counter() - start, produced
 
@@ -84,19 +91,22 @@ def training_tokens_per_s(model, tokenizer, store, index, corpus, config, steps:
     one warm-up step, no evaluation or checkpoints), as ``make demo`` trains it."""
     torch.manual_seed(config.training.seed)
     lm = HetGraphLM(model, store, index, config.fusion, tokenizer=tokenizer)
-    training = replace(config.training, max_steps=steps + 1, eval_every=0, checkpoint_every=0,
-                       warmup_steps=1)
+    training = replace(
+        config.training, max_steps=steps + 1, eval_every=0, checkpoint_every=0, warmup_steps=1
+    )
     train_split = corpus.train.truncate(len(store) + 1)
     with tempfile.TemporaryDirectory() as scratch:
         warm = replace(training, max_steps=1)
         train_adapter(lm, train_split, None, warm, Path(scratch) / "warm", show_progress=False)
-        result = train_adapter(lm, train_split, None, training, Path(scratch) / "timed",
-                               show_progress=False)
+        result = train_adapter(
+            lm, train_split, None, training, Path(scratch) / "timed", show_progress=False
+        )
     return result.tokens_per_second
 
 
-def training_step_phases(lm: HetGraphLM, rows_per_step: tuple[int, int], steps: int,
-                         dtype: torch.dtype | None) -> dict[str, float]:
+def training_step_phases(
+    lm: HetGraphLM, rows_per_step: tuple[int, int], steps: int, dtype: torch.dtype | None
+) -> dict[str, float]:
     """Milliseconds per training step from the stored keys, by phase (what
     :func:`~hetgraph.fusion.datastore_forward.logits_from_datastore` and the trainer run, timed
     one after the other on random spans): the FAISS search, building the graph, the adapter
@@ -131,8 +141,9 @@ def training_step_phases(lm: HetGraphLM, rows_per_step: tuple[int, int], steps: 
             fused = lm.fuse(HEAD, hidden, graph)
             now = tick("adapter_forward", now)
             logits = head.forward(fused).float()
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]),
-                                                     labels.view(-1).to(device))
+            loss = torch.nn.functional.cross_entropy(
+                logits.view(-1, logits.shape[-1]), labels.view(-1).to(device)
+            )
             now = tick("head_forward_and_loss", now)
         (fused_grad,) = torch.autograd.grad(loss, fused, retain_graph=True)
         now = tick("head_backward", now)
@@ -144,14 +155,17 @@ def training_step_phases(lm: HetGraphLM, rows_per_step: tuple[int, int], steps: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="run config (default: the demo's)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="run config (default: the demo's)"
+    )
     parser.add_argument("--tokens", type=int, default=200_000, help="datastore train tokens")
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: the config's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the config's)"
+    )
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     # Exact search over 200k keys costs about as much as the LM forward on 2 CPU cores;
     # IVF with 32 of 1024 lists gives the same perplexities (see the closing note) at a
@@ -160,8 +174,12 @@ def main() -> None:
     # `--factory auto` measures exact search.
     parser.add_argument("--factory", default="IVF1024,SQfp16", help="FAISS index factory")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query")
-    parser.add_argument("--train-speed-steps", type=int, default=8,
-                        help="adapter training steps timed for the training tokens/s")
+    parser.add_argument(
+        "--train-speed-steps",
+        type=int,
+        default=8,
+        help="adapter training steps timed for the training tokens/s",
+    )
     parser.add_argument("--out", default="runs/bench-gnnlm")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -169,8 +187,9 @@ def main() -> None:
 
     config = RunConfig.from_json_file(args.config) if args.config else RunConfig.default()
     config.datastore = replace(config.datastore, max_tokens=args.tokens + 1)
-    config.evaluation = replace(config.evaluation, max_tokens=args.eval_tokens + 1,
-                                valid_tokens=args.eval_tokens + 1)
+    config.evaluation = replace(
+        config.evaluation, max_tokens=args.eval_tokens + 1, valid_tokens=args.eval_tokens + 1
+    )
     if args.steps is not None:
         config.training = replace(config.training, max_steps=args.steps)
     config.index = replace(config.index, factory=args.factory, nprobe=args.nprobe)
@@ -185,8 +204,9 @@ def main() -> None:
     device = next(model.parameters()).device
     corpus = tokenize_corpus(config.corpus, tokenizer, show_progress=False)
     store, index = prepare_datastore(model, tokenizer, corpus, config, Path(config.out_dir))
-    lm = HetGraphLM.from_pretrained(Path(config.out_dir) / "adapter", model, store, index,
-                                    tokenizer=tokenizer)
+    lm = HetGraphLM.from_pretrained(
+        Path(config.out_dir) / "adapter", model, store, index, tokenizer=tokenizer
+    )
     lm.eval()
     evaluation = config.evaluation
     tokens = corpus.test.tokens[: args.eval_tokens + 1]
@@ -201,14 +221,17 @@ def main() -> None:
     states_s = forward_seconds(gnn_forward(lm, neighbour_states=states), tokens, *windows)
     base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
     gnn_gen_s, gnn_gen_n = generate_seconds(lm.generate, tokenizer, args.new_tokens, device)
-    states_gen_s, states_gen_n = generate_seconds(partial(lm.generate, neighbour_states=states),
-                                                  tokenizer, args.new_tokens, device)
+    states_gen_s, states_gen_n = generate_seconds(
+        partial(lm.generate, neighbour_states=states), tokenizer, args.new_tokens, device
+    )
     del states
-    train_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, config,
-                                      args.train_speed_steps)
+    train_tps = training_tokens_per_s(
+        model, tokenizer, store, index, corpus, config, args.train_speed_steps
+    )
     float32 = replace(config, training=replace(config.training, mixed_precision="no"))
-    train_fp32_tps = training_tokens_per_s(model, tokenizer, store, index, corpus, float32,
-                                           args.train_speed_steps)
+    train_fp32_tps = training_tokens_per_s(
+        model, tokenizer, store, index, corpus, float32, args.train_speed_steps
+    )
     # The base forward in bfloat16 autocast (where the hardware has it): the same-precision
     # reference for bfloat16 training. Evaluations themselves run in float32.
     bf16 = autocast_dtype("auto", device)
@@ -224,17 +247,24 @@ def main() -> None:
 
     scored = len(tokens) - 1
     out = {
-        "model": type(model).__name__, "device": str(device), "threads": args.threads,
-        "datastore_tokens": len(store), "test_tokens": results["tokens"],
-        "index": index.factory, "nprobe": config.index.nprobe,
-        "fusion": config.fusion.to_dict(), "training": config.training.to_dict(),
+        "model": type(model).__name__,
+        "device": str(device),
+        "threads": args.threads,
+        "datastore_tokens": len(store),
+        "test_tokens": results["tokens"],
+        "index": index.factory,
+        "nprobe": config.index.nprobe,
+        "fusion": config.fusion.to_dict(),
+        "training": config.training.to_dict(),
         "results": {key: results[key] for key in ("base", "knn", "gnn", "gnn_knn")},
-        "ratios_to_base_ppl": {key: results[key]["ppl"] / results["base"]["ppl"]
-                               for key in ("knn", "gnn", "gnn_knn")},
+        "ratios_to_base_ppl": {
+            key: results[key]["ppl"] / results["base"]["ppl"] for key in ("knn", "gnn", "gnn_knn")
+        },
         "acceptance": {
             "gnn_below_base": results["gnn"]["ppl"] < results["base"]["ppl"],
-            "gnn_knn_below_knn_below_base": (results["gnn_knn"]["ppl"] < results["knn"]["ppl"]
-                                             < results["base"]["ppl"]),
+            "gnn_knn_below_knn_below_base": (
+                results["gnn_knn"]["ppl"] < results["knn"]["ppl"] < results["base"]["ppl"]
+            ),
         },
         "speed": {
             "base_forward_tokens_per_s": scored / base_s,
@@ -250,8 +280,9 @@ def main() -> None:
             "gnn_forward_with_states_tokens_per_s": scored / states_s,
             "eval_ratio_gnn_with_states_over_base": base_s / states_s,
             "gnn_generate_with_states_tokens_per_s": states_gen_n / states_gen_s,
-            "generate_ratio_gnn_with_states_over_base": ((states_gen_n / states_gen_s)
-                                                         / (base_gen_n / base_gen_s)),
+            "generate_ratio_gnn_with_states_over_base": (
+                (states_gen_n / states_gen_s) / (base_gen_n / base_gen_s)
+            ),
             # Training as the config trains (mixed_precision, resolved here), over the float32
             # base forward that evaluations run; then each precision over its own base forward.
             "training_precision": trained_in,
@@ -261,8 +292,8 @@ def main() -> None:
             "training_ratio_float32_over_base_forward": train_fp32_tps / (scored / base_s),
             "base_forward_bf16_tokens_per_s": scored / base_bf16_s if base_bf16_s else None,
             "training_ratio_bf16_over_base_forward_bf16": (
-                train_tps / (scored / base_bf16_s) if base_bf16_s and trained_in == "bf16"
-                else None),
+                train_tps / (scored / base_bf16_s) if base_bf16_s and trained_in == "bf16" else None
+            ),
             "training_step_ms_by_phase": phases,
         },
         "peak_memory_mb_after_stage": results.get("peak_memory_mb"),

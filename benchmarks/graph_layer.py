@@ -28,6 +28,7 @@
 
 Writes benchmarks/results/graph_layer.json and prints it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,8 +106,9 @@ def loop_graph(ids: np.ndarray, tokens: np.ndarray, docs: np.ndarray, l: int, r:
     return g
 
 
-def realistic_neighbours(B: int, T: int, K: int, N: int, reach: int = 64, max_step: int = 5,
-                         seed: int = 0):
+def realistic_neighbours(
+    B: int, T: int, K: int, N: int, reach: int = 64, max_step: int = 5, seed: int = 0
+):
     """Neighbour ids with retrieval-like repetition: position t of sequence b
     retrieves K distinct rows among ``reach`` rows after a random walk
     ``a_t`` (steps 0..max_step), so neighbouring positions share most rows."""
@@ -120,8 +122,9 @@ def realistic_neighbours(B: int, T: int, K: int, N: int, reach: int = 64, max_st
     return ids
 
 
-def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather,
-                args) -> tuple[dict, torch.Tensor]:
+def time_layout(
+    adapter: GraphAdapter, cfg: GraphConfig, build, gather, args
+) -> tuple[dict, torch.Tensor]:
     """Build, gather and adapter timings on one layout; also the eval-mode output."""
     g = build(cfg)
     inputs = gather(g)
@@ -129,8 +132,11 @@ def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather,
     with torch.no_grad():
         output = adapter(g, *inputs)
         t_fwd = timeit(lambda: adapter(g, *inputs), args.real_repeat)
-        t_sparse = (timeit(lambda: adapter(g, *inputs, path="sparse"), args.real_repeat)
-                    if cfg.share_windows else None)
+        t_sparse = (
+            timeit(lambda: adapter(g, *inputs, path="sparse"), args.real_repeat)
+            if cfg.share_windows
+            else None
+        )
     adapter.train()
 
     def fwd_bwd():
@@ -138,8 +144,11 @@ def time_layout(adapter: GraphAdapter, cfg: GraphConfig, build, gather,
         adapter(g, *inputs).sum().backward()
 
     result = {
-        "layout": g.layout.kind, "num_ctx": g[CTX].num_nodes, "num_nbr": g[NBR].num_nodes,
-        "num_n2n_edges": g[N2N].edge_index.size(1), "num_n2c_edges": g[N2C].edge_index.size(1),
+        "layout": g.layout.kind,
+        "num_ctx": g[CTX].num_nodes,
+        "num_nbr": g[NBR].num_nodes,
+        "num_n2n_edges": g[N2N].edge_index.size(1),
+        "num_n2c_edges": g[N2C].edge_index.size(1),
         "build_s": timeit(lambda: build(cfg), 3 * args.repeat),
         "gather_inputs_s": timeit(lambda: gather(g), args.repeat),
         "adapter_forward_s": t_fwd,
@@ -154,7 +163,8 @@ def realistic_adapter(args) -> dict:
     B, T, K, N, width, vocab = 4, 512, 32, 200_000, 576, 49_152
     gen = torch.Generator().manual_seed(1)
     docs = torch.from_numpy(
-        np.sort(np.random.default_rng(1).integers(0, N // 2000, N)).astype(np.int32))
+        np.sort(np.random.default_rng(1).integers(0, N // 2000, N)).astype(np.int32)
+    )
     tokens = torch.randint(0, vocab, (N,), dtype=torch.int32, generator=gen)
     features = torch.randn(N, width, generator=gen)  # stands in for the datastore's fp32 features
     embedding = torch.nn.Embedding(vocab, width).requires_grad_(False)
@@ -164,38 +174,63 @@ def realistic_adapter(args) -> dict:
     distinct = int(valid.unique().numel())
 
     torch.manual_seed(0)
-    adapter = GraphAdapter(AdapterConfig(
-        ctx_channels=width, nbr_channels=width, token_channels=width, hidden_channels=256,
-        out_channels=width, num_layers=2, heads=8, dropout=0.3, attn_dropout=0.1))
+    adapter = GraphAdapter(
+        AdapterConfig(
+            ctx_channels=width,
+            nbr_channels=width,
+            token_channels=width,
+            hidden_channels=256,
+            out_channels=width,
+            num_layers=2,
+            heads=8,
+            dropout=0.3,
+            attn_dropout=0.1,
+        )
+    )
 
     def build(cfg):
         return build_context_graph(ids, tokens, docs, cfg)
 
     def gather(g):
-        return (hidden[g[CTX].batch_index, g[CTX].seq_index], features[g[NBR].corpus_id],
-                embedding(g[NBR].token_id))
+        return (
+            hidden[g[CTX].batch_index, g[CTX].seq_index],
+            features[g[NBR].corpus_id],
+            embedding(g[NBR].token_id),
+        )
 
     out: dict = {
-        "B": B, "T": T, "k": K, "left": 1, "right": 1, "width": width, "hidden": 256, "layers": 2,
+        "B": B,
+        "T": T,
+        "k": K,
+        "left": 1,
+        "right": 1,
+        "width": width,
+        "hidden": 256,
+        "layers": 2,
         "heads": 8,
-        "feed_forward": True, "retrieved_rows": int(valid.numel()), "distinct_rows": distinct,
+        "feed_forward": True,
+        "retrieved_rows": int(valid.numel()),
+        "distinct_rows": distinct,
         "distinct_fraction": distinct / int(valid.numel()),
     }
     outputs = {}
     for name, share in (("shared", True), ("unshared", False)):
         out[name], outputs[name] = time_layout(
-            adapter, GraphConfig(left=1, right=1, share_windows=share), build, gather, args)
+            adapter, GraphConfig(left=1, right=1, share_windows=share), build, gather, args
+        )
         print(name, json.dumps(out[name]), flush=True)
     s, u = out["shared"], out["unshared"]
     out["nbr_node_ratio"] = u["num_nbr"] / s["num_nbr"]
     out["speedup_forward"] = u["adapter_forward_s"] / s["adapter_forward_s"]
-    out["speedup_forward_backward"] = (u["adapter_forward_backward_s"]
-                                       / s["adapter_forward_backward_s"])
-    out["speedup_build_gather_forward"] = (
-        sum(u[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s"))
-        / sum(s[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s")))
+    out["speedup_forward_backward"] = (
+        u["adapter_forward_backward_s"] / s["adapter_forward_backward_s"]
+    )
+    out["speedup_build_gather_forward"] = sum(
+        u[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s")
+    ) / sum(s[k] for k in ("build_s", "gather_inputs_s", "adapter_forward_s"))
     out["shared_vs_unshared_max_abs_diff"] = (
-        (outputs["shared"] - outputs["unshared"]).abs().max().item())
+        (outputs["shared"] - outputs["unshared"]).abs().max().item()
+    )
     return out
 
 
@@ -208,8 +243,11 @@ def c2c_graph(corpus_rows: int = 1_000_000):
     (5 % missing) in a corpus of 1000-row documents; with its metadata and edge lists."""
     B, T, K, _, _ = C2C_SHAPE
     torch.manual_seed(0)
-    docs = torch.from_numpy(np.sort(np.random.default_rng(0).integers(
-        0, corpus_rows // 1000, corpus_rows)).astype(np.int32))
+    docs = torch.from_numpy(
+        np.sort(np.random.default_rng(0).integers(0, corpus_rows // 1000, corpus_rows)).astype(
+            np.int32
+        )
+    )
     tokens = torch.randint(0, 50_000, (corpus_rows,), dtype=torch.int32)
     ids = torch.randint(0, corpus_rows, (B, T, K))
     ids[torch.rand(B, T, K) < 0.05] = -1
@@ -234,8 +272,18 @@ def layer_c2c(args) -> dict:
 
     def dense(layer):
         windows = x_nbr.new_zeros(U * W, F_).index_copy(0, grid_index, x_nbr).view(U, W, F_)
-        return dense_causal_window_attention(layer, x_ctx, windows, mask, g[CTX].nbr_window,
-                                             N2N, N2C, C2C, causal, g.layout.query_slots)
+        return dense_causal_window_attention(
+            layer,
+            x_ctx,
+            windows,
+            mask,
+            g[CTX].nbr_window,
+            N2N,
+            N2C,
+            C2C,
+            causal,
+            g.layout.query_slots,
+        )
 
     def edge_list(layer):
         out = layer({CTX: x_ctx, NBR: x_nbr}, edges)
@@ -247,22 +295,45 @@ def layer_c2c(args) -> dict:
             # dense: [U, W, F] window grid, of which the valid slots are the nbr nodes
             out_n = (out_n.sum(-1) * mask).sum() if out_n.dim() == 3 else out_n.sum()
             (out_c.sum() + out_n).backward()
+
         return run
 
-    result: dict = {"B": B, "T": T, "k": K, "left": 1, "right": 1, "channels": F_, "heads": H,
-                    "layout": g.layout.kind, "num_ctx": g[CTX].num_nodes,
-                    "num_nbr": g[NBR].num_nodes,
-                    **{f"num_{e[1]}_edges": int(ei.size(1)) for e, ei in edges.items()}}
-    for name, options in (("per_relation", {"normalization": "per_relation",
-                                            "relation_mean": "all", "out_bias": True,
-                                            "relation_names": INTRA_INTER,
-                                            "relation_init": "official"}),
-                          ("joint", {"normalization": "joint"})):
+    result: dict = {
+        "B": B,
+        "T": T,
+        "k": K,
+        "left": 1,
+        "right": 1,
+        "channels": F_,
+        "heads": H,
+        "layout": g.layout.kind,
+        "num_ctx": g[CTX].num_nodes,
+        "num_nbr": g[NBR].num_nodes,
+        **{f"num_{e[1]}_edges": int(ei.size(1)) for e, ei in edges.items()},
+    }
+    for name, options in (
+        (
+            "per_relation",
+            {
+                "normalization": "per_relation",
+                "relation_mean": "all",
+                "out_bias": True,
+                "relation_names": INTRA_INTER,
+                "relation_init": "official",
+            },
+        ),
+        ("joint", {"normalization": "joint"}),
+    ):
         ours = HeteroGraphAttention(F_, metadata, heads=H, **options)
         with torch.no_grad():
             (a_c, a_n), (b_c, b_n) = edge_list(ours), dense(ours)
-            diff = torch.stack([(a_c - b_c).abs().max(),
-                                (a_n - b_n.view(-1, F_)[grid_index]).abs().max()]).max().item()
+            diff = (
+                torch.stack(
+                    [(a_c - b_c).abs().max(), (a_n - b_n.view(-1, F_)[grid_index]).abs().max()]
+                )
+                .max()
+                .item()
+            )
         # interleaved rounds, so that load from other processes hits all three alike
         times: dict[str, list[float]] = {"hgtconv": [], "edge_list": [], "dense": []}
         for _ in range(args.c2c_rounds):
@@ -271,7 +342,8 @@ def layer_c2c(args) -> dict:
             times["dense"].append(timeit(fwd_bwd(lambda ours=ours: dense(ours)), 3))
         t = {k: statistics.median(v) for k, v in times.items()}
         result[name] = {
-            "hgtconv_s": t["hgtconv"], "ours_edge_list_s": t["edge_list"],
+            "hgtconv_s": t["hgtconv"],
+            "ours_edge_list_s": t["edge_list"],
             "ours_dense_s": t["dense"],
             "speedup_dense_vs_hgtconv": t["hgtconv"] / t["dense"],
             "speedup_edge_list_vs_hgtconv": t["hgtconv"] / t["edge_list"],
@@ -292,17 +364,30 @@ def adapter_c2c(args) -> dict:
     where the gradient also flows back into the ``ctx`` states."""
     B, T, K, F_, H = C2C_SHAPE
     g, metadata, edges = c2c_graph()
-    result: dict = {"B": B, "T": T, "k": K, "channels": F_, "heads": H,
-                    "num_ctx": g[CTX].num_nodes, "num_nbr": g[NBR].num_nodes}
+    result: dict = {
+        "B": B,
+        "T": T,
+        "k": K,
+        "channels": F_,
+        "heads": H,
+        "num_ctx": g[CTX].num_nodes,
+        "num_nbr": g[NBR].num_nodes,
+    }
     for layers in (1, 3):
-        cfg = AdapterConfig.paper(ctx_channels=F_, nbr_channels=F_, hidden_channels=F_,
-                                  out_channels=F_, heads=H, num_layers=layers, dropout=0.0,
-                                  attn_dropout=0.0)
+        cfg = AdapterConfig.paper(
+            ctx_channels=F_,
+            nbr_channels=F_,
+            hidden_channels=F_,
+            out_channels=F_,
+            heads=H,
+            num_layers=layers,
+            dropout=0.0,
+            attn_dropout=0.0,
+        )
         adapter = GraphAdapter(cfg)
         hgt = torch.nn.ModuleList(HGTConv(F_, F_, metadata, heads=H) for _ in range(layers))
         for inputs in ("constant_inputs", "ctx_requires_grad"):
-            x_ctx = torch.randn(g[CTX].num_nodes, F_,
-                                requires_grad=inputs == "ctx_requires_grad")
+            x_ctx = torch.randn(g[CTX].num_nodes, F_, requires_grad=inputs == "ctx_requires_grad")
             x_nbr = torch.randn(g[NBR].num_nodes, F_)
 
             def ours(x_ctx=x_ctx, x_nbr=x_nbr, adapter=adapter):
@@ -320,10 +405,17 @@ def adapter_c2c(args) -> dict:
                 times["ours_dense"].append(timeit(ours, 3))
             t = {k: statistics.median(v) for k, v in times.items()}
             result[f"{layers}_layers_{inputs}"] = {
-                "hgtconv_s": t["hgtconv"], "ours_dense_s": t["ours_dense"],
-                "speedup_vs_hgtconv": t["hgtconv"] / t["ours_dense"]}
-            print("adapter c2c", layers, inputs, json.dumps(result[f"{layers}_layers_{inputs}"]),
-                  flush=True)
+                "hgtconv_s": t["hgtconv"],
+                "ours_dense_s": t["ours_dense"],
+                "speedup_vs_hgtconv": t["hgtconv"] / t["ours_dense"],
+            }
+            print(
+                "adapter c2c",
+                layers,
+                inputs,
+                json.dumps(result[f"{layers}_layers_{inputs}"]),
+                flush=True,
+            )
     return result
 
 
@@ -370,17 +462,25 @@ def main() -> None:
     parser.add_argument("--corpus", type=int, default=1_000_000)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--layer-batch", type=int, default=1,
-                        help="sequences in the layer benchmark graph")
+    parser.add_argument(
+        "--layer-batch", type=int, default=1, help="sequences in the layer benchmark graph"
+    )
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--real-repeat", type=int, default=2,
-                        help="repeats of the realistic adapter timings")
-    parser.add_argument("--c2c-rounds", type=int, default=5,
-                        help="interleaved timing rounds of section 4")
-    parser.add_argument("--only", choices=["all", "c2c"], default="all",
-                        help="'c2c': run section 4 only and update it in --out")
-    parser.add_argument("--out",
-                        default=str(Path(__file__).parent / "results" / "graph_layer.json"))
+    parser.add_argument(
+        "--real-repeat", type=int, default=2, help="repeats of the realistic adapter timings"
+    )
+    parser.add_argument(
+        "--c2c-rounds", type=int, default=5, help="interleaved timing rounds of section 4"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["all", "c2c"],
+        default="all",
+        help="'c2c': run section 4 only and update it in --out",
+    )
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "graph_layer.json")
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -389,15 +489,17 @@ def main() -> None:
         result = json.loads(out.read_text())
         result["layer_c2c_fwd_bwd"] = layer_c2c(args)
         result["adapter_c2c_fwd_bwd"] = adapter_c2c(args)
-        result["discussion"] = c2c_discussion(result["layer_c2c_fwd_bwd"],
-                                              result["adapter_c2c_fwd_bwd"])
+        result["discussion"] = c2c_discussion(
+            result["layer_c2c_fwd_bwd"], result["adapter_c2c_fwd_bwd"]
+        )
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["layer_c2c_fwd_bwd"], indent=2))
         return
 
     B, T, K, N = args.batch, args.seq, args.k, args.corpus
     docs = torch.from_numpy(
-        np.sort(np.random.default_rng(0).integers(0, N // 1000, N)).astype(np.int32))
+        np.sort(np.random.default_rng(0).integers(0, N // 1000, N)).astype(np.int32)
+    )
     tokens = torch.randint(0, 50_000, (N,), dtype=torch.int32)
     ids = torch.randint(0, N, (B, T, K))
     ids[torch.rand(B, T, K) < 0.05] = -1
@@ -407,12 +509,14 @@ def main() -> None:
     ids_np, tok_np, doc_np = ids.numpy(), tokens.numpy(), docs.numpy()
     t_loop = timeit(
         lambda: Batch.from_data_list(
-            [loop_graph(ids_np[b], tok_np, doc_np, 1, 1) for b in range(B)]),
+            [loop_graph(ids_np[b], tok_np, doc_np, 1, 1) for b in range(B)]
+        ),
         args.repeat,
     )
     t_per_seq = timeit(
         lambda: Batch.from_data_list(
-            [build_context_graph(ids[b : b + 1], tokens, docs, cfg) for b in range(B)]),
+            [build_context_graph(ids[b : b + 1], tokens, docs, cfg) for b in range(B)]
+        ),
         args.repeat,
     )
     g = build_context_graph(ids, tokens, docs, cfg)
@@ -465,8 +569,9 @@ def main() -> None:
     t_dense = timeit(run_dense, args.repeat)
 
     # ---- full adapter (3 layers + feed-forward, eval-mode dropout off) on the same graph
-    adapter = GraphAdapter(AdapterConfig(ctx_channels=F_, nbr_channels=F_, heads=H, dropout=0.0,
-                                         attn_dropout=0.0))
+    adapter = GraphAdapter(
+        AdapterConfig(ctx_channels=F_, nbr_channels=F_, heads=H, dropout=0.0, attn_dropout=0.0)
+    )
 
     def run_adapter(path: str):
         adapter(lg, x_ctx, x_nbr, path=path).sum().backward()
@@ -486,9 +591,16 @@ def main() -> None:
             "torch_geometric": torch_geometric.__version__,
         },
         "graph_build": {
-            "B": B, "T": T, "k": K, "left": 1, "right": 1, "corpus_rows": N,
-            "num_ctx": g[CTX].num_nodes, "num_nbr": g[NBR].num_nodes,
-            "num_n2n_edges": g[N2N].edge_index.size(1), "num_n2c_edges": g[N2C].edge_index.size(1),
+            "B": B,
+            "T": T,
+            "k": K,
+            "left": 1,
+            "right": 1,
+            "corpus_rows": N,
+            "num_ctx": g[CTX].num_nodes,
+            "num_nbr": g[NBR].num_nodes,
+            "num_n2n_edges": g[N2N].edge_index.size(1),
+            "num_n2c_edges": g[N2C].edge_index.size(1),
             "vectorised_s": t_vec,
             "loop_per_sequence_plus_batch_s": t_loop,
             "vectorised_per_sequence_plus_batch_s": t_per_seq,
@@ -496,8 +608,13 @@ def main() -> None:
             "speedup_vs_per_sequence_batch": t_per_seq / t_vec,
         },
         "layer_fwd_bwd": {
-            "B": args.layer_batch, "T": T, "k": K, "channels": F_, "heads": H,
-            "num_ctx": C, "num_nbr": M,
+            "B": args.layer_batch,
+            "T": T,
+            "k": K,
+            "channels": F_,
+            "heads": H,
+            "num_ctx": C,
+            "num_nbr": M,
             "num_edges": sum(e.size(1) for e in edge_index_dict.values()),
             "hgtconv_s": t_hgt,
             "ours_edge_list_s": t_sparse,
@@ -508,7 +625,10 @@ def main() -> None:
             "dense_vs_edge_list_max_abs_diff": max_diff,
         },
         "adapter_fwd_bwd": {
-            "layers": 3, "hidden": F_, "heads": H, "feed_forward": True,
+            "layers": 3,
+            "hidden": F_,
+            "heads": H,
+            "feed_forward": True,
             "edge_list_s": t_ad_sparse,
             "dense_s": t_ad_dense,
             "speedup_dense_vs_edge_list": t_ad_sparse / t_ad_dense,

@@ -10,6 +10,7 @@ Usage::
     hetgraph kg build --wordnet --out runs/kg-wordnet
     python benchmarks/kg_linking.py --kg runs/kg-wordnet [--tokens 100000] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +67,22 @@ def main() -> None:
             model(row[None])
         forward_s = time.perf_counter() - start
     link_rate, forward_rate = windows.numel() / link_s, forward.numel() / forward_s
-    print(json.dumps({"tokens_linked": windows.numel(), "linked_positions": linked,
-                      "linked_fraction": round(linked / windows.numel(), 4),
-                      "alias_sequences": linker.num_keys, "threads": args.threads,
-                      "link_tokens_per_s": round(link_rate), "forward_tokens": forward.numel(),
-                      "forward_tokens_per_s": round(forward_rate, 1),
-                      "ratio": round(link_rate / forward_rate, 1)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "tokens_linked": windows.numel(),
+                "linked_positions": linked,
+                "linked_fraction": round(linked / windows.numel(), 4),
+                "alias_sequences": linker.num_keys,
+                "threads": args.threads,
+                "link_tokens_per_s": round(link_rate),
+                "forward_tokens": forward.numel(),
+                "forward_tokens_per_s": round(forward_rate, 1),
+                "ratio": round(link_rate / forward_rate, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ of the full model over exactly the same windows, measured in the same run.
 Usage: python benchmarks/knnlm.py [--model PATH] [--tokens 100000] [--eval-tokens 4096]
 Writes benchmarks/results/knnlm.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ from hetgraph.models.loading import load_model
 
 
 def plain_forward_seconds(model, tokens, config: DatastoreConfig) -> float:
-    batches = window_batches(sliding_windows(len(tokens) - 1, config.context_length, config.stride),
-                             config.batch_size)
+    batches = window_batches(
+        sliding_windows(len(tokens) - 1, config.context_length, config.stride), config.batch_size
+    )
     device = model_device(model)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -46,10 +48,15 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--speed-tokens", type=int, default=12_000,
-                        help="tokens of the interleaved build-vs-plain-forward speed comparison")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved build/forward pairs (median kept)")
+    parser.add_argument(
+        "--speed-tokens",
+        type=int,
+        default=12_000,
+        help="tokens of the interleaved build-vs-plain-forward speed comparison",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved build/forward pairs (median kept)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,41 +69,63 @@ def main() -> None:
     try:
         # Speed: plain forward and build alternate over the same windows, so load drift on
         # a shared machine hits both alike; the median ratio is reported.
-        speed_config = DatastoreConfig(context_length=512, stride=256, batch_size=4,
-                                       max_tokens=args.speed_tokens)
+        speed_config = DatastoreConfig(
+            context_length=512, stride=256, batch_size=4, max_tokens=args.speed_tokens
+        )
         speed_tokens = tokens[: args.speed_tokens]
         runs = []
         for repeat in range(args.repeats):
             plain = plain_forward_seconds(model, speed_tokens, speed_config)
             target = work / f"speed{repeat}"
             start = time.perf_counter()
-            build_datastore(model, tokenizer, corpus.train, target, speed_config,
-                            show_progress=False)
+            build_datastore(
+                model, tokenizer, corpus.train, target, speed_config, show_progress=False
+            )
             build = time.perf_counter() - start
             shutil.rmtree(target, ignore_errors=True)
             runs.append({"plain_forward_s": plain, "build_s": build, "ratio": plain / build})
         # The datastore that kNN-LM uses: all --tokens train tokens.
         start = time.perf_counter()
-        ds = build_datastore(model, tokenizer, corpus.train, work / "ds", config,
-                             show_progress=False)
+        ds = build_datastore(
+            model, tokenizer, corpus.train, work / "ds", config, show_progress=False
+        )
         full_build_s = time.perf_counter() - start
         index = DatastoreIndex.build(ds, IndexConfig(), show_progress=False)
         # Same windows for valid and test; max_tokens limits both splits.
-        eval_config = EvalConfig(context_length=512, stride=256, batch_size=4, k=32,
-                                 max_tokens=args.eval_tokens + 1, valid_tokens=args.eval_tokens + 1)
+        eval_config = EvalConfig(
+            context_length=512,
+            stride=256,
+            batch_size=4,
+            k=32,
+            max_tokens=args.eval_tokens + 1,
+            valid_tokens=args.eval_tokens + 1,
+        )
         start = time.perf_counter()
-        results = evaluate_base_knn(model, tokenizer, ds, index, corpus.valid, corpus.test,
-                                    config=eval_config, show_progress=False)
+        results = evaluate_base_knn(
+            model,
+            tokenizer,
+            ds,
+            index,
+            corpus.valid,
+            corpus.test,
+            config=eval_config,
+            show_progress=False,
+        )
         eval_s = time.perf_counter() - start
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = {
-        "model": type(model).__name__, "device": str(model_device(model)), "threads": args.threads,
-        "datastore_tokens": len(ds), "dim": ds.dim, "runs": runs,
+        "model": type(model).__name__,
+        "device": str(model_device(model)),
+        "threads": args.threads,
+        "datastore_tokens": len(ds),
+        "dim": ds.dim,
+        "runs": runs,
         "speed_tokens": args.speed_tokens,
         "build_over_plain_forward_speed_ratio": sorted(r["ratio"] for r in runs)[len(runs) // 2],
         "build_tokens_per_s": len(ds) / full_build_s,
-        "eval": {k: v for k, v in results.items() if k != "grid"}, "eval_seconds": eval_s,
+        "eval": {k: v for k, v in results.items() if k != "grid"},
+        "eval_seconds": eval_s,
     }
     path = Path(__file__).parent / "results" / "knnlm.json"
     path.parent.mkdir(parents=True, exist_ok=True)

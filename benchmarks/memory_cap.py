@@ -12,6 +12,7 @@ itself is killed (SIGKILL, return code -9).
 privileges, or a container without cgroup delegation); the benchmark then skips the capped
 runs and says so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,10 +104,18 @@ def run_capped(cmd: list[str], limit_bytes: int, timeout: float = 3600) -> dict:
             procs.write_text(str(os.getpid()))
 
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=enter)
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=enter
+        )
         seconds = time.perf_counter() - start
         peak, oom = _peak_and_oom(group, version)
-    return {"limit_bytes": limit_bytes, "cgroup_version": version, "returncode": done.returncode,
-            "killed_by_oom": oom or done.returncode == -9, "peak_cgroup_bytes": peak,
-            "seconds": seconds, "stdout": done.stdout, "stderr_tail": done.stderr[-2000:]}
+    return {
+        "limit_bytes": limit_bytes,
+        "cgroup_version": version,
+        "returncode": done.returncode,
+        "killed_by_oom": oom or done.returncode == -9,
+        "peak_cgroup_bytes": peak,
+        "seconds": seconds,
+        "stdout": done.stdout,
+        "stderr_tail": done.stderr[-2000:],
+    }

@@ -7,6 +7,7 @@ is set (then the torch / PyG / transformers / Python inventories are fetched, wh
 network). Pages under ``_generated/`` (API reference, benchmark results) and the context
 graph figure are produced at build time by ``_ext/hetgraph_docs.py``.
 """
+
 from __future__ import annotations
 
 import os

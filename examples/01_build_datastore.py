@@ -8,6 +8,7 @@ index (``factory="auto"``: exact search below ~1M vectors) and runs one kNN sear
     python examples/01_build_datastore.py --tiny                  # seconds, tiny random model
     python examples/01_build_datastore.py --corpus ~/my_texts     # SmolLM2-135M on your text
 """
+
 from __future__ import annotations
 
 import _common
@@ -26,10 +27,13 @@ def main() -> None:
     # The first key of the store must find itself as its own nearest neighbour.
     query = np.asarray(store.keys[:1], dtype=np.float32)
     distances, ids = index.search(query, 4)
-    print(f"nearest rows of row 0: {ids[0].tolist()} "
-          f"(distances {np.round(distances[0], 3).tolist()})")
-    print(f"row 0 is in document {store.document_name(0)!r}; next token "
-          f"{tokenizer.decode([int(store.next_tokens[0])])!r}")
+    print(
+        f"nearest rows of row 0: {ids[0].tolist()} (distances {np.round(distances[0], 3).tolist()})"
+    )
+    print(
+        f"row 0 is in document {store.document_name(0)!r}; next token "
+        f"{tokenizer.decode([int(store.next_tokens[0])])!r}"
+    )
     print("datastore OK")
 
 

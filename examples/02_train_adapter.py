@@ -8,6 +8,7 @@ base model), checks that identity, trains only the adapter on the datastore's ow
     python examples/02_train_adapter.py --tiny
     python examples/02_train_adapter.py --corpus ~/my_texts --model ~/models/my-lm
 """
+
 from __future__ import annotations
 
 import _common
@@ -32,8 +33,10 @@ def main() -> None:
     with torch.no_grad():
         base = model(ids).logits
         fused = lm(ids).logits
-    print(f"untrained adapter changes the logits by {(fused - base).abs().max().item():.1e} "
-          "(exact identity)")
+    print(
+        f"untrained adapter changes the logits by {(fused - base).abs().max().item():.1e} "
+        "(exact identity)"
+    )
 
     adapter_dir = _common.train(args, lm, tokenized, store)
     gate = max(g.abs().max().item() for g in lm.gates.values())

@@ -7,6 +7,7 @@ GNN-LM reuses the base run's neighbours. Prints the results table and writes JSO
     python examples/03_evaluate_four_way.py --tiny
     python examples/03_evaluate_four_way.py            # SmolLM2-135M on the Python docs
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,17 @@ def main() -> None:
     if not (Path(args.out) / "adapter" / "training.json").is_file():
         _common.train(args, lm, tokenized, store)  # no adapter from example 02 yet
 
-    config = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4,
-                        max_tokens=s.eval_tokens, k=s.k, valid_tokens=s.eval_tokens)
-    results = evaluate_four_way(lm, tokenized.valid, tokenized.test, config,
-                                show_progress=not args.tiny)
+    config = EvalConfig(
+        context_length=s.context_length,
+        stride=s.stride,
+        batch_size=4,
+        max_tokens=s.eval_tokens,
+        k=s.k,
+        valid_tokens=s.eval_tokens,
+    )
+    results = evaluate_four_way(
+        lm, tokenized.valid, tokenized.test, config, show_progress=not args.tiny
+    )
     print(results_table(results, title="four-way evaluation"))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

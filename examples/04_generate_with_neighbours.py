@@ -9,6 +9,7 @@ token that followed it in the corpus.
     python examples/04_generate_with_neighbours.py --tiny
     python examples/04_generate_with_neighbours.py --prompt "The list.sort() method"
 """
+
 from __future__ import annotations
 
 import _common
@@ -33,8 +34,9 @@ def main() -> None:
     max_new = args.max_new_tokens or (6 if args.tiny else 20)
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    generated = lm.generate(**inputs, max_new_tokens=max_new, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id)
+    generated = lm.generate(
+        **inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     prompt_length = inputs["input_ids"].shape[1]
     print(f"prompt:    {prompt!r}")
     continuation = tokenizer.decode(generated[0, prompt_length:], skip_special_tokens=True)

@@ -7,6 +7,7 @@ end to end in seconds on a CPU. Without ``--tiny`` the examples use the embedded
 (SmolLM2-135M and the Python 3.11 documentation) with modest sizes, and keep their results
 under ``runs/examples`` so that later examples reuse the datastore of earlier ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,23 +22,57 @@ import torch
 
 TINY_ENV = "HETGRAPH_EXAMPLES_TINY"
 
-_WORDS = ["the", "list", "sort", "key", "value", "returns", "a", "new", "object", "when", "called",
-          "with", "an", "iterable", "dict", "string", "format", "module", "import", "function",
-          "class", "method", "raises", "error", "if"]
+_WORDS = [
+    "the",
+    "list",
+    "sort",
+    "key",
+    "value",
+    "returns",
+    "a",
+    "new",
+    "object",
+    "when",
+    "called",
+    "with",
+    "an",
+    "iterable",
+    "dict",
+    "string",
+    "format",
+    "module",
+    "import",
+    "function",
+    "class",
+    "method",
+    "raises",
+    "error",
+    "if",
+]
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser with the options every example shares."""
-    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true",
-                   help=f"tiny random model and synthetic corpus (also: {TINY_ENV}=1)")
-    p.add_argument("--model", default=None,
-                   help="model directory or .gguf (default: embedded SmolLM2-135M)")
-    p.add_argument("--corpus", default=None,
-                   help="text folder (default: embedded Python 3.11 docs)")
-    p.add_argument("--out", default=None,
-                   help="work directory (default: runs/examples, or a temp dir with --tiny)")
+    p = argparse.ArgumentParser(
+        description=(doc or "").strip().splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"tiny random model and synthetic corpus (also: {TINY_ENV}=1)",
+    )
+    p.add_argument(
+        "--model", default=None, help="model directory or .gguf (default: embedded SmolLM2-135M)"
+    )
+    p.add_argument(
+        "--corpus", default=None, help="text folder (default: embedded Python 3.11 docs)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="work directory (default: runs/examples, or a temp dir with --tiny)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch and FAISS threads")
     return p
 
@@ -84,14 +119,38 @@ class Sizes:
     eval_tokens: int
 
 
-TINY = Sizes(datastore_tokens=6000, context_length=128, stride=64, k=8,
-             adapter={"hidden_channels": 32, "num_layers": 1, "heads": 4, "dropout": 0.0,
-                      "attn_dropout": 0.0},
-             train_steps=4, train_context=64, eval_tokens=300)
-MODEST = Sizes(datastore_tokens=20000, context_length=512, stride=384, k=16,
-               adapter={"hidden_channels": 256, "num_layers": 2, "heads": 8, "dropout": 0.1,
-                        "attn_dropout": 0.1},
-               train_steps=40, train_context=128, eval_tokens=2048)
+TINY = Sizes(
+    datastore_tokens=6000,
+    context_length=128,
+    stride=64,
+    k=8,
+    adapter={
+        "hidden_channels": 32,
+        "num_layers": 1,
+        "heads": 4,
+        "dropout": 0.0,
+        "attn_dropout": 0.0,
+    },
+    train_steps=4,
+    train_context=64,
+    eval_tokens=300,
+)
+MODEST = Sizes(
+    datastore_tokens=20000,
+    context_length=512,
+    stride=384,
+    k=16,
+    adapter={
+        "hidden_channels": 256,
+        "num_layers": 2,
+        "heads": 8,
+        "dropout": 0.1,
+        "attn_dropout": 0.1,
+    },
+    train_steps=40,
+    train_context=128,
+    eval_tokens=2048,
+)
 
 
 def sizes(args: argparse.Namespace) -> Sizes:
@@ -119,8 +178,12 @@ def corpus(args: argparse.Namespace, tokenizer: Any):
     if path is None and args.tiny:
         path = str(write_tiny_corpus(Path(args.out) / "corpus"))
     cache = Path(args.out) / "corpus-cache" if args.tiny else None
-    return tokenize_corpus(CorpusConfig(path=path, fractions=(0.8, 0.1, 0.1)), tokenizer,
-                           cache_dir=cache, show_progress=not args.tiny)
+    return tokenize_corpus(
+        CorpusConfig(path=path, fractions=(0.8, 0.1, 0.1)),
+        tokenizer,
+        cache_dir=cache,
+        show_progress=not args.tiny,
+    )
 
 
 def datastore_and_index(args: argparse.Namespace, model: Any, tokenizer: Any, tokenized: Any):
@@ -129,15 +192,27 @@ def datastore_and_index(args: argparse.Namespace, model: Any, tokenizer: Any, to
 
     s = sizes(args)
     out = Path(args.out) / "datastore"
-    config = DatastoreConfig(context_length=s.context_length, stride=s.stride, batch_size=4,
-                             max_tokens=s.datastore_tokens)
-    store = build_datastore(model, tokenizer, tokenized.train, out, config,
-                            corpus_fingerprint=tokenized.fingerprint, show_progress=not args.tiny)
+    config = DatastoreConfig(
+        context_length=s.context_length,
+        stride=s.stride,
+        batch_size=4,
+        max_tokens=s.datastore_tokens,
+    )
+    store = build_datastore(
+        model,
+        tokenizer,
+        tokenized.train,
+        out,
+        config,
+        corpus_fingerprint=tokenized.fingerprint,
+        show_progress=not args.tiny,
+    )
     if (out / "index" / "index.json").is_file():
         index = DatastoreIndex.load(out / "index", store)
     else:
-        index = DatastoreIndex.build(store, IndexConfig(factory="auto"),
-                                     show_progress=not args.tiny)
+        index = DatastoreIndex.build(
+            store, IndexConfig(factory="auto"), show_progress=not args.tiny
+        )
         index.save(out / "index")
     return store, index
 
@@ -147,8 +222,9 @@ def fusion_config(args: argparse.Namespace):
     from hetgraph import FusionConfig
 
     s = sizes(args)
-    return FusionConfig(fusion_layers=("head",), k=s.k, graph={"left": 1, "right": 1},
-                        adapter=s.adapter)
+    return FusionConfig(
+        fusion_layers=("head",), k=s.k, graph={"left": 1, "right": 1}, adapter=s.adapter
+    )
 
 
 def hetgraph_lm(args: argparse.Namespace, model: Any, tokenizer: Any, store: Any, index: Any):
@@ -167,13 +243,28 @@ def train(args: argparse.Namespace, lm: Any, tokenized: Any, store: Any) -> Path
     from hetgraph import EvalConfig, TrainingConfig, train_adapter
 
     s = sizes(args)
-    config = TrainingConfig(max_steps=s.train_steps, batch_size=2, context_length=s.train_context,
-                            lr=1e-3, warmup_steps=max(1, s.train_steps // 10), eval_every=0,
-                            eval_tokens=s.eval_tokens, checkpoint_every=0, seed=0)
+    config = TrainingConfig(
+        max_steps=s.train_steps,
+        batch_size=2,
+        context_length=s.train_context,
+        lr=1e-3,
+        warmup_steps=max(1, s.train_steps // 10),
+        eval_every=0,
+        eval_tokens=s.eval_tokens,
+        checkpoint_every=0,
+        seed=0,
+    )
     out = Path(args.out) / "adapter"
     train_split = tokenized.train.truncate(len(store) + 1)
     windows = EvalConfig(context_length=s.context_length, stride=s.stride, batch_size=4)
-    result = train_adapter(lm, train_split, tokenized.valid, config, out,
-                           show_progress=not args.tiny, eval_config=windows)
+    result = train_adapter(
+        lm,
+        train_split,
+        tokenized.valid,
+        config,
+        out,
+        show_progress=not args.tiny,
+        eval_config=windows,
+    )
     print(f"trained {result.steps} steps; best valid perplexity {result.best_valid_ppl:.2f}")
     return out

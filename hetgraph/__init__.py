@@ -12,6 +12,7 @@ or ``from hetgraph import HeteroGraphAttention`` loads neither FAISS nor the dat
 fusion stages;
 the ``TYPE_CHECKING`` block lists the same names eagerly for type checkers.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """``python -m hetgraph`` (and ``torchrun -m hetgraph``): the command line."""
+
 import sys
 
 from hetgraph.cli import main

@@ -35,6 +35,7 @@ peaked at 2.25 GB instead of 2.59 GB after 40 steps, at the same speed (580 toke
 :func:`available_memory_bytes` says how much memory a new allocation can take now (the
 index size rule and the evaluation's neighbour-state table decide with it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,10 @@ def bound_heap_growth(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
         ValueError: ``threshold`` is not in ``1 … MAX_MMAP_THRESHOLD`` bytes.
     """
     if not 0 < threshold <= MAX_MMAP_THRESHOLD:
-        raise ValueError(f"threshold must be 1 to {MAX_MMAP_THRESHOLD} bytes (32 MiB, glibc's "
-                         f"limit), got {threshold}")
+        raise ValueError(
+            f"threshold must be 1 to {MAX_MMAP_THRESHOLD} bytes (32 MiB, glibc's "
+            f"limit), got {threshold}"
+        )
     mallopt = None if "MALLOC_MMAP_THRESHOLD_" in os.environ else _glibc_function("mallopt")
     if mallopt is None:
         return False

@@ -2,6 +2,7 @@
 name, made before any work: output paths (never over hetgraph's own files, always
 writable), plot formats, decoder-layer numbers and text lengths. Each refusal is a
 :class:`CommandLineError` naming the option and the fix."""
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,6 @@ class CommandLineError(HetgraphError):
     """An option of a ``hetgraph`` command is invalid for the data it names."""
 
 
-
 #: Files whose presence makes a directory one of hetgraph's (or a model's), by kind.
 _OWNED_MARKERS = {  # a checkpoint holds adapter files too, so it is recognised first
     "checkpoint": (TRAINER_STATE, OPTIMIZER_WEIGHTS),
@@ -61,12 +61,14 @@ def directory_kind(directory: Path) -> str | None:
         if any((directory / name).exists() for name in markers):
             return kind
     if (directory / RUN_CONFIG).is_file() and any(
-            (directory / name).is_dir() for name in (RUN_DATASTORE_DIR, RUN_ADAPTER_DIR)):
+        (directory / name).is_dir() for name in (RUN_DATASTORE_DIR, RUN_ADAPTER_DIR)
+    ):
         return "run"
     if (directory / HF_MODEL_CONFIG).is_file() and (
-            any((directory / name).is_file() for name in (HF_TOKENIZER_CONFIG,
-                                                            *HF_TOKENIZER_FILES))
-            or any(directory.glob("*.safetensors")) or any(directory.glob("*.bin"))):
+        any((directory / name).is_file() for name in (HF_TOKENIZER_CONFIG, *HF_TOKENIZER_FILES))
+        or any(directory.glob("*.safetensors"))
+        or any(directory.glob("*.bin"))
+    ):
         return "model"
     return None
 
@@ -86,21 +88,25 @@ def _check_can_create_in(directory: Path, option: str, path: Path) -> None:
     permission bits do not tell root, a read-only mount or ``/proc`` apart)."""
     ancestor = _existing_ancestor(directory)
     if not ancestor.is_dir():
-        raise CommandLineError(f"{option} {path}: {ancestor} is a file, not a directory; "
-                               "give a path under a directory")
+        raise CommandLineError(
+            f"{option} {path}: {ancestor} is a file, not a directory; give a path under a directory"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".hetgraph-probe-", dir=ancestor))
     except OSError as error:
-        raise CommandLineError(f"{option} {path}: cannot create anything in {ancestor} "
-                               f"({error.strerror}); choose a writable directory") from None
+        raise CommandLineError(
+            f"{option} {path}: cannot create anything in {ancestor} "
+            f"({error.strerror}); choose a writable directory"
+        ) from None
 
 
 def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
-def check_output_directory(path: str | Path, option: str, kind: str,
-                           accept: tuple[str, ...] = ()) -> None:
+def check_output_directory(
+    path: str | Path, option: str, kind: str, accept: tuple[str, ...] = ()
+) -> None:
     r"""Refuse ``path`` as the output directory of a command (``option`` is ``--out``),
     before any model is loaded: an existing file, a directory that cannot be created or
     written, or a directory that holds another kind of hetgraph (or model) data than
@@ -108,12 +114,16 @@ def check_output_directory(path: str | Path, option: str, kind: str,
     there)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CommandLineError(f"{option} {path} is an existing file, not a directory; give "
-                               f"the path of a (new or existing) {kind} directory")
+        raise CommandLineError(
+            f"{option} {path} is an existing file, not a directory; give "
+            f"the path of a (new or existing) {kind} directory"
+        )
     found = directory_kind(path)
     if found is not None and found not in (kind, *accept):
-        raise CommandLineError(f"{option} {path} holds {_a(found)}, not {_a(kind)}; give "
-                               "another directory (a new one is created)")
+        raise CommandLineError(
+            f"{option} {path} holds {_a(found)}, not {_a(kind)}; give "
+            "another directory (a new one is created)"
+        )
     _check_can_create_in(path, option, path)
 
 
@@ -124,18 +134,20 @@ def check_output_file(path: Path, option: str, inputs: tuple[Path | None, ...] =
     (or a run directory's own ``config.json`` / ``results.*``), whose files hetgraph owns."""
     if path.is_dir():
         example = path / ("results.png" if option == "--plot" else "results.json")
-        raise CommandLineError(f"{option} {path} is a directory; give a file path, e.g. "
-                               f"{example}")
+        raise CommandLineError(f"{option} {path} is a directory; give a file path, e.g. {example}")
     resolved = Path(os.path.abspath(path)).resolve()
     for source in inputs:
         if source is not None and Path(os.path.abspath(source)).resolve() == resolved:
-            raise CommandLineError(f"{option} {path} is an input of this command; write the "
-                                   "results to another file")
+            raise CommandLineError(
+                f"{option} {path} is an input of this command; write the results to another file"
+            )
     kind = directory_kind(resolved.parent)
     if kind is not None and (kind != "run" or resolved.name in _RUN_FILES):
-        raise CommandLineError(f"{option} {path} would write into {resolved.parent}, "
-                               f"{_a(kind)} directory whose files hetgraph owns; write the "
-                               "results elsewhere (e.g. beside that directory)")
+        raise CommandLineError(
+            f"{option} {path} would write into {resolved.parent}, "
+            f"{_a(kind)} directory whose files hetgraph owns; write the "
+            "results elsewhere (e.g. beside that directory)"
+        )
     _check_can_create_in(path.parent, option, path)
 
 
@@ -147,8 +159,10 @@ def check_plot_path(path: Path, option: str = "--plot") -> str:
     formats = FigureCanvasAgg.get_supported_filetypes()
     suffix = path.suffix.lower().lstrip(".") or "png"
     if suffix not in formats:
-        raise CommandLineError(f"{option} {path}: matplotlib cannot write .{suffix} files; "
-                               f"use one of .{', .'.join(sorted(formats))} (e.g. .png)")
+        raise CommandLineError(
+            f"{option} {path}: matplotlib cannot write .{suffix} files; "
+            f"use one of .{', .'.join(sorted(formats))} (e.g. .png)"
+        )
     return suffix
 
 
@@ -164,7 +178,8 @@ def check_layers(model: Any, options: dict[str, list[int | None]]) -> None:
                 raise CommandLineError(
                     f"{option} {layer} is outside the model's {count} decoder layers; give "
                     f"{-count} … {count - 1} (negative counts from the last)"
-                    + (" or 'head'" if option == "--layer" else ""))
+                    + (" or 'head'" if option == "--layer" else "")
+                )
 
 
 def check_positions(model: Any, tokens: int, option: str, new_tokens: int = 0) -> None:
@@ -181,6 +196,9 @@ def check_positions(model: Any, tokens: int, option: str, new_tokens: int = 0) -
         raise CommandLineError(
             f"{option} is {tokens} tokens and --max-new-tokens {new_tokens}: {tokens + new_tokens}"
             f" positions, more than the {limit} the model ({model_type}) supports; shorten "
-            f"{option} or lower --max-new-tokens (together at most {limit})")
-    raise CommandLineError(f"{option} is {tokens} tokens, more than the {limit} positions the "
-                           f"model ({model_type}) supports; shorten {option}")
+            f"{option} or lower --max-new-tokens (together at most {limit})"
+        )
+    raise CommandLineError(
+        f"{option} is {tokens} tokens, more than the {limit} positions the "
+        f"model ({model_type}) supports; shorten {option}"
+    )

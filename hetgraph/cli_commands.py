@@ -4,6 +4,7 @@ Every expected failure raised here is a :class:`~hetgraph.errors.HetgraphError` 
 names the option or file and the fix; :func:`is_expected_error` tells :func:`hetgraph.cli.main`
 which exceptions to render as one ``error: …`` line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,9 @@ from hetgraph.limits import loads_json
 
 #: ``OSError`` numbers caused by the machine, not by a bug: full disk or quota, a file over
 #: the size limit, no permission, a read-only file system.
-_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES,
-                                 errno.EPERM, errno.EROFS})
+_ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+)
 
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,10 @@ def _corpus(args: argparse.Namespace, tokenizer: Any):
     if args.corpus_config is not None:
         data = _read_json_option(args.corpus_config, "--corpus-config")
         if not isinstance(data, dict):
-            raise ConfigError(f"--corpus-config {args.corpus_config} must hold a JSON object "
-                              "of CorpusConfig fields")
+            raise ConfigError(
+                f"--corpus-config {args.corpus_config} must hold a JSON object "
+                "of CorpusConfig fields"
+            )
     if args.corpus is not None:
         data["path"] = args.corpus
     if args.text_field != "text":
@@ -109,7 +113,8 @@ def _open_store(path: str, model: Any, tokenizer: Any):
     index_dir = Path(path) / INDEX_DIR
     if not (index_dir / INDEX_FILE).is_file():
         raise CommandLineError(
-            f"{path} has no index yet; run `hetgraph index build --datastore {path}`")
+            f"{path} has no index yet; run `hetgraph index build --datastore {path}`"
+        )
     return store, DatastoreIndex.load(index_dir, store)
 
 
@@ -121,9 +126,11 @@ def _run_config(path: Path | None):
 
 def _check_k(k: int, store: Any, option: str) -> None:
     if k >= len(store):
-        raise CommandLineError(f"{option} {k} must be smaller than the {len(store)} entries of "
-                               f"datastore {store.path}; lower {option} or build a larger "
-                               "datastore")
+        raise CommandLineError(
+            f"{option} {k} must be smaller than the {len(store)} entries of "
+            f"datastore {store.path}; lower {option} or build a larger "
+            "datastore"
+        )
 
 
 def _hetgraph_lm(adapter: str | None, model: Any, tokenizer: Any, store: Any, index: Any):
@@ -133,13 +140,21 @@ def _hetgraph_lm(adapter: str | None, model: Any, tokenizer: Any, store: Any, in
         if not (Path(adapter) / ADAPTER_CONFIG).is_file():
             raise CommandLineError(
                 f"--adapter {adapter} holds no trained adapter ({ADAPTER_CONFIG} missing); "
-                "give the --out directory of `hetgraph train`, or leave --adapter out")
+                "give the --out directory of `hetgraph train`, or leave --adapter out"
+            )
         return HetGraphLM.from_pretrained(adapter, model, store, index, tokenizer=tokenizer)
     return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
 
 
-def _lm_for_text(args: argparse.Namespace, text: str, option: str, verb: str, *,
-                 new_tokens: int = 0, special_tokens: bool = True):
+def _lm_for_text(
+    args: argparse.Namespace,
+    text: str,
+    option: str,
+    verb: str,
+    *,
+    new_tokens: int = 0,
+    special_tokens: bool = True,
+):
     """``(lm, model, tokenizer)`` of ``generate`` / ``inspect``: refuses a ``torchrun`` job and
     an empty ``text`` (given as ``option``) before loading the model, and a ``text`` whose
     tokens (as the command tokenizes it) plus ``new_tokens`` exceed the model's positions
@@ -186,23 +201,40 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
     from hetgraph.index import IndexConfig, build_index
     from hetgraph.models.checks import check_context_length
 
-    config = DatastoreConfig.from_dict(dict(
-        context_length=args.context_length, stride=args.stride, batch_size=args.batch_size,
-        key_layer=args.layer, feature_layers=list(args.feature_layers),
-        max_tokens=args.max_tokens))
+    config = DatastoreConfig.from_dict(
+        dict(
+            context_length=args.context_length,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            key_layer=args.layer,
+            feature_layers=list(args.feature_layers),
+            max_tokens=args.max_tokens,
+        )
+    )
     check_output_directory(args.out, "--out", "datastore")
     ctx = init_distributed()  # under torchrun every rank builds its share; rank 0 reports
     model, tokenizer = _load(args)
     check_context_length(model, config.context_length, "--context-length")
     check_layers(model, {"--layer": [args.layer], "--feature-layers": list(args.feature_layers)})
     corpus = _corpus(args, tokenizer)
-    store = build_datastore(model, tokenizer, corpus.train, args.out, config,
-                            corpus_fingerprint=corpus.fingerprint, overwrite=args.overwrite)
+    store = build_datastore(
+        model,
+        tokenizer,
+        corpus.train,
+        args.out,
+        config,
+        corpus_fingerprint=corpus.fingerprint,
+        overwrite=args.overwrite,
+    )
     if ctx.is_main:
         print(f"datastore: {store}")
     if not args.no_index:  # as `hetgraph index build` with its defaults (layout by size)
-        index = build_index(store, Path(args.out) / INDEX_DIR,
-                            IndexConfig(num_threads=args.threads), distributed=ctx)
+        index = build_index(
+            store,
+            Path(args.out) / INDEX_DIR,
+            IndexConfig(num_threads=args.threads),
+            distributed=ctx,
+        )
         if ctx.is_main:
             print(f"index: {index}" + (" (lists on disk)" if index.on_disk else ""))
     return 0
@@ -213,15 +245,25 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from hetgraph.distributed import init_distributed
     from hetgraph.index import IndexConfig, build_index
 
-    config = IndexConfig.from_dict(dict(
-        factory=args.factory, metric=args.metric, num_threads=args.threads,
-        on_disk=args.on_disk, nprobe=args.nprobe, rerank=args.rerank, shard_rows=args.shard_rows))
+    config = IndexConfig.from_dict(
+        dict(
+            factory=args.factory,
+            metric=args.metric,
+            num_threads=args.threads,
+            on_disk=args.on_disk,
+            nprobe=args.nprobe,
+            rerank=args.rerank,
+            shard_rows=args.shard_rows,
+        )
+    )
     ctx = init_distributed()  # under torchrun an on-disk build is shard-parallel
     store = Datastore.open(args.datastore)
     index = build_index(store, Path(args.datastore) / INDEX_DIR, config, distributed=ctx)
     if ctx.is_main:
-        print(f"index: {index} saved in {Path(args.datastore) / INDEX_DIR}"
-              + (" (lists on disk)" if index.on_disk else ""))
+        print(
+            f"index: {index} saved in {Path(args.datastore) / INDEX_DIR}"
+            + (" (lists on disk)" if index.on_disk else "")
+        )
     return 0
 
 
@@ -242,9 +284,11 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             fusion["graph"][name] = getattr(args, name)
     if args.init_from is not None:
         if not (args.init_from / ADAPTER_CONFIG).is_file():
-            raise CommandLineError(f"--init-from {args.init_from} holds no trained adapter "
-                                   f"({ADAPTER_CONFIG} missing); give the --out directory of "
-                                   "the stage-1 `hetgraph train`")
+            raise CommandLineError(
+                f"--init-from {args.init_from} holds no trained adapter "
+                f"({ADAPTER_CONFIG} missing); give the --out directory of "
+                "the stage-1 `hetgraph train`"
+            )
         training["init_from"] = str(args.init_from)
     if args.fusion_layers is not None:
         fusion["fusion_layers"] = list(args.fusion_layers)  # parsed by FusionConfig
@@ -277,24 +321,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_corpus_provenance(store, corpus, command="train")
     _check_k(fusion.k, store, "--k")
     rows = len(store) + 1
-    train_split = corpus.train.truncate(rows if args.max_tokens is None
-                                        else min(rows, args.max_tokens))
+    train_split = corpus.train.truncate(
+        rows if args.max_tokens is None else min(rows, args.max_tokens)
+    )
     torch.manual_seed(training.seed)  # the adapter's initialisation is part of the run
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
     if args.control == "lora":
-        return _train_lora_control(lm, tokenizer, train_split, corpus.valid, training,
-                                   evaluation, args.out)
-    result = train_adapter(lm, train_split, corpus.valid, training, args.out,
-                           eval_config=evaluation)
+        return _train_lora_control(
+            lm, tokenizer, train_split, corpus.valid, training, evaluation, args.out
+        )
+    result = train_adapter(
+        lm, train_split, corpus.valid, training, args.out, eval_config=evaluation
+    )
     if not ctx.is_main:
         return 0
-    print(json.dumps({"steps": result.steps, "best_step": result.best_step,
-                      "best_valid_ppl": result.best_valid_ppl, "adapter": str(args.out)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "best_step": result.best_step,
+                "best_valid_ppl": result.best_valid_ppl,
+                "adapter": str(args.out),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
-def _train_lora_control(lm: Any, tokenizer: Any, train_split: Any, valid_split: Any,
-                        training: Any, evaluation: Any, out: Path) -> int:
+def _train_lora_control(
+    lm: Any,
+    tokenizer: Any,
+    train_split: Any,
+    valid_split: Any,
+    training: Any,
+    evaluation: Any,
+    out: Path,
+) -> int:
     """``train --control lora``: a LoRA of the graph adapter's size (``lm``'s, untrained)
     on the same tokens and schedule."""
     from hetgraph.distributed import require_single_process
@@ -306,14 +369,34 @@ def _train_lora_control(lm: Any, tokenizer: Any, train_split: Any, valid_split: 
 
     require_single_process("train --control lora")
     target = graph_adapter_parameters(lm)
-    result = train_lora_control(lm.model, tokenizer, train_split, valid_split, training,
-                                LoraControlConfig(), out, target_params=target,
-                                sites=lm.config.fusion_layers, eval_config=evaluation)
-    print(json.dumps({"control": "lora", "steps": result.steps, "best_step": result.best_step,
-                      "best_valid_ppl": result.best_valid_ppl, "rank": result.rank,
-                      "trained_parameters": result.trained_params,
-                      "graph_adapter_parameters": target, "tokens": result.tokens,
-                      "out": str(out)}, indent=2))
+    result = train_lora_control(
+        lm.model,
+        tokenizer,
+        train_split,
+        valid_split,
+        training,
+        LoraControlConfig(),
+        out,
+        target_params=target,
+        sites=lm.config.fusion_layers,
+        eval_config=evaluation,
+    )
+    print(
+        json.dumps(
+            {
+                "control": "lora",
+                "steps": result.steps,
+                "best_step": result.best_step,
+                "best_valid_ppl": result.best_valid_ppl,
+                "rank": result.rank,
+                "trained_parameters": result.trained_params,
+                "graph_adapter_parameters": target,
+                "tokens": result.tokens,
+                "out": str(out),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -325,12 +408,16 @@ def _eval_adapters(args: argparse.Namespace) -> tuple[str | None, str | None]:
     adapter, control = args.adapter, args.control
     if adapter is not None and is_lora_control(adapter):
         if control is not None:
-            raise CommandLineError(f"--adapter {adapter} is a LoRA control and --control gives "
-                                   "another; give the graph adapter as --adapter")
+            raise CommandLineError(
+                f"--adapter {adapter} is a LoRA control and --control gives "
+                "another; give the graph adapter as --adapter"
+            )
         return None, adapter
     if control is not None and not is_lora_control(control):
-        raise CommandLineError(f"--control {control} holds no LoRA control; give the --out "
-                               "directory of `hetgraph train --control lora`")
+        raise CommandLineError(
+            f"--control {control} holds no LoRA control; give the --out "
+            "directory of `hetgraph train --control lora`"
+        )
     return adapter, control
 
 
@@ -345,9 +432,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plot_format = _check_eval_outputs(args)  # before any work: results are never lost
     adapter, control_dir = _eval_adapters(args)
     evaluation = _run_config(args.config).evaluation
-    for name, option in (("k", "k"), ("neighbour_states", "neighbour_states"),
-                         ("sample", "sample"), ("sample_seed", "sample_seed"),
-                         ("bootstrap_resamples", "bootstrap_resamples")):
+    for name, option in (
+        ("k", "k"),
+        ("neighbour_states", "neighbour_states"),
+        ("sample", "sample"),
+        ("sample_seed", "sample_seed"),
+        ("bootstrap_resamples", "bootstrap_resamples"),
+    ):
         if getattr(args, option) is not None:
             evaluation = replace(evaluation, **{name: getattr(args, option)})
     for name, option in (("max_tokens", "max_tokens"), ("valid_tokens", "tune_tokens")):
@@ -357,8 +448,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
     store, index = _open_store(args.datastore, model, tokenizer)
-    provenance = check_corpus_provenance(store, corpus, command="eval",
-                                         allow_other_corpus=args.allow_other_corpus)
+    provenance = check_corpus_provenance(
+        store, corpus, command="eval", allow_other_corpus=args.allow_other_corpus
+    )
     _check_k(evaluation.k, store, "--k")
     lm = _hetgraph_lm(adapter, model, tokenizer, store, index)
     control = None
@@ -366,9 +458,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from hetgraph.training.lora import load_lora_control
 
         control = load_lora_control(control_dir, model, tokenizer)
-    results = evaluate_four_way(lm, corpus.valid, corpus.split(args.split), evaluation,
-                                include_gnn=adapter is not None, per_token=args.per_token,
-                                control=control)
+    results = evaluate_four_way(
+        lm,
+        corpus.valid,
+        corpus.split(args.split),
+        evaluation,
+        include_gnn=adapter is not None,
+        per_token=args.per_token,
+        control=control,
+    )
     results["provenance"] = provenance
     if not ctx.is_main:
         return 0
@@ -386,13 +484,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _check_eval_outputs(args: argparse.Namespace) -> str | None:
     """Check ``eval``'s ``--json`` and ``--plot`` before anything runs; the plot's format."""
     inputs = (args.config, args.corpus_config, Path(args.corpus) if args.corpus else None)
-    outputs = [(path, option) for path, option in ((args.json, "--json"),
-               (args.per_token, "--per-token"), (args.plot, "--plot")) if path is not None]
+    outputs = [
+        (path, option)
+        for path, option in (
+            (args.json, "--json"),
+            (args.per_token, "--per-token"),
+            (args.plot, "--plot"),
+        )
+        if path is not None
+    ]
     for path, option in outputs:
         check_output_file(path, option, inputs)
     if len({os.path.abspath(path) for path, _ in outputs}) < len(outputs):
-        raise CommandLineError(f"{', '.join(option for _, option in outputs)} name the same "
-                               "file; give each its own")
+        raise CommandLineError(
+            f"{', '.join(option for _, option in outputs)} name the same file; give each its own"
+        )
     if args.plot is None:
         return None
     return check_plot_path(args.plot)
@@ -419,12 +525,21 @@ def _record_knn_tuning(adapter: str | None, store: Any, results: dict[str, Any])
         try:
             identity = {"datastore": store.fingerprint, "adapter": _adapter_identity(tuned_for)}
             path = write_knn_tuning(directory, row, identity)
-            logger.info("recorded λ %.2f, T %.3g in %s (for `hetgraph generate --knn`)",
-                        row["lambda"], row["temperature"], path)
+            logger.info(
+                "recorded λ %.2f, T %.3g in %s (for `hetgraph generate --knn`)",
+                row["lambda"],
+                row["temperature"],
+                path,
+            )
         except (OSError, HetgraphError) as error:
-            logger.warning("could not record the tuned λ and T in %s (%s); give "
-                           "`generate --knn` --lambda %.2f --temperature %.3g", directory, error,
-                           row["lambda"], row["temperature"])
+            logger.warning(
+                "could not record the tuned λ and T in %s (%s); give "
+                "`generate --knn` --lambda %.2f --temperature %.3g",
+                directory,
+                error,
+                row["lambda"],
+                row["temperature"],
+            )
 
 
 def _knn_settings(args: argparse.Namespace, lm: Any) -> tuple[float, float]:
@@ -433,24 +548,27 @@ def _knn_settings(args: argparse.Namespace, lm: Any) -> tuple[float, float]:
     from hetgraph.knnlm import read_knn_tuning
 
     lam = args.knn_lambda if args.knn_lambda is not None else lm.config.knn_lambda
-    temperature = (args.knn_temperature if args.knn_temperature is not None
-                   else lm.config.knn_temperature)
+    temperature = (
+        args.knn_temperature if args.knn_temperature is not None else lm.config.knn_temperature
+    )
     if lam is not None and temperature is not None:
         return float(lam), float(temperature)
     directory = Path(args.adapter) if args.adapter else Path(lm.datastore.path)
-    tuned = read_knn_tuning(directory, {"datastore": lm.datastore.fingerprint,
-                                        "adapter": _adapter_identity(args.adapter)})
+    tuned = read_knn_tuning(
+        directory,
+        {"datastore": lm.datastore.fingerprint, "adapter": _adapter_identity(args.adapter)},
+    )
     if tuned is None:
         adapter = f" --adapter {args.adapter}" if args.adapter else ""
         raise CommandLineError(
             f"generate --knn needs the kNN-LM λ and temperature, and none are recorded for "
             f"{'adapter ' + args.adapter if args.adapter else 'datastore ' + args.datastore}; "
             f"run `hetgraph eval --datastore {args.datastore}{adapter}` first (it tunes and "
-            "records them), or give --lambda and --temperature")
+            "records them), or give --lambda and --temperature"
+        )
     lam = tuned["lambda"] if lam is None else lam
     temperature = tuned["temperature"] if temperature is None else temperature
-    logger.info("kNN-LM λ %.2f, T %.3g (tuned by `hetgraph eval`, %s)", lam, temperature,
-                directory)
+    logger.info("kNN-LM λ %.2f, T %.3g (tuned by `hetgraph eval`, %s)", lam, temperature, directory)
     return float(lam), float(temperature)
 
 
@@ -460,35 +578,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from hetgraph.inspection import describe_generation
 
     if not args.knn and (args.knn_lambda is not None or args.knn_temperature is not None):
-        raise CommandLineError("--lambda and --temperature set the kNN-LM mixture; add --knn "
-                               "to use it, or leave them out")
-    lm, model, tokenizer = _lm_for_text(args, args.prompt, "--prompt", "continue",
-                                        new_tokens=args.max_new_tokens)
+        raise CommandLineError(
+            "--lambda and --temperature set the kNN-LM mixture; add --knn "
+            "to use it, or leave them out"
+        )
+    lm, model, tokenizer = _lm_for_text(
+        args, args.prompt, "--prompt", "continue", new_tokens=args.max_new_tokens
+    )
     mixture = _knn_settings(args, lm) if args.knn else (None, None)
     device = next(model.parameters()).device
     prompt = tokenizer(args.prompt, return_tensors="pt").to(device)
     if prompt["input_ids"].shape[1] == 0:
         raise CommandLineError("--prompt gives no tokens; give some text to continue")
-    generated = lm.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False,
-                            pad_token_id=tokenizer.pad_token_id, knn=args.knn,
-                            knn_lambda=mixture[0], knn_temperature=mixture[1])
-    new_tokens = generated[0, prompt["input_ids"].shape[1]:]
+    generated = lm.generate(
+        **prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        knn=args.knn,
+        knn_lambda=mixture[0],
+        knn_temperature=mixture[1],
+    )
+    new_tokens = generated[0, prompt["input_ids"].shape[1] :]
     print(args.prompt + tokenizer.decode(new_tokens, skip_special_tokens=True))
     if args.show_neighbours:
         with torch.no_grad():
-            print(describe_generation(lm, tokenizer, generated[0], prompt["input_ids"].shape[1],
-                                      args.neighbours))
+            print(
+                describe_generation(
+                    lm, tokenizer, generated[0], prompt["input_ids"].shape[1], args.neighbours
+                )
+            )
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hetgraph.inspection import format_report, inspect_position
 
-    lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect",
-                                    special_tokens=False)
+    lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect", special_tokens=False)
     report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
-    print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
-          else format_report(report))
+    print(
+        json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+        if args.json
+        else format_report(report)
+    )
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ``hetgraph kg`` commands: ``kg build`` (triples and aliases into a knowledge-graph
 directory) and ``kg embed`` (KGE entity features stored with it). Heavy imports live inside
 the command functions, so parsing stays light."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,42 +29,82 @@ def add_kg_commands(commands: Any, add_model: Callable[[argparse.ArgumentParser]
     """Register ``hetgraph kg build`` and ``hetgraph kg embed``; ``add_model`` adds the
     ``--model`` options every command shares."""
     kg = commands.add_parser("kg", help="knowledge-graph commands").add_subparsers(
-        dest="action", metavar="ACTION", required=True)
-    build = kg.add_parser("build", help="read triples and aliases into a knowledge-graph "
-                          "directory, aliases tokenised for the model", epilog=KG_EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+        dest="action", metavar="ACTION", required=True
+    )
+    build = kg.add_parser(
+        "build",
+        help="read triples and aliases into a knowledge-graph "
+        "directory, aliases tokenised for the model",
+        epilog=KG_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model(build)
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--triples", type=Path, help="head<TAB>relation<TAB>tail per line, or "
-                        "JSON lines {\"head\", \"relation\", \"tail\"} (.xz / .gz read too)")
-    source.add_argument("--wordnet", action="store_true",
-                        help="the shipped WordNet 3.0 (benchmarks/data/wordnet-*.tsv.xz)")
-    build.add_argument("--aliases", type=Path, default=None,
-                       help="entity<TAB>alias per line, or JSON lines {\"entity\", \"alias\"}")
+    source.add_argument(
+        "--triples",
+        type=Path,
+        help="head<TAB>relation<TAB>tail per line, or "
+        'JSON lines {"head", "relation", "tail"} (.xz / .gz read too)',
+    )
+    source.add_argument(
+        "--wordnet",
+        action="store_true",
+        help="the shipped WordNet 3.0 (benchmarks/data/wordnet-*.tsv.xz)",
+    )
+    build.add_argument(
+        "--aliases",
+        type=Path,
+        default=None,
+        help='entity<TAB>alias per line, or JSON lines {"entity", "alias"}',
+    )
     build.add_argument("--out", type=Path, required=True, help="knowledge-graph directory")
-    build.add_argument("--max-alias-tokens", type=POSITIVE, default=8,
-                       help="longer aliases (in tokens) are not linked")
-    build.add_argument("--min-alias-chars", type=POSITIVE, default=3,
-                       help="shorter alias texts are skipped (function words)")
-    build.add_argument("--overwrite", action="store_true",
-                       help="replace a knowledge graph built from other inputs")
+    build.add_argument(
+        "--max-alias-tokens",
+        type=POSITIVE,
+        default=8,
+        help="longer aliases (in tokens) are not linked",
+    )
+    build.add_argument(
+        "--min-alias-chars",
+        type=POSITIVE,
+        default=3,
+        help="shorter alias texts are skipped (function words)",
+    )
+    build.add_argument(
+        "--overwrite", action="store_true", help="replace a knowledge graph built from other inputs"
+    )
     build.set_defaults(func=cmd_kg_build)
 
-    embed = kg.add_parser("embed", help="train KGE entity embeddings (PyG TransE, DistMult, "
-                          "RotatE, ComplEx) and store them with the graph")
+    embed = kg.add_parser(
+        "embed",
+        help="train KGE entity embeddings (PyG TransE, DistMult, "
+        "RotatE, ComplEx) and store them with the graph",
+    )
     embed.add_argument("--kg", type=Path, required=True, help="knowledge-graph directory")
-    embed.add_argument("--model", choices=("auto", "transe", "distmult", "rotate", "complex"),
-                       default="auto", help="'auto': train each, keep the best valid MRR")
+    embed.add_argument(
+        "--model",
+        choices=("auto", "transe", "distmult", "rotate", "complex"),
+        default="auto",
+        help="'auto': train each, keep the best valid MRR",
+    )
     embed.add_argument("--dim", type=POSITIVE, default=64)
     embed.add_argument("--epochs", type=POSITIVE, default=20)
     embed.add_argument("--batch-size", type=POSITIVE, default=1024)
     embed.add_argument("--lr", type=positive_float, default=0.01)
     embed.add_argument("--valid-fraction", type=fraction, default=0.05)
-    embed.add_argument("--max-valid", type=at_least(1), default=500,
-                       help="valid triples scored (each ranked against every entity)")
+    embed.add_argument(
+        "--max-valid",
+        type=at_least(1),
+        default=500,
+        help="valid triples scored (each ranked against every entity)",
+    )
     embed.add_argument("--seed", type=seed_value, default=0)
-    embed.add_argument("--threads", type=thread_count, default=None,
-                       help="torch threads (at most the machine's CPUs)")
+    embed.add_argument(
+        "--threads",
+        type=thread_count,
+        default=None,
+        help="torch threads (at most the machine's CPUs)",
+    )
     embed.set_defaults(func=cmd_kg_embed)
 
 
@@ -76,8 +117,10 @@ def _existing(out: Path, fingerprint: str, overwrite: bool) -> bool:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
     if not (out / MANIFEST).is_file():
-        raise KnowledgeGraphError(f"--out {out} exists and is not a knowledge-graph directory; "
-                                  "choose a new or empty directory")
+        raise KnowledgeGraphError(
+            f"--out {out} exists and is not a knowledge-graph directory; "
+            "choose a new or empty directory"
+        )
     if overwrite:
         return False
     try:
@@ -87,8 +130,10 @@ def _existing(out: Path, fingerprint: str, overwrite: bool) -> bool:
     except KnowledgeGraphError:
         same = False
     if not same:
-        raise KnowledgeGraphError(f"--out {out} holds a knowledge graph built from other inputs "
-                                  "(or a damaged one); pass --overwrite to replace it")
+        raise KnowledgeGraphError(
+            f"--out {out} holds a knowledge graph built from other inputs "
+            "(or a damaged one); pass --overwrite to replace it"
+        )
     return True
 
 
@@ -104,8 +149,9 @@ def cmd_kg_build(args: argparse.Namespace) -> int:
     if args.wordnet:
         triples, shipped_aliases = shipped_wordnet()
         aliases = aliases or shipped_aliases
-    config = AliasConfig(max_alias_tokens=args.max_alias_tokens,
-                         min_alias_chars=args.min_alias_chars)
+    config = AliasConfig(
+        max_alias_tokens=args.max_alias_tokens, min_alias_chars=args.min_alias_chars
+    )
     set_threads(args.threads)
     _, tokenizer = load_model(args.model)  # the tokenizer's vocabulary is checked against it
     record = build_record(triples, aliases, tokenizer, config)
@@ -124,10 +170,16 @@ def cmd_kg_embed(args: argparse.Namespace) -> int:
     from hetgraph.pipeline import set_threads
 
     set_threads(args.threads)
-    config = EmbeddingConfig(model=args.model, dim=args.dim, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr,
-                             valid_fraction=args.valid_fraction, max_valid=args.max_valid,
-                             seed=args.seed)
+    config = EmbeddingConfig(
+        model=args.model,
+        dim=args.dim,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        valid_fraction=args.valid_fraction,
+        max_valid=args.max_valid,
+        seed=args.seed,
+    )
     record = embed_knowledge_graph(args.kg, config)
     print(json.dumps(record, indent=2))
     return 0

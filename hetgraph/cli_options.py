@@ -1,5 +1,6 @@
 """Value types of the ``hetgraph`` command line's options: each parses one option's text or
 refuses it with argparse's one-line error before anything runs."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from collections.abc import Callable
 
 def at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``minimum`` (refused before anything runs)."""
+
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -18,13 +20,14 @@ def at_least(minimum: int) -> Callable[[str], int]:
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
         return number
+
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
 
 POSITIVE = at_least(1)
 #: Seeds are numpy's: ``0 <= seed < 2**32``.
-SEED_LIMIT = 2 ** 32
+SEED_LIMIT = 2**32
 
 
 def thread_count(value: str) -> int:
@@ -34,7 +37,8 @@ def thread_count(value: str) -> int:
     cpus = os.cpu_count() or 1
     if number > cpus:
         raise argparse.ArgumentTypeError(
-            f"must be at most {cpus} (the CPUs of this machine), got {number}")
+            f"must be at most {cpus} (the CPUs of this machine), got {number}"
+        )
     return number
 
 
@@ -46,7 +50,8 @@ def seed_value(value: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if not 0 <= number < SEED_LIMIT:
         raise argparse.ArgumentTypeError(
-            f"must be in [0, {SEED_LIMIT - 1}] (2**32 - 1), got {number}")
+            f"must be in [0, {SEED_LIMIT - 1}] (2**32 - 1), got {number}"
+        )
     return number
 
 
@@ -71,6 +76,7 @@ def positive_float(value: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return number
 
+
 def layer_number(value: str) -> int | None:
     """An argparse type: a decoder layer index, or ``head`` (``None``: the LM head's input)."""
     if value in ("head", "lm_head", "none", "None"):
@@ -79,7 +85,8 @@ def layer_number(value: str) -> int | None:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"layer must be an integer or 'head', got {value!r}") from None
+            f"layer must be an integer or 'head', got {value!r}"
+        ) from None
 
 
 def token_budget(value: str) -> int | None:

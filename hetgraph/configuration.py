@@ -13,6 +13,7 @@ the wrong type raises :class:`ConfigError` naming it by its dotted path, e.g.
     ConfigError: unknown key 'fusion.graph.lefft'; valid keys of GraphConfig: c2c,
     c2c_window, deduplicate, leakage_radius, left, n2c, right, share_windows
 """
+
 from __future__ import annotations
 
 import functools
@@ -117,8 +118,11 @@ def _is_config_type(tp: Any) -> bool:
 @cache
 def _nested_fields(cls: type) -> dict[str, Any]:
     r"""Fields of ``cls`` annotated with a dataclass, alone or in a union (``X | None``)."""
-    return {name: tp for name, tp in config_fields(cls).items()
-            if _is_config_type(tp) or any(_is_config_type(arg) for arg in get_args(tp))}
+    return {
+        name: tp
+        for name, tp in config_fields(cls).items()
+        if _is_config_type(tp) or any(_is_config_type(arg) for arg in get_args(tp))
+    }
 
 
 def check_keys(cls: type, keys: Iterable[str], path: str = "") -> None:
@@ -133,8 +137,11 @@ def check_keys(cls: type, keys: Iterable[str], path: str = "") -> None:
     unknown = sorted(str(key) for key in keys if key not in valid)
     if unknown:
         named = ", ".join(repr(_join(path, key)) for key in unknown)
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {named}; valid keys of "
-                          f"{cls.__name__}: {', '.join(sorted(valid))}", _join(path, unknown[0]))
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {named}; valid keys of "
+            f"{cls.__name__}: {', '.join(sorted(valid))}",
+            _join(path, unknown[0]),
+        )
 
 
 def build_config(cls: type[ConfigT], data: Mapping[str, Any], path: str = "") -> ConfigT:
@@ -151,14 +158,17 @@ def build_config(cls: type[ConfigT], data: Mapping[str, Any], path: str = "") ->
     """
     check_keys(cls, data, path)
     hints = config_fields(cls)
-    missing = [f.name for f in fields(cls)  # type: ignore[arg-type]
-               if f.init and f.name not in data and f.default is MISSING
-               and f.default_factory is MISSING]
+    missing = [
+        f.name
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.init and f.name not in data and f.default is MISSING and f.default_factory is MISSING
+    ]
     if missing:
         key = _join(path, missing[0])
         raise ConfigError(f"missing key {key!r} of {cls.__name__}", key)
-    kwargs = {name: coerce_value(value, hints[name], _join(path, name))
-              for name, value in data.items()}
+    kwargs = {
+        name: coerce_value(value, hints[name], _join(path, name)) for name, value in data.items()
+    }
     try:
         return cls(**kwargs)
     except ConfigError as error:
@@ -205,8 +215,9 @@ def coerce_value(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise _type_mismatch(path, tp, value)
         item_type = args[1] if args else Any
-        return {key: coerce_value(item, item_type, _join(path, str(key)))
-                for key, item in value.items()}
+        return {
+            key: coerce_value(item, item_type, _join(path, str(key))) for key, item in value.items()
+        }
     return _coerce_scalar(value, tp, path)
 
 
@@ -237,8 +248,10 @@ def _coerce_sequence(value: Any, tp: Any, path: str) -> Any:
         item_types = list(args)
     else:
         item_types = [args[0] if args else Any] * len(value)
-    items = [coerce_value(item, item_type, _join(path, i))
-             for i, (item, item_type) in enumerate(zip(value, item_types, strict=True))]
+    items = [
+        coerce_value(item, item_type, _join(path, i))
+        for i, (item, item_type) in enumerate(zip(value, item_types, strict=True))
+    ]
     return tuple(items) if origin is tuple else items
 
 
@@ -278,8 +291,10 @@ def parse_json(text: str, source: str) -> Any:
     try:
         return loads_json(text)
     except JSONDepthError:
-        raise ConfigError(f"{source} nests objects or lists more than {MAX_JSON_DEPTH} deep; "
-                          "a config nests only a few levels: flatten it") from None
+        raise ConfigError(
+            f"{source} nests objects or lists more than {MAX_JSON_DEPTH} deep; "
+            "a config nests only a few levels: flatten it"
+        ) from None
 
 
 def _json_ready(value: Any) -> Any:
@@ -349,8 +364,9 @@ class JSONConfigMixin:
                 rejects.
         """
         if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a JSON object for {cls.__name__}, "
-                              f"got {reprlib.repr(data)}")
+            raise ConfigError(
+                f"expected a JSON object for {cls.__name__}, got {reprlib.repr(data)}"
+            )
         return build_config(cls, data)
 
     def to_json(self) -> str:

@@ -52,6 +52,7 @@ resume. A datastore build across nodes needs a file system on which memory-mappe
 different nodes to one file are coherent (a local disk, Lustre, GPFS); otherwise build on one
 node with many processes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -68,14 +69,30 @@ from hetgraph.errors import HetgraphError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistributedContext", "DistributedEnvironmentError", "DistributedError",
-           "current_context", "init_distributed", "shard_range"]
+__all__ = [
+    "DistributedContext",
+    "DistributedEnvironmentError",
+    "DistributedError",
+    "current_context",
+    "init_distributed",
+    "shard_range",
+]
 
 T = TypeVar("T")
 
 #: dtypes :meth:`DistributedContext.all_gather_rows` carries (index = code sent between ranks).
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
-           torch.int16, torch.int32, torch.int64, torch.bool)
+_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
 _MAX_DIMS = 4
 
 
@@ -185,23 +202,28 @@ class DistributedContext:
         header = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64)
         if tensor is not None:
             if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
-                raise ValueError(f"all_gather_rows: unsupported tensor {tensor.dtype} "
-                                 f"{tuple(tensor.shape)}")
+                raise ValueError(
+                    f"all_gather_rows: unsupported tensor {tensor.dtype} {tuple(tensor.shape)}"
+                )
             header[:3] = torch.tensor([1, _DTYPES.index(tensor.dtype), tensor.dim()])
-            header[3:3 + tensor.dim()] = torch.tensor(tensor.shape)
+            header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape)
         headers = self._gather_equal(header)
         present = [h for h in headers if h[0] == 1]
         if not present:
             return None
         code, ndim = int(present[0][1]), int(present[0][2])
-        dtype, trailing = _DTYPES[code], tuple(int(d) for d in present[0][4:3 + ndim])
+        dtype, trailing = _DTYPES[code], tuple(int(d) for d in present[0][4 : 3 + ndim])
         rows = [int(h[3]) if h[0] == 1 else 0 for h in headers]
-        local = (tensor if tensor is not None
-                 else torch.empty((0, *trailing), dtype=dtype)).detach().cpu().contiguous()
+        local = (
+            (tensor if tensor is not None else torch.empty((0, *trailing), dtype=dtype))
+            .detach()
+            .cpu()
+            .contiguous()
+        )
         row_bytes = local.element_size() * max(1, int(torch.tensor(trailing).prod()))
         flat = local.reshape(-1).view(torch.uint8).reshape(rows[self.rank], row_bytes)
         padded = torch.zeros(max(rows), row_bytes, dtype=torch.uint8)
-        padded[:rows[self.rank]] = flat
+        padded[: rows[self.rank]] = flat
         parts = [p[:n] for p, n in zip(self._gather_equal(padded), rows, strict=True)]
         joined = torch.cat(parts).reshape(-1).view(dtype)
         return joined.reshape(sum(rows), *trailing)
@@ -228,8 +250,9 @@ def current_context() -> DistributedContext:
     :func:`init_distributed` or by the caller), else the single-process context."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistributedContext()
-    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                              local_rank=_env_int("LOCAL_RANK", 0))
+    return DistributedContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0)
+    )
 
 
 def processes_on_this_node() -> int:
@@ -243,7 +266,8 @@ def processes_on_this_node() -> int:
     if processes < 1:
         raise DistributedEnvironmentError(
             f"environment variable LOCAL_WORLD_SIZE is {processes} but must be at least 1; "
-            "launch with torchrun, or unset it to run one process")
+            "launch with torchrun, or unset it to run one process"
+        )
     return processes
 
 
@@ -261,7 +285,8 @@ def require_single_process(command: str) -> None:
         raise DistributedEnvironmentError(
             f"hetgraph {command} runs in one process but WORLD_SIZE={world_size} (torchrun): "
             f"run it without torchrun, or use the distributed commands (datastore build, "
-            f"index build, train, eval) under torchrun")
+            f"index build, train, eval) under torchrun"
+        )
 
 
 def init_distributed(backend: str | None = None) -> DistributedContext:
@@ -280,13 +305,15 @@ def init_distributed(backend: str | None = None) -> DistributedContext:
     if not 0 <= rank < world_size or local_rank < 0:
         raise DistributedEnvironmentError(
             f"RANK={rank} / LOCAL_RANK={local_rank} are outside WORLD_SIZE={world_size}; "
-            "launch with torchrun, or unset WORLD_SIZE to run one process")
+            "launch with torchrun, or unset WORLD_SIZE to run one process"
+        )
     if not dist.is_initialized():
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
             raise DistributedEnvironmentError(
                 f"WORLD_SIZE={world_size} asks for a torchrun job but {' and '.join(missing)} "
-                "are unset; launch with torchrun, or unset WORLD_SIZE to run one process")
+                "are unset; launch with torchrun, or unset WORLD_SIZE to run one process"
+            )
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if chosen == "nccl":
             torch.cuda.set_device(local_rank)
@@ -308,7 +335,8 @@ def _env_int(name: str, default: int | None) -> int:
         raise DistributedEnvironmentError(
             f"environment variable {name} is {shown} but must be an integer (WORLD_SIZE="
             f"{os.environ.get('WORLD_SIZE')!r} asks for a torchrun job); launch with torchrun, "
-            "or unset WORLD_SIZE to run one process") from None
+            "or unset WORLD_SIZE to run one process"
+        ) from None
 
 
 def _destroy() -> None:

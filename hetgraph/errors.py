@@ -5,6 +5,7 @@ or adapter; a refused provenance; a lock held by another writer) is a :class:`He
 whose message names the file or option and the fix. The CLI renders these as one
 ``error: …`` line (exit status 2); any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

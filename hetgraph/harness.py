@@ -33,6 +33,7 @@ tokens. ``model_args`` (all but ``model`` optional):
   capped by the model's positions).
 - ``device``, ``dtype``, ``threads``, ``batch_size``, ``max_gen_toks``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,10 @@ try:  # lm-eval is an optional extra: `pip install hetgraph[lm-eval]`
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("hetgraph.harness needs lm-evaluation-harness; install it with "
-                      "`pip install 'hetgraph[lm-eval]'`") from error
+    raise ImportError(
+        "hetgraph.harness needs lm-evaluation-harness; install it with "
+        "`pip install 'hetgraph[lm-eval]'`"
+    ) from error
 
 logger = logging.getLogger(__name__)
 
@@ -107,36 +110,50 @@ class HetGraphHarnessLM(LM):
             at a time, each through ``batch_size`` windows per forward).
     """
 
-    def __init__(self, model: str = "default", datastore: str | None = None,
-                 adapter: str | None = None, method: str | None = None,
-                 lam: float | None = None, temperature: float | None = None,
-                 k: int | None = None, context_length: int | None = None,
-                 stride: int | None = None, device: str | None = None,
-                 dtype: str = "float32", threads: int | None = None,
-                 batch_size: int | str | None = 1,
-                 max_gen_toks: int = 256, max_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "default",
+        datastore: str | None = None,
+        adapter: str | None = None,
+        method: str | None = None,
+        lam: float | None = None,
+        temperature: float | None = None,
+        k: int | None = None,
+        context_length: int | None = None,
+        stride: int | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        threads: int | None = None,
+        batch_size: int | str | None = 1,
+        max_gen_toks: int = 256,
+        max_batch_size: int | None = None,
+    ) -> None:
         super().__init__()
         from hetgraph.pipeline import resolve_device, set_threads
 
         self.method = self._choose_method(method, datastore, adapter)
         set_threads(None if threads is None else int(threads))
-        if device is not None and str(device).startswith("cuda") and \
-                not torch.cuda.is_available():
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's command line says cuda:0 unless told otherwise; like its own HF
             # backend, fall back to the CPU rather than refuse.
             logger.warning("device %s is not available; running on the CPU", device)
             device = "cpu"
         self.model, self.tokenizer = load_model(
-            model, device=resolve_device(device, "model_args device"),
-            dtype=getattr(torch, str(dtype)))
+            model,
+            device=resolve_device(device, "model_args device"),
+            dtype=getattr(torch, str(dtype)),
+        )
         self.lm = self._fused_lm(datastore, adapter)
         positions = max_positions(self.model)
         defaults = EvalConfig()
         context = int(context_length or min(defaults.context_length, positions or sys.maxsize))
         self.eval_config = EvalConfig(
-            context_length=context, stride=int(stride or max(1, context // 2)),
-            batch_size=int(1 if batch_size is None or str(batch_size).startswith("auto")
-                           else batch_size))
+            context_length=context,
+            stride=int(stride or max(1, context // 2)),
+            batch_size=int(
+                1 if batch_size is None or str(batch_size).startswith("auto") else batch_size
+            ),
+        )
         self.max_gen_toks = int(max_gen_toks)
         self.mixture = self._mixture(lam, temperature, k, adapter)
 
@@ -147,14 +164,21 @@ class HetGraphHarnessLM(LM):
         if method is None:
             return "gnn_knn" if adapter else "knn" if datastore else "base"
         if method not in METHODS:
-            raise ConfigError(f"model_args method={method!r} is not one of {', '.join(METHODS)}",
-                              "method")
+            raise ConfigError(
+                f"model_args method={method!r} is not one of {', '.join(METHODS)}", "method"
+            )
         if method != "base" and datastore is None:
-            raise ConfigError(f"model_args method={method} needs datastore=DIR (a datastore "
-                              "built by `hetgraph datastore build`)", "datastore")
+            raise ConfigError(
+                f"model_args method={method} needs datastore=DIR (a datastore "
+                "built by `hetgraph datastore build`)",
+                "datastore",
+            )
         if method.startswith("gnn") and adapter is None:
-            raise ConfigError(f"model_args method={method} needs adapter=DIR (the --out "
-                              "directory of `hetgraph train`)", "adapter")
+            raise ConfigError(
+                f"model_args method={method} needs adapter=DIR (the --out "
+                "directory of `hetgraph train`)",
+                "adapter",
+            )
         return method
 
     def _fused_lm(self, datastore: str | None, adapter: str | None) -> HetGraphLM | None:
@@ -163,32 +187,48 @@ class HetGraphHarnessLM(LM):
         store = Datastore.open(datastore, model=self.model, tokenizer=self.tokenizer)
         index = DatastoreIndex.load(Path(datastore) / INDEX_DIR, store)
         if adapter is not None:
-            return HetGraphLM.from_pretrained(adapter, self.model, store, index,
-                                              tokenizer=self.tokenizer)
+            return HetGraphLM.from_pretrained(
+                adapter, self.model, store, index, tokenizer=self.tokenizer
+            )
         return HetGraphLM(self.model, store, index, FusionConfig(), tokenizer=self.tokenizer)
 
-    def _mixture(self, lam: float | None, temperature: float | None, k: int | None,
-                 adapter: str | None) -> tuple[float, float, int] | None:
+    def _mixture(
+        self, lam: float | None, temperature: float | None, k: int | None, adapter: str | None
+    ) -> tuple[float, float, int] | None:
         if not self.method.endswith("knn"):
             return None
         assert self.lm is not None
-        tuned = read_knn_tuning(
-            Path(adapter) if adapter and self.method == "gnn_knn" else self.lm.datastore.path,
-            {"datastore": self.lm.datastore.fingerprint,
-             "adapter": sha256_hex((Path(adapter) / ADAPTER_CONFIG).read_bytes())
-             if adapter and self.method == "gnn_knn" else None}) or {}
+        tuned = (
+            read_knn_tuning(
+                Path(adapter) if adapter and self.method == "gnn_knn" else self.lm.datastore.path,
+                {
+                    "datastore": self.lm.datastore.fingerprint,
+                    "adapter": sha256_hex((Path(adapter) / ADAPTER_CONFIG).read_bytes())
+                    if adapter and self.method == "gnn_knn"
+                    else None,
+                },
+            )
+            or {}
+        )
         lam = lam if lam is not None else tuned.get("lambda", self.lm.config.knn_lambda)
-        temperature = (temperature if temperature is not None
-                       else tuned.get("temperature", self.lm.config.knn_temperature))
+        temperature = (
+            temperature
+            if temperature is not None
+            else tuned.get("temperature", self.lm.config.knn_temperature)
+        )
         if lam is None or temperature is None:
             raise ConfigError(
                 f"model_args method={self.method} needs the kNN-LM λ and temperature and none "
                 "are recorded; run `hetgraph eval` on this datastore (and adapter) first, or "
-                "give lam=… and temperature=…", "lam")
+                "give lam=… and temperature=…",
+                "lam",
+            )
         k = int(k if k is not None else tuned.get("k", self.lm.config.k))
         if not 1 <= k < len(self.lm.datastore):
-            raise ConfigError(f"model_args k={k} must be in [1, {len(self.lm.datastore)}) "
-                              "(the datastore's size)", "k")
+            raise ConfigError(
+                f"model_args k={k} must be in [1, {len(self.lm.datastore)}) (the datastore's size)",
+                "k",
+            )
         return float(lam), float(temperature), k
 
     # -- scoring -----------------------------------------------------------------------
@@ -213,31 +253,47 @@ class HetGraphHarnessLM(LM):
         config = self.eval_config
         base_knn = self.method in ("knn", "gnn_knn")
         outputs = collect_lm_outputs(
-            self.model, split, dataclasses.replace(config, k=self.mixture[2]) if base_knn
-            else config, show_progress=False,
-            search=NeighbourSearch(self.lm.index, self.lm.datastore) if base_knn else None)
+            self.model,
+            split,
+            dataclasses.replace(config, k=self.mixture[2]) if base_knn else config,
+            show_progress=False,
+            search=NeighbourSearch(self.lm.index, self.lm.datastore) if base_knn else None,
+        )
         if self.method.startswith("gnn"):
-            outputs = collect_lm_outputs(self.model, split, config, forward=gnn_forward(self.lm),
-                                         neighbours_from=outputs if base_knn else None,
-                                         show_progress=False)
+            outputs = collect_lm_outputs(
+                self.model,
+                split,
+                config,
+                forward=gnn_forward(self.lm),
+                neighbours_from=outputs if base_knn else None,
+                show_progress=False,
+            )
         return self._method_scores(outputs)
 
     def _method_scores(self, outputs: LMOutputs) -> Scored:
         if self.mixture is None:
             return Scored(outputs.lm_log_probs.numpy(), outputs.lm_correct.numpy())
         lam, temperature, _ = self.mixture
-        knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets,
-                                   temperature)
+        knn = knn_target_log_probs(
+            outputs.knn_distances, outputs.knn_tokens, outputs.targets, temperature
+        )
         mix = interpolate_log_probs(outputs.lm_log_probs, knn, lam)
-        pred = knn_mixture_argmax(outputs.lm_argmax, outputs.lm_neighbour_log_probs,
-                                  outputs.knn_distances, outputs.knn_tokens, lam, temperature,
-                                  lm_argmax_log_probs=outputs.lm_argmax_log_probs)
+        pred = knn_mixture_argmax(
+            outputs.lm_argmax,
+            outputs.lm_neighbour_log_probs,
+            outputs.knn_distances,
+            outputs.knn_tokens,
+            lam,
+            temperature,
+            lm_argmax_log_probs=outputs.lm_argmax_log_probs,
+        )
         return Scored(mix.numpy(), (pred == outputs.targets).numpy())
 
     # -- lm-eval's interface -----------------------------------------------------------
 
-    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False
-                      ) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
         """``(log P(continuation | context), greedy)`` per request."""
         results = []
         for request in requests:
@@ -246,13 +302,16 @@ class HetGraphHarnessLM(LM):
             continuation_ids = self.tok_encode(continuation)
             scored = self.score_tokens(context_ids + continuation_ids)
             n = len(continuation_ids)
-            results.append((float(scored.log_probs[-n:].sum()) if n else 0.0,
-                            bool(scored.greedy[-n:].all()) if n else True))
+            results.append(
+                (
+                    float(scored.log_probs[-n:].sum()) if n else 0.0,
+                    bool(scored.greedy[-n:].all()) if n else True,
+                )
+            )
             self.cache_hook.add_partial("loglikelihood", request.args, results[-1])
         return results
 
-    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False
-                              ) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """log P(text) per request: every token, the first given the prefix token."""
         results = []
         for request in requests:
@@ -281,16 +340,24 @@ class HetGraphHarnessLM(LM):
         return results
 
     def _generate(self, prompt: Any, max_new_tokens: int) -> str:
-        common = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                      pad_token_id=self.tokenizer.pad_token_id)
+        common = dict(
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
         if self.lm is None:
             out = self.model.generate(**prompt, **common)
         else:  # "knn" runs an untrained (zero-gate) shell: the base model plus the mixture
             lam, temperature, _ = self.mixture or (None, None, None)
-            out = self.lm.generate(**prompt, **common, knn=self.mixture is not None,
-                                   knn_lambda=lam, knn_temperature=temperature)
-        return self.tokenizer.decode(out[0, prompt["input_ids"].shape[1]:],
-                                     skip_special_tokens=True)
+            out = self.lm.generate(
+                **prompt,
+                **common,
+                knn=self.mixture is not None,
+                knn_lambda=lam,
+                knn_temperature=temperature,
+            )
+        return self.tokenizer.decode(
+            out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+
 
 def main(argv: list[str] | None = None) -> None:
     """``hetgraph-lm-eval``: lm-eval's command line with the ``hetgraph`` backend registered."""

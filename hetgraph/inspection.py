@@ -6,6 +6,7 @@ and the attention the adapter's last graph layer gave them (per fused site), nex
 the base and GNN-LM predictions and, with ``FusionConfig(gate="retrieval")``, each site's
 retrieval-gate factor at the position.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -63,7 +64,10 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _neighbour_attention(
-    lm: HetGraphLM, hidden: dict[Any, Tensor], ids: Tensor, positions: Sequence[int],
+    lm: HetGraphLM,
+    hidden: dict[Any, Tensor],
+    ids: Tensor,
+    positions: Sequence[int],
 ) -> dict[str, Tensor]:
     """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
     retrieved neighbours of each of ``P`` ``positions`` (mean over heads; summed over the
@@ -78,21 +82,30 @@ def _neighbour_attention(
         dtype = lm.gates[site_key(site)].dtype
         site_hidden = hidden[None if site == HEAD else site][None]  # [1, T, d]
         inputs = lm.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
-        _, attention = adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
-                               nbr_token_index=inputs.nbr_token_index,
-                               return_attention_weights=True)
+        _, attention = adapter(
+            inputs.graph,
+            inputs.ctx_x,
+            inputs.nbr_x,
+            inputs.nbr_token_x,
+            nbr_token_index=inputs.nbr_token_index,
+            return_attention_weights=True,
+        )
         edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)
         # it comes from; summing over the window gives one weight per retrieved neighbour.
         table = torch.zeros(length, k)  # ctx node t is position t (one sequence, no mask)
-        table.index_put_((edge_index[1].cpu(), graph[N2C].nbr_slot.cpu()),
-                         alpha.float().mean(dim=-1).cpu(), accumulate=True)
+        table.index_put_(
+            (edge_index[1].cpu(), graph[N2C].nbr_slot.cpu()),
+            alpha.float().mean(dim=-1).cpu(),
+            accumulate=True,
+        )
         out[site_key(site)] = table[list(positions)]
     return out
 
 
-def _gate_factors(lm: HetGraphLM, retrieval: Any, length: int,
-                  positions: Sequence[int]) -> dict[str, Tensor]:
+def _gate_factors(
+    lm: HetGraphLM, retrieval: Any, length: int, positions: Sequence[int]
+) -> dict[str, Tensor]:
     """``{site: [P]}`` retrieval-gate factors at ``positions`` (empty without that gate)."""
     statistics = lm.gate_statistics(retrieval, length)
     if statistics is None:
@@ -124,8 +137,7 @@ def inspect_positions(
     gnn_logits = output.logits[0]
     neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
     distances = output.retrieval.distances[0, positions].cpu()
-    attention = _neighbour_attention(lm, site_hidden, output.retrieval.neighbour_ids[0],
-                                     positions)
+    attention = _neighbour_attention(lm, site_hidden, output.retrieval.neighbour_ids[0], positions)
     factors = _gate_factors(lm, output.retrieval, length, positions)
     store = lm.datastore
     reports = []
@@ -139,28 +151,44 @@ def inspect_positions(
             start = row
             # Left context inside the neighbour's own document only.
             lo = max(0, row - context_tokens)
-            same_doc = np.asarray(store.doc_ids[lo:row + 1]) == doc
+            same_doc = np.asarray(store.doc_ids[lo : row + 1]) == doc
             start = lo + int(np.argmax(same_doc))
-            neighbours.append(Neighbour(
-                rank=rank, row=row, distance=float(distances[i, rank]),
-                document=store.document_name(row),
-                context=_decode(tokenizer, store.tokens[start:row]),
-                token=_decode(tokenizer, [store.tokens[row]]),
-                next_token=_decode(tokenizer, [store.next_tokens[row]]),
-                attention={site: float(table[i, rank]) for site, table in attention.items()}))
-        reports.append(NeighbourReport(
-            position=position, token=_decode(tokenizer, [input_ids.reshape(-1)[position]]),
-            actual_next=(_decode(tokenizer, [input_ids.reshape(-1)[position + 1]])
-                         if position + 1 < length else None),
-            base_prediction=_decode(tokenizer, [int(base_logits[position].argmax())]),
-            gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
-            neighbours=neighbours,
-            gate_factors={site: float(values[i]) for site, values in factors.items()}))
+            neighbours.append(
+                Neighbour(
+                    rank=rank,
+                    row=row,
+                    distance=float(distances[i, rank]),
+                    document=store.document_name(row),
+                    context=_decode(tokenizer, store.tokens[start:row]),
+                    token=_decode(tokenizer, [store.tokens[row]]),
+                    next_token=_decode(tokenizer, [store.next_tokens[row]]),
+                    attention={site: float(table[i, rank]) for site, table in attention.items()},
+                )
+            )
+        reports.append(
+            NeighbourReport(
+                position=position,
+                token=_decode(tokenizer, [input_ids.reshape(-1)[position]]),
+                actual_next=(
+                    _decode(tokenizer, [input_ids.reshape(-1)[position + 1]])
+                    if position + 1 < length
+                    else None
+                ),
+                base_prediction=_decode(tokenizer, [int(base_logits[position].argmax())]),
+                gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
+                neighbours=neighbours,
+                gate_factors={site: float(values[i]) for site, values in factors.items()},
+            )
+        )
     return reports
 
 
 def inspect_position(
-    lm: HetGraphLM, tokenizer: Any, text: str, position: int = -1, num_neighbours: int = 8,
+    lm: HetGraphLM,
+    tokenizer: Any,
+    text: str,
+    position: int = -1,
+    num_neighbours: int = 8,
 ) -> NeighbourReport:
     """The corpus contexts retrieved for token ``position`` of ``text`` (``-1``: the last).
 
@@ -175,9 +203,11 @@ def inspect_position(
     if input_ids.numel() == 0:
         raise HetgraphError("the text is empty after tokenization; give some text to inspect")
     if not -input_ids.numel() <= position < input_ids.numel():
-        raise HetgraphError(f"--position {position} is outside the text's {input_ids.numel()} "
-                            f"tokens; give a position in [-{input_ids.numel()}, "
-                            f"{input_ids.numel() - 1}]")
+        raise HetgraphError(
+            f"--position {position} is outside the text's {input_ids.numel()} "
+            f"tokens; give a position in [-{input_ids.numel()}, "
+            f"{input_ids.numel() - 1}]"
+        )
     return inspect_positions(lm, tokenizer, input_ids, [position], num_neighbours)[0]
 
 
@@ -187,26 +217,34 @@ def printable(text: str) -> str:
     characters) as its Python escape, e.g. ``\\x1b``."""
     return "".join(
         ch if ch.isprintable() else "⏎" if ch == "\n" else ch.encode("unicode_escape").decode()
-        for ch in text)
+        for ch in text
+    )
 
 
 def format_report(report: NeighbourReport) -> str:
     """Human-readable text of one report; corpus text, tokens and document names are
     escaped with :func:`printable`, so nothing in the corpus reaches the terminal raw."""
-    lines = [f"position {report.position}: token {report.token!r} → next {report.actual_next!r}; "
-             f"base predicts {report.base_prediction!r}, GNN-LM predicts {report.gnn_prediction!r}"]
+    lines = [
+        f"position {report.position}: token {report.token!r} → next {report.actual_next!r}; "
+        f"base predicts {report.base_prediction!r}, GNN-LM predicts {report.gnn_prediction!r}"
+    ]
     if report.gate_factors:
-        lines.append("  retrieval gate " + " ".join(
-            f"{site}={value:.3f}" for site, value in report.gate_factors.items()))
+        lines.append(
+            "  retrieval gate "
+            + " ".join(f"{site}={value:.3f}" for site, value in report.gate_factors.items())
+        )
     for n in report.neighbours:
         attention = " ".join(f"{site}={value:.3f}" for site, value in n.attention.items())
-        lines.append(f"  #{n.rank} d={n.distance:.1f} att[{attention}] {printable(n.document)}: "
-                     f"…{printable(n.context)}[{printable(n.token)}]→{n.next_token!r}")
+        lines.append(
+            f"  #{n.rank} d={n.distance:.1f} att[{attention}] {printable(n.document)}: "
+            f"…{printable(n.context)}[{printable(n.token)}]→{n.next_token!r}"
+        )
     return "\n".join(lines)
 
 
-def describe_generation(lm: HetGraphLM, tokenizer: Any, sequence: Tensor, prompt_length: int,
-                        num_neighbours: int = 3) -> str:
+def describe_generation(
+    lm: HetGraphLM, tokenizer: Any, sequence: Tensor, prompt_length: int, num_neighbours: int = 3
+) -> str:
     """The neighbours behind every generated token of ``sequence`` (prompt + generation)."""
     positions = list(range(prompt_length - 1, int(sequence.shape[-1]) - 1))
     reports = inspect_positions(lm, tokenizer, sequence, positions, num_neighbours)

@@ -8,6 +8,7 @@ and sampled checksums only (:func:`check_file_record` with ``full=False``: a few
 blocks per file, so opening a large datastore stays cheap); :func:`hetgraph.verify.verify`
 compares the full checksums too.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest(None)
 
 
-def sampled_digest(path: str | Path, blocks: int = SAMPLE_BLOCKS,
-                   block_size: int = SAMPLE_BLOCK_SIZE) -> str:
+def sampled_digest(
+    path: str | Path, blocks: int = SAMPLE_BLOCKS, block_size: int = SAMPLE_BLOCK_SIZE
+) -> str:
     r"""SHA-256 of ``blocks`` fixed, evenly spaced blocks of ``block_size`` bytes of ``path``
     (first and last included; the whole file when it is at most ``blocks * block_size``
     bytes), framed with the file size: a cheap check of a large file on every open."""
@@ -54,8 +56,11 @@ def sampled_digest(path: str | Path, blocks: int = SAMPLE_BLOCKS,
 def file_record(path: str | Path) -> dict[str, Any]:
     r"""What an integrity record stores about one file: ``size``, ``sha256`` (all of it)
     and ``sampled_sha256`` (:func:`sampled_digest`)."""
-    return {"size": os.path.getsize(path), "sha256": file_digest(path),
-            "sampled_sha256": sampled_digest(path)}
+    return {
+        "size": os.path.getsize(path),
+        "sha256": file_digest(path),
+        "sampled_sha256": sampled_digest(path),
+    }
 
 
 def check_file_record(path: str | Path, record: dict[str, Any], *, full: bool) -> str | None:
@@ -85,15 +90,17 @@ def json_checksum(obj: dict[str, Any]) -> str:
     return json_fingerprint({k: v for k, v in obj.items() if k != CHECKSUM_KEY}, None)
 
 
-def atomic_write_json_record(path: str | Path, obj: dict[str, Any], *,
-                             sort_keys: bool = False) -> None:
+def atomic_write_json_record(
+    path: str | Path, obj: dict[str, Any], *, sort_keys: bool = False
+) -> None:
     r""":func:`atomic_write_json` of ``obj`` plus its own checksum under :data:`CHECKSUM_KEY`,
     which :func:`read_json_record` checks, so that a changed byte is detected."""
     atomic_write_json(path, {**obj, CHECKSUM_KEY: json_checksum(obj)}, sort_keys=sort_keys)
 
 
-def read_json_record(path: str | Path, error: type[HetgraphError] = HetgraphError,
-                     fix: str = "") -> dict[str, Any]:
+def read_json_record(
+    path: str | Path, error: type[HetgraphError] = HetgraphError, fix: str = ""
+) -> dict[str, Any]:
     r"""The JSON object in ``path``, its checksum (when it has one) checked and removed.
 
     Raises:
@@ -111,9 +118,13 @@ def read_json_record(path: str | Path, error: type[HetgraphError] = HetgraphErro
     except UnicodeDecodeError:
         raise error(f"{path} is damaged (not UTF-8 text){fix}") from None
     except json.JSONDecodeError as e:
-        what = ("is empty" if not e.doc.strip() else f"is damaged ({e.msg})"
-                if isinstance(e, JSONDepthError) else
-                f"is damaged (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})")
+        what = (
+            "is empty"
+            if not e.doc.strip()
+            else f"is damaged ({e.msg})"
+            if isinstance(e, JSONDepthError)
+            else f"is damaged (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})"
+        )
         raise error(f"{path} {what}{fix}") from None
     if not isinstance(data, dict):
         raise error(f"{path} is damaged (a JSON {type(data).__name__}, not an object){fix}")

@@ -5,6 +5,7 @@ Every file hetgraph writes goes through :func:`atomic_write`, :func:`atomic_path
 directory, flushed to disk with ``fsync`` and then renamed onto the target, so a reader
 (or a run resumed after a crash) sees either the old version or the complete new one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,15 @@ HF_MODEL_CONFIG = "config.json"
 #: A Hugging Face tokenizer's settings (JSON); may name custom code in ``auto_map``.
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 #: Files that hold a Hugging Face tokenizer's vocabulary; a model directory needs one.
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                      "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
 #: A tokenized corpus's metadata (JSON), written after its splits.
 CORPUS_METADATA = "corpus.json"
 #: A datastore's :class:`~hetgraph.datastore.DatastoreMetadata` (JSON).
@@ -104,6 +112,7 @@ CHECKSUM_KEY = "checksum"
 
 # -- the cache root ----------------------------------------------------------------------
 
+
 def cache_root() -> Path:
     r"""hetgraph's cache directory: ``$HETGRAPH_CACHE`` if set (``~`` expanded), else
     ``~/.cache/hetgraph``. Read on every call, so changing the variable takes effect."""
@@ -112,6 +121,7 @@ def cache_root() -> Path:
 
 
 # -- fingerprints ------------------------------------------------------------------------
+
 
 def _hex(digest: Any, length: int | None) -> str:
     text = digest.hexdigest()
@@ -126,13 +136,19 @@ def sha256_hex(data: bytes | str, length: int | None = 16) -> str:
     return _hex(hashlib.sha256(data), length)
 
 
-def json_fingerprint(obj: Any, length: int | None = 16, *, ensure_ascii: bool = True,
-                     default: Callable[[Any], Any] | None = None) -> str:
+def json_fingerprint(
+    obj: Any,
+    length: int | None = 16,
+    *,
+    ensure_ascii: bool = True,
+    default: Callable[[Any], Any] | None = None,
+) -> str:
     r""":func:`sha256_hex` of ``json.dumps(obj, sort_keys=True)`` (default separators), so
     independent of dict order. ``ensure_ascii`` and ``default`` are passed to
     :func:`json.dumps`; without ``default``, values JSON cannot represent raise."""
-    return sha256_hex(json.dumps(obj, sort_keys=True, ensure_ascii=ensure_ascii,
-                                 default=default), length)
+    return sha256_hex(
+        json.dumps(obj, sort_keys=True, ensure_ascii=ensure_ascii, default=default), length
+    )
 
 
 class StreamingHash:
@@ -165,6 +181,7 @@ class StreamingHash:
 
 
 # -- atomic writers ----------------------------------------------------------------------
+
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -222,16 +239,19 @@ def atomic_path(path: str | Path, *, size: int | None = None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8",
-                 size: int | None = None) -> Iterator[IO[Any]]:
+def atomic_write(
+    path: str | Path, mode: str = "w", *, encoding: str | None = "utf-8", size: int | None = None
+) -> Iterator[IO[Any]]:
     r"""An open file (``mode`` ``"w"`` or ``"wb"``) whose content replaces ``path``
     atomically when the block ends normally; see :func:`atomic_path` (and ``size``)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     # "x": the unique temporary name must not exist yet; permissions follow the umask.
     text_encoding = None if mode == "wb" else encoding
-    with atomic_path(path, size=size) as tmp, \
-            open(tmp, mode.replace("w", "x"), encoding=text_encoding) as f:
+    with (
+        atomic_path(path, size=size) as tmp,
+        open(tmp, mode.replace("w", "x"), encoding=text_encoding) as f,
+    ):
         yield f
         f.flush()
         os.fsync(f.fileno())
@@ -243,11 +263,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-def atomic_write_json(path: str | Path, obj: Any, *, sort_keys: bool = False,
-                      ensure_ascii: bool = True) -> None:
+def atomic_write_json(
+    path: str | Path, obj: Any, *, sort_keys: bool = False, ensure_ascii: bool = True
+) -> None:
     r"""Write ``obj`` as JSON (``indent=2``, trailing newline) to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys,
-                                       ensure_ascii=ensure_ascii) + "\n")
+    atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n"
+    )
 
 
 def read_json(path: str | Path) -> Any:
@@ -264,8 +286,9 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def atomic_save_safetensors(path: str | Path, tensors: dict[str, Any],
-                            metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     r"""Save torch ``tensors`` (contiguous) with ``safetensors.torch.save_file`` to ``path``
     atomically."""
     from safetensors.torch import save_file
@@ -284,8 +307,9 @@ def _fsync_tree(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, *,
-                     accept_existing: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path, *, accept_existing: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     r"""A fresh temporary directory whose content replaces the directory ``target``.
 
     When the block ends normally, every file below the temporary directory is fsync'd; an

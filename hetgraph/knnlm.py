@@ -11,6 +11,7 @@ Missing neighbours (FAISS id ``-1``) are marked by an infinite distance or a neg
 token id and get zero weight. Inputs may be torch tensors or numpy arrays; outputs are
 float32 tensors on the inputs' device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,9 +25,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "DEFAULT_LAMBDAS", "KNN_TUNING", "interpolate_log_probs", "knn_log_probs",
-    "knn_mixture_argmax", "knn_target_log_probs", "neighbour_log_weights", "perplexity",
-    "read_knn_tuning", "tune_knn", "write_knn_tuning",
+    "DEFAULT_LAMBDAS",
+    "KNN_TUNING",
+    "interpolate_log_probs",
+    "knn_log_probs",
+    "knn_mixture_argmax",
+    "knn_target_log_probs",
+    "neighbour_log_weights",
+    "perplexity",
+    "read_knn_tuning",
+    "tune_knn",
+    "write_knn_tuning",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,7 +47,19 @@ KNN_TUNING = "knn_tuning.json"
 
 #: λ grid used by :func:`tune_knn` callers when none is given (0 = the LM alone).
 DEFAULT_LAMBDAS: tuple[float, ...] = (
-    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+    0.0,
+    0.05,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
 )
 
 
@@ -52,7 +73,9 @@ def _i64(x: Any, device: torch.device | None = None) -> Tensor:
 
 
 def neighbour_log_weights(
-    distances: Any, temperature: float, neighbour_tokens: Any | None = None,
+    distances: Any,
+    temperature: float,
+    neighbour_tokens: Any | None = None,
 ) -> Tensor:
     """``log softmax_j(−d_j / T)`` over the k neighbours, ``[Q, k]`` float32.
 
@@ -74,7 +97,10 @@ def neighbour_log_weights(
 
 
 def knn_log_probs(
-    distances: Any, neighbour_next_tokens: Any, vocab_size: int, temperature: float,
+    distances: Any,
+    neighbour_next_tokens: Any,
+    vocab_size: int,
+    temperature: float,
 ) -> Tensor:
     """The full kNN distribution ``log p_kNN`` as ``[Q, V]`` float32.
 
@@ -88,7 +114,8 @@ def knn_log_probs(
     tokens = _i64(neighbour_next_tokens, w.device)
     if tokens.shape != w.shape:
         raise ValueError(
-            f"neighbour tokens {tuple(tokens.shape)} and distances {tuple(w.shape)} differ")
+            f"neighbour tokens {tuple(tokens.shape)} and distances {tuple(w.shape)} differ"
+        )
     if tokens.numel() and int(tokens.max()) >= vocab_size:
         raise ValueError(f"a neighbour token id {int(tokens.max())} is >= vocab_size {vocab_size}")
     # log Σ exp(w) per token: shift by the row max (finite unless the row is empty).
@@ -100,7 +127,10 @@ def knn_log_probs(
 
 
 def knn_target_log_probs(
-    distances: Any, neighbour_tokens: Any, targets: Any, temperature: float,
+    distances: Any,
+    neighbour_tokens: Any,
+    targets: Any,
+    temperature: float,
 ) -> Tensor:
     """``log p_kNN(target)`` per query, ``[Q]`` float32 (``-inf`` if no neighbour has it).
 
@@ -210,21 +240,28 @@ def knn_mixture_argmax(
     k = tok_all.shape[-1]
     chunk_size = max(1, min(chunk_size, max_block_elements // max(1, (k + 1) * k)))
     for s in range(0, tok_all.shape[0], chunk_size):
-        w, tok, top = w_all[s:s + chunk_size], tok_all[s:s + chunk_size], top_all[s:s + chunk_size]
-        cand = torch.cat([top.unsqueeze(-1), tok], dim=-1)                       # [q, k+1]
+        w, tok, top = (
+            w_all[s : s + chunk_size],
+            tok_all[s : s + chunk_size],
+            top_all[s : s + chunk_size],
+        )
+        cand = torch.cat([top.unsqueeze(-1), tok], dim=-1)  # [q, k+1]
         cand_lm = torch.cat(
-            [lm_top_all[s:s + chunk_size].unsqueeze(-1), lm_nb_all[s:s + chunk_size]], -1)
-        same = cand.unsqueeze(-1) == tok.unsqueeze(-2)                           # [q, k+1, k]
+            [lm_top_all[s : s + chunk_size].unsqueeze(-1), lm_nb_all[s : s + chunk_size]], -1
+        )
+        same = cand.unsqueeze(-1) == tok.unsqueeze(-2)  # [q, k+1, k]
         knn = torch.logsumexp(
-            torch.where(same, w.unsqueeze(-2), torch.tensor(-math.inf, device=w.device)), -1)
+            torch.where(same, w.unsqueeze(-2), torch.tensor(-math.inf, device=w.device)), -1
+        )
         score = interpolate_log_probs(cand_lm, knn, lam)
         score = torch.where(cand >= 0, score, torch.full_like(score, -math.inf))
-        out[s:s + chunk_size] = cand.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
+        out[s : s + chunk_size] = cand.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(-1)
     return out
 
 
-def write_knn_tuning(directory: str | Path, row: Mapping[str, Any],
-                     identity: Mapping[str, Any]) -> Path:
+def write_knn_tuning(
+    directory: str | Path, row: Mapping[str, Any], identity: Mapping[str, Any]
+) -> Path:
     r"""Record a tuned kNN-LM row of :func:`~hetgraph.evaluation.evaluate_four_way`
     (``lambda``, ``temperature``, ``k``) in ``directory``/:data:`KNN_TUNING`, atomically, with
     ``identity`` (what it was tuned for: ``{"datastore": fingerprint, "adapter": checksum or
@@ -232,8 +269,12 @@ def write_knn_tuning(directory: str | Path, row: Mapping[str, Any],
     from hetgraph.integrity import atomic_write_json_record
 
     path = Path(directory) / KNN_TUNING
-    record = {"lambda": float(row["lambda"]), "temperature": float(row["temperature"]),
-              "k": int(row["k"]), **identity}
+    record = {
+        "lambda": float(row["lambda"]),
+        "temperature": float(row["temperature"]),
+        "k": int(row["k"]),
+        **identity,
+    }
     atomic_write_json_record(path, record)
     return path
 
@@ -255,11 +296,15 @@ def read_knn_tuning(directory: str | Path, identity: Mapping[str, Any]) -> dict[
         logger.warning("ignoring %s: %s", path, error)
         return None
     if any(record.get(key) != value for key, value in identity.items()):
-        logger.warning("ignoring %s: tuned for another adapter or datastore; run `hetgraph "
-                       "eval` again to tune this one", path)
+        logger.warning(
+            "ignoring %s: tuned for another adapter or datastore; run `hetgraph "
+            "eval` again to tune this one",
+            path,
+        )
         return None
     if not (0.0 <= lam <= 1.0 and math.isfinite(temperature) and temperature > 0):
-        logger.warning("ignoring %s: lambda %s / temperature %s out of range", path, lam,
-                       temperature)
+        logger.warning(
+            "ignoring %s: lambda %s / temperature %s out of range", path, lam, temperature
+        )
         return None
     return {**record, "lambda": lam, "temperature": temperature}

@@ -11,6 +11,7 @@ The budget is the memory available now (:func:`hetgraph.allocator.available_memo
 times :data:`MEMORY_FRACTION`; ``HETGRAPH_MEMORY_LIMIT`` (bytes, or with a ``K``/``M``/``G``
 suffix) replaces it, for tests and for users who share a machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,8 @@ def memory_budget() -> int:
         except ValueError:
             raise ResourceLimitError(
                 f"{MEMORY_LIMIT_ENV}={os.environ[MEMORY_LIMIT_ENV]!r} is not a size; give "
-                "bytes, optionally with a K, M or G suffix (e.g. 8G)") from None
+                "bytes, optionally with a K, M or G suffix (e.g. 8G)"
+            ) from None
         if value > 0:
             return int(value)
     return int(available_memory_bytes() * MEMORY_FRACTION)
@@ -74,7 +76,8 @@ def check_memory(what: str, nbytes: float, fix: str) -> None:
     if nbytes > budget:
         raise ResourceLimitError(
             f"{what} would need {format_bytes(nbytes)}, more than the "
-            f"{format_bytes(budget)} of memory available; {fix}")
+            f"{format_bytes(budget)} of memory available; {fix}"
+        )
 
 
 def check_count(what: str, value: int, maximum: int, fix: str, *, minimum: int = 0) -> None:
@@ -83,8 +86,7 @@ def check_count(what: str, value: int, maximum: int, fix: str, *, minimum: int =
     if isinstance(value, bool) or not isinstance(value, int):
         raise ResourceLimitError(f"{what} must be an integer, got {value!r}; {fix}")
     if not minimum <= value <= maximum:
-        raise ResourceLimitError(
-            f"{what} is {value}, outside [{minimum}, {maximum}]; {fix}")
+        raise ResourceLimitError(f"{what} is {value}, outside [{minimum}, {maximum}]; {fix}")
 
 
 def naming(error: ResourceLimitError, source: object) -> ResourceLimitError:
@@ -102,9 +104,12 @@ def json_depth(value: object, limit: int) -> int:
     depth, level = 0, [value] if isinstance(value, (dict, list)) else []
     while level and depth < limit:
         depth += 1
-        level = [item for node in level
-                 for item in (node.values() if isinstance(node, dict) else node)
-                 if isinstance(item, (dict, list))]
+        level = [
+            item
+            for node in level
+            for item in (node.values() if isinstance(node, dict) else node)
+            if isinstance(item, (dict, list))
+        ]
     return depth
 
 

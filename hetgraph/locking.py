@@ -6,6 +6,7 @@ and refuses at once, with a clear message, when another process holds it. The op
 system releases the lock when its holder exits — even after ``kill -9`` — so a crashed
 writer never leaves a stale lock behind; the lock file itself is harmless and stays.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,10 +49,11 @@ def directory_lock(directory: str | Path, what: str = "directory") -> Iterator[P
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise LockError(f"{what} {directory} is being written by {holder} (lock {path}); wait "
-                            "for it to finish, or write to another directory") from None
-        with storage_errors(path, f"run the command again (nothing in {directory} was "
-                                  "changed)"):
+            raise LockError(
+                f"{what} {directory} is being written by {holder} (lock {path}); wait "
+                "for it to finish, or write to another directory"
+            ) from None
+        with storage_errors(path, f"run the command again (nothing in {directory} was changed)"):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
         yield directory
@@ -116,6 +118,8 @@ def while_unlocked(directory: str | Path, what: str = "directory") -> Iterator[N
         pid = lock_holder(directory)
         if pid is None:
             raise
-        raise LockError(f"{what} {directory} is being written by process {pid} right now "
-                        f"(what was read: {str(error).split('; ')[0]}); retry when it "
-                        "finishes") from None
+        raise LockError(
+            f"{what} {directory} is being written by process {pid} right now "
+            f"(what was read: {str(error).split('; ')[0]}); retry when it "
+            "finishes"
+        ) from None

@@ -4,6 +4,7 @@ Every step writes its result under one run directory and is skipped (or resumed)
 run again, so an interrupted job continues where it stopped. The settings are one
 JSON file (:class:`RunConfig`); ``hetgraph demo --print-config`` prints the default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,12 +105,15 @@ class RunConfig(JSONConfigMixin):
         try:
             return super().from_json_file(path)
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found; "
-                              f"`hetgraph demo --print-config > {path}` "
-                              "writes the default one") from None
+            raise ConfigError(
+                f"config file {path} not found; "
+                f"`hetgraph demo --print-config > {path}` "
+                "writes the default one"
+            ) from None
         except ValueError as error:
-            raise ConfigError(f"{error}; fix it or start again from "
-                              "`hetgraph demo --print-config`") from None
+            raise ConfigError(
+                f"{error}; fix it or start again from `hetgraph demo --print-config`"
+            ) from None
 
     @classmethod
     def default(cls) -> RunConfig:
@@ -137,8 +141,9 @@ def apply_preset(config: RunConfig, preset: str) -> RunConfig:
     elif preset == "default":
         fusion = RunConfig.default().fusion
     else:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of "
-                          f"{', '.join(FUSION_PRESETS)}", "preset")
+        raise ConfigError(
+            f"unknown preset {preset!r}; choose one of {', '.join(FUSION_PRESETS)}", "preset"
+        )
     return dataclasses.replace(config, fusion=fusion)
 
 
@@ -165,23 +170,31 @@ def resolve_device(device: str | None, option: str = "--device") -> torch.device
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"{option} {device!r} is not a device name; give cpu, cuda or "
-                          "cuda:N (or leave it out: CUDA when available, else CPU)") from None
+        raise DeviceError(
+            f"{option} {device!r} is not a device name; give cpu, cuda or "
+            "cuda:N (or leave it out: CUDA when available, else CPU)"
+        ) from None
     if parsed.type == "cpu":
         return parsed
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise DeviceError(f"{option} {device}: this machine has no usable CUDA device (or "
-                              "torch was built without CUDA); use --device cpu or leave it out")
+            raise DeviceError(
+                f"{option} {device}: this machine has no usable CUDA device (or "
+                "torch was built without CUDA); use --device cpu or leave it out"
+            )
         if parsed.index is not None and parsed.index >= count:
-            raise DeviceError(f"{option} {device}: this machine has {count} CUDA device(s), "
-                              f"cuda:0 … cuda:{count - 1}; choose one of them")
+            raise DeviceError(
+                f"{option} {device}: this machine has {count} CUDA device(s), "
+                f"cuda:0 … cuda:{count - 1}; choose one of them"
+            )
         return parsed
     if parsed.type == "mps" and torch.backends.mps.is_available():
         return parsed
-    raise DeviceError(f"{option} {device}: {parsed.type} devices are not available on this "
-                      "machine; use cpu or cuda")
+    raise DeviceError(
+        f"{option} {device}: {parsed.type} devices are not available on this "
+        "machine; use cpu or cuda"
+    )
 
 
 def set_threads(threads: int | None, option: str = "--threads") -> None:
@@ -195,16 +208,18 @@ def set_threads(threads: int | None, option: str = "--threads") -> None:
         return
     cpus = os.cpu_count() or 1
     if not 1 <= threads <= cpus:
-        raise ConfigError(f"{option} is {threads}; give 1 to {cpus} (the CPUs of this "
-                          "machine)", option)
+        raise ConfigError(
+            f"{option} is {threads}; give 1 to {cpus} (the CPUs of this machine)", option
+        )
     from hetgraph.index import set_faiss_threads
 
     torch.set_num_threads(threads)
     set_faiss_threads(threads)
 
 
-def check_corpus_provenance(store: Datastore, corpus: TokenizedCorpus, *, command: str,
-                            allow_other_corpus: bool = False) -> dict[str, Any]:
+def check_corpus_provenance(
+    store: Datastore, corpus: TokenizedCorpus, *, command: str, allow_other_corpus: bool = False
+) -> dict[str, Any]:
     """Check that ``corpus`` (its files *and* split settings) is the one ``store`` was built
     from, and return the provenance record that evaluation results keep.
 
@@ -231,30 +246,49 @@ def check_corpus_provenance(store: Datastore, corpus: TokenizedCorpus, *, comman
     if not same:
         tokens, doc_ids, _ = split_arrays(corpus.train, store.metadata.max_tokens)
         same = recorded == array_fingerprint(tokens, doc_ids)
-    record = {"datastore_corpus": recorded, "eval_corpus": corpus.fingerprint,
-              "same_corpus": same, "allow_other_corpus": bool(allow_other_corpus)}
+    record = {
+        "datastore_corpus": recorded,
+        "eval_corpus": corpus.fingerprint,
+        "same_corpus": same,
+        "allow_other_corpus": bool(allow_other_corpus),
+    }
     if same:
         return record
     if allow_other_corpus:
-        logger.warning("datastore %s was built from another corpus (%s, this one %s); "
-                       "evaluating anyway (--allow-other-corpus)", store.path, recorded,
-                       corpus.fingerprint)
+        logger.warning(
+            "datastore %s was built from another corpus (%s, this one %s); "
+            "evaluating anyway (--allow-other-corpus)",
+            store.path,
+            recorded,
+            corpus.fingerprint,
+        )
         return record
-    way_out = (" or pass --allow-other-corpus for a deliberate cross-corpus evaluation"
-               if command == "eval" else "")
+    way_out = (
+        " or pass --allow-other-corpus for a deliberate cross-corpus evaluation"
+        if command == "eval"
+        else ""
+    )
     raise ProvenanceError(
         f"datastore {store.path} was built from another corpus or split (corpus fingerprint "
         f"{recorded}; --corpus / --corpus-config give {corpus.fingerprint}): pass the same "
         f"--corpus and --corpus-config as `hetgraph datastore build`, rebuild the datastore "
-        f"from this corpus{',' if way_out else ''}{way_out}")
+        f"from this corpus{',' if way_out else ''}{way_out}"
+    )
 
 
-def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, config: RunConfig,
-                      out_dir: Path) -> tuple[Datastore, DatastoreIndex]:
+def prepare_datastore(
+    model: Any, tokenizer: Any, corpus: TokenizedCorpus, config: RunConfig, out_dir: Path
+) -> tuple[Datastore, DatastoreIndex]:
     """Build (or resume, or reuse) the datastore and its index under ``out_dir``."""
     datastore_dir = out_dir / RUN_DATASTORE_DIR
-    store = build_datastore(model, tokenizer, corpus.train, datastore_dir, config.datastore,
-                            corpus_fingerprint=corpus.fingerprint)
+    store = build_datastore(
+        model,
+        tokenizer,
+        corpus.train,
+        datastore_dir,
+        config.datastore,
+        corpus_fingerprint=corpus.fingerprint,
+    )
     index_dir = datastore_dir / INDEX_DIR
     index_config = config.index
     index = None
@@ -263,13 +297,20 @@ def prepare_datastore(model: Any, tokenizer: Any, corpus: TokenizedCorpus, confi
         # The layout `hetgraph index build` would choose (index.on_disk, else the size rule);
         # left to the rule, a saved index keeps its layout: the memory free at this moment
         # must not decide a rebuild.
-        layout = (index_config if index_config.on_disk is not None
-                  else dataclasses.replace(index_config, on_disk=index.on_disk))
+        layout = (
+            index_config
+            if index_config.on_disk is not None
+            else dataclasses.replace(index_config, on_disk=index.on_disk)
+        )
         wanted, on_disk = choose_layout(len(store), store.dim, layout)
-        if (index.factory, index.metric, index.on_disk) != (wanted, index_config.metric,
-                                                             on_disk):
-            logger.info("the saved index is %s (%s%s); rebuilding as %s", index.factory,
-                        index.metric, ", on disk" if index.on_disk else "", wanted)
+        if (index.factory, index.metric, index.on_disk) != (wanted, index_config.metric, on_disk):
+            logger.info(
+                "the saved index is %s (%s%s); rebuilding as %s",
+                index.factory,
+                index.metric,
+                ", on disk" if index.on_disk else "",
+                wanted,
+            )
             index = None
         else:
             logger.info("reusing index %s", index)
@@ -328,8 +369,10 @@ def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     logger.info("evaluating base, kNN-LM, GNN-LM and GNN-LM + kNN on the same test tokens")
     results = evaluate_four_way(lm, corpus.valid, corpus.test, config.evaluation)
     memory["evaluation"] = peak_resident_memory_mb()
-    logger.info("peak resident memory after each stage (MiB): %s",
-                ", ".join(f"{stage} {mb:.0f}" for stage, mb in memory.items()))
+    logger.info(
+        "peak resident memory after each stage (MiB): %s",
+        ", ".join(f"{stage} {mb:.0f}" for stage, mb in memory.items()),
+    )
     results["provenance"] = provenance
     results["peak_memory_mb"] = {stage: round(mb, 1) for stage, mb in memory.items()}
     results["seconds"] = round(time.perf_counter() - started, 1)
@@ -338,13 +381,26 @@ def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     atomic_write_text(out_dir / RUN_RESULTS_MARKDOWN, table + "\n")
     plot_results(results, out_dir / RUN_RESULTS_PLOT)
     record_evaluation_in_card(out_dir / RUN_ADAPTER_DIR, results, split="test")  # README.md
-    logger.info("results in %s (%s, %s, %s; %.0f s)", out_dir, RUN_RESULTS, RUN_RESULTS_MARKDOWN,
-                RUN_RESULTS_PLOT, results["seconds"])
+    logger.info(
+        "results in %s (%s, %s, %s; %.0f s)",
+        out_dir,
+        RUN_RESULTS,
+        RUN_RESULTS_MARKDOWN,
+        RUN_RESULTS_PLOT,
+        results["seconds"],
+    )
     return results
 
 
-def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: Datastore,
-                    index: DatastoreIndex, config: RunConfig, adapter_dir: Path) -> HetGraphLM:
+def prepare_adapter(
+    model: Any,
+    tokenizer: Any,
+    corpus: TokenizedCorpus,
+    store: Datastore,
+    index: DatastoreIndex,
+    config: RunConfig,
+    adapter_dir: Path,
+) -> HetGraphLM:
     """Train (or resume training) the adapter in ``adapter_dir``, or reuse a finished one."""
     if (adapter_dir / TRAINING_RESULT).is_file():
         saved = FusionConfig.from_dict(read_adapter_config(adapter_dir)["fusion"])
@@ -352,11 +408,16 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
             raise RunDirectoryError(
                 f"{adapter_dir} holds an adapter trained with another fusion config (another "
                 "--preset or fusion section); use another run directory (--out) or delete "
-                f"{adapter_dir} to train again")
+                f"{adapter_dir} to train again"
+            )
         changed = _changed_training_settings(adapter_dir, config.training)
         if changed:  # the fusion config decides what the adapter is; training only how
-            logger.warning("reusing the adapter in %s, trained with other training settings "
-                           "(%s); delete it to train with these", adapter_dir, changed)
+            logger.warning(
+                "reusing the adapter in %s, trained with other training settings "
+                "(%s); delete it to train with these",
+                adapter_dir,
+                changed,
+            )
         else:
             logger.info("reusing trained adapter %s", adapter_dir)
         return HetGraphLM.from_pretrained(adapter_dir, model, store, index, tokenizer=tokenizer)
@@ -365,8 +426,9 @@ def prepare_adapter(model: Any, tokenizer: Any, corpus: TokenizedCorpus, store: 
     trained = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     logger.info("training the graph adapter (%s parameters)", f"{trained:,}")
     train_split = corpus.train.truncate(len(store) + 1)
-    train_adapter(lm, train_split, corpus.valid, config.training, adapter_dir,
-                  eval_config=config.evaluation)
+    train_adapter(
+        lm, train_split, corpus.valid, config.training, adapter_dir, eval_config=config.evaluation
+    )
     return lm
 
 
@@ -381,5 +443,6 @@ def _changed_training_settings(adapter_dir: Path, training: TrainingConfig) -> s
     except (OSError, ValueError, KeyError, TypeError) as error:  # ConfigError is a ValueError
         return f"unknown: {record} has no readable training settings ({type(error).__name__})"
     now = training.to_dict()
-    return ", ".join(f"{key}: {saved[key]!r}, now {value!r}" for key, value in now.items()
-                     if saved[key] != value)
+    return ", ".join(
+        f"{key}: {saved[key]!r}, now {value!r}" for key, value in now.items() if saved[key] != value
+    )

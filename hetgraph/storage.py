@@ -5,6 +5,7 @@ and the temporaries that writers killed mid-write leave behind (:func:`temporary
 
 The atomic writers of :mod:`hetgraph.io` build on this module (it imports nothing of theirs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,11 @@ def remove_dead_temporaries(target: Path) -> None:
     prefix = f".{target.name}."
     with contextlib.suppress(OSError):
         for path in target.parent.iterdir():
-            if path.name.startswith(prefix) and _stale_temporary(path) \
-                    and temporary_target(path.name) == target.name:
+            if (
+                path.name.startswith(prefix)
+                and _stale_temporary(path)
+                and temporary_target(path.name) == target.name
+            ):
                 _remove_entry(path)
                 logger.info("removed %s, left by a writer that was killed", path)
 
@@ -98,12 +102,14 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
         for path in directory.iterdir():
             is_file = path.is_file() and not path.is_symlink()
             if (is_file and _TEMPORARY.match(path.name)) or (
-                    path.is_dir() and not path.is_symlink() and _stale_temporary(path)):
+                path.is_dir() and not path.is_symlink() and _stale_temporary(path)
+            ):
                 _remove_entry(path)
                 removed.append(path)
     if removed:
-        logger.info("removed %d partial file(s) of an interrupted write in %s",
-                    len(removed), directory)
+        logger.info(
+            "removed %d partial file(s) of an interrupted write in %s", len(removed), directory
+        )
     return removed
 
 
@@ -116,8 +122,9 @@ def remove_without_following(path: str | Path, inside: str | Path) -> None:
         ValueError: ``path`` is not inside ``inside`` (a bug in the caller).
     """
     path, inside = Path(path), Path(inside)
-    if os.path.commonpath([os.path.abspath(path), os.path.abspath(inside)]) != \
-            os.path.abspath(inside):
+    if os.path.commonpath([os.path.abspath(path), os.path.abspath(inside)]) != os.path.abspath(
+        inside
+    ):
         raise ValueError(f"refusing to delete {path}: not inside {inside}")
     if path.is_symlink() or not path.is_dir():
         _remove_quietly(path)
@@ -127,16 +134,19 @@ def remove_without_following(path: str | Path, inside: str | Path) -> None:
 
 # -- full disks: one mechanism for every writer ---------------------------------------------
 
-_STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is too large for "
-                   "this file system or the file-size limit (ulimit -f)",
-                   errno.EDQUOT: "the disk quota is exceeded", errno.EROFS: "the file system "
-                   "is read-only"}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file is too large for this file system or the file-size limit (ulimit -f)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
 #: numpy's ``tofile``/``save`` report a short write as ``OSError("N requested and M
 #: written")`` without an errno.
 _SHORT_WRITE = re.compile(r"\b\d+ requested and \d+ written\b")
 #: What to do once there is room, for the writers in a :func:`storage_errors` block.
-_THEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("hetgraph_storage_then",
-                                                                  default=None)
+_THEN: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "hetgraph_storage_then", default=None
+)
 _DEFAULT_THEN = "run the same command again (what was written is kept)"
 
 
@@ -155,8 +165,11 @@ def storage_reason(error: BaseException) -> str | None:
         return _STORAGE_ERRNOS.get(error.errno)
     text = str(error)
     if isinstance(error, OSError):
-        return ("the disk is full or the file reached a size limit (a write stopped short)"
-                if _SHORT_WRITE.search(text) else None)
+        return (
+            "the disk is full or the file reached a size limit (a write stopped short)"
+            if _SHORT_WRITE.search(text)
+            else None
+        )
     if not isinstance(error, RuntimeError) and type(error).__name__ != "SafetensorError":
         return None
     for code, reason in _STORAGE_ERRNOS.items():
@@ -178,8 +191,9 @@ def free_bytes(path: str | Path) -> int | None:
     return None
 
 
-def storage_error(path: str | Path, reason: str, needed: int | None = None,
-                  then: str | None = None) -> StorageError:
+def storage_error(
+    path: str | Path, reason: str, needed: int | None = None, then: str | None = None
+) -> StorageError:
     r"""The :class:`StorageError` for ``path``: ``reason``, the bytes ``needed`` (when known)
     and free, and what to do (``then``; default: the enclosing :func:`storage_errors`')."""
     free = free_bytes(path)
@@ -187,9 +201,11 @@ def storage_error(path: str | Path, reason: str, needed: int | None = None,
     if free is not None:
         sizes.append(f"{format_bytes(free)} free")
     space = f" ({', '.join(sizes)})" if sizes else ""
-    fix = ("make it writable" if reason == _STORAGE_ERRNOS[errno.EROFS] else "free space")
-    return StorageError(f"cannot write {path}: {reason}{space}; {fix} (or choose a directory on "
-                        f"another file system), then {then or _THEN.get() or _DEFAULT_THEN}")
+    fix = "make it writable" if reason == _STORAGE_ERRNOS[errno.EROFS] else "free space"
+    return StorageError(
+        f"cannot write {path}: {reason}{space}; {fix} (or choose a directory on "
+        f"another file system), then {then or _THEN.get() or _DEFAULT_THEN}"
+    )
 
 
 def check_free_space(path: str | Path, needed: int, then: str | None = None) -> None:
@@ -201,8 +217,13 @@ def check_free_space(path: str | Path, needed: int, then: str | None = None) -> 
 
 
 @contextlib.contextmanager
-def storage_errors(path: str | Path, then: str | None = None, *, needed: int | None = None,
-                   outer_then_first: bool = False) -> Iterator[None]:
+def storage_errors(
+    path: str | Path,
+    then: str | None = None,
+    *,
+    needed: int | None = None,
+    outer_then_first: bool = False,
+) -> Iterator[None]:
     r"""Turn a full disk, a file-size limit, a quota or a read-only file system in the block
     (any form :func:`storage_reason` recognises) into a :class:`StorageError` naming
     ``path``, the space ``needed`` (when known) and free, and ending with ``then`` (what to

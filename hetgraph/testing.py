@@ -3,6 +3,7 @@
 Tests, examples and CI smoke runs use these: transformers builds the models from a
 config, so nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,21 +71,31 @@ def tiny_config(
     common = dict(vocab_size=vocab_size, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     if family == "qwen2":
         return Qwen2Config(
-            hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
-            tie_word_embeddings=True, **common,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=True,
+            **common,
         )
     if family == "llama":
         return LlamaConfig(
-            hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=max(1, num_heads // 2), max_position_embeddings=max_positions,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=max_positions,
             **common,
         )
     if family == "gpt2":
         return GPT2Config(
-            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_positions,
             **common,
         )
     raise ValueError(f"unknown model family {family!r}; choose one of {FAMILIES}")
@@ -110,8 +121,13 @@ def save_tiny_model(folder: str | Path, family: Family = "qwen2", seed: int = 0)
     return folder
 
 
-def write_word_corpus(folder: str | Path, num_documents: int = 12, seed: int = 0,
-                      words: tuple[str, ...] = CORPUS_WORDS, length: int = 60) -> Path:
+def write_word_corpus(
+    folder: str | Path,
+    num_documents: int = 12,
+    seed: int = 0,
+    words: tuple[str, ...] = CORPUS_WORDS,
+    length: int = 60,
+) -> Path:
     """A folder of ``num_documents`` text files of ``length`` random ``words`` each."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,10 +143,24 @@ def tiny_run_config(dropout: float = 0.0) -> dict:
     :func:`save_tiny_model` and :func:`write_word_corpus`: a few seconds end to end on CPU."""
     return {
         "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2,
-                                       "dropout": dropout, "attn_dropout": 0.0}},
-        "training": {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
-                     "eval_tokens": 200, "checkpoint_every": 2},
+        "fusion": {
+            "k": 4,
+            "adapter": {
+                "hidden_channels": 16,
+                "num_layers": 1,
+                "heads": 2,
+                "dropout": dropout,
+                "attn_dropout": 0.0,
+            },
+        },
+        "training": {
+            "max_steps": 4,
+            "batch_size": 2,
+            "context_length": 32,
+            "eval_every": 2,
+            "eval_tokens": 200,
+            "checkpoint_every": 2,
+        },
         "evaluation": {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4},
     }
 

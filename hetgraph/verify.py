@@ -11,6 +11,7 @@ damaged and how to repair it::
     if not report.ok:
         print(report)          # one line per damaged file, with the command that repairs it
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,10 @@ class VerificationReport:
         what = " + ".join(self.kinds) or "nothing hetgraph wrote"
         if self.ok:
             return f"OK: {self.path} ({what}; {len(self.checked)} files checked in full)"
-        lines = [f"DAMAGED: {self.path} ({what}; {len(self.checked)} files checked, "
-                 f"{len(self.problems)} problem(s))"]
+        lines = [
+            f"DAMAGED: {self.path} ({what}; {len(self.checked)} files checked, "
+            f"{len(self.problems)} problem(s))"
+        ]
         return "\n".join(lines + [f"  - {problem}" for problem in self.problems])
 
 
@@ -95,8 +98,9 @@ def verify(path: str | Path) -> VerificationReport:
     path = Path(path)
     report = VerificationReport(path)
     if not path.is_dir():
-        report.problems.append(f"{path} is not a directory; pass a datastore, index, adapter "
-                               "or run directory")
+        report.problems.append(
+            f"{path} is not a directory; pass a datastore, index, adapter or run directory"
+        )
         return report
     _verify_into(path, report)
     if not report.kinds:
@@ -104,7 +108,8 @@ def verify(path: str | Path) -> VerificationReport:
             f"{path} holds no hetgraph datastore ({DATASTORE_METADATA}), index ({INDEX_METADATA}),"
             f" adapter ({ADAPTER_CONFIG}), checkpoint ({TRAINER_STATE}), corpus cache "
             f"({CORPUS_METADATA}) or run directory ({RUN_DATASTORE_DIR}/, {RUN_ADAPTER_DIR}/); "
-            "pass one of those")
+            "pass one of those"
+        )
     return report
 
 
@@ -143,23 +148,37 @@ def _is_corpus_cache(path: Path) -> bool:
 def _corpus_cache_problems(directory: Path) -> tuple[list[str], list[str]]:
     from hetgraph.corpus.cache import corpus_cache_problems
 
-    entries = [directory] if (directory / CORPUS_METADATA).is_file() else sorted(
-        p for p in directory.iterdir() if p.is_dir() and (p / CORPUS_METADATA).is_file())
-    checked = [str(f.relative_to(directory)) for entry in entries
-               for f in sorted(entry.iterdir()) if f.is_file()]
+    entries = (
+        [directory]
+        if (directory / CORPUS_METADATA).is_file()
+        else sorted(
+            p for p in directory.iterdir() if p.is_dir() and (p / CORPUS_METADATA).is_file()
+        )
+    )
+    checked = [
+        str(f.relative_to(directory))
+        for entry in entries
+        for f in sorted(entry.iterdir())
+        if f.is_file()
+    ]
     return checked, corpus_cache_problems(directory)
 
 
-def _add(report: VerificationReport, kind: str, directory: Path,
-         check: Callable[[Path], tuple[list[str], list[str]]]) -> None:
+def _add(
+    report: VerificationReport,
+    kind: str,
+    directory: Path,
+    check: Callable[[Path], tuple[list[str], list[str]]],
+) -> None:
     checked, problems = check(directory)
     report.kinds.append(kind)
     report.checked += [directory / name for name in checked]
     report.problems += problems
 
 
-def _check_json(path: Path, report: VerificationReport,
-                fix: str = "train the adapter again") -> None:
+def _check_json(
+    path: Path, report: VerificationReport, fix: str = "train the adapter again"
+) -> None:
     if path.is_file():
         report.checked.append(path)
         try:

@@ -24,6 +24,7 @@ Usage::
     python scripts/extract_debian_corpus.py --deb dict-gcide_0.48.5+nmu2_all.deb
     python scripts/extract_debian_corpus.py --extracted /tmp/gcide/x   # output of `dpkg -x`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,15 +66,16 @@ def extract_deb(deb: Path, directory: Path) -> Path:
 def debian_version(root: Path, package: str, deb: Path | None) -> str:
     """The package version, from the .deb's control data or the first changelog line."""
     if deb is not None:
-        out = subprocess.run(["dpkg-deb", "-f", str(deb), "Version"], check=True,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["dpkg-deb", "-f", str(deb), "Version"], check=True, capture_output=True, text=True
+        )
         return out.stdout.strip()
     changelog = root / "usr/share/doc" / package / "changelog.Debian.gz"
     if changelog.exists():
         with gzip.open(changelog, "rt", encoding="utf-8") as f:
             first = f.readline()
         if "(" in first and ")" in first:
-            return first[first.index("(") + 1:first.index(")")]
+            return first[first.index("(") + 1 : first.index(")")]
     return "unknown"
 
 
@@ -90,8 +92,10 @@ def read_entries(root: Path, dictionary: str) -> list[tuple[str, str]]:
     base = root / "usr/share/dictd"
     index_path, data_path = base / f"{dictionary}.index", base / f"{dictionary}.dict.dz"
     if not index_path.is_file() or not data_path.is_file():
-        raise SystemExit(f"{index_path} or {data_path} is missing: is {root} an extracted "
-                         f"dictd package with the dictionary {dictionary!r}?")
+        raise SystemExit(
+            f"{index_path} or {data_path} is missing: is {root} an extracted "
+            f"dictd package with the dictionary {dictionary!r}?"
+        )
     spans: dict[tuple[int, int], str] = {}
     for line in index_path.read_text(encoding="utf-8", errors="replace").splitlines():
         parts = line.split("\t")
@@ -103,7 +107,7 @@ def read_entries(root: Path, dictionary: str) -> list[tuple[str, str]]:
         data = f.read()
     entries = []
     for (offset, length), headword in sorted(spans.items()):
-        raw = data[offset:offset + length]
+        raw = data[offset : offset + length]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:  # a few entries carry Windows-1252 quotes
@@ -114,43 +118,59 @@ def read_entries(root: Path, dictionary: str) -> list[tuple[str, str]]:
     return entries
 
 
-def make_documents(entries: list[tuple[str, str]], per_document: int,
-                   target_chars: int) -> list[dict[str, str]]:
+def make_documents(
+    entries: list[tuple[str, str]], per_document: int, target_chars: int
+) -> list[dict[str, str]]:
     """Blocks of ``per_document`` consecutive entries; every n-th block is kept so that about
     ``target_chars`` characters remain, spread over the whole dictionary."""
-    blocks = [entries[i:i + per_document] for i in range(0, len(entries), per_document)]
+    blocks = [entries[i : i + per_document] for i in range(0, len(entries), per_document)]
     total = sum(len(text) for _, text in entries)
     step = max(1, math.ceil(total / max(1, target_chars)))
     documents = []
     for number in range(0, len(blocks), step):
         block = blocks[number]
-        documents.append({"id": f"{number:05d} {block[0][0]} .. {block[-1][0]}",
-                          "text": "\n".join(text for _, text in block)})
+        documents.append(
+            {
+                "id": f"{number:05d} {block[0][0]} .. {block[-1][0]}",
+                "text": "\n".join(text for _, text in block),
+            }
+        )
     return documents
 
 
-def license_notice(root: Path, package: str, version: str, output_name: str,
-                   documents: int, chars: int) -> str:
+def license_notice(
+    root: Path, package: str, version: str, output_name: str, documents: int, chars: int
+) -> str:
     """Provenance and the package's Debian copyright file, verbatim."""
     copyright_file = root / "usr/share/doc" / package / "copyright"
     rule = "=" * 78
-    return "\n".join([
-        f"hetgraph benchmark corpus: {output_name}", rule, "",
-        f"File: benchmarks/data/{output_name}", "",
-        f"Source: the Debian package {package}, version {version}",
-        f"(https://packages.debian.org/bookworm/{package}): the GNU Collaborative",
-        "International Dictionary of English (GCIDE), derived from Webster's Revised",
-        "Unabridged Dictionary (1913) and WordNet, in the dictd format.",
-        f"A deterministic sample of {documents} blocks of consecutive dictionary entries",
-        f"({chars:,} characters), spread evenly over the alphabet; the entry texts are",
-        "unmodified. Each JSON line holds one block: its number and first and last",
-        "headwords as \"id\", the entries as \"text\". Regenerate with",
-        "scripts/extract_debian_corpus.py.", "",
-        "GCIDE is free software under the GNU General Public License, version 2 or",
-        "(at your option) any later version; the Debian copyright file follows.", "",
-        rule, f"usr/share/doc/{package}/copyright (verbatim)", rule, "",
-        copyright_file.read_text(encoding="utf-8", errors="replace").rstrip() + "\n",
-    ])
+    return "\n".join(
+        [
+            f"hetgraph benchmark corpus: {output_name}",
+            rule,
+            "",
+            f"File: benchmarks/data/{output_name}",
+            "",
+            f"Source: the Debian package {package}, version {version}",
+            f"(https://packages.debian.org/bookworm/{package}): the GNU Collaborative",
+            "International Dictionary of English (GCIDE), derived from Webster's Revised",
+            "Unabridged Dictionary (1913) and WordNet, in the dictd format.",
+            f"A deterministic sample of {documents} blocks of consecutive dictionary entries",
+            f"({chars:,} characters), spread evenly over the alphabet; the entry texts are",
+            "unmodified. Each JSON line holds one block: its number and first and last",
+            'headwords as "id", the entries as "text". Regenerate with',
+            "scripts/extract_debian_corpus.py.",
+            "",
+            "GCIDE is free software under the GNU General Public License, version 2 or",
+            "(at your option) any later version; the Debian copyright file follows.",
+            "",
+            rule,
+            f"usr/share/doc/{package}/copyright (verbatim)",
+            rule,
+            "",
+            copyright_file.read_text(encoding="utf-8", errors="replace").rstrip() + "\n",
+        ]
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -159,8 +179,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def unpacked_package(deb: Path | None, extracted: Path | None, package: str,
-                     tmp: Path) -> tuple[Path, Path | None]:
+def unpacked_package(
+    deb: Path | None, extracted: Path | None, package: str, tmp: Path
+) -> tuple[Path, Path | None]:
     """``(root, deb)``: the ``dpkg -x`` tree of ``package`` — ``extracted`` as given, else
     ``deb`` (downloaded into ``tmp`` when ``None``) unpacked into ``tmp``."""
     if extracted is not None:
@@ -172,10 +193,13 @@ def unpacked_package(deb: Path | None, extracted: Path | None, package: str,
 
 def encode_jsonl_xz(documents: list[dict[str, str]]) -> bytes:
     """Deterministic xz-compressed JSON lines."""
-    lines = "".join(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n"
-                    for doc in documents)
-    return lzma.compress(lines.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
-                         preset=9 | lzma.PRESET_EXTREME)
+    lines = "".join(json.dumps(doc, ensure_ascii=False, sort_keys=True) + "\n" for doc in documents)
+    return lzma.compress(
+        lines.encode("utf-8"),
+        format=lzma.FORMAT_XZ,
+        check=lzma.CHECK_CRC64,
+        preset=9 | lzma.PRESET_EXTREME,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--deb", type=Path, help="an already downloaded .deb")
     source.add_argument("--extracted", type=Path, help="a directory produced by `dpkg -x`")
     parser.add_argument("--package", default=PACKAGE)
-    parser.add_argument("--dictionary", default=DICTIONARY,
-                        help="dictd dictionary name (usr/share/dictd/<name>.index)")
+    parser.add_argument(
+        "--dictionary",
+        default=DICTIONARY,
+        help="dictd dictionary name (usr/share/dictd/<name>.index)",
+    )
     parser.add_argument("--name", default=NAME, help="output name: benchmarks/data/<name>...")
     parser.add_argument("--entries-per-document", type=int, default=40)
     parser.add_argument("--target-chars", type=int, default=1_300_000)
@@ -200,12 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         chars = sum(len(doc["text"]) for doc in documents)
         output = DATA_DIR / f"{args.name}.jsonl.xz"
         _write_atomic(output, data)
-        _write_atomic(DATA_DIR / f"LICENSE-{args.name}.txt",
-                      license_notice(root, args.package, version, output.name, len(documents),
-                                     chars).encode("utf-8"))
-    print(f"wrote {len(documents)} documents ({chars / 1e6:.2f}M characters, "
-          f"{len(entries):,} entries read) from {args.package} {version} to {output} "
-          f"({len(data) / 1e6:.2f} MB)", file=sys.stderr)
+        _write_atomic(
+            DATA_DIR / f"LICENSE-{args.name}.txt",
+            license_notice(root, args.package, version, output.name, len(documents), chars).encode(
+                "utf-8"
+            ),
+        )
+    print(
+        f"wrote {len(documents)} documents ({chars / 1e6:.2f}M characters, "
+        f"{len(entries):,} entries read) from {args.package} {version} to {output} "
+        f"({len(data) / 1e6:.2f} MB)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ Usage::
     python scripts/extract_python_docs.py --deb python3.11-doc_3.11.2-6+deb12u9_all.deb
     python scripts/extract_python_docs.py --extracted /tmp/pydoc/x   # output of `dpkg -x`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,40 +87,42 @@ def license_notice(root: Path, version: str) -> str:
     )
     debian_copyright = (root / DEBIAN_COPYRIGHT).read_text(encoding="utf-8")
     rule = "=" * 78
-    return "\n".join([
-        "hetgraph embedded corpus: Python 3.11 documentation sources",
-        rule,
-        "",
-        "File: hetgraph/corpus/data/python311_docs.jsonl.xz",
-        "",
-        f"Source: the Debian package {PACKAGE}, version {version}",
-        f"(https://packages.debian.org/bookworm/{PACKAGE}), files",
-        f"{SOURCES_DIR.as_posix()}/**/*.rst.txt, i.e. the reStructuredText sources",
-        "of the Python 3.11 documentation (https://docs.python.org/3.11/).",
-        "The texts are unmodified; each JSON line holds one source file: its path",
-        "relative to _sources/ as \"id\" and its content as \"text\".",
-        "Regenerate with scripts/extract_python_docs.py.",
-        "",
-        "The documentation is Copyright (c) 2001-2023 Python Software Foundation and",
-        "is distributed under the PSF License Agreement; code examples in it are also",
-        "available under the Zero-Clause BSD licence. The notices follow.",
-        "",
-        rule,
-        "From the documentation, copyright.rst.txt",
-        rule,
-        "",
-        copyright_rst.rstrip() + "\n",
-        rule,
-        "From the documentation, license.rst.txt",
-        rule,
-        "",
-        terms,
-        rule,
-        f"The Debian package's {DEBIAN_COPYRIGHT.as_posix()} (verbatim)",
-        rule,
-        "",
-        debian_copyright.rstrip() + "\n",
-    ])
+    return "\n".join(
+        [
+            "hetgraph embedded corpus: Python 3.11 documentation sources",
+            rule,
+            "",
+            "File: hetgraph/corpus/data/python311_docs.jsonl.xz",
+            "",
+            f"Source: the Debian package {PACKAGE}, version {version}",
+            f"(https://packages.debian.org/bookworm/{PACKAGE}), files",
+            f"{SOURCES_DIR.as_posix()}/**/*.rst.txt, i.e. the reStructuredText sources",
+            "of the Python 3.11 documentation (https://docs.python.org/3.11/).",
+            "The texts are unmodified; each JSON line holds one source file: its path",
+            'relative to _sources/ as "id" and its content as "text".',
+            "Regenerate with scripts/extract_python_docs.py.",
+            "",
+            "The documentation is Copyright (c) 2001-2023 Python Software Foundation and",
+            "is distributed under the PSF License Agreement; code examples in it are also",
+            "available under the Zero-Clause BSD licence. The notices follow.",
+            "",
+            rule,
+            "From the documentation, copyright.rst.txt",
+            rule,
+            "",
+            copyright_rst.rstrip() + "\n",
+            rule,
+            "From the documentation, license.rst.txt",
+            rule,
+            "",
+            terms,
+            rule,
+            f"The Debian package's {DEBIAN_COPYRIGHT.as_posix()} (verbatim)",
+            rule,
+            "",
+            debian_copyright.rstrip() + "\n",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ Usage::
     apt-get install -y wordnet-base
     python scripts/extract_wordnet.py [--parts nvar] [--wordnet /usr/share/wordnet]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,38 +43,54 @@ PARTS = {"n": "nouns", "v": "verbs", "a": "adjectives", "r": "adverbs"}
 def encode_tsv_xz(rows: list[tuple[str, ...]]) -> bytes:
     """Deterministic xz-compressed TSV lines."""
     text = "".join("\t".join(row) + "\n" for row in rows)
-    return lzma.compress(text.encode("utf-8"), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
-                         preset=9 | lzma.PRESET_EXTREME)
+    return lzma.compress(
+        text.encode("utf-8"),
+        format=lzma.FORMAT_XZ,
+        check=lzma.CHECK_CRC64,
+        preset=9 | lzma.PRESET_EXTREME,
+    )
 
 
 def package_version() -> str:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", PACKAGE],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", PACKAGE], capture_output=True, text=True
+    )
     return out.stdout.strip() or "unknown"
 
 
-def license_notice(parts: str, entities: int, triples: int, aliases: int, version: str,
-                   copyright_text: str) -> str:
+def license_notice(
+    parts: str, entities: int, triples: int, aliases: int, version: str, copyright_text: str
+) -> str:
     """Provenance and the package's Debian copyright file, verbatim."""
     rule = "=" * 78
     kinds = ", ".join(PARTS[p] for p in parts)
-    return "\n".join([
-        "hetgraph knowledge graph: WordNet 3.0", rule, "",
-        f"Files: {SHIPPED_DIR / SHIPPED_TRIPLES}, {SHIPPED_DIR / SHIPPED_ALIASES}", "",
-        f"Source: the Debian package {PACKAGE}, version {version}",
-        f"(https://packages.debian.org/bookworm/{PACKAGE}): WordNet 3.0, the lexical",
-        "database of English of Princeton University.",
-        f"Extracted: the synsets of the {kinds} ({entities:,} entities, named",
-        f"<pos>.<offset>), their lemmas as aliases ({aliases:,}; underscores as spaces,",
-        f"the first lemma of a synset its name) and their pointers as {triples:,} triples",
-        "(relation names: hetgraph/kg/wordnet.py POINTER_RELATIONS; lexical pointers kept",
-        "at the synset level; duplicates and pointers to synsets not extracted dropped).",
-        "Glosses are not included. Regenerate with scripts/extract_wordnet.py.", "",
-        "WordNet is distributed under the WordNet 3.0 licence below, which asks that",
-        "the copyright notice appear on all copies; the Debian copyright file follows.", "",
-        rule, f"/usr/share/doc/{PACKAGE}/copyright (verbatim)", rule, "",
-        copyright_text.rstrip() + "\n",
-    ])
+    return "\n".join(
+        [
+            "hetgraph knowledge graph: WordNet 3.0",
+            rule,
+            "",
+            f"Files: {SHIPPED_DIR / SHIPPED_TRIPLES}, {SHIPPED_DIR / SHIPPED_ALIASES}",
+            "",
+            f"Source: the Debian package {PACKAGE}, version {version}",
+            f"(https://packages.debian.org/bookworm/{PACKAGE}): WordNet 3.0, the lexical",
+            "database of English of Princeton University.",
+            f"Extracted: the synsets of the {kinds} ({entities:,} entities, named",
+            f"<pos>.<offset>), their lemmas as aliases ({aliases:,}; underscores as spaces,",
+            f"the first lemma of a synset its name) and their pointers as {triples:,} triples",
+            "(relation names: hetgraph/kg/wordnet.py POINTER_RELATIONS; lexical pointers kept",
+            "at the synset level; duplicates and pointers to synsets not extracted dropped).",
+            "Glosses are not included. Regenerate with scripts/extract_wordnet.py.",
+            "",
+            "WordNet is distributed under the WordNet 3.0 licence below, which asks that",
+            "the copyright notice appear on all copies; the Debian copyright file follows.",
+            "",
+            rule,
+            f"/usr/share/doc/{PACKAGE}/copyright (verbatim)",
+            rule,
+            "",
+            copyright_text.rstrip() + "\n",
+        ]
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -84,12 +101,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"),
-                        help="directory holding data.noun, data.verb, data.adj, data.adv")
-    parser.add_argument("--copyright", type=Path,
-                        default=Path(f"/usr/share/doc/{PACKAGE}/copyright"))
-    parser.add_argument("--parts", default="nvar",
-                        help="parts of speech: n, v, a, r (default all four)")
+    parser.add_argument(
+        "--wordnet",
+        type=Path,
+        default=Path("/usr/share/wordnet"),
+        help="directory holding data.noun, data.verb, data.adj, data.adv",
+    )
+    parser.add_argument(
+        "--copyright", type=Path, default=Path(f"/usr/share/doc/{PACKAGE}/copyright")
+    )
+    parser.add_argument(
+        "--parts", default="nvar", help="parts of speech: n, v, a, r (default all four)"
+    )
     args = parser.parse_args(argv)
     if not (args.wordnet / "data.noun").is_file():
         raise SystemExit(f"{args.wordnet}/data.noun is missing: apt-get install -y {PACKAGE}")
@@ -99,12 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     triples_xz, aliases_xz = encode_tsv_xz(triples), encode_tsv_xz(aliases)
     _write_atomic(out / SHIPPED_TRIPLES, triples_xz)
     _write_atomic(out / SHIPPED_ALIASES, aliases_xz)
-    notice = license_notice(args.parts, len(synsets), len(triples), len(aliases),
-                            package_version(), args.copyright.read_text(encoding="utf-8"))
+    notice = license_notice(
+        args.parts,
+        len(synsets),
+        len(triples),
+        len(aliases),
+        package_version(),
+        args.copyright.read_text(encoding="utf-8"),
+    )
     _write_atomic(out / "LICENSE-wordnet.txt", notice.encode("utf-8"))
-    print(f"wrote {len(synsets):,} entities, {len(triples):,} triples, {len(aliases):,} "
-          f"aliases ({(len(triples_xz) + len(aliases_xz)) / 1e6:.2f} MB xz) to {out}",
-          file=sys.stderr)
+    print(
+        f"wrote {len(synsets):,} entities, {len(triples):,} triples, {len(aliases):,} "
+        f"aliases ({(len(triples_xz) + len(aliases_xz)) / 1e6:.2f} MB xz) to {out}",
+        file=sys.stderr,
+    )
     return 0
 
 

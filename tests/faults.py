@@ -9,6 +9,7 @@ its stderr are observed exactly as for ``python -m hetgraph`` — and it starts 
 milliseconds. The child runs :func:`hetgraph.cli.main`; an exception that escapes it is
 printed with its traceback and exits 1, as the ``hetgraph`` script does.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PRELOAD = ["torch", "transformers", "faiss", "hetgraph.cli", "hetgraph.cli_commands",
-           "hetgraph.datastore", "hetgraph.index", "hetgraph.fusion", "hetgraph.training",
-           "hetgraph.evaluation", "transformers.models.qwen2.modeling_qwen2"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "faiss",
+    "hetgraph.cli",
+    "hetgraph.cli_commands",
+    "hetgraph.datastore",
+    "hetgraph.index",
+    "hetgraph.fusion",
+    "hetgraph.training",
+    "hetgraph.evaluation",
+    "transformers.models.qwen2.modeling_qwen2",
+]
 
 #: What a killed writer may leave: ``.<name>.<pid>-<hex>.tmp`` temporaries (files and
 #: directories) and ``.<name>.old-<hex>`` copies of a directory being replaced.
@@ -42,8 +53,15 @@ class Result:
         return [line for line in self.err.splitlines() if line.startswith("error:")]
 
 
-def _child(argv: list[str], env: dict[str, str], out: str, err: str, file_size: int | None,
-           kill_at: tuple[int, str] | None, renames_log: str | None) -> None:
+def _child(
+    argv: list[str],
+    env: dict[str, str],
+    out: str,
+    err: str,
+    file_size: int | None,
+    kill_at: tuple[int, str] | None,
+    renames_log: str | None,
+) -> None:
     for fd, path in ((1, out), (2, err)):
         _copy_through_pipe(fd, path)
     os.environ.update(env)
@@ -103,6 +121,7 @@ def _interpose_renames(renames: list[str], kill_at: tuple[int, str] | None) -> N
             if kill_at == (n, "after"):
                 os.kill(os.getpid(), signal.SIGKILL)
             return result
+
         setattr(os, name, interposed)
 
 
@@ -117,14 +136,28 @@ class Runner:
         self.env = {"OMP_NUM_THREADS": "1", **(env or {})}
         self.count = 0
 
-    def __call__(self, *argv, file_size: int | None = None,
-                 kill_at: tuple[int, str] | None = None, renames: Path | None = None,
-                 timeout: float = 300) -> Result:
+    def __call__(
+        self,
+        *argv,
+        file_size: int | None = None,
+        kill_at: tuple[int, str] | None = None,
+        renames: Path | None = None,
+        timeout: float = 300,
+    ) -> Result:
         self.count += 1
         out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
-        child = self.context.Process(target=_child, args=(
-            [str(a) for a in argv], self.env, str(out), str(err), file_size, kill_at,
-            None if renames is None else str(renames)))
+        child = self.context.Process(
+            target=_child,
+            args=(
+                [str(a) for a in argv],
+                self.env,
+                str(out),
+                str(err),
+                file_size,
+                kill_at,
+                None if renames is None else str(renames),
+            ),
+        )
         child.start()
         child.join(timeout)
         if child.exitcode is None:
@@ -134,14 +167,21 @@ class Runner:
         deadline = time.monotonic() + 30  # the pipes' readers finish at the child's end
         while not (out.exists() and err.exists()) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return Result(child.exitcode, *(p.read_text(errors="replace") if p.exists() else ""
-                                        for p in (out, err)))
+        return Result(
+            child.exitcode,
+            *(p.read_text(errors="replace") if p.exists() else "" for p in (out, err)),
+        )
 
 
 def leftovers(*roots: Path) -> list[str]:
     r"""Temporaries and ``.old-`` copies anywhere below ``roots``."""
-    return sorted(str(p) for root in roots if root.exists() for p in root.rglob("*")
-                  if LEFTOVER.search(p.name))
+    return sorted(
+        str(p)
+        for root in roots
+        if root.exists()
+        for p in root.rglob("*")
+        if LEFTOVER.search(p.name)
+    )
 
 
 #: A JSON string (a key when group 2 matched) or number, scanned left to right.
@@ -161,13 +201,24 @@ def flip_byte(path: Path, seed: int) -> int:
     data = bytearray(path.read_bytes())
     if path.suffix == ".json":
         text = data.decode("utf-8")
-        positions = [m.start() + i for m in _JSON_TOKEN.finditer(text) if not m.group(2)
-                     for i, c in enumerate(m.group(0)) if c.isascii()
-                     and (c.isalnum() if m.group(1) else c.isdigit())]  # 1e-05 stays a number
-        position = len(text[:rng.choice(positions)].encode("utf-8"))
+        positions = [
+            m.start() + i
+            for m in _JSON_TOKEN.finditer(text)
+            if not m.group(2)
+            for i, c in enumerate(m.group(0))
+            if c.isascii() and (c.isalnum() if m.group(1) else c.isdigit())
+        ]  # 1e-05 stays a number
+        position = len(text[: rng.choice(positions)].encode("utf-8"))
         old = chr(data[position])
-        kind = "0123456789" if old.isdigit() else "abcdef" if old in "abcdef" else \
-            "ghijklmnopqrstuvwxyz" if old.islower() else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        kind = (
+            "0123456789"
+            if old.isdigit()
+            else "abcdef"
+            if old in "abcdef"
+            else "ghijklmnopqrstuvwxyz"
+            if old.islower()
+            else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        )
         data[position] = ord(rng.choice([c for c in kind if c != old]))
     else:
         position = rng.randrange(len(data))

@@ -14,6 +14,7 @@ DGL semantics emulated with explicit Python loops (clarity over speed):
 
 The module names equal the official ones, so ``state_dict()`` has the official layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ class OfficialGraph:
     ntgt_offsets: list[int] = field(default_factory=list)
 
 
-def build_ntgt_edges(offsets2id: dict[int, int], context: int = 0,
-                     bidirect: bool = False) -> tuple[list[int], list[int]]:
+def build_ntgt_edges(
+    offsets2id: dict[int, int], context: int = 0, bidirect: bool = False
+) -> tuple[list[int], list[int]]:
     """Nodes whose offsets differ by at most ``context`` are linked (the sorted sweep of the
     official code: every earlier-or-equal node of the range -> the newly added one, then
     the reverse direction of every non-self edge)."""
@@ -63,8 +65,14 @@ def build_ntgt_edges(offsets2id: dict[int, int], context: int = 0,
     return src, dst
 
 
-def build_block_graph(neighbour_ids: list[list[int]], query_offsets: list[int] | None,
-                      corpus_size: int, left: int, right: int, radius: int) -> OfficialGraph:
+def build_block_graph(
+    neighbour_ids: list[list[int]],
+    query_offsets: list[int] | None,
+    corpus_size: int,
+    left: int,
+    right: int,
+    radius: int,
+) -> OfficialGraph:
     """``new_build_graph`` for one block of ``T`` target positions.
 
     Args:
@@ -98,10 +106,13 @@ def build_block_graph(neighbour_ids: list[list[int]], query_offsets: list[int] |
     us, vs = torch.where(torch.triu(torch.ones(T, T, dtype=torch.bool)))
     return OfficialGraph(
         {"tgt": T, "ntgt": len(ntgt_offsets)},
-        {("tgt", "intra", "tgt"): (us.tolist(), vs.tolist()),
-         ("ntgt", "inter", "tgt"): (tgt2ntgt[1], tgt2ntgt[0]),
-         ("ntgt", "intra", "ntgt"): ntgt2ntgt},
-        ntgt_offsets)
+        {
+            ("tgt", "intra", "tgt"): (us.tolist(), vs.tolist()),
+            ("ntgt", "inter", "tgt"): (tgt2ntgt[1], tgt2ntgt[0]),
+            ("ntgt", "intra", "ntgt"): ntgt2ntgt,
+        },
+        ntgt_offsets,
+    )
 
 
 def batch_graphs(graphs: list[OfficialGraph]) -> OfficialGraph:
@@ -178,8 +189,9 @@ class HGT(nn.Module):
     """The official ``HGT``: ``adapt_ws`` (Linear + GELU) when in != hidden, the layers,
     ``out`` (Linear) when hidden != out."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int,
-                 n_heads: int) -> None:
+    def __init__(
+        self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int, n_heads: int
+    ) -> None:
         super().__init__()
         self.in_dim, self.hidden_dim, self.out_dim = in_dim, hidden_dim, out_dim
         self.adapt_ws = nn.ModuleList()

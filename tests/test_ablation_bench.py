@@ -1,4 +1,5 @@
 """The ablation benchmark's arm table and the second corpus's extraction script."""
+
 from __future__ import annotations
 
 import gzip
@@ -34,8 +35,9 @@ def ablation():
     return _load(ROOT / "benchmarks" / "ablation.py", "ablation_benchmark")
 
 
-@pytest.mark.parametrize("digits, value", [("A", 0), ("B", 1), ("/", 63), ("BA", 64),
-                                           ("5I", 57 * 64 + 8)])
+@pytest.mark.parametrize(
+    "digits, value", [("A", 0), ("B", 1), ("/", 63), ("BA", 64), ("5I", 57 * 64 + 8)]
+)
 def test_dictd_base64_numbers(extract, digits, value):
     assert extract.b64_number(digits) == value
 
@@ -43,8 +45,9 @@ def test_dictd_base64_numbers(extract, digits, value):
 def _b64(value: int) -> str:
     digits = ""
     while True:
-        digits = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[value % 64] \
-            + digits
+        digits = (
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[value % 64] + digits
+        )
         value //= 64
         if not value:
             return digits
@@ -75,8 +78,9 @@ def test_read_entries_dedupes_skips_meta_and_decodes_cp1252(extract, tmp_path):
     assert read[-1][1] == "quote n. it\u2019s\n"
 
 
-@pytest.mark.parametrize("per_document, target, kept", [(2, 10**9, [0, 1, 2]), (2, 1, [0]),
-                                                        (1, 40, [0, 3])])
+@pytest.mark.parametrize(
+    "per_document, target, kept", [(2, 10**9, [0, 1, 2]), (2, 1, [0]), (1, 40, [0, 3])]
+)
 def test_make_documents_samples_blocks_evenly(extract, per_document, target, kept):
     entries = [(f"w{i}", "x" * 19 + "\n") for i in range(5)]  # 100 characters in all
     documents = extract.make_documents(entries, per_document, target)
@@ -100,10 +104,27 @@ def test_shipped_corpus_is_small_and_licensed():
     assert "dict-gcide" in notice and "GNU General Public License" in notice
 
 
-@pytest.mark.parametrize("name", ["head", "paper_2x256", "paper_2x256_gated", "default_replace",
-                                  "default_c2c", "default_no_ffn", "lr2", "k128", "two_stage",
-                                  "depth3", "width576", "top4", "every4th", "top4_stored", "all",
-                                  "gate"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "head",
+        "paper_2x256",
+        "paper_2x256_gated",
+        "default_replace",
+        "default_c2c",
+        "default_no_ffn",
+        "lr2",
+        "k128",
+        "two_stage",
+        "depth3",
+        "width576",
+        "top4",
+        "every4th",
+        "top4_stored",
+        "all",
+        "gate",
+    ],
+)
 def test_every_arm_differs_from_the_default_as_named(ablation, name):
     default = RunConfig.default().fusion
     stages = ablation.arm_stages(name, default)
@@ -113,20 +134,22 @@ def test_every_arm_differs_from_the_default_as_named(ablation, name):
     fusion = stages[-1][1]
     assert isinstance(fusion, FusionConfig)
     FusionConfig.from_dict(fusion.to_dict())  # a valid, serialisable config
-    expected = {"head": lambda f: f == default,
-                "top4": lambda f: f.fusion_layers == (26, 27, 28, 29),
-                "every4th": lambda f: f.fusion_layers == tuple(range(0, 30, 4)),
-                "all": lambda f: len(f.fusion_layers) == 30,
-                "default_c2c": lambda f: f.graph.c2c and not default.graph.c2c,
-                "default_no_ffn": lambda f: not f.adapter.feed_forward,
-                "default_replace": lambda f: f.fusion_mode == "replace",
-                "paper_2x256_gated": lambda f: f.fusion_mode == "gated_residual" and f.graph.c2c,
-                "lr2": lambda f: (f.graph.left, f.graph.right) == (2, 2),
-                "k128": lambda f: f.k == 128,
-                "two_stage": lambda f: f.k == 128 and f.graph.left == 2 and len(stages) == 2,
-                "depth3": lambda f: f.adapter.num_layers == 3,
-                "width576": lambda f: f.adapter.hidden_channels == 576,
-                "top4_stored": lambda f: f.neighbour_features == "stored",
-                "paper_2x256": lambda f: f.fusion_mode == "replace" and f.graph.c2c,
-                "gate": lambda f: getattr(f, "gate", None) == "retrieval"}[name]
+    expected = {
+        "head": lambda f: f == default,
+        "top4": lambda f: f.fusion_layers == (26, 27, 28, 29),
+        "every4th": lambda f: f.fusion_layers == tuple(range(0, 30, 4)),
+        "all": lambda f: len(f.fusion_layers) == 30,
+        "default_c2c": lambda f: f.graph.c2c and not default.graph.c2c,
+        "default_no_ffn": lambda f: not f.adapter.feed_forward,
+        "default_replace": lambda f: f.fusion_mode == "replace",
+        "paper_2x256_gated": lambda f: f.fusion_mode == "gated_residual" and f.graph.c2c,
+        "lr2": lambda f: (f.graph.left, f.graph.right) == (2, 2),
+        "k128": lambda f: f.k == 128,
+        "two_stage": lambda f: f.k == 128 and f.graph.left == 2 and len(stages) == 2,
+        "depth3": lambda f: f.adapter.num_layers == 3,
+        "width576": lambda f: f.adapter.hidden_channels == 576,
+        "top4_stored": lambda f: f.neighbour_features == "stored",
+        "paper_2x256": lambda f: f.fusion_mode == "replace" and f.graph.c2c,
+        "gate": lambda f: getattr(f, "gate", None) == "retrieval",
+    }[name]
     assert expected(fusion)

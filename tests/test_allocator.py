@@ -1,5 +1,6 @@
 """glibc's mmap threshold and oneDNN's primitive cache, bounded by the command line for
 bounded resident memory."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _retained_kb(mode: str, env: dict | None = None) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True,
-                         check=True, env=env).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
     return out[0], int(out[1])
 
 
@@ -66,11 +68,14 @@ def test_the_users_own_setting_wins(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_release_free_memory_hands_back_the_heaps_free_pages():
-    script = _SCRIPT.replace('print(fixed, anon_kb() - before)',
-                             'from hetgraph.allocator import release_free_memory\n'
-                             'release_free_memory()\nprint(fixed, anon_kb() - before)')
-    out = subprocess.run([sys.executable, "-c", script, "dynamic"], capture_output=True,
-                         text=True, check=True).stdout.split()
+    script = _SCRIPT.replace(
+        "print(fixed, anon_kb() - before)",
+        "from hetgraph.allocator import release_free_memory\n"
+        "release_free_memory()\nprint(fixed, anon_kb() - before)",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, "dynamic"], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert int(out[1]) < 8 << 10  # the 64 MiB of freed heap blocks went back
     assert isinstance(release_free_memory(), bool)
 
@@ -105,8 +110,14 @@ def test_a_limited_primitive_cache_does_not_keep_one_use_shapes(monkeypatch):
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
 
     def retained_kb(mode: str) -> int:
-        return int(subprocess.run([sys.executable, "-c", _PRIMITIVES_SCRIPT, mode],
-                                  capture_output=True, text=True, check=True).stdout)
+        return int(
+            subprocess.run(
+                [sys.executable, "-c", _PRIMITIVES_SCRIPT, mode],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
 
     default, limited = retained_kb("default"), retained_kb("limited")
     assert limited < default - (16 << 10), (default, limited)

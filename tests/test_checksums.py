@@ -1,6 +1,7 @@
 """Checksums on training checkpoints and datastore progress records ("Reliability, round two",
 items 1 and 2): a changed byte is refused on resume or never trusted by a build, and
 ``hetgraph verify`` names the file; an intact checkpoint or record is used as before."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,21 @@ from hetgraph.verify import verify
 
 
 def train_argv(root: Path, out: Path) -> list:
-    return ["train", "--model", root / "model", "--corpus", root / "corpus", "--datastore",
-            root / "ds", "--out", out, "--config", root / "run.json", "--threads", "1"]
+    return [
+        "train",
+        "--model",
+        root / "model",
+        "--corpus",
+        root / "corpus",
+        "--datastore",
+        root / "ds",
+        "--out",
+        out,
+        "--config",
+        root / "run.json",
+        "--threads",
+        "1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +66,27 @@ def trained(tmp_path_factory) -> Path:
     save_tiny_model(root / "model", "qwen2")
     write_word_corpus(root / "corpus", num_documents=8, length=40)
     (root / "run.json").write_text(json.dumps(tiny_run_config()))
-    assert run("datastore", "build", "--model", root / "model", "--corpus", root / "corpus",
-               "--out", root / "ds", "--context-length", "64", "--stride", "32",
-               "--batch-size", "4", "--threads", "1") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "corpus",
+            "--out",
+            root / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+        )
+        == 0
+    )
     assert run(*train_argv(root, root / "out")) == 0
     return root
 
@@ -63,8 +95,9 @@ def _set_exp_avg(checkpoint: Path) -> None:
     # What the tester did: exp_avg = 50.0, written as a well-formed safetensors file.
     path = checkpoint / OPTIMIZER_WEIGHTS
     tensors = load_file(str(path))
-    tensors = {k: torch.full_like(v, 50.0) if k.endswith("exp_avg") else v
-               for k, v in tensors.items()}
+    tensors = {
+        k: torch.full_like(v, 50.0) if k.endswith("exp_avg") else v for k, v in tensors.items()
+    }
     save_file(tensors, str(path))
 
 
@@ -86,11 +119,17 @@ def _swap_adapter(checkpoint: Path) -> None:
     atomic_write_json_record(checkpoint / ADAPTER_CONFIG, config)
 
 
-@pytest.mark.parametrize("damage, name", [(_set_exp_avg, OPTIMIZER_WEIGHTS),
-                                          (_edit_state, TRAINER_STATE),
-                                          (_swap_adapter, ADAPTER_CONFIG)])
-def test_a_damaged_checkpoint_is_refused_on_resume_and_by_verify(trained, tmp_path, capsys,
-                                                                 damage, name):
+@pytest.mark.parametrize(
+    "damage, name",
+    [
+        (_set_exp_avg, OPTIMIZER_WEIGHTS),
+        (_edit_state, TRAINER_STATE),
+        (_swap_adapter, ADAPTER_CONFIG),
+    ],
+)
+def test_a_damaged_checkpoint_is_refused_on_resume_and_by_verify(
+    trained, tmp_path, capsys, damage, name
+):
     out = tmp_path / "out"
     shutil.copytree(trained / "out", out)
     damage(out / CHECKPOINT_DIR)
@@ -123,10 +162,14 @@ def test_an_intact_checkpoint_resumes_and_verifies(trained, tmp_path, capsys):
     report = verify(out)
     assert report.ok and report.kinds == ["adapter", "checkpoint"], str(report)
     assert {out / CHECKPOINT_DIR / n for n in (TRAINER_STATE, OPTIMIZER_WEIGHTS)} <= set(
-        report.checked)
+        report.checked
+    )
     state = read_json_record(out / CHECKPOINT_DIR / TRAINER_STATE)  # checksum checked
-    assert set(state[INTEGRITY_KEY]["files"]) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-                                                  OPTIMIZER_WEIGHTS}
+    assert set(state[INTEGRITY_KEY]["files"]) == {
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        OPTIMIZER_WEIGHTS,
+    }
     assert run(*train_argv(trained, out)) == 0
     capsys.readouterr()
 
@@ -138,13 +181,21 @@ CONFIG = DatastoreConfig(context_length=32, stride=16, batch_size=2)
 
 def _split() -> TokenizedSplit:
     tokens = np.random.default_rng(0).integers(0, 256, 160).astype(np.int32)
-    return TokenizedSplit("train", tokens, np.repeat(np.arange(4, dtype=np.int32), 40),
-                          [f"doc{i}" for i in range(4)])
+    return TokenizedSplit(
+        "train", tokens, np.repeat(np.arange(4, dtype=np.int32), 40), [f"doc{i}" for i in range(4)]
+    )
 
 
 def _build(out: Path, **kwargs):
-    return build_datastore(tiny_causal_lm("qwen2"), byte_tokenizer(), _split(), out, CONFIG,
-                           show_progress=False, **kwargs)
+    return build_datastore(
+        tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        _split(),
+        out,
+        CONFIG,
+        show_progress=False,
+        **kwargs,
+    )
 
 
 def test_a_damaged_progress_record_is_not_trusted_by_the_build_nor_by_verify(tmp_path, capsys):
@@ -184,8 +235,7 @@ def test_progress_records_carry_a_checksum_and_old_ones_still_read(tmp_path):
     assert read_done(tmp_path, 10) == {0, 1, 2}  # the damaged rank record is ignored
     assert "does not trust it" in " ".join(_progress_problems(tmp_path))
     # Records written before checksums existed (no "checksum" key) are read as before.
-    (tmp_path / DATASTORE_PROGRESS).write_text(json.dumps({"batches_done": 4,
-                                                           "num_batches": 10}))
+    (tmp_path / DATASTORE_PROGRESS).write_text(json.dumps({"batches_done": 4, "num_batches": 10}))
     rank.unlink()
     assert read_done(tmp_path, 10) == {0, 1, 2, 3}
 
@@ -197,6 +247,7 @@ def _progress_problems(directory: Path) -> list[str]:
 
 
 # -- verify: corpus cache ------------------------------------------------------------------
+
 
 def test_verify_checks_a_corpus_cache_directory_and_entry(tmp_path, capsys):
     from hetgraph.corpus.tokenization import tokenize_corpus

@@ -1,4 +1,5 @@
 """The ``hetgraph`` command line, end to end on a tiny saved model and a tiny text corpus."""
+
 from __future__ import annotations
 
 import json
@@ -25,26 +26,66 @@ def test_help_lists_every_command(capsys):
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("demo", "datastore", "index", "train", "eval", "generate", "inspect",
-                    "verify"):
+    for command in ("demo", "datastore", "index", "train", "eval", "generate", "inspect", "verify"):
         assert command in out
 
 
 def test_round_trip(workspace, capsys):
     w = workspace
     common = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
-    assert run("datastore", "build", *common, "--out", w / "ds", "--context-length", "64",
-               "--stride", "32", "--batch-size", "4") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common,
+            "--out",
+            w / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
     assert (w / "ds" / "index" / "index.faiss").is_file()
     assert run("index", "build", "--datastore", w / "ds", "--factory", "HNSW16") == 0
     assert run("index", "build", "--datastore", w / "ds", "--factory", "Flat") == 0
-    assert run("train", *common, "--datastore", w / "ds", "--out", w / "adapter",
-               "--config", w / "run.json") == 0
-    assert ((w / "adapter" / "adapter.safetensors").is_file()
-            and (w / "adapter" / "training.json").is_file())
+    assert (
+        run(
+            "train",
+            *common,
+            "--datastore",
+            w / "ds",
+            "--out",
+            w / "adapter",
+            "--config",
+            w / "run.json",
+        )
+        == 0
+    )
+    assert (w / "adapter" / "adapter.safetensors").is_file() and (
+        w / "adapter" / "training.json"
+    ).is_file()
     capsys.readouterr()
-    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
-               "--config", w / "run.json", "--json", w / "eval.json", "--plot", w / "eval.png") == 0
+    assert (
+        run(
+            "eval",
+            *common,
+            "--datastore",
+            w / "ds",
+            "--adapter",
+            w / "adapter",
+            "--config",
+            w / "run.json",
+            "--json",
+            w / "eval.json",
+            "--plot",
+            w / "eval.png",
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "GNN-LM + kNN" in table and "kNN-LM" in table
     results = json.loads((w / "eval.json").read_text())
@@ -57,23 +98,63 @@ def test_round_trip(workspace, capsys):
     # The window side read from a table built once gives the same GNN-LM results.
     by_setting = {}
     for setting in ("on", "off"):
-        assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
-                   "--config", w / "run.json", "--neighbour-states", setting,
-                   "--json", w / f"eval-{setting}.json") == 0
+        assert (
+            run(
+                "eval",
+                *common,
+                "--datastore",
+                w / "ds",
+                "--adapter",
+                w / "adapter",
+                "--config",
+                w / "run.json",
+                "--neighbour-states",
+                setting,
+                "--json",
+                w / f"eval-{setting}.json",
+            )
+            == 0
+        )
         by_setting[setting] = json.loads((w / f"eval-{setting}.json").read_text())
     assert "neighbour_states_seconds" in by_setting["on"]["speed"]
     assert "neighbour_states_seconds" not in by_setting["off"]["speed"]
     for method in ("gnn", "gnn_knn"):
-        assert by_setting["on"][method]["ppl"] == pytest.approx(by_setting["off"][method]["ppl"],
-                                                                rel=1e-5)
+        assert by_setting["on"][method]["ppl"] == pytest.approx(
+            by_setting["off"][method]["ppl"], rel=1e-5
+        )
     capsys.readouterr()
-    assert run("generate", "--model", w / "model", "--datastore", w / "ds",
-               "--adapter", w / "adapter", "--prompt", "import os", "--max-new-tokens", "5",
-               "--show-neighbours") == 0
+    assert (
+        run(
+            "generate",
+            "--model",
+            w / "model",
+            "--datastore",
+            w / "ds",
+            "--adapter",
+            w / "adapter",
+            "--prompt",
+            "import os",
+            "--max-new-tokens",
+            "5",
+            "--show-neighbours",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("import os") and "#0" in out
-    assert run("inspect", "--model", w / "model", "--datastore", w / "ds",
-               "--text", "alpha beta gamma", "--json") == 0
+    assert (
+        run(
+            "inspect",
+            "--model",
+            w / "model",
+            "--datastore",
+            w / "ds",
+            "--text",
+            "alpha beta gamma",
+            "--json",
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["neighbours"] and report["neighbours"][0]["document"].startswith("doc")
     for path in (w / "ds", w / "adapter"):
@@ -92,11 +173,24 @@ def test_round_trip(workspace, capsys):
 
 def test_bad_input_gives_a_clear_error_not_a_traceback(workspace, capsys):
     w = workspace
-    assert run("eval", "--model", w / "model", "--corpus", w / "corpus",
-               "--datastore", w / "missing") == 2
+    assert (
+        run("eval", "--model", w / "model", "--corpus", w / "corpus", "--datastore", w / "missing")
+        == 2
+    )
     assert "no datastore" in capsys.readouterr().err
-    assert run("datastore", "build", "--model", w / "model", "--corpus", w / "nothing-here",
-               "--out", w / "ds2") == 2
+    assert (
+        run(
+            "datastore",
+            "build",
+            "--model",
+            w / "model",
+            "--corpus",
+            w / "nothing-here",
+            "--out",
+            w / "ds2",
+        )
+        == 2
+    )
     assert "nothing-here" in capsys.readouterr().err
     assert run("demo", "--config", w / "absent.json") == 2
     assert "print-config" in capsys.readouterr().err

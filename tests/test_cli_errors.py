@@ -4,6 +4,7 @@ Issue 11: provenance (item 4), reproducible training (item 5), invalid values (i
 CLI / training / evaluation parts of item 8, non-finite results, locks and item 12's
 checkpoint swap and escaped ``inspect`` output — each on a tiny saved model and corpus.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,22 @@ def ws(tmp_path_factory):
     write_cli_workspace(root, dropout=0.1)
     save_tiny_model(root / "gpt2", "gpt2")
     (root / "other-split.json").write_text(json.dumps({"seed": 7}))
-    assert run("datastore", "build", *common(root), "--out", root / "ds", "--context-length",
-               "64", "--stride", "32", "--batch-size", "4") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common(root),
+            "--out",
+            root / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
     return root
 
 
@@ -92,20 +107,25 @@ def test_disk_full_is_an_expected_error_and_other_os_errors_are_bugs():
     assert not cli_commands.is_expected_error(KeyError("x"))
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["train", "--datastore", "DS", "--out", "OUT", "--threads", "0"], "--threads"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--threads", "-2"], "--threads"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--max-steps", "-5"], "--max-steps"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--max-tokens", "0"], "--max-tokens"),
-    (["eval", "--datastore", "DS", "--k", "0"], "--k"),
-    (["index", "build", "--datastore", "DS", "--threads", "0"], "--threads"),
-    (["index", "build", "--datastore", "DS", "--rerank", "-1"], "--rerank"),
-    (["index", "build", "--datastore", "DS", "--nprobe", "0"], "--nprobe"),
-    (["index", "build", "--datastore", "DS", "--shard-rows", "0"], "--shard-rows"),
-    (["generate", "--datastore", "DS", "--prompt", "x", "--max-new-tokens", "0"],
-     "--max-new-tokens"),
-    (["datastore", "build", "--out", "OUT", "--stride", "0"], "--stride"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["train", "--datastore", "DS", "--out", "OUT", "--threads", "0"], "--threads"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--threads", "-2"], "--threads"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--max-steps", "-5"], "--max-steps"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--max-tokens", "0"], "--max-tokens"),
+        (["eval", "--datastore", "DS", "--k", "0"], "--k"),
+        (["index", "build", "--datastore", "DS", "--threads", "0"], "--threads"),
+        (["index", "build", "--datastore", "DS", "--rerank", "-1"], "--rerank"),
+        (["index", "build", "--datastore", "DS", "--nprobe", "0"], "--nprobe"),
+        (["index", "build", "--datastore", "DS", "--shard-rows", "0"], "--shard-rows"),
+        (
+            ["generate", "--datastore", "DS", "--prompt", "x", "--max-new-tokens", "0"],
+            "--max-new-tokens",
+        ),
+        (["datastore", "build", "--out", "OUT", "--stride", "0"], "--stride"),
+    ],
+)
 def test_invalid_values_are_refused_before_anything_runs(argv, option, tmp_path, capsys):
     argv = [str(tmp_path / a) if a in ("DS", "OUT") else a for a in argv]
     with pytest.raises(SystemExit) as info:
@@ -118,38 +138,68 @@ def test_invalid_values_are_refused_before_anything_runs(argv, option, tmp_path,
 def test_wrong_type_in_a_config_is_one_line(ws, capsys):
     bad = ws / "ten.json"
     bad.write_text(json.dumps({"training": {"max_steps": "ten"}}))
-    assert run("train", *common(ws), "--datastore", ws / "ds", "--out", ws / "never",
-               "--config", bad) == 2
+    assert (
+        run("train", *common(ws), "--datastore", ws / "ds", "--out", ws / "never", "--config", bad)
+        == 2
+    )
     line = one_error_line(capsys)
     assert "max_steps" in line and "'ten'" in line and str(bad) in line
     assert not (ws / "never").exists()
 
 
-@pytest.mark.parametrize("section", [{"eval_every": -1}, {"patience": -3},
-                                     {"checkpoint_every": -1}, {"lr": float("nan")}])
+@pytest.mark.parametrize(
+    "section",
+    [{"eval_every": -1}, {"patience": -3}, {"checkpoint_every": -1}, {"lr": float("nan")}],
+)
 def test_negative_training_values_are_config_errors(section):
     with pytest.raises(ConfigError, match="training"):
         RunConfig.from_dict({"training": section})
 
 
 def test_missing_files_and_empty_inputs_are_one_line(ws, capsys):
-    assert run("train", *common(ws), "--datastore", ws / "ds", "--out", ws / "never",
-               "--corpus-config", ws / "absent.json") == 2
+    assert (
+        run(
+            "train",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--out",
+            ws / "never",
+            "--corpus-config",
+            ws / "absent.json",
+        )
+        == 2
+    )
     assert "--corpus-config" in one_error_line(capsys)
     assert run("eval", *common(ws), "--datastore", ws / "ds", "--adapter", ws / "no-adapter") == 2
     assert "--adapter" in one_error_line(capsys)
     assert run("generate", "--model", ws / "model", "--datastore", ws / "ds", "--prompt", "") == 2
     assert "--prompt is empty" in one_error_line(capsys)
-    assert run("inspect", "--model", ws / "model", "--datastore", ws / "ds", "--text", "abc",
-               "--position", "99") == 2
+    assert (
+        run(
+            "inspect",
+            "--model",
+            ws / "model",
+            "--datastore",
+            ws / "ds",
+            "--text",
+            "abc",
+            "--position",
+            "99",
+        )
+        == 2
+    )
     assert "--position 99" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("argv", [
-    ["demo", "--out", "{out}"],
-    ["generate", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--prompt", "abc"],
-    ["inspect", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--text", "abc"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--out", "{out}"],
+        ["generate", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--prompt", "abc"],
+        ["inspect", "--model", "{ws}/model", "--datastore", "{ws}/ds", "--text", "abc"],
+    ],
+)
 def test_single_process_commands_refuse_torchrun(ws, tmp_path, monkeypatch, capsys, argv):
     # every rank would run the whole command and write the same files
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -174,8 +224,12 @@ def test_knn_mixture_argmax_memory_is_bounded_for_any_k():
     # Now a block holds at most max_block_elements; the result does not depend on blocking.
     rng = np.random.default_rng(0)
     queries, k = 50, 300
-    args = (rng.integers(0, 50, queries), rng.normal(size=(queries, k)).astype(np.float32),
-            rng.random((queries, k)).astype(np.float32), rng.integers(0, 50, (queries, k)))
+    args = (
+        rng.integers(0, 50, queries),
+        rng.normal(size=(queries, k)).astype(np.float32),
+        rng.random((queries, k)).astype(np.float32),
+        rng.integers(0, 50, (queries, k)),
+    )
     kwargs = dict(lam=0.3, temperature=0.5, lm_argmax_log_probs=np.zeros(queries, np.float32))
     full = knn_mixture_argmax(*args, **kwargs)
     tiny_blocks = knn_mixture_argmax(*args, **kwargs, max_block_elements=k * (k + 1) * 3)
@@ -183,8 +237,20 @@ def test_knn_mixture_argmax_memory_is_bounded_for_any_k():
 
 
 def test_context_longer_than_gpt2_positions_is_refused(ws, capsys):
-    assert run("datastore", "build", *common(ws, "gpt2"), "--out", ws / "ds-gpt2",
-               "--context-length", "1024", "--stride", "512") == 2
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common(ws, "gpt2"),
+            "--out",
+            ws / "ds-gpt2",
+            "--context-length",
+            "1024",
+            "--stride",
+            "512",
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "--context-length 1024" in line and "512 positions" in line
 
@@ -193,38 +259,88 @@ def test_token_ids_outside_the_vocabulary_are_refused():
     model = tiny_causal_lm("qwen2", vocab_size=100)
     split = TokenizedSplit("test", np.arange(150) % 200, np.zeros(150), ["d"])
     with pytest.raises(HetgraphError, match="vocabulary of 100 ids"):
-        collect_lm_outputs(model, split, EvalConfig(context_length=32, stride=16),
-                           show_progress=False)
+        collect_lm_outputs(
+            model, split, EvalConfig(context_length=32, stride=16), show_progress=False
+        )
 
 
 # ------------------------------------------------------------------ item 4: provenance
 def test_train_and_eval_refuse_another_corpus_or_split(ws, capsys, tmp_path):
     other = ["--corpus-config", ws / "other-split.json"]
-    assert run("train", *common(ws), *other, "--datastore", ws / "ds", "--out", tmp_path / "a",
-               "--config", ws / "run.json") == 2
+    assert (
+        run(
+            "train",
+            *common(ws),
+            *other,
+            "--datastore",
+            ws / "ds",
+            "--out",
+            tmp_path / "a",
+            "--config",
+            ws / "run.json",
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "another corpus or split" in line and "rebuild" in line
-    assert run("eval", *common(ws), *other, "--datastore", ws / "ds",
-               "--config", ws / "run.json") == 2
+    assert (
+        run("eval", *common(ws), *other, "--datastore", ws / "ds", "--config", ws / "run.json") == 2
+    )
     assert "--allow-other-corpus" in one_error_line(capsys)
     (tmp_path / "few").mkdir()
     for name in ("doc00.txt", "doc01.txt", "doc02.txt", "doc03.txt"):
         (tmp_path / "few" / name).write_text((ws / "corpus" / name).read_text())
-    assert run("eval", "--model", ws / "model", "--corpus", tmp_path / "few", "--datastore",
-               ws / "ds", "--config", ws / "run.json") == 2
+    assert (
+        run(
+            "eval",
+            "--model",
+            ws / "model",
+            "--corpus",
+            tmp_path / "few",
+            "--datastore",
+            ws / "ds",
+            "--config",
+            ws / "run.json",
+        )
+        == 2
+    )
     assert "another corpus" in one_error_line(capsys)
 
 
 def test_allow_other_corpus_is_recorded_in_the_results(ws, capsys, tmp_path):
-    assert run("eval", *common(ws), "--corpus-config", ws / "other-split.json",
-               "--datastore", ws / "ds", "--config", ws / "run.json", "--allow-other-corpus",
-               "--json", tmp_path / "eval.json") == 0
+    assert (
+        run(
+            "eval",
+            *common(ws),
+            "--corpus-config",
+            ws / "other-split.json",
+            "--datastore",
+            ws / "ds",
+            "--config",
+            ws / "run.json",
+            "--allow-other-corpus",
+            "--json",
+            tmp_path / "eval.json",
+        )
+        == 0
+    )
     provenance = json.loads((tmp_path / "eval.json").read_text())["provenance"]
     assert provenance["allow_other_corpus"] is True and provenance["same_corpus"] is False
     assert provenance["datastore_corpus"] != provenance["eval_corpus"]
     capsys.readouterr()
-    assert run("eval", *common(ws), "--datastore", ws / "ds", "--config", ws / "run.json",
-               "--json", tmp_path / "same.json") == 0
+    assert (
+        run(
+            "eval",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--config",
+            ws / "run.json",
+            "--json",
+            tmp_path / "same.json",
+        )
+        == 0
+    )
     same = json.loads((tmp_path / "same.json").read_text())["provenance"]
     assert same["same_corpus"] is True and same["allow_other_corpus"] is False
 
@@ -235,8 +351,19 @@ def test_three_identical_train_runs_give_identical_adapters(ws, capsys, tmp_path
     for i in range(3):
         out = tmp_path / f"adapter{i}"
         torch.manual_seed(1000 + i)  # whatever ran before in the process must not matter
-        assert run("train", *common(ws), "--datastore", ws / "ds", "--out", out,
-                   "--config", ws / "run.json") == 0
+        assert (
+            run(
+                "train",
+                *common(ws),
+                "--datastore",
+                ws / "ds",
+                "--out",
+                out,
+                "--config",
+                ws / "run.json",
+            )
+            == 0
+        )
         adapters.append(load_file(str(out / "adapter.safetensors")))
         valid.append(json.loads((out / "training.json").read_text())["result"]["valid_ppl"])
     for other in adapters[1:]:
@@ -254,26 +381,32 @@ def _tiny_lm(tmp_path):
     tokens = rng.integers(0, 256, 400).astype(np.int32)
     split = TokenizedSplit("train", tokens, np.repeat(np.arange(4), 100), list("abcd"))
     model = tiny_causal_lm("qwen2")
-    store = build_datastore(model, byte_tokenizer(), split, tmp_path / "ds",
-                            DatastoreConfig(context_length=64, stride=32, batch_size=4),
-                            show_progress=False)
+    store = build_datastore(
+        model,
+        byte_tokenizer(),
+        split,
+        tmp_path / "ds",
+        DatastoreConfig(context_length=64, stride=32, batch_size=4),
+        show_progress=False,
+    )
     index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
     torch.manual_seed(0)
     fusion = FusionConfig(k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2))
     return HetGraphLM(model, store, index, fusion), split
 
 
-def test_training_stops_at_a_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path,
-                                                                          monkeypatch):
+def test_training_stops_at_a_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     lm, split = _tiny_lm(tmp_path)
     original = trainer_module._TrainingRun.micro_batch_loss
 
     def poisoned(self, draw):
         loss = original(self, draw)
         return loss * float("nan") if draw >= 3 else loss
+
     monkeypatch.setattr(trainer_module._TrainingRun, "micro_batch_loss", poisoned)
-    config = TrainingConfig(max_steps=6, batch_size=2, context_length=32, eval_every=0,
-                            checkpoint_every=2)
+    config = TrainingConfig(
+        max_steps=6, batch_size=2, context_length=32, eval_every=0, checkpoint_every=2
+    )
     with pytest.raises(NonFiniteError, match="step 4") as info:
         train_adapter(lm, split, None, config, tmp_path / "adapter", show_progress=False)
     assert info.value.stage == "training" and "step 2" in str(info.value)
@@ -292,8 +425,11 @@ def test_evaluation_names_the_stage_that_is_not_finite(tmp_path):
 
 
 def test_results_table_never_prints_nan():
-    results = {"base": {"ppl": 10.0, "acc": 0.5}, "gnn": {"ppl": float("nan"), "acc": 0.1},
-               "tokens": 10}
+    results = {
+        "base": {"ppl": 10.0, "acc": 0.5},
+        "gnn": {"ppl": float("nan"), "acc": 0.1},
+        "tokens": 10,
+    }
     with pytest.raises(NonFiniteError, match="GNN-LM"):
         results_table(results)
 
@@ -308,16 +444,18 @@ def test_training_and_the_pipeline_refuse_a_locked_directory(tmp_path):
     with directory_lock(tmp_path / "run"):
         with pytest.raises(LockError, match="run directory"):
             run_pipeline(RunConfig(out_dir=str(tmp_path / "run")))
-    assert train_adapter(lm, split, None, config, tmp_path / "adapter",
-                         show_progress=False).steps == 2
+    assert (
+        train_adapter(lm, split, None, config, tmp_path / "adapter", show_progress=False).steps == 2
+    )
 
 
 # ------------------------------------------------------------------------- item 12
 def test_a_crash_between_the_checkpoint_renames_resumes_from_the_old_checkpoint(tmp_path):
     lm, split = _tiny_lm(tmp_path)
     out = tmp_path / "adapter"
-    config = TrainingConfig(max_steps=6, batch_size=2, context_length=32, eval_every=0,
-                            checkpoint_every=2)
+    config = TrainingConfig(
+        max_steps=6, batch_size=2, context_length=32, eval_every=0, checkpoint_every=2
+    )
     with pytest.raises(KeyboardInterrupt):
         train_adapter(lm, split, None, config, out, show_progress=False, stop_after=3)
     # What atomic_directory leaves when killed after renaming the old checkpoint aside and
@@ -332,9 +470,23 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_the_old_checkpoint(
 
 def test_inspect_escapes_control_characters():
     report = NeighbourReport(
-        position=0, token="a", actual_next="b", base_prediction="\x1b[2J", gnn_prediction="c",
-        neighbours=[Neighbour(rank=0, row=1, distance=1.0, document="evil\x1b[31m.txt",
-                              context="x\x1b]0;title\x07y\nz", token="\x1b", next_token="\x9b")])
+        position=0,
+        token="a",
+        actual_next="b",
+        base_prediction="\x1b[2J",
+        gnn_prediction="c",
+        neighbours=[
+            Neighbour(
+                rank=0,
+                row=1,
+                distance=1.0,
+                document="evil\x1b[31m.txt",
+                context="x\x1b]0;title\x07y\nz",
+                token="\x1b",
+                next_token="\x9b",
+            )
+        ],
+    )
     text = format_report(report)
     assert "\x1b" not in text and "\x07" not in text and "\x9b" not in text
     assert "evil\\x1b[31m.txt" in text and "⏎" in text
@@ -343,9 +495,15 @@ def test_inspect_escapes_control_characters():
 def test_the_demo_pipeline_is_reproducible_and_records_provenance(ws, tmp_path):
     results, adapters = [], []
     for i in range(2):
-        config = RunConfig.from_dict({**RUN_CONFIG, "model": str(ws / "model"),
-                                      "corpus": {"path": str(ws / "corpus")},
-                                      "out_dir": str(tmp_path / f"run{i}"), "threads": 1})
+        config = RunConfig.from_dict(
+            {
+                **RUN_CONFIG,
+                "model": str(ws / "model"),
+                "corpus": {"path": str(ws / "corpus")},
+                "out_dir": str(tmp_path / f"run{i}"),
+                "threads": 1,
+            }
+        )
         torch.manual_seed(77 + i)  # what ran before in the process must not matter
         results.append(run_pipeline(config))
         adapters.append(load_file(str(tmp_path / f"run{i}" / "adapter" / "adapter.safetensors")))
@@ -360,8 +518,21 @@ def test_the_demo_pipeline_is_reproducible_and_records_provenance(ws, tmp_path):
 
 
 def test_train_max_tokens_below_the_context_is_one_line(ws, capsys, tmp_path):
-    assert run("train", *common(ws), "--datastore", ws / "ds", "--out", tmp_path / "a",
-               "--config", ws / "run.json", "--max-tokens", "10") == 2
+    assert (
+        run(
+            "train",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--out",
+            tmp_path / "a",
+            "--config",
+            ws / "run.json",
+            "--max-tokens",
+            "10",
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "10 tokens" in line and "context_length" in line
 
@@ -370,7 +541,20 @@ def test_overwrite_pointed_at_the_corpus_deletes_nothing(ws, capsys):
     # Item 6 through the CLI: --out at the corpus folder with --overwrite is refused, and
     # every corpus file is still there, byte for byte.
     before = {p.name: p.read_bytes() for p in (ws / "corpus").iterdir()}
-    assert run("datastore", "build", *common(ws), "--out", ws / "corpus", "--overwrite",
-               "--context-length", "64", "--stride", "32") == 2
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common(ws),
+            "--out",
+            ws / "corpus",
+            "--overwrite",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+        )
+        == 2
+    )
     assert str(ws / "corpus") in one_error_line(capsys)
     assert {p.name: p.read_bytes() for p in (ws / "corpus").iterdir()} == before

@@ -4,6 +4,7 @@ option values (layers, device, threads, seed, k) and output paths (``--out``, ``
 ``--plot``, never over hetgraph's own files), each one ``error:`` line with exit status 2
 and nothing written.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,11 @@ from hetgraph.pipeline import DeviceError, resolve_device
 from hetgraph.testing import one_error_line, run_cli as run, save_tiny_model, write_cli_workspace
 
 DS_OPTIONS = ["--context-length", "64", "--stride", "32", "--batch-size", "4"]
-RESULTS = {"base": {"ppl": 10.0, "acc": 0.1}, "knn": {"ppl": 9.0, "acc": 0.2, "lambda": 0.2,
-                                                     "temperature": 1.0, "k": 4},
-           "tokens": 100}
+RESULTS = {
+    "base": {"ppl": 10.0, "acc": 0.1},
+    "knn": {"ppl": 9.0, "acc": 0.2, "lambda": 0.2, "temperature": 1.0, "k": 4},
+    "tokens": 100,
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +37,22 @@ def ws(tmp_path_factory):
     write_cli_workspace(root)
     save_tiny_model(root / "gpt2", "gpt2")
     for model, ds in (("model", "ds"), ("gpt2", "ds-gpt2")):
-        assert run("datastore", "build", *common(root, model), "--out", root / ds,
-                   *DS_OPTIONS) == 0
-    assert run("train", *common(root), "--datastore", root / "ds", "--out", root / "adapter",
-               "--config", root / "run.json", "--max-steps", "2") == 0
+        assert run("datastore", "build", *common(root, model), "--out", root / ds, *DS_OPTIONS) == 0
+    assert (
+        run(
+            "train",
+            *common(root),
+            "--datastore",
+            root / "ds",
+            "--out",
+            root / "adapter",
+            "--config",
+            root / "run.json",
+            "--max-steps",
+            "2",
+        )
+        == 0
+    )
     return root
 
 
@@ -46,15 +61,20 @@ def common(w, model="model"):
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
 def no_evaluation(monkeypatch):
     """``eval`` must refuse its outputs before evaluating: the evaluation itself fails here."""
+
     def evaluate(*args, **kwargs):
         raise AssertionError("the evaluation ran before the options were checked")
+
     monkeypatch.setattr(hetgraph.evaluation, "evaluate_four_way", evaluate)
 
 
@@ -62,17 +82,44 @@ def no_evaluation(monkeypatch):
 def test_generate_knn_uses_options_then_eval_tuned_values_else_names_both_fixes(ws, capsys):
     for adapter in ((), ("--adapter", ws / "adapter")):
         (ws / ("adapter" if adapter else "ds") / KNN_TUNING).unlink(missing_ok=True)
-        generate = ["generate", "--model", ws / "model", "--datastore", ws / "ds", *adapter,
-                    "--prompt", "alpha beta", "--max-new-tokens", "2", "--knn"]
+        generate = [
+            "generate",
+            "--model",
+            ws / "model",
+            "--datastore",
+            ws / "ds",
+            *adapter,
+            "--prompt",
+            "alpha beta",
+            "--max-new-tokens",
+            "2",
+            "--knn",
+        ]
         assert run(*generate) == 2
         line = one_error_line(capsys)
         assert "--lambda and --temperature" in line and "`hetgraph eval --datastore" in line
         assert run(*generate, "--lambda", "0.3", "--temperature", "2") == 0
         assert capsys.readouterr().out.startswith("alpha beta")
     # `hetgraph eval` records its tuned values where generate finds them
-    assert run("eval", *common(ws), "--datastore", ws / "ds", "--adapter", ws / "adapter",
-               "--config", ws / "run.json", "--max-tokens", "100", "--tune-tokens", "100",
-               "--json", ws / "eval.json") == 0
+    assert (
+        run(
+            "eval",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--adapter",
+            ws / "adapter",
+            "--config",
+            ws / "run.json",
+            "--max-tokens",
+            "100",
+            "--tune-tokens",
+            "100",
+            "--json",
+            ws / "eval.json",
+        )
+        == 0
+    )
     capsys.readouterr()
     results = json.loads((ws / "eval.json").read_text())
     for directory, row in (("adapter", "gnn_knn"), ("ds", "knn")):
@@ -80,8 +127,22 @@ def test_generate_knn_uses_options_then_eval_tuned_values_else_names_both_fixes(
         assert record["lambda"] == results[row]["lambda"]
         assert record["temperature"] == results[row]["temperature"]
     for adapter in ((), ("--adapter", ws / "adapter")):
-        assert run("generate", "--model", ws / "model", "--datastore", ws / "ds", *adapter,
-                   "--prompt", "alpha beta", "--max-new-tokens", "2", "--knn") == 0
+        assert (
+            run(
+                "generate",
+                "--model",
+                ws / "model",
+                "--datastore",
+                ws / "ds",
+                *adapter,
+                "--prompt",
+                "alpha beta",
+                "--max-new-tokens",
+                "2",
+                "--knn",
+            )
+            == 0
+        )
         captured = capsys.readouterr()
         assert captured.out.startswith("alpha beta") and "tuned by `hetgraph eval`" in captured.err
     assert run("verify", ws / "ds") == 0 and run("verify", ws / "adapter") == 0
@@ -89,18 +150,39 @@ def test_generate_knn_uses_options_then_eval_tuned_values_else_names_both_fixes(
 
 def test_generate_knn_ignores_values_tuned_for_another_adapter(ws, capsys):
     record = ws / "adapter" / KNN_TUNING
-    record.write_text(json.dumps({"lambda": 0.5, "temperature": 1.0, "k": 4,
-                                  "datastore": "other", "adapter": "other"}))
-    assert run("generate", "--model", ws / "model", "--datastore", ws / "ds", "--adapter",
-               ws / "adapter", "--prompt", "alpha", "--knn") == 2
+    record.write_text(
+        json.dumps(
+            {"lambda": 0.5, "temperature": 1.0, "k": 4, "datastore": "other", "adapter": "other"}
+        )
+    )
+    assert (
+        run(
+            "generate",
+            "--model",
+            ws / "model",
+            "--datastore",
+            ws / "ds",
+            "--adapter",
+            ws / "adapter",
+            "--prompt",
+            "alpha",
+            "--knn",
+        )
+        == 2
+    )
     assert "--lambda and --temperature" in one_error_line(capsys)
     record.unlink()
 
 
-@pytest.mark.parametrize("argv, option", [
-    (["--lambda", "1.5"], "--lambda"), (["--lambda", "nan"], "--lambda"),
-    (["--temperature", "0"], "--temperature"), (["--temperature", "inf"], "--temperature"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--lambda", "1.5"], "--lambda"),
+        (["--lambda", "nan"], "--lambda"),
+        (["--temperature", "0"], "--temperature"),
+        (["--temperature", "inf"], "--temperature"),
+    ],
+)
 def test_knn_mixture_options_are_checked_at_parse_time(argv, option, capsys):
     with pytest.raises(SystemExit) as info:
         main(["generate", "--datastore", "DS", "--prompt", "x", "--knn", *argv])
@@ -108,8 +190,20 @@ def test_knn_mixture_options_are_checked_at_parse_time(argv, option, capsys):
 
 
 def test_mixture_options_without_knn_are_refused(ws, capsys):
-    assert run("generate", "--model", ws / "model", "--datastore", ws / "ds", "--prompt", "x",
-               "--lambda", "0.2") == 2
+    assert (
+        run(
+            "generate",
+            "--model",
+            ws / "model",
+            "--datastore",
+            ws / "ds",
+            "--prompt",
+            "x",
+            "--lambda",
+            "0.2",
+        )
+        == 2
+    )
     assert "add --knn" in one_error_line(capsys)
 
 
@@ -128,21 +222,36 @@ def test_generate_beyond_the_model_positions_is_refused(ws, capsys, model, ds):
 
 
 def test_inspect_beyond_the_model_positions_is_refused(ws, capsys):
-    assert run("inspect", "--model", ws / "model", "--datastore", ws / "ds", "--threads", "1",
-               "--text", "ab " * 200) == 2
+    assert (
+        run(
+            "inspect",
+            "--model",
+            ws / "model",
+            "--datastore",
+            ws / "ds",
+            "--threads",
+            "1",
+            "--text",
+            "ab " * 200,
+        )
+        == 2
+    )
     line = one_error_line(capsys)
     assert "--text is 600 tokens" in line and "512 positions" in line
 
 
 # ----------------------------------------------------------------- item 3: option values
-@pytest.mark.parametrize("argv, option", [
-    (["train", "--datastore", "DS", "--out", "OUT", "--seed", "-1"], "--seed"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--seed", "1e20"], "--seed"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--seed", str(2 ** 32)], "--seed"),
-    (["train", "--datastore", "DS", "--out", "OUT", "--threads", "100000"], "--threads"),
-    (["datastore", "build", "--out", "OUT", "--threads", "100000"], "--threads"),
-    (["index", "build", "--datastore", "DS", "--threads", "100000"], "--threads"),
-])
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["train", "--datastore", "DS", "--out", "OUT", "--seed", "-1"], "--seed"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--seed", "1e20"], "--seed"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--seed", str(2**32)], "--seed"),
+        (["train", "--datastore", "DS", "--out", "OUT", "--threads", "100000"], "--threads"),
+        (["datastore", "build", "--out", "OUT", "--threads", "100000"], "--threads"),
+        (["index", "build", "--datastore", "DS", "--threads", "100000"], "--threads"),
+    ],
+)
 def test_seed_and_threads_are_bounded_at_parse_time(argv, option, tmp_path, capsys):
     argv = [str(tmp_path / a) if a in ("DS", "OUT") else a for a in argv]
     with pytest.raises(SystemExit) as info:
@@ -154,20 +263,35 @@ def test_seed_and_threads_are_bounded_at_parse_time(argv, option, tmp_path, caps
 def test_largest_seed_and_thread_count_are_accepted():
     from hetgraph.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--datastore", "d", "--out", "o", "--seed",
-                                      str(2 ** 32 - 1), "--threads", str(os.cpu_count())])
-    assert args.seed == 2 ** 32 - 1 and args.threads == os.cpu_count()
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--datastore",
+            "d",
+            "--out",
+            "o",
+            "--seed",
+            str(2**32 - 1),
+            "--threads",
+            str(os.cpu_count()),
+        ]
+    )
+    assert args.seed == 2**32 - 1 and args.threads == os.cpu_count()
 
 
-@pytest.mark.parametrize("options, expected", [
-    (["--layer", "99"], "--layer 99 is outside the model's 2 decoder layers"),
-    (["--layer", "-100"], "--layer -100 is outside"),
-    (["--feature-layers", "0", "99"], "--feature-layers 99 is outside"),
-    (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
-    (["--device", "cuda:99"], "--device cuda:99"),
-])
-def test_invalid_layer_and_device_are_one_line_and_write_nothing(ws, tmp_path, capsys, options,
-                                                                 expected):
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--layer", "99"], "--layer 99 is outside the model's 2 decoder layers"),
+        (["--layer", "-100"], "--layer -100 is outside"),
+        (["--feature-layers", "0", "99"], "--feature-layers 99 is outside"),
+        (["--device", "nonsense"], "--device 'nonsense' is not a device name"),
+        (["--device", "cuda:99"], "--device cuda:99"),
+    ],
+)
+def test_invalid_layer_and_device_are_one_line_and_write_nothing(
+    ws, tmp_path, capsys, options, expected
+):
     out = tmp_path / "ds"
     assert run("datastore", "build", *common(ws), "--out", out, *DS_OPTIONS, *options) == 2
     assert expected in one_error_line(capsys)
@@ -176,8 +300,19 @@ def test_invalid_layer_and_device_are_one_line_and_write_nothing(ws, tmp_path, c
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(ws, tmp_path, capsys):
-    assert run("train", *common(ws), "--datastore", ws / "ds", "--out", tmp_path / "a",
-               "--device", "cuda") == 2
+    assert (
+        run(
+            "train",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--out",
+            tmp_path / "a",
+            "--device",
+            "cuda",
+        )
+        == 2
+    )
     assert "no usable CUDA device" in one_error_line(capsys)
     assert not (tmp_path / "a").exists()
 
@@ -218,28 +353,48 @@ def test_out_holding_other_hetgraph_data_is_refused(ws, capsys):
     assert (snapshot(ws / "ds"), snapshot(ws / "adapter")) == before
 
 
-@pytest.mark.parametrize("option, target, expected", [
-    ("--json", "{tmp}", "is a directory"),
-    ("--json", "{tmp}/a-file/x.json", "is a file, not a directory"),
-    ("--plot", "{tmp}/chart.xyz", "matplotlib cannot write .xyz"),
-    ("--plot", "{tmp}", "is a directory"),
-    ("--json", "{ws}/run.json", "is an input of this command"),
-])
-def test_eval_outputs_are_checked_before_evaluating(ws, tmp_path, capsys, no_evaluation,
-                                                    option, target, expected):
+@pytest.mark.parametrize(
+    "option, target, expected",
+    [
+        ("--json", "{tmp}", "is a directory"),
+        ("--json", "{tmp}/a-file/x.json", "is a file, not a directory"),
+        ("--plot", "{tmp}/chart.xyz", "matplotlib cannot write .xyz"),
+        ("--plot", "{tmp}", "is a directory"),
+        ("--json", "{ws}/run.json", "is an input of this command"),
+    ],
+)
+def test_eval_outputs_are_checked_before_evaluating(
+    ws, tmp_path, capsys, no_evaluation, option, target, expected
+):
     (tmp_path / "a-file").write_text("x")
     target = target.format(tmp=tmp_path, ws=ws)
-    assert run("eval", *common(ws), "--datastore", ws / "ds", "--config", ws / "run.json",
-               option, target) == 2
+    assert (
+        run(
+            "eval",
+            *common(ws),
+            "--datastore",
+            ws / "ds",
+            "--config",
+            ws / "run.json",
+            option,
+            target,
+        )
+        == 2
+    )
     assert expected in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("target, kind", [
-    ("ds/metadata.json", "datastore"), ("ds/index/index.json", "index"),
-    ("adapter/adapter_config.json", "adapter"), ("adapter/checkpoint/trainer_state.json",
-                                                  "checkpoint"),
-    ("model/config.json", "model"), ("ds/new.json", "datastore"),
-])
+@pytest.mark.parametrize(
+    "target, kind",
+    [
+        ("ds/metadata.json", "datastore"),
+        ("ds/index/index.json", "index"),
+        ("adapter/adapter_config.json", "adapter"),
+        ("adapter/checkpoint/trainer_state.json", "checkpoint"),
+        ("model/config.json", "model"),
+        ("ds/new.json", "datastore"),
+    ],
+)
 def test_eval_never_writes_over_hetgraph_files(ws, capsys, no_evaluation, target, kind):
     before = snapshot(ws)
     assert run("eval", *common(ws), "--datastore", ws / "ds", "--json", ws / target) == 2

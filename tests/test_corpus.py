@@ -1,4 +1,5 @@
 """Corpus reading, splitting, tokenization and caching, on real files in tmp_path."""
+
 from __future__ import annotations
 
 import gzip
@@ -237,8 +238,9 @@ def test_fewer_than_three_documents() -> None:
 def test_tokenized_streams_line_up(tmp_path: Path) -> None:
     texts = _texts(12)
     _write_dir(tmp_path / "corpus", texts)
-    corpus = tokenize_corpus(tmp_path / "corpus", byte_tokenizer(), cache_dir=tmp_path / "cache",
-                             show_progress=False)
+    corpus = tokenize_corpus(
+        tmp_path / "corpus", byte_tokenizer(), cache_dir=tmp_path / "cache", show_progress=False
+    )
     total_docs = 0
     for name, split in corpus.splits.items():
         assert split.name == name
@@ -297,8 +299,9 @@ def test_cache_hit_and_misses(tmp_path: Path) -> None:
     _assert_same(first, uncached)
 
     # Another configuration, another tokenizer or other content: a new entry.
-    tokenize_corpus(CorpusConfig(path=str(source), seed=5), tok, cache_dir=cache,
-                    show_progress=False)
+    tokenize_corpus(
+        CorpusConfig(path=str(source), seed=5), tok, cache_dir=cache, show_progress=False
+    )
     other_tok = byte_tokenizer()
     other_tok.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
     tokenize_corpus(source, other_tok, cache_dir=cache, show_progress=False)

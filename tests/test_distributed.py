@@ -4,6 +4,7 @@ One 2-process job (``torch.multiprocessing.spawn``, ``MASTER_PORT`` picked free)
 distributed build, evaluation and training of every test below (:func:`job`: starting the
 processes costs more than the work); each test then runs the one-process reference.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,11 +40,20 @@ from hetgraph.training import TrainingConfig, train_adapter
 WORLD = 2
 DS_CONFIG = DatastoreConfig(context_length=64, stride=32, batch_size=2)
 EVAL_CONFIG = EvalConfig(context_length=64, stride=32, batch_size=2, k=4)
-FUSION = FusionConfig(k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2,
-                                        dropout=0.0, attn_dropout=0.0))
+FUSION = FusionConfig(
+    k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
+)
 # batch_size 3 over 2 ranks: unequal shares (2 + 1 sequences) must still give the global mean.
-TRAINING = TrainingConfig(max_steps=4, batch_size=3, context_length=32, eval_every=2,
-                          eval_tokens=200, checkpoint_every=1, warmup_steps=0, lr=1e-2)
+TRAINING = TrainingConfig(
+    max_steps=4,
+    batch_size=3,
+    context_length=32,
+    eval_every=2,
+    eval_tokens=200,
+    checkpoint_every=1,
+    warmup_steps=0,
+    lr=1e-2,
+)
 TRAINING_BF16 = TrainingConfig(**{**TRAINING.to_dict(), "mixed_precision": "bf16"})
 
 
@@ -51,8 +61,9 @@ TRAINING_BF16 = TrainingConfig(**{**TRAINING.to_dict(), "mixed_precision": "bf16
 def _split(name: str, num_tokens: int = 600, seed: int = 0) -> TokenizedSplit:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, 256, num_tokens).astype(np.int32)
-    return TokenizedSplit(name, tokens, np.repeat(np.arange(4), num_tokens // 4).astype(np.int32),
-                          list("abcd"))
+    return TokenizedSplit(
+        name, tokens, np.repeat(np.arange(4), num_tokens // 4).astype(np.int32), list("abcd")
+    )
 
 
 def _free_port() -> int:
@@ -62,8 +73,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, fn, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     ctx = init_distributed("gloo")
     try:
@@ -86,8 +102,11 @@ def one_thread():
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != LOCK_FILE}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def _store_and_index(root: Path) -> tuple[Datastore, DatastoreIndex]:
@@ -97,10 +116,17 @@ def _store_and_index(root: Path) -> tuple[Datastore, DatastoreIndex]:
 
 
 def _prepare_datastore(root: Path) -> None:
-    store = build_datastore(tiny_causal_lm("qwen2"), byte_tokenizer(), _split("train"),
-                            root / "ds", DS_CONFIG, show_progress=False)
+    store = build_datastore(
+        tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        _split("train"),
+        root / "ds",
+        DS_CONFIG,
+        show_progress=False,
+    )
     DatastoreIndex.build(store, IndexConfig(factory="Flat"), show_progress=False).save(
-        root / "ds" / INDEX_DIR)
+        root / "ds" / INDEX_DIR
+    )
 
 
 def _job_worker(ctx: DistributedContext, root: Path) -> None:
@@ -143,19 +169,20 @@ def test_single_process_creates_no_process_group(monkeypatch):
 def _build_worker(ctx: DistributedContext, root: Path) -> None:
     model, tokenizer, split = tiny_causal_lm("qwen2"), byte_tokenizer(), _split("train")
     common = dict(show_progress=False, distributed=ctx)
-    first = build_datastore(model, tokenizer, split, root / "dist", DS_CONFIG, max_batches=1,
-                            **common)
+    first = build_datastore(
+        model, tokenizer, split, root / "dist", DS_CONFIG, max_batches=1, **common
+    )
     assert not first.complete and (root / "dist" / f"progress.rank{ctx.rank}.json").is_file()
     assert build_datastore(model, tokenizer, split, root / "dist", DS_CONFIG, **common).complete
-    build_datastore(model, tokenizer, split, root / "partial", DS_CONFIG, max_batches=2,
-                    **common)
+    build_datastore(model, tokenizer, split, root / "partial", DS_CONFIG, max_batches=2, **common)
 
 
 def test_distributed_build_is_byte_identical_and_resumes_with_any_world_size(job):
     tmp_path = job
     model, tokenizer, split = tiny_causal_lm("qwen2"), byte_tokenizer(), _split("train")
-    single = build_datastore(model, tokenizer, split, tmp_path / "single", DS_CONFIG,
-                             show_progress=False)
+    single = build_datastore(
+        model, tokenizer, split, tmp_path / "single", DS_CONFIG, show_progress=False
+    )
     assert single.complete and single.metadata.num_batches >= 6
     reference = _files(tmp_path / "single")
     assert set(reference) >= {"keys.npy", "next_tokens.npy", "metadata.json", DATASTORE_PROGRESS}
@@ -163,10 +190,13 @@ def test_distributed_build_is_byte_identical_and_resumes_with_any_world_size(job
     # The 2-rank build stopped after 2 batches per rank: finish it in one process.
     partial = tmp_path / "partial"
     assert sorted(p.name for p in partial.glob("progress.rank*.json")) == [
-        "progress.rank0.json", "progress.rank1.json"]
+        "progress.rank0.json",
+        "progress.rank1.json",
+    ]
     assert not Datastore.open(partial, allow_incomplete=True).complete
-    assert build_datastore(model, tokenizer, split, partial, DS_CONFIG,
-                           show_progress=False).complete
+    assert build_datastore(
+        model, tokenizer, split, partial, DS_CONFIG, show_progress=False
+    ).complete
     assert _files(partial) == reference
 
 
@@ -177,8 +207,13 @@ def _eval_lm(root: Path) -> HetGraphLM:
 
 
 def _eval_results(lm: HetGraphLM) -> dict:
-    results = evaluate_four_way(lm, _split("valid", 300, seed=1), _split("test", 400, seed=2),
-                                EVAL_CONFIG, show_progress=False)
+    results = evaluate_four_way(
+        lm,
+        _split("valid", 300, seed=1),
+        _split("test", 400, seed=2),
+        EVAL_CONFIG,
+        show_progress=False,
+    )
     results.pop("speed")
     results["perplexity"] = model_perplexity(lm, _split("valid", 300, seed=1), EVAL_CONFIG)
     return results
@@ -215,15 +250,28 @@ def test_distributed_evaluation_is_identical(job):
 
 
 # -------------------------------------------------------------------------- training
-def _train(root: Path, out: str, ctx: DistributedContext | None = None,
-           stop_after: int | None = None, training: TrainingConfig = TRAINING) -> None:
+def _train(
+    root: Path,
+    out: str,
+    ctx: DistributedContext | None = None,
+    stop_after: int | None = None,
+    training: TrainingConfig = TRAINING,
+) -> None:
     store, index = _store_and_index(root)
     torch.manual_seed(0)
     lm = HetGraphLM(tiny_causal_lm("qwen2"), store, index, FUSION)
     try:
-        train_adapter(lm, _split("train"), _split("valid", 300, seed=1), training, root / out,
-                      eval_config=EVAL_CONFIG, show_progress=False, stop_after=stop_after,
-                      distributed=ctx)
+        train_adapter(
+            lm,
+            _split("train"),
+            _split("valid", 300, seed=1),
+            training,
+            root / out,
+            eval_config=EVAL_CONFIG,
+            show_progress=False,
+            stop_after=stop_after,
+            distributed=ctx,
+        )
     except KeyboardInterrupt:
         assert stop_after is not None
 
@@ -251,17 +299,22 @@ def test_ddp_training_matches_one_process_and_resumes_with_another_world_size(jo
         other = result(out)
         np.testing.assert_allclose(other["train_losses"], reference["train_losses"], rtol=1e-4)
         assert other["valid_ppl"].keys() == reference["valid_ppl"].keys()
-        np.testing.assert_allclose(list(other["valid_ppl"].values()),
-                                   list(reference["valid_ppl"].values()), rtol=1e-4)
+        np.testing.assert_allclose(
+            list(other["valid_ppl"].values()), list(reference["valid_ppl"].values()), rtol=1e-4
+        )
         trained = load_file(str(tmp_path / out / "adapter.safetensors"))
         assert trained.keys() == weights.keys()
         for key in weights:
             torch.testing.assert_close(trained[key], weights[key], rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("four", "LOCAL_WORLD_SIZE is 'four' but must be an integer"),
-    ("0", "LOCAL_WORLD_SIZE is 0 but must be at least 1")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("four", "LOCAL_WORLD_SIZE is 'four' but must be an integer"),
+        ("0", "LOCAL_WORLD_SIZE is 0 but must be at least 1"),
+    ],
+)
 def test_a_bad_local_world_size_is_a_one_line_error(monkeypatch, value, message):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
     with pytest.raises(DistributedEnvironmentError, match=message):
@@ -272,13 +325,16 @@ def test_a_bad_local_world_size_is_a_one_line_error(monkeypatch, value, message)
     assert processes_on_this_node() == 4
 
 
-@pytest.mark.parametrize("env, names", [
-    ({"WORLD_SIZE": "2"}, ["RANK", "unset"]),
-    ({"WORLD_SIZE": "two"}, ["WORLD_SIZE", "'two'"]),
-    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, ["LOCAL_RANK", "'x'"]),
-    ({"WORLD_SIZE": "2", "RANK": "2"}, ["RANK=2", "WORLD_SIZE=2"]),
-    ({"WORLD_SIZE": "2", "RANK": "1"}, ["MASTER_ADDR", "MASTER_PORT"]),
-])
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"WORLD_SIZE": "2"}, ["RANK", "unset"]),
+        ({"WORLD_SIZE": "two"}, ["WORLD_SIZE", "'two'"]),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, ["LOCAL_RANK", "'x'"]),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, ["RANK=2", "WORLD_SIZE=2"]),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, ["MASTER_ADDR", "MASTER_PORT"]),
+    ],
+)
 def test_half_set_torchrun_environment_is_a_one_line_error(monkeypatch, env, names):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -295,13 +351,19 @@ def test_ddp_training_in_bf16_matches_one_process(job):
     averaged in float32, as one process would (measured: equal to 2e-6; bfloat16 rounds the
     ranks' smaller batches differently)."""
     _train(job, "one_bf16", training=TRAINING_BF16)
-    results = {out: json.loads((job / out / "training.json").read_text())["result"]
-               for out in ("one_bf16", "ddp_bf16")}
+    results = {
+        out: json.loads((job / out / "training.json").read_text())["result"]
+        for out in ("one_bf16", "ddp_bf16")
+    }
     assert {r["mixed_precision"] for r in results.values()} == {"bf16"}
-    np.testing.assert_allclose(results["ddp_bf16"]["train_losses"],
-                               results["one_bf16"]["train_losses"], rtol=1e-3)
-    np.testing.assert_allclose(list(results["ddp_bf16"]["valid_ppl"].values()),
-                               list(results["one_bf16"]["valid_ppl"].values()), rtol=1e-3)
+    np.testing.assert_allclose(
+        results["ddp_bf16"]["train_losses"], results["one_bf16"]["train_losses"], rtol=1e-3
+    )
+    np.testing.assert_allclose(
+        list(results["ddp_bf16"]["valid_ppl"].values()),
+        list(results["one_bf16"]["valid_ppl"].values()),
+        rtol=1e-3,
+    )
     if not (job / "one" / "training.json").is_file():  # this test run alone
         _train(job, "one")
     reference = json.loads((job / "one" / "training.json").read_text())["result"]

@@ -5,6 +5,7 @@ that the command line reaches them: ``torchrun -m hetgraph datastore build`` wri
 bytes as one process, ``train`` runs DDP and writes its adapter once, and ``eval`` reports
 the same four-way results as one process.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,16 +32,27 @@ def _torchrun(*argv) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "hetgraph", *(str(a) for a in argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "hetgraph",
+        *(str(a) for a in argv),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != LOCK_FILE}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def _without_speed(path: Path) -> dict:
@@ -53,8 +65,7 @@ def _without_speed(path: Path) -> dict:
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun-cli")
     write_cli_workspace(root)
-    assert main(["datastore", "build", *_common(root), "--out", str(root / "ds1"),
-                 *DATASTORE]) == 0
+    assert main(["datastore", "build", *_common(root), "--out", str(root / "ds1"), *DATASTORE]) == 0
     return root
 
 
@@ -66,12 +77,30 @@ def test_torchrun_datastore_build_writes_the_single_process_bytes(ws):
 
 
 def test_torchrun_train_then_eval_match_one_process(ws):
-    train = ["train", *_common(ws), "--datastore", ws / "ds1", "--config", ws / "run.json",
-             "--max-steps", "2"]
+    train = [
+        "train",
+        *_common(ws),
+        "--datastore",
+        ws / "ds1",
+        "--config",
+        ws / "run.json",
+        "--max-steps",
+        "2",
+    ]
     _torchrun(*train, "--out", ws / "adapter2")
     assert (ws / "adapter2" / ADAPTER_CONFIG).is_file()
-    evaluate = ["eval", *_common(ws), "--datastore", ws / "ds1", "--adapter", ws / "adapter2",
-                "--max-tokens", "200", "--tune-tokens", "200"]
+    evaluate = [
+        "eval",
+        *_common(ws),
+        "--datastore",
+        ws / "ds1",
+        "--adapter",
+        ws / "adapter2",
+        "--max-tokens",
+        "200",
+        "--tune-tokens",
+        "200",
+    ]
     _torchrun(*evaluate, "--json", ws / "two.json")
     assert main([str(a) for a in evaluate] + ["--json", str(ws / "one.json")]) == 0
     one, two = _without_speed(ws / "one.json"), _without_speed(ws / "two.json")

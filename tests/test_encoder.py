@@ -1,5 +1,6 @@
 """The relation encoder: its contrastive objective recovers a planted structure, the identity
 encoder reproduces raw retrieval, the encoded index is resumable and fingerprint-checked."""
+
 from __future__ import annotations
 
 import json
@@ -29,42 +30,77 @@ from hetgraph.io import DATASTORE_METADATA
 from hetgraph.testing import one_error_line, run_cli, write_cli_workspace
 
 
-def synthetic_datastore(path: Path, n: int = 600, d: int = 16, vocab: int = 5, docs: int = 20,
-                        seed: int = 0, index: bool = True) -> Datastore:
+def synthetic_datastore(
+    path: Path,
+    n: int = 600,
+    d: int = 16,
+    vocab: int = 5,
+    docs: int = 20,
+    seed: int = 0,
+    index: bool = True,
+) -> Datastore:
     """Keys whose next-token signal lies in 4 dimensions, drowned by noise 3x larger in the
     other d - 4: raw L2 barely sees it, a linear map onto the 4 recovers it."""
     rng = np.random.default_rng(seed)
     nt = rng.integers(0, vocab, n).astype(np.int32)
     centres = rng.normal(size=(vocab, 4))
-    keys = np.concatenate([rng.normal(scale=4.0, size=(n, d - 4)),
-                           centres[nt] + rng.normal(scale=0.1, size=(n, 4))], 1)
-    arrays = {"keys": keys.astype(np.float16), "next_tokens": nt, "tokens": np.roll(nt, 1),
-              "doc_ids": np.repeat(np.arange(docs), n // docs).astype(np.int32),
-              "positions": np.tile(np.arange(n // docs), docs).astype(np.int32)}
+    keys = np.concatenate(
+        [rng.normal(scale=4.0, size=(n, d - 4)), centres[nt] + rng.normal(scale=0.1, size=(n, 4))],
+        1,
+    )
+    arrays = {
+        "keys": keys.astype(np.float16),
+        "next_tokens": nt,
+        "tokens": np.roll(nt, 1),
+        "doc_ids": np.repeat(np.arange(docs), n // docs).astype(np.int32),
+        "positions": np.tile(np.arange(n // docs), docs).astype(np.int32),
+    }
     path.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         np.save(path / f"{name}.npy", array)
-    DatastoreMetadata(num_entries=n, dim=d, key_layer=None, feature_dims={}, context_length=8,
-                      stride=4, batch_size=1, max_tokens=None, model={"config": "c"},
-                      model_dtype="float32", corpus_fingerprint="x",
-                      fingerprint=f"synthetic-{seed}-{n}", complete=True).save(
-                          path / DATASTORE_METADATA)
+    DatastoreMetadata(
+        num_entries=n,
+        dim=d,
+        key_layer=None,
+        feature_dims={},
+        context_length=8,
+        stride=4,
+        batch_size=1,
+        max_tokens=None,
+        model={"config": "c"},
+        model_dtype="float32",
+        corpus_fingerprint="x",
+        fingerprint=f"synthetic-{seed}-{n}",
+        complete=True,
+    ).save(path / DATASTORE_METADATA)
     store = Datastore.open(path)
     if index:
         DatastoreIndex.build(store, show_progress=False).save(path / "index")
     return store
 
 
-TINY = dict(steps=120, batch_size=64, valid_rows=150, leakage_radius=2, k=8, lr=1e-2,
-            temperature=0.1, anchor_pool=400, chunk_rows=256)
+TINY = dict(
+    steps=120,
+    batch_size=64,
+    valid_rows=150,
+    leakage_radius=2,
+    k=8,
+    lr=1e-2,
+    temperature=0.1,
+    anchor_pool=400,
+    chunk_rows=256,
+)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_planted_structure_is_recovered(tmp_path, kind):
     store = synthetic_datastore(tmp_path / "ds")
-    result = train_encoder(store, ContrastiveConfig(**TINY),
-                           EncoderConfig(input_dim=16, dim=8, kind=kind, hidden=16),
-                           show_progress=False)
+    result = train_encoder(
+        store,
+        ContrastiveConfig(**TINY),
+        EncoderConfig(input_dim=16, dim=8, kind=kind, hidden=16),
+        show_progress=False,
+    )
     raw, encoded = result.validation["raw"], result.validation["encoded"]
     assert raw["recall@1"] < 0.5  # noise hides the next token from raw L2
     assert encoded["recall@1"] > 0.9 and encoded["recall@1"] > raw["recall@1"] + 0.4
@@ -103,7 +139,8 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     # Replaced weights are refused by the recorded fingerprint.
     encoder.save_pretrained(tmp_path / "other")
     (tmp_path / "enc" / "encoder.safetensors").write_bytes(
-        (tmp_path / "other" / "encoder.safetensors").read_bytes())
+        (tmp_path / "other" / "encoder.safetensors").read_bytes()
+    )
     with pytest.raises(EncoderError, match="does not match the fingerprint"):
         RelationEncoder.from_pretrained(tmp_path / "enc")
     with pytest.raises(EncoderError, match="no relation encoder"):
@@ -150,8 +187,7 @@ def test_interrupted_re_embedding_resumes_to_the_same_index(tmp_path, monkeypatc
     with pytest.raises(EncoderError, match="interrupted"):
         EncodedIndex.load(tmp_path / "resumed", store)
     calls["n"] = 10  # no more failures; count the chunks the resumed build encodes
-    resumed = build_encoded_index(store, tmp_path / "resumed", chunk_rows=128,
-                                  show_progress=False)
+    resumed = build_encoded_index(store, tmp_path / "resumed", chunk_rows=128, show_progress=False)
     assert calls["n"] == 10 + math.ceil(len(store) / 128) - 1
     a = np.load(tmp_path / "whole/index/encoded_keys.npy")
     b = np.load(tmp_path / "resumed/index/encoded_keys.npy")
@@ -185,8 +221,9 @@ def test_exact_neighbours_skip_leaked_rows_like_a_naive_search(radius):
     keys = torch.as_tensor(rng.normal(size=(50, 3)), dtype=torch.float32)
     docs = np.repeat(np.arange(5), 10)
     rows = np.array([0, 13, 27, 49])
-    d, ids = exact_neighbours(keys[rows], rows, lambda a, b: keys[a:b], 50, docs, radius, 4,
-                              "l2", chunk_rows=7)
+    d, ids = exact_neighbours(
+        keys[rows], rows, lambda a, b: keys[a:b], 50, docs, radius, 4, "l2", chunk_rows=7
+    )
     for qi, r in enumerate(rows):
         dist = ((keys - keys[r]) ** 2).sum(1).numpy()
         leaked = (np.abs(np.arange(50) - r) < max(radius, 1)) & (docs == docs[r])
@@ -214,11 +251,43 @@ def test_positives_share_the_label_and_stay_outside_the_leakage_radius():
 def test_encoder_cli_trains_validates_and_indexes(tmp_path, capsys):
     w = write_cli_workspace(tmp_path)
     common = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
-    assert run_cli("datastore", "build", *common, "--out", w / "ds", "--context-length", "64",
-                   "--stride", "32", "--batch-size", "4") == 0
-    assert run_cli("encoder", "train", "--datastore", w / "ds", "--out", w / "enc", "--dim",
-                   "8", "--steps", "5", "--batch-size", "16", "--valid-rows", "40",
-                   "--leakage-radius", "4") == 0
+    assert (
+        run_cli(
+            "datastore",
+            "build",
+            *common,
+            "--out",
+            w / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
+    assert (
+        run_cli(
+            "encoder",
+            "train",
+            "--datastore",
+            w / "ds",
+            "--out",
+            w / "enc",
+            "--dim",
+            "8",
+            "--steps",
+            "5",
+            "--batch-size",
+            "16",
+            "--valid-rows",
+            "40",
+            "--leakage-radius",
+            "4",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "recall@1" in out and "raw" in out and "encoded" in out
     figures = json.loads((w / "enc" / "validation.json").read_text())
@@ -233,12 +302,19 @@ def test_encoder_cli_trains_validates_and_indexes(tmp_path, capsys):
     assert "no relation encoder" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["encoder", "train", "--datastore", "{tmp}/nowhere", "--out", "{tmp}/enc"],
-     "no datastore at"),
-    (["index", "build", "--datastore", "{tmp}/ds", "--encoder", "{tmp}/missing"],
-     "no relation encoder at"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["encoder", "train", "--datastore", "{tmp}/nowhere", "--out", "{tmp}/enc"],
+            "no datastore at",
+        ),
+        (
+            ["index", "build", "--datastore", "{tmp}/ds", "--encoder", "{tmp}/missing"],
+            "no relation encoder at",
+        ),
+    ],
+)
 def test_encoder_commands_refuse_bad_input_in_one_line(tmp_path, capsys, argv, message):
     synthetic_datastore(tmp_path / "ds", index=False)
     assert run_cli(*[a.format(tmp=tmp_path) for a in argv]) == 2
@@ -247,8 +323,12 @@ def test_encoder_commands_refuse_bad_input_in_one_line(tmp_path, capsys, argv, m
 
 def test_identity_training_keeps_the_raw_figures(tmp_path):
     store = synthetic_datastore(tmp_path / "ds", index=False)
-    result = train_encoder(store, ContrastiveConfig(**TINY),
-                           EncoderConfig(input_dim=16, kind="identity"), show_progress=False)
+    result = train_encoder(
+        store,
+        ContrastiveConfig(**TINY),
+        EncoderConfig(input_dim=16, kind="identity"),
+        show_progress=False,
+    )
     assert result.losses == []
     raw, encoded = result.validation["raw"], result.validation["encoded"]
     for name in ("recall@1", "recall@8", "knn_coverage"):

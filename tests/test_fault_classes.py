@@ -12,6 +12,7 @@ trained adapter, an interrupted run's checkpoint and a corpus cache entry; 9 fil
 limits inside 5 commands' writers; and a kill before the first rename of each distinct
 target of 5 commands (and after each command's last rename), 41 kills in all.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,30 @@ class Workspace:
         return ["datastore", "build", *self.common(), "--out", case / "ds", *DATASTORE]
 
     def train(self, case: Path, out: str = "adapter") -> list:
-        return ["train", *self.common(), "--datastore", case / "ds", "--out", case / out,
-                "--config", self.inputs / "run.json"]
+        return [
+            "train",
+            *self.common(),
+            "--datastore",
+            case / "ds",
+            "--out",
+            case / out,
+            "--config",
+            self.inputs / "run.json",
+        ]
 
     def eval(self, case: Path) -> list:
-        return ["eval", *self.common(), "--datastore", case / "ds", "--adapter",
-                case / "adapter", "--config", self.inputs / "run.json", "--json",
-                case / "eval.json"]
+        return [
+            "eval",
+            *self.common(),
+            "--datastore",
+            case / "ds",
+            "--adapter",
+            case / "adapter",
+            "--config",
+            self.inputs / "run.json",
+            "--json",
+            case / "eval.json",
+        ]
 
     def __call__(self, argv: list, case: Path, **kwargs) -> Result:
         """Run ``argv`` with ``case/cache`` as the cache (the command's own)."""
@@ -83,14 +101,18 @@ def eval_results(path: Path) -> dict:
 def adapter_tensors(directory: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {k: v.numpy().tobytes() for k, v in
-            load_file(str(directory / "adapter.safetensors")).items()}
+    return {
+        k: v.numpy().tobytes() for k, v in load_file(str(directory / "adapter.safetensors")).items()
+    }
 
 
 def datastore_bytes(directory: Path) -> dict[str, bytes]:
     r"""Every file of a datastore and its in-memory index but the lock and the λ/T record."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and p.name != "knn_tuning.json"}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and p.name != "knn_tuning.json"
+    }
 
 
 def copy(source: Path, target: Path, *names: str) -> Path:
@@ -126,21 +148,52 @@ def ws(tmp_path_factory):
 #: (directory, file) -> consumer. Every file a command reads in the datastore, its index,
 #: a trained adapter, an interrupted run (its best adapter and checkpoint) and the corpus
 #: cache entry; ``.hetgraph.lock`` files hold only their holder's pid for messages.
-CACHE_FILES = [f"{split}.{kind}" for split in ("train", "valid", "test")
-               for kind in ("tokens.npy", "doc_ids.npy", "docs.json")] + ["corpus.json"]
+CACHE_FILES = [
+    f"{split}.{kind}"
+    for split in ("train", "valid", "test")
+    for kind in ("tokens.npy", "doc_ids.npy", "docs.json")
+] + ["corpus.json"]
 FLIPS = (
-    [("ds", name, "eval") for name in ("doc_ids.npy", "doc_names.json", "keys.npy",
-                                       "knn_tuning.json", "metadata.json", "next_tokens.npy",
-                                       "positions.npy", "progress.json", "tokens.npy")]
+    [
+        ("ds", name, "eval")
+        for name in (
+            "doc_ids.npy",
+            "doc_names.json",
+            "keys.npy",
+            "knn_tuning.json",
+            "metadata.json",
+            "next_tokens.npy",
+            "positions.npy",
+            "progress.json",
+            "tokens.npy",
+        )
+    ]
     + [("ds/index", name, "eval") for name in ("index.faiss", "index.json")]
-    + [("adapter", name, "eval") for name in ("README.md", "adapter.safetensors",
-                                              "adapter_config.json", "evaluation.json",
-                                              "knn_tuning.json", "training.json")]
-    + [("partial", name, "train") for name in ("README.md", "adapter.safetensors",
-                                               "adapter_config.json")]
-    + [("partial/checkpoint", name, "train") for name in (
-        "README.md", "adapter.safetensors", "adapter_config.json", "optimizer.safetensors",
-        "trainer_state.json")]
+    + [
+        ("adapter", name, "eval")
+        for name in (
+            "README.md",
+            "adapter.safetensors",
+            "adapter_config.json",
+            "evaluation.json",
+            "knn_tuning.json",
+            "training.json",
+        )
+    ]
+    + [
+        ("partial", name, "train")
+        for name in ("README.md", "adapter.safetensors", "adapter_config.json")
+    ]
+    + [
+        ("partial/checkpoint", name, "train")
+        for name in (
+            "README.md",
+            "adapter.safetensors",
+            "adapter_config.json",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        )
+    ]
     + [("cache", name, "eval") for name in CACHE_FILES]
 )
 #: Files outside every integrity record, with why: verify does not read them, and a
@@ -158,8 +211,11 @@ def test_every_file_a_command_reads_is_listed(ws):
     entry = next((ws.ref / "cache" / "corpus").iterdir())
     found = {("cache", p.name) for p in entry.iterdir()}
     for where in ("ds", "ds/index", "adapter", "partial", "partial/checkpoint"):
-        found |= {(where, p.name) for p in (ws.ref / where).iterdir()
-                  if p.is_file() and p.name != ".hetgraph.lock"}
+        found |= {
+            (where, p.name)
+            for p in (ws.ref / where).iterdir()
+            if p.is_file() and p.name != ".hetgraph.lock"
+        }
     assert found == listed
 
 
@@ -221,8 +277,11 @@ def command(ws: Workspace, kind: str, case: Path) -> list:
     if kind == "datastore":
         return ws.datastore_build(case)
     if kind in ("index", "ondisk"):
-        extra = ["--factory", "IVF8,Flat", "--on-disk", "--shard-rows", "1000"] \
-            if kind == "ondisk" else ["--factory", "Flat"]
+        extra = (
+            ["--factory", "IVF8,Flat", "--on-disk", "--shard-rows", "1000"]
+            if kind == "ondisk"
+            else ["--factory", "Flat"]
+        )
         return ["index", "build", "--datastore", case / "ds", "--threads", "1", *extra]
     if kind == "train":
         return ws.train(case)
@@ -233,8 +292,13 @@ def inputs_for(ws: Workspace, kind: str, case: Path) -> Path:
     r"""A fresh case directory holding what ``kind`` reads (the cache too: a datastore
     build starts without one)."""
     case.mkdir(parents=True)
-    names = {"datastore": (), "index": ("ds", "cache"), "ondisk": ("ds", "cache"),
-             "train": ("ds", "cache"), "eval": ("ds", "adapter", "cache")}[kind]
+    names = {
+        "datastore": (),
+        "index": ("ds", "cache"),
+        "ondisk": ("ds", "cache"),
+        "train": ("ds", "cache"),
+        "eval": ("ds", "adapter", "cache"),
+    }[kind]
     return copy(ws.ref, case, *names)
 
 
@@ -272,10 +336,12 @@ def ondisk_reference(ws, tmp_path_factory):
     return case
 
 
-@pytest.mark.parametrize("kind, limit, where", FULL_DISKS,
-                         ids=[f"{k}-{n}" for k, n, _ in FULL_DISKS])
-def test_a_full_disk_at_each_writer_is_one_line_and_resumes(ws, ondisk_reference, tmp_path,
-                                                            kind, limit, where):
+@pytest.mark.parametrize(
+    "kind, limit, where", FULL_DISKS, ids=[f"{k}-{n}" for k, n, _ in FULL_DISKS]
+)
+def test_a_full_disk_at_each_writer_is_one_line_and_resumes(
+    ws, ondisk_reference, tmp_path, kind, limit, where
+):
     case = inputs_for(ws, kind, tmp_path / "case")
     argv = command(ws, kind, case)
     line = one_error_naming(ws(argv, case, file_size=limit), case)
@@ -326,9 +392,9 @@ def test_the_kill_points_cover_every_command(renames):
 
 
 @pytest.mark.parametrize("kind", KILLED)
-def test_a_kill_at_each_rename_resumes_to_the_uninterrupted_result(ws, renames,
-                                                                  ondisk_reference, tmp_path,
-                                                                  kind):
+def test_a_kill_at_each_rename_resumes_to_the_uninterrupted_result(
+    ws, renames, ondisk_reference, tmp_path, kind
+):
     problems = []
     for n, when in kill_points(renames[kind]):
         case = inputs_for(ws, kind, tmp_path / f"{n}-{when}")

@@ -9,6 +9,7 @@ has begun, and sends ``SIGKILL``. It then runs the same stage again in-process â
 a user does after a crash â€” and compares: byte-identical datastore files, identical index
 search results, identical adapter weights.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -31,15 +32,32 @@ from hetgraph.training import TrainingConfig, train_adapter
 
 KILLS_PER_STAGE = 3
 SEED = 11
-PRELOAD = ["torch", "transformers", "faiss", "hetgraph.datastore", "hetgraph.index",
-           "hetgraph.fusion", "hetgraph.training", "hetgraph.testing"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "faiss",
+    "hetgraph.datastore",
+    "hetgraph.index",
+    "hetgraph.fusion",
+    "hetgraph.training",
+    "hetgraph.testing",
+]
 
 DATASTORE = DatastoreConfig(context_length=64, stride=32, batch_size=2)
 INDEX = IndexConfig(factory="HNSW16", num_threads=1)
-FUSION = FusionConfig(k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.1,
-                                        attn_dropout=0.0))
-TRAINING = TrainingConfig(max_steps=24, batch_size=2, context_length=32, eval_every=4,
-                          eval_tokens=120, checkpoint_every=2, warmup_steps=2, seed=5)
+FUSION = FusionConfig(
+    k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.1, attn_dropout=0.0)
+)
+TRAINING = TrainingConfig(
+    max_steps=24,
+    batch_size=2,
+    context_length=32,
+    eval_every=4,
+    eval_tokens=120,
+    checkpoint_every=2,
+    warmup_steps=2,
+    seed=5,
+)
 
 
 # --------------------------------------------------------------- the stages (any process)
@@ -50,8 +68,9 @@ def _split(name: str, num_docs: int, seed: int) -> TokenizedSplit:
         body = np.tile(rng.integers(0, 256, size=20), 12)
         tokens.append(np.r_[body, 256])
         doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit(name, np.concatenate(tokens), np.concatenate(doc_ids),
-                          [f"doc{i}" for i in range(num_docs)])
+    return TokenizedSplit(
+        name, np.concatenate(tokens), np.concatenate(doc_ids), [f"doc{i}" for i in range(num_docs)]
+    )
 
 
 def _model():
@@ -98,8 +117,11 @@ def _child(stage: str, root: str, started) -> None:
 # ---------------------------------------------------------------- what is compared
 def datastore_files(root: Path) -> dict[str, bytes]:
     directory = root / "ds"
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
-            if p.is_file() and not p.name.startswith(".")}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def search_results(root: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +150,11 @@ def _copy_inputs(stage: str, source: Path, target: Path) -> None:
 
     target.mkdir(parents=True)
     if stage in ("index", "training"):
-        shutil.copytree(source / "ds", target / "ds",
-                        ignore=None if stage == "training" else shutil.ignore_patterns("index"))
+        shutil.copytree(
+            source / "ds",
+            target / "ds",
+            ignore=None if stage == "training" else shutil.ignore_patterns("index"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +174,11 @@ def test_killed_stages_resume_to_the_uninterrupted_result(tmp_path, context):
         began: list[float] = []
         func(str(reference), begin=lambda began=began: began.append(time.perf_counter()))
         durations[stage] = time.perf_counter() - began[0]
-    expected = {"datastore": datastore_files(reference), "index": search_results(reference),
-                "training": adapter_weights(reference)}
+    expected = {
+        "datastore": datastore_files(reference),
+        "index": search_results(reference),
+        "training": adapter_weights(reference),
+    }
 
     rng = random.Random(SEED)
     landed = dict.fromkeys(STAGES, 0)

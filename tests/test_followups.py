@@ -1,6 +1,7 @@
 """Follow-ups of "Reliability, round two": an on-disk build refused before it creates
 ``shards/``, JSON files nested too deep read as damaged (not a RecursionError), and an absurd
 ``num_threads`` in ``index.json`` clamped at load (it made FAISS crash the interpreter)."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,25 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("followups")
     save_tiny_model(root / "model", "qwen2")
     write_word_corpus(root / "corpus", num_documents=8, length=40)
-    assert run("datastore", "build", "--model", root / "model", "--corpus", root / "corpus",
-               "--out", root / "ds", "--context-length", "64", "--stride", "32",
-               "--threads", "1") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "corpus",
+            "--out",
+            root / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--threads",
+            "1",
+        )
+        == 0
+    )
     return root
 
 
@@ -58,9 +75,14 @@ def _keys(n: int = 500, d: int = 16) -> np.ndarray:
 
 
 # ------------------------------------------------------- 1: on-disk build, refused factory
-@pytest.mark.parametrize("factory, match", [("IVF9000,Flat", "needs at least 9000 training"),
-                                            ("HNSW8", "on-disk lists need an IVF factory"),
-                                            ("IVF16,PQ5", "FAISS cannot build")])
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        ("IVF9000,Flat", "needs at least 9000 training"),
+        ("HNSW8", "on-disk lists need an IVF factory"),
+        ("IVF16,PQ5", "FAISS cannot build"),
+    ],
+)
 def test_a_refused_on_disk_factory_creates_nothing(tmp_path, factory, match):
     # The refusal used to come after shards/ (and the lock file) had been created.
     with pytest.raises(DatastoreIndexError, match=match):
@@ -68,12 +90,12 @@ def test_a_refused_on_disk_factory_creates_nothing(tmp_path, factory, match):
     assert not (tmp_path / "index").exists()
 
 
-def test_the_cli_on_disk_build_refused_leaves_the_index_directory_as_it_was(workspace, tmp_path,
-                                                                           capsys):
+def test_the_cli_on_disk_build_refused_leaves_the_index_directory_as_it_was(
+    workspace, tmp_path, capsys
+):
     ds = _copy(workspace / "ds", tmp_path / "ds")
     before = sorted(p.name for p in (ds / INDEX_DIR).iterdir())
-    assert run("index", "build", "--datastore", ds, "--factory", "IVF9000,Flat",
-               "--on-disk") == 2
+    assert run("index", "build", "--datastore", ds, "--factory", "IVF9000,Flat", "--on-disk") == 2
     assert "--factory" in one_error_line(capsys)
     assert sorted(p.name for p in (ds / INDEX_DIR).iterdir()) == before
     assert not (ds / INDEX_DIR / INDEX_SHARDS_DIR).exists()
@@ -111,9 +133,23 @@ def _deep_adapter(root: Path, tmp_path: Path) -> tuple[Path, Path, list]:
     out = tmp_path / "adapter"
     out.mkdir()
     (out / ADAPTER_CONFIG).write_text(DEEP)
-    return out, out / ADAPTER_CONFIG, ["eval", "--model", root / "model", "--corpus",
-                                       root / "corpus", "--datastore", root / "ds",
-                                       "--adapter", out, "--threads", "1"]
+    return (
+        out,
+        out / ADAPTER_CONFIG,
+        [
+            "eval",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "corpus",
+            "--datastore",
+            root / "ds",
+            "--adapter",
+            out,
+            "--threads",
+            "1",
+        ],
+    )
 
 
 def _deep_datastore(root: Path, tmp_path: Path) -> tuple[Path, Path, list]:
@@ -126,14 +162,31 @@ def _deep_checkpoint(root: Path, tmp_path: Path) -> tuple[Path, Path, list]:
     out = tmp_path / "out"
     (out / CHECKPOINT_DIR).mkdir(parents=True)
     (out / CHECKPOINT_DIR / TRAINER_STATE).write_text(DEEP)
-    return out, out / CHECKPOINT_DIR / TRAINER_STATE, [
-        "train", "--model", root / "model", "--corpus", root / "corpus", "--datastore",
-        root / "ds", "--out", out, "--threads", "1", "--max-steps", "1"]
+    return (
+        out,
+        out / CHECKPOINT_DIR / TRAINER_STATE,
+        [
+            "train",
+            "--model",
+            root / "model",
+            "--corpus",
+            root / "corpus",
+            "--datastore",
+            root / "ds",
+            "--out",
+            out,
+            "--threads",
+            "1",
+            "--max-steps",
+            "1",
+        ],
+    )
 
 
 @pytest.mark.parametrize("make", [_deep_adapter, _deep_datastore, _deep_checkpoint])
-def test_a_file_nested_too_deep_is_one_line_and_damaged_to_verify(workspace, tmp_path, capsys,
-                                                                  make):
+def test_a_file_nested_too_deep_is_one_line_and_damaged_to_verify(
+    workspace, tmp_path, capsys, make
+):
     # 100,000 levels used to be a RecursionError traceback from the JSON reader.
     directory, path, argv = make(workspace, tmp_path)
     before = path.read_bytes()
@@ -150,8 +203,7 @@ def test_a_file_nested_too_deep_is_one_line_and_damaged_to_verify(workspace, tmp
 def test_a_model_config_nested_too_deep_is_one_line(workspace, tmp_path, capsys):
     model = _copy(workspace / "model", tmp_path / "model")
     (model / "config.json").write_text(DEEP)
-    assert run("inspect", "--model", model, "--datastore", workspace / "ds", "--text",
-               "hello") == 2
+    assert run("inspect", "--model", model, "--datastore", workspace / "ds", "--text", "hello") == 2
     line = one_error_line(capsys)
     assert f"{model / 'config.json'} is not valid JSON" in line, line
 
@@ -198,13 +250,19 @@ def test_a_model_runs_after_loading_an_index_recording_absurd_threads(workspace,
     # every CLI command on the datastore did.
     ds = _copy(workspace / "ds", tmp_path / "ds")
     _record_threads(ds / INDEX_DIR, 100_000)
-    script = ("import sys, torch; from hetgraph.testing import tiny_causal_lm; "
-              "model = tiny_causal_lm('qwen2'); from hetgraph.index import DatastoreIndex; "
-              "DatastoreIndex.load(sys.argv[1]); "
-              "print(torch.get_num_threads(), model(torch.zeros(1, 12, dtype=torch.long))"
-              ".logits.shape[-1])")
-    child = subprocess.run([sys.executable, "-c", script, str(ds / INDEX_DIR)],
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    script = (
+        "import sys, torch; from hetgraph.testing import tiny_causal_lm; "
+        "model = tiny_causal_lm('qwen2'); from hetgraph.index import DatastoreIndex; "
+        "DatastoreIndex.load(sys.argv[1]); "
+        "print(torch.get_num_threads(), model(torch.zeros(1, 12, dtype=torch.long))"
+        ".logits.shape[-1])"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(ds / INDEX_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.split() == [str(os.cpu_count() or 1), "257"]

@@ -1,5 +1,6 @@
 """Fusion sites ("all", ranges, lists), every-layer fusion, activation checkpointing and the
 retrieval-aware gate, on tiny Qwen2 / Llama / GPT-2 models."""
+
 from __future__ import annotations
 
 import json
@@ -32,33 +33,37 @@ def split():
 
 def fused_lm(store_parts, sites=EVERY_LAYER, **overrides) -> HetGraphLM:
     model, _tokenizer, store, index = store_parts
-    config = FusionConfig(fusion_layers=sites, k=4, adapter=overrides.pop("adapter", SMALL_ADAPTER),
-                          **overrides)
+    config = FusionConfig(
+        fusion_layers=sites, k=4, adapter=overrides.pop("adapter", SMALL_ADAPTER), **overrides
+    )
     return HetGraphLM(model, store, index, config)
 
 
 def text(split, start: int = 0, length: int = 40, batch: int = 1) -> torch.Tensor:
-    ids = torch.from_numpy(split.tokens[start:start + length].astype(np.int64))
+    ids = torch.from_numpy(split.tokens[start : start + length].astype(np.int64))
     return ids[None].repeat(batch, 1)
 
 
 # ------------------------------------------------------------------------------- parsing
-@pytest.mark.parametrize("value, canonical, sites", [
-    ("all", ("all",), tuple(range(30))),
-    ("0:30:4", ("0:30:4",), (0, 4, 8, 12, 16, 20, 24, 28)),
-    ("-4:", ("-4:",), (26, 27, 28, 29)),
-    ("::2", ("::2",), tuple(range(0, 30, 2))),
-    (" 2 : 8 : 1 ", ("2:8",), (2, 3, 4, 5, 6, 7)),
-    ("::-10", ("::-10",), (9, 19, 29)),
-    (":", ("all",), tuple(range(30))),
-    ([-4, -3, -2, -1, "head"], (-4, -3, -2, -1, "head"), (26, 27, 28, 29, "head")),
-    (["head", "all"], ("head", "all"), (*range(30), "head")),
-    (["0:30:4", "head"], ("0:30:4", "head"), (0, 4, 8, 12, 16, 20, 24, 28, "head")),
-    ([5, "-25", "4:7", -1, 29], (5, -25, "4:7", -1, 29), (4, 5, 6, 29)),
-    ("head", ("head",), ("head",)),
-    (7, (7,), (7,)),
-    ("0:40", ("0:40",), tuple(range(30))),  # Python slicing clips, as a list would
-])
+@pytest.mark.parametrize(
+    "value, canonical, sites",
+    [
+        ("all", ("all",), tuple(range(30))),
+        ("0:30:4", ("0:30:4",), (0, 4, 8, 12, 16, 20, 24, 28)),
+        ("-4:", ("-4:",), (26, 27, 28, 29)),
+        ("::2", ("::2",), tuple(range(0, 30, 2))),
+        (" 2 : 8 : 1 ", ("2:8",), (2, 3, 4, 5, 6, 7)),
+        ("::-10", ("::-10",), (9, 19, 29)),
+        (":", ("all",), tuple(range(30))),
+        ([-4, -3, -2, -1, "head"], (-4, -3, -2, -1, "head"), (26, 27, 28, 29, "head")),
+        (["head", "all"], ("head", "all"), (*range(30), "head")),
+        (["0:30:4", "head"], ("0:30:4", "head"), (0, 4, 8, 12, 16, 20, 24, 28, "head")),
+        ([5, "-25", "4:7", -1, 29], (5, -25, "4:7", -1, 29), (4, 5, 6, 29)),
+        ("head", ("head",), ("head",)),
+        (7, (7,), (7,)),
+        ("0:40", ("0:40",), tuple(range(30))),  # Python slicing clips, as a list would
+    ],
+)
 def test_fusion_layers_parse_resolve_and_round_trip(value, canonical, sites):
     config = FusionConfig(fusion_layers=value)
     assert config.fusion_layers == canonical
@@ -70,25 +75,35 @@ def test_fusion_layers_parse_resolve_and_round_trip(value, canonical, sites):
     assert run.fusion.fusion_layers == canonical
 
 
-@pytest.mark.parametrize("value, message", [
-    (["head", "top"], "fusion.fusion_layers[1]: expected int | 'head' | 'all' | 'start:stop:step'"
-                      ", got 'top'"),
-    ("0:30:0", "fusion.fusion_layers: expected"),
-    ("1:2:3:4", "fusion.fusion_layers: expected"),
-    ([1.5], "fusion.fusion_layers[0]: expected"),
-    ([True], "fusion.fusion_layers[0]: expected"),
-    ([], "fusion: fusion_layers is empty"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (
+            ["head", "top"],
+            "fusion.fusion_layers[1]: expected int | 'head' | 'all' | 'start:stop:step', got 'top'",
+        ),
+        ("0:30:0", "fusion.fusion_layers: expected"),
+        ("1:2:3:4", "fusion.fusion_layers: expected"),
+        ([1.5], "fusion.fusion_layers[0]: expected"),
+        ([True], "fusion.fusion_layers[0]: expected"),
+        ([], "fusion: fusion_layers is empty"),
+    ],
+)
 def test_bad_fusion_layers_are_config_errors_with_their_path(value, message):
     with pytest.raises(ConfigError) as info:
         RunConfig.from_dict({"fusion": {"fusion_layers": value}})
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("value, message", [
-    (30, "layer 30 is out of range"), (-31, "layer -31 is out of range"),
-    ("40:", "range '40:' selects no decoder layer"), ("5:5", "range '5:5' selects no"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (30, "layer 30 is out of range"),
+        (-31, "layer -31 is out of range"),
+        ("40:", "range '40:' selects no decoder layer"),
+        ("5:5", "range '5:5' selects no"),
+    ],
+)
 def test_sites_outside_the_model_name_the_key_and_the_valid_range(value, message):
     with pytest.raises(ConfigError) as info:
         FusionConfig(fusion_layers=value).resolved_sites(30)
@@ -106,33 +121,42 @@ def test_building_the_lm_resolves_against_the_model(tmp_path, split):
         fused_lm(parts, sites=[9])
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--fusion-layers", "all"], ("all",)),
-    (["--fusion-layers", "0:30:4", "head"], ("0:30:4", "head")),
-    (["--fusion-layers=-4:"], ("-4:",)),
-    (["--fusion-layers", "-2", "-1", "head"], (-2, -1, "head")),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--fusion-layers", "all"], ("all",)),
+        (["--fusion-layers", "0:30:4", "head"], ("0:30:4", "head")),
+        (["--fusion-layers=-4:"], ("-4:",)),
+        (["--fusion-layers", "-2", "-1", "head"], (-2, -1, "head")),
+    ],
+)
 def test_cli_fusion_layers(tmp_path, argv, expected):
-    args = build_parser().parse_args(["train", "--datastore", str(tmp_path),
-                                      "--out", str(tmp_path), *argv])
+    args = build_parser().parse_args(
+        ["train", "--datastore", str(tmp_path), "--out", str(tmp_path), *argv]
+    )
     fusion, _training, _evaluation = _training_settings(args)
     assert fusion.fusion_layers == expected
 
 
-@pytest.mark.parametrize("argv, gate, checkpointing", [
-    ([], "static", False),
-    (["--gate", "retrieval", "--gradient-checkpointing"], "retrieval", True),
-])
+@pytest.mark.parametrize(
+    "argv, gate, checkpointing",
+    [
+        ([], "static", False),
+        (["--gate", "retrieval", "--gradient-checkpointing"], "retrieval", True),
+    ],
+)
 def test_cli_gate_and_gradient_checkpointing(tmp_path, argv, gate, checkpointing):
-    args = build_parser().parse_args(["train", "--datastore", str(tmp_path),
-                                      "--out", str(tmp_path), *argv])
+    args = build_parser().parse_args(
+        ["train", "--datastore", str(tmp_path), "--out", str(tmp_path), *argv]
+    )
     fusion, _training, _evaluation = _training_settings(args)
     assert (fusion.gate, fusion.gradient_checkpointing) == (gate, checkpointing)
 
 
 def test_cli_rejects_a_bad_site(tmp_path):
-    args = build_parser().parse_args(["train", "--datastore", str(tmp_path), "--out", str(tmp_path),
-                                      "--fusion-layers", "top"])
+    args = build_parser().parse_args(
+        ["train", "--datastore", str(tmp_path), "--out", str(tmp_path), "--fusion-layers", "top"]
+    )
     with pytest.raises(ConfigError, match=r"option or --config value: fusion_layers"):
         _training_settings(args)
 
@@ -164,6 +188,7 @@ def count_calls(monkeypatch, owner, name: str) -> list[int]:
     def counted(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
+
     monkeypatch.setattr(owner, name, counted)
     return calls
 
@@ -197,8 +222,9 @@ def loss_and_grads(lm: HetGraphLM, input_ids: torch.Tensor, seed: int = 0):
     torch.manual_seed(seed)
     rows = torch.arange(input_ids.shape[1])[None].repeat(input_ids.shape[0], 1)
     logits = lm(input_ids, query_positions=rows, use_cache=False).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                             input_ids[:, 1:].reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1)
+    )
     loss.backward()
     # (Parameters the output does not depend on, e.g. the last layer's nbr-side maps, get none.)
     grads = {name: p.grad.clone() for name, p in lm.named_parameters() if p.grad is not None}
@@ -228,7 +254,8 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tmp_path, split, family
     # Each site's adapter is recomputed too (its activations dominate memory).
     adapter_runs = [0]
     counter = checkpointed.adapter_at("head").register_forward_pre_hook(
-        lambda *a: adapter_runs.__setitem__(0, adapter_runs[0] + 1))
+        lambda *a: adapter_runs.__setitem__(0, adapter_runs[0] + 1)
+    )
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, input_ids)
     handle.remove()
     counter.remove()
@@ -247,12 +274,12 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tmp_path, split, family
 
 # ------------------------------------------------------------------ retrieval gate
 def test_retrieval_statistics_numbers():
-    distances = torch.tensor([[[8.0, 16.0, float("inf"), float("inf")],
-                               [float("inf")] * 4]])
+    distances = torch.tensor([[[8.0, 16.0, float("inf"), float("inf")], [float("inf")] * 4]])
     ids = torch.tensor([[[3, 5, -1, -1], [-1, -1, -1, -1]]])
     stats = retrieval_statistics(distances, ids, dim=4)
-    expected = torch.tensor([[[np.log1p(2.0), np.log1p(3.0), 0.5], [0.0, 0.0, 0.0]]],
-                            dtype=torch.float32)
+    expected = torch.tensor(
+        [[[np.log1p(2.0), np.log1p(3.0), 0.5], [0.0, 0.0, 0.0]]], dtype=torch.float32
+    )
     torch.testing.assert_close(stats, expected)
 
 
@@ -322,8 +349,16 @@ def test_adapters_saved_before_the_gate_option_still_load(tmp_path, split):
 def test_retrieval_gate_trains_end_to_end_at_every_layer(tmp_path, split):
     parts = build_store(tmp_path, "qwen2", split)
     lm = fused_lm(parts, gate="retrieval", gradient_checkpointing=True)
-    training = TrainingConfig(max_steps=3, batch_size=2, context_length=32, lr=1e-2,
-                              warmup_steps=1, eval_every=0, checkpoint_every=0, seed=0)
+    training = TrainingConfig(
+        max_steps=3,
+        batch_size=2,
+        context_length=32,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+        seed=0,
+    )
     result = train_adapter(lm, split, None, training, tmp_path / "run", show_progress=False)
     assert result.steps == 3 and all(np.isfinite(result.train_losses))
     assert any(float(gate.detach().abs().sum()) > 0 for gate in lm.gates.values())

@@ -5,6 +5,7 @@ The port (``tests/gnnlm_reference.py``) is written from ShannonAI/GNN-LM's ``hgt
 with :meth:`GraphAdapter.from_gnnlm_state_dict` and runs on graphs built with
 :meth:`GraphConfig.paper`.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,9 +48,17 @@ def _neighbours(case: str, generator: torch.Generator) -> torch.Tensor:
 
 
 def _reference_output(ref: HGT, ids, query_rows, ctx_x, feats, left, right, radius):
-    graphs = [build_block_graph(ids[b].tolist(),
-                                None if query_rows is None else query_rows[b].tolist(),
-                                N, left, right, radius) for b in range(B)]
+    graphs = [
+        build_block_graph(
+            ids[b].tolist(),
+            None if query_rows is None else query_rows[b].tolist(),
+            N,
+            left,
+            right,
+            radius,
+        )
+        for b in range(B)
+    ]
     g = batch_graphs(graphs)
     with torch.no_grad():
         out = ref(g, {"tgt": ctx_x.reshape(B * T, -1), "ntgt": feats[g.ntgt_offsets]})
@@ -70,10 +79,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("share_windows", [True, False])
-@pytest.mark.parametrize(("case", "layers", "width_in", "hidden", "width_out", "left", "right",
-                          "leakage"), CASES)
-def test_paper_mode_equals_official_code(case, layers, width_in, hidden, width_out, left, right,
-                                         leakage, share_windows):
+@pytest.mark.parametrize(
+    ("case", "layers", "width_in", "hidden", "width_out", "left", "right", "leakage"), CASES
+)
+def test_paper_mode_equals_official_code(
+    case, layers, width_in, hidden, width_out, left, right, leakage, share_windows
+):
     gen = torch.Generator().manual_seed(layers * 100 + width_in + left + 7 * right)
     ref = HGT(width_in, hidden, width_out, layers, n_heads=2).double()
     randomize_(ref, gen)
@@ -87,15 +98,16 @@ def test_paper_mode_equals_official_code(case, layers, width_in, hidden, width_o
     expected, g = _reference_output(ref, ids, query_rows, ctx_x, feats, left, right, radius)
 
     adapter = GraphAdapter.from_gnnlm_state_dict(ref.state_dict()).eval()
-    config = GraphConfig.paper(left=left, right=right, leakage_radius=radius,
-                               share_windows=share_windows)
-    graph = build_context_graph(ids, torch.zeros(N, dtype=torch.long), DOCS, config,
-                                query_positions=query_rows)
+    config = GraphConfig.paper(
+        left=left, right=right, leakage_radius=radius, share_windows=share_windows
+    )
+    graph = build_context_graph(
+        ids, torch.zeros(N, dtype=torch.long), DOCS, config, query_positions=query_rows
+    )
     # Both paths: the edge lists and the dense path (causal c2c as masked attention).
     for path in ("sparse", "dense"):
         with torch.no_grad():
-            got = adapter(graph, ctx_x.reshape(B * T, -1), feats[graph[NBR].corpus_id],
-                          path=path)
+            got = adapter(graph, ctx_x.reshape(B * T, -1), feats[graph[NBR].corpus_id], path=path)
         assert got.dtype == torch.float64 and got.shape == (B * T, width_out)
         torch.testing.assert_close(got, expected, rtol=0, atol=TOL)
     if not share_windows:  # one window per (query, neighbour), exactly the official nodes
@@ -111,21 +123,24 @@ def test_leakage_and_clipping_ignore_documents_in_paper_mode():
     ids = torch.tensor([[[11, 30]]])
     rows = torch.tensor([[13]])
     tokens = torch.zeros(N, dtype=torch.long)
-    paper = build_context_graph(ids, tokens, DOCS, GraphConfig.paper(leakage_radius=3),
-                                query_positions=rows)
+    paper = build_context_graph(
+        ids, tokens, DOCS, GraphConfig.paper(leakage_radius=3), query_positions=rows
+    )
     assert sorted(paper[NBR].corpus_id.tolist()) == [29, 30, 31]
     ids = torch.tensor([[[11, 30]]])
     paper = build_context_graph(ids, tokens, DOCS, GraphConfig.paper(leakage_radius=3))
     assert sorted(paper[NBR].corpus_id.tolist()) == [10, 11, 12, 29, 30, 31]
-    default = build_context_graph(ids, tokens, DOCS, GraphConfig(leakage_radius=3),
-                                  query_positions=rows)
+    default = build_context_graph(
+        ids, tokens, DOCS, GraphConfig(leakage_radius=3), query_positions=rows
+    )
     assert sorted(default[NBR].corpus_id.tolist()) == [10, 11, 29, 30, 31]
 
 
 def test_gnnlm_state_dict_round_trip():
     gen = torch.Generator().manual_seed(3)
-    config = AdapterConfig.paper(ctx_channels=12, nbr_channels=12, hidden_channels=8,
-                                 out_channels=10, num_layers=2, heads=2)
+    config = AdapterConfig.paper(
+        ctx_channels=12, nbr_channels=12, hidden_channels=8, out_channels=10, num_layers=2, heads=2
+    )
     adapter = GraphAdapter(config).double().eval()
     randomize_(adapter, gen)
     sd = adapter.to_gnnlm_state_dict(prefix="decoder.hgt_decoder.")
@@ -160,11 +175,14 @@ def test_gnnlm_state_dict_errors_name_the_key():
         GraphAdapter(AdapterConfig(ctx_channels=8, nbr_channels=8)).to_gnnlm_state_dict()
 
 
-@pytest.mark.parametrize("name, bad", [
-    ("gcs.0.relation_att", torch.zeros(4)),  # was an IndexError traceback
-    ("adapt_ws.0.weight", torch.zeros(8)),
-    ("gcs.0.k_linears.0.weight", torch.zeros(8, 8, 1)),
-])
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("gcs.0.relation_att", torch.zeros(4)),  # was an IndexError traceback
+        ("adapt_ws.0.weight", torch.zeros(8)),
+        ("gcs.0.k_linears.0.weight", torch.zeros(8, 8, 1)),
+    ],
+)
 def test_gnnlm_state_dict_with_a_misshapen_tensor_names_it(name, bad):
     sd = {**HGT(8, 8, 8, 1, n_heads=2).state_dict(), name: bad}
     with pytest.raises(GNNLMStateDictError, match=re.escape(f"{name!r} has shape")):
@@ -172,9 +190,13 @@ def test_gnnlm_state_dict_with_a_misshapen_tensor_names_it(name, bad):
 
 
 def test_official_init_is_xavier_on_the_stacked_relations():
-    conv = HeteroGraphAttention(64, context_graph_metadata(True), heads=8,
-                                relation_names={N2N: "intra", C2C: "intra", N2C: "inter"},
-                                relation_init="official")
+    conv = HeteroGraphAttention(
+        64,
+        context_graph_metadata(True),
+        heads=8,
+        relation_names={N2N: "intra", C2C: "intra", N2C: "inter"},
+        relation_init="official",
+    )
     ours = torch.stack([conv.rel_att["intra"], conv.rel_att["inter"]]).detach()
     official = torch.empty(2, 8, 8, 8)
     torch.nn.init.xavier_uniform_(official)
@@ -210,10 +232,13 @@ def test_joint_messages_equal_hgtconv_aggregation(c2c):
                 theirs.v_rel.weight[h * E + e].copy_(rel.msg[h])
             theirs.p_rel["__".join(edge_type)].copy_(rel.prior.view(1, H))
     ids = _neighbours("partial", gen)
-    graph = build_context_graph(ids, torch.zeros(N, dtype=torch.long), DOCS,
-                                GraphConfig(c2c=c2c, share_windows=False))
-    x = {CTX: torch.randn(B * T, F_, generator=gen, dtype=torch.float64),
-         NBR: torch.randn(graph[NBR].num_nodes, F_, generator=gen, dtype=torch.float64)}
+    graph = build_context_graph(
+        ids, torch.zeros(N, dtype=torch.long), DOCS, GraphConfig(c2c=c2c, share_windows=False)
+    )
+    x = {
+        CTX: torch.randn(B * T, F_, generator=gen, dtype=torch.float64),
+        NBR: torch.randn(graph[NBR].num_nodes, F_, generator=gen, dtype=torch.float64),
+    }
     edges = {e: graph[e].edge_index for e in metadata[1]}
     captured = []
     for conv in (ours, theirs):
@@ -237,7 +262,8 @@ def pattern_split():
 def _head_input(model, input_ids):
     captured = []
     handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda m, args: captured.append(args[0].detach()))
+        lambda m, args: captured.append(args[0].detach())
+    )
     with torch.no_grad():
         model(input_ids=input_ids)
     handle.remove()
@@ -248,8 +274,9 @@ def _head_input(model, input_ids):
 def test_paper_mode_lm_is_output_layer_of_official_hgt(tmp_path, pattern_split, family):
     """FusionConfig.paper(): logits = lm_head(HGT(h)) with the official graph and features."""
     model, _tok, store, index = build_store(tmp_path, family, pattern_split)
-    lm = HetGraphLM(model, store, index,
-                    FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL)))
+    lm = HetGraphLM(
+        model, store, index, FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL))
+    )
     adapter = lm.adapter_at("head")
     assert adapter.token_in is None and not adapter.config.feed_forward
     width = model.config.hidden_size
@@ -262,8 +289,9 @@ def test_paper_mode_lm_is_output_layer_of_official_hgt(tmp_path, pattern_split, 
     ids = out.retrieval.neighbour_ids
     h = _head_input(model, input_ids)
     keys = torch.from_numpy(store.keys[:].astype("float32"))
-    graphs = [build_block_graph(ids[b].tolist(), None, len(store), 1, 1, 0)
-              for b in range(ids.shape[0])]
+    graphs = [
+        build_block_graph(ids[b].tolist(), None, len(store), 1, 1, 0) for b in range(ids.shape[0])
+    ]
     g = batch_graphs(graphs)
     with torch.no_grad():
         hgt = ref(g, {"tgt": h.reshape(-1, width), "ntgt": keys[g.ntgt_offsets]})["tgt"]
@@ -277,8 +305,9 @@ def test_paper_mode_lm_is_output_layer_of_official_hgt(tmp_path, pattern_split, 
 @pytest.mark.parametrize("embedding", ["own_token", "none", "label"])
 def test_neighbour_embedding_options(tmp_path, pattern_split, embedding):
     model, _tok, store, index = build_store(tmp_path, "qwen2", pattern_split)
-    lm = HetGraphLM(model, store, index, FusionConfig(k=4, neighbour_embedding=embedding,
-                                                      adapter=PAPER_SMALL))
+    lm = HetGraphLM(
+        model, store, index, FusionConfig(k=4, neighbour_embedding=embedding, adapter=PAPER_SMALL)
+    )
     adapter = lm.adapter_at("head")
     assert (adapter.token_in is not None) == (embedding == "own_token")
     ids = torch.tensor([[[3, 50], [7, -1]]])
@@ -306,8 +335,16 @@ def test_paper_mode_trains_from_the_datastore_with_c2c(tmp_path, pattern_split):
     # The first datastore window saw exactly these 40 tokens, so its stored keys are the
     # head-input states of a forward over them (up to fp16 rounding).
     model, _tok, store, index = build_store(tmp_path, "llama", pattern_split)
-    lm = HetGraphLM(model, store, index, FusionConfig.paper(
-        k=4, graph=GraphConfig.paper(leakage_radius=4), adapter=AdapterConfig.paper(**PAPER_SMALL)))
+    lm = HetGraphLM(
+        model,
+        store,
+        index,
+        FusionConfig.paper(
+            k=4,
+            graph=GraphConfig.paper(leakage_radius=4),
+            adapter=AdapterConfig.paper(**PAPER_SMALL),
+        ),
+    )
     assert lm.graph_config.c2c and lm.can_run_from_datastore
     rows = torch.arange(40)[None]
     input_ids = torch.from_numpy(pattern_split.tokens[:40].astype("int64"))[None]
@@ -339,12 +376,18 @@ def test_paper_mode_saves_and_loads(tmp_path, pattern_split):
         assert torch.equal(lm(input_ids).logits, loaded(input_ids).logits)
 
 
-@pytest.mark.parametrize(("cls", "field", "value"), [
-    (AdapterConfig, "relation_mean", "none"), (AdapterConfig, "input_maps", "gelu"),
-    (AdapterConfig, "relation_init", "xavier"), (GraphConfig, "window_clip", "doc"),
-    (GraphConfig, "leakage_scope", "all"), (FusionConfig, "fusion_mode", "add"),
-    (FusionConfig, "neighbour_embedding", "token"),
-])
+@pytest.mark.parametrize(
+    ("cls", "field", "value"),
+    [
+        (AdapterConfig, "relation_mean", "none"),
+        (AdapterConfig, "input_maps", "gelu"),
+        (AdapterConfig, "relation_init", "xavier"),
+        (GraphConfig, "window_clip", "doc"),
+        (GraphConfig, "leakage_scope", "all"),
+        (FusionConfig, "fusion_mode", "add"),
+        (FusionConfig, "neighbour_embedding", "token"),
+    ],
+)
 def test_paper_options_are_checked(cls, field, value):
     with pytest.raises(ValueError, match=field):
         cls(**{field: value})
@@ -352,10 +395,15 @@ def test_paper_options_are_checked(cls, field, value):
 
 def test_orig_prob_ratio_mixes_the_base_distribution(tmp_path, pattern_split):
     model, _tok, store, index = build_store(tmp_path, "qwen2", pattern_split)
-    plain = HetGraphLM(model, store, index,
-                       FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL)))
-    mixed = HetGraphLM(model, store, index, FusionConfig.paper(
-        k=4, adapter=AdapterConfig.paper(**PAPER_SMALL), orig_prob_ratio=0.25))
+    plain = HetGraphLM(
+        model, store, index, FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL))
+    )
+    mixed = HetGraphLM(
+        model,
+        store,
+        index,
+        FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL), orig_prob_ratio=0.25),
+    )
     mixed.load_adapter_state_dict(plain.adapter_state_dict())
     input_ids = torch.from_numpy(pattern_split.tokens[:40].astype("int64"))[None]
     with torch.no_grad():
@@ -376,13 +424,25 @@ def test_dense_path_keeps_paper_options_without_c2c():
     # Without c2c the dense path runs; the official mean, bias, tied relations and maps must
     # give the edge-list numbers there too.
     gen = torch.Generator().manual_seed(11)
-    adapter = GraphAdapter(AdapterConfig.paper(ctx_channels=12, nbr_channels=12,
-                                               hidden_channels=8, out_channels=10,
-                                               use_c2c=False, **PAPER_SMALL)).double().eval()
+    adapter = (
+        GraphAdapter(
+            AdapterConfig.paper(
+                ctx_channels=12,
+                nbr_channels=12,
+                hidden_channels=8,
+                out_channels=10,
+                use_c2c=False,
+                **PAPER_SMALL,
+            )
+        )
+        .double()
+        .eval()
+    )
     randomize_(adapter, gen)
     ids = _neighbours("no_neighbours", gen)
-    graph = build_context_graph(ids, torch.zeros(N, dtype=torch.long), DOCS,
-                                GraphConfig.paper(c2c=False))
+    graph = build_context_graph(
+        ids, torch.zeros(N, dtype=torch.long), DOCS, GraphConfig.paper(c2c=False)
+    )
     ctx_x = torch.randn(B * T, 12, generator=gen, dtype=torch.float64)
     nbr_x = torch.randn(graph[NBR].num_nodes, 12, generator=gen, dtype=torch.float64)
     assert adapter.use_dense(graph)

@@ -1,4 +1,5 @@
 """Tests of the context-graph builder against a slow loop-based reference."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def reference_graph(ids, tokens, docs, cfg: GraphConfig, qpos=None, qmask=None):
                 p = int(qpos[b, t])
                 if p >= 0 and int(docs[p]) == int(docs[o]) and abs(p - o) < cfg.leakage_radius:
                     continue
-            window = [p for p in range(o - l, o + r + 1)
-                      if 0 <= p < N and int(docs[p]) == int(docs[o])]
+            window = [
+                p for p in range(o - l, o + r + 1) if 0 <= p < N and int(docs[p]) == int(docs[o])
+            ]
             if share and o in shared:
                 node = shared[o]
             else:
@@ -144,8 +146,10 @@ def test_builder_matches_reference(cfg: GraphConfig, seed: int, masked: bool):
     ctx, node_pos, n2n, n2c, c2c = reference_graph(ids, tokens, docs, cfg, qpos, qmask)
 
     assert graph[CTX].num_nodes == len(ctx)
-    assert list(zip(graph[CTX].batch_index.tolist(), graph[CTX].seq_index.tolist(),
-                    strict=True)) == ctx
+    assert (
+        list(zip(graph[CTX].batch_index.tolist(), graph[CTX].seq_index.tolist(), strict=True))
+        == ctx
+    )
     assert graph[NBR].num_nodes == len(node_pos)
     assert graph[NBR].corpus_id.tolist() == [p for _, p in node_pos]
     assert graph[NBR].batch_index.tolist() == [b for b, _ in node_pos]
@@ -164,8 +168,10 @@ def test_builder_matches_reference(cfg: GraphConfig, seed: int, masked: bool):
         e = graph[N2C].edge_index
         key = (e[1] * K + graph[N2C].nbr_slot) * cfg.window_size + graph[N2C].window_slot
         assert torch.equal(key, key.sort().values)
-        assert (ids[graph[CTX].batch_index[e[1]], graph[CTX].seq_index[e[1]], graph[N2C].nbr_slot]
-                == graph[NBR].corpus_id[e[0]] - graph[N2C].window_slot + cfg.left).all()
+        assert (
+            ids[graph[CTX].batch_index[e[1]], graph[CTX].seq_index[e[1]], graph[N2C].nbr_slot]
+            == graph[NBR].corpus_id[e[0]] - graph[N2C].window_slot + cfg.left
+        ).all()
 
 
 def shared_case(seed: int, N: int = 60, B: int = 2, T: int = 8, K: int = 4):
@@ -185,9 +191,13 @@ def test_shared_windows_node_count_and_window_index(n2c, seed):
     ids, tokens, docs, qpos = shared_case(seed)
     cfg = GraphConfig(left=2, right=1, n2c=n2c, leakage_radius=5)
     g = build_context_graph(ids, tokens, docs, cfg, query_positions=qpos)
-    official = build_context_graph(ids, tokens, docs,
-                                   GraphConfig(**{**cfg.to_dict(), "share_windows": False}),
-                                   query_positions=qpos)
+    official = build_context_graph(
+        ids,
+        tokens,
+        docs,
+        GraphConfig(**{**cfg.to_dict(), "share_windows": False}),
+        query_positions=qpos,
+    )
     # Distinct retrieved rows after the leakage filter, from the official graph's n2c edges.
     e = official[N2C].edge_index
     centre_rows = official[NBR].corpus_id[e[0][official[N2C].window_slot == cfg.left]]
@@ -205,8 +215,9 @@ def test_shared_windows_node_count_and_window_index(n2c, seed):
     assert (window_rows[win[win >= 0]] == query_ids[win >= 0]).all()
     # the nbr grid index: node i sits in slot (window, offset) of its corpus row
     slot = g[NBR].grid_index
-    assert torch.equal(window_rows[slot // cfg.window_size] + slot % cfg.window_size - cfg.left,
-                       g[NBR].corpus_id)
+    assert torch.equal(
+        window_rows[slot // cfg.window_size] + slot % cfg.window_size - cfg.left, g[NBR].corpus_id
+    )
     # same n2c edge list as the official graph, up to the node numbering
     assert torch.equal(g[N2C].edge_index[1], e[1])
     assert torch.equal(g[N2C].nbr_slot, official[N2C].nbr_slot)
@@ -249,7 +260,8 @@ def test_shared_layout_small_example():
     assert g[N2C].nbr_slot.tolist() == [0, 1, 1, 0, 1, 0, 1]
     assert edges(g, N2N) == sorted(
         [(i, i) for i in range(7)]
-        + [(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3), (5, 6), (6, 5)])
+        + [(0, 1), (1, 0), (1, 2), (2, 1), (3, 4), (4, 3), (5, 6), (6, 5)]
+    )
 
 
 def test_n2c_to_dense_maps_edges_to_neighbour_slots():
@@ -267,7 +279,8 @@ def test_n2c_to_dense_maps_edges_to_neighbour_slots():
             assert (dense[:, :, [0, 2]] == -1).all()
     with pytest.raises(ValueError):
         n2c_to_dense(
-            build_context_graph(ids, torch.arange(10), docs, GraphConfig(deduplicate=True)), rows)
+            build_context_graph(ids, torch.arange(10), docs, GraphConfig(deduplicate=True)), rows
+        )
 
 
 def test_empty_and_device_agnostic_inputs():
@@ -277,8 +290,9 @@ def test_empty_and_device_agnostic_inputs():
     assert g[N2N].edge_index.shape == (2, 0) and g[N2N].edge_index.dtype == torch.int64
     assert g[C2C].edge_index.size(1) == 2 * 6  # 3 * 4 / 2 per sequence
     # numpy corpus arrays (datastore memmaps) are accepted
-    g2 = build_context_graph(torch.tensor([[[1]]]), torch.arange(5).numpy(), docs.numpy(),
-                             GraphConfig())
+    g2 = build_context_graph(
+        torch.tensor([[[1]]]), torch.arange(5).numpy(), docs.numpy(), GraphConfig()
+    )
     assert g2[NBR].corpus_id.tolist() == [0, 1, 2]
 
 
@@ -289,8 +303,9 @@ def test_out_of_range_neighbour_raises():
 
 def test_ctx_to_dense_scatters_back():
     mask = torch.tensor([[True, False, True], [False, True, True]])
-    g = build_context_graph(torch.full((2, 3, 1), -1), torch.arange(4), torch.zeros(4),
-                            GraphConfig(), query_mask=mask)
+    g = build_context_graph(
+        torch.full((2, 3, 1), -1), torch.arange(4), torch.zeros(4), GraphConfig(), query_mask=mask
+    )
     x = torch.arange(1, 5, dtype=torch.float).view(4, 1)
     dense = ctx_to_dense(g, x)
     assert dense.shape == (2, 3, 1)
@@ -302,8 +317,9 @@ def test_batching_keeps_all_edge_types():
 
     docs = torch.zeros(10)
     g1 = build_context_graph(torch.full((1, 2, 2), -1), torch.arange(10), docs, GraphConfig())
-    g2 = build_context_graph(torch.tensor([[[3, 4]]]), torch.arange(10), docs,
-                             GraphConfig(c2c=True))
+    g2 = build_context_graph(
+        torch.tensor([[[3, 4]]]), torch.arange(10), docs, GraphConfig(c2c=True)
+    )
     batch = Batch.from_data_list([g1, g2])
     assert set(batch.edge_types) == set(EDGE_TYPES)
     # sequence ids stay consistent across graphs: g2's sequence 0 becomes sequence 1
@@ -338,8 +354,9 @@ def layout_case():
 @pytest.mark.parametrize("n2c", ["center", "window"])
 def test_window_layout_of_each_kind(kind, n2c):
     ids, tokens, docs = layout_case()
-    cfg = GraphConfig(left=2, right=1, n2c=n2c, share_windows=kind == "shared",
-                      deduplicate=kind == "irregular")
+    cfg = GraphConfig(
+        left=2, right=1, n2c=n2c, share_windows=kind == "shared", deduplicate=kind == "irregular"
+    )
     g = build_context_graph(ids, tokens, docs, cfg)
     layout = g.layout
     assert isinstance(layout, WindowLayout)
@@ -380,15 +397,14 @@ def test_batched_graph_layout_is_irregular():
         # per-edge values still map back to (ctx, neighbour slot, offset) across the batch
         values = [torch.randn(p[N2C].edge_index.size(1), 2) for p in parts]
         dense = n2c_to_dense(batch, torch.cat(values), fill_value=-9.0)
-        expected = [
-            n2c_to_dense(p, v, fill_value=-9.0) for p, v in zip(parts, values, strict=True)
-        ]
+        expected = [n2c_to_dense(p, v, fill_value=-9.0) for p, v in zip(parts, values, strict=True)]
         assert torch.equal(dense, torch.cat(expected))
     # a batch reads as irregular with the largest k; different windows do not batch
     layouts = [WindowLayout("shared", k, 3, 1, "center", num_windows=5) for k in (2, 4)]
     assert WindowLayout.batched(layouts) == WindowLayout("irregular", 4, 3, 1, "center")
     mixed = Batch.from_data_list(
-        [build_context_graph(ids, tokens, docs, GraphConfig(left=left)) for left in (1, 2)])
+        [build_context_graph(ids, tokens, docs, GraphConfig(left=left)) for left in (1, 2)]
+    )
     with pytest.raises(ValueError):
         _ = mixed.layout
 
@@ -396,8 +412,13 @@ def test_batched_graph_layout_is_irregular():
 def test_window_layout_validation():
     WindowLayout("grid", k=4, window=3, center=2, n2c="center", num_windows=8)
     good = {"kind": "shared", "k": 4, "window": 3, "center": 1, "n2c": "center", "num_windows": 2}
-    for bad in ({"kind": "dense"}, {"n2c": "all"}, {"center": 3}, {"kind": "irregular"},
-                {"c2c": True, "c2c_window": 0}):
+    for bad in (
+        {"kind": "dense"},
+        {"n2c": "all"},
+        {"center": 3},
+        {"kind": "irregular"},
+        {"c2c": True, "c2c_window": 0},
+    ):
         with pytest.raises(ValueError):
             WindowLayout(**{**good, **bad})
 
@@ -409,8 +430,13 @@ def test_layout_records_the_causal_c2c_edges(c2c, c2c_window):
     ids = torch.randint(0, 50, (2, 6, 2), generator=gen)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, [1, 4]] = False
-    g = build_context_graph(ids, torch.arange(50), torch.zeros(50, dtype=torch.long),
-                            GraphConfig(c2c=c2c, c2c_window=c2c_window), query_mask=mask)
+    g = build_context_graph(
+        ids,
+        torch.arange(50),
+        torch.zeros(50, dtype=torch.long),
+        GraphConfig(c2c=c2c, c2c_window=c2c_window),
+        query_mask=mask,
+    )
     assert g.layout.c2c == c2c
     assert g.layout.c2c_window == (c2c_window if c2c else None)
     b, t = g["ctx"].batch_index, g["ctx"].seq_index

@@ -3,6 +3,7 @@
 splits with ``--hf-splits``) or Parquet files, ``tokenize_corpus`` a ``Dataset`` /
 ``DatasetDict``; one document per row; the fingerprint follows the rows, not the files; bad
 input is one ``error:`` line. Tiny data made here, never downloaded."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,13 @@ def _dataset(n: int = 12, seed: int = 0, **columns) -> datasets.Dataset:
 
 def _dataset_dict(**columns) -> datasets.DatasetDict:
     whole = _dataset(12, **columns)
-    return datasets.DatasetDict({"train": whole.select(range(8)),
-                                 "validation": whole.select(range(8, 10)),
-                                 "test": whole.select(range(10, 12))})
+    return datasets.DatasetDict(
+        {
+            "train": whole.select(range(8)),
+            "validation": whole.select(range(8, 10)),
+            "test": whole.select(range(10, 12)),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,26 +79,51 @@ def ws(tmp_path_factory):
 
 
 def build(ws, tmp_path, *corpus) -> int:
-    return run("datastore", "build", "--model", ws / "model", *corpus, "--out", tmp_path / "out",
-               "--context-length", "64", "--stride", "32", "--batch-size", "4",
-               "--threads", "1")
+    return run(
+        "datastore",
+        "build",
+        "--model",
+        ws / "model",
+        *corpus,
+        "--out",
+        tmp_path / "out",
+        "--context-length",
+        "64",
+        "--stride",
+        "32",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+    )
 
 
 # ------------------------------------------------------------------ the CLI reads datasets
-@pytest.mark.parametrize(("corpus", "documents"), [
-    (["--corpus", "ds", "--text-field", "content"], None),
-    (["--corpus", "dd", "--text-field", "content", "--hf-splits"], (8, 2, 2)),
-    (["--corpus", "dd", "--text-field", "content", "--hf-splits", "train=train,valid=validation"],
-     (8, 2, 0)),
-    (["--corpus", "pq/a.parquet", "--text-field", "content"], None),
-    (["--corpus", "pq", "--text-field", "content"], None),
-])
+@pytest.mark.parametrize(
+    ("corpus", "documents"),
+    [
+        (["--corpus", "ds", "--text-field", "content"], None),
+        (["--corpus", "dd", "--text-field", "content", "--hf-splits"], (8, 2, 2)),
+        (
+            [
+                "--corpus",
+                "dd",
+                "--text-field",
+                "content",
+                "--hf-splits",
+                "train=train,valid=validation",
+            ],
+            (8, 2, 0),
+        ),
+        (["--corpus", "pq/a.parquet", "--text-field", "content"], None),
+        (["--corpus", "pq", "--text-field", "content"], None),
+    ],
+)
 def test_datastore_build_reads_datasets_and_parquet(ws, tmp_path, corpus, documents):
     corpus[1] = ws / corpus[1]
     assert build(ws, tmp_path, *corpus) == 0
     store = Datastore.open(tmp_path / "out")
-    (entry,) = (p for p in (tmp_path / "cache" / "corpus").iterdir()
-                if not p.name.startswith("."))
+    (entry,) = (p for p in (tmp_path / "cache" / "corpus").iterdir() if not p.name.startswith("."))
     tokenized = TokenizedCorpus.load(entry)
     assert store.metadata.corpus_fingerprint == tokenized.fingerprint and len(store) > 0
     counts = tuple(split.num_documents for split in tokenized.splits.values())
@@ -113,22 +143,35 @@ def test_each_row_is_one_document_and_dataset_splits_are_kept(ws):
     assert corpus.valid.doc_names == ["validation:0", "validation:1"]
     assert corpus.test.doc_names == ["test:0", "test:1"]
     # Without --hf-splits a DatasetDict is pooled (all 12 rows) and split by document.
-    pooled = tokenize_corpus(CorpusConfig(path=str(ws / "dd"), text_field="content"),
-                             byte_tokenizer(), show_progress=False)
+    pooled = tokenize_corpus(
+        CorpusConfig(path=str(ws / "dd"), text_field="content"),
+        byte_tokenizer(),
+        show_progress=False,
+    )
     assert sum(s.num_documents for s in pooled.splits.values()) == 12
     # A split left out of the map stays empty; max_documents limits each split.
-    partial = tokenize_corpus(CorpusConfig(path=str(ws / "dd"), text_field="content",
-                                           dataset_splits={"train": "train", "test": "test"},
-                                           max_documents=3), byte_tokenizer(),
-                              show_progress=False)
-    assert (partial.train.num_documents, partial.valid.num_documents,
-            partial.test.num_documents) == (3, 0, 2)
+    partial = tokenize_corpus(
+        CorpusConfig(
+            path=str(ws / "dd"),
+            text_field="content",
+            dataset_splits={"train": "train", "test": "test"},
+            max_documents=3,
+        ),
+        byte_tokenizer(),
+        show_progress=False,
+    )
+    assert (
+        partial.train.num_documents,
+        partial.valid.num_documents,
+        partial.test.num_documents,
+    ) == (3, 0, 2)
 
 
 def test_ids_blank_and_null_rows(tmp_path):
     texts = ["first text", "  ", None, "fourth text"]
     datasets.Dataset.from_dict({"text": texts, "id": ["a", "b", "c", None]}).save_to_disk(
-        str(tmp_path / "ds"))
+        str(tmp_path / "ds")
+    )
     docs = read_documents(tmp_path / "ds")
     assert [(d.name, d.text) for d in docs] == [("a", "first text"), ("row:3", "fourth text")]
     datasets.Dataset.from_dict({"text": ["", None]}).to_parquet(str(tmp_path / "empty.parquet"))
@@ -138,13 +181,20 @@ def test_ids_blank_and_null_rows(tmp_path):
 
 def test_tokenize_corpus_takes_dataset_objects(ws):
     tokenizer = byte_tokenizer()
-    from_disk = tokenize_corpus(CorpusConfig(path=str(ws / "ds"), text_field="content"),
-                                tokenizer, show_progress=False)
-    in_memory = tokenize_corpus(_dataset(), tokenizer, config=CorpusConfig(text_field="content"),
-                                show_progress=False)
+    from_disk = tokenize_corpus(
+        CorpusConfig(path=str(ws / "ds"), text_field="content"), tokenizer, show_progress=False
+    )
+    in_memory = tokenize_corpus(
+        _dataset(), tokenizer, config=CorpusConfig(text_field="content"), show_progress=False
+    )
     assert in_memory.fingerprint == from_disk.fingerprint
-    uncached = tokenize_corpus(_dataset(), tokenizer, config=CorpusConfig(text_field="content"),
-                               use_cache=False, show_progress=False)
+    uncached = tokenize_corpus(
+        _dataset(),
+        tokenizer,
+        config=CorpusConfig(text_field="content"),
+        use_cache=False,
+        show_progress=False,
+    )
     assert uncached.config.path.startswith("<in-memory Dataset")  # what the corpus records
     config = CorpusConfig(text_field="content", dataset_splits=SPLITS)
     split = tokenize_corpus(_dataset_dict(), tokenizer, config=config, show_progress=False)
@@ -164,8 +214,12 @@ def test_fingerprint_follows_rows_not_files(tmp_path):
     cache = tmp_path / "cache"
 
     def tokenize(directory):
-        return tokenize_corpus(CorpusConfig(path=str(directory), text_field="content"),
-                               tokenizer, cache_dir=cache, show_progress=False)
+        return tokenize_corpus(
+            CorpusConfig(path=str(directory), text_field="content"),
+            tokenizer,
+            cache_dir=cache,
+            show_progress=False,
+        )
 
     first = _dataset()
     first.save_to_disk(str(tmp_path / "a"))
@@ -175,8 +229,9 @@ def test_fingerprint_follows_rows_not_files(tmp_path):
     a, b = tokenize(tmp_path / "a"), tokenize(tmp_path / "b")
     assert a.fingerprint == b.fingerprint and a.path == b.path
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
-    changed = first.map(lambda row, i: {"content": row["content"] + (" x" if i == 5 else "")},
-                        with_indices=True)
+    changed = first.map(
+        lambda row, i: {"content": row["content"] + (" x" if i == 5 else "")}, with_indices=True
+    )
     changed.save_to_disk(str(tmp_path / "c"))
     assert tokenize(tmp_path / "c").fingerprint != a.fingerprint
 
@@ -202,11 +257,14 @@ def _climb(directory):
     (directory / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "../ds"]}))
 
 
-@pytest.mark.parametrize(("damage", "expected"), [
-    (_truncate, r"cannot read corpus .*ds.*save_to_disk"),
-    (_garbage, r"cannot read corpus .*ds.*save_to_disk"),
-    (_flip, r"cannot read corpus .*ds.*save_to_disk"),
-])
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (_truncate, r"cannot read corpus .*ds.*save_to_disk"),
+        (_garbage, r"cannot read corpus .*ds.*save_to_disk"),
+        (_flip, r"cannot read corpus .*ds.*save_to_disk"),
+    ],
+)
 def test_corrupt_arrow_file_is_one_line(ws, tmp_path, capsys, damage, expected):
     shutil.copytree(ws / "ds", tmp_path / "ds")
     damage(tmp_path / "ds")
@@ -230,21 +288,37 @@ def test_corrupt_parquet_file_is_one_line(ws, tmp_path, capsys):
     assert "cannot read Parquet corpus file" in line and "b.parquet" in line
 
 
-@pytest.mark.parametrize(("corpus", "expected"), [
-    (["dd", "--hf-splits"], "no column 'text' (columns: content); set --text-field"),
-    (["ds", "--text-field", "missing"], "no column 'missing' (columns: content); set --text-field"),
-    (["dd", "--text-field", "content", "--hf-splits", "train=train,valid=dev"],
-     "has no split 'dev' (its splits: train, validation, test); --hf-splits"),
-    (["ds", "--text-field", "content", "--hf-splits"],
-     "--hf-splits (CorpusConfig.dataset_splits) uses a DatasetDict's own splits, but corpus"),
-    (["dd", "--text-field", "content", "--hf-splits", "valid"],
-     "--hf-splits 'valid': expected OURS=THEIRS pairs"),
-    (["dd", "--text-field", "content", "--hf-splits", "train=train,test=train"],
-     "uses one dataset split for two of hetgraph's"),
-    (["dd", "--text-field", "content", "--hf-splits", "dev=validation"],
-     "dev is not a hetgraph split"),
-    (["pq", "--text-field", "content", "--hf-splits"], "is no directory written by"),
-])
+@pytest.mark.parametrize(
+    ("corpus", "expected"),
+    [
+        (["dd", "--hf-splits"], "no column 'text' (columns: content); set --text-field"),
+        (
+            ["ds", "--text-field", "missing"],
+            "no column 'missing' (columns: content); set --text-field",
+        ),
+        (
+            ["dd", "--text-field", "content", "--hf-splits", "train=train,valid=dev"],
+            "has no split 'dev' (its splits: train, validation, test); --hf-splits",
+        ),
+        (
+            ["ds", "--text-field", "content", "--hf-splits"],
+            "--hf-splits (CorpusConfig.dataset_splits) uses a DatasetDict's own splits, but corpus",
+        ),
+        (
+            ["dd", "--text-field", "content", "--hf-splits", "valid"],
+            "--hf-splits 'valid': expected OURS=THEIRS pairs",
+        ),
+        (
+            ["dd", "--text-field", "content", "--hf-splits", "train=train,test=train"],
+            "uses one dataset split for two of hetgraph's",
+        ),
+        (
+            ["dd", "--text-field", "content", "--hf-splits", "dev=validation"],
+            "dev is not a hetgraph split",
+        ),
+        (["pq", "--text-field", "content", "--hf-splits"], "is no directory written by"),
+    ],
+)
 def test_option_errors_are_one_line_naming_the_option(ws, tmp_path, capsys, corpus, expected):
     assert build(ws, tmp_path, "--corpus", ws / corpus[0], *corpus[1:]) == 2
     assert expected in one_error_line(capsys)
@@ -271,10 +345,12 @@ def test_without_datasets_installed_the_error_names_the_extra(ws, monkeypatch):
 
 
 def test_dataset_splits_in_a_corpus_config_file(ws, tmp_path):
-    (tmp_path / "corpus.json").write_text(json.dumps(
-        {"text_field": "content", "dataset_splits": {"train": "train", "test": "test"}}))
-    assert build(ws, tmp_path, "--corpus", ws / "dd", "--corpus-config",
-                 tmp_path / "corpus.json") == 0
+    (tmp_path / "corpus.json").write_text(
+        json.dumps({"text_field": "content", "dataset_splits": {"train": "train", "test": "test"}})
+    )
+    assert (
+        build(ws, tmp_path, "--corpus", ws / "dd", "--corpus-config", tmp_path / "corpus.json") == 0
+    )
     config = CorpusConfig.from_dict(json.loads((tmp_path / "corpus.json").read_text()))
     assert CorpusConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="dataset_splits"):

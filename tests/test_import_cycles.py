@@ -5,6 +5,7 @@ function bodies (a function-level import hides a cycle, it does not remove it); 
 under ``if TYPE_CHECKING:`` are left out, since they never run. A cycle is a strongly
 connected component of more than one module in the graph of these imports.
 """
+
 from __future__ import annotations
 
 import ast
@@ -69,8 +70,10 @@ def import_targets(path: Path, modules: set[str]) -> set[str]:
             source = _absolute(node, importer, path.name == "__init__.py")
             # `from package import submodule` imports the submodule; any other name
             # comes from the package's ``__init__``.
-            names = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules
-                     else source for alias in node.names]
+            names = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source
+                for alias in node.names
+            ]
         targets.update(name for name in names if name in modules)
     targets.discard(importer)
     return targets
@@ -125,25 +128,32 @@ def strongly_connected_components(graph: dict[str, set[str]]) -> list[set[str]]:
 
 
 def import_cycles() -> list[tuple[str, ...]]:
-    return sorted(tuple(sorted(component))
-                  for component in strongly_connected_components(import_graph())
-                  if len(component) > 1)
+    return sorted(
+        tuple(sorted(component))
+        for component in strongly_connected_components(import_graph())
+        if len(component) > 1
+    )
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [("a", "b", "c")]),
-    ({"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}, [("c", "d")]),
-    ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, []),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}, [("a", "b", "c")]),
+        ({"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}, [("c", "d")]),
+        ({"a": {"b", "c"}, "b": {"c"}, "c": set()}, []),
+    ],
+)
 def test_components_of_small_graphs(graph, expected):
     found = [tuple(sorted(c)) for c in strongly_connected_components(graph) if len(c) > 1]
     assert sorted(found) == expected
 
 
 def test_function_level_imports_count_and_type_checking_ones_do_not(tmp_path):
-    source = ("from typing import TYPE_CHECKING\n"
-              "if TYPE_CHECKING:\n    from hetgraph.b import B\n"
-              "def f():\n    from . import c\n    from .d import thing\n    import hetgraph.e\n")
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from hetgraph.b import B\n"
+        "def f():\n    from . import c\n    from .d import thing\n    import hetgraph.e\n"
+    )
     path = PACKAGE / "a.py"
     tree_targets = set()
     for node in _runtime_imports(ast.parse(source)):
@@ -158,6 +168,7 @@ def test_no_runtime_import_cycles_inside_the_package():
     cycles = import_cycles()
     unexpected = [cycle for cycle in cycles if cycle not in ALLOWED_CYCLES]
     assert unexpected == [], "modules that import each other at run time: " + "; ".join(
-        " <-> ".join(cycle) for cycle in unexpected)
+        " <-> ".join(cycle) for cycle in unexpected
+    )
     stale = [cycle for cycle in ALLOWED_CYCLES if cycle not in cycles]
     assert stale == [], f"allowed cycles that are gone (remove them from the list): {stale}"

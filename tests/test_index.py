@@ -1,4 +1,5 @@
 """FAISS index over a real (tiny-model) datastore: exact self-retrieval, factories, persistence."""
+
 from __future__ import annotations
 
 import re
@@ -28,18 +29,26 @@ def make_split(num_tokens: int, seed: int = 0) -> TokenizedSplit:
 def datastores(tmp_path_factory):
     tok = byte_tokenizer()
     root = tmp_path_factory.mktemp("ds")
-    return {family: build_datastore(tiny_causal_lm(family), tok, make_split(1200), root / family,
-                                    DatastoreConfig(context_length=64, stride=32, batch_size=4),
-                                    show_progress=False)
-            for family in FAMILIES}
+    return {
+        family: build_datastore(
+            tiny_causal_lm(family),
+            tok,
+            make_split(1200),
+            root / family,
+            DatastoreConfig(context_length=64, stride=32, batch_size=4),
+            show_progress=False,
+        )
+        for family in FAMILIES
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_exact_search_finds_each_key_itself(datastores, family, metric):
     ds = datastores[family]
-    index = DatastoreIndex.build(ds, IndexConfig(factory="Flat", metric=metric),
-                                 show_progress=False)
+    index = DatastoreIndex.build(
+        ds, IndexConfig(factory="Flat", metric=metric), show_progress=False
+    )
     assert index.ntotal == len(ds) and index.dim == ds.dim
     distances, ids = index.search(ds.keys, 4)
     assert distances.dtype == np.float32 and ids.dtype == np.int64 and ids.shape == (len(ds), 4)
@@ -110,17 +119,28 @@ def test_auto_factory_and_config_json(tmp_path):
     with pytest.raises(ValueError, match="metric"):
         IndexConfig(metric="cosine")
     with pytest.raises(ValueError, match="'NotAnIndex' is not one hetgraph builds"):
-        DatastoreIndex.build(np.zeros((10, 30), np.float16), IndexConfig(factory="NotAnIndex"),
-                             show_progress=False)
+        DatastoreIndex.build(
+            np.zeros((10, 30), np.float16), IndexConfig(factory="NotAnIndex"), show_progress=False
+        )
 
 
-@pytest.mark.parametrize("field, value", [
-    ("on_disk", "yes"), ("shard_rows", 0), ("shard_rows", "10"), ("shard_rows", True),
-    ("rerank", -1), ("rerank", 1.5), ("gpu", "always"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("on_disk", "yes"),
+        ("shard_rows", 0),
+        ("shard_rows", "10"),
+        ("shard_rows", True),
+        ("rerank", -1),
+        ("rerank", 1.5),
+        ("gpu", "always"),
+    ],
+)
 def test_index_config_rejects_bad_scale_fields_naming_them(field, value):
-    for build in (lambda: IndexConfig(**{field: value}),
-                  lambda: IndexConfig.from_dict({field: value})):
+    for build in (
+        lambda: IndexConfig(**{field: value}),
+        lambda: IndexConfig.from_dict({field: value}),
+    ):
         with pytest.raises(ConfigError) as raised:
             build()
         assert raised.value.key == field and field in str(raised.value)
@@ -138,8 +158,9 @@ def test_fp16_scalar_quantizer_is_lossless_over_fp16_keys():
     queries = rng.standard_normal((50, 32)).astype(np.float32)
     found = {}
     for codes in ("Flat", "SQfp16"):
-        index = DatastoreIndex.build(keys, IndexConfig(factory=f"IVF16,{codes}", nprobe=4),
-                                     show_progress=False)
+        index = DatastoreIndex.build(
+            keys, IndexConfig(factory=f"IVF16,{codes}", nprobe=4), show_progress=False
+        )
         found[codes] = index.search(queries, 8)
     # Exact by construction: fp16 -> fp16 codes -> float32 is a lossless round trip.
     ivf = faiss.extract_index_ivf(index.index)
@@ -172,8 +193,9 @@ BAD_FACTORIES = [
 
 
 @pytest.mark.parametrize("factory, message", BAD_FACTORIES)
-def test_cli_refuses_bad_factories_in_one_line_writing_nothing(datastores, factory, message,
-                                                               tmp_path, capsys, monkeypatch):
+def test_cli_refuses_bad_factories_in_one_line_writing_nothing(
+    datastores, factory, message, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "1G")
     # parse_factory alone first: a regression must not reach FAISS and crash the interpreter.
     if "training keys" not in message:
@@ -181,8 +203,10 @@ def test_cli_refuses_bad_factories_in_one_line_writing_nothing(datastores, facto
             parse_factory(factory, 32)
     ds = datastores["qwen2"]
     copy = shutil.copytree(ds.path, tmp_path / "ds")
-    assert main(["index", "build", "--datastore", str(copy), "--factory", factory,
-                 "--threads", "1"]) == 2
+    assert (
+        main(["index", "build", "--datastore", str(copy), "--factory", factory, "--threads", "1"])
+        == 2
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -190,34 +214,47 @@ def test_cli_refuses_bad_factories_in_one_line_writing_nothing(datastores, facto
     assert not (copy / "index").exists()
 
 
-@pytest.mark.parametrize("factory, train_size, message", [
-    ("PQ4x10", 500, "PQ4x10 (1024 centroids per sub-quantizer) needs at least 1024 training "
-                    "keys but there are only 500 training keys"),
-    ("OPQ8,Flat", 200, "OPQ8 (it trains a 256-centroid PQ) needs at least 256"),
-    ("PCA16,Flat", 10, "PCA16 (a key per output dimension) needs at least 16"),
-    ("IVF16,Flat", 10, "use at most IVF10"),
-])
+@pytest.mark.parametrize(
+    "factory, train_size, message",
+    [
+        (
+            "PQ4x10",
+            500,
+            "PQ4x10 (1024 centroids per sub-quantizer) needs at least 1024 training "
+            "keys but there are only 500 training keys",
+        ),
+        ("OPQ8,Flat", 200, "OPQ8 (it trains a 256-centroid PQ) needs at least 256"),
+        ("PCA16,Flat", 10, "PCA16 (a key per output dimension) needs at least 16"),
+        ("IVF16,Flat", 10, "use at most IVF10"),
+    ],
+)
 def test_factories_needing_more_training_keys_are_refused(factory, train_size, message):
     keys = np.random.default_rng(0).standard_normal((600, 32)).astype(np.float16)
     with pytest.raises(DatastoreIndexError, match=re.escape(message)):
-        DatastoreIndex.build(keys, IndexConfig(factory=factory, train_size=train_size),
-                             show_progress=False)
+        DatastoreIndex.build(
+            keys, IndexConfig(factory=factory, train_size=train_size), show_progress=False
+        )
 
 
 def test_hnsw_links_beyond_memory_are_refused_before_adding(monkeypatch):
     keys = np.zeros((1000, 32), np.float16)
     monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "1M")
-    with pytest.raises(DatastoreIndexError, match=r"links of index 'HNSW1000' over 1000 keys "
-                                                  r"would need 8.1 MB.*smaller HNSW M"):
+    with pytest.raises(
+        DatastoreIndexError,
+        match=r"links of index 'HNSW1000' over 1000 keys "
+        r"would need 8.1 MB.*smaller HNSW M",
+    ):
         DatastoreIndex.build(keys, IndexConfig(factory="HNSW1000"), show_progress=False)
 
 
-@pytest.mark.parametrize("factory", ["HNSW2", "HNSW8,SQ8", "OPQ8_16,IVF4,PQ8x4", "PCAR16,Flat",
-                                     "IVF4,SQbf16"])
+@pytest.mark.parametrize(
+    "factory", ["HNSW2", "HNSW8,SQ8", "OPQ8_16,IVF4,PQ8x4", "PCAR16,Flat", "IVF4,SQbf16"]
+)
 def test_supported_boundary_factories_build_and_search(factory):
     keys = np.random.default_rng(1).standard_normal((600, 32)).astype(np.float16)
-    index = DatastoreIndex.build(keys, IndexConfig(factory=factory, nprobe=4, num_threads=1),
-                                 show_progress=False)
+    index = DatastoreIndex.build(
+        keys, IndexConfig(factory=factory, nprobe=4, num_threads=1), show_progress=False
+    )
     _, ids = index.search(keys[:20], 3)
     assert index.ntotal == 600 and ((ids >= 0) & (ids < 600)).all()
 

@@ -1,5 +1,6 @@
 """Indexes past RAM (on-disk IVF lists, shard-parallel builds), exact re-ranking, GPU
 fallback and the ``auto`` layout rule."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,14 @@ def _queries(q: int = 40, d: int = D) -> np.ndarray:
 
 
 def _config(factory: str = "IVF16,PQ4x4", **kw) -> IndexConfig:
-    base = dict(factory=factory, nprobe=4, train_size=2000, shard_rows=700, add_chunk_size=256,
-                num_threads=1)
+    base = dict(
+        factory=factory,
+        nprobe=4,
+        train_size=2000,
+        shard_rows=700,
+        add_chunk_size=256,
+        num_threads=1,
+    )
     return IndexConfig(**{**base, **kw})
 
 
@@ -59,8 +66,11 @@ def test_ondisk_built_in_blocks_equals_in_memory(tmp_path, factory):
     memory = DatastoreIndex.build(keys, _config(factory), show_progress=False)
     disk = build_ondisk_index(keys, tmp_path / "index", _config(factory))
     assert disk.on_disk and disk.ntotal == N
-    assert sorted(p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith(".")) \
-        == ["index.faiss", "index.ivfdata", "index.json"]  # shards/ removed after the merge
+    assert sorted(p.name for p in (tmp_path / "index").iterdir() if not p.name.startswith(".")) == [
+        "index.faiss",
+        "index.ivfdata",
+        "index.json",
+    ]  # shards/ removed after the merge
     d_mem, i_mem = memory.search(_queries(), 10)
     d_disk, i_disk = disk.search(_queries(), 10)
     np.testing.assert_array_equal(i_disk, i_mem)
@@ -74,8 +84,9 @@ def test_ondisk_index_is_memory_mapped_not_loaded(tmp_path):
     assert isinstance(lists, faiss.OnDiskInvertedLists)
     assert lists.filename == str(tmp_path / "index" / INDEX_LISTS_FILE)
     # index.faiss holds only the quantizers and the list header: the codes stay in the lists.
-    assert (tmp_path / "index" / "index.faiss").stat().st_size < \
-        (tmp_path / "index" / INDEX_LISTS_FILE).stat().st_size
+    assert (tmp_path / "index" / "index.faiss").stat().st_size < (
+        tmp_path / "index" / INDEX_LISTS_FILE
+    ).stat().st_size
     assert verify(tmp_path / "index").ok
 
 
@@ -128,8 +139,9 @@ def test_ondisk_build_shows_the_rows_rank_zero_adds(tmp_path, capsys):
     with pytest.raises(DatastoreIndexError):  # rank 1: no bar, then rank 0 still owes blocks
         build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(1, 2))
     assert "index IVF16,PQ4x4" not in capsys.readouterr().err
-    build_ondisk_index(keys, tmp_path / "two", config, distributed=_SimulatedRank(0, 2),
-                       show_progress=True)
+    build_ondisk_index(
+        keys, tmp_path / "two", config, distributed=_SimulatedRank(0, 2), show_progress=True
+    )
     mine = shard_range(5, 0, 2)
     rows = len(mine) * config.shard_rows
     assert f"{rows}/{rows}" in capsys.readouterr().err
@@ -157,13 +169,21 @@ def test_two_process_gloo_build_matches_single_process(tmp_path):
     script = tmp_path / "build.py"
     script.write_text(_GLOO_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", str(script), str(tmp_path / "two")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        str(script),
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     keys = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float16)
-    config = IndexConfig(factory="IVF16,PQ4x4", nprobe=4, train_size=1500, shard_rows=400,
-                         num_threads=1)
+    config = IndexConfig(
+        factory="IVF16,PQ4x4", nprobe=4, train_size=1500, shard_rows=400, num_threads=1
+    )
     single = build_ondisk_index(keys, tmp_path / "one", config)
     expected = single.search(keys[:20].astype(np.float32), 5)[1]
     for rank in (0, 1):
@@ -173,8 +193,9 @@ def test_two_process_gloo_build_matches_single_process(tmp_path):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_rerank_recall_at_least_approximate_and_exact_when_all_candidates(tmp_path, metric):
     keys, queries = _keys(), _queries()
-    exact = DatastoreIndex.build(keys, IndexConfig(factory="Flat", metric=metric),
-                                 show_progress=False)
+    exact = DatastoreIndex.build(
+        keys, IndexConfig(factory="Flat", metric=metric), show_progress=False
+    )
     d_exact, i_exact = exact.search(queries, 10)
     approx = DatastoreIndex.build(keys, _config(metric=metric), show_progress=False)
     recall_approx = _recall(approx.search(queries, 10)[1], i_exact)
@@ -254,8 +275,10 @@ def test_empty_or_flat_keys_are_refused_by_both_builds(tmp_path, keys, build):
 
 
 def test_both_builds_name_a_factory_faiss_cannot_build(tmp_path):
-    for build in (lambda c: build_ondisk_index(_keys(), tmp_path / "index", c),
-                  lambda c: DatastoreIndex.build(_keys(), c, show_progress=False)):
+    for build in (
+        lambda c: build_ondisk_index(_keys(), tmp_path / "index", c),
+        lambda c: DatastoreIndex.build(_keys(), c, show_progress=False),
+    ):
         with pytest.raises(DatastoreIndexError, match="FAISS cannot build index 'IVF16,PQ5'"):
             build(_config("IVF16,PQ5"))
 
@@ -268,13 +291,16 @@ def test_auto_layout_rule():
     assert on_disk and factory.startswith("IVF") and factory.endswith("PQ64")
     # Beyond ONDISK_ROW_LIMIT rows always on disk; an explicit factory stays as asked.
     assert choose_layout(60_000_000, 576, IndexConfig(), available=2**40)[1]
-    assert choose_layout(60_000_000, 576, IndexConfig(factory="IVF4096,PQ64"),
-                         available=2**40) == ("IVF4096,PQ64", False)
+    assert choose_layout(60_000_000, 576, IndexConfig(factory="IVF4096,PQ64"), available=2**40) == (
+        "IVF4096,PQ64",
+        False,
+    )
     assert choose_layout(5000, 16, IndexConfig(on_disk=True))[1]
     assert estimated_index_bytes("IVF4096,PQ64", 10**6, 576) == 10**6 * 72 + 4 * 576 * 4096
     assert estimated_index_bytes("Flat", 10, 576) == 10 * 576 * 4
-    assert estimated_index_bytes("IVF1024,SQfp16", 200_000, 576) == (200_000 * (2 * 576 + 8)
-                                                                   + 4 * 576 * 1024)
+    assert estimated_index_bytes("IVF1024,SQfp16", 200_000, 576) == (
+        200_000 * (2 * 576 + 8) + 4 * 576 * 1024
+    )
     assert estimated_index_bytes("SQ8", 10, 576) == 10 * 576
     assert estimated_index_bytes("IVF16,SQ4", 10, 576) == 10 * (288 + 8) + 4 * 576 * 16
 
@@ -290,8 +316,9 @@ def test_gpu_is_used_only_for_cuda_queries_when_available(monkeypatch):
     # With GPU FAISS (simulated): the index is copied once and the copy searched.
     copies = []
     monkeypatch.setattr(faiss_index_module, "wants_gpu", lambda q, setting, on_disk: True)
-    monkeypatch.setattr(faiss_index_module, "to_all_gpus",
-                        lambda ix: copies.append(ix) or faiss.clone_index(ix))
+    monkeypatch.setattr(
+        faiss_index_module, "to_all_gpus", lambda ix: copies.append(ix) or faiss.clone_index(ix)
+    )
     for _ in range(2):
         for a, b in zip(index.search(_queries(), 5), expected, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -306,11 +333,48 @@ def test_cli_builds_an_on_disk_index_with_reranking(tmp_path, capsys):
     save_tiny_model(tmp_path / "model", "qwen2")
     write_word_corpus(tmp_path / "corpus")
     ds = tmp_path / "ds"
-    assert main(["datastore", "build", "--model", str(tmp_path / "model"), "--corpus",
-                 str(tmp_path / "corpus"), "--threads", "1", "--out", str(ds),
-                 "--context-length", "64", "--stride", "32", "--no-index"]) == 0
-    assert main(["index", "build", "--datastore", str(ds), "--factory", "IVF4,Flat",
-                 "--on-disk", "--rerank", "16", "--nprobe", "1", "--shard-rows", "500"]) == 0
+    assert (
+        main(
+            [
+                "datastore",
+                "build",
+                "--model",
+                str(tmp_path / "model"),
+                "--corpus",
+                str(tmp_path / "corpus"),
+                "--threads",
+                "1",
+                "--out",
+                str(ds),
+                "--context-length",
+                "64",
+                "--stride",
+                "32",
+                "--no-index",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--datastore",
+                str(ds),
+                "--factory",
+                "IVF4,Flat",
+                "--on-disk",
+                "--rerank",
+                "16",
+                "--nprobe",
+                "1",
+                "--shard-rows",
+                "500",
+            ]
+        )
+        == 0
+    )
     assert "(lists on disk)" in capsys.readouterr().out
     store = Datastore.open(ds)
     index = DatastoreIndex.load(ds / "index", store)
@@ -319,8 +383,7 @@ def test_cli_builds_an_on_disk_index_with_reranking(tmp_path, capsys):
     queries = np.asarray(store.keys[:30], dtype=np.float32) + 0.01
     np.testing.assert_array_equal(index.search(queries, 1)[1], exact.search(queries, 1)[1])
     # Back to an in-memory index: the on-disk lists go with the old index.
-    assert main(["index", "build", "--datastore", str(ds), "--factory", "Flat",
-                 "--in-memory"]) == 0
+    assert main(["index", "build", "--datastore", str(ds), "--factory", "Flat", "--in-memory"]) == 0
     assert not (ds / "index" / INDEX_LISTS_FILE).exists()
     assert not DatastoreIndex.load(ds / "index", store).on_disk
 
@@ -337,10 +400,15 @@ def test_the_pipeline_builds_the_layout_its_index_config_asks_for(tmp_path):
     write_word_corpus(tmp_path / "corpus")
 
     def config(on_disk):
-        return RunConfig.from_dict({
-            **tiny_run_config(), "model": str(tmp_path / "model"),
-            "corpus": {"path": str(tmp_path / "corpus")}, "out_dir": str(tmp_path / "run"),
-            "index": {"factory": "IVF4,Flat", "nprobe": 4, "on_disk": on_disk}})
+        return RunConfig.from_dict(
+            {
+                **tiny_run_config(),
+                "model": str(tmp_path / "model"),
+                "corpus": {"path": str(tmp_path / "corpus")},
+                "out_dir": str(tmp_path / "run"),
+                "index": {"factory": "IVF4,Flat", "nprobe": 4, "on_disk": on_disk},
+            }
+        )
 
     model, tokenizer = load_model(str(tmp_path / "model"))
     corpus = tokenize_corpus(config(True).corpus, tokenizer, show_progress=False)
@@ -367,9 +435,14 @@ def test_the_pipeline_keeps_a_saved_index_when_the_free_memory_changes(tmp_path,
 
     save_tiny_model(tmp_path / "model", "qwen2")
     write_word_corpus(tmp_path / "corpus")
-    config = RunConfig.from_dict({
-        **tiny_run_config(), "model": str(tmp_path / "model"),
-        "corpus": {"path": str(tmp_path / "corpus")}, "out_dir": str(tmp_path / "run")})
+    config = RunConfig.from_dict(
+        {
+            **tiny_run_config(),
+            "model": str(tmp_path / "model"),
+            "corpus": {"path": str(tmp_path / "corpus")},
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
     model, tokenizer = load_model(str(tmp_path / "model"))
     corpus = tokenize_corpus(config.corpus, tokenizer, show_progress=False)
     _, index = prepare_datastore(model, tokenizer, corpus, config, tmp_path / "run")

@@ -1,5 +1,6 @@
 """Integrity of datastores, indexes and adapters: records, cheap checks on open, ``verify``,
 safe ``--overwrite``, recovery of damaged datastores, non-finite keys, locks, full disks."""
+
 from __future__ import annotations
 
 import filecmp
@@ -27,10 +28,23 @@ from hetgraph.verify import VerificationError, verify
 
 CONFIG = DatastoreConfig(context_length=32, stride=16, batch_size=2, feature_layers=(0,))
 ADAPTER = dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
-DATASTORE_FILES = ["keys.npy", "next_tokens.npy", "tokens.npy", "doc_ids.npy", "positions.npy",
-                   "features_0.npy", "metadata.json", "doc_names.json"]
-ALL_FILES = [*DATASTORE_FILES, "index/index.faiss", "index/index.json",
-             "adapter/adapter.safetensors", "adapter/adapter_config.json"]
+DATASTORE_FILES = [
+    "keys.npy",
+    "next_tokens.npy",
+    "tokens.npy",
+    "doc_ids.npy",
+    "positions.npy",
+    "features_0.npy",
+    "metadata.json",
+    "doc_names.json",
+]
+ALL_FILES = [
+    *DATASTORE_FILES,
+    "index/index.faiss",
+    "index/index.json",
+    "adapter/adapter.safetensors",
+    "adapter/adapter_config.json",
+]
 
 
 def make_split(num_tokens: int = 160, seed: int = 0) -> TokenizedSplit:
@@ -41,8 +55,15 @@ def make_split(num_tokens: int = 160, seed: int = 0) -> TokenizedSplit:
 
 
 def build(out: Path, model=None, **kwargs) -> Datastore:
-    return build_datastore(model or tiny_causal_lm("qwen2"), byte_tokenizer(), make_split(), out,
-                           CONFIG, show_progress=False, **kwargs)
+    return build_datastore(
+        model or tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        make_split(),
+        out,
+        CONFIG,
+        show_progress=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +97,12 @@ def flip(path: Path, offset: int) -> None:
 
 # -- verify ---------------------------------------------------------------------------------
 
+
 def test_verify_passes_a_sound_tree_and_covers_every_file(tree):
     report = verify(tree)
     assert report.ok, str(report)
     assert report.kinds == ["datastore", "index", "adapter"]
-    assert {str(p.relative_to(tree)) for p in report.checked} >= set(ALL_FILES) - {
-        "doc_names.json"}
+    assert {str(p.relative_to(tree)) for p in report.checked} >= set(ALL_FILES) - {"doc_names.json"}
     assert str(report).startswith("OK:")
 
 
@@ -129,8 +150,10 @@ def test_open_refuses_a_damaged_array_naming_the_file_and_the_fix(tree, damage, 
     assert "allow_pickle" not in message and "mmap length" not in message
 
 
-@pytest.mark.parametrize("damage, message", [("deleted", "keys.npy is missing"),
-                                             ("truncated", "keys.npy is damaged (truncated)")])
+@pytest.mark.parametrize(
+    "damage, message",
+    [("deleted", "keys.npy is missing"), ("truncated", "keys.npy is damaged (truncated)")],
+)
 def test_file_problems_are_typed_records_and_name_each_file_once(tree, damage, message):
     from hetgraph.datastore.integrity import (
         FileProblem,
@@ -150,8 +173,16 @@ def test_file_problems_are_typed_records_and_name_each_file_once(tree, damage, m
     assert datastore_problems(tree)[1] == [f"{tree}/{message}; {rebuild_hint(tree)}"]
 
 
-@pytest.mark.parametrize("text", ["", "{", "[1, 2]", '{"format_version": 1}',
-                                  '{"format_version": 1, "num_entries": "ten", "dim": 4}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[1, 2]",
+        '{"format_version": 1}',
+        '{"format_version": 1, "num_entries": "ten", "dim": 4}',
+    ],
+)
 def test_malformed_metadata_json_is_a_typed_error_naming_it(tree, text):
     (tree / DATASTORE_METADATA).write_text(text)
     with pytest.raises(DatastoreError, match=r"metadata\.json") as info:
@@ -177,9 +208,16 @@ def test_old_index_faiss_without_record_still_gives_a_typed_error(tree):
             DatastoreIndex.load(tree / INDEX_DIR)
 
 
-@pytest.mark.parametrize("text", ["", "[]", '{"format_version": 1}',
-                                  '{"format_version": 1, "factory": "Flat", "metric": "cos", '
-                                  '"num_vectors": 3, "dim": 4, "config": {}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        '{"format_version": 1}',
+        '{"format_version": 1, "factory": "Flat", "metric": "cos", '
+        '"num_vectors": 3, "dim": 4, "config": {}}',
+    ],
+)
 def test_malformed_index_json_is_a_typed_error_naming_it(tree, text):
     (tree / INDEX_DIR / "index.json").write_text(text)
     with pytest.raises(DatastoreIndexError, match=r"index\.json"):
@@ -188,8 +226,9 @@ def test_malformed_index_json_is_a_typed_error_naming_it(tree, text):
 
 def test_index_whose_metric_disagrees_with_index_json_is_refused(tree, tmp_path):
     store = Datastore.open(tree)
-    DatastoreIndex.build(store, IndexConfig(factory="Flat", metric="ip"),
-                         show_progress=False).save(tmp_path / "ip")
+    DatastoreIndex.build(store, IndexConfig(factory="Flat", metric="ip"), show_progress=False).save(
+        tmp_path / "ip"
+    )
     # An older index.json (no record) next to an index.faiss of the other metric.
     meta = read_json(tree / INDEX_DIR / "index.json")
     del meta["integrity"], meta["checksum"]
@@ -200,6 +239,7 @@ def test_index_whose_metric_disagrees_with_index_json_is_refused(tree, tmp_path)
 
 
 # -- adapters ---------------------------------------------------------------------------------
+
 
 def _load_adapter(tree: Path) -> HetGraphLM:
     store = Datastore.open(tree)
@@ -240,6 +280,7 @@ def test_old_adapter_without_record_loads_and_nan_weights_are_refused(tree):
 
 # -- overwrite, recovery --------------------------------------------------------------------
 
+
 def test_overwrite_never_deletes_a_directory_that_is_not_a_datastore(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -260,8 +301,12 @@ def test_an_on_disk_index_and_its_unfinished_shards_belong_to_the_datastore(tree
     (index / "index.ivfdata").write_bytes(b"lists")
     shards = index / "shards"
     shards.mkdir()
-    for name in ("trained.faiss", "plan.json", "shard-00000.faiss",
-                 ".shard-00001.faiss.123-0badc0de.tmp"):  # a block being written
+    for name in (
+        "trained.faiss",
+        "plan.json",
+        "shard-00000.faiss",
+        ".shard-00001.faiss.123-0badc0de.tmp",
+    ):  # a block being written
         (shards / name).write_bytes(b"x")
     assert build(tree).complete
     (shards / "notes.txt").write_text("mine")
@@ -309,6 +354,7 @@ def test_a_build_stopped_before_its_metadata_restarts_without_overwrite(tmp_path
 
 # -- non-finite keys --------------------------------------------------------------------------
 
+
 def test_non_finite_hidden_states_are_refused_before_anything_is_written(tmp_path):
     model = tiny_causal_lm("qwen2")
     with torch.no_grad():
@@ -347,8 +393,9 @@ with directory_lock(sys.argv[1]):
 @pytest.mark.parametrize("what", ["datastore", "index"])
 def test_a_second_writer_is_refused(tree, what):
     locked = tree if what == "datastore" else tree / INDEX_DIR
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(locked)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(locked)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(LockError, match=f"{what} {locked} is being written"):
@@ -363,8 +410,10 @@ def test_a_second_writer_is_refused(tree, what):
 
 
 def test_partial_temporaries_of_killed_writers_are_removed(tree):
-    stale = [tree / INDEX_DIR / ".index.faiss.4242-0badcafe.tmp",
-             tree / ".keys.npy.77-12345678.tmp"]
+    stale = [
+        tree / INDEX_DIR / ".index.faiss.4242-0badcafe.tmp",
+        tree / ".keys.npy.77-12345678.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"partial")
     DatastoreIndex.load(tree / INDEX_DIR).save(tree / INDEX_DIR)
@@ -372,7 +421,8 @@ def test_partial_temporaries_of_killed_writers_are_removed(tree):
     build(tree)
     assert not any(path.exists() for path in stale)
     assert sorted(p.name for p in (tree / INDEX_DIR).iterdir()) == sorted(
-        [LOCK_FILE, "index.faiss", "index.json"])
+        [LOCK_FILE, "index.faiss", "index.json"]
+    )
 
 
 FULL_DISK = """
@@ -394,8 +444,12 @@ except Exception as error:
 
 
 def test_a_file_size_limit_or_full_disk_is_a_typed_error_naming_the_file(tmp_path):
-    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path / "ds")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path / "ds")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.startswith("StorageError") and str(tmp_path / "ds") in out, out
     assert "too large" in out and "run the same build command again" in out
     assert "Errno" not in out

@@ -1,4 +1,5 @@
 """hetgraph.io: atomic writers, the cache root, fingerprints; and the training checkpoints."""
+
 from __future__ import annotations
 
 import hashlib
@@ -120,11 +121,14 @@ def test_writes_are_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert calls  # the file (and, where possible, its directory)
 
 
-@pytest.mark.parametrize("obj, sort_keys, text", [
-    ({"b": 1, "a": "é"}, False, '{\n  "b": 1,\n  "a": "\\u00e9"\n}\n'),
-    ({"b": 1, "a": "é"}, True, '{\n  "a": "\\u00e9",\n  "b": 1\n}\n'),
-    ([1, [2, None]], False, "[\n  1,\n  [\n    2,\n    null\n  ]\n]\n"),
-])
+@pytest.mark.parametrize(
+    "obj, sort_keys, text",
+    [
+        ({"b": 1, "a": "é"}, False, '{\n  "b": 1,\n  "a": "\\u00e9"\n}\n'),
+        ({"b": 1, "a": "é"}, True, '{\n  "a": "\\u00e9",\n  "b": 1\n}\n'),
+        ([1, [2, None]], False, "[\n  1,\n  [\n    2,\n    null\n  ]\n]\n"),
+    ],
+)
 def test_json_round_trip(tmp_path: Path, obj: Any, sort_keys: bool, text: str) -> None:
     path = tmp_path / "x.json"
     atomic_write_json(path, obj, sort_keys=sort_keys)
@@ -164,8 +168,9 @@ def test_failed_directory_write_keeps_the_old_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("accept", [True, False])
-def test_directory_finished_first_by_another_writer(tmp_path: Path, accept: bool,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_directory_finished_first_by_another_writer(
+    tmp_path: Path, accept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "entry"
     real_rename = os.rename
 
@@ -189,13 +194,18 @@ def test_directory_finished_first_by_another_writer(tmp_path: Path, accept: bool
 
 # -- the cache root ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    ("{tmp}/cache", "{tmp}/cache"),
-    ("~/hg", "{home}/hg"),
-    (None, "{home}/.cache/hetgraph"),
-])
-def test_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None,
-                    expected: str) -> None:
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("{tmp}/cache", "{tmp}/cache"),
+        ("~/hg", "{home}/hg"),
+        (None, "{home}/.cache/hetgraph"),
+    ],
+)
+def test_cache_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, expected: str
+) -> None:
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
     if value is None:
@@ -210,8 +220,11 @@ def test_cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str 
 
 # -- fingerprints: byte-identical to the values recorded by earlier versions ------------
 
-DOCUMENTS = [Document("a/ü.txt", "héllo wörld \ud800 ☃"), Document("b", "plain text\n" * 5),
-             Document("", "")]
+DOCUMENTS = [
+    Document("a/ü.txt", "héllo wörld \ud800 ☃"),
+    Document("b", "plain text\n" * 5),
+    Document("", ""),
+]
 
 
 def _old_documents_fingerprint(documents: list[Document]) -> str:
@@ -224,8 +237,9 @@ def _old_documents_fingerprint(documents: list[Document]) -> str:
     return h.hexdigest()[:16]
 
 
-@pytest.mark.parametrize("data, length", [(b"", 16), ("héllo", 16), (b"x" * 1000, None),
-                                          ("abc", 24)])
+@pytest.mark.parametrize(
+    "data, length", [(b"", 16), ("héllo", 16), (b"x" * 1000, None), ("abc", 24)]
+)
 def test_sha256_hex(data: bytes | str, length: int | None) -> None:
     raw = data.encode() if isinstance(data, str) else data
     full = hashlib.sha256(raw).hexdigest()
@@ -246,8 +260,13 @@ def test_recorded_fingerprints_are_unchanged() -> None:
     # Values computed by hetgraph before the fingerprints moved to hetgraph.io; saved
     # datastores, caches and adapters record them.
     assert [document_hash(d.name, s) for d in DOCUMENTS for s in (0, 7)] == [
-        0.8970522325659528, 0.1556898713514925, 0.875512301340902, 0.9225286819930391,
-        0.7283713340583249, 0.44133782941599264]
+        0.8970522325659528,
+        0.1556898713514925,
+        0.875512301340902,
+        0.9225286819930391,
+        0.7283713340583249,
+        0.44133782941599264,
+    ]
     assert documents_fingerprint(DOCUMENTS) == "f770cc8d25740162"
     assert documents_fingerprint(DOCUMENTS) == _old_documents_fingerprint(DOCUMENTS)
     assert tokenizer_fingerprint(byte_tokenizer()) == "7efa6b8e180f034e"
@@ -256,11 +275,17 @@ def test_recorded_fingerprints_are_unchanged() -> None:
     doc_ids = np.repeat(np.arange(3), 100).astype(np.int32)
     assert array_fingerprint(tokens, doc_ids) == "9de6cf33ffb6b731"
     assert array_fingerprint(tokens.astype(np.int64)) == "f2731c94fb25086f"
-    splits = {name: TokenizedSplit(name, tokens[i * 100:(i + 1) * 100], np.zeros(100, np.int32),
-                                   [f"dö{name}"])
-              for i, name in enumerate(("train", "valid", "test"))}
+    splits = {
+        name: TokenizedSplit(
+            name, tokens[i * 100 : (i + 1) * 100], np.zeros(100, np.int32), [f"dö{name}"]
+        )
+        for i, name in enumerate(("train", "valid", "test"))
+    }
     assert [s.fingerprint() for s in splits.values()] == [
-        "2de5a7fd2da4c902", "18aa31343d593176", "0dddaa3a70b13497"]
+        "2de5a7fd2da4c902",
+        "18aa31343d593176",
+        "0dddaa3a70b13497",
+    ]
     corpus = TokenizedCorpus(**splits, tokenizer_fingerprint="7efa6b8e180f034e", eos_token_id=256)
     assert corpus.fingerprint == "c20f2ddde8cff139"
 
@@ -275,28 +300,61 @@ def test_tokenizer_and_config_fingerprints_match_the_old_computation() -> None:
     settings = config.to_dict()
     settings.pop("path")
     settings.pop("dataset_splits")  # a later field, left out of the key while unset
-    payload = json.dumps({"format_version": 1, "tokenizer": h.hexdigest()[:16],
-                          "documents": _old_documents_fingerprint(DOCUMENTS[:2]),
-                          "config": settings}, sort_keys=True)
-    assert cache_key(tokenizer, DOCUMENTS[:2], config) == \
-        hashlib.sha256(payload.encode()).hexdigest()[:24]
+    payload = json.dumps(
+        {
+            "format_version": 1,
+            "tokenizer": h.hexdigest()[:16],
+            "documents": _old_documents_fingerprint(DOCUMENTS[:2]),
+            "config": settings,
+        },
+        sort_keys=True,
+    )
+    assert (
+        cache_key(tokenizer, DOCUMENTS[:2], config)
+        == hashlib.sha256(payload.encode()).hexdigest()[:24]
+    )
     model = tiny_causal_lm("llama")
-    stable = {k: v for k, v in model.config.to_dict().items()
-              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                           "_attn_implementation", "_attn_implementation_autoset",
-                           "quantization_config", "use_cache", "architectures", "_commit_hash",
-                           "output_hidden_states", "return_dict")}
+    stable = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if k
+        not in (
+            "_name_or_path",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+            "_attn_implementation",
+            "_attn_implementation_autoset",
+            "quantization_config",
+            "use_cache",
+            "architectures",
+            "_commit_hash",
+            "output_hidden_states",
+            "return_dict",
+        )
+    }
     old = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
     assert config_fingerprint(model) == old[:16]
 
 
 # -- datastore metadata ------------------------------------------------------------------
 
+
 def test_datastore_metadata_with_the_old_extra_field_loads(tmp_path: Path) -> None:
     metadata = DatastoreMetadata(
-        num_entries=3, dim=4, key_layer=None, feature_dims={}, context_length=8, stride=4,
-        batch_size=1, max_tokens=None, model={"config": "c"}, model_dtype="float32",
-        corpus_fingerprint="x", fingerprint="y")
+        num_entries=3,
+        dim=4,
+        key_layer=None,
+        feature_dims={},
+        context_length=8,
+        stride=4,
+        batch_size=1,
+        max_tokens=None,
+        model={"config": "c"},
+        model_dtype="float32",
+        corpus_fingerprint="x",
+        fingerprint="y",
+    )
     path = tmp_path / DATASTORE_METADATA
     metadata.save(path)
     data = read_json(path)
@@ -309,6 +367,7 @@ def test_datastore_metadata_with_the_old_extra_field_loads(tmp_path: Path) -> No
 
 # -- training checkpoints ----------------------------------------------------------------
 
+
 class _TinyAdapterLM(torch.nn.Module):
     """Stands in for HetGraphLM's persistence: its parameters are the adapter weights."""
 
@@ -317,11 +376,14 @@ class _TinyAdapterLM(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(3))
 
     def save_pretrained(self, directory: Path) -> None:
-        atomic_save_safetensors(Path(directory) / ADAPTER_WEIGHTS,
-                                {"weight": self.weight.detach().clone()})
+        atomic_save_safetensors(
+            Path(directory) / ADAPTER_WEIGHTS, {"weight": self.weight.detach().clone()}
+        )
         # The smallest adapter_config.json a checkpoint reader accepts (no integrity record).
-        atomic_write_json(Path(directory) / "adapter_config.json",
-                          {"format_version": 1, "fusion": {}, "model": {}})
+        atomic_write_json(
+            Path(directory) / "adapter_config.json",
+            {"format_version": 1, "fusion": {}, "model": {}},
+        )
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state)

@@ -1,4 +1,5 @@
 """Knowledge-graph store: reading triples and aliases, the directory, its checks, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,12 @@ def files(tmp_path):
 
 
 def test_build_numbers_entities_and_relations_in_order_of_appearance(files):
-    graph = KnowledgeGraph.build(files / "t.tsv", files / "a.tsv", byte_tokenizer(),
-                                 AliasConfig(min_alias_chars=1, max_alias_tokens=16))
+    graph = KnowledgeGraph.build(
+        files / "t.tsv",
+        files / "a.tsv",
+        byte_tokenizer(),
+        AliasConfig(min_alias_chars=1, max_alias_tokens=16),
+    )
     assert graph.entity_ids == ["dog", "animal", "cat", "fox"]  # fox: an alias only
     assert graph.entity_names == ["dog", "animal", "cat", "red fox"]
     assert graph.relations == ["is_a", "chases"]
@@ -33,14 +38,19 @@ def test_build_numbers_entities_and_relations_in_order_of_appearance(files):
     # 5 aliases x 4 variants (lower case: with a capital first letter; with a space)
     assert graph.counts()["alias_sequences"] == 20
     tokens, offsets = graph.sequences.tokens, graph.sequences.offsets
-    texts = [byte_tokenizer().decode(tokens[offsets[i]:offsets[i + 1]].tolist())
-             for i in range(len(offsets) - 1)]
+    texts = [
+        byte_tokenizer().decode(tokens[offsets[i] : offsets[i + 1]].tolist())
+        for i in range(len(offsets) - 1)
+    ]
     assert texts[:4] == ["dog", "Dog", " dog", " Dog"]
 
 
 def test_jsonl_and_compressed_files_read_like_tsv(files):
-    rows = [dict(zip(("head", "relation", "tail"), line.split("\t"), strict=True))
-            for line in TRIPLES.splitlines() if line and not line.startswith("#")]
+    rows = [
+        dict(zip(("head", "relation", "tail"), line.split("\t"), strict=True))
+        for line in TRIPLES.splitlines()
+        if line and not line.startswith("#")
+    ]
     (files / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with lzma.open(files / "t.tsv.xz", "wt") as f:
         f.write(TRIPLES)
@@ -48,27 +58,38 @@ def test_jsonl_and_compressed_files_read_like_tsv(files):
     assert read_triples(files / "t.jsonl") == expected == read_triples(files / "t.tsv.xz")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("a\tr\tb\nc\tr\n", "t.tsv line 2: expected 3 tab-separated fields (head, relation, tail), "
-                        "got 2"),
-    ("a\tr\tb\n\n\na\t\tb\n", "t.tsv line 4: the relation field is empty"),
-    ("a\tr\tb\tc\n", "t.tsv line 1: expected 3 tab-separated fields (head, relation, tail), "
-                     "got 4"),
-    ("# only a comment\n", "holds no triples"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "a\tr\tb\nc\tr\n",
+            "t.tsv line 2: expected 3 tab-separated fields (head, relation, tail), got 2",
+        ),
+        ("a\tr\tb\n\n\na\t\tb\n", "t.tsv line 4: the relation field is empty"),
+        (
+            "a\tr\tb\tc\n",
+            "t.tsv line 1: expected 3 tab-separated fields (head, relation, tail), got 4",
+        ),
+        ("# only a comment\n", "holds no triples"),
+    ],
+)
 def test_a_bad_tsv_file_names_the_file_and_line(tmp_path, content, message):
     (tmp_path / "t.tsv").write_text(content)
-    with pytest.raises(KnowledgeGraphError, match="^.*" + message.replace("(", r"\(")
-                       .replace(")", r"\)")):
+    with pytest.raises(
+        KnowledgeGraphError, match="^.*" + message.replace("(", r"\(").replace(")", r"\)")
+    ):
         read_triples(tmp_path / "t.tsv")
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"head": "a", "relation": "r"}', "t.jsonl line 2: the JSON object lacks 'tail'"),
-    ("[1, 2, 3]", "t.jsonl line 2: expected a JSON object"),
-    ('{"head": "a", "relation": "r", "tail": 3}', "t.jsonl line 2: 'tail' must be a string"),
-    ('{"head": "a",', "t.jsonl line 2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"head": "a", "relation": "r"}', "t.jsonl line 2: the JSON object lacks 'tail'"),
+        ("[1, 2, 3]", "t.jsonl line 2: expected a JSON object"),
+        ('{"head": "a", "relation": "r", "tail": 3}', "t.jsonl line 2: 'tail' must be a string"),
+        ('{"head": "a",', "t.jsonl line 2: not valid JSON"),
+    ],
+)
 def test_a_bad_jsonl_file_names_the_file_and_line(tmp_path, line, message):
     good = json.dumps({"head": "a", "relation": "r", "tail": "b"})
     (tmp_path / "t.jsonl").write_text(good + "\n" + line + "\n")
@@ -110,8 +131,10 @@ def test_shipped_wordnet_and_the_parser():
     with lzma.open(triples, "rt") as f:
         first = f.readline().rstrip("\n").split("\t")
     assert len(first) == 3 and first[0].startswith(("n.", "v.", "a.", "r."))
-    noun = parse_data_line("00045907 04 n 02 recovery 0 retrieval 0 002 @ 00030358 n 0000 "
-                           "! 02247995 v 0201 | the act of regaining  ")
+    noun = parse_data_line(
+        "00045907 04 n 02 recovery 0 retrieval 0 002 @ 00030358 n 0000 "
+        "! 02247995 v 0201 | the act of regaining  "
+    )
     assert noun.entity == "n.00045907" and noun.lemmas == ("recovery", "retrieval")
     assert noun.pointers == (("hypernym", "n.00030358"), ("antonym", "v.02247995"))
     adjective = parse_data_line("00003356 00 s 01 long-chain(a) 0 001 & 00003131 a 0000 | x")
@@ -126,8 +149,18 @@ def model_dir(tmp_path_factory):
 
 def test_cli_build_resumes_refuses_and_errors_before_writing(files, model_dir, capsys):
     out = files / "kg"
-    args = ("kg", "build", "--model", model_dir, "--triples", files / "t.tsv",
-            "--aliases", files / "a.tsv", "--out", out)
+    args = (
+        "kg",
+        "build",
+        "--model",
+        model_dir,
+        "--triples",
+        files / "t.tsv",
+        "--aliases",
+        files / "a.tsv",
+        "--out",
+        out,
+    )
     assert run_cli(*args) == 0
     assert json.loads(capsys.readouterr().out)["entities"] == 4
     assert run_cli(*args) == 0 and "up to date" in capsys.readouterr().out
@@ -139,10 +172,15 @@ def test_cli_build_resumes_refuses_and_errors_before_writing(files, model_dir, c
     capsys.readouterr()
     (files / "bad.tsv").write_text("a\tr\tb\nc r d\n")
     bad_out = files / "bad-kg"
-    assert run_cli("kg", "build", "--model", model_dir, "--triples", files / "bad.tsv",
-                   "--out", bad_out) == 2
-    assert one_error_line(capsys) == ("error: bad.tsv line 2: expected 3 tab-separated fields "
-                                      "(head, relation, tail), got 1")
+    assert (
+        run_cli(
+            "kg", "build", "--model", model_dir, "--triples", files / "bad.tsv", "--out", bad_out
+        )
+        == 2
+    )
+    assert one_error_line(capsys) == (
+        "error: bad.tsv line 2: expected 3 tab-separated fields (head, relation, tail), got 1"
+    )
     assert not bad_out.exists()
     (files / "not-kg").mkdir()
     (files / "not-kg" / "precious.txt").write_text("x")

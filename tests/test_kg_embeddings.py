@@ -1,4 +1,5 @@
 """KGE entity embeddings (PyG's TransE / DistMult / RotatE / ComplEx) on a planted graph."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ ENTITIES = 24
 def graph_dir(tmp_path_factory):
     """A planted graph: three relations, each a fixed shift around a ring of entities."""
     root = tmp_path_factory.mktemp("kge")
-    lines = [f"e{i}\tr{shift}\te{(i + shift) % ENTITIES}"
-             for shift in (1, 2, 5) for i in range(ENTITIES)]
+    lines = [
+        f"e{i}\tr{shift}\te{(i + shift) % ENTITIES}" for shift in (1, 2, 5) for i in range(ENTITIES)
+    ]
     (root / "t.tsv").write_text("\n".join(lines) + "\n")
     KnowledgeGraph.build(root / "t.tsv", None, byte_tokenizer()).save_pretrained(root / "kg")
     return root / "kg"
@@ -60,8 +62,25 @@ def test_auto_chooses_the_best_valid_mrr_and_beats_random(trained):
 def test_embed_stores_features_with_the_graph(graph_dir, capsys):
     with pytest.raises(KnowledgeGraphError, match="no embeddings; train them"):
         load_entity_features(graph_dir)
-    assert run_cli("kg", "embed", "--kg", graph_dir, "--model", "rotate", "--dim", 8,
-                   "--epochs", 3, "--batch-size", 16, "--threads", 1) == 0
+    assert (
+        run_cli(
+            "kg",
+            "embed",
+            "--kg",
+            graph_dir,
+            "--model",
+            "rotate",
+            "--dim",
+            8,
+            "--epochs",
+            3,
+            "--batch-size",
+            16,
+            "--threads",
+            1,
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out)
     assert record["model"] == "rotate" and set(record["candidates"]) == {"rotate"}
     features = load_entity_features(graph_dir)

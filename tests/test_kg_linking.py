@@ -1,4 +1,5 @@
 """Entity linking on token ids against a naive left-to-right reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ def naive_link(ids, sequences, entities, m, flags):
     while s < t:
         best = 0
         for n in range(1, longest + 1):
-            if s + n > t or tuple(ids[s:s + n]) not in table:
+            if s + n > t or tuple(ids[s : s + n]) not in table:
                 continue
             if s > 0 and flag(s - 1, ENDS_WORD_CHAR) and flag(s, STARTS_WORD_CHAR):
                 continue
@@ -45,7 +46,7 @@ def naive_link(ids, sequences, entities, m, flags):
         if best == 0:
             s += 1
             continue
-        found = table[tuple(ids[s:s + best])][:m]
+        found = table[tuple(ids[s : s + best])][:m]
         for p in range(s, s + best):
             out_entities[p] = found + [-1] * (m - len(found))
             start[p], length[p] = s, best
@@ -57,14 +58,15 @@ def planted(seed, vocab=12, aliases=15, batch=3, t=60):
     rng = np.random.default_rng(seed)
     seqs = {tuple(rng.integers(0, vocab, rng.integers(1, 5)).tolist()) for _ in range(aliases)}
     sequences = sorted(seqs)
-    pairs = [(s, int(e)) for s in sequences for e in rng.choice(8, rng.integers(1, 4),
-                                                                  replace=False)]
+    pairs = [
+        (s, int(e)) for s in sequences for e in rng.choice(8, rng.integers(1, 4), replace=False)
+    ]
     ids = rng.integers(0, vocab, (batch, t))
     for b in range(batch):  # plant aliases, some overlapping
         for _ in range(8):
             s = sequences[rng.integers(len(sequences))]
             at = rng.integers(0, t - len(s) + 1)
-            ids[b, at:at + len(s)] = s
+            ids[b, at : at + len(s)] = s
     return [p[0] for p in pairs], [p[1] for p in pairs], ids
 
 
@@ -78,22 +80,27 @@ def as_arrays(sequences, entities):
 @pytest.mark.parametrize("with_flags", [False, True])
 def test_linking_matches_the_naive_reference(seed, m, with_flags):
     sequences, entities, ids = planted(seed)
-    flags = (np.random.default_rng(seed + 100).integers(0, 4, 10).astype(np.uint8)
-             if with_flags else None)  # ids 10, 11 lie beyond the flags: no flags
+    flags = (
+        np.random.default_rng(seed + 100).integers(0, 4, 10).astype(np.uint8)
+        if with_flags
+        else None
+    )  # ids 10, 11 lie beyond the flags: no flags
     linker = EntityLinker(*as_arrays(sequences, entities), max_entities=m, flags=flags)
     links = linker(torch.as_tensor(ids))
     assert links.entities.shape == (*ids.shape, m)
     for b in range(ids.shape[0]):
-        ref_entities, ref_start, ref_length = naive_link(ids[b].tolist(), sequences, entities,
-                                                         m, flags)
+        ref_entities, ref_start, ref_length = naive_link(
+            ids[b].tolist(), sequences, entities, m, flags
+        )
         assert links.entities[b].tolist() == ref_entities
         assert links.mention_start[b].tolist() == ref_start
         assert links.mention_length[b].tolist() == ref_length
         assert linker(torch.as_tensor(ids[b])).entities.tolist() == ref_entities  # unbatched
 
 
-@pytest.mark.parametrize("length", [[0, 0, 0, 0], [2, 0, 2, 0], [2, 2, 2, 2, 2], [3, 1, 2, 0, 1],
-                                    [1] * 7])
+@pytest.mark.parametrize(
+    "length", [[0, 0, 0, 0], [2, 0, 2, 0], [2, 2, 2, 2, 2], [3, 1, 2, 0, 1], [1] * 7]
+)
 def test_greedy_starts_is_the_left_to_right_scan(length):
     expected, s = [False] * len(length), 0
     while s < len(length):
@@ -114,23 +121,34 @@ def test_aliases_link_in_text_with_word_boundaries_and_variants():
     tokenizer = byte_tokenizer()
     config = AliasConfig(min_alias_chars=2, max_alias_tokens=16)
     assert alias_variants("dog", config) == ["dog", "Dog", " dog", " Dog"]
-    sequences = tokenize_aliases([(0, "dog"), (1, "hot dog"), (2, "sea turtle")], tokenizer,
-                                 config)
-    linker = EntityLinker(sequences.tokens, sequences.offsets, sequences.entities,
-                          flags=token_flags(tokenizer))
+    sequences = tokenize_aliases([(0, "dog"), (1, "hot dog"), (2, "sea turtle")], tokenizer, config)
+    linker = EntityLinker(
+        sequences.tokens, sequences.offsets, sequences.entities, flags=token_flags(tokenizer)
+    )
     text = "Dog and hot dog, dogma, hotdog. sea turtles, a sea turtle"
     ids = torch.tensor(tokenizer(text)["input_ids"])
     links = linker(ids)
-    mentions = {(int(s), tokenizer.decode(ids[s:s + int(links.mention_length[s])]),
-                 int(links.entities[s, 0])) for s in range(len(ids)) if links.mention_start[s] == s}
+    mentions = {
+        (
+            int(s),
+            tokenizer.decode(ids[s : s + int(links.mention_length[s])]),
+            int(links.entities[s, 0]),
+        )
+        for s in range(len(ids))
+        if links.mention_start[s] == s
+    }
     assert {(text, e) for _, text, e in mentions} == {
-        ("Dog", 0), (" hot dog", 1), (" sea turtle", 2)}
+        ("Dog", 0),
+        (" hot dog", 1),
+        (" sea turtle", 2),
+    }
 
 
 @pytest.mark.parametrize("t", [0, 1, 3])
 def test_empty_inputs_and_a_linker_without_aliases(t):
-    empty = EntityLinker(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32),
-                         max_entities=2)
+    empty = EntityLinker(
+        np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), max_entities=2
+    )
     links = empty(torch.zeros(2, t, dtype=torch.long))
     assert links.entities.shape == (2, t, 2) and bool((links.entities == -1).all())
     linker = EntityLinker(np.array([0]), np.array([0, 1]), np.array([5]))

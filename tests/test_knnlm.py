@@ -1,4 +1,5 @@
 """kNN-LM mixture against naive per-token Python references."""
+
 from __future__ import annotations
 
 import math
@@ -55,25 +56,46 @@ def test_mixture_equals_naive_reference(missing, temperature, lam):
     p_knn = naive_knn_probs(distances, tokens, temperature)
     np.testing.assert_allclose(knn.exp().numpy(), p_knn, atol=1e-6)
     mix = interpolate_log_probs(lm, knn, lam)
-    naive = np.array([[lam * p_knn[q, w] + (1 - lam) * math.exp(float(lm[q, w])) for w in range(V)]
-                      for q in range(Q)])
+    naive = np.array(
+        [
+            [lam * p_knn[q, w] + (1 - lam) * math.exp(float(lm[q, w])) for w in range(V)]
+            for q in range(Q)
+        ]
+    )
     with np.errstate(divide="ignore"):
-        np.testing.assert_allclose(mix.numpy(), np.log(naive).astype(np.float32),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            mix.numpy(), np.log(naive).astype(np.float32), rtol=1e-5, atol=1e-5
+        )
     # The cheap target-only path agrees with the full distribution.
     target_lp = knn_target_log_probs(distances, tokens, targets, temperature)
-    np.testing.assert_allclose(target_lp.numpy(),
-                               knn.gather(1, targets[:, None]).squeeze(1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        target_lp.numpy(), knn.gather(1, targets[:, None]).squeeze(1).numpy(), atol=1e-6
+    )
     # The exact mixture argmax over {LM argmax} ∪ {neighbour tokens} equals the full argmax.
-    pred = knn_mixture_argmax(lm.argmax(-1), lm.gather(1, tokens.clamp(min=0)), distances, tokens,
-                              lam, temperature, lm_argmax_log_probs=lm.max(-1).values, chunk_size=7)
+    pred = knn_mixture_argmax(
+        lm.argmax(-1),
+        lm.gather(1, tokens.clamp(min=0)),
+        distances,
+        tokens,
+        lam,
+        temperature,
+        lm_argmax_log_probs=lm.max(-1).values,
+        chunk_size=7,
+    )
     defined = naive.max(-1) > 0  # λ = 1 and no neighbour: the mixture is all zero
     np.testing.assert_array_equal(pred.numpy()[defined], naive.argmax(-1)[defined])
     np.testing.assert_array_equal(pred.numpy()[~defined], lm.argmax(-1).numpy()[~defined])
     # The memory cap on a comparison block (here: one query per block) changes nothing.
-    capped = knn_mixture_argmax(lm.argmax(-1), lm.gather(1, tokens.clamp(min=0)), distances,
-                                tokens, lam, temperature, lm_argmax_log_probs=lm.max(-1).values,
-                                max_block_elements=1)
+    capped = knn_mixture_argmax(
+        lm.argmax(-1),
+        lm.gather(1, tokens.clamp(min=0)),
+        distances,
+        tokens,
+        lam,
+        temperature,
+        lm_argmax_log_probs=lm.max(-1).values,
+        max_block_elements=1,
+    )
     np.testing.assert_array_equal(capped.numpy(), pred.numpy())
 
 
@@ -86,7 +108,8 @@ def test_missing_targets_and_edges():
     assert knn_log_probs(distances, tokens, 5, 1.0)[0, 3] == pytest.approx(0.0, abs=1e-6)
     lm = torch.tensor([-1.0, -2.0])
     np.testing.assert_array_equal(
-        interpolate_log_probs(lm, torch.tensor([-5.0, -math.inf]), 0.0), lm)
+        interpolate_log_probs(lm, torch.tensor([-5.0, -math.inf]), 0.0), lm
+    )
     assert perplexity(torch.tensor([-1.0, -math.inf])) == math.inf
     with pytest.raises(ValueError, match="lambda"):
         interpolate_log_probs(lm, lm, 1.5)
@@ -111,8 +134,10 @@ def test_tune_picks_the_grid_optimum():
     for j, t in enumerate(temperatures):
         p_knn = naive_knn_probs(distances, tokens, t)
         for i, l in enumerate(lambdas):
-            p = [l * p_knn[q, int(targets[q])] + (1 - l) * math.exp(float(lm_target[q]))
-                 for q in range(Q)]
+            p = [
+                l * p_knn[q, int(targets[q])] + (1 - l) * math.exp(float(lm_target[q]))
+                for q in range(Q)
+            ]
             brute[i, j] = math.exp(-np.mean(np.log(p)))
     np.testing.assert_allclose(grid, brute, rtol=1e-5)
     i, j = np.unravel_index(brute.argmin(), brute.shape)

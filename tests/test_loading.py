@@ -1,4 +1,5 @@
 """load_model on local directories, GGUF files and the embedded SmolLM2."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """Output-directory locks: a second writer is refused, a dead writer leaves no stale lock."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,12 +19,16 @@ with directory_lock(sys.argv[1], "datastore"):
 
 
 def test_a_second_writer_is_refused_and_a_killed_one_releases(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "ds")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "ds")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(LockError, match=rf"datastore {tmp_path / 'ds'} is being written by "
-                                            rf"process {holder.pid}"):
+        with pytest.raises(
+            LockError,
+            match=rf"datastore {tmp_path / 'ds'} is being written by "
+            rf"process {holder.pid}",
+        ):
             with directory_lock(tmp_path / "ds", "datastore"):
                 pass
     finally:

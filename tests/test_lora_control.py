@@ -1,4 +1,5 @@
 """The LoRA control: an adapter of the graph adapter's size, without a graph, on tiny models."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ from hetgraph.training.lora import (
 ADAPTER = dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
 WINDOWS = EvalConfig(context_length=64, stride=32, batch_size=4, k=4)
 #: PEFT is the optional extra ``lora`` (make setup installs it).
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
-                                reason="needs the 'lora' extra (peft)")
+needs_peft = pytest.mark.skipif(
+    importlib.util.find_spec("peft") is None, reason="needs the 'lora' extra (peft)"
+)
 
 
 def pattern_split(num_docs: int = 6, seed: int = 0, name: str = "train") -> TokenizedSplit:
@@ -45,9 +47,12 @@ def pattern_split(num_docs: int = 6, seed: int = 0, name: str = "train") -> Toke
         body = np.tile(rng.integers(0, 256, size=24), 6)
         tokens.append(np.r_[body, 256])
         doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit(name, np.concatenate(tokens).astype(np.int32),
-                          np.concatenate(doc_ids).astype(np.int32),
-                          [f"doc{i}" for i in range(num_docs)])
+    return TokenizedSplit(
+        name,
+        np.concatenate(tokens).astype(np.int32),
+        np.concatenate(doc_ids).astype(np.int32),
+        [f"doc{i}" for i in range(num_docs)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +67,32 @@ def valid() -> TokenizedSplit:
 
 def graph_lm(tmp_path, family: str, split: TokenizedSplit) -> HetGraphLM:
     model = tiny_causal_lm(family)
-    store = build_datastore(model, byte_tokenizer(), split, tmp_path / f"ds-{family}",
-                            DatastoreConfig(context_length=64, stride=32, batch_size=4),
-                            show_progress=False)
+    store = build_datastore(
+        model,
+        byte_tokenizer(),
+        split,
+        tmp_path / f"ds-{family}",
+        DatastoreConfig(context_length=64, stride=32, batch_size=4),
+        show_progress=False,
+    )
     index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
-    return HetGraphLM(model, store, index, FusionConfig(k=4, adapter=ADAPTER,
-                                                        graph=dict(leakage_radius=4)))
+    return HetGraphLM(
+        model, store, index, FusionConfig(k=4, adapter=ADAPTER, graph=dict(leakage_radius=4))
+    )
 
 
 def training(**overrides) -> TrainingConfig:
-    settings = dict(max_steps=30, batch_size=4, context_length=48, lr=3e-2, warmup_steps=2,
-                    eval_every=10, eval_tokens=200, checkpoint_every=0, seed=3)
+    settings = dict(
+        max_steps=30,
+        batch_size=4,
+        context_length=48,
+        lr=3e-2,
+        warmup_steps=2,
+        eval_every=10,
+        eval_tokens=200,
+        checkpoint_every=0,
+        seed=3,
+    )
     return TrainingConfig(**{**settings, **overrides})
 
 
@@ -124,33 +144,49 @@ def test_trains_on_the_graph_trainers_blocks(tmp_path, train, monkeypatch, from_
             starts = original(*args)
             drawn[key].append(starts)
             return starts
+
         return sample
 
     monkeypatch.setattr(trainer, "sample_starts", recording("graph", trainer.sample_starts))
     monkeypatch.setattr(lora_run, "sample_starts", recording("lora", lora_run.sample_starts))
-    config = training(max_steps=3, grad_accumulation=2, eval_every=0,
-                      from_datastore=from_datastore)
+    config = training(max_steps=3, grad_accumulation=2, eval_every=0, from_datastore=from_datastore)
     lm = graph_lm(tmp_path, "gpt2", train)
     train_adapter(lm, train, None, config, tmp_path / "graph", show_progress=False)
-    train_lora_control(tiny_causal_lm("gpt2"), byte_tokenizer(), train, None, config,
-                       LoraControlConfig(rank=2), tmp_path / "lora", target_params=1,
-                       show_progress=False)
+    train_lora_control(
+        tiny_causal_lm("gpt2"),
+        byte_tokenizer(),
+        train,
+        None,
+        config,
+        LoraControlConfig(rank=2),
+        tmp_path / "lora",
+        target_params=1,
+        show_progress=False,
+    )
     assert len(drawn["graph"]) == len(drawn["lora"]) == 6
     for graph_starts, lora_starts in zip(drawn["graph"], drawn["lora"], strict=True):
         np.testing.assert_array_equal(graph_starts, lora_starts)
         # The same labels: a datastore row's next token is the split's next token.
         offsets = lora_starts[:, None] + np.arange(config.context_length)
-        np.testing.assert_array_equal(lm.datastore.next_tokens[offsets],
-                                      train.tokens[offsets + 1])
+        np.testing.assert_array_equal(lm.datastore.next_tokens[offsets], train.tokens[offsets + 1])
 
 
 @needs_peft
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trains_saves_and_loads_the_same_logits(tmp_path, train, valid, family):
     out = tmp_path / "lora"
-    result = train_lora_control(tiny_causal_lm(family), byte_tokenizer(), train, valid,
-                                training(), LoraControlConfig(), out, target_params=8 * 1024,
-                                eval_config=WINDOWS, show_progress=False)
+    result = train_lora_control(
+        tiny_causal_lm(family),
+        byte_tokenizer(),
+        train,
+        valid,
+        training(),
+        LoraControlConfig(),
+        out,
+        target_params=8 * 1024,
+        eval_config=WINDOWS,
+        show_progress=False,
+    )
     assert result.rank == 8 and result.trained_params == 8 * 1024
     assert np.mean(result.train_losses[-5:]) < np.mean(result.train_losses[:5])
     assert sorted(result.valid_ppl) == [0, 10, 20, 30]
@@ -164,11 +200,13 @@ def test_trains_saves_and_loads_the_same_logits(tmp_path, train, valid, family):
     loaded = load_lora_control(out, tiny_causal_lm(family), byte_tokenizer())
     input_ids = torch.from_numpy(valid.tokens[:40].astype(np.int64))[None]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=input_ids).logits,
-                                   result.model(input_ids=input_ids).logits)
+        torch.testing.assert_close(
+            loaded(input_ids=input_ids).logits, result.model(input_ids=input_ids).logits
+        )
     # The forward evaluations use: collect_lm_outputs over the base model with LoRA on.
-    outputs = collect_lm_outputs(base_of(loaded), valid, WINDOWS, forward=lora_forward(loaded),
-                                 show_progress=False)
+    outputs = collect_lm_outputs(
+        base_of(loaded), valid, WINDOWS, forward=lora_forward(loaded), show_progress=False
+    )
     assert len(outputs) == len(valid) - 1 and torch.isfinite(outputs.lm_log_probs).all()
     if result.best_step:  # the control differs from the base model it was trained on
         with loaded.disable_adapter():
@@ -179,9 +217,17 @@ def test_trains_saves_and_loads_the_same_logits(tmp_path, train, valid, family):
 @needs_peft
 def test_another_base_model_is_refused(tmp_path, train):
     out = tmp_path / "lora"
-    train_lora_control(tiny_causal_lm("qwen2"), byte_tokenizer(), train, None,
-                       training(max_steps=2), LoraControlConfig(rank=2), out, target_params=1,
-                       show_progress=False)
+    train_lora_control(
+        tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        train,
+        None,
+        training(max_steps=2),
+        LoraControlConfig(rank=2),
+        out,
+        target_params=1,
+        show_progress=False,
+    )
     with pytest.raises(LoraControlError, match="trained on another base model") as error:
         load_lora_control(out, tiny_causal_lm("qwen2", seed=1))
     assert "weights" in str(error.value) and "\n" not in str(error.value)
@@ -192,13 +238,24 @@ def test_another_base_model_is_refused(tmp_path, train):
 @needs_peft
 def test_damaged_files_are_refused_with_the_fix(tmp_path, train):
     out = tmp_path / "lora"
-    train_lora_control(tiny_causal_lm("qwen2"), byte_tokenizer(), train, None,
-                       training(max_steps=2), LoraControlConfig(rank=2), out, target_params=1,
-                       show_progress=False)
+    train_lora_control(
+        tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        train,
+        None,
+        training(max_steps=2),
+        LoraControlConfig(rank=2),
+        out,
+        target_params=1,
+        show_progress=False,
+    )
     weights = out / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
-    with pytest.raises(LoraControlError, match=r"adapter_model.safetensors has .* bytes.*train "
-                                               r"the control again"):
+    with pytest.raises(
+        LoraControlError,
+        match=r"adapter_model.safetensors has .* bytes.*train "
+        r"the control again",
+    ):
         load_lora_control(out, tiny_causal_lm("qwen2"))
 
 
@@ -208,8 +265,17 @@ def test_reruns_replace_same_settings_and_refuse_other_settings(tmp_path, train)
 
     def run(config, lora=None):
         lora = lora or LoraControlConfig(rank=2)
-        return train_lora_control(tiny_causal_lm("qwen2"), byte_tokenizer(), train, None,
-                                  config, lora, out, target_params=1, show_progress=False)
+        return train_lora_control(
+            tiny_causal_lm("qwen2"),
+            byte_tokenizer(),
+            train,
+            None,
+            config,
+            lora,
+            out,
+            target_params=1,
+            show_progress=False,
+        )
 
     first = run(training(max_steps=2))
     assert run(training(max_steps=2)).train_losses == first.train_losses  # same seed, same run
@@ -221,22 +287,43 @@ def test_reruns_replace_same_settings_and_refuse_other_settings(tmp_path, train)
     lm_dir.mkdir()
     (lm_dir / "adapter.safetensors").write_bytes(b"")
     with pytest.raises(LoraControlError, match="holds a graph adapter"):
-        train_lora_control(tiny_causal_lm("qwen2"), byte_tokenizer(), train, None,
-                           training(max_steps=2), LoraControlConfig(rank=2), lm_dir,
-                           target_params=1, show_progress=False)
+        train_lora_control(
+            tiny_causal_lm("qwen2"),
+            byte_tokenizer(),
+            train,
+            None,
+            training(max_steps=2),
+            LoraControlConfig(rank=2),
+            lm_dir,
+            target_params=1,
+            show_progress=False,
+        )
 
 
 @needs_peft
 def test_lora_and_lora_knn_rows(tmp_path, train, valid):
     lm = graph_lm(tmp_path, "qwen2", train)
     out = tmp_path / "lora"
-    train_lora_control(tiny_causal_lm("qwen2"), byte_tokenizer(), train, None, training(),
-                       LoraControlConfig(), out, target_params=graph_adapter_parameters(lm),
-                       show_progress=False)
+    train_lora_control(
+        tiny_causal_lm("qwen2"),
+        byte_tokenizer(),
+        train,
+        None,
+        training(),
+        LoraControlConfig(),
+        out,
+        target_params=graph_adapter_parameters(lm),
+        show_progress=False,
+    )
     loaded = load_lora_control(out, tiny_causal_lm("qwen2"))
-    rows = evaluate_lora_control(loaded, valid, valid, WINDOWS,
-                                 search=NeighbourSearch(lm.index, lm.datastore),
-                                 show_progress=False)
+    rows = evaluate_lora_control(
+        loaded,
+        valid,
+        valid,
+        WINDOWS,
+        search=NeighbourSearch(lm.index, lm.datastore),
+        show_progress=False,
+    )
     assert set(rows) == {"lora", "lora_knn"}
     assert rows["lora_knn"]["k"] == 4 and 0 <= rows["lora_knn"]["lambda"] <= 1
     # λ = 0 is on the grid, so the tuned mixture is at least as good on the tuning split.
@@ -250,8 +337,10 @@ def test_missing_peft_is_one_line_naming_the_extra(monkeypatch):
 
 
 def test_hetgraph_imports_without_peft():
-    code = ("import sys; sys.modules['peft'] = None; import hetgraph.training.lora, "
-            "hetgraph.evaluation.lora, hetgraph.cli")
+    code = (
+        "import sys; sys.modules['peft'] = None; import hetgraph.training.lora, "
+        "hetgraph.evaluation.lora, hetgraph.cli"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -264,6 +353,9 @@ def test_an_unknown_control_format_version_is_refused(tmp_path, version):
     if version is not None:
         record["format_version"] = version
     atomic_write_json_record(tmp_path / LORA_CONTROL_MARKER, record)
-    with pytest.raises(LoraControlError, match=rf"unsupported LoRA control format "
-                                               rf"{version!r}.*reads format 1.*train the control"):
+    with pytest.raises(
+        LoraControlError,
+        match=rf"unsupported LoRA control format "
+        rf"{version!r}.*reads format 1.*train the control",
+    ):
         read_lora_control(tmp_path)

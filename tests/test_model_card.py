@@ -1,6 +1,7 @@
 """The adapter's model card (``README.md`` with Hub-style YAML metadata): written by
 ``save_pretrained``, updated with the training tokens at the end of training and with the
 results of ``hetgraph eval --adapter``; never needed by loading or ``verify``."""
+
 from __future__ import annotations
 
 import logging
@@ -33,12 +34,16 @@ from hetgraph.verify import verify
 
 ADAPTER = dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
 #: What ``evaluate_four_way`` returns, in the shape ``hetgraph eval`` passes on.
-RESULTS = {"base": {"ppl": 20.0, "acc": 0.25},
-           "knn": {"ppl": 12.5, "acc": 0.4, "lambda": 0.3, "temperature": 1.0, "k": 4},
-           "gnn": {"ppl": 15.0, "acc": 0.3},
-           "gnn_knn": {"ppl": 11.0, "acc": 0.42, "lambda": 0.2, "temperature": 1.0, "k": 4},
-           "tokens": 300, "valid_tokens": 200, "speed": {},
-           "provenance": {"eval_corpus": "c0ffee", "datastore_corpus": "c0ffee"}}
+RESULTS = {
+    "base": {"ppl": 20.0, "acc": 0.25},
+    "knn": {"ppl": 12.5, "acc": 0.4, "lambda": 0.3, "temperature": 1.0, "k": 4},
+    "gnn": {"ppl": 15.0, "acc": 0.3},
+    "gnn_knn": {"ppl": 11.0, "acc": 0.42, "lambda": 0.2, "temperature": 1.0, "k": 4},
+    "tokens": 300,
+    "valid_tokens": 200,
+    "speed": {},
+    "provenance": {"eval_corpus": "c0ffee", "datastore_corpus": "c0ffee"},
+}
 
 
 def front_matter(directory: Path) -> dict:
@@ -54,17 +59,27 @@ def pristine(tmp_path_factory) -> Path:
     """A tiny datastore with its index and an adapter saved into ``ds/adapter``."""
     root = tmp_path_factory.mktemp("card")
     rng = np.random.default_rng(0)
-    split = TokenizedSplit("train", rng.integers(0, 256, 160).astype(np.int32),
-                           np.repeat(np.arange(4, dtype=np.int32), 40), list("abcd"))
+    split = TokenizedSplit(
+        "train",
+        rng.integers(0, 256, 160).astype(np.int32),
+        np.repeat(np.arange(4, dtype=np.int32), 40),
+        list("abcd"),
+    )
     model = tiny_causal_lm("qwen2")
-    store = build_datastore(model, byte_tokenizer(), split, root / "ds",
-                            DatastoreConfig(context_length=32, stride=16, batch_size=2),
-                            show_progress=False)
+    store = build_datastore(
+        model,
+        byte_tokenizer(),
+        split,
+        root / "ds",
+        DatastoreConfig(context_length=32, stride=16, batch_size=2),
+        show_progress=False,
+    )
     index = DatastoreIndex.build(store, IndexConfig(factory="Flat"), show_progress=False)
     index.save(root / "ds" / INDEX_DIR)
     torch.manual_seed(0)
     HetGraphLM(model, store, index, FusionConfig(k=4, adapter=ADAPTER)).save_pretrained(
-        root / "ds" / "adapter")
+        root / "ds" / "adapter"
+    )
     return root / "ds"
 
 
@@ -100,11 +115,14 @@ def test_save_pretrained_writes_a_model_card_with_hub_metadata(tree):
     assert "HetGraphLM.from_pretrained" in (adapter / MODEL_CARD).read_text()
 
 
-@pytest.mark.parametrize("name, hub_id", [
-    ("Qwen/Qwen2-0.5B", "Qwen/Qwen2-0.5B"),
-    ("/models/tiny", None),  # a local path: not Hub metadata
-    ("evil\n---\nlibrary_name: other\nx: '\"\u2028]", None),
-])
+@pytest.mark.parametrize(
+    "name, hub_id",
+    [
+        ("Qwen/Qwen2-0.5B", "Qwen/Qwen2-0.5B"),
+        ("/models/tiny", None),  # a local path: not Hub metadata
+        ("evil\n---\nlibrary_name: other\nx: '\"\u2028]", None),
+    ],
+)
 def test_base_model_name_is_quoted_and_only_hub_ids_are_base_model(tree, name, hub_id):
     lm = load(tree)
     lm.model.config._name_or_path = name
@@ -140,8 +158,11 @@ def test_card_is_updated_with_evaluation_results_of_this_adapter_only(tree):
     adapter = tree / "adapter"
     assert record_evaluation_in_card(adapter, RESULTS, split="valid") == adapter / MODEL_CARD
     meta = front_matter(adapter)
-    assert meta["hetgraph"]["evaluation"] == {"split": "valid", "tokens": 300,
-                                              "corpus_fingerprint": "c0ffee"}
+    assert meta["hetgraph"]["evaluation"] == {
+        "split": "valid",
+        "tokens": 300,
+        "corpus_fingerprint": "c0ffee",
+    }
     (index,) = meta["model-index"]
     (result,) = index["results"]
     assert result["dataset"]["split"] == "valid"
@@ -181,6 +202,7 @@ def test_text_below_the_marker_is_kept_and_a_persons_readme_is_left(tree, caplog
 def test_a_card_that_cannot_be_written_does_not_fail_the_save(tree, monkeypatch, caplog):
     def full_disk(path, text):
         raise StorageError(f"{path}: no space left on the device")
+
     monkeypatch.setattr(card_module, "atomic_write_text", full_disk)
     before = (tree / "adapter" / MODEL_CARD).read_bytes()
     with caplog.at_level(logging.WARNING):
@@ -194,27 +216,60 @@ def test_a_card_that_cannot_be_written_does_not_fail_the_save(tree, monkeypatch,
 def test_train_and_eval_through_the_cli_fill_the_card(tmp_path, capsys):
     ws = write_cli_workspace(tmp_path)
     inputs = ["--model", str(ws / "model"), "--corpus", str(ws / "corpus"), "--threads", "1"]
-    assert main(["datastore", "build", *inputs, "--out", str(ws / "ds"), "--context-length",
-                 "64", "--stride", "32", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "datastore",
+                "build",
+                *inputs,
+                "--out",
+                str(ws / "ds"),
+                "--context-length",
+                "64",
+                "--stride",
+                "32",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     common = [*inputs, "--config", str(ws / "run.json")]
-    assert main(["train", *common, "--datastore", str(ws / "ds"), "--out",
-                 str(ws / "adapter")]) == 0
+    assert (
+        main(["train", *common, "--datastore", str(ws / "ds"), "--out", str(ws / "adapter")]) == 0
+    )
     meta = front_matter(ws / "adapter")
     training = read_json(ws / "adapter" / "training.json")
     config = training["config"]
     assert meta["hetgraph"]["training"]["steps"] == training["result"]["steps"] == 4
     assert meta["hetgraph"]["training"]["tokens"] == (
-        4 * config["batch_size"] * config["context_length"] * config["grad_accumulation"])
+        4 * config["batch_size"] * config["context_length"] * config["grad_accumulation"]
+    )
     assert meta["hetgraph"]["base_model"]["name_or_path"] == str(ws / "model")
     assert "model-index" not in meta
     capsys.readouterr()
-    assert main(["eval", *common, "--datastore", str(ws / "ds"), "--adapter",
-                 str(ws / "adapter"), "--max-tokens", "200"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                *common,
+                "--datastore",
+                str(ws / "ds"),
+                "--adapter",
+                str(ws / "adapter"),
+                "--max-tokens",
+                "200",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     meta = front_matter(ws / "adapter")
     assert meta["hetgraph"]["training"]["tokens"] > 0  # kept
-    metrics = {(m["config"], m["type"]): m["value"]
-               for m in meta["model-index"][0]["results"][0]["metrics"]}
+    metrics = {
+        (m["config"], m["type"]): m["value"]
+        for m in meta["model-index"][0]["results"][0]["metrics"]
+    }
     assert {key for key, _ in metrics} == {"base", "knn", "gnn", "gnn_knn"}
     gnn_row = next(line for line in printed.splitlines() if line.startswith("| GNN-LM |"))
     assert gnn_row in (ws / "adapter" / MODEL_CARD).read_text()
@@ -224,6 +279,7 @@ def test_train_and_eval_through_the_cli_fill_the_card(tmp_path, capsys):
 def test_evaluation_results_that_cannot_be_recorded_are_a_warning(tree, monkeypatch, caplog):
     def read_only(path, record):
         raise StorageError(f"{path}: the file system is read-only")
+
     monkeypatch.setattr(card_module, "atomic_write_json_record", read_only)
     before = (tree / "adapter" / MODEL_CARD).read_bytes()
     with caplog.at_level(logging.WARNING):

@@ -1,4 +1,5 @@
 """NeighbourStates: the adapters' window side read from a table gives the full forward."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,8 +80,13 @@ def test_generation_with_neighbour_states_gives_the_same_tokens(tmp_path, split)
     lm = make_lm(tmp_path, split, fusion_layers=(0, "head"))
     states = NeighbourStates.build(lm, show_progress=False)
     prompt = torch.from_numpy(split.tokens[:12].astype(np.int64))[None]
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=256, output_scores=True,
-                  return_dict_in_generate=True)
+    kwargs = dict(
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=256,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     full = lm.generate(prompt, **kwargs)
     read = lm.generate(prompt, neighbour_states=states, **kwargs)
     assert torch.equal(full.sequences, read.sequences)
@@ -94,8 +100,7 @@ def test_stale_tables_are_refused_and_training_does_not_read_them(tmp_path, spli
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     with torch.no_grad():
         next(lm.adapter_at("head").parameters()).add_(0.01)
-    with pytest.raises(ValueError, match="changed since these neighbour states"), \
-            torch.no_grad():
+    with pytest.raises(ValueError, match="changed since these neighbour states"), torch.no_grad():
         lm(input_ids, neighbour_states=states)
     # Recording gradients in eval mode computes the windows (their weights get gradients).
     lm(input_ids, neighbour_states=states).logits.sum().backward()
@@ -105,8 +110,7 @@ def test_stale_tables_are_refused_and_training_does_not_read_them(tmp_path, spli
     lm(input_ids, neighbour_states=states).logits.sum().backward()
     assert lm.adapter_at("head").nbr_in.weight.grad is not None
     other = make_lm(tmp_path / "other", split, k=3)
-    with pytest.raises(ValueError, match="another datastore or fusion config"), \
-            torch.no_grad():
+    with pytest.raises(ValueError, match="another datastore or fusion config"), torch.no_grad():
         other.eval()(input_ids, neighbour_states=states)
 
 
@@ -127,8 +131,12 @@ def test_a_site_the_table_does_not_cover_is_computed(tmp_path, split):
     assert states.covers("head") and not states.covers(0)
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     with torch.no_grad():
-        torch.testing.assert_close(lm(input_ids, neighbour_states=states).logits,
-                                   lm(input_ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            lm(input_ids, neighbour_states=states).logits,
+            lm(input_ids).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_evaluation_setting_and_perplexity(tmp_path, split):
@@ -154,8 +162,11 @@ def test_evaluation_setting_and_perplexity(tmp_path, split):
         evaluation_neighbour_states(dedup, config, 10 * rows, 4)
     # ... and the four-way evaluation refuses it before any evaluation runs.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gnn_module, "collect_lm_outputs",
-                      lambda *a, **k: pytest.fail("evaluated before refusing the setting"))
+        patch.setattr(
+            gnn_module,
+            "collect_lm_outputs",
+            lambda *a, **k: pytest.fail("evaluated before refusing the setting"),
+        )
         with pytest.raises(ConfigError, match="--neighbour-states off"):
             evaluate_four_way(dedup, split, split, config, show_progress=False)
     valid = repeated_pattern_split(num_docs=2, seed=1)

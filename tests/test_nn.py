@@ -1,4 +1,5 @@
 """Tests of HeteroGraphAttention and GraphAdapter against naive references."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,12 +31,18 @@ METADATA = context_graph_metadata(c2c=True)
 
 def random_hetero(seed: int, num_ctx: int = 6, num_nbr: int = 15, channels: int = 16):
     gen = torch.Generator().manual_seed(seed)
-    x = {CTX: torch.randn(num_ctx, channels, generator=gen),
-         NBR: torch.randn(num_nbr, channels, generator=gen)}
+    x = {
+        CTX: torch.randn(num_ctx, channels, generator=gen),
+        NBR: torch.randn(num_nbr, channels, generator=gen),
+    }
     ei = {
         N2N: torch.randint(0, num_nbr, (2, 30), generator=gen),
-        N2C: torch.stack([torch.randint(0, num_nbr, (12,), generator=gen),
-                          torch.randint(0, num_ctx - 1, (12,), generator=gen)]),
+        N2C: torch.stack(
+            [
+                torch.randint(0, num_nbr, (12,), generator=gen),
+                torch.randint(0, num_ctx - 1, (12,), generator=gen),
+            ]
+        ),
         C2C: torch.randint(0, num_ctx, (2, 8), generator=gen),
     }
     return x, ei
@@ -73,8 +80,9 @@ def reference_layer(conv: HeteroGraphAttention, x, ei):
                 s = torch.cat([p[0] for p in per_rel]).softmax(0)
                 m = (s.unsqueeze(-1) * torch.cat([p[1] for p in per_rel])).sum(0)
             else:
-                m = (sum((s.softmax(0).unsqueeze(-1) * vals).sum(0) for s, vals in per_rel)
-                     / len(per_rel))
+                m = sum((s.softmax(0).unsqueeze(-1) * vals).sum(0) for s, vals in per_rel) / len(
+                    per_rel
+                )
             rows.append(conv.norm[t](x[t][v] + conv.lin_out[t](m.reshape(Fc))))
         out[t] = torch.stack(rows)
     return out
@@ -229,8 +237,9 @@ def test_layer_repr_and_reset():
 # ---------------------------------------------------------------- adapter
 
 
-def corpus_and_graph(cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K: int = 4,
-                     N: int = 120):
+def corpus_and_graph(
+    cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K: int = 4, N: int = 120
+):
     gen = torch.Generator().manual_seed(seed)
     docs = (torch.arange(N) // 17).to(torch.int32)
     tokens = torch.randint(0, 257, (N,), generator=gen)
@@ -240,8 +249,15 @@ def corpus_and_graph(cfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 9, K:
     return ids, tokens, docs, build_context_graph(ids, tokens, docs, cfg)
 
 
-def adapter_inputs(graph, seed: int = 0, ctx_c: int = 24, nbr_c: int = 20, tok_c: int = 12,
-                   N: int = 120, T: int = 9):
+def adapter_inputs(
+    graph,
+    seed: int = 0,
+    ctx_c: int = 24,
+    nbr_c: int = 20,
+    tok_c: int = 12,
+    N: int = 120,
+    T: int = 9,
+):
     gen = torch.Generator().manual_seed(seed + 100)
     # Features are functions of (sequence, position) / corpus row, so sub-graphs see the same
     # values.
@@ -254,15 +270,26 @@ def adapter_inputs(graph, seed: int = 0, ctx_c: int = 24, nbr_c: int = 20, tok_c
 
 def make_adapter(**kw) -> GraphAdapter:
     torch.manual_seed(0)
-    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
-                        out_channels=8, heads=4, **kw)
+    cfg = AdapterConfig(
+        ctx_channels=24,
+        nbr_channels=20,
+        token_channels=12,
+        hidden_channels=32,
+        out_channels=8,
+        heads=4,
+        **kw,
+    )
     return GraphAdapter(cfg).eval()
 
 
 @pytest.mark.parametrize(
     "gcfg",
-    [GraphConfig(), GraphConfig(n2c="window"), GraphConfig(left=2, right=2),
-     GraphConfig(left=0, right=2, n2c="window")],
+    [
+        GraphConfig(),
+        GraphConfig(n2c="window"),
+        GraphConfig(left=2, right=2),
+        GraphConfig(left=0, right=2, n2c="window"),
+    ],
     ids=["center", "window", "l2r2", "l0r2-window"],
 )
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
@@ -289,8 +316,9 @@ def repeated_neighbours(seed: int, B: int = 3, T: int = 10, K: int = 5, N: int =
     gen = torch.Generator().manual_seed(seed)
     docs = (torch.arange(N) // 17).to(torch.int32)
     tokens = torch.randint(0, 257, (N,), generator=gen)
-    walk = (torch.randint(0, 3, (B, T), generator=gen).cumsum(1)
-            + torch.randint(0, N - 40, (B, 1), generator=gen))
+    walk = torch.randint(0, 3, (B, T), generator=gen).cumsum(1) + torch.randint(
+        0, N - 40, (B, 1), generator=gen
+    )
     ids = walk[..., None] + torch.randperm(12, generator=gen)[:K] * 2
     ids[torch.rand(B, T, K, generator=gen) < 0.15] = -1
     ids[0, :3, 0] = 0
@@ -305,9 +333,11 @@ def build_pair(gcfg: GraphConfig, seed: int):
     qmask = torch.rand(ids.shape[:2], generator=torch.Generator().manual_seed(seed)) < 0.9
     kw = {"query_positions": qpos, "query_mask": qmask}
     shared = build_context_graph(
-        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": True}), **kw)
+        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": True}), **kw
+    )
     official = build_context_graph(
-        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": False}), **kw)
+        ids, tokens, docs, GraphConfig(**{**gcfg.to_dict(), "share_windows": False}), **kw
+    )
     return shared, official
 
 
@@ -388,8 +418,10 @@ def windowed_edge_list(mask, window_index, slots):
     for c, windows in enumerate(window_index.tolist()):
         for u in windows:
             into.extend((int(node[u, j]), c) for j in slots if u >= 0 and mask[u, j])
+
     def as_index(e):
         return torch.tensor(e, dtype=torch.long).view(-1, 2).t()
+
     return {NEXT: as_index(nxt), IN: as_index(into)}
 
 
@@ -404,8 +436,15 @@ def test_dense_unit_standalone_equals_edge_list(normalization, slots):
             p.uniform_(0.5, 1.5)
     query_x, window_x, mask, window_index = windowed_case(1)
     q_out, w_out = dense_window_attention(
-        conv, query_x, window_x, mask, window_index, window_relation=NEXT, query_relation=IN,
-        query_slots=slots)
+        conv,
+        query_x,
+        window_x,
+        mask,
+        window_index,
+        window_relation=NEXT,
+        query_relation=IN,
+        query_slots=slots,
+    )
     assert q_out.shape == query_x.shape and w_out.shape == window_x.shape
     edges = windowed_edge_list(mask, window_index, range(4) if slots is None else slots)
     ref = conv({SENT: query_x, WORD: window_x[mask]}, edges)
@@ -413,8 +452,9 @@ def test_dense_unit_standalone_equals_edge_list(normalization, slots):
     torch.testing.assert_close(w_out[mask], ref[WORD], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(q_out[-1], conv.norm[SENT](query_x[-1:])[0])  # no sources: m = 0
     # update_windows=False leaves the windows alone and gives the same query output
-    q_only, same = dense_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
-                                          slots, update_windows=False)
+    q_only, same = dense_window_attention(
+        conv, query_x, window_x, mask, window_index, NEXT, IN, slots, update_windows=False
+    )
     assert same is window_x and torch.equal(q_only, q_out)
 
 
@@ -440,8 +480,12 @@ def test_dense_unit_checks_arguments():
     ]:
         with pytest.raises(ValueError):
             dense_window_attention(conv, *bad, window_relation=NEXT, query_relation=IN)
-    wrong = [(IN, IN), (NEXT, (SENT, "in", WORD)), ((WORD, "x", SENT), IN),
-             ((NBR, "n2n", NBR), N2C)]
+    wrong = [
+        (IN, IN),
+        (NEXT, (SENT, "in", WORD)),
+        ((WORD, "x", SENT), IN),
+        ((NBR, "n2n", NBR), N2C),
+    ]
     for relations in wrong:
         with pytest.raises(ValueError):
             dense_window_attention(conv, *good, *relations)
@@ -476,14 +520,21 @@ def test_dense_not_taken_for_irregular_graphs():
     *_, g = corpus_and_graph(GraphConfig(c2c=True))
     plain = make_adapter()
     assert plain.use_dense(g)
-    torch.testing.assert_close(plain(g, *adapter_inputs(g)),
-                               plain(g, *adapter_inputs(g), path="sparse"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        plain(g, *adapter_inputs(g)),
+        plain(g, *adapter_inputs(g), path="sparse"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(
     "gcfg",
-    [GraphConfig(), GraphConfig(c2c=True, c2c_window=4),
-     GraphConfig(deduplicate=True, n2c="window")],
+    [
+        GraphConfig(),
+        GraphConfig(c2c=True, c2c_window=4),
+        GraphConfig(deduplicate=True, n2c="window"),
+    ],
     ids=["grid", "c2c", "dedup"],
 )
 def test_batched_equals_per_sequence(gcfg):
@@ -511,10 +562,14 @@ def test_graphs_batched_by_pyg_take_the_edge_list_path():
         adapter(batch, *adapter_inputs(batch), path="dense")
     ctx_x, nbr_x, tok_x = adapter_inputs(batch)
     cp, npt = batch[CTX].ptr.tolist(), batch[NBR].ptr.tolist()
-    expected = torch.cat([
-        adapter(g, ctx_x[cp[i] : cp[i + 1]], nbr_x[npt[i] : npt[i + 1]], tok_x[npt[i] : npt[i + 1]])
-        for i, g in enumerate(parts)
-    ])
+    expected = torch.cat(
+        [
+            adapter(
+                g, ctx_x[cp[i] : cp[i + 1]], nbr_x[npt[i] : npt[i + 1]], tok_x[npt[i] : npt[i + 1]]
+            )
+            for i, g in enumerate(parts)
+        ]
+    )
     torch.testing.assert_close(adapter(batch, ctx_x, nbr_x, tok_x), expected, atol=1e-5, rtol=1e-5)
     # graphs with different windows batch too; their batch is simply not dense
     wider = build_context_graph(ids[:1], tokens, docs, GraphConfig(left=2))
@@ -550,9 +605,15 @@ def test_gradients_reach_every_parameter(path):
     (out * torch.randn_like(out)).sum().backward()
     last = adapter.config.num_layers - 1
     # Parameters that only update nbr nodes in the last layer cannot reach the ctx output.
-    dead = (f"convs.{last}.lin_out.nbr", f"convs.{last}.norm.nbr",
-            f"convs.{last}.rel_att.nbr__n2n", f"convs.{last}.rel_msg.nbr__n2n",
-            f"convs.{last}.rel_prior.nbr__n2n", f"ffns.{last}.nbr", f"ffn_norms.{last}.nbr")
+    dead = (
+        f"convs.{last}.lin_out.nbr",
+        f"convs.{last}.norm.nbr",
+        f"convs.{last}.rel_att.nbr__n2n",
+        f"convs.{last}.rel_msg.nbr__n2n",
+        f"convs.{last}.rel_prior.nbr__n2n",
+        f"ffns.{last}.nbr",
+        f"ffn_norms.{last}.nbr",
+    )
     for name, p in adapter.named_parameters():
         if name.startswith(dead) or (path == "dense" and not gcfg.c2c and "c2c" in name):
             assert p.grad is None or p.grad.abs().sum() == 0, name
@@ -584,9 +645,7 @@ def test_adapter_config_roundtrip_repr_and_token_check():
     # reset_parameters re-initialises the layers
     before = [p.clone() for p in adapter.parameters()]
     adapter.reset_parameters()
-    assert any(
-        not torch.equal(a, b) for a, b in zip(before, adapter.parameters(), strict=True)
-    )
+    assert any(not torch.equal(a, b) for a, b in zip(before, adapter.parameters(), strict=True))
 
 
 # ---------------------------------------------------------------- dense path with causal c2c
@@ -609,8 +668,11 @@ def causal_case(gcfg: GraphConfig, seed: int = 0, B: int = 3, T: int = 11, K: in
     return build_context_graph(ids, tokens, docs, gcfg, query_mask=mask)
 
 
-CAUSAL_GRAPHS = [GraphConfig.paper(), GraphConfig.paper(c2c_window=3),
-                 GraphConfig.paper(left=2, right=2, n2c="window", share_windows=False)]
+CAUSAL_GRAPHS = [
+    GraphConfig.paper(),
+    GraphConfig.paper(c2c_window=3),
+    GraphConfig.paper(left=2, right=2, n2c="window", share_windows=False),
+]
 
 
 @pytest.mark.parametrize("gcfg", CAUSAL_GRAPHS, ids=["paper", "c2c_window3", "l2r2-window-grid"])
@@ -620,13 +682,17 @@ CAUSAL_GRAPHS = [GraphConfig.paper(), GraphConfig.paper(c2c_window=3),
 def test_dense_c2c_equals_edge_list_path(gcfg, normalization, relation_mean, tie_intra):
     graph = causal_case(gcfg)
     assert graph.layout.c2c and graph[C2C].edge_index.size(1) > 0
-    adapter = make_adapter(use_c2c=True, normalization=normalization,
-                           relation_mean=relation_mean, tie_intra=tie_intra, output_bias=True)
+    adapter = make_adapter(
+        use_c2c=True,
+        normalization=normalization,
+        relation_mean=relation_mean,
+        tie_intra=tie_intra,
+        output_bias=True,
+    )
     assert adapter.use_dense(graph)
     inputs = adapter_inputs(graph, T=11)
     dense = adapter(graph, *inputs)
-    torch.testing.assert_close(dense, adapter(graph, *inputs, path="sparse"),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, adapter(graph, *inputs, path="sparse"), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
@@ -634,9 +700,17 @@ def test_dense_c2c_equals_edge_list_path(gcfg, normalization, relation_mean, tie
 def test_dense_c2c_paper_adapter_float64_and_gradients(normalization, relation_mean):
     graph = causal_case(GraphConfig.paper(c2c_window=4), seed=1)
     torch.manual_seed(0)
-    cfg = AdapterConfig.paper(ctx_channels=24, nbr_channels=20, hidden_channels=32,
-                              out_channels=8, heads=4, dropout=0.0, attn_dropout=0.0,
-                              normalization=normalization, relation_mean=relation_mean)
+    cfg = AdapterConfig.paper(
+        ctx_channels=24,
+        nbr_channels=20,
+        hidden_channels=32,
+        out_channels=8,
+        heads=4,
+        dropout=0.0,
+        attn_dropout=0.0,
+        normalization=normalization,
+        relation_mean=relation_mean,
+    )
     adapter = GraphAdapter(cfg).double()
     inputs = [x.double().requires_grad_() for x in adapter_inputs(graph, T=11)[:2]]
     parameters = assert_dense_equals_edge_list_float64(adapter, graph, inputs)
@@ -651,12 +725,15 @@ def assert_dense_equals_edge_list_float64(adapter, graph, inputs) -> list[str]:
     for path in ("dense", "sparse"):
         adapter.zero_grad(set_to_none=True)
         out = adapter(graph, *inputs, path=path)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
-                             dtype=out.dtype)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=out.dtype)
         (out * weight).sum().backward()
-        results.append((out.detach(), [x.grad.clone() for x in inputs],
-                        {n: p.grad.clone() for n, p in adapter.named_parameters()
-                         if p.grad is not None}))
+        results.append(
+            (
+                out.detach(),
+                [x.grad.clone() for x in inputs],
+                {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None},
+            )
+        )
         for x in inputs:
             x.grad = None
     (out_d, in_d, par_d), (out_s, in_s, par_s) = results
@@ -678,8 +755,9 @@ def test_dense_c2c_train_mode_dropout():
     assert not torch.equal(a, b)  # fresh dropout masks per call
     # attention dropout 1 drops every coefficient on both paths: m = 0 everywhere
     adapter = make_adapter(use_c2c=True, dropout=0.0, attn_dropout=1.0).train()
-    torch.testing.assert_close(adapter(graph, *inputs),
-                               adapter(graph, *inputs, path="sparse"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        adapter(graph, *inputs), adapter(graph, *inputs, path="sparse"), atol=1e-5, rtol=1e-5
+    )
     adapter.eval()
     assert not torch.allclose(adapter(graph, *inputs), adapter.train()(graph, *inputs))
 
@@ -702,14 +780,21 @@ def causal_edge_list(group, position, window=None):
 @pytest.mark.parametrize("normalization", ["joint", "per_relation"])
 @pytest.mark.parametrize("relation_mean", ["reached", "all"])
 @pytest.mark.parametrize("window", [None, 2])
-def test_dense_causal_unit_standalone_equals_edge_list_and_naive(normalization, relation_mean,
-                                                                 window):
+def test_dense_causal_unit_standalone_equals_edge_list_and_naive(
+    normalization, relation_mean, window
+):
     from hetgraph.nn.dense import causal_layout, dense_causal_window_attention
 
     torch.manual_seed(0)
     metadata = ([SENT, WORD], [NEXT, IN, CITES, AFTER])
-    conv = HeteroGraphAttention(16, metadata, heads=4, normalization=normalization,
-                                relation_mean=relation_mean, out_bias=True).eval()
+    conv = HeteroGraphAttention(
+        16,
+        metadata,
+        heads=4,
+        normalization=normalization,
+        relation_mean=relation_mean,
+        out_bias=True,
+    ).eval()
     with torch.no_grad():
         for p in conv.rel_prior.values():
             p.uniform_(0.5, 1.5)
@@ -718,8 +803,9 @@ def test_dense_causal_unit_standalone_equals_edge_list_and_naive(normalization, 
     group = torch.tensor([1, 0, 1, 2, 0, 1, 0])
     position = torch.tensor([5, 2, 1, 7, 9, 2, 3])
     layout = causal_layout(group, position, window)
-    q_out, w_out = dense_causal_window_attention(conv, query_x, window_x, mask, window_index,
-                                                 NEXT, IN, AFTER, layout, query_slots=(1, 2))
+    q_out, w_out = dense_causal_window_attention(
+        conv, query_x, window_x, mask, window_index, NEXT, IN, AFTER, layout, query_slots=(1, 2)
+    )
     edges = windowed_edge_list(mask, window_index, (1, 2))
     edges[AFTER] = causal_edge_list(group, position, window)
     x = {SENT: query_x, WORD: window_x[mask]}
@@ -730,12 +816,19 @@ def test_dense_causal_unit_standalone_equals_edge_list_and_naive(normalization, 
         naive = reference_layer(conv, x, edges)
         torch.testing.assert_close(q_out, naive[SENT], atol=1e-5, rtol=1e-5)
     # without the causal relation in the metadata the unit is dense_window_attention
-    plain = HeteroGraphAttention(16, ([SENT, WORD], [NEXT, IN]), heads=4,
-                                 normalization=normalization, relation_mean=relation_mean)
-    q_plain, _ = dense_causal_window_attention(plain.eval(), query_x, window_x, mask,
-                                               window_index, NEXT, IN, AFTER, layout)
-    torch.testing.assert_close(q_plain, dense_window_attention(
-        plain, query_x, window_x, mask, window_index, NEXT, IN)[0])
+    plain = HeteroGraphAttention(
+        16,
+        ([SENT, WORD], [NEXT, IN]),
+        heads=4,
+        normalization=normalization,
+        relation_mean=relation_mean,
+    )
+    q_plain, _ = dense_causal_window_attention(
+        plain.eval(), query_x, window_x, mask, window_index, NEXT, IN, AFTER, layout
+    )
+    torch.testing.assert_close(
+        q_plain, dense_window_attention(plain, query_x, window_x, mask, window_index, NEXT, IN)[0]
+    )
 
 
 def test_causal_layout_checks_and_empty():
@@ -755,18 +848,23 @@ def test_causal_layout_checks_and_empty():
     query_x, window_x, mask, window_index = windowed_case(3)
     good = causal_layout(torch.zeros(5, dtype=torch.long), torch.arange(5))
     with pytest.raises(ValueError):  # the causal relation must link the query type to itself
-        dense_causal_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
-                                      (WORD, "after", SENT), good)
+        dense_causal_window_attention(
+            conv, query_x, window_x, mask, window_index, NEXT, IN, (WORD, "after", SENT), good
+        )
     with pytest.raises(ValueError):  # a layout of other queries
-        dense_causal_window_attention(conv, query_x, window_x, mask, window_index, NEXT, IN,
-                                      AFTER, layout)
+        dense_causal_window_attention(
+            conv, query_x, window_x, mask, window_index, NEXT, IN, AFTER, layout
+        )
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 4])
 @pytest.mark.parametrize(
     "gcfg",
-    [GraphConfig(left=2, right=2), GraphConfig(left=0, right=2, n2c="window"),
-     GraphConfig.paper(left=2, right=2)],
+    [
+        GraphConfig(left=2, right=2),
+        GraphConfig(left=0, right=2, n2c="window"),
+        GraphConfig.paper(left=2, right=2),
+    ],
     ids=["l2r2-center", "l0r2-window", "paper-l2r2"],
 )
 def test_dense_skips_only_slots_out_of_reach(num_layers, gcfg):
@@ -775,9 +873,18 @@ def test_dense_skips_only_slots_out_of_reach(num_layers, gcfg):
     edge-list path's, which updates every node, in float64."""
     graph = causal_case(gcfg) if gcfg.c2c else corpus_and_graph(gcfg)[-1]
     torch.manual_seed(0)
-    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
-                        out_channels=8, heads=4, num_layers=num_layers, dropout=0.0,
-                        attn_dropout=0.0, use_c2c=gcfg.c2c)
+    cfg = AdapterConfig(
+        ctx_channels=24,
+        nbr_channels=20,
+        token_channels=12,
+        hidden_channels=32,
+        out_channels=8,
+        heads=4,
+        num_layers=num_layers,
+        dropout=0.0,
+        attn_dropout=0.0,
+        use_c2c=gcfg.c2c,
+    )
     adapter = GraphAdapter(cfg).double()
     assert adapter.use_dense(graph)
     inputs = [x.double().requires_grad_() for x in adapter_inputs(graph, T=11 if gcfg.c2c else 9)]
@@ -789,8 +896,13 @@ def test_dense_skips_only_slots_out_of_reach(num_layers, gcfg):
 
 @pytest.mark.parametrize(
     "gcfg",
-    [GraphConfig(), GraphConfig(n2c="window"), GraphConfig(left=2, right=2, share_windows=False),
-     GraphConfig.paper(), GraphConfig.paper(left=2, right=2, n2c="window")],
+    [
+        GraphConfig(),
+        GraphConfig(n2c="window"),
+        GraphConfig(left=2, right=2, share_windows=False),
+        GraphConfig.paper(),
+        GraphConfig.paper(left=2, right=2, n2c="window"),
+    ],
     ids=["center", "window", "l2r2-grid", "paper", "paper-l2r2-window"],
 )
 @pytest.mark.parametrize("layers", [1, 2, 3])
@@ -801,18 +913,29 @@ def test_ctx_forward_from_window_key_values_equals_forward(gcfg, layers, normali
     graph of the same rows retrieved by other queries gives them row for row."""
     graph = causal_case(gcfg) if gcfg.c2c else corpus_and_graph(gcfg)[-1]
     torch.manual_seed(0)
-    cfg = AdapterConfig(ctx_channels=24, nbr_channels=20, token_channels=12, hidden_channels=32,
-                        out_channels=8, heads=4, num_layers=layers, use_c2c=gcfg.c2c,
-                        normalization=normalization)
+    cfg = AdapterConfig(
+        ctx_channels=24,
+        nbr_channels=20,
+        token_channels=12,
+        hidden_channels=32,
+        out_channels=8,
+        heads=4,
+        num_layers=layers,
+        use_c2c=gcfg.c2c,
+        normalization=normalization,
+    )
     adapter = GraphAdapter(cfg).double().eval()
     ctx_x, nbr_x, tok_x = (x.double() for x in adapter_inputs(graph, T=11 if gcfg.c2c else 9))
     key_values = adapter.window_key_values(graph, nbr_x, tok_x)
     slots = len(graph.layout.query_slots)
     assert len(key_values) == layers
-    assert all(k.shape == v.shape == (graph.layout.num_windows, slots, 32)
-               for k, v in key_values)
-    torch.testing.assert_close(adapter.ctx_forward(graph, ctx_x, key_values),
-                               adapter(graph, ctx_x, nbr_x, tok_x), atol=1e-12, rtol=1e-10)
+    assert all(k.shape == v.shape == (graph.layout.num_windows, slots, 32) for k, v in key_values)
+    torch.testing.assert_close(
+        adapter.ctx_forward(graph, ctx_x, key_values),
+        adapter(graph, ctx_x, nbr_x, tok_x),
+        atol=1e-12,
+        rtol=1e-10,
+    )
     # The windows of the same rows retrieved one per query: the same key/values per row.
     tokens, docs = corpus_and_graph(gcfg)[1:3]
     rows = window_rows(graph)
@@ -863,9 +986,13 @@ def test_distinct_token_rows_give_the_per_node_result_and_gradients():
         out = adapter(graph, ctx_x, nbr_x, token_x, nbr_token_index=token_index)
         out.square().sum().backward()
         key_values = adapter.window_key_values(graph, nbr_x, token_x, token_index)
-        results.append((out.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters()
-                                       if p.grad is not None},
-                        torch.cat([torch.cat(kv, -1) for kv in key_values], -1)))
+        results.append(
+            (
+                out.detach(),
+                {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None},
+                torch.cat([torch.cat(kv, -1) for kv in key_values], -1),
+            )
+        )
     (out_a, grads_a, kv_a), (out_b, grads_b, kv_b) = results
     torch.testing.assert_close(out_b, out_a, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(kv_b, kv_a, atol=1e-12, rtol=1e-10)

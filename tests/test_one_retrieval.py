@@ -1,4 +1,5 @@
 """One FAISS search per evaluated position: the base run's neighbours feed GNN-LM's hooks."""
+
 from __future__ import annotations
 
 import math
@@ -24,18 +25,25 @@ def _split(name: str, docs: int, seed: int) -> TokenizedSplit:
     rng = np.random.default_rng(seed)
     tokens = [np.tile(rng.integers(0, 256, 16), 5) for _ in range(docs)]
     doc_ids = [np.full(len(t), d) for d, t in enumerate(tokens)]
-    return TokenizedSplit(name, np.concatenate(tokens).astype(np.int32),
-                          np.concatenate(doc_ids).astype(np.int32),
-                          [f"d{i}" for i in range(docs)])
+    return TokenizedSplit(
+        name,
+        np.concatenate(tokens).astype(np.int32),
+        np.concatenate(doc_ids).astype(np.int32),
+        [f"d{i}" for i in range(docs)],
+    )
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     model = tiny_causal_lm("qwen2")
-    store = build_datastore(model, byte_tokenizer(), _split("train", 5, 0),
-                            tmp_path_factory.mktemp("ds") / "ds",
-                            DatastoreConfig(context_length=64, stride=32, batch_size=4),
-                            show_progress=False)
+    store = build_datastore(
+        model,
+        byte_tokenizer(),
+        _split("train", 5, 0),
+        tmp_path_factory.mktemp("ds") / "ds",
+        DatastoreConfig(context_length=64, stride=32, batch_size=4),
+        show_progress=False,
+    )
     index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
     return model, store, index
 
@@ -55,6 +63,7 @@ def _count_searched_rows(monkeypatch, index) -> list[int]:
     def counted(queries, k, *args, **kwargs):
         rows[0] += len(queries)
         return search(queries, k, *args, **kwargs)
+
     monkeypatch.setattr(index, "search", counted)
     return rows
 
@@ -63,9 +72,11 @@ def _unscored_columns(split: TokenizedSplit, config: EvalConfig, trimmed: bool) 
     # Columns a GNN-LM forward retrieves for that its batch does not score: every column,
     # or with a trimmed forward (HF's logits_to_keep) the batch's widest scored span.
     batches = window_batches(evaluation_windows(split.doc_ids, config), config.batch_size)
-    return sum(len(b) * (max(w.end - w.score_start for w in b) if trimmed
-                         else b[0].end - b[0].start)
-               - sum(w.end - w.score_start for w in b) for b in batches)
+    return sum(
+        len(b) * (max(w.end - w.score_start for w in b) if trimmed else b[0].end - b[0].start)
+        - sum(w.end - w.score_start for w in b)
+        for b in batches
+    )
 
 
 @pytest.mark.parametrize("sites, stride", [(("head",), 32), ((0,), 32), (("head",), 16)])
@@ -74,9 +85,13 @@ def test_four_way_searches_each_scored_position_once(parts, monkeypatch, sites, 
     config = EvalConfig(context_length=32, stride=stride, batch_size=2, k=4)
     lm = _lm(parts, sites)
     # The reference: GNN-LM's hooks search on their own (the behaviour before).
-    plain = collect_lm_outputs(lm.model, test, config,
-                               forward=lambda ids: lm(ids, use_cache=False, k=4).logits,
-                               show_progress=False)
+    plain = collect_lm_outputs(
+        lm.model,
+        test,
+        config,
+        forward=lambda ids: lm(ids, use_cache=False, k=4).logits,
+        show_progress=False,
+    )
     searched = _count_searched_rows(monkeypatch, parts[2])
     results = evaluate_four_way(lm, valid, test, config, show_progress=False)
     scored = results["tokens"] + results["valid_tokens"]
@@ -94,7 +109,7 @@ def test_four_way_searches_each_scored_position_once(parts, monkeypatch, sites, 
 
 def _input_ids(length: int = 24) -> torch.Tensor:
     tokens = _split("x", 2, 3).tokens
-    return torch.from_numpy(tokens[:2 * length].astype(np.int64)).view(2, length)
+    return torch.from_numpy(tokens[: 2 * length].astype(np.int64)).view(2, length)
 
 
 @pytest.mark.parametrize("sites", [("head",), (0,)])
@@ -111,8 +126,11 @@ def test_a_retrieval_handed_in_is_not_searched_again(parts, monkeypatch, sites):
     # Covering some positions: only the others are searched, with the same result.
     covered = torch.zeros(input_ids.shape, dtype=torch.bool)
     covered[:, 10:] = True
-    partial = Retrieval(given.distances.masked_fill(~covered[..., None], 0.0),
-                        given.neighbour_ids.masked_fill(~covered[..., None], -1), covered)
+    partial = Retrieval(
+        given.distances.masked_fill(~covered[..., None], 0.0),
+        given.neighbour_ids.masked_fill(~covered[..., None], -1),
+        covered,
+    )
     with torch.no_grad():
         mixed = lm(input_ids, retrieval=partial, use_cache=False).logits
     assert searched[0] == int((~covered).sum())

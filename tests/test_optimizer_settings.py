@@ -1,4 +1,5 @@
 """The optimiser settings of TrainingConfig reach the optimiser (paper mode's Adam betas)."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,11 +23,14 @@ def test_default_betas_are_pytorchs():
     assert TrainingConfig().betas == (0.9, 0.999)
 
 
-@pytest.mark.parametrize("betas, message", [
-    ([0.9, 1.0], "betas must be two numbers in [0, 1)"),
-    ([-0.1, 0.9], "betas must be two numbers in [0, 1)"),
-    ([0.9], "betas: expected list of 2"),
-])
+@pytest.mark.parametrize(
+    "betas, message",
+    [
+        ([0.9, 1.0], "betas must be two numbers in [0, 1)"),
+        ([-0.1, 0.9], "betas must be two numbers in [0, 1)"),
+        ([0.9], "betas: expected list of 2"),
+    ],
+)
 def test_bad_betas_name_the_key(betas, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
         TrainingConfig.from_dict({"betas": betas})

@@ -1,6 +1,7 @@
 """The exact paper mode through the command line: ``--preset paper``, a ``--config`` with the
 paper's fusion section, and the paper's two-stage training (``--init-from``), on a tiny saved
 model and a tiny text corpus."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,15 @@ from hetgraph.testing import run_cli as run, save_tiny_model, write_word_corpus
 from hetgraph.training import InitAdapterError, TrainingConfig, train_adapter
 from hetgraph.training.checkpoint import load_adapter_weights
 
-TRAINING = {"max_steps": 4, "batch_size": 2, "context_length": 32, "eval_every": 2,
-            "eval_tokens": 200, "checkpoint_every": 2, "warmup_steps": 1}
+TRAINING = {
+    "max_steps": 4,
+    "batch_size": 2,
+    "context_length": 32,
+    "eval_every": 2,
+    "eval_tokens": 200,
+    "checkpoint_every": 2,
+    "warmup_steps": 1,
+}
 EVALUATION = {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4}
 
 
@@ -37,17 +45,37 @@ EVALUATION = {"context_length": 64, "stride": 32, "batch_size": 4, "k": 4}
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper_cli")
     save_tiny_model(root / "model", "llama")
-    write_word_corpus(root / "corpus", num_documents=10, seed=1,
-                      words=("alpha", "beta", "gamma", "import os", "def f():", "return x"))
+    write_word_corpus(
+        root / "corpus",
+        num_documents=10,
+        seed=1,
+        words=("alpha", "beta", "gamma", "import os", "def f():", "return x"),
+    )
     # The demo's fusion section (not the paper's), so --preset paper visibly replaces it.
-    config = {"datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-              "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1,
-                                             "heads": 2}},
-              "training": TRAINING, "evaluation": EVALUATION}
+    config = {
+        "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
+        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2}},
+        "training": TRAINING,
+        "evaluation": EVALUATION,
+    }
     (root / "run.json").write_text(json.dumps(config))
     common = ["--model", root / "model", "--corpus", root / "corpus", "--threads", "1"]
-    assert run("datastore", "build", *common, "--out", root / "ds", "--context-length", "64",
-               "--stride", "32", "--batch-size", "4") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common,
+            "--out",
+            root / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
     return root, common
 
 
@@ -56,8 +84,23 @@ def paper_adapter(workspace):
     """An adapter trained with ``--preset paper --k 4`` (also stage 1 of the two-stage test)."""
     root, common = workspace
     out = root / "paper"
-    assert run("train", *common, "--datastore", root / "ds", "--out", out,
-               "--config", root / "run.json", "--preset", "paper", "--k", "4") == 0
+    assert (
+        run(
+            "train",
+            *common,
+            "--datastore",
+            root / "ds",
+            "--out",
+            out,
+            "--config",
+            root / "run.json",
+            "--preset",
+            "paper",
+            "--k",
+            "4",
+        )
+        == 0
+    )
     return out
 
 
@@ -68,8 +111,9 @@ def loaded(workspace):
     model, tokenizer = load_model(root / "model")
     store = Datastore.open(root / "ds", model=model, tokenizer=tokenizer)
     index = DatastoreIndex.load(root / "ds" / "index", store)
-    corpus = tokenize_corpus(CorpusConfig(path=str(root / "corpus")), tokenizer,
-                             show_progress=False)
+    corpus = tokenize_corpus(
+        CorpusConfig(path=str(root / "corpus")), tokenizer, show_progress=False
+    )
     return model, tokenizer, store, index, corpus
 
 
@@ -94,8 +138,21 @@ def test_train_with_the_paper_preset_then_eval(workspace, paper_adapter, capsys)
     assert training["config"]["max_steps"] == TRAINING["max_steps"]  # training section kept
     assert training["result"]["steps"] == TRAINING["max_steps"]
     capsys.readouterr()
-    assert run("eval", *common, "--datastore", root / "ds", "--adapter", out,
-               "--config", root / "run.json", "--json", root / "paper-eval.json") == 0
+    assert (
+        run(
+            "eval",
+            *common,
+            "--datastore",
+            root / "ds",
+            "--adapter",
+            out,
+            "--config",
+            root / "run.json",
+            "--json",
+            root / "paper-eval.json",
+        )
+        == 0
+    )
     assert "GNN-LM + kNN" in capsys.readouterr().out
     results = json.loads((root / "paper-eval.json").read_text())
     for method in ("base", "knn", "gnn", "gnn_knn"):
@@ -114,22 +171,50 @@ def test_a_config_file_with_the_paper_fusion_section(workspace, capsys):
     assert printed["fusion"] == FusionConfig.paper().to_dict()
     assert printed["out_dir"] == "runs/demo-paper"  # never the default demo's directory
     printed["fusion"]["k"] = 4
-    printed.update(datastore={"context_length": 64, "stride": 32, "batch_size": 4},
-                   training=TRAINING, evaluation=EVALUATION)
+    printed.update(
+        datastore={"context_length": 64, "stride": 32, "batch_size": 4},
+        training=TRAINING,
+        evaluation=EVALUATION,
+    )
     (root / "paper-run.json").write_text(json.dumps(printed))
     out = root / "paper-from-config"
-    assert run("train", *common, "--datastore", root / "ds", "--out", out,
-               "--config", root / "paper-run.json") == 0
+    assert (
+        run(
+            "train",
+            *common,
+            "--datastore",
+            root / "ds",
+            "--out",
+            out,
+            "--config",
+            root / "paper-run.json",
+        )
+        == 0
+    )
     assert saved_fusion(out) == FusionConfig.paper(k=4).to_dict()
 
 
 def test_two_stage_training_starts_stage_two_from_stage_one(workspace, paper_adapter, capsys):
     root, common = workspace
     stage1, stage2 = paper_adapter, root / "stage2"
-    args = [*common, "--datastore", root / "ds", "--config", root / "run.json",
-            "--preset", "paper"]
-    assert run("train", *args, "--k", "6", "--left", "2", "--right", "2",
-               "--init-from", stage1, "--out", stage2) == 0
+    args = [*common, "--datastore", root / "ds", "--config", root / "run.json", "--preset", "paper"]
+    assert (
+        run(
+            "train",
+            *args,
+            "--k",
+            "6",
+            "--left",
+            "2",
+            "--right",
+            "2",
+            "--init-from",
+            stage1,
+            "--out",
+            stage2,
+        )
+        == 0
+    )
     fusion = saved_fusion(stage2)
     assert fusion == FusionConfig.paper(k=6, graph=GraphConfig.paper(left=2, right=2)).to_dict()
     training = json.loads((stage2 / "training.json").read_text())
@@ -141,13 +226,43 @@ def test_two_stage_training_starts_stage_two_from_stage_one(workspace, paper_ada
     capsys.readouterr()
     # A second run resumes stage 2 from its own checkpoint (nothing left to do) …
     before = (stage2 / "adapter.safetensors").read_bytes()
-    assert run("train", *args, "--k", "6", "--left", "2", "--right", "2",
-               "--init-from", stage1, "--out", stage2) == 0
+    assert (
+        run(
+            "train",
+            *args,
+            "--k",
+            "6",
+            "--left",
+            "2",
+            "--right",
+            "2",
+            "--init-from",
+            stage1,
+            "--out",
+            stage2,
+        )
+        == 0
+    )
     assert (stage2 / "adapter.safetensors").read_bytes() == before
     # … and one with another graph is refused instead of resuming a different model.
     capsys.readouterr()
-    assert run("train", *args, "--k", "6", "--left", "1", "--right", "1",
-               "--init-from", stage1, "--out", stage2) == 2
+    assert (
+        run(
+            "train",
+            *args,
+            "--k",
+            "6",
+            "--left",
+            "1",
+            "--right",
+            "1",
+            "--init-from",
+            stage1,
+            "--out",
+            stage2,
+        )
+        == 2
+    )
     assert "other training or fusion settings" in capsys.readouterr().err
     assert (stage2 / "adapter.safetensors").read_bytes() == before
 
@@ -159,11 +274,24 @@ def test_init_from_loads_stage_one_weights_exactly(paper_adapter, loaded, tmp_pa
     torch.manual_seed(5)
     lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
     fresh = {key: value.clone() for key, value in lm.adapter_state_dict().items()}
-    config = TrainingConfig.from_dict({**TRAINING, "max_steps": 1, "eval_every": 0,
-                                       "lr": 1e-12, "weight_decay": 0.0,
-                                       "init_from": str(stage1)})
-    train_adapter(lm, corpus.train.truncate(len(store) + 1), None, config, tmp_path / "s2",
-                  show_progress=False)
+    config = TrainingConfig.from_dict(
+        {
+            **TRAINING,
+            "max_steps": 1,
+            "eval_every": 0,
+            "lr": 1e-12,
+            "weight_decay": 0.0,
+            "init_from": str(stage1),
+        }
+    )
+    train_adapter(
+        lm,
+        corpus.train.truncate(len(store) + 1),
+        None,
+        config,
+        tmp_path / "s2",
+        show_progress=False,
+    )
     stage1_lm = HetGraphLM.from_pretrained(stage1, model, store, index, tokenizer=tokenizer)
     expected = stage1_lm.adapter_state_dict()
     got = lm.adapter_state_dict()
@@ -175,27 +303,61 @@ def test_init_from_loads_stage_one_weights_exactly(paper_adapter, loaded, tmp_pa
     # Refusals, each before a step runs: the output directory itself; an adapter whose
     # widths differ (the demo-style fusion of run.json); a directory with no adapter.
     with pytest.raises(InitAdapterError, match="output directory itself"):
-        train_adapter(lm, corpus.train.truncate(len(store) + 1), None,
-                      TrainingConfig.from_dict({**config.to_dict(), "init_from": str(stage1)}),
-                      stage1, show_progress=False)
-    other = HetGraphLM(model, store, index, FusionConfig.from_dict(
-        {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2}}),
-        tokenizer=tokenizer)
+        train_adapter(
+            lm,
+            corpus.train.truncate(len(store) + 1),
+            None,
+            TrainingConfig.from_dict({**config.to_dict(), "init_from": str(stage1)}),
+            stage1,
+            show_progress=False,
+        )
+    other = HetGraphLM(
+        model,
+        store,
+        index,
+        FusionConfig.from_dict(
+            {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2}}
+        ),
+        tokenizer=tokenizer,
+    )
     with pytest.raises(InitAdapterError, match="stage-2 adapter must keep"):
-        train_adapter(other, corpus.train.truncate(len(store) + 1), None, config,
-                      tmp_path / "other", show_progress=False)
+        train_adapter(
+            other,
+            corpus.train.truncate(len(store) + 1),
+            None,
+            config,
+            tmp_path / "other",
+            show_progress=False,
+        )
     with pytest.raises(InitAdapterError, match="not found"):
-        train_adapter(lm, corpus.train.truncate(len(store) + 1), None,
-                      TrainingConfig.from_dict({**config.to_dict(),
-                                                "init_from": str(tmp_path / "none")}),
-                      tmp_path / "s3", show_progress=False)
+        train_adapter(
+            lm,
+            corpus.train.truncate(len(store) + 1),
+            None,
+            TrainingConfig.from_dict({**config.to_dict(), "init_from": str(tmp_path / "none")}),
+            tmp_path / "s3",
+            show_progress=False,
+        )
     load_adapter_weights(lm, stage1, "cpu")  # the refusals left the model loadable
 
 
 def test_cli_refuses_a_missing_init_adapter(workspace, capsys):
     root, common = workspace
-    assert run("train", *common, "--datastore", root / "ds", "--out", root / "x",
-               "--config", root / "run.json", "--init-from", root / "absent") == 2
+    assert (
+        run(
+            "train",
+            *common,
+            "--datastore",
+            root / "ds",
+            "--out",
+            root / "x",
+            "--config",
+            root / "run.json",
+            "--init-from",
+            root / "absent",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: --init-from") and "adapter_config.json missing" in err
     assert not (root / "x").exists()  # refused before anything was written
@@ -216,13 +378,23 @@ def test_a_run_directory_with_another_fusion_config_is_refused(paper_adapter, lo
 
 def test_reusing_an_adapter_trained_otherwise_says_what_differs(paper_adapter, loaded, caplog):
     model, tokenizer, store, index, corpus = loaded
-    longer = RunConfig.from_dict({"fusion": FusionConfig.paper(k=4), "training": {
-        **TRAINING, "max_steps": TRAINING["max_steps"] + 5, "mixed_precision": "bf16"}})
+    longer = RunConfig.from_dict(
+        {
+            "fusion": FusionConfig.paper(k=4),
+            "training": {
+                **TRAINING,
+                "max_steps": TRAINING["max_steps"] + 5,
+                "mixed_precision": "bf16",
+            },
+        }
+    )
     with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
         prepare_adapter(model, tokenizer, corpus, store, index, longer, paper_adapter)
     message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert (f"max_steps: {TRAINING['max_steps']}, now {TRAINING['max_steps'] + 5}" in message
-            and "mixed_precision: 'no', now 'bf16'" in message), message
+    assert (
+        f"max_steps: {TRAINING['max_steps']}, now {TRAINING['max_steps'] + 5}" in message
+        and "mixed_precision: 'no', now 'bf16'" in message
+    ), message
     caplog.clear()
     same = RunConfig.from_dict({"fusion": FusionConfig.paper(k=4), "training": TRAINING})
     with caplog.at_level("WARNING", logger="hetgraph.pipeline"):
@@ -246,13 +418,16 @@ def test_reusing_an_adapter_trained_otherwise_says_what_differs(paper_adapter, l
 def test_demo_with_the_paper_preset_and_a_reused_run_directory(workspace, capsys):
     root, _ = workspace
     out = root / "demo-run"
-    config = {"model": str(root / "model"), "corpus": {"path": str(root / "corpus")},
-              "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
-              "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1,
-                                             "heads": 2}},
-              "training": TRAINING, "evaluation": {**EVALUATION, "max_tokens": 300,
-                                                   "valid_tokens": 300},
-              "out_dir": str(out), "threads": 1}
+    config = {
+        "model": str(root / "model"),
+        "corpus": {"path": str(root / "corpus")},
+        "datastore": {"context_length": 64, "stride": 32, "batch_size": 4},
+        "fusion": {"k": 4, "adapter": {"hidden_channels": 16, "num_layers": 1, "heads": 2}},
+        "training": TRAINING,
+        "evaluation": {**EVALUATION, "max_tokens": 300, "valid_tokens": 300},
+        "out_dir": str(out),
+        "threads": 1,
+    }
     (root / "demo.json").write_text(json.dumps(config))
     assert run("demo", "--config", root / "demo.json", "--preset", "paper") == 0
     assert saved_fusion(out / "adapter") == FusionConfig.paper().to_dict()

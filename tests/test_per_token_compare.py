@@ -1,4 +1,5 @@
 """Per-token files read back and compared paired across two evaluations."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,16 +15,21 @@ from hetgraph.evaluation.per_token import PerTokenError, paired_ratio, read_per_
 
 def _write(path, doc_ids, log_probs, targets=None):
     n = len(doc_ids)
-    outputs = SimpleNamespace(positions=torch.arange(n), doc_ids=torch.tensor(doc_ids),
-                              targets=torch.tensor(targets if targets is not None else [7] * n))
+    outputs = SimpleNamespace(
+        positions=torch.arange(n),
+        doc_ids=torch.tensor(doc_ids),
+        targets=torch.tensor(targets if targets is not None else [7] * n),
+    )
     split = SimpleNamespace(doc_names=["a", "b", "c"])
-    return write_per_token(path, outputs, {k: torch.tensor(v) for k, v in log_probs.items()},
-                           split)
+    return write_per_token(path, outputs, {k: torch.tensor(v) for k, v in log_probs.items()}, split)
 
 
 def test_read_back_keeps_every_field(tmp_path):
-    path = _write(tmp_path / "run.safetensors", [0, 0, 1, 2],
-                  {"base": [-1.0, -2.0, -0.5, -3.0], "gnn": [-0.9, -1.5, -0.5, -2.0]})
+    path = _write(
+        tmp_path / "run.safetensors",
+        [0, 0, 1, 2],
+        {"base": [-1.0, -2.0, -0.5, -3.0], "gnn": [-0.9, -1.5, -0.5, -2.0]},
+    )
     run = read_per_token(path)
     assert run.methods == ("base", "gnn")
     assert run.doc_ids.tolist() == [0, 0, 1, 2] and run.doc_names == ("a", "b", "c")
@@ -46,8 +52,9 @@ def test_paired_ratio_across_files_equals_the_in_run_ratio(tmp_path, seed):
 
 def test_different_tokens_are_refused(tmp_path):
     a = read_per_token(_write(tmp_path / "a.safetensors", [0, 1], {"gnn": [-1.0, -1.0]}))
-    b = read_per_token(_write(tmp_path / "b.safetensors", [0, 1], {"gnn": [-1.0, -1.0]},
-                              targets=[7, 8]))
+    b = read_per_token(
+        _write(tmp_path / "b.safetensors", [0, 1], {"gnn": [-1.0, -1.0]}, targets=[7, 8])
+    )
     with pytest.raises(PerTokenError, match="scored different tokens"):
         paired_ratio(a, "gnn", b, "gnn")
     with pytest.raises(PerTokenError, match="no method 'lora'"):

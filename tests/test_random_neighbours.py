@@ -1,6 +1,7 @@
 """The random-neighbours control: FusionConfig(neighbours="random") draws each position's
 neighbours uniformly from the datastore, seeded by the query's identity (its row or tokens),
 leakage-filtered, saved with the adapter, and never searches FAISS for the graph."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def random_lm(stores, family="qwen2", **config) -> HetGraphLM:
 
 
 def windows(split, count=4, length=40) -> torch.Tensor:
-    return torch.from_numpy(split.tokens[:count * length].astype(np.int64)).view(count, length)
+    return torch.from_numpy(split.tokens[: count * length].astype(np.int64)).view(count, length)
 
 
 def neighbours_of(lm, input_ids, **kwargs) -> torch.Tensor:
@@ -53,6 +54,7 @@ def test_no_faiss_search_builds_a_random_graph(stores, split, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("random neighbours searched the index")
+
     monkeypatch.setattr(lm.retriever, "search", refuse)
     ids = neighbours_of(lm, windows(split))
     assert ids.shape == (4, 40, 4) and bool((ids >= 0).all())
@@ -75,8 +77,10 @@ def test_the_same_tokens_get_the_same_neighbours_in_any_batch(stores, split, fam
     rows = torch.arange(200, 240).view(2, 20)
     queries = torch.zeros(2, 20, lm.datastore.dim)
     both = lm.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids
-    halves = [lm.retrieve(queries[i:i + 1], CallOptions(query_positions=rows[i:i + 1]))
-              for i in range(2)]
+    halves = [
+        lm.retrieve(queries[i : i + 1], CallOptions(query_positions=rows[i : i + 1]))
+        for i in range(2)
+    ]
     assert torch.equal(both, torch.cat([h.neighbour_ids for h in halves]))
 
 
@@ -140,8 +144,9 @@ def test_random_neighbours_are_leakage_filtered(stores, split, margin):
     lm = random_lm(stores, k=16, retrieval_margin=margin)  # radius 3072: whole documents
     docs = torch.from_numpy(np.asarray(lm.datastore.doc_ids, dtype=np.int64))
     rows = torch.arange(0, len(docs), 7)[None]
-    queries = torch.from_numpy(np.asarray(lm.datastore.keys[rows[0].numpy()],
-                                          dtype=np.float32))[None]
+    queries = torch.from_numpy(np.asarray(lm.datastore.keys[rows[0].numpy()], dtype=np.float32))[
+        None
+    ]
     ids = lm.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids[0]
     found = ids >= 0
     assert not bool((docs[ids.clamp(min=0)] == docs[rows[0], None])[found].any())
@@ -158,8 +163,11 @@ def test_random_neighbours_are_leakage_filtered(stores, split, margin):
 def test_the_setting_is_saved_with_the_adapter(stores, tmp_path, split):
     config = FusionConfig(k=4, neighbours="random", neighbour_seed=7)
     assert FusionConfig.from_dict(config.to_dict()) == config
-    old = {key: value for key, value in config.to_dict().items()
-           if key not in ("neighbours", "neighbour_seed")}  # an adapter saved before the field
+    old = {
+        key: value
+        for key, value in config.to_dict().items()
+        if key not in ("neighbours", "neighbour_seed")
+    }  # an adapter saved before the field
     assert FusionConfig.from_dict(old).neighbours == "retrieved"
     for bad in ({"neighbours": "uniform"}, {"neighbour_seed": -1}, {"neighbour_seed": 2**63}):
         with pytest.raises(ConfigError):
@@ -211,7 +219,7 @@ def test_generation_with_a_cache_draws_as_a_full_forward(stores, split, sites, m
     # The cache feeds one token per step; its identity still spans the tokens before it.
     per_step = torch.cat([ids.view(-1, 4) for ids in steps])  # the last positions of each
     assert len(steps) == 5 and len(per_step) >= 5
-    full = neighbours_of(lm, generated[:, :-1])[0, -len(per_step):]
+    full = neighbours_of(lm, generated[:, :-1])[0, -len(per_step) :]
     assert torch.equal(per_step.sort(-1).values, full.sort(-1).values)
 
 
@@ -236,8 +244,14 @@ def _record(steps, draw, args, kwargs):
 def _train(stores, split, out, seed=0):
     torch.manual_seed(0)
     lm = random_lm(stores, adapter={**SMALL_ADAPTER, "dropout": 0.1}, neighbour_seed=seed)
-    config = TrainingConfig(max_steps=4, batch_size=2, context_length=32, eval_every=2,
-                            eval_tokens=120, checkpoint_every=2)
+    config = TrainingConfig(
+        max_steps=4,
+        batch_size=2,
+        context_length=32,
+        eval_every=2,
+        eval_tokens=120,
+        checkpoint_every=2,
+    )
     train_adapter(lm, split, split, config, out, show_progress=False)
     return lm
 
@@ -254,11 +268,15 @@ def test_training_and_evaluation_with_random_neighbours(stores, split, tmp_path,
 
     def refuse(*args, **kwargs):  # the graphs never search; kNN-LM searches on its own
         raise AssertionError("random neighbours searched the index")
+
     monkeypatch.setattr(first.retriever, "search", refuse)
-    results = evaluate_four_way(first, split, split, EvalConfig(context_length=64, stride=32,
-                                                                k=4, max_tokens=200,
-                                                                valid_tokens=200),
-                                show_progress=False)
+    results = evaluate_four_way(
+        first,
+        split,
+        split,
+        EvalConfig(context_length=64, stride=32, k=4, max_tokens=200, valid_tokens=200),
+        show_progress=False,
+    )
     assert {"base", "knn", "gnn", "gnn_knn"} <= set(results)
     assert all(np.isfinite(results[name]["ppl"]) for name in ("gnn", "gnn_knn"))
 
@@ -267,15 +285,58 @@ def test_train_and_eval_through_the_cli(tmp_path, capsys):
     w = write_cli_workspace(tmp_path)
     common = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
     run = lambda *argv: main([str(a) for a in argv])  # noqa: E731
-    assert run("datastore", "build", *common, "--out", w / "ds", "--context-length", "64",
-               "--stride", "32", "--batch-size", "4") == 0
-    assert run("train", *common, "--datastore", w / "ds", "--out", w / "adapter",
-               "--config", w / "run.json", "--neighbours", "random") == 0
+    assert (
+        run(
+            "datastore",
+            "build",
+            *common,
+            "--out",
+            w / "ds",
+            "--context-length",
+            "64",
+            "--stride",
+            "32",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "train",
+            *common,
+            "--datastore",
+            w / "ds",
+            "--out",
+            w / "adapter",
+            "--config",
+            w / "run.json",
+            "--neighbours",
+            "random",
+        )
+        == 0
+    )
     saved = json.loads((w / "adapter" / "adapter_config.json").read_text())["fusion"]
     assert saved["neighbours"] == "random" and saved["neighbour_seed"] == 0
-    assert run("eval", *common, "--datastore", w / "ds", "--adapter", w / "adapter",
-               "--config", w / "run.json", "--max-tokens", "300", "--tune-tokens", "200",
-               "--json", w / "eval.json") == 0
+    assert (
+        run(
+            "eval",
+            *common,
+            "--datastore",
+            w / "ds",
+            "--adapter",
+            w / "adapter",
+            "--config",
+            w / "run.json",
+            "--max-tokens",
+            "300",
+            "--tune-tokens",
+            "200",
+            "--json",
+            w / "eval.json",
+        )
+        == 0
+    )
     results = json.loads((w / "eval.json").read_text())
     assert results["neighbours"] == "random"
     assert all(np.isfinite(results[name]["ppl"]) for name in ("gnn", "gnn_knn"))

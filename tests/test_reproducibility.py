@@ -1,6 +1,7 @@
 """Identical runs give identical bytes on one machine ("Reliability, round two", item 3): the
 neighbour search does not depend on FAISS's thread count or on the order it finds ties in,
 and two ``hetgraph train`` runs with the default settings write the same adapter file."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,11 @@ def test_search_results_do_not_depend_on_the_faiss_threads(blas_threshold, metri
         np.testing.assert_array_equal(distances, results[0][0])
     assert faiss.cvar.distance_compute_blas_threshold == 20  # restored after each search
     found = keys[results[0][1]].astype(np.float32)
-    exact = (((found - queries[:, None]) ** 2).sum(-1) if metric == "l2" else
-             -(found * queries[:, None]).sum(-1))
+    exact = (
+        ((found - queries[:, None]) ** 2).sum(-1)
+        if metric == "l2"
+        else -(found * queries[:, None]).sum(-1)
+    )
     np.testing.assert_allclose(results[0][0], exact, rtol=1e-4, atol=1e-4)
     assert (np.diff(results[0][0], axis=1) >= 0).all()  # nearest first
 
@@ -64,8 +68,9 @@ class _ShuffledTies:
 
 
 def test_tied_neighbours_come_in_id_order():
-    index = DatastoreIndex.build(np.zeros((100, 4), np.float16), IndexConfig(factory="Flat"),
-                                 show_progress=False)
+    index = DatastoreIndex.build(
+        np.zeros((100, 4), np.float16), IndexConfig(factory="Flat"), show_progress=False
+    )
     index.index = _ShuffledTies()
     distances, ids = index.search(np.zeros((3, 4), np.float32), 6)
     assert ids.tolist() == [[7, 3, 19, 42, 5, -1]] * 3
@@ -83,8 +88,9 @@ def all_threads():
 
 
 @pytest.mark.parametrize("search", ["default", "blas"])
-def test_two_default_train_runs_write_the_same_adapter_bytes(tmp_path, capsys, all_threads,
-                                                             request, search):
+def test_two_default_train_runs_write_the_same_adapter_bytes(
+    tmp_path, capsys, all_threads, request, search
+):
     if search == "blas":  # the searches of a larger model or batch (exact_top_k)
         request.getfixturevalue("blas_threshold")
     save_tiny_model(tmp_path / "model", "qwen2")
@@ -92,14 +98,48 @@ def test_two_default_train_runs_write_the_same_adapter_bytes(tmp_path, capsys, a
     config = tiny_run_config(dropout=0.1)  # dropout draws too
     (tmp_path / "run.json").write_text(json.dumps(config))
     common = ["--model", tmp_path / "model", "--corpus", tmp_path / "corpus"]
-    assert main([str(a) for a in ["datastore", "build", *common, "--out", tmp_path / "ds",
-                                  "--context-length", "64", "--stride", "32",
-                                  "--batch-size", "4"]]) == 0
+    assert (
+        main(
+            [
+                str(a)
+                for a in [
+                    "datastore",
+                    "build",
+                    *common,
+                    "--out",
+                    tmp_path / "ds",
+                    "--context-length",
+                    "64",
+                    "--stride",
+                    "32",
+                    "--batch-size",
+                    "4",
+                ]
+            ]
+        )
+        == 0
+    )
     outputs = []
     for run in ("a", "b"):  # the default settings: no --threads
         out = tmp_path / run
-        assert main([str(a) for a in ["train", *common, "--datastore", tmp_path / "ds",
-                                      "--out", out, "--config", tmp_path / "run.json"]]) == 0
+        assert (
+            main(
+                [
+                    str(a)
+                    for a in [
+                        "train",
+                        *common,
+                        "--datastore",
+                        tmp_path / "ds",
+                        "--out",
+                        out,
+                        "--config",
+                        tmp_path / "run.json",
+                    ]
+                ]
+            )
+            == 0
+        )
         outputs.append(out)
     a, b = outputs
     assert (a / ADAPTER_WEIGHTS).read_bytes() == (b / ADAPTER_WEIGHTS).read_bytes()

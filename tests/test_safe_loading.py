@@ -2,6 +2,7 @@
 tokenizer or with custom code, tokenizer fingerprints cover behaviour, context lengths are
 checked against the model, document names are sanitised and long documents are tokenized in
 bounded pieces."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,9 @@ def test_folder_without_tokenizer_is_refused(tmp_path: Path, family: str) -> Non
 def test_one_token_tokenizer_is_refused(tmp_path: Path) -> None:
     # What transformers 5 builds from a Qwen2 folder without tokenizer files: one token.
     folder = _save(tmp_path / "m", "qwen2")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
-                                              trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False
+    )
     assert len(tokenizer) < 16
     with pytest.raises(ModelLoadError, match=r"only \d+ token"):
         check_tokenizer(tokenizer, source=folder)
@@ -86,8 +88,9 @@ def test_tokenizer_that_does_not_round_trip_is_refused() -> None:
     vocab = {f"w{i}": i for i in range(30)} | {"[UNK]": 30, "<eos>": 31}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                                        eos_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="<eos>"
+    )
     with pytest.raises(ModelLoadError, match="does not round-trip"):
         check_tokenizer(tokenizer, source="word-level")
 
@@ -140,8 +143,10 @@ def _evil_folder(root: Path, where: str) -> tuple[Path, Path]:
     data = json.loads((folder / name).read_text())
     if where == "config":
         data["model_type"] = "evil_custom"
-        data["auto_map"] = {"AutoConfig": "evil.EvilConfig",
-                            "AutoModelForCausalLM": "evil.EvilModel"}
+        data["auto_map"] = {
+            "AutoConfig": "evil.EvilConfig",
+            "AutoModelForCausalLM": "evil.EvilModel",
+        }
     else:
         data["tokenizer_class"] = "EvilTokenizer"
         data["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
@@ -152,11 +157,19 @@ def _evil_folder(root: Path, where: str) -> tuple[Path, Path]:
 @pytest.mark.parametrize("where", ["config", "tokenizer"])
 def test_custom_code_is_refused_even_with_yes_on_stdin(tmp_path: Path, where: str) -> None:
     folder, marker = _evil_folder(tmp_path, where)
-    code = ("import sys; from hetgraph.models.loading import load_model\n"
-            "try:\n    load_model(sys.argv[1])\n"
-            "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
-    result = subprocess.run([sys.executable, "-c", code, str(folder)], input="y\ny\n",
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    code = (
+        "import sys; from hetgraph.models.loading import load_model\n"
+        "try:\n    load_model(sys.argv[1])\n"
+        "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(folder)],
+        input="y\ny\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 3, result.stdout + result.stderr
     assert "CustomCodeError" in result.stdout and str(folder) in result.stdout
     assert "auto_map" in result.stdout
@@ -171,8 +184,7 @@ def test_custom_code_error_is_a_model_load_error(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_every_from_pretrained_passes_trust_remote_code_false(tmp_path: Path,
-                                                              monkeypatch) -> None:
+def test_every_from_pretrained_passes_trust_remote_code_false(tmp_path: Path, monkeypatch) -> None:
     import transformers
 
     folder = _save(tmp_path / "m", "llama", byte_tokenizer())
@@ -206,7 +218,8 @@ def test_lowercasing_tokenizer_has_another_behaviour_fingerprint() -> None:
     # ... the behaviour fingerprint can, and is stable.
     assert tokenizer_behaviour_fingerprint(plain) != tokenizer_behaviour_fingerprint(lower)
     assert tokenizer_behaviour_fingerprint(plain) == tokenizer_behaviour_fingerprint(
-        byte_tokenizer())
+        byte_tokenizer()
+    )
     recorded = model_fingerprint(tiny_causal_lm("llama"), plain)
     assert "tokenizer_behaviour" in recorded
     assert tokenizer_matches(recorded, byte_tokenizer()) is None
@@ -222,11 +235,16 @@ def test_datastore_refuses_lowercasing_tokenizer(tmp_path: Path) -> None:
 
     model, tokenizer = tiny_causal_lm("llama"), byte_tokenizer()
     split = tokenize_documents(
-        [_document(f"doc {i} alpha beta gamma") for i in range(3)], tokenizer,
-        show_progress=False)
-    build_datastore(model, tokenizer, split, tmp_path / "ds",
-                    DatastoreConfig(context_length=16, stride=8, batch_size=2),
-                    show_progress=False)
+        [_document(f"doc {i} alpha beta gamma") for i in range(3)], tokenizer, show_progress=False
+    )
+    build_datastore(
+        model,
+        tokenizer,
+        split,
+        tmp_path / "ds",
+        DatastoreConfig(context_length=16, stride=8, batch_size=2),
+        show_progress=False,
+    )
     store = Datastore.open(tmp_path / "ds")
     store.check(model=model, tokenizer=byte_tokenizer())
     with pytest.raises(DatastoreError, match="splits text differently"):
@@ -263,8 +281,9 @@ def test_error_classes_are_hetgraph_errors() -> None:
 # -- item 9: corpus JSON files are named ----------------------------------------------------
 def test_malformed_tokenized_corpus_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("alpha beta\n")
-    corpus = tokenize_corpus(tmp_path / "c.txt", byte_tokenizer(), use_cache=False,
-                             show_progress=False)
+    corpus = tokenize_corpus(
+        tmp_path / "c.txt", byte_tokenizer(), use_cache=False, show_progress=False
+    )
     corpus.save(tmp_path / "tok")
     for name, bad in (("corpus.json", "{oops"), ("train.docs.json", "{}")):
         saved = (tmp_path / "tok" / name).read_text()
@@ -279,11 +298,17 @@ def test_malformed_tokenized_corpus_json_names_the_file(tmp_path: Path) -> None:
 def test_control_characters_in_names_are_escaped(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     names = ["\x1b[31mred\x1b[0m", "plain", "rtl\u202eevil", "tab\tnew\nline", "caf\u00e9"]
-    path.write_text("".join(json.dumps({"id": n, "text": f"text {i}"}) + "\n"
-                            for i, n in enumerate(names)))
+    path.write_text(
+        "".join(json.dumps({"id": n, "text": f"text {i}"}) + "\n" for i, n in enumerate(names))
+    )
     got = [d.name for d in read_documents(path)]
-    assert got == ["\\x1b[31mred\\x1b[0m", "plain", "rtl\\u202eevil", "tab\\x09new\\x0aline",
-                   "caf\u00e9"]
+    assert got == [
+        "\\x1b[31mred\\x1b[0m",
+        "plain",
+        "rtl\\u202eevil",
+        "tab\\x09new\\x0aline",
+        "caf\u00e9",
+    ]
     assert all(ch.isprintable() for name in got for ch in name)
     assert len(set(got)) == len(got) and got == [d.name for d in read_documents(path)]
     assert safe_document_name("a/b.txt") == "a/b.txt"
@@ -294,8 +319,9 @@ def test_undecodable_file_name_survives_saving(tmp_path: Path) -> None:
     corpus_dir.mkdir()
     (corpus_dir / "ok.txt").write_text("alpha\n")
     (corpus_dir / "x\udcff.txt").write_text("beta\n")  # a non-UTF-8 byte in the name
-    corpus = tokenize_corpus(corpus_dir, byte_tokenizer(), cache_dir=tmp_path / "cache",
-                             show_progress=False)
+    corpus = tokenize_corpus(
+        corpus_dir, byte_tokenizer(), cache_dir=tmp_path / "cache", show_progress=False
+    )
     names = [n for s in corpus.splits.values() for n in s.doc_names]
     assert sorted(names) == ["ok.txt", "x\\udcff.txt"]
 
@@ -357,8 +383,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 def test_long_single_line_document_tokenizes_in_bounded_memory() -> None:
     # Tokenized whole (before the fix) the peak grew by ~570 MB; in pieces by ~90 MB, most of
     # it the result's own int32 arrays (tokens, doc ids, positions: ~40 MB).
-    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True,
-                            text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert result.returncode == 0, result.stderr
     growth_mb = int(result.stdout.split()[-1])
     assert growth_mb < 250, f"peak RSS grew by {growth_mb} MB"

@@ -1,5 +1,6 @@
 """The document-stratified evaluation sample and the document bootstrap, against naive
 references."""
+
 from __future__ import annotations
 
 import math
@@ -25,13 +26,16 @@ def _doc_ids(lengths):
     return np.repeat(np.arange(len(lengths)), lengths)
 
 
-@pytest.mark.parametrize("lengths, budget", [
-    ([50, 3, 200, 17, 1, 90], 60),
-    ([50, 3, 200, 17, 1, 90], 361),  # everything
-    ([10] * 40, 25),  # fewer positions than documents
-    ([1000], 100),
-    ([5, 500, 5, 500], 400),
-])
+@pytest.mark.parametrize(
+    "lengths, budget",
+    [
+        ([50, 3, 200, 17, 1, 90], 60),
+        ([50, 3, 200, 17, 1, 90], 361),  # everything
+        ([10] * 40, 25),  # fewer positions than documents
+        ([1000], 100),
+        ([5, 500, 5, 500], 400),
+    ],
+)
 def test_stratified_sample_spreads_budget_over_every_document(lengths, budget):
     doc_ids = _doc_ids(lengths)
     segments = stratified_segments(doc_ids, budget, seed=3)
@@ -107,8 +111,9 @@ def test_intervals_cover_the_estimate_and_pairing_narrows_ratios():
     difficulty = np.repeat(rng.uniform(0.5, 4.0, size=len(lengths)), lengths)
     base = -(difficulty + rng.normal(0, 0.3, size=len(doc_ids)))
     better = base * 0.95
-    methods, ratios = perplexity_intervals({"base": base, "better": better}, doc_ids,
-                                           BootstrapSpec(resamples=500))
+    methods, ratios = perplexity_intervals(
+        {"base": base, "better": better}, doc_ids, BootstrapSpec(resamples=500)
+    )
     for stat in methods.values():
         assert stat.ci95[0] < stat.ppl < stat.ci95[1]
         assert stat.documents == 30 and stat.tokens == len(doc_ids)

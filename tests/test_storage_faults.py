@@ -6,6 +6,7 @@ No test fills a real disk: a file-size limit (``RLIMIT_FSIZE``, ``SIGXFSZ`` igno
 child process makes real writers fail with ``EFBIG``, and the free space is patched
 (:func:`hetgraph.storage.free_bytes`) to stand for a full disk.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,28 +51,52 @@ def leftovers(directory: Path) -> list[str]:
 
 
 # ------------------------------------------------------- one mechanism for "no space left"
-@pytest.mark.parametrize("error, reason", [
-    (OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), "quota"),
-    (OSError("1000000 requested and 78832 written"), "stopped short"),  # numpy, no errno
-    (RuntimeError("Error in faiss::write_InvertedLists: 'ret == (n * ails->code_size)' failed: "
-                  "write error in x.tmp: 8581 != 18304 (No space left on device)"), "disk is full"),
-    (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
-     "disk is full"),
-    (SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
-     "too large"),
-])
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), "quota"),
+        (OSError("1000000 requested and 78832 written"), "stopped short"),  # numpy, no errno
+        (
+            RuntimeError(
+                "Error in faiss::write_InvertedLists: 'ret == (n * ails->code_size)' failed: "
+                "write error in x.tmp: 8581 != 18304 (No space left on device)"
+            ),
+            "disk is full",
+        ),
+        (
+            SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            ),
+            "disk is full",
+        ),
+        (
+            SafetensorError("Error while serializing: I/O error: File too large (os error 27)"),
+            "too large",
+        ),
+    ],
+)
 def test_every_writers_form_of_a_full_disk_is_recognised(error, reason):
     assert reason in storage_reason(error)
-    with pytest.raises(StorageError, match=f"cannot write /data/x: .*{reason}.* free .*then "
-                                           "build it again"), storage_errors("/data/x",
-                                                                             "build it again"):
+    with (
+        pytest.raises(
+            StorageError, match=f"cannot write /data/x: .*{reason}.* free .*then build it again"
+        ),
+        storage_errors("/data/x", "build it again"),
+    ):
         raise error
 
 
-@pytest.mark.parametrize("error", [OSError(errno.ENOENT, "missing"), OSError("other"),
-                                   RuntimeError("Error: 'd == index->d' failed"),
-                                   SafetensorError("invalid header"), KeyError("x")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOENT, "missing"),
+        OSError("other"),
+        RuntimeError("Error: 'd == index->d' failed"),
+        SafetensorError("invalid header"),
+        KeyError("x"),
+    ],
+)
 def test_other_errors_are_not_storage_errors(error):
     assert storage_reason(error) is None
     with pytest.raises(type(error)), storage_errors("/data/x", "build it again"):
@@ -116,8 +141,13 @@ def test_a_file_size_limit_is_a_storage_error_naming_the_file_for_every_writer(t
     (tmp_path / "a.npy").write_bytes(b"old")
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "old").write_bytes(b"old")
-    out = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     results = {name: (kind, message) for name, kind, message in map(json.loads, out.splitlines())}
     assert sorted(results) == ["a.faiss", "a.npy", "a.safetensors", "cache"], out
     for name, (kind, message) in results.items():
@@ -132,22 +162,27 @@ def test_a_write_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypat
     target = tmp_path / "a.npy"
     atomic_save_npy(target, np.arange(3))
     monkeypatch.setattr(storage, "free_bytes", lambda path: 1000)
-    with pytest.raises(StorageError, match=rf"cannot write {target}: .*needs 804.1 KB, "
-                                           r"1.0 KB free\)"):
+    with pytest.raises(
+        StorageError,
+        match=rf"cannot write {target}: .*needs 804.1 KB, "
+        r"1.0 KB free\)",
+    ):
         atomic_save_npy(target, np.zeros(100_000, np.float64))
     assert np.load(target).tolist() == [0, 1, 2] and leftovers(tmp_path) == []
 
 
 # -------------------------------------------- on-disk index: no SIGBUS, the old index stays
-def test_an_ondisk_merge_without_room_is_refused_before_mapping_and_resumes(tmp_path,
-                                                                           monkeypatch):
+def test_an_ondisk_merge_without_room_is_refused_before_mapping_and_resumes(tmp_path, monkeypatch):
     keys = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
     directory = tmp_path / "index"
     DatastoreIndex.build(keys, IndexConfig(factory="Flat"), show_progress=False).save(directory)
     config = IndexConfig(factory="IVF8,Flat", on_disk=True, shard_rows=500, num_threads=1)
     monkeypatch.setattr(storage, "free_bytes", lambda path: 40_000)  # blocks fit, the lists not
-    with pytest.raises(StorageError, match=rf"cannot write {directory / 'index.ivfdata'}: .*"
-                                           r"needs .*40.0 KB free.*index build again"):
+    with pytest.raises(
+        StorageError,
+        match=rf"cannot write {directory / 'index.ivfdata'}: .*"
+        r"needs .*40.0 KB free.*index build again",
+    ):
         build_ondisk_index(keys, directory, config, show_progress=False)
     assert leftovers(directory) == []
     assert DatastoreIndex.load(directory).factory == "Flat"  # the previous index stays
@@ -165,9 +200,14 @@ def lm(tmp_path_factory):
     tokens = rng.integers(0, 256, 400).astype(np.int32)
     split = TokenizedSplit("train", tokens, np.repeat(np.arange(4), 100), list("abcd"))
     model = tiny_causal_lm("qwen2")
-    store = build_datastore(model, byte_tokenizer(), split, root / "ds",
-                            DatastoreConfig(context_length=64, stride=32, batch_size=4),
-                            show_progress=False)
+    store = build_datastore(
+        model,
+        byte_tokenizer(),
+        split,
+        root / "ds",
+        DatastoreConfig(context_length=64, stride=32, batch_size=4),
+        show_progress=False,
+    )
     index = DatastoreIndex.build(store.keys, IndexConfig(factory="Flat"), show_progress=False)
     torch.manual_seed(0)
     fusion = FusionConfig(k=4, adapter=dict(hidden_channels=16, num_layers=1, heads=2))
@@ -180,15 +220,20 @@ def test_a_failed_adapter_save_keeps_the_previous_adapter_loadable(lm, tmp_path,
 
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
-        raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                              "(os error 28)")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
     monkeypatch.setattr("safetensors.torch.save_file", full_disk)
     monkeypatch.setattr(persistence, "save_file", full_disk, raising=False)
     with torch.no_grad():
         for gate in lm.gates.values():
             gate.add_(1.0)
-    with pytest.raises(StorageError, match=rf"cannot write {tmp_path / ADAPTER_WEIGHTS}: the "
-                                           r"disk is full.*previous one is kept"):
+    with pytest.raises(
+        StorageError,
+        match=rf"cannot write {tmp_path / ADAPTER_WEIGHTS}: the "
+        r"disk is full.*previous one is kept",
+    ):
         lm.save_pretrained(tmp_path)
     after = read_adapter_weights(tmp_path)
     assert after.keys() == before.keys()
@@ -235,15 +280,21 @@ with directory_lock(sys.argv[1]):
 
 @pytest.mark.parametrize("what", ["datastore", "index", "adapter"])
 def test_a_reader_racing_a_writer_is_told_to_retry(tmp_path, what):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        read = {"datastore": lambda: Datastore.open(tmp_path),
-                "index": lambda: read_index_metadata(tmp_path),
-                "adapter": lambda: read_adapter_weights(tmp_path)}[what]
-        with pytest.raises(LockError, match=rf"{tmp_path} is being written by process "
-                                            rf"{holder.pid} right now .*retry when it finishes"):
+        read = {
+            "datastore": lambda: Datastore.open(tmp_path),
+            "index": lambda: read_index_metadata(tmp_path),
+            "adapter": lambda: read_adapter_weights(tmp_path),
+        }[what]
+        with pytest.raises(
+            LockError,
+            match=rf"{tmp_path} is being written by process "
+            rf"{holder.pid} right now .*retry when it finishes",
+        ):
             read()
     finally:
         holder.kill()
@@ -262,9 +313,24 @@ def test_overwrite_never_deletes_through_a_linked_index(tmp_path, capsys, monkey
     outside.mkdir()
     for name in ("index.faiss", "index.json"):
         (outside / name).write_text("precious")
-    common = ["datastore", "build", "--model", str(tmp_path / "model"), "--corpus",
-              str(tmp_path / "corpus"), "--out", str(tmp_path / "ds"), "--threads", "1",
-              "--context-length", "32", "--stride", "16", "--batch-size", "4"]
+    common = [
+        "datastore",
+        "build",
+        "--model",
+        str(tmp_path / "model"),
+        "--corpus",
+        str(tmp_path / "corpus"),
+        "--out",
+        str(tmp_path / "ds"),
+        "--threads",
+        "1",
+        "--context-length",
+        "32",
+        "--stride",
+        "16",
+        "--batch-size",
+        "4",
+    ]
     assert main(common) == 0
     shutil.rmtree(tmp_path / "ds" / INDEX_DIR)
     (tmp_path / "ds" / INDEX_DIR).symlink_to(outside, target_is_directory=True)
@@ -287,12 +353,15 @@ def rewrite_config(directory: Path, change) -> None:
     atomic_write_json_record(directory / ADAPTER_CONFIG, config)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(format_version="1; rm -rf /"), "unsupported adapter format '1; rm"),
-    (lambda c: c.update(format_version=2), "unsupported adapter format 2"),
-    (lambda c: c.update({INTEGRITY_KEY: {"files": {ADAPTER_WEIGHTS: "ok"}}}), "damaged"),
-    (lambda c: c.update({INTEGRITY_KEY: {"files": []}}), "damaged"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(format_version="1; rm -rf /"), "unsupported adapter format '1; rm"),
+        (lambda c: c.update(format_version=2), "unsupported adapter format 2"),
+        (lambda c: c.update({INTEGRITY_KEY: {"files": {ADAPTER_WEIGHTS: "ok"}}}), "damaged"),
+        (lambda c: c.update({INTEGRITY_KEY: {"files": []}}), "damaged"),
+    ],
+)
 def test_a_bad_format_version_or_integrity_section_is_refused(adapter, change, message):
     rewrite_config(adapter, change)
     problems = adapter_problems(adapter)[1]
@@ -305,8 +374,9 @@ def sparse_safetensors(path: Path, shape: list[int]) -> None:
     """A safetensors file declaring one float32 tensor ``gates.head`` of ``shape`` over a
     sparse file: a few bytes on disk."""
     nbytes = int(np.prod(shape)) * 4
-    header = json.dumps({"gates.head": {"dtype": "F32", "shape": shape,
-                                        "data_offsets": [0, nbytes]}}).encode()
+    header = json.dumps(
+        {"gates.head": {"dtype": "F32", "shape": shape, "data_offsets": [0, nbytes]}}
+    ).encode()
     header += b" " * (-len(header) % 8)
     with open(path, "wb") as f:
         f.write(len(header).to_bytes(8, "little") + header)
@@ -326,7 +396,8 @@ def test_a_legacy_adapter_declaring_huge_tensors_is_refused_before_loading(adapt
 
 def test_an_adapter_config_implying_huge_tensors_is_refused(adapter, monkeypatch):
     monkeypatch.setenv("HETGRAPH_MEMORY_LIMIT", "64M")
-    rewrite_config(adapter, lambda c: c["adapters"]["head"].update(hidden_channels=1 << 20,
-                                                                   heads=2))
+    rewrite_config(
+        adapter, lambda c: c["adapters"]["head"].update(hidden_channels=1 << 20, heads=2)
+    )
     with pytest.raises(ResourceLimitError, match=r"adapter_config\.json: an adapter of about"):
         read_adapter_weights(adapter)

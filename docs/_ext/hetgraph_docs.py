@@ -15,6 +15,7 @@ At ``builder-inited`` it writes
   seed's 95 % interval), or a note that it has not run yet;
 * ``figures/context_graph.svg`` when missing (``figures/make_graph_figure.py``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,29 +35,42 @@ BENCHMARKS = {
     "knnlm": ("kNN-LM on the embedded default", "benchmarks/knnlm.py"),
     "graph_layer": ("Graph construction and the attention layer", "benchmarks/graph_layer.py"),
     "gnnlm": ("GNN-LM four-way evaluation", "benchmarks/gnnlm.py"),
-    "features": ("Neighbour features of a fused decoder layer: stored vs projected key",
-                 "benchmarks/features.py"),
+    "features": (
+        "Neighbour features of a fused decoder layer: stored vs projected key",
+        "benchmarks/features.py",
+    ),
     "paper_mode": ("Exact GNN-LM paper mode vs hetgraph's default", "benchmarks/paper_mode.py"),
-    "ablation": ("Ablation: fusion sites, paper mode, graph and adapter choices, learning curve",
-                 "benchmarks/ablation.py"),
-    "scaling": ("Scaling: index size, on-disk lists, distributed build and training",
-                "benchmarks/scaling.py"),
+    "ablation": (
+        "Ablation: fusion sites, paper mode, graph and adapter choices, learning curve",
+        "benchmarks/ablation.py",
+    ),
+    "scaling": (
+        "Scaling: index size, on-disk lists, distributed build and training",
+        "benchmarks/scaling.py",
+    ),
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.
 DEDICATED = ("evidence", "paper_mode")
 
 STAGES = [
-    ("Configuration", "hetgraph.configuration"), ("Errors", "hetgraph.errors"),
+    ("Configuration", "hetgraph.configuration"),
+    ("Errors", "hetgraph.errors"),
     ("Corpus", "hetgraph.corpus"),
-    ("Models", "hetgraph.models"), ("Datastore", "hetgraph.datastore"),
-    ("Index", "hetgraph.index"), ("Relation encoder", "hetgraph.encoder"),
-    ("kNN-LM", "hetgraph.knnlm"), ("Graph", "hetgraph.graph"),
-    ("Graph network", "hetgraph.nn"), ("Fusion", "hetgraph.fusion"),
+    ("Models", "hetgraph.models"),
+    ("Datastore", "hetgraph.datastore"),
+    ("Index", "hetgraph.index"),
+    ("Relation encoder", "hetgraph.encoder"),
+    ("kNN-LM", "hetgraph.knnlm"),
+    ("Graph", "hetgraph.graph"),
+    ("Graph network", "hetgraph.nn"),
+    ("Fusion", "hetgraph.fusion"),
     ("Training", "hetgraph.training"),
     ("Knowledge graph", "hetgraph.kg"),
-    ("Evaluation", "hetgraph.evaluation"), ("Inspection", "hetgraph.inspection"),
-    ("Integrity", "hetgraph.verify"), ("Locks", "hetgraph.locking"),
+    ("Evaluation", "hetgraph.evaluation"),
+    ("Inspection", "hetgraph.inspection"),
+    ("Integrity", "hetgraph.verify"),
+    ("Locks", "hetgraph.locking"),
     ("Pipeline", "hetgraph.pipeline"),
 ]
 
@@ -100,11 +114,13 @@ def api_members() -> str:
                 doc = _data_doc(exports[name], name)
                 if doc:
                     out.append(f"   {doc}\n\n")
-    missing = set(exports) - {n for _, p in STAGES for n, m in exports.items()
-                              if m == p or m.startswith(p + ".")}
+    missing = set(exports) - {
+        n for _, p in STAGES for n, m in exports.items() if m == p or m.startswith(p + ".")
+    }
     if missing:
-        raise RuntimeError(f"public names of no documented stage: {sorted(missing)}; "
-                           "add the stage to STAGES")
+        raise RuntimeError(
+            f"public names of no documented stage: {sorted(missing)}; add the stage to STAGES"
+        )
     return "".join(out)
 
 
@@ -145,8 +161,14 @@ def _fmt(value: Any) -> str:
 def _table(rows: list[tuple[str, Any]]) -> str:
     if not rows:  # an empty section: a list-table needs at least one row
         return "(empty)\n\n"
-    out = [".. list-table::", "   :header-rows: 1", "   :widths: 60 40", "",
-           "   * - key", "     - value"]
+    out = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 60 40",
+        "",
+        "   * - key",
+        "     - value",
+    ]
     for key, value in rows:
         out += [f"   * - ``{key}``", f"     - {_fmt(value) or '–'}"]
     return "\n".join(out) + "\n\n"
@@ -164,8 +186,10 @@ def _figures(plots: Any) -> str:
         target = DOCS / "_generated" / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
-        out.append(f".. figure:: /_generated/{source.name}\n   :width: 90%\n\n"
-                   f"   {plot.get('caption', '')}\n\n")
+        out.append(
+            f".. figure:: /_generated/{source.name}\n   :width: 90%\n\n"
+            f"   {plot.get('caption', '')}\n\n"
+        )
     return "".join(out)
 
 
@@ -179,8 +203,11 @@ def results_body() -> str:
         path = RESULTS / f"{stem}.json"
         title, script = BENCHMARKS.get(stem, (stem, None))
         out.append(_title(title, "-"))
-        out.append(f"From ``benchmarks/results/{stem}.json``"
-                   + (f" (``{script}``)" if script else "") + ".\n\n")
+        out.append(
+            f"From ``benchmarks/results/{stem}.json``"
+            + (f" (``{script}``)" if script else "")
+            + ".\n\n"
+        )
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
@@ -191,8 +218,10 @@ def results_body() -> str:
             discussion = discussion.get("text")
         if isinstance(discussion, str):  # prose, not a one-cell table
             # One paragraph, wrapped: docutils refuses a line over 10,000 characters.
-            out.append(textwrap.fill(discussion, 100, break_long_words=False,
-                                     break_on_hyphens=False) + "\n\n")
+            out.append(
+                textwrap.fill(discussion, 100, break_long_words=False, break_on_hyphens=False)
+                + "\n\n"
+            )
         plots = data.pop("plots", None) if isinstance(data, dict) else None
         out.append(_figures(plots))
         if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
@@ -206,20 +235,28 @@ def results_body() -> str:
         out.append(_title("Not run yet", "-"))
         for stem in missing:
             title, script = BENCHMARKS[stem]
-            out.append(f"* **{title}** (``benchmarks/results/{stem}.json``): not run yet; "
-                       f"run ``.venv/bin/python {script}`` (or ``make bench``).\n")
+            out.append(
+                f"* **{title}** (``benchmarks/results/{stem}.json``): not run yet; "
+                f"run ``.venv/bin/python {script}`` (or ``make bench``).\n"
+            )
         out.append("\n")
     return "".join(out)
 
 
 #: Rows of the headline table: (key in evidence.json, label).
 EVIDENCE_ROWS = [
-    ("base", "base LM"), ("knn", "kNN-LM"), ("lora", "LoRA (control)"),
-    ("lora_knn", "LoRA + kNN"), ("gnn_random", "GNN-LM, random neighbours (control)"),
-    ("gnn", "GNN-LM"), ("gnn_knn", "GNN-LM + kNN"),
+    ("base", "base LM"),
+    ("knn", "kNN-LM"),
+    ("lora", "LoRA (control)"),
+    ("lora_knn", "LoRA + kNN"),
+    ("gnn_random", "GNN-LM, random neighbours (control)"),
+    ("gnn", "GNN-LM"),
+    ("gnn_knn", "GNN-LM + kNN"),
     ("gnn_knn_random", "GNN-LM + kNN, random neighbours (control)"),
-    ("gnn/base", "ratio GNN-LM / base LM"), ("knn/base", "ratio kNN-LM / base LM"),
-    ("gnn/lora", "ratio GNN-LM / LoRA"), ("gnn_knn/lora_knn", "ratio GNN-LM + kNN / LoRA + kNN"),
+    ("gnn/base", "ratio GNN-LM / base LM"),
+    ("knn/base", "ratio kNN-LM / base LM"),
+    ("gnn/lora", "ratio GNN-LM / LoRA"),
+    ("gnn_knn/lora_knn", "ratio GNN-LM + kNN / LoRA + kNN"),
     ("gnn/gnn_random", "ratio GNN-LM / random neighbours"),
     ("gnn_knn/gnn_knn_random", "ratio GNN-LM + kNN / random neighbours + kNN"),
     ("gnn_knn/knn", "ratio GNN-LM + kNN / kNN-LM"),
@@ -236,27 +273,43 @@ def evidence_body() -> str:
     first seed's interval."""
     path = RESULTS / "evidence.json"
     if not path.is_file():
-        return ("The evidence benchmark has not produced ``benchmarks/results/evidence.json`` "
-                "yet; run ``.venv/bin/python benchmarks/evidence.py`` (it resumes).\n\n")
+        return (
+            "The evidence benchmark has not produced ``benchmarks/results/evidence.json`` "
+            "yet; run ``.venv/bin/python benchmarks/evidence.py`` (it resumes).\n\n"
+        )
     data = json.loads(path.read_text())
     out = []
     for corpus, rows in data.get("corpora", {}).items():
         setup = next(iter(rows.get("_setup", {}).get("seeds", {}).values()), {})
         seeds = sorted(rows.get("base", {}).get("seeds", {}))
-        out.append(_title(f"{corpus}: {setup.get('tokens', '?')} test tokens from "
-                          f"{setup.get('documents', '?')} documents, seeds "
-                          f"{', '.join(seeds) or '–'}", "~"))
-        out += [".. list-table::", "   :header-rows: 1", "",
-                "   * - figure", "     - mean over seeds", "     - spread over seeds",
-                f"     - 95 % interval (seed {seeds[0] if seeds else '–'})"]
+        out.append(
+            _title(
+                f"{corpus}: {setup.get('tokens', '?')} test tokens from "
+                f"{setup.get('documents', '?')} documents, seeds "
+                f"{', '.join(seeds) or '–'}",
+                "~",
+            )
+        )
+        out += [
+            ".. list-table::",
+            "   :header-rows: 1",
+            "",
+            "   * - figure",
+            "     - mean over seeds",
+            "     - spread over seeds",
+            f"     - 95 % interval (seed {seeds[0] if seeds else '–'})",
+        ]
         for key, label in EVIDENCE_ROWS:
             row = rows.get(key)
             if not row:
                 continue
             first = row["seeds"][seeds[0]] if seeds else {}
-            out += [f"   * - {label}", f"     - {row['mean']:.3f}",
-                    f"     - {row['spread'][0]:.3f}–{row['spread'][1]:.3f}",
-                    f"     - {_interval(first)}"]
+            out += [
+                f"   * - {label}",
+                f"     - {row['mean']:.3f}",
+                f"     - {row['spread'][0]:.3f}–{row['spread'][1]:.3f}",
+                f"     - {_interval(first)}",
+            ]
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -274,30 +327,59 @@ def paper_mode_body() -> str:
     path = RESULTS / "paper_mode.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     if "lr_grid" not in data:
-        return ("Not measured under the protocol yet: run ``.venv/bin/python "
-                "benchmarks/paper_mode.py`` (it resumes).\n\n")
+        return (
+            "Not measured under the protocol yet: run ``.venv/bin/python "
+            "benchmarks/paper_mode.py`` (it resumes).\n\n"
+        )
     out = [textwrap.fill(data.get("discussion", ""), 100, break_long_words=False), ""]
     step = data.get("lr_compared_at_step")
-    rows = [[f"{arm['lr']:g}", f"{arm['steps']}" + ("" if arm["finished"] else " (stopped)"),
-             f"{arm['step0_valid_ppl']:.3f}",
-             f"{arm['valid_ppl_by_step'].get(str(step), float('nan')):.3f}",
-             f"{arm['best_valid_ppl']:.3f} (step {arm['best_step']})"]
-            for arm in data["lr_grid"].values()]
-    out += _list_table(["lr", "steps trained", "valid ppl at step 0",
-                        f"valid ppl at step {step}", "best valid ppl"], rows)
+    rows = [
+        [
+            f"{arm['lr']:g}",
+            f"{arm['steps']}" + ("" if arm["finished"] else " (stopped)"),
+            f"{arm['step0_valid_ppl']:.3f}",
+            f"{arm['valid_ppl_by_step'].get(str(step), float('nan')):.3f}",
+            f"{arm['best_valid_ppl']:.3f} (step {arm['best_step']})",
+        ]
+        for arm in data["lr_grid"].values()
+    ]
+    out += _list_table(
+        [
+            "lr",
+            "steps trained",
+            "valid ppl at step 0",
+            f"valid ppl at step {step}",
+            "best valid ppl",
+        ],
+        rows,
+    )
     if data.get("base_valid_ppl"):
-        out += [f"The base model's valid perplexity on the same valid tokens: "
-                f"{data['base_valid_ppl']:.3f}.", ""]
+        out += [
+            f"The base model's valid perplexity on the same valid tokens: "
+            f"{data['base_valid_ppl']:.3f}.",
+            "",
+        ]
     test = data["test"]
     setup = data["setup"]["evaluation"]
-    out.append(f"Test, lr {data['chosen_lr']:g} (chosen on valid): {setup['test_tokens']} tokens "
-               f"from {setup['documents']} documents.")
+    out.append(
+        f"Test, lr {data['chosen_lr']:g} (chosen on valid): {setup['test_tokens']} tokens "
+        f"from {setup['documents']} documents."
+    )
     out.append("")
-    rows = [[label, f"{test[key]['ppl']:.3f}", _interval(test[key])]
-            for key, label in (("base", "base LM"), ("knn", "kNN-LM"), ("gnn", "paper mode"),
-                               ("gnn_knn", "paper mode + kNN"))]
-    ratios = {key: data["test_ratios"][key] for key in ("gnn/base", "knn/base", "gnn_knn/knn")
-              if key in data["test_ratios"]}
+    rows = [
+        [label, f"{test[key]['ppl']:.3f}", _interval(test[key])]
+        for key, label in (
+            ("base", "base LM"),
+            ("knn", "kNN-LM"),
+            ("gnn", "paper mode"),
+            ("gnn_knn", "paper mode + kNN"),
+        )
+    ]
+    ratios = {
+        key: data["test_ratios"][key]
+        for key in ("gnn/base", "knn/base", "gnn_knn/knn")
+        if key in data["test_ratios"]
+    }
     for key, value in {**ratios, **data.get("paired_with_default", {})}.items():
         if isinstance(value, dict) and "ratio" in value:
             rows.append([f"ratio {key}", f"{value['ratio']:.3f}", _interval(value)])
@@ -314,7 +396,8 @@ def generate(app: Any) -> None:
     figure = DOCS / "figures" / "context_graph.svg"
     if not figure.is_file():
         spec = importlib.util.spec_from_file_location(
-            "make_graph_figure", DOCS / "figures" / "make_graph_figure.py")
+            "make_graph_figure", DOCS / "figures" / "make_graph_figure.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.draw(figure)

@@ -3,6 +3,7 @@
 Run ``python docs/figures/make_graph_figure.py``; the docs build also runs it when the
 SVG is missing. Only matplotlib is needed.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,16 +20,27 @@ CTX_COLOR, NBR_COLOR, CENTER_COLOR = "#4C72B0", "#DD8452", "#C44E52"
 
 def node(ax, x, y, label, color, sub=None):
     ax.add_patch(plt.Circle((x, y), 0.28, color=color, zorder=3))
-    ax.text(x, y, label, ha="center", va="center", color="white", fontsize=9, zorder=4,
-            weight="bold")
+    ax.text(
+        x, y, label, ha="center", va="center", color="white", fontsize=9, zorder=4, weight="bold"
+    )
     if sub:
         ax.text(x, y - 0.45, sub, ha="center", va="top", fontsize=7, color="#333333")
 
 
 def edge(ax, a, b, color, style="-", rad=0.0, both=False):
-    arrow = FancyArrowPatch(a, b, arrowstyle="<|-|>" if both else "-|>", mutation_scale=9,
-                            color=color, linestyle=style, shrinkA=11, shrinkB=11, lw=1.1,
-                            connectionstyle=f"arc3,rad={rad}", zorder=2)
+    arrow = FancyArrowPatch(
+        a,
+        b,
+        arrowstyle="<|-|>" if both else "-|>",
+        mutation_scale=9,
+        color=color,
+        linestyle=style,
+        shrinkA=11,
+        shrinkB=11,
+        lw=1.1,
+        connectionstyle=f"arc3,rad={rad}",
+        zorder=2,
+    )
     ax.add_patch(arrow)
 
 
@@ -49,14 +61,30 @@ def draw(path: Path) -> Path:
     ax.text(-0.7, 0.0, "ctx\n(query)", ha="left", va="center", fontsize=8, color=CTX_COLOR)
 
     # Two retrieved corpus positions o1, o2 of the last query; windows [o-1, o+1].
-    windows = [(0.8, "list.sort(key", ["sort", "(", "key"]),
-               (5.2, "sorted(x, key", ["x", ",", "key"])]
+    windows = [
+        (0.8, "list.sort(key", ["sort", "(", "key"]),
+        (5.2, "sorted(x, key", ["x", ",", "key"]),
+    ]
     for w, (x0, _, toks) in enumerate(windows):
-        box = FancyBboxPatch((x0 - 0.5, 2.35), 3.8, 1.3, boxstyle="round,pad=0.05", fc="#FFF4EC",
-                             ec=NBR_COLOR, lw=0.8, zorder=1)
+        box = FancyBboxPatch(
+            (x0 - 0.5, 2.35),
+            3.8,
+            1.3,
+            boxstyle="round,pad=0.05",
+            fc="#FFF4EC",
+            ec=NBR_COLOR,
+            lw=0.8,
+            zorder=1,
+        )
         ax.add_patch(box)
-        ax.text(x0 + 1.4, 3.85, f"window of retrieved row o{w + 1}: [o−l, o+r]", ha="center",
-                fontsize=7.5, color=NBR_COLOR)
+        ax.text(
+            x0 + 1.4,
+            3.85,
+            f"window of retrieved row o{w + 1}: [o−l, o+r]",
+            ha="center",
+            fontsize=7.5,
+            color=NBR_COLOR,
+        )
         pts = [(x0 + 1.4 * j, 3.0) for j in range(3)]
         labels = ["o−1", "o", "o+1"]
         for j, p in enumerate(pts):
@@ -69,15 +97,25 @@ def draw(path: Path) -> Path:
 
     handles = [
         plt.Line2D([], [], color=NBR_COLOR, label="n2n: adjacent window tokens (+ self-loops)"),
-        plt.Line2D([], [], color=CENTER_COLOR,
-                   label="n2c: retrieved row o → query (or whole window)"),
+        plt.Line2D(
+            [], [], color=CENTER_COLOR, label="n2c: retrieved row o → query (or whole window)"
+        ),
         plt.Line2D([], [], color=CTX_COLOR, ls=":", label="c2c: causal u ≤ v (optional)"),
     ]
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=7,
-              frameon=False)
+    ax.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, -0.12),
+        ncol=3,
+        fontsize=7,
+        frameon=False,
+    )
     fig.tight_layout()
-    fig.savefig(path, format=path.suffix.lstrip("."),
-                metadata={"Date": None} if path.suffix == ".svg" else None)
+    fig.savefig(
+        path,
+        format=path.suffix.lstrip("."),
+        metadata={"Date": None} if path.suffix == ".svg" else None,
+    )
     plt.close(fig)
     return path
 

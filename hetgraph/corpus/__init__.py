@@ -1,4 +1,5 @@
 """Corpora: reading documents, splitting them by document, tokenizing and caching them."""
+
 from .config import DEFAULT_TEXT_SUFFIXES, SPLITS, CorpusConfig
 from .documents import Document, read_documents
 from .embedded import EMBEDDED_CORPUS, EMBEDDED_CORPUS_LICENSE

@@ -13,6 +13,7 @@ before the record existed, is only a cache: it is rebuilt from the corpus with a
 naming the file. :func:`corpus_cache_problems` reports the same checks without rebuilding
 (``hetgraph verify``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,12 +107,16 @@ def load_cached(directory: Path) -> TokenizedCorpus | None:
         return None
     try:
         if file_records(read_metadata(directory)) is None:
-            raise CorpusError(f"{directory / CORPUS_METADATA} records no checksums (written by "
-                              "an older hetgraph)")
+            raise CorpusError(
+                f"{directory / CORPUS_METADATA} records no checksums (written by an older hetgraph)"
+            )
         return TokenizedCorpus.load(directory)
     except (OSError, CorpusError) as error:
-        logger.warning("not using corpus cache entry %s: %s; rebuilding it from the corpus",
-                       directory.name, _without_hint(error))
+        logger.warning(
+            "not using corpus cache entry %s: %s; rebuilding it from the corpus",
+            directory.name,
+            _without_hint(error),
+        )
         return None
 
 
@@ -130,11 +135,11 @@ def corpus_cache_problems(directory: str | Path) -> list[str]:
         return _entry_problems(directory)
     if not directory.is_dir():
         return [f"{directory} is not a corpus cache directory (it does not exist)"]
-    entries = sorted(p for p in directory.iterdir()
-                     if p.is_dir() and not p.name.startswith("."))
+    entries = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not entries:
-        return [f"{directory} holds no corpus cache entry (no {CORPUS_METADATA}, no entry "
-                "directories)"]
+        return [
+            f"{directory} holds no corpus cache entry (no {CORPUS_METADATA}, no entry directories)"
+        ]
     return [problem for entry in entries for problem in _entry_problems(entry)]
 
 
@@ -144,8 +149,10 @@ def _entry_problems(entry: Path) -> list[str]:
     except (OSError, CorpusError) as error:
         return [f"{_without_hint(error)}; {_REBUILT}"]
     if file_records(metadata) is None:
-        return [f"{entry / CORPUS_METADATA} records no checksums (written by an older "
-                f"hetgraph), so the entry cannot be checked; {_REBUILT}"]
+        return [
+            f"{entry / CORPUS_METADATA} records no checksums (written by an older "
+            f"hetgraph), so the entry cannot be checked; {_REBUILT}"
+        ]
     problems = integrity_problems(entry, metadata, full=True)
     if not problems:
         try:  # the files match their record; check that they also parse
@@ -194,15 +201,18 @@ def remove_dead_temporaries(directory: str | Path) -> list[Path]:
         if not path.exists():
             removed.append(path)
     if removed:
-        logger.info("removed %d leftover(s) of interrupted writes in %s: %s", len(removed),
-                    directory, ", ".join(p.name for p in removed))
+        logger.info(
+            "removed %d leftover(s) of interrupted writes in %s: %s",
+            len(removed),
+            directory,
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 
 def store_atomically(corpus: TokenizedCorpus, directory: Path) -> None:
     r"""Save ``corpus`` to ``directory`` via a temporary directory and a rename, replacing an
     (unreadable) entry already there; another process storing the same entry first wins."""
-    with atomic_directory(directory,
-                          accept_existing=lambda d: load_cached(d) is not None) as tmp:
+    with atomic_directory(directory, accept_existing=lambda d: load_cached(d) is not None) as tmp:
         corpus.save(tmp)
     corpus.path = directory

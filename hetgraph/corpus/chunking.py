@@ -19,6 +19,7 @@ candidate passes (e.g. a tokenizer that prepends a marker to every call, or text
 spaces or newlines), the piece is cut at its nominal end and the cut counted; the number of
 unverified cuts is logged as a warning, and each can change the ids of the tokens next to it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,8 +42,9 @@ MAX_CANDIDATES = 16
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens."""
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                     verbose=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)[
+        "input_ids"
+    ]
 
 
 def _candidates(text: str, low: int, high: int) -> list[int]:
@@ -69,8 +71,9 @@ def _verified(tokenizer: Any, text: str, p: int) -> bool:
     return list(whole) == list(first) + list(second)
 
 
-def cut_points(tokenizer: Any, text: str,
-               piece_chars: int = LONG_DOCUMENT_CHARS) -> tuple[list[int], int]:
+def cut_points(
+    tokenizer: Any, text: str, piece_chars: int = LONG_DOCUMENT_CHARS
+) -> tuple[list[int], int]:
     """Where :func:`encode_long` cuts ``text``, and how many cuts are unverified.
 
     Returns:
@@ -84,8 +87,7 @@ def cut_points(tokenizer: Any, text: str,
     while len(text) - start > piece_chars:
         end = start + piece_chars
         low = max(start, end - BOUNDARY_SEARCH_CHARS)
-        cut = next((p for p in _candidates(text, low, end) if _verified(tokenizer, text, p)),
-                   None)
+        cut = next((p for p in _candidates(text, low, end) if _verified(tokenizer, text, p)), None)
         if cut is None:
             cut = end
             unverified += 1
@@ -94,8 +96,9 @@ def cut_points(tokenizer: Any, text: str,
     return points, unverified
 
 
-def encode_long(tokenizer: Any, text: str, name: str = "",
-                piece_chars: int = LONG_DOCUMENT_CHARS) -> np.ndarray:
+def encode_long(
+    tokenizer: Any, text: str, name: str = "", piece_chars: int = LONG_DOCUMENT_CHARS
+) -> np.ndarray:
     """int32 token ids of ``text`` (no special tokens), tokenized in pieces of at most
     ``piece_chars`` characters; a text that short is tokenized whole."""
     points, unverified = cut_points(tokenizer, text, piece_chars)
@@ -104,8 +107,14 @@ def encode_long(tokenizer: Any, text: str, name: str = "",
             "document %r (%d characters) was tokenized in %d pieces with %d cut(s) that could "
             "not be verified (no space or newline near them gave the same ids both ways); the "
             "tokens next to those cuts may differ from tokenizing it whole",
-            name, len(text), len(points) + 1, unverified)
+            name,
+            len(text),
+            len(points) + 1,
+            unverified,
+        )
     bounds = [0, *points, len(text)]
-    parts = [np.asarray(encode(tokenizer, [text[a:b]])[0], dtype=np.int32)
-             for a, b in itertools.pairwise(bounds)]
+    parts = [
+        np.asarray(encode(tokenizer, [text[a:b]])[0], dtype=np.int32)
+        for a, b in itertools.pairwise(bounds)
+    ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)

@@ -1,4 +1,5 @@
 """The JSON-serialisable description of a corpus: where it is and how it is split."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,7 @@ DEFAULT_TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".text", ".md", ".markdown", "
 
 #: ``dataset_splits`` when ``--hf-splits`` is given without a map: the usual names of a
 #: 🤗 ``DatasetDict``'s splits for hetgraph's train / valid / test.
-DEFAULT_DATASET_SPLITS: dict[str, str] = {"train": "train", "valid": "validation",
-                                          "test": "test"}
+DEFAULT_DATASET_SPLITS: dict[str, str] = {"train": "train", "valid": "validation", "test": "test"}
 #: The option that sets ``dataset_splits``, named in its messages.
 DATASET_SPLITS_OPTION = "--hf-splits (CorpusConfig.dataset_splits)"
 
@@ -85,18 +85,20 @@ class CorpusConfig(JSONConfigMixin):
             self.path = str(self.path)
         fractions = tuple(float(f) for f in self.fractions)
         if len(fractions) != 3:
-            raise ConfigError(f"fractions must be (train, valid, test), got {self.fractions!r}",
-                              "fractions")
+            raise ConfigError(
+                f"fractions must be (train, valid, test), got {self.fractions!r}", "fractions"
+            )
         if any(f < 0 or not math.isfinite(f) for f in fractions) or not math.isclose(
             sum(fractions), 1.0, abs_tol=1e-6
         ):
             raise ConfigError(
-                f"fractions must be non-negative and sum to 1, got {self.fractions!r}",
-                "fractions")
+                f"fractions must be non-negative and sum to 1, got {self.fractions!r}", "fractions"
+            )
         self.fractions = fractions  # type: ignore[assignment]
         if self.max_documents is not None and self.max_documents < 1:
-            raise ConfigError(f"max_documents must be >= 1 or None, got {self.max_documents}",
-                              "max_documents")
+            raise ConfigError(
+                f"max_documents must be >= 1 or None, got {self.max_documents}", "max_documents"
+            )
         if self.glob is not None:
             _check_glob(self.glob)
         if self.document_separator is not None:
@@ -120,11 +122,15 @@ class CorpusConfig(JSONConfigMixin):
             raise ConfigError(
                 f"document_separator {self.document_separator!r} is not a valid regular "
                 f"expression ({error}); fix it, e.g. r'\\n\\s*\\n\\s*\\n' for two blank "
-                "lines", "document_separator") from None
+                "lines",
+                "document_separator",
+            ) from None
         if pattern.fullmatch(""):
             raise ConfigError(
                 f"document_separator {self.document_separator!r} matches the empty string; "
-                "give a pattern that matches at least one character", "document_separator")
+                "give a pattern that matches at least one character",
+                "document_separator",
+            )
         return pattern
 
     @property
@@ -137,7 +143,6 @@ class CorpusConfig(JSONConfigMixin):
         return Path(self.path).expanduser()
 
 
-
 def _check_glob(pattern: object) -> None:
     """Refuse a ``glob`` that is not a relative pattern inside the corpus directory."""
     fix = "give a pattern relative to the corpus directory, e.g. '**/*.txt'"
@@ -145,12 +150,17 @@ def _check_glob(pattern: object) -> None:
         raise ConfigError(f"glob must be a non-empty string, got {pattern!r}; {fix}", "glob")
     posix, windows = PurePosixPath(pattern), PureWindowsPath(pattern)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
-        raise ConfigError(f"glob {pattern!r} is absolute, but only files inside the corpus "
-                          f"directory are read; {fix}", "glob")
+        raise ConfigError(
+            f"glob {pattern!r} is absolute, but only files inside the corpus "
+            f"directory are read; {fix}",
+            "glob",
+        )
     if ".." in posix.parts or ".." in windows.parts:
-        raise ConfigError(f"glob {pattern!r} climbs out of the corpus directory with '..'; "
-                          f"{fix}, or point the corpus at a directory that holds the files",
-                          "glob")
+        raise ConfigError(
+            f"glob {pattern!r} climbs out of the corpus directory with '..'; "
+            f"{fix}, or point the corpus at a directory that holds the files",
+            "glob",
+        )
 
 
 def parse_dataset_splits(text: str) -> dict[str, str]:
@@ -171,7 +181,8 @@ def parse_dataset_splits(text: str) -> dict[str, str]:
             raise ConfigError(
                 f"--hf-splits {text!r}: expected OURS=THEIRS pairs separated by commas, each "
                 "hetgraph split once, e.g. --hf-splits train=train,valid=validation,test=test",
-                "dataset_splits")
+                "dataset_splits",
+            )
         mapping[ours] = theirs
     _check_dataset_splits(mapping)
     return mapping
@@ -180,17 +191,29 @@ def parse_dataset_splits(text: str) -> dict[str, str]:
 def _check_dataset_splits(mapping: object) -> None:
     example = "e.g. {'train': 'train', 'valid': 'validation', 'test': 'test'}"
     if not isinstance(mapping, dict) or not mapping:
-        raise ConfigError(f"{DATASET_SPLITS_OPTION} must map hetgraph's splits to the "
-                          f"dataset's, {example}; got {mapping!r}", "dataset_splits")
+        raise ConfigError(
+            f"{DATASET_SPLITS_OPTION} must map hetgraph's splits to the "
+            f"dataset's, {example}; got {mapping!r}",
+            "dataset_splits",
+        )
     unknown = sorted(str(key) for key in mapping if key not in SPLITS)
     if unknown:
-        raise ConfigError(f"{DATASET_SPLITS_OPTION}: {', '.join(unknown)} is not a hetgraph "
-                          f"split; map train, valid and test ({example})", "dataset_splits")
+        raise ConfigError(
+            f"{DATASET_SPLITS_OPTION}: {', '.join(unknown)} is not a hetgraph "
+            f"split; map train, valid and test ({example})",
+            "dataset_splits",
+        )
     names = list(mapping.values())
     if any(not isinstance(name, str) or not name.strip() for name in names):
-        raise ConfigError(f"{DATASET_SPLITS_OPTION}: every dataset split name must be a "
-                          f"non-empty string, got {mapping!r}", "dataset_splits")
+        raise ConfigError(
+            f"{DATASET_SPLITS_OPTION}: every dataset split name must be a "
+            f"non-empty string, got {mapping!r}",
+            "dataset_splits",
+        )
     if len(set(names)) < len(names):
-        raise ConfigError(f"{DATASET_SPLITS_OPTION} {mapping!r} uses one dataset split for two "
-                          "of hetgraph's (their documents would overlap); give each its own "
-                          "split", "dataset_splits")
+        raise ConfigError(
+            f"{DATASET_SPLITS_OPTION} {mapping!r} uses one dataset split for two "
+            "of hetgraph's (their documents would overlap); give each its own "
+            "split",
+            "dataset_splits",
+        )

@@ -1,5 +1,6 @@
 r"""One document of a corpus and the escaping of its name: the record every reader of
 :mod:`hetgraph.corpus` (files, JSONL, 🤗 datasets) produces."""
+
 from __future__ import annotations
 
 import unicodedata
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 
 # Characters escaped in document names besides controls (Cc) and lone surrogates (Cs):
 # bidirectional overrides and isolates, and line / paragraph separators.
-_UNSAFE_NAME_CHARS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
-                               "\u2066\u2067\u2068\u2069\u2028\u2029")
+_UNSAFE_NAME_CHARS = frozenset(
+    "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029"
+)
 
 
 def safe_document_name(name: str) -> str:

@@ -1,5 +1,6 @@
 """Reading documents from a directory, a text file, a JSON lines file, a Parquet file or a
 🤗 datasets directory (:mod:`hetgraph.corpus.hf_datasets`)."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 _COMPRESSION_SUFFIXES = (".gz", ".xz")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
 def read_documents(
     source: str | Path | CorpusConfig | Any | None = None,
     *,
@@ -63,8 +66,12 @@ def read_documents(
         return read_corpus(source)[0]
     dataset = source if source is not None and _is_dataset_object(source) else None
     config = CorpusConfig(
-        path=None if source is None else _describe_source(source), text_field=text_field,
-        id_field=id_field, glob=glob, max_documents=max_documents, encoding=encoding,
+        path=None if source is None else _describe_source(source),
+        text_field=text_field,
+        id_field=id_field,
+        glob=glob,
+        max_documents=max_documents,
+        encoding=encoding,
         document_separator=document_separator,
     )
     return read_corpus(config, dataset)[0]
@@ -79,13 +86,14 @@ def _is_dataset_object(source: object) -> bool:
 
 def _describe_source(source: Any) -> str:
     if _is_dataset_object(source):
-
         return hf_datasets.describe_object(source)
     return str(source)
 
 
-def read_corpus(config: CorpusConfig, dataset: Any = None,
-                ) -> tuple[list[Document], dict[str, list[Document]] | None]:
+def read_corpus(
+    config: CorpusConfig,
+    dataset: Any = None,
+) -> tuple[list[Document], dict[str, list[Document]] | None]:
     r"""The documents of the corpus ``config`` describes and, when it asks for a
     ``DatasetDict``'s own splits (``dataset_splits``), those splits.
 
@@ -106,8 +114,10 @@ def read_corpus(config: CorpusConfig, dataset: Any = None,
     if config.dataset_splits is None:
         return list(_iter_limited(_iter_documents(config, dataset), config, separator)), None
     sources = _dataset_split_sources(config, dataset)
-    splits = {name: list(_iter_limited(sources[name], config, separator))
-              if name in sources else [] for name in SPLITS}
+    splits = {
+        name: list(_iter_limited(sources[name], config, separator)) if name in sources else []
+        for name in SPLITS
+    }
     return [doc for name in SPLITS for doc in splits[name]], splits
 
 
@@ -120,13 +130,16 @@ def _dataset_split_sources(config: CorpusConfig, dataset: Any) -> dict[str, Iter
         raise CorpusError(
             f"{DATASET_SPLITS_OPTION} uses a DatasetDict's own splits, but corpus {path} is no "
             "directory written by DatasetDict.save_to_disk; leave the option out to let "
-            "hetgraph split the documents, or point the corpus at such a directory")
-    return hf_datasets.dataset_split_documents(hf_datasets.load_saved_dataset(path), config,
-                                               str(path))
+            "hetgraph split the documents, or point the corpus at such a directory"
+        )
+    return hf_datasets.dataset_split_documents(
+        hf_datasets.load_saved_dataset(path), config, str(path)
+    )
 
 
-def _iter_limited(documents: Iterator[Document], config: CorpusConfig,
-                  separator: Any) -> Iterator[Document]:
+def _iter_limited(
+    documents: Iterator[Document], config: CorpusConfig, separator: Any
+) -> Iterator[Document]:
     count = 0
     for document in documents:
         document = Document(safe_document_name(document.name), document.text)
@@ -156,21 +169,28 @@ def _iter_documents(config: CorpusConfig, dataset: Any = None) -> Iterator[Docum
 
     rows = f"no rows with text in column {config.text_field!r}"
     if dataset is not None:
-        yield from _require_some(hf_datasets.dataset_documents(dataset, config, str(config.path)),
-                                 f"dataset {config.path}", rows)
+        yield from _require_some(
+            hf_datasets.dataset_documents(dataset, config, str(config.path)),
+            f"dataset {config.path}",
+            rows,
+        )
         return
     path = _existing_path(config)
     if path.is_dir():
         if hf_datasets.is_saved_dataset(path):
-            yield from _require_some(hf_datasets.saved_dataset_documents(path, config),
-                                     f"🤗 datasets directory {path}", rows)
+            yield from _require_some(
+                hf_datasets.saved_dataset_documents(path, config),
+                f"🤗 datasets directory {path}",
+                rows,
+            )
         else:
             yield from _iter_directory(path, config)
     elif _is_jsonl(path):
         yield from _require_some(_iter_jsonl(path, path.name, config), f"JSON lines file {path}")
     elif hf_datasets.is_parquet(path):
-        yield from _require_some(hf_datasets.parquet_documents(path, path.name, config),
-                                 f"Parquet file {path}", rows)
+        yield from _require_some(
+            hf_datasets.parquet_documents(path, path.name, config), f"Parquet file {path}", rows
+        )
     else:
         text = _read_text(path, config.encoding)
         if not text.strip():
@@ -184,8 +204,12 @@ def _iter_documents(config: CorpusConfig, dataset: Any = None) -> Iterator[Docum
 def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
     files = _list_files(root, config.glob)
     if not files:
-        what = f"matching glob {config.glob!r}" if config.glob else (
-            "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + "), .jsonl or .parquet"
+        what = (
+            f"matching glob {config.glob!r}"
+            if config.glob
+            else (
+                "with a text suffix (" + ", ".join(DEFAULT_TEXT_SUFFIXES) + "), .jsonl or .parquet"
+            )
         )
         raise CorpusError(
             f"corpus directory {root} contains no files {what}. Add text files, or set "
@@ -198,7 +222,6 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
             if _is_jsonl(path):
                 documents = _iter_jsonl(path, name, config)
             else:
-
                 documents = hf_datasets.parquet_documents(path, name, config)
             for document in documents:
                 produced += 1
@@ -219,12 +242,14 @@ def _iter_directory(root: Path, config: CorpusConfig) -> Iterator[Document]:
 
 def _list_files(root: Path, pattern: str | None) -> list[Path]:
     if pattern is None:
-        candidates = (p for p in root.rglob("*")
-                      if _has_text_suffix(p) or _is_jsonl(p) or _is_parquet(p))
+        candidates = (
+            p for p in root.rglob("*") if _has_text_suffix(p) or _is_jsonl(p) or _is_parquet(p)
+        )
     else:
         candidates = root.glob(pattern)
     files = [
-        p for p in candidates
+        p
+        for p in candidates
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
     # A symbolic link (to a file, or a linked directory a glob names) may lead out of the
@@ -236,7 +261,11 @@ def _list_files(root: Path, pattern: str | None) -> list[Path]:
         logger.warning(
             "skipped %d file(s) of corpus directory %s that are symbolic links to outside "
             "it (e.g. %s -> %s); copy the files into the directory to read them",
-            len(outside), root, outside[0].relative_to(root), outside[0].resolve())
+            len(outside),
+            root,
+            outside[0].relative_to(root),
+            outside[0].resolve(),
+        )
     return sorted(inside, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -295,17 +324,22 @@ def _read_text(path: Path, encoding: str) -> str:
     return _decode(_read_bytes(path), path, encoding)
 
 
-def _require_some(documents: Iterator[Document], what: str,
-                  empty: str = "no non-empty lines with text") -> Iterator[Document]:
+def _require_some(
+    documents: Iterator[Document], what: str, empty: str = "no non-empty lines with text"
+) -> Iterator[Document]:
     produced = False
     for document in documents:
         produced = True
         yield document
     if not produced:
-        fix = ("Add one JSON object per line" if what.startswith("JSON") else
-               "Set --text-field (CorpusConfig.text_field) to the column holding the text")
-        raise CorpusError(f"{what} holds no documents ({empty}). {fix}, or point the corpus "
-                          "elsewhere.")
+        fix = (
+            "Add one JSON object per line"
+            if what.startswith("JSON")
+            else "Set --text-field (CorpusConfig.text_field) to the column holding the text"
+        )
+        raise CorpusError(
+            f"{what} holds no documents ({empty}). {fix}, or point the corpus elsewhere."
+        )
 
 
 def _iter_jsonl(path: Path, name: str, config: CorpusConfig) -> Iterator[Document]:

@@ -5,6 +5,7 @@ package, under the PSF licence (see ``data/LICENSE-python-docs.txt``), stored as
 xz-compressed JSON lines ``{"id": <relative path>, "text": ...}``. Rebuild it with
 ``scripts/extract_python_docs.py``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The error raised for unreadable or unusable corpus input."""
+
 from __future__ import annotations
 
 from hetgraph.errors import HetgraphError

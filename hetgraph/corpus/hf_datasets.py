@@ -20,6 +20,7 @@ of a row's text, name or order gives another.
 ``datasets`` (the ``hf-datasets`` extra) and ``pyarrow`` are imported only when such a
 corpus is read; without them, reading one is a :class:`CorpusError` naming the extra.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -61,15 +62,18 @@ def _import(module: str, what: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise CorpusError(f"{what} needs the {module} package, which is not installed; "
-                          f"{_install_hint()}") from None
+        raise CorpusError(
+            f"{what} needs the {module} package, which is not installed; {_install_hint()}"
+        ) from None
 
 
 def is_saved_dataset(path: Path) -> bool:
     r"""Whether ``path`` is a directory written by ``Dataset.save_to_disk`` or
     ``DatasetDict.save_to_disk`` (decided from its file names, without importing datasets)."""
-    return path.is_dir() and ((path / _DATASET_DICT_FILE).is_file() or (
-        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()))
+    return path.is_dir() and (
+        (path / _DATASET_DICT_FILE).is_file()
+        or ((path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+    )
 
 
 def is_parquet(path: Path) -> bool:
@@ -89,8 +93,7 @@ def describe_object(source: Any) -> str:
     r"""How an in-memory dataset is named in messages and recorded as the corpus path."""
     fingerprint = getattr(source, "_fingerprint", None)
     if fingerprint is None and hasattr(source, "items"):  # a DatasetDict: its splits'
-        fingerprint = ",".join(f"{k}={getattr(v, '_fingerprint', '?')}"
-                               for k, v in source.items())
+        fingerprint = ",".join(f"{k}={getattr(v, '_fingerprint', '?')}" for k, v in source.items())
     return f"<in-memory {type(source).__name__} {fingerprint or ''}>".replace(" >", ">")
 
 
@@ -118,8 +121,9 @@ def load_saved_dataset(path: Path) -> Any:
     except HetgraphError:
         raise
     except (*_read_errors(), json.JSONDecodeError) as error:
-        raise _unreadable(f"corpus {path}, a 🤗 datasets save_to_disk directory", error,
-                          _RESAVE) from None
+        raise _unreadable(
+            f"corpus {path}, a 🤗 datasets save_to_disk directory", error, _RESAVE
+        ) from None
 
 
 def _check_layout(path: Path) -> None:
@@ -129,7 +133,7 @@ def _check_layout(path: Path) -> None:
     if listing.is_file():
         splits = _json_object(listing).get("splits")
         if not isinstance(splits, list):
-            raise CorpusError(f"{listing} lists no splits (no \"splits\" list); {_RESAVE}")
+            raise CorpusError(f'{listing} lists no splits (no "splits" list); {_RESAVE}')
         for split in splits:
             _check_name(split, listing, "split")
             if (path / split / "state.json").is_file():
@@ -138,23 +142,32 @@ def _check_layout(path: Path) -> None:
     state = path / "state.json"
     files = _json_object(state).get("_data_files")
     for entry in files if isinstance(files, list) else ():
-        _check_name(entry.get("filename") if isinstance(entry, dict) else entry, state,
-                    "Arrow file")
+        _check_name(
+            entry.get("filename") if isinstance(entry, dict) else entry, state, "Arrow file"
+        )
 
 
 def _json_object(file: Path) -> dict[str, Any]:
     value = loads_json(file.read_text(encoding="utf-8"))
     if not isinstance(value, dict):
-        raise CorpusError(f"{file} holds a JSON {type(value).__name__}, not the object "
-                          f"save_to_disk writes; {_RESAVE}")
+        raise CorpusError(
+            f"{file} holds a JSON {type(value).__name__}, not the object "
+            f"save_to_disk writes; {_RESAVE}"
+        )
     return value
 
 
 def _check_name(name: object, listing: Path, what: str) -> None:
-    if not isinstance(name, str) or not name or name in (".", "..") \
-            or any(sep in name for sep in ("/", "\\", "\0")):
-        raise CorpusError(f"{listing} names the {what} {name!r}, which is no plain name inside "
-                          f"its directory (datasets would read it from elsewhere); {_RESAVE}")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or any(sep in name for sep in ("/", "\\", "\0"))
+    ):
+        raise CorpusError(
+            f"{listing} names the {what} {name!r}, which is no plain name inside "
+            f"its directory (datasets would read it from elsewhere); {_RESAVE}"
+        )
 
 
 def saved_dataset_documents(path: Path, config: CorpusConfig) -> Iterator[Document]:
@@ -170,16 +183,19 @@ def dataset_documents(source: Any, config: CorpusConfig, where: str) -> Iterator
         if config.dataset_splits is None:
             logger.warning(
                 "corpus %s is a DatasetDict with splits %s; hetgraph pools them and splits the "
-                "documents itself (pass --hf-splits to keep the dataset's splits)", where,
-                ", ".join(source))
+                "documents itself (pass --hf-splits to keep the dataset's splits)",
+                where,
+                ", ".join(source),
+            )
         for split, dataset in source.items():
             yield from _rows(dataset, config, f"{where}/{split}", f"{split}:")
         return
     yield from _rows(source, config, where, None)
 
 
-def dataset_split_documents(source: Any, config: CorpusConfig,
-                            where: str) -> dict[str, Iterator[Document]]:
+def dataset_split_documents(
+    source: Any, config: CorpusConfig, where: str
+) -> dict[str, Iterator[Document]]:
     r"""``{hetgraph split: its documents}`` of a ``DatasetDict`` as
     ``config.dataset_splits`` maps them; a split it leaves out is absent.
 
@@ -192,24 +208,30 @@ def dataset_split_documents(source: Any, config: CorpusConfig,
         raise CorpusError(
             f"{DATASET_SPLITS_OPTION} uses a DatasetDict's own splits, but corpus {where} is "
             f"a single {type(source).__name__} without splits; leave the option out to let "
-            "hetgraph split its documents, or give a DatasetDict.save_to_disk directory")
+            "hetgraph split its documents, or give a DatasetDict.save_to_disk directory"
+        )
     missing = [theirs for theirs in config.dataset_splits.values() if theirs not in source]
     if missing:
         mapping = ",".join(f"{ours}={theirs}" for ours, theirs in config.dataset_splits.items())
         raise CorpusError(
             f"corpus {where} has no split {missing[0]!r} (its splits: {', '.join(source)}); "
             f"{DATASET_SPLITS_OPTION} maps {mapping}: name existing splits, e.g. --hf-splits "
-            "train=train,valid=validation (a hetgraph split left out stays empty)")
-    return {ours: _rows(source[theirs], config, f"{where}/{theirs}", f"{theirs}:")
-            for ours, theirs in config.dataset_splits.items()}
+            "train=train,valid=validation (a hetgraph split left out stays empty)"
+        )
+    return {
+        ours: _rows(source[theirs], config, f"{where}/{theirs}", f"{theirs}:")
+        for ours, theirs in config.dataset_splits.items()
+    }
 
 
 def _check_supported(source: Any, where: str) -> None:
     datasets = importlib.import_module("datasets")
     if not isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        raise CorpusError(f"corpus {where}: hetgraph reads a datasets.Dataset or DatasetDict, "
-                          f"not the {type(source).__name__} given; convert a streamed one, "
-                          "e.g. with Dataset.from_generator")
+        raise CorpusError(
+            f"corpus {where}: hetgraph reads a datasets.Dataset or DatasetDict, "
+            f"not the {type(source).__name__} given; convert a streamed one, "
+            "e.g. with Dataset.from_generator"
+        )
 
 
 def _is_dataset_dict(source: Any) -> bool:
@@ -217,8 +239,7 @@ def _is_dataset_dict(source: Any) -> bool:
     return isinstance(source, datasets.DatasetDict)
 
 
-def _rows(dataset: Any, config: CorpusConfig, where: str,
-          prefix: str | None) -> Iterator[Document]:
+def _rows(dataset: Any, config: CorpusConfig, where: str, prefix: str | None) -> Iterator[Document]:
     """One document per row of a ``datasets.Dataset``, read in Arrow batches."""
     _check_supported(dataset, where)
     schema = dataset.data.schema
@@ -228,8 +249,9 @@ def _rows(dataset: Any, config: CorpusConfig, where: str,
         _check_size(where, len(dataset), text_bytes * len(dataset) / dataset.data.num_rows)
     try:
         batches = dataset.select_columns(columns).with_format("arrow").iter(batch_size=BATCH_ROWS)
-        yield from _documents(batches, config, prefix if prefix is not None else "row:",
-                              prefix is not None)
+        yield from _documents(
+            batches, config, prefix if prefix is not None else "row:", prefix is not None
+        )
     except HetgraphError:
         raise
     except _read_errors() as error:
@@ -251,8 +273,10 @@ def parquet_documents(path: Path, name: str, config: CorpusConfig) -> Iterator[D
     if config.max_documents is None:
         index = schema.get_field_index(config.text_field)
         try:
-            text_bytes = sum(file.metadata.row_group(g).column(index).total_uncompressed_size
-                             for g in range(file.metadata.num_row_groups))
+            text_bytes = sum(
+                file.metadata.row_group(g).column(index).total_uncompressed_size
+                for g in range(file.metadata.num_row_groups)
+            )
         except errors:  # leave it to the reading below to name the damage
             text_bytes = 0
         _check_size(str(path), file.metadata.num_rows, text_bytes)
@@ -271,31 +295,41 @@ def _columns(schema: Any, config: CorpusConfig, where: str) -> list[str]:
     pyarrow = importlib.import_module("pyarrow")
     names = list(schema.names)
     if config.text_field not in names:
-        raise CorpusError(f"corpus {where} has no column {config.text_field!r} (columns: "
-                          f"{', '.join(names) or 'none'}); {_TEXT_FIX}")
+        raise CorpusError(
+            f"corpus {where} has no column {config.text_field!r} (columns: "
+            f"{', '.join(names) or 'none'}); {_TEXT_FIX}"
+        )
     kind = schema.field(config.text_field).type
     string_types = [pyarrow.types.is_string, pyarrow.types.is_large_string]
     if hasattr(pyarrow.types, "is_string_view"):
         string_types.append(pyarrow.types.is_string_view)
     if not any(test(kind) for test in string_types):
-        raise CorpusError(f"corpus {where}: column {config.text_field!r} holds {kind}, not "
-                          f"text; {_TEXT_FIX} (a column of strings)")
+        raise CorpusError(
+            f"corpus {where}: column {config.text_field!r} holds {kind}, not "
+            f"text; {_TEXT_FIX} (a column of strings)"
+        )
     columns = [config.text_field]
-    if config.id_field is not None and config.id_field in names \
-            and config.id_field != config.text_field:
+    if (
+        config.id_field is not None
+        and config.id_field in names
+        and config.id_field != config.text_field
+    ):
         columns.append(config.id_field)
     return columns
 
 
 def _check_size(where: str, rows: int, text_bytes: float) -> None:
-    check_memory(f"reading the {rows} rows of corpus {where}",
-                 _BYTES_PER_TEXT_BYTE * text_bytes + _ROW_OVERHEAD * rows,
-                 "set max_documents in --corpus-config to read fewer rows, or give a "
-                 "smaller dataset (e.g. Dataset.shard)")
+    check_memory(
+        f"reading the {rows} rows of corpus {where}",
+        _BYTES_PER_TEXT_BYTE * text_bytes + _ROW_OVERHEAD * rows,
+        "set max_documents in --corpus-config to read fewer rows, or give a "
+        "smaller dataset (e.g. Dataset.shard)",
+    )
 
 
-def _documents(batches: Iterable[Any], config: CorpusConfig, prefix: str,
-               prefix_ids: bool) -> Iterator[Document]:
+def _documents(
+    batches: Iterable[Any], config: CorpusConfig, prefix: str, prefix_ids: bool
+) -> Iterator[Document]:
     """Documents from Arrow tables / record batches holding the text and maybe id column.
 
     Rows are named ``<prefix><row>``, or by their id (prefixed when ``prefix_ids``)."""
@@ -303,9 +337,13 @@ def _documents(batches: Iterable[Any], config: CorpusConfig, prefix: str,
     skipped = 0
     for batch in batches:
         texts = batch.column(config.text_field).to_pylist()
-        ids = (batch.column(config.id_field).to_pylist()
-               if config.id_field is not None and config.id_field in batch.schema.names
-               and config.id_field != config.text_field else None)
+        ids = (
+            batch.column(config.id_field).to_pylist()
+            if config.id_field is not None
+            and config.id_field in batch.schema.names
+            and config.id_field != config.text_field
+            else None
+        )
         for i, text in enumerate(texts):
             if text is None or not text.strip():
                 skipped += 1

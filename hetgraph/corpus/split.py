@@ -6,6 +6,7 @@ interval given by the fractions. The assignment of a document therefore depends 
 its name, the seed and the fractions: not on the other documents, nor on their order,
 and no document is ever in two splits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

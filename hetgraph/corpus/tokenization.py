@@ -1,4 +1,5 @@
 """Tokenizing a corpus into train / valid / test token streams (cached on disk)."""
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,13 @@ def tokenize_documents(
         )
     pieces: list[np.ndarray] = []
     total_chars = sum(len(doc.text) for doc in documents)
-    with tqdm(total=total_chars, desc=f"tokenizing {name}", unit="char", unit_scale=True,
-              disable=not show_progress) as progress:
+    with tqdm(
+        total=total_chars,
+        desc=f"tokenizing {name}",
+        unit="char",
+        unit_scale=True,
+        disable=not show_progress,
+    ) as progress:
         for batch in _batches(documents, batch_size):
             for token_ids in _encode_batch(tokenizer, [documents[i] for i in batch]):
                 array = np.empty(len(token_ids) + 1, dtype=np.int32)
@@ -151,9 +157,12 @@ def tokenize_corpus(
         split_docs = given_splits
         for name in SPLITS:
             if not split_docs[name] and name in (config.dataset_splits or {}):
-                logger.warning("the %s split of %s is empty: its dataset split %r has no rows "
-                               "with text", name, config.resolved_path,
-                               (config.dataset_splits or {})[name])
+                logger.warning(
+                    "the %s split of %s is empty: its dataset split %r has no rows with text",
+                    name,
+                    config.resolved_path,
+                    (config.dataset_splits or {})[name],
+                )
     else:
         split_docs = split_documents(documents, config.fractions, config.seed)
     for name in SPLITS if given_splits is None else ():
@@ -161,15 +170,19 @@ def tokenize_corpus(
             logger.warning(
                 "the %s split of %s is empty (%d documents in all); use a corpus with more "
                 "documents or set CorpusConfig.document_separator to split files into documents",
-                name, config.resolved_path, len(documents),
+                name,
+                config.resolved_path,
+                len(documents),
             )
     splits = {
         name: tokenize_documents(split_docs[name], tokenizer, name, show_progress=show_progress)
         for name in SPLITS
     }
     corpus = TokenizedCorpus(
-        **splits, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        eos_token_id=int(tokenizer.eos_token_id), config=config,
+        **splits,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        eos_token_id=int(tokenizer.eos_token_id),
+        config=config,
     )
     if entry is not None:
         store_atomically(corpus, entry)
@@ -182,13 +195,19 @@ def _resolve_source(source: Any, config: CorpusConfig | None) -> tuple[CorpusCon
     object given as ``source`` (``config.path`` then describes it), else ``None``."""
     from .hf_datasets import describe_object, is_dataset_object
 
-    if source is not None and not isinstance(source, (str, Path, CorpusConfig)) \
-            and is_dataset_object(source):
-        return CorpusConfig.from_dict({**(config or CorpusConfig()).to_dict(),
-                                       "path": describe_object(source)}), source
+    if (
+        source is not None
+        and not isinstance(source, (str, Path, CorpusConfig))
+        and is_dataset_object(source)
+    ):
+        return CorpusConfig.from_dict(
+            {**(config or CorpusConfig()).to_dict(), "path": describe_object(source)}
+        ), source
     if config is not None:
-        raise TypeError("tokenize_corpus: config= describes a datasets.Dataset / DatasetDict "
-                        "source; for a path, pass a CorpusConfig as the source instead")
+        raise TypeError(
+            "tokenize_corpus: config= describes a datasets.Dataset / DatasetDict "
+            "source; for a path, pass a CorpusConfig as the source instead"
+        )
     if isinstance(source, CorpusConfig):
         return source, None
     return CorpusConfig(path=None if source is None else str(source)), None

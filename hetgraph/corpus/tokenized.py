@@ -1,4 +1,5 @@
 """Tokenized splits and corpora, stored as ``.npy`` arrays plus JSON (never pickles)."""
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,14 @@ def _read_json_file(path: Path, kind: type) -> Any:
     try:
         value = read_json(path)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorpusError(f"{path} is not valid JSON ({error}); delete its directory and "
-                          "tokenize again") from None
+        raise CorpusError(
+            f"{path} is not valid JSON ({error}); delete its directory and tokenize again"
+        ) from None
     if not isinstance(value, kind):
-        raise CorpusError(f"{path} holds a JSON {type(value).__name__}, expected a "
-                          f"{kind.__name__}; delete its directory and tokenize again")
+        raise CorpusError(
+            f"{path} holds a JSON {type(value).__name__}, expected a "
+            f"{kind.__name__}; delete its directory and tokenize again"
+        )
     return value
 
 
@@ -120,7 +124,10 @@ class TokenizedSplit:
         doc_ids = self.doc_ids[:max_tokens]
         keep = int(doc_ids.max()) + 1 if len(doc_ids) else 0
         return TokenizedSplit(
-            self.name, self.tokens[:max_tokens], doc_ids, self.doc_names[:keep],
+            self.name,
+            self.tokens[:max_tokens],
+            doc_ids,
+            self.doc_names[:keep],
             self.positions[:max_tokens],
         )
 
@@ -143,14 +150,16 @@ class TokenizedSplit:
             try:
                 arrays.append(np.load(directory / file, mmap_mode=mode, allow_pickle=False))
             except (OSError, ValueError, EOFError) as error:
-                raise CorpusError(f"{directory / file} cannot be read ({error}); "
-                                  f"{_REWRITE_HINT}") from None
+                raise CorpusError(
+                    f"{directory / file} cannot be read ({error}); {_REWRITE_HINT}"
+                ) from None
         names = _read_json_file(directory / docs_file, list)
         try:
             return cls(name, *arrays, names)
         except ValueError as error:
-            raise CorpusError(f"{directory}: the {name} split is inconsistent ({error}); "
-                              f"{_REWRITE_HINT}") from None
+            raise CorpusError(
+                f"{directory}: the {name} split is inconsistent ({error}); {_REWRITE_HINT}"
+            ) from None
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex digits) of the split's tokens, document ids and names."""
@@ -224,8 +233,11 @@ class TokenizedCorpus:
         directory.mkdir(parents=True, exist_ok=True)
         for split in self.splits.values():
             split.save(directory)
-        files = {file: file_record(directory / file)
-                 for name in SPLITS for file in split_file_names(name)}
+        files = {
+            file: file_record(directory / file)
+            for name in SPLITS
+            for file in split_file_names(name)
+        }
         metadata = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -268,8 +280,10 @@ class TokenizedCorpus:
                 path=directory,
             )
         except (KeyError, TypeError, ValueError) as error:
-            raise CorpusError(f"{meta_path} is malformed ({type(error).__name__}: {error}); "
-                              "delete the directory and tokenize again") from error
+            raise CorpusError(
+                f"{meta_path} is malformed ({type(error).__name__}: {error}); "
+                "delete the directory and tokenize again"
+            ) from error
 
     def __repr__(self) -> str:
         parts = ", ".join(
@@ -289,8 +303,10 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     meta_path = directory / CORPUS_METADATA
     if not meta_path.is_file():
-        raise CorpusError(f"{directory} holds no tokenized corpus ({CORPUS_METADATA} "
-                          "missing); delete it and tokenize again")
+        raise CorpusError(
+            f"{directory} holds no tokenized corpus ({CORPUS_METADATA} "
+            "missing); delete it and tokenize again"
+        )
     metadata = read_json_record(meta_path, CorpusError, _REWRITE_HINT)
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CorpusError(
@@ -307,8 +323,9 @@ def file_records(metadata: dict[str, Any]) -> dict[str, Any] | None:
     return files if isinstance(files, dict) else None
 
 
-def integrity_problems(directory: str | Path, metadata: dict[str, Any], *,
-                       full: bool = True) -> list[str]:
+def integrity_problems(
+    directory: str | Path, metadata: dict[str, Any], *, full: bool = True
+) -> list[str]:
     r"""One line per split file of the tokenized corpus in ``directory`` that differs from
     the record in its ``metadata`` (:func:`read_metadata`), naming the file; empty when all
     match or when there is no record (a corpus saved by an older hetgraph).

@@ -4,6 +4,7 @@ Every token is scored exactly once, and with at least ``context_length - stride`
 tokens of left context wherever that much text precedes it (the standard strided
 perplexity evaluation). The datastore build and every evaluation use the same windows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -14,6 +14,7 @@ with any number of processes — skips exactly the batches already written. Rank
 complete ``metadata.json`` once, atomically, after a barrier when every rank has finished.
 The result is byte-identical to a one-process build.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,11 @@ def window_batches(windows: list[Window], batch_size: int) -> list[list[Window]]
     """
     batches: list[list[Window]] = []
     for w in windows:
-        if batches and len(batches[-1]) < batch_size and \
-                (batches[-1][0].end - batches[-1][0].start) == (w.end - w.start):
+        if (
+            batches
+            and len(batches[-1]) < batch_size
+            and (batches[-1][0].end - batches[-1][0].start) == (w.end - w.start)
+        ):
             batches[-1].append(w)
         else:
             batches.append([w])
@@ -96,7 +100,7 @@ def window_batches(windows: list[Window], batch_size: int) -> list[list[Window]]
 
 def batch_input_ids(tokens: np.ndarray, batch: list[Window], device: torch.device) -> torch.Tensor:
     """``[B, T]`` int64 input ids of a batch of equal-length windows."""
-    ids = np.stack([tokens[w.start:w.end] for w in batch]).astype(np.int64)
+    ids = np.stack([tokens[w.start : w.end] for w in batch]).astype(np.int64)
     return torch.from_numpy(ids).to(device, non_blocking=True)
 
 
@@ -159,8 +163,10 @@ def build_datastore(
     out = Path(out_dir)
     tokens, doc_ids, positions = split_arrays(split, config.max_tokens)
     if len(tokens) < 2:
-        raise DatastoreError(f"a datastore needs a split of at least 2 tokens, got {len(tokens)}; "
-                             "use a larger corpus (or a larger --max-tokens)")
+        raise DatastoreError(
+            f"a datastore needs a split of at least 2 tokens, got {len(tokens)}; "
+            "use a larger corpus (or a larger --max-tokens)"
+        )
     check_context_length(model, config.context_length, "--context-length")
     check_token_ids(tokens, model, "the train split")
     num_entries = len(tokens) - 1
@@ -170,12 +176,22 @@ def build_datastore(
     batches = window_batches(windows, config.batch_size)
     if corpus_fingerprint is None:
         corpus_fingerprint = array_fingerprint(tokens, doc_ids)
-    metadata = _build_metadata(model, tokenizer, config, int(tokens[0]), num_entries, key_layer,
-                               feature_layers, len(batches), corpus_fingerprint)
+    metadata = _build_metadata(
+        model,
+        tokenizer,
+        config,
+        int(tokens[0]),
+        num_entries,
+        key_layer,
+        feature_layers,
+        len(batches),
+        corpus_fingerprint,
+    )
     ctx = distributed or current_context()
     with ExitStack() as lock:
-        plan = ctx.run_on_main(lambda: _start_build(lock, out, metadata, overwrite, tokens,
-                                                    doc_ids, positions, split))
+        plan = ctx.run_on_main(
+            lambda: _start_build(lock, out, metadata, overwrite, tokens, doc_ids, positions, split)
+        )
         if plan is None:  # already complete
             return Datastore.open(out)
         done = from_intervals(plan, len(batches))
@@ -184,16 +200,32 @@ def build_datastore(
         prefix = not ctx.is_distributed and done == set(range(len(done)))
         recorder = ProgressRecorder(out, ctx.rank, done, len(batches), prefix)
         with storage_errors(out, RESUME_HINT):
-            _run_batches(model, tokens, out, batches, todo, recorder, key_layer, feature_layers,
-                         show_progress and ctx.is_main)
+            _run_batches(
+                model,
+                tokens,
+                out,
+                batches,
+                todo,
+                recorder,
+                key_layer,
+                feature_layers,
+                show_progress and ctx.is_main,
+            )
         ctx.barrier()  # every rank's rows and progress are on disk
         complete = ctx.run_on_main(lambda: _finish_build(out, metadata, len(batches)))
     return Datastore.open(out, allow_incomplete=not complete)
 
 
-def _start_build(lock: ExitStack, out: Path, metadata: DatastoreMetadata, overwrite: bool,
-                 tokens: np.ndarray, doc_ids: np.ndarray, positions: np.ndarray,
-                 split: Any) -> list[list[int]] | None:
+def _start_build(
+    lock: ExitStack,
+    out: Path,
+    metadata: DatastoreMetadata,
+    overwrite: bool,
+    tokens: np.ndarray,
+    doc_ids: np.ndarray,
+    positions: np.ndarray,
+    split: Any,
+) -> list[list[int]] | None:
     """Rank 0: lock ``out`` (held until ``lock`` closes), check and prepare it, write the
     static arrays of a new build; return the batches already done as intervals (None: the
     datastore is complete)."""
@@ -205,8 +237,9 @@ def _start_build(lock: ExitStack, out: Path, metadata: DatastoreMetadata, overwr
         return None
     if not done:
         with storage_errors(out, RESUME_HINT):
-            _write_static_arrays(out, metadata, tokens, doc_ids, positions,
-                                 getattr(split, "doc_names", None))
+            _write_static_arrays(
+                out, metadata, tokens, doc_ids, positions, getattr(split, "doc_names", None)
+            )
     return to_intervals(done)
 
 
@@ -223,44 +256,79 @@ def _finish_build(out: Path, metadata: DatastoreMetadata, num_batches: int) -> b
     return True
 
 
-def _build_metadata(model: nn.Module, tokenizer: Any, config: DatastoreConfig, probe_token: int,
-                    num_entries: int, key_layer: int | None, feature_layers: tuple[int, ...],
-                    num_batches: int, corpus_fingerprint: str) -> DatastoreMetadata:
+def _build_metadata(
+    model: nn.Module,
+    tokenizer: Any,
+    config: DatastoreConfig,
+    probe_token: int,
+    num_entries: int,
+    key_layer: int | None,
+    feature_layers: tuple[int, ...],
+    num_batches: int,
+    corpus_fingerprint: str,
+) -> DatastoreMetadata:
     """What the build will record in ``metadata.json`` (widths probed with one token)."""
     dims = probe_dims(model, [key_layer, *feature_layers], token_id=probe_token)
     identity: dict[str, Any] = {
-        "num_entries": num_entries, "dim": dims[key_layer], "key_layer": key_layer,
+        "num_entries": num_entries,
+        "dim": dims[key_layer],
+        "key_layer": key_layer,
         "feature_dims": {str(l): dims[l] for l in feature_layers},
-        "context_length": config.context_length, "stride": config.stride,
-        "batch_size": config.batch_size, "max_tokens": config.max_tokens,
+        "context_length": config.context_length,
+        "stride": config.stride,
+        "batch_size": config.batch_size,
+        "max_tokens": config.max_tokens,
         "model": model_fingerprint(model, tokenizer),
-        "model_dtype": model_dtype_name(model), "corpus_fingerprint": corpus_fingerprint,
-        "key_dtype": "float16", "num_batches": num_batches, "format_version": FORMAT_VERSION,
+        "model_dtype": model_dtype_name(model),
+        "corpus_fingerprint": corpus_fingerprint,
+        "key_dtype": "float16",
+        "num_batches": num_batches,
+        "format_version": FORMAT_VERSION,
     }
     return DatastoreMetadata(**identity, fingerprint=json_fingerprint(identity), complete=False)
 
 
-def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[list[Window]],
-                 todo: list[int], recorder: ProgressRecorder, key_layer: int | None,
-                 feature_layers: tuple[int, ...], show_progress: bool) -> None:
+def _run_batches(
+    model: nn.Module,
+    tokens: np.ndarray,
+    out: Path,
+    batches: list[list[Window]],
+    todo: list[int],
+    recorder: ProgressRecorder,
+    key_layer: int | None,
+    feature_layers: tuple[int, ...],
+    show_progress: bool,
+) -> None:
     """Store the states of the batches numbered ``todo``; record progress after each."""
     keys = np.load(array_path(out, "keys"), mmap_mode="r+", allow_pickle=False)
-    feats = {l: np.load(array_path(out, f"features_{l}"), mmap_mode="r+", allow_pickle=False)
-             for l in feature_layers}
+    feats = {
+        l: np.load(array_path(out, f"features_{l}"), mmap_mode="r+", allow_pickle=False)
+        for l in feature_layers
+    }
     device = model_device(model)
     scored_before = sum(w.end - w.score_start for b in recorder.done for w in batches[b])
     total = scored_before + sum(w.end - w.score_start for b in todo for w in batches[b])
-    bar = tqdm(total=total, initial=scored_before, desc="datastore", unit="tok",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=scored_before,
+        desc="datastore",
+        unit="tok",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), HiddenStateCapture(model, [key_layer, *feature_layers],
-                                                        stop_forward=True) as capture:
+        with (
+            torch.inference_mode(),
+            HiddenStateCapture(model, [key_layer, *feature_layers], stop_forward=True) as capture,
+        ):
             for b in todo:
                 batch = batches[b]
                 states = capture.run(batch_input_ids(tokens, batch, device))
-                halves = {l: _finite_half(states[l], l, b, batch, out)
-                          for l in [key_layer, *feature_layers]}
+                halves = {
+                    l: _finite_half(states[l], l, b, batch, out)
+                    for l in [key_layer, *feature_layers]
+                }
                 _write_batch(batch, halves[key_layer], keys)
                 for l in feature_layers:
                     _write_batch(batch, halves[l], feats[l])
@@ -273,12 +341,18 @@ def _run_batches(model: nn.Module, tokens: np.ndarray, out: Path, batches: list[
         bar.close()
         del keys, feats
     seconds, scored = time.perf_counter() - started, total - scored_before
-    logger.info("datastore: rank %d wrote %d positions in %.1f s (%.0f tokens/s)", recorder.rank,
-                scored, seconds, scored / max(seconds, 1e-9))
+    logger.info(
+        "datastore: rank %d wrote %d positions in %.1f s (%.0f tokens/s)",
+        recorder.rank,
+        scored,
+        seconds,
+        scored / max(seconds, 1e-9),
+    )
 
 
-def _finite_half(hidden: torch.Tensor, layer: int | None, b: int, batch: list[Window],
-                 out: Path) -> torch.Tensor:
+def _finite_half(
+    hidden: torch.Tensor, layer: int | None, b: int, batch: list[Window], out: Path
+) -> torch.Tensor:
     """``hidden`` as float16, refused when any value is NaN or infinite (after the cast: a
     float32 value beyond ±65504 becomes ``inf``)."""
     half = hidden.to(torch.float16)
@@ -288,7 +362,8 @@ def _finite_half(hidden: torch.Tensor, layer: int | None, b: int, batch: list[Wi
             f"datastore {out}: the model's hidden states at the {what} are not finite (NaN or "
             f"beyond the float16 range) in batch {b} (corpus positions {batch[0].start}-"
             f"{batch[-1].end}); nothing of that batch was written. Check the model's weights "
-            "and dtype (--dtype float32), then run the same build command again to resume")
+            "and dtype (--dtype float32), then run the same build command again to resume"
+        )
     return half
 
 
@@ -297,7 +372,7 @@ def _write_batch(batch: list[Window], half: torch.Tensor, target: np.memmap) -> 
     for row, w in enumerate(batch):
         offset = w.score_start - w.start
         scored = w.end - w.score_start
-        target[w.score_start:w.end] = half[row, offset:offset + scored].cpu().numpy()
+        target[w.score_start : w.end] = half[row, offset : offset + scored].cpu().numpy()
 
 
 def _refuse_foreign(out: Path) -> None:
@@ -308,18 +383,19 @@ def _refuse_foreign(out: Path) -> None:
         raise DatastoreError(
             f"{out} is not a datastore directory (it holds {shown}); a build never deletes or "
             "writes into such a directory, not even with --overwrite: choose another --out "
-            "directory (a new or empty one)")
+            "directory (a new or empty one)"
+        )
 
 
-def _prepare_directory(out: Path, metadata: DatastoreMetadata,
-                       overwrite: bool) -> set[int] | None:
+def _prepare_directory(out: Path, metadata: DatastoreMetadata, overwrite: bool) -> set[int] | None:
     """Validate ``out`` (locked, holding datastore files only); clear it if needed; return the
     batches already done (None = complete and intact)."""
     _refuse_foreign(out)
     meta_file = out / DATASTORE_METADATA
     if not meta_file.exists():
-        if any(p.suffix == ".npy" or p.name in (DOC_NAMES, DATASTORE_PROGRESS)
-               for p in out.iterdir()):
+        if any(
+            p.suffix == ".npy" or p.name in (DOC_NAMES, DATASTORE_PROGRESS) for p in out.iterdir()
+        ):
             # A build stopped before its metadata was written ran no batch: start again.
             logger.info("%s holds a build stopped at its start; starting it again", out)
             clear_datastore(out)
@@ -338,12 +414,15 @@ def _prepare_directory(out: Path, metadata: DatastoreMetadata,
         damage = str(out / problems[0].message)
     if not overwrite:
         if damage is not None:
-            raise DatastoreError(f"the datastore in {out} is damaged ({damage.split('; ')[0]}); "
-                                 f"rebuild it: run the same command with {OVERWRITE_HINT}")
+            raise DatastoreError(
+                f"the datastore in {out} is damaged ({damage.split('; ')[0]}); "
+                f"rebuild it: run the same command with {OVERWRITE_HINT}"
+            )
         raise DatastoreError(
             f"{out} already holds a datastore built with a different model, corpus or config "
             f"({_describe_difference(existing, metadata)}); pass {OVERWRITE_HINT} to replace "
-            "it, or choose another directory")
+            "it, or choose another directory"
+        )
     clear_datastore(out)
     return set()
 
@@ -356,20 +435,32 @@ def _describe_difference(existing: DatastoreMetadata | None, new: DatastoreMetad
     return "differs in " + ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:4])
 
 
-def _write_static_arrays(out: Path, metadata: DatastoreMetadata, tokens: np.ndarray,
-                         doc_ids: np.ndarray, positions: np.ndarray,
-                         doc_names: list[str] | None = None) -> None:
+def _write_static_arrays(
+    out: Path,
+    metadata: DatastoreMetadata,
+    tokens: np.ndarray,
+    doc_ids: np.ndarray,
+    positions: np.ndarray,
+    doc_names: list[str] | None = None,
+) -> None:
     n = metadata.num_entries
     if doc_names is not None:
         # Names of the documents, so retrieved neighbours can be shown with their source.
         atomic_write_text(out / DOC_NAMES, json.dumps(list(doc_names), ensure_ascii=False) + "\n")
-    for name, array in (("tokens", tokens[:n]), ("next_tokens", tokens[1:n + 1]),
-                        ("doc_ids", doc_ids[:n]), ("positions", positions[:n])):
+    for name, array in (
+        ("tokens", tokens[:n]),
+        ("next_tokens", tokens[1 : n + 1]),
+        ("doc_ids", doc_ids[:n]),
+        ("positions", positions[:n]),
+    ):
         atomic_save_npy(array_path(out, name), np.ascontiguousarray(array, dtype=np.int32))
-    for name, dim in (("keys", metadata.dim),
-                      *((f"features_{l}", d) for l, d in metadata.feature_dims.items())):
-        array = np.lib.format.open_memmap(array_path(out, name), mode="w+", dtype=np.float16,
-                                          shape=(n, dim))
+    for name, dim in (
+        ("keys", metadata.dim),
+        *((f"features_{l}", d) for l, d in metadata.feature_dims.items()),
+    ):
+        array = np.lib.format.open_memmap(
+            array_path(out, name), mode="w+", dtype=np.float16, shape=(n, dim)
+        )
         array.flush()
         del array
         reserve_blocks(array_path(out, name))

@@ -9,6 +9,7 @@ captured with a forward pre-hook on ``model.get_output_embeddings()``) or an ``i
 ``i`` (the output of decoder layer ``i``; captured with a forward hook on
 ``decoder_layers(model)[i]``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -69,11 +70,17 @@ class HiddenStateCapture:
     (detached, on the model's device, in the model's dtype).
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[LayerSpec], stop_forward: bool = False,
-                 on_capture: Callable[[LayerSpec, Tensor], None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[LayerSpec],
+        stop_forward: bool = False,
+        on_capture: Callable[[LayerSpec, Tensor], None] | None = None,
+    ):
         self.model = model
         self.layers: list[LayerSpec] = list(
-            dict.fromkeys(normalize_layer(model, l) for l in layers))
+            dict.fromkeys(normalize_layer(model, l) for l in layers)
+        )
         if not self.layers:
             raise ValueError("HiddenStateCapture needs at least one layer to capture")
         self.stop_forward = stop_forward
@@ -127,8 +134,9 @@ class HiddenStateCapture:
         self.detach()
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, input_ids: Tensor,
-            attention_mask: Tensor | None = None) -> dict[LayerSpec, Tensor]:
+    def run(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> dict[LayerSpec, Tensor]:
         """Run the model on ``input_ids`` and return the captured states.
 
         With ``stop_forward=True`` the forward ends as soon as the states are captured.
@@ -147,8 +155,9 @@ class HiddenStateCapture:
         return self.states
 
 
-def split_arrays(split: Any,
-                 max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_arrays(
+    split: Any, max_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(tokens, doc_ids, positions)`` int32 arrays of a ``TokenizedSplit``-like object.
 
     ``split`` needs ``tokens`` and ``doc_ids`` arrays; ``positions`` (array or property)
@@ -164,10 +173,15 @@ def split_arrays(split: Any,
     else:
         positions = np.asarray(positions)[: len(tokens)]
     if not (len(tokens) == len(doc_ids) == len(positions)):
-        raise ValueError(f"split arrays differ in length: tokens {len(tokens)}, "
-                         f"doc_ids {len(doc_ids)}, positions {len(positions)}")
-    return (tokens.astype(np.int32, copy=False), doc_ids.astype(np.int32, copy=False),
-            positions.astype(np.int32, copy=False))
+        raise ValueError(
+            f"split arrays differ in length: tokens {len(tokens)}, "
+            f"doc_ids {len(doc_ids)}, positions {len(positions)}"
+        )
+    return (
+        tokens.astype(np.int32, copy=False),
+        doc_ids.astype(np.int32, copy=False),
+        positions.astype(np.int32, copy=False),
+    )
 
 
 def model_dtype_name(model: nn.Module) -> str:
@@ -176,8 +190,9 @@ def model_dtype_name(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def probe_dims(model: nn.Module, layers: Sequence[LayerSpec],
-               token_id: int = 0) -> dict[LayerSpec, int]:
+def probe_dims(
+    model: nn.Module, layers: Sequence[LayerSpec], token_id: int = 0
+) -> dict[LayerSpec, int]:
     """Width of the hidden state at each layer, measured with a one-token forward pass."""
     from hetgraph.models.layers import model_device
 

@@ -5,6 +5,7 @@ A completed datastore records every file's size and checksums in ``metadata.json
 <hetgraph.datastore.Datastore.open>` compares sizes and sampled checksums;
 :func:`datastore_problems` (used by :func:`hetgraph.verify.verify`) compares everything.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,13 @@ from hetgraph.storage import remove_without_following, temporary_target
 logger = logging.getLogger(__name__)
 
 ARRAY_NAMES = ("keys", "next_tokens", "tokens", "doc_ids", "positions")
-_OWN_FILES = {DATASTORE_METADATA, DATASTORE_PROGRESS, DOC_NAMES, LOCK_FILE,
-              *(f"{name}.npy" for name in ARRAY_NAMES)}
+_OWN_FILES = {
+    DATASTORE_METADATA,
+    DATASTORE_PROGRESS,
+    DOC_NAMES,
+    LOCK_FILE,
+    *(f"{name}.npy" for name in ARRAY_NAMES),
+}
 #: Per-layer feature arrays, and the per-rank progress records of a distributed build.
 _OWN_PATTERN = re.compile(r"^features_-?\d+\.npy$|^progress\.rank\d+\.json$")
 _OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, INDEX_LISTS_FILE, LOCK_FILE}
@@ -47,7 +53,8 @@ _OWN_INDEX_FILES = {INDEX_FILE, INDEX_METADATA, INDEX_LISTS_FILE, LOCK_FILE}
 _BLOCK_PREFIX, _, _BLOCK_REST = INDEX_BLOCK_FILE.partition("{")
 _OWN_SHARD_PATTERN = re.compile(
     rf"^{re.escape(INDEX_TRAINED_FILE)}$|^{re.escape(INDEX_PLAN_FILE)}$"
-    rf"|^{re.escape(_BLOCK_PREFIX)}\d+{re.escape(_BLOCK_REST.partition('}')[2])}$")
+    rf"|^{re.escape(_BLOCK_PREFIX)}\d+{re.escape(_BLOCK_REST.partition('}')[2])}$"
+)
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,8 @@ def _own_name(path: Path) -> str:
 def _is_own_index_entry(path: Path) -> bool:
     if path.is_dir():
         return path.name == INDEX_SHARDS_DIR and all(
-            _OWN_SHARD_PATTERN.match(_own_name(p)) for p in path.iterdir())
+            _OWN_SHARD_PATTERN.match(_own_name(p)) for p in path.iterdir()
+        )
     return _own_name(path) in _OWN_INDEX_FILES
 
 
@@ -83,8 +91,9 @@ def array_path(directory: str | Path, name: str) -> Path:
     return Path(directory) / f"{name}.npy"
 
 
-def open_array(file: Path, shape: tuple[int, ...],
-               dtype: Any) -> tuple[np.ndarray | None, FileProblem | None]:
+def open_array(
+    file: Path, shape: tuple[int, ...], dtype: Any
+) -> tuple[np.ndarray | None, FileProblem | None]:
     """``(memmap, None)`` of the ``.npy`` file ``file`` if it holds ``dtype`` ``shape``, else
     ``(None, what is wrong with it)`` (never numpy's own messages, which suggest loading
     pickles)."""
@@ -97,9 +106,13 @@ def open_array(file: Path, shape: tuple[int, ...],
         what = "truncated" if truncated else "not a valid .npy array file"
         return None, FileProblem(file.name, f"{file.name} is damaged ({what})")
     if array.shape != shape or array.dtype != np.dtype(dtype):
-        return None, FileProblem(file.name, (
-            f"{file.name} is damaged: expected {np.dtype(dtype).name} {shape}, found "
-            f"{array.dtype.name} {array.shape}"))
+        return None, FileProblem(
+            file.name,
+            (
+                f"{file.name} is damaged: expected {np.dtype(dtype).name} {shape}, found "
+                f"{array.dtype.name} {array.shape}"
+            ),
+        )
     return array, None
 
 
@@ -108,8 +121,12 @@ def expected_arrays(metadata: DatastoreMetadata) -> dict[str, tuple[tuple[int, .
     n = metadata.num_entries
     arrays: dict[str, tuple[tuple[int, ...], Any]] = {"keys": ((n, metadata.dim), np.float16)}
     arrays.update(dict.fromkeys(ARRAY_NAMES[1:], ((n,), np.int32)))
-    arrays.update({f"features_{layer}": ((n, dim), np.float16)
-                   for layer, dim in metadata.feature_dims.items()})
+    arrays.update(
+        {
+            f"features_{layer}": ((n, dim), np.float16)
+            for layer, dim in metadata.feature_dims.items()
+        }
+    )
     return arrays
 
 
@@ -132,8 +149,9 @@ def integrity_record(directory: Path, metadata: DatastoreMetadata) -> dict[str, 
     return {"files": {name: file_record(directory / name) for name in names}}
 
 
-def recorded_file_problems(directory: Path, metadata: DatastoreMetadata, *,
-                           full: bool) -> list[FileProblem]:
+def recorded_file_problems(
+    directory: Path, metadata: DatastoreMetadata, *, full: bool
+) -> list[FileProblem]:
     """What is wrong with the files against ``metadata.integrity`` (nothing to compare in
     older datastores without one); sizes and sampled checksums, whole files if ``full``."""
     record = metadata.integrity
@@ -141,8 +159,12 @@ def recorded_file_problems(directory: Path, metadata: DatastoreMetadata, *,
         return []
     files = record.get("files")
     if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
-        return [FileProblem(DATASTORE_METADATA,
-                            f"{DATASTORE_METADATA} is damaged (its integrity record is malformed)")]
+        return [
+            FileProblem(
+                DATASTORE_METADATA,
+                f"{DATASTORE_METADATA} is damaged (its integrity record is malformed)",
+            )
+        ]
     problems = []
     for name, file in files.items():
         problem = check_file_record(directory / name, file, full=full)
@@ -199,15 +221,24 @@ def datastore_problems(directory: Path) -> tuple[list[str], list[str]]:
     progress_checked, progress = progress_problems(directory, metadata.complete)
     checked += progress_checked
     if not metadata.complete:
-        return checked, [f"{directory / DATASTORE_METADATA} records an interrupted build; resume "
-                         "it by running the same build command again", *progress]
+        return checked, [
+            f"{directory / DATASTORE_METADATA} records an interrupted build; resume "
+            "it by running the same build command again",
+            *progress,
+        ]
     problems = array_problems(directory, metadata)
     damaged = {problem.file for problem in problems}
-    problems += [problem for problem in recorded_file_problems(directory, metadata, full=True)
-                 if problem.file not in damaged]
+    problems += [
+        problem
+        for problem in recorded_file_problems(directory, metadata, full=True)
+        if problem.file not in damaged
+    ]
     if not metadata.integrity:
-        logger.info("%s has no integrity record (built by an older hetgraph); only the array "
-                    "headers were checked", directory)
+        logger.info(
+            "%s has no integrity record (built by an older hetgraph); only the array "
+            "headers were checked",
+            directory,
+        )
     hint = rebuild_hint(directory)
     return checked, [f"{directory}/{problem}; {hint}" for problem in problems] + progress
 
@@ -222,8 +253,11 @@ def progress_problems(directory: Path, complete: bool) -> tuple[list[str], list[
         try:
             read_record(path)
         except HetgraphError as error:
-            what = ("a completed datastore never reads it: delete it" if complete else
-                    "the build does not trust it: running the same build command again "
-                    "computes the batches it recorded again")
+            what = (
+                "a completed datastore never reads it: delete it"
+                if complete
+                else "the build does not trust it: running the same build command again "
+                "computes the batches it recorded again"
+            )
             problems.append(f"{error}; {what}")
     return checked, problems

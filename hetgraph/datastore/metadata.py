@@ -4,6 +4,7 @@
 by its file checks (:mod:`hetgraph.datastore.integrity`) and by the build; it depends on
 neither, so those modules import it without importing each other.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -24,8 +25,10 @@ class DatastoreError(HetgraphError):
 
 def rebuild_hint(path: str | Path) -> str:
     """How to rebuild the datastore at ``path``, for CLI and Python users alike."""
-    return (f"rebuild it (hetgraph datastore build … --out {path} --overwrite, "
-            "or build_datastore(..., overwrite=True))")
+    return (
+        f"rebuild it (hetgraph datastore build … --out {path} --overwrite, "
+        "or build_datastore(..., overwrite=True))"
+    )
 
 
 @dataclass
@@ -85,8 +88,10 @@ class DatastoreMetadata:
         data = read_json_record(path, DatastoreError, hint)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise DatastoreError(f"{path}: datastore format version {version} is not supported "
-                                 f"(this hetgraph reads version {FORMAT_VERSION}); {hint}")
+            raise DatastoreError(
+                f"{path}: datastore format version {version} is not supported "
+                f"(this hetgraph reads version {FORMAT_VERSION}); {hint}"
+            )
         known = {f.name for f in fields(cls)}
         try:
             metadata = cls(**{k: v for k, v in data.items() if k in known})
@@ -99,6 +104,7 @@ class DatastoreMetadata:
 
     def type_problem(self) -> str | None:
         """What is mistyped in these fields (as read from JSON), or ``None``."""
+
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
@@ -106,9 +112,14 @@ class DatastoreMetadata:
             ("num_entries", is_int(self.num_entries) and self.num_entries >= 1),
             ("dim", is_int(self.dim) and self.dim >= 1),
             ("key_layer", self.key_layer is None or is_int(self.key_layer)),
-            ("feature_dims", isinstance(self.feature_dims, dict) and all(
-                isinstance(k, str) and k.lstrip("-").isdigit() and is_int(v) and v >= 1
-                for k, v in self.feature_dims.items())),
+            (
+                "feature_dims",
+                isinstance(self.feature_dims, dict)
+                and all(
+                    isinstance(k, str) and k.lstrip("-").isdigit() and is_int(v) and v >= 1
+                    for k, v in self.feature_dims.items()
+                ),
+            ),
             ("model", isinstance(self.model, dict)),
             ("fingerprint", isinstance(self.fingerprint, str)),
             ("complete", isinstance(self.complete, bool)),

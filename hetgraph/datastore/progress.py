@@ -15,6 +15,7 @@ changed byte can never mark unwritten rows as written. When the build completes,
 ``progress.json`` with all batches done and removes the per-rank records, so a finished
 datastore has the same files, byte for byte, however many processes built it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -91,21 +92,27 @@ def read_done(out: Path, num_batches: int) -> set[int]:
             elif int(record["num_batches"]) == num_batches:
                 done |= from_intervals(record["done"], num_batches)
         except (HetgraphError, KeyError, TypeError, ValueError) as error:
-            logger.warning("not trusting the progress record %s (%s): its batches are computed "
-                           "again", path, error)
+            logger.warning(
+                "not trusting the progress record %s (%s): its batches are computed again",
+                path,
+                error,
+            )
     return done
 
 
 def write_prefix(out: Path, batches_done: int, num_batches: int) -> None:
     """``progress.json``: batches ``0 … batches_done-1`` are written."""
-    atomic_write_json_record(out / DATASTORE_PROGRESS,
-                             {"batches_done": batches_done, "num_batches": num_batches})
+    atomic_write_json_record(
+        out / DATASTORE_PROGRESS, {"batches_done": batches_done, "num_batches": num_batches}
+    )
 
 
 def write_rank(out: Path, rank: int, done: set[int], num_batches: int) -> None:
     """Rank ``rank``'s record: the batch indices ``done``."""
-    atomic_write_json_record(out / DATASTORE_RANK_PROGRESS.format(rank=rank),
-                             {"done": to_intervals(done), "num_batches": num_batches})
+    atomic_write_json_record(
+        out / DATASTORE_RANK_PROGRESS.format(rank=rank),
+        {"done": to_intervals(done), "num_batches": num_batches},
+    )
 
 
 def mark_complete(out: Path, num_batches: int) -> None:
@@ -131,8 +138,9 @@ class ProgressRecorder:
         prefix: whether to keep the one-process ``progress.json`` format.
     """
 
-    def __init__(self, out: Path, rank: int, done: set[int], num_batches: int,
-                 prefix: bool) -> None:
+    def __init__(
+        self, out: Path, rank: int, done: set[int], num_batches: int, prefix: bool
+    ) -> None:
         self.out, self.rank, self.num_batches, self.prefix = out, rank, num_batches, prefix
         self.done = set(done)
 

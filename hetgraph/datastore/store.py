@@ -14,6 +14,7 @@ Layout of a datastore directory::
 Entry ``i`` is position ``i`` of the split the datastore was built from; ``N`` is the
 split length minus one (the last token predicts nothing).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,17 @@ from hetgraph.models.fingerprint import (
 
 # DatastoreError, DatastoreMetadata, rebuild_hint and FORMAT_VERSION live in
 # hetgraph.datastore.metadata (the file checks need them too); they are re-exported here.
-__all__ = ["ANY", "ARRAY_NAMES", "FORMAT_VERSION", "Datastore", "DatastoreConfig",
-           "DatastoreError", "DatastoreMetadata", "array_path", "rebuild_hint"]
+__all__ = [
+    "ANY",
+    "ARRAY_NAMES",
+    "FORMAT_VERSION",
+    "Datastore",
+    "DatastoreConfig",
+    "DatastoreError",
+    "DatastoreMetadata",
+    "array_path",
+    "rebuild_hint",
+]
 
 
 class _Any:
@@ -89,11 +99,11 @@ class DatastoreConfig(JSONConfigMixin):
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 1 <= self.stride <= self.context_length:
-            raise ValueError(f"stride must be in [1, context_length={self.context_length}], "
-                             f"got {self.stride}")
+            raise ValueError(
+                f"stride must be in [1, context_length={self.context_length}], got {self.stride}"
+            )
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
-
 
 
 def key_dim_of(model: nn.Module, key_layer: int | None) -> int | None:
@@ -171,14 +181,17 @@ class Datastore:
         # the error says that a build is running instead.
         with while_unlocked(path, "datastore"):
             if not meta_file.exists():
-                raise DatastoreError(f"no datastore at {path} (no {DATASTORE_METADATA}); build "
-                                     "one (hetgraph datastore build … --out DIR, or "
-                                     "build_datastore)")
+                raise DatastoreError(
+                    f"no datastore at {path} (no {DATASTORE_METADATA}); build "
+                    "one (hetgraph datastore build … --out DIR, or "
+                    "build_datastore)"
+                )
             metadata = DatastoreMetadata.load(meta_file)
             if not metadata.complete and not allow_incomplete:
                 raise DatastoreError(
                     f"the datastore at {path} is incomplete (its build was interrupted); resume "
-                    "it by running the same build command again (same model, corpus and config)")
+                    "it by running the same build command again (same model, corpus and config)"
+                )
             problems = recorded_file_problems(path, metadata, full=False)
             if problems:
                 raise DatastoreError(f"datastore {path}: {problems[0]}; {rebuild_hint(path)}")
@@ -186,8 +199,9 @@ class Datastore:
         store.check(model=model, tokenizer=tokenizer, key_layer=key_layer)
         return store
 
-    def check(self, model: nn.Module | None = None, tokenizer: Any | None = None,
-              key_layer: Any = ANY) -> None:
+    def check(
+        self, model: nn.Module | None = None, tokenizer: Any | None = None, key_layer: Any = ANY
+    ) -> None:
         """Raise :class:`DatastoreError` if the model, tokenizer or key layer do not match."""
         meta = self.metadata
         if key_layer is not ANY:
@@ -197,32 +211,37 @@ class Datastore:
             if expected != meta.key_layer:
                 raise DatastoreError(
                     f"datastore {self.path} holds keys of layer {_layer_str(meta.key_layer)}, but "
-                    f"layer {_layer_str(expected)} was requested; build a datastore for that layer")
+                    f"layer {_layer_str(expected)} was requested; build a datastore for that layer"
+                )
         if model is not None:
             width = key_dim_of(model, meta.key_layer)
             if width is not None and width != meta.dim:
                 raise DatastoreError(
                     f"datastore {self.path} has {meta.dim}-dimensional keys but the model's hidden "
                     f"size is {width}: it was built with a different model "
-                    f"({meta.model.get('model_type')}); rebuild it for this model")
+                    f"({meta.model.get('model_type')}); rebuild it for this model"
+                )
             fp = config_fingerprint(model)
             if fp != meta.model.get("config"):
                 raise DatastoreError(
                     f"datastore {self.path} was built with a different model configuration "
                     f"(fingerprint {meta.model.get('config')}, this model {fp}, model_type "
-                    f"{getattr(model.config, 'model_type', '?')}); rebuild it for this model")
+                    f"{getattr(model.config, 'model_type', '?')}); rebuild it for this model"
+                )
             weights = meta.model.get("weights")
             if weights is not None and weights != weights_fingerprint(model):
                 raise DatastoreError(
                     f"datastore {self.path} was built with other weights of this architecture "
                     "(another checkpoint or fine-tune); its keys would not match this model's "
-                    "queries. Load the model it was built with, or rebuild the datastore")
+                    "queries. Load the model it was built with, or rebuild the datastore"
+                )
         if tokenizer is not None:
             mismatch = tokenizer_matches(meta.model, tokenizer)
             if mismatch is not None:
                 raise DatastoreError(
                     f"datastore {self.path} was built with {mismatch}; token ids would not "
-                    "match. Load the tokenizer it was built with, or rebuild the datastore")
+                    "match. Load the tokenizer it was built with, or rebuild the datastore"
+                )
 
     # -- access --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -230,9 +249,11 @@ class Datastore:
 
     def __repr__(self) -> str:
         m = self.metadata
-        return (f"Datastore(path={str(self.path)!r}, entries={m.num_entries}, dim={m.dim}, "
-                f"key_layer={_layer_str(m.key_layer)}, feature_layers={list(m.feature_layers)}, "
-                f"complete={m.complete})")
+        return (
+            f"Datastore(path={str(self.path)!r}, entries={m.num_entries}, dim={m.dim}, "
+            f"key_layer={_layer_str(m.key_layer)}, feature_layers={list(m.feature_layers)}, "
+            f"complete={m.complete})"
+        )
 
     @property
     def dim(self) -> int:
@@ -263,10 +284,13 @@ class Datastore:
                 names = read_json(path) if path.is_file() else None
             except (ValueError, OSError):
                 names = False
-            if names is not None and not (isinstance(names, list)
-                                          and all(isinstance(n, str) for n in names)):
-                raise DatastoreError(f"{path} is damaged (not a JSON list of document names); "
-                                     f"{rebuild_hint(self.path)}")
+            if names is not None and not (
+                isinstance(names, list) and all(isinstance(n, str) for n in names)
+            ):
+                raise DatastoreError(
+                    f"{path} is damaged (not a JSON list of document names); "
+                    f"{rebuild_hint(self.path)}"
+                )
             self._doc_names = names
         return self._doc_names
 
@@ -282,11 +306,14 @@ class Datastore:
         if layer not in self._features:
             dims = self.metadata.feature_dims
             if str(layer) not in dims:
-                raise DatastoreError(f"datastore {self.path} stores no features of decoder layer "
-                                     f"{layer} (stored: {sorted(self.feature_layers)}); rebuild it "
-                                     "with DatastoreConfig(feature_layers=...)")
-            self._features[layer] = self._load(f"features_{layer}", (len(self), dims[str(layer)]),
-                                               np.float16)
+                raise DatastoreError(
+                    f"datastore {self.path} stores no features of decoder layer "
+                    f"{layer} (stored: {sorted(self.feature_layers)}); rebuild it "
+                    "with DatastoreConfig(feature_layers=...)"
+                )
+            self._features[layer] = self._load(
+                f"features_{layer}", (len(self), dims[str(layer)]), np.float16
+            )
         return self._features[layer]
 
     def as_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:

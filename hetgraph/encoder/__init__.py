@@ -6,12 +6,22 @@ product; :func:`train_encoder` trains it contrastively from a datastore alone;
 directory that :class:`EncodedIndex` loads and searches (refusing a mismatched datastore or
 encoder).
 """
+
 from hetgraph.encoder.config import ContrastiveConfig, EncoderConfig
 from hetgraph.encoder.contrastive import EncoderTrainingResult, info_nce, train_encoder
 from hetgraph.encoder.index import EncodedIndex, build_encoded_index
 from hetgraph.encoder.model import EncoderError, RelationEncoder
 from hetgraph.encoder.validation import validate_encoder
 
-__all__ = ["ContrastiveConfig", "EncodedIndex", "EncoderConfig", "EncoderError",
-           "EncoderTrainingResult", "RelationEncoder", "build_encoded_index", "info_nce",
-           "train_encoder", "validate_encoder"]
+__all__ = [
+    "ContrastiveConfig",
+    "EncodedIndex",
+    "EncoderConfig",
+    "EncoderError",
+    "EncoderTrainingResult",
+    "RelationEncoder",
+    "build_encoded_index",
+    "info_nce",
+    "train_encoder",
+    "validate_encoder",
+]

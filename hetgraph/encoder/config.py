@@ -1,5 +1,6 @@
 r"""Settings of the relation encoder (:class:`EncoderConfig`, saved with its weights) and of
 its contrastive training (:class:`ContrastiveConfig`, recorded with the validation)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ class EncoderConfig(JSONConfigMixin):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind not in ("linear", "mlp", "identity"):
-            raise ConfigError(f"kind must be 'linear', 'mlp' or 'identity', got {self.kind!r}",
-                              "kind")
+            raise ConfigError(
+                f"kind must be 'linear', 'mlp' or 'identity', got {self.kind!r}", "kind"
+            )
         for name in ("input_dim", "dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", name)
@@ -88,12 +90,19 @@ class ContrastiveConfig(JSONConfigMixin):
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}", "temperature")
         if self.next_tokens not in (1, 2):
-            raise ConfigError(f"next_tokens must be 1 or 2, got {self.next_tokens}",
-                              "next_tokens")
+            raise ConfigError(f"next_tokens must be 1 or 2, got {self.next_tokens}", "next_tokens")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}", "lr")
-        for name, low in (("hard_negatives", 0), ("batch_size", 2), ("steps", 0),
-                          ("leakage_radius", 0), ("anchor_pool", 2), ("valid_rows", 1),
-                          ("k", 1), ("chunk_rows", 1), ("seed", 0)):
+        for name, low in (
+            ("hard_negatives", 0),
+            ("batch_size", 2),
+            ("steps", 0),
+            ("leakage_radius", 0),
+            ("anchor_pool", 2),
+            ("valid_rows", 1),
+            ("k", 1),
+            ("chunk_rows", 1),
+            ("seed", 0),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}", name)

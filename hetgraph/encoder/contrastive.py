@@ -13,6 +13,7 @@ other anchors' positives :math:`p_j` as in-batch negatives:
 
 (an in-batch :math:`p_j` that shares :math:`a`'s label is left out, not a negative).
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,16 +62,26 @@ class EncoderTrainingResult:
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record (what ``hetgraph encoder train`` writes to validation.json)."""
         losses = self.losses
-        return {"validation": self.validation, "training": self.config.to_dict()
-                if self.config else None, "encoder": self.encoder.config.to_dict(),
-                "encoder_fingerprint": self.encoder.fingerprint, "seconds": self.seconds,
-                "steps": len(losses), "first_loss": losses[0] if losses else None,
-                "last_loss": float(np.mean(losses[-20:])) if losses else None}
+        return {
+            "validation": self.validation,
+            "training": self.config.to_dict() if self.config else None,
+            "encoder": self.encoder.config.to_dict(),
+            "encoder_fingerprint": self.encoder.fingerprint,
+            "seconds": self.seconds,
+            "steps": len(losses),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": float(np.mean(losses[-20:])) if losses else None,
+        }
 
 
-def info_nce(anchors: torch.Tensor, positives: torch.Tensor, hard: torch.Tensor,
-             hard_valid: torch.Tensor, same_label: torch.Tensor,
-             temperature: float) -> torch.Tensor:
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    hard: torch.Tensor,
+    hard_valid: torch.Tensor,
+    same_label: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     r"""The mean InfoNCE loss of ``anchors`` ``[B, d′]`` against their ``positives``
     ``[B, d′]``, the hard negatives ``[B, H, d′]`` (where ``hard_valid`` ``[B, H]``) and the
     other anchors' positives (except where ``same_label`` ``[B, B]`` is True off the
@@ -93,44 +104,73 @@ def raw_index(store: Any) -> Any:
 
     if (store.path / INDEX_DIR).is_dir():
         return DatastoreIndex.load(store.path / INDEX_DIR, store)
-    logger.warning("datastore %s has no index; building an exact one in memory for the "
-                   "hard negatives (hetgraph index build --datastore %s keeps one)",
-                   store.path, store.path)
+    logger.warning(
+        "datastore %s has no index; building an exact one in memory for the "
+        "hard negatives (hetgraph index build --datastore %s keeps one)",
+        store.path,
+        store.path,
+    )
     from hetgraph.index import IndexConfig
+
     return DatastoreIndex.build(store, IndexConfig(factory="Flat"), show_progress=False)
 
 
-def _step_batch(sampler: PairSampler, pool: np.ndarray, hard: np.ndarray, hard_ok: np.ndarray,
-                batch_size: int) -> tuple[np.ndarray, ...]:
+def _step_batch(
+    sampler: PairSampler, pool: np.ndarray, hard: np.ndarray, hard_ok: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, ...]:
     pick = sampler.rng.choice(len(pool), size=min(batch_size, len(pool)), replace=False)
     anchors = pool[pick]
     positives, found = sampler.positives(anchors)
     return anchors[found], positives[found], hard[pick][found], hard_ok[pick][found]
 
 
-def _train_steps(encoder: RelationEncoder, store: Any, sampler: PairSampler, pool: np.ndarray,
-                 hard: tuple[np.ndarray, np.ndarray], config: ContrastiveConfig,
-                 show_progress: bool) -> list[float]:
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.45 * (
-        1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))))
+def _train_steps(
+    encoder: RelationEncoder,
+    store: Any,
+    sampler: PairSampler,
+    pool: np.ndarray,
+    hard: tuple[np.ndarray, np.ndarray],
+    config: ContrastiveConfig,
+    show_progress: bool,
+) -> list[float]:
+    optimizer = torch.optim.AdamW(
+        encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            0.1 + 0.45 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1)))
+        ),
+    )
     labels, losses = sampler.labels, []
     encoder.train()
-    bar = tqdm(range(config.steps), desc="encoder", unit="step", disable=not show_progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(config.steps),
+        desc="encoder",
+        unit="step",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     for _ in bar:
-        anchors, positives, hard_rows, hard_ok = _step_batch(sampler, pool, *hard,
-                                                             config.batch_size)
+        anchors, positives, hard_rows, hard_ok = _step_batch(
+            sampler, pool, *hard, config.batch_size
+        )
         if len(anchors) < 2:
             continue
-        rows, inverse = np.unique(np.concatenate([anchors, positives, hard_rows.ravel()]),
-                                  return_inverse=True)
+        rows, inverse = np.unique(
+            np.concatenate([anchors, positives, hard_rows.ravel()]), return_inverse=True
+        )
         vectors = encoder(torch.as_tensor(np.asarray(store.keys[rows])))[inverse]
         b = len(anchors)
         same = torch.as_tensor(labels[anchors][:, None] == labels[positives][None])
-        loss = info_nce(vectors[:b], vectors[b:2 * b], vectors[2 * b:].view(b, -1, encoder.dim),
-                        torch.as_tensor(hard_ok), same, config.temperature)
+        loss = info_nce(
+            vectors[:b],
+            vectors[b : 2 * b],
+            vectors[2 * b :].view(b, -1, encoder.dim),
+            torch.as_tensor(hard_ok),
+            same,
+            config.temperature,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,9 +181,14 @@ def _train_steps(encoder: RelationEncoder, store: Any, sampler: PairSampler, poo
     return losses
 
 
-def train_encoder(store: Any, config: ContrastiveConfig | None = None,
-                  encoder_config: EncoderConfig | None = None, *, index: Any = None,
-                  show_progress: bool = True) -> EncoderTrainingResult:
+def train_encoder(
+    store: Any,
+    config: ContrastiveConfig | None = None,
+    encoder_config: EncoderConfig | None = None,
+    *,
+    index: Any = None,
+    show_progress: bool = True,
+) -> EncoderTrainingResult:
     r"""Train a relation encoder on the rows of ``store`` and validate it on held-out rows.
 
     Args:
@@ -158,29 +203,44 @@ def train_encoder(store: Any, config: ContrastiveConfig | None = None,
     encoder_config = encoder_config or EncoderConfig(input_dim=store.dim)
     if encoder_config.input_dim != store.dim:
         from hetgraph.configuration import ConfigError
-        raise ConfigError(f"the encoder's input_dim {encoder_config.input_dim} is not the "
-                          f"width {store.dim} of the keys of datastore {store.path}; set "
-                          f"input_dim={store.dim}", "input_dim")
+
+        raise ConfigError(
+            f"the encoder's input_dim {encoder_config.input_dim} is not the "
+            f"width {store.dim} of the keys of datastore {store.path}; set "
+            f"input_dim={store.dim}",
+            "input_dim",
+        )
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     encoder = RelationEncoder(encoder_config)
     labels = row_labels(store.next_tokens, store.doc_ids, config.next_tokens)
-    sampler = PairSampler(labels, store.doc_ids, config.leakage_radius, config.valid_rows,
-                          config.seed)
+    sampler = PairSampler(
+        labels, store.doc_ids, config.leakage_radius, config.valid_rows, config.seed
+    )
     training_rows = np.flatnonzero(sampler.training)
     losses: list[float] = []
     if not encoder.is_identity:
-        stats = np.sort(sampler.rng.choice(training_rows, min(STATISTICS_ROWS,
-                                                              len(training_rows)), replace=False))
+        stats = np.sort(
+            sampler.rng.choice(
+                training_rows, min(STATISTICS_ROWS, len(training_rows)), replace=False
+            )
+        )
         encoder.fit_input_statistics(store.keys[stats])
     if not encoder.is_identity and config.steps > 0:
         pool = sampler.anchor_pool(config.anchor_pool)
-        hard = sampler.hard_negatives(pool, index or raw_index(store), store.keys,
-                                      config.hard_negatives, show_progress)
+        hard = sampler.hard_negatives(
+            pool, index or raw_index(store), store.keys, config.hard_negatives, show_progress
+        )
         losses = _train_steps(encoder, store, sampler, pool, hard, config, show_progress)
     encoder.eval()
-    validation = validate_encoder(store, encoder, sampler.held_out, training_rows,
-                                  config.leakage_radius, config.k, config.chunk_rows,
-                                  show_progress)
-    return EncoderTrainingResult(encoder, validation, losses, time.perf_counter() - started,
-                                 config)
+    validation = validate_encoder(
+        store,
+        encoder,
+        sampler.held_out,
+        training_rows,
+        config.leakage_radius,
+        config.k,
+        config.chunk_rows,
+        show_progress,
+    )
+    return EncoderTrainingResult(encoder, validation, losses, time.perf_counter() - started, config)

@@ -10,6 +10,7 @@ encoder, squared L2 for the identity) and finally writes ``encoding.json``: the 
 and the datastore's fingerprints. :meth:`EncodedIndex.load` refuses an index whose
 fingerprints are not those of the encoder and datastore it is used with.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,14 +41,20 @@ ENCODING_RECORD = "encoding.json"
 
 
 def build_hint(datastore: Any, encoder_dir: Path) -> str:
-    return (f"build it (hetgraph index build --datastore {getattr(datastore, 'path', 'DS')} "
-            f"--encoder {encoder_dir})")
+    return (
+        f"build it (hetgraph index build --datastore {getattr(datastore, 'path', 'DS')} "
+        f"--encoder {encoder_dir})"
+    )
 
 
 def _identity(datastore: Any, encoder: RelationEncoder, chunk_rows: int) -> dict[str, Any]:
-    return {"encoder_fingerprint": encoder.fingerprint,
-            "datastore_fingerprint": datastore.fingerprint, "rows": len(datastore),
-            "dim": encoder.dim, "chunk_rows": int(chunk_rows)}
+    return {
+        "encoder_fingerprint": encoder.fingerprint,
+        "datastore_fingerprint": datastore.fingerprint,
+        "rows": len(datastore),
+        "dim": encoder.dim,
+        "chunk_rows": int(chunk_rows),
+    }
 
 
 def _open_encoded_keys(out: Path, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -65,29 +72,43 @@ def _open_encoded_keys(out: Path, identity: dict[str, Any]) -> tuple[np.ndarray,
     return np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.float16, shape=shape), 0
 
 
-def _encode_keys(datastore: Any, encoder: RelationEncoder, out: Path, chunk_rows: int,
-                 show_progress: bool) -> None:
+def _encode_keys(
+    datastore: Any, encoder: RelationEncoder, out: Path, chunk_rows: int, show_progress: bool
+) -> None:
     identity = _identity(datastore, encoder, chunk_rows)
     encoded, done = _open_encoded_keys(out, identity)
     n = len(datastore)
     chunks = -(-n // chunk_rows)
     if done:
         logger.info("resuming the re-embedding at chunk %d of %d", done, chunks)
-    with tqdm(total=n, initial=min(n, done * chunk_rows), desc="re-embed", unit="row",
-              disable=not show_progress, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=n,
+        initial=min(n, done * chunk_rows),
+        desc="re-embed",
+        unit="row",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    ) as bar:
         for chunk in range(done, chunks):
             start, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
             vectors = encoder.encode(datastore.keys[start:stop], batch_rows=chunk_rows)
             encoded[start:stop] = vectors.cpu().numpy().astype(np.float16)
             encoded.flush()
-            atomic_write_json_record(out / ENCODING_PROGRESS,
-                                     {**identity, "chunks_done": chunk + 1, "chunks": chunks})
+            atomic_write_json_record(
+                out / ENCODING_PROGRESS, {**identity, "chunks_done": chunk + 1, "chunks": chunks}
+            )
             bar.update(stop - start)
     del encoded
 
 
-def build_encoded_index(datastore: Any, encoder_dir: str | Path, config: Any = None, *,
-                        chunk_rows: int = 65536, show_progress: bool = True) -> EncodedIndex:
+def build_encoded_index(
+    datastore: Any,
+    encoder_dir: str | Path,
+    config: Any = None,
+    *,
+    chunk_rows: int = 65536,
+    show_progress: bool = True,
+) -> EncodedIndex:
     r"""Re-embed ``datastore``'s keys with the encoder saved in ``encoder_dir`` and build
     the index over them in ``encoder_dir/index/`` (resumable; see the module docstring).
 
@@ -106,10 +127,12 @@ def build_encoded_index(datastore: Any, encoder_dir: str | Path, config: Any = N
     encoder_dir = Path(encoder_dir)
     encoder = RelationEncoder.from_pretrained(encoder_dir)
     if encoder.config.input_dim != datastore.dim:
-        raise EncoderError(f"encoder {encoder_dir} reads {encoder.config.input_dim}-dimensional "
-                           f"keys but datastore {datastore.path} stores {datastore.dim}; train "
-                           f"an encoder on it (hetgraph encoder train --datastore "
-                           f"{datastore.path} --out DIR)")
+        raise EncoderError(
+            f"encoder {encoder_dir} reads {encoder.config.input_dim}-dimensional "
+            f"keys but datastore {datastore.path} stores {datastore.dim}; train "
+            f"an encoder on it (hetgraph encoder train --datastore "
+            f"{datastore.path} --out DIR)"
+        )
     config = dataclasses.replace(config or IndexConfig(), metric=encoder.metric)
     out = encoder_dir / INDEX_DIR
     with directory_lock(encoder_dir, "encoder"):
@@ -119,8 +142,10 @@ def build_encoded_index(datastore: Any, encoder_dir: str | Path, config: Any = N
         keys = np.load(out / ENCODED_KEYS, mmap_mode="r", allow_pickle=False)
         build_index(keys, out, config)
         identity = _identity(datastore, encoder, chunk_rows)
-        atomic_write_json_record(out / ENCODING_RECORD, {
-            **identity, "datastore": str(datastore.path), "metric": encoder.metric})
+        atomic_write_json_record(
+            out / ENCODING_RECORD,
+            {**identity, "datastore": str(datastore.path), "metric": encoder.metric},
+        )
         (out / ENCODING_PROGRESS).unlink(missing_ok=True)
     return EncodedIndex.load(encoder_dir, datastore)
 
@@ -152,8 +177,10 @@ class EncodedIndex:
         return self.index.metric
 
     def __repr__(self) -> str:
-        return (f"EncodedIndex(directory={str(self.directory)!r}, ntotal={self.ntotal}, "
-                f"dim={self.index.dim}, metric={self.metric!r}, factory={self.index.factory!r})")
+        return (
+            f"EncodedIndex(directory={str(self.directory)!r}, ntotal={self.ntotal}, "
+            f"dim={self.index.dim}, metric={self.metric!r}, factory={self.index.factory!r})"
+        )
 
     @classmethod
     def load(cls, encoder_dir: str | Path, datastore: Any, *, config: Any = None) -> EncodedIndex:
@@ -170,22 +197,31 @@ class EncodedIndex:
         encoder = RelationEncoder.from_pretrained(encoder_dir)
         out, hint = encoder_dir / INDEX_DIR, build_hint(datastore, encoder_dir)
         if not (out / ENCODING_RECORD).is_file():
-            raise EncoderError(f"no complete encoded index in {out} ({ENCODING_RECORD} missing: "
-                               f"never built, or its build was interrupted); {hint}")
+            raise EncoderError(
+                f"no complete encoded index in {out} ({ENCODING_RECORD} missing: "
+                f"never built, or its build was interrupted); {hint}"
+            )
         record = read_json_record(out / ENCODING_RECORD, EncoderError, hint)
         wrong = []
         if record.get("encoder_fingerprint") != encoder.fingerprint:
-            wrong.append(f"encoder fingerprint {record.get('encoder_fingerprint')} recorded, "
-                         f"{encoder.fingerprint} in {encoder_dir}")
-        if (record.get("datastore_fingerprint") != datastore.fingerprint
-                or record.get("rows") != len(datastore)):
-            wrong.append(f"datastore fingerprint {record.get('datastore_fingerprint')} recorded, "
-                         f"{datastore.fingerprint} in {datastore.path}")
+            wrong.append(
+                f"encoder fingerprint {record.get('encoder_fingerprint')} recorded, "
+                f"{encoder.fingerprint} in {encoder_dir}"
+            )
+        if record.get("datastore_fingerprint") != datastore.fingerprint or record.get(
+            "rows"
+        ) != len(datastore):
+            wrong.append(
+                f"datastore fingerprint {record.get('datastore_fingerprint')} recorded, "
+                f"{datastore.fingerprint} in {datastore.path}"
+            )
         if wrong:
-            raise EncoderError(f"encoded index {out} does not match encoder {encoder_dir} and "
-                               f"datastore {datastore.path} ({'; '.join(wrong)}); rebuild it "
-                               f"(hetgraph index build --datastore {datastore.path} --encoder "
-                               f"{encoder_dir})")
+            raise EncoderError(
+                f"encoded index {out} does not match encoder {encoder_dir} and "
+                f"datastore {datastore.path} ({'; '.join(wrong)}); rebuild it "
+                f"(hetgraph index build --datastore {datastore.path} --encoder "
+                f"{encoder_dir})"
+            )
         index = DatastoreIndex.load(out, config=config)
         index.keys = np.load(out / ENCODED_KEYS, mmap_mode="r", allow_pickle=False)
         return cls(index, encoder, encoder_dir)

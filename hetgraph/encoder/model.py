@@ -1,5 +1,6 @@
 r"""The relation encoder: retrieval-site hidden states to L2-normalised vectors compared by
 inner product (a tied two-tower model: the same encoder embeds queries and stored keys)."""
+
 from __future__ import annotations
 
 import logging
@@ -113,16 +114,19 @@ class RelationEncoder(nn.Module):
         ``batch_rows``, without gradients: ``[n, d′]`` float32 on the encoder's device."""
         device = next(iter(self.buffers()), torch.zeros(())).device
         n = int(keys.shape[0])
-        parts = [self(torch.as_tensor(np.array(keys[s:s + batch_rows])).to(device))
-                 for s in range(0, n, batch_rows)]
+        parts = [
+            self(torch.as_tensor(np.array(keys[s : s + batch_rows])).to(device))
+            for s in range(0, n, batch_rows)
+        ]
         return torch.cat(parts) if parts else torch.zeros(0, self.dim)
 
     @property
     def fingerprint(self) -> str:
         """Hash of the config and every parameter and buffer (exact float32 bytes)."""
         tensors = [t.detach().float().cpu().numpy() for _, t in sorted(self.state_dict().items())]
-        return json_fingerprint({"config": self.config.to_dict(),
-                                 "weights": array_fingerprint(*tensors)})
+        return json_fingerprint(
+            {"config": self.config.to_dict(), "weights": array_fingerprint(*tensors)}
+        )
 
     def extra_repr(self) -> str:
         c = self.config
@@ -136,9 +140,14 @@ class RelationEncoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_save_safetensors(directory / ENCODER_WEIGHTS, state)
-        atomic_write_json_record(directory / ENCODER_CONFIG, {
-            "format_version": ENCODER_FORMAT_VERSION, "config": self.config.to_dict(),
-            "fingerprint": self.fingerprint})
+        atomic_write_json_record(
+            directory / ENCODER_CONFIG,
+            {
+                "format_version": ENCODER_FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "fingerprint": self.fingerprint,
+            },
+        )
         return directory
 
     @classmethod
@@ -155,13 +164,16 @@ class RelationEncoder(nn.Module):
         directory = Path(directory)
         hint = retrain_hint(directory)
         if not (directory / ENCODER_CONFIG).is_file():
-            raise EncoderError(f"no relation encoder at {directory} ({ENCODER_CONFIG} missing); "
-                               f"{hint}")
+            raise EncoderError(
+                f"no relation encoder at {directory} ({ENCODER_CONFIG} missing); {hint}"
+            )
         meta = read_json_record(directory / ENCODER_CONFIG, EncoderError, hint)
         if meta.get("format_version") != ENCODER_FORMAT_VERSION:
-            raise EncoderError(f"{directory / ENCODER_CONFIG}: encoder format "
-                               f"{meta.get('format_version')!r} is not supported (this hetgraph "
-                               f"reads {ENCODER_FORMAT_VERSION}); {hint}")
+            raise EncoderError(
+                f"{directory / ENCODER_CONFIG}: encoder format "
+                f"{meta.get('format_version')!r} is not supported (this hetgraph "
+                f"reads {ENCODER_FORMAT_VERSION}); {hint}"
+            )
         try:
             encoder = cls(EncoderConfig.from_dict(meta.get("config") or {}))
             state = load_file(str(directory / ENCODER_WEIGHTS))
@@ -170,6 +182,8 @@ class RelationEncoder(nn.Module):
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise EncoderError(f"{directory} holds a damaged encoder ({first}); {hint}") from None
         if encoder.fingerprint != meta.get("fingerprint"):
-            raise EncoderError(f"{directory / ENCODER_WEIGHTS} does not match the fingerprint "
-                               f"in {ENCODER_CONFIG} (damaged or replaced); {hint}")
+            raise EncoderError(
+                f"{directory / ENCODER_WEIGHTS} does not match the fingerprint "
+                f"in {ENCODER_CONFIG} (damaged or replaced); {hint}"
+            )
         return encoder.eval()

@@ -1,6 +1,7 @@
 r"""What the contrastive objective compares: row labels (next token, or next two), held-out
 rows, positives of the same label outside the leakage radius, and hard negatives (raw-key
 FAISS neighbours of another label), all drawn vectorised with numpy."""
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,9 @@ class PairSampler:
         seed: seeds every draw.
     """
 
-    def __init__(self, labels: np.ndarray, doc_ids: np.ndarray, radius: int, valid_rows: int,
-                 seed: int) -> None:
+    def __init__(
+        self, labels: np.ndarray, doc_ids: np.ndarray, radius: int, valid_rows: int, seed: int
+    ) -> None:
         self.labels = np.asarray(labels)
         self.doc_ids = np.asarray(doc_ids)
         self.radius = int(radius)
@@ -63,7 +65,8 @@ class PairSampler:
         rows = np.flatnonzero(self.training)
         self.order = rows[np.argsort(self.labels[rows], kind="stable")]
         self.groups, self.starts, self.counts = np.unique(
-            self.labels[self.order], return_index=True, return_counts=True)
+            self.labels[self.order], return_index=True, return_counts=True
+        )
 
     def _group(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = np.searchsorted(self.groups, self.labels[rows]).clip(max=len(self.groups) - 1)
@@ -76,8 +79,11 @@ class PairSampler:
         eligible = rows[self._group(rows)[1] >= 2]
         if len(eligible) == 0:
             from hetgraph.encoder.model import EncoderError
-            raise EncoderError("no next token occurs twice among the datastore's training "
-                               "rows: nothing to learn; build a larger datastore")
+
+            raise EncoderError(
+                "no next token occurs twice among the datastore's training "
+                "rows: nothing to learn; build a larger datastore"
+            )
         take = min(size, len(eligible))
         return np.sort(self.rng.choice(eligible, size=take, replace=False))
 
@@ -88,14 +94,19 @@ class PairSampler:
         draws = self.rng.random((len(anchors), POSITIVE_DRAWS))
         offsets = start[:, None] + np.floor(draws * count[:, None]).astype(np.int64)
         candidates = self.order[offsets.clip(max=len(self.order) - 1)]
-        ok = (count[:, None] > 0) & ~leaks(anchors[:, None], candidates, self.doc_ids,
-                                           self.radius)
+        ok = (count[:, None] > 0) & ~leaks(anchors[:, None], candidates, self.doc_ids, self.radius)
         first = ok.argmax(axis=1)
         return candidates[np.arange(len(anchors)), first], ok.any(axis=1)
 
-    def hard_negatives(self, anchors: np.ndarray, index: Any, keys: Any, count: int,
-                       show_progress: bool = True, batch: int = 1024,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def hard_negatives(
+        self,
+        anchors: np.ndarray,
+        index: Any,
+        keys: Any,
+        count: int,
+        show_progress: bool = True,
+        batch: int = 1024,
+    ) -> tuple[np.ndarray, np.ndarray]:
         r"""The first ``count`` raw-key neighbours (``index``, a
         :class:`~hetgraph.index.DatastoreIndex` over ``keys``) of each anchor whose label
         differs and that are training rows: ``(rows [P, count], valid [P, count])``."""
@@ -105,14 +116,19 @@ class PairSampler:
         search_k = min(int(index.ntotal), max(4 * count, count + 16))
         rows = np.zeros((p, count), np.int64)
         valid = np.zeros((p, count), bool)
-        for s in tqdm(range(0, p, batch), desc="hard negatives", unit="batch",
-                      disable=not show_progress, dynamic_ncols=True):
-            a = anchors[s:s + batch]
+        for s in tqdm(
+            range(0, p, batch),
+            desc="hard negatives",
+            unit="batch",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        ):
+            a = anchors[s : s + batch]
             _, ids = index.search(np.asarray(keys[a]), search_k)
             safe = ids.clip(min=0)
             ok = (ids >= 0) & self.training[safe] & (self.labels[safe] != self.labels[a][:, None])
             pick = np.argsort(~ok, axis=1, kind="stable")[:, :count]
-            rows[s:s + batch] = np.take_along_axis(safe, pick, axis=1)
-            valid[s:s + batch] = np.take_along_axis(ok, pick, axis=1)
+            rows[s : s + batch] = np.take_along_axis(safe, pick, axis=1)
+            valid[s : s + batch] = np.take_along_axis(ok, pick, axis=1)
         logger.info("hard negatives: %.1f valid of %d per anchor", valid.sum(1).mean(), count)
         return rows, valid

@@ -1,6 +1,7 @@
 r"""Validation of an encoder on held-out datastore rows, raw keys against encoded keys:
 recall@k of a same-next-token row and the perplexity of the kNN distribution, both with the
 rows of the query's document inside the leakage radius never retrieved (exact search)."""
+
 from __future__ import annotations
 
 import logging
@@ -25,11 +26,18 @@ KNN_LAMBDAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 TEMPERATURE_FACTORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
-def exact_neighbours(queries: torch.Tensor, query_rows: np.ndarray,
-                     key_chunks: Callable[[int, int], torch.Tensor], num_rows: int,
-                     doc_ids: np.ndarray, radius: int, k: int, metric: str,
-                     chunk_rows: int = 32768, show_progress: bool = False,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_neighbours(
+    queries: torch.Tensor,
+    query_rows: np.ndarray,
+    key_chunks: Callable[[int, int], torch.Tensor],
+    num_rows: int,
+    doc_ids: np.ndarray,
+    radius: int,
+    k: int,
+    metric: str,
+    chunk_rows: int = 32768,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The ``k`` nearest stored rows of each query by exact search, never a row of the
     query's document closer than ``radius`` rows (nor the query's own row).
 
@@ -50,8 +58,13 @@ def exact_neighbours(queries: torch.Tensor, query_rows: np.ndarray,
     best_d = torch.full((len(q), k), math.inf)
     best_i = torch.full((len(q), k), -1, dtype=torch.int64)
     q_sq = q.pow(2).sum(1, keepdim=True)
-    for start in tqdm(range(0, num_rows, chunk_rows), desc="exact search", unit="chunk",
-                      disable=not show_progress, dynamic_ncols=True):
+    for start in tqdm(
+        range(0, num_rows, chunk_rows),
+        desc="exact search",
+        unit="chunk",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    ):
         stop = min(num_rows, start + chunk_rows)
         keys = key_chunks(start, stop).float()
         dots = q @ keys.T
@@ -67,9 +80,14 @@ def exact_neighbours(queries: torch.Tensor, query_rows: np.ndarray,
     return best_d, best_i
 
 
-def knn_figures(distances: torch.Tensor, ids: torch.Tensor, targets: np.ndarray,
-                next_tokens: np.ndarray, unigram_log_probs: torch.Tensor,
-                ks: Sequence[int]) -> dict[str, float]:
+def knn_figures(
+    distances: torch.Tensor,
+    ids: torch.Tensor,
+    targets: np.ndarray,
+    next_tokens: np.ndarray,
+    unigram_log_probs: torch.Tensor,
+    ks: Sequence[int],
+) -> dict[str, float]:
     r"""recall@k (some neighbour among the first k predicts the target) for each of ``ks``,
     and the perplexity of the kNN distribution (``softmax(-d / T)`` over the neighbours,
     mixed with the unigram at weight ``1 - λ``; T and λ tuned on these rows)."""
@@ -84,8 +102,12 @@ def knn_figures(distances: torch.Tensor, ids: torch.Tensor, targets: np.ndarray,
     temps = [scale * f for f in TEMPERATURE_FACTORS]
     uni = unigram_log_probs[tgt]
     lam, temp, grid = tune_knn(uni, distances, tokens, tgt, KNN_LAMBDAS, temps)
-    out.update(knn_ppl=float(np.nanmin(grid)), knn_lambda=lam, knn_temperature=temp,
-               unigram_ppl=float(torch.exp(-uni.double().mean())))
+    out.update(
+        knn_ppl=float(np.nanmin(grid)),
+        knn_lambda=lam,
+        knn_temperature=temp,
+        unigram_ppl=float(torch.exp(-uni.double().mean())),
+    )
     knn_only = knn_target_log_probs(distances, tokens, tgt, temp)
     out["knn_coverage"] = float(torch.isfinite(knn_only).float().mean())
     return out
@@ -99,9 +121,16 @@ def unigram_log_probs(next_tokens: np.ndarray, rows: np.ndarray) -> torch.Tensor
     return torch.as_tensor(np.log(counts / counts.sum()), dtype=torch.float32)
 
 
-def validate_encoder(store: Any, encoder: Any, rows: np.ndarray, training_rows: np.ndarray,
-                     radius: int, k: int, chunk_rows: int = 32768,
-                     show_progress: bool = True) -> dict[str, dict[str, float]]:
+def validate_encoder(
+    store: Any,
+    encoder: Any,
+    rows: np.ndarray,
+    training_rows: np.ndarray,
+    radius: int,
+    k: int,
+    chunk_rows: int = 32768,
+    show_progress: bool = True,
+) -> dict[str, dict[str, float]]:
     r"""Raw keys against encoded keys on the held-out ``rows`` of ``store`` (a
     :class:`~hetgraph.datastore.Datastore`): :func:`knn_figures` of each, the neighbours
     found by exact search over every stored row outside the leakage radius."""
@@ -114,11 +143,21 @@ def validate_encoder(store: Any, encoder: Any, rows: np.ndarray, training_rows: 
     result = {}
     with torch.no_grad():
         for name, queries, chunks, metric in (
-                ("raw", raw_q, lambda a, b: torch.from_numpy(np.array(keys[a:b])), "l2"),
-                ("encoded", encoder(raw_q), lambda a, b: encoder.encode(keys[a:b]),
-                 encoder.metric)):
-            d, ids = exact_neighbours(queries, rows, chunks, n, store.doc_ids, radius, k, metric,
-                                      chunk_rows, show_progress)
+            ("raw", raw_q, lambda a, b: torch.from_numpy(np.array(keys[a:b])), "l2"),
+            ("encoded", encoder(raw_q), lambda a, b: encoder.encode(keys[a:b]), encoder.metric),
+        ):
+            d, ids = exact_neighbours(
+                queries,
+                rows,
+                chunks,
+                n,
+                store.doc_ids,
+                radius,
+                k,
+                metric,
+                chunk_rows,
+                show_progress,
+            )
             result[name] = knn_figures(d, ids, nt[rows], nt, unigram, ks)
             logger.info("%s keys: %s", name, result[name])
     return result

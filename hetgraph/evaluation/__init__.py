@@ -1,4 +1,5 @@
 """Evaluation over strided windows: base LM, kNN-LM, GNN-LM and GNN-LM + kNN on the same tokens."""
+
 from hetgraph.evaluation.gnn import (
     add_intervals,
     evaluate_four_way,

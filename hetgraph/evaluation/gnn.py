@@ -1,4 +1,5 @@
 """Four-way evaluation: base LM, kNN-LM, GNN-LM and GNN-LM + kNN over the same tokens."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,10 +51,11 @@ def check_neighbour_memory(positions: int, k: int) -> None:
     Raises:
         ResourceLimitError: naming k, the positions and the options that lower them.
     """
-    check_memory(f"the kNN-LM neighbours of {positions:,} evaluated positions × k {k}",
-                 positions * k * NEIGHBOUR_BYTES,
-                 "lower --k (evaluation.k) or evaluate fewer tokens (--max-tokens, "
-                 "--tune-tokens)")
+    check_memory(
+        f"the kNN-LM neighbours of {positions:,} evaluated positions × k {k}",
+        positions * k * NEIGHBOUR_BYTES,
+        "lower --k (evaluation.k) or evaluate fewer tokens (--max-tokens, --tune-tokens)",
+    )
 
 
 def _limit(split: Any, max_tokens: int | None) -> Any:
@@ -63,8 +65,9 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
     return split.truncate(max_tokens)
 
 
-def gnn_forward(lm: Any, k: int | None = None,
-                neighbour_states: NeighbourStates | None = None) -> ForwardFn | TrimmedForward:
+def gnn_forward(
+    lm: Any, k: int | None = None, neighbour_states: NeighbourStates | None = None
+) -> ForwardFn | TrimmedForward:
     """``input_ids -> logits`` of a :class:`~hetgraph.HetGraphLM` retrieving ``k`` neighbours
     per position (default: its config's ``k``), reading its adapters' window side from
     ``neighbour_states`` if given; hooks are attached per call. A
@@ -78,20 +81,24 @@ def gnn_forward(lm: Any, k: int | None = None,
     ignored)."""
     wanted = k or lm.config.k
 
-    def forward(input_ids: torch.Tensor, logits_to_keep: int = 0,
-                retrieval: Retrieval | None = None) -> torch.Tensor:
+    def forward(
+        input_ids: torch.Tensor, logits_to_keep: int = 0, retrieval: Retrieval | None = None
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         if retrieval is not None and retrieval.neighbour_ids.shape[-1] == wanted:
             kwargs["retrieval"] = retrieval
-        return lm(input_ids, use_cache=False, k=k, neighbour_states=neighbour_states,
-                  **kwargs).logits
+        return lm(
+            input_ids, use_cache=False, k=k, neighbour_states=neighbour_states, **kwargs
+        ).logits
+
     if lm.fuses_positions_independently and accepts_logits_to_keep(lm.model):
         return TrimmedForward(forward)
     return forward
 
 
-def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
-                                k: int) -> NeighbourStates | None:
+def evaluation_neighbour_states(
+    lm: Any, config: EvalConfig, tokens: int, k: int
+) -> NeighbourStates | None:
     """The :class:`~hetgraph.NeighbourStates` an evaluation of ``tokens`` positions by ``lm``
     with ``k`` neighbours each uses, as ``config.neighbour_states`` says, or ``None``.
     ``"auto"``: the graphs have windows (not ``deduplicate``), the table fits a quarter of
@@ -105,9 +112,11 @@ def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
         return None
     if lm.graph_config.deduplicate:
         if config.neighbour_states == "on":
-            raise ConfigError("evaluation.neighbour_states is 'on' but fusion.graph.deduplicate "
-                              "is true: its graphs have no windows to tabulate; set "
-                              "neighbour_states to 'auto' or 'off' (--neighbour-states off)")
+            raise ConfigError(
+                "evaluation.neighbour_states is 'on' but fusion.graph.deduplicate "
+                "is true: its graphs have no windows to tabulate; set "
+                "neighbour_states to 'auto' or 'off' (--neighbour-states off)"
+            )
         return None
     if config.neighbour_states == "auto":
         budget = available_memory_bytes() // (4 * processes_on_this_node())
@@ -116,8 +125,9 @@ def evaluation_neighbour_states(lm: Any, config: EvalConfig, tokens: int,
     return NeighbourStates.build(lm, show_progress=False)
 
 
-def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
-                     max_tokens: int | None = None) -> float:
+def model_perplexity(
+    lm: Any, split: Any, config: EvalConfig | None = None, max_tokens: int | None = None
+) -> float:
     """Perplexity of a :class:`~hetgraph.HetGraphLM` on a split, through ``config``'s
     windows, over ``max_tokens`` of its tokens (default ``config.max_tokens``, else all;
     sampled as ``config.sample`` says).
@@ -127,26 +137,42 @@ def model_perplexity(lm: Any, split: Any, config: EvalConfig | None = None,
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
-    states = evaluation_neighbour_states(lm, config, scored_count(len(split), config),
-                                         lm.config.k)
-    outputs = collect_lm_outputs(lm.model, split, config, forward=gnn_forward(lm, None, states),
-                                 show_progress=False)
+    states = evaluation_neighbour_states(lm, config, scored_count(len(split), config), lm.config.k)
+    outputs = collect_lm_outputs(
+        lm.model, split, config, forward=gnn_forward(lm, None, states), show_progress=False
+    )
     return perplexity(outputs.lm_log_probs)
 
 
-def _tuned_knn(valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any,
-               stage: str) -> tuple[dict[str, Any], torch.Tensor]:
+def _tuned_knn(
+    valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any, stage: str
+) -> tuple[dict[str, Any], torch.Tensor]:
     # The tuned row and the mixture's per-token log-probs on test.
     temperatures = default_temperatures(valid.knn_distances)
-    lam, temperature, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
-                                      valid.targets, lambdas, temperatures)
-    row = {**score_knn(test, lam, temperature, stage), "lambda": float(lam),
-           "temperature": float(temperature), "k": int(k), "valid_ppl": float(np.nanmin(grid))}
+    lam, temperature, grid = tune_knn(
+        valid.lm_log_probs,
+        valid.knn_distances,
+        valid.knn_tokens,
+        valid.targets,
+        lambdas,
+        temperatures,
+    )
+    row = {
+        **score_knn(test, lam, temperature, stage),
+        "lambda": float(lam),
+        "temperature": float(temperature),
+        "k": int(k),
+        "valid_ppl": float(np.nanmin(grid)),
+    }
     return row, knn_mixture_log_probs(test, lam, temperature)
 
 
-def add_intervals(results: dict[str, Any], log_probs: dict[str, torch.Tensor],
-                  doc_ids: torch.Tensor, config: EvalConfig) -> None:
+def add_intervals(
+    results: dict[str, Any],
+    log_probs: dict[str, torch.Tensor],
+    doc_ids: torch.Tensor,
+    config: EvalConfig,
+) -> None:
     r"""Add to ``results`` each method's 95 % document-bootstrap interval and documents
     (``"ppl_ci95"``, ``"documents"`` in its row), every ratio between two methods with its
     paired interval (top-level ``"ratios"``, keyed ``"gnn/base"``, ``"gnn_knn/knn"``, …),
@@ -160,35 +186,63 @@ def add_intervals(results: dict[str, Any], log_probs: dict[str, torch.Tensor],
     """
     spec = config.bootstrap
     methods, ratios = perplexity_intervals(
-        {name: values.numpy() for name, values in log_probs.items()}, doc_ids.numpy(), spec)
+        {name: values.numpy() for name, values in log_probs.items()}, doc_ids.numpy(), spec
+    )
     for name, stat in methods.items():
         results[name]["ppl_ci95"] = [stat.ci95[0], stat.ci95[1]]
         results[name]["documents"] = stat.documents
-    results["ratios"] = {key: {"ratio": r.ratio, "ci95": [r.ci95[0], r.ci95[1]]}
-                         for key, r in ratios.items()}
-    results["bootstrap"] = {"resamples": spec.resamples, "seed": spec.seed,
-                            "level": spec.level, "over": "documents"}
+    results["ratios"] = {
+        key: {"ratio": r.ratio, "ci95": [r.ci95[0], r.ci95[1]]} for key, r in ratios.items()
+    }
+    results["bootstrap"] = {
+        "resamples": spec.resamples,
+        "seed": spec.seed,
+        "level": spec.level,
+        "over": "documents",
+    }
 
 
 #: Stage names of a method's rows in errors (:class:`~hetgraph.errors.NonFiniteError`).
 STAGES = {"gnn": "GNN", "lora": "LoRA"}
 
 
-def _method_rows(name: str, model: Any, forward: Any, splits: tuple[Any, Any],
-                 configs: tuple[EvalConfig, EvalConfig], bases: tuple[LMOutputs, LMOutputs],
-                 k: int, lambdas: Any, show_progress: bool, results: dict[str, Any],
-                 log_probs: dict[str, torch.Tensor]) -> float:
+def _method_rows(
+    name: str,
+    model: Any,
+    forward: Any,
+    splits: tuple[Any, Any],
+    configs: tuple[EvalConfig, EvalConfig],
+    bases: tuple[LMOutputs, LMOutputs],
+    k: int,
+    lambdas: Any,
+    show_progress: bool,
+    results: dict[str, Any],
+    log_probs: dict[str, torch.Tensor],
+) -> float:
     # Rows `name` and `name_knn` (with the base run's neighbours) into `results` and
     # `log_probs`; returns the method's test tokens/s.
-    valid = collect_lm_outputs(model, splits[0], configs[0], forward=forward,
-                               neighbours_from=bases[0], show_progress=show_progress)
+    valid = collect_lm_outputs(
+        model,
+        splits[0],
+        configs[0],
+        forward=forward,
+        neighbours_from=bases[0],
+        show_progress=show_progress,
+    )
     started = time.perf_counter()
-    test = collect_lm_outputs(model, splits[1], configs[1], forward=forward,
-                              neighbours_from=bases[1], show_progress=show_progress)
+    test = collect_lm_outputs(
+        model,
+        splits[1],
+        configs[1],
+        forward=forward,
+        neighbours_from=bases[1],
+        show_progress=show_progress,
+    )
     tokens_per_s = len(test) / (time.perf_counter() - started)
     results[name], log_probs[name] = score_lm(test, STAGES[name]), test.lm_log_probs
     results[f"{name}_knn"], log_probs[f"{name}_knn"] = _tuned_knn(
-        valid, test, k, lambdas, f"{STAGES[name]}+kNN")
+        valid, test, k, lambdas, f"{STAGES[name]}+kNN"
+    )
     return tokens_per_s
 
 
@@ -197,15 +251,27 @@ def _sampled(config: EvalConfig, valid_split: Any, test_split: Any) -> tuple[Any
     # positions among whole splits; "prefix" cuts each split to its first tokens.
     if config.sample == "prefix":
         whole = dataclasses.replace(config, max_tokens=None)
-        return (_limit(valid_split, config.valid_tokens), _limit(test_split, config.max_tokens),
-                whole, whole)
-    return (valid_split, test_split, dataclasses.replace(config, max_tokens=config.valid_tokens),
-            config)
+        return (
+            _limit(valid_split, config.valid_tokens),
+            _limit(test_split, config.max_tokens),
+            whole,
+            whole,
+        )
+    return (
+        valid_split,
+        test_split,
+        dataclasses.replace(config, max_tokens=config.valid_tokens),
+        config,
+    )
 
 
 def _sample_record(config: EvalConfig, outputs: LMOutputs) -> dict[str, Any]:
-    return {"kind": config.sample, "seed": config.sample_seed, "tokens": len(outputs),
-            "documents": int(torch.unique(outputs.doc_ids).numel())}
+    return {
+        "kind": config.sample,
+        "seed": config.sample_seed,
+        "tokens": len(outputs),
+        "documents": int(torch.unique(outputs.doc_ids).numel()),
+    }
 
 
 def evaluate_four_way(
@@ -253,8 +319,7 @@ def evaluate_four_way(
     """
     config, model = config or EvalConfig(), lm.model
     k = int(config.k)
-    valid_split, test_split, valid_config, test_config = _sampled(config, valid_split,
-                                                                  test_split)
+    valid_split, test_split, valid_config, test_config = _sampled(config, valid_split, test_split)
     valid_positions = scored_count(len(valid_split), valid_config)
     test_positions = scored_count(len(test_split), test_config)
     check_neighbour_memory(valid_positions + test_positions, k)
@@ -265,11 +330,13 @@ def evaluate_four_way(
         states_seconds = time.perf_counter() - started
     search = Retriever(lm.datastore, lm.index)
     with control.disable_adapter() if control is not None else nullcontext():  # the base LM
-        base_valid = collect_lm_outputs(model, valid_split, valid_config, search=search,
-                                        show_progress=show_progress)
+        base_valid = collect_lm_outputs(
+            model, valid_split, valid_config, search=search, show_progress=show_progress
+        )
         started = time.perf_counter()
-        base_test = collect_lm_outputs(model, test_split, test_config, search=search,
-                                       show_progress=show_progress)
+        base_test = collect_lm_outputs(
+            model, test_split, test_config, search=search, show_progress=show_progress
+        )
     speed = {"base_with_search_tokens_per_s": len(base_test) / (time.perf_counter() - started)}
     splits, configs = (valid_split, test_split), (valid_config, test_config)
     results: dict[str, Any] = {"base": score_lm(base_test, "base")}
@@ -278,23 +345,42 @@ def evaluate_four_way(
     # The control first, with its LoRA on; GNN-LM on the base model, with it off.
     off = control.disable_adapter if control is not None else nullcontext
     for name, forward, context in (
-            ("lora", default_forward(model) if control is not None else None, nullcontext),
-            ("gnn", gnn_forward(lm, k, states) if include_gnn else None, off)):
+        ("lora", default_forward(model) if control is not None else None, nullcontext),
+        ("gnn", gnn_forward(lm, k, states) if include_gnn else None, off),
+    ):
         if forward is not None:
             with context():
                 speed[f"{name}_tokens_per_s"] = _method_rows(
-                    name, model, forward, splits, configs, (base_valid, base_test), k,
-                    lambdas, show_progress, results, log_probs)
+                    name,
+                    model,
+                    forward,
+                    splits,
+                    configs,
+                    (base_valid, base_test),
+                    k,
+                    lambdas,
+                    show_progress,
+                    results,
+                    log_probs,
+                )
             speed[f"{name}_over_base_with_search"] = (
-                speed[f"{name}_tokens_per_s"] / speed["base_with_search_tokens_per_s"])
+                speed[f"{name}_tokens_per_s"] / speed["base_with_search_tokens_per_s"]
+            )
     if states is not None:
         speed["neighbour_states_seconds"] = states_seconds
     add_intervals(results, log_probs, base_test.doc_ids, config)
-    sample = {"test": _sample_record(test_config, base_test),
-              "valid": _sample_record(valid_config, base_valid)}
-    results.update(tokens=len(base_test), valid_tokens=len(base_valid), sample=sample,
-                   documents=sample["test"]["documents"], speed=speed,
-                   neighbours=lm.config.neighbours if include_gnn else "retrieved")
+    sample = {
+        "test": _sample_record(test_config, base_test),
+        "valid": _sample_record(valid_config, base_valid),
+    }
+    results.update(
+        tokens=len(base_test),
+        valid_tokens=len(base_valid),
+        sample=sample,
+        documents=sample["test"]["documents"],
+        speed=speed,
+        neighbours=lm.config.neighbours if include_gnn else "retrieved",
+    )
     if per_token is not None and current_context().is_main:
         write_per_token(per_token, base_test, log_probs, test_split)
     return results

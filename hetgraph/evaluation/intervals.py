@@ -15,6 +15,7 @@ use the same :math:`w^{(r)}`, so what the documents share cancels. The interval 
 2.5th–97.5th percentile of the resampled values; the resamples are drawn from a seeded
 generator, so the interval is reproducible, and their number is stated with it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,8 +72,9 @@ def resample_weights(num_docs: int, spec: BootstrapSpec):
         done += r
 
 
-def bootstrap_perplexities(log_probs: np.ndarray, doc_ids: np.ndarray,
-                           spec: BootstrapSpec | None = None) -> np.ndarray:
+def bootstrap_perplexities(
+    log_probs: np.ndarray, doc_ids: np.ndarray, spec: BootstrapSpec | None = None
+) -> np.ndarray:
     r"""``[methods, resamples]`` perplexities of document resamples.
 
     Args:
@@ -83,8 +85,9 @@ def bootstrap_perplexities(log_probs: np.ndarray, doc_ids: np.ndarray,
     """
     spec = spec or BootstrapSpec()
     sums, counts = document_sums(np.atleast_2d(log_probs), doc_ids)
-    out = [np.exp(-(w @ sums.T) / (w @ counts)[:, None]).T
-           for w in resample_weights(len(counts), spec)]
+    out = [
+        np.exp(-(w @ sums.T) / (w @ counts)[:, None]).T for w in resample_weights(len(counts), spec)
+    ]
     return np.concatenate(out, axis=1)
 
 
@@ -126,9 +129,9 @@ class RatioInterval:
         return f"{a} / {b} = {interval}"
 
 
-def perplexity_intervals(log_probs: dict[str, np.ndarray], doc_ids: np.ndarray,
-                         spec: BootstrapSpec | None = None
-                         ) -> tuple[dict[str, PerplexityInterval], dict[str, RatioInterval]]:
+def perplexity_intervals(
+    log_probs: dict[str, np.ndarray], doc_ids: np.ndarray, spec: BootstrapSpec | None = None
+) -> tuple[dict[str, PerplexityInterval], dict[str, RatioInterval]]:
     r"""Each method's perplexity with its document-bootstrap interval, and every ratio
     between two methods with its paired interval.
 
@@ -150,13 +153,16 @@ def perplexity_intervals(log_probs: dict[str, np.ndarray], doc_ids: np.ndarray,
     ppl = np.exp(-stacked.mean(axis=1))
     resampled = bootstrap_perplexities(stacked, doc_ids, spec)
     documents, tokens = len(np.unique(doc_ids)), int(stacked.shape[1])
-    per_method = {n: PerplexityInterval(float(ppl[i]), percentile_interval(resampled[i],
-                                        spec.level), documents, tokens)
-                  for i, n in enumerate(names)}
+    per_method = {
+        n: PerplexityInterval(
+            float(ppl[i]), percentile_interval(resampled[i], spec.level), documents, tokens
+        )
+        for i, n in enumerate(names)
+    }
     ratios = {}
     for i, a in enumerate(names):
         for j, b in enumerate(names[:i]):
             ratios[f"{a}/{b}"] = RatioInterval(
-                float(ppl[i] / ppl[j]), percentile_interval(resampled[i] / resampled[j],
-                                                            spec.level))
+                float(ppl[i] / ppl[j]), percentile_interval(resampled[i] / resampled[j], spec.level)
+            )
     return per_method, ratios

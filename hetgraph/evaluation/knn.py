@@ -1,4 +1,5 @@
 """Base-LM and kNN-LM evaluation: tune λ and T on valid, report on test."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ def default_temperatures(distances: Any, num: int = 9) -> list[float]:
     finite = d[torch.isfinite(d)]
     scale = float(finite.abs().median()) if finite.numel() else 1.0
     scale = scale if scale > 0 else 1.0
-    return [float(scale * 2.0 ** e) for e in np.linspace(-6, 2, num)]
+    return [float(scale * 2.0**e) for e in np.linspace(-6, 2, num)]
 
 
 def finite_scores(scores: dict[str, float], stage: str) -> dict[str, float]:
@@ -54,7 +55,9 @@ def finite_scores(scores: dict[str, float], stage: str) -> dict[str, float]:
             f"evaluation ({stage}): {', '.join(f'{k} = {v}' for k, v in bad.items())} is not "
             "finite, so no results are written; the model, datastore or adapter produces "
             "NaN/inf (run `hetgraph verify` on the datastore and adapter, or load the model in "
-            "float32 with --dtype float32)", stage=stage)
+            "float32 with --dtype float32)",
+            stage=stage,
+        )
     return scores
 
 
@@ -64,8 +67,10 @@ def score_lm(outputs: LMOutputs, stage: str = "base") -> dict[str, float]:
     Raises:
         NonFiniteError: the perplexity is not finite (``stage`` names the method).
     """
-    return finite_scores({"ppl": perplexity(outputs.lm_log_probs),
-                          "acc": float(outputs.lm_correct.float().mean())}, stage)
+    return finite_scores(
+        {"ppl": perplexity(outputs.lm_log_probs), "acc": float(outputs.lm_correct.float().mean())},
+        stage,
+    )
 
 
 def knn_mixture_log_probs(outputs: LMOutputs, lam: float, temperature: float) -> torch.Tensor:
@@ -73,13 +78,15 @@ def knn_mixture_log_probs(outputs: LMOutputs, lam: float, temperature: float) ->
     ``outputs``' LM and neighbours (λ ``lam``, temperature ``temperature``)."""
     if not outputs.has_neighbours:
         raise ValueError("these LM outputs hold no neighbours; collect them with an index")
-    knn = knn_target_log_probs(outputs.knn_distances, outputs.knn_tokens, outputs.targets,
-                               temperature)
+    knn = knn_target_log_probs(
+        outputs.knn_distances, outputs.knn_tokens, outputs.targets, temperature
+    )
     return interpolate_log_probs(outputs.lm_log_probs, knn, lam)
 
 
-def score_knn(outputs: LMOutputs, lam: float, temperature: float,
-              stage: str = "kNN") -> dict[str, float]:
+def score_knn(
+    outputs: LMOutputs, lam: float, temperature: float, stage: str = "kNN"
+) -> dict[str, float]:
     """``{"ppl", "acc"}`` of the kNN-LM mixture over exactly the tokens of ``outputs``.
 
     Accuracy is the exact argmax of the full mixture (see :func:`knn_mixture_argmax`).
@@ -88,11 +95,18 @@ def score_knn(outputs: LMOutputs, lam: float, temperature: float,
         NonFiniteError: the perplexity is not finite (``stage`` names the method).
     """
     mix = knn_mixture_log_probs(outputs, lam, temperature)
-    pred = knn_mixture_argmax(outputs.lm_argmax, outputs.lm_neighbour_log_probs,
-                              outputs.knn_distances, outputs.knn_tokens, lam, temperature,
-                              lm_argmax_log_probs=outputs.lm_argmax_log_probs)
-    return finite_scores({"ppl": perplexity(mix),
-                          "acc": float((pred == outputs.targets).float().mean())}, stage)
+    pred = knn_mixture_argmax(
+        outputs.lm_argmax,
+        outputs.lm_neighbour_log_probs,
+        outputs.knn_distances,
+        outputs.knn_tokens,
+        lam,
+        temperature,
+        lm_argmax_log_probs=outputs.lm_argmax_log_probs,
+    )
+    return finite_scores(
+        {"ppl": perplexity(mix), "acc": float((pred == outputs.targets).float().mean())}, stage
+    )
 
 
 def evaluate_base_knn(
@@ -123,23 +137,38 @@ def evaluate_base_knn(
     datastore.check(model=model, tokenizer=tokenizer)
     config = config or EvalConfig()
     k = int(config.k)
-    common: dict[str, Any] = {"search": Retriever(datastore, index), "forward": forward,
-                              "show_progress": show_progress}
+    common: dict[str, Any] = {
+        "search": Retriever(datastore, index),
+        "forward": forward,
+        "show_progress": show_progress,
+    }
     valid_config = dataclasses.replace(config, max_tokens=config.valid_tokens)
     valid = collect_lm_outputs(model, valid_split, valid_config, **common)
     test = collect_lm_outputs(model, test_split, config, **common)
-    temps = (list(temperatures) if temperatures is not None
-             else default_temperatures(valid.knn_distances))
-    lam, temp, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
-                               valid.targets, lambdas, temps)
+    temps = (
+        list(temperatures)
+        if temperatures is not None
+        else default_temperatures(valid.knn_distances)
+    )
+    lam, temp, grid = tune_knn(
+        valid.lm_log_probs, valid.knn_distances, valid.knn_tokens, valid.targets, lambdas, temps
+    )
     knn = score_knn(test, lam, temp)
     return {
         "base": score_lm(test),
-        "knn": {**knn, "lambda": lam, "temperature": temp, "k": int(k),
-                "valid_ppl": float(np.nanmin(grid))},
+        "knn": {
+            **knn,
+            "lambda": lam,
+            "temperature": temp,
+            "k": int(k),
+            "valid_ppl": float(np.nanmin(grid)),
+        },
         "valid_base": score_lm(valid, "base (valid)"),
         "tokens": len(test),
         "valid_tokens": len(valid),
-        "grid": {"lambdas": [float(x) for x in lambdas], "temperatures": temps,
-                 "valid_ppl": grid.tolist()},
+        "grid": {
+            "lambdas": [float(x) for x in lambdas],
+            "temperatures": temps,
+            "valid_ppl": grid.tolist(),
+        },
     }

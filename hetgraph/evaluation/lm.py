@@ -14,6 +14,7 @@ per-token results are gathered onto every rank in position order
 are the one-process batches, so every rank ends with exactly the one-process outputs, and
 everything computed from them (perplexities, λ and T tuned on valid) is identical too.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -123,8 +124,9 @@ class EvalConfig(JSONConfigMixin):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.stride <= self.context_length:
-            raise ValueError(f"stride must be in [1, context_length={self.context_length}], "
-                             f"got {self.stride}")
+            raise ValueError(
+                f"stride must be in [1, context_length={self.context_length}], got {self.stride}"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.k < 1:
@@ -134,8 +136,9 @@ class EvalConfig(JSONConfigMixin):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         if self.neighbour_states not in ("auto", "on", "off"):
-            raise ValueError(f"neighbour_states must be 'auto', 'on' or 'off', "
-                             f"got {self.neighbour_states!r}")
+            raise ValueError(
+                f"neighbour_states must be 'auto', 'on' or 'off', got {self.neighbour_states!r}"
+            )
         if self.sample not in ("stratified", "prefix"):
             raise ValueError(f"sample must be 'stratified' or 'prefix', got {self.sample!r}")
         if self.bootstrap_resamples < 1:
@@ -196,15 +199,18 @@ class LMOutputs:
 def default_forward(model: nn.Module) -> ForwardFn | TrimmedForward:
     """``input_ids -> logits`` of a plain HF causal LM (no cache); a :class:`TrimmedForward`
     when the model takes ``logits_to_keep``."""
+
     def forward(input_ids: Tensor, logits_to_keep: int = 0) -> Tensor:
         kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         out = model(input_ids=input_ids, use_cache=False, **kwargs)
         return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+
     return TrimmedForward(forward) if accepts_logits_to_keep(model) else forward
 
 
-def _query_layer(model: nn.Module, key_layer: Any, search: Retriever | None,
-                 keep_queries: bool) -> LayerSpec | Any:
+def _query_layer(
+    model: nn.Module, key_layer: Any, search: Retriever | None, keep_queries: bool
+) -> LayerSpec | Any:
     # The layer whose states are the queries: the datastore's key layer unless told otherwise.
     if key_layer is ANY:
         key_layer = search.datastore.key_layer if search is not None else None
@@ -212,13 +218,19 @@ def _query_layer(model: nn.Module, key_layer: Any, search: Retriever | None,
         return ANY
     key_layer = normalize_layer(model, key_layer)
     if search is not None and key_layer != search.datastore.key_layer:
-        raise ValueError(f"query layer {key_layer} differs from the datastore's key layer "
-                         f"{search.datastore.key_layer}")
+        raise ValueError(
+            f"query layer {key_layer} differs from the datastore's key layer "
+            f"{search.datastore.key_layer}"
+        )
     return key_layer
 
 
-def batch_logits(forward: ForwardFn | TrimmedForward, input_ids: Tensor,
-                 batch: list[Window], retrieval: Retrieval | None = None) -> Tensor:
+def batch_logits(
+    forward: ForwardFn | TrimmedForward,
+    input_ids: Tensor,
+    batch: list[Window],
+    retrieval: Retrieval | None = None,
+) -> Tensor:
     """The logits ``forward`` gives for ``input_ids``, a batch of equal-length windows: a
     :class:`TrimmedForward`'s for the trailing columns that hold a scored position only, any
     other forward's for every column (what :func:`collect_lm_outputs` runs per batch).
@@ -249,24 +261,35 @@ def _scored_rows(batch: list[Window], device: torch.device) -> tuple[Tensor, Ten
 
 def _score(log_probs: Tensor, targets: Tensor) -> dict[str, Tensor]:
     top_log_probs, top = log_probs.max(dim=-1)
-    return {"lm_log_probs": log_probs.gather(1, targets[:, None]).squeeze(1).cpu(),
-            "lm_argmax": top.cpu(), "lm_argmax_log_probs": top_log_probs.cpu()}
+    return {
+        "lm_log_probs": log_probs.gather(1, targets[:, None]).squeeze(1).cpu(),
+        "lm_argmax": top.cpu(),
+        "lm_argmax_log_probs": top_log_probs.cpu(),
+    }
 
 
-def _assemble(parts: dict[str, list[Tensor]], targets: Tensor, doc_ids: Tensor,
-              neighbours_from: LMOutputs | None, ctx: DistributedContext) -> LMOutputs:
+def _assemble(
+    parts: dict[str, list[Tensor]],
+    targets: Tensor,
+    doc_ids: Tensor,
+    neighbours_from: LMOutputs | None,
+    ctx: DistributedContext,
+) -> LMOutputs:
     cat = {name: ctx.all_gather_rows(torch.cat(p) if p else None) for name, p in parts.items()}
     if neighbours_from is not None:
         if not torch.equal(cat["positions"], neighbours_from.positions):
-            raise ValueError("neighbours_from was collected over other positions (split, "
-                             "max_tokens or windows differ)")
+            raise ValueError(
+                "neighbours_from was collected over other positions (split, "
+                "max_tokens or windows differ)"
+            )
         for name in ("knn_distances", "knn_ids", "knn_tokens"):
             cat[name] = getattr(neighbours_from, name)
     return LMOutputs(targets=targets[cat["positions"]], doc_ids=doc_ids[cat["positions"]], **cat)
 
 
-def _check_neighbour_sources(search: Retriever | None, neighbours_from: LMOutputs | None,
-                             k: int) -> None:
+def _check_neighbour_sources(
+    search: Retriever | None, neighbours_from: LMOutputs | None, k: int
+) -> None:
     if neighbours_from is not None and search is not None:
         raise ValueError("collect_lm_outputs: pass either a search or neighbours_from, not both")
     if search is not None:
@@ -314,8 +337,10 @@ def collect_lm_outputs(
     ctx = distributed or current_context()
     tokens, doc_ids, _ = split_arrays(split, prefix_tokens(config))
     if len(tokens) < 2:
-        raise HetgraphError(f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
-                            "use a larger corpus or split fraction")
+        raise HetgraphError(
+            f"evaluation needs a split of at least 2 tokens, got {len(tokens)}; "
+            "use a larger corpus or split fraction"
+        )
     check_context_length(model, config.context_length, "evaluation.context_length")
     check_token_ids(tokens, model, "the evaluated split")
     _check_neighbour_sources(search, neighbours_from, int(config.k))
@@ -327,19 +352,38 @@ def collect_lm_outputs(
     batches = [batches[i] for i in ctx.share(len(batches))]
     targets_all = torch.from_numpy(tokens[1:].astype(np.int64))
     target_docs = torch.from_numpy(doc_ids[1:].astype(np.int64))
-    parts: dict[str, list[Tensor]] = {name: [] for name in (
-        "positions", "lm_log_probs", "lm_argmax", "lm_argmax_log_probs", "queries",
-        "knn_distances", "knn_ids", "knn_tokens", "lm_neighbour_log_probs")}
+    parts: dict[str, list[Tensor]] = {
+        name: []
+        for name in (
+            "positions",
+            "lm_log_probs",
+            "lm_argmax",
+            "lm_argmax_log_probs",
+            "queries",
+            "knn_distances",
+            "knn_ids",
+            "knn_tokens",
+            "lm_neighbour_log_probs",
+        )
+    }
     capture = HiddenStateCapture(model, [key_layer]) if key_layer is not ANY else None
-    bar = tqdm(total=sum(w.end - w.score_start for b in batches for w in b), desc="evaluate",
-               unit="tok", disable=not (show_progress and ctx.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(w.end - w.score_start for b in batches for w in b),
+        desc="evaluate",
+        unit="tok",
+        disable=not (show_progress and ctx.is_main),
+        dynamic_ncols=True,
+    )
     with bar, capture if capture is not None else nullcontext(), torch.inference_mode():
         for number, batch in enumerate(batches):
             input_ids = batch_input_ids(tokens, batch, device)
             width = input_ids.shape[1]
             rows, cols, positions = _scored_rows(batch, device)
-            retrieval = (batch_retrieval(neighbours_from, rows, cols, positions,
-                                         tuple(input_ids.shape)) if reuse else None)
+            retrieval = (
+                batch_retrieval(neighbours_from, rows, cols, positions, tuple(input_ids.shape))
+                if reuse
+                else None
+            )
             logits = batch_logits(forward, input_ids, batch, retrieval)
             # log_softmax in place on the gathered copy of the scored rows: one [n, V]
             # buffer besides the logits instead of two (the evaluation's memory peak).
@@ -355,7 +399,8 @@ def collect_lm_outputs(
                     found.update(search_neighbours(search, queries, int(config.k), log_probs))
             if neighbours_from is not None:
                 found["lm_neighbour_log_probs"] = reused_neighbour_log_probs(
-                    neighbours_from, positions, log_probs)
+                    neighbours_from, positions, log_probs
+                )
             for name, value in found.items():
                 parts[name].append(value)
             bar.update(len(positions))

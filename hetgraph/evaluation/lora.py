@@ -5,6 +5,7 @@ other method, over the same windows and tokens. ``lora_knn`` mixes in kNN-LM's
 distribution over the *base* model's neighbours (as ``gnn_knn`` does), λ and T tuned on
 valid: the baseline GNN-LM + kNN has to beat.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,16 +40,18 @@ def lora_forward(lora_model: Any) -> ForwardFn | TrimmedForward:
     return default_forward(base_of(lora_model))
 
 
-def lora_perplexity(lora_model: Any, split: Any, config: EvalConfig | None = None,
-                    max_tokens: int | None = None) -> float:
+def lora_perplexity(
+    lora_model: Any, split: Any, config: EvalConfig | None = None, max_tokens: int | None = None
+) -> float:
     """Perplexity of the control over ``config``'s windows of ``split``'s first
     ``max_tokens`` tokens (default ``config.max_tokens``), as
     :func:`~hetgraph.evaluation.model_perplexity` scores a :class:`~hetgraph.HetGraphLM`."""
     config = config or EvalConfig()
     if max_tokens is not None:
         config = dataclasses.replace(config, max_tokens=max_tokens)
-    outputs = collect_lm_outputs(base_of(lora_model), split, config,
-                                 forward=lora_forward(lora_model), show_progress=False)
+    outputs = collect_lm_outputs(
+        base_of(lora_model), split, config, forward=lora_forward(lora_model), show_progress=False
+    )
     return perplexity(outputs.lm_log_probs)
 
 
@@ -58,12 +61,14 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
     return split.truncate(max_tokens)
 
 
-def _base_outputs(lora_model: Any, split: Any, windows: EvalConfig, search: NeighbourSearch,
-                  show_progress: bool) -> LMOutputs:
+def _base_outputs(
+    lora_model: Any, split: Any, windows: EvalConfig, search: NeighbourSearch, show_progress: bool
+) -> LMOutputs:
     # The base model's own query states and log-probs: the LoRA switched off.
     with lora_model.disable_adapter():
-        return collect_lm_outputs(base_of(lora_model), split, windows, search=search,
-                                  show_progress=show_progress)
+        return collect_lm_outputs(
+            base_of(lora_model), split, windows, search=search, show_progress=show_progress
+        )
 
 
 def evaluate_lora_control(
@@ -106,16 +111,38 @@ def evaluate_lora_control(
     valid_split = _limit(valid_split, config.valid_tokens)
     test_split = _limit(test_split, config.max_tokens)
     if base_outputs is None:
-        base_outputs = (_base_outputs(lora_model, valid_split, windows, search, show_progress),
-                        _base_outputs(lora_model, test_split, windows, search, show_progress))
+        base_outputs = (
+            _base_outputs(lora_model, valid_split, windows, search, show_progress),
+            _base_outputs(lora_model, test_split, windows, search, show_progress),
+        )
     model, forward = base_of(lora_model), lora_forward(lora_model)
-    valid, test = (collect_lm_outputs(model, split, windows, forward=forward,
-                                      neighbours_from=base, show_progress=show_progress)
-                   for split, base in zip((valid_split, test_split), base_outputs, strict=True))
+    valid, test = (
+        collect_lm_outputs(
+            model,
+            split,
+            windows,
+            forward=forward,
+            neighbours_from=base,
+            show_progress=show_progress,
+        )
+        for split, base in zip((valid_split, test_split), base_outputs, strict=True)
+    )
     temperatures = default_temperatures(valid.knn_distances)
-    lam, temperature, grid = tune_knn(valid.lm_log_probs, valid.knn_distances, valid.knn_tokens,
-                                      valid.targets, lambdas, temperatures)
-    return {"lora": score_lm(test, "LoRA"),
-            "lora_knn": {**score_knn(test, lam, temperature, "LoRA+kNN"), "lambda": float(lam),
-                         "temperature": float(temperature), "k": int(config.k),
-                         "valid_ppl": float(np.nanmin(grid))}}
+    lam, temperature, grid = tune_knn(
+        valid.lm_log_probs,
+        valid.knn_distances,
+        valid.knn_tokens,
+        valid.targets,
+        lambdas,
+        temperatures,
+    )
+    return {
+        "lora": score_lm(test, "LoRA"),
+        "lora_knn": {
+            **score_knn(test, lam, temperature, "LoRA+kNN"),
+            "lambda": float(lam),
+            "temperature": float(temperature),
+            "k": int(config.k),
+            "valid_ppl": float(np.nanmin(grid)),
+        },
+    }

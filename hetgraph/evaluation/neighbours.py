@@ -9,6 +9,7 @@ windows (GNN-LM, GNN-LM + kNN, a LoRA control + kNN) reuses those neighbours
 (:func:`batch_retrieval`), so its fusion hooks search only the context positions the base
 run did not score.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -33,8 +34,12 @@ class NeighbourSearch(Retriever):
     ``NeighbourSearch(index, datastore)`` is ``Retriever(datastore, index)``."""
 
     def __init__(self, index: Any, datastore: Datastore) -> None:
-        warnings.warn("NeighbourSearch(index, datastore) is deprecated; use "
-                      "hetgraph.Retriever(datastore, index)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "NeighbourSearch(index, datastore) is deprecated; use "
+            "hetgraph.Retriever(datastore, index)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         super().__init__(datastore, index)
 
 
@@ -43,8 +48,9 @@ def gather_cpu(log_probs: Tensor, tokens: Tensor) -> Tensor:
     return log_probs.gather(1, tokens.clamp(min=0).to(log_probs.device)).cpu()
 
 
-def search_neighbours(retriever: Retriever, queries: Tensor, k: int,
-                      log_probs: Tensor) -> dict[str, Tensor]:
+def search_neighbours(
+    retriever: Retriever, queries: Tensor, k: int, log_probs: Tensor
+) -> dict[str, Tensor]:
     """Neighbours of ``[n, d]`` queries (searched as the fusion hooks search them), their
     next tokens, and the LM's log-probs of those, as CPU tensors named like
     :class:`~hetgraph.evaluation.LMOutputs`' fields.
@@ -53,20 +59,28 @@ def search_neighbours(retriever: Retriever, queries: Tensor, k: int,
         NonFiniteError: a query, or a distance the index returned, is NaN or infinite.
     """
     if not bool(torch.isfinite(queries).all()):
-        raise NonFiniteError("retrieval: a query key is NaN or infinite (the model's hidden "
-                             "states overflow; load it in float32 with --dtype float32)",
-                             stage="retrieval")
+        raise NonFiniteError(
+            "retrieval: a query key is NaN or infinite (the model's hidden "
+            "states overflow; load it in float32 with --dtype float32)",
+            stage="retrieval",
+        )
     distances, ids = retriever.search(queries, k)
     distances, ids = distances.cpu(), ids.cpu()
     if bool(distances.isnan().any()) or not bool(distances[ids >= 0].isfinite().all()):
-        raise NonFiniteError(f"retrieval: the index of datastore {retriever.datastore.path} "
-                             "returned NaN or infinite distances, so its keys are damaged; "
-                             "run `hetgraph verify` on it and rebuild what it names",
-                             stage="retrieval")
+        raise NonFiniteError(
+            f"retrieval: the index of datastore {retriever.datastore.path} "
+            "returned NaN or infinite distances, so its keys are damaged; "
+            "run `hetgraph verify` on it and rebuild what it names",
+            stage="retrieval",
+        )
     # Memmap lookup per batch: the datastore never has to fit in RAM.
     tokens = retriever.corpus.next_tokens_of(ids)
-    return {"knn_distances": distances, "knn_ids": ids, "knn_tokens": tokens,
-            "lm_neighbour_log_probs": gather_cpu(log_probs, tokens)}
+    return {
+        "knn_distances": distances,
+        "knn_ids": ids,
+        "knn_tokens": tokens,
+        "lm_neighbour_log_probs": gather_cpu(log_probs, tokens),
+    }
 
 
 def rows_of(neighbours_from: LMOutputs, positions: Tensor) -> Tensor:
@@ -74,12 +88,12 @@ def rows_of(neighbours_from: LMOutputs, positions: Tensor) -> Tensor:
     need not be contiguous). A position it did not score maps to some row: the caller
     compares the positions (``collect_lm_outputs`` does, when it assembles)."""
     known = neighbours_from.positions
-    return torch.searchsorted(known, positions.to(known.device)).clamp(
-        max=len(neighbours_from) - 1)
+    return torch.searchsorted(known, positions.to(known.device)).clamp(max=len(neighbours_from) - 1)
 
 
-def reused_neighbour_log_probs(neighbours_from: LMOutputs, positions: Tensor,
-                               log_probs: Tensor) -> Tensor:
+def reused_neighbour_log_probs(
+    neighbours_from: LMOutputs, positions: Tensor, log_probs: Tensor
+) -> Tensor:
     """This run's log-probs of the earlier run's neighbour tokens at ``positions``."""
     if neighbours_from.knn_tokens is None:
         raise ValueError("neighbours_from holds no neighbours; collect it with an index")
@@ -96,8 +110,13 @@ def accepts_retrieval(forward: Any) -> bool:
         return False
 
 
-def batch_retrieval(neighbours_from: LMOutputs, rows: Tensor, cols: Tensor,
-                    positions: Tensor, shape: tuple[int, int]) -> Retrieval:
+def batch_retrieval(
+    neighbours_from: LMOutputs,
+    rows: Tensor,
+    cols: Tensor,
+    positions: Tensor,
+    shape: tuple[int, int],
+) -> Retrieval:
     """The earlier run's neighbours laid out over a ``[B, W]`` window batch: its scored
     positions (window ``rows``, columns ``cols``) are covered, the others (context the
     earlier run did not score) are not, and get searched by the forward's hooks.

@@ -9,6 +9,7 @@ over the same documents. That is how an adapter trained on random neighbours is 
 with the same adapter on retrieved ones, or paper mode with hetgraph's default, although each
 was evaluated by its own ``hetgraph eval``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ class PerTokenResults:
     def method(self, name: str) -> str:
         r"""``name`` if this file scored it, else a :class:`PerTokenError` naming the file."""
         if name not in self.log_probs:
-            raise PerTokenError(f"{self.path}: no method {name!r} in this per-token file "
-                                f"(it has {', '.join(self.methods)})")
+            raise PerTokenError(
+                f"{self.path}: no method {name!r} in this per-token file "
+                f"(it has {', '.join(self.methods)})"
+            )
         return name
 
 
@@ -76,17 +79,25 @@ def read_per_token(path: str | Path) -> PerTokenResults:
             header = json.loads((handle.metadata() or {}).get("hetgraph", "{}"))
             arrays = {key: handle.get_tensor(key) for key in handle.keys()}
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
-        raise PerTokenError(f"{path}: cannot read it as a per-token file ({error}); give a "
-                            "file written by `hetgraph eval --per-token`") from None
+        raise PerTokenError(
+            f"{path}: cannot read it as a per-token file ({error}); give a "
+            "file written by `hetgraph eval --per-token`"
+        ) from None
     missing = [key for key in _TOKEN_FIELDS if key not in arrays]
     if header.get("format") != PER_TOKEN_FORMAT or missing:
-        raise PerTokenError(f"{path}: not a per-token file of hetgraph eval (format "
-                            f"{header.get('format')!r}, missing {missing}); give a file "
-                            "written by `hetgraph eval --per-token`")
-    log_probs = {key.removeprefix("log_prob."): arrays[key].astype(np.float64)
-                 for key in arrays if key.startswith("log_prob.")}
-    return PerTokenResults(path, *(arrays[key] for key in _TOKEN_FIELDS), log_probs,
-                           tuple(header.get("doc_names", ())))
+        raise PerTokenError(
+            f"{path}: not a per-token file of hetgraph eval (format "
+            f"{header.get('format')!r}, missing {missing}); give a file "
+            "written by `hetgraph eval --per-token`"
+        )
+    log_probs = {
+        key.removeprefix("log_prob."): arrays[key].astype(np.float64)
+        for key in arrays
+        if key.startswith("log_prob.")
+    }
+    return PerTokenResults(
+        path, *(arrays[key] for key in _TOKEN_FIELDS), log_probs, tuple(header.get("doc_names", ()))
+    )
 
 
 def check_same_tokens(a: PerTokenResults, b: PerTokenResults) -> None:
@@ -96,11 +107,17 @@ def check_same_tokens(a: PerTokenResults, b: PerTokenResults) -> None:
             raise PerTokenError(
                 f"{a.path} and {b.path} scored different tokens ({key} differ: "
                 f"{len(a.targets)} vs {len(b.targets)} tokens); evaluate both on the same "
-                "split with the same --max-tokens, --sample and --sample-seed")
+                "split with the same --max-tokens, --sample and --sample-seed"
+            )
 
 
-def paired_ratio(a: PerTokenResults, method_a: str, b: PerTokenResults, method_b: str,
-                 spec: BootstrapSpec | None = None) -> RatioInterval:
+def paired_ratio(
+    a: PerTokenResults,
+    method_a: str,
+    b: PerTokenResults,
+    method_b: str,
+    spec: BootstrapSpec | None = None,
+) -> RatioInterval:
     r"""``ppl(a's method_a) / ppl(b's method_b)`` on their shared tokens, with the paired
     document-bootstrap interval of :func:`~hetgraph.evaluation.perplexity_intervals`.
 
@@ -108,6 +125,9 @@ def paired_ratio(a: PerTokenResults, method_a: str, b: PerTokenResults, method_b
         PerTokenError: a method is not in its file, or the files scored different tokens.
     """
     check_same_tokens(a, b)
-    _, ratios = perplexity_intervals({"b": b.log_probs[b.method(method_b)],
-                                      "a": a.log_probs[a.method(method_a)]}, a.doc_ids, spec)
+    _, ratios = perplexity_intervals(
+        {"b": b.log_probs[b.method(method_b)], "a": a.log_probs[a.method(method_a)]},
+        a.doc_ids,
+        spec,
+    )
     return ratios["a/b"]

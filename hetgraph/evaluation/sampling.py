@@ -14,6 +14,7 @@ method, every run and every ``torchrun`` rank score exactly the same positions.
 position has at least ``context_length - stride`` tokens of left context wherever the split
 has that much text before it).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -68,8 +69,9 @@ def equal_shares(lengths: np.ndarray, budget: int, rng: np.random.Generator) -> 
     return shares
 
 
-def stratified_segments(doc_ids: np.ndarray, budget: int | None,
-                        seed: int = DEFAULT_SAMPLE_SEED) -> np.ndarray:
+def stratified_segments(
+    doc_ids: np.ndarray, budget: int | None, seed: int = DEFAULT_SAMPLE_SEED
+) -> np.ndarray:
     r"""A document-stratified sample of ``budget`` positions as ``[S, 2]`` int64 segments.
 
     Args:
@@ -118,8 +120,7 @@ def segment_windows(segments: np.ndarray, context_length: int, stride: int) -> l
     score_start = first + index * stride
     end = np.minimum(score_start + stride, np.repeat(segments[:, 1], chunks))
     start = np.maximum(0, end - context_length)
-    return [Window(int(a), int(b), int(s)) for a, b, s in zip(start, end, score_start,
-                                                                strict=True)]
+    return [Window(int(a), int(b), int(s)) for a, b, s in zip(start, end, score_start, strict=True)]
 
 
 def scored_positions(segments: np.ndarray) -> np.ndarray:

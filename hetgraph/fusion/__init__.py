@@ -1,4 +1,5 @@
 """Fusion of graph adapters into a frozen causal LM through forward hooks."""
+
 from hetgraph.fusion.config import HEAD, FusionConfig, FusionSite
 from hetgraph.fusion.context import CallOptions, KNNMixture, Retrieval
 from hetgraph.fusion.gates import RetrievalGate, retrieval_statistics
@@ -11,8 +12,23 @@ from hetgraph.fusion.retrieval import Retriever
 from hetgraph.fusion.sites import ALL, parse_fusion_layers, resolve_fusion_sites, site_key
 
 __all__ = [
-    "ALL", "HEAD", "AdapterInputs", "AdapterMismatchError", "CallOptions", "FusionConfig",
-    "FusionHooks", "FusionSite", "GraphInputBuilder", "HetGraphLM", "KNNMixture",
-    "NeighbourStates", "Retrieval", "RetrievalGate", "Retriever", "parse_fusion_layers",
-    "resolve_fusion_sites", "retrieval_statistics", "site_key",
+    "ALL",
+    "HEAD",
+    "AdapterInputs",
+    "AdapterMismatchError",
+    "CallOptions",
+    "FusionConfig",
+    "FusionHooks",
+    "FusionSite",
+    "GraphInputBuilder",
+    "HetGraphLM",
+    "KNNMixture",
+    "NeighbourStates",
+    "Retrieval",
+    "RetrievalGate",
+    "Retriever",
+    "parse_fusion_layers",
+    "resolve_fusion_sites",
+    "retrieval_statistics",
+    "site_key",
 ]

@@ -16,6 +16,7 @@ and graph are never redone). Where a version wraps ``__call__``
 the recomputation: the hooks reuse the call's retrieval and graph, and the preserved RNG
 state gives the adapters the same dropout masks, so loss and gradients are unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,16 +66,21 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
     """
     if not enabled:
         if any(module.gradient_checkpointing for module in _flagged_modules(model)):
-            disable = getattr(model, "activation_checkpointing_disable", None) \
+            disable = (
+                getattr(model, "activation_checkpointing_disable", None)
                 or model.gradient_checkpointing_disable
+            )
             disable()
         for module in _flagged_modules(model):
             module.training = False
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"fusion.gradient_checkpointing: {type(model).__name__} does not "
-                          "support activation checkpointing; set gradient_checkpointing to "
-                          "false", "fusion.gradient_checkpointing")
+        raise ConfigError(
+            f"fusion.gradient_checkpointing: {type(model).__name__} does not "
+            "support activation checkpointing; set gradient_checkpointing to "
+            "false",
+            "fusion.gradient_checkpointing",
+        )
     kwargs = {"use_reentrant": False, "context_fn": _recompute_contexts}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:

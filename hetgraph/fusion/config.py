@@ -1,4 +1,5 @@
 r"""Configuration of GNN-LM fusion: where to retrieve, where to fuse, and how."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -119,11 +120,12 @@ class FusionConfig(JSONConfigMixin):
         if self.gate not in ("static", "retrieval"):
             raise ValueError(f"gate must be 'static' or 'retrieval', got {self.gate!r}")
         if self.gate == "retrieval" and self.fusion_mode == "replace":
-            raise ValueError("gate='retrieval' gates a residual: it needs "
-                             "fusion_mode='gated_residual' (with 'replace' there is no gate)")
+            raise ValueError(
+                "gate='retrieval' gates a residual: it needs "
+                "fusion_mode='gated_residual' (with 'replace' there is no gate)"
+            )
         if self.neighbours not in ("retrieved", "random"):
-            raise ValueError("neighbours must be 'retrieved' or 'random', "
-                             f"got {self.neighbours!r}")
+            raise ValueError(f"neighbours must be 'retrieved' or 'random', got {self.neighbours!r}")
         if not 0 <= self.neighbour_seed < 2**63:
             raise ValueError(f"neighbour_seed must be in [0, 2**63), got {self.neighbour_seed}")
         if self.k < 1:
@@ -131,19 +133,24 @@ class FusionConfig(JSONConfigMixin):
         if self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0, got {self.retrieval_margin}")
         if self.neighbour_features not in ("key", "stored"):
-            raise ValueError("neighbour_features must be 'key' or 'stored', "
-                             f"got {self.neighbour_features!r}")
+            raise ValueError(
+                f"neighbour_features must be 'key' or 'stored', got {self.neighbour_features!r}"
+            )
         if self.fusion_mode not in ("gated_residual", "replace"):
-            raise ValueError("fusion_mode must be 'gated_residual' or 'replace', "
-                             f"got {self.fusion_mode!r}")
+            raise ValueError(
+                f"fusion_mode must be 'gated_residual' or 'replace', got {self.fusion_mode!r}"
+            )
         if self.neighbour_embedding not in ("own_token", "none", "label"):
-            raise ValueError("neighbour_embedding must be 'own_token', 'none' or 'label', "
-                             f"got {self.neighbour_embedding!r}")
+            raise ValueError(
+                "neighbour_embedding must be 'own_token', 'none' or 'label', "
+                f"got {self.neighbour_embedding!r}"
+            )
         if not 0.0 <= self.orig_prob_ratio < 1.0:
             raise ValueError(f"orig_prob_ratio must be in [0, 1), got {self.orig_prob_ratio}")
         if self.orig_prob_ratio > 0 and HEAD not in self.fusion_layers:
-            raise ValueError("orig_prob_ratio mixes LM-head outputs: it needs 'head' in "
-                             "fusion_layers")
+            raise ValueError(
+                "orig_prob_ratio mixes LM-head outputs: it needs 'head' in fusion_layers"
+            )
         if self.knn_lambda is not None and not 0.0 <= self.knn_lambda <= 1.0:
             raise ValueError(f"knn_lambda must be in [0, 1] or None, got {self.knn_lambda}")
         if self.knn_temperature is not None and not self.knn_temperature > 0:
@@ -153,10 +160,12 @@ class FusionConfig(JSONConfigMixin):
         # and k + retrieval_margin neighbours (id and distance): a floor of any batch.
         nodes = self.k * self.graph.window_size
         width = self.adapter.hidden_channels or 1
-        check_memory(f"the context graph of one position (k {self.k} × (graph.left + "
-                     f"graph.right + 1) = {nodes:,} neighbour nodes)",
-                     nodes * (8 + 4 * width) + 12 * (self.k + self.retrieval_margin),
-                     "lower k, graph.left or graph.right")
+        check_memory(
+            f"the context graph of one position (k {self.k} × (graph.left + "
+            f"graph.right + 1) = {nodes:,} neighbour nodes)",
+            nodes * (8 + 4 * width) + 12 * (self.k + self.retrieval_margin),
+            "lower k, graph.left or graph.right",
+        )
 
     def resolved_sites(self, num_layers: int) -> tuple[FusionSite, ...]:
         """The fused sites for a model with ``num_layers`` decoder layers: ascending layer
@@ -188,7 +197,12 @@ class FusionConfig(JSONConfigMixin):
             ConfigError: an unknown field or a value of the wrong type.
         """
         base = cls(
-            fusion_layers=(HEAD,), k=32, retrieval_margin=0, fusion_mode="replace",
-            neighbour_embedding="none", graph=GraphConfig.paper(), adapter=AdapterConfig.paper(),
+            fusion_layers=(HEAD,),
+            k=32,
+            retrieval_margin=0,
+            fusion_mode="replace",
+            neighbour_embedding="none",
+            graph=GraphConfig.paper(),
+            adapter=AdapterConfig.paper(),
         )
         return cls.from_dict({**{f.name: getattr(base, f.name) for f in fields(base)}, **overrides})

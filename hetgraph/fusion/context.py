@@ -7,6 +7,7 @@ in a :class:`contextvars.ContextVar`, so nested calls (a ``generate`` inside an
 evaluation loop, a forward issued from a user hook) and calls from several threads
 each see their own state, and nothing is ever written onto the module.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -139,8 +140,7 @@ def enter_context(attention_mask: Tensor | None) -> ForwardContext:
     generation = _generation.get()
     if options.neighbour_states is None and generation is not None:
         options = replace(options, neighbour_states=generation.neighbour_states)
-    context = ForwardContext(options=options, attention_mask=attention_mask,
-                             generation=generation)
+    context = ForwardContext(options=options, attention_mask=attention_mask, generation=generation)
     context.token = _active.set(context)
     _options.set(None)
     return context

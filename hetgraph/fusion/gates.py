@@ -14,6 +14,7 @@ neighbours retrieved for :math:`t` are, and :math:`\mathbf{a}` (``weight``) and 
 (``bias``) are learned per site. :math:`\mathbf{g}` starts at zero, so an untrained model is
 exactly the base model; :math:`\mathbf{a} = 0, b = 0` start the factor at 0.5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,10 +71,12 @@ class RetrievalGate(nn.Module):
             ValueError: ``statistics`` is ``None`` (the caller did not compute them).
         """
         if statistics is None:
-            raise ValueError("gate='retrieval' needs the retrieval statistics of the positions "
-                             "(HetGraphLM.gate_statistics)")
+            raise ValueError(
+                "gate='retrieval' needs the retrieval statistics of the positions "
+                "(HetGraphLM.gate_statistics)"
+            )
         statistics = statistics.to(device=self.weight.device, dtype=self.weight.dtype)
         return torch.sigmoid(statistics @ self.weight + self.bias)
 
     def extra_repr(self) -> str:
-        return f"statistics={list(STATISTICS[:self.weight.numel()])}"
+        return f"statistics={list(STATISTICS[: self.weight.numel()])}"

@@ -6,6 +6,7 @@ feature matrices of :class:`~hetgraph.nn.GraphAdapter`. It holds no per-call sta
 fusion hooks, the from-datastore training path, inspection and the benchmarks all call it
 the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,8 +83,13 @@ class GraphInputBuilder(nn.Module):
 
         ``query_mask`` (``[B, T]`` bool) keeps only the positions that become ``ctx`` nodes.
         """
-        graph = build_context_graph(neighbour_ids, self.corpus.tokens, self.corpus.doc_ids,
-                                    self.graph_config, query_mask=query_mask)
+        graph = build_context_graph(
+            neighbour_ids,
+            self.corpus.tokens,
+            self.corpus.doc_ids,
+            self.graph_config,
+            query_mask=query_mask,
+        )
         return graph.to(neighbour_ids.device)
 
     def next_tokens(self, neighbour_ids: Tensor) -> Tensor:
@@ -101,8 +107,9 @@ class GraphInputBuilder(nn.Module):
 
     def neighbour_features_of(self, corpus_ids: Tensor, site: FusionSite) -> Tensor:
         """Stored features ``[M, d_nbr]`` of corpus rows (read from the memmaps, fp16)."""
-        store = (self.datastore.keys if self._reads_keys(site)
-                 else self.datastore.features(int(site)))
+        store = (
+            self.datastore.keys if self._reads_keys(site) else self.datastore.features(int(site))
+        )
         rows = corpus_ids.cpu().numpy()
         return torch.from_numpy(np.asarray(store[rows])).to(corpus_ids.device)
 
@@ -113,7 +120,11 @@ class GraphInputBuilder(nn.Module):
         return hidden[ctx.batch_index, ctx.seq_index].to(dtype)
 
     def neighbour_inputs(
-        self, graph: ContextGraph, site: FusionSite, embedding: nn.Module, dtype: torch.dtype,
+        self,
+        graph: ContextGraph,
+        site: FusionSite,
+        embedding: nn.Module,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(nbr_x, nbr_token_x, nbr_token_index)`` of ``graph``'s ``nbr`` nodes for the
@@ -126,8 +137,9 @@ class GraphInputBuilder(nn.Module):
             if self.neighbour_embedding == "label":
                 nbr_x = embedding(self.next_tokens(nbr.corpus_id.to(device))).to(dtype)
             else:
-                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(device=device,
-                                                                           dtype=dtype)
+                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(
+                    device=device, dtype=dtype
+                )
             if self.neighbour_embedding == "own_token":
                 tokens, token_index = nbr.token_id.to(device).unique(return_inverse=True)
                 token_x = embedding(tokens).to(dtype)
@@ -150,10 +162,15 @@ class GraphInputBuilder(nn.Module):
             embedding: the LM's input embedding (``model.get_input_embeddings()``).
             dtype: dtype of the adapter's parameters.
         """
-        return AdapterInputs(graph, self.ctx_features(graph, hidden, dtype),
-                             *self.neighbour_inputs(graph, site, embedding, dtype, hidden.device))
+        return AdapterInputs(
+            graph,
+            self.ctx_features(graph, hidden, dtype),
+            *self.neighbour_inputs(graph, site, embedding, dtype, hidden.device),
+        )
 
     def extra_repr(self) -> str:
-        return (f"entries={len(self.datastore)}, neighbour_features={self.neighbour_features!r}, "
-                f"retrieval_site={self.retrieval_site!r}, "
-                f"neighbour_embedding={self.neighbour_embedding!r}")
+        return (
+            f"entries={len(self.datastore)}, neighbour_features={self.neighbour_features!r}, "
+            f"retrieval_site={self.retrieval_site!r}, "
+            f"neighbour_embedding={self.neighbour_embedding!r}"
+        )

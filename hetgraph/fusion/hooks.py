@@ -7,6 +7,7 @@ captured the datastore's keys defines what a query is), and one hook per fused s
 hooks hold no state of their own: whatever a call retrieves and builds lives in its
 context, and every computation is a stateless method of the :class:`~hetgraph.HetGraphLM`.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,9 @@ class FusionHooks:
         self.handles.append(model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._on_call_end, always_call=True))
         site = self.lm.retrieval_site
-        self.capture = HiddenStateCapture(model, [None if site == HEAD else int(site)],
-                                          on_capture=self._on_query).attach()
+        self.capture = HiddenStateCapture(
+            model, [None if site == HEAD else int(site)], on_capture=self._on_query
+        ).attach()
         layers = decoder_layers(model)
         for site in self.lm.fusion_sites:
             if site == HEAD:
@@ -94,8 +96,11 @@ class FusionHooks:
             history = self._history_ids(context, input_ids, past)
         if random and history is not None:  # random neighbours are drawn from the tokens
             mask = context.attention_mask
-            context.query_tokens = (history if mask is None or mask.shape != history.shape
-                                    else history.masked_fill(mask == 0, -1))
+            context.query_tokens = (
+                history
+                if mask is None or mask.shape != history.shape
+                else history.masked_fill(mask == 0, -1)
+            )
         if self.lm.needs_prefetch:
             self._prefetch(context, input_ids, history)
 
@@ -112,8 +117,9 @@ class FusionHooks:
         # Random neighbours feed the graph; the kNN-LM mixture keeps the retrieved ones.
         knn_retrieval = context.knn_retrieval or context.retrieval
         if context.options.knn is not None and knn_retrieval is not None:
-            output.logits = self.lm.knn_mixture_logits(output.logits, knn_retrieval,
-                                                       context.options.knn)
+            output.logits = self.lm.knn_mixture_logits(
+                output.logits, knn_retrieval, context.options.knn
+            )
         if context.options.output_retrieval:
             output.retrieval = context.retrieval
         return output
@@ -130,22 +136,24 @@ class FusionHooks:
             self._retrieve(context, hidden)
 
     def _retrieve(self, context: ForwardContext, queries: Tensor) -> None:
-        context.retrieval = self.lm.retrieve(queries, context.options,
-                                             tokens=context.query_tokens)
+        context.retrieval = self.lm.retrieve(queries, context.options, tokens=context.query_tokens)
         if context.options.knn is not None and self.lm.config.neighbours == "random":
-            context.knn_retrieval = self.lm.retrieve(queries, context.options,
-                                                     neighbours="retrieved")
+            context.knn_retrieval = self.lm.retrieve(
+                queries, context.options, neighbours="retrieved"
+            )
 
-    def _prefetch(self, context: ForwardContext, input_ids: Tensor | None,
-                  history: Tensor | None) -> None:
+    def _prefetch(
+        self, context: ForwardContext, input_ids: Tensor | None, history: Tensor | None
+    ) -> None:
         # Some fused site runs before the retrieval site: a no-grad pass up to the
         # retrieval site supplies the queries first (history: _history_ids of input_ids).
         if input_ids is None or history is None:
             raise ValueError("HetGraphLM with a prefetch pass needs input_ids (not inputs_embeds)")
         if self.lm.config.neighbours == "retrieved":  # neighbours handed in: no queries needed
             k = context.options.k or self.lm.config.k
-            ready = self.lm.retriever.complete(context.options, k, input_ids.shape[0],
-                                               input_ids.shape[-1], input_ids.device)
+            ready = self.lm.retriever.complete(
+                context.options, k, input_ids.shape[0], input_ids.shape[-1], input_ids.device
+            )
             if ready is not None:
                 context.retrieval = ready
                 return
@@ -162,7 +170,7 @@ class FusionHooks:
             context.prefetching = context.prefetch_call_pending = False
         if context.prefetched_queries is None:
             raise RuntimeError("the prefetch pass never reached the retrieval site")
-        self._retrieve(context, context.prefetched_queries[:, -input_ids.shape[-1]:])
+        self._retrieve(context, context.prefetched_queries[:, -input_ids.shape[-1] :])
 
     @staticmethod
     def _history_ids(context: ForwardContext, input_ids: Tensor, past: Any) -> Tensor:
@@ -185,16 +193,18 @@ class FusionHooks:
         if context is None or context.prefetching:
             return None
         if context.retrieval is None:
-            raise RuntimeError("no neighbours were retrieved before a fused site; "
-                               "this is a bug in the hook order")
+            raise RuntimeError(
+                "no neighbours were retrieved before a fused site; this is a bug in the hook order"
+            )
         length = hidden.shape[1]
         graph = context.graphs.get(length)
         if graph is None:  # one graph per call, shared by every fused site
             graph = self.lm.build_graph(context.retrieval, length, context.attention_mask)
             context.graphs[length] = graph
             context.gate_statistics[length] = self.lm.gate_statistics(context.retrieval, length)
-        return self.lm.fuse(site, hidden, graph, context.gate_statistics[length],
-                            context.options.neighbour_states)
+        return self.lm.fuse(
+            site, hidden, graph, context.gate_statistics[length], context.options.neighbour_states
+        )
 
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])
@@ -218,4 +228,5 @@ class FusionHooks:
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             fused = self._fuse(layer, hidden_states_of(output))
             return None if fused is None else with_hidden_states(output, fused)
+
         return hook

@@ -19,6 +19,7 @@ every fused site. With ``FusionConfig(fusion_mode="replace")`` (the official GNN
 as handles (no ``forward`` is replaced), so HF ``generate`` with a KV cache works unchanged;
 what one call retrieves lives in that call's context, never on the module.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,6 +62,7 @@ if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
     from hetgraph.fusion.neighbour_states import NeighbourStates
+
 
 class HetGraphLM(AdapterPersistenceMixin, nn.Module):
     r"""A frozen causal LM with GNN-LM graph adapters fused into its hidden states.
@@ -111,16 +113,23 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             raise AdapterMismatchError(
                 f"datastore keys have width {datastore.dim} "
                 f"but the model's hidden size is {width}: "
-                "build the datastore with this model (hetgraph datastore build --model …)")
+                "build the datastore with this model (hetgraph datastore build --model …)"
+            )
         self.retrieval_site: FusionSite = (
-            HEAD if datastore.key_layer is None
-            else resolve_layer_index(model, datastore.key_layer))
+            HEAD if datastore.key_layer is None else resolve_layer_index(model, datastore.key_layer)
+        )
         self.fusion_sites: tuple[FusionSite, ...] = self.config.resolved_sites(
-            num_decoder_layers(model))
+            num_decoder_layers(model)
+        )
         embedding = self.config.neighbour_embedding
-        self.graph_inputs = GraphInputBuilder(datastore, self.config.graph,
-                                              self.config.neighbour_features, self.retrieval_site,
-                                              neighbour_embedding=embedding, corpus=corpus)
+        self.graph_inputs = GraphInputBuilder(
+            datastore,
+            self.config.graph,
+            self.config.neighbour_features,
+            self.retrieval_site,
+            neighbour_embedding=embedding,
+            corpus=corpus,
+        )
         self.adapters = nn.ModuleDict()
         self.gates = nn.ParameterDict()
         self.retrieval_gates = nn.ModuleDict()  # per-site RetrievalGate (gate="retrieval")
@@ -128,10 +137,13 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         for site in self.fusion_sites:
             adapter_config = self.config.adapter.resolved(
                 ctx_channels=width,
-                nbr_channels=(token_width if embedding == "label"
-                              else self.graph_inputs.feature_width(site)),
-                out_channels=width, token_channels=token_width if embedding == "own_token" else 0,
-                use_c2c=self.config.graph.c2c)
+                nbr_channels=(
+                    token_width if embedding == "label" else self.graph_inputs.feature_width(site)
+                ),
+                out_channels=width,
+                token_channels=token_width if embedding == "own_token" else 0,
+                use_c2c=self.config.graph.c2c,
+            )
             self.adapters[site_key(site)] = GraphAdapter(adapter_config)
             self.gates[site_key(site)] = nn.Parameter(torch.zeros(width))
             if self.config.gate == "retrieval":
@@ -163,7 +175,8 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         # Evaluated on every forward call: no walk over the model's modules here.
         order = lambda site: math.inf if site == HEAD else int(site)  # noqa: E731
         return bool(self.config.prefetch) or any(
-            order(s) < order(self.retrieval_site) for s in self.fusion_sites)
+            order(s) < order(self.retrieval_site) for s in self.fusion_sites
+        )
 
     def train(self, mode: bool = True) -> HetGraphLM:
         """Set the adapters' training mode; the frozen base model stays in eval mode (with
@@ -217,8 +230,10 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         lam = self.config.knn_lambda if lam is None else lam
         temperature = self.config.knn_temperature if temperature is None else temperature
         if lam is None or temperature is None:
-            raise ValueError("kNN interpolation needs lambda and temperature: pass them or set "
-                             "FusionConfig.knn_lambda / knn_temperature (hetgraph eval tunes both)")
+            raise ValueError(
+                "kNN interpolation needs lambda and temperature: pass them or set "
+                "FusionConfig.knn_lambda / knn_temperature (hetgraph eval tunes both)"
+            )
         return KNNMixture(float(lam), float(temperature))
 
     def knn_interpolation(self, lam: float | None = None, temperature: float | None = None):
@@ -228,8 +243,14 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         return knn_mixture(self.knn_mixture(lam, temperature))
 
     # ------------------------------------------------------ stateless steps
-    def retrieve(self, queries: Tensor, options: CallOptions | None = None, *,
-                 tokens: Tensor | None = None, neighbours: str | None = None) -> Retrieval:
+    def retrieve(
+        self,
+        queries: Tensor,
+        options: CallOptions | None = None,
+        *,
+        tokens: Tensor | None = None,
+        neighbours: str | None = None,
+    ) -> Retrieval:
         """The ``k`` nearest datastore rows of ``[B, T, d]`` query states (``neighbours=
         "random"``: ``k`` rows drawn uniformly, :meth:`~hetgraph.Retriever.random`). With
         ``options.query_positions`` (text that is itself in the datastore), neighbours
@@ -240,27 +261,41 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         row; ``neighbours`` overrides ``config.neighbours``. Positions that
         ``options.retrieval`` covers take its neighbours and are not searched again.
         """
-        return self.retriever.retrieve(queries, options or CallOptions(), self.config,
-                                       tokens=tokens, neighbours=neighbours)
+        return self.retriever.retrieve(
+            queries, options or CallOptions(), self.config, tokens=tokens, neighbours=neighbours
+        )
 
-    def build_graph(self, retrieval: Retrieval, length: int,
-                    attention_mask: Tensor | None = None) -> ContextGraph:
+    def build_graph(
+        self, retrieval: Retrieval, length: int, attention_mask: Tensor | None = None
+    ) -> ContextGraph:
         """The context graph of the last ``length`` positions of a retrieval (padded
         positions, ``attention_mask == 0``, become no nodes)."""
         ids = retrieval.neighbour_ids[:, -length:]
-        mask = (None if attention_mask is None
-                else attention_mask[:, -length:].to(ids.device, torch.bool))
+        mask = (
+            None
+            if attention_mask is None
+            else attention_mask[:, -length:].to(ids.device, torch.bool)
+        )
         return self.graph_inputs.build_graph(ids, query_mask=mask)
 
     def gate_statistics(self, retrieval: Retrieval, length: int) -> Tensor | None:
         """``[B, length, 3]`` retrieval-gate inputs of the last ``length`` positions (``None``
         unless ``gate="retrieval"``)."""
         ids, distances = retrieval.neighbour_ids[:, -length:], retrieval.distances[:, -length:]
-        return (retrieval_statistics(distances, ids, self.datastore.dim)
-                if self.config.gate == "retrieval" else None)
+        return (
+            retrieval_statistics(distances, ids, self.datastore.dim)
+            if self.config.gate == "retrieval"
+            else None
+        )
 
-    def fuse(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
-             statistics: Tensor | None = None, states: NeighbourStates | None = None) -> Tensor:
+    def fuse(
+        self,
+        site: FusionSite,
+        hidden: Tensor,
+        graph: ContextGraph,
+        statistics: Tensor | None = None,
+        states: NeighbourStates | None = None,
+    ) -> Tensor:
         r""":math:`\mathbf{h} + \mathbf{g} \odot \mathrm{Adapter}(\mathcal{G})` at ``site`` for
         ``[B, T, d]`` hidden states whose positions ``graph`` covers; with
         ``fusion_mode="replace"`` the adapter's output itself at the ``ctx`` positions
@@ -270,35 +305,56 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         recomputed in the backward pass, not kept (same dropout masks: RNG state restored).
         ``states``: see :meth:`adapter_output`."""
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._fuse_site, site, hidden, graph, statistics,
-                              use_reentrant=False)
+            return checkpoint(self._fuse_site, site, hidden, graph, statistics, use_reentrant=False)
         return self._fuse_site(site, hidden, graph, statistics, states)
 
-    def adapter_output(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
-                       states: NeighbourStates | None = None) -> Tensor:
+    def adapter_output(
+        self,
+        site: FusionSite,
+        hidden: Tensor,
+        graph: ContextGraph,
+        states: NeighbourStates | None = None,
+    ) -> Tensor:
         """``[N_ctx, d]`` output of the adapter at ``site``; in eval mode without autograd,
         with ``states`` that cover the site, only its ``ctx`` side runs (the windows' part
         is read: it would get no gradient)."""
         adapter, dtype = self.adapter_at(site), self.gates[site_key(site)].dtype
-        if (states is not None and states.covers(site) and not self.training
-                and not torch.is_grad_enabled()):
+        if (
+            states is not None
+            and states.covers(site)
+            and not self.training
+            and not torch.is_grad_enabled()
+        ):
             states.check(self, [site])
             ctx_x = self.graph_inputs.ctx_features(graph, hidden, dtype)
             return adapter.ctx_forward(graph, ctx_x, states.window_key_values(site, graph))
-        inputs = self.graph_inputs.adapter_inputs(graph, hidden, site,
-                                                  self.model.get_input_embeddings(), dtype)
-        return adapter(inputs.graph, inputs.ctx_x, inputs.nbr_x, inputs.nbr_token_x,
-                       nbr_token_index=inputs.nbr_token_index)
+        inputs = self.graph_inputs.adapter_inputs(
+            graph, hidden, site, self.model.get_input_embeddings(), dtype
+        )
+        return adapter(
+            inputs.graph,
+            inputs.ctx_x,
+            inputs.nbr_x,
+            inputs.nbr_token_x,
+            nbr_token_index=inputs.nbr_token_index,
+        )
 
-    def _fuse_site(self, site: FusionSite, hidden: Tensor, graph: ContextGraph,
-                   statistics: Tensor | None, states: NeighbourStates | None = None) -> Tensor:
+    def _fuse_site(
+        self,
+        site: FusionSite,
+        hidden: Tensor,
+        graph: ContextGraph,
+        statistics: Tensor | None,
+        states: NeighbourStates | None = None,
+    ) -> Tensor:
         gate = self.gates[site_key(site)]
         out = self.adapter_output(site, hidden, graph, states)
         ctx = graph["ctx"]
         if self.config.fusion_mode == "replace":
             return hidden.index_put((ctx.batch_index, ctx.seq_index), out.to(hidden.dtype))
         delta = hidden.new_zeros(hidden.shape, dtype=out.dtype).index_put(
-            (ctx.batch_index, ctx.seq_index), out)
+            (ctx.batch_index, ctx.seq_index), out
+        )
         if self.config.gate == "retrieval":  # g ⊙ σ(a·s + b) per position
             delta = delta * self.retrieval_gates[site_key(site)](statistics).unsqueeze(-1)
         return hidden + (gate * delta).to(hidden.dtype)
@@ -307,20 +363,28 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         """``log(r·softmax(original_logits) + (1-r)·softmax(logits))`` in float32, with
         ``r = config.orig_prob_ratio`` (the official GNN-LM ``orig_prob_ratio`` mixture)."""
         r = self.config.orig_prob_ratio
-        return torch.logaddexp(math.log(r) + torch.log_softmax(original_logits.float(), -1),
-                               math.log1p(-r) + torch.log_softmax(logits.float(), -1))
+        return torch.logaddexp(
+            math.log(r) + torch.log_softmax(original_logits.float(), -1),
+            math.log1p(-r) + torch.log_softmax(logits.float(), -1),
+        )
 
     def knn_mixture_logits(
-        self, logits: Tensor, retrieval: Retrieval, mixture: KNNMixture,
+        self,
+        logits: Tensor,
+        retrieval: Retrieval,
+        mixture: KNNMixture,
     ) -> Tensor:
         """``log(λ·p_kNN + (1-λ)·softmax(logits))`` (float32) over a call's neighbours."""
         batch, length, vocab = logits.shape
         ids = retrieval.neighbour_ids[:, -length:]
         k = ids.shape[-1]
         next_tokens = self.graph_inputs.next_tokens(ids)
-        knn = knn_log_probs(retrieval.distances[:, -length:].reshape(-1, k),
-                            next_tokens.reshape(-1, k), vocab,
-                            mixture.temperature).view(batch, length, -1)
+        knn = knn_log_probs(
+            retrieval.distances[:, -length:].reshape(-1, k),
+            next_tokens.reshape(-1, k),
+            vocab,
+            mixture.temperature,
+        ).view(batch, length, -1)
         return interpolate_log_probs(torch.log_softmax(logits.float(), dim=-1), knn, mixture.lam)
 
     # ---------------------------------------------------------------- public
@@ -355,9 +419,13 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
                 searched again.
             **kwargs: passed to the base model (``labels``, ``use_cache``, …).
         """
-        options = CallOptions(query_positions=query_positions, k=k,
-                              output_retrieval=output_retrieval, neighbour_states=neighbour_states,
-                              retrieval=retrieval)
+        options = CallOptions(
+            query_positions=query_positions,
+            k=k,
+            output_retrieval=output_retrieval,
+            neighbour_states=neighbour_states,
+            retrieval=retrieval,
+        )
         with self._attached_for_call(), call_options(options):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -367,8 +435,11 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         every fused site are the LM-head input (whose states the datastore stores as keys)
         and neighbours use the keys. With ``c2c`` edges the rows must be contiguous spans
         (see :meth:`forward_from_datastore`)."""
-        return (self.retrieval_site == HEAD and set(self.fusion_sites) == {HEAD}
-                and not self.config.prefetch)
+        return (
+            self.retrieval_site == HEAD
+            and set(self.fusion_sites) == {HEAD}
+            and not self.config.prefetch
+        )
 
     def forward_from_datastore(self, rows: Tensor) -> Tensor:
         """Logits at datastore rows ``[B, T]`` computed from their stored keys, no base
@@ -376,9 +447,15 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
         return logits_from_datastore(self, rows)
 
     @torch.no_grad()
-    def generate(self, *args: Any, knn: bool = False, knn_lambda: float | None = None,
-                 knn_temperature: float | None = None,
-                 neighbour_states: NeighbourStates | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        *args: Any,
+        knn: bool = False,
+        knn_lambda: float | None = None,
+        knn_temperature: float | None = None,
+        neighbour_states: NeighbourStates | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """HF ``generate`` with retrieval for every new position (the KV cache stays on);
         ``knn=True`` also interpolates the kNN-LM distribution with ``knn_lambda`` and
         ``knn_temperature`` (each defaulting to the config's; one of the two missing raises
@@ -388,5 +465,7 @@ class HetGraphLM(AdapterPersistenceMixin, nn.Module):
             return self.model.generate(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"retrieval={self.retrieval_site!r}, sites={describe_sites(self.fusion_sites)}, "
-                f"k={self.config.k}, prefetch={self.needs_prefetch}, gate={self.config.gate!r}")
+        return (
+            f"retrieval={self.retrieval_site!r}, sites={describe_sites(self.fusion_sites)}, "
+            f"k={self.config.k}, prefetch={self.needs_prefetch}, gate={self.config.gate!r}"
+        )

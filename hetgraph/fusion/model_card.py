@@ -14,6 +14,7 @@ adapter's integrity record, and writing it is best effort (a failure is a warnin
 Text a person adds below the card's closing marker line is kept when the card is written
 again; a ``README.md`` hetgraph did not write is never replaced.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,11 +44,15 @@ MODEL_CARD = "README.md"
 #: The last ``hetgraph eval --adapter`` results of an adapter (JSON record), for its card.
 ADAPTER_EVALUATION = "evaluation.json"
 #: First line of the card's body: marks a ``README.md`` as written by hetgraph.
-CARD_BEGIN = "<!-- hetgraph model card: written from adapter_config.json, training.json " \
-             "and evaluation.json -->"
+CARD_BEGIN = (
+    "<!-- hetgraph model card: written from adapter_config.json, training.json "
+    "and evaluation.json -->"
+)
 #: Last line of the generated part; whatever follows it is kept when the card is rewritten.
-CARD_END = "<!-- hetgraph: end of the generated card; text below this line is kept when " \
-           "hetgraph writes the card again -->"
+CARD_END = (
+    "<!-- hetgraph: end of the generated card; text below this line is kept when "
+    "hetgraph writes the card again -->"
+)
 #: A card larger than this is not read (and not replaced): no hetgraph card is near it.
 MAX_CARD_BYTES = 4 << 20
 #: Labels of the evaluated methods (as :data:`hetgraph.evaluation.report.METHOD_NAMES`).
@@ -98,18 +103,28 @@ def _training_summary(directory: Path) -> dict[str, Any] | None:
         config, result = record["config"], record["result"]
         steps = int(result["steps"])
         # Every micro-batch scores batch_size x context_length labels (over all processes).
-        tokens = (steps * int(config.get("grad_accumulation", 1)) * int(config["batch_size"])
-                  * int(config["context_length"]))
-        summary = {"steps": steps, "tokens": tokens, "batch_size": int(config["batch_size"]),
-                   "context_length": int(config["context_length"]),
-                   "grad_accumulation": int(config.get("grad_accumulation", 1)),
-                   "learning_rate": float(config["lr"]), "seed": int(config["seed"]),
-                   "best_step": result.get("best_step"),
-                   "best_valid_ppl": result.get("best_valid_ppl"),
-                   "mixed_precision": str(result.get("mixed_precision", "no"))}
+        tokens = (
+            steps
+            * int(config.get("grad_accumulation", 1))
+            * int(config["batch_size"])
+            * int(config["context_length"])
+        )
+        summary = {
+            "steps": steps,
+            "tokens": tokens,
+            "batch_size": int(config["batch_size"]),
+            "context_length": int(config["context_length"]),
+            "grad_accumulation": int(config.get("grad_accumulation", 1)),
+            "learning_rate": float(config["lr"]),
+            "seed": int(config["seed"]),
+            "best_step": result.get("best_step"),
+            "best_valid_ppl": result.get("best_valid_ppl"),
+            "mixed_precision": str(result.get("mixed_precision", "no")),
+        }
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        logger.warning("model card: ignoring %s (unexpected content: %s)",
-                       directory / TRAINING_RESULT, error)
+        logger.warning(
+            "model card: ignoring %s (unexpected content: %s)", directory / TRAINING_RESULT, error
+        )
         return None
     best = summary["best_valid_ppl"]
     if not (isinstance(best, (int, float)) and math.isfinite(best)):
@@ -124,27 +139,35 @@ def _evaluation(directory: Path) -> dict[str, Any] | None:
     if record is None:
         return None
     if record.get("adapter") != _adapter_digest(directory):
-        logger.info("model card: %s holds the results of an earlier adapter in %s; run "
-                    "`hetgraph eval --adapter %s` again for this one",
-                    directory / ADAPTER_EVALUATION, directory, directory)
+        logger.info(
+            "model card: %s holds the results of an earlier adapter in %s; run "
+            "`hetgraph eval --adapter %s` again for this one",
+            directory / ADAPTER_EVALUATION,
+            directory,
+            directory,
+        )
         return None
     results = record.get("results")
     try:
-        rows = {key: {m: float(results[key][m]) for m in ("ppl", "acc")}
-                for key in _METHODS if isinstance(results.get(key), Mapping)}
-        ok = "base" in rows and all(math.isfinite(v) for row in rows.values()
-                                    for v in row.values())
+        rows = {
+            key: {m: float(results[key][m]) for m in ("ppl", "acc")}
+            for key in _METHODS
+            if isinstance(results.get(key), Mapping)
+        }
+        ok = "base" in rows and all(math.isfinite(v) for row in rows.values() for v in row.values())
     except (KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
-        logger.warning("model card: ignoring %s (unexpected results)",
-                       directory / ADAPTER_EVALUATION)
+        logger.warning(
+            "model card: ignoring %s (unexpected results)", directory / ADAPTER_EVALUATION
+        )
         return None
     return {"results": results, "rows": rows, "split": record.get("split")}
 
 
-def _front_matter(config: Mapping[str, Any], training: dict[str, Any] | None,
-                  evaluation: dict[str, Any] | None) -> str:
+def _front_matter(
+    config: Mapping[str, Any], training: dict[str, Any] | None, evaluation: dict[str, Any] | None
+) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     name = config.get("base_model_name_or_path")
@@ -152,13 +175,16 @@ def _front_matter(config: Mapping[str, Any], training: dict[str, Any] | None,
     datastore = config.get("datastore", {})
     hetgraph: dict[str, Any] = {
         "format_version": config.get("format_version"),
-        "base_model": {**({"name_or_path": _plain(name)} if name else {}),
-                       "model_type": _plain(model.get("model_type", "")),
-                       "fingerprint": {k: _plain(v) for k, v in model.items()
-                                       if k != "model_type"}},
-        "datastore": {"fingerprint": _plain(datastore.get("fingerprint", "")),
-                      "num_entries": datastore.get("num_entries"),
-                      "key_layer": datastore.get("key_layer")},
+        "base_model": {
+            **({"name_or_path": _plain(name)} if name else {}),
+            "model_type": _plain(model.get("model_type", "")),
+            "fingerprint": {k: _plain(v) for k, v in model.items() if k != "model_type"},
+        },
+        "datastore": {
+            "fingerprint": _plain(datastore.get("fingerprint", "")),
+            "num_entries": datastore.get("num_entries"),
+            "key_layer": datastore.get("key_layer"),
+        },
         "fusion_sites": [_plain(site) for site in config.get("adapters", {})],
         "fusion_layers": config["fusion"].get("fusion_layers"),
         "fusion_mode": config["fusion"].get("fusion_mode"),
@@ -174,28 +200,44 @@ def _front_matter(config: Mapping[str, Any], training: dict[str, Any] | None,
     if evaluation is not None:
         split = _plain(evaluation["split"] or "test")
         corpus = evaluation["results"].get("provenance", {}).get("eval_corpus")
-        hetgraph["evaluation"] = {"split": split, "tokens": evaluation["results"].get("tokens"),
-                                  "corpus_fingerprint": _plain(corpus) if corpus else None}
+        hetgraph["evaluation"] = {
+            "split": split,
+            "tokens": evaluation["results"].get("tokens"),
+            "corpus_fingerprint": _plain(corpus) if corpus else None,
+        }
         dataset = f"local corpus {_plain(corpus)}" if corpus else "local corpus"
         for key, row in evaluation["rows"].items():
             for metric, value in (("perplexity", row["ppl"]), ("accuracy", row["acc"])):
-                results.append(EvalResult(
-                    task_type="text-generation", task_name="Language modelling",
-                    dataset_type="hetgraph-corpus", dataset_name=dataset, dataset_split=split,
-                    metric_type=metric, metric_value=round(value, 6),
-                    metric_name=f"{_METHODS[key]} {metric}", metric_config=key))
+                results.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        task_name="Language modelling",
+                        dataset_type="hetgraph-corpus",
+                        dataset_name=dataset,
+                        dataset_split=split,
+                        metric_type=metric,
+                        metric_value=round(value, 6),
+                        metric_name=f"{_METHODS[key]} {metric}",
+                        metric_config=key,
+                    )
+                )
     # Hub metadata wants a Hub model id as base_model: a local path stays in hetgraph's section.
     hub_id = name if name and _HUB_ID.fullmatch(name) and not os.path.isabs(name) else None
     data = ModelCardData(
-        library_name="hetgraph", base_model=hub_id, pipeline_tag="text-generation",
+        library_name="hetgraph",
+        base_model=hub_id,
+        pipeline_tag="text-generation",
         tags=["hetgraph", "gnn-lm", "retrieval-augmented", "graph-neural-network", "adapter"],
         model_name="hetgraph adapter" if results else None,
-        eval_results=results or None, hetgraph=hetgraph)
+        eval_results=results or None,
+        hetgraph=hetgraph,
+    )
     return data.to_yaml()
 
 
-def _body(config: Mapping[str, Any], training: dict[str, Any] | None,
-          evaluation: dict[str, Any] | None) -> str:
+def _body(
+    config: Mapping[str, Any], training: dict[str, Any] | None, evaluation: dict[str, Any] | None
+) -> str:
     name = config.get("base_model_name_or_path")
     base = f"the frozen base model {_code(name)}" if name else "a frozen base model"
     load = _plain(name) if name else "BASE_MODEL"
@@ -203,7 +245,10 @@ def _body(config: Mapping[str, Any], training: dict[str, Any] | None,
     sites = ", ".join(_code(s) for s in config.get("adapters", {})) or "–"
     store = config.get("datastore", {})
     lines = [
-        CARD_BEGIN, "", "# hetgraph adapter (GNN-LM)", "",
+        CARD_BEGIN,
+        "",
+        "# hetgraph adapter (GNN-LM)",
+        "",
         f"Graph-network adapters and gates trained by hetgraph on top of {base}: at each "
         f"fusion site "
         f"({sites}) a heterogeneous graph of the current context and the neighbours "
@@ -211,43 +256,68 @@ def _body(config: Mapping[str, Any], training: dict[str, Any] | None,
         f"are here ({ADAPTER_WEIGHTS}, {ADAPTER_CONFIG}); the base model and the datastore "
         f"(fingerprint {_code(store.get('fingerprint', ''))}, "
         f"{store.get('num_entries', '?')} entries) are needed to use it, and loading checks "
-        "that they are the ones it was trained with.", "",
-        *(["This is the **random-neighbours control**: each position's neighbours are "
-           "datastore rows drawn uniformly (seeded), not retrieved, so it measures the "
-           "adapter's capacity and training without retrieval.", ""]
-          if config["fusion"].get("neighbours") == "random" else []),
-        "## How to use it", "",
+        "that they are the ones it was trained with.",
+        "",
+        *(
+            [
+                "This is the **random-neighbours control**: each position's neighbours are "
+                "datastore rows drawn uniformly (seeded), not retrieved, so it measures the "
+                "adapter's capacity and training without retrieval.",
+                "",
+            ]
+            if config["fusion"].get("neighbours") == "random"
+            else []
+        ),
+        "## How to use it",
+        "",
         "```bash",
         f"hetgraph eval --model {shell} --corpus CORPUS --datastore DATASTORE --adapter ADAPTER",
-        f"hetgraph generate --model {shell} --datastore DATASTORE --adapter ADAPTER "
-        "--prompt \"...\"",
-        "```", "",
+        f'hetgraph generate --model {shell} --datastore DATASTORE --adapter ADAPTER --prompt "..."',
+        "```",
+        "",
         "```python",
         "from hetgraph import Datastore, DatastoreIndex, HetGraphLM, load_model",
         "",
         f"model, tokenizer = load_model({load!r})",
-        "store = Datastore.open(\"DATASTORE\", model=model, tokenizer=tokenizer)",
-        "index = DatastoreIndex.load(\"DATASTORE/index\", store)",
-        "lm = HetGraphLM.from_pretrained(\"ADAPTER\", model, store, index, tokenizer=tokenizer)",
-        "```", "",
+        'store = Datastore.open("DATASTORE", model=model, tokenizer=tokenizer)',
+        'index = DatastoreIndex.load("DATASTORE/index", store)',
+        'lm = HetGraphLM.from_pretrained("ADAPTER", model, store, index, tokenizer=tokenizer)',
+        "```",
+        "",
     ]
     if training is not None:
         best = training["best_valid_ppl"]
-        lines += ["## Training", "",
-                  f"{training['steps']} steps of {training['batch_size']} × "
-                  f"{training['context_length']} tokens"
-                  + (f" × {training['grad_accumulation']} accumulated"
-                     if training["grad_accumulation"] > 1 else "")
-                  + f": {training['tokens']:,} training tokens (learning rate "
-                  f"{training['learning_rate']:g}, seed {training['seed']}"
-                  + (f", best valid perplexity {best:.3f} at step {training['best_step']}"
-                     if best is not None else "") + ").", ""]
+        lines += [
+            "## Training",
+            "",
+            f"{training['steps']} steps of {training['batch_size']} × "
+            f"{training['context_length']} tokens"
+            + (
+                f" × {training['grad_accumulation']} accumulated"
+                if training["grad_accumulation"] > 1
+                else ""
+            )
+            + f": {training['tokens']:,} training tokens (learning rate "
+            f"{training['learning_rate']:g}, seed {training['seed']}"
+            + (
+                f", best valid perplexity {best:.3f} at step {training['best_step']}"
+                if best is not None
+                else ""
+            )
+            + ").",
+            "",
+        ]
     if evaluation is not None:
         from hetgraph.evaluation.report import results_table
 
-        lines += ["## Evaluation", "",
-                  f"`hetgraph eval` on the {_plain(evaluation['split'] or 'test')} split:", "",
-                  results_table(evaluation["results"]).rstrip(), ""]
+        lines += [
+            "## Evaluation",
+            "",
+            f"`hetgraph eval` on the {_plain(evaluation['split'] or 'test')} split:",
+            "",
+            results_table(evaluation["results"]).rstrip(),
+            "",
+        ]
     return "\n".join([*lines, CARD_END, ""])
 
 
@@ -267,12 +337,15 @@ def render_model_card(directory: str | Path, config: Mapping[str, Any] | None = 
     directory = Path(directory)
     if config is None:
         config = read_json_record(directory / ADAPTER_CONFIG)
-    if not isinstance(config.get("model"), Mapping) or not isinstance(config.get("fusion"),
-                                                                      Mapping):
+    if not isinstance(config.get("model"), Mapping) or not isinstance(
+        config.get("fusion"), Mapping
+    ):
         raise HetgraphError(f"{directory / ADAPTER_CONFIG} has no model or fusion section")
     training, evaluation = _training_summary(directory), _evaluation(directory)
-    return (f"---\n{_front_matter(config, training, evaluation)}\n---\n\n"
-            f"{_body(config, training, evaluation)}")
+    return (
+        f"---\n{_front_matter(config, training, evaluation)}\n---\n\n"
+        f"{_body(config, training, evaluation)}"
+    )
 
 
 def _kept_text(path: Path) -> str | None:
@@ -291,8 +364,7 @@ def _kept_text(path: Path) -> str | None:
     return "" if CARD_BEGIN in text else None
 
 
-def write_model_card(directory: str | Path, config: Mapping[str, Any] | None = None
-                     ) -> Path | None:
+def write_model_card(directory: str | Path, config: Mapping[str, Any] | None = None) -> Path | None:
     r"""(Re)write ``directory/README.md`` from the adapter's files (:func:`render_model_card`)
     atomically, keeping any text below the previous card's closing marker.
 
@@ -309,15 +381,21 @@ def write_model_card(directory: str | Path, config: Mapping[str, Any] | None = N
         return None
     kept = _kept_text(path)
     if kept is None:
-        logger.warning("%s was not written by hetgraph (or is unreadable); it is left as it "
-                       "is: delete it to have hetgraph write the adapter's model card", path)
+        logger.warning(
+            "%s was not written by hetgraph (or is unreadable); it is left as it "
+            "is: delete it to have hetgraph write the adapter's model card",
+            path,
+        )
         return None
     try:
         card = render_model_card(directory, config)
         atomic_write_text(path, card + (f"\n{kept}" if kept.strip() else ""))
     except (OSError, HetgraphError, KeyError, TypeError, ValueError, AttributeError) as error:
-        logger.warning("could not write the model card %s (%s); the adapter itself is not "
-                       "affected", path, error)
+        logger.warning(
+            "could not write the model card %s (%s); the adapter itself is not affected",
+            path,
+            error,
+        )
         return None
     return path
 
@@ -339,8 +417,9 @@ def read_model_card_metadata(directory: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def record_evaluation_in_card(adapter_dir: str | Path | None, results: Mapping[str, Any], *,
-                              split: str | None = None) -> Path | None:
+def record_evaluation_in_card(
+    adapter_dir: str | Path | None, results: Mapping[str, Any], *, split: str | None = None
+) -> Path | None:
     r"""Keep ``results`` (of :func:`~hetgraph.evaluation.evaluate_four_way`, on ``split``)
     in ``adapter_dir/evaluation.json``, tied to this adapter's ``adapter_config.json``, and
     rewrite the adapter's model card with them. ``hetgraph eval --adapter`` calls it.
@@ -355,11 +434,15 @@ def record_evaluation_in_card(adapter_dir: str | Path | None, results: Mapping[s
         return None
     directory = Path(adapter_dir)
     try:
-        atomic_write_json_record(directory / ADAPTER_EVALUATION,
-                                 {"adapter": _adapter_digest(directory), "split": split,
-                                  "results": dict(results)})
+        atomic_write_json_record(
+            directory / ADAPTER_EVALUATION,
+            {"adapter": _adapter_digest(directory), "split": split, "results": dict(results)},
+        )
     except (OSError, HetgraphError, TypeError, ValueError) as error:
-        logger.warning("could not record the evaluation results in %s (%s); they are not in "
-                       "its model card", directory / ADAPTER_EVALUATION, error)
+        logger.warning(
+            "could not record the evaluation results in %s (%s); they are not in its model card",
+            directory / ADAPTER_EVALUATION,
+            error,
+        )
         return None
     return write_model_card(directory)

@@ -17,6 +17,7 @@ slots per window: 1 with ``n2c="center"``), e.g. 0.8 GB in float32 for 200k rows
 and hidden 256: meant for evaluation and generation over a store that fits; training never
 uses it (the adapter changes every step).
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,13 +87,16 @@ class NeighbourStates:
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1 (got {batch_rows})")
         if lm.graph_config.deduplicate:
-            raise ValueError("neighbour states need window graphs: they cannot be built "
-                             "with graph.deduplicate=true (set it to false)")
+            raise ValueError(
+                "neighbour states need window graphs: they cannot be built "
+                "with graph.deduplicate=true (set it to false)"
+            )
         sites = tuple(lm.fusion_sites if sites is None else sites)
         unknown = [s for s in sites if s not in lm.fusion_sites]
         if unknown:
-            raise ValueError(f"sites {unknown} are not fused by this model "
-                             f"(fused: {list(lm.fusion_sites)})")
+            raise ValueError(
+                f"sites {unknown} are not fused by this model (fused: {list(lm.fusion_sites)})"
+            )
         adapters = {site: lm.adapter_at(site) for site in sites}
         modes = {site: adapter.training for site, adapter in adapters.items()}
         tables: dict[str, Tensor] = {}
@@ -102,18 +106,20 @@ class NeighbourStates:
             for adapter in adapters.values():
                 adapter.eval()
             starts = range(0, rows_total, batch_rows)
-            for start in tqdm(starts, desc="neighbour states", unit="batch",
-                              disable=not show_progress):
+            for start in tqdm(
+                starts, desc="neighbour states", unit="batch", disable=not show_progress
+            ):
                 for site, adapter in adapters.items():
                     device = next(adapter.parameters()).device
-                    rows = torch.arange(start, min(start + batch_rows, rows_total),
-                                        device=device)
+                    rows = torch.arange(start, min(start + batch_rows, rows_total), device=device)
                     # One sequence per row: no causal c2c edges among the rows (paper mode).
                     graph = lm.graph_inputs.build_graph(rows.view(-1, 1, 1))
-                    inputs = lm.graph_inputs.neighbour_inputs(graph, site, embedding,
-                                                              adapter.param_dtype, device)
-                    stacked = torch.stack([torch.stack(kv, 1) for kv in
-                                           adapter.window_key_values(graph, *inputs)], 1)
+                    inputs = lm.graph_inputs.neighbour_inputs(
+                        graph, site, embedding, adapter.param_dtype, device
+                    )
+                    stacked = torch.stack(
+                        [torch.stack(kv, 1) for kv in adapter.window_key_values(graph, *inputs)], 1
+                    )
                     key = site_key(site)
                     if key not in tables:
                         tables[key] = stacked.new_empty(rows_total, *stacked.shape[1:])
@@ -122,8 +128,12 @@ class NeighbourStates:
             for site, adapter in adapters.items():
                 adapter.train(modes[site])
         states = cls(tables, lm)
-        logger.info("neighbour states of %d rows at %d site(s): %.1f MB", rows_total,
-                    len(tables), states.nbytes / 2**20)
+        logger.info(
+            "neighbour states of %d rows at %d site(s): %.1f MB",
+            rows_total,
+            len(tables),
+            states.nbytes / 2**20,
+        )
         return states
 
     @staticmethod
@@ -153,17 +163,23 @@ class NeighbourStates:
         was built with. A forward checks the site it is about to read, so that a model
         fused at every layer fingerprints each adapter once per call, not once per site."""
         if len(lm.datastore) != self.num_rows or lm.config != self.config:
-            raise ValueError("these neighbour states were built for another datastore or "
-                             "fusion config: rebuild them with NeighbourStates.build(lm)")
+            raise ValueError(
+                "these neighbour states were built for another datastore or "
+                "fusion config: rebuild them with NeighbourStates.build(lm)"
+            )
         keys = self.fingerprints if sites is None else [site_key(s) for s in sites]
         for key in keys:
-            if key not in lm.adapters or not torch.equal(_fingerprint(lm.adapters[key]),
-                                                          self.fingerprints[key]):
-                raise ValueError(f"the adapter at {key} changed since these neighbour states "
-                                 "were built: rebuild them with NeighbourStates.build(lm)")
+            if key not in lm.adapters or not torch.equal(
+                _fingerprint(lm.adapters[key]), self.fingerprints[key]
+            ):
+                raise ValueError(
+                    f"the adapter at {key} changed since these neighbour states "
+                    "were built: rebuild them with NeighbourStates.build(lm)"
+                )
 
-    def window_key_values(self, site: FusionSite, graph: ContextGraph) -> list[tuple[Tensor,
-                                                                                    Tensor]]:
+    def window_key_values(
+        self, site: FusionSite, graph: ContextGraph
+    ) -> list[tuple[Tensor, Tensor]]:
         """Per adapter layer, the keys and values ``[U, S, H * d_k]`` of ``graph``'s windows
         at ``site`` (as :meth:`~hetgraph.nn.GraphAdapter.window_key_values` computes them)."""
         table = self.tables[site_key(site)]
@@ -184,5 +200,11 @@ def _fingerprint(module: torch.nn.Module, stride: int = 97) -> Tensor:
             return torch.zeros(4, dtype=torch.float64)
         x = torch.cat([part.to(parts[0].device) for part in parts]).double()
         ramp = torch.arange(1, x.numel() + 1, dtype=x.dtype, device=x.device)
-        return torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum(),
-                            torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)]).cpu()
+        return torch.stack(
+            [
+                x.sum(),
+                (x * x).sum(),
+                (x * ramp).sum(),
+                torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device),
+            ]
+        ).cpu()

@@ -4,6 +4,7 @@ An adapter directory holds ``adapter.safetensors`` (adapter and gate tensors, ke
 ``HetGraphLM.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
 adapter config, and the base model's and datastore's identity); its model card is never read.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,8 +68,10 @@ class AdapterNotFoundError(AdapterFileError, FileNotFoundError):
 
 def retrain_hint(directory: str | Path) -> str:
     """How to replace a damaged adapter in ``directory``."""
-    return (f"train it again (hetgraph train … --out {directory}; a run that left a "
-            "checkpoint resumes from it)")
+    return (
+        f"train it again (hetgraph train … --out {directory}; a run that left a "
+        "checkpoint resumes from it)"
+    )
 
 
 class AdapterPersistenceMixin:
@@ -78,8 +81,11 @@ class AdapterPersistenceMixin:
 
     def adapter_state_dict(self: HetGraphLM) -> dict[str, Tensor]:
         """The trained tensors only (adapters and gates), detached, on the CPU."""
-        return {key: value.detach().cpu().contiguous() for key, value in self.state_dict().items()
-                if key.startswith(ADAPTER_PREFIXES)}
+        return {
+            key: value.detach().cpu().contiguous()
+            for key, value in self.state_dict().items()
+            if key.startswith(ADAPTER_PREFIXES)
+        }
 
     def load_adapter_state_dict(self: HetGraphLM, state: dict[str, Tensor]) -> None:
         """Load tensors saved by :meth:`adapter_state_dict` (every adapter key must be there).
@@ -92,9 +98,11 @@ class AdapterPersistenceMixin:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         resized = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or resized:
-            raise AdapterMismatchError(f"adapter weights do not fit this model: missing "
-                                       f"{missing[:5]}, unexpected {unexpected[:5]}, other "
-                                       f"shapes {resized[:5]}")
+            raise AdapterMismatchError(
+                f"adapter weights do not fit this model: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}, other "
+                f"shapes {resized[:5]}"
+            )
         self.load_state_dict(state, strict=False)
 
     def adapter_identity(self: HetGraphLM) -> dict[str, Any]:
@@ -102,8 +110,12 @@ class AdapterPersistenceMixin:
         meta = self.datastore.metadata
         return {
             "model": dict(meta.model),
-            "datastore": {"fingerprint": meta.fingerprint, "num_entries": len(self.datastore),
-                          "dim": self.datastore.dim, "key_layer": self.datastore.key_layer},
+            "datastore": {
+                "fingerprint": meta.fingerprint,
+                "num_entries": len(self.datastore),
+                "dim": self.datastore.dim,
+                "key_layer": self.datastore.key_layer,
+            },
         }
 
     def save_pretrained(self: HetGraphLM, directory: str | Path) -> None:
@@ -129,12 +141,15 @@ class AdapterPersistenceMixin:
         }
         state = self.adapter_state_dict()
         size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096
-        with storage_errors(directory, "save the adapter again (the previous one is kept)",
-                            outer_then_first=True):
+        with storage_errors(
+            directory, "save the adapter again (the previous one is kept)", outer_then_first=True
+        ):
             directory.mkdir(parents=True, exist_ok=True)
             # Exits in reverse order: the weights are renamed into place before the config.
-            with atomic_path(directory / ADAPTER_CONFIG) as tmp_config, \
-                    atomic_path(directory / ADAPTER_WEIGHTS, size=size) as tmp_weights:
+            with (
+                atomic_path(directory / ADAPTER_CONFIG) as tmp_config,
+                atomic_path(directory / ADAPTER_WEIGHTS, size=size) as tmp_weights,
+            ):
                 save_file(state, str(tmp_weights))
                 config[INTEGRITY_KEY] = {"files": {ADAPTER_WEIGHTS: file_record(tmp_weights)}}
                 atomic_write_json_record(tmp_config, config)
@@ -165,8 +180,10 @@ class AdapterPersistenceMixin:
         try:
             fusion = FusionConfig.from_dict(saved["fusion"])
         except (KeyError, TypeError, AttributeError, ValueError) as error:
-            raise AdapterFileError(f"{directory / ADAPTER_CONFIG} is damaged (its fusion section: "
-                                   f"{error}); {retrain_hint(directory)}") from None
+            raise AdapterFileError(
+                f"{directory / ADAPTER_CONFIG} is damaged (its fusion section: "
+                f"{error}); {retrain_hint(directory)}"
+            ) from None
         lm = cls(model, datastore, index, fusion, tokenizer=tokenizer)
         _check_identity(lm, saved, directory, tokenizer)
         device = next(lm.adapters.parameters()).device
@@ -195,29 +212,54 @@ def _read_adapter_config(directory: Path) -> dict[str, Any]:
         raise AdapterNotFoundError(
             f"{config_path} not found: is {directory} an adapter directory written by "
             "HetGraphLM.save_pretrained / hetgraph train? (An interrupted save leaves none: "
-            f"{retrain_hint(directory)})")
+            f"{retrain_hint(directory)})"
+        )
     saved = read_json_record(config_path, AdapterFileError, retrain_hint(directory))
     version = saved.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        raise AdapterFileError(f"{config_path}: unsupported adapter format {version!r} (this "
-                               f"hetgraph reads format {FORMAT_VERSION}); "
-                               f"{retrain_hint(directory)}")
+        raise AdapterFileError(
+            f"{config_path}: unsupported adapter format {version!r} (this "
+            f"hetgraph reads format {FORMAT_VERSION}); "
+            f"{retrain_hint(directory)}"
+        )
     integrity = saved.get(INTEGRITY_KEY, {})
     # An integrity section, when there is one, must hold a record of the weights: a
     # malformed one must not switch the weights check off.
     record_ok = INTEGRITY_KEY not in saved or (
-        isinstance(integrity, dict) and isinstance(integrity.get("files"), dict)
-        and isinstance(integrity["files"].get(ADAPTER_WEIGHTS), dict))
-    if not isinstance(saved.get("fusion"), dict) or not isinstance(saved.get("model"), dict) \
-            or not record_ok:
-        raise AdapterFileError(f"{config_path} is damaged (invalid fusion, model or integrity "
-                               f"section); {retrain_hint(directory)}")
+        isinstance(integrity, dict)
+        and isinstance(integrity.get("files"), dict)
+        and isinstance(integrity["files"].get(ADAPTER_WEIGHTS), dict)
+    )
+    if (
+        not isinstance(saved.get("fusion"), dict)
+        or not isinstance(saved.get("model"), dict)
+        or not record_ok
+    ):
+        raise AdapterFileError(
+            f"{config_path} is damaged (invalid fusion, model or integrity "
+            f"section); {retrain_hint(directory)}"
+        )
     return saved
 
 
 #: Bytes per element of the safetensors dtypes.
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 #: Largest safetensors header read (the format's own limit is 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -244,8 +286,7 @@ def safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
             if name == "__metadata__":
                 continue
             shape = tuple(entry["shape"])
-            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                       for n in shape):
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
                 raise TypeError(name)
             shapes[name] = shape
             begin, end = entry["data_offsets"]
@@ -279,28 +320,37 @@ def expected_adapter_shapes(saved: dict[str, Any], config_path: Path) -> dict[st
         for key, config in configs.items():
             # Before building anything (slow for absurd sizes): a lower bound, one hidden ×
             # hidden float32 matrix per layer.
-            check_memory(f"the adapter {key!r} of {config_path}",
-                         4 * config.num_layers * (config.hidden_channels or 1) ** 2,
-                         f"the file is damaged; {hint}")
+            check_memory(
+                f"the adapter {key!r} of {config_path}",
+                4 * config.num_layers * (config.hidden_channels or 1) ** 2,
+                f"the file is damaged; {hint}",
+            )
             with torch.device("meta"):
                 module = GraphAdapter(config)
                 gate_shape = (int(config.out_channels),)
-                retrieval = (RetrievalGate().state_dict()
-                             if saved["fusion"].get("gate") == "retrieval" else {})
+                retrieval = (
+                    RetrievalGate().state_dict()
+                    if saved["fusion"].get("gate") == "retrieval"
+                    else {}
+                )
             tensors = module.state_dict()
-            check_memory(f"the adapter {key!r} of {config_path}",
-                         4 * sum(t.numel() for t in tensors.values()),
-                         f"the file is damaged; {hint}")
-            shapes.update({f"adapters.{key}.{name}": tuple(t.shape)
-                           for name, t in tensors.items()})
+            check_memory(
+                f"the adapter {key!r} of {config_path}",
+                4 * sum(t.numel() for t in tensors.values()),
+                f"the file is damaged; {hint}",
+            )
+            shapes.update({f"adapters.{key}.{name}": tuple(t.shape) for name, t in tensors.items()})
             shapes[f"gates.{key}"] = gate_shape
-            shapes.update({f"retrieval_gates.{key}.{name}": tuple(t.shape)
-                           for name, t in retrieval.items()})
+            shapes.update(
+                {f"retrieval_gates.{key}.{name}": tuple(t.shape) for name, t in retrieval.items()}
+            )
     except ResourceLimitError as error:  # an AdapterConfig's own size check names no file
         raise naming(error, config_path) from None
     except Exception as error:  # any malformed section: the config cannot be right
-        raise AdapterFileError(f"{config_path} is damaged (its adapters section: "
-                               f"{type(error).__name__}: {error}); {hint}") from None
+        raise AdapterFileError(
+            f"{config_path} is damaged (its adapters section: "
+            f"{type(error).__name__}: {error}); {hint}"
+        ) from None
     return shapes
 
 
@@ -316,26 +366,38 @@ def check_weight_shapes(path: Path, saved: dict[str, Any], config_path: Path) ->
     declared = safetensors_shapes(path)
     hint = retrain_hint(path.parent)
     if "adapters" not in saved:  # nothing to compare with: at least the memory it would take
-        check_memory(f"the tensors {path} declares",
-                     sum(math.prod(shape) for shape in declared.values()) * 4,
-                     f"the file is damaged; {hint}")
+        check_memory(
+            f"the tensors {path} declares",
+            sum(math.prod(shape) for shape in declared.values()) * 4,
+            f"the file is damaged; {hint}",
+        )
         return
     expected = expected_adapter_shapes(saved, config_path)
     wrong = sorted(k for k in declared.keys() & expected.keys() if declared[k] != expected[k])
-    extra, missing = sorted(declared.keys() - expected.keys()), sorted(
-        expected.keys() - declared.keys())
+    extra, missing = (
+        sorted(declared.keys() - expected.keys()),
+        sorted(expected.keys() - declared.keys()),
+    )
     if wrong or extra or missing:
         total = sum(math.prod(shape) for shape in declared.values()) * 4
-        what = (f"{wrong[0]} has shape {list(declared[wrong[0]])}, the config implies "
-                f"{list(expected[wrong[0]])}" if wrong else
-                f"unexpected {extra[:3]}" if extra else f"missing {missing[:3]}")
-        raise AdapterFileError(f"{path} does not match {config_path} ({what}; it declares "
-                               f"about {format_bytes(total)} of tensors): the file is damaged "
-                               f"or not this adapter's; {hint}")
+        what = (
+            f"{wrong[0]} has shape {list(declared[wrong[0]])}, the config implies "
+            f"{list(expected[wrong[0]])}"
+            if wrong
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"missing {missing[:3]}"
+        )
+        raise AdapterFileError(
+            f"{path} does not match {config_path} ({what}; it declares "
+            f"about {format_bytes(total)} of tensors): the file is damaged "
+            f"or not this adapter's; {hint}"
+        )
 
 
-def read_adapter_weights(directory: str | Path, device: torch.device | str = "cpu",
-                         saved: dict[str, Any] | None = None) -> dict[str, Tensor]:
+def read_adapter_weights(
+    directory: str | Path, device: torch.device | str = "cpu", saved: dict[str, Any] | None = None
+) -> dict[str, Tensor]:
     """The tensors of ``directory/adapter.safetensors`` on ``device``, checked in full against
     the record in ``adapter_config.json`` (``saved``, read if not given; adapters saved by
     older versions have no record), against the shapes the config implies (before they are
@@ -351,26 +413,30 @@ def read_adapter_weights(directory: str | Path, device: torch.device | str = "cp
         return _read_adapter_weights(directory, device, saved)
 
 
-def _read_adapter_weights(directory: Path, device: torch.device | str,
-                          saved: dict[str, Any] | None) -> dict[str, Tensor]:
+def _read_adapter_weights(
+    directory: Path, device: torch.device | str, saved: dict[str, Any] | None
+) -> dict[str, Tensor]:
     path, hint = directory / ADAPTER_WEIGHTS, retrain_hint(directory)
     saved = _read_adapter_config(directory) if saved is None else saved
     files = saved.get(INTEGRITY_KEY, {}).get("files")
     record = files.get(ADAPTER_WEIGHTS) if isinstance(files, dict) else None
-    problem = check_file_record(path, record, full=True) if isinstance(record, dict) else (
-        None if path.is_file() else "is missing")
+    problem = (
+        check_file_record(path, record, full=True)
+        if isinstance(record, dict)
+        else (None if path.is_file() else "is missing")
+    )
     if problem:
         raise AdapterFileError(f"{path} {problem}; {hint}")
     check_weight_shapes(path, saved, directory / ADAPTER_CONFIG)
     try:
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        raise AdapterFileError(f"{path} is damaged (not a readable safetensors file); "
-                               f"{hint}") from None
+        raise AdapterFileError(
+            f"{path} is damaged (not a readable safetensors file); {hint}"
+        ) from None
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all())
     if bad:
-        raise AdapterFileError(f"{path} holds non-finite values (NaN or inf) in {bad[:3]}; "
-                               f"{hint}")
+        raise AdapterFileError(f"{path} holds non-finite values (NaN or inf) in {bad[:3]}; {hint}")
     return state
 
 
@@ -387,8 +453,11 @@ def adapter_problems(directory: str | Path) -> tuple[list[str], list[str]]:
 
 def _check_identity(lm: HetGraphLM, saved: dict[str, Any], directory: Path, tokenizer: Any) -> None:
     current = lm.adapter_identity()
-    current["model"] = {**current["model"], "config": config_fingerprint(lm.model),
-                        "weights": weights_fingerprint(lm.model)}
+    current["model"] = {
+        **current["model"],
+        "config": config_fingerprint(lm.model),
+        "weights": weights_fingerprint(lm.model),
+    }
     if tokenizer is not None:
         current["model"]["tokenizer"] = tokenizer_fingerprint(tokenizer)
     for what in ("model", "datastore"):
@@ -396,4 +465,5 @@ def _check_identity(lm: HetGraphLM, saved: dict[str, Any], directory: Path, toke
             raise AdapterMismatchError(
                 f"adapter in {directory} was trained with a different {what}:\n"
                 f"  saved:   {saved.get(what)}\n  current: {current[what]}\n"
-                f"use the {what} it was trained with, or train a new adapter (hetgraph train …)")
+                f"use the {what} it was trained with, or train a new adapter (hetgraph train …)"
+            )

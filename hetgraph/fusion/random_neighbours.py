@@ -13,6 +13,7 @@ or on the number of threads:
 Each draw is a counter-based hash (``lowbias32`` rounds, in int64 tensors without
 overflow) of ``(seed, identity, draw index)``: vectorised, and the same on any device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,10 @@ def _seeded(seed: int, tag: int, shape: tuple[int, ...], device: torch.device) -
 def row_identities(rows: Tensor, seed: int) -> Tensor:
     """``[..., 2]`` identities of queries at datastore ``rows`` (any shape, ``>= 0``)."""
     rows = rows.long()
-    lanes = [_absorb(_absorb(state, rows), rows >> 32)
-             for state in _seeded(seed, _ROW_TAG, tuple(rows.shape), rows.device)]
+    lanes = [
+        _absorb(_absorb(state, rows), rows >> 32)
+        for state in _seeded(seed, _ROW_TAG, tuple(rows.shape), rows.device)
+    ]
     return torch.stack(lanes, -1)
 
 
@@ -80,8 +83,9 @@ def token_identities(tokens: Tensor, seed: int, context: int = TOKEN_CONTEXT) ->
     return torch.stack(lanes, -1)
 
 
-def query_identities(positions: Tensor | None, tokens: Tensor | None, batch: int, length: int,
-                     seed: int) -> Tensor:
+def query_identities(
+    positions: Tensor | None, tokens: Tensor | None, batch: int, length: int, seed: int
+) -> Tensor:
     """``[B * T, 2]`` identities (on the CPU) of ``B × T`` queries: the datastore row where
     ``positions`` (``[B * T]``, ``-1``: none) has one, else the tokens up to the query
     (``tokens``: ``[B, T' >= T]`` ending at the queries, ``-1`` at padding).
@@ -93,9 +97,11 @@ def query_identities(positions: Tensor | None, tokens: Tensor | None, batch: int
     if has_row is not None and bool(has_row.all()):
         return row_identities(positions.cpu(), seed)
     if tokens is None or tokens.shape[0] != batch or tokens.shape[1] < length:
-        raise ValueError("random neighbours are drawn from the query's datastore row or its "
-                         "tokens: call the model with input_ids (not inputs_embeds)")
-    identities = token_identities(tokens.cpu(), seed)[:, tokens.shape[1] - length:]
+        raise ValueError(
+            "random neighbours are drawn from the query's datastore row or its "
+            "tokens: call the model with input_ids (not inputs_embeds)"
+        )
+    identities = token_identities(tokens.cpu(), seed)[:, tokens.shape[1] - length :]
     identities = identities.reshape(-1, 2)
     if has_row is None:
         return identities

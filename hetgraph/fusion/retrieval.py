@@ -5,6 +5,7 @@ from-datastore training path and the evaluation (kNN-LM, and the GNN-LM pass tha
 the base run's neighbours through :attr:`~hetgraph.fusion.context.CallOptions.retrieval`)
 all search through it, so every position is searched once.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -35,8 +36,9 @@ class Retriever:
             filter reads the document ids of the retrieved rows only.
     """
 
-    def __init__(self, datastore: Datastore, index: DatastoreIndex,
-                 corpus: CorpusTable | None = None) -> None:
+    def __init__(
+        self, datastore: Datastore, index: DatastoreIndex, corpus: CorpusTable | None = None
+    ) -> None:
         self.datastore = datastore
         self.index = index
         self.corpus = corpus if corpus is not None else CorpusTable.of(datastore)
@@ -44,11 +46,19 @@ class Retriever:
     def check(self, k: int) -> None:
         """Refuse ``k`` outside ``[1, index size]`` (one-line :class:`ConfigError`)."""
         if not 1 <= k <= len(self.index):
-            raise ConfigError(f"k must be in [1, {len(self.index)}] (the index size), got {k}; "
-                              "lower k", "k")
+            raise ConfigError(
+                f"k must be in [1, {len(self.index)}] (the index size), got {k}; lower k", "k"
+            )
 
-    def retrieve(self, queries: Tensor, options: CallOptions, config: FusionConfig, *,
-                 tokens: Tensor | None = None, neighbours: str | None = None) -> Retrieval:
+    def retrieve(
+        self,
+        queries: Tensor,
+        options: CallOptions,
+        config: FusionConfig,
+        *,
+        tokens: Tensor | None = None,
+        neighbours: str | None = None,
+    ) -> Retrieval:
         """The neighbours of ``[B, T, d]`` query states for one call, as
         :meth:`HetGraphLM.retrieve <hetgraph.HetGraphLM.retrieve>` describes; positions
         that ``options.retrieval`` covers take its neighbours and are not searched."""
@@ -57,13 +67,15 @@ class Retriever:
         if positions is not None:
             positions = positions[:, -length:].to(queries.device).reshape(-1)
         k = options.k or config.k
-        leakage = dict(exclude_positions=positions, margin=config.retrieval_margin,
-                       radius=config.graph.leakage_radius,
-                       same_document=config.graph.leakage_scope == "document")
+        leakage = dict(
+            exclude_positions=positions,
+            margin=config.retrieval_margin,
+            radius=config.graph.leakage_radius,
+            same_document=config.graph.leakage_scope == "document",
+        )
         flat = queries.reshape(batch * length, -1)
         if (neighbours or config.neighbours) == "random":
-            identities = query_identities(positions, tokens, batch, length,
-                                          config.neighbour_seed)
+            identities = query_identities(positions, tokens, batch, length, config.neighbour_seed)
             distances, ids = self.random(flat, k, identities, **leakage)
             return Retrieval(distances.view(batch, length, -1), ids.view(batch, length, -1))
         given = self.given(options, k, batch, length)
@@ -93,20 +105,24 @@ class Retriever:
             return None
         shape = tuple(given.neighbour_ids.shape)
         if len(shape) != 3 or shape[0] != batch or shape[1] < length or shape[2] != k:
-            raise ValueError(f"CallOptions.retrieval holds neighbours of shape {shape}; this "
-                             f"call needs [{batch}, >= {length}, k={k}]: retrieve with the "
-                             "call's k, over its input positions")
+            raise ValueError(
+                f"CallOptions.retrieval holds neighbours of shape {shape}; this "
+                f"call needs [{batch}, >= {length}, k={k}]: retrieve with the "
+                "call's k, over its input positions"
+            )
         return given.last(length)
 
-    def complete(self, options: CallOptions, k: int, batch: int, length: int,
-                 device: torch.device) -> Retrieval | None:
+    def complete(
+        self, options: CallOptions, k: int, batch: int, length: int, device: torch.device
+    ) -> Retrieval | None:
         """``options.retrieval`` of the last ``length`` positions on ``device`` when it covers
         every one of them (then a call needs no query states at all), else ``None``."""
         given = self.given(options, k, batch, length)
         if given is None or not given.is_complete:
             return None
-        return Retrieval(given.distances.to(device, torch.float32),
-                         given.neighbour_ids.to(device, torch.long))
+        return Retrieval(
+            given.distances.to(device, torch.float32), given.neighbour_ids.to(device, torch.long)
+        )
 
     def search(
         self,
@@ -138,15 +154,18 @@ class Retriever:
         """
         device = queries.device
         if queries.shape[0] == 0:
-            return (torch.empty(0, k, dtype=torch.float32, device=device),
-                    torch.empty(0, k, dtype=torch.long, device=device))
+            return (
+                torch.empty(0, k, dtype=torch.float32, device=device),
+                torch.empty(0, k, dtype=torch.long, device=device),
+            )
         fetch = k if exclude_positions is None else min(k + margin, len(self.datastore))
         distances_np, ids_np = self.index.search(queries.detach().float().cpu().numpy(), fetch)
         ids = torch.from_numpy(ids_np)
         distances = torch.from_numpy(distances_np)
         if exclude_positions is not None:
-            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius,
-                                                same_document)
+            distances, ids = self._drop_leaking(
+                distances, ids, exclude_positions.cpu(), k, radius, same_document
+            )
         return distances.to(device), ids.to(device)
 
     def random(
@@ -181,12 +200,17 @@ class Retriever:
         ids = draw_rows(identities.cpu(), fetch, n)
         distances = torch.zeros(ids.shape, dtype=torch.float32)
         if exclude_positions is not None:
-            distances, ids = self._drop_leaking(distances, ids, exclude_positions.cpu(), k, radius,
-                                                same_document)
+            distances, ids = self._drop_leaking(
+                distances, ids, exclude_positions.cpu(), k, radius, same_document
+            )
         elif ids.shape[1] < k:
             ids = torch.cat([ids, ids.new_full((ids.shape[0], k - ids.shape[1]), -1)], 1)
-        found = exact_distances(self.datastore.keys, queries.detach().float().cpu().numpy(),
-                                ids.numpy(), self.index.metric)
+        found = exact_distances(
+            self.datastore.keys,
+            queries.detach().float().cpu().numpy(),
+            ids.numpy(),
+            self.index.metric,
+        )
         distances = torch.from_numpy(found)
         # Nearest first, ties (and missing rows, at inf) by row, missing last.
         by_row = torch.sort(torch.where(ids < 0, torch.iinfo(torch.long).max, ids), dim=1).indices
@@ -195,22 +219,30 @@ class Retriever:
         return distances.gather(1, order).to(device), ids.gather(1, order).to(device)
 
     def _drop_leaking(
-        self, distances: Tensor, ids: Tensor, positions: Tensor, k: int, radius: int,
+        self,
+        distances: Tensor,
+        ids: Tensor,
+        positions: Tensor,
+        k: int,
+        radius: int,
         same_document: bool,
     ) -> tuple[Tensor, Tensor]:
         found = ids >= 0
-        leaking = leakage_mask(ids, positions, self.corpus.doc_ids, radius,
-                               same_document=same_document)
+        leaking = leakage_mask(
+            ids, positions, self.corpus.doc_ids, radius, same_document=same_document
+        )
         keep = found & ~leaking
         # Stable sort moves kept neighbours to the front without changing their order.
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
         kept = keep.gather(1, order)
         ids = torch.where(kept, ids.gather(1, order), torch.full_like(order, -1))
-        distances = torch.where(kept, distances.gather(1, order),
-                                torch.full_like(distances[:, :k], float("inf")))
+        distances = torch.where(
+            kept, distances.gather(1, order), torch.full_like(distances[:, :k], float("inf"))
+        )
         if ids.shape[1] < k:  # the datastore is smaller than k + margin
             pad = k - ids.shape[1]
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
             distances = torch.cat(
-                [distances, distances.new_full((ids.shape[0], pad), float("inf"))], 1)
+                [distances, distances.new_full((ids.shape[0], pad), float("inf"))], 1
+            )
         return distances, ids

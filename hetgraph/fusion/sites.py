@@ -18,6 +18,7 @@ duplicates go, layers come in ascending order and ``"head"`` last. A slice follo
 Python's slicing (``"0:40"`` on a 30-layer model is layers 0 … 29) but must select at
 least one layer; an index outside ``-L … L-1`` is a :class:`ConfigError`.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,8 +36,10 @@ CONFIG_KEY = "fusion.fusion_layers"
 
 _INT = re.compile(r"^[+-]?\d+$")
 _SLICE = re.compile(r"^\s*([+-]?\d+)?\s*:\s*([+-]?\d+)?\s*(?::\s*([+-]?\d+)?\s*)?$")
-_HELP = ("a site is a decoder-layer index, 'head', 'all' or a range 'start:stop:step' "
-         "(e.g. '0:30:4', '-4:', '::2')")
+_HELP = (
+    "a site is a decoder-layer index, 'head', 'all' or a range 'start:stop:step' "
+    "(e.g. '0:30:4', '-4:', '::2')"
+)
 
 
 class _SiteStringType(type):
@@ -98,10 +101,11 @@ def parse_fusion_layers(value: Any) -> tuple[int | str, ...]:
     for i, item in enumerate(items):
         parsed = _parse_item(item)
         if parsed is None:
-            why = " (a slice's step must not be 0)" if isinstance(item, str) and ":" in item \
-                else ""
-            raise ConfigError(f"fusion_layers[{i}]: {item!r} is no fusion site{why}; {_HELP}",
-                              f"fusion_layers[{i}]")
+            why = " (a slice's step must not be 0)" if isinstance(item, str) and ":" in item else ""
+            raise ConfigError(
+                f"fusion_layers[{i}]: {item!r} is no fusion site{why}; {_HELP}",
+                f"fusion_layers[{i}]",
+            )
         canonical.append(parsed)
     return tuple(canonical)
 
@@ -119,9 +123,11 @@ def resolve_fusion_sites(spec: Any, num_layers: int) -> tuple[FusionSite, ...]:
         ConfigError: an index outside ``-L … L-1`` or a slice that selects no layer (named
             ``fusion.fusion_layers``, with the valid range).
     """
-    valid = (f"valid for a model with {num_layers} decoder layers: indices "
-             f"{-num_layers} … {num_layers - 1}, 'head', 'all' or a range such as "
-             f"'0:{num_layers}:4'")
+    valid = (
+        f"valid for a model with {num_layers} decoder layers: indices "
+        f"{-num_layers} … {num_layers - 1}, 'head', 'all' or a range such as "
+        f"'0:{num_layers}:4'"
+    )
     layers: set[int] = set()
     head = False
     for item in parse_fusion_layers(spec):
@@ -131,14 +137,16 @@ def resolve_fusion_sites(spec: Any, num_layers: int) -> tuple[FusionSite, ...]:
             layers.update(range(num_layers))
         elif isinstance(item, int):
             if not -num_layers <= item < num_layers:
-                raise ConfigError(f"{CONFIG_KEY}: layer {item} is out of range ({valid})",
-                                  CONFIG_KEY)
+                raise ConfigError(
+                    f"{CONFIG_KEY}: layer {item} is out of range ({valid})", CONFIG_KEY
+                )
             layers.add(item % num_layers)
         else:
             selected = range(num_layers)[_slice_of(item)]
             if len(selected) == 0:
-                raise ConfigError(f"{CONFIG_KEY}: range {item!r} selects no decoder layer "
-                                  f"({valid})", CONFIG_KEY)
+                raise ConfigError(
+                    f"{CONFIG_KEY}: range {item!r} selects no decoder layer ({valid})", CONFIG_KEY
+                )
             layers.update(selected)
     return (*sorted(layers), *((HEAD,) if head else ()))
 
@@ -155,8 +163,11 @@ def describe_sites(sites: tuple[FusionSite, ...]) -> str:
     text = ""
     if layers:
         contiguous = layers == list(range(layers[0], layers[-1] + 1))
-        text = (f"layers {layers[0]}-{layers[-1]} ({len(layers)})" if contiguous and len(layers) > 2
-                else "layers " + ",".join(map(str, layers)))
+        text = (
+            f"layers {layers[0]}-{layers[-1]} ({len(layers)})"
+            if contiguous and len(layers) > 2
+            else "layers " + ",".join(map(str, layers))
+        )
     if HEAD in sites:
         text = f"{text} + head" if text else "head"
     return text

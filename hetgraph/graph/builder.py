@@ -103,8 +103,13 @@ def _retrieved_centres(
         if query_positions.shape != neighbour_ids.shape[:2]:
             raise ValueError(f"query_positions must be [B, T] = {tuple(neighbour_ids.shape[:2])}")
         qpos = query_positions.to(centre.device)[ctx_b, ctx_t].long()
-        valid = valid & ~leakage_mask(centre, qpos, corpus.docs, config.leakage_radius,
-                                      same_document=config.leakage_scope == "document")
+        valid = valid & ~leakage_mask(
+            centre,
+            qpos,
+            corpus.docs,
+            config.leakage_radius,
+            same_document=config.leakage_scope == "document",
+        )
     return centre, valid
 
 
@@ -331,8 +336,16 @@ def build_context_graph(
         C2C: _c2c_edges(ctx_b, ctx_t, T, config),
     }
     num_windows = nbr.windows.size(0) if kind != "irregular" else 0
-    layout = WindowLayout(kind, K, config.window_size, config.left, config.n2c, num_windows,
-                          c2c=config.c2c, c2c_window=config.c2c_window if config.c2c else None)
+    layout = WindowLayout(
+        kind,
+        K,
+        config.window_size,
+        config.left,
+        config.n2c,
+        num_windows,
+        c2c=config.c2c,
+        c2c_window=config.c2c_window if config.c2c else None,
+    )
     token_id = corpus.lookup(corpus.tokens, nbr.corpus_id)
     return _assemble(layout, ctx_b, ctx_t, nbr, token_id, edges, n2c_slots, (B, T))
 

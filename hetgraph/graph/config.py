@@ -1,4 +1,5 @@
 r"""Configuration of the heterogeneous context graph."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,9 +94,17 @@ class GraphConfig(JSONConfigMixin):
         same ``ctx`` outputs), windows clipped only at the corpus ends, leakage radius 3072
         over corpus offsets regardless of document. ``overrides`` set other fields (e.g.
         ``left=2, right=2`` for stage 2), checked like :meth:`from_dict`."""
-        base = {"left": 1, "right": 1, "n2c": "center", "c2c": True, "c2c_window": None,
-                "deduplicate": False, "leakage_radius": 3072, "window_clip": "corpus",
-                "leakage_scope": "corpus"}
+        base = {
+            "left": 1,
+            "right": 1,
+            "n2c": "center",
+            "c2c": True,
+            "c2c_window": None,
+            "deduplicate": False,
+            "leakage_radius": 3072,
+            "window_clip": "corpus",
+            "leakage_scope": "corpus",
+        }
         return cls.from_dict({**base, **overrides})
 
     def __post_init__(self) -> None:
@@ -103,16 +112,21 @@ class GraphConfig(JSONConfigMixin):
         if self.left < 0 or self.right < 0:
             raise ValueError(f"left/right must be >= 0 (got {self.left}, {self.right})")
         for name in ("left", "right"):
-            check_count(name, getattr(self, name), MAX_WINDOW_SIDE,
-                        "neighbour windows take a few tokens on each side (GNN-LM: 1 or 2)")
+            check_count(
+                name,
+                getattr(self, name),
+                MAX_WINDOW_SIDE,
+                "neighbour windows take a few tokens on each side (GNN-LM: 1 or 2)",
+            )
         if self.n2c not in ("center", "window"):
             raise ValueError(f"n2c must be 'center' or 'window' (got {self.n2c!r})")
         if self.c2c_window is not None and self.c2c_window < 1:
             raise ValueError(f"c2c_window must be >= 1 or None (got {self.c2c_window})")
         for name in ("window_clip", "leakage_scope"):
             if getattr(self, name) not in ("document", "corpus"):
-                raise ValueError(f"{name} must be 'document' or 'corpus' "
-                                 f"(got {getattr(self, name)!r})")
+                raise ValueError(
+                    f"{name} must be 'document' or 'corpus' (got {getattr(self, name)!r})"
+                )
         if self.leakage_radius < 0:
             raise ValueError(f"leakage_radius must be >= 0 (got {self.leakage_radius})")
 
@@ -124,4 +138,3 @@ class GraphConfig(JSONConfigMixin):
     def metadata(self) -> Metadata:
         """Node and edge types of graphs built with this config."""
         return context_graph_metadata(self.c2c)
-

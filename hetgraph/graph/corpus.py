@@ -62,8 +62,9 @@ class CorpusTable:
     next_tokens: Column | None = None
 
     def __post_init__(self) -> None:
-        lengths = {column_length(c) for c in (self.tokens, self.doc_ids, self.next_tokens)
-                   if c is not None}
+        lengths = {
+            column_length(c) for c in (self.tokens, self.doc_ids, self.next_tokens) if c is not None
+        }
         if len(lengths) != 1:
             raise ValueError(f"corpus columns must have one length, got {sorted(lengths)}")
 

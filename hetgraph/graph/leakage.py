@@ -40,5 +40,6 @@ def leakage_mask(
 
     def doc_of(ids: Tensor) -> Tensor:
         return gather_rows(corpus_doc_ids, ids.clamp(min=0, max=max(n - 1, 0)))
+
     near = (rows >= 0) & (own >= 0) & ((own - rows).abs() < radius)
     return near & (doc_of(own) == doc_of(rows)) if same_document else near

@@ -4,6 +4,7 @@ Read by the in-memory index (:mod:`hetgraph.index.faiss_index`), its training
 (:mod:`hetgraph.index.training`) and the on-disk build (:mod:`hetgraph.index.ondisk`),
 none of which it depends on.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -76,20 +77,29 @@ class IndexConfig(JSONConfigMixin):
         if self.add_chunk_size < 1:
             raise ValueError(f"add_chunk_size must be >= 1, got {self.add_chunk_size}")
         if self.on_disk not in (None, True, False):
-            raise ConfigError(f"on_disk must be true, false or null (decide by size), got "
-                              f"{self.on_disk!r}", "on_disk")
+            raise ConfigError(
+                f"on_disk must be true, false or null (decide by size), got {self.on_disk!r}",
+                "on_disk",
+            )
         for name, low in (("shard_rows", 1), ("rerank", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}", name)
         if self.prefetch_threads is not None and (
-                isinstance(self.prefetch_threads, bool) or self.prefetch_threads < 0):
-            raise ConfigError(f"prefetch_threads must be an integer >= 0 or null (as many as "
-                              f"num_threads), got {self.prefetch_threads!r}", "prefetch_threads")
+            isinstance(self.prefetch_threads, bool) or self.prefetch_threads < 0
+        ):
+            raise ConfigError(
+                f"prefetch_threads must be an integer >= 0 or null (as many as "
+                f"num_threads), got {self.prefetch_threads!r}",
+                "prefetch_threads",
+            )
         if self.gpu not in ("auto", "never"):
             raise ConfigError(f"gpu must be 'auto' or 'never', got {self.gpu!r}", "gpu")
         cpus = os.cpu_count() or 1
         if self.num_threads is not None and not 1 <= self.num_threads <= cpus:
             # Each is an OS thread: FAISS started with 100,000 crashes the interpreter.
-            raise ConfigError(f"num_threads is {self.num_threads}; give 1 to {cpus} (the CPUs "
-                              "of this machine) or null (torch's thread count)", "num_threads")
+            raise ConfigError(
+                f"num_threads is {self.num_threads}; give 1 to {cpus} (the CPUs "
+                "of this machine) or null (torch's thread count)",
+                "num_threads",
+            )

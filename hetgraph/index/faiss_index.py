@@ -1,6 +1,7 @@
 """FAISS indexes over datastore keys: exact (``Flat``), IVF-PQ, OPQ+IVF-PQ, HNSW; in memory or
 with on-disk inverted lists (:mod:`hetgraph.index.ondisk`), optionally re-ranked exactly
 (:mod:`hetgraph.index.rerank`) and searched on GPU FAISS (:mod:`hetgraph.index.gpu`)."""
+
 from __future__ import annotations
 
 import logging
@@ -69,14 +70,19 @@ def loadable_config(recorded: dict[str, Any], directory: Path) -> IndexConfig:
     cpus = os.cpu_count() or 1
     threads = recorded.get("num_threads")
     if isinstance(threads, int) and not isinstance(threads, bool) and threads > cpus:
-        logger.warning("%s/index.json records num_threads %d; using the %d CPUs of this "
-                       "machine", directory, threads, cpus)
+        logger.warning(
+            "%s/index.json records num_threads %d; using the %d CPUs of this machine",
+            directory,
+            threads,
+            cpus,
+        )
         recorded = {**recorded, "num_threads": cpus}
     try:
         return IndexConfig.from_dict(recorded)
     except ValueError as error:
-        raise DatastoreIndexError(f"{directory}/index.json is damaged ({error}); "
-                                  f"{rebuild_index_hint(directory)}") from None
+        raise DatastoreIndexError(
+            f"{directory}/index.json is damaged ({error}); {rebuild_index_hint(directory)}"
+        ) from None
 
 
 class DatastoreIndex:
@@ -86,9 +92,17 @@ class DatastoreIndex:
     query with :meth:`search`.
     """
 
-    def __init__(self, index: faiss.Index, config: IndexConfig, factory: str,
-                 datastore_fingerprint: str | None = None, *, keys: Any = None,
-                 on_disk: bool = False, directory: Path | None = None):
+    def __init__(
+        self,
+        index: faiss.Index,
+        config: IndexConfig,
+        factory: str,
+        datastore_fingerprint: str | None = None,
+        *,
+        keys: Any = None,
+        on_disk: bool = False,
+        directory: Path | None = None,
+    ):
         self.index = index
         self.config = config
         self.factory = factory
@@ -119,14 +133,21 @@ class DatastoreIndex:
         return self.config.metric
 
     def __repr__(self) -> str:
-        return (f"DatastoreIndex(factory={self.factory!r}, metric={self.metric!r}, "
-                f"ntotal={self.ntotal}, dim={self.dim})")
+        return (
+            f"DatastoreIndex(factory={self.factory!r}, metric={self.metric!r}, "
+            f"ntotal={self.ntotal}, dim={self.dim})"
+        )
 
     # -- building -----------------------------------------------------------------------------
     @classmethod
-    def build(cls, keys: Any, config: IndexConfig | None = None, *,
-              datastore_fingerprint: str | None = None,
-              show_progress: bool = True) -> DatastoreIndex:
+    def build(
+        cls,
+        keys: Any,
+        config: IndexConfig | None = None,
+        *,
+        datastore_fingerprint: str | None = None,
+        show_progress: bool = True,
+    ) -> DatastoreIndex:
         """Train (on a seeded random sample) and fill an index with ``keys``.
 
         Args:
@@ -147,11 +168,19 @@ class DatastoreIndex:
         if sample is not None:
             index.train(finite_rows(as_float32(keys[sample]), sample, source))
         chunk = config.add_chunk_size
-        with tqdm(total=n, desc=f"index {factory}", unit="vec", disable=not show_progress,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=n,
+            desc=f"index {factory}",
+            unit="vec",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        ) as bar:
             for start in range(0, n, chunk):
-                block = finite_rows(as_float32(keys[start:start + chunk]),
-                                np.arange(start, start + min(chunk, n - start)), source)
+                block = finite_rows(
+                    as_float32(keys[start : start + chunk]),
+                    np.arange(start, start + min(chunk, n - start)),
+                    source,
+                )
                 index.add(block)
                 bar.update(len(block))
         return cls(index, config, factory, datastore_fingerprint, keys=keys)
@@ -172,17 +201,28 @@ class DatastoreIndex:
                 return directory  # already saved where it was built
             raise DatastoreIndexError(
                 f"an on-disk index lives in {self.directory}; it is not copied to {directory}: "
-                "build it there (build_ondisk_index or hetgraph index build --on-disk)")
-        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": self.factory,
-                "metric": self.metric, "num_vectors": self.ntotal, "dim": self.dim,
-                "datastore_fingerprint": self.datastore_fingerprint,
-                "config": self.config.to_dict()}
+                "build it there (build_ondisk_index or hetgraph index build --on-disk)"
+            )
+        meta = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "factory": self.factory,
+            "metric": self.metric,
+            "num_vectors": self.ntotal,
+            "dim": self.dim,
+            "datastore_fingerprint": self.datastore_fingerprint,
+            "config": self.config.to_dict(),
+        }
         write_index_files(directory, self.index, meta)
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, datastore: Any | None = None, *,
-             config: IndexConfig | None = None) -> DatastoreIndex:
+    def load(
+        cls,
+        directory: str | Path,
+        datastore: Any | None = None,
+        *,
+        config: IndexConfig | None = None,
+    ) -> DatastoreIndex:
         """Read an index saved by :meth:`save`, checking it against ``datastore`` if given.
 
         Loading checks ``index.json``'s checksum and ``index.faiss``'s recorded size and
@@ -203,8 +243,9 @@ class DatastoreIndex:
         if datastore is not None:
             problems = []
             if meta["num_vectors"] != len(datastore):
-                problems.append(f"{meta['num_vectors']} vectors vs {len(datastore)} datastore "
-                                "entries")
+                problems.append(
+                    f"{meta['num_vectors']} vectors vs {len(datastore)} datastore entries"
+                )
             if meta["dim"] != datastore.dim:
                 problems.append(f"dimension {meta['dim']} vs {datastore.dim}")
             fp = getattr(datastore, "fingerprint", None)
@@ -213,12 +254,20 @@ class DatastoreIndex:
             if problems:
                 raise DatastoreIndexError(
                     f"index {directory} was built for another datastore ("
-                    + "; ".join(problems) + f"); {rebuild_index_hint(directory)}")
+                    + "; ".join(problems)
+                    + f"); {rebuild_index_hint(directory)}"
+                )
         stored = loadable_config(meta["config"], directory)
         index = read_faiss_index(directory, meta)
-        return cls(index, config or stored, meta["factory"], meta.get("datastore_fingerprint"),
-                   keys=getattr(datastore, "keys", None), on_disk=is_on_disk(meta),
-                   directory=directory)
+        return cls(
+            index,
+            config or stored,
+            meta["factory"],
+            meta.get("datastore_fingerprint"),
+            keys=getattr(datastore, "keys", None),
+            on_disk=is_on_disk(meta),
+            directory=directory,
+        )
 
     # -- searching ----------------------------------------------------------------------------
     def _apply_search_params(self) -> None:
@@ -265,17 +314,20 @@ class DatastoreIndex:
         if k < 1:
             raise DatastoreIndexError(f"k must be >= 1, got {k}")
         if k > self.ntotal:
-            raise DatastoreIndexError(f"k={k} exceeds the {self.ntotal} vectors in the index; "
-                                      "choose a smaller k")
+            raise DatastoreIndexError(
+                f"k={k} exceeds the {self.ntotal} vectors in the index; choose a smaller k"
+            )
         q = as_float32(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
-            raise DatastoreIndexError(f"queries must have shape [Q, {self.dim}], got "
-                                      f"{tuple(q.shape)}")
+            raise DatastoreIndexError(
+                f"queries must have shape [Q, {self.dim}], got {tuple(q.shape)}"
+            )
         candidates = min(self.ntotal, max(k, int(self.config.rerank)))
         if candidates > k and self.keys is None:
             raise DatastoreIndexError(
                 f"IndexConfig.rerank={self.config.rerank} needs the datastore's keys: open the "
-                "index with DatastoreIndex.load(directory, datastore) or set index.keys")
+                "index with DatastoreIndex.load(directory, datastore) or set index.keys"
+            )
         index = self._faiss_index(queries)
         vectors = exhaustive_vectors(index) if index is self.index else None
         if vectors is not None and candidates == k and takes_blas_path(len(q), self.dim):

@@ -9,6 +9,7 @@ whole. Loading checks the record cheaply (size and sampled checksum), then refus
 whose dimension, size or metric disagrees with ``index.json`` (an index read with the wrong
 metric would rank neighbours backwards).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,16 +51,17 @@ def rebuild_index_hint(directory: str | Path) -> str:
     """How to rebuild the index in ``directory``, for CLI and Python users alike."""
     directory = Path(directory)
     store = directory.parent if directory.name == INDEX_DIR else "DATASTORE"
-    return (f"rebuild it (hetgraph index build --datastore {store}, or "
-            f"DatastoreIndex.build(datastore).save('{directory}'))")
+    return (
+        f"rebuild it (hetgraph index build --datastore {store}, or "
+        f"DatastoreIndex.build(datastore).save('{directory}'))"
+    )
 
 
 def write_index_files(directory: Path, index: faiss.Index, meta: dict[str, Any]) -> None:
     """Write ``index.faiss`` and ``index.json`` (``meta`` plus the integrity record) into
     ``directory``, holding its lock."""
     directory.mkdir(parents=True, exist_ok=True)
-    with directory_lock(directory, "index"), storage_errors(
-            directory, "build the index again"):
+    with directory_lock(directory, "index"), storage_errors(directory, "build the index again"):
         remove_stale_temporaries(directory)
         with atomic_path(directory / INDEX_FILE) as tmp:
             faiss.write_index(index, str(tmp))
@@ -91,21 +93,27 @@ def _read_index_metadata(directory: Path) -> dict[str, Any]:
     if not meta_file.is_file() or not index_file.is_file():
         raise DatastoreIndexError(
             f"no index at {directory} (need {INDEX_FILE} and {INDEX_METADATA}; an interrupted "
-            f"save leaves only one); {rebuild_index_hint(directory)}")
+            f"save leaves only one); {rebuild_index_hint(directory)}"
+        )
     meta = read_json_record(meta_file, DatastoreIndexError, rebuild_index_hint(directory))
     if meta.get("format_version") != INDEX_FORMAT_VERSION:
         version = meta.get("format_version")
-        raise DatastoreIndexError(f"{meta_file}: unsupported index format {version!r}; "
-                                  f"{rebuild_index_hint(directory)}")
-    checks = {"factory": isinstance(meta.get("factory"), str),
-              "metric": meta.get("metric") in FAISS_METRICS,
-              "num_vectors": _is_count(meta.get("num_vectors")),
-              "dim": _is_count(meta.get("dim")), "config": isinstance(meta.get("config"), dict),
-              INTEGRITY_KEY: isinstance(meta.get(INTEGRITY_KEY, {}), dict)}
+        raise DatastoreIndexError(
+            f"{meta_file}: unsupported index format {version!r}; {rebuild_index_hint(directory)}"
+        )
+    checks = {
+        "factory": isinstance(meta.get("factory"), str),
+        "metric": meta.get("metric") in FAISS_METRICS,
+        "num_vectors": _is_count(meta.get("num_vectors")),
+        "dim": _is_count(meta.get("dim")),
+        "config": isinstance(meta.get("config"), dict),
+        INTEGRITY_KEY: isinstance(meta.get(INTEGRITY_KEY, {}), dict),
+    }
     bad = [name for name, ok in checks.items() if not ok]
     if bad:
-        raise DatastoreIndexError(f"{meta_file} is damaged (invalid {', '.join(bad)}); "
-                                  f"{rebuild_index_hint(directory)}")
+        raise DatastoreIndexError(
+            f"{meta_file} is damaged (invalid {', '.join(bad)}); {rebuild_index_hint(directory)}"
+        )
     return meta
 
 
@@ -139,10 +147,12 @@ def index_file_problem(directory: Path, meta: dict[str, Any], *, full: bool) -> 
 def write_ondisk_metadata(directory: Path, meta: dict[str, Any]) -> None:
     """Write ``index.json`` of an on-disk index whose ``index.faiss`` and ``index.ivfdata``
     are complete in ``directory`` (their integrity records are computed here)."""
-    record = {"files": {name: file_record(directory / name)
-                        for name in (INDEX_FILE, INDEX_LISTS_FILE)}}
-    atomic_write_json_record(directory / INDEX_METADATA,
-                             {**meta, "storage": "ondisk", INTEGRITY_KEY: record})
+    record = {
+        "files": {name: file_record(directory / name) for name in (INDEX_FILE, INDEX_LISTS_FILE)}
+    }
+    atomic_write_json_record(
+        directory / INDEX_METADATA, {**meta, "storage": "ondisk", INTEGRITY_KEY: record}
+    )
 
 
 def read_faiss_index(directory: Path, meta: dict[str, Any], *, full: bool = False) -> faiss.Index:
@@ -168,15 +178,23 @@ def _read_faiss_index(directory: Path, meta: dict[str, Any], full: bool) -> fais
     try:
         index = faiss.read_index(str(index_file), flags)
     except (RuntimeError, MemoryError):
-        raise DatastoreIndexError(f"{index_file} is damaged (FAISS cannot read it: truncated, "
-                                  f"empty or not an index file); {hint}") from None
-    found = {"vectors": int(index.ntotal), "dimension": int(index.d),
-             "metric": {v: k for k, v in FAISS_METRICS.items()}.get(index.metric_type, "other")}
+        raise DatastoreIndexError(
+            f"{index_file} is damaged (FAISS cannot read it: truncated, "
+            f"empty or not an index file); {hint}"
+        ) from None
+    found = {
+        "vectors": int(index.ntotal),
+        "dimension": int(index.d),
+        "metric": {v: k for k, v in FAISS_METRICS.items()}.get(index.metric_type, "other"),
+    }
     wanted = {"vectors": meta["num_vectors"], "dimension": meta["dim"], "metric": meta["metric"]}
     wrong = [f"{k} {found[k]} vs {wanted[k]}" for k in wanted if found[k] != wanted[k]]
     if wrong:
-        raise DatastoreIndexError(f"{index_file} does not match {directory / INDEX_METADATA} ("
-                                  + "; ".join(wrong) + f"); the index is damaged, {hint}")
+        raise DatastoreIndexError(
+            f"{index_file} does not match {directory / INDEX_METADATA} ("
+            + "; ".join(wrong)
+            + f"); the index is damaged, {hint}"
+        )
     return index
 
 

@@ -8,6 +8,7 @@ one GPU's memory) and searches there. Everything else stays on the CPU path, the
 numpy queries or CPU tensors, ``faiss-cpu`` (``faiss.get_num_gpus() == 0``),
 ``IndexConfig.gpu = "never"``, and on-disk indexes (copying one to a GPU would load it whole).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,13 @@ def gpu_count() -> int:
 
 def wants_gpu(queries: Any, setting: str, on_disk: bool) -> bool:
     """Whether a search with ``queries`` runs on GPU FAISS (see the module docstring)."""
-    return (setting != "never" and not on_disk and isinstance(queries, torch.Tensor)
-            and queries.is_cuda and gpu_count() > 0)
+    return (
+        setting != "never"
+        and not on_disk
+        and isinstance(queries, torch.Tensor)
+        and queries.is_cuda
+        and gpu_count() > 0
+    )
 
 
 def to_all_gpus(index: faiss.Index) -> faiss.Index:

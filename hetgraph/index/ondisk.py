@@ -26,6 +26,7 @@ after, so an interrupted build is never loaded. The merge first checks the free 
 does not depend on the number of processes (same training sample, same ids, lists merged in
 block order).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -116,8 +117,9 @@ def estimated_index_bytes(factory: str, n: int, d: int) -> int:
     return 4 * d * n
 
 
-def choose_layout(n: int, d: int, config: IndexConfig,
-                  available: int | None = None) -> tuple[str, bool]:
+def choose_layout(
+    n: int, d: int, config: IndexConfig, available: int | None = None
+) -> tuple[str, bool]:
     """``(factory, on_disk)`` for ``n`` keys of width ``d`` under ``config``.
 
     ``on_disk=True`` uses ``config.factory`` (an IVF factory; ``auto`` becomes
@@ -138,10 +140,15 @@ def choose_layout(n: int, d: int, config: IndexConfig,
     return factory, False
 
 
-def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | None = None, *,
-                       datastore_fingerprint: str | None = None,
-                       distributed: DistributedContext | None = None,
-                       show_progress: bool = True) -> DatastoreIndex:
+def build_ondisk_index(
+    keys: Any,
+    directory: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    datastore_fingerprint: str | None = None,
+    distributed: DistributedContext | None = None,
+    show_progress: bool = True,
+) -> DatastoreIndex:
     """Build an IVF index with on-disk inverted lists into ``directory`` and open it.
 
     Args:
@@ -173,9 +180,17 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     if not parse_factory(factory, d).nlist:
         raise _not_ivf(factory)
     check_factory(config.factory, n, d, config.train_size)
-    plan = {"format_version": INDEX_FORMAT_VERSION, "factory": factory, "metric": config.metric,
-            "num_vectors": n, "dim": d, "seed": config.seed, "train_size": config.train_size,
-            "shard_rows": config.shard_rows, "datastore_fingerprint": datastore_fingerprint}
+    plan = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "factory": factory,
+        "metric": config.metric,
+        "num_vectors": n,
+        "dim": d,
+        "seed": config.seed,
+        "train_size": config.train_size,
+        "shard_rows": config.shard_rows,
+        "datastore_fingerprint": datastore_fingerprint,
+    }
     shards = directory / INDEX_SHARDS_DIR
     # Rank 0 holds the index directory's lock for the whole build, so that a reader meanwhile
     # is told a build is running instead of "no index", and stale temporaries can go.
@@ -184,18 +199,27 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
         ctx.barrier()
         blocks = math.ceil(n / config.shard_rows)
         mine = ctx.share(blocks)
-        rows = (min(n, mine.stop * config.shard_rows) - mine.start * config.shard_rows
-                if mine else 0)
-        with tqdm(total=rows, desc=f"index {factory} (on disk)", unit="vec", dynamic_ncols=True,
-                  disable=not (show_progress and ctx.is_main)) as bar:
+        rows = min(n, mine.stop * config.shard_rows) - mine.start * config.shard_rows if mine else 0
+        with tqdm(
+            total=rows,
+            desc=f"index {factory} (on disk)",
+            unit="vec",
+            dynamic_ncols=True,
+            disable=not (show_progress and ctx.is_main),
+        ) as bar:
             for block in mine:
                 _build_block(keys, shards, block, config)
                 bar.update(min(n, (block + 1) * config.shard_rows) - block * config.shard_rows)
         ctx.barrier()
-        meta = {"format_version": INDEX_FORMAT_VERSION, "factory": factory,
-                "metric": config.metric, "num_vectors": n, "dim": d,
-                "datastore_fingerprint": datastore_fingerprint,
-                "config": {**config.to_dict(), "on_disk": True}}
+        meta = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "factory": factory,
+            "metric": config.metric,
+            "num_vectors": n,
+            "dim": d,
+            "datastore_fingerprint": datastore_fingerprint,
+            "config": {**config.to_dict(), "on_disk": True},
+        }
         ctx.run_on_main(lambda: _merge(directory, blocks, meta))
         ctx.barrier()
     index = DatastoreIndex.load(directory)
@@ -203,8 +227,9 @@ def build_ondisk_index(keys: Any, directory: str | Path, config: IndexConfig | N
     return index
 
 
-def _prepare(lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str, Any],
-             config: IndexConfig) -> None:
+def _prepare(
+    lock: contextlib.ExitStack, keys: Any, shards: Path, plan: dict[str, Any], config: IndexConfig
+) -> None:
     """Rank 0: lock the index directory (until ``lock`` closes); train the index (unless
     ``shards/`` holds this plan's training already)."""
     lock.enter_context(directory_lock(shards.parent, "index"))
@@ -229,8 +254,11 @@ def _resumable(shards: Path, plan: dict[str, Any]) -> bool:
     """Whether ``shards/`` holds the trained index of ``plan`` (a damaged plan file: no, and
     the build starts again)."""
     try:
-        return ((shards / INDEX_PLAN_FILE).is_file() and read_json(shards / INDEX_PLAN_FILE)
-                == plan and (shards / INDEX_TRAINED_FILE).is_file())
+        return (
+            (shards / INDEX_PLAN_FILE).is_file()
+            and read_json(shards / INDEX_PLAN_FILE) == plan
+            and (shards / INDEX_TRAINED_FILE).is_file()
+        )
     except ValueError:  # not JSON, nested too deep, not UTF-8
         return False
 
@@ -245,7 +273,8 @@ def _new_ivf_index(plan: dict[str, Any]) -> faiss.Index:
 def _not_ivf(factory: str) -> DatastoreIndexError:
     return DatastoreIndexError(
         f"on-disk lists need an IVF factory (e.g. IVF4096,PQ64), got {factory!r}; "
-        "choose one with --factory or drop --on-disk")
+        "choose one with --factory or drop --on-disk"
+    )
 
 
 def block_file(shards: Path, block: int) -> Path:
@@ -279,7 +308,8 @@ def _merge(directory: Path, blocks: int, meta: dict[str, Any]) -> None:
     if missing:
         raise DatastoreIndexError(
             f"{missing[0]} is missing ({len(missing)} of {blocks} index blocks; a rank did not "
-            "finish); run the same index build again to resume")
+            "finish); run the same index build again to resume"
+        )
     with storage_errors(directory, RESUME_HINT):
         # The lists are written through a memory map that FAISS grows as a sparse file: on
         # a full disk a page written there is a SIGBUS, not an error. Refuse it up front,
@@ -287,8 +317,9 @@ def _merge(directory: Path, blocks: int, meta: dict[str, Any]) -> None:
         trained = shards / INDEX_TRAINED_FILE
         ivf = faiss.extract_index_ivf(faiss.read_index(str(trained)))
         lists_bytes = int(meta["num_vectors"]) * (int(ivf.code_size) + 8)
-        check_free_space(directory / INDEX_LISTS_FILE,
-                         lists_bytes + 2 * trained.stat().st_size + (1 << 20))
+        check_free_space(
+            directory / INDEX_LISTS_FILE, lists_bytes + 2 * trained.stat().st_size + (1 << 20)
+        )
         with atomic_path(directory / INDEX_LISTS_FILE, size=lists_bytes) as tmp_lists:
             _write_merged(shards, files, tmp_lists, directory)
         write_ondisk_metadata(directory, meta)
@@ -302,9 +333,11 @@ def _write_merged(shards: Path, files: list[Path], lists: Path, directory: Path)
     except RuntimeError as e:
         if storage_reason(e) is not None:
             raise  # atomic_path names the file
-        raise DatastoreIndexError(f"an index block in {shards} is damaged "
-                                  f"({str(e).splitlines()[-1]}); delete {shards} and build the "
-                                  "index again") from None
+        raise DatastoreIndexError(
+            f"an index block in {shards} is damaged "
+            f"({str(e).splitlines()[-1]}); delete {shards} and build the "
+            "index again"
+        ) from None
     # The new lists are complete: only now retire the old index (no stale pair if the
     # renames below are interrupted; a failed merge leaves the old index whole).
     with contextlib.suppress(FileNotFoundError):
@@ -317,8 +350,13 @@ def _write_merged(shards: Path, files: list[Path], lists: Path, directory: Path)
     del index  # unmaps index.ivfdata before it is fsync'd and renamed
 
 
-def build_index(keys: Any, directory: str | Path, config: IndexConfig | None = None, *,
-                distributed: DistributedContext | None = None) -> DatastoreIndex:
+def build_index(
+    keys: Any,
+    directory: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    distributed: DistributedContext | None = None,
+) -> DatastoreIndex:
     """Build the index ``config`` asks for over ``keys`` and save it in ``directory``: in
     memory or with on-disk lists as :func:`choose_layout` decides (under ``torchrun`` an
     on-disk build is shard-parallel; an in-memory one is built by rank 0). Every rank returns

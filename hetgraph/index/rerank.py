@@ -12,6 +12,7 @@ search, which FAISS computes as one thread-dependent BLAS product, is re-scored 
 query (:func:`exact_top_k`), and neighbours at equal distances are ordered by id
 (:func:`order_ties`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,7 +38,7 @@ def exact_distances(keys: Any, queries: np.ndarray, ids: np.ndarray, metric: str
     out = np.empty((q_count, c), dtype=np.float32)
     step = max(1, RERANK_BLOCK_VALUES // max(1, c * d))
     for lo in range(0, q_count, step):
-        block = ids[lo:lo + step]
+        block = ids[lo : lo + step]
         valid = block >= 0
         rows = np.where(valid, block, 0).reshape(-1)
         # Gather in sorted row order (sequential memmap reads), then restore the order.
@@ -45,18 +46,19 @@ def exact_distances(keys: Any, queries: np.ndarray, ids: np.ndarray, metric: str
         gathered = np.empty((rows.size, d), dtype=np.float32)
         gathered[order] = np.asarray(keys[rows[order]], dtype=np.float32)
         vectors = gathered.reshape(block.shape[0], c, d)
-        q = queries[lo:lo + step, None, :]
+        q = queries[lo : lo + step, None, :]
         if metric == "ip":
             dist = -np.einsum("qcd,qcd->qc", vectors, np.broadcast_to(q, vectors.shape))
         else:
             diff = vectors - q
             dist = np.einsum("qcd,qcd->qc", diff, diff)
-        out[lo:lo + step] = np.where(valid, dist, np.float32(np.inf))
+        out[lo : lo + step] = np.where(valid, dist, np.float32(np.inf))
     return out
 
 
-def rerank(keys: Any, queries: np.ndarray, candidates: np.ndarray, k: int,
-           metric: str) -> tuple[np.ndarray, np.ndarray]:
+def rerank(
+    keys: Any, queries: np.ndarray, candidates: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The best ``k`` of ``candidates`` ``[Q, k']`` by exact distance: ``(distances, ids)``,
     nearest first (ties keep the index's order); missing candidates (``-1``) come last."""
     distances = exact_distances(keys, queries, candidates, metric)
@@ -77,8 +79,7 @@ def exhaustive_vectors(index: faiss.Index) -> np.ndarray | None:
     None for any other index."""
     if not isinstance(index, faiss.IndexFlat) or index.ntotal == 0:
         return None
-    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal,
-                                                                             index.d)
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
 
 def takes_blas_path(num_queries: int, dim: int) -> bool:
@@ -89,8 +90,9 @@ def takes_blas_path(num_queries: int, dim: int) -> bool:
     return num_queries * dim >= int(faiss.cvar.distance_compute_blas_threshold)
 
 
-def exact_top_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int,
-                metric: str) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     r"""The ``k`` nearest of ``vectors`` (``index``'s own) by distances computed query by
     query, in a fixed order: the same results for any number of threads.
 
@@ -111,16 +113,15 @@ def exact_top_k(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, k:
     return np.ascontiguousarray(distances[:, :k]), np.ascontiguousarray(ids[:, :k])
 
 
-def order_ties(distances: np.ndarray, ids: np.ndarray, *,
-               always: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def order_ties(
+    distances: np.ndarray, ids: np.ndarray, *, always: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Each row of ``(distances, ids)`` ordered by distance, then id (missing ids, ``-1``,
     last): neighbours at the same distance come in the same order however the search found
     them (GPU FAISS merges partial results in its own order). Unless ``always``, rows already
     sorted without a tie are returned as they are (no sort)."""
-    if not always and (distances.shape[1] < 2
-                       or not (distances[:, 1:] == distances[:, :-1]).any()):
+    if not always and (distances.shape[1] < 2 or not (distances[:, 1:] == distances[:, :-1]).any()):
         return distances, ids
     key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
     order = np.lexsort((key, distances), axis=1)
-    return (np.take_along_axis(distances, order, axis=1),
-            np.take_along_axis(ids, order, axis=1))
+    return (np.take_along_axis(distances, order, axis=1), np.take_along_axis(ids, order, axis=1))

@@ -3,6 +3,7 @@ datastore or an array, a seeded FAISS index from a factory string, the seeded tr
 sample, the float32 conversion of key blocks and the refusal of non-finite keys, shared by
 the in-memory build (:meth:`~hetgraph.index.DatastoreIndex.build`) and the on-disk one
 (:func:`~hetgraph.index.build_ondisk_index`)."""
+
 from __future__ import annotations
 
 import math
@@ -77,9 +78,11 @@ def new_index(factory: str, d: int, metric: str, seed: int) -> faiss.Index:
     try:
         index = faiss.index_factory(d, factory, FAISS_METRICS[metric])
     except RuntimeError as e:
-        raise DatastoreIndexError(f"FAISS cannot build index {factory!r} for d={d} "
-                                  f"({str(e).splitlines()[-1]}); choose another factory "
-                                  "(--factory)") from None
+        raise DatastoreIndexError(
+            f"FAISS cannot build index {factory!r} for d={d} "
+            f"({str(e).splitlines()[-1]}); choose another factory "
+            "(--factory)"
+        ) from None
     seed_clustering(index, seed)
     _encode_keys_not_residuals(index)
     return index
@@ -95,8 +98,10 @@ def _encode_keys_not_residuals(index: faiss.Index) -> None:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:  # not an IVF index
         return
-    if (isinstance(ivf, faiss.IndexIVFScalarQuantizer)
-            and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16):
+    if (
+        isinstance(ivf, faiss.IndexIVFScalarQuantizer)
+        and ivf.sq.qtype == faiss.ScalarQuantizer.QT_fp16
+    ):
         ivf.by_residual = False
 
 
@@ -135,7 +140,8 @@ def finite_rows(block: np.ndarray, rows: np.ndarray, source: str) -> np.ndarray:
             f"{source} hold non-finite values (NaN or inf; the first in row {row}); an index "
             "over them would return garbage neighbours. Rebuild the "
             "datastore (hetgraph datastore build … --overwrite) with a model that gives finite "
-            "hidden states")
+            "hidden states"
+        )
     return block
 
 
@@ -156,7 +162,8 @@ def seed_clustering(index: faiss.Index, seed: int) -> None:
 SUPPORTED_FACTORIES = (
     "Flat, PQ{m}[x{bits}], SQ{4|6|8|fp16|bf16}, IVF{nlist},{Flat|PQ…|SQ…} or "
     "HNSW{M}[,{Flat|PQ…|SQ…}], optionally after OPQ{m}[_{d}], PCA{d} or PCAR{d} "
-    "(e.g. Flat, IVF1024,SQfp16, OPQ64,IVF4096,PQ64, HNSW32)")
+    "(e.g. Flat, IVF1024,SQfp16, OPQ64,IVF4096,PQ64, HNSW32)"
+)
 #: FAISS's HNSW needs at least 2 links per node: ``HNSW1`` crashes the interpreter in
 #: ``add`` (SIGSEGV) and ``HNSW0`` aborts it (faiss 1.15).
 HNSW_MIN_M = 2
@@ -198,8 +205,9 @@ class FactorySpec:
 
 def _factory_error(factory: str, d: int | None, reason: str, fix: str) -> DatastoreIndexError:
     where = f" for d={d}" if d is not None else ""
-    return DatastoreIndexError(f"FAISS cannot build index {factory!r}{where} ({reason}); "
-                               f"{fix} (--factory)")
+    return DatastoreIndexError(
+        f"FAISS cannot build index {factory!r}{where} ({reason}); {fix} (--factory)"
+    )
 
 
 def parse_factory(factory: str, d: int) -> FactorySpec:
@@ -226,20 +234,30 @@ def parse_factory(factory: str, d: int) -> FactorySpec:
         m, out, rotated, width = transform.groups()
         numbers = [int(x) for x in (m, out, width) if x is not None]
         if any(not 1 <= x <= _INT_MAX for x in numbers):
-            raise _factory_error(factory, d, f"{transform.group(0)} needs numbers from 1 to "
-                                 f"{_INT_MAX}", "use e.g. OPQ64,IVF4096,PQ64")
+            raise _factory_error(
+                factory,
+                d,
+                f"{transform.group(0)} needs numbers from 1 to {_INT_MAX}",
+                "use e.g. OPQ64,IVF4096,PQ64",
+            )
         if m is not None:
             opq, dim = int(m), int(out) if out is not None else d
             if dim % opq:
-                raise _factory_error(factory, d, f"OPQ{opq} splits the width {dim} into {opq} "
-                                     "sub-vectors, which must divide it",
-                                     f"use an OPQ m that divides {dim}")
+                raise _factory_error(
+                    factory,
+                    d,
+                    f"OPQ{opq} splits the width {dim} into {opq} sub-vectors, which must divide it",
+                    f"use an OPQ m that divides {dim}",
+                )
         else:
             pca = dim = int(width)
             if pca > d:
-                raise _factory_error(factory, d, f"PCA{rotated}{pca} cannot output more "
-                                     f"dimensions than the keys' {d}",
-                                     f"use PCA{rotated}{d} or fewer")
+                raise _factory_error(
+                    factory,
+                    d,
+                    f"PCA{rotated}{pca} cannot output more dimensions than the keys' {d}",
+                    f"use PCA{rotated}{d} or fewer",
+                )
     coarse = _COARSE.fullmatch(parts[0]) if parts else None
     nlist = hnsw = 0
     if coarse is not None:
@@ -248,37 +266,58 @@ def parse_factory(factory: str, d: int) -> FactorySpec:
         if kind == "IVF":
             nlist = number
             if not parts:
-                raise _factory_error(factory, d, "an IVF index needs an encoding after it",
-                                     f"use e.g. IVF{max(nlist, 1)},Flat or "
-                                     f"IVF{max(nlist, 1)},SQfp16")
+                raise _factory_error(
+                    factory,
+                    d,
+                    "an IVF index needs an encoding after it",
+                    f"use e.g. IVF{max(nlist, 1)},Flat or IVF{max(nlist, 1)},SQfp16",
+                )
             if not 1 <= nlist <= _INT_MAX:
-                raise _factory_error(factory, d, f"IVF{nlist} needs at least 1 list",
-                                     "use e.g. IVF1024,Flat")
+                raise _factory_error(
+                    factory, d, f"IVF{nlist} needs at least 1 list", "use e.g. IVF1024,Flat"
+                )
         else:
             hnsw = number
             if not HNSW_MIN_M <= hnsw <= _INT_MAX:
-                raise _factory_error(factory, d, f"HNSW needs M >= {HNSW_MIN_M} links per node "
-                                     f"(FAISS crashes with HNSW{hnsw})", "use e.g. HNSW32")
+                raise _factory_error(
+                    factory,
+                    d,
+                    f"HNSW needs M >= {HNSW_MIN_M} links per node (FAISS crashes with HNSW{hnsw})",
+                    "use e.g. HNSW32",
+                )
             if not parts:
                 parts = ["Flat"]
     encoding = _ENCODING.fullmatch(parts[0]) if len(parts) == 1 else None
     if encoding is None:  # IDMap, IDMap2, RFlat, Refine(…), LSH, NSG…: not what hetgraph adds
-        raise DatastoreIndexError(f"index factory {factory!r} is not one hetgraph builds; use "
-                                  f"one of: {SUPPORTED_FACTORIES} (--factory)")
+        raise DatastoreIndexError(
+            f"index factory {factory!r} is not one hetgraph builds; use "
+            f"one of: {SUPPORTED_FACTORIES} (--factory)"
+        )
     pq, bits = encoding.group(1), encoding.group(2)
     spec = FactorySpec(dim, opq, pca, nlist, hnsw, int(pq or 0), int(bits or 8))
     if pq is not None:
         if not 1 <= spec.pq <= dim or dim % spec.pq:
-            raise _factory_error(factory, d, f"PQ{spec.pq} splits the width {dim} into "
-                                 f"{spec.pq} sub-vectors, which must divide it",
-                                 f"use a PQ m that divides {dim}")
+            raise _factory_error(
+                factory,
+                d,
+                f"PQ{spec.pq} splits the width {dim} into "
+                f"{spec.pq} sub-vectors, which must divide it",
+                f"use a PQ m that divides {dim}",
+            )
         if not 1 <= spec.pq_bits <= 16:
-            raise _factory_error(factory, d, f"PQ codes have 1 to 16 bits, not {spec.pq_bits}",
-                                 f"use PQ{spec.pq} (8 bits) or PQ{spec.pq}x4")
+            raise _factory_error(
+                factory,
+                d,
+                f"PQ codes have 1 to 16 bits, not {spec.pq_bits}",
+                f"use PQ{spec.pq} (8 bits) or PQ{spec.pq}x4",
+            )
     if nlist:
         try:  # the empty lists and centroids are allocated by index_factory
-            check_memory(f"the {nlist} lists of index {factory!r}",
-                         nlist * (_BYTES_PER_LIST + 4 * dim), "use fewer IVF lists")
+            check_memory(
+                f"the {nlist} lists of index {factory!r}",
+                nlist * (_BYTES_PER_LIST + 4 * dim),
+                "use fewer IVF lists",
+            )
         except ResourceLimitError as error:
             raise DatastoreIndexError(f"{error} (--factory)") from None
     return spec
@@ -295,24 +334,44 @@ def check_factory_rows(factory: str, d: int, n: int, train: int) -> None:
         DatastoreIndexError: one line naming ``factory``, ``--factory`` and the fix.
     """
     spec = parse_factory(factory, d)
-    needs = [(spec.nlist, f"IVF{spec.nlist} (a key per list)",
-              f"use at most IVF{train}, better IVF{max(1, train // 39)}"),
-             (2 ** spec.pq_bits if spec.pq else 0, f"PQ{spec.pq}x{spec.pq_bits} "
-              f"({2 ** spec.pq_bits} centroids per sub-quantizer)",
-              "use fewer PQ bits (e.g. x4) or more keys"),
-             (_OPQ_CENTROIDS if spec.opq else 0, f"OPQ{spec.opq} (it trains a 256-centroid PQ)",
-              "drop the OPQ prefix or use more keys"),
-             (spec.pca, f"PCA{spec.pca} (a key per output dimension)",
-              f"use at most PCA{min(train, d)}")]
+    needs = [
+        (
+            spec.nlist,
+            f"IVF{spec.nlist} (a key per list)",
+            f"use at most IVF{train}, better IVF{max(1, train // 39)}",
+        ),
+        (
+            2**spec.pq_bits if spec.pq else 0,
+            f"PQ{spec.pq}x{spec.pq_bits} ({2**spec.pq_bits} centroids per sub-quantizer)",
+            "use fewer PQ bits (e.g. x4) or more keys",
+        ),
+        (
+            _OPQ_CENTROIDS if spec.opq else 0,
+            f"OPQ{spec.opq} (it trains a 256-centroid PQ)",
+            "drop the OPQ prefix or use more keys",
+        ),
+        (
+            spec.pca,
+            f"PCA{spec.pca} (a key per output dimension)",
+            f"use at most PCA{min(train, d)}",
+        ),
+    ]
     for need, what, fix in needs:
         if need > train:
             source = "keys" if train == n else f"training keys (of {n}; IndexConfig.train_size)"
-            raise _factory_error(factory, d, f"{what} needs at least {need} training keys but "
-                                 f"there are only {train} {source}", fix)
+            raise _factory_error(
+                factory,
+                d,
+                f"{what} needs at least {need} training keys but there are only {train} {source}",
+                fix,
+            )
     if spec.hnsw:
         try:
-            check_memory(f"the links of index {factory!r} over {n} keys",
-                         n * (8 * spec.hnsw + 4 * spec.dim), "use a smaller HNSW M")
+            check_memory(
+                f"the links of index {factory!r} over {n} keys",
+                n * (8 * spec.hnsw + 4 * spec.dim),
+                "use a smaller HNSW M",
+            )
         except ResourceLimitError as error:
             raise DatastoreIndexError(f"{error} (--factory)") from None
 

@@ -4,6 +4,7 @@ tokenised for the LM, linked to token ids, and embedded with PyG's KGE models.
 ``hetgraph kg build`` and ``hetgraph kg embed`` (``hetgraph/cli_kg.py``) drive these; the
 ``kg`` node type of the context graph that consumes them is built elsewhere.
 """
+
 from __future__ import annotations
 
 from hetgraph.kg.aliases import AliasConfig, AliasSequences, token_flags, tokenize_aliases
@@ -20,7 +21,21 @@ from hetgraph.kg.store import KnowledgeGraph
 from hetgraph.kg.triples import read_aliases, read_triples
 from hetgraph.kg.wordnet import shipped_wordnet
 
-__all__ = ["KGE_MODELS", "AliasConfig", "AliasSequences", "EmbeddingConfig", "EntityLinker",
-           "EntityLinks", "KnowledgeGraph", "KnowledgeGraphError", "embed_knowledge_graph",
-           "load_entity_features", "read_aliases", "read_triples", "shipped_wordnet",
-           "token_flags", "tokenize_aliases", "train_embeddings"]
+__all__ = [
+    "KGE_MODELS",
+    "AliasConfig",
+    "AliasSequences",
+    "EmbeddingConfig",
+    "EntityLinker",
+    "EntityLinks",
+    "KnowledgeGraph",
+    "KnowledgeGraphError",
+    "embed_knowledge_graph",
+    "load_entity_features",
+    "read_aliases",
+    "read_triples",
+    "shipped_wordnet",
+    "token_flags",
+    "tokenize_aliases",
+    "train_embeddings",
+]

@@ -11,6 +11,7 @@ word character (a letter or digit, no leading space: it continues the word befor
 whether it *ends* with one; the linker uses them so that ``" dog"`` is not found inside
 ``" dogma"`` (``" dog" + "ma"``) nor ``"dog"`` inside ``"hotdog"``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,10 +56,14 @@ class AliasConfig(JSONConfigMixin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count("max_alias_tokens", self.max_alias_tokens, MAX_ALIAS_TOKENS,
-                    f"give 1 to {MAX_ALIAS_TOKENS}", minimum=1)
-        check_count("min_alias_chars", self.min_alias_chars, 1000, "give 1 or more",
-                    minimum=1)
+        check_count(
+            "max_alias_tokens",
+            self.max_alias_tokens,
+            MAX_ALIAS_TOKENS,
+            f"give 1 to {MAX_ALIAS_TOKENS}",
+            minimum=1,
+        )
+        check_count("min_alias_chars", self.min_alias_chars, 1000, "give 1 or more", minimum=1)
 
 
 def alias_variants(text: str, config: AliasConfig) -> list[str]:
@@ -82,8 +87,9 @@ class AliasSequences:
     dropped: int = 0
 
 
-def tokenize_aliases(aliases: Sequence[tuple[int, str]], tokenizer: Any,
-                     config: AliasConfig, batch_size: int = 4096) -> AliasSequences:
+def tokenize_aliases(
+    aliases: Sequence[tuple[int, str]], tokenizer: Any, config: AliasConfig, batch_size: int = 4096
+) -> AliasSequences:
     r"""Tokenise ``(entity index, alias text)`` pairs in every variant of ``config``.
 
     Returns:
@@ -95,7 +101,7 @@ def tokenize_aliases(aliases: Sequence[tuple[int, str]], tokenizer: Any,
     seen: dict[tuple[tuple[int, ...], int], None] = {}
     dropped: set[tuple[int, str]] = set()
     for start in range(0, len(forms), batch_size):
-        batch = forms[start:start + batch_size]
+        batch = forms[start : start + batch_size]
         encoded = tokenizer([form for _, form in batch], add_special_tokens=False)["input_ids"]
         for (entity, form), ids in zip(batch, encoded, strict=True):
             if not ids:
@@ -107,12 +113,16 @@ def tokenize_aliases(aliases: Sequence[tuple[int, str]], tokenizer: Any,
     lengths = np.fromiter((len(seq) for seq, _ in seen), dtype=np.int64, count=len(seen))
     offsets = np.zeros(len(seen) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for seq, _ in seen for t in seq), dtype=np.int32,
-                         count=int(offsets[-1]))
+    tokens = np.fromiter(
+        (t for seq, _ in seen for t in seq), dtype=np.int32, count=int(offsets[-1])
+    )
     entities = np.fromiter((e for _, e in seen), dtype=np.int32, count=len(seen))
     if dropped:
-        logger.info("%d alias forms are longer than %d tokens and are not linked",
-                    len(dropped), config.max_alias_tokens)
+        logger.info(
+            "%d alias forms are longer than %d tokens and are not linked",
+            len(dropped),
+            config.max_alias_tokens,
+        )
     return AliasSequences(tokens, offsets, entities, len(dropped))
 
 

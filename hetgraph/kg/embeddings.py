@@ -10,6 +10,7 @@ mean rank, MRR, Hits@10). With ``model="auto"`` the best valid MRR wins.
 :func:`load_entity_features` reads them back as one ``[num_entities, D]`` tensor (complex
 models: real and imaginary parts side by side).
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,12 @@ class EmbeddingConfig(JSONConfigMixin):
 def _model_class(name: str) -> type:
     from torch_geometric.nn import kge
 
-    return {"transe": kge.TransE, "distmult": kge.DistMult, "rotate": kge.RotatE,
-            "complex": kge.ComplEx}[name]
+    return {
+        "transe": kge.TransE,
+        "distmult": kge.DistMult,
+        "rotate": kge.RotatE,
+        "complex": kge.ComplEx,
+    }[name]
 
 
 def split_triples(triples: Tensor, config: EmbeddingConfig) -> tuple[Tensor, Tensor]:
@@ -85,8 +90,10 @@ def split_triples(triples: Tensor, config: EmbeddingConfig) -> tuple[Tensor, Ten
     first ``valid_fraction`` of it (at least one row, at most ``max_valid``)."""
     n = triples.shape[0]
     if n < 2:
-        raise KnowledgeGraphError(f"the graph has {n} triple; training embeddings needs at "
-                                  "least 2 (one to train on, one to score)")
+        raise KnowledgeGraphError(
+            f"the graph has {n} triple; training embeddings needs at "
+            "least 2 (one to train on, one to score)"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
     size = min(max(1, round(n * config.valid_fraction)), config.max_valid, n - 1)
     return triples[order[size:]], triples[order[:size]]
@@ -95,8 +102,11 @@ def split_triples(triples: Tensor, config: EmbeddingConfig) -> tuple[Tensor, Ten
 def random_metrics(num_entities: int, k: int = 10) -> dict[str, float]:
     r"""Expected MRR and Hits@k of a uniformly random ranking of ``num_entities``."""
     harmonic = sum(1.0 / r for r in range(1, num_entities + 1))
-    return {"mrr": harmonic / num_entities, "hits@10": min(k, num_entities) / num_entities,
-            "mean_rank": (num_entities - 1) / 2}
+    return {
+        "mrr": harmonic / num_entities,
+        "hits@10": min(k, num_entities) / num_entities,
+        "mean_rank": (num_entities - 1) / 2,
+    }
 
 
 @dataclass
@@ -109,14 +119,21 @@ class TrainedEmbedding:
     valid: dict[str, float]
 
 
-def train_one(name: str, num_entities: int, num_relations: int, train: Tensor, valid: Tensor,
-              config: EmbeddingConfig) -> TrainedEmbedding:
+def train_one(
+    name: str,
+    num_entities: int,
+    num_relations: int,
+    train: Tensor,
+    valid: Tensor,
+    config: EmbeddingConfig,
+) -> TrainedEmbedding:
     r"""Train the KGE model ``name`` on ``train`` ``[N, 3]`` and score it on ``valid``."""
     torch.manual_seed(config.seed)
     model = _model_class(name)(num_entities, num_relations, config.dim)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loader = model.loader(train[:, 0], train[:, 1], train[:, 2],
-                          batch_size=config.batch_size, shuffle=True)
+    loader = model.loader(
+        train[:, 0], train[:, 1], train[:, 2], batch_size=config.batch_size, shuffle=True
+    )
     losses = []
     for epoch in range(config.epochs):
         model.train()
@@ -130,18 +147,34 @@ def train_one(name: str, num_entities: int, num_relations: int, train: Tensor, v
         losses.append(total / count)
         logger.info("%s epoch %d/%d: loss %.4f", name, epoch + 1, config.epochs, losses[-1])
     model.eval()
-    mean_rank, mrr, hits = model.test(valid[:, 0], valid[:, 1], valid[:, 2],
-                                      batch_size=max(1, min(num_entities, 65536)), k=10,
-                                      log=False)
-    logger.info("%s: loss %.4f -> %.4f, valid MRR %.4f, Hits@10 %.4f", name, losses[0],
-                losses[-1], mrr, hits)
-    metrics = {"mrr": float(mrr), "hits@10": float(hits), "mean_rank": float(mean_rank),
-               "triples": int(valid.shape[0])}
+    mean_rank, mrr, hits = model.test(
+        valid[:, 0],
+        valid[:, 1],
+        valid[:, 2],
+        batch_size=max(1, min(num_entities, 65536)),
+        k=10,
+        log=False,
+    )
+    logger.info(
+        "%s: loss %.4f -> %.4f, valid MRR %.4f, Hits@10 %.4f",
+        name,
+        losses[0],
+        losses[-1],
+        mrr,
+        hits,
+    )
+    metrics = {
+        "mrr": float(mrr),
+        "hits@10": float(hits),
+        "mean_rank": float(mean_rank),
+        "triples": int(valid.shape[0]),
+    }
     return TrainedEmbedding(name, model, losses, metrics)
 
 
-def train_embeddings(graph: KnowledgeGraph, config: EmbeddingConfig
-                     ) -> tuple[TrainedEmbedding, list[TrainedEmbedding]]:
+def train_embeddings(
+    graph: KnowledgeGraph, config: EmbeddingConfig
+) -> tuple[TrainedEmbedding, list[TrainedEmbedding]]:
     r"""``(chosen, every trained)``: the model of ``config`` trained on ``graph``'s triples,
     or with ``"auto"`` each of :data:`KGE_MODELS`, the best valid MRR (then Hits@10) chosen.
 
@@ -149,21 +182,26 @@ def train_embeddings(graph: KnowledgeGraph, config: EmbeddingConfig
         ResourceLimitError: the embeddings and their optimiser state would not fit in memory.
     """
     width = 2 * config.dim  # complex models: two tables
-    check_memory(f"embeddings of {graph.num_entities} entities × dim {config.dim}",
-                 4 * width * (graph.num_entities + graph.num_relations) * 4,
-                 "choose a smaller --dim")
+    check_memory(
+        f"embeddings of {graph.num_entities} entities × dim {config.dim}",
+        4 * width * (graph.num_entities + graph.num_relations) * 4,
+        "choose a smaller --dim",
+    )
     triples = torch.as_tensor(graph.triples).long()
     train, valid = split_triples(triples, config)
     names = KGE_MODELS if config.model == "auto" else (config.model,)
-    trained = [train_one(name, graph.num_entities, graph.num_relations, train, valid, config)
-               for name in names]
+    trained = [
+        train_one(name, graph.num_entities, graph.num_relations, train, valid, config)
+        for name in names
+    ]
     chosen = max(trained, key=lambda t: (t.valid["mrr"], t.valid["hits@10"]))
     return chosen, trained
 
 
 def _weights(trained: TrainedEmbedding) -> dict[str, Tensor]:
-    return {name: tensor.detach().contiguous()
-            for name, tensor in trained.model.state_dict().items()}
+    return {
+        name: tensor.detach().contiguous() for name, tensor in trained.model.state_dict().items()
+    }
 
 
 def embed_knowledge_graph(directory: str | Path, config: EmbeddingConfig) -> dict[str, Any]:
@@ -175,17 +213,26 @@ def embed_knowledge_graph(directory: str | Path, config: EmbeddingConfig) -> dic
     with directory_lock(directory, "knowledge graph"):
         graph = KnowledgeGraph.from_pretrained(directory)
         chosen, trained = train_embeddings(graph, config)
-        atomic_save_safetensors(directory / EMBEDDINGS, _weights(chosen),
-                                metadata={"model": chosen.name})
-        record = {"file": EMBEDDINGS, "model": chosen.name, "config": config.to_dict(),
-                  "chosen_by": "valid MRR (raw tail ranking)" if config.model == "auto"
-                  else "--model", "random": random_metrics(graph.num_entities),
-                  "candidates": {t.name: {"valid": t.valid, "first_loss": t.losses[0],
-                                          "last_loss": t.losses[-1]} for t in trained}}
+        atomic_save_safetensors(
+            directory / EMBEDDINGS, _weights(chosen), metadata={"model": chosen.name}
+        )
+        record = {
+            "file": EMBEDDINGS,
+            "model": chosen.name,
+            "config": config.to_dict(),
+            "chosen_by": "valid MRR (raw tail ranking)" if config.model == "auto" else "--model",
+            "random": random_metrics(graph.num_entities),
+            "candidates": {
+                t.name: {"valid": t.valid, "first_loss": t.losses[0], "last_loss": t.losses[-1]}
+                for t in trained
+            },
+        }
         manifest = read_manifest(directory)
         manifest["embeddings"] = record
-        manifest[INTEGRITY_KEY] = {**manifest[INTEGRITY_KEY],
-                                   EMBEDDINGS: file_record(directory / EMBEDDINGS)}
+        manifest[INTEGRITY_KEY] = {
+            **manifest[INTEGRITY_KEY],
+            EMBEDDINGS: file_record(directory / EMBEDDINGS),
+        }
         write_manifest(directory, manifest)
     return record
 
@@ -202,13 +249,15 @@ def load_entity_features(directory: str | Path) -> Tensor:
     directory = Path(directory)
     manifest = read_manifest(directory)
     if "embeddings" not in manifest:
-        raise KnowledgeGraphError(f"{directory} has no embeddings; train them with "
-                                  f"`hetgraph kg embed --kg {directory}`")
+        raise KnowledgeGraphError(
+            f"{directory} has no embeddings; train them with `hetgraph kg embed --kg {directory}`"
+        )
     path = directory / EMBEDDINGS
     problem = check_file_record(path, manifest[INTEGRITY_KEY].get(EMBEDDINGS, {}), full=False)
     if problem is not None:
-        raise KnowledgeGraphError(f"{path} {problem}; train it again with "
-                                  f"`hetgraph kg embed --kg {directory}`")
+        raise KnowledgeGraphError(
+            f"{path} {problem}; train it again with `hetgraph kg embed --kg {directory}`"
+        )
     weights = load_file(str(path))
     parts = [weights["node_emb.weight"]]
     if "node_emb_im.weight" in weights:

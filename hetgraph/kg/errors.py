@@ -1,4 +1,5 @@
 """The error of every expected knowledge-graph failure."""
+
 from __future__ import annotations
 
 from hetgraph.errors import HetgraphError

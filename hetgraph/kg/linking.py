@@ -18,6 +18,7 @@ alias token sequences of that length and a sorted array of their hashes. Linking
 Every position of a chosen mention gets the entities of its alias (up to ``max_entities``,
 padded with ``-1``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -84,18 +85,24 @@ class EntityLinker:
             match regardless of word boundaries.
     """
 
-    def __init__(self, tokens: np.ndarray | Tensor, offsets: np.ndarray | Tensor,
-                 entities: np.ndarray | Tensor, *, max_entities: int = 4,
-                 flags: np.ndarray | Tensor | None = None) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray | Tensor,
+        offsets: np.ndarray | Tensor,
+        entities: np.ndarray | Tensor,
+        *,
+        max_entities: int = 4,
+        flags: np.ndarray | Tensor | None = None,
+    ) -> None:
         tokens, offsets = torch.as_tensor(tokens).long(), torch.as_tensor(offsets).long()
         entities = torch.as_tensor(entities).long()
         lengths = offsets[1:] - offsets[:-1]
         self.max_entities = max_entities
         self.max_length = int(lengths.max()) if lengths.numel() else 0
-        self.keys: list[Tensor] = []       # [K_n, n] distinct sequences of length n
-        self.hashes: list[Tensor] = []     # [K_n] their hashes, sorted
-        self.order: list[Tensor] = []      # [K_n] key index of each sorted hash
-        self.key_offset: list[int] = []    # first global key index of length n
+        self.keys: list[Tensor] = []  # [K_n, n] distinct sequences of length n
+        self.hashes: list[Tensor] = []  # [K_n] their hashes, sorted
+        self.order: list[Tensor] = []  # [K_n] key index of each sorted hash
+        self.key_offset: list[int] = []  # first global key index of length n
         tables = []
         total = 0
         for n in range(1, self.max_length + 1):
@@ -111,8 +118,7 @@ class EntityLinker:
             self.key_offset.append(total)
             tables.append(_entity_table(inverse, entities[rows], keys.shape[0], max_entities))
             total += keys.shape[0]
-        self.table = (torch.cat(tables) if tables
-                      else torch.empty(0, max_entities, dtype=torch.long))
+        self.table = torch.cat(tables) if tables else torch.empty(0, max_entities, dtype=torch.long)
         self.flags = None if flags is None else torch.as_tensor(flags).to(torch.uint8)
 
     @property
@@ -154,7 +160,7 @@ class EntityLinker:
         h1 = h2 = torch.zeros(b, t, dtype=torch.long, device=ids.device)
         for n in range(1, min(self.max_length, t) + 1):
             width = t - n + 1
-            h1, h2 = _hash_step(h1[:, :width], h2[:, :width], ids[:, n - 1:])
+            h1, h2 = _hash_step(h1[:, :width], h2[:, :width], ids[:, n - 1 :])
             hashes = self.hashes[n - 1]
             if hashes.numel() == 0:
                 continue
@@ -197,14 +203,15 @@ class EntityLinker:
         covering = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
         positions = torch.arange(t, device=ids.device).expand(b, t)
         for j in range(min(self.max_length, t)):
-            source = chosen[:, :t - j] & (length[:, :t - j] > j)
-            start[:, j:] = torch.where(source, positions[:, :t - j], start[:, j:])
-            span[:, j:] = torch.where(source, length[:, :t - j], span[:, j:])
-            covering[:, j:] = torch.where(source, key[:, :t - j], covering[:, j:])
+            source = chosen[:, : t - j] & (length[:, : t - j] > j)
+            start[:, j:] = torch.where(source, positions[:, : t - j], start[:, j:])
+            span[:, j:] = torch.where(source, length[:, : t - j], span[:, j:])
+            covering[:, j:] = torch.where(source, key[:, : t - j], covering[:, j:])
         entities = torch.full((b, t, self.max_entities), -1, dtype=torch.long, device=ids.device)
         if self.num_keys:
-            entities = torch.where(covering[..., None] >= 0, self.table[covering.clamp(min=0)],
-                                   entities)
+            entities = torch.where(
+                covering[..., None] >= 0, self.table[covering.clamp(min=0)], entities
+            )
         links = EntityLinks(entities, start, span)
         if single:
             links = EntityLinks(entities[0], start[0], span[0])

@@ -18,6 +18,7 @@ The directory is written as a whole (:func:`~hetgraph.io.atomic_directory`); bui
 same inputs with the same tokenizer again finds it complete and keeps it. Opening compares
 sizes and sampled checksums (:func:`~hetgraph.integrity.check_file_record`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,13 @@ KIND = "hetgraph-knowledge-graph"
 MANIFEST = "kg.json"
 EMBEDDINGS = "embeddings.safetensors"
 _JSON_FILES = ("entities.json", "relations.json", "aliases.json")
-_ARRAYS = {"triples": np.int32, "alias_tokens": np.int32, "alias_offsets": np.int64,
-           "alias_entities": np.int32, "token_flags": np.uint8}
+_ARRAYS = {
+    "triples": np.int32,
+    "alias_tokens": np.int32,
+    "alias_offsets": np.int64,
+    "alias_entities": np.int32,
+    "token_flags": np.uint8,
+}
 
 
 def _rebuild(directory: Path) -> str:
@@ -108,8 +114,13 @@ class KnowledgeGraph:
         return len(self.relations)
 
     @classmethod
-    def build(cls, triples_path: str | Path, aliases_path: str | Path | None, tokenizer: Any,
-              config: AliasConfig | None = None) -> KnowledgeGraph:
+    def build(
+        cls,
+        triples_path: str | Path,
+        aliases_path: str | Path | None,
+        tokenizer: Any,
+        config: AliasConfig | None = None,
+    ) -> KnowledgeGraph:
         r"""Read a triples file (and an aliases file) and tokenise the aliases.
 
         Entities are numbered in order of first appearance (triples, then aliases), as are
@@ -130,8 +141,9 @@ class KnowledgeGraph:
             entities.setdefault(tail, len(entities))
         for entity, _ in alias_rows:
             entities.setdefault(entity, len(entities))
-        triples = np.array([(entities[h], relations[r], entities[t]) for h, r, t in rows],
-                           dtype=np.int32).reshape(-1, 3)
+        triples = np.array(
+            [(entities[h], relations[r], entities[t]) for h, r, t in rows], dtype=np.int32
+        ).reshape(-1, 3)
         names = list(entities)
         named: set[int] = set()
         for entity, alias in alias_rows:
@@ -142,49 +154,77 @@ class KnowledgeGraph:
         alias_entities, alias_texts = [e for e, _ in pairs], [a for _, a in pairs]
         sequences = tokenize_aliases(pairs, tokenizer, config)
         manifest = build_record(triples_path, aliases_path, tokenizer, config)
-        return cls(list(entities), names, list(relations), triples, alias_entities, alias_texts,
-                   sequences, token_flags(tokenizer), manifest)
+        return cls(
+            list(entities),
+            names,
+            list(relations),
+            triples,
+            alias_entities,
+            alias_texts,
+            sequences,
+            token_flags(tokenizer),
+            manifest,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         r"""The ``.npy`` arrays of the directory, by name."""
-        return {"triples": self.triples, "alias_tokens": self.sequences.tokens,
-                "alias_offsets": self.sequences.offsets,
-                "alias_entities": self.sequences.entities, "token_flags": self.flags}
+        return {
+            "triples": self.triples,
+            "alias_tokens": self.sequences.tokens,
+            "alias_offsets": self.sequences.offsets,
+            "alias_entities": self.sequences.entities,
+            "token_flags": self.flags,
+        }
 
     def counts(self) -> dict[str, int]:
         r"""Entities, relations, triples, aliases, alias token sequences, dropped aliases."""
-        return {"entities": self.num_entities, "relations": self.num_relations,
-                "triples": int(self.triples.shape[0]), "aliases": len(self.alias_texts),
-                "alias_sequences": int(self.sequences.entities.shape[0]),
-                "dropped_long_aliases": int(self.sequences.dropped),
-                "vocabulary": int(self.flags.shape[0])}
+        return {
+            "entities": self.num_entities,
+            "relations": self.num_relations,
+            "triples": int(self.triples.shape[0]),
+            "aliases": len(self.alias_texts),
+            "alias_sequences": int(self.sequences.entities.shape[0]),
+            "dropped_long_aliases": int(self.sequences.dropped),
+            "vocabulary": int(self.flags.shape[0]),
+        }
 
     def save_pretrained(self, directory: str | Path) -> None:
         r"""Write the directory as a whole (atomically; see the module docstring)."""
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
-            atomic_write_json(tmp / "entities.json", {"ids": self.entity_ids,
-                                                      "names": self.entity_names},
-                              ensure_ascii=False)
-            atomic_write_json(tmp / "relations.json", {"names": self.relations},
-                              ensure_ascii=False)
-            atomic_write_json(tmp / "aliases.json", {"entities": self.alias_entities,
-                                                     "texts": self.alias_texts},
-                              ensure_ascii=False)
+            atomic_write_json(
+                tmp / "entities.json",
+                {"ids": self.entity_ids, "names": self.entity_names},
+                ensure_ascii=False,
+            )
+            atomic_write_json(tmp / "relations.json", {"names": self.relations}, ensure_ascii=False)
+            atomic_write_json(
+                tmp / "aliases.json",
+                {"entities": self.alias_entities, "texts": self.alias_texts},
+                ensure_ascii=False,
+            )
             for name, array in self.arrays().items():
                 atomic_save_npy(tmp / f"{name}.npy", np.ascontiguousarray(array, _ARRAYS[name]))
-            manifest = {key: value for key, value in self.manifest.items()
-                        if key not in ("embeddings", INTEGRITY_KEY)}
-            manifest.update(format_version=FORMAT_VERSION, kind=KIND, counts=self.counts(),
-                            content=array_fingerprint(*self.arrays().values()))
+            manifest = {
+                key: value
+                for key, value in self.manifest.items()
+                if key not in ("embeddings", INTEGRITY_KEY)
+            }
+            manifest.update(
+                format_version=FORMAT_VERSION,
+                kind=KIND,
+                counts=self.counts(),
+                content=array_fingerprint(*self.arrays().values()),
+            )
             files = [*_JSON_FILES, *(f"{name}.npy" for name in _ARRAYS)]
             manifest[INTEGRITY_KEY] = {name: file_record(tmp / name) for name in files}
             atomic_write_json_record(tmp / MANIFEST, manifest)
         self.manifest = manifest
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, tokenizer: Any = None,
-                        *, full: bool = False) -> KnowledgeGraph:
+    def from_pretrained(
+        cls, directory: str | Path, tokenizer: Any = None, *, full: bool = False
+    ) -> KnowledgeGraph:
         r"""Open a knowledge-graph directory, checking every file's size and sampled
         checksum (all of each file with ``full``) and, given a ``tokenizer``, that the
         aliases were tokenised by the same one.
@@ -205,29 +245,44 @@ class KnowledgeGraph:
                 raise KnowledgeGraphError(
                     f"{directory} was built for another tokenizer than this model's ({differs}); "
                     f"build it for this model: hetgraph kg build --model … --out {directory} "
-                    "--overwrite")
-        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False)
-                  for name in _ARRAYS}
+                    "--overwrite"
+                )
+        arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in _ARRAYS}
         entities = read_json(directory / "entities.json")
         aliases = read_json(directory / "aliases.json")
-        sequences = AliasSequences(arrays["alias_tokens"], arrays["alias_offsets"],
-                                   arrays["alias_entities"],
-                                   manifest["counts"]["dropped_long_aliases"])
-        return cls(entities["ids"], entities["names"],
-                   read_json(directory / "relations.json")["names"], arrays["triples"],
-                   aliases["entities"], aliases["texts"], sequences, arrays["token_flags"],
-                   manifest)
+        sequences = AliasSequences(
+            arrays["alias_tokens"],
+            arrays["alias_offsets"],
+            arrays["alias_entities"],
+            manifest["counts"]["dropped_long_aliases"],
+        )
+        return cls(
+            entities["ids"],
+            entities["names"],
+            read_json(directory / "relations.json")["names"],
+            arrays["triples"],
+            aliases["entities"],
+            aliases["texts"],
+            sequences,
+            arrays["token_flags"],
+            manifest,
+        )
 
     def linker(self, max_entities: int = 4, *, word_boundaries: bool = True) -> EntityLinker:
         r"""An :class:`~hetgraph.kg.linking.EntityLinker` over this graph's aliases
         (``word_boundaries=False`` matches inside words too)."""
-        return EntityLinker(self.sequences.tokens, self.sequences.offsets,
-                            self.sequences.entities, max_entities=max_entities,
-                            flags=self.flags if word_boundaries else None)
+        return EntityLinker(
+            self.sequences.tokens,
+            self.sequences.offsets,
+            self.sequences.entities,
+            max_entities=max_entities,
+            flags=self.flags if word_boundaries else None,
+        )
 
 
-def build_record(triples_path: str | Path, aliases_path: str | Path | None, tokenizer: Any,
-                 config: AliasConfig) -> dict[str, Any]:
+def build_record(
+    triples_path: str | Path, aliases_path: str | Path | None, tokenizer: Any, config: AliasConfig
+) -> dict[str, Any]:
     r"""What decides a build's content — the source files' checksums, the alias config and
     the tokenizer's fingerprints — and its ``fingerprint``; cheap (nothing is parsed), so a
     complete directory of the same build is recognised before any work.
@@ -240,11 +295,14 @@ def build_record(triples_path: str | Path, aliases_path: str | Path | None, toke
         if path is None:
             continue
         if not Path(path).is_file():
-            raise KnowledgeGraphError(f"{path}: file not found; give an existing {role} file "
-                                      "(TSV or JSON lines)")
+            raise KnowledgeGraphError(
+                f"{path}: file not found; give an existing {role} file (TSV or JSON lines)"
+            )
         sources[role] = {"name": Path(path).name, "sha256": file_digest(path)}
-    fingerprints = {"tokenizer": tokenizer_fingerprint(tokenizer),
-                    "tokenizer_behaviour": tokenizer_behaviour_fingerprint(tokenizer)}
+    fingerprints = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer_behaviour": tokenizer_behaviour_fingerprint(tokenizer),
+    }
     record = {"sources": sources, "config": config.to_dict(), "tokenizer": fingerprints}
     return {**record, "fingerprint": json_fingerprint(record)}
 
@@ -258,16 +316,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
-        raise KnowledgeGraphError(f"{directory}: no such knowledge-graph directory; build one "
-                                  "with `hetgraph kg build --triples FILE --out DIR`")
+        raise KnowledgeGraphError(
+            f"{directory}: no such knowledge-graph directory; build one "
+            "with `hetgraph kg build --triples FILE --out DIR`"
+        )
     manifest = read_json_record(path, KnowledgeGraphError, _rebuild(directory))
     if manifest.get("kind") != KIND:
-        raise KnowledgeGraphError(f"{path} is not a hetgraph knowledge-graph manifest; "
-                                  "give the --out directory of `hetgraph kg build`")
+        raise KnowledgeGraphError(
+            f"{path} is not a hetgraph knowledge-graph manifest; "
+            "give the --out directory of `hetgraph kg build`"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise KnowledgeGraphError(
             f"{path} has format version {manifest.get('format_version')}, this hetgraph reads "
-            f"{FORMAT_VERSION}; {_rebuild(directory)}")
+            f"{FORMAT_VERSION}; {_rebuild(directory)}"
+        )
     return manifest
 
 

@@ -8,6 +8,7 @@ the name (``.jsonl`` / ``.json`` for JSON lines, anything else TSV), after an op
 starting with ``#`` are skipped. Every problem is one :class:`KnowledgeGraphError` naming
 the file, the line and what is wrong, raised while reading (before anything is written).
 """
+
 from __future__ import annotations
 
 import bz2
@@ -52,12 +53,15 @@ def _fields_of_json(text: str, fields: tuple[str, ...]) -> list[str]:
         msg = getattr(error, "msg", "nested too deep")
         raise ValueError(f"not valid JSON ({msg})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object with keys {', '.join(fields)}, "
-                         f"got a {type(value).__name__}")
+        raise ValueError(
+            f"expected a JSON object with keys {', '.join(fields)}, got a {type(value).__name__}"
+        )
     missing = [f for f in fields if f not in value]
     if missing:
-        raise ValueError(f"the JSON object lacks {', '.join(repr(m) for m in missing)} "
-                         f"(expected keys {', '.join(fields)})")
+        raise ValueError(
+            f"the JSON object lacks {', '.join(repr(m) for m in missing)} "
+            f"(expected keys {', '.join(fields)})"
+        )
     bad = [f for f in fields if not isinstance(value[f], str)]
     if bad:
         raise ValueError(f"{bad[0]!r} must be a string, got {json.dumps(value[bad[0]])[:40]}")
@@ -67,8 +71,9 @@ def _fields_of_json(text: str, fields: tuple[str, ...]) -> list[str]:
 def _fields_of_tsv(text: str, fields: tuple[str, ...]) -> list[str]:
     parts = text.split("\t")
     if len(parts) != len(fields):
-        raise ValueError(f"expected {len(fields)} tab-separated fields ({', '.join(fields)}), "
-                         f"got {len(parts)}")
+        raise ValueError(
+            f"expected {len(fields)} tab-separated fields ({', '.join(fields)}), got {len(parts)}"
+        )
     return parts
 
 
@@ -83,8 +88,10 @@ def read_rows(path: str | Path, fields: tuple[str, ...]) -> Iterator[tuple[str, 
     """
     path = Path(path)
     if not path.is_file():
-        raise KnowledgeGraphError(f"{path}: file not found; give an existing "
-                                  f"{' / '.join(fields)} file (TSV or JSON lines)")
+        raise KnowledgeGraphError(
+            f"{path}: file not found; give an existing "
+            f"{' / '.join(fields)} file (TSV or JSON lines)"
+        )
     parse = _fields_of_json if is_jsonl(path) else _fields_of_tsv
     number = 0
     try:
@@ -100,14 +107,17 @@ def read_rows(path: str | Path, fields: tuple[str, ...]) -> Iterator[tuple[str, 
                     raise ValueError(f"the {empty[0]} field is empty")
                 yield tuple(values)
     except UnicodeDecodeError:
-        raise KnowledgeGraphError(f"{path.name} line {number + 1}: not UTF-8 text; "
-                                  "save the file as UTF-8") from None
+        raise KnowledgeGraphError(
+            f"{path.name} line {number + 1}: not UTF-8 text; save the file as UTF-8"
+        ) from None
     except ValueError as error:
         raise KnowledgeGraphError(f"{path.name} line {number}: {error}") from None
     except (OSError, EOFError, lzma.LZMAError) as error:
         what = getattr(error, "strerror", None) or error
-        raise KnowledgeGraphError(f"{path}: cannot be read ({what}); check the file "
-                                  "(a truncated or damaged compressed file?)") from None
+        raise KnowledgeGraphError(
+            f"{path}: cannot be read ({what}); check the file "
+            "(a truncated or damaged compressed file?)"
+        ) from None
 
 
 def estimated_bytes(path: str | Path) -> int:
@@ -125,12 +135,17 @@ def read_triples(path: str | Path) -> list[tuple[str, str, str]]:
         KnowledgeGraphError: as :func:`read_rows`, or the file holds no triple.
         ResourceLimitError: the file is too large to read in the memory available.
     """
-    check_memory(f"reading the triples file {path}", estimated_bytes(path),
-                 "split the graph or use a machine with more memory")
+    check_memory(
+        f"reading the triples file {path}",
+        estimated_bytes(path),
+        "split the graph or use a machine with more memory",
+    )
     triples = list(read_rows(path, TRIPLE_FIELDS))
     if not triples:
-        raise KnowledgeGraphError(f"{path}: holds no triples; give one head<TAB>relation"
-                                  "<TAB>tail (or a JSON object) per line")
+        raise KnowledgeGraphError(
+            f"{path}: holds no triples; give one head<TAB>relation"
+            "<TAB>tail (or a JSON object) per line"
+        )
     return triples  # type: ignore[return-value]
 
 
@@ -141,6 +156,9 @@ def read_aliases(path: str | Path) -> list[tuple[str, str]]:
         KnowledgeGraphError: as :func:`read_rows`.
         ResourceLimitError: the file is too large to read in the memory available.
     """
-    check_memory(f"reading the aliases file {path}", estimated_bytes(path),
-                 "split the aliases or use a machine with more memory")
+    check_memory(
+        f"reading the aliases file {path}",
+        estimated_bytes(path),
+        "split the aliases or use a machine with more memory",
+    )
     return list(read_rows(path, ALIAS_FIELDS))  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ removed) are its aliases, the first lemma its name. Every pointer becomes a trip
 relation is the pointer symbol's name (:data:`POINTER_RELATIONS`); lexical pointers
 (between two lemmas, e.g. antonyms) are kept at the synset level, and duplicates dropped.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,13 +19,31 @@ from hetgraph.kg.errors import KnowledgeGraphError
 
 #: ``wndb(5)`` pointer symbols and the relation names hetgraph gives them.
 POINTER_RELATIONS: dict[str, str] = {
-    "!": "antonym", "@": "hypernym", "@i": "instance_hypernym", "~": "hyponym",
-    "~i": "instance_hyponym", "#m": "member_holonym", "#s": "substance_holonym",
-    "#p": "part_holonym", "%m": "member_meronym", "%s": "substance_meronym",
-    "%p": "part_meronym", "=": "attribute", "+": "derivation", ";c": "domain_topic",
-    "-c": "member_of_domain_topic", ";r": "domain_region", "-r": "member_of_domain_region",
-    ";u": "domain_usage", "-u": "member_of_domain_usage", "*": "entailment", ">": "cause",
-    "^": "also_see", "$": "verb_group", "&": "similar_to", "<": "participle",
+    "!": "antonym",
+    "@": "hypernym",
+    "@i": "instance_hypernym",
+    "~": "hyponym",
+    "~i": "instance_hyponym",
+    "#m": "member_holonym",
+    "#s": "substance_holonym",
+    "#p": "part_holonym",
+    "%m": "member_meronym",
+    "%s": "substance_meronym",
+    "%p": "part_meronym",
+    "=": "attribute",
+    "+": "derivation",
+    ";c": "domain_topic",
+    "-c": "member_of_domain_topic",
+    ";r": "domain_region",
+    "-r": "member_of_domain_region",
+    ";u": "domain_usage",
+    "-u": "member_of_domain_usage",
+    "*": "entailment",
+    ">": "cause",
+    "^": "also_see",
+    "$": "verb_group",
+    "&": "similar_to",
+    "<": "participle",
     "\\": "pertainym",
 }
 #: Data files by part of speech (the letter used in entity ids).
@@ -63,13 +82,12 @@ def parse_data_line(line: str) -> Synset | None:
     fields = line.split(" | ", 1)[0].split()
     offset, pos = fields[0], fields[2]
     w_cnt = int(fields[3], 16)
-    lemmas = tuple(_ADJ_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ")
-                   for i in range(w_cnt))
+    lemmas = tuple(_ADJ_MARKER.sub("", fields[4 + 2 * i]).replace("_", " ") for i in range(w_cnt))
     at = 4 + 2 * w_cnt
     p_cnt = int(fields[at])
     pointers = []
     for i in range(p_cnt):
-        symbol, target, target_pos = fields[at + 1 + 4 * i: at + 4 + 4 * i]
+        symbol, target, target_pos = fields[at + 1 + 4 * i : at + 4 + 4 * i]
         if symbol not in POINTER_RELATIONS:
             raise ValueError(f"unknown pointer symbol {symbol!r}")
         pointers.append((POINTER_RELATIONS[symbol], entity_id(target_pos, target)))
@@ -91,8 +109,9 @@ def read_synsets(directory: str | Path, parts: Iterable[str] = "nvar") -> Iterat
                     yield synset
 
 
-def wordnet_tables(synsets: Iterable[Synset]) -> tuple[list[tuple[str, str, str]],
-                                                        list[tuple[str, str]]]:
+def wordnet_tables(
+    synsets: Iterable[Synset],
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
     r"""``(triples, aliases)`` of ``synsets``: triples ``(head, relation, tail)`` without
     duplicates and without tails outside ``synsets``; aliases ``(entity, lemma)`` with each
     synset's first lemma first (its name)."""
@@ -123,5 +142,6 @@ def shipped_wordnet(root: str | Path | None = None) -> tuple[Path, Path]:
         if not path.is_file():
             raise KnowledgeGraphError(
                 f"{path} is missing: the WordNet extract ships with the hetgraph repository "
-                "(benchmarks/data); run scripts/extract_wordnet.py to make it")
+                "(benchmarks/data); run scripts/extract_wordnet.py to make it"
+            )
     return paths

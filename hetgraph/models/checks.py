@@ -14,6 +14,7 @@ r"""Safety checks on a model folder, a tokenizer and a requested context length.
 A folder's weight files and the sizes its ``config.json`` asks for are checked in
 :mod:`hetgraph.models.weights`.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,11 +39,15 @@ PROBE_TEXT = "Hello world, the quick brown fox 123."
 MIN_VOCAB_SIZE = 16
 
 #: Config attributes naming a model's maximum number of positions, in order of preference.
-_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
-                      "seq_length")
+_MAX_POSITION_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "n_ctx",
+    "max_sequence_length",
+    "seq_length",
+)
 
-_SAVE_HINT = ("save the tokenizer next to the model with "
-              "`tokenizer.save_pretrained(<model folder>)`")
+_SAVE_HINT = "save the tokenizer next to the model with `tokenizer.save_pretrained(<model folder>)`"
 
 
 def _read_object(path: Path) -> dict[str, Any]:
@@ -51,12 +56,15 @@ def _read_object(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelLoadError(
             f"{path} is not valid JSON ({error}); restore the file, e.g. save the model again "
-            "with `save_pretrained`") from None
+            "with `save_pretrained`"
+        ) from None
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error}") from None
     if not isinstance(value, dict):
-        raise ModelLoadError(f"{path} holds a JSON {type(value).__name__}, not an object; "
-                             "restore the file, e.g. save the model again with `save_pretrained`")
+        raise ModelLoadError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; "
+            "restore the file, e.g. save the model again with `save_pretrained`"
+        )
     return value
 
 
@@ -81,11 +89,13 @@ def check_model_folder(folder: str | Path) -> None:
                 f"model folder {folder} needs custom code ({name} has an 'auto_map' naming "
                 f"{classes}); hetgraph never runs code from a model folder "
                 "(trust_remote_code=False). Use a model whose architecture transformers "
-                "implements, or convert it to one")
+                "implements, or convert it to one"
+            )
     if not any((folder / name).is_file() for name in HF_TOKENIZER_FILES):
         raise ModelLoadError(
             f"model folder {folder} has no tokenizer files (none of "
-            f"{', '.join(HF_TOKENIZER_FILES)}); {_SAVE_HINT}")
+            f"{', '.join(HF_TOKENIZER_FILES)}); {_SAVE_HINT}"
+        )
 
 
 def embedding_rows(model: nn.Module) -> int | None:
@@ -96,8 +106,7 @@ def embedding_rows(model: nn.Module) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-def check_tokenizer(tokenizer: Any, model: nn.Module | None = None,
-                    source: object = None) -> None:
+def check_tokenizer(tokenizer: Any, model: nn.Module | None = None, source: object = None) -> None:
     """Refuse a tokenizer that cannot have produced meaningful token ids for ``model``.
 
     Args:
@@ -116,14 +125,16 @@ def check_tokenizer(tokenizer: Any, model: nn.Module | None = None,
     if size < MIN_VOCAB_SIZE:
         raise ModelLoadError(
             f"the tokenizer{where} has only {size} token(s), so every text would become "
-            f"(almost) nothing but special tokens; {_SAVE_HINT}")
+            f"(almost) nothing but special tokens; {_SAVE_HINT}"
+        )
     ids = list(tokenizer.encode(PROBE_TEXT, add_special_tokens=False))
     decoded = tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
     if _normalised(decoded) != _normalised(PROBE_TEXT):
         raise ModelLoadError(
             f"the tokenizer{where} does not round-trip the probe text {PROBE_TEXT!r} (got "
             f"{decoded!r} from {len(ids)} token(s)); it is not the model's tokenizer or is "
-            f"damaged: {_SAVE_HINT}")
+            f"damaged: {_SAVE_HINT}"
+        )
     rows = embedding_rows(model) if model is not None else None
     if rows is None:
         return
@@ -136,14 +147,19 @@ def check_tokenizer(tokenizer: Any, model: nn.Module | None = None,
             f"the tokenizer{where} has token ids up to {largest}, but the model's embedding "
             f"matrix has only {rows} rows (ids 0 … {rows - 1}); the tokenizer does not belong "
             "to this model. Save the model's own tokenizer next to it, or resize the "
-            "embeddings (`model.resize_token_embeddings(len(tokenizer))`) and fine-tune")
+            "embeddings (`model.resize_token_embeddings(len(tokenizer))`) and fine-tune"
+        )
     outside = sorted(token for token, i in vocab.items() if i in added and i >= rows)
     if outside:
         # transformers adds e.g. an unknown token to some tokenizers; harmless unless a text
         # spells it out, which check_token_ids then refuses.
-        logger.warning("added tokens %s of the tokenizer%s have ids beyond the model's %d "
-                       "embedding rows; texts containing them will be refused",
-                       outside, where, rows)
+        logger.warning(
+            "added tokens %s of the tokenizer%s have ids beyond the model's %d "
+            "embedding rows; texts containing them will be refused",
+            outside,
+            where,
+            rows,
+        )
 
 
 def check_token_ids(ids: Any, model: nn.Module, what: str) -> None:
@@ -169,7 +185,8 @@ def check_token_ids(ids: Any, model: nn.Module, what: str) -> None:
         raise ModelLoadError(
             f"{what} holds token id {bad}, outside the model's vocabulary of {rows} ids; it was "
             "tokenized with another tokenizer, or the text spells out a special token the model "
-            "has no embedding for. Tokenize it with the model's own tokenizer")
+            "has no embedding for. Tokenize it with the model's own tokenizer"
+        )
 
 
 def _normalised(text: str) -> str:
@@ -189,8 +206,7 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def check_context_length(model: nn.Module, length: int,
-                         option: str = "--context-length") -> int:
+def check_context_length(model: nn.Module, length: int, option: str = "--context-length") -> int:
     """Check that ``length`` tokens fit the model's positions; return ``length``.
 
     GPT-2 fails with an index error beyond ``n_positions``; rotary models (Qwen2, Llama)
@@ -211,7 +227,9 @@ def check_context_length(model: nn.Module, length: int,
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ConfigError(
             f"{option} {length} exceeds the {limit} positions the model ({model_type}) "
-            f"supports; use {option} {limit} or less", option)
+            f"supports; use {option} {limit} or less",
+            option,
+        )
     return length
 
 

@@ -1,4 +1,5 @@
 """The error raised for a model or tokenizer that cannot be loaded or used safely."""
+
 from __future__ import annotations
 
 from hetgraph.errors import HetgraphError

@@ -4,6 +4,7 @@ A datastore, an index and an adapter record the fingerprints of what built them,
 opening them with a different model or tokenizer fails with a clear error instead of
 giving silently wrong neighbours.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,9 +17,18 @@ from hetgraph.io import StreamingHash, json_fingerprint
 
 # Config fields that differ between two loads of the same weights.
 _VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation",
-    "_attn_implementation_autoset", "quantization_config", "use_cache", "architectures",
-    "_commit_hash", "output_hidden_states", "return_dict",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "quantization_config",
+    "use_cache",
+    "architectures",
+    "_commit_hash",
+    "output_hidden_states",
+    "return_dict",
 }
 
 
@@ -53,8 +63,10 @@ def tokenizer_behaviour_fingerprint(tokenizer: Any) -> str:
     hashes behaviour, not the tokenizer's serialisation, so it stays the same across library
     versions that serialise the same tokenizer differently.
     """
-    ids = [list(map(int, tokenizer.encode(probe, add_special_tokens=False)))
-           for probe in BEHAVIOUR_PROBES]
+    ids = [
+        list(map(int, tokenizer.encode(probe, add_special_tokens=False)))
+        for probe in BEHAVIOUR_PROBES
+    ]
     return json_fingerprint(ids)
 
 
@@ -73,15 +85,19 @@ def tokenizer_matches(recorded: dict[str, Any], tokenizer: Any) -> str | None:
     """
     current = tokenizer_fingerprint(tokenizer)
     if recorded.get("tokenizer") != current:
-        return (f"a different tokenizer (vocabulary fingerprint {recorded.get('tokenizer')}, "
-                f"this tokenizer {current})")
+        return (
+            f"a different tokenizer (vocabulary fingerprint {recorded.get('tokenizer')}, "
+            f"this tokenizer {current})"
+        )
     behaviour = recorded.get("tokenizer_behaviour")
     if behaviour is not None:
         current = tokenizer_behaviour_fingerprint(tokenizer)
         if behaviour != current:
-            return ("a tokenizer with the same vocabulary that splits text differently (another "
-                    f"normaliser or pre-tokenizer, e.g. lowercasing: behaviour fingerprint "
-                    f"{behaviour}, this tokenizer {current})")
+            return (
+                "a tokenizer with the same vocabulary that splits text differently (another "
+                f"normaliser or pre-tokenizer, e.g. lowercasing: behaviour fingerprint "
+                f"{behaviour}, this tokenizer {current})"
+            )
     return None
 
 

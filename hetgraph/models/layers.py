@@ -4,6 +4,7 @@ No table of model names: the decoder stack is the ``nn.ModuleList`` whose length
 the config's number of hidden layers (``model.model.layers`` for Qwen2 / Llama /
 Mistral, ``model.transformer.h`` for GPT-2, and so on).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,7 +24,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
         and (num_layers is None or len(module) == num_layers)
     ]
     if not candidates:
@@ -45,8 +47,10 @@ def resolve_layer_index(model: nn.Module, layer: int) -> int:
     """Map a possibly negative decoder-layer index to ``0 … L-1``, with a clear error."""
     n = num_decoder_layers(model)
     if not -n <= layer < n:
-        raise ValueError(f"layer {layer} is out of range for a model with {n} decoder layers "
-                         f"(valid: {-n} … {n - 1})")
+        raise ValueError(
+            f"layer {layer} is out of range for a model with {n} decoder layers "
+            f"(valid: {-n} … {n - 1})"
+        )
     return layer % n
 
 

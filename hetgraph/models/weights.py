@@ -10,6 +10,7 @@ r"""What a model folder's weight files and ``config.json`` ask for, checked befo
 Each failure is one :class:`~hetgraph.models.errors.ModelLoadError` (or
 :class:`~hetgraph.limits.ResourceLimitError`) line naming the file and field.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,24 @@ from hetgraph.limits import check_count, check_memory, format_bytes, loads_json
 from .errors import ModelLoadError
 
 #: Bytes per element of the safetensors dtypes (sub-byte and unknown dtypes are not sized).
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4,
-                            "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+}
 #: The largest header the safetensors library reads.
 SAFETENSORS_MAX_HEADER = 100_000_000
 #: Weight files whose size bounds the number of stored values (2 per byte: 4-bit packing).
@@ -63,13 +79,21 @@ def check_safetensors_file(path: str | Path) -> int:
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise damaged("empty" if size == 0 else f"only {size} bytes, shorter than the "
-                              "8-byte header length")
+                raise damaged(
+                    "empty"
+                    if size == 0
+                    else f"only {size} bytes, shorter than the 8-byte header length"
+                )
             length = int.from_bytes(prefix, "little")
             if length > min(size - 8, SAFETENSORS_MAX_HEADER):
-                raise damaged(f"its header length {length} exceeds the "
-                              + (f"file's {size} bytes (truncated?)" if length > size - 8
-                                 else f"{SAFETENSORS_MAX_HEADER}-byte limit"))
+                raise damaged(
+                    f"its header length {length} exceeds the "
+                    + (
+                        f"file's {size} bytes (truncated?)"
+                        if length > size - 8
+                        else f"{SAFETENSORS_MAX_HEADER}-byte limit"
+                    )
+                )
             raw = f.read(length)
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
@@ -90,17 +114,25 @@ def check_safetensors_file(path: str | Path) -> int:
         shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
         if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
             raise damaged(f"{what} has an invalid shape {str(shape)[:80]}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(n) is int for n in offsets) and 0 <= offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
             raise damaged(f"{what} has invalid data offsets {str(offsets)[:80]}")
         if offsets[1] > data_size:
-            raise damaged(f"{what} ends at byte {offsets[1]} of the data, past its end at "
-                          f"{data_size} (truncated?)")
+            raise damaged(
+                f"{what} ends at byte {offsets[1]} of the data, past its end at "
+                f"{data_size} (truncated?)"
+            )
         count = math.prod(shape)
         itemsize = _SAFETENSORS_DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
         if itemsize is not None and count * itemsize != offsets[1] - offsets[0]:
-            raise damaged(f"{what} of shape {shape} and dtype {dtype} takes "
-                          f"{offsets[1] - offsets[0]} bytes, not {count * itemsize}")
+            raise damaged(
+                f"{what} of shape {shape} and dtype {dtype} takes "
+                f"{offsets[1] - offsets[0]} bytes, not {count * itemsize}"
+            )
         values += count
     return values
 
@@ -123,7 +155,8 @@ def check_gguf_file(path: str | Path) -> None:
         detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
         raise ModelLoadError(
             f"{path} is not a readable GGUF file ({detail}); it is truncated or damaged: "
-            "download or convert it again") from None
+            "download or convert it again"
+        ) from None
 
 
 def stored_values(folder: str | Path) -> int | None:
@@ -146,8 +179,10 @@ def stored_values(folder: str | Path) -> int | None:
 
 def _config_problem(path: Path, error: Exception) -> ModelLoadError:
     detail = " ".join(str(error).split())[:300]
-    return ModelLoadError(f"{path} is not a usable model configuration ({detail}); fix the "
-                          "field it names, or save the model again with `save_pretrained`")
+    return ModelLoadError(
+        f"{path} is not a usable model configuration ({detail}); fix the "
+        "field it names, or save the model again with `save_pretrained`"
+    )
 
 
 def load_config(folder: str | Path) -> Any:
@@ -162,17 +197,22 @@ def load_config(folder: str | Path) -> Any:
     except ImportError:  # older huggingface_hub: configs are not validated strictly
         StrictDataclassError = ValueError
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True,
-                                          trust_remote_code=False)
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (ValueError, TypeError, KeyError, OSError, StrictDataclassError) as error:
         raise _config_problem(path, error) from None
 
 
 #: Counts of a config checked by :func:`check_model_size`: (attribute, minimum, maximum).
-_COUNT_LIMITS = (("vocab_size", 1, 2**31 - 1), ("hidden_size", 1, 2**20),
-                 ("num_hidden_layers", 1, 10_000), ("num_attention_heads", 1, 2**16),
-                 ("num_key_value_heads", 1, 2**16), ("head_dim", 1, 2**16),
-                 ("intermediate_size", 1, 2**31 - 1), ("max_position_embeddings", 1, 2**40))
+_COUNT_LIMITS = (
+    ("vocab_size", 1, 2**31 - 1),
+    ("hidden_size", 1, 2**20),
+    ("num_hidden_layers", 1, 10_000),
+    ("num_attention_heads", 1, 2**16),
+    ("num_key_value_heads", 1, 2**16),
+    ("head_dim", 1, 2**16),
+    ("intermediate_size", 1, 2**31 - 1),
+    ("max_position_embeddings", 1, 2**40),
+)
 
 
 def _field_name(config: Any, attribute: str, prefix: str) -> str:
@@ -222,28 +262,34 @@ def check_model_size(folder: str | Path, dtype: Any = None) -> None:
     if heads is not None and "head_dim" not in sizes and hidden % heads:
         raise ModelLoadError(
             f"{path}: {_field_name(config, 'hidden_size', prefix)} {hidden} is not divisible "
-            f"by {_field_name(config, 'num_attention_heads', prefix)} {heads}; {fix}")
+            f"by {_field_name(config, 'num_attention_heads', prefix)} {heads}; {fix}"
+        )
     kv_heads = sizes.get("num_key_value_heads", heads)
     if heads is not None and kv_heads is not None and heads % kv_heads:
         raise ModelLoadError(
             f"{path}: {_field_name(config, 'num_attention_heads', prefix)} {heads} is not "
             f"divisible by {_field_name(config, 'num_key_value_heads', prefix)} {kv_heads}; "
-            f"{fix}")
+            f"{fix}"
+        )
 
     # The parameter count, part by part, with the fields that drive each part.
     tied = bool(getattr(config, "tie_word_embeddings", True))
     parts = {("vocab_size", "hidden_size"): vocab * hidden * (1 if tied else 2)}
-    rotary = any(getattr(config, key, None) for key in ("rope_parameters", "rope_theta",
-                                                        "rope_scaling", "alibi"))
+    rotary = any(
+        getattr(config, key, None)
+        for key in ("rope_parameters", "rope_theta", "rope_scaling", "alibi")
+    )
     if "max_position_embeddings" in sizes and not rotary:  # learned positions (GPT-2)
-        parts["max_position_embeddings", "hidden_size"] = (sizes["max_position_embeddings"]
-                                                           * hidden)
+        parts["max_position_embeddings", "hidden_size"] = sizes["max_position_embeddings"] * hidden
     layers = sizes.get("num_hidden_layers")
     if layers is not None:
         head_dim = sizes.get("head_dim") or (hidden // heads if heads else hidden)
         attention = (2 * (heads or 1) + 2 * (kv_heads or 1)) * head_dim * hidden
-        mlp = 2 * hidden * (sizes.get("intermediate_size") or getattr(config, "n_inner", None)
-                            or 4 * hidden)
+        mlp = (
+            2
+            * hidden
+            * (sizes.get("intermediate_size") or getattr(config, "n_inner", None) or 4 * hidden)
+        )
         fields = ("num_hidden_layers", "hidden_size", "intermediate_size", "head_dim")
         parts[tuple(f for f in fields if f in sizes)] = layers * (attention + mlp)
     parameters = sum(parts.values())
@@ -260,10 +306,13 @@ def check_model_size(folder: str | Path, dtype: Any = None) -> None:
             f"{path} describes a model of at least {parameters:,} parameters (mostly from "
             f"{culprit}), but the weight files in {folder} hold only {stored:,} values: the "
             f"config does not belong to these weights; check {field}, or save the model "
-            "again with `save_pretrained`")
+            "again with `save_pretrained`"
+        )
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else 4
-    check_memory(f"the model of {path} ({parameters:,} parameters, mostly from {culprit})",
-                 parameters * itemsize,
-                 f"check {field} in {path}, or load the model in a smaller --dtype "
-                 f"(it takes {format_bytes(parameters * itemsize)} in "
-                 f"{str(dtype or 'float32').removeprefix('torch.')})")
+    check_memory(
+        f"the model of {path} ({parameters:,} parameters, mostly from {culprit})",
+        parameters * itemsize,
+        f"check {field} in {path}, or load the model in a smaller --dtype "
+        f"(it takes {format_bytes(parameters * itemsize)} in "
+        f"{str(dtype or 'float32').removeprefix('torch.')})",
+    )

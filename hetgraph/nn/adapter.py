@@ -314,25 +314,32 @@ class GraphAdapter(Module):
                 query_slots = [j - keep.start for j in query_slots]
         return key_values
 
-    def _ctx_layers(self, graph: HeteroData, ctx_h: Tensor,
-                    key_values: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def _ctx_layers(
+        self, graph: HeteroData, ctx_h: Tensor, key_values: list[tuple[Tensor, Tensor]]
+    ) -> Tensor:
         _, mask = self._window_grid(graph, None)
         slot_mask = mask[:, list(graph.layout.query_slots)]
         causal = self._causal_layout(graph)
         for i, conv in enumerate(self.convs):
-            ctx_h = dense_query_attention(conv, ctx_h, key_values[i], slot_mask,
-                                          graph[CTX].nbr_window, N2C, C2C, causal)
+            ctx_h = dense_query_attention(
+                conv, ctx_h, key_values[i], slot_mask, graph[CTX].nbr_window, N2C, C2C, causal
+            )
             ctx_h = self._feed_forward(i, CTX, ctx_h)
         return ctx_h
 
     def _require_dense(self, graph: HeteroData) -> None:
         if not self.use_dense(graph, "auto"):
-            raise ValueError("window key/values need a graph with a window-grid layout "
-                             "(build_context_graph with share_windows or the official grid, "
-                             "not deduplicate, not batched by PyG)")
+            raise ValueError(
+                "window key/values need a graph with a window-grid layout "
+                "(build_context_graph with share_windows or the official grid, "
+                "not deduplicate, not batched by PyG)"
+            )
 
     def window_key_values(
-        self, graph: HeteroData, nbr_x: Tensor, nbr_token_x: Tensor | None = None,
+        self,
+        graph: HeteroData,
+        nbr_x: Tensor,
+        nbr_token_x: Tensor | None = None,
         nbr_token_index: Tensor | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         r"""What each layer's ``ctx`` nodes read from the windows: per layer, the keys and
@@ -363,8 +370,10 @@ class GraphAdapter(Module):
         """
         self._require_dense(graph)
         if len(window_key_values) != len(self.convs):
-            raise ValueError(f"window_key_values has {len(window_key_values)} layers, the "
-                             f"adapter {len(self.convs)}")
+            raise ValueError(
+                f"window_key_values has {len(window_key_values)} layers, the "
+                f"adapter {len(self.convs)}"
+            )
         ctx_h = self.ctx_in(ctx_x.to(self.param_dtype))
         return self.out(self._ctx_layers(graph, ctx_h, window_key_values)).to(ctx_x.dtype)
 

@@ -1,4 +1,5 @@
 r"""Hyper-parameters of the GNN-LM graph adapter."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -104,10 +105,21 @@ class AdapterConfig(JSONConfigMixin):
         block, official input / output maps, output bias, tied ``intra`` relation, official
         initialisation, ``c2c`` on. ``overrides`` set other fields (checked like
         :meth:`from_dict`)."""
-        base = {"num_layers": 3, "heads": 8, "dropout": 0.3, "attn_dropout": 0.1,
-                "normalization": "per_relation", "feed_forward": False, "use_c2c": True,
-                "input_maps": "official", "output_map": "official", "output_bias": True,
-                "relation_mean": "all", "tie_intra": True, "relation_init": "official"}
+        base = {
+            "num_layers": 3,
+            "heads": 8,
+            "dropout": 0.3,
+            "attn_dropout": 0.1,
+            "normalization": "per_relation",
+            "feed_forward": False,
+            "use_c2c": True,
+            "input_maps": "official",
+            "output_map": "official",
+            "output_bias": True,
+            "relation_mean": "all",
+            "tie_intra": True,
+            "relation_init": "official",
+        }
         return cls.from_dict({**base, **overrides})
 
     def __post_init__(self) -> None:
@@ -124,37 +136,60 @@ class AdapterConfig(JSONConfigMixin):
         for name in ("num_layers", "heads", "ff_multiplier"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_count("num_layers", self.num_layers, MAX_ADAPTER_LAYERS,
-                    "GNN-LM uses 3 graph layers", minimum=1)
-        check_count("heads", self.heads, MAX_ADAPTER_HEADS,
-                    "use a few heads that divide hidden_channels (GNN-LM: 8)", minimum=1)
-        check_count("ff_multiplier", self.ff_multiplier, MAX_FF_MULTIPLIER,
-                    "the feed-forward block is usually 2 or 4 times hidden_channels", minimum=1)
+        check_count(
+            "num_layers",
+            self.num_layers,
+            MAX_ADAPTER_LAYERS,
+            "GNN-LM uses 3 graph layers",
+            minimum=1,
+        )
+        check_count(
+            "heads",
+            self.heads,
+            MAX_ADAPTER_HEADS,
+            "use a few heads that divide hidden_channels (GNN-LM: 8)",
+            minimum=1,
+        )
+        check_count(
+            "ff_multiplier",
+            self.ff_multiplier,
+            MAX_FF_MULTIPLIER,
+            "the feed-forward block is usually 2 or 4 times hidden_channels",
+            minimum=1,
+        )
         if self.token_channels < 0:
             raise ValueError(f"token_channels must be >= 0, got {self.token_channels}")
         if self.hidden_channels is not None and self.hidden_channels % self.heads != 0:
-            raise ValueError(f"hidden_channels ({self.hidden_channels}) must be divisible "
-                             f"by heads ({self.heads})")
+            raise ValueError(
+                f"hidden_channels ({self.hidden_channels}) must be divisible "
+                f"by heads ({self.heads})"
+            )
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.normalization not in ("joint", "per_relation"):
-            raise ValueError("normalization must be 'joint' or 'per_relation' "
-                             f"(got {self.normalization!r})")
-        for name, allowed in (("input_maps", ("linear", "official")),
-                              ("output_map", ("linear", "official")),
-                              ("relation_mean", ("reached", "all")),
-                              ("relation_init", ("glorot", "official"))):
+            raise ValueError(
+                f"normalization must be 'joint' or 'per_relation' (got {self.normalization!r})"
+            )
+        for name, allowed in (
+            ("input_maps", ("linear", "official")),
+            ("output_map", ("linear", "official")),
+            ("relation_mean", ("reached", "all")),
+            ("relation_init", ("glorot", "official")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if self.path not in ("auto", "dense", "sparse"):
             raise ValueError(f"path must be 'auto', 'dense' or 'sparse' (got {self.path!r})")
         if self.hidden_channels is not None:  # else checked once resolved() sets it
             params = self.parameter_count()
-            check_memory(f"an adapter of about {params:,} float32 parameters (hidden_channels "
-                         f"{self.hidden_channels}, num_layers {self.num_layers}, ff_multiplier "
-                         f"{self.ff_multiplier})", 4 * params,
-                         "lower hidden_channels, num_layers, ff_multiplier or the other widths")
+            check_memory(
+                f"an adapter of about {params:,} float32 parameters (hidden_channels "
+                f"{self.hidden_channels}, num_layers {self.num_layers}, ff_multiplier "
+                f"{self.ff_multiplier})",
+                4 * params,
+                "lower hidden_channels, num_layers, ff_multiplier or the other widths",
+            )
 
     def parameter_count(self) -> int:
         r"""The parameters of a :class:`GraphAdapter` with this config, estimated before one is
@@ -172,8 +207,9 @@ class AdapterConfig(JSONConfigMixin):
         relations = 3 if self.use_c2c and not self.tie_intra else 2
         # Per type: q/k/v and W_o (bias optional) and a LayerNorm; per relation: two [H, D, D]
         # matrices and H priors.
-        layer = (types * (4 * h * h + 3 * h + (h if self.output_bias else 0) + 2 * h)
-                 + relations * (2 * h * h // self.heads + self.heads))
+        layer = types * (4 * h * h + 3 * h + (h if self.output_bias else 0) + 2 * h) + relations * (
+            2 * h * h // self.heads + self.heads
+        )
         if self.feed_forward:
             ff = self.ff_multiplier * h
             layer += types * (2 * h * ff + ff + 3 * h)
@@ -182,8 +218,15 @@ class AdapterConfig(JSONConfigMixin):
         maps += (self.out_channels or h) * (h + 1)
         return self.num_layers * layer + maps
 
-    def resolved(self, *, ctx_channels: int, nbr_channels: int, out_channels: int | None = None,
-                 token_channels: int | None = None, use_c2c: bool | None = None) -> AdapterConfig:
+    def resolved(
+        self,
+        *,
+        ctx_channels: int,
+        nbr_channels: int,
+        out_channels: int | None = None,
+        token_channels: int | None = None,
+        use_c2c: bool | None = None,
+    ) -> AdapterConfig:
         r"""A validated copy with the widths of one fused site filled in (this one is unchanged).
 
         ``hidden_channels`` keeps its value when set (else ``ctx_channels``); ``token_channels``
@@ -201,16 +244,24 @@ class AdapterConfig(JSONConfigMixin):
         Raises:
             ValueError: a width set in this config differs from the given one.
         """
-        given = {"ctx_channels": ctx_channels, "nbr_channels": nbr_channels,
-                 "out_channels": out_channels}
+        given = {
+            "ctx_channels": ctx_channels,
+            "nbr_channels": nbr_channels,
+            "out_channels": out_channels,
+        }
         for name, value in given.items():
             own = getattr(self, name)
             if value is not None and own is not None and own != value:
-                raise ValueError(f"AdapterConfig.{name} is {own} but the model / datastore "
-                                 f"give {value}: leave {name} unset (None) to take it from them")
+                raise ValueError(
+                    f"AdapterConfig.{name} is {own} but the model / datastore "
+                    f"give {value}: leave {name} unset (None) to take it from them"
+                )
         changes: dict[str, Any] = {"ctx_channels": ctx_channels, "nbr_channels": nbr_channels}
-        for name, value in (("out_channels", out_channels), ("token_channels", token_channels),
-                            ("use_c2c", use_c2c)):
+        for name, value in (
+            ("out_channels", out_channels),
+            ("token_channels", token_channels),
+            ("use_c2c", use_c2c),
+        ):
             if value is not None:
                 changes[name] = value
         return replace(self, **changes)
@@ -223,7 +274,9 @@ class AdapterConfig(JSONConfigMixin):
         """
         missing = [name for name in _WIDTHS if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"AdapterConfig {', '.join(missing)} not set: a GraphAdapter "
-                             "needs every channel width; set them or use AdapterConfig.resolved("
-                             "ctx_channels=…, nbr_channels=…) (HetGraphLM does this from the "
-                             "model and the datastore)")
+            raise ValueError(
+                f"AdapterConfig {', '.join(missing)} not set: a GraphAdapter "
+                "needs every channel width; set them or use AdapterConfig.resolved("
+                "ctx_channels=…, nbr_channels=…) (HetGraphLM does this from the "
+                "model and the datastore)"
+            )

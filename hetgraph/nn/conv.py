@@ -147,8 +147,9 @@ class HeteroGraphAttention(MessagePassing):
         if relation_mean not in ("reached", "all"):
             raise ValueError(f"relation_mean must be 'reached' or 'all' (got {relation_mean!r})")
         if relation_init not in ("glorot", "official"):
-            raise ValueError(f"relation_init must be 'glorot' or 'official' "
-                             f"(got {relation_init!r})")
+            raise ValueError(
+                f"relation_init must be 'glorot' or 'official' (got {relation_init!r})"
+            )
         self.relation_mean = relation_mean
         self.relation_init = relation_init
         self.channels = channels
@@ -267,8 +268,9 @@ class HeteroGraphAttention(MessagePassing):
             out, alpha = self._attend(relations, query)
             if self.normalization == "per_relation":
                 sizes = {t: x_dict[t].size(0) for t in types}
-                out = mean_over_relations(out, relations.reached, self.edge_types,
-                                          self.relation_mean, offsets, sizes)
+                out = mean_over_relations(
+                    out, relations.reached, self.edge_types, self.relation_mean, offsets, sizes
+                )
         else:
             device = x_dict[types[0]].device if types else None
             out = torch.zeros(

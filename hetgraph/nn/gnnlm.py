@@ -18,6 +18,7 @@ module does not import :class:`~hetgraph.nn.GraphAdapter` at run time;
 :meth:`GraphAdapter.from_gnnlm_state_dict <hetgraph.nn.GraphAdapter.from_gnnlm_state_dict>`
 builds one from :func:`gnnlm_adapter_config` and fills it with :func:`load_gnnlm_state_dict`.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,11 +46,12 @@ class GNNLMStateDictError(HetgraphError):
 
 
 def _strip(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    out = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not out:
         raise GNNLMStateDictError(
             f"no key of the state dict starts with prefix {prefix!r}: pass the prefix of the "
-            "HGT module (e.g. 'decoder.hgt_decoder.') or '' for a bare HGT state dict")
+            "HGT module (e.g. 'decoder.hgt_decoder.') or '' for a bare HGT state dict"
+        )
     return out
 
 
@@ -58,23 +60,37 @@ def _infer_config(sd: dict[str, Tensor], overrides: dict[str, Any]) -> AdapterCo
     if not layers or layers != list(range(len(layers))):
         raise GNNLMStateDictError(
             f"no consecutive 'gcs.<i>.' layers among the keys ({sorted(sd)[:4]} …): "
-            "is this an official GNN-LM HGT state dict, and is the prefix right?")
+            "is this an official GNN-LM HGT state dict, and is the prefix right?"
+        )
     # The tensors whose shapes give the widths (the adapt_ws / out maps are optional).
-    dimensions = {"gcs.0.k_linears.0.weight": 2, "gcs.0.relation_att": 4,
-                  "adapt_ws.0.weight": 2, "out.weight": 2}
+    dimensions = {
+        "gcs.0.k_linears.0.weight": 2,
+        "gcs.0.relation_att": 4,
+        "adapt_ws.0.weight": 2,
+        "out.weight": 2,
+    }
     for name, dims in dimensions.items():
         if name not in sd and name.startswith("gcs."):
             raise GNNLMStateDictError(f"official GNN-LM state dict lacks {name!r}")
         if name in sd and sd[name].dim() != dims:
-            raise GNNLMStateDictError(f"{name!r} has shape {tuple(sd[name].shape)}, expected "
-                                      f"{dims} dimensions")
+            raise GNNLMStateDictError(
+                f"{name!r} has shape {tuple(sd[name].shape)}, expected {dims} dimensions"
+            )
     hidden = sd["gcs.0.k_linears.0.weight"].shape[0]
     heads = sd["gcs.0.relation_att"].shape[1]
     width_in = sd["adapt_ws.0.weight"].shape[1] if "adapt_ws.0.weight" in sd else hidden
     width_out = sd["out.weight"].shape[0] if "out.weight" in sd else hidden
-    return AdapterConfig.paper(**{
-        "ctx_channels": width_in, "nbr_channels": width_in, "hidden_channels": hidden,
-        "out_channels": width_out, "num_layers": len(layers), "heads": heads, **overrides})
+    return AdapterConfig.paper(
+        **{
+            "ctx_channels": width_in,
+            "nbr_channels": width_in,
+            "hidden_channels": hidden,
+            "out_channels": width_out,
+            "num_layers": len(layers),
+            "heads": heads,
+            **overrides,
+        }
+    )
 
 
 def _layer_map(adapter: GraphAdapter) -> dict[str, Tensor]:
@@ -97,16 +113,24 @@ def _layer_map(adapter: GraphAdapter) -> dict[str, Tensor]:
 
 def _check_paper(adapter: GraphAdapter) -> None:
     c = adapter.config
-    wrong = [name for name, ok in (
-        ("feed_forward=False", not c.feed_forward), ("token_channels=0", c.token_channels == 0),
-        ("input_maps='official'", c.input_maps == "official"),
-        ("output_map='official'", c.output_map == "official"),
-        ("output_bias=True", c.output_bias), ("tie_intra=True", c.tie_intra),
-        ("ctx_channels == nbr_channels", c.ctx_channels == c.nbr_channels)) if not ok]
+    wrong = [
+        name
+        for name, ok in (
+            ("feed_forward=False", not c.feed_forward),
+            ("token_channels=0", c.token_channels == 0),
+            ("input_maps='official'", c.input_maps == "official"),
+            ("output_map='official'", c.output_map == "official"),
+            ("output_bias=True", c.output_bias),
+            ("tie_intra=True", c.tie_intra),
+            ("ctx_channels == nbr_channels", c.ctx_channels == c.nbr_channels),
+        )
+        if not ok
+    ]
     if wrong:
         raise GNNLMStateDictError(
             "only a paper-mode adapter (AdapterConfig.paper()) has the official GNN-LM layout; "
-            f"this one needs {', '.join(wrong)}")
+            f"this one needs {', '.join(wrong)}"
+        )
 
 
 def adapter_to_gnnlm_state_dict(adapter: GraphAdapter, prefix: str = "") -> dict[str, Tensor]:
@@ -123,7 +147,8 @@ def adapter_to_gnnlm_state_dict(adapter: GraphAdapter, prefix: str = "") -> dict
         for ours, theirs in (("rel_att", "att"), ("rel_msg", "msg"), ("rel_prior", "pri")):
             params = getattr(conv, ours)
             sd[f"gcs.{i}.relation_{theirs}"] = torch.stack(
-                [params[name].detach() for name in order if name in params])
+                [params[name].detach() for name in order if name in params]
+            )
         sd[f"gcs.{i}.skip"] = torch.ones(len(NODE_TYPE_INDEX), dtype=conv.param_dtype)
     for node_type, module in ((CTX, adapter.ctx_in), (NBR, adapter.nbr_in)):
         if isinstance(module, torch.nn.Sequential):
@@ -136,8 +161,9 @@ def adapter_to_gnnlm_state_dict(adapter: GraphAdapter, prefix: str = "") -> dict
     return {prefix + k: v for k, v in sd.items()}
 
 
-def gnnlm_adapter_config(state_dict: Mapping[str, Tensor], prefix: str = "",
-                         **overrides: Any) -> AdapterConfig:
+def gnnlm_adapter_config(
+    state_dict: Mapping[str, Tensor], prefix: str = "", **overrides: Any
+) -> AdapterConfig:
     """The paper-mode :class:`~hetgraph.nn.AdapterConfig` of an official GNN-LM ``HGT`` state
     dict: widths, layers and heads from the tensors' shapes, other fields from ``overrides``.
 
@@ -147,8 +173,9 @@ def gnnlm_adapter_config(state_dict: Mapping[str, Tensor], prefix: str = "",
     return _infer_config(_strip(state_dict, prefix), overrides)
 
 
-def load_gnnlm_state_dict(adapter: GraphAdapter, state_dict: Mapping[str, Tensor],
-                          prefix: str = "") -> GraphAdapter:
+def load_gnnlm_state_dict(
+    adapter: GraphAdapter, state_dict: Mapping[str, Tensor], prefix: str = ""
+) -> GraphAdapter:
     """Copy an official GNN-LM ``HGT`` state dict into ``adapter`` (built with
     :func:`gnnlm_adapter_config` of it), which takes the state dict's dtype; return it.
 
@@ -172,19 +199,26 @@ def load_gnnlm_state_dict(adapter: GraphAdapter, state_dict: Mapping[str, Tensor
             targets[f"adapt_ws.{t}.bias"] = module[0].bias
     if isinstance(adapter.out, torch.nn.Linear):
         targets["out.weight"], targets["out.bias"] = adapter.out.weight, adapter.out.bias
-    known = set(targets) | {f"gcs.{i}.{n}" for i in range(len(adapter.convs))
-                            for n in ("relation_att", "relation_msg", "relation_pri", "skip")}
+    known = set(targets) | {
+        f"gcs.{i}.{n}"
+        for i in range(len(adapter.convs))
+        for n in ("relation_att", "relation_msg", "relation_pri", "skip")
+    }
     unexpected = sorted(set(sd) - known)
     if unexpected:
-        raise GNNLMStateDictError(f"unexpected keys for an official GNN-LM HGT: {unexpected[:5]}"
-                                  " (two-stream or extra node types are not supported)")
+        raise GNNLMStateDictError(
+            f"unexpected keys for an official GNN-LM HGT: {unexpected[:5]}"
+            " (two-stream or extra node types are not supported)"
+        )
     with torch.no_grad():
         for name, target in targets.items():
             if name not in sd:
                 raise GNNLMStateDictError(f"official GNN-LM state dict lacks {prefix + name!r}")
             if sd[name].shape != target.shape:
-                raise GNNLMStateDictError(f"{prefix + name!r} has shape {tuple(sd[name].shape)},"
-                                          f" expected {tuple(target.shape)}")
+                raise GNNLMStateDictError(
+                    f"{prefix + name!r} has shape {tuple(sd[name].shape)},"
+                    f" expected {tuple(target.shape)}"
+                )
             target.copy_(sd[name])
     return adapter
 
@@ -196,5 +230,6 @@ def _take(sd: dict[str, Tensor], name: str, index: int, shape: torch.Size) -> Te
     if stacked.dim() < 1 or stacked.shape[0] != len(RELATION_INDEX) or stacked.shape[1:] != shape:
         raise GNNLMStateDictError(
             f"{name!r} has shape {tuple(stacked.shape)}, expected "
-            f"{(len(RELATION_INDEX), *shape)} (relations intra, inter)")
+            f"{(len(RELATION_INDEX), *shape)} (relations intra, inter)"
+        )
     return stacked[index]

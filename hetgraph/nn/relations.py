@@ -43,7 +43,9 @@ class StackedRelations(NamedTuple):
 
 
 def init_relation_parameters(
-    att: Mapping[str, Tensor], msg: Mapping[str, Tensor], prior: Mapping[str, Tensor],
+    att: Mapping[str, Tensor],
+    msg: Mapping[str, Tensor],
+    prior: Mapping[str, Tensor],
     init: RelationInit,
 ) -> None:
     r"""Initialise :math:`\mathbf{W}_{\mathrm{att}}`, :math:`\mathbf{W}_{\mathrm{msg}}`

@@ -13,6 +13,7 @@ finds the previous checkpoint. A crash between that swap's two renames leaves th
 checkpoint only under its set-aside name (``.checkpoint.old-*``); :func:`read_checkpoint`
 puts it back instead of starting again from step 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,9 @@ def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> dict[s
     return {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path,
-                         meta: dict[str, Any]) -> None:
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, path: Path, meta: dict[str, Any]
+) -> None:
     r"""Restore ``optimizer`` from the tensors in ``path`` and the ``meta`` returned by
     :func:`save_optimizer_state`.
 
@@ -96,12 +98,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path,
             state.setdefault(int(param_id), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path} does not restore the optimiser ({error}); "
-                              f"{restart_hint(path.parent)}") from None
+        raise CheckpointError(
+            f"{path} does not restore the optimiser ({error}); {restart_hint(path.parent)}"
+        ) from None
 
 
-def write_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: str | Path,
-                     trainer_state: dict[str, Any]) -> None:
+def write_checkpoint(
+    lm: HetGraphLM,
+    optimizer: torch.optim.Optimizer,
+    out_dir: str | Path,
+    trainer_state: dict[str, Any],
+) -> None:
     r"""Replace ``out_dir/checkpoint`` with ``lm``'s adapters, ``optimizer``'s state and
     ``trainer_state`` (JSON-serialisable; the optimiser's metadata is added under
     ``"optimizer"``), with the other files' integrity record and its own checksum."""
@@ -111,8 +118,9 @@ def write_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: 
         # Through JSON first, so the checksum is of exactly what a reader gets back (tuples
         # become lists, keys strings).
         state = json.loads(json.dumps({**trainer_state, "optimizer": optimizer_meta}))
-        state[INTEGRITY_KEY] = {"files": {name: file_record(tmp / name)
-                                          for name in CHECKPOINT_FILES}}
+        state[INTEGRITY_KEY] = {
+            "files": {name: file_record(tmp / name) for name in CHECKPOINT_FILES}
+        }
         atomic_write_json_record(tmp / TRAINER_STATE, state)
 
 
@@ -144,8 +152,11 @@ def read_checkpoint(out_dir: str | Path) -> dict[str, Any] | None:
         if target.exists():
             shutil.rmtree(target)
         os.rename(best, target)
-        logger.warning("recovered the checkpoint %s from %s, left by a run interrupted while "
-                       "saving", target, best.name)
+        logger.warning(
+            "recovered the checkpoint %s from %s, left by a run interrupted while saving",
+            target,
+            best.name,
+        )
     for stale in out_dir.glob(f".{CHECKPOINT_DIR}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
     _, problems = checkpoint_problems(target)
@@ -162,9 +173,11 @@ class CheckpointError(HetgraphError):
 def restart_hint(directory: str | Path) -> str:
     """How to train on when the checkpoint ``directory`` cannot be resumed."""
     directory = Path(directory)
-    return (f"delete the checkpoint directory {directory} and run the same command to train "
-            f"again from step 0 (the best adapter saved in {directory.parent}, if any, stays "
-            "until a better one replaces it), or train into a new --out directory")
+    return (
+        f"delete the checkpoint directory {directory} and run the same command to train "
+        f"again from step 0 (the best adapter saved in {directory.parent}, if any, stays "
+        "until a better one replaces it), or train into a new --out directory"
+    )
 
 
 def checkpoint_problems(directory: str | Path) -> tuple[list[str], list[str]]:
@@ -187,8 +200,9 @@ def checkpoint_problems(directory: str | Path) -> tuple[list[str], list[str]]:
     files = state.get(INTEGRITY_KEY, {"files": {}})
     files = files.get("files") if isinstance(files, dict) else None
     if not isinstance(files, dict) or not all(isinstance(r, dict) for r in files.values()):
-        return checked, [f"{directory / TRAINER_STATE} is damaged (its integrity record is "
-                         f"malformed); {fix}"]
+        return checked, [
+            f"{directory / TRAINER_STATE} is damaged (its integrity record is malformed); {fix}"
+        ]
     for name, record in files.items():
         problem = check_file_record(directory / name, record, full=True)
         if problem:
@@ -197,14 +211,17 @@ def checkpoint_problems(directory: str | Path) -> tuple[list[str], list[str]]:
         return checked, problems
     # The adapter's own checks (its config's checksum, finite values, …), with this fix.
     hint = f"; {retrain_hint(directory)}"
-    problems += [p.removesuffix(hint) + f"; {fix}" if p.endswith(hint) else p
-                 for p in adapter_problems(directory)[1]]
+    problems += [
+        p.removesuffix(hint) + f"; {fix}" if p.endswith(hint) else p
+        for p in adapter_problems(directory)[1]
+    ]
     optimizer = directory / OPTIMIZER_WEIGHTS
     try:
         load_file(str(optimizer))
     except (SafetensorError, OSError, ValueError, RuntimeError):
-        problems.append(f"{optimizer} is missing or damaged (not a readable safetensors file); "
-                        f"{fix}")
+        problems.append(
+            f"{optimizer} is missing or damaged (not a readable safetensors file); {fix}"
+        )
     return checked, problems
 
 
@@ -219,8 +236,7 @@ def _readable_state(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def load_adapter_weights(lm: HetGraphLM, directory: str | Path,
-                         device: torch.device | str) -> None:
+def load_adapter_weights(lm: HetGraphLM, directory: str | Path, device: torch.device | str) -> None:
     r"""Load the adapter weights ``directory/adapter.safetensors`` (as written by
     ``HetGraphLM.save_pretrained``) into ``lm``, onto ``device``, checked against their
     integrity record like any saved adapter."""
@@ -239,13 +255,16 @@ def check_init_from(directory: str | Path, out_dir: str | Path) -> None:
         InitAdapterError: ``directory`` is ``out_dir``.
     """
     if Path(directory).resolve() == Path(out_dir).resolve():
-        raise InitAdapterError(f"training.init_from (--init-from) {directory} is the output "
-                               "directory itself; give the stage-1 adapter directory and a "
-                               "new --out")
+        raise InitAdapterError(
+            f"training.init_from (--init-from) {directory} is the output "
+            "directory itself; give the stage-1 adapter directory and a "
+            "new --out"
+        )
 
 
-def load_initial_adapter(lm: HetGraphLM, directory: str | Path, device: torch.device | str,
-                         out_dir: str | Path) -> None:
+def load_initial_adapter(
+    lm: HetGraphLM, directory: str | Path, device: torch.device | str, out_dir: str | Path
+) -> None:
     r"""Start training from the trained adapter in ``directory`` (two-stage training: stage 2
     starts from stage 1's adapter with another graph and ``k``; an adapter's parameters depend
     on neither).
@@ -263,18 +282,27 @@ def load_initial_adapter(lm: HetGraphLM, directory: str | Path, device: torch.de
     try:
         saved = read_adapter_config(directory)
         if saved.get("model") != lm.adapter_identity()["model"]:
-            raise InitAdapterError(f"{where} was trained on another base model; start from an "
-                                   "adapter of this model (or leave --init-from out)")
+            raise InitAdapterError(
+                f"{where} was trained on another base model; start from an "
+                "adapter of this model (or leave --init-from out)"
+            )
         lm.load_adapter_state_dict(read_adapter_weights(directory, device, saved))
     except (AdapterFileError, AdapterMismatchError) as error:
-        raise InitAdapterError(f"{where}: {error}; the stage-2 adapter must keep stage 1's "
-                               "fusion sites, widths, layers and heads (only the graph and k "
-                               "may change)") from None
+        raise InitAdapterError(
+            f"{where}: {error}; the stage-2 adapter must keep stage 1's "
+            "fusion sites, widths, layers and heads (only the graph and k "
+            "may change)"
+        ) from None
     logger.info("training starts from the adapter in %s", directory)
 
 
-def restore_checkpoint(lm: HetGraphLM, optimizer: torch.optim.Optimizer, out_dir: str | Path,
-                       trainer_state: dict[str, Any], device: torch.device | str) -> None:
+def restore_checkpoint(
+    lm: HetGraphLM,
+    optimizer: torch.optim.Optimizer,
+    out_dir: str | Path,
+    trainer_state: dict[str, Any],
+    device: torch.device | str,
+) -> None:
     r"""Load the adapters and the optimiser state of ``out_dir/checkpoint`` into ``lm`` and
     ``optimizer``; ``trainer_state`` is what :func:`read_checkpoint` returned."""
     directory = Path(out_dir) / CHECKPOINT_DIR

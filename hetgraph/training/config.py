@@ -1,4 +1,5 @@
 """The settings of :func:`~hetgraph.training.train_adapter`."""
+
 from __future__ import annotations
 
 import math
@@ -74,20 +75,28 @@ class TrainingConfig(JSONConfigMixin):
         super().__post_init__()  # types first: "max_steps": "ten" is a ConfigError
         # ValueErrors here become ConfigErrors named by their dotted path (build_config).
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                             f"got {self.mixed_precision!r}")
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                f"got {self.mixed_precision!r}"
+            )
         if self.schedule not in ("inverse_sqrt", "cosine", "constant"):
             raise ValueError(
-                f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}")
+                f"schedule must be inverse_sqrt, cosine or constant, got {self.schedule!r}"
+            )
         for name in ("max_steps", "batch_size", "context_length", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        fix = ("lower batch_size or context_length (grad_accumulation gives larger batches "
-               "without the memory)")
+        fix = (
+            "lower batch_size or context_length (grad_accumulation gives larger batches "
+            "without the memory)"
+        )
         check_count("batch_size", self.batch_size, MAX_BATCH_SIZE, fix, minimum=1)
         tokens = self.batch_size * self.context_length
-        check_memory(f"a micro-batch of batch_size × context_length = {tokens:,} tokens",
-                     tokens * MIN_BYTES_PER_TOKEN, fix)
+        check_memory(
+            f"a micro-batch of batch_size × context_length = {tokens:,} tokens",
+            tokens * MIN_BYTES_PER_TOKEN,
+            fix,
+        )
         for name in ("eval_every", "eval_tokens", "patience", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -96,5 +105,7 @@ class TrainingConfig(JSONConfigMixin):
         for name in ("lr", "weight_decay", "clip_norm"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"{name} must be a finite number "
-                                 f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
+                raise ValueError(
+                    f"{name} must be a finite number "
+                    f"{'> 0' if name == 'lr' else '>= 0'}, got {value}"
+                )

@@ -8,6 +8,7 @@ every rank draws the same seeded global batch and keeps its contiguous share
 ``world_size · share / batch_size`` so that DDP's gradient average is the gradient of the
 global batch's mean loss, exactly as in one process (shares may differ by one sequence).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,8 +45,13 @@ class DataParallelLoss:
         ctx: the job.
     """
 
-    def __init__(self, params: list[nn.Parameter], compute: Callable[[int], Tensor],
-                 batch_size: int, ctx: DistributedContext) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        compute: Callable[[int], Tensor],
+        batch_size: int,
+        ctx: DistributedContext,
+    ) -> None:
         self.ctx, self.compute = ctx, compute
         self.share = ctx.share(batch_size)
         self.weight = ctx.world_size * len(self.share) / batch_size
@@ -56,7 +62,8 @@ class DataParallelLoss:
             self.ddp = DistributedDataParallel(
                 _TrainableParameters(params, compute),
                 device_ids=[params[0].device.index] if on_gpu else None,
-                find_unused_parameters=True)
+                find_unused_parameters=True,
+            )
 
     def sync(self, last_micro_batch: bool) -> AbstractContextManager[object]:
         """Reduce gradients only after the last micro-batch of an optimiser step."""

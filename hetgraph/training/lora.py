@@ -28,6 +28,7 @@ tokens trained on and the files' checksums; and ``training.json``, as a graph ad
 PEFT is an optional extra, imported only when a control is made or loaded:
 ``pip install 'hetgraph[lora]'``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,10 +64,22 @@ from hetgraph.training.lora_persistence import (
 )
 from hetgraph.training.lora_run import LoraControlResult, LoraRun, training_blocks
 
-__all__ = ["LORA_CONTROL_MARKER", "LoraControlConfig", "LoraControlError", "LoraControlResult",
-           "graph_adapter_parameters", "is_lora_control", "load_lora_control",
-           "lora_layers", "lora_targets", "matched_lora_rank", "parameters_per_rank",
-           "read_lora_control", "train_lora_control", "training_blocks"]
+__all__ = [
+    "LORA_CONTROL_MARKER",
+    "LoraControlConfig",
+    "LoraControlError",
+    "LoraControlResult",
+    "graph_adapter_parameters",
+    "is_lora_control",
+    "load_lora_control",
+    "lora_layers",
+    "lora_targets",
+    "matched_lora_rank",
+    "parameters_per_rank",
+    "read_lora_control",
+    "train_lora_control",
+    "training_blocks",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +135,9 @@ def graph_adapter_parameters(source: Any) -> int:
         with safe_open(str(path), framework="pt") as f:
             return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
     except (OSError, RuntimeError, ValueError) as error:
-        raise LoraControlError(f"{path} cannot be read ({error}); pass a trained graph adapter "
-                               "directory") from None
+        raise LoraControlError(
+            f"{path} cannot be read ({error}); pass a trained graph adapter directory"
+        ) from None
 
 
 def _projection(module: nn.Module) -> bool:
@@ -132,8 +146,7 @@ def _projection(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
-def lora_layers(model: nn.Module, config: LoraControlConfig,
-                sites: Any = ("head",)) -> list[int]:
+def lora_layers(model: nn.Module, config: LoraControlConfig, sites: Any = ("head",)) -> list[int]:
     """The decoder layers that get a LoRA: ``config.layers``, else those of the graph
     adapter's fusion ``sites`` (a ``fusion_layers`` specification)."""
     from hetgraph.fusion.sites import HEAD, resolve_fusion_sites
@@ -146,26 +159,29 @@ def lora_layers(model: nn.Module, config: LoraControlConfig,
             raise LoraControlError(f"lora.layers: {error}") from None
     chosen: set[int] = set()
     for site in resolve_fusion_sites(sites, num_layers):
-        chosen.update(range(max(0, num_layers - config.head_layers), num_layers)
-                      if site == HEAD else [site])
+        chosen.update(
+            range(max(0, num_layers - config.head_layers), num_layers) if site == HEAD else [site]
+        )
     return sorted(chosen)
 
 
-def lora_targets(model: nn.Module, config: LoraControlConfig,
-                 sites: Any = ("head",)) -> list[str]:
+def lora_targets(model: nn.Module, config: LoraControlConfig, sites: Any = ("head",)) -> list[str]:
     """Full module names of the projections that get a LoRA (see :func:`lora_layers`)."""
     stack = decoder_layers(model)
     prefix = next(name for name, module in model.named_modules() if module is stack)
     targets = []
     for layer in lora_layers(model, config, sites):
         for name, module in stack[layer].named_modules():
-            if _projection(module) and (config.target_modules is None
-                                        or name.rsplit(".", 1)[-1] in config.target_modules):
+            if _projection(module) and (
+                config.target_modules is None or name.rsplit(".", 1)[-1] in config.target_modules
+            ):
                 targets.append(f"{prefix}.{layer}.{name}")
     if not targets:
-        raise LoraControlError(f"lora.target_modules {list(config.target_modules or [])} names "
-                               "no linear projection of the chosen decoder layers; name "
-                               "projections of this model (e.g. q_proj, c_attn) or use null")
+        raise LoraControlError(
+            f"lora.target_modules {list(config.target_modules or [])} names "
+            "no linear projection of the chosen decoder layers; name "
+            "projections of this model (e.g. q_proj, c_attn) or use null"
+        )
     return targets
 
 
@@ -175,8 +191,9 @@ def parameters_per_rank(model: nn.Module, targets: list[str]) -> int:
     return sum(int(sum(modules[name].weight.shape)) for name in targets)
 
 
-def matched_lora_rank(model: nn.Module, target_params: int, targets: list[str],
-                      tolerance: float = 0.1) -> int:
+def matched_lora_rank(
+    model: nn.Module, target_params: int, targets: list[str], tolerance: float = 0.1
+) -> int:
     """The rank whose LoRA on ``targets`` trains the number of parameters closest to
     ``target_params`` (the graph adapter's).
 
@@ -185,48 +202,74 @@ def matched_lora_rank(model: nn.Module, target_params: int, targets: list[str],
     """
     unit = parameters_per_rank(model, targets)
     if target_params < 1:
-        raise LoraControlError(f"the graph adapter has {target_params} parameters; pass the "
-                               "parameter count of a trained graph adapter")
+        raise LoraControlError(
+            f"the graph adapter has {target_params} parameters; pass the "
+            "parameter count of a trained graph adapter"
+        )
     exact = target_params / unit
-    rank = min({max(1, math.floor(exact)), max(1, math.ceil(exact))},
-               key=lambda r: abs(r * unit - target_params))
+    rank = min(
+        {max(1, math.floor(exact)), max(1, math.ceil(exact))},
+        key=lambda r: abs(r * unit - target_params),
+    )
     off = abs(rank * unit - target_params) / target_params
     if off > tolerance:
         raise LoraControlError(
             f"no LoRA rank comes within {tolerance:.0%} of the graph adapter's "
             f"{target_params:,} parameters on {len(targets)} projections ({unit:,} parameters "
             f"per rank; rank {rank} trains {rank * unit:,}): choose fewer or more decoder "
-            "layers (lora.layers, lora.head_layers) or other lora.target_modules")
-    logger.info("LoRA control: rank %d on %d projections trains %s parameters (%+.1f %% of "
-                "the graph adapter's %s)", rank, len(targets), f"{rank * unit:,}",
-                100 * (rank * unit - target_params) / target_params, f"{target_params:,}")
+            "layers (lora.layers, lora.head_layers) or other lora.target_modules"
+        )
+    logger.info(
+        "LoRA control: rank %d on %d projections trains %s parameters (%+.1f %% of "
+        "the graph adapter's %s)",
+        rank,
+        len(targets),
+        f"{rank * unit:,}",
+        100 * (rank * unit - target_params) / target_params,
+        f"{target_params:,}",
+    )
     return rank
 
 
-def wrap_with_lora(model: nn.Module, rank: int, targets: list[str],
-                   config: LoraControlConfig) -> Any:
+def wrap_with_lora(
+    model: nn.Module, rank: int, targets: list[str], config: LoraControlConfig
+) -> Any:
     """``model`` with a fresh LoRA on ``targets`` (injected in place; the base frozen)."""
     peft = import_peft()
     if hasattr(model, "peft_config"):
-        raise LoraControlError("the model already carries a PEFT adapter; pass a freshly "
-                               "loaded base model")
+        raise LoraControlError(
+            "the model already carries a PEFT adapter; pass a freshly loaded base model"
+        )
     from transformers.pytorch_utils import Conv1D
 
     modules = dict(model.named_modules())
     lora = peft.LoraConfig(
-        r=rank, lora_alpha=config.alpha if config.alpha is not None else 2 * rank,
-        lora_dropout=config.dropout, target_modules=targets, bias="none",
-        fan_in_fan_out=all(isinstance(modules[t], Conv1D) for t in targets))
+        r=rank,
+        lora_alpha=config.alpha if config.alpha is not None else 2 * rank,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=all(isinstance(modules[t], Conv1D) for t in targets),
+    )
     with warnings.catch_warnings():  # PEFT and transformers' deprecation chatter
         warnings.simplefilter("ignore")
         return peft.get_peft_model(model, lora)
 
 
-def train_lora_control(model: nn.Module, tokenizer: Any, train_split: Any,
-                       valid_split: Any | None, training_config: TrainingConfig,
-                       lora_config: LoraControlConfig, out_dir: str | Path, *,
-                       target_params: int, sites: Any = ("head",), eval_config: Any = None,
-                       show_progress: bool = True) -> LoraControlResult:
+def train_lora_control(
+    model: nn.Module,
+    tokenizer: Any,
+    train_split: Any,
+    valid_split: Any | None,
+    training_config: TrainingConfig,
+    lora_config: LoraControlConfig,
+    out_dir: str | Path,
+    *,
+    target_params: int,
+    sites: Any = ("head",),
+    eval_config: Any = None,
+    show_progress: bool = True,
+) -> LoraControlResult:
     """Train the LoRA control on ``train_split`` as :func:`~hetgraph.training.train_adapter`
     trains the graph adapter (the same blocks for ``training_config``'s seed, the same
     schedule) and save the best on valid to ``out_dir``, locked while it runs.
@@ -256,19 +299,27 @@ def train_lora_control(model: nn.Module, tokenizer: Any, train_split: Any,
     import_peft()  # a missing extra fails before any work
     out_dir = Path(out_dir)
     if (out_dir / ADAPTER_WEIGHTS).exists():
-        raise LoraControlError(f"{out_dir} holds a graph adapter; write the LoRA control to "
-                               "its own --out directory")
+        raise LoraControlError(
+            f"{out_dir} holds a graph adapter; write the LoRA control to its own --out directory"
+        )
     _check_inputs(model, train_split, training_config)
     targets = lora_targets(model, lora_config, sites)
-    rank = (matched_lora_rank(model, target_params, targets, lora_config.tolerance)
-            if lora_config.rank == "match" else int(lora_config.rank))
+    rank = (
+        matched_lora_rank(model, target_params, targets, lora_config.tolerance)
+        if lora_config.rank == "match"
+        else int(lora_config.rank)
+    )
     tokens = np.asarray(train_split.tokens, dtype=np.int64)
     record = {
-        "kind": LORA_CONTROL_KIND, "format_version": FORMAT_VERSION,
+        "kind": LORA_CONTROL_KIND,
+        "format_version": FORMAT_VERSION,
         "model": base_identity(model, tokenizer),
         "base_model": str(getattr(model.config, "_name_or_path", "") or "") or None,
-        "lora": lora_config.to_dict(), "training": training_config.to_dict(), "rank": rank,
-        "target_modules": targets, "target_params": int(target_params),
+        "lora": lora_config.to_dict(),
+        "training": training_config.to_dict(),
+        "rank": rank,
+        "target_modules": targets,
+        "target_params": int(target_params),
         "trained_params": rank * parameters_per_rank(model, targets),
         "train_tokens": {"count": len(tokens), "fingerprint": array_fingerprint(tokens)},
     }
@@ -277,12 +328,15 @@ def train_lora_control(model: nn.Module, tokenizer: Any, train_split: Any,
         _check_rerun(out_dir, record)
         torch.manual_seed(training_config.seed)  # the LoRA's initialisation
         peft_model = wrap_with_lora(model, rank, targets, lora_config)
-        result = LoraRun(peft_model, tokens, valid_split, training_config, eval_config,
-                          out_dir, record).run(show_progress)
+        result = LoraRun(
+            peft_model, tokens, valid_split, training_config, eval_config, out_dir, record
+        ).run(show_progress)
         result.rank, result.target_modules, result.target_params = rank, targets, target_params
         result.trained_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        atomic_write_json_record(out_dir / TRAINING_RESULT, {
-            "config": training_config.to_dict(), "control": "lora", "result": result.to_dict()})
+        atomic_write_json_record(
+            out_dir / TRAINING_RESULT,
+            {"config": training_config.to_dict(), "control": "lora", "result": result.to_dict()},
+        )
     return result
 
 
@@ -291,9 +345,11 @@ def _check_inputs(model: nn.Module, train_split: Any, config: TrainingConfig) ->
 
     length = len(train_split.tokens)
     if length < config.context_length + 1:
-        raise TrainingError(f"the train split has {length} tokens, fewer than context_length "
-                            f"+ 1 = {config.context_length + 1}: lower "
-                            "training.context_length or use more text (a larger --max-tokens)")
+        raise TrainingError(
+            f"the train split has {length} tokens, fewer than context_length "
+            f"+ 1 = {config.context_length + 1}: lower "
+            "training.context_length or use more text (a larger --max-tokens)"
+        )
     check_context_length(model, config.context_length, "training.context_length")
     check_token_ids(train_split.tokens, model, "the train split")
 
@@ -309,5 +365,7 @@ def _check_rerun(out_dir: Path, record: dict[str, Any]) -> None:
         return  # a damaged marker: the new run replaces it
     keys = ("model", "lora", "training", "rank", "target_modules", "train_tokens")
     if any(saved.get(key) != record[key] for key in keys):
-        raise LoraControlError(f"{out_dir} holds a LoRA control trained with other settings, "
-                               "base model or train split; use a new --out directory")
+        raise LoraControlError(
+            f"{out_dir} holds a LoRA control trained with other settings, "
+            "base model or train split; use a new --out directory"
+        )

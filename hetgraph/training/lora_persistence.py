@@ -6,6 +6,7 @@ A control directory holds PEFT's ``save_pretrained`` files (``adapter_config.jso
 checksum: the base model's fingerprint, rank, targets, trained parameters, the tokens
 trained on, and the PEFT files' sizes and checksums.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,9 @@ def import_peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise LoraControlError(f"the LoRA control needs PEFT, which is not installed: "
-                               f"{INSTALL_HINT}") from None
+        raise LoraControlError(
+            f"the LoRA control needs PEFT, which is not installed: {INSTALL_HINT}"
+        ) from None
     return peft
 
 
@@ -65,8 +67,11 @@ def base_identity(model: nn.Module, tokenizer: Any | None = None) -> dict[str, s
     its tensors would change the weights fingerprint."""
     if tokenizer is not None:
         return model_fingerprint(model, tokenizer)
-    return {"model_type": str(getattr(model.config, "model_type", type(model).__name__)),
-            "config": config_fingerprint(model), "weights": weights_fingerprint(model)}
+    return {
+        "model_type": str(getattr(model.config, "model_type", type(model).__name__)),
+        "config": config_fingerprint(model),
+        "weights": weights_fingerprint(model),
+    }
 
 
 def retrain_hint(directory: str | Path) -> str:
@@ -104,8 +109,9 @@ def save_lora_control(peft_model: Any, directory: str | Path, record: dict[str, 
             fsync_directory(directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        atomic_write_json_record(directory / LORA_CONTROL_MARKER,
-                                 {**record, "integrity": {"files": files}})
+        atomic_write_json_record(
+            directory / LORA_CONTROL_MARKER, {**record, "integrity": {"files": files}}
+        )
 
 
 def is_lora_control(directory: str | Path) -> bool:
@@ -125,13 +131,17 @@ def read_lora_control(directory: str | Path) -> dict[str, Any]:
     path = directory / LORA_CONTROL_MARKER
     record = read_json_record(path, LoraControlError, retrain_hint(directory))
     if record.get("kind") != LORA_CONTROL_KIND or not isinstance(record.get("model"), dict):
-        raise LoraControlError(f"{path} is not a LoRA control record (kind "
-                               f"{record.get('kind')!r}); {retrain_hint(directory)}")
+        raise LoraControlError(
+            f"{path} is not a LoRA control record (kind "
+            f"{record.get('kind')!r}); {retrain_hint(directory)}"
+        )
     version = record.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
-        raise LoraControlError(f"{path}: unsupported LoRA control format {version!r} (this "
-                               f"hetgraph reads format {FORMAT_VERSION}); "
-                               f"{retrain_hint(directory)}")
+        raise LoraControlError(
+            f"{path}: unsupported LoRA control format {version!r} (this "
+            f"hetgraph reads format {FORMAT_VERSION}); "
+            f"{retrain_hint(directory)}"
+        )
     files = record.get("integrity", {}).get("files", {})
     for name in (PEFT_WEIGHTS, PEFT_CONFIG):
         problem = check_file_record(directory / name, files.get(name, {}), full=False)
@@ -140,8 +150,9 @@ def read_lora_control(directory: str | Path) -> dict[str, Any]:
     return record
 
 
-def check_base_model(record: dict[str, Any], directory: str | Path, model: nn.Module,
-                     tokenizer: Any | None = None) -> None:
+def check_base_model(
+    record: dict[str, Any], directory: str | Path, model: nn.Module, tokenizer: Any | None = None
+) -> None:
     """Refuse a ``model`` (and ``tokenizer``, when given) other than the control's base."""
     saved = record["model"]
     current = base_identity(model, None)
@@ -153,11 +164,11 @@ def check_base_model(record: dict[str, Any], directory: str | Path, model: nn.Mo
             f"LoRA control {directory} was trained on another base model (the "
             f"{', '.join(differing)} fingerprint differs; trained on "
             f"{record.get('base_model') or 'a model built in memory'}): pass that model "
-            f"(--model), or {retrain_hint(directory)}")
+            f"(--model), or {retrain_hint(directory)}"
+        )
 
 
-def load_lora_control(directory: str | Path, model: nn.Module,
-                      tokenizer: Any | None = None) -> Any:
+def load_lora_control(directory: str | Path, model: nn.Module, tokenizer: Any | None = None) -> Any:
     """The PEFT model of the control in ``directory`` on the base ``model``, in eval mode.
 
     The LoRA is injected into ``model`` in place: for base-model outputs use another
@@ -172,8 +183,9 @@ def load_lora_control(directory: str | Path, model: nn.Module,
     directory = Path(directory)
     record = read_lora_control(directory)
     if hasattr(model, "peft_config"):
-        raise LoraControlError("the model already carries a PEFT adapter; pass a freshly "
-                               "loaded base model")
+        raise LoraControlError(
+            "the model already carries a PEFT adapter; pass a freshly loaded base model"
+        )
     check_base_model(record, directory, model, tokenizer)
     try:
         with warnings.catch_warnings():
@@ -181,6 +193,7 @@ def load_lora_control(directory: str | Path, model: nn.Module,
             lora = peft.PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise LoraControlError(f"{directory} cannot be loaded by PEFT ({message}); "
-                               f"{retrain_hint(directory)}") from None
+        raise LoraControlError(
+            f"{directory} cannot be loaded by PEFT ({message}); {retrain_hint(directory)}"
+        ) from None
     return lora.eval()

@@ -5,6 +5,7 @@ evaluation stay float32.
 An option of hetgraph's, not the paper's (the official GNN-LM trains in float32). bfloat16
 rather than float16: it has float32's range, so no loss scaling is needed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,7 +35,8 @@ def native_bfloat16(device: torch.device) -> bool:
     if device.type == "cpu":
         capabilities = torch.cpu.get_capabilities()
         return torch.backends.mkldnn.is_available() and any(
-            capabilities.get(feature, False) for feature in BFLOAT16_CPU_FEATURES)
+            capabilities.get(feature, False) for feature in BFLOAT16_CPU_FEATURES
+        )
     return False
 
 
@@ -45,20 +47,24 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     ``"bf16"`` is bfloat16 everywhere (emulated, hence slow, on other hardware).
     """
     if setting not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
-                         f"got {setting!r}")
+        raise ValueError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {setting!r}"
+        )
     if setting == "no":
         return None
     native = native_bfloat16(device)
     if setting == "bf16" and not native:
-        logger.warning("mixed_precision bf16: %s has no native bfloat16 matrix products, so "
-                       "training runs emulated and slower than float32; use 'auto' or 'no'",
-                       device)
+        logger.warning(
+            "mixed_precision bf16: %s has no native bfloat16 matrix products, so "
+            "training runs emulated and slower than float32; use 'auto' or 'no'",
+            device,
+        )
     return torch.bfloat16 if setting == "bf16" or native else None
 
 
-def training_autocast(dtype: torch.dtype | None,
-                      device: torch.device) -> AbstractContextManager[object]:
+def training_autocast(
+    dtype: torch.dtype | None, device: torch.device
+) -> AbstractContextManager[object]:
     """The context a training forward runs in: ``torch.autocast`` to ``dtype`` on
     ``device``'s type, or nothing for float32."""
     if dtype is None:

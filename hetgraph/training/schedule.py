@@ -3,6 +3,7 @@
 Both depend only on the step (and the settings), never on how the run got there: a resumed
 run, and a run with any number of processes, draws exactly the same global batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,15 +43,22 @@ def split_tokens(split: Any) -> np.ndarray:
     return np.asarray(split.tokens, dtype=np.int64)
 
 
-def optimizer_and_schedule(params: list[torch.nn.Parameter], config: TrainingConfig
-                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def optimizer_and_schedule(
+    params: list[torch.nn.Parameter], config: TrainingConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` with ``config``'s learning rate, betas and weight decay, and its
     :func:`learning_rate_factor` schedule: what the graph adapter and the LoRA control both
     train with. The fused kernel runs when every parameter allows it (CPU or CUDA floats):
     one pass over all parameters, where the per-tensor default loop measured 10-100x slower
     on 2 CPU cores for the adapter's ~50 tensors."""
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+    )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, config))
+        optimizer, lambda step: learning_rate_factor(step, config)
+    )

@@ -4,6 +4,7 @@ Under ``torchrun`` the same call trains data-parallel (:mod:`hetgraph.training.d
 rank runs it with the same arguments; rank 0 holds the directory lock and writes checkpoints,
 the best adapter and ``training.json``; checkpoints resume with any number of processes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 #: What to do after a full disk: the best adapter saved so far and the last checkpoint stay.
-RESUME_HINT = ("run the same train command again (it resumes from the last checkpoint; the "
-               "best adapter saved so far is kept)")
+RESUME_HINT = (
+    "run the same train command again (it resumes from the last checkpoint; the "
+    "best adapter saved so far is kept)"
+)
 
 
 class TrainingError(HetgraphError):
@@ -83,29 +86,43 @@ class TrainingResult:
 class _TrainingRun:
     """The state of one :func:`train_adapter` call: optimiser, schedule, results so far."""
 
-    def __init__(self, lm: HetGraphLM, train_split: Any, valid_split: Any | None,
-                 config: TrainingConfig, out_dir: Path, eval_config: EvalConfig | None,
-                 ctx: DistributedContext) -> None:
+    def __init__(
+        self,
+        lm: HetGraphLM,
+        train_split: Any,
+        valid_split: Any | None,
+        config: TrainingConfig,
+        out_dir: Path,
+        eval_config: EvalConfig | None,
+        ctx: DistributedContext,
+    ) -> None:
         self.lm, self.valid_split, self.config, self.out_dir = lm, valid_split, config, out_dir
         self.eval_config, self.ctx = eval_config, ctx
         self.tokens = split_tokens(train_split)
         self.num_rows = len(lm.datastore)
         self._check_inputs()
         self.device = next(lm.adapters.parameters()).device
-        self.from_datastore = (lm.can_run_from_datastore if config.from_datastore is None
-                               else config.from_datastore)
+        self.from_datastore = (
+            lm.can_run_from_datastore if config.from_datastore is None else config.from_datastore
+        )
         if self.from_datastore and not lm.can_run_from_datastore:
-            raise ConfigError("from_datastore=True needs retrieval and fusion at the LM-head "
-                              "input and key features (HetGraphLM.can_run_from_datastore); "
-                              "set from_datastore to null to train with full forwards")
+            raise ConfigError(
+                "from_datastore=True needs retrieval and fusion at the LM-head "
+                "input and key features (HetGraphLM.can_run_from_datastore); "
+                "set from_datastore to null to train with full forwards"
+            )
         self.autocast = autocast_dtype(config.mixed_precision, self.device)
         if self.autocast is not None:
-            logger.info("training in %s mixed precision (torch.autocast); weights, optimiser, "
-                        "loss and evaluations stay float32", self.autocast)
+            logger.info(
+                "training in %s mixed precision (torch.autocast); weights, optimiser, "
+                "loss and evaluations stay float32",
+                self.autocast,
+            )
         torch.manual_seed(config.seed)
         self.params = [p for p in lm.parameters() if p.requires_grad]
-        self.parallel = DataParallelLoss(self.params, lambda d: self.micro_batch_loss(d),
-                                         config.batch_size, ctx)
+        self.parallel = DataParallelLoss(
+            self.params, lambda d: self.micro_batch_loss(d), config.batch_size, ctx
+        )
         self.optimizer, self.scheduler = optimizer_and_schedule(self.params, config)
         self.result = TrainingResult(mixed_precision=precision_name(self.autocast))
         self.start_step = 0
@@ -118,24 +135,31 @@ class _TrainingRun:
     def _check_inputs(self) -> None:
         tokens, config = self.tokens, self.config
         if config.batch_size < self.ctx.world_size:
-            raise TrainingError(f"training.batch_size {config.batch_size} is the global batch and "
-                                f"must be at least the number of processes "
-                                f"({self.ctx.world_size}); raise it or start fewer processes")
+            raise TrainingError(
+                f"training.batch_size {config.batch_size} is the global batch and "
+                f"must be at least the number of processes "
+                f"({self.ctx.world_size}); raise it or start fewer processes"
+            )
         if len(tokens) < config.context_length + 1:
-            raise TrainingError(f"the train split has {len(tokens)} tokens, "
-                                f"fewer than context_length + 1 = {config.context_length + 1}: "
-                                "lower training.context_length or use more text "
-                                "(a larger --max-tokens)")
+            raise TrainingError(
+                f"the train split has {len(tokens)} tokens, "
+                f"fewer than context_length + 1 = {config.context_length + 1}: "
+                "lower training.context_length or use more text "
+                "(a larger --max-tokens)"
+            )
         if len(tokens) > self.num_rows + 1:
-            raise TrainingError(f"the train split has {len(tokens)} tokens but the datastore "
-                                f"only {self.num_rows} rows: "
-                                "train on the split the datastore was built from "
-                                "(same --max-tokens)")
+            raise TrainingError(
+                f"the train split has {len(tokens)} tokens but the datastore "
+                f"only {self.num_rows} rows: "
+                "train on the split the datastore was built from "
+                "(same --max-tokens)"
+            )
         check_context_length(self.lm.model, config.context_length, "training.context_length")
         check_token_ids(tokens, self.lm.model, "the train split")
         if any(p.requires_grad for p in self.lm.model.parameters()):
-            raise RuntimeError("the base model has trainable parameters; HetGraphLM freezes it, "
-                               "do not unfreeze")
+            raise RuntimeError(
+                "the base model has trainable parameters; HetGraphLM freezes it, do not unfreeze"
+            )
 
     def resume(self) -> bool:
         """Continue from ``out_dir/checkpoint`` when one exists; returns whether it did."""
@@ -145,17 +169,25 @@ class _TrainingRun:
             return False
         saved = read_adapter_config(self.out_dir / CHECKPOINT_DIR)["fusion"]
         # Through from_dict: a checkpoint from before a new option compares by its default.
-        if (TrainingConfig.from_dict(state["config"]).to_dict() != self.config.to_dict()
-                or FusionConfig.from_dict(saved).to_dict() != self.lm.config.to_dict()):
-            raise TrainingError(f"{self.out_dir}/checkpoint was written with other training "
-                                "or fusion settings; use the same settings to resume, or a new "
-                                "--out directory")
+        if (
+            TrainingConfig.from_dict(state["config"]).to_dict() != self.config.to_dict()
+            or FusionConfig.from_dict(saved).to_dict() != self.lm.config.to_dict()
+        ):
+            raise TrainingError(
+                f"{self.out_dir}/checkpoint was written with other training "
+                "or fusion settings; use the same settings to resume, or a new "
+                "--out directory"
+            )
         restore_checkpoint(self.lm, self.optimizer, self.out_dir, state, self.device)
         self.scheduler.last_epoch = self.start_step = state["step"]
         self.bad_evals = state["bad_evals"]
         self.seconds_before = state["result"]["seconds"]
-        self.result = TrainingResult(**{**state["result"], "valid_ppl": {
-            int(k): v for k, v in state["result"]["valid_ppl"].items()}})
+        self.result = TrainingResult(
+            **{
+                **state["result"],
+                "valid_ppl": {int(k): v for k, v in state["result"]["valid_ppl"].items()},
+            }
+        )
         self.result.mixed_precision = precision_name(self.autocast)  # this call's, if mixed
         return True
 
@@ -168,8 +200,9 @@ class _TrainingRun:
             return False
         lm, result = self.lm, self.result
         lm.eval()
-        ppl = float(model_perplexity(lm, self.valid_split, self.eval_config,
-                                     self.config.eval_tokens))
+        ppl = float(
+            model_perplexity(lm, self.valid_split, self.eval_config, self.config.eval_tokens)
+        )
         release_free_memory()  # the evaluation's temporaries (hetgraph.allocator)
         lm.train()
         if not math.isfinite(ppl):
@@ -177,7 +210,8 @@ class _TrainingRun:
                 f"training: the valid perplexity at step {step} is {ppl}; the adapter saved "
                 f"in {self.out_dir} is the last good one. Lower the learning rate "
                 f"(lr {self.config.lr}) or check the datastore for damaged keys or features",
-                stage="training")
+                stage="training",
+            )
         result.valid_ppl[step] = ppl
         if result.best_valid_ppl is None or ppl < result.best_valid_ppl:
             result.best_valid_ppl, result.best_step, self.bad_evals = ppl, step, 0
@@ -191,9 +225,17 @@ class _TrainingRun:
         self.result.seconds = self.seconds_before + time.perf_counter() - self.started
         if not self.ctx.is_main:
             return
-        write_checkpoint(self.lm, self.optimizer, self.out_dir, {
-            "step": step, "bad_evals": self.bad_evals, "config": self.config.to_dict(),
-            "result": self.result.to_dict()})
+        write_checkpoint(
+            self.lm,
+            self.optimizer,
+            self.out_dir,
+            {
+                "step": step,
+                "bad_evals": self.bad_evals,
+                "config": self.config.to_dict(),
+                "result": self.result.to_dict(),
+            },
+        )
 
     def micro_batch_loss(self, draw: int) -> Tensor:
         """Cross-entropy of micro-batch number ``draw`` (a seeded sample of spans; under
@@ -202,16 +244,19 @@ class _TrainingRun:
         if self.from_datastore:
             # Contiguous spans, like text: neighbouring rows retrieve overlapping
             # neighbours, so shared windows keep the graph small.
-            starts = sample_starts(self.num_rows, config.context_length, config.batch_size,
-                                   config.seed, draw)[share.start:share.stop]
+            starts = sample_starts(
+                self.num_rows, config.context_length, config.batch_size, config.seed, draw
+            )[share.start : share.stop]
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-            labels = torch.from_numpy(
-                self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(device)
+            labels = torch.from_numpy(self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(
+                device
+            )
             with training_autocast(self.autocast, device):
                 logits = self.lm.forward_from_datastore(torch.from_numpy(offsets))
         else:
-            starts = sample_starts(len(self.tokens), config.context_length + 1,
-                                   config.batch_size, config.seed, draw)[share.start:share.stop]
+            starts = sample_starts(
+                len(self.tokens), config.context_length + 1, config.batch_size, config.seed, draw
+            )[share.start : share.stop]
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
             input_ids = torch.from_numpy(self.tokens[offsets]).to(device)
             labels = torch.from_numpy(self.tokens[offsets + 1]).to(device)
@@ -220,8 +265,9 @@ class _TrainingRun:
                 logits = self.lm(input_ids, query_positions=rows, use_cache=False).logits
         self.seen_tokens += labels.numel()
         logits = logits.float()  # the loss in float32, also under mixed precision
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 labels.reshape(-1))
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        )
 
     def optimizer_step(self, step: int) -> float:
         """One optimiser step (``grad_accumulation`` micro-batches); returns the mean loss."""
@@ -247,19 +293,26 @@ class _TrainingRun:
     def refuse_non_finite(self, step: int, loss: float) -> None:
         """Stop before a non-finite loss reaches the weights; what is on disk stays intact."""
         state = self.ctx.run_on_main(lambda: read_checkpoint(self.out_dir))
-        last = (f"the last checkpoint ({self.out_dir / CHECKPOINT_DIR}, step {state['step']}) "
-                "is intact and resumes" if state is not None else "no checkpoint was written")
+        last = (
+            f"the last checkpoint ({self.out_dir / CHECKPOINT_DIR}, step {state['step']}) "
+            "is intact and resumes"
+            if state is not None
+            else "no checkpoint was written"
+        )
         raise NonFiniteError(
             f"training: the loss at step {step + 1} is {loss} (not finite); {last}. Lower the "
             f"learning rate (lr {self.config.lr}), keep clip_norm > 0, or check the datastore "
-            "for damaged keys", stage="training")
+            "for damaged keys",
+            stage="training",
+        )
 
     def after_step(self, step: int) -> bool:
         """Evaluate and checkpoint after optimiser step ``step`` (0-based) as configured;
         returns whether training stops early."""
         config, done = self.config, step + 1
-        evaluated = ((config.eval_every and done % config.eval_every == 0)
-                     or done == config.max_steps)
+        evaluated = (
+            config.eval_every and done % config.eval_every == 0
+        ) or done == config.max_steps
         if done % RELEASE_EVERY_STEPS == 0:
             release_free_memory()  # the heap fragments on CPU (hetgraph.allocator)
         if evaluated and self.evaluate(done):
@@ -277,8 +330,13 @@ class _TrainingRun:
             # adapter): the reference every later evaluation must beat.
             self.evaluate(0)
         lm.train()
-        bar = tqdm(total=config.max_steps, initial=self.start_step, desc="training adapter",
-                   disable=not show_progress, unit="step")
+        bar = tqdm(
+            total=config.max_steps,
+            initial=self.start_step,
+            desc="training adapter",
+            disable=not show_progress,
+            unit="step",
+        )
         started = self.started = time.perf_counter()
         try:
             with lm:
@@ -310,8 +368,10 @@ class _TrainingRun:
                 load_adapter_weights(self.lm, self.out_dir, self.device)
         if self.ctx.is_main:
             # Its own checksum: verify finds a changed value (read_json_record strips it).
-            atomic_write_json_record(self.out_dir / TRAINING_RESULT, {
-                "config": self.config.to_dict(), "result": self.result.to_dict()})
+            atomic_write_json_record(
+                self.out_dir / TRAINING_RESULT,
+                {"config": self.config.to_dict(), "result": self.result.to_dict()},
+            )
             write_model_card(self.out_dir)  # now with the training tokens (best effort)
 
 
@@ -362,8 +422,9 @@ def train_adapter(
     if config.init_from is not None:
         check_init_from(config.init_from, out_dir)
     with ExitStack() as lock, storage_errors(out_dir, RESUME_HINT):
-        ctx.run_on_main(lambda: lock.enter_context(
-            directory_lock(out_dir, "adapter directory")) and None)
+        ctx.run_on_main(
+            lambda: lock.enter_context(directory_lock(out_dir, "adapter directory")) and None
+        )
         # Under the lock: what killed writers left (a checkpoint directory or adapter file
         # half-written under a temporary name) goes.
         ctx.run_on_main(lambda: remove_stale_temporaries(out_dir) and None)

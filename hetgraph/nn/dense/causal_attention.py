@@ -42,15 +42,20 @@ def causal_layout(group: Tensor, position: Tensor, window: int | None = None) ->
         window: If set, the largest :math:`p_v - p_u` plus one.
     """
     if group.shape != position.shape or group.dim() != 1:
-        raise ValueError(f"group and position must be [C] (got {tuple(group.shape)} and "
-                         f"{tuple(position.shape)})")
+        raise ValueError(
+            f"group and position must be [C] (got {tuple(group.shape)} and {tuple(position.shape)})"
+        )
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None (got {window})")
     device = group.device
     C = group.numel()
     if C == 0:
-        return CausalLayout(group.new_zeros(0, dtype=torch.long), 0, 0,
-                            torch.zeros(0, 1, 0, 0, dtype=torch.bool, device=device))
+        return CausalLayout(
+            group.new_zeros(0, dtype=torch.long),
+            0,
+            0,
+            torch.zeros(0, 1, 0, 0, dtype=torch.bool, device=device),
+        )
     group, position = group.long(), position.long()
     span = int(position.max()) - int(position.min()) + 1
     order = torch.argsort(group * span + (position - position.min()), stable=True)
@@ -140,16 +145,26 @@ def dense_causal_window_attention(
     _, query_type = check_window_relations(layer, window_relation, query_relation)
     check_window_shapes(query_x, window_x, window_mask, window_index)
     if causal_relation[0] != query_type or causal_relation[2] != query_type:
-        raise ValueError(f"causal_relation {causal_relation} must link the query type "
-                         f"{query_type!r} to itself")
+        raise ValueError(
+            f"causal_relation {causal_relation} must link the query type {query_type!r} to itself"
+        )
     if causal.index.numel() != query_x.size(0):
-        raise ValueError(f"the causal layout has {causal.index.numel()} queries, "
-                         f"query_x {query_x.size(0)}")
+        raise ValueError(
+            f"the causal layout has {causal.index.numel()} queries, query_x {query_x.size(0)}"
+        )
     query_qkv = layer.project(query_type, query_x)  # [C, 3, H, D]
     # A fixed order of dropout draws (training): windows, query, causal messages, update.
     windows_out, part = window_and_query_messages(
-        layer, query_qkv[:, 0], window_x, window_mask, window_index,
-        (window_relation, query_relation), query_slots, update_windows, output_slots)
+        layer,
+        query_qkv[:, 0],
+        window_x,
+        window_mask,
+        window_index,
+        (window_relation, query_relation),
+        query_slots,
+        update_windows,
+        output_slots,
+    )
     parts = [part]
     if causal_relation in layer.edge_types:
         parts.append(causal_messages(layer, query_qkv, causal, causal_relation))

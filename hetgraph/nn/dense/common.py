@@ -155,8 +155,11 @@ def window_update(
     lin = layer.lin_out[node_type]
     msg = layer.relation_parameters(relation).msg  # [H, d, e]: m_e = sum_d m_d msg[h, d, e]
     weight = torch.einsum("ohe,hde->ohd", lin.weight.view(-1, H, D), msg).reshape(-1, H * D)
-    out = F.dropout(F.linear(m.reshape(*m.shape[:-2], H * D), weight, lin.bias),
-                    p=layer.dropout, training=layer.training)
+    out = F.dropout(
+        F.linear(m.reshape(*m.shape[:-2], H * D), weight, lin.bias),
+        p=layer.dropout,
+        training=layer.training,
+    )
     return layer.norm[node_type](x.to(m.dtype) + out).to(x.dtype)
 
 
@@ -275,19 +278,22 @@ def window_and_query_messages(
     fixed order: windows, then queries."""
     window_relation, query_relation = relations
     window_type = window_relation[0]
-    qkv = window_layer_inputs(layer, window_type, window_x, window_relation, update_windows,
-                              output_slots)  # 3 x [U * W, H, D] or None
+    qkv = window_layer_inputs(
+        layer, window_type, window_x, window_relation, update_windows, output_slots
+    )  # 3 x [U * W, H, D] or None
     windows_out = window_x
     if qkv is not None:
         relation = window_relation if window_relation in layer.edge_types else None
-        windows_out = window_outputs(layer, window_type, window_x, qkv, window_mask, relation,
-                                     output_slots)
+        windows_out = window_outputs(
+            layer, window_type, window_x, qkv, window_mask, relation, output_slots
+        )
     if query_relation not in layer.edge_types:
         return windows_out, no_messages(query, query.size(0), layer.heads, layer.head_channels)
     slots = slot_index(query_slots, window_mask.size(1), window_x.device)
     slot_kv = slot_keys_values(layer, window_type, window_x, slots, qkv)
-    return windows_out, query_window_messages(layer, query, slot_kv, window_mask[:, slots],
-                                              window_index, query_relation)
+    return windows_out, query_window_messages(
+        layer, query, slot_kv, window_mask[:, slots], window_index, query_relation
+    )
 
 
 def no_messages(like: Tensor, N: int, heads: int, head_channels: int) -> RelationMessages:

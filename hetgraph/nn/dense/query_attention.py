@@ -58,18 +58,29 @@ def dense_query_attention(
     query_type = query_relation[2]
     C, H, D = query_x.size(0), layer.heads, layer.head_channels
     if window_index.dim() != 2 or window_index.size(0) != C:
-        raise ValueError(f"window_index must be [C, k] with C = {C} queries "
-                         f"(got {tuple(window_index.shape)})")
+        raise ValueError(
+            f"window_index must be [C, k] with C = {C} queries (got {tuple(window_index.shape)})"
+        )
     keys, values = slot_key_values
     if keys.shape != values.shape or keys.shape[:2] != slot_mask.shape:
-        raise ValueError(f"slot keys and values must be [U, S, H * d_k] and slot_mask [U, S] "
-                         f"(got {tuple(keys.shape)}, {tuple(values.shape)} and "
-                         f"{tuple(slot_mask.shape)})")
+        raise ValueError(
+            f"slot keys and values must be [U, S, H * d_k] and slot_mask [U, S] "
+            f"(got {tuple(keys.shape)}, {tuple(values.shape)} and "
+            f"{tuple(slot_mask.shape)})"
+        )
     use_causal = causal is not None and causal_relation in layer.edge_types
     qkv = layer.project(query_type, query_x)  # [C, 3, H, D]
     if query_relation in layer.edge_types:
-        parts = [query_window_messages(layer, qkv[:, 0], (keys.to(qkv.dtype), values.to(qkv.dtype)),
-                                       slot_mask, window_index, query_relation)]
+        parts = [
+            query_window_messages(
+                layer,
+                qkv[:, 0],
+                (keys.to(qkv.dtype), values.to(qkv.dtype)),
+                slot_mask,
+                window_index,
+                query_relation,
+            )
+        ]
     else:
         parts = [no_messages(qkv, C, H, D)]
     if use_causal:

@@ -87,7 +87,15 @@ def dense_window_attention(
     check_window_shapes(query_x, window_x, window_mask, window_index)
     query = layer.project(query_type, query_x)[:, 0]  # [C, H, D]; query keys/values reach nothing
     windows_out, part = window_and_query_messages(
-        layer, query, window_x, window_mask, window_index, (window_relation, query_relation),
-        query_slots, update_windows, output_slots)
+        layer,
+        query,
+        window_x,
+        window_mask,
+        window_index,
+        (window_relation, query_relation),
+        query_slots,
+        update_windows,
+        output_slots,
+    )
     m_query = combine_messages(layer, [part])  # zero where the relation reaches nothing
     return layer.node_update(query_type, query_x, m_query), windows_out

@@ -109,7 +109,9 @@ def run_corpus(name: str, seeds: list[int], args: argparse.Namespace) -> dict[st
             atomic_write_json(
                 record, run_seed(seed, out, [*common, "--datastore", datastore], args, log)
             )
-        runs[str(seed)] = json.loads(record.read_text())
+    # The summary covers every seed measured so far, not only the ones asked for this time.
+    for record in sorted(SEED_RECORDS.glob(f"{name}-s*.json")):
+        runs[record.stem.rsplit("-s", 1)[1]] = json.loads(record.read_text())
     return summarise(runs)
 
 

@@ -72,6 +72,18 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_datastore(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--datastore", required=True)
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        metavar="ENC",
+        help="retrieve through this relation encoder's index (hetgraph index build "
+        "--encoder ENC): queries are encoded by it; an adapter records the encoder it was "
+        "trained with",
+    )
+
+
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus",
@@ -255,7 +267,7 @@ def _add_train_command(commands: Any) -> None:
     train = commands.add_parser("train", help="train graph adapters (the base model stays frozen)")
     _add_model(train)
     _add_corpus(train)
-    train.add_argument("--datastore", required=True)
+    _add_datastore(train)
     train.add_argument(
         "--out", required=True, help="adapter directory (checkpoints resume from it)"
     )
@@ -353,7 +365,7 @@ def _add_eval_command(commands: Any) -> None:
     )
     _add_model(evaluate)
     _add_corpus(evaluate)
-    evaluate.add_argument("--datastore", required=True)
+    _add_datastore(evaluate)
     evaluate.add_argument(
         "--adapter",
         default=None,
@@ -437,7 +449,7 @@ def _add_eval_command(commands: Any) -> None:
 def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser("generate", help="generate with retrieval at every new position")
     _add_model(generate)
-    generate.add_argument("--datastore", required=True)
+    _add_datastore(generate)
     generate.add_argument(
         "--adapter", default=None, help="trained adapter (default: zero gates = base model)"
     )
@@ -489,7 +501,7 @@ def _add_inspect_command(commands: Any) -> None:
         "inspect", help="show the corpus contexts retrieved for positions of a text"
     )
     _add_model(inspect)
-    inspect.add_argument("--datastore", required=True)
+    _add_datastore(inspect)
     inspect.add_argument("--adapter", default=None)
     inspect.add_argument("--text", required=True)
     inspect.add_argument(

@@ -22,18 +22,37 @@ N2C: EdgeType = (NBR, "n2c", CTX)
 C2C: EdgeType = (CTX, "c2c", CTX)
 #: All edge types, in the canonical order used by the layers.
 EDGE_TYPES: tuple[EdgeType, ...] = (N2N, N2C, C2C)
+#: Node type of the knowledge-graph facts (one per (sequence, triple)), see
+#: :func:`~hetgraph.graph.add_kg_nodes`.
+KG: NodeType = "kg"
+#: Fact -> the query positions that mention one of its entities (K-BERT's visibility matrix).
+K2C: EdgeType = (KG, "k2c", CTX)
+#: Fact -> the retrieved window tokens that mention one of its entities.
+K2N: EdgeType = (KG, "k2n", NBR)
+#: Fact -> fact, between facts of one sequence that share an entity (with self-loops).
+K2K: EdgeType = (KG, "k2k", KG)
+#: The knowledge-graph edge types, in the canonical order used by the layers.
+KG_EDGE_TYPES: tuple[EdgeType, ...] = (K2C, K2N, K2K)
+#: Most facts a position may see (``KGGraphConfig.k_kg``).
+MAX_FACTS_PER_POSITION = 1024
 #: Most corpus tokens a neighbour window may take on each side (GNN-LM: 1, then 2). A graph
 #: holds k × (left + right + 1) ``nbr`` nodes per query position, and the windows' positions
 #: are laid out before they are clipped: a 10⁸-token side asked for 558 GB at once.
 MAX_WINDOW_SIDE = 256
 
 
-def context_graph_metadata(c2c: bool = False) -> Metadata:
+def context_graph_metadata(
+    c2c: bool = False, *, kg: bool = False, k2n: bool = False, k2k: bool = False
+) -> Metadata:
     """The ``(node_types, edge_types)`` metadata of a context graph, as taken by
     :class:`~hetgraph.nn.HeteroGraphAttention`. ``c2c`` adds the causal
-    context relation."""
+    context relation; ``kg`` the ``kg`` node type and its ``k2c`` relation, with
+    ``k2n`` / ``k2k`` also those relations (see :class:`KGGraphConfig`)."""
     edge_types = [N2N, N2C] + ([C2C] if c2c else [])
-    return [CTX, NBR], edge_types
+    if not kg:
+        return [CTX, NBR], edge_types
+    edge_types += [K2C] + ([K2N] if k2n else []) + ([K2K] if k2k else [])
+    return [CTX, NBR, KG], edge_types
 
 
 @dataclass
@@ -138,3 +157,51 @@ class GraphConfig(JSONConfigMixin):
     def metadata(self) -> Metadata:
         """Node and edge types of graphs built with this config."""
         return context_graph_metadata(self.c2c)
+
+
+@dataclass
+class KGGraphConfig(JSONConfigMixin):
+    r"""Which knowledge-graph facts join a context graph as ``kg`` nodes
+    (:class:`~hetgraph.kg.FactIndex`, :func:`~hetgraph.graph.add_kg_nodes`).
+
+    Each ``ctx`` position linked to entities (:class:`~hetgraph.kg.EntityLinker`) sees up
+    to ``k_kg`` triples of those entities, chosen by a fixed rule: relation priority
+    (the order of ``relations``; every relation equal when ``None``), then triple id (the
+    order of the triples file). A learned ranking is not implemented. A fact mentioned by
+    several positions of one sequence is one node with an edge to each.
+
+    Args:
+        k_kg: Facts per position (at most).
+        relations: Relation names to use, in priority order (``None``: all relations, by
+            triple id alone).
+        tails: Also take the triples whose *tail* is a mentioned entity (default: only
+            those whose head is).
+        kg2nbr: Also link facts to the retrieved window tokens that mention their entity
+            (``('kg', 'k2n', 'nbr')``; needs the windows' entity links).
+        kg2kg: Link the facts of one sequence that share an entity (head or tail), both
+            ways, with self-loops (``('kg', 'k2k', 'kg')``).
+    """
+
+    k_kg: int = 4
+    relations: tuple[str, ...] | None = None
+    tails: bool = False
+    kg2nbr: bool = False
+    kg2kg: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_count(
+            "k_kg",
+            self.k_kg,
+            MAX_FACTS_PER_POSITION,
+            "a position sees a few facts (e.g. 4)",
+            minimum=1,
+        )
+        if self.relations is not None:
+            self.relations = tuple(self.relations)
+            if len(set(self.relations)) != len(self.relations):
+                raise ValueError(f"relations lists a name twice: {self.relations}")
+
+    def metadata(self, c2c: bool = False) -> Metadata:
+        """Node and edge types of context graphs with these ``kg`` nodes."""
+        return context_graph_metadata(c2c, kg=True, k2n=self.kg2nbr, k2k=self.kg2kg)

@@ -1,8 +1,9 @@
 r"""Knowledge graphs as data: triples and aliases read from files, stored with their aliases
 tokenised for the LM, linked to token ids, and embedded with PyG's KGE models.
 
-``hetgraph kg build`` and ``hetgraph kg embed`` (``hetgraph/cli_kg.py``) drive these; the
-``kg`` node type of the context graph that consumes them is built elsewhere.
+``hetgraph kg build`` and ``hetgraph kg embed`` (``hetgraph/cli_kg.py``) drive these;
+:mod:`hetgraph.kg.facts` chooses the facts each position sees and adds them to a context
+graph as ``kg`` nodes (:func:`~hetgraph.graph.add_kg_nodes`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from hetgraph.kg.embeddings import (
     EmbeddingConfig,
     embed_knowledge_graph,
     load_entity_features,
+    load_kge_embeddings,
     train_embeddings,
 )
 from hetgraph.kg.errors import KnowledgeGraphError
+from hetgraph.kg.facts import FactIndex, add_facts, select_facts, window_entities
 from hetgraph.kg.linking import EntityLinker, EntityLinks
 from hetgraph.kg.store import KnowledgeGraph
 from hetgraph.kg.triples import read_aliases, read_triples
@@ -28,14 +31,19 @@ __all__ = [
     "EmbeddingConfig",
     "EntityLinker",
     "EntityLinks",
+    "FactIndex",
     "KnowledgeGraph",
     "KnowledgeGraphError",
+    "add_facts",
     "embed_knowledge_graph",
     "load_entity_features",
+    "load_kge_embeddings",
     "read_aliases",
     "read_triples",
+    "select_facts",
     "shipped_wordnet",
     "token_flags",
     "tokenize_aliases",
     "train_embeddings",
+    "window_entities",
 ]

@@ -237,13 +237,7 @@ def embed_knowledge_graph(directory: str | Path, config: EmbeddingConfig) -> dic
     return record
 
 
-def load_entity_features(directory: str | Path) -> Tensor:
-    r"""The stored entity embeddings of ``directory`` as ``[num_entities, D]`` float32
-    (ComplEx / RotatE: real then imaginary part).
-
-    Raises:
-        KnowledgeGraphError: no embeddings yet (run ``hetgraph kg embed``) or a damaged file.
-    """
+def _load_weights(directory: str | Path) -> tuple[dict[str, Tensor], str]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -258,8 +252,36 @@ def load_entity_features(directory: str | Path) -> Tensor:
         raise KnowledgeGraphError(
             f"{path} {problem}; train it again with `hetgraph kg embed --kg {directory}`"
         )
-    weights = load_file(str(path))
-    parts = [weights["node_emb.weight"]]
+    return load_file(str(path)), manifest["embeddings"]["model"]
+
+
+def load_entity_features(directory: str | Path) -> Tensor:
+    r"""The stored entity embeddings of ``directory`` as ``[num_entities, D]`` float32
+    (ComplEx / RotatE: real then imaginary part).
+
+    Raises:
+        KnowledgeGraphError: no embeddings yet (run ``hetgraph kg embed``) or a damaged file.
+    """
+    return load_kge_embeddings(directory)[0]
+
+
+def load_kge_embeddings(directory: str | Path) -> tuple[Tensor, Tensor]:
+    r"""The stored ``(entity, relation)`` embeddings of ``directory``, float32
+    ``[num_entities, D_e]`` and ``[num_relations, D_r]``, as
+    :class:`~hetgraph.nn.KGFactEncoder` takes them: ComplEx's real then imaginary parts
+    (both tables); RotatE's entities likewise and its relation phases :math:`\theta` as
+    :math:`[\cos\theta \Vert \sin\theta]` (the rotation, of the entities' width).
+
+    Raises:
+        KnowledgeGraphError: no embeddings yet (run ``hetgraph kg embed``) or a damaged file.
+    """
+    weights, model = _load_weights(directory)
+    entity = [weights["node_emb.weight"]]
     if "node_emb_im.weight" in weights:
-        parts.append(weights["node_emb_im.weight"])
-    return torch.cat(parts, dim=1).float()
+        entity.append(weights["node_emb_im.weight"])
+    relation = [weights["rel_emb.weight"]]
+    if "rel_emb_im.weight" in weights:
+        relation.append(weights["rel_emb_im.weight"])
+    elif model == "rotate":
+        relation = [torch.cos(relation[0]), torch.sin(relation[0])]
+    return torch.cat(entity, dim=1).float(), torch.cat(relation, dim=1).float()

@@ -12,7 +12,7 @@ from torch.nn import GELU, Dropout, Identity, LayerNorm, Linear, Module, ModuleL
 from torch_geometric.data import HeteroData
 from torch_geometric.nn.module_dict import ModuleDict
 
-from hetgraph.graph.config import C2C, CTX, N2C, N2N, NBR, context_graph_metadata
+from hetgraph.graph.config import C2C, CTX, K2C, K2N, KG, N2C, N2N, NBR, context_graph_metadata
 from hetgraph.graph.layout import WindowLayout
 from hetgraph.nn.config import AdapterConfig, ComputePath
 from hetgraph.nn.conv import AttentionDict, HeteroGraphAttention
@@ -28,6 +28,7 @@ from hetgraph.nn.gnnlm import (
     gnnlm_adapter_config,
     load_gnnlm_state_dict,
 )
+from hetgraph.nn.kg import KGFactEncoder
 
 #: Parameter sets of the official GNN-LM relations (``tie_intra``): ``intra`` is shared by
 #: ``tgt -> tgt`` (c2c) and ``ntgt -> ntgt`` (n2n), ``inter`` is ``ntgt -> tgt`` (n2c).
@@ -38,7 +39,9 @@ def _dense_layout(graph: HeteroData) -> WindowLayout | None:
     """The :class:`~hetgraph.graph.WindowLayout` of ``graph`` if the dense path
     reproduces the graph exactly: a window grid (``"grid"`` or ``"shared"``) and
     no edges but ``n2n``, ``n2c`` and causal ``c2c`` edges as the layout describes
-    them (``layout.c2c``); else :obj:`None`."""
+    them (``layout.c2c``); else :obj:`None`. Edges of the ``kg`` node type do not count:
+    an adapter without a knowledge-graph branch ignores them, and one with a branch never
+    takes the dense path (:meth:`GraphAdapter.use_dense`)."""
     try:
         layout = getattr(graph, "layout", None)
     except ValueError:  # a batch of graphs with different windows
@@ -46,7 +49,11 @@ def _dense_layout(graph: HeteroData) -> WindowLayout | None:
     if not isinstance(layout, WindowLayout) or not layout.is_dense:
         return None
     allowed = (N2N, N2C, C2C) if layout.c2c else (N2N, N2C)
-    if any(graph[e].edge_index.numel() > 0 for e in graph.edge_types if e not in allowed):
+    if any(
+        graph[e].edge_index.numel() > 0
+        for e in graph.edge_types
+        if e not in allowed and KG not in (e[0], e[2])
+    ):
         return None
     return layout
 
@@ -102,6 +109,16 @@ class GraphAdapter(Module):
     :func:`~hetgraph.nn.dense.dense_causal_window_attention`. Otherwise the
     edge-list path runs. Both use the same weights and give the same ``ctx`` outputs.
 
+    With a knowledge-graph branch (``config.kg_channels > 0``) the adapter also reads the
+    ``kg`` nodes of :func:`~hetgraph.graph.add_kg_nodes`: their features are
+    :attr:`kg_in` (a :class:`~hetgraph.nn.KGFactEncoder`, whose embedding tables must be
+    set) of each fact's head, relation and tail, and each layer's ``k2c`` (and ``k2n``)
+    messages are added through a zero-initialised per-channel gate
+    (:class:`HeteroGraphAttention`'s ``gated_relations``), so the untrained branch leaves
+    the output bit for bit unchanged. Such an adapter always runs the edge-list path
+    (PyG message passing), with or without ``kg`` nodes: the dense path and
+    :class:`~hetgraph.NeighbourStates` have no ``kg`` nodes.
+
     Args:
         config (AdapterConfig): The hyper-parameters.
     """
@@ -120,7 +137,12 @@ class GraphAdapter(Module):
                 if config.token_channels == h
                 else Linear(config.token_channels, h, bias=False)
             )
-        metadata = context_graph_metadata(config.use_c2c)
+        self.kg_in: KGFactEncoder | None = None
+        if config.kg_channels > 0:
+            self.kg_in = KGFactEncoder(config.kg_channels, h, config.kg_combine)
+        metadata = context_graph_metadata(
+            config.use_c2c, kg=self.kg_in is not None, k2n=config.use_k2n, k2k=config.use_k2k
+        )
         self.node_types = list(metadata[0])
         self.edge_types = list(metadata[1])
         self.convs = ModuleList(
@@ -135,6 +157,7 @@ class GraphAdapter(Module):
                 relation_mean=config.relation_mean,
                 relation_names=INTRA_INTER if config.tie_intra else None,
                 relation_init=config.relation_init,
+                gated_relations=[e for e in (K2C, K2N) if e in metadata[1]],
             )
             for _ in range(config.num_layers)
         )
@@ -219,12 +242,14 @@ class GraphAdapter(Module):
         path = path or self.config.path
         if path == "sparse":
             return False
-        ok = _dense_layout(graph) is not None
+        # A knowledge-graph branch runs the edge-list path only (kg nodes or not).
+        ok = self.kg_in is None and _dense_layout(graph) is not None
         if path == "dense" and not ok:
             raise ValueError(
-                "the dense path needs a graph from build_context_graph with a window-grid "
-                "layout (share_windows, not deduplicate, not batched by PyG) whose c2c edges "
-                "are the builder's causal edges"
+                "the dense path needs an adapter without a knowledge-graph branch and a graph "
+                "from build_context_graph with a window-grid layout (share_windows, not "
+                "deduplicate, not batched by PyG) whose c2c edges are the builder's causal "
+                "edges"
             )
         return ok
 
@@ -330,9 +355,9 @@ class GraphAdapter(Module):
     def _require_dense(self, graph: HeteroData) -> None:
         if not self.use_dense(graph, "auto"):
             raise ValueError(
-                "window key/values need a graph with a window-grid layout "
-                "(build_context_graph with share_windows or the official grid, "
-                "not deduplicate, not batched by PyG)"
+                "window key/values need an adapter without a knowledge-graph branch and a "
+                "graph with a window-grid layout (build_context_graph with share_windows or "
+                "the official grid, not deduplicate, not batched by PyG)"
             )
 
     def window_key_values(
@@ -382,6 +407,13 @@ class GraphAdapter(Module):
     ) -> tuple[Tensor, list[AttentionDict]]:
         edge_index_dict = {e: graph[e].edge_index for e in self.edge_types if e in graph.edge_types}
         x_dict = {CTX: ctx_h, NBR: nbr_h}
+        if self.kg_in is not None and KG in graph.node_types:
+            store = graph[KG]
+            x_dict[KG] = (
+                self.kg_in(store.head, store.relation, store.tail).to(self.param_dtype)
+                if store.num_nodes
+                else ctx_h.new_zeros(0, ctx_h.size(-1))
+            )
         attentions: list[AttentionDict] = []
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
@@ -403,5 +435,6 @@ class GraphAdapter(Module):
             f"{self.__class__.__name__}(ctx={c.ctx_channels}, nbr={c.nbr_channels}, "
             f"token={c.token_channels}, hidden={c.hidden_channels}, out={c.out_channels}, "
             f"layers={c.num_layers}, heads={c.heads}, "
-            f"normalization={c.normalization!r}, c2c={c.use_c2c})"
+            f"normalization={c.normalization!r}, c2c={c.use_c2c}"
+            + (f", kg={c.kg_channels})" if c.kg_channels else ")")
         )

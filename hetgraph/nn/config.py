@@ -23,6 +23,9 @@ RelationInit = Literal["glorot", "official"]
 #: maps (input: Linear + GELU only when the width differs from the hidden width; output:
 #: Linear only when hidden differs from out).
 MapKind = Literal["linear", "official"]
+#: How a fact's head, relation and tail KGE embeddings combine (see
+#: :class:`~hetgraph.nn.KGFactEncoder`).
+KGCombine = Literal["concat", "sum"]
 #: The channel widths of an :class:`AdapterConfig` (``None`` until resolved).
 _WIDTHS = ("ctx_channels", "nbr_channels", "hidden_channels", "out_channels")
 #: Most graph layers an adapter may stack (GNN-LM: 3). Each layer is a few dozen modules:
@@ -73,6 +76,15 @@ class AdapterConfig(JSONConfigMixin):
             :math:`\mu` (the official ``intra`` relation; ``n2c`` is ``inter``).
         relation_init: ``"glorot"`` or ``"official"`` (see
             :func:`~hetgraph.nn.relations.init_relation_parameters`).
+        kg_channels: Width of the ``kg`` nodes' raw fact features (the combined KGE
+            embeddings, :func:`~hetgraph.nn.kg.fact_feature_channels`); ``0`` (default):
+            no knowledge-graph branch, the adapter of before. With a branch the adapter
+            has a :class:`~hetgraph.nn.KGFactEncoder` (``kg_in``), the ``kg`` node type
+            and the ``k2c`` relation, whose messages into ``ctx`` pass a gate initialised
+            to zero, and it always runs the edge-list path.
+        kg_combine: ``"concat"`` or ``"sum"`` of head, relation and tail embeddings.
+        use_k2n: Also the ``(kg, k2n, nbr)`` relation (gated like ``k2c``).
+        use_k2k: Also the ``(kg, k2k, kg)`` relation.
 
     :meth:`paper` gives the official GNN-LM model function.
     """
@@ -97,6 +109,10 @@ class AdapterConfig(JSONConfigMixin):
     relation_mean: RelationMean = "reached"
     tie_intra: bool = False
     relation_init: RelationInit = "glorot"
+    kg_channels: int = 0
+    kg_combine: KGCombine = "concat"
+    use_k2n: bool = False
+    use_k2k: bool = False
 
     @classmethod
     def paper(cls, **overrides: Any) -> AdapterConfig:
@@ -159,6 +175,10 @@ class AdapterConfig(JSONConfigMixin):
         )
         if self.token_channels < 0:
             raise ValueError(f"token_channels must be >= 0, got {self.token_channels}")
+        if self.kg_channels < 0:
+            raise ValueError(f"kg_channels must be >= 0, got {self.kg_channels}")
+        if self.kg_channels == 0 and (self.use_k2n or self.use_k2k):
+            raise ValueError("use_k2n / use_k2k need a knowledge-graph branch (kg_channels > 0)")
         if self.hidden_channels is not None and self.hidden_channels % self.heads != 0:
             raise ValueError(
                 f"hidden_channels ({self.hidden_channels}) must be divisible "
@@ -176,6 +196,7 @@ class AdapterConfig(JSONConfigMixin):
             ("output_map", ("linear", "official")),
             ("relation_mean", ("reached", "all")),
             ("relation_init", ("glorot", "official")),
+            ("kg_combine", ("concat", "sum")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
@@ -205,17 +226,25 @@ class AdapterConfig(JSONConfigMixin):
         # Node types ctx and nbr; relations n2n, n2c and c2c (tie_intra: n2n and c2c share).
         types = 2
         relations = 3 if self.use_c2c and not self.tie_intra else 2
+        gates = 0
+        if self.kg_channels:
+            # The kg type; k2c (+ k2n, k2k); a [h] gate per relation into ctx / nbr.
+            types += 1
+            relations += 1 + self.use_k2n + self.use_k2k
+            gates = (1 + self.use_k2n) * h
         # Per type: q/k/v and W_o (bias optional) and a LayerNorm; per relation: two [H, D, D]
         # matrices and H priors.
         layer = types * (4 * h * h + 3 * h + (h if self.output_bias else 0) + 2 * h) + relations * (
             2 * h * h // self.heads + self.heads
         )
+        layer += gates
         if self.feed_forward:
             ff = self.ff_multiplier * h
             layer += types * (2 * h * ff + ff + 3 * h)
         widths = [self.ctx_channels or h, self.nbr_channels or h]
         maps = sum(w * h + h for w in widths) + self.token_channels * h
         maps += (self.out_channels or h) * (h + 1)
+        maps += self.kg_channels * h + h if self.kg_channels else 0
         return self.num_layers * layer + maps
 
     def resolved(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal, overload
 
 import torch
@@ -73,6 +73,17 @@ class HeteroGraphAttention(MessagePassing):
     and :math:`\mu` (official GNN-LM: ``intra`` for ``tgt -> tgt`` and
     ``ntgt -> ntgt``); softmax groups and the mean stay per edge type.
 
+    :obj:`gated_relations` (e.g. the knowledge-graph relations ``k2c``, ``k2n``) are kept
+    out of that aggregation: each is softmax-normalised within itself and added to it,
+    scaled per channel by a learnable gate :math:`\mathbf{g}_\phi` initialised to zero,
+
+    .. math::
+        \mathbf{m}_v \leftarrow \mathbf{m}_v + \sum_{\phi\ \mathrm{gated}}
+            \mathbf{g}_\phi \odot \mathbf{m}^{\phi}_v,
+
+    so that until the gates are trained the layer's outputs are *exactly* those without
+    these relations' edges (their sources' own updates aside).
+
     Unlike :class:`~torch_geometric.nn.conv.HGTConv`, the result does not
     depend on the order of :obj:`edge_index_dict`, and every node type in
     :obj:`x_dict` comes back. Computation runs in the parameters' dtype; the
@@ -108,6 +119,9 @@ class HeteroGraphAttention(MessagePassing):
             :math:`[H, d_k, d_k]`) or :obj:`"official"` (GNN-LM's
             ``xavier_uniform_`` on the stacked :math:`[R, H, d_k, d_k]`, bound
             :math:`\sqrt{6 / ((R + H) d_k^2)}`). (default: :obj:`"glorot"`)
+        gated_relations (List[Tuple[str, str, str]], optional): Edge types (of the
+            metadata) whose messages are added through a zero-initialised gate, see
+            above. (default: none)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing`.
 
@@ -132,6 +146,7 @@ class HeteroGraphAttention(MessagePassing):
         relation_mean: RelationMean = "reached",
         relation_names: Mapping[EdgeType, str] | None = None,
         relation_init: RelationInit = "glorot",
+        gated_relations: Sequence[EdgeType] | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("aggr", "sum")
@@ -166,6 +181,11 @@ class HeteroGraphAttention(MessagePassing):
                     f"edge type {(src, _, dst)} uses a node type missing from metadata"
                 )
 
+        #: The edge types whose messages pass a zero-initialised gate (:attr:`rel_gate`).
+        self.gated_relations: list[EdgeType] = [tuple(e) for e in gated_relations or ()]  # type: ignore[misc]
+        for edge_type in self.gated_relations:
+            if edge_type not in self.edge_types:
+                raise ValueError(f"gated relation {edge_type} is not an edge type of metadata")
         names = dict(relation_names or {})
         #: The parameter set (key of :attr:`rel_att` / ``rel_msg`` / ``rel_prior``) of each
         #: edge type.
@@ -184,6 +204,9 @@ class HeteroGraphAttention(MessagePassing):
         self.rel_att = ParameterDict({k: Parameter(torch.empty(H, D, D)) for k in keys})
         self.rel_msg = ParameterDict({k: Parameter(torch.empty(H, D, D)) for k in keys})
         self.rel_prior = ParameterDict({k: Parameter(torch.empty(H)) for k in keys})
+        self.rel_gate = ParameterDict(
+            {relation_key(e): Parameter(torch.empty(channels)) for e in self.gated_relations}
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -193,6 +216,9 @@ class HeteroGraphAttention(MessagePassing):
             self.lin_out[t].reset_parameters()
             self.norm[t].reset_parameters()
         init_relation_parameters(self.rel_att, self.rel_msg, self.rel_prior, self.relation_init)
+        with torch.no_grad():
+            for gate in self.rel_gate.values():
+                gate.zero_()
 
     # -------------------------------------------------------- per-type and per-relation maps
     @property
@@ -262,9 +288,11 @@ class HeteroGraphAttention(MessagePassing):
         qkv = {t: self.project(t, x_dict[t]).unbind(1) for t in types}
         offsets, num_dst = self._destination_offsets(x_dict, types)
         present = self._present_relations(x_dict, edge_index_dict)
+        gated = [(e, ei) for e, ei in present if e in self.gated_relations]
+        present = [(e, ei) for e, ei in present if e not in self.gated_relations]
         relations = self._stack_relations(present, qkv, offsets, num_dst)
+        query = torch.cat([qkv[t][0] for t in types]) if types else None
         if relations is not None:
-            query = torch.cat([qkv[t][0] for t in types])
             out, alpha = self._attend(relations, query)
             if self.normalization == "per_relation":
                 sizes = {t: x_dict[t].size(0) for t in types}
@@ -277,6 +305,7 @@ class HeteroGraphAttention(MessagePassing):
                 num_dst, self.heads, self.head_channels, dtype=self.param_dtype, device=device
             )
             alpha = torch.zeros(0, self.heads, dtype=self.param_dtype, device=device)
+        out, gated_alpha = self._add_gated(gated, qkv, offsets, num_dst, query, out)
         out = out.reshape(num_dst, self.channels)
         out_dict = {
             t: self.node_update(t, x_dict[t], out[offsets[t] : offsets[t] + x_dict[t].size(0)])
@@ -289,7 +318,32 @@ class HeteroGraphAttention(MessagePassing):
         for edge_type, edge_index in present:
             attention[edge_type] = (edge_index, alpha[start : start + edge_index.size(1)])
             start += edge_index.size(1)
+        for (edge_type, edge_index), weights in zip(gated, gated_alpha, strict=True):
+            attention[edge_type] = (edge_index, weights)
         return out_dict, attention
+
+    def _add_gated(
+        self,
+        gated: list[tuple[EdgeType, Tensor]],
+        qkv: dict[NodeType, tuple[Tensor, Tensor, Tensor]],
+        offsets: dict[NodeType, int],
+        num_dst: int,
+        query: Tensor | None,
+        out: Tensor,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``out`` plus each gated relation's own softmax-normalised messages times its
+        gate, and each one's attention coefficients (empty for a relation without edges)."""
+        alphas = []
+        for edge_type, edge_index in gated:
+            stacked = self._stack_relations([(edge_type, edge_index)], qkv, offsets, num_dst)
+            if stacked is None or query is None:
+                alphas.append(out.new_zeros(0, self.heads))
+                continue
+            message, alpha = self._attend(stacked, query)
+            gate = self.rel_gate[relation_key(edge_type)].to(message.dtype)
+            out = out + gate.view(1, self.heads, self.head_channels) * message
+            alphas.append(alpha)
+        return out, alphas
 
     @staticmethod
     def _destination_offsets(
@@ -383,5 +437,6 @@ class HeteroGraphAttention(MessagePassing):
     def __repr__(self) -> str:
         return (
             f"{self.__class__.__name__}({self.channels}, heads={self.heads}, "
-            f"normalization={self.normalization!r}, num_relations={len(self.edge_types)})"
+            f"normalization={self.normalization!r}, num_relations={len(self.edge_types)}"
+            + (f", gated={len(self.gated_relations)})" if self.gated_relations else ")")
         )

@@ -74,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     # graph
     "ContextGraph": "hetgraph.graph",
     "GraphConfig": "hetgraph.graph",
+    "KGGraphConfig": "hetgraph.graph",
     "build_context_graph": "hetgraph.graph",
     "WindowLayout": "hetgraph.graph",
     "ctx_to_dense": "hetgraph.graph",
@@ -82,6 +83,7 @@ _EXPORTS: dict[str, str] = {
     "GraphAdapter": "hetgraph.nn",
     "GNNLMStateDictError": "hetgraph.nn",
     "HeteroGraphAttention": "hetgraph.nn",
+    "KGFactEncoder": "hetgraph.nn",
     # fusion
     "AdapterMismatchError": "hetgraph.fusion",
     "FusionConfig": "hetgraph.fusion",
@@ -127,6 +129,9 @@ _EXPORTS: dict[str, str] = {
     "EmbeddingConfig": "hetgraph.kg",
     "embed_knowledge_graph": "hetgraph.kg",
     "load_entity_features": "hetgraph.kg",
+    "load_kge_embeddings": "hetgraph.kg",
+    "FactIndex": "hetgraph.kg",
+    "add_facts": "hetgraph.kg",
     # the main job
     "ProvenanceError": "hetgraph.pipeline",
     "RunConfig": "hetgraph.pipeline",
@@ -201,6 +206,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from hetgraph.graph import (
         ContextGraph as ContextGraph,
         GraphConfig as GraphConfig,
+        KGGraphConfig as KGGraphConfig,
         WindowLayout as WindowLayout,
         build_context_graph as build_context_graph,
         ctx_to_dense as ctx_to_dense,
@@ -221,10 +227,13 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         EmbeddingConfig as EmbeddingConfig,
         EntityLinker as EntityLinker,
         EntityLinks as EntityLinks,
+        FactIndex as FactIndex,
         KnowledgeGraph as KnowledgeGraph,
         KnowledgeGraphError as KnowledgeGraphError,
+        add_facts as add_facts,
         embed_knowledge_graph as embed_knowledge_graph,
         load_entity_features as load_entity_features,
+        load_kge_embeddings as load_kge_embeddings,
     )
     from hetgraph.knnlm import (
         interpolate_log_probs as interpolate_log_probs,
@@ -252,6 +261,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         GNNLMStateDictError as GNNLMStateDictError,
         GraphAdapter as GraphAdapter,
         HeteroGraphAttention as HeteroGraphAttention,
+        KGFactEncoder as KGFactEncoder,
     )
     from hetgraph.pipeline import (
         ProvenanceError as ProvenanceError,

@@ -48,6 +48,10 @@ BENCHMARKS = {
         "Scaling: index size, on-disk lists, distributed build and training",
         "benchmarks/scaling.py",
     ),
+    "eval_memory": (
+        "Resident memory of evaluation against the datastore's size",
+        "benchmarks/eval_memory.py",
+    ),
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.

@@ -324,3 +324,11 @@ def test_adapter_config_round_trips_with_a_kg_branch():
     with pytest.raises(ValueError, match="kg_channels"):
         AdapterConfig(use_k2k=True)
     assert AdapterConfig.from_dict({"num_layers": 2}).kg_channels == 0
+
+
+def test_resolved_fills_the_kg_branch():
+    config = AdapterConfig().resolved(
+        ctx_channels=16, nbr_channels=12, kg_channels=10, use_k2n=True, use_k2k=False
+    )
+    assert (config.kg_channels, config.use_k2n, config.use_k2k) == (10, True, False)
+    assert AdapterConfig().resolved(ctx_channels=16, nbr_channels=12).kg_channels == 0

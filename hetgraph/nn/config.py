@@ -255,11 +255,15 @@ class AdapterConfig(JSONConfigMixin):
         out_channels: int | None = None,
         token_channels: int | None = None,
         use_c2c: bool | None = None,
+        kg_channels: int | None = None,
+        use_k2n: bool | None = None,
+        use_k2k: bool | None = None,
     ) -> AdapterConfig:
         r"""A validated copy with the widths of one fused site filled in (this one is unchanged).
 
         ``hidden_channels`` keeps its value when set (else ``ctx_channels``); ``token_channels``
-        and ``use_c2c`` take the given values; widths this config already sets must agree.
+        and ``use_c2c`` (and the knowledge-graph fields) take the given values; widths this
+        config already sets must agree.
 
         Args:
             ctx_channels: width of the hidden states at the fused site.
@@ -269,6 +273,11 @@ class AdapterConfig(JSONConfigMixin):
             token_channels: token-embedding width (``None``: this config's).
             use_c2c: whether graphs have the causal ``ctx -> ctx`` relation (``None``: this
                 config's).
+            kg_channels, use_k2n, use_k2k: the knowledge-graph branch (``None``: this
+                config's): the width of the fact features
+                (:func:`~hetgraph.nn.fact_feature_channels` of the KGE tables) and
+                :attr:`KGGraphConfig.kg2nbr <hetgraph.graph.KGGraphConfig.kg2nbr>` /
+                ``kg2kg``.
 
         Raises:
             ValueError: a width set in this config differs from the given one.
@@ -290,6 +299,9 @@ class AdapterConfig(JSONConfigMixin):
             ("out_channels", out_channels),
             ("token_channels", token_channels),
             ("use_c2c", use_c2c),
+            ("kg_channels", kg_channels),
+            ("use_k2n", use_k2n),
+            ("use_k2k", use_k2k),
         ):
             if value is not None:
                 changes[name] = value

@@ -46,6 +46,10 @@ class ContextGraph(HeteroData):
       ordered by (ctx, k, j) in every layout, so shared and unshared
       graphs list them in the same order;
     * ``graph.query_shape``: ``(B, T)``.
+
+    :func:`~hetgraph.graph.add_kg_nodes` adds the ``kg`` node type (knowledge-graph facts:
+    ``graph['kg'].batch_index``, ``triple``, ``head``, ``relation``, ``tail``) and the
+    ``k2c`` / ``k2n`` / ``k2k`` edges; the builder itself never does.
     """
 
     @property

@@ -46,6 +46,7 @@ from hetgraph.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "benchmarks" / "results" / "evidence.json"
+PLOT = RESULT.with_suffix(".svg")
 #: One JSON per corpus and seed (both evaluations, costs, paired ratios), kept in git.
 SEED_RECORDS = ROOT / "benchmarks" / "results" / "evidence"
 CORPORA = {"python": None, "gcide": "benchmarks/data/gcide.jsonl.xz"}
@@ -212,6 +213,59 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+#: The ratios drawn, top to bottom: the controls first, then the comparisons with baselines.
+PLOTTED = {
+    "gnn/gnn_random": "GNN-LM / random neighbours",
+    "gnn_knn/gnn_knn_random": "GNN-LM+kNN / random+kNN",
+    "gnn/lora": "GNN-LM / LoRA",
+    "gnn_knn/lora_knn": "GNN-LM+kNN / LoRA+kNN",
+    "gnn_knn/knn": "GNN-LM+kNN / kNN-LM",
+    "gnn/base": "GNN-LM / base",
+    "knn/base": "kNN-LM / base",
+}
+PLOT_CAPTION = (
+    "Test-perplexity ratios per corpus: each seed's ratio (dot) with its 95 % paired "
+    "document-bootstrap interval (bar); left of the dashed line the first method is better. "
+    "An interval that crosses 1 is no detectable difference."
+)
+
+
+def plot(corpora: dict[str, Any]) -> None:
+    """``evidence.svg``: the key ratios with every seed's paired interval as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(corpora), figsize=(5.2 * len(corpora), 3.6), sharey=True, squeeze=False
+    )
+    labels = list(PLOTTED.values())
+    for ax, (corpus, rows) in zip(axes[0], corpora.items(), strict=True):
+        for y, key in enumerate(PLOTTED):
+            seeds = rows.get(key, {}).get("seeds", {})
+            for offset, value in enumerate(seeds.values()):
+                low, high = value["ci95"]
+                ax.errorbar(
+                    value["ratio"],
+                    y + 0.15 * (offset - (len(seeds) - 1) / 2),
+                    xerr=[[value["ratio"] - low], [high - value["ratio"]]],
+                    fmt="o",
+                    color=f"C{offset}",
+                    markersize=4,
+                    capsize=2,
+                )
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+        seeds = ", ".join(sorted(rows.get("base", {}).get("seeds", {}))) or "-"
+        ax.set_title(f"{corpus} (seeds {seeds})", fontsize=10)
+        ax.set_xlabel("ratio of test perplexities")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(PLOT)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpora", nargs="+", choices=tuple(CORPORA), default=list(CORPORA))
@@ -232,6 +286,8 @@ def main() -> None:
     }
     for name in args.corpora:
         result.setdefault("corpora", {})[name] = run_corpus(name, args.seeds, args)
+        plot(result["corpora"])
+        result["plots"] = [{"file": PLOT.name, "caption": PLOT_CAPTION}]
         atomic_write_json(RESULT, result)  # after each corpus
     print(
         json.dumps(

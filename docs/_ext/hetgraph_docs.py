@@ -282,7 +282,7 @@ def evidence_body() -> str:
             "yet; run ``.venv/bin/python benchmarks/evidence.py`` (it resumes).\n\n"
         )
     data = json.loads(path.read_text())
-    out = []
+    out = [_figures(data.get("plots"))]
     for corpus, rows in data.get("corpora", {}).items():
         setup = next(iter(rows.get("_setup", {}).get("seeds", {}).values()), {})
         seeds = sorted(rows.get("base", {}).get("seeds", {}))

@@ -335,7 +335,7 @@ class Bench:
             "tokens": tokens,
             "seconds": saved["seconds"],
             "cpu_seconds": cpu_seconds() - cpu,
-            "from_datastore": bool(lm.can_run_from_datastore),
+            "from_datastore": bool(lm.engine.can_run_from_datastore),
             "trained_parameters": sum(p.numel() for p in lm.parameters() if p.requires_grad),
         }
 

@@ -108,14 +108,15 @@ def training_step_phases(
     lm: HetGraphLM, rows_per_step: tuple[int, int], steps: int, dtype: torch.dtype | None
 ) -> dict[str, float]:
     """Milliseconds per training step from the stored keys, by phase (what
-    :func:`~hetgraph.fusion.datastore_forward.logits_from_datastore` and the trainer run, timed
+    :meth:`~hetgraph.FusionEngine.logits_from_datastore` and the trainer run, timed
     one after the other on random spans): the FAISS search, building the graph, the adapter
     forward, the frozen LM head's forward with the loss, its backward (the input gradient)
     and the adapter's backward. ``dtype``: the autocast dtype (``None``: float32)."""
-    device = lm.gates[next(iter(lm.gates))].device
+    device = lm.engine.gates[next(iter(lm.engine.gates))].device
     generator = torch.Generator().manual_seed(0)
     batch, length = rows_per_step
     head = output_embedding_input_hook_target(lm.model)
+    embedding = lm.model.get_input_embeddings()
     totals: dict[str, float] = {}
 
     def tick(name: str, since: float) -> float:
@@ -127,18 +128,20 @@ def training_step_phases(
     for step in range(steps + 1):  # step 0 warms up and is not counted
         if step == 1:
             totals.clear()
-        starts = torch.randint(0, len(lm.datastore) - length, (batch, 1), generator=generator)
+        starts = torch.randint(
+            0, len(lm.engine.datastore) - length, (batch, 1), generator=generator
+        )
         rows = (starts + torch.arange(length)).to(device)
-        labels = torch.from_numpy(lm.datastore.next_tokens[rows.cpu().numpy()]).long()
+        labels = torch.from_numpy(lm.engine.datastore.next_tokens[rows.cpu().numpy()]).long()
         now = time.perf_counter()
         with training_autocast(dtype, device):
-            keys = lm.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
+            keys = lm.engine.graph_inputs.neighbour_features_of(rows.reshape(-1), HEAD)
             hidden = keys.float().view(batch, length, -1)
-            retrieval = lm.retrieve(hidden, CallOptions(query_positions=rows))
+            retrieval = lm.engine.retrieve(hidden, CallOptions(query_positions=rows))
             now = tick("retrieval", now)
-            graph = lm.build_graph(retrieval, length)
+            graph = lm.engine.build_graph(retrieval, length)
             now = tick("graph", now)
-            fused = lm.fuse(HEAD, hidden, graph)
+            fused = lm.engine.fuse(HEAD, hidden, graph, embedding=embedding)
             now = tick("adapter_forward", now)
             logits = head.forward(fused).float()
             loss = torch.nn.functional.cross_entropy(
@@ -216,7 +219,7 @@ def main() -> None:
     base_s = forward_seconds(base_forward, tokens, *windows)
     gnn_s = forward_seconds(gnn_forward(lm), tokens, *windows)
     started = time.perf_counter()
-    states = NeighbourStates.build(lm, show_progress=False)
+    states = NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), show_progress=False)
     states_build_s = time.perf_counter() - started
     states_s = forward_seconds(gnn_forward(lm, neighbour_states=states), tokens, *windows)
     base_gen_s, base_gen_n = generate_seconds(model.generate, tokenizer, args.new_tokens, device)
@@ -276,7 +279,7 @@ def main() -> None:
             # The adapters' window side read from a table over the datastore (NeighbourStates,
             # the same logits), built once per trained adapter:
             "neighbour_states_build_seconds": states_build_s,
-            "neighbour_states_mb": NeighbourStates.estimate_nbytes(lm) / 2**20,
+            "neighbour_states_mb": NeighbourStates.estimate_nbytes(lm.engine) / 2**20,
             "gnn_forward_with_states_tokens_per_s": scored / states_s,
             "eval_ratio_gnn_with_states_over_base": base_s / states_s,
             "gnn_generate_with_states_tokens_per_s": states_gen_n / states_gen_s,

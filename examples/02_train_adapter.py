@@ -25,7 +25,10 @@ def main() -> None:
 
     lm = HetGraphLM(model, store, index, _common.fusion_config(args), tokenizer=tokenizer)
     trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
-    print(f"adapter sites {lm.fusion_sites}, {trainable:,} trainable parameters; base model frozen")
+    print(
+        f"adapter sites {lm.engine.fusion_sites}, {trainable:,} trainable parameters; "
+        "base model frozen"
+    )
 
     # Gates start at zero: with the hooks attached the logits are exactly the base model's.
     device = next(model.parameters()).device
@@ -39,7 +42,7 @@ def main() -> None:
     )
 
     adapter_dir = _common.train(args, lm, tokenized, store)
-    gate = max(g.abs().max().item() for g in lm.gates.values())
+    gate = max(g.abs().max().item() for g in lm.engine.gates.values())
     print(f"largest gate after training: {gate:.2e}; adapter saved in {adapter_dir}")
     print("training OK")
 

@@ -43,7 +43,11 @@ def main() -> None:
     print(f"generated: {continuation!r}")
     print()
     with torch.no_grad():
-        print(describe_generation(lm, tokenizer, generated[0], prompt_length, args.neighbours))
+        print(
+            describe_generation(
+                lm.model, lm.engine, tokenizer, generated[0], prompt_length, args.neighbours
+            )
+        )
     print("generation OK")
 
 

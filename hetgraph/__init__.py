@@ -87,6 +87,7 @@ _EXPORTS: dict[str, str] = {
     # fusion
     "AdapterMismatchError": "hetgraph.fusion",
     "FusionConfig": "hetgraph.fusion",
+    "FusionEngine": "hetgraph.fusion",
     "GraphInputBuilder": "hetgraph.fusion",
     "HetGraphLM": "hetgraph.fusion",
     "NeighbourStates": "hetgraph.fusion",
@@ -195,6 +196,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from hetgraph.fusion import (
         AdapterMismatchError as AdapterMismatchError,
         FusionConfig as FusionConfig,
+        FusionEngine as FusionEngine,
         GraphInputBuilder as GraphInputBuilder,
         HetGraphLM as HetGraphLM,
         NeighbourStates as NeighbourStates,

@@ -553,10 +553,10 @@ def _knn_settings(args: argparse.Namespace, lm: Any) -> tuple[float, float]:
     )
     if lam is not None and temperature is not None:
         return float(lam), float(temperature)
-    directory = Path(args.adapter) if args.adapter else Path(lm.datastore.path)
+    directory = Path(args.adapter) if args.adapter else Path(lm.engine.datastore.path)
     tuned = read_knn_tuning(
         directory,
-        {"datastore": lm.datastore.fingerprint, "adapter": _adapter_identity(args.adapter)},
+        {"datastore": lm.engine.datastore.fingerprint, "adapter": _adapter_identity(args.adapter)},
     )
     if tuned is None:
         adapter = f" --adapter {args.adapter}" if args.adapter else ""
@@ -605,7 +605,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with torch.no_grad():
             print(
                 describe_generation(
-                    lm, tokenizer, generated[0], prompt["input_ids"].shape[1], args.neighbours
+                    lm.model,
+                    lm.engine,
+                    tokenizer,
+                    generated[0],
+                    prompt["input_ids"].shape[1],
+                    args.neighbours,
                 )
             )
     return 0
@@ -615,7 +620,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from hetgraph.inspection import format_report, inspect_position
 
     lm, _, tokenizer = _lm_for_text(args, args.text, "--text", "inspect", special_tokens=False)
-    report = inspect_position(lm, tokenizer, args.text, args.position, args.neighbours)
+    report = inspect_position(
+        lm.model, lm.engine, tokenizer, args.text, args.position, args.neighbours
+    )
     print(
         json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
         if args.json

@@ -200,9 +200,11 @@ class HetGraphHarnessLM(LM):
         assert self.lm is not None
         tuned = (
             read_knn_tuning(
-                Path(adapter) if adapter and self.method == "gnn_knn" else self.lm.datastore.path,
+                Path(adapter)
+                if adapter and self.method == "gnn_knn"
+                else self.lm.engine.datastore.path,
                 {
-                    "datastore": self.lm.datastore.fingerprint,
+                    "datastore": self.lm.engine.datastore.fingerprint,
                     "adapter": sha256_hex((Path(adapter) / ADAPTER_CONFIG).read_bytes())
                     if adapter and self.method == "gnn_knn"
                     else None,
@@ -224,9 +226,10 @@ class HetGraphHarnessLM(LM):
                 "lam",
             )
         k = int(k if k is not None else tuned.get("k", self.lm.config.k))
-        if not 1 <= k < len(self.lm.datastore):
+        rows = len(self.lm.engine.datastore)
+        if not 1 <= k < rows:
             raise ConfigError(
-                f"model_args k={k} must be in [1, {len(self.lm.datastore)}) (the datastore's size)",
+                f"model_args k={k} must be in [1, {rows}) (the datastore's size)",
                 "k",
             )
         return float(lam), float(temperature), k
@@ -257,7 +260,9 @@ class HetGraphHarnessLM(LM):
             split,
             dataclasses.replace(config, k=self.mixture[2]) if base_knn else config,
             show_progress=False,
-            search=NeighbourSearch(self.lm.index, self.lm.datastore) if base_knn else None,
+            search=NeighbourSearch(self.lm.engine.index, self.lm.engine.datastore)
+            if base_knn
+            else None,
         )
         if self.method.startswith("gnn"):
             outputs = collect_lm_outputs(

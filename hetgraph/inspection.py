@@ -15,11 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hetgraph.datastore import HiddenStateCapture
 from hetgraph.errors import HetgraphError
-from hetgraph.fusion import HEAD, HetGraphLM, site_key
+from hetgraph.fusion.config import HEAD
+from hetgraph.fusion.context import CallOptions, call_options, fusion_only
+from hetgraph.fusion.engine import FusionEngine
+from hetgraph.fusion.hooks import FusionHooks
+from hetgraph.fusion.sites import site_key
 from hetgraph.graph import N2C
 
 #: Tokens of corpus text shown left of a retrieved position.
@@ -64,7 +68,8 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _neighbour_attention(
-    lm: HetGraphLM,
+    engine: FusionEngine,
+    embedding: nn.Module,
     hidden: dict[Any, Tensor],
     ids: Tensor,
     positions: Sequence[int],
@@ -75,13 +80,12 @@ def _neighbour_attention(
     per site, ``ids`` ``[T, k]``), as in the forward, so ``c2c`` edges count."""
     out: dict[str, Tensor] = {}
     length, k = ids.shape
-    graph = lm.graph_inputs.build_graph(ids[None])
-    embedding = lm.model.get_input_embeddings()
-    for site in lm.fusion_sites:
-        adapter = lm.adapter_at(site)
-        dtype = lm.gates[site_key(site)].dtype
+    graph = engine.graph_inputs.build_graph(ids[None])
+    for site in engine.fusion_sites:
+        adapter = engine.adapter_at(site)
+        dtype = engine.gates[site_key(site)].dtype
         site_hidden = hidden[None if site == HEAD else site][None]  # [1, T, d]
-        inputs = lm.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
+        inputs = engine.graph_inputs.adapter_inputs(graph, site_hidden, site, embedding, dtype)
         _, attention = adapter(
             inputs.graph,
             inputs.ctx_x,
@@ -104,42 +108,67 @@ def _neighbour_attention(
 
 
 def _gate_factors(
-    lm: HetGraphLM, retrieval: Any, length: int, positions: Sequence[int]
+    engine: FusionEngine, retrieval: Any, length: int, positions: Sequence[int]
 ) -> dict[str, Tensor]:
     """``{site: [P]}`` retrieval-gate factors at ``positions`` (empty without that gate)."""
-    statistics = lm.gate_statistics(retrieval, length)
+    statistics = engine.gate_statistics(retrieval, length)
     if statistics is None:
         return {}
     chosen = statistics[0, list(positions)]
-    return {key: gate(chosen).float().cpu() for key, gate in lm.retrieval_gates.items()}
+    return {key: gate(chosen).float().cpu() for key, gate in engine.retrieval_gates.items()}
+
+
+@torch.no_grad()
+def _forwards(model: nn.Module, engine: FusionEngine, ids: Tensor) -> tuple[Tensor, Any, dict]:
+    """``(base logits, fused output, {site: hidden [T, d]})`` of ``ids [1, T]``, whether or
+    not hooks of this or another engine are attached to ``model``: the base pass runs with
+    every fusion hook off, the fused one through hooks of its own (the others off)."""
+    sites = [None if s == HEAD else s for s in engine.fusion_sites]
+    with fusion_only(None):
+        base_logits = model(input_ids=ids, use_cache=False).logits[0]
+    # Registered before the fusion hooks, the capture sees each fused site's input state.
+    with HiddenStateCapture(model, sites) as capture:
+        hooks = FusionHooks(model, engine)
+        hooks.attach()
+        try:
+            with fusion_only(hooks), call_options(CallOptions(output_retrieval=True)):
+                output = model(input_ids=ids, use_cache=False)
+        finally:
+            hooks.detach()
+        site_hidden = {layer: h[0] for layer, h in capture.states.items()}
+    return base_logits, output, site_hidden
 
 
 @torch.no_grad()
 def inspect_positions(
-    lm: HetGraphLM,
+    model: nn.Module,
+    engine: FusionEngine,
     tokenizer: Any,
     input_ids: Tensor,
     positions: Sequence[int],
     num_neighbours: int = 8,
     context_tokens: int = CONTEXT_TOKENS,
 ) -> list[NeighbourReport]:
-    """Neighbour reports for ``positions`` of one token sequence ``input_ids [T]``."""
+    """Neighbour reports for ``positions`` of one token sequence ``input_ids [T]``, from the
+    base ``model`` and the fusion ``engine`` (``lm.model``, ``lm.engine`` of a
+    :class:`~hetgraph.HetGraphLM`, attached or not)."""
     length = int(input_ids.shape[-1])
     positions = [p % length for p in positions]
-    device = next(lm.model.parameters()).device
+    device = next(model.parameters()).device
     ids = input_ids.reshape(1, -1).to(device)
-    sites = [None if s == HEAD else s for s in lm.fusion_sites]
-    base_logits = lm.model(input_ids=ids, use_cache=False).logits[0]
-    # Registered before the fusion hooks, the capture sees each fused site's input state.
-    with HiddenStateCapture(lm.model, sites) as capture:
-        output = lm(ids, use_cache=False, output_retrieval=True)
-        site_hidden = {layer: h[0] for layer, h in capture.states.items()}
+    base_logits, output, site_hidden = _forwards(model, engine, ids)
     gnn_logits = output.logits[0]
     neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
     distances = output.retrieval.distances[0, positions].cpu()
-    attention = _neighbour_attention(lm, site_hidden, output.retrieval.neighbour_ids[0], positions)
-    factors = _gate_factors(lm, output.retrieval, length, positions)
-    store = lm.datastore
+    attention = _neighbour_attention(
+        engine,
+        model.get_input_embeddings(),
+        site_hidden,
+        output.retrieval.neighbour_ids[0],
+        positions,
+    )
+    factors = _gate_factors(engine, output.retrieval, length, positions)
+    store = engine.datastore
     reports = []
     for i, position in enumerate(positions):
         neighbours = []
@@ -184,7 +213,8 @@ def inspect_positions(
 
 
 def inspect_position(
-    lm: HetGraphLM,
+    model: nn.Module,
+    engine: FusionEngine,
     tokenizer: Any,
     text: str,
     position: int = -1,
@@ -193,7 +223,9 @@ def inspect_position(
     """The corpus contexts retrieved for token ``position`` of ``text`` (``-1``: the last).
 
     Args:
-        lm: the model with its datastore, index and (trained or zero-gate) adapters.
+        model: the base model (``lm.model``; hooks attached or not).
+        engine: the fusion engine with its datastore, index and (trained or zero-gate)
+            adapters (``lm.engine``).
         tokenizer: its tokenizer.
         text: any text.
         position: token position whose query is inspected (it predicts the next token).
@@ -208,7 +240,7 @@ def inspect_position(
             f"tokens; give a position in [-{input_ids.numel()}, "
             f"{input_ids.numel() - 1}]"
         )
-    return inspect_positions(lm, tokenizer, input_ids, [position], num_neighbours)[0]
+    return inspect_positions(model, engine, tokenizer, input_ids, [position], num_neighbours)[0]
 
 
 def printable(text: str) -> str:
@@ -243,9 +275,14 @@ def format_report(report: NeighbourReport) -> str:
 
 
 def describe_generation(
-    lm: HetGraphLM, tokenizer: Any, sequence: Tensor, prompt_length: int, num_neighbours: int = 3
+    model: nn.Module,
+    engine: FusionEngine,
+    tokenizer: Any,
+    sequence: Tensor,
+    prompt_length: int,
+    num_neighbours: int = 3,
 ) -> str:
     """The neighbours behind every generated token of ``sequence`` (prompt + generation)."""
     positions = list(range(prompt_length - 1, int(sequence.shape[-1]) - 1))
-    reports = inspect_positions(lm, tokenizer, sequence, positions, num_neighbours)
+    reports = inspect_positions(model, engine, tokenizer, sequence, positions, num_neighbours)
     return "\n".join(format_report(report) for report in reports)

@@ -416,7 +416,7 @@ def test_training_stops_at_a_non_finite_loss_and_keeps_the_last_checkpoint(tmp_p
 def test_evaluation_names_the_stage_that_is_not_finite(tmp_path):
     lm, split = _tiny_lm(tmp_path)
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.fill_(float("nan"))
     config = EvalConfig(context_length=64, stride=32, k=4)
     with pytest.raises(NonFiniteError, match=r"evaluation \(GNN\)") as info:

@@ -55,13 +55,13 @@ def test_a_fused_model_holds_no_per_row_table(parts):
     per_row = [name for name, t in lm.named_buffers() if t.shape and t.shape[0] == rows]
     per_row += [
         t.shape
-        for owner in (lm, lm.graph_inputs, lm.retriever)
+        for owner in (lm, lm.engine, lm.engine.graph_inputs, lm.engine.retriever)
         for t in _tensors(owner)
         if t.shape and t.shape[0] == rows
     ]
     assert per_row == []
-    corpus = lm.graph_inputs.corpus
-    assert corpus is lm.retriever.corpus  # one table, shared
+    corpus = lm.engine.graph_inputs.corpus
+    assert corpus is lm.engine.retriever.corpus  # one table, shared
     for column, stored in (
         (corpus.tokens, store.tokens),
         (corpus.doc_ids, store.doc_ids),
@@ -69,7 +69,7 @@ def test_a_fused_model_holds_no_per_row_table(parts):
     ):
         assert column is stored and isinstance(column, np.memmap) and column.dtype == np.int32
     lm.to(torch.float64)
-    assert lm.graph_inputs.corpus.tokens is store.tokens  # .to() moves no table
+    assert lm.engine.graph_inputs.corpus.tokens is store.tokens  # .to() moves no table
 
 
 @pytest.mark.parametrize(
@@ -148,12 +148,12 @@ def test_fused_logits_equal_those_from_in_memory_tables(parts, sites, embedding)
     )
     lm = HetGraphLM(model, store, index, config)
     with torch.no_grad():
-        for number, gate in enumerate(lm.gates.values()):
+        for number, gate in enumerate(lm.engine.gates.values()):
             gate.copy_(torch.rand(gate.shape, generator=torch.Generator().manual_seed(number)))
     input_ids = torch.from_numpy(split.tokens[:60].astype(np.int64)).view(2, 30)
     rows = torch.arange(60).view(2, 30)  # the text is the datastore's: the filter runs
     with torch.no_grad():
         fused = lm(input_ids, query_positions=rows, use_cache=False).logits
-        lm.graph_inputs.corpus = lm.retriever.corpus = _in_memory(store)
+        lm.engine.graph_inputs.corpus = lm.engine.retriever.corpus = _in_memory(store)
         expected = lm(input_ids, query_positions=rows, use_cache=False).logits
     torch.testing.assert_close(fused, expected, rtol=0, atol=0)

@@ -236,7 +236,7 @@ def _prepare_adapter(root: Path) -> None:
     torch.manual_seed(0)
     lm = HetGraphLM(tiny_causal_lm("qwen2"), store, index, FUSION)
     with torch.no_grad():
-        for gate in lm.gates.values():  # a GNN-LM that differs from the base LM
+        for gate in lm.engine.gates.values():  # a GNN-LM that differs from the base LM
             gate.copy_(torch.linspace(-0.5, 0.5, gate.numel()))
     lm.save_pretrained(root / "adapter")
 

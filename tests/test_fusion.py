@@ -58,7 +58,7 @@ def build_store(tmp_path, family: str, split: TokenizedSplit, key_layer=None, se
 def randomise_gates(lm: HetGraphLM, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.copy_(torch.rand(gate.shape, generator=generator))
 
 
@@ -73,7 +73,7 @@ def test_zero_gate_leaves_logits_unchanged(tmp_path, split, family, sites):
     lm = HetGraphLM(
         model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=SMALL_ADAPTER)
     )
-    assert lm.needs_prefetch == (0 in sites)
+    assert lm.engine.needs_prefetch == (0 in sites)
     with lm:
         fused = model(input_ids, attention_mask=mask).logits
     assert torch.equal(base, fused)
@@ -128,7 +128,7 @@ def test_prefetch_and_single_pass_agree(tmp_path, split, family):
         )
         lm = HetGraphLM(model, store, index, config)
         randomise_gates(lm)
-        assert lm.needs_prefetch == prefetch
+        assert lm.engine.needs_prefetch == prefetch
         with torch.no_grad():
             outputs[prefetch] = lm(input_ids).logits
     assert torch.allclose(outputs[False], outputs[True], atol=1e-6)
@@ -302,7 +302,7 @@ def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
         model, store, index, FusionConfig(k=4, adapter=SMALL_ADAPTER, graph=dict(leakage_radius=4))
     )
     randomise_gates(lm)
-    assert lm.can_run_from_datastore
+    assert lm.engine.can_run_from_datastore
     rows = torch.arange(40)[None]
     input_ids = torch.from_numpy(split.tokens[:40].astype(np.int64))[None]
     with torch.no_grad():
@@ -315,7 +315,7 @@ def test_forward_from_datastore_matches_a_full_forward(tmp_path, split, family):
     layer_lm = HetGraphLM(
         model, store, index, FusionConfig(fusion_layers=(0,), k=4, adapter=SMALL_ADAPTER)
     )
-    assert not layer_lm.can_run_from_datastore
+    assert not layer_lm.engine.can_run_from_datastore
     with pytest.raises(ValueError, match="forward_from_datastore"):
         layer_lm.forward_from_datastore(rows)
 
@@ -384,18 +384,22 @@ def test_to_moves_the_base_model_adapters_and_corpus_tables(tmp_path, split):
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     assert lm.to(torch.float64) is lm
     assert {p.dtype for p in model.parameters()} == {torch.float64}
-    assert ({p.dtype for p in lm.adapters.parameters()} | {g.dtype for g in lm.gates.values()}) == {
-        torch.float64
-    }
+    assert (
+        {p.dtype for p in lm.engine.adapters.parameters()}
+        | {g.dtype for g in lm.engine.gates.values()}
+    ) == {torch.float64}
     # The corpus tables stay the datastore's int32 memmaps: .to() neither casts nor copies them.
-    assert lm.graph_inputs.corpus.tokens is store.tokens
+    assert lm.engine.graph_inputs.corpus.tokens is store.tokens
     assert isinstance(store.tokens, np.memmap) and store.tokens.dtype == np.int32
     with torch.no_grad():  # zero gates: still exactly the (now float64) base model
         assert torch.equal(lm(input_ids).logits, model(input_ids).logits)
     lm.train()
-    assert lm.adapters.training and not model.training  # the frozen base model stays in eval mode
+    assert (
+        lm.engine.adapters.training and not model.training
+    )  # the frozen base model stays in eval mode
     # Only the trained tensors are saved; the base model's weights are not ours to save.
-    assert set(lm.adapter_state_dict()) == {
+    assert set(lm.adapter_state_dict()) == set(lm.engine.state_dict())
+    assert {f"engine.{k}" for k in lm.adapter_state_dict()} == {
         k for k in lm.state_dict() if not k.startswith("model.")
     }
     assert all(k.startswith(("adapters.", "gates.")) for k in lm.adapter_state_dict())
@@ -450,7 +454,7 @@ def test_evaluation_skips_unscored_positions_with_the_same_log_probs(
     randomise_gates(lm)
     lm.eval()
     forward = gnn_forward(lm)
-    assert isinstance(forward, TrimmedForward) == trimmed == lm.fuses_positions_independently
+    assert isinstance(forward, TrimmedForward) == trimmed == lm.engine.fuses_positions_independently
     windows = EvalConfig(context_length=48, stride=16, batch_size=2)
     test = split.truncate(120)
     trim = collect_lm_outputs(model, test, windows, forward=forward, show_progress=False)

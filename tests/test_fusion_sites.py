@@ -13,7 +13,8 @@ from test_fusion import SMALL_ADAPTER, build_store, randomise_gates, repeated_pa
 from hetgraph.cli import build_parser
 from hetgraph.cli_commands import _training_settings
 from hetgraph.configuration import ConfigError
-from hetgraph.fusion import FusionConfig, HetGraphLM, resolve_fusion_sites, retrieval_statistics
+from hetgraph.fusion import FusionConfig, HetGraphLM, resolve_fusion_sites
+from hetgraph.fusion.gates import retrieval_statistics
 from hetgraph.fusion.persistence import read_adapter_config
 from hetgraph.inspection import format_report, inspect_position, inspect_positions
 from hetgraph.integrity import atomic_write_json_record
@@ -115,8 +116,8 @@ def test_sites_outside_the_model_name_the_key_and_the_valid_range(value, message
 def test_building_the_lm_resolves_against_the_model(tmp_path, split):
     parts = build_store(tmp_path, "qwen2", split)
     num_layers = len(decoder_layers(parts[0]))
-    assert fused_lm(parts).fusion_sites == (*range(num_layers), "head")
-    assert fused_lm(parts, sites=[-1, "0:", 0]).fusion_sites == tuple(range(num_layers))
+    assert fused_lm(parts).engine.fusion_sites == (*range(num_layers), "head")
+    assert fused_lm(parts, sites=[-1, "0:", 0]).engine.fusion_sites == tuple(range(num_layers))
     with pytest.raises(ConfigError, match=r"fusion.fusion_layers: layer 9 is out of range"):
         fused_lm(parts, sites=[9])
 
@@ -172,7 +173,7 @@ def test_every_layer_zero_gate_is_the_base_model(tmp_path, split, family, gate):
     mask[1, :5] = 0
     base = model(input_ids, attention_mask=mask).logits
     lm = fused_lm(parts, gate=gate)
-    assert len(lm.adapters) == len(decoder_layers(model)) + 1
+    assert len(lm.engine.adapters) == len(decoder_layers(model)) + 1
     with lm:
         assert torch.equal(model(input_ids, attention_mask=mask).logits, base)
     prompt = text(split, length=12)
@@ -199,8 +200,8 @@ def test_one_search_and_one_graph_per_forward(tmp_path, split, family, key_layer
     parts = build_store(tmp_path, family, split, key_layer=key_layer)
     lm = fused_lm(parts)
     randomise_gates(lm)
-    searches = count_calls(monkeypatch, lm.retriever.index, "search")
-    graphs = count_calls(monkeypatch, lm.graph_inputs, "build_graph")
+    searches = count_calls(monkeypatch, lm.engine.retriever.index, "search")
+    graphs = count_calls(monkeypatch, lm.engine.graph_inputs, "build_graph")
     input_ids = text(split, batch=2)
     lm.train()
     rows = torch.arange(input_ids.shape[1])[None].repeat(2, 1)
@@ -208,7 +209,10 @@ def test_one_search_and_one_graph_per_forward(tmp_path, split, family, key_layer
     assert (searches[0], graphs[0]) == (1, 1)
     loss.backward()
     assert (searches[0], graphs[0]) == (1, 1)
-    assert all(lm.adapters[key].parameters().__next__().grad is not None for key in lm.adapters)
+    assert all(
+        lm.engine.adapters[key].parameters().__next__().grad is not None
+        for key in lm.engine.adapters
+    )
     lm.eval()
     with torch.no_grad():
         lm(input_ids, use_cache=False)
@@ -244,7 +248,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tmp_path, split, family
     loss, grads = loss_and_grads(plain, input_ids)
     checkpointed = fused_lm(parts, adapter=adapter, gate="retrieval", gradient_checkpointing=True)
     checkpointed.load_adapter_state_dict(plain.adapter_state_dict())
-    searches = count_calls(monkeypatch, checkpointed.retriever.index, "search")
+    searches = count_calls(monkeypatch, checkpointed.engine.retriever.index, "search")
     # A hook inside a decoder layer's forward counts its runs: with checkpointing the
     # frozen layers run again in the backward pass. (A pre-hook: the recomputation stops
     # early, once the last saved tensor is recomputed; layer 0 gets no input gradient.)
@@ -253,7 +257,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tmp_path, split, family
     handle = mlp.register_forward_pre_hook(lambda *a: runs.__setitem__(0, runs[0] + 1))
     # Each site's adapter is recomputed too (its activations dominate memory).
     adapter_runs = [0]
-    counter = checkpointed.adapter_at("head").register_forward_pre_hook(
+    counter = checkpointed.engine.adapter_at("head").register_forward_pre_hook(
         lambda *a: adapter_runs.__setitem__(0, adapter_runs[0] + 1)
     )
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, input_ids)
@@ -295,7 +299,7 @@ def test_retrieval_gate_needs_a_gated_residual():
 def test_gradients_reach_the_retrieval_gate(tmp_path, split, family, from_datastore):
     parts = build_store(tmp_path, family, split)
     lm = fused_lm(parts, sites=("head",) if from_datastore else (0, "head"), gate="retrieval")
-    assert set(lm.retrieval_gates) == set(lm.gates)
+    assert set(lm.engine.retrieval_gates) == set(lm.engine.gates)
     randomise_gates(lm)
     lm.train()
     if from_datastore:
@@ -304,7 +308,7 @@ def test_gradients_reach_the_retrieval_gate(tmp_path, split, family, from_datast
         rows = torch.arange(10, 40)[None].repeat(2, 1)
         logits = lm(text(split, 10, 30, 2), query_positions=rows, use_cache=False).logits
     logits.float().logsumexp(-1).mean().backward()
-    for gate in lm.retrieval_gates.values():
+    for gate in lm.engine.retrieval_gates.values():
         assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
         assert gate.bias.grad is not None and gate.bias.grad.abs() > 0
 
@@ -315,7 +319,7 @@ def test_retrieval_gate_save_load_round_trip(tmp_path, split):
     lm = fused_lm(parts, sites=(-1, "head"), gate="retrieval")
     randomise_gates(lm)
     with torch.no_grad():
-        for i, gate in enumerate(lm.retrieval_gates.values()):
+        for i, gate in enumerate(lm.engine.retrieval_gates.values()):
             gate.weight.copy_(torch.tensor([0.5, -1.0, 2.0]) * (i + 1))
             gate.bias.fill_(-0.25 * (i + 1))
     lm.save_pretrained(tmp_path / "adapter")
@@ -340,7 +344,7 @@ def test_adapters_saved_before_the_gate_option_still_load(tmp_path, split):
         del saved["fusion"][key]
     atomic_write_json_record(out / ADAPTER_CONFIG, saved)
     loaded = HetGraphLM.from_pretrained(out, model, store, index)
-    assert loaded.config.gate == "static" and len(loaded.retrieval_gates) == 0
+    assert loaded.config.gate == "static" and len(loaded.engine.retrieval_gates) == 0
     input_ids = text(split, 50, 30)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, lm(input_ids).logits)
@@ -361,8 +365,8 @@ def test_retrieval_gate_trains_end_to_end_at_every_layer(tmp_path, split):
     )
     result = train_adapter(lm, split, None, training, tmp_path / "run", show_progress=False)
     assert result.steps == 3 and all(np.isfinite(result.train_losses))
-    assert any(float(gate.detach().abs().sum()) > 0 for gate in lm.gates.values())
-    assert any(float(g.bias.detach().abs()) > 0 for g in lm.retrieval_gates.values())
+    assert any(float(gate.detach().abs().sum()) > 0 for gate in lm.engine.gates.values())
+    assert any(float(g.bias.detach().abs()) > 0 for g in lm.engine.retrieval_gates.values())
 
 
 # -------------------------------------------------------------------- inspection
@@ -373,8 +377,8 @@ def test_inspection_shows_every_sites_attention(tmp_path, split, family):
     lm = fused_lm(parts, sites=["::2", -1, "head"], gate="retrieval")
     randomise_gates(lm)
     sample = tokenizer.decode(split.tokens[60:90].tolist())
-    report = inspect_position(lm, tokenizer, sample, position=-1, num_neighbours=4)
-    expected = {f"layer_{s}" if s != "head" else "head" for s in lm.fusion_sites}
+    report = inspect_position(lm.model, lm.engine, tokenizer, sample, position=-1, num_neighbours=4)
+    expected = {f"layer_{s}" if s != "head" else "head" for s in lm.engine.fusion_sites}
     assert len(report.neighbours) == 4
     for neighbour in report.neighbours:
         assert set(neighbour.attention) == expected
@@ -396,8 +400,10 @@ def test_inspected_attention_does_not_depend_on_the_other_inspected_positions(tm
     parts = build_store(tmp_path, "llama", split)
     lm = fused_lm(parts, sites=("head",), graph={"c2c": True})
     input_ids = text(split, start=60, length=30)[0]
-    alone = inspect_positions(lm, parts[1], input_ids, [20], num_neighbours=4)[0]
-    together = inspect_positions(lm, parts[1], input_ids, [5, 12, 20], num_neighbours=4)[2]
+    alone = inspect_positions(lm.model, lm.engine, parts[1], input_ids, [20], num_neighbours=4)[0]
+    together = inspect_positions(
+        lm.model, lm.engine, parts[1], input_ids, [5, 12, 20], num_neighbours=4
+    )[2]
     for a, b in zip(alone.neighbours, together.neighbours, strict=True):
         assert a.row == b.row
         assert a.attention["head"] == pytest.approx(b.attention["head"], abs=1e-6)

@@ -277,7 +277,7 @@ def test_paper_mode_lm_is_output_layer_of_official_hgt(tmp_path, pattern_split, 
     lm = HetGraphLM(
         model, store, index, FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL))
     )
-    adapter = lm.adapter_at("head")
+    adapter = lm.engine.adapter_at("head")
     assert adapter.token_in is None and not adapter.config.feed_forward
     width = model.config.hidden_size
     ref = HGT(width, width, width, 2, n_heads=2)
@@ -308,13 +308,13 @@ def test_neighbour_embedding_options(tmp_path, pattern_split, embedding):
     lm = HetGraphLM(
         model, store, index, FusionConfig(k=4, neighbour_embedding=embedding, adapter=PAPER_SMALL)
     )
-    adapter = lm.adapter_at("head")
+    adapter = lm.engine.adapter_at("head")
     assert (adapter.token_in is not None) == (embedding == "own_token")
     ids = torch.tensor([[[3, 50], [7, -1]]])
-    graph = lm.graph_inputs.build_graph(ids)
+    graph = lm.engine.graph_inputs.build_graph(ids)
     hidden = torch.randn(1, 2, model.config.hidden_size)
     emb = model.get_input_embeddings()
-    inputs = lm.graph_inputs.adapter_inputs(graph, hidden, "head", emb, torch.float32)
+    inputs = lm.engine.graph_inputs.adapter_inputs(graph, hidden, "head", emb, torch.float32)
     rows = graph[NBR].corpus_id
     with torch.no_grad():
         if embedding == "label":
@@ -345,7 +345,7 @@ def test_paper_mode_trains_from_the_datastore_with_c2c(tmp_path, pattern_split):
             adapter=AdapterConfig.paper(**PAPER_SMALL),
         ),
     )
-    assert lm.graph_config.c2c and lm.can_run_from_datastore
+    assert lm.engine.graph_config.c2c and lm.engine.can_run_from_datastore
     rows = torch.arange(40)[None]
     input_ids = torch.from_numpy(pattern_split.tokens[:40].astype("int64"))[None]
     with torch.no_grad():
@@ -367,7 +367,7 @@ def test_paper_mode_saves_and_loads(tmp_path, pattern_split):
     model, _tok, store, index = build_store(tmp_path, "gpt2", pattern_split)
     config = FusionConfig.paper(k=4, adapter=AdapterConfig.paper(**PAPER_SMALL))
     lm = HetGraphLM(model, store, index, config)
-    randomize_(lm.adapter_at("head"), torch.Generator().manual_seed(5))
+    randomize_(lm.engine.adapter_at("head"), torch.Generator().manual_seed(5))
     lm.save_pretrained(tmp_path / "adapter")
     loaded = HetGraphLM.from_pretrained(tmp_path / "adapter", model, store, index)
     assert loaded.config == config

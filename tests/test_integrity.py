@@ -76,7 +76,7 @@ def pristine(tmp_path_factory) -> Path:
     index.save(root / "ds" / INDEX_DIR)
     lm = HetGraphLM(model, store, index, FusionConfig(k=4, adapter=ADAPTER))
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.fill_(0.5)
     lm.save_pretrained(root / "ds" / "adapter")
     return root / "ds"
@@ -269,7 +269,7 @@ def test_old_adapter_without_record_loads_and_nan_weights_are_refused(tree):
     del config["integrity"], config["checksum"]
     path.write_text(json.dumps(config))
     lm = _load_adapter(tree)
-    assert all(float(g.detach().mean()) == 0.5 for g in lm.gates.values())
+    assert all(float(g.detach().mean()) == 0.5 for g in lm.engine.gates.values())
     weights = load_file(tree / "adapter" / "adapter.safetensors")
     key = next(k for k in weights if k.startswith("adapters."))
     weights[key].view(-1)[0] = float("nan")

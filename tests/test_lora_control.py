@@ -168,7 +168,9 @@ def test_trains_on_the_graph_trainers_blocks(tmp_path, train, monkeypatch, from_
         np.testing.assert_array_equal(graph_starts, lora_starts)
         # The same labels: a datastore row's next token is the split's next token.
         offsets = lora_starts[:, None] + np.arange(config.context_length)
-        np.testing.assert_array_equal(lm.datastore.next_tokens[offsets], train.tokens[offsets + 1])
+        np.testing.assert_array_equal(
+            lm.engine.datastore.next_tokens[offsets], train.tokens[offsets + 1]
+        )
 
 
 @needs_peft
@@ -321,7 +323,7 @@ def test_lora_and_lora_knn_rows(tmp_path, train, valid):
         valid,
         valid,
         WINDOWS,
-        search=NeighbourSearch(lm.index, lm.datastore),
+        search=NeighbourSearch(lm.engine.index, lm.engine.datastore),
         show_progress=False,
     )
     assert set(rows) == {"lora", "lora_knn"}

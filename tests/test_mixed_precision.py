@@ -89,7 +89,7 @@ def test_cli_mixed_precision(tmp_path, argv, expected):
 def _record_linear_dtypes(lm: HetGraphLM) -> list[tuple[bool, torch.dtype]]:
     """(training?, output dtype) of every adapter Linear call from now on."""
     seen: list[tuple[bool, torch.dtype]] = []
-    for module in lm.adapters.modules():
+    for module in lm.engine.adapters.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(
                 lambda mod, args, out: seen.append((mod.training, out.dtype))
@@ -141,7 +141,7 @@ def test_bf16_training_runs_the_adapter_in_bf16_and_keeps_the_rest_float32(
     assert {dtype for train, dtype in seen if train} == {torch.bfloat16}
     assert {dtype for train, dtype in seen if not train} == {torch.float32}  # evaluations
     assert all(np.isfinite(result.train_losses))
-    assert all(p.dtype == torch.float32 for p in lm.adapters.parameters())
+    assert all(p.dtype == torch.float32 for p in lm.engine.adapters.parameters())
     for name, param in lm.named_parameters():
         if param.requires_grad:
             assert param.grad is None or param.grad.dtype == torch.float32, name

@@ -150,7 +150,7 @@ def test_a_missing_or_damaged_card_never_affects_load_or_verify(tree, damage):
     assert card not in report.checked
     assert verify(tree).ok
     lm = load(tree)
-    assert lm.adapters  # loaded
+    assert lm.engine.adapters  # loaded
     assert main(["verify", str(tree / "adapter")]) == 0
 
 
@@ -176,7 +176,7 @@ def test_card_is_updated_with_evaluation_results_of_this_adapter_only(tree):
     lm.save_pretrained(adapter)
     assert "model-index" in front_matter(adapter)
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.fill_(0.25)
     lm.save_pretrained(adapter)
     assert "model-index" not in front_matter(adapter)

@@ -52,9 +52,11 @@ def fusion_config(name: str) -> dict:
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_with_neighbour_states_equals_the_full_forward(tmp_path, split, family, name):
     lm = make_lm(tmp_path, split, family, **fusion_config(name))
-    states = NeighbourStates.build(lm, batch_rows=50, show_progress=False)
-    assert states.nbytes == NeighbourStates.estimate_nbytes(lm)
-    assert all(states.covers(site) for site in lm.fusion_sites)
+    states = NeighbourStates.build(
+        lm.engine, lm.model.get_input_embeddings(), batch_rows=50, show_progress=False
+    )
+    assert states.nbytes == NeighbourStates.estimate_nbytes(lm.engine)
+    assert all(states.covers(site) for site in lm.engine.fusion_sites)
     input_ids = torch.from_numpy(split.tokens[100:160].astype(np.int64)).view(2, 30)
     mask = torch.ones_like(input_ids)
     mask[1, :4] = 0
@@ -68,17 +70,24 @@ def test_forward_with_neighbour_states_equals_the_full_forward(tmp_path, split, 
 
 def test_a_table_built_in_batches_of_any_size_is_the_same(tmp_path, split):
     lm = make_lm(tmp_path, split)
-    one = NeighbourStates.build(lm, batch_rows=len(lm.datastore), show_progress=False)
+    one = NeighbourStates.build(
+        lm.engine,
+        lm.model.get_input_embeddings(),
+        batch_rows=len(lm.engine.datastore),
+        show_progress=False,
+    )
     lm.train()  # build() computes in eval mode and restores the mode
-    many = NeighbourStates.build(lm, batch_rows=13, show_progress=False)
-    assert lm.training and all(a.training for a in lm.adapters.values())
+    many = NeighbourStates.build(
+        lm.engine, lm.model.get_input_embeddings(), batch_rows=13, show_progress=False
+    )
+    assert lm.training and all(a.training for a in lm.engine.adapters.values())
     for key, table in one.tables.items():
         torch.testing.assert_close(many.tables[key], table, atol=1e-6, rtol=1e-6)
 
 
 def test_generation_with_neighbour_states_gives_the_same_tokens(tmp_path, split):
     lm = make_lm(tmp_path, split, fusion_layers=(0, "head"))
-    states = NeighbourStates.build(lm, show_progress=False)
+    states = NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), show_progress=False)
     prompt = torch.from_numpy(split.tokens[:12].astype(np.int64))[None]
     kwargs = dict(
         max_new_tokens=8,
@@ -96,19 +105,19 @@ def test_generation_with_neighbour_states_gives_the_same_tokens(tmp_path, split)
 
 def test_stale_tables_are_refused_and_training_does_not_read_them(tmp_path, split):
     lm = make_lm(tmp_path, split)
-    states = NeighbourStates.build(lm, show_progress=False)
+    states = NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), show_progress=False)
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     with torch.no_grad():
-        next(lm.adapter_at("head").parameters()).add_(0.01)
+        next(lm.engine.adapter_at("head").parameters()).add_(0.01)
     with pytest.raises(ValueError, match="changed since these neighbour states"), torch.no_grad():
         lm(input_ids, neighbour_states=states)
     # Recording gradients in eval mode computes the windows (their weights get gradients).
     lm(input_ids, neighbour_states=states).logits.sum().backward()
-    assert lm.adapter_at("head").nbr_in.weight.grad is not None
+    assert lm.engine.adapter_at("head").nbr_in.weight.grad is not None
     lm.zero_grad(set_to_none=True)
     lm.train()  # training mode computes the windows: the table is not read
     lm(input_ids, neighbour_states=states).logits.sum().backward()
-    assert lm.adapter_at("head").nbr_in.weight.grad is not None
+    assert lm.engine.adapter_at("head").nbr_in.weight.grad is not None
     other = make_lm(tmp_path / "other", split, k=3)
     with pytest.raises(ValueError, match="another datastore or fusion config"), torch.no_grad():
         other.eval()(input_ids, neighbour_states=states)
@@ -117,17 +126,19 @@ def test_stale_tables_are_refused_and_training_does_not_read_them(tmp_path, spli
 def test_build_checks_its_arguments(tmp_path, split):
     lm = make_lm(tmp_path, split)
     with pytest.raises(ValueError, match="batch_rows must be >= 1"):
-        NeighbourStates.build(lm, batch_rows=0)
+        NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), batch_rows=0)
     with pytest.raises(ValueError, match=r"sites \[3\] are not fused"):
-        NeighbourStates.build(lm, sites=[3])
+        NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), sites=[3])
     dedup = make_lm(tmp_path / "dedup", split, graph={"deduplicate": True})
     with pytest.raises(ValueError, match="deduplicate"):
-        NeighbourStates.build(dedup)
+        NeighbourStates.build(dedup.engine, dedup.model.get_input_embeddings())
 
 
 def test_a_site_the_table_does_not_cover_is_computed(tmp_path, split):
     lm = make_lm(tmp_path, split, fusion_layers=(0, "head"))
-    states = NeighbourStates.build(lm, sites=["head"], show_progress=False)
+    states = NeighbourStates.build(
+        lm.engine, lm.model.get_input_embeddings(), sites=["head"], show_progress=False
+    )
     assert states.covers("head") and not states.covers(0)
     input_ids = torch.from_numpy(split.tokens[:30].astype(np.int64))[None]
     with torch.no_grad():
@@ -145,7 +156,7 @@ def test_evaluation_setting_and_perplexity(tmp_path, split):
     config = EvalConfig(context_length=32, stride=16, batch_size=2, neighbour_states="on")
     assert EvalConfig.from_dict(config.to_dict()) == config
     lm = make_lm(tmp_path, split)
-    rows = len(lm.datastore)
+    rows = len(lm.engine.datastore)
     off = dataclasses.replace(config, neighbour_states="off")
     assert evaluation_neighbour_states(lm, off, 10 * rows, 4) is None
     auto = dataclasses.replace(config, neighbour_states="auto")

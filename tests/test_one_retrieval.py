@@ -52,7 +52,7 @@ def _lm(parts, sites) -> HetGraphLM:
     model, store, index = parts
     lm = HetGraphLM(model, store, index, FusionConfig(fusion_layers=sites, k=4, adapter=ADAPTER))
     with torch.no_grad():
-        for number, gate in enumerate(lm.gates.values()):
+        for number, gate in enumerate(lm.engine.gates.values()):
             gate.copy_(torch.rand(gate.shape, generator=torch.Generator().manual_seed(number)))
     return lm.eval()
 

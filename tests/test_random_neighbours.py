@@ -55,7 +55,7 @@ def test_no_faiss_search_builds_a_random_graph(stores, split, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("random neighbours searched the index")
 
-    monkeypatch.setattr(lm.retriever, "search", refuse)
+    monkeypatch.setattr(lm.engine.retriever, "search", refuse)
     ids = neighbours_of(lm, windows(split))
     assert ids.shape == (4, 40, 4) and bool((ids >= 0).all())
 
@@ -75,10 +75,10 @@ def test_the_same_tokens_get_the_same_neighbours_in_any_batch(stores, split, fam
     assert torch.equal(drawn.sort(-1).values, together[1:2].sort(-1).values)
     # Datastore rows (training) too: one call or two.
     rows = torch.arange(200, 240).view(2, 20)
-    queries = torch.zeros(2, 20, lm.datastore.dim)
-    both = lm.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids
+    queries = torch.zeros(2, 20, lm.engine.datastore.dim)
+    both = lm.engine.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids
     halves = [
-        lm.retrieve(queries[i : i + 1], CallOptions(query_positions=rows[i : i + 1]))
+        lm.engine.retrieve(queries[i : i + 1], CallOptions(query_positions=rows[i : i + 1]))
         for i in range(2)
     ]
     assert torch.equal(both, torch.cat([h.neighbour_ids for h in halves]))
@@ -123,8 +123,8 @@ def test_random_neighbours_are_not_biased_toward_near_rows(stores, split):
     with torch.no_grad():
         out = lm(input_ids, output_retrieval=True, output_hidden_states=True)
     ids, distances = out.retrieval.neighbour_ids, out.retrieval.distances
-    queries = out.hidden_states[-1].reshape(-1, lm.datastore.dim).float()
-    keys = torch.from_numpy(np.asarray(lm.datastore.keys, dtype=np.float32))
+    queries = out.hidden_states[-1].reshape(-1, lm.engine.datastore.dim).float()
+    keys = torch.from_numpy(np.asarray(lm.engine.datastore.keys, dtype=np.float32))
     everything = torch.cdist(queries, keys) ** 2  # [Q, N] true squared L2
     flat_ids = ids.reshape(len(queries), -1)
     drawn = everything.gather(1, flat_ids)
@@ -134,7 +134,7 @@ def test_random_neighbours_are_not_biased_toward_near_rows(stores, split):
     # Each drawn row's rank among all rows by distance to its query: ~ the middle.
     rank = (everything[:, None, :] < drawn[:, :, None]).sum(-1).float() / keys.shape[0]
     assert abs(rank.mean().item() - 0.5) < 0.05
-    nearest = torch.from_numpy(lm.index.search(queries.numpy(), 16)[1])
+    nearest = torch.from_numpy(lm.engine.index.search(queries.numpy(), 16)[1])
     among_nearest = (flat_ids[:, :, None] == nearest[:, None, :]).any(-1)
     assert among_nearest.float().mean() < 0.1  # retrieval: 1
 
@@ -142,22 +142,22 @@ def test_random_neighbours_are_not_biased_toward_near_rows(stores, split):
 @pytest.mark.parametrize("margin", [0, 32])
 def test_random_neighbours_are_leakage_filtered(stores, split, margin):
     lm = random_lm(stores, k=16, retrieval_margin=margin)  # radius 3072: whole documents
-    docs = torch.from_numpy(np.asarray(lm.datastore.doc_ids, dtype=np.int64))
+    docs = torch.from_numpy(np.asarray(lm.engine.datastore.doc_ids, dtype=np.int64))
     rows = torch.arange(0, len(docs), 7)[None]
-    queries = torch.from_numpy(np.asarray(lm.datastore.keys[rows[0].numpy()], dtype=np.float32))[
-        None
-    ]
-    ids = lm.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids[0]
+    queries = torch.from_numpy(
+        np.asarray(lm.engine.datastore.keys[rows[0].numpy()], dtype=np.float32)
+    )[None]
+    ids = lm.engine.retrieve(queries, CallOptions(query_positions=rows)).neighbour_ids[0]
     found = ids >= 0
     assert not bool((docs[ids.clamp(min=0)] == docs[rows[0], None])[found].any())
     # 1 document in 6 leaks: dropped, not replaced without a margin, refilled with one.
     missing = (~found).float().mean().item()
     assert 0.08 < missing < 0.3 if margin == 0 else missing == 0.0
     # Without rows the tokens identify the queries (no filter: the text is not in the store).
-    unfiltered = lm.retrieve(queries, tokens=rows % 256).neighbour_ids[0]
+    unfiltered = lm.engine.retrieve(queries, tokens=rows % 256).neighbour_ids[0]
     assert bool((unfiltered >= 0).all())
     with pytest.raises(ValueError, match="input_ids"):
-        lm.retrieve(queries)
+        lm.engine.retrieve(queries)
 
 
 def test_the_setting_is_saved_with_the_adapter(stores, tmp_path, split):
@@ -212,8 +212,8 @@ def test_the_knn_mixture_keeps_the_retrieved_neighbours(stores, split):
 def test_generation_with_a_cache_draws_as_a_full_forward(stores, split, sites, monkeypatch):
     lm = random_lm(stores, fusion_layers=sites)
     randomise_gates(lm)
-    steps, draw = [], lm.retriever.random
-    monkeypatch.setattr(lm.retriever, "random", lambda *a, **kw: _record(steps, draw, a, kw))
+    steps, draw = [], lm.engine.retriever.random
+    monkeypatch.setattr(lm.engine.retriever, "random", lambda *a, **kw: _record(steps, draw, a, kw))
     prompt = windows(split, count=1, length=12)
     generated = lm.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
     # The cache feeds one token per step; its identity still spans the tokens before it.
@@ -263,13 +263,15 @@ def test_training_and_evaluation_with_random_neighbours(stores, split, tmp_path,
     assert weights[0] == weights[1]  # identical runs: identical bytes
     other = _train(stores, split, tmp_path / "c", seed=1)
     assert (tmp_path / "c" / ADAPTER_WEIGHTS).read_bytes() != weights[0]
-    assert any(float(g.detach().abs().sum()) > 0 for g in first.gates.values())  # it did train
+    assert any(
+        float(g.detach().abs().sum()) > 0 for g in first.engine.gates.values()
+    )  # it did train
     del second, other
 
     def refuse(*args, **kwargs):  # the graphs never search; kNN-LM searches on its own
         raise AssertionError("random neighbours searched the index")
 
-    monkeypatch.setattr(first.retriever, "search", refuse)
+    monkeypatch.setattr(first.engine.retriever, "search", refuse)
     results = evaluate_four_way(
         first,
         split,

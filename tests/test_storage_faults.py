@@ -227,7 +227,7 @@ def test_a_failed_adapter_save_keeps_the_previous_adapter_loadable(lm, tmp_path,
     monkeypatch.setattr("safetensors.torch.save_file", full_disk)
     monkeypatch.setattr(persistence, "save_file", full_disk, raising=False)
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.add_(1.0)
     with pytest.raises(
         StorageError,
@@ -240,7 +240,7 @@ def test_a_failed_adapter_save_keeps_the_previous_adapter_loadable(lm, tmp_path,
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert adapter_problems(tmp_path)[1] == [] and leftovers(tmp_path) == []
     with torch.no_grad():
-        for gate in lm.gates.values():
+        for gate in lm.engine.gates.values():
             gate.sub_(1.0)
 
 

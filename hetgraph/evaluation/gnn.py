@@ -73,7 +73,7 @@ def gnn_forward(
     ``neighbour_states`` if given; hooks are attached per call. A
     :class:`~hetgraph.TrimmedForward` when the base model takes ``logits_to_keep``
     and the positions are fused independently
-    (:attr:`~hetgraph.HetGraphLM.fuses_positions_independently`): then the positions whose
+    (:attr:`~hetgraph.FusionEngine.fuses_positions_independently`): then the positions whose
     logits are not kept are not retrieved for, nor put in the head's graph. The forward
     takes a ``retrieval`` (:class:`~hetgraph.Retrieval` of the window batch's positions,
     as :func:`~hetgraph.evaluation.collect_lm_outputs` passes from ``neighbours_from``):
@@ -91,7 +91,7 @@ def gnn_forward(
             input_ids, use_cache=False, k=k, neighbour_states=neighbour_states, **kwargs
         ).logits
 
-    if lm.fuses_positions_independently and accepts_logits_to_keep(lm.model):
+    if lm.engine.fuses_positions_independently and accepts_logits_to_keep(lm.model):
         return TrimmedForward(forward)
     return forward
 
@@ -110,7 +110,7 @@ def evaluation_neighbour_states(
     """
     if config.neighbour_states == "off":
         return None
-    if lm.graph_config.deduplicate:
+    if lm.engine.graph_config.deduplicate:
         if config.neighbour_states == "on":
             raise ConfigError(
                 "evaluation.neighbour_states is 'on' but fusion.graph.deduplicate "
@@ -120,9 +120,10 @@ def evaluation_neighbour_states(
         return None
     if config.neighbour_states == "auto":
         budget = available_memory_bytes() // (4 * processes_on_this_node())
-        if NeighbourStates.estimate_nbytes(lm) > budget or tokens * k < 2 * len(lm.datastore):
+        rows = len(lm.engine.datastore)
+        if NeighbourStates.estimate_nbytes(lm.engine) > budget or tokens * k < 2 * rows:
             return None
-    return NeighbourStates.build(lm, show_progress=False)
+    return NeighbourStates.build(lm.engine, lm.model.get_input_embeddings(), show_progress=False)
 
 
 def model_perplexity(
@@ -328,7 +329,7 @@ def evaluate_four_way(
         started = time.perf_counter()
         states = evaluation_neighbour_states(lm, config, valid_positions + test_positions, k)
         states_seconds = time.perf_counter() - started
-    search = Retriever(lm.datastore, lm.index)
+    search = Retriever(lm.engine.datastore, lm.engine.index)
     with control.disable_adapter() if control is not None else nullcontext():  # the base LM
         base_valid = collect_lm_outputs(
             model, valid_split, valid_config, search=search, show_progress=show_progress

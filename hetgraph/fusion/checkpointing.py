@@ -10,7 +10,7 @@ decide whether to checkpoint (the decoder layers in transformers 5, the decoder 
 
 In transformers 5 the checkpoint wraps each layer's ``forward``, so the fusion hooks run
 outside it: the layers' checkpoint recomputes nothing of the fusion (each site's adapter is
-checkpointed separately by :meth:`HetGraphLM.fuse <hetgraph.HetGraphLM.fuse>`, retrieval
+checkpointed separately by :meth:`FusionEngine.fuse <hetgraph.FusionEngine.fuse>`, retrieval
 and graph are never redone). Where a version wraps ``__call__``
 (hooks inside), the checkpoint's ``context_fn`` re-activates the forward call's context for
 the recomputation: the hooks reuse the call's retrieval and graph, and the preserved RNG

@@ -80,8 +80,8 @@ class FusionConfig(JSONConfigMixin):
             backward pass instead of keeping them (HF activation checkpointing, non-reentrant,
             switched on only while the model is in training mode). Saves memory when a
             fused site lies below the last layer (gradients then flow through frozen layers);
-            each site's adapter is checkpointed too (:meth:`HetGraphLM.fuse
-            <hetgraph.HetGraphLM.fuse>`). Retrieval and graphs are not redone, and the
+            each site's adapter is checkpointed too (:meth:`FusionEngine.fuse
+            <hetgraph.FusionEngine.fuse>`). Retrieval and graphs are not redone, and the
             recomputed adapters get the same dropout masks (RNG state restored), so loss
             and gradients are unchanged.
         neighbours: ``"retrieved"``: each position's ``k`` nearest datastore rows (FAISS);

@@ -126,6 +126,30 @@ _knn: ContextVar[KNNMixture | None] = ContextVar("hetgraph_knn_mixture", default
 _generation: ContextVar[GenerationState | None] = ContextVar("hetgraph_generation", default=None)
 
 
+#: Which hooks may act (:func:`fusion_only`); ``_ANY``: every attached one.
+_ANY = object()
+_only: ContextVar[object] = ContextVar("hetgraph_fusion_only", default=_ANY)
+
+
+@contextmanager
+def fusion_only(hooks: object | None) -> Iterator[None]:
+    """Within this block only the fusion hooks ``hooks`` act on base-model calls (``None``:
+    none does, the base model runs as if no hooks were attached); others stay registered
+    but do nothing. Inspection uses it to run the base and the fused model whether or not a
+    :class:`~hetgraph.HetGraphLM` is attached."""
+    token = _only.set(hooks)
+    try:
+        yield
+    finally:
+        _only.reset(token)
+
+
+def hooks_enabled(hooks: object) -> bool:
+    """Whether ``hooks`` may act on calls in this thread / task (see :func:`fusion_only`)."""
+    only = _only.get()
+    return only is _ANY or only is hooks
+
+
 def active_context() -> ForwardContext | None:
     """The context of the forward call running in this thread / task, if any."""
     return _active.get()

@@ -73,7 +73,7 @@ class RetrievalGate(nn.Module):
         if statistics is None:
             raise ValueError(
                 "gate='retrieval' needs the retrieval statistics of the positions "
-                "(HetGraphLM.gate_statistics)"
+                "(FusionEngine.gate_statistics)"
             )
         statistics = statistics.to(device=self.weight.device, dtype=self.weight.dtype)
         return torch.sigmoid(statistics @ self.weight + self.bias)

@@ -123,7 +123,7 @@ class GraphInputBuilder(nn.Module):
         self,
         graph: ContextGraph,
         site: FusionSite,
-        embedding: nn.Module,
+        embedding: nn.Module | None,
         dtype: torch.dtype,
         device: torch.device,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -133,6 +133,11 @@ class GraphInputBuilder(nn.Module):
         hold a few thousand distinct tokens: the adapter maps each once), else ``None``."""
         nbr = graph["nbr"]
         token_x = token_index = None
+        if embedding is None and self.neighbour_embedding != "none":
+            raise ValueError(
+                f"neighbour_embedding={self.neighbour_embedding!r} needs the base model's "
+                "token embedding: pass embedding=model.get_input_embeddings()"
+            )
         with torch.no_grad():  # the LM is frozen: its embedding needs no graph
             if self.neighbour_embedding == "label":
                 nbr_x = embedding(self.next_tokens(nbr.corpus_id.to(device))).to(dtype)
@@ -150,7 +155,7 @@ class GraphInputBuilder(nn.Module):
         graph: ContextGraph,
         hidden: Tensor,
         site: FusionSite,
-        embedding: nn.Module,
+        embedding: nn.Module | None,
         dtype: torch.dtype,
     ) -> AdapterInputs:
         """Node features of ``graph`` for the adapter at ``site``.
@@ -159,7 +164,8 @@ class GraphInputBuilder(nn.Module):
             graph: a graph from :meth:`build_graph` over the positions of ``hidden``.
             hidden: ``[B, T, d]`` hidden states at ``site`` (the ``ctx`` features).
             site: the fused site (decides which stored ``nbr`` features are read).
-            embedding: the LM's input embedding (``model.get_input_embeddings()``).
+            embedding: the LM's input embedding (``model.get_input_embeddings()``; ``None``
+                with ``neighbour_embedding="none"``).
             dtype: dtype of the adapter's parameters.
         """
         return AdapterInputs(

@@ -1,11 +1,13 @@
-"""The forward hooks that join a :class:`~hetgraph.HetGraphLM` to its frozen base model.
+"""The forward hooks that join a :class:`~hetgraph.fusion.engine.FusionEngine` to a frozen base
+model.
 
 :class:`FusionHooks` registers, once per attach, a pre/post hook pair on the base model
 (which opens and closes each call's :class:`~hetgraph.fusion.context.ForwardContext`), a
 :class:`~hetgraph.datastore.HiddenStateCapture` at the retrieval site (the same code that
 captured the datastore's keys defines what a query is), and one hook per fused site. The
 hooks hold no state of their own: whatever a call retrieves and builds lives in its
-context, and every computation is a stateless method of the :class:`~hetgraph.HetGraphLM`.
+context, and every computation is a stateless step of the engine; the hooks hand it the pieces
+of the base model a step needs (the token embedding).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from torch.utils.hooks import RemovableHandle
 
 from hetgraph.datastore.capture import HiddenStateCapture, StopForward
 from hetgraph.fusion.config import HEAD, FusionSite
-from hetgraph.fusion.context import ForwardContext, active_context, enter_context, exit_context
+from hetgraph.fusion.context import (
+    ForwardContext,
+    active_context,
+    enter_context,
+    exit_context,
+    hooks_enabled,
+)
 from hetgraph.models.layers import (
     decoder_layers,
     hidden_states_of,
@@ -27,19 +35,22 @@ from hetgraph.models.layers import (
 )
 
 if TYPE_CHECKING:
-    from hetgraph.fusion.lm import HetGraphLM
+    from hetgraph.fusion.engine import FusionEngine
 
 
 class FusionHooks:
-    """Retrieval and fusion hooks of one :class:`~hetgraph.HetGraphLM` on its base model.
+    """Retrieval and fusion hooks of one :class:`~hetgraph.fusion.engine.FusionEngine` on a
+    base model.
 
     Args:
-        lm: the model whose :meth:`~hetgraph.HetGraphLM.retrieve`,
-            :meth:`~hetgraph.HetGraphLM.fuse` and kNN mixture the hooks call.
+        model: the frozen Hugging Face causal LM the hooks are registered on.
+        engine: the engine whose :meth:`~hetgraph.fusion.engine.FusionEngine.retrieve`,
+            :meth:`~hetgraph.fusion.engine.FusionEngine.fuse` and kNN mixture the hooks call.
     """
 
-    def __init__(self, lm: HetGraphLM) -> None:
-        self.lm = lm
+    def __init__(self, model: nn.Module, engine: FusionEngine) -> None:
+        self.model = model
+        self.engine = engine
         self.handles: list[RemovableHandle] = []
         self.capture: HiddenStateCapture | None = None
 
@@ -52,19 +63,19 @@ class FusionHooks:
         registered before the fusion hooks, so it sees the site's unfused state."""
         if self.is_attached:
             return
-        model = self.lm.model
+        model = self.model
         self.handles.append(model.register_forward_pre_hook(self._on_call_start, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._on_call_end, always_call=True))
-        site = self.lm.retrieval_site
+        site = self.engine.retrieval_site
         self.capture = HiddenStateCapture(
             model, [None if site == HEAD else int(site)], on_capture=self._on_query
         ).attach()
         layers = decoder_layers(model)
-        for site in self.lm.fusion_sites:
+        for site in self.engine.fusion_sites:
             if site == HEAD:
                 head = output_embedding_input_hook_target(model)
                 self.handles.append(head.register_forward_pre_hook(self._fuse_head_input))
-                if self.lm.config.orig_prob_ratio > 0:
+                if self.engine.config.orig_prob_ratio > 0:
                     self.handles.append(head.register_forward_hook(self._mix_original))
             else:
                 hook = self._layer_hook(int(site))
@@ -81,6 +92,8 @@ class FusionHooks:
 
     # ------------------------------------------------------------- call lifetime
     def _on_call_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not hooks_enabled(self):
+            return
         outer = active_context()
         if outer is not None and outer.prefetch_call_pending:
             outer.prefetch_call_pending = False  # the prefetch pass of `outer` runs in its context
@@ -88,9 +101,9 @@ class FusionHooks:
             return
         context = enter_context(kwargs.get("attention_mask"))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        random = self.lm.config.neighbours == "random"
+        random = self.engine.config.neighbours == "random"
         history = None
-        if input_ids is not None and (random or self.lm.needs_prefetch):
+        if input_ids is not None and (random or self.engine.needs_prefetch):
             # The KV cache is ``cache`` since transformers 5, ``past_key_values`` before.
             past = kwargs.get("cache", kwargs.get("past_key_values"))
             history = self._history_ids(context, input_ids, past)
@@ -101,12 +114,12 @@ class FusionHooks:
                 if mask is None or mask.shape != history.shape
                 else history.masked_fill(mask == 0, -1)
             )
-        if self.lm.needs_prefetch:
+        if self.engine.needs_prefetch:
             self._prefetch(context, input_ids, history)
 
     def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
         context = active_context()
-        if context is None:
+        if context is None or not hooks_enabled(self):
             return None
         if context.inner_calls:
             context.inner_calls -= 1
@@ -117,7 +130,7 @@ class FusionHooks:
         # Random neighbours feed the graph; the kNN-LM mixture keeps the retrieved ones.
         knn_retrieval = context.knn_retrieval or context.retrieval
         if context.options.knn is not None and knn_retrieval is not None:
-            output.logits = self.lm.knn_mixture_logits(
+            output.logits = self.engine.knn_mixture_logits(
                 output.logits, knn_retrieval, context.options.knn
             )
         if context.options.output_retrieval:
@@ -127,18 +140,20 @@ class FusionHooks:
     # ------------------------------------------------------------------ retrieval
     def _on_query(self, layer: int | None, hidden: Tensor) -> None:
         context = active_context()
-        if context is None:
+        if context is None or not hooks_enabled(self):
             return
         if context.prefetching:
             context.prefetched_queries = hidden
             raise StopForward
-        if not self.lm.needs_prefetch:
+        if not self.engine.needs_prefetch:
             self._retrieve(context, hidden)
 
     def _retrieve(self, context: ForwardContext, queries: Tensor) -> None:
-        context.retrieval = self.lm.retrieve(queries, context.options, tokens=context.query_tokens)
-        if context.options.knn is not None and self.lm.config.neighbours == "random":
-            context.knn_retrieval = self.lm.retrieve(
+        context.retrieval = self.engine.retrieve(
+            queries, context.options, tokens=context.query_tokens
+        )
+        if context.options.knn is not None and self.engine.config.neighbours == "random":
+            context.knn_retrieval = self.engine.retrieve(
                 queries, context.options, neighbours="retrieved"
             )
 
@@ -149,9 +164,9 @@ class FusionHooks:
         # retrieval site supplies the queries first (history: _history_ids of input_ids).
         if input_ids is None or history is None:
             raise ValueError("HetGraphLM with a prefetch pass needs input_ids (not inputs_embeds)")
-        if self.lm.config.neighbours == "retrieved":  # neighbours handed in: no queries needed
-            k = context.options.k or self.lm.config.k
-            ready = self.lm.retriever.complete(
+        if self.engine.config.neighbours == "retrieved":  # neighbours handed in: no queries needed
+            k = context.options.k or self.engine.config.k
+            ready = self.engine.retriever.complete(
                 context.options, k, input_ids.shape[0], input_ids.shape[-1], input_ids.device
             )
             if ready is not None:
@@ -163,7 +178,7 @@ class FusionHooks:
         context.prefetching = context.prefetch_call_pending = True
         try:
             with torch.no_grad():
-                self.lm.model(input_ids=history, attention_mask=mask, use_cache=False)
+                self.model(input_ids=history, attention_mask=mask, use_cache=False)
         except StopForward:
             pass
         finally:
@@ -190,7 +205,7 @@ class FusionHooks:
     # --------------------------------------------------------------------- fusion
     def _fuse(self, site: FusionSite, hidden: Tensor) -> Tensor | None:
         context = active_context()
-        if context is None or context.prefetching:
+        if context is None or context.prefetching or not hooks_enabled(self):
             return None
         if context.retrieval is None:
             raise RuntimeError(
@@ -199,18 +214,23 @@ class FusionHooks:
         length = hidden.shape[1]
         graph = context.graphs.get(length)
         if graph is None:  # one graph per call, shared by every fused site
-            graph = self.lm.build_graph(context.retrieval, length, context.attention_mask)
+            graph = self.engine.build_graph(context.retrieval, length, context.attention_mask)
             context.graphs[length] = graph
-            context.gate_statistics[length] = self.lm.gate_statistics(context.retrieval, length)
-        return self.lm.fuse(
-            site, hidden, graph, context.gate_statistics[length], context.options.neighbour_states
+            context.gate_statistics[length] = self.engine.gate_statistics(context.retrieval, length)
+        return self.engine.fuse(
+            site,
+            hidden,
+            graph,
+            context.gate_statistics[length],
+            context.options.neighbour_states,
+            embedding=self.model.get_input_embeddings(),
         )
 
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])
         if fused is None:
             return None
-        if self.lm.config.orig_prob_ratio > 0:
+        if self.engine.config.orig_prob_ratio > 0:
             context = active_context()
             if context is not None:
                 context.head_input = args[0]
@@ -219,10 +239,10 @@ class FusionHooks:
     def _mix_original(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         # orig_prob_ratio: log(r·softmax(head(h)) + (1-r)·softmax(head(fused))).
         context = active_context()
-        if context is None or context.head_input is None:
+        if context is None or context.head_input is None or not hooks_enabled(self):
             return None
         original, context.head_input = context.head_input, None
-        return self.lm.mix_original(output, module.forward(original))
+        return self.engine.mix_original(output, module.forward(original))
 
     def _layer_hook(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:

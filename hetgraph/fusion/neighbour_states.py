@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hetgraph.fusion.config import FusionSite
@@ -33,7 +33,7 @@ from hetgraph.fusion.sites import site_key
 from hetgraph.graph import ContextGraph, window_rows
 
 if TYPE_CHECKING:
-    from hetgraph.fusion.lm import HetGraphLM
+    from hetgraph.fusion.engine import FusionEngine
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class NeighbourStates:
     r"""Per fused site, the keys and values each adapter layer's queries read from the
     window of every datastore row (see the module docstring).
 
-    Build it with :meth:`build` from a :class:`~hetgraph.HetGraphLM` whose adapters are
-    trained, then pass it to the calls that should use it: ``lm(input_ids,
+    Build it with :meth:`build` from a :class:`~hetgraph.FusionEngine` whose adapters are
+    trained (``lm.engine``), then pass it to the calls that should use it: ``lm(input_ids,
     neighbour_states=states)``, ``lm.generate(..., neighbour_states=states)``,
     :func:`~hetgraph.evaluation.gnn_forward` (``neighbour_states=``), or let
     ``EvalConfig(neighbour_states="on")`` (or ``"auto"``) build one per evaluation. The table
@@ -57,20 +57,21 @@ class NeighbourStates:
             differ from those the table was built with (rebuild it).
     """
 
-    def __init__(self, tables: dict[str, Tensor], lm: HetGraphLM) -> None:
+    def __init__(self, tables: dict[str, Tensor], engine: FusionEngine) -> None:
         self.tables = tables
-        self.num_rows = len(lm.datastore)
-        self.config = lm.config
+        self.num_rows = len(engine.datastore)
+        self.config = engine.config
         # A model trained further, or with other adapters loaded, must not read a stale
         # table: fingerprints of the weights it was computed with (not copies: with a
         # site per decoder layer those would cost hundreds of MB).
-        self.fingerprints = {key: _fingerprint(lm.adapters[key]) for key in tables}
+        self.fingerprints = {key: _fingerprint(engine.adapters[key]) for key in tables}
 
     @classmethod
     @torch.no_grad()
     def build(
         cls,
-        lm: HetGraphLM,
+        engine: FusionEngine,
+        embedding: nn.Module | None = None,
         sites: Sequence[FusionSite] | None = None,
         *,
         batch_rows: int = 8192,
@@ -78,7 +79,8 @@ class NeighbourStates:
     ) -> NeighbourStates:
         """Computes the table of ``sites`` (default: every fused site) over all the
         datastore's rows, ``batch_rows`` windows at a time, with the adapters in eval mode
-        (their mode is restored after).
+        (their mode is restored after). ``embedding``: the base model's token embedding
+        (``model.get_input_embeddings()``), needed unless ``neighbour_embedding="none"``.
 
         Raises:
             ValueError: if the graphs have no window grid (``graph.deduplicate``), a site
@@ -86,22 +88,21 @@ class NeighbourStates:
         """
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be >= 1 (got {batch_rows})")
-        if lm.graph_config.deduplicate:
+        if engine.graph_config.deduplicate:
             raise ValueError(
                 "neighbour states need window graphs: they cannot be built "
                 "with graph.deduplicate=true (set it to false)"
             )
-        sites = tuple(lm.fusion_sites if sites is None else sites)
-        unknown = [s for s in sites if s not in lm.fusion_sites]
+        sites = tuple(engine.fusion_sites if sites is None else sites)
+        unknown = [s for s in sites if s not in engine.fusion_sites]
         if unknown:
             raise ValueError(
-                f"sites {unknown} are not fused by this model (fused: {list(lm.fusion_sites)})"
+                f"sites {unknown} are not fused by this model (fused: {list(engine.fusion_sites)})"
             )
-        adapters = {site: lm.adapter_at(site) for site in sites}
+        adapters = {site: engine.adapter_at(site) for site in sites}
         modes = {site: adapter.training for site, adapter in adapters.items()}
         tables: dict[str, Tensor] = {}
-        rows_total = len(lm.datastore)
-        embedding = lm.model.get_input_embeddings()
+        rows_total = len(engine.datastore)
         try:
             for adapter in adapters.values():
                 adapter.eval()
@@ -113,8 +114,8 @@ class NeighbourStates:
                     device = next(adapter.parameters()).device
                     rows = torch.arange(start, min(start + batch_rows, rows_total), device=device)
                     # One sequence per row: no causal c2c edges among the rows (paper mode).
-                    graph = lm.graph_inputs.build_graph(rows.view(-1, 1, 1))
-                    inputs = lm.graph_inputs.neighbour_inputs(
+                    graph = engine.graph_inputs.build_graph(rows.view(-1, 1, 1))
+                    inputs = engine.graph_inputs.neighbour_inputs(
                         graph, site, embedding, adapter.param_dtype, device
                     )
                     stacked = torch.stack(
@@ -127,7 +128,7 @@ class NeighbourStates:
         finally:
             for site, adapter in adapters.items():
                 adapter.train(modes[site])
-        states = cls(tables, lm)
+        states = cls(tables, engine)
         logger.info(
             "neighbour states of %d rows at %d site(s): %.1f MB",
             rows_total,
@@ -137,15 +138,15 @@ class NeighbourStates:
         return states
 
     @staticmethod
-    def estimate_nbytes(lm: HetGraphLM, sites: Sequence[FusionSite] | None = None) -> int:
+    def estimate_nbytes(engine: FusionEngine, sites: Sequence[FusionSite] | None = None) -> int:
         """Memory :meth:`build` would take for ``sites`` (default: every fused site)."""
-        slots = lm.graph_config.window_size if lm.graph_config.n2c == "window" else 1
+        slots = engine.graph_config.window_size if engine.graph_config.n2c == "window" else 1
         total = 0
-        for site in lm.fusion_sites if sites is None else sites:
-            adapter = lm.adapter_at(site)
+        for site in engine.fusion_sites if sites is None else sites:
+            adapter = engine.adapter_at(site)
             width = adapter.config.hidden_channels
             per_row = adapter.config.num_layers * 2 * slots * width
-            total += len(lm.datastore) * per_row * adapter.param_dtype.itemsize
+            total += len(engine.datastore) * per_row * adapter.param_dtype.itemsize
         return total
 
     @property
@@ -157,24 +158,24 @@ class NeighbourStates:
         """Whether the table holds ``site``'s windows."""
         return site_key(site) in self.tables
 
-    def check(self, lm: HetGraphLM, sites: Sequence[FusionSite] | None = None) -> None:
-        """Raises :class:`ValueError` unless ``lm`` has the datastore size, fusion settings
+    def check(self, engine: FusionEngine, sites: Sequence[FusionSite] | None = None) -> None:
+        """Raises :class:`ValueError` unless ``engine`` has the datastore size, fusion settings
         and, at ``sites`` (default: every site of the table), the adapter weights the table
         was built with. A forward checks the site it is about to read, so that a model
         fused at every layer fingerprints each adapter once per call, not once per site."""
-        if len(lm.datastore) != self.num_rows or lm.config != self.config:
+        if len(engine.datastore) != self.num_rows or engine.config != self.config:
             raise ValueError(
                 "these neighbour states were built for another datastore or "
-                "fusion config: rebuild them with NeighbourStates.build(lm)"
+                "fusion config: rebuild them with NeighbourStates.build(lm.engine, …)"
             )
         keys = self.fingerprints if sites is None else [site_key(s) for s in sites]
         for key in keys:
-            if key not in lm.adapters or not torch.equal(
-                _fingerprint(lm.adapters[key]), self.fingerprints[key]
+            if key not in engine.adapters or not torch.equal(
+                _fingerprint(engine.adapters[key]), self.fingerprints[key]
             ):
                 raise ValueError(
                     f"the adapter at {key} changed since these neighbour states "
-                    "were built: rebuild them with NeighbourStates.build(lm)"
+                    "were built: rebuild them with NeighbourStates.build(lm.engine, …)"
                 )
 
     def window_key_values(

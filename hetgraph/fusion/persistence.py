@@ -1,7 +1,9 @@
-"""Saving and loading the trained part of a :class:`~hetgraph.HetGraphLM`: adapters and gates.
+"""Saving and loading the trained part of a :class:`~hetgraph.fusion.engine.FusionEngine`:
+adapters and gates (:meth:`HetGraphLM.save_pretrained <hetgraph.HetGraphLM.save_pretrained>`,
+:meth:`~hetgraph.HetGraphLM.from_pretrained`).
 
 An adapter directory holds ``adapter.safetensors`` (adapter and gate tensors, keyed as in
-``HetGraphLM.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
+``FusionEngine.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
 adapter config, and the base model's and datastore's identity); its model card is never read.
 """
 
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import FusionConfig
-from hetgraph.fusion.model_card import base_model_name, write_model_card
+from hetgraph.fusion.model_card import write_model_card
 from hetgraph.integrity import (
     atomic_write_json_record,
     check_file_record,
@@ -45,12 +47,10 @@ from hetgraph.storage import storage_errors
 if TYPE_CHECKING:
     from torch import nn
 
-    from hetgraph.datastore import Datastore
-    from hetgraph.fusion.lm import HetGraphLM
-    from hetgraph.index import DatastoreIndex
+    from hetgraph.fusion.engine import FusionEngine
 
 FORMAT_VERSION = 1
-#: Prefixes of the trained parameters in ``HetGraphLM.state_dict()``.
+#: Prefixes of the trained parameters in ``FusionEngine.state_dict()`` (the saved keys).
 ADAPTER_PREFIXES = ("adapters.", "gates.", "retrieval_gates.")
 
 
@@ -74,121 +74,97 @@ def retrain_hint(directory: str | Path) -> str:
     )
 
 
-class AdapterPersistenceMixin:
-    """``adapter_state_dict`` / ``save_pretrained`` / ``from_pretrained`` for
-    :class:`~hetgraph.HetGraphLM` (a small public surface around a frozen model, in the
-    manner of transformers' ``PeftAdapterMixin``)."""
+def adapter_identity(engine: FusionEngine) -> dict[str, Any]:
+    """What an adapter must be loaded against: the base model and the datastore."""
+    meta = engine.datastore.metadata
+    return {
+        "model": dict(meta.model),
+        "datastore": {
+            "fingerprint": meta.fingerprint,
+            "num_entries": len(engine.datastore),
+            "dim": engine.datastore.dim,
+            "key_layer": engine.datastore.key_layer,
+        },
+    }
 
-    def adapter_state_dict(self: HetGraphLM) -> dict[str, Tensor]:
-        """The trained tensors only (adapters and gates), detached, on the CPU."""
-        return {
-            key: value.detach().cpu().contiguous()
-            for key, value in self.state_dict().items()
-            if key.startswith(ADAPTER_PREFIXES)
-        }
 
-    def load_adapter_state_dict(self: HetGraphLM, state: dict[str, Tensor]) -> None:
-        """Load tensors saved by :meth:`adapter_state_dict` (every adapter key must be there).
+def save_adapter(engine: FusionEngine, directory: str | Path, base_model: str | None) -> None:
+    """Write ``engine``'s ``adapter.safetensors`` (adapters + gates) and
+    ``adapter_config.json`` (with the weights file's size and checksums, and its own
+    checksum), then the model card (:func:`~hetgraph.fusion.model_card.write_model_card`:
+    best effort, never read back); ``base_model``: the base model's name or path, for the
+    card (unchecked).
 
-        Raises:
-            AdapterMismatchError: keys are missing or unexpected.
-        """
-        own = self.state_dict()
-        expected = {key for key in own if key.startswith(ADAPTER_PREFIXES)}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        resized = sorted(k for k in expected & set(state) if own[k].shape != state[k].shape)
-        if missing or unexpected or resized:
-            raise AdapterMismatchError(
-                f"adapter weights do not fit this model: missing "
-                f"{missing[:5]}, unexpected {unexpected[:5]}, other "
-                f"shapes {resized[:5]}"
-            )
-        self.load_state_dict(state, strict=False)
+    Both new files are written in full under temporary names first; only then is the
+    old ``adapter_config.json`` removed and the two renamed into place (weights, then
+    config). A save that fails — a full disk — leaves the previous adapter as it was,
+    and one interrupted between the renames leaves no pair of files that looks complete.
 
-    def adapter_identity(self: HetGraphLM) -> dict[str, Any]:
-        """What an adapter must be loaded against: the base model and the datastore."""
-        meta = self.datastore.metadata
-        return {
-            "model": dict(meta.model),
-            "datastore": {
-                "fingerprint": meta.fingerprint,
-                "num_entries": len(self.datastore),
-                "dim": self.datastore.dim,
-                "key_layer": self.datastore.key_layer,
-            },
-        }
-
-    def save_pretrained(self: HetGraphLM, directory: str | Path) -> None:
-        """Write ``adapter.safetensors`` (adapters + gates) and ``adapter_config.json`` (with
-        the weights file's size and checksums, and its own checksum), then the model card
-        (:func:`~hetgraph.fusion.model_card.write_model_card`: best effort, never read back).
-
-        Both new files are written in full under temporary names first; only then is the
-        old ``adapter_config.json`` removed and the two renamed into place (weights, then
-        config). A save that fails — a full disk — leaves the previous adapter as it was,
-        and one interrupted between the renames leaves no pair of files that looks complete.
-
-        Raises:
-            hetgraph.storage.StorageError: the disk is full (the previous adapter is kept).
-        """
-        directory = Path(directory)
-        config = {
-            "format_version": FORMAT_VERSION,
-            "fusion": self.config.to_dict(),
-            "adapters": {key: adapter.config.to_dict() for key, adapter in self.adapters.items()},
-            **self.adapter_identity(),
-            "base_model_name_or_path": base_model_name(self.model),  # for the card; unchecked
-        }
-        state = self.adapter_state_dict()
-        size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096
-        with storage_errors(
-            directory, "save the adapter again (the previous one is kept)", outer_then_first=True
+    Raises:
+        hetgraph.storage.StorageError: the disk is full (the previous adapter is kept).
+    """
+    directory = Path(directory)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "fusion": engine.config.to_dict(),
+        "adapters": {key: adapter.config.to_dict() for key, adapter in engine.adapters.items()},
+        **adapter_identity(engine),
+        "base_model_name_or_path": base_model,  # for the card; unchecked
+    }
+    state = engine.adapter_state_dict()
+    size = sum(t.numel() * t.element_size() + len(k) + 128 for k, t in state.items()) + 4096
+    with storage_errors(
+        directory, "save the adapter again (the previous one is kept)", outer_then_first=True
+    ):
+        directory.mkdir(parents=True, exist_ok=True)
+        # Exits in reverse order: the weights are renamed into place before the config.
+        with (
+            atomic_path(directory / ADAPTER_CONFIG) as tmp_config,
+            atomic_path(directory / ADAPTER_WEIGHTS, size=size) as tmp_weights,
         ):
-            directory.mkdir(parents=True, exist_ok=True)
-            # Exits in reverse order: the weights are renamed into place before the config.
-            with (
-                atomic_path(directory / ADAPTER_CONFIG) as tmp_config,
-                atomic_path(directory / ADAPTER_WEIGHTS, size=size) as tmp_weights,
-            ):
-                save_file(state, str(tmp_weights))
-                config[INTEGRITY_KEY] = {"files": {ADAPTER_WEIGHTS: file_record(tmp_weights)}}
-                atomic_write_json_record(tmp_config, config)
-                with contextlib.suppress(FileNotFoundError):
-                    (directory / ADAPTER_CONFIG).unlink()
-                fsync_directory(directory)
-        write_model_card(directory, config)
+            save_file(state, str(tmp_weights))
+            config[INTEGRITY_KEY] = {"files": {ADAPTER_WEIGHTS: file_record(tmp_weights)}}
+            atomic_write_json_record(tmp_config, config)
+            with contextlib.suppress(FileNotFoundError):
+                (directory / ADAPTER_CONFIG).unlink()
+            fsync_directory(directory)
+    write_model_card(directory, config)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        model: nn.Module,
-        datastore: Datastore,
-        index: DatastoreIndex,
-        tokenizer: Any | None = None,
-    ) -> HetGraphLM:
-        """Load adapters saved by :meth:`save_pretrained` onto ``model`` and ``datastore``.
 
-        Raises:
-            AdapterNotFoundError: ``directory`` holds no adapter (a ``FileNotFoundError``).
-            AdapterFileError: ``adapter_config.json`` or ``adapter.safetensors`` is damaged
-                (both are checked in full: adapters are small).
-            AdapterMismatchError: the adapter was trained with another base model or datastore.
-        """
-        directory = Path(directory)
-        saved = read_adapter_config(directory)
-        try:
-            fusion = FusionConfig.from_dict(saved["fusion"])
-        except (KeyError, TypeError, AttributeError, ValueError) as error:
-            raise AdapterFileError(
-                f"{directory / ADAPTER_CONFIG} is damaged (its fusion section: "
-                f"{error}); {retrain_hint(directory)}"
-            ) from None
-        lm = cls(model, datastore, index, fusion, tokenizer=tokenizer)
-        _check_identity(lm, saved, directory, tokenizer)
-        device = next(lm.adapters.parameters()).device
-        lm.load_adapter_state_dict(read_adapter_weights(directory, device, saved))
-        return lm
+def saved_fusion_config(saved: dict[str, Any], directory: str | Path) -> FusionConfig:
+    """The :class:`~hetgraph.FusionConfig` of an ``adapter_config.json`` read by
+    :func:`read_adapter_config`.
+
+    Raises:
+        AdapterFileError: its fusion section is damaged.
+    """
+    try:
+        return FusionConfig.from_dict(saved["fusion"])
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise AdapterFileError(
+            f"{Path(directory) / ADAPTER_CONFIG} is damaged (its fusion section: "
+            f"{error}); {retrain_hint(directory)}"
+        ) from None
+
+
+def load_adapter(
+    engine: FusionEngine,
+    model: nn.Module,
+    directory: str | Path,
+    saved: dict[str, Any],
+    tokenizer: Any | None = None,
+) -> None:
+    """Load the adapter ``saved`` in ``directory`` into ``engine``, after checking that it
+    was trained with ``model`` (and ``tokenizer``) and the engine's datastore.
+
+    Raises:
+        AdapterFileError: ``adapter.safetensors`` is damaged.
+        AdapterMismatchError: the adapter was trained with another base model or datastore.
+    """
+    directory = Path(directory)
+    check_identity(engine, model, saved, directory, tokenizer)
+    device = next(engine.adapters.parameters()).device
+    engine.load_adapter_state_dict(read_adapter_weights(directory, device, saved))
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
@@ -451,12 +427,21 @@ def adapter_problems(directory: str | Path) -> tuple[list[str], list[str]]:
     return [ADAPTER_CONFIG, ADAPTER_WEIGHTS], []
 
 
-def _check_identity(lm: HetGraphLM, saved: dict[str, Any], directory: Path, tokenizer: Any) -> None:
-    current = lm.adapter_identity()
+def check_identity(
+    engine: FusionEngine,
+    model: nn.Module,
+    saved: dict[str, Any],
+    directory: Path,
+    tokenizer: Any | None = None,
+) -> None:
+    """Raise :class:`AdapterMismatchError` unless the adapter config ``saved`` was written
+    for ``model`` (its config and weights fingerprints, and ``tokenizer``'s when given) and
+    the engine's datastore."""
+    current = adapter_identity(engine)
     current["model"] = {
         **current["model"],
-        "config": config_fingerprint(lm.model),
-        "weights": weights_fingerprint(lm.model),
+        "config": config_fingerprint(model),
+        "weights": weights_fingerprint(model),
     }
     if tokenizer is not None:
         current["model"]["tokenizer"] = tokenizer_fingerprint(tokenizer)

@@ -60,7 +60,7 @@ class Retriever:
         neighbours: str | None = None,
     ) -> Retrieval:
         """The neighbours of ``[B, T, d]`` query states for one call, as
-        :meth:`HetGraphLM.retrieve <hetgraph.HetGraphLM.retrieve>` describes; positions
+        :meth:`FusionEngine.retrieve <hetgraph.FusionEngine.retrieve>` describes; positions
         that ``options.retrieval`` covers take its neighbours and are not searched."""
         batch, length = queries.shape[:2]
         positions = options.query_positions

@@ -152,7 +152,7 @@ def resolve_fusion_sites(spec: Any, num_layers: int) -> tuple[FusionSite, ...]:
 
 
 def site_key(site: FusionSite) -> str:
-    """Name of a fused site in :attr:`HetGraphLM.adapters <hetgraph.HetGraphLM>` / ``gates``:
+    """Name of a fused site in :attr:`FusionEngine.adapters <hetgraph.FusionEngine>` / ``gates``:
     ``"head"`` or ``"layer_<i>"``."""
     return "head" if site == HEAD else f"layer_{int(site)}"
 

@@ -32,6 +32,7 @@ from hetgraph.errors import HetgraphError
 from hetgraph.fusion.persistence import (
     AdapterFileError,
     AdapterMismatchError,
+    adapter_identity,
     adapter_problems,
     read_adapter_config,
     read_adapter_weights,
@@ -281,7 +282,7 @@ def load_initial_adapter(
     where = f"training.init_from (--init-from) {directory}"
     try:
         saved = read_adapter_config(directory)
-        if saved.get("model") != lm.adapter_identity()["model"]:
+        if saved.get("model") != adapter_identity(lm.engine)["model"]:
             raise InitAdapterError(
                 f"{where} was trained on another base model; start from an "
                 "adapter of this model (or leave --init-from out)"

@@ -99,16 +99,18 @@ class _TrainingRun:
         self.lm, self.valid_split, self.config, self.out_dir = lm, valid_split, config, out_dir
         self.eval_config, self.ctx = eval_config, ctx
         self.tokens = split_tokens(train_split)
-        self.num_rows = len(lm.datastore)
+        self.num_rows = len(lm.engine.datastore)
         self._check_inputs()
-        self.device = next(lm.adapters.parameters()).device
+        self.device = next(lm.engine.adapters.parameters()).device
         self.from_datastore = (
-            lm.can_run_from_datastore if config.from_datastore is None else config.from_datastore
+            lm.engine.can_run_from_datastore
+            if config.from_datastore is None
+            else config.from_datastore
         )
-        if self.from_datastore and not lm.can_run_from_datastore:
+        if self.from_datastore and not lm.engine.can_run_from_datastore:
             raise ConfigError(
                 "from_datastore=True needs retrieval and fusion at the LM-head "
-                "input and key features (HetGraphLM.can_run_from_datastore); "
+                "input and key features (FusionEngine.can_run_from_datastore); "
                 "set from_datastore to null to train with full forwards"
             )
         self.autocast = autocast_dtype(config.mixed_precision, self.device)
@@ -248,9 +250,9 @@ class _TrainingRun:
                 self.num_rows, config.context_length, config.batch_size, config.seed, draw
             )[share.start : share.stop]
             offsets = starts[:, None] + np.arange(config.context_length)[None, :]
-            labels = torch.from_numpy(self.lm.datastore.next_tokens[offsets].astype(np.int64)).to(
-                device
-            )
+            labels = torch.from_numpy(
+                self.lm.engine.datastore.next_tokens[offsets].astype(np.int64)
+            ).to(device)
             with training_autocast(self.autocast, device):
                 logits = self.lm.forward_from_datastore(torch.from_numpy(offsets))
         else:

@@ -105,11 +105,16 @@ def _corpus(args: argparse.Namespace, tokenizer: Any):
     return tokenize_corpus(config, tokenizer)
 
 
-def _open_store(path: str, model: Any, tokenizer: Any):
+def _open_store(path: str, model: Any, tokenizer: Any, encoder: str | None = None):
+    """The datastore and the index to retrieve from: its own, or with ``--encoder`` the
+    relation encoder's index over the encoded keys (queries are encoded as they search)."""
     from hetgraph.datastore import Datastore
+    from hetgraph.encoder import EncodedIndex
     from hetgraph.index import DatastoreIndex
 
     store = Datastore.open(path, model=model, tokenizer=tokenizer)
+    if encoder is not None:
+        return store, EncodedIndex.load(encoder, store)
     index_dir = Path(path) / INDEX_DIR
     if not (index_dir / INDEX_FILE).is_file():
         raise CommandLineError(
@@ -167,7 +172,7 @@ def _lm_for_text(
     model, tokenizer = _load(args)
     tokens = len(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
     check_positions(model, tokens, option, new_tokens)
-    store, index = _open_store(args.datastore, model, tokenizer)
+    store, index = _open_store(args.datastore, model, tokenizer, args.encoder)
     return _hetgraph_lm(args.adapter, model, tokenizer, store, index), model, tokenizer
 
 
@@ -317,7 +322,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx = init_distributed()  # under torchrun: DDP; rank 0 writes and reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
-    store, index = _open_store(args.datastore, model, tokenizer)
+    store, index = _open_store(args.datastore, model, tokenizer, args.encoder)
     check_corpus_provenance(store, corpus, command="train")
     _check_k(fusion.k, store, "--k")
     rows = len(store) + 1
@@ -447,7 +452,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ctx = init_distributed()  # under torchrun the windows are shared; rank 0 reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
-    store, index = _open_store(args.datastore, model, tokenizer)
+    store, index = _open_store(args.datastore, model, tokenizer, args.encoder)
     provenance = check_corpus_provenance(
         store, corpus, command="eval", allow_other_corpus=args.allow_other_corpus
     )

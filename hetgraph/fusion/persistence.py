@@ -75,9 +75,11 @@ def retrain_hint(directory: str | Path) -> str:
 
 
 def adapter_identity(engine: FusionEngine) -> dict[str, Any]:
-    """What an adapter must be loaded against: the base model and the datastore."""
+    """What an adapter must be loaded against: the base model, the datastore and, when it
+    retrieves through a relation encoder (:class:`~hetgraph.encoder.EncodedIndex`), that
+    encoder (``"retrieval"``; absent for the datastore's own index)."""
     meta = engine.datastore.metadata
-    return {
+    identity: dict[str, Any] = {
         "model": dict(meta.model),
         "datastore": {
             "fingerprint": meta.fingerprint,
@@ -86,6 +88,42 @@ def adapter_identity(engine: FusionEngine) -> dict[str, Any]:
             "key_layer": engine.datastore.key_layer,
         },
     }
+    retrieval = retrieval_identity(engine)
+    if retrieval is not None:
+        identity["retrieval"] = retrieval
+    return identity
+
+
+def retrieval_identity(engine: FusionEngine) -> dict[str, Any] | None:
+    """The relation encoder the engine's index encodes queries with, or ``None``."""
+    encoder = getattr(engine.index, "encoder", None)
+    if encoder is None:
+        return None
+    return {"encoder": encoder.fingerprint, "encoder_dir": str(engine.index.directory)}
+
+
+def check_retrieval(saved: dict[str, Any], engine: FusionEngine, directory: Path) -> None:
+    """Refuse an adapter used with another retrieval than it was trained with (with or
+    without a relation encoder, or through another encoder), in one line."""
+    trained, current = saved.get("retrieval"), retrieval_identity(engine)
+    if (trained or {}).get("encoder") == (current or {}).get("encoder"):
+        return
+    if trained is None:
+        raise AdapterMismatchError(
+            f"adapter in {directory} was trained without a relation encoder, but this model "
+            f"retrieves through {current['encoder_dir']}; leave out --encoder"
+        )
+    raise AdapterMismatchError(
+        f"adapter in {directory} was trained with the relation encoder "
+        f"{trained['encoder_dir']} (fingerprint {trained['encoder']}), but this model "
+        + (
+            "retrieves through the datastore's own index"
+            if current is None
+            else f"retrieves through {current['encoder_dir']} (fingerprint {current['encoder']})"
+        )
+        + f"; pass --encoder {trained['encoder_dir']} (an index built by hetgraph index build "
+        "--encoder)"
+    )
 
 
 def save_adapter(engine: FusionEngine, directory: str | Path, base_model: str | None) -> None:
@@ -445,6 +483,7 @@ def check_identity(
     }
     if tokenizer is not None:
         current["model"]["tokenizer"] = tokenizer_fingerprint(tokenizer)
+    check_retrieval(saved, engine, directory)
     for what in ("model", "datastore"):
         if saved.get(what) != current[what]:
             raise AdapterMismatchError(

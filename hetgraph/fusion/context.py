@@ -1,11 +1,23 @@
-"""Per-call state of a :class:`~hetgraph.HetGraphLM` forward, kept out of the module.
+"""Per-call state of a fused forward, kept out of the modules: one context object per call.
 
-The fusion hooks are installed once per :meth:`~hetgraph.HetGraphLM.attach`; everything
-one forward call retrieves and builds lives in a :class:`ForwardContext` created when
-that call enters the base model and dropped when it leaves. The active context is held
-in a :class:`contextvars.ContextVar`, so nested calls (a ``generate`` inside an
-evaluation loop, a forward issued from a user hook) and calls from several threads
-each see their own state, and nothing is ever written onto the module.
+The fusion hooks are installed once per :meth:`~hetgraph.HetGraphLM.attach`; everything one
+forward call asks for and everything it retrieves and builds lives in one
+:class:`ForwardContext`, held in one :class:`contextvars.ContextVar`:
+
+- A caller that wants something of the *next* base-model call (:func:`call_options`: the
+  options of :meth:`HetGraphLM.forward <hetgraph.HetGraphLM.forward>`) or of *every* call
+  inside a block (:func:`knn_mixture`, :func:`generation_state`, :func:`fusion_only`)
+  makes a context that has not started and makes it the current one for the block.
+- When the base model is called, its pre-hook starts the call's context
+  (:func:`enter_context`): a fresh one that takes the options of a context that has not
+  started yet (once: a second call in the block, or a nested call, does not get them) and
+  the block-wide settings of the current one; its post-hook ends it (:func:`exit_context`),
+  which makes the enclosing one current again.
+
+So nested calls (a ``generate`` inside an evaluation loop, a forward issued from a user
+hook) and calls from several threads each see their own state, and nothing is ever written
+onto a module. The only base-model call that joins a running context is the no-grad
+prefetch pass the hooks issue themselves (``prefetch_call_pending``).
 """
 
 from __future__ import annotations
@@ -91,13 +103,25 @@ class GenerationState:
     neighbour_states: NeighbourStates | None = None
 
 
+#: ``ForwardContext.only`` when every attached hook acts.
+ANY_HOOKS = "any"
+
+
 @dataclass
 class ForwardContext:
-    """Everything one forward call of the wrapped model retrieves and builds."""
+    """One forward call of the wrapped model: what it was asked for and what it retrieves
+    and builds (see the module docstring)."""
 
-    options: CallOptions
-    attention_mask: Tensor | None = None
+    #: What the call was asked for (:func:`call_options`), or the next call will be.
+    options: CallOptions = field(default_factory=CallOptions)
+    #: Block-wide settings, inherited by every call started inside the block: the kNN-LM
+    #: mixture, the ``generate`` state and which fusion hooks act (:func:`fusion_only`).
+    knn: KNNMixture | None = None
     generation: GenerationState | None = None
+    only: object = ANY_HOOKS
+    #: True once a base-model call runs in this context.
+    started: bool = False
+    attention_mask: Tensor | None = None
     retrieval: Retrieval | None = None
     #: With random neighbours: the call's tokens (``-1`` at padding), which identify its
     #: queries, and the retrieved neighbours the kNN-LM mixture uses (when it is on).
@@ -113,88 +137,82 @@ class ForwardContext:
     #: Set just before the prefetch pass calls the base model, so that call (and only it,
     #: not another call made meanwhile from a user hook) joins this context.
     prefetch_call_pending: bool = False
-    #: Base-model calls running inside this context that belong to it (the prefetch pass).
-    inner_calls: int = 0
     #: The LM head's unfused input, kept for the ``orig_prob_ratio`` mixture.
     head_input: Tensor | None = None
     token: Token | None = None
 
+    def scope(self, **changes: object) -> ForwardContext:
+        """A context that has not started, with this one's block-wide settings (and no
+        options) updated by ``changes``."""
+        settings = dict(knn=self.knn, generation=self.generation, only=self.only)
+        return ForwardContext(**{**settings, **changes})  # type: ignore[arg-type]
 
-_active: ContextVar[ForwardContext | None] = ContextVar("hetgraph_forward_context", default=None)
-_options: ContextVar[CallOptions | None] = ContextVar("hetgraph_call_options", default=None)
-_knn: ContextVar[KNNMixture | None] = ContextVar("hetgraph_knn_mixture", default=None)
-_generation: ContextVar[GenerationState | None] = ContextVar("hetgraph_generation", default=None)
+
+_current: ContextVar[ForwardContext | None] = ContextVar("hetgraph_forward_context", default=None)
 
 
-#: Which hooks may act (:func:`fusion_only`); ``_ANY``: every attached one.
-_ANY = object()
-_only: ContextVar[object] = ContextVar("hetgraph_fusion_only", default=_ANY)
+def _scope() -> ForwardContext:
+    return _current.get() or ForwardContext()
 
 
 @contextmanager
-def fusion_only(hooks: object | None) -> Iterator[None]:
-    """Within this block only the fusion hooks ``hooks`` act on base-model calls (``None``:
-    none does, the base model runs as if no hooks were attached); others stay registered
-    but do nothing. Inspection uses it to run the base and the fused model whether or not a
-    :class:`~hetgraph.HetGraphLM` is attached."""
-    token = _only.set(hooks)
+def _within(context: ForwardContext) -> Iterator[ForwardContext]:
+    token = _current.set(context)
     try:
-        yield
+        yield context
     finally:
-        _only.reset(token)
-
-
-def hooks_enabled(hooks: object) -> bool:
-    """Whether ``hooks`` may act on calls in this thread / task (see :func:`fusion_only`)."""
-    only = _only.get()
-    return only is _ANY or only is hooks
+        _current.reset(token)
 
 
 def active_context() -> ForwardContext | None:
     """The context of the forward call running in this thread / task, if any."""
-    return _active.get()
+    context = _current.get()
+    return context if context is not None and context.started else None
+
+
+def hooks_enabled(hooks: object) -> bool:
+    """Whether ``hooks`` may act on calls in this thread / task (see :func:`fusion_only`)."""
+    only = _scope().only
+    return only is ANY_HOOKS or only is hooks
 
 
 def enter_context(attention_mask: Tensor | None) -> ForwardContext:
-    """Start the context of a base-model call: consumes the options the caller set with
-    :func:`call_options`, so a nested call does not inherit them."""
-    options = _options.get() or CallOptions()
-    if options.knn is None and _knn.get() is not None:
-        options = replace(options, knn=_knn.get())
-    generation = _generation.get()
+    """Start the context of a base-model call: it takes the options of the current context
+    if that has not started (consuming them: the next call does not get them again), and
+    the block-wide settings of the current one."""
+    current = _scope()
+    options = CallOptions()
+    if not current.started:
+        options, current.options = current.options, CallOptions()
+    if options.knn is None and current.knn is not None:
+        options = replace(options, knn=current.knn)
+    generation = current.generation
     if options.neighbour_states is None and generation is not None:
         options = replace(options, neighbour_states=generation.neighbour_states)
-    context = ForwardContext(options=options, attention_mask=attention_mask, generation=generation)
-    context.token = _active.set(context)
-    _options.set(None)
+    context = current.scope(options=options, started=True, attention_mask=attention_mask)
+    context.token = _current.set(context)
     return context
 
 
 def exit_context(context: ForwardContext) -> None:
     """End the context started by :func:`enter_context` (restores the enclosing one)."""
     if context.token is not None:
-        _active.reset(context.token)
+        _current.reset(context.token)
         context.token = None
 
 
 @contextmanager
 def call_options(options: CallOptions) -> Iterator[None]:
     """Within this block, the next base-model call starts with ``options``."""
-    token = _options.set(options)
-    try:
+    with _within(_scope().scope(options=options)):
         yield
-    finally:
-        _options.reset(token)
 
 
 @contextmanager
 def knn_mixture(mixture: KNNMixture | None) -> Iterator[None]:
     """Within this block, every forward's logits are kNN-LM mixtures (``None``: off)."""
-    token = _knn.set(mixture)
-    try:
+    with _within(_scope().scope(knn=mixture)):
         yield
-    finally:
-        _knn.reset(token)
 
 
 @contextmanager
@@ -203,11 +221,18 @@ def generation_state(
 ) -> Iterator[GenerationState]:
     """A fresh :class:`GenerationState` for the base-model calls of one ``generate``."""
     state = GenerationState(neighbour_states=neighbour_states)
-    token = _generation.set(state)
-    try:
+    with _within(_scope().scope(generation=state)):
         yield state
-    finally:
-        _generation.reset(token)
+
+
+@contextmanager
+def fusion_only(hooks: object | None) -> Iterator[None]:
+    """Within this block only the fusion hooks ``hooks`` act on base-model calls (``None``:
+    none does, the base model runs as if no hooks were attached); others stay registered
+    but do nothing. Inspection uses it to run the base and the fused model whether or not a
+    :class:`~hetgraph.HetGraphLM` is attached."""
+    with _within(_scope().scope(only=hooks)):
+        yield
 
 
 @contextmanager
@@ -219,8 +244,5 @@ def reactivated(context: ForwardContext | None) -> Iterator[None]:
     if context is None:
         yield
         return
-    token = _active.set(context)
-    try:
+    with _within(context):
         yield
-    finally:
-        _active.reset(token)

@@ -8,6 +8,9 @@ captured the datastore's keys defines what a query is), and one hook per fused s
 hooks hold no state of their own: whatever a call retrieves and builds lives in its
 context, and every computation is a stateless step of the engine; the hooks hand it the pieces
 of the base model a step needs (the token embedding).
+
+Every hook is excluded from ``torch.compile`` (``torch.compiler.disable``): a compiled base
+model breaks its graph at each hook and runs the fusion eagerly, with the same logits.
 """
 
 from __future__ import annotations
@@ -91,13 +94,13 @@ class FusionHooks:
             self.capture = None
 
     # ------------------------------------------------------------- call lifetime
+    @torch.compiler.disable
     def _on_call_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not hooks_enabled(self):
             return
         outer = active_context()
         if outer is not None and outer.prefetch_call_pending:
             outer.prefetch_call_pending = False  # the prefetch pass of `outer` runs in its context
-            outer.inner_calls += 1
             return
         context = enter_context(kwargs.get("attention_mask"))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -117,12 +120,12 @@ class FusionHooks:
         if self.engine.needs_prefetch:
             self._prefetch(context, input_ids, history)
 
+    @torch.compiler.disable
     def _on_call_end(self, module: nn.Module, args: tuple, output: Any) -> Any:
         context = active_context()
         if context is None or not hooks_enabled(self):
             return None
-        if context.inner_calls:
-            context.inner_calls -= 1
+        if context.prefetching:  # the end of the prefetch pass's own call, not of this one
             return None
         exit_context(context)
         if output is None:  # the call raised; always_call hooks still close its context
@@ -138,6 +141,7 @@ class FusionHooks:
         return output
 
     # ------------------------------------------------------------------ retrieval
+    @torch.compiler.disable
     def _on_query(self, layer: int | None, hidden: Tensor) -> None:
         context = active_context()
         if context is None or not hooks_enabled(self):
@@ -226,6 +230,7 @@ class FusionHooks:
             embedding=self.model.get_input_embeddings(),
         )
 
+    @torch.compiler.disable
     def _fuse_head_input(self, module: nn.Module, args: tuple) -> tuple | None:
         fused = self._fuse(HEAD, args[0])
         if fused is None:
@@ -236,6 +241,7 @@ class FusionHooks:
                 context.head_input = args[0]
         return (fused, *args[1:])
 
+    @torch.compiler.disable
     def _mix_original(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         # orig_prob_ratio: log(r·softmax(head(h)) + (1-r)·softmax(head(fused))).
         context = active_context()
@@ -249,4 +255,4 @@ class FusionHooks:
             fused = self._fuse(layer, hidden_states_of(output))
             return None if fused is None else with_hidden_states(output, fused)
 
-        return hook
+        return torch.compiler.disable(hook)

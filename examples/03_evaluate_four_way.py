@@ -43,7 +43,7 @@ def main() -> None:
     )
     print(results_table(results, title="four-way evaluation"))
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results.to_dict(), indent=2) + "\n")
     plot_results(results, out / "results.png")
     print(f"results in {out / 'results.json'}, plot in {out / 'results.png'}")
     print("evaluation OK")

@@ -471,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         include_gnn=adapter is not None,
         per_token=args.per_token,
         control=control,
-    )
+    ).to_dict()
     results["provenance"] = provenance
     if not ctx.is_main:
         return 0

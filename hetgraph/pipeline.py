@@ -367,7 +367,7 @@ def _run_locked(config: RunConfig, out_dir: Path) -> dict[str, Any]:
     memory["training"] = peak_resident_memory_mb()
 
     logger.info("evaluating base, kNN-LM, GNN-LM and GNN-LM + kNN on the same test tokens")
-    results = evaluate_four_way(lm, corpus.valid, corpus.test, config.evaluation)
+    results = evaluate_four_way(lm, corpus.valid, corpus.test, config.evaluation).to_dict()
     memory["evaluation"] = peak_resident_memory_mb()
     logger.info(
         "peak resident memory after each stage (MiB): %s",

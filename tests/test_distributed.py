@@ -213,7 +213,7 @@ def _eval_results(lm: HetGraphLM) -> dict:
         _split("test", 400, seed=2),
         EVAL_CONFIG,
         show_progress=False,
-    )
+    ).to_dict()
     results.pop("speed")
     results["perplexity"] = model_perplexity(lm, _split("valid", 300, seed=1), EVAL_CONFIG)
     return results

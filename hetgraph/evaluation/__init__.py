@@ -30,6 +30,12 @@ from hetgraph.evaluation.lm import (
     collect_lm_outputs,
     default_forward,
 )
+from hetgraph.evaluation.per_token import (
+    PerTokenError,
+    PerTokenResults,
+    paired_ratio,
+    read_per_token,
+)
 from hetgraph.evaluation.report import (
     METHOD_NAMES,
     plot_results,
@@ -37,6 +43,7 @@ from hetgraph.evaluation.report import (
     results_table,
     write_per_token,
 )
+from hetgraph.evaluation.results import EvaluationResults, MethodScore, RatioScore
 from hetgraph.evaluation.sampling import (
     segment_windows,
     stratified_segments,
@@ -46,12 +53,17 @@ __all__ = [
     "METHOD_NAMES",
     "BootstrapSpec",
     "EvalConfig",
+    "EvaluationResults",
     "ForwardFn",
     "LMOutputs",
+    "MethodScore",
     "NeighbourSearch",
     "NonFiniteError",
+    "PerTokenError",
+    "PerTokenResults",
     "PerplexityInterval",
     "RatioInterval",
+    "RatioScore",
     "TrimmedForward",
     "add_intervals",
     "bootstrap_perplexities",
@@ -63,9 +75,11 @@ __all__ = [
     "gnn_forward",
     "knn_mixture_log_probs",
     "model_perplexity",
+    "paired_ratio",
     "perplexity_intervals",
     "plot_results",
     "ratio_sentences",
+    "read_per_token",
     "results_table",
     "score_knn",
     "score_lm",

@@ -31,6 +31,7 @@ from hetgraph.evaluation.lm import (
     default_forward,
 )
 from hetgraph.evaluation.report import write_per_token
+from hetgraph.evaluation.results import EvaluationResults
 from hetgraph.evaluation.sampling import scored_count
 from hetgraph.fusion.context import Retrieval
 from hetgraph.fusion.neighbour_states import NeighbourStates
@@ -286,7 +287,7 @@ def evaluate_four_way(
     show_progress: bool = True,
     per_token: str | Path | None = None,
     control: Any | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResults:
     """Evaluate base, kNN-LM, GNN-LM and GNN-LM + kNN on exactly the same test tokens.
 
     The scored tokens are ``config.max_tokens`` positions spread over every test document
@@ -316,7 +317,9 @@ def evaluate_four_way(
     Returns:
         Method rows (``ppl``, ``ppl_ci95``, ``documents``, ``acc``; kNN rows ``lambda``,
         ``temperature``, ``k``), ``ratios``, ``bootstrap``, ``sample``, ``neighbours``,
-        ``tokens``, ``valid_tokens`` and ``speed`` (tokens/s). JSON-serialisable.
+        ``tokens``, ``valid_tokens`` and ``speed`` (tokens/s), as an
+        :class:`~hetgraph.evaluation.EvaluationResults` (typed; its ``to_dict()`` is the
+        JSON ``hetgraph eval --json`` writes, and it reads as that mapping).
     """
     config, model = config or EvalConfig(), lm.model
     k = int(config.k)
@@ -384,4 +387,4 @@ def evaluate_four_way(
     )
     if per_token is not None and current_context().is_main:
         write_per_token(per_token, base_test, log_probs, test_split)
-    return results
+    return EvaluationResults.from_dict(results)

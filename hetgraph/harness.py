@@ -50,7 +50,7 @@ from hetgraph.configuration import ConfigError
 from hetgraph.corpus.tokenized import TokenizedSplit
 from hetgraph.datastore import Datastore
 from hetgraph.evaluation.gnn import gnn_forward
-from hetgraph.evaluation.lm import EvalConfig, LMOutputs, NeighbourSearch, collect_lm_outputs
+from hetgraph.evaluation.lm import EvalConfig, LMOutputs, collect_lm_outputs
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.index import DatastoreIndex
 from hetgraph.io import ADAPTER_CONFIG, INDEX_DIR, sha256_hex
@@ -260,9 +260,7 @@ class HetGraphHarnessLM(LM):
             split,
             dataclasses.replace(config, k=self.mixture[2]) if base_knn else config,
             show_progress=False,
-            search=NeighbourSearch(self.lm.engine.index, self.lm.engine.datastore)
-            if base_knn
-            else None,
+            search=self.lm.engine.retriever if base_knn else None,
         )
         if self.method.startswith("gnn"):
             outputs = collect_lm_outputs(

@@ -19,11 +19,11 @@ from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
     LMOutputs,
-    NeighbourSearch,
     TrimmedForward,
     collect_lm_outputs,
     default_forward,
 )
+from hetgraph.fusion.retrieval import Retriever
 from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
 
 
@@ -62,7 +62,7 @@ def _limit(split: Any, max_tokens: int | None) -> Any:
 
 
 def _base_outputs(
-    lora_model: Any, split: Any, windows: EvalConfig, search: NeighbourSearch, show_progress: bool
+    lora_model: Any, split: Any, windows: EvalConfig, search: Retriever, show_progress: bool
 ) -> LMOutputs:
     # The base model's own query states and log-probs: the LoRA switched off.
     with lora_model.disable_adapter():
@@ -77,7 +77,7 @@ def evaluate_lora_control(
     test_split: Any,
     config: EvalConfig | None = None,
     *,
-    search: NeighbourSearch | None = None,
+    search: Retriever | None = None,
     base_outputs: tuple[LMOutputs, LMOutputs] | None = None,
     lambdas: Any = DEFAULT_LAMBDAS,
     show_progress: bool = True,

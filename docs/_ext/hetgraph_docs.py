@@ -48,6 +48,10 @@ BENCHMARKS = {
         "Scaling: index size, on-disk lists, distributed build and training",
         "benchmarks/scaling.py",
     ),
+    "eval_speed": (
+        "GNN-LM evaluation speed with one retrieval per position",
+        "benchmarks/eval_speed.py",
+    ),
     "eval_memory": (
         "Resident memory of evaluation against the datastore's size",
         "benchmarks/eval_memory.py",

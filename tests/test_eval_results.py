@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from hetgraph.evaluation.results import EvaluationResults, MethodScore, RatioScore
+from hetgraph.evaluation.intervals import RatioInterval
+from hetgraph.evaluation.results import EvaluationResults, MethodScore
 
 JSON_FORM = {
     "base": {"ppl": 10.5, "acc": 0.4, "ppl_ci95": [9.0, 12.0], "documents": 36},
@@ -60,7 +61,7 @@ def test_typed_fields_and_the_mapping_view_agree():
     "ci95, detectable", [((0.93, 0.957), True), ((0.94, 1.01), False), ((1.0, 1.2), False)]
 )
 def test_a_ratio_whose_interval_contains_one_is_not_detectable(ci95, detectable):
-    assert RatioScore(0.95, ci95).detectable is detectable
+    assert RatioInterval(0.95, ci95).detectable is detectable
 
 
 def test_a_method_row_without_intervals_writes_no_interval_keys():

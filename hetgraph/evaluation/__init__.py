@@ -43,7 +43,7 @@ from hetgraph.evaluation.report import (
     results_table,
     write_per_token,
 )
-from hetgraph.evaluation.results import EvaluationResults, MethodScore, RatioScore
+from hetgraph.evaluation.results import EvaluationResults, MethodScore
 from hetgraph.evaluation.sampling import (
     segment_windows,
     stratified_segments,
@@ -63,7 +63,6 @@ __all__ = [
     "PerTokenResults",
     "PerplexityInterval",
     "RatioInterval",
-    "RatioScore",
     "TrimmedForward",
     "add_intervals",
     "bootstrap_perplexities",

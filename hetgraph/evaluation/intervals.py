@@ -18,7 +18,9 @@ generator, so the interval is reproducible, and their number is stated with it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -127,6 +129,14 @@ class RatioInterval:
         if not self.detectable:
             return f"{a} vs {b}: no detectable difference, ratio {interval}"
         return f"{a} / {b} = {interval}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form under ``"ratios"``: ``{"ratio": …, "ci95": [low, high]}``."""
+        return {"ratio": self.ratio, "ci95": list(self.ci95)}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> RatioInterval:
+        return cls(float(row["ratio"]), (float(row["ci95"][0]), float(row["ci95"][1])))
 
 
 def perplexity_intervals(

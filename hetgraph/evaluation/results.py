@@ -2,12 +2,13 @@
 
 :func:`~hetgraph.evaluation.evaluate_four_way` returns an :class:`EvaluationResults`: one
 :class:`MethodScore` per method (``base``, ``knn``, ``gnn``, ``gnn_knn``, ``lora``,
-``lora_knn``), one :class:`RatioScore` per pair of methods, and how the tokens were sampled
-and the intervals drawn. :meth:`EvaluationResults.to_dict` is the JSON written by
-``hetgraph eval --json`` — each method's row as ``"gnn": {"ppl": …, "acc": …,
-"ppl_ci95": […], "documents": N}``, the pairs under ``"ratios"`` keyed ``"<method>/<method>"``
-— and :meth:`EvaluationResults.from_dict` reads it back. The object is also a read-only
-mapping over that JSON form, so ``results["gnn"]["ppl"]`` reads as it always has.
+``lora_knn``), one :class:`~hetgraph.evaluation.RatioInterval` per pair of methods, and
+how the tokens were sampled and the intervals drawn. :meth:`EvaluationResults.to_dict` is
+the JSON written by ``hetgraph eval --json`` — each method's row as ``"gnn": {"ppl": …,
+"acc": …, "ppl_ci95": […], "documents": N}``, the pairs under ``"ratios"`` keyed
+``"<method>/<method>"`` — and :meth:`EvaluationResults.from_dict` reads it back. The object
+is also a read-only mapping over that JSON form, so ``results["gnn"]["ppl"]`` reads as it
+always has.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from hetgraph.evaluation.intervals import RatioInterval
 
 #: Fields of a method's row that :class:`MethodScore` names; anything else is kept in ``extra``.
 _METHOD_FIELDS = ("ppl", "acc", "ppl_ci95", "documents", "lambda", "temperature", "k", "valid_ppl")
@@ -73,26 +76,6 @@ class MethodScore:
         )
 
 
-@dataclass(frozen=True)
-class RatioScore:
-    """The perplexity ratio of two methods on the same tokens, with its paired interval."""
-
-    ratio: float
-    ci95: tuple[float, float]
-
-    @property
-    def detectable(self) -> bool:
-        """Whether the interval excludes 1 (else: no detectable difference)."""
-        return not self.ci95[0] <= 1.0 <= self.ci95[1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "ci95": list(self.ci95)}
-
-    @classmethod
-    def from_dict(cls, row: Mapping[str, Any]) -> RatioScore:
-        return cls(float(row["ratio"]), (float(row["ci95"][0]), float(row["ci95"][1])))
-
-
 #: Top-level keys that are not method rows.
 _SETUP_KEYS = ("ratios", "bootstrap", "sample", "tokens", "valid_tokens", "documents", "speed")
 
@@ -103,7 +86,7 @@ class EvaluationResults(Mapping[str, Any]):
 
     Args:
         methods: method name → :class:`MethodScore`, in the order evaluated.
-        ratios: ``"<method>/<method>"`` → :class:`RatioScore`.
+        ratios: ``"<method>/<method>"`` → :class:`RatioInterval`.
         tokens, valid_tokens, documents: scored test tokens, valid tokens λ and T were tuned
             on, and test documents covered.
         bootstrap: resamples, seed, level and unit of the intervals.
@@ -114,7 +97,7 @@ class EvaluationResults(Mapping[str, Any]):
     """
 
     methods: dict[str, MethodScore]
-    ratios: dict[str, RatioScore] = field(default_factory=dict)
+    ratios: dict[str, RatioInterval] = field(default_factory=dict)
     tokens: int | None = None
     valid_tokens: int | None = None
     documents: int | None = None
@@ -153,7 +136,7 @@ class EvaluationResults(Mapping[str, Any]):
         }
         return cls(
             methods=methods,
-            ratios={k: RatioScore.from_dict(v) for k, v in data.get("ratios", {}).items()},
+            ratios={k: RatioInterval.from_dict(v) for k, v in data.get("ratios", {}).items()},
             **{key: data[key] for key in known if key in data},
             extra={
                 key: value

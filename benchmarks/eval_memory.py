@@ -183,17 +183,17 @@ def main() -> None:
         "--after", type=Path, default=ROOT, help="the code measured as 'after' (a checkout)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--reuse-before",
+        action="store_true",
+        help="keep the 'before' runs of the last result (same --before): re-measure 'after' only",
+    )
     args = parser.parse_args()
     small, large = args.work / "small", args.work / "large"
     tile_datastore(args.source, small, len(Datastore.open(args.source)))
     tile_datastore(args.source, large, args.rows)
     for store in (small, large):
         build_index(store, args.threads)
-    before = args.work / "before-code"
-    if not before.is_dir():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(before), args.before], check=True, cwd=ROOT
-        )
     after_revision = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=args.after
     ).stdout.strip()
@@ -203,13 +203,24 @@ def main() -> None:
         "factory": FACTORY,
         "runs": {},
     }
+    last = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    versions = {"after": args.after}
+    if args.reuse_before and last.get("before_revision") == args.before:
+        results["runs"].update({k: v for k, v in last["runs"].items() if k.startswith("before/")})
+    else:
+        versions["before"] = args.work / "before-code"
+        add = ["git", "worktree", "add", "--detach", str(versions["before"]), args.before]
+        subprocess.run(add, check=True, cwd=ROOT)
     try:
-        for version, code in (("after", args.after), ("before", before)):
+        for version, code in versions.items():
             for label, store in (("small", small), ("large", large)):
                 results["runs"][f"{version}/{label}"] = probe(code, store)
                 print(version, label, results["runs"][f"{version}/{label}"], flush=True)
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT)
+        if "before" in versions:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(versions["before"])], cwd=ROOT
+            )
     summarise(results)
     atomic_write_json(OUT, results)
     print(json.dumps(results["summary"], indent=2))

@@ -19,6 +19,7 @@ from hetgraph.evaluation.knn import (
     knn_mixture_log_probs,
     score_knn,
     score_lm,
+    tuned_knn,
 )
 from hetgraph.evaluation.lm import (
     EvalConfig,
@@ -84,5 +85,6 @@ __all__ = [
     "score_lm",
     "segment_windows",
     "stratified_segments",
+    "tuned_knn",
     "write_per_token",
 ]

@@ -8,19 +8,13 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from hetgraph.allocator import available_memory_bytes
 from hetgraph.configuration import ConfigError
 from hetgraph.distributed import current_context, processes_on_this_node
 from hetgraph.evaluation.intervals import perplexity_intervals
-from hetgraph.evaluation.knn import (
-    default_temperatures,
-    knn_mixture_log_probs,
-    score_knn,
-    score_lm,
-)
+from hetgraph.evaluation.knn import score_lm, tuned_knn
 from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
@@ -36,7 +30,7 @@ from hetgraph.evaluation.sampling import scored_count
 from hetgraph.fusion.context import Retrieval
 from hetgraph.fusion.neighbour_states import NeighbourStates
 from hetgraph.fusion.retrieval import Retriever
-from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
+from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity
 from hetgraph.limits import check_memory
 
 #: Bytes an evaluation holds per (scored position, neighbour): distances and log-probs
@@ -146,29 +140,6 @@ def model_perplexity(
     return perplexity(outputs.lm_log_probs)
 
 
-def _tuned_knn(
-    valid: LMOutputs, test: LMOutputs, k: int, lambdas: Any, stage: str
-) -> tuple[dict[str, Any], torch.Tensor]:
-    # The tuned row and the mixture's per-token log-probs on test.
-    temperatures = default_temperatures(valid.knn_distances)
-    lam, temperature, grid = tune_knn(
-        valid.lm_log_probs,
-        valid.knn_distances,
-        valid.knn_tokens,
-        valid.targets,
-        lambdas,
-        temperatures,
-    )
-    row = {
-        **score_knn(test, lam, temperature, stage),
-        "lambda": float(lam),
-        "temperature": float(temperature),
-        "k": int(k),
-        "valid_ppl": float(np.nanmin(grid)),
-    }
-    return row, knn_mixture_log_probs(test, lam, temperature)
-
-
 def add_intervals(
     results: dict[str, Any],
     log_probs: dict[str, torch.Tensor],
@@ -242,7 +213,7 @@ def _method_rows(
     )
     tokens_per_s = len(test) / (time.perf_counter() - started)
     results[name], log_probs[name] = score_lm(test, STAGES[name]), test.lm_log_probs
-    results[f"{name}_knn"], log_probs[f"{name}_knn"] = _tuned_knn(
+    results[f"{name}_knn"], log_probs[f"{name}_knn"] = tuned_knn(
         valid, test, k, lambdas, f"{STAGES[name]}+kNN"
     )
     return tokens_per_s
@@ -345,7 +316,7 @@ def evaluate_four_way(
     splits, configs = (valid_split, test_split), (valid_config, test_config)
     results: dict[str, Any] = {"base": score_lm(base_test, "base")}
     log_probs = {"base": base_test.lm_log_probs}
-    results["knn"], log_probs["knn"] = _tuned_knn(base_valid, base_test, k, lambdas, "kNN")
+    results["knn"], log_probs["knn"] = tuned_knn(base_valid, base_test, k, lambdas, "kNN")
     # The control first, with its LoRA on; GNN-LM on the base model, with it off.
     off = control.disable_adapter if control is not None else nullcontext
     for name, forward, context in (

@@ -109,6 +109,32 @@ def score_knn(
     )
 
 
+def tuned_knn(
+    valid: LMOutputs, test: LMOutputs, k: int, lambdas: Sequence[float], stage: str
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Tune the kNN-LM mixture's λ and T on ``valid`` (grid search, minimum perplexity) and
+    score it on ``test``: the method's row (``ppl``, ``acc``, ``lambda``, ``temperature``,
+    ``k``, ``valid_ppl``) and the mixture's ``[M]`` log-probabilities of the test tokens.
+    ``stage`` names the method in errors (:class:`~hetgraph.errors.NonFiniteError`)."""
+    temperatures = default_temperatures(valid.knn_distances)
+    lam, temperature, grid = tune_knn(
+        valid.lm_log_probs,
+        valid.knn_distances,
+        valid.knn_tokens,
+        valid.targets,
+        lambdas,
+        temperatures,
+    )
+    row = {
+        **score_knn(test, lam, temperature, stage),
+        "lambda": float(lam),
+        "temperature": float(temperature),
+        "k": int(k),
+        "valid_ppl": float(np.nanmin(grid)),
+    }
+    return row, knn_mixture_log_probs(test, lam, temperature)
+
+
 def evaluate_base_knn(
     model: nn.Module,
     tokenizer: Any,

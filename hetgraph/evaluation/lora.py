@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
 from torch import nn
 
-from hetgraph.evaluation.knn import default_temperatures, score_knn, score_lm
+from hetgraph.evaluation.knn import score_lm, tuned_knn
 from hetgraph.evaluation.lm import (
     EvalConfig,
     ForwardFn,
@@ -24,7 +23,7 @@ from hetgraph.evaluation.lm import (
     default_forward,
 )
 from hetgraph.fusion.retrieval import Retriever
-from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity, tune_knn
+from hetgraph.knnlm import DEFAULT_LAMBDAS, perplexity
 
 
 def base_of(lora_model: Any) -> nn.Module:
@@ -127,22 +126,5 @@ def evaluate_lora_control(
         )
         for split, base in zip((valid_split, test_split), base_outputs, strict=True)
     )
-    temperatures = default_temperatures(valid.knn_distances)
-    lam, temperature, grid = tune_knn(
-        valid.lm_log_probs,
-        valid.knn_distances,
-        valid.knn_tokens,
-        valid.targets,
-        lambdas,
-        temperatures,
-    )
-    return {
-        "lora": score_lm(test, "LoRA"),
-        "lora_knn": {
-            **score_knn(test, lam, temperature, "LoRA+kNN"),
-            "lambda": float(lam),
-            "temperature": float(temperature),
-            "k": int(config.k),
-            "valid_ppl": float(np.nanmin(grid)),
-        },
-    }
+    lora_knn, _ = tuned_knn(valid, test, config.k, lambdas, "LoRA+kNN")
+    return {"lora": score_lm(test, "LoRA"), "lora_knn": lora_knn}

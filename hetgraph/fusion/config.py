@@ -14,6 +14,7 @@ from hetgraph.fusion.sites import (
     resolve_fusion_sites,
 )
 from hetgraph.graph.config import GraphConfig
+from hetgraph.kg.config import KnowledgeConfig
 from hetgraph.limits import check_memory
 from hetgraph.nn.config import AdapterConfig
 
@@ -95,6 +96,13 @@ class FusionConfig(JSONConfigMixin):
         neighbour_seed: the seed of the random neighbours, in ``[0, 2**63)``: a query's
             rows are a function of the seed and its datastore row (training) or its last
             32 tokens (evaluation, generation) only, never of batching or call order.
+        kg: the knowledge-graph branch (:class:`~hetgraph.kg.KnowledgeConfig`: facts per
+            position, relation priority, ``k2n`` / ``k2k`` edges, entities per mention), or
+            ``None`` (default): no ``kg`` nodes, the model of before. The graph itself is
+            opened outside (:class:`~hetgraph.kg.KnowledgeSource`, ``--kg DIR``) and given
+            to the engine; each adapter then gets a :class:`~hetgraph.nn.KGFactEncoder` and
+            gated ``k2c`` messages (zero at initialisation) and runs the edge-list path. An
+            ``adapter_config.json`` without the field has none.
     """
 
     fusion_layers: FusionLayers = (HEAD,)
@@ -113,6 +121,7 @@ class FusionConfig(JSONConfigMixin):
     gradient_checkpointing: bool = False
     neighbours: Literal["retrieved", "random"] = "retrieved"
     neighbour_seed: int = 0
+    kg: KnowledgeConfig | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +139,11 @@ class FusionConfig(JSONConfigMixin):
             raise ValueError(f"neighbour_seed must be in [0, 2**63), got {self.neighbour_seed}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.kg is not None and self.kg.facts.kg2nbr and self.graph.deduplicate:
+            raise ValueError(
+                "kg.facts.kg2nbr links facts to window tokens: it needs windows "
+                "(graph.deduplicate false)"
+            )
         if self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0, got {self.retrieval_margin}")
         if self.neighbour_features not in ("key", "stored"):

@@ -127,6 +127,9 @@ class ForwardContext:
     #: queries, and the retrieved neighbours the kNN-LM mixture uses (when it is on).
     query_tokens: Tensor | None = None
     knn_retrieval: Retrieval | None = None
+    #: With a knowledge graph: the call's token ids after their KV-cache history
+    #: (``[B, T' >= T]``), on which the graph's entities are linked.
+    input_ids: Tensor | None = None
     #: Context graphs of this call, keyed by the number of positions they cover.
     graphs: dict[int, ContextGraph] = field(default_factory=dict)
     #: Retrieval-gate statistics of this call (``gate="retrieval"``), keyed like ``graphs``.

@@ -35,7 +35,7 @@ base model's logits exactly unchanged (``gate="retrieval"`` multiplies by
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,13 +51,16 @@ from hetgraph.fusion.persistence import ADAPTER_PREFIXES, AdapterMismatchError
 from hetgraph.fusion.retrieval import Retriever
 from hetgraph.fusion.sites import describe_sites, site_key
 from hetgraph.graph import ContextGraph, CorpusTable
+from hetgraph.graph.corpus import gather_rows
 from hetgraph.index import DatastoreIndex
+from hetgraph.kg.errors import KnowledgeGraphError
 from hetgraph.knnlm import interpolate_log_probs, knn_log_probs
 from hetgraph.models.layers import num_decoder_layers
 from hetgraph.nn import GraphAdapter
 
 if TYPE_CHECKING:
     from hetgraph.fusion.neighbour_states import NeighbourStates
+    from hetgraph.kg.source import KnowledgeSource
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,22 @@ def _retrieval_site(key_layer: int | None, num_layers: int) -> FusionSite:
     return key_layer % num_layers
 
 
+def _bind_knowledge(
+    config: FusionConfig, knowledge: KnowledgeSource | None
+) -> tuple[FusionConfig, KnowledgeSource | None]:
+    """``config`` and ``knowledge`` made to agree (``config.kg`` wins; unset, the source's)."""
+    if knowledge is None:
+        if config.kg is not None:
+            raise KnowledgeGraphError(
+                "this fusion config fuses a knowledge graph (fusion.kg is set) but none was "
+                "given: pass knowledge=KnowledgeSource.open(DIR, tokenizer) (CLI: --kg DIR)"
+            )
+        return config, None
+    if config.kg is None:
+        config = replace(config, kg=knowledge.config)
+    return config, knowledge.bind(config.kg)
+
+
 class FusionEngine(nn.Module):
     r"""Retriever, graph builder, graph adapters and gates of GNN-LM fusion (see the module
     docstring); the base model is never held.
@@ -112,9 +131,13 @@ class FusionEngine(nn.Module):
         index: the FAISS index over the datastore's keys.
         config: fusion sites, k, graph and adapter settings.
         geometry: the base model's widths and depth (:meth:`ModelGeometry.of`).
+        knowledge: a knowledge graph to fuse (:class:`~hetgraph.kg.KnowledgeSource`), bound
+            to ``config.kg`` (unset: the source's settings); its KGE tables go into every
+            adapter's fact encoder (never saved), each call's facts into its graph.
 
     Raises:
         AdapterMismatchError: the datastore's keys are not of the model's hidden width.
+        KnowledgeGraphError: ``config.kg`` is set but no ``knowledge`` is given.
 
     Example::
 
@@ -130,11 +153,17 @@ class FusionEngine(nn.Module):
         index: DatastoreIndex,
         config: FusionConfig | None = None,
         geometry: ModelGeometry | None = None,
+        *,
+        knowledge: KnowledgeSource | None = None,
     ) -> None:
         super().__init__()
         if geometry is None:
             raise TypeError("FusionEngine needs the base model's geometry (ModelGeometry.of)")
-        self.config = config = config or FusionConfig()
+        config, knowledge = _bind_knowledge(config or FusionConfig(), knowledge)
+        self.config = config
+        #: The knowledge graph fused as ``kg`` nodes (:class:`~hetgraph.kg.KnowledgeSource`),
+        #: or ``None``.
+        self.knowledge = knowledge
         self.geometry = geometry
         self.datastore = datastore
         width = geometry.hidden_size
@@ -171,12 +200,28 @@ class FusionEngine(nn.Module):
                 out_channels=width,
                 token_channels=token_width if embedding == "own_token" else 0,
                 use_c2c=config.graph.c2c,
+                **self._kg_channels(),
             )
-            self.adapters[site_key(site)] = GraphAdapter(adapter_config)
+            adapter = GraphAdapter(adapter_config)
+            if knowledge is not None and adapter.kg_in is not None:
+                # Non-persistent buffers: the tables stay out of the saved adapter.
+                adapter.kg_in.set_embeddings(knowledge.entity, knowledge.relation)
+            self.adapters[site_key(site)] = adapter
             self.gates[site_key(site)] = nn.Parameter(torch.zeros(width))
             if config.gate == "retrieval":
                 self.retrieval_gates[site_key(site)] = RetrievalGate()
         self.eval()  # like a loaded HF model: dropout off until train() is called
+
+    def _kg_channels(self) -> dict[str, int | bool]:
+        """The knowledge-graph fields of each site's adapter config (none without one)."""
+        if self.knowledge is None:
+            return {}
+        facts = self.knowledge.config.facts
+        return {
+            "kg_channels": self.knowledge.feature_channels(self.config.adapter.kg_combine),
+            "use_k2n": facts.kg2nbr,
+            "use_k2k": facts.kg2kg,
+        }
 
     # ---------------------------------------------------------------- site facts
     @property
@@ -243,17 +288,31 @@ class FusionEngine(nn.Module):
         )
 
     def build_graph(
-        self, retrieval: Retrieval, length: int, attention_mask: Tensor | None = None
+        self,
+        retrieval: Retrieval,
+        length: int,
+        attention_mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
     ) -> ContextGraph:
         """The context graph of the last ``length`` positions of a retrieval (padded
-        positions, ``attention_mask == 0``, become no nodes)."""
+        positions, ``attention_mask == 0``, become no nodes); with a knowledge graph, plus
+        the facts of the entities linked in ``input_ids`` ``[B, T' >= length]`` (needed:
+        the call's tokens after their KV-cache history) as ``kg`` nodes."""
         ids = retrieval.neighbour_ids[:, -length:]
         mask = (
             None
             if attention_mask is None
             else attention_mask[:, -length:].to(ids.device, torch.bool)
         )
-        return self.graph_inputs.build_graph(ids, query_mask=mask)
+        graph = self.graph_inputs.build_graph(ids, query_mask=mask)
+        if self.knowledge is None:
+            return graph
+        if input_ids is None:
+            raise ValueError(
+                "this model fuses a knowledge graph: its graphs need the call's token ids "
+                "(input_ids, not inputs_embeds) to link entities"
+            )
+        return self.knowledge.add_facts(graph, input_ids, attention_mask)
 
     def gate_statistics(self, retrieval: Retrieval, length: int) -> Tensor | None:
         """``[B, length, 3]`` retrieval-gate inputs of the last ``length`` positions (``None``
@@ -304,6 +363,12 @@ class FusionEngine(nn.Module):
         with ``states`` that cover the site, only its ``ctx`` side runs (the windows' part
         is read: it would get no gradient)."""
         adapter, dtype = self.adapter_at(site), self.gates[site_key(site)].dtype
+        if states is not None and self.knowledge is not None:
+            raise ValueError(
+                "NeighbourStates tabulate the windows of graphs without kg nodes: a model "
+                "that fuses a knowledge graph cannot read them; leave neighbour_states out "
+                "(evaluation: neighbour_states 'off', --neighbour-states off)"
+            )
         if (
             states is not None
             and states.covers(site)
@@ -416,14 +481,14 @@ class FusionEngine(nn.Module):
                 "use forward() with input_ids instead"
             )
         if (
-            self.graph_config.c2c
+            (self.graph_config.c2c or self.knowledge is not None)
             and rows.shape[1] > 1
             and not bool((rows[:, 1:] - rows[:, :-1] == 1).all())
         ):
             raise ValueError(
-                "forward_from_datastore with c2c edges needs contiguous spans of "
-                "rows (rows[b] = s, s + 1, …): the causal edges link neighbouring "
-                "positions of a text"
+                "forward_from_datastore with c2c edges or a knowledge graph needs "
+                "contiguous spans of rows (rows[b] = s, s + 1, …): the causal edges link "
+                "neighbouring positions of a text, and entities are linked on its tokens"
             )
         rows = rows.to(self.gates[site_key(HEAD)].device)
         dtype = dtype or next(head.parameters()).dtype
@@ -431,8 +496,10 @@ class FusionEngine(nn.Module):
         hidden = keys.to(dtype=dtype).view(*rows.shape, -1)
         retrieval = self.retrieve(hidden, CallOptions(query_positions=rows))
         length = rows.shape[1]
+        # A span's stored tokens are the text its keys read: the ids entities link on.
+        tokens = None if self.knowledge is None else gather_rows(self.corpus.tokens, rows)
         graph, statistics = (
-            self.build_graph(retrieval, length),
+            self.build_graph(retrieval, length, input_ids=tokens),
             self.gate_statistics(retrieval, length),
         )
         fused = self.fuse(HEAD, hidden, graph, statistics, embedding=embedding)
@@ -472,4 +539,5 @@ class FusionEngine(nn.Module):
         return (
             f"retrieval={self.retrieval_site!r}, sites={describe_sites(self.fusion_sites)}, "
             f"k={self.config.k}, prefetch={self.needs_prefetch}, gate={self.config.gate!r}"
+            + ("" if self.knowledge is None else f", knowledge={self.knowledge!r}")
         )

@@ -7,7 +7,8 @@ model.
 captured the datastore's keys defines what a query is), and one hook per fused site. The
 hooks hold no state of their own: whatever a call retrieves and builds lives in its
 context, and every computation is a stateless step of the engine; the hooks hand it the pieces
-of the base model a step needs (the token embedding).
+of the base model a step needs (the token embedding) and, when a knowledge graph is fused,
+the call's token ids after their KV-cache history (entities are linked on them).
 
 Every hook is excluded from ``torch.compile`` (``torch.compiler.disable``): a compiled base
 model breaks its graph at each hook and runs the fusion eagerly, with the same logits.
@@ -105,11 +106,14 @@ class FusionHooks:
         context = enter_context(kwargs.get("attention_mask"))
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         random = self.engine.config.neighbours == "random"
+        knowledge = self.engine.knowledge is not None
         history = None
-        if input_ids is not None and (random or self.engine.needs_prefetch):
+        if input_ids is not None and (random or knowledge or self.engine.needs_prefetch):
             # The KV cache is ``cache`` since transformers 5, ``past_key_values`` before.
             past = kwargs.get("cache", kwargs.get("past_key_values"))
             history = self._history_ids(context, input_ids, past)
+        if knowledge:  # entities are linked on the history too: a mention may span steps
+            context.input_ids = history
         if random and history is not None:  # random neighbours are drawn from the tokens
             mask = context.attention_mask
             context.query_tokens = (
@@ -218,7 +222,9 @@ class FusionHooks:
         length = hidden.shape[1]
         graph = context.graphs.get(length)
         if graph is None:  # one graph per call, shared by every fused site
-            graph = self.engine.build_graph(context.retrieval, length, context.attention_mask)
+            graph = self.engine.build_graph(
+                context.retrieval, length, context.attention_mask, context.input_ids
+            )
             context.graphs[length] = graph
             context.gate_statistics[length] = self.engine.gate_statistics(context.retrieval, length)
         return self.engine.fuse(

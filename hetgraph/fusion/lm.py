@@ -23,7 +23,8 @@ what one call retrieves lives in that call's context, never on the module.
 base model (``model``) and the :class:`~hetgraph.FusionEngine` (``engine``: retriever, graph
 builder, adapters and gates, and every step of the fusion), attaches the hooks that join
 them, runs ``forward`` / ``generate`` with per-call options, and saves and loads the
-adapters.
+adapters. With a knowledge graph (``knowledge=``, :class:`~hetgraph.kg.KnowledgeSource`) each
+call's graph also holds the facts of the entities its tokens mention as ``kg`` nodes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from hetgraph.fusion.engine import FusionEngine, ModelGeometry
 from hetgraph.fusion.hooks import FusionHooks
 from hetgraph.fusion.model_card import base_model_name
 from hetgraph.fusion.persistence import (
+    check_knowledge,
     load_adapter,
     read_adapter_config,
     save_adapter,
@@ -62,6 +64,7 @@ if TYPE_CHECKING:  # Python 3.10 has no typing.Self
     from typing_extensions import Self
 
     from hetgraph.fusion.neighbour_states import NeighbourStates
+    from hetgraph.kg.source import KnowledgeSource
 
 
 class HetGraphLM(nn.Module):
@@ -86,6 +89,9 @@ class HetGraphLM(nn.Module):
         index: the FAISS index over the datastore's keys.
         config: fusion sites, k, graph and adapter settings.
         tokenizer: optional; used to check the datastore's tokenizer fingerprint.
+        knowledge: a knowledge graph fused as ``kg`` nodes beside the retrieved contexts
+            (:class:`~hetgraph.kg.KnowledgeSource`, opened with this model's tokenizer),
+            see :class:`~hetgraph.FusionEngine`; needed when ``config.kg`` is set.
 
     Example::
 
@@ -101,13 +107,17 @@ class HetGraphLM(nn.Module):
         index: DatastoreIndex,
         config: FusionConfig | None = None,
         tokenizer: Any | None = None,
+        *,
+        knowledge: KnowledgeSource | None = None,
     ) -> None:
         super().__init__()
         model.requires_grad_(False)
         model.eval()
         datastore.check(model=model, tokenizer=tokenizer)
         self.model = model
-        self.engine = FusionEngine(datastore, index, config, ModelGeometry.of(model))
+        self.engine = FusionEngine(
+            datastore, index, config, ModelGeometry.of(model), knowledge=knowledge
+        )
         #: The engine's :class:`~hetgraph.FusionConfig`.
         self.config: FusionConfig = self.engine.config
         self.to(next(model.parameters()).device)
@@ -270,16 +280,25 @@ class HetGraphLM(nn.Module):
         datastore: Datastore,
         index: DatastoreIndex,
         tokenizer: Any | None = None,
+        *,
+        knowledge: KnowledgeSource | None = None,
     ) -> HetGraphLM:
-        """Load adapters saved by :meth:`save_pretrained` onto ``model`` and ``datastore``.
+        """Load adapters saved by :meth:`save_pretrained` onto ``model`` and ``datastore``
+        (and ``knowledge``, the knowledge graph the adapter was trained with, bound to the
+        saved ``fusion.kg`` settings; its KGE tables are read from its directory, never
+        from the adapter).
 
         Raises:
             AdapterNotFoundError: ``directory`` holds no adapter (a ``FileNotFoundError``).
             AdapterFileError: ``adapter_config.json`` or ``adapter.safetensors`` is damaged
                 (both are checked in full: adapters are small).
-            AdapterMismatchError: the adapter was trained with another base model or datastore.
+            AdapterMismatchError: the adapter was trained with another base model, datastore
+                or knowledge graph (or with one and loaded without, or the other way).
         """
         saved = read_adapter_config(directory)
-        lm = cls(model, datastore, index, saved_fusion_config(saved, directory), tokenizer)
+        # Before anything is built: a missing or other graph is refused in one line.
+        check_knowledge(saved, None if knowledge is None else knowledge.identity(), Path(directory))
+        config = saved_fusion_config(saved, directory)
+        lm = cls(model, datastore, index, config, tokenizer, knowledge=knowledge)
         load_adapter(lm.engine, model, directory, saved, tokenizer)
         return lm

@@ -4,7 +4,9 @@ adapters and gates (:meth:`HetGraphLM.save_pretrained <hetgraph.HetGraphLM.save_
 
 An adapter directory holds ``adapter.safetensors`` (adapter and gate tensors, keyed as in
 ``FusionEngine.state_dict()``) and ``adapter_config.json`` (the fusion config, each site's
-adapter config, and the base model's and datastore's identity); its model card is never read.
+adapter config, and the base model's and datastore's identity, and the knowledge graph's
+when one is fused: never its KGE tables, which are read from the graph's directory); its
+model card is never read.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def adapter_identity(engine: FusionEngine) -> dict[str, Any]:
     retrieval = retrieval_identity(engine)
     if retrieval is not None:
         identity["retrieval"] = retrieval
+    if engine.knowledge is not None:
+        identity["knowledge"] = engine.knowledge.identity()
     return identity
 
 
@@ -123,6 +127,36 @@ def check_retrieval(saved: dict[str, Any], engine: FusionEngine, directory: Path
         )
         + f"; pass --encoder {trained['encoder_dir']} (an index built by hetgraph index build "
         "--encoder)"
+    )
+
+
+def check_knowledge(saved: dict[str, Any], current: dict[str, Any] | None, directory: Path) -> None:
+    """Refuse an adapter used with another knowledge graph than it was trained with (with
+    one and loaded without, without one and loaded with, or another graph or embeddings),
+    in one line naming ``--kg`` and the fix. ``current``: the given graph's
+    :meth:`KnowledgeSource.identity <hetgraph.kg.KnowledgeSource.identity>` (at least its
+    ``fingerprint`` and ``directory``: :func:`~hetgraph.kg.source.knowledge_fingerprint` of
+    content and embeddings), or ``None``."""
+    trained = saved.get("knowledge")
+    if (trained or {}).get("fingerprint") == (current or {}).get("fingerprint"):
+        return
+    if trained is None:
+        raise AdapterMismatchError(
+            f"adapter in {directory} was trained without a knowledge graph, but "
+            f"{current['directory'] or 'one'} was given; leave out --kg (knowledge=None)"
+        )
+    where = trained.get("directory") or "DIR"
+    if current is None:
+        raise AdapterMismatchError(
+            f"adapter in {directory} was trained with the knowledge graph {where} "
+            f"(fingerprint {trained.get('fingerprint')}) and none was given; pass --kg "
+            f"{where} (knowledge=KnowledgeSource.open({where!r}, tokenizer))"
+        )
+    raise AdapterMismatchError(
+        f"adapter in {directory} was trained with the knowledge graph {where} (fingerprint "
+        f"{trained.get('fingerprint')}), but {current['directory'] or 'the given one'} has "
+        f"fingerprint {current['fingerprint']} (other triples, aliases or embeddings); pass "
+        f"--kg {where} as it was trained, or train a new adapter on this graph"
     )
 
 
@@ -484,6 +518,7 @@ def check_identity(
     if tokenizer is not None:
         current["model"]["tokenizer"] = tokenizer_fingerprint(tokenizer)
     check_retrieval(saved, engine, directory)
+    check_knowledge(saved, current.get("knowledge"), directory)
     for what in ("model", "datastore"):
         if saved.get(what) != current[what]:
             raise AdapterMismatchError(

@@ -3,12 +3,14 @@ tokenised for the LM, linked to token ids, and embedded with PyG's KGE models.
 
 ``hetgraph kg build`` and ``hetgraph kg embed`` (``hetgraph/cli_kg.py``) drive these;
 :mod:`hetgraph.kg.facts` chooses the facts each position sees and adds them to a context
-graph as ``kg`` nodes (:func:`~hetgraph.graph.add_kg_nodes`).
+graph as ``kg`` nodes (:func:`~hetgraph.graph.add_kg_nodes`); :class:`KnowledgeSource`
+holds a graph ready to be fused (``FusionEngine(..., knowledge=...)``, ``--kg DIR``).
 """
 
 from __future__ import annotations
 
 from hetgraph.kg.aliases import AliasConfig, AliasSequences, token_flags, tokenize_aliases
+from hetgraph.kg.config import KnowledgeConfig
 from hetgraph.kg.embeddings import (
     KGE_MODELS,
     EmbeddingConfig,
@@ -20,6 +22,7 @@ from hetgraph.kg.embeddings import (
 from hetgraph.kg.errors import KnowledgeGraphError
 from hetgraph.kg.facts import FactIndex, add_facts, select_facts, window_entities
 from hetgraph.kg.linking import EntityLinker, EntityLinks
+from hetgraph.kg.source import KnowledgeSource, check_knowledge_directory
 from hetgraph.kg.store import KnowledgeGraph
 from hetgraph.kg.triples import read_aliases, read_triples
 from hetgraph.kg.wordnet import shipped_wordnet
@@ -32,9 +35,12 @@ __all__ = [
     "EntityLinker",
     "EntityLinks",
     "FactIndex",
+    "KnowledgeConfig",
     "KnowledgeGraph",
     "KnowledgeGraphError",
+    "KnowledgeSource",
     "add_facts",
+    "check_knowledge_directory",
     "embed_knowledge_graph",
     "load_entity_features",
     "load_kge_embeddings",

@@ -22,6 +22,7 @@ from hetgraph.cli_commands import (
     is_expected_error,
 )
 from hetgraph.cli_encoder import add_encoder_commands, with_encoder
+from hetgraph.cli_kg import add_kg_commands, add_kg_options
 from hetgraph.cli_options import (
     POSITIVE,
     at_least,
@@ -40,6 +41,8 @@ EPILOG = """examples:
   hetgraph train --datastore runs/ds --out runs/adapter --max-steps 200
   hetgraph eval --datastore runs/ds --adapter runs/adapter --json runs/eval.json
   hetgraph generate --datastore runs/ds --adapter runs/adapter --prompt "import os"
+  hetgraph kg build --wordnet --out runs/kg && hetgraph kg embed --kg runs/kg
+  hetgraph train --datastore runs/ds --kg runs/kg --out runs/adapter-kg
 
 --model defaults to the embedded SmolLM2-135M and --corpus to the embedded Python 3.11 docs."""
 
@@ -72,8 +75,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_datastore(parser: argparse.ArgumentParser) -> None:
+def _add_datastore(parser: argparse.ArgumentParser, *, kg_settings: bool = False) -> None:
     parser.add_argument("--datastore", required=True)
+    add_kg_options(parser, settings=kg_settings)
     parser.add_argument(
         "--encoder",
         default=None,
@@ -126,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     _add_demo_command(commands)
-    from hetgraph.cli_kg import add_kg_commands  # hetgraph kg build / embed
-
-    add_kg_commands(commands, _add_model)
+    add_kg_commands(commands, _add_model)  # hetgraph kg build / embed
     _add_build_commands(commands)
     _add_train_command(commands)
     _add_eval_command(commands)
@@ -267,7 +269,7 @@ def _add_train_command(commands: Any) -> None:
     train = commands.add_parser("train", help="train graph adapters (the base model stays frozen)")
     _add_model(train)
     _add_corpus(train)
-    _add_datastore(train)
+    _add_datastore(train, kg_settings=True)
     train.add_argument(
         "--out", required=True, help="adapter directory (checkpoints resume from it)"
     )

@@ -23,6 +23,7 @@ from hetgraph.cli_checks import (
     check_plot_path,
     check_positions,
 )
+from hetgraph.cli_kg import apply_kg_settings, check_kg_options, kg_evaluation, open_knowledge
 from hetgraph.errors import HetgraphError
 from hetgraph.io import (
     ADAPTER_CONFIG,
@@ -138,7 +139,9 @@ def _check_k(k: int, store: Any, option: str) -> None:
         )
 
 
-def _hetgraph_lm(adapter: str | None, model: Any, tokenizer: Any, store: Any, index: Any):
+def _hetgraph_lm(
+    adapter: str | None, model: Any, tokenizer: Any, store: Any, index: Any, knowledge: Any
+):
     from hetgraph.fusion import FusionConfig, HetGraphLM
 
     if adapter:
@@ -147,8 +150,10 @@ def _hetgraph_lm(adapter: str | None, model: Any, tokenizer: Any, store: Any, in
                 f"--adapter {adapter} holds no trained adapter ({ADAPTER_CONFIG} missing); "
                 "give the --out directory of `hetgraph train`, or leave --adapter out"
             )
-        return HetGraphLM.from_pretrained(adapter, model, store, index, tokenizer=tokenizer)
-    return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer)
+        return HetGraphLM.from_pretrained(
+            adapter, model, store, index, tokenizer=tokenizer, knowledge=knowledge
+        )
+    return HetGraphLM(model, store, index, FusionConfig(), tokenizer=tokenizer, knowledge=knowledge)
 
 
 def _lm_for_text(
@@ -169,11 +174,13 @@ def _lm_for_text(
     require_single_process(args.command)
     if not text:
         raise CommandLineError(f"{option} is empty; give some text to {verb}")
+    check_kg_options(args, args.adapter)
     model, tokenizer = _load(args)
     tokens = len(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
     check_positions(model, tokens, option, new_tokens)
     store, index = _open_store(args.datastore, model, tokenizer, args.encoder)
-    return _hetgraph_lm(args.adapter, model, tokenizer, store, index), model, tokenizer
+    knowledge = open_knowledge(args, tokenizer)
+    return _hetgraph_lm(args.adapter, model, tokenizer, store, index, knowledge), model, tokenizer
 
 
 # ---------------------------------------------------------------------------- commands
@@ -303,6 +310,7 @@ def _training_settings(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     for name in ("max_steps", "lr", "seed", "mixed_precision"):
         if getattr(args, name) is not None:
             training[name] = getattr(args, name)
+    apply_kg_settings(args, fusion)
     try:
         return FusionConfig.from_dict(fusion), TrainingConfig.from_dict(training), run.evaluation
     except ConfigError as error:
@@ -318,6 +326,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hetgraph.training import train_adapter
 
     fusion, training, evaluation = _training_settings(args)
+    check_kg_options(args)
     check_output_directory(args.out, "--out", "adapter")
     ctx = init_distributed()  # under torchrun: DDP; rank 0 writes and reports
     model, tokenizer = _load(args)
@@ -330,7 +339,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows if args.max_tokens is None else min(rows, args.max_tokens)
     )
     torch.manual_seed(training.seed)  # the adapter's initialisation is part of the run
-    lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer)
+    knowledge = open_knowledge(args, tokenizer)
+    lm = HetGraphLM(model, store, index, fusion, tokenizer=tokenizer, knowledge=knowledge)
     if args.control == "lora":
         return _train_lora_control(
             lm, tokenizer, train_split, corpus.valid, training, evaluation, args.out
@@ -449,6 +459,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, option in (("max_tokens", "max_tokens"), ("valid_tokens", "tune_tokens")):
         if hasattr(args, option):  # given: a number, or None for 'all'
             evaluation = replace(evaluation, **{name: getattr(args, option)})
+    evaluation = kg_evaluation(args, evaluation)
+    check_kg_options(args, adapter)
     ctx = init_distributed()  # under torchrun the windows are shared; rank 0 reports
     model, tokenizer = _load(args)
     corpus = _corpus(args, tokenizer)
@@ -457,7 +469,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         store, corpus, command="eval", allow_other_corpus=args.allow_other_corpus
     )
     _check_k(evaluation.k, store, "--k")
-    lm = _hetgraph_lm(adapter, model, tokenizer, store, index)
+    lm = _hetgraph_lm(adapter, model, tokenizer, store, index, open_knowledge(args, tokenizer))
     control = None
     if control_dir is not None:
         from hetgraph.training.lora import load_lora_control

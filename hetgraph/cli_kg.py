@@ -183,3 +183,153 @@ def cmd_kg_embed(args: argparse.Namespace) -> int:
     record = embed_knowledge_graph(args.kg, config)
     print(json.dumps(record, indent=2))
     return 0
+
+
+# ------------------------------------------------- --kg on train / eval / generate / inspect
+#: ``train`` options of the per-position settings -> (section, field) of ``fusion.kg``.
+KG_SETTINGS = {
+    "--kg-facts": ("facts", "k_kg"),
+    "--kg-relations": ("facts", "relations"),
+    "--kg-tails": ("facts", "tails"),
+    "--kg-windows": ("facts", "kg2nbr"),
+    "--kg-links": ("facts", "kg2kg"),
+    "--kg-entities": (None, "max_entities"),
+}
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+def add_kg_options(parser: argparse.ArgumentParser, *, settings: bool = False) -> None:
+    """``--kg DIR`` (and, with ``settings``, the per-position options of ``train``)."""
+    parser.add_argument(
+        "--kg",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="fuse this knowledge graph (hetgraph kg build, then kg embed) as kg nodes: "
+        "each position also attends to the facts of the entities it mentions; an adapter "
+        "records the graph it was trained with and needs it again",
+    )
+    if not settings:
+        return
+    parser.add_argument(
+        "--kg-facts", type=POSITIVE, default=None, metavar="K", help="facts per position (4)"
+    )
+    parser.add_argument(
+        "--kg-relations",
+        nargs="+",
+        default=None,
+        metavar="REL",
+        help="relations to use, in priority order (default: all, in file order)",
+    )
+    parser.add_argument(
+        "--kg-tails",
+        action="store_true",
+        default=None,
+        help="also the facts whose tail is a mentioned entity (default: head only)",
+    )
+    parser.add_argument(
+        "--kg-windows",
+        action="store_true",
+        default=None,
+        help="also link facts to retrieved window tokens that mention their entities (k2n)",
+    )
+    parser.add_argument(
+        "--kg-links",
+        action="store_true",
+        default=None,
+        help="link the facts of a text that share an entity (k2k)",
+    )
+    parser.add_argument(
+        "--kg-entities",
+        type=POSITIVE,
+        default=None,
+        metavar="M",
+        help="entities kept per mention (4)",
+    )
+
+
+def check_kg_options(args: argparse.Namespace, adapter: str | None = None) -> None:
+    """Before any model is loaded: ``--kg`` names a knowledge graph with embeddings, the
+    per-position options come with it, and a graph ``adapter`` gets the graph it was trained
+    with (or none, if it had none).
+
+    Raises:
+        HetgraphError: one line naming the option and the fix.
+    """
+    from hetgraph.cli_checks import CommandLineError
+    from hetgraph.fusion.persistence import (
+        AdapterFileError,
+        check_knowledge,
+        read_adapter_config,
+    )
+    from hetgraph.kg.source import check_knowledge_directory, knowledge_fingerprint
+
+    given = [option for option in KG_SETTINGS if getattr(args, _dest(option), None) is not None]
+    if args.kg is None and given:
+        raise CommandLineError(f"{given[0]} sets how a knowledge graph is fused; add --kg DIR")
+    current = None
+    if args.kg is not None:
+        manifest = check_knowledge_directory(args.kg)
+        current = {"fingerprint": knowledge_fingerprint(manifest), "directory": str(args.kg)}
+    if adapter is None:
+        return
+    try:
+        saved = read_adapter_config(adapter)
+    except (AdapterFileError, OSError):
+        return  # loading the adapter names the problem
+    check_knowledge(saved, current, Path(adapter))
+
+
+def apply_kg_settings(args: argparse.Namespace, fusion: dict[str, Any]) -> None:
+    """Set ``fusion["kg"]`` (a :class:`~hetgraph.FusionConfig` dict) from ``--kg`` and the
+    per-position options, on top of the run config's ``fusion.kg``.
+
+    Raises:
+        CommandLineError: the run config fuses a knowledge graph and ``--kg`` is missing.
+    """
+    from hetgraph.cli_checks import CommandLineError
+
+    if args.kg is None:
+        if fusion.get("kg") is not None:
+            raise CommandLineError(
+                "the run config's fusion.kg fuses a knowledge graph: give the graph with "
+                "--kg DIR (or remove fusion.kg)"
+            )
+        return
+    kg = dict(fusion.get("kg") or {})
+    kg["facts"] = dict(kg.get("facts") or {})
+    for option, (section, name) in KG_SETTINGS.items():
+        value = getattr(args, _dest(option), None)
+        if value is not None:
+            (kg[section] if section else kg)[name] = value
+    fusion["kg"] = kg
+
+
+def open_knowledge(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The :class:`~hetgraph.kg.KnowledgeSource` of ``--kg`` for ``tokenizer`` (``None``
+    without ``--kg``); its per-position settings are bound by the engine."""
+    if getattr(args, "kg", None) is None:
+        return None
+    from hetgraph.kg.source import KnowledgeSource
+
+    return KnowledgeSource.open(args.kg, tokenizer)
+
+
+def kg_evaluation(args: argparse.Namespace, evaluation: Any) -> Any:
+    """The evaluation settings with ``--kg``: the neighbour-state tables hold no ``kg``
+    nodes, so ``auto`` is ``off`` and ``on`` is refused."""
+    from dataclasses import replace
+
+    from hetgraph.cli_checks import CommandLineError
+
+    if args.kg is None:
+        return evaluation
+    if evaluation.neighbour_states == "on":
+        raise CommandLineError(
+            "--neighbour-states on reads tables of windows without kg nodes; with --kg "
+            "leave it at auto or off"
+        )
+    return replace(evaluation, neighbour_states="off")

@@ -4,7 +4,8 @@ For any position of any text, :func:`inspect_positions` returns the ``k`` corpus
 positions the query retrieved, as readable text with their distance, their document
 and the attention the adapter's last graph layer gave them (per fused site), next to
 the base and GNN-LM predictions and, with ``FusionConfig(gate="retrieval")``, each site's
-retrieval-gate factor at the position.
+retrieval-gate factor at the position. With a knowledge graph (``FusionConfig.kg``) it also
+lists the facts each position saw, with the attention the last graph layer gave them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from hetgraph.fusion.context import CallOptions, call_options, fusion_only
 from hetgraph.fusion.engine import FusionEngine
 from hetgraph.fusion.hooks import FusionHooks
 from hetgraph.fusion.sites import site_key
-from hetgraph.graph import N2C
+from hetgraph.graph import K2C, KG, N2C
 
 #: Tokens of corpus text shown left of a retrieved position.
 CONTEXT_TOKENS = 16
@@ -45,6 +46,19 @@ class Neighbour:
 
 
 @dataclass
+class Fact:
+    """One knowledge-graph fact a position saw (a model that fuses a knowledge graph):
+    its triple by entity and relation names, and per fused site the attention of the last
+    graph layer's ``k2c`` relation on it (mean over heads; a position's facts share 1, and
+    the message then passes the learned ``k2c`` gate)."""
+
+    head: str
+    relation: str
+    tail: str
+    attention: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class NeighbourReport:
     """The neighbours behind one position of a text."""
 
@@ -57,6 +71,8 @@ class NeighbourReport:
     #: Per fused site, the retrieval gate's factor σ(a·s + b) at this position
     #: (``FusionConfig(gate="retrieval")`` only; empty otherwise).
     gate_factors: dict[str, float] = field(default_factory=dict)
+    #: The knowledge-graph facts the position saw, in rank order (empty without one).
+    facts: list[Fact] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (``hetgraph inspect --json``)."""
@@ -67,20 +83,54 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def _facts_seen(
+    engine: FusionEngine, graph: Any, attention: dict[str, Any], positions: Sequence[int]
+) -> list[list[Fact]]:
+    """Per position, the facts of its ``k2c`` edges (in rank order) with each site's
+    last-layer attention on them (``attention``: ``{site: (edge_index, alpha)}``)."""
+    knowledge = engine.knowledge
+    if knowledge is None or not attention:
+        return [[] for _ in positions]
+    store, names = graph[KG], knowledge.graph.entity_names
+    edge_index = next(iter(attention.values()))[0].cpu()  # the same edges at every site
+    weights = {site: alpha.float().mean(-1).cpu() for site, (_, alpha) in attention.items()}
+    reports = []
+    for position in positions:  # a few positions, each with at most k_kg facts
+        edges = (edge_index[1] == position).nonzero().view(-1).tolist()
+        reports.append(
+            [
+                Fact(
+                    head=names[int(store.head[int(edge_index[0, e])])],
+                    relation=knowledge.graph.relations[int(store.relation[int(edge_index[0, e])])],
+                    tail=names[int(store.tail[int(edge_index[0, e])])],
+                    attention={site: float(w[e]) for site, w in weights.items()},
+                )
+                for e in edges
+            ]
+        )
+    return reports
+
+
 def _neighbour_attention(
     engine: FusionEngine,
     embedding: nn.Module,
     hidden: dict[Any, Tensor],
     ids: Tensor,
     positions: Sequence[int],
-) -> dict[str, Tensor]:
+    input_ids: Tensor,
+) -> tuple[dict[str, Tensor], list[list[Fact]]]:
     """``{site: [P, k]}`` attention of each fused site's last graph layer on the ``k``
     retrieved neighbours of each of ``P`` ``positions`` (mean over heads; summed over the
-    window for ``n2c="window"``). The graph covers the whole text (``hidden`` ``[T, d]``
-    per site, ``ids`` ``[T, k]``), as in the forward, so ``c2c`` edges count."""
+    window for ``n2c="window"``), and with a knowledge graph the facts each position saw
+    (:func:`_facts_seen`). The graph covers the whole text (``hidden`` ``[T, d]`` per
+    site, ``ids`` ``[T, k]``, ``input_ids`` ``[T]``), as in the forward, so ``c2c`` edges
+    count."""
     out: dict[str, Tensor] = {}
+    kg_attention: dict[str, Any] = {}
     length, k = ids.shape
     graph = engine.graph_inputs.build_graph(ids[None])
+    if engine.knowledge is not None:
+        engine.knowledge.add_facts(graph, input_ids.reshape(1, -1).to(ids.device))
     for site in engine.fusion_sites:
         adapter = engine.adapter_at(site)
         dtype = engine.gates[site_key(site)].dtype
@@ -94,6 +144,8 @@ def _neighbour_attention(
             nbr_token_index=inputs.nbr_token_index,
             return_attention_weights=True,
         )
+        if K2C in attention[-1]:
+            kg_attention[site_key(site)] = attention[-1][K2C]
         edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)
         # it comes from; summing over the window gives one weight per retrieved neighbour.
@@ -104,7 +156,7 @@ def _neighbour_attention(
             accumulate=True,
         )
         out[site_key(site)] = table[list(positions)]
-    return out
+    return out, _facts_seen(engine, graph, kg_attention, positions)
 
 
 def _gate_factors(
@@ -160,12 +212,13 @@ def inspect_positions(
     gnn_logits = output.logits[0]
     neighbour_ids = output.retrieval.neighbour_ids[0, positions].cpu()
     distances = output.retrieval.distances[0, positions].cpu()
-    attention = _neighbour_attention(
+    attention, facts = _neighbour_attention(
         engine,
         model.get_input_embeddings(),
         site_hidden,
         output.retrieval.neighbour_ids[0],
         positions,
+        input_ids,
     )
     factors = _gate_factors(engine, output.retrieval, length, positions)
     store = engine.datastore
@@ -207,6 +260,7 @@ def inspect_positions(
                 gnn_prediction=_decode(tokenizer, [int(gnn_logits[position].argmax())]),
                 neighbours=neighbours,
                 gate_factors={site: float(values[i]) for site, values in factors.items()},
+                facts=facts[i],
             )
         )
     return reports
@@ -270,6 +324,12 @@ def format_report(report: NeighbourReport) -> str:
         lines.append(
             f"  #{n.rank} d={n.distance:.1f} att[{attention}] {printable(n.document)}: "
             f"…{printable(n.context)}[{printable(n.token)}]→{n.next_token!r}"
+        )
+    for fact in report.facts:
+        attention = " ".join(f"{site}={value:.3f}" for site, value in fact.attention.items())
+        lines.append(
+            f"  fact att[{attention}] ({printable(fact.head)}, {printable(fact.relation)}, "
+            f"{printable(fact.tail)})"
         )
     return "\n".join(lines)
 

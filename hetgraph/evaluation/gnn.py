@@ -24,6 +24,7 @@ from hetgraph.evaluation.lm import (
     collect_lm_outputs,
     default_forward,
 )
+from hetgraph.evaluation.rekeyed import REKEYED_METHOD, open_rekeyed, rekeyed_knn_row
 from hetgraph.evaluation.report import write_per_token
 from hetgraph.evaluation.results import EvaluationResults
 from hetgraph.evaluation.sampling import scored_count
@@ -219,6 +220,21 @@ def _method_rows(
     return tokens_per_s
 
 
+def _rekeyed_rows(
+    lm: Any,
+    rekeyed: Any,
+    forward: Any,
+    setup: tuple[tuple[Any, Any], tuple[EvalConfig, EvalConfig], int, Any, bool],
+    into: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, float]],
+) -> None:
+    # Row, log-probs and speed of GNN-LM + kNN over the re-keyed store into the results.
+    (splits, configs, k, lambdas, show_progress), (results, log_probs, speed) = setup, into
+    row, log_probs[REKEYED_METHOD], speed[f"{REKEYED_METHOD}_tokens_per_s"] = rekeyed_knn_row(
+        lm, rekeyed, forward, splits, configs, k, lambdas, show_progress
+    )
+    results[REKEYED_METHOD] = row
+
+
 def _sampled(config: EvalConfig, valid_split: Any, test_split: Any) -> tuple[Any, ...]:
     # (valid split, test split, valid config, test config): a stratified sample chooses its
     # positions among whole splits; "prefix" cuts each split to its first tokens.
@@ -258,6 +274,7 @@ def evaluate_four_way(
     show_progress: bool = True,
     per_token: str | Path | None = None,
     control: Any | None = None,
+    rekeyed: str | Path | None = None,
 ) -> EvaluationResults:
     """Evaluate base, kNN-LM, GNN-LM and GNN-LM + kNN on exactly the same test tokens.
 
@@ -280,10 +297,12 @@ def evaluate_four_way(
             rank 0 only).
         control: a LoRA control injected into ``lm.model`` (``load_lora_control``): adds
             rows ``lora`` and ``lora_knn``; it is switched off for the others.
+        rekeyed: a store re-keyed by this adapter: adds ``gnn_knn_rekeyed`` (the paper's kNN).
 
     Raises:
         NonFiniteError: a method's perplexity or accuracy is not finite (its ``stage`` names
             the method); nothing is returned, so no table with ``nan`` is ever written.
+        RekeyError: ``rekeyed`` does not fit the datastore and adapter (before any work).
 
     Returns:
         Method rows (``ppl``, ``ppl_ci95``, ``documents``, ``acc``; kNN rows ``lambda``,
@@ -297,7 +316,9 @@ def evaluate_four_way(
     valid_split, test_split, valid_config, test_config = _sampled(config, valid_split, test_split)
     valid_positions = scored_count(len(valid_split), valid_config)
     test_positions = scored_count(len(test_split), test_config)
-    check_neighbour_memory(valid_positions + test_positions, k)
+    # A re-keyed store adds a second set of neighbours of the same positions.
+    check_neighbour_memory((valid_positions + test_positions) * (1 + (rekeyed is not None)), k)
+    rekeyed_index = open_rekeyed(lm, rekeyed, include_gnn)
     states, states_seconds = None, 0.0
     if include_gnn:  # first: a setting that cannot hold fails before any work
         started = time.perf_counter()
@@ -340,6 +361,15 @@ def evaluate_four_way(
                 )
             speed[f"{name}_over_base_with_search"] = (
                 speed[f"{name}_tokens_per_s"] / speed["base_with_search_tokens_per_s"]
+            )
+    if rekeyed_index is not None:
+        with off():  # GNN-LM on the base model, as for its own rows
+            _rekeyed_rows(
+                lm,
+                rekeyed_index,
+                gnn_forward(lm, k, states),
+                (splits, configs, k, lambdas, show_progress),
+                (results, log_probs, speed),
             )
     if states is not None:
         speed["neighbour_states_seconds"] = states_seconds

@@ -16,6 +16,7 @@ METHOD_NAMES = {
     "knn": "kNN-LM",
     "gnn": "GNN-LM",
     "gnn_knn": "GNN-LM + kNN",
+    "gnn_knn_rekeyed": "GNN-LM + kNN (re-keyed)",
     "lora": "LoRA (control)",
     "lora_knn": "LoRA + kNN",
 }
@@ -91,6 +92,8 @@ KEY_RATIOS = (
     "gnn_knn/base",
     "gnn_knn/knn",
     "gnn_knn/gnn",
+    "gnn_knn_rekeyed/gnn_knn",
+    "gnn_knn_rekeyed/knn",
     "lora/base",
     "lora_knn/knn",
 )

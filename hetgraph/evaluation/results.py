@@ -2,13 +2,13 @@
 
 :func:`~hetgraph.evaluation.evaluate_four_way` returns an :class:`EvaluationResults`: one
 :class:`MethodScore` per method (``base``, ``knn``, ``gnn``, ``gnn_knn``, ``lora``,
-``lora_knn``), one :class:`~hetgraph.evaluation.RatioInterval` per pair of methods, and
-how the tokens were sampled and the intervals drawn. :meth:`EvaluationResults.to_dict` is
-the JSON written by ``hetgraph eval --json`` — each method's row as ``"gnn": {"ppl": …,
-"acc": …, "ppl_ci95": […], "documents": N}``, the pairs under ``"ratios"`` keyed
-``"<method>/<method>"`` — and :meth:`EvaluationResults.from_dict` reads it back. The object
-is also a read-only mapping over that JSON form, so ``results["gnn"]["ppl"]`` reads as it
-always has.
+``lora_knn``, ``gnn_knn_rekeyed``), one :class:`~hetgraph.evaluation.RatioInterval` per
+pair of methods, and how the tokens were sampled and the intervals drawn.
+:meth:`EvaluationResults.to_dict` is the JSON written by ``hetgraph eval --json`` — each
+method's row as ``"gnn": {"ppl": …, "acc": …, "ppl_ci95": […], "documents": N}``, the
+pairs under ``"ratios"`` keyed ``"<method>/<method>"`` — and
+:meth:`EvaluationResults.from_dict` reads it back. The object is also a read-only mapping
+over that JSON form, so ``results["gnn"]["ppl"]`` reads as it always has.
 """
 
 from __future__ import annotations

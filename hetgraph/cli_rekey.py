@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hetgraph.cli_kg import add_kg_options, open_knowledge
 from hetgraph.cli_options import POSITIVE, at_least, thread_count
 
 REKEY_EPILOG = """examples:
@@ -62,6 +63,7 @@ def add_rekey_command(datastore_subparsers: Any) -> None:
     rekey.add_argument("--nprobe", type=POSITIVE, default=32, help="IVF lists per query")
     rekey.add_argument("--rerank", type=at_least(0), default=0, metavar="K_PRIME")
     rekey.add_argument("--shard-rows", type=POSITIVE, default=1_000_000)
+    add_kg_options(rekey)  # --kg DIR: the knowledge graph a KG adapter was trained with
     rekey.set_defaults(func=cmd_datastore_rekey)
 
 
@@ -134,7 +136,10 @@ def cmd_datastore_rekey(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=device, dtype=getattr(torch, args.dtype))
     store = Datastore.open(args.datastore, model=model, tokenizer=tokenizer)
     index = DatastoreIndex.load(Path(args.datastore) / INDEX_DIR, store)
-    lm = HetGraphLM.from_pretrained(args.adapter, model, store, index, tokenizer=tokenizer)
+    knowledge = open_knowledge(args, tokenizer)
+    lm = HetGraphLM.from_pretrained(
+        args.adapter, model, store, index, tokenizer=tokenizer, knowledge=knowledge
+    )
     rekeyed = rekey_datastore(
         lm,
         out,

@@ -123,6 +123,35 @@ class Interrupted(Exception):
     """The process stopping in the middle of the pass."""
 
 
+def test_a_knowledge_graph_adapter_rekeys_in_the_datastores_windows(tmp_path):
+    from hetgraph.kg import EmbeddingConfig, KnowledgeGraph, KnowledgeSource, embed_knowledge_graph
+
+    (tmp_path / "kg.tsv").write_text("alpha\tnext\tbeta\nbeta\tnext\tgamma\n")
+    (tmp_path / "aliases.tsv").write_text("alpha\talpha\nbeta\tbeta\ngamma\tgamma\n")
+    graph = KnowledgeGraph.build(tmp_path / "kg.tsv", tmp_path / "aliases.tsv", byte_tokenizer())
+    graph.save_pretrained(tmp_path / "kg")
+    embed_knowledge_graph(tmp_path / "kg", EmbeddingConfig(model="transe", dim=8, epochs=2))
+    text = " ".join(["alpha beta gamma delta"] * 30)
+    ids = np.r_[byte_tokenizer()(text)["input_ids"], 256].astype(np.int32)
+    split = TokenizedSplit("train", ids, np.zeros(len(ids), np.int32), ["doc0"])
+    model = tiny_causal_lm("qwen2")
+    config = DatastoreConfig(context_length=64, stride=32, batch_size=4)
+    store = build_datastore(model, byte_tokenizer(), split, tmp_path / "ds", config)
+    index = DatastoreIndex.build(store.keys, FLAT, show_progress=False)
+    knowledge = KnowledgeSource.open(tmp_path / "kg", byte_tokenizer())
+    fusion = FusionConfig(k=4, adapter=ADAPTER, graph=dict(leakage_radius=4))
+    lm = HetGraphLM(model, store, index, fusion, knowledge=knowledge)
+    with torch.no_grad():
+        for name, parameter in lm.engine.named_parameters():
+            if name.startswith("gates.") or "rel_gate" in name:
+                parameter.fill_(0.5)
+    rekeyed = rekey_datastore(lm, tmp_path / "rk", FLAT, batch_rows=64, show_progress=False)
+    assert rekeyed.record["spans"] == "windows"  # entities are linked on a span's tokens
+    fused = fused_head_states(lm, torch.arange(32, 96).view(1, -1))[0].float().numpy()
+    np.testing.assert_allclose(keys_of(rekeyed.keys)[64:96], fused[32:], atol=2e-3, rtol=1e-3)
+    assert np.abs(keys_of(rekeyed.keys) - keys_of(store.keys)).max() > 0.1
+
+
 def test_an_interrupted_pass_resumes_to_the_same_keys(store, index, tmp_path, monkeypatch):
     lm = graph_lm(store, index, seed=3)
     whole = rekey_datastore(lm, tmp_path / "whole", FLAT, batch_rows=32, show_progress=False)

@@ -222,8 +222,11 @@ def test_the_datastore_itself_is_never_the_output(store, index):
         rekey_datastore(graph_lm(store, index), store.path, FLAT, show_progress=False)
 
 
-def test_the_rekeyed_arm_is_tuned_on_valid_and_exported(store, index, tmp_path, monkeypatch):
-    lm = graph_lm(store, index, seed=6)
+@pytest.mark.parametrize("fusion", [{}, dict(fusion_mode="replace", graph=dict(c2c=True))])
+def test_the_rekeyed_arm_is_tuned_on_valid_and_exported(
+    store, index, tmp_path, monkeypatch, fusion
+):
+    lm = graph_lm(store, index, seed=6, **fusion)
     rekey_datastore(lm, tmp_path / "rk", FLAT, show_progress=False)
     valid, test = pattern_split(2, 1, "valid"), pattern_split(2, 2, "test")
     seen = []

@@ -36,7 +36,8 @@ def add_rekey_command(datastore_subparsers: Any) -> None:
     rekey.add_argument(
         "--adapter",
         required=True,
-        help="trained adapter directory (retrieval and fusion at the LM head only)",
+        help="trained adapter directory (with decoder-layer sites the fused model runs over "
+        "the stored tokens; head-only adapters need no base-model pass)",
     )
     rekey.add_argument("--out", default=None, help="output directory (default: ADAPTER/rekeyed)")
     rekey.add_argument("--model", default=None, help="the base model the datastore was built with")
@@ -69,8 +70,8 @@ def add_rekey_command(datastore_subparsers: Any) -> None:
 
 def check_rekey_inputs(store: Any, adapter: str | Path) -> None:
     """Refuse in one line, before loading the model, what can never be re-keyed: a datastore
-    without its index, an adapter trained on another datastore, through a relation encoder,
-    or with a fused decoder layer (its saved sites say so).
+    without its index or keyed at a decoder layer, an adapter trained on another datastore
+    or through a relation encoder.
 
     Raises:
         RekeyError: naming the reason and the fix.
@@ -96,13 +97,10 @@ def check_rekey_inputs(store: Any, adapter: str | Path) -> None:
         raise RekeyError(
             f"cannot re-key with adapter {adapter}: it retrieves through a relation encoder"
         )
-    sites = sorted(saved.get("adapters") or {})
-    if sites != ["head"] or store.key_layer is not None:
+    if store.key_layer is not None:
         raise RekeyError(
-            f"cannot re-key with adapter {adapter}: it fuses {', '.join(sites)} over keys of "
-            f"layer {'head' if store.key_layer is None else store.key_layer}; only an adapter "
-            "that retrieves and fuses at the LM-head input alone can be re-keyed (a decoder "
-            "layer needs a base-model pass over the corpus, not implemented)"
+            f"cannot re-key {store.path}: its keys are decoder layer {store.key_layer}'s, "
+            "not the LM-head input's (the queries re-keyed keys are searched with)"
         )
 
 

@@ -21,6 +21,7 @@ from hetgraph.datastore.rekey import (
     adapter_fingerprint,
     check_rekeyable,
     fused_head_states,
+    needs_model_pass,
     rekey_datastore,
 )
 from hetgraph.evaluation import (
@@ -158,11 +159,11 @@ def test_an_interrupted_pass_resumes_to_the_same_keys(store, index, tmp_path, mo
     calls = []
     original = rekey_module._fuse_batch
 
-    def failing(lm, batch):
+    def failing(lm, batch, model_pass):
         calls.append(batch[0].start)
         if calls == [0, 32, 64, 96, 128]:  # stopped in the third chunk of 64 rows
             raise Interrupted
-        return original(lm, batch)
+        return original(lm, batch, model_pass)
 
     monkeypatch.setattr(rekey_module, "_fuse_batch", failing)
     out = tmp_path / "resumed"
@@ -199,22 +200,43 @@ def test_another_adapter_or_datastore_is_refused(store, index, tmp_path):
         RekeyedIndex.load(tmp_path / "rk", Other())
 
 
-@pytest.mark.parametrize(
-    "fusion, reason",
-    [
-        (dict(fusion_layers=(0, "head")), "decoder layer"),
-        (dict(fusion_layers=(1,)), "decoder layer"),
-        (dict(neighbours="random"), "random-neighbours"),
-    ],
-)
-def test_an_adapter_that_needs_the_base_model_is_refused(store, index, tmp_path, fusion, reason):
-    lm = graph_lm(store, index, **fusion)
-    with pytest.raises(RekeyError, match=reason) as refused:
+def test_an_adapter_searching_other_keys_is_refused(store, index, tmp_path):
+    lm = graph_lm(store, index, neighbours="random")
+    with pytest.raises(RekeyError, match="random-neighbours") as refused:
         rekey_datastore(lm, tmp_path / "rk", FLAT, show_progress=False)
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "rk").exists()  # refused before any work
-    with pytest.raises(RekeyError):
-        check_rekeyable(lm.engine)
+    model = tiny_causal_lm("qwen2")
+    config = DatastoreConfig(context_length=64, stride=32, batch_size=4, key_layer=0)
+    split = pattern_split(1, 0, "train")
+    layer_store = build_datastore(model, byte_tokenizer(), split, tmp_path / "ds", config)
+    layer_index = DatastoreIndex.build(layer_store.keys, FLAT, show_progress=False)
+    with pytest.raises(RekeyError, match="decoder layer 0's"):
+        check_rekeyable(graph_lm(layer_store, layer_index).engine)
+
+
+@pytest.mark.parametrize("sites", [(0, "head"), (1,)])
+def test_an_adapter_with_decoder_layers_rekeys_through_the_model(store, index, tmp_path, sites):
+    untrained = graph_lm(store, index, fusion_layers=sites)
+    assert needs_model_pass(untrained.engine)
+    rekeyed = rekey_datastore(untrained, tmp_path / "rk", FLAT, show_progress=False)
+    assert rekeyed.record["pass"] == "model" and rekeyed.record["spans"] == "windows"
+    # Zero gates: the base model over the datastore's own windows gives its stored keys.
+    np.testing.assert_allclose(keys_of(rekeyed.keys), keys_of(store.keys), atol=1e-2)
+    trained = graph_lm(store, index, seed=9, fusion_layers=sites)
+    changed = rekey_datastore(trained, tmp_path / "rk2", FLAT, show_progress=False)
+    assert np.abs(keys_of(changed.keys) - keys_of(store.keys)).max() > 0.1
+    with pytest.raises(RekeyError, match="model pass"):
+        rekey_datastore(trained, tmp_path / "rk3", FLAT, model_pass=False, show_progress=False)
+
+
+def test_the_model_pass_agrees_with_the_stored_keys(store, index, tmp_path):
+    lm = graph_lm(store, index, seed=10)
+    from_keys = rekey_datastore(lm, tmp_path / "keys", FLAT, show_progress=False)
+    from_model = rekey_datastore(lm, tmp_path / "model", FLAT, model_pass=True, show_progress=False)
+    assert from_keys.record["pass"] == "stored keys" and from_model.record["pass"] == "model"
+    # The same fused states, from float16 keys or from the model's float32 states.
+    np.testing.assert_allclose(keys_of(from_model.keys), keys_of(from_keys.keys), atol=2e-2)
 
 
 def test_the_datastore_itself_is_never_the_output(store, index):
@@ -222,7 +244,10 @@ def test_the_datastore_itself_is_never_the_output(store, index):
         rekey_datastore(graph_lm(store, index), store.path, FLAT, show_progress=False)
 
 
-@pytest.mark.parametrize("fusion", [{}, dict(fusion_mode="replace", graph=dict(c2c=True))])
+@pytest.mark.parametrize(
+    "fusion",
+    [{}, dict(fusion_mode="replace", graph=dict(c2c=True)), dict(fusion_layers=(0, "head"))],
+)
 def test_the_rekeyed_arm_is_tuned_on_valid_and_exported(
     store, index, tmp_path, monkeypatch, fusion
 ):

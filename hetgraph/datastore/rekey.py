@@ -3,13 +3,15 @@ r"""A datastore keyed by the adapter's own features: GNN-LM + kNN as the paper r
 hetgraph's default GNN-LM + kNN searches the base model's keys (the LM-head input of the
 frozen LM). The paper's GNN-LM + kNN searches a datastore keyed by GNN-LM's own features:
 the fused hidden state that feeds the LM head, for stored rows and queries alike.
-:func:`rekey_datastore` writes those keys for every datastore row of an adapter whose
-retrieval site and only fused site is the LM-head input
-(:attr:`~hetgraph.FusionEngine.can_run_from_datastore`): there the base model's state at a
-corpus position *is* its stored key, so the fused state needs no base-model pass, only the
-adapter over the row's retrieved neighbours (leakage-filtered as in training, so no row sees
-its own next token). With ``c2c`` edges (paper mode) the rows are fused in the datastore's
-own strided windows, so that each row has the causal context it had when it was stored.
+:func:`rekey_datastore` writes those keys for every datastore row. When retrieval and every
+fused site are the LM-head input (:attr:`~hetgraph.FusionEngine.can_run_from_datastore`) the
+base model's state at a corpus position *is* its stored key, so the fused state needs no
+base-model pass, only the adapter over the row's retrieved neighbours
+(:func:`fused_head_states`); an adapter with fused decoder layers runs the fused model over
+the stored tokens instead (:func:`model_head_states`, the datastore build's windows again).
+Both are leakage-filtered as in training, so no row sees its own next token. With ``c2c``
+edges (paper mode), a knowledge graph or the model pass, rows are fused in the datastore's
+own strided windows, so that each row has the context it had when it was stored.
 
 Layout of the output directory (default ``ADAPTER/rekeyed/``; never the datastore's)::
 
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 
 from hetgraph.corpus.windows import Window, sliding_windows
 from hetgraph.datastore.build import window_batches
+from hetgraph.datastore.capture import HiddenStateCapture, StopForward
 from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import HEAD
 from hetgraph.integrity import atomic_write_json_record, read_json_record
@@ -53,6 +56,8 @@ __all__ = [
     "adapter_fingerprint",
     "check_rekeyable",
     "fused_head_states",
+    "model_head_states",
+    "needs_model_pass",
     "rekey_datastore",
 ]
 
@@ -82,37 +87,35 @@ def adapter_fingerprint(engine: Any) -> str:
 
 def check_rekeyable(engine: Any) -> None:
     """Refuse, in one line naming the reason, an engine whose fused head states at datastore
-    rows cannot be computed from the stored keys alone.
+    rows cannot be written as keys that its queries search.
 
     Raises:
-        RekeyError: retrieval is not at the LM-head input, a decoder layer is fused (that
-            needs a base-model pass over the corpus, not implemented), a prefetch pass is
-            configured, the neighbours are random, or retrieval goes through a relation
+        RekeyError: retrieval is not at the LM-head input (the evaluation's queries are
+            head states), the neighbours are random, or retrieval goes through a relation
             encoder.
     """
-    layers = [site for site in engine.fusion_sites if site != HEAD]
     reason = None
     if engine.retrieval_site != HEAD:
         reason = (
-            f"the datastore's keys are decoder layer {engine.retrieval_site}'s, "
-            "not the LM-head input's"
+            f"the datastore's keys are decoder layer {engine.retrieval_site}'s, not the "
+            "LM-head input's"
         )
-    elif layers:
-        reason = (
-            f"it fuses decoder layer(s) {', '.join(map(str, layers))}, whose states need a "
-            "base-model pass over the corpus (not implemented)"
-        )
-    elif HEAD not in engine.fusion_sites or not engine.can_run_from_datastore:
-        reason = "it sets prefetch (a base-model pass before the head)"
     elif engine.config.neighbours != "retrieved":
         reason = "it is a random-neighbours control"
     elif getattr(engine.index, "encoder", None) is not None:
         reason = "it retrieves through a relation encoder"
     if reason is not None:
         raise RekeyError(
-            f"cannot re-key with this adapter: {reason}; only an adapter that retrieves and "
-            "fuses at the LM-head input alone (fusion_layers ['head']) can be re-keyed"
+            f"cannot re-key with this adapter: {reason}; re-keying needs an adapter that "
+            "retrieves from a datastore keyed at the LM-head input (the default)"
         )
+
+
+def needs_model_pass(engine: Any) -> bool:
+    """Whether the fused head states at datastore rows need the base model run over the
+    stored tokens (a fused decoder layer, or prefetch): otherwise they are computed from
+    the stored keys alone (:func:`fused_head_states`)."""
+    return not engine.can_run_from_datastore
 
 
 class _HeadInput(nn.Module):
@@ -147,23 +150,48 @@ def fused_head_states(lm: Any, rows: Tensor) -> Tensor:
     return head.first
 
 
-def _in_windows(engine: Any) -> bool:
-    # c2c edges link a span's positions, and a knowledge graph links entities on its tokens.
-    return bool(engine.graph_config.c2c) or getattr(engine, "knowledge", None) is not None
+@torch.no_grad()
+def model_head_states(lm: Any, rows: Tensor) -> Tensor:
+    """``[B, T, d]`` fused LM-head input of a :class:`~hetgraph.HetGraphLM` run over the
+    stored tokens of contiguous spans of datastore rows ``[B, T]``, with
+    ``query_positions=rows`` (leakage-filtered like training): the corpus pass an adapter
+    with fused decoder layers needs. The head itself is never run."""
+    tokens = np.asarray(lm.engine.datastore.tokens[rows.numpy()], dtype=np.int64)
+    device = next(lm.model.parameters()).device
+    capture = HiddenStateCapture(lm.model, [None], stop_forward=True)
+    attached_here = not lm.is_attached
+    lm.attach()  # first, so that the capture's pre-hook on the head reads the fused input
+    try:
+        with capture, contextlib.suppress(StopForward):
+            lm(
+                torch.from_numpy(tokens).to(device),
+                query_positions=rows.to(device),
+                use_cache=False,
+            )
+    finally:
+        if attached_here:
+            lm.detach()
+    return capture.states[None]
 
 
-def _span_batches(engine: Any, batch_rows: int) -> list[list[Window]]:
+def _in_windows(engine: Any, model_pass: bool) -> bool:
+    # c2c edges link a span's positions, a knowledge graph links entities on its tokens, and
+    # the base model reads a row in the window it was stored from.
+    return model_pass or bool(engine.graph_config.c2c) or engine.knowledge is not None
+
+
+def _span_batches(engine: Any, batch_rows: int, model_pass: bool) -> list[list[Window]]:
     """Batches of row spans to fuse: independent rows in spans of ``batch_rows`` rows, or
     with ``c2c`` (or a knowledge graph, linked on a span's tokens) the datastore's own
     strided windows: the causal context a row had when it was stored."""
     n, meta = len(engine.datastore), engine.datastore.metadata
-    if not _in_windows(engine):
+    if not _in_windows(engine, model_pass):
         return [[w] for w in sliding_windows(n, batch_rows, batch_rows)]
     windows = sliding_windows(n, meta.context_length, meta.stride)
     return window_batches(windows, max(1, batch_rows // meta.context_length))
 
 
-def _identity(engine: Any, batch_rows: int) -> dict[str, Any]:
+def _identity(engine: Any, batch_rows: int, model_pass: bool) -> dict[str, Any]:
     store = engine.datastore
     return {
         "adapter_fingerprint": adapter_fingerprint(engine),
@@ -171,7 +199,8 @@ def _identity(engine: Any, batch_rows: int) -> dict[str, Any]:
         "rows": len(store),
         "dim": store.dim,
         "batch_rows": int(batch_rows),
-        "spans": "windows" if _in_windows(engine) else "rows",
+        "spans": "windows" if _in_windows(engine, model_pass) else "rows",
+        "pass": "model" if model_pass else "stored keys",
     }
 
 
@@ -190,12 +219,12 @@ def _open_keys(out: Path, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
     return np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.float16, shape=shape), 0
 
 
-def _fuse_batch(lm: Any, batch: list[Window]) -> tuple[Tensor, Tensor]:
+def _fuse_batch(lm: Any, batch: list[Window], model_pass: bool) -> tuple[Tensor, Tensor]:
     """(rows ``[n]``, fused float16 states ``[n, d]`` on the CPU) of a batch's scored rows."""
     length = batch[0].end - batch[0].start
     starts = torch.tensor([w.start for w in batch], dtype=torch.long)
     rows = starts[:, None] + torch.arange(length)
-    states = fused_head_states(lm, rows).float()
+    states = (model_head_states if model_pass else fused_head_states)(lm, rows).float()
     firsts = torch.tensor([w.score_start for w in batch], dtype=torch.long)
     scored = rows >= firsts[:, None]
     half = states[scored.to(states.device)].cpu().to(torch.float16)
@@ -207,18 +236,20 @@ def _fuse_batch(lm: Any, batch: list[Window]) -> tuple[Tensor, Tensor]:
     return rows[scored], half
 
 
-def _rekey_rows(lm: Any, out: Path, batch_rows: int, chunk_rows: int, show: bool) -> None:
-    identity = _identity(lm.engine, batch_rows)
+def _rekey_rows(
+    lm: Any, out: Path, batch_rows: int, chunk_rows: int, model_pass: bool, show: bool
+) -> None:
+    identity = _identity(lm.engine, batch_rows, model_pass)
     keys, done = _open_keys(out, identity)
     n = identity["rows"]
     if done:
         logger.info("resuming the re-keying at row %d of %d", done, n)
-    todo = [b for b in _span_batches(lm.engine, batch_rows) if b[-1].end > done]
+    todo = [b for b in _span_batches(lm.engine, batch_rows, model_pass) if b[-1].end > done]
     since_record = 0
     bar = tqdm(total=n, initial=done, desc="re-key", unit="row", disable=not show)
     with bar:
         for number, batch in enumerate(todo):
-            rows, half = _fuse_batch(lm, batch)
+            rows, half = _fuse_batch(lm, batch, model_pass)
             keys[rows.numpy()] = half.numpy()
             since_record += len(rows)
             bar.update(len(rows))
@@ -247,6 +278,7 @@ def rekey_datastore(
     adapter_dir: str | Path | None = None,
     batch_rows: int = 256,
     chunk_rows: int = 16384,
+    model_pass: bool | None = None,
     show_progress: bool = True,
 ) -> RekeyedIndex:
     r"""Write the fused LM-head state of every datastore row of ``lm`` as new keys in
@@ -260,6 +292,10 @@ def rekey_datastore(
         adapter_dir: where the adapter was loaded from (recorded, for messages).
         batch_rows: rows fused per call (with ``c2c``: whole windows of that many rows).
         chunk_rows: rows between two progress records (what an interruption may redo).
+        model_pass: run the fused model over the stored tokens in the datastore's windows
+            (:func:`model_head_states`) instead of fusing the stored keys
+            (:func:`fused_head_states`); default: only when the adapter needs it
+            (:func:`needs_model_pass`: a fused decoder layer, or prefetch).
         show_progress: tqdm bar.
 
     Raises:
@@ -272,17 +308,24 @@ def rekey_datastore(
     engine, out = lm.engine, Path(out)
     check_rekeyable(engine)
     _check_out(out, engine.datastore)
+    needed = needs_model_pass(engine)
+    if model_pass is False and needed:
+        raise RekeyError(
+            "this adapter fuses decoder layers (or sets prefetch): its head states need the "
+            "model pass over the stored tokens; leave model_pass at None"
+        )
+    model_pass = needed if model_pass is None else model_pass
     was_training = engine.training
     engine.eval()  # dropout off: the keys are the eval-time fused states
     try:
         with directory_lock(out, "re-keyed store"):
             out.mkdir(parents=True, exist_ok=True)
             (out / REKEY_RECORD).unlink(missing_ok=True)  # an unfinished pass never loads
-            _rekey_rows(lm, out, batch_rows, chunk_rows, show_progress)
+            _rekey_rows(lm, out, batch_rows, chunk_rows, model_pass, show_progress)
             keys = np.load(out / REKEYED_KEYS, mmap_mode="r", allow_pickle=False)
             index = build_index(keys, out / INDEX_DIR, index_config or IndexConfig())
             record = {
-                **_identity(engine, batch_rows),
+                **_identity(engine, batch_rows, model_pass),
                 "datastore": str(engine.datastore.path),
                 "adapter": None if adapter_dir is None else str(adapter_dir),
                 "metric": index.metric,

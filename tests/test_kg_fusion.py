@@ -335,7 +335,7 @@ def test_cli_refuses_a_bad_or_missing_knowledge_graph_in_one_line(workspace, cap
     base = ["eval", *common, "--datastore", root / "ds", "--config", root / "run.json"]
     cases = [
         (["--kg", tmp_path / "missing"], "no such knowledge-graph directory"),
-        (["--kg", tmp_path / "empty"], "--kg"),
+        (["--kg", tmp_path / "empty"], "is not a knowledge-graph directory"),
         (["--kg", root / "unembedded"], "run `hetgraph kg embed --kg"),
         (["--adapter", root / "adapter"], "pass --kg"),
         (["--adapter", root / "plain", "--kg", root / "kg"], "leave out --kg"),

@@ -27,7 +27,7 @@ from hetgraph.kg.embeddings import load_kge_embeddings
 from hetgraph.kg.errors import KnowledgeGraphError
 from hetgraph.kg.facts import FactIndex, add_facts, window_entities
 from hetgraph.kg.linking import EntityLinker
-from hetgraph.kg.store import EMBEDDINGS, KnowledgeGraph, read_manifest
+from hetgraph.kg.store import EMBEDDINGS, MANIFEST, KnowledgeGraph, read_manifest
 from hetgraph.nn.kg import fact_feature_channels
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,17 @@ def check_knowledge_directory(directory: str | Path, option: str = "--kg") -> di
     Raises:
         KnowledgeGraphError: one line naming ``option``, the directory and the fix.
     """
+    directory = Path(directory)
+    if directory.is_dir() and not (directory / MANIFEST).is_file():
+        raise KnowledgeGraphError(
+            f"{option} {directory} is not a knowledge-graph directory (no {MANIFEST}); build "
+            f"one with `hetgraph kg build --triples FILE --out {directory}`, then `hetgraph "
+            f"kg embed --kg {directory}`"
+        )
     try:
         manifest = read_manifest(directory)
     except KnowledgeGraphError as error:
-        raise KnowledgeGraphError(f"{option} {directory}: {error}") from None
+        raise KnowledgeGraphError(f"{option} {error}") from None
     if "embeddings" not in manifest:
         raise KnowledgeGraphError(
             f"{option} {directory} has no entity embeddings yet; run "

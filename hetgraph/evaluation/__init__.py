@@ -37,6 +37,7 @@ from hetgraph.evaluation.per_token import (
     paired_ratio,
     read_per_token,
 )
+from hetgraph.evaluation.rekeyed import REKEYED_METHOD, rekeyed_knn_row
 from hetgraph.evaluation.report import (
     METHOD_NAMES,
     plot_results,
@@ -52,6 +53,7 @@ from hetgraph.evaluation.sampling import (
 
 __all__ = [
     "METHOD_NAMES",
+    "REKEYED_METHOD",
     "BootstrapSpec",
     "EvalConfig",
     "EvaluationResults",
@@ -80,6 +82,7 @@ __all__ = [
     "plot_results",
     "ratio_sentences",
     "read_per_token",
+    "rekeyed_knn_row",
     "results_table",
     "score_knn",
     "score_lm",

@@ -17,7 +17,9 @@ and number of decoder layers). Its steps are stateless:
 A step that needs a piece of the base model takes it as an argument: the token embedding
 (``neighbour_embedding="own_token"`` / ``"label"``) and, for :meth:`logits_from_datastore`,
 the LM head. :class:`~hetgraph.fusion.hooks.FusionHooks` calls these steps from forward hooks
-on the base model; :class:`~hetgraph.HetGraphLM` is the thin shell that joins the two.
+on the base model; :class:`~hetgraph.HetGraphLM` is the thin shell that joins the two. A
+knowledge graph (``knowledge=``, :class:`~hetgraph.kg.KnowledgeSource`) adds ``kg`` nodes to
+each call's graph from the call's token ids (the edge-list path; ``NeighbourStates`` refused).
 
 At every fused site ``i``
 

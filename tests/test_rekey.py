@@ -198,6 +198,10 @@ def test_another_adapter_or_datastore_is_refused(store, index, tmp_path):
 
     with pytest.raises(RekeyError, match="datastore fingerprint"):
         RekeyedIndex.load(tmp_path / "rk", Other())
+    with open(tmp_path / "rk" / "keys.npy", "ab") as keys:  # a damaged key file
+        keys.write(b"\0" * 64)
+    with pytest.raises(RekeyError, match=r"keys\.npy has"):
+        RekeyedIndex.load(tmp_path / "rk", store, engine=lm.engine)
 
 
 def test_an_adapter_searching_other_keys_is_refused(store, index, tmp_path):

@@ -43,7 +43,12 @@ from hetgraph.datastore.build import window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, StopForward
 from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import HEAD
-from hetgraph.integrity import atomic_write_json_record, read_json_record
+from hetgraph.integrity import (
+    atomic_write_json_record,
+    check_file_record,
+    file_record,
+    read_json_record,
+)
 from hetgraph.io import INDEX_DIR, StreamingHash, fsync_directory
 from hetgraph.locking import directory_lock
 
@@ -330,6 +335,7 @@ def rekey_datastore(
                 "adapter": None if adapter_dir is None else str(adapter_dir),
                 "metric": index.metric,
                 "factory": index.factory,
+                "keys_file": file_record(out / REKEYED_KEYS),  # checked (sampled) at load
             }
             atomic_write_json_record(out / REKEY_RECORD, record)
             (out / REKEY_PROGRESS).unlink(missing_ok=True)
@@ -391,6 +397,11 @@ class RekeyedIndex:
                 f"adapter fingerprint {record.get('adapter_fingerprint')} recorded "
                 f"(adapter {record.get('adapter')}), another adapter given"
             )
+        problem = check_file_record(
+            directory / REKEYED_KEYS, record.get("keys_file") or {}, full=False
+        )
+        if problem is not None:
+            wrong.append(f"{REKEYED_KEYS} {problem}")
         if wrong:
             raise RekeyError(
                 f"re-keyed store {directory} does not match ({'; '.join(wrong)}); {hint}"

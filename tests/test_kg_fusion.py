@@ -290,10 +290,11 @@ def workspace(tmp_path_factory):
     (root / "kg.tsv").write_text(TRIPLES)
     (root / "kg-aliases.tsv").write_text(ALIASES)
     kg = ["--triples", root / "kg.tsv", "--aliases", root / "kg-aliases.tsv"]
-    for out in ("kg", "unembedded"):  # aliases tokenised by the model's own tokenizer
+    for out in ("kg", "kg2", "unembedded"):  # aliases tokenised by the model's own tokenizer
         assert run_cli("kg", "build", "--model", root / "model", *kg, "--out", root / out) == 0
     embed = ["--model", "transe", "--dim", "8", "--epochs", "2", "--batch-size", "4"]
-    assert run_cli("kg", "embed", "--kg", root / "kg", *embed, "--threads", "1") == 0
+    for out, seed in (("kg", "0"), ("kg2", "1")):  # kg2: the same triples, other embeddings
+        assert run_cli("kg", "embed", "--kg", root / out, *embed, "--seed", seed) == 0
     common = ["--model", root / "model", "--corpus", root / "corpus", "--threads", "1"]
     build = ["--context-length", "64", "--stride", "32", "--batch-size", "4"]
     assert run_cli("datastore", "build", *common, "--out", root / "ds", *build) == 0
@@ -345,7 +346,11 @@ def test_cli_refuses_a_bad_or_missing_knowledge_graph_in_one_line(workspace, cap
         capsys.readouterr()
         assert run_cli(*base, *extra) == 2
         assert message in one_error_line(capsys)
-    train = ["train", *common, "--datastore", root / "ds", "--out", tmp_path / "a"]
+    train = ["train", *common, "--datastore", root / "ds", "--config", root / "run.json"]
     capsys.readouterr()
-    assert run_cli(*train, "--kg-facts", "2") == 2
+    assert run_cli(*train, "--out", tmp_path / "a", "--kg-facts", "2") == 2
     assert "add --kg DIR" in one_error_line(capsys)
+    # Resuming the checkpoint of a run with another graph (re-embedded) is refused too.
+    resume = [*train, "--out", root / "adapter", "--kg", root / "kg2", "--kg-facts", "2"]
+    assert run_cli(*resume) == 2
+    assert "/checkpoint was trained with the knowledge graph" in one_error_line(capsys)

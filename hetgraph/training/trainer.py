@@ -26,7 +26,7 @@ from hetgraph.distributed import DistributedContext, current_context
 from hetgraph.errors import HetgraphError, NonFiniteError
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.fusion.model_card import write_model_card
-from hetgraph.fusion.persistence import read_adapter_config
+from hetgraph.fusion.persistence import check_knowledge, read_adapter_config
 from hetgraph.integrity import atomic_write_json_record
 from hetgraph.io import ADAPTER_WEIGHTS, CHECKPOINT_DIR, TRAINING_RESULT
 from hetgraph.locking import directory_lock
@@ -169,7 +169,12 @@ class _TrainingRun:
         state = self.ctx.run_on_main(lambda: read_checkpoint(self.out_dir))
         if state is None:
             return False
-        saved = read_adapter_config(self.out_dir / CHECKPOINT_DIR)["fusion"]
+        checkpoint = read_adapter_config(self.out_dir / CHECKPOINT_DIR)
+        saved = checkpoint["fusion"]
+        # The same knowledge graph (or none) as the run that wrote the checkpoint.
+        knowledge = self.lm.engine.knowledge
+        identity = None if knowledge is None else knowledge.identity()
+        check_knowledge(checkpoint, identity, self.out_dir / CHECKPOINT_DIR)
         # Through from_dict: a checkpoint from before a new option compares by its default.
         if (
             TrainingConfig.from_dict(state["config"]).to_dict() != self.config.to_dict()

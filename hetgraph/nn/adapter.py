@@ -217,6 +217,12 @@ class GraphAdapter(Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()  # type: ignore[operator]
+        if self.config.norm_init != 1.0:  # AdapterConfig.norm_init (our option)
+            norms = [conv.norm[t] for conv in self.convs for t in conv.node_types]
+            norms += [norm for block in self.ffn_norms for norm in block.values()]
+            with torch.no_grad():
+                for norm in norms:
+                    norm.weight.fill_(float(self.config.norm_init))
 
     def _feed_forward(self, i: int, node_type: str, x: Tensor) -> Tensor:
         if not self.config.feed_forward:

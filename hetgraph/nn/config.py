@@ -26,6 +26,9 @@ MapKind = Literal["linear", "official"]
 #: How a fact's head, relation and tail KGE embeddings combine (see
 #: :class:`~hetgraph.nn.KGFactEncoder`).
 KGCombine = Literal["concat", "sum"]
+#: Initial LayerNorm gain: a number, or ``"keys"`` (resolved from the datastore's keys by
+#: the :class:`~hetgraph.FusionEngine`, see :attr:`AdapterConfig.norm_init`).
+NormInit = float | Literal["keys"]
 #: The channel widths of an :class:`AdapterConfig` (``None`` until resolved).
 _WIDTHS = ("ctx_channels", "nbr_channels", "hidden_channels", "out_channels")
 #: Most graph layers an adapter may stack (GNN-LM: 3). Each layer is a few dozen modules:
@@ -85,6 +88,15 @@ class AdapterConfig(JSONConfigMixin):
         kg_combine: ``"concat"`` or ``"sum"`` of head, relation and tail embeddings.
         use_k2n: Also the ``(kg, k2n, nbr)`` relation (gated like ``k2c``).
         use_k2k: Also the ``(kg, k2k, kg)`` relation.
+        norm_init: Initial gain of every LayerNorm of the layers and feed-forward blocks
+            (PyTorch's and the paper's: ``1.0``). ``"keys"``: the mean per-row standard
+            deviation of the datastore's keys, filled in by the
+            :class:`~hetgraph.FusionEngine`. Our option, not the paper's: an untrained
+            ``fusion_mode="replace"`` adapter at the head outputs about
+            :math:`\mathrm{LayerNorm}(\mathbf{h})`, unit-variance states, while the LM head
+            was trained on the final norm's output (SmolLM2: a gain of rms 1.8, rows of std
+            2.2), so step 0 starts far from the base model; ``"keys"`` hands the head states
+            of the scale it expects.
 
     :meth:`paper` gives the official GNN-LM model function.
     """
@@ -113,6 +125,7 @@ class AdapterConfig(JSONConfigMixin):
     kg_combine: KGCombine = "concat"
     use_k2n: bool = False
     use_k2k: bool = False
+    norm_init: NormInit = 1.0
 
     @classmethod
     def paper(cls, **overrides: Any) -> AdapterConfig:
@@ -179,6 +192,12 @@ class AdapterConfig(JSONConfigMixin):
             raise ValueError(f"kg_channels must be >= 0, got {self.kg_channels}")
         if self.kg_channels == 0 and (self.use_k2n or self.use_k2k):
             raise ValueError("use_k2n / use_k2k need a knowledge-graph branch (kg_channels > 0)")
+        if self.norm_init != "keys" and not (
+            isinstance(self.norm_init, (int, float)) and 0.0 < self.norm_init < float("inf")
+        ):
+            raise ValueError(
+                f"norm_init must be a positive number or 'keys', got {self.norm_init!r}"
+            )
         if self.hidden_channels is not None and self.hidden_channels % self.heads != 0:
             raise ValueError(
                 f"hidden_channels ({self.hidden_channels}) must be divisible "
@@ -258,6 +277,7 @@ class AdapterConfig(JSONConfigMixin):
         kg_channels: int | None = None,
         use_k2n: bool | None = None,
         use_k2k: bool | None = None,
+        norm_init: float | None = None,
     ) -> AdapterConfig:
         r"""A validated copy with the widths of one fused site filled in (this one is unchanged).
 
@@ -278,6 +298,8 @@ class AdapterConfig(JSONConfigMixin):
                 (:func:`~hetgraph.nn.fact_feature_channels` of the KGE tables) and
                 :attr:`KGGraphConfig.kg2nbr <hetgraph.graph.KGGraphConfig.kg2nbr>` /
                 ``kg2kg``.
+            norm_init: the LayerNorm gain that ``norm_init="keys"`` stands for (``None``:
+                this config's).
 
         Raises:
             ValueError: a width set in this config differs from the given one.
@@ -302,6 +324,7 @@ class AdapterConfig(JSONConfigMixin):
             ("kg_channels", kg_channels),
             ("use_k2n", use_k2n),
             ("use_k2k", use_k2k),
+            ("norm_init", norm_init),
         ):
             if value is not None:
                 changes[name] = value
@@ -314,6 +337,12 @@ class AdapterConfig(JSONConfigMixin):
             ValueError: some width is still ``None`` (named, with how to fill it).
         """
         missing = [name for name in _WIDTHS if getattr(self, name) is None]
+        if self.norm_init == "keys":
+            raise ValueError(
+                "AdapterConfig.norm_init='keys' is not resolved: a GraphAdapter needs the gain "
+                "itself; FusionEngine fills it from the datastore's keys, or pass "
+                "resolved(norm_init=…)"
+            )
         if missing:
             raise ValueError(
                 f"AdapterConfig {', '.join(missing)} not set: a GraphAdapter "

@@ -29,7 +29,6 @@ from hetgraph import Datastore, DatastoreIndex, FusionConfig, HetGraphLM
 from hetgraph.corpus import tokenize_corpus
 from hetgraph.evaluation import model_perplexity
 from hetgraph.evaluation.lm import collect_lm_outputs
-from hetgraph.fusion.engine import key_scale
 from hetgraph.io import atomic_write_json
 from hetgraph.knnlm import perplexity
 from hetgraph.models.loading import load_model
@@ -58,7 +57,7 @@ def stored_key_check(model, store: Datastore, rows: int = 4096) -> dict[str, flo
         "rows": len(picked),
         "head(h)": ppl(h),
         "head(LayerNorm(h))": ppl(normed),
-        "head(LayerNorm(h) * key_scale)": ppl(normed * key_scale(store)),
+        "head(LayerNorm(h) * key_scale)": ppl(normed * store.key_scale()),
     }
 
 
@@ -83,7 +82,7 @@ def main() -> None:
         "datastore_rows": len(store),
         "valid_tokens": args.valid_tokens,
         "sample": {"kind": config.sample, "seed": config.sample_seed},
-        "key_scale": key_scale(store),
+        "key_scale": store.key_scale(),
         "stored_keys": stored_key_check(model, store),
         "valid_ppl": {"base": base},
     }

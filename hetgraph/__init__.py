@@ -88,6 +88,9 @@ _EXPORTS: dict[str, str] = {
     "AdapterMismatchError": "hetgraph.fusion",
     "FusionConfig": "hetgraph.fusion",
     "FusionEngine": "hetgraph.fusion",
+    "RekeyError": "hetgraph.fusion.rekey",
+    "RekeyedIndex": "hetgraph.fusion.rekey",
+    "rekey_datastore": "hetgraph.fusion.rekey",
     "GraphInputBuilder": "hetgraph.fusion",
     "HetGraphLM": "hetgraph.fusion",
     "NeighbourStates": "hetgraph.fusion",
@@ -216,6 +219,11 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         RetrievalGate as RetrievalGate,
         Retriever as Retriever,
         resolve_fusion_sites as resolve_fusion_sites,
+    )
+    from hetgraph.fusion.rekey import (
+        RekeyedIndex as RekeyedIndex,
+        RekeyError as RekeyError,
+        rekey_datastore as rekey_datastore,
     )
     from hetgraph.graph import (
         ContextGraph as ContextGraph,

@@ -33,6 +33,7 @@ from hetgraph.cli_options import (
     thread_count,
     token_budget,
 )
+from hetgraph.cli_rekey import add_rekey_command
 
 EPILOG = """examples:
   hetgraph demo                                   # the whole job on the embedded default
@@ -212,6 +213,7 @@ def _add_build_commands(commands: Any) -> None:
         "--no-index", action="store_true", help="do not build the default index afterwards"
     )
     ds_build.set_defaults(func=cmd_datastore_build)
+    add_rekey_command(datastore)  # hetgraph datastore rekey (hetgraph/cli_rekey.py)
 
     index = commands.add_parser("index", help="index commands").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -380,6 +382,14 @@ def _add_eval_command(commands: Any) -> None:
         metavar="LORA_DIR",
         help="a LoRA control (train --control lora) evaluated beside "
         "--adapter on the same tokens (adds lora, lora_knn)",
+    )
+    evaluate.add_argument(
+        "--rekeyed",
+        default=None,
+        metavar="DIR",
+        help="a store re-keyed by --adapter (hetgraph datastore rekey): adds "
+        "gnn_knn_rekeyed, GNN-LM + kNN over the adapter's own fused head states "
+        "(the paper's setting)",
     )
     evaluate.add_argument("--split", choices=("test", "valid"), default="test")
     evaluate.add_argument(

@@ -483,6 +483,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         include_gnn=adapter is not None,
         per_token=args.per_token,
         control=control,
+        rekeyed=args.rekeyed,
     ).to_dict()
     results["provenance"] = provenance
     if not ctx.is_main:

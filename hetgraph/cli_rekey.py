@@ -3,7 +3,7 @@ parser and the command function; heavy imports inside the function, so parsing s
 
 The paper's GNN-LM + kNN searches keys made of GNN-LM's fused head states; hetgraph's default
 searches the base model's. This command writes the former for every datastore row
-(:func:`~hetgraph.datastore.rekey.rekey_datastore`) into ``ADAPTER/rekeyed`` (or ``--out``),
+(:func:`~hetgraph.fusion.rekey.rekey_datastore`) into ``ADAPTER/rekeyed`` (or ``--out``),
 with a FAISS index over them; ``hetgraph eval --rekeyed DIR`` then adds the row
 ``gnn_knn_rekeyed``.
 """
@@ -77,8 +77,8 @@ def check_rekey_inputs(store: Any, adapter: str | Path) -> None:
         RekeyError: naming the reason and the fix.
         AdapterFileError: ``adapter`` holds no readable adapter.
     """
-    from hetgraph.datastore.rekey import RekeyError
     from hetgraph.fusion.persistence import read_adapter_config
+    from hetgraph.fusion.rekey import RekeyError
     from hetgraph.io import INDEX_DIR, INDEX_FILE
 
     if not (Path(store.path) / INDEX_DIR / INDEX_FILE).is_file():
@@ -108,8 +108,8 @@ def cmd_datastore_rekey(args: argparse.Namespace) -> int:
     import torch
 
     from hetgraph.datastore import Datastore
-    from hetgraph.datastore.rekey import REKEYED_DIR, rekey_datastore
     from hetgraph.fusion import HetGraphLM
+    from hetgraph.fusion.rekey import REKEYED_DIR, rekey_datastore
     from hetgraph.index import DatastoreIndex, IndexConfig
     from hetgraph.io import INDEX_DIR
     from hetgraph.models.loading import load_model

@@ -10,7 +10,6 @@ from test_fusion import build_store, repeated_pattern_split
 
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.fusion import FusionConfig, HetGraphLM
-from hetgraph.fusion.engine import key_scale
 from hetgraph.index import DatastoreIndex, IndexConfig
 from hetgraph.nn import AdapterConfig, GraphAdapter
 from hetgraph.testing import byte_tokenizer, tiny_causal_lm
@@ -55,7 +54,7 @@ def test_keys_gain_is_the_mean_row_std_of_the_keys(tmp_path, split, family):
     store = lm.engine.datastore
     keys = torch.from_numpy(np.array(store.keys[:])).float()
     naive = float(keys.std(dim=1, unbiased=False).mean())  # every row (the store is small)
-    assert key_scale(store) == pytest.approx(naive, rel=1e-5)
+    assert store.key_scale() == pytest.approx(naive, rel=1e-5)
     adapter = lm.engine.adapter_at("head")
     assert adapter.config.norm_init == pytest.approx(naive, rel=1e-5)
     for conv in adapter.convs:

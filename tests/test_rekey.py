@@ -3,7 +3,7 @@ its resumption and fingerprints, the refusals, and the ``gnn_knn_rekeyed`` evalu
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 
 import numpy as np
@@ -12,8 +12,15 @@ import torch
 
 from hetgraph.configuration import ConfigError
 from hetgraph.corpus import TokenizedSplit
-from hetgraph.datastore import DatastoreConfig, build_datastore, rekey as rekey_module
-from hetgraph.datastore.rekey import (
+from hetgraph.datastore import DatastoreConfig, build_datastore
+from hetgraph.evaluation import (
+    EvalConfig,
+    evaluate_four_way,
+    read_per_token,
+    rekeyed as rekeyed_module,
+)
+from hetgraph.fusion import FusionConfig, HetGraphLM, rekey as rekey_module
+from hetgraph.fusion.rekey import (
     REKEY_PROGRESS,
     REKEY_RECORD,
     RekeyedIndex,
@@ -24,13 +31,6 @@ from hetgraph.datastore.rekey import (
     needs_model_pass,
     rekey_datastore,
 )
-from hetgraph.evaluation import (
-    EvalConfig,
-    evaluate_four_way,
-    read_per_token,
-    rekeyed as rekeyed_module,
-)
-from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.index import DatastoreIndex, IndexConfig
 from hetgraph.testing import byte_tokenizer, tiny_causal_lm
 
@@ -311,15 +311,6 @@ def test_a_rekeyed_store_needs_its_adapter_in_the_evaluation(store, index, tmp_p
 
 
 # ------------------------------------------------------------------------------ command
-def rekey_parser() -> argparse.ArgumentParser:
-    from hetgraph.cli_rekey import add_rekey_command
-
-    parser = argparse.ArgumentParser(prog="hetgraph")
-    datastore = parser.add_subparsers(dest="command").add_parser("datastore")
-    add_rekey_command(datastore.add_subparsers(dest="action"))
-    return parser
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     from hetgraph.testing import run_cli, write_cli_workspace
@@ -336,8 +327,9 @@ def workspace(tmp_path_factory):
 
 
 def run_rekey(*argv) -> int:
-    args = rekey_parser().parse_args(["datastore", "rekey", *map(str, argv)])
-    return args.func(args)
+    from hetgraph.testing import run_cli
+
+    return run_cli("datastore", "rekey", *argv)
 
 
 def test_the_command_rekeys_into_the_adapter_directory(workspace, capsys):
@@ -350,19 +342,30 @@ def test_the_command_rekeys_into_the_adapter_directory(workspace, capsys):
     store = Datastore.open(w / "ds")
     rekeyed = RekeyedIndex.load(w / "adapter" / "rekeyed", store)
     assert rekeyed.index.ntotal == len(store) and rekeyed.record["adapter"] == str(w / "adapter")
+    from hetgraph.testing import run_cli
+
+    evaluate = ["--model", w / "model", "--corpus", w / "corpus", "--threads", "1"]
+    evaluate += ["--datastore", w / "ds", "--config", w / "run.json", "--adapter", w / "adapter"]
+    out = w / "eval.json"
+    assert run_cli("eval", *evaluate, "--rekeyed", w / "adapter" / "rekeyed", "--json", out) == 0
+    results = json.loads(out.read_text())
+    assert math.isfinite(results["gnn_knn_rekeyed"]["ppl"])
+    assert "gnn_knn_rekeyed/gnn_knn" in results["ratios"]
 
 
 @pytest.mark.parametrize(
     "datastore, message",
     [("other-ds", "trained on another datastore"), ("no-index", "has no index")],
 )
-def test_bad_input_is_one_line_before_any_work(workspace, datastore, message):
+def test_bad_input_is_one_line_before_any_work(workspace, datastore, message, capsys):
     import shutil
+
+    from hetgraph.testing import one_error_line
 
     w = workspace
     if datastore == "no-index" and not (w / datastore).exists():
         shutil.copytree(w / "ds", w / datastore, ignore=shutil.ignore_patterns("index"))
     argv = ["--datastore", w / datastore, "--adapter", w / "adapter", "--out", w / "never"]
-    with pytest.raises(RekeyError, match=message) as refused:
-        run_rekey(*argv, "--model", w / "does-not-exist")  # refused before the model loads
-    assert "\n" not in str(refused.value) and not (w / "never").exists()
+    # refused before the model loads: the model path does not exist
+    assert run_rekey(*argv, "--model", w / "does-not-exist") == 2
+    assert message in one_error_line(capsys) and not (w / "never").exists()

@@ -106,6 +106,10 @@ class DatastoreConfig(JSONConfigMixin):
             raise ValueError(f"max_tokens must be >= 2, got {self.max_tokens}")
 
 
+#: Rows whose keys :meth:`Datastore.key_scale` reads.
+KEY_SCALE_ROWS = 4096
+
+
 def key_dim_of(model: nn.Module, key_layer: int | None) -> int | None:
     """The width of the key hidden state, read from the model without running it."""
     if key_layer is None:
@@ -315,6 +319,14 @@ class Datastore:
                 f"features_{layer}", (len(self), dims[str(layer)]), np.float16
             )
         return self._features[layer]
+
+    def key_scale(self, rows: int = KEY_SCALE_ROWS) -> float:
+        """The mean per-row standard deviation of the keys, over ``rows`` rows evenly spaced
+        through the store (deterministic): what ``AdapterConfig.norm_init="keys"`` stands
+        for (the scale of the states the keys are, e.g. the LM head's input)."""
+        picked = np.linspace(0, len(self) - 1, num=min(rows, len(self))).round()
+        keys = np.asarray(self.keys[np.unique(picked.astype(np.int64))], dtype=np.float32)
+        return float(keys.std(axis=1).mean())
 
     def as_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
         """An in-memory torch copy of one array (``"tokens"``, ``"doc_ids"``, ``"keys"``, …)."""

@@ -101,10 +101,22 @@ def evaluation_neighbour_states(
     the available memory shared by this node's processes (``LOCAL_WORLD_SIZE`` under
     ``torchrun``: each builds its own) and ``tokens × k ≥ 2 × rows``.
 
+    A model with a knowledge graph (``lm.engine.knowledge``) reads no table (they hold no
+    ``kg`` nodes).
+
     Raises:
-        ConfigError: ``"on"`` with ``graph.deduplicate`` (no windows to tabulate).
+        ConfigError: ``"on"`` with ``graph.deduplicate`` (no windows to tabulate) or with a
+            knowledge graph.
     """
     if config.neighbour_states == "off":
+        return None
+    if lm.engine.knowledge is not None:  # the tables hold windows, not kg nodes
+        if config.neighbour_states == "on":
+            raise ConfigError(
+                "evaluation.neighbour_states is 'on' but the model fuses a knowledge graph: "
+                "the tables hold no kg nodes; set neighbour_states to 'auto' or 'off' "
+                "(--neighbour-states off)"
+            )
         return None
     if lm.engine.graph_config.deduplicate:
         if config.neighbour_states == "on":

@@ -2,7 +2,7 @@ r"""GNN-LM + kNN over a re-keyed store: the paper's GNN-LM + kNN.
 
 hetgraph's ``gnn_knn`` mixes GNN-LM with a kNN-LM over the base model's keys, searched with
 the base model's query states. The paper's searches a datastore keyed by GNN-LM's own
-features (:func:`~hetgraph.datastore.rekey.rekey_datastore`) with GNN-LM's own query: the
+features (:func:`~hetgraph.fusion.rekey.rekey_datastore`) with GNN-LM's own query: the
 fused LM-head state. :func:`rekeyed_knn_row` runs GNN-LM over the valid and test tokens
 again with its hooks attached *before* the evaluation's capture, so the capture (a later
 pre-hook on the LM head) records the fused head input, searches the re-keyed index with
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from hetgraph.configuration import ConfigError
-from hetgraph.datastore.rekey import RekeyedIndex
 from hetgraph.evaluation.knn import tuned_knn
 from hetgraph.evaluation.lm import EvalConfig, collect_lm_outputs
+from hetgraph.fusion.rekey import RekeyedIndex
 
 #: The method's name in :class:`~hetgraph.evaluation.EvaluationResults` and per-token files.
 REKEYED_METHOD = "gnn_knn_rekeyed"

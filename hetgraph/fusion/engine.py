@@ -40,7 +40,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -90,18 +89,6 @@ class ModelGeometry:
             token_embedding_size=int(model.get_input_embeddings().embedding_dim),
             num_layers=num_decoder_layers(model),
         )
-
-
-#: Rows (evenly spaced over the store) whose keys give ``norm_init="keys"`` its gain.
-KEY_SCALE_ROWS = 4096
-
-
-def key_scale(datastore: Datastore, rows: int = KEY_SCALE_ROWS) -> float:
-    """The mean per-row standard deviation of the datastore's keys, over ``rows`` rows evenly
-    spaced through it (deterministic): what ``AdapterConfig.norm_init="keys"`` stands for."""
-    picked = np.unique(np.linspace(0, len(datastore) - 1, num=min(rows, len(datastore))).round())
-    keys = torch.from_numpy(np.asarray(datastore.keys[picked.astype(np.int64)])).float()
-    return float(keys.std(dim=1, unbiased=False).mean())
 
 
 def _retrieval_site(key_layer: int | None, num_layers: int) -> FusionSite:
@@ -206,7 +193,7 @@ class FusionEngine(nn.Module):
         self.gates = nn.ParameterDict()
         self.retrieval_gates = nn.ModuleDict()  # per-site RetrievalGate (gate="retrieval")
         token_width = geometry.token_embedding_size
-        norm_init = key_scale(datastore) if config.adapter.norm_init == "keys" else None
+        norm_init = datastore.key_scale() if config.adapter.norm_init == "keys" else None
         for site in self.fusion_sites:
             adapter_config = config.adapter.resolved(
                 norm_init=norm_init,

@@ -90,9 +90,9 @@ class AdapterConfig(JSONConfigMixin):
         use_k2k: Also the ``(kg, k2k, kg)`` relation.
         norm_init: Initial gain of every LayerNorm of the layers and feed-forward blocks
             (PyTorch's and the paper's: ``1.0``). ``"keys"``: the mean per-row standard
-            deviation of the datastore's keys, filled in by the
-            :class:`~hetgraph.FusionEngine`. Our option, not the paper's: an untrained
-            ``fusion_mode="replace"`` adapter at the head outputs about
+            deviation of the datastore's keys (:meth:`~hetgraph.Datastore.key_scale`),
+            filled in by the :class:`~hetgraph.FusionEngine`. Our option, not the paper's:
+            an untrained ``fusion_mode="replace"`` adapter at the head outputs about
             :math:`\mathrm{LayerNorm}(\mathbf{h})`, unit-variance states, while the LM head
             was trained on the final norm's output (SmolLM2: a gain of rms 1.8, rows of std
             2.2), so step 0 starts far from the base model; ``"keys"`` hands the head states

@@ -43,6 +43,8 @@ from hetgraph.datastore.build import window_batches
 from hetgraph.datastore.capture import HiddenStateCapture, StopForward
 from hetgraph.errors import HetgraphError
 from hetgraph.fusion.config import HEAD
+from hetgraph.fusion.retrieval import Retriever
+from hetgraph.index import DatastoreIndex, IndexConfig, build_index
 from hetgraph.integrity import (
     atomic_write_json_record,
     check_file_record,
@@ -308,7 +310,6 @@ def rekey_datastore(
             datastore's directory, or a fused state is not finite.
         hetgraph.locking.LockError: another process is re-keying into ``out``.
     """
-    from hetgraph.index import IndexConfig, build_index
 
     engine, out = lm.engine, Path(out)
     check_rekeyable(engine)
@@ -374,8 +375,6 @@ class RekeyedIndex:
             RekeyError: no complete re-keyed store there, or one built from another datastore
                 or adapter (both named, with the fix).
         """
-        from hetgraph.index import DatastoreIndex
-
         directory = Path(directory)
         hint = f"re-key it (hetgraph datastore rekey --datastore {datastore.path} --adapter DIR)"
         if not (directory / REKEY_RECORD).is_file():
@@ -417,6 +416,4 @@ class RekeyedIndex:
 
     def retriever(self, datastore: Any) -> Any:
         """A :class:`~hetgraph.Retriever` over this index and ``datastore``'s rows."""
-        from hetgraph.fusion.retrieval import Retriever
-
         return Retriever(datastore, self.index)

@@ -24,6 +24,7 @@ from hetgraph.fusion.model_card import (
     MODEL_CARD,
     read_model_card_metadata,
     record_evaluation_in_card,
+    render_model_card,
     write_model_card,
 )
 from hetgraph.index import DatastoreIndex, IndexConfig
@@ -287,3 +288,22 @@ def test_evaluation_results_that_cannot_be_recorded_are_a_warning(tree, monkeypa
     assert "could not record the evaluation results" in caplog.text
     assert (tree / "adapter" / MODEL_CARD).read_bytes() == before
     assert record_evaluation_in_card(None, RESULTS) is None  # eval without --adapter
+
+
+@pytest.mark.parametrize(
+    "record, flags",
+    [
+        ({}, []),
+        ({"retrieval": {"encoder": "e1", "encoder_dir": "runs/enc"}}, ["--encoder ENCODER"]),
+        ({"knowledge": {"fingerprint": "k1"}}, ["--kg KNOWLEDGE_GRAPH"]),
+    ],
+)
+def test_the_card_names_the_options_its_retrieval_needs(tree, record, flags):
+    config = {**read_json(tree / "adapter" / ADAPTER_CONFIG), **record}
+    card = render_model_card(tree / "adapter", config)
+    commands = [line for line in card.splitlines() if line.startswith("hetgraph ")]
+    assert len(commands) == 2
+    for command in commands:
+        assert all(flag in command for flag in flags)
+        assert ("--encoder" in command) == bool(record.get("retrieval"))
+        assert ("--kg" in command) == bool(record.get("knowledge"))

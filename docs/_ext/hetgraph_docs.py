@@ -40,6 +40,10 @@ BENCHMARKS = {
         "benchmarks/features.py",
     ),
     "paper_mode": ("Exact GNN-LM paper mode vs hetgraph's default", "benchmarks/paper_mode.py"),
+    "paper_norm_init": (
+        "Paper mode's step 0 with norm_init='keys' (our option)",
+        "benchmarks/paper_norm_init.py",
+    ),
     "ablation": (
         "Ablation: fusion sites, paper mode, graph and adapter choices, learning curve",
         "benchmarks/ablation.py",
@@ -59,7 +63,7 @@ BENCHMARKS = {
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.
-DEDICATED = ("evidence", "paper_mode")
+DEDICATED = ("evidence", "paper_mode", "paper_norm_init")
 
 STAGES = [
     ("Configuration", "hetgraph.configuration"),
@@ -392,7 +396,25 @@ def paper_mode_body() -> str:
         if isinstance(value, dict) and "ratio" in value:
             rows.append([f"ratio {key}", f"{value['ratio']:.3f}", _interval(value)])
     out += _list_table(["figure", "value", "95 % interval"], rows)
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _norm_init_section()) + "\n"
+
+
+def _norm_init_section() -> list[str]:
+    """Paper mode's step 0 with ``AdapterConfig.norm_init="keys"`` (paper_norm_init.json)."""
+    path = RESULTS / "paper_norm_init.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    out = [
+        "",
+        "Paper mode's start with ``adapter.norm_init=\"keys\"`` (our option, not the paper's; "
+        "``benchmarks/paper_norm_init.py``, untrained adapters):",
+        "",
+    ]
+    rows = [[arm, f"{ppl:.3f}"] for arm, ppl in data["valid_ppl"].items()]
+    out += _list_table(["valid perplexity at step 0", "value"], rows)
+    out += [textwrap.fill(data.get("discussion", ""), 100, break_long_words=False), ""]
+    return out
 
 
 def generate(app: Any) -> None:

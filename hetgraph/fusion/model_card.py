@@ -235,6 +235,29 @@ def _front_matter(
     return data.to_yaml()
 
 
+def _retrieval_flags(config: dict[str, Any]) -> str:
+    """The options every command needs for this adapter's retrieval: its relation encoder
+    and its knowledge graph (each refused when missing or another)."""
+    return (" --encoder ENCODER" if config.get("retrieval") else "") + (
+        " --kg KNOWLEDGE_GRAPH" if config.get("knowledge") else ""
+    )
+
+
+def _retrieval_notes(config: dict[str, Any]) -> list[str]:
+    notes = []
+    if config.get("retrieval"):
+        notes.append(
+            "It retrieves through a relation encoder (fingerprint "
+            f"{_code(str(config['retrieval'].get('encoder', '')))}): pass it as `--encoder`."
+        )
+    if config.get("knowledge"):
+        notes.append(
+            "It fuses a knowledge graph (fingerprint "
+            f"{_code(str(config['knowledge'].get('fingerprint', '')))}): pass it as `--kg`."
+        )
+    return [*notes, ""] if notes else []
+
+
 def _body(
     config: Mapping[str, Any], training: dict[str, Any] | None, evaluation: dict[str, Any] | None
 ) -> str:
@@ -268,11 +291,15 @@ def _body(
             if config["fusion"].get("neighbours") == "random"
             else []
         ),
+        *_retrieval_notes(config),
         "## How to use it",
         "",
         "```bash",
-        f"hetgraph eval --model {shell} --corpus CORPUS --datastore DATASTORE --adapter ADAPTER",
-        f'hetgraph generate --model {shell} --datastore DATASTORE --adapter ADAPTER --prompt "..."',
+        f"hetgraph eval --model {shell} --corpus CORPUS --datastore DATASTORE --adapter ADAPTER"
+        + _retrieval_flags(config),
+        f"hetgraph generate --model {shell} --datastore DATASTORE --adapter ADAPTER"
+        + _retrieval_flags(config)
+        + ' --prompt "..."',
         "```",
         "",
         "```python",

@@ -24,6 +24,7 @@ from hetgraph.cli_checks import (
     check_positions,
 )
 from hetgraph.cli_kg import apply_kg_settings, check_kg_options, kg_evaluation, open_knowledge
+from hetgraph.cli_options import index_config_from_args
 from hetgraph.errors import HetgraphError
 from hetgraph.io import (
     ADAPTER_CONFIG,
@@ -255,19 +256,9 @@ def cmd_datastore_build(args: argparse.Namespace) -> int:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from hetgraph.datastore import Datastore
     from hetgraph.distributed import init_distributed
-    from hetgraph.index import IndexConfig, build_index
+    from hetgraph.index import build_index
 
-    config = IndexConfig.from_dict(
-        dict(
-            factory=args.factory,
-            metric=args.metric,
-            num_threads=args.threads,
-            on_disk=args.on_disk,
-            nprobe=args.nprobe,
-            rerank=args.rerank,
-            shard_rows=args.shard_rows,
-        )
-    )
+    config = index_config_from_args(args)
     ctx = init_distributed()  # under torchrun an on-disk build is shard-parallel
     store = Datastore.open(args.datastore)
     index = build_index(store, Path(args.datastore) / INDEX_DIR, config, distributed=ctx)

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -94,3 +95,22 @@ def token_budget(value: str) -> int | None:
     if value.lower() == "all":
         return None
     return at_least(2)(value)
+
+
+def index_config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~hetgraph.index.IndexConfig` of the index options (``--factory``,
+    ``--metric``, ``--on-disk``, ``--nprobe``, ``--rerank``, ``--shard-rows``, ``--threads``)
+    that ``index build`` and ``datastore rekey`` share."""
+    from hetgraph.index import IndexConfig  # imported when a command runs, not when parsing
+
+    return IndexConfig.from_dict(
+        dict(
+            factory=args.factory,
+            metric=args.metric,
+            num_threads=args.threads,
+            on_disk=args.on_disk,
+            nprobe=args.nprobe,
+            rerank=args.rerank,
+            shard_rows=args.shard_rows,
+        )
+    )

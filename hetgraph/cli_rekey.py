@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hetgraph.cli_kg import add_kg_options, open_knowledge
-from hetgraph.cli_options import POSITIVE, at_least, thread_count
+from hetgraph.cli_options import POSITIVE, at_least, index_config_from_args, thread_count
 
 REKEY_EPILOG = """examples:
   hetgraph datastore rekey --datastore runs/ds --adapter runs/adapter   # runs/adapter/rekeyed
@@ -110,24 +110,14 @@ def cmd_datastore_rekey(args: argparse.Namespace) -> int:
     from hetgraph.datastore import Datastore
     from hetgraph.fusion import HetGraphLM
     from hetgraph.fusion.rekey import REKEYED_DIR, rekey_datastore
-    from hetgraph.index import DatastoreIndex, IndexConfig
+    from hetgraph.index import DatastoreIndex
     from hetgraph.io import INDEX_DIR
     from hetgraph.models.loading import load_model
     from hetgraph.pipeline import resolve_device, set_threads
 
     store = Datastore.open(args.datastore)
     check_rekey_inputs(store, args.adapter)  # before the model loads
-    config = IndexConfig.from_dict(
-        dict(
-            factory=args.factory,
-            metric=args.metric,
-            num_threads=args.threads,
-            on_disk=args.on_disk,
-            nprobe=args.nprobe,
-            rerank=args.rerank,
-            shard_rows=args.shard_rows,
-        )
-    )
+    config = index_config_from_args(args)
     out = Path(args.out) if args.out else Path(args.adapter) / REKEYED_DIR
     device = resolve_device(args.device)
     set_threads(args.threads)

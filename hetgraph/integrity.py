@@ -11,13 +11,22 @@ compares the full checksums too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hetgraph.errors import HetgraphError
-from hetgraph.io import CHECKSUM_KEY, StreamingHash, atomic_write_json, json_fingerprint
+from hetgraph.io import (
+    CHECKSUM_KEY,
+    StreamingHash,
+    atomic_write_json,
+    fsync_directory,
+    json_fingerprint,
+)
 from hetgraph.limits import JSONDepthError, loads_json
 
 #: Bytes read per block by :func:`sampled_digest`, and blocks read per file.
@@ -133,3 +142,22 @@ def read_json_record(
             raise error(f"{path} is damaged (its content does not match its checksum){fix}")
         data = {k: v for k, v in data.items() if k != CHECKSUM_KEY}
     return data
+
+
+def open_resumable_rows(
+    array_path: Path, progress_path: Path, identity: dict[str, Any], done_key: str
+) -> tuple[np.ndarray, int]:
+    r"""The float16 ``[identity["rows"], identity["dim"]]`` ``.npy`` memmap a resumable pass
+    fills, and how far the last run got (``progress_path``'s ``done_key``, written with
+    :func:`atomic_write_json_record` after each chunk) — ``0`` and a fresh file unless the
+    progress record holds exactly ``identity`` and the array has its shape and dtype."""
+    shape = (identity["rows"], identity["dim"])
+    with contextlib.suppress(HetgraphError, OSError, ValueError):
+        record = read_json_record(progress_path) if progress_path.is_file() else None
+        if record is not None and {k: record.get(k) for k in identity} == identity:
+            array = np.load(array_path, mmap_mode="r+", allow_pickle=False)
+            if array.shape == shape and array.dtype == np.float16:
+                return array, int(record[done_key])
+    progress_path.unlink(missing_ok=True)
+    fsync_directory(progress_path.parent)
+    return np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=shape), 0

@@ -13,7 +13,6 @@ fingerprints are not those of the encoder and datastore it is used with.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -24,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hetgraph.encoder.model import EncoderError, RelationEncoder
-from hetgraph.integrity import atomic_write_json_record, read_json_record
-from hetgraph.io import INDEX_DIR, fsync_directory
+from hetgraph.integrity import atomic_write_json_record, open_resumable_rows, read_json_record
+from hetgraph.io import INDEX_DIR
 from hetgraph.locking import directory_lock
 
 logger = logging.getLogger(__name__)
@@ -57,26 +56,13 @@ def _identity(datastore: Any, encoder: RelationEncoder, chunk_rows: int) -> dict
     }
 
 
-def _open_encoded_keys(out: Path, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """The encoded-keys memmap to fill and the chunks already in it (0 for a fresh one)."""
-    shape = (identity["rows"], identity["dim"])
-    progress, keys_file = out / ENCODING_PROGRESS, out / ENCODED_KEYS
-    with contextlib.suppress(EncoderError, OSError, ValueError):
-        record = read_json_record(progress, EncoderError) if progress.is_file() else None
-        if record is not None and {k: record.get(k) for k in identity} == identity:
-            array = np.load(keys_file, mmap_mode="r+", allow_pickle=False)
-            if array.shape == shape and array.dtype == np.float16:
-                return array, int(record["chunks_done"])
-    progress.unlink(missing_ok=True)
-    fsync_directory(out)
-    return np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.float16, shape=shape), 0
-
-
 def _encode_keys(
     datastore: Any, encoder: RelationEncoder, out: Path, chunk_rows: int, show_progress: bool
 ) -> None:
     identity = _identity(datastore, encoder, chunk_rows)
-    encoded, done = _open_encoded_keys(out, identity)
+    encoded, done = open_resumable_rows(
+        out / ENCODED_KEYS, out / ENCODING_PROGRESS, identity, "chunks_done"
+    )
     n = len(datastore)
     chunks = -(-n // chunk_rows)
     if done:

@@ -49,9 +49,10 @@ from hetgraph.integrity import (
     atomic_write_json_record,
     check_file_record,
     file_record,
+    open_resumable_rows,
     read_json_record,
 )
-from hetgraph.io import INDEX_DIR, StreamingHash, fsync_directory
+from hetgraph.io import INDEX_DIR, StreamingHash
 from hetgraph.locking import directory_lock
 
 logger = logging.getLogger(__name__)
@@ -211,21 +212,6 @@ def _identity(engine: Any, batch_rows: int, model_pass: bool) -> dict[str, Any]:
     }
 
 
-def _open_keys(out: Path, identity: dict[str, Any]) -> tuple[np.ndarray, int]:
-    """The re-keyed keys memmap to fill and the rows already in it (0 for a fresh one)."""
-    shape = (identity["rows"], identity["dim"])
-    progress, keys_file = out / REKEY_PROGRESS, out / REKEYED_KEYS
-    with contextlib.suppress(RekeyError, OSError, ValueError):
-        record = read_json_record(progress, RekeyError) if progress.is_file() else None
-        if record is not None and {k: record.get(k) for k in identity} == identity:
-            array = np.load(keys_file, mmap_mode="r+", allow_pickle=False)
-            if array.shape == shape and array.dtype == np.float16:
-                return array, int(record["rows_done"])
-    progress.unlink(missing_ok=True)
-    fsync_directory(out)
-    return np.lib.format.open_memmap(keys_file, mode="w+", dtype=np.float16, shape=shape), 0
-
-
 def _fuse_batch(lm: Any, batch: list[Window], model_pass: bool) -> tuple[Tensor, Tensor]:
     """(rows ``[n]``, fused float16 states ``[n, d]`` on the CPU) of a batch's scored rows."""
     length = batch[0].end - batch[0].start
@@ -247,7 +233,9 @@ def _rekey_rows(
     lm: Any, out: Path, batch_rows: int, chunk_rows: int, model_pass: bool, show: bool
 ) -> None:
     identity = _identity(lm.engine, batch_rows, model_pass)
-    keys, done = _open_keys(out, identity)
+    keys, done = open_resumable_rows(
+        out / REKEYED_KEYS, out / REKEY_PROGRESS, identity, "rows_done"
+    )
     n = identity["rows"]
     if done:
         logger.info("resuming the re-keying at row %d of %d", done, n)

@@ -60,6 +60,14 @@ BENCHMARKS = {
         "Resident memory of evaluation against the datastore's size",
         "benchmarks/eval_memory.py",
     ),
+    "encoder_curve": (
+        "Relation encoder: learning curve, encoded vs raw keys (kNN-LM on held-out rows)",
+        "benchmarks/encoder_curve.py",
+    ),
+    "kg_evidence": (
+        "Knowledge graph: GCIDE + WordNet against GNN-LM without it (paired, seed 0)",
+        "benchmarks/kg_evidence.py",
+    ),
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.

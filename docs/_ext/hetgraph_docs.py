@@ -64,6 +64,10 @@ BENCHMARKS = {
         "Relation encoder: learning curve, encoded vs raw keys (kNN-LM on held-out rows)",
         "benchmarks/encoder_curve.py",
     ),
+    "kg_linking": (
+        "Knowledge graph: entity-linking throughput against the base forward",
+        "benchmarks/kg_linking.py",
+    ),
     "kg_evidence": (
         "Knowledge graph: GCIDE + WordNet against GNN-LM without it (paired, seed 0)",
         "benchmarks/kg_evidence.py",

@@ -138,7 +138,19 @@ def curve(args: argparse.Namespace) -> dict[str, Any] | None:
         "norm_init=1.0 (paper_mode.json, lr 1e-4)": {
             str(s): arm["valid_ppl_by_step"].get(str(s)) for s in steps
         },
+        # hetgraph's default adapter on the same valid tokens (its step 0 is the base model:
+        # zero gates), from the evidence run of seed 0.
+        "hetgraph default (evidence graph-s0)": (
+            {str(s): default.get(str(s)) for s in steps}
+            if (default := _default_curve()) is not None
+            else None
+        ),
     }
+
+
+def _default_curve() -> dict[str, float] | None:
+    path = ROOT / "runs" / "evidence-python" / "graph-s0" / "training.json"
+    return read_json(path)["result"]["valid_ppl"] if path.is_file() else None
 
 
 def main() -> None:
@@ -168,6 +180,13 @@ def main() -> None:
             + ", ".join(f"step {s}: {keys[str(s)]:.2f} vs {paper[str(s)]:.2f}" for s in c["steps"])
             + " (valid perplexity with norm_init='keys' vs the paper's gain)."
         )
+        default = c["hetgraph default (evidence graph-s0)"]
+        if default:
+            result["discussion"] += (
+                f" On those valid tokens the base model scores {default['0']:.2f} and "
+                f"hetgraph's default adapter {default[str(c['steps'][-1])]:.2f} at step "
+                f"{c['steps'][-1]}."
+            )
     atomic_write_json(OUT, result)
     print(result["discussion"])
 

@@ -49,7 +49,8 @@ def add_kg_commands(commands: Any, add_model: Callable[[argparse.ArgumentParser]
     source.add_argument(
         "--wordnet",
         action="store_true",
-        help="the shipped WordNet 3.0 (benchmarks/data/wordnet-*.tsv.xz)",
+        help="the shipped WordNet 3.0 (benchmarks/data/wordnet-triples.tsv.xz and "
+        "wordnet-aliases.tsv.xz)",
     )
     build.add_argument(
         "--aliases",

@@ -75,7 +75,16 @@ BENCHMARKS = {
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.
-DEDICATED = ("evidence", "paper_mode", "paper_norm_init")
+DEDICATED = (
+    "evidence",
+    "paper_mode",
+    "paper_norm_init",
+    "encoder_curve",
+    "kg_linking",
+    "kg_evidence",
+)
+#: Benchmarks of learned retrieval and the knowledge graph, in their own section.
+RETRIEVAL_AND_KNOWLEDGE = ("encoder_curve", "kg_evidence", "kg_linking")
 
 STAGES = [
     ("Configuration", "hetgraph.configuration"),
@@ -429,12 +438,66 @@ def _norm_init_section() -> list[str]:
     return out
 
 
+def _encoder_curve_rows(data: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            name,
+            str(arm["steps"]),
+            f"{arm['last_loss']:.3f}",
+            f"{arm['encoded']['recall@1']:.3f}",
+            f"{arm['encoded']['knn_ppl']:.3f}",
+            f"{arm['knn_ppl_encoded_over_raw']:.3f}",
+        ]
+        for name, arm in data.get("arms", {}).items()
+    ]
+    head = ["arm", "steps", "loss", "recall@1", "kNN-LM ppl (encoded)", "encoded / raw"]
+    return _list_table(head, rows)
+
+
+def _kg_evidence_rows(data: dict[str, Any]) -> list[str]:
+    rows = []
+    for subset, label in (("all_tokens", "all tokens"), ("linked_entity_tokens", "linked")):
+        for method, row in data.get(subset, {}).items():
+            ratio = row["ratio"]
+            rows.append(
+                [
+                    f"{method}, {label}",
+                    f"{row['ppl_with_kg']:.3f}",
+                    f"{row['ppl_without_kg']:.3f}",
+                    f"{ratio['ratio']:.3f}",
+                    _interval(ratio),
+                ]
+            )
+    head = ["method, tokens", "with WordNet", "without", "ratio", "95 % interval"]
+    return _list_table(head, rows)
+
+
+def retrieval_and_knowledge_body() -> str:
+    """Learned retrieval and the knowledge graph: each file's discussion and key table."""
+    out = []
+    tables = {"encoder_curve": _encoder_curve_rows, "kg_evidence": _kg_evidence_rows}
+    for stem in RETRIEVAL_AND_KNOWLEDGE:
+        title, script = BENCHMARKS[stem]
+        out += [_title(title, "~"), f"From ``benchmarks/results/{stem}.json`` (``{script}``).", ""]
+        path = RESULTS / f"{stem}.json"
+        if not path.is_file():
+            out += [f"Not run yet: ``.venv/bin/python {script}``.", ""]
+            continue
+        data = json.loads(path.read_text())
+        text = str(data.get("discussion", ""))
+        out += [textwrap.fill(text, 100, break_long_words=False, break_on_hyphens=False), ""]
+        if stem in tables:
+            out += tables[stem](data)
+    return "\n".join(out) + "\n"
+
+
 def generate(app: Any) -> None:
     generated = DOCS / "_generated"
     _write_if_changed(generated / "api_members.rst", api_members())
     _write_if_changed(generated / "evidence_body.rst", evidence_body())
     _write_if_changed(generated / "paper_mode_body.rst", paper_mode_body())
     _write_if_changed(generated / "results_body.rst", results_body())
+    _write_if_changed(generated / "retrieval_knowledge_body.rst", retrieval_and_knowledge_body())
     figure = DOCS / "figures" / "context_graph.svg"
     if not figure.is_file():
         spec = importlib.util.spec_from_file_location(

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -22,6 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from hetgraph.corpus import TokenizedSplit
 
 Family = Literal["qwen2", "llama", "gpt2"]
 FAMILIES: tuple[Family, ...] = ("qwen2", "llama", "gpt2")
@@ -190,3 +193,23 @@ def one_error_line(capsys: object) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
+
+
+def repeated_pattern_split(
+    num_docs: int = 6, pattern: int = 24, repeats: int = 6, seed: int = 0, name: str = "train"
+) -> TokenizedSplit:
+    """Documents that repeat a random byte pattern (token ids < 256, each ended by 256): the
+    next token is predictable from earlier repetitions, so retrieval is informative and an
+    adapter learns in a few steps."""
+    rng = np.random.default_rng(seed)
+    tokens, doc_ids = [], []
+    for doc in range(num_docs):
+        body = np.tile(rng.integers(0, 256, size=pattern), repeats)
+        tokens.append(np.r_[body, 256])
+        doc_ids.append(np.full(len(body) + 1, doc))
+    return TokenizedSplit(
+        name,
+        np.concatenate(tokens).astype(np.int32),
+        np.concatenate(doc_ids).astype(np.int32),
+        [f"doc{i}" for i in range(num_docs)],
+    )

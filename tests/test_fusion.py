@@ -10,29 +10,10 @@ from hetgraph.corpus import TokenizedSplit
 from hetgraph.datastore import DatastoreConfig, build_datastore
 from hetgraph.fusion import AdapterMismatchError, FusionConfig, HetGraphLM
 from hetgraph.index import DatastoreIndex, IndexConfig
-from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import FAMILIES, byte_tokenizer, repeated_pattern_split, tiny_causal_lm
 from hetgraph.training import TrainingConfig, train_adapter
 
 SMALL_ADAPTER = dict(hidden_channels=32, num_layers=2, heads=4, dropout=0.0, attn_dropout=0.0)
-
-
-def repeated_pattern_split(
-    num_docs: int = 6, pattern: int = 24, repeats: int = 6, seed: int = 0
-) -> TokenizedSplit:
-    """Documents that repeat a random byte pattern: the next token is predictable from
-    earlier repetitions, so retrieval is informative."""
-    rng = np.random.default_rng(seed)
-    tokens, doc_ids = [], []
-    for doc in range(num_docs):
-        body = np.tile(rng.integers(0, 256, size=pattern), repeats)
-        tokens.append(np.r_[body, 256])
-        doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit(
-        "train",
-        np.concatenate(tokens).astype(np.int32),
-        np.concatenate(doc_ids).astype(np.int32),
-        [f"doc{i}" for i in range(num_docs)],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from hetgraph.evaluation import EvalConfig, NeighbourSearch, collect_lm_outputs
 from hetgraph.evaluation.lora import base_of, evaluate_lora_control, lora_forward
 from hetgraph.fusion import FusionConfig, HetGraphLM
 from hetgraph.index import DatastoreIndex, IndexConfig
-from hetgraph.testing import FAMILIES, byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import FAMILIES, byte_tokenizer, repeated_pattern_split, tiny_causal_lm
 from hetgraph.training import TrainingConfig, lora as lora_module, lora_run, train_adapter, trainer
 from hetgraph.training.lora import (
     LoraControlConfig,
@@ -41,18 +41,7 @@ needs_peft = pytest.mark.skipif(
 
 def pattern_split(num_docs: int = 6, seed: int = 0, name: str = "train") -> TokenizedSplit:
     """Documents repeating a random byte pattern (learnable in a few steps)."""
-    rng = np.random.default_rng(seed)
-    tokens, doc_ids = [], []
-    for doc in range(num_docs):
-        body = np.tile(rng.integers(0, 256, size=24), 6)
-        tokens.append(np.r_[body, 256])
-        doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit(
-        name,
-        np.concatenate(tokens).astype(np.int32),
-        np.concatenate(doc_ids).astype(np.int32),
-        [f"doc{i}" for i in range(num_docs)],
-    )
+    return repeated_pattern_split(num_docs, seed=seed, name=name)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from hetgraph.fusion.rekey import (
     rekey_datastore,
 )
 from hetgraph.index import DatastoreIndex, IndexConfig
-from hetgraph.testing import byte_tokenizer, tiny_causal_lm
+from hetgraph.testing import byte_tokenizer, repeated_pattern_split, tiny_causal_lm
 
 ADAPTER = dict(hidden_channels=16, num_layers=1, heads=2, dropout=0.0, attn_dropout=0.0)
 FLAT = IndexConfig(factory="Flat")
@@ -41,18 +41,7 @@ WINDOWS = EvalConfig(context_length=64, stride=32, batch_size=4, k=4, bootstrap_
 
 def pattern_split(num_docs: int, seed: int, name: str) -> TokenizedSplit:
     """Documents repeating a random byte pattern: retrieval finds the continuation."""
-    rng = np.random.default_rng(seed)
-    tokens, doc_ids = [], []
-    for doc in range(num_docs):
-        body = np.tile(rng.integers(0, 256, size=24), 4)
-        tokens.append(np.r_[body, 256])
-        doc_ids.append(np.full(len(body) + 1, doc))
-    return TokenizedSplit(
-        name,
-        np.concatenate(tokens).astype(np.int32),
-        np.concatenate(doc_ids).astype(np.int32),
-        [f"doc{i}" for i in range(num_docs)],
-    )
+    return repeated_pattern_split(num_docs, repeats=4, seed=seed, name=name)
 
 
 @pytest.fixture(scope="module")

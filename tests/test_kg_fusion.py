@@ -148,7 +148,8 @@ def test_positions_that_mention_an_alias_see_its_facts(parts, kg_dir):
     lm = HetGraphLM(model, store, index, config, tokenizer, knowledge=knowledge)
     facts, positions = fact_count(lm, ids_of("alpha and beta"))
     assert facts == 4  # alpha and beta: two facts each (next, is_a)
-    assert positions.tolist() == [0, 1, 2, 3, 4, 9, 10, 11, 12, 13]  # "alpha", " beta"
+    # Causal: "alpha" is seen from its last token (4) for 8 positions, " beta" from 13.
+    assert positions.tolist() == [4, 5, 6, 7, 8, 9, 10, 11, 13]
     assert fact_count(lm, ids_of("import sys"))[0] == 0  # no alias: no kg node
     # The settings come from the config: one fact per position.
     lm1 = HetGraphLM(
@@ -160,6 +161,16 @@ def test_positions_that_mention_an_alias_see_its_facts(parts, kg_dir):
         knowledge=knowledge,
     )
     assert fact_count(lm1, ids_of("alpha and beta"))[0] == 2
+    # ... and the visibility: each mention only at its last token.
+    lm_last = HetGraphLM(
+        model,
+        store,
+        index,
+        FusionConfig(k=4, adapter=ADAPTER, kg=KnowledgeConfig(visibility=1)),
+        tokenizer,
+        knowledge=knowledge,
+    )
+    assert fact_count(lm_last, ids_of("alpha and beta"))[1].tolist() == [4, 13]
 
 
 def test_open_facts_change_the_output_and_other_paths_refuse(parts, kg_dir):
@@ -320,7 +331,7 @@ def test_cli_train_eval_generate_inspect_with_a_knowledge_graph(workspace, capsy
     generate = ["--adapter", root / "adapter", "--prompt", "alpha", "--max-new-tokens", "3"]
     assert run_cli("generate", *model, *generate) == 0
     capsys.readouterr()
-    text = ["--text", "gamma alpha", "--position", "-2"]
+    text = ["--text", "gamma alpha", "--position", "-1"]  # where " alpha" is complete
     assert run_cli("inspect", *model, "--adapter", root / "adapter", *text, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["facts"]) == 2  # k_kg facts of alpha, with their attention

@@ -98,6 +98,100 @@ def test_linking_matches_the_naive_reference(seed, m, with_flags):
         assert linker(torch.as_tensor(ids[b])).entities.tolist() == ref_entities  # unbatched
 
 
+def naive_causal_link(ids, sequences, entities, m, flags, visibility):
+    """For each position p, look back from q = p to p - visibility + 1 for the longest
+    alias ending at q (start on a word boundary; for q < p also the end, which token q + 1
+    decides); the first q that has one gives p's entities."""
+    table: dict[tuple[int, ...], list[int]] = {}
+    for seq, entity in zip(sequences, entities, strict=True):
+        table.setdefault(tuple(seq), []).append(entity)
+    longest = max(len(s) for s in sequences)
+    t = len(ids)
+
+    def flag(i, bit):
+        return flags is not None and ids[i] < len(flags) and bool(flags[ids[i]] & bit)
+
+    out_entities, start, length = [[-1] * m for _ in range(t)], [-1] * t, [0] * t
+    for p in range(t):
+        for q in range(p, max(p - visibility, -1), -1):
+            best = 0
+            for n in range(1, longest + 1):
+                s = q - n + 1
+                if s < 0 or tuple(ids[s : q + 1]) not in table:
+                    continue
+                if s > 0 and flag(s - 1, ENDS_WORD_CHAR) and flag(s, STARTS_WORD_CHAR):
+                    continue
+                if q < p and flag(q + 1, STARTS_WORD_CHAR):
+                    continue
+                best = n
+            if best:
+                found = table[tuple(ids[q - best + 1 : q + 1])][:m]
+                out_entities[p] = found + [-1] * (m - len(found))
+                start[p], length[p] = q - best + 1, best
+                break
+    return out_entities, start, length
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_flags", [False, True])
+@pytest.mark.parametrize("visibility", [1, 2, 5])
+def test_causal_linking_matches_the_naive_reference(seed, m, with_flags, visibility):
+    sequences, entities, ids = planted(seed)
+    flags = (
+        np.random.default_rng(seed + 100).integers(0, 4, 10).astype(np.uint8)
+        if with_flags
+        else None
+    )
+    linker = EntityLinker(*as_arrays(sequences, entities), max_entities=m, flags=flags)
+    links = linker.causal(torch.as_tensor(ids), visibility)
+    for b in range(ids.shape[0]):
+        ref_entities, ref_start, ref_length = naive_causal_link(
+            ids[b].tolist(), sequences, entities, m, flags, visibility
+        )
+        assert links.entities[b].tolist() == ref_entities
+        assert links.mention_start[b].tolist() == ref_start
+        assert links.mention_length[b].tolist() == ref_length
+        unbatched = linker.causal(torch.as_tensor(ids[b]), visibility)
+        assert unbatched.entities.tolist() == ref_entities
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_causal_links_never_depend_on_later_tokens(seed):
+    # The leak this guards against: a position inside "hot dog" linked to the entity
+    # "hot dog" before " dog" is read would be told its next token.
+    sequences, entities, ids = planted(seed, batch=1)
+    flags = np.random.default_rng(seed).integers(0, 4, 12).astype(np.uint8)
+    linker = EntityLinker(*as_arrays(sequences, entities), max_entities=2, flags=flags)
+    full = linker.causal(torch.as_tensor(ids), 4).entities
+    rng = np.random.default_rng(seed + 7)
+    for cut in rng.integers(1, ids.shape[1], 10):
+        changed = ids.copy()
+        changed[:, cut:] = rng.integers(0, 12, changed[:, cut:].shape)
+        prefix = linker.causal(torch.as_tensor(changed), 4).entities
+        assert torch.equal(prefix[:, :cut], full[:, :cut])
+        assert torch.equal(linker.causal(torch.as_tensor(ids[:, :cut]), 4).entities, full[:, :cut])
+
+
+def test_causal_linking_in_text_sees_a_mention_after_it_is_read():
+    tokenizer = byte_tokenizer()
+    config = AliasConfig(min_alias_chars=2, max_alias_tokens=16)
+    sequences = tokenize_aliases([(0, "dog"), (1, "hot dog")], tokenizer, config)
+    linker = EntityLinker(
+        sequences.tokens, sequences.offsets, sequences.entities, flags=token_flags(tokenizer)
+    )
+    text = "a hot dog is food"
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    seen = linker.causal(ids, 3).entities[:, 0].tolist()
+    decoded = [tokenizer.decode(ids[: p + 1]) for p in range(len(ids))]
+    by_prefix = dict(zip(decoded, seen, strict=True))
+    assert by_prefix["a hot"] == -1  # "hot" is no alias; "hot dog" is not read yet
+    assert by_prefix["a hot d"] == -1
+    assert by_prefix["a hot dog"] == 1  # the longest alias ending here
+    assert by_prefix["a hot dog "] == 1 and by_prefix["a hot dog i"] == 1  # visibility 3
+    assert by_prefix["a hot dog is"] == -1
+
+
 @pytest.mark.parametrize(
     "length", [[0, 0, 0, 0], [2, 0, 2, 0], [2, 2, 2, 2, 2], [3, 1, 2, 0, 1], [1] * 7]
 )

@@ -11,6 +11,8 @@ from hetgraph.limits import check_count
 
 #: Most entities one position may be linked to (``KnowledgeConfig.max_entities``).
 MAX_ENTITIES_PER_POSITION = 64
+#: Most positions one mention's facts may stay visible for (``KnowledgeConfig.visibility``).
+MAX_VISIBILITY = 512
 
 
 @dataclass
@@ -30,11 +32,18 @@ class KnowledgeConfig(JSONConfigMixin):
             first ones).
         word_boundaries: link only mentions that start and end on word boundaries
             (``False`` matches inside words too).
+        visibility: positions that see a mention's facts: its last token and the
+            ``visibility - 1`` after it (linking is causal, see
+            :meth:`~hetgraph.kg.EntityLinker.causal`: a position never sees a mention it
+            is inside of before the mention is complete, which would reveal its next
+            token). With head-only fusion, a fact can only change the predictions made
+            at these positions. 8 is a first choice, not tuned.
     """
 
     facts: KGGraphConfig = field(default_factory=KGGraphConfig)
     max_entities: int = 4
     word_boundaries: bool = True
+    visibility: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,5 +52,12 @@ class KnowledgeConfig(JSONConfigMixin):
             self.max_entities,
             MAX_ENTITIES_PER_POSITION,
             "a mention names a few entities (e.g. 4)",
+            minimum=1,
+        )
+        check_count(
+            "visibility",
+            self.visibility,
+            MAX_VISIBILITY,
+            "a mention's facts stay visible for a few positions (e.g. 8)",
             minimum=1,
         )

@@ -16,11 +16,15 @@ alias token sequences of that length and a sorted array of their hashes. Linking
    found by pointer doubling in ``log2 T`` vectorised steps.
 
 Every position of a chosen mention gets the entities of its alias (up to ``max_entities``,
-padded with ``-1``).
+padded with ``-1``). That reads ahead, which suits retrieved corpus windows but not the
+positions a causal LM predicts from: :meth:`EntityLinker.causal` links those — the longest
+alias *ending* at each position (steps 1–3, indexed by end), visible from the mention's
+last token for a few positions, so no position's links depend on a later token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,11 +155,12 @@ class EntityLinker:
         may_end[:, 1:t] = ~starts[:, 1:]
         return may_start, may_end
 
-    def _longest(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(length, key)`` ``[B, T]`` of the longest alias match starting at each position."""
+    def _matches(self, ids: Tensor) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        r"""Per alias length ``n``: ``(n, hit, ends, key)`` ``[B, T - n + 1]`` — whether an
+        alias of length ``n`` starting at ``s`` matches (the start on a word boundary),
+        whether it also ends on one (the token after it does not continue a word; always
+        true at the end of ``ids``), and the matched alias's global key."""
         b, t = ids.shape
-        length = torch.zeros(b, t, dtype=torch.long, device=ids.device)
-        key = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
         may_start, may_end = self._boundaries(ids)
         h1 = h2 = torch.zeros(b, t, dtype=torch.long, device=ids.device)
         for n in range(1, min(self.max_length, t) + 1):
@@ -169,10 +174,33 @@ class EntityLinker:
             candidate = self.order[n - 1][at]
             windows = ids.unfold(1, n, 1)
             hit = (hashes[at] == combined) & (self.keys[n - 1][candidate] == windows).all(-1)
-            hit &= may_start[:, :width] & may_end[:, n:]
+            hit &= may_start[:, :width]
+            yield n, hit, may_end[:, n:], candidate + self.key_offset[n - 1]
+
+    def _longest(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(length, key)`` ``[B, T]`` of the longest alias match starting at each position."""
+        b, t = ids.shape
+        length = torch.zeros(b, t, dtype=torch.long, device=ids.device)
+        key = torch.full((b, t), -1, dtype=torch.long, device=ids.device)
+        for n, hit, ends, candidate in self._matches(ids):
+            width = t - n + 1
+            hit = hit & ends
             length[:, :width] = torch.where(hit, n, length[:, :width])
-            key[:, :width] = torch.where(hit, candidate + self.key_offset[n - 1], key[:, :width])
+            key[:, :width] = torch.where(hit, candidate, key[:, :width])
         return length, key
+
+    def _longest_ending(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r"""``(open_length, open_key, closed_length, closed_key)`` ``[B, T]``: the longest
+        alias match *ending* at each position, without (open) and with (closed) the check
+        that the next token does not continue the word."""
+        b, t = ids.shape
+        lengths = [torch.zeros(b, t, dtype=torch.long, device=ids.device) for _ in range(2)]
+        keys = [torch.full((b, t), -1, dtype=torch.long, device=ids.device) for _ in range(2)]
+        for n, hit, ends, candidate in self._matches(ids):
+            for length, key, found in zip(lengths, keys, (hit, hit & ends), strict=True):
+                length[:, n - 1 :] = torch.where(found, n, length[:, n - 1 :])
+                key[:, n - 1 :] = torch.where(found, candidate, key[:, n - 1 :])
+        return lengths[0], keys[0], lengths[1], keys[1]
 
     @staticmethod
     def greedy_starts(length: Tensor) -> Tensor:
@@ -207,12 +235,51 @@ class EntityLinker:
             start[:, j:] = torch.where(source, positions[:, : t - j], start[:, j:])
             span[:, j:] = torch.where(source, length[:, : t - j], span[:, j:])
             covering[:, j:] = torch.where(source, key[:, : t - j], covering[:, j:])
-        entities = torch.full((b, t, self.max_entities), -1, dtype=torch.long, device=ids.device)
+        return self._links(self._entities(covering), start, span, single)
+
+    def causal(self, ids: Tensor, visibility: int = 1) -> EntityLinks:
+        r"""Link token ids ``[B, T]`` (or ``[T]``) so that no position depends on a later
+        token: position ``p`` gets the entities of the longest alias ending at ``p``
+        (starting on a word boundary), else of the most recent *completed* mention — the
+        longest alias ending at ``q`` in ``[p - visibility + 1, p)`` that token ``q + 1``
+        does not continue as a word. A mention's facts are thus visible from its last
+        token on, for ``visibility`` positions.
+
+        :meth:`__call__`'s leftmost-longest links read ahead (a position inside a mention
+        knows the mention's later tokens, its own next token among them), which is right
+        for retrieved corpus windows but leaks the target when a causal LM predicts the
+        next token; queries are linked with this method.
+
+        ``mention_start`` / ``mention_length`` describe the visible mention (``-1`` / ``0``
+        where none is).
+        """
+        single = ids.dim() == 1
+        ids = ids.reshape(1, -1) if single else ids
+        b, t = ids.shape
+        open_length, open_key, closed_length, closed_key = self._longest_ending(ids.long())
+        positions = torch.arange(t, device=ids.device).expand(b, t)
+        key, length = open_key.clone(), open_length.clone()
+        end = torch.where(key >= 0, positions, -1)
+        for d in range(1, min(visibility, t)):  # the most recent completed mention wins
+            take = (key[:, d:] < 0) & (closed_key[:, : t - d] >= 0)
+            key[:, d:] = torch.where(take, closed_key[:, : t - d], key[:, d:])
+            length[:, d:] = torch.where(take, closed_length[:, : t - d], length[:, d:])
+            end[:, d:] = torch.where(take, positions[:, : t - d], end[:, d:])
+        found = key >= 0
+        start = torch.where(found, end - length + 1, -1)
+        length = torch.where(found, length, 0)
+        return self._links(self._entities(key), start, length, single)
+
+    def _entities(self, key: Tensor) -> Tensor:
+        """``[B, T, m]`` entities of the alias ``key`` ``[B, T]`` at each position (-1: none)."""
+        b, t = key.shape
+        entities = torch.full((b, t, self.max_entities), -1, dtype=torch.long, device=key.device)
         if self.num_keys:
-            entities = torch.where(
-                covering[..., None] >= 0, self.table[covering.clamp(min=0)], entities
-            )
-        links = EntityLinks(entities, start, span)
+            entities = torch.where(key[..., None] >= 0, self.table[key.clamp(min=0)], entities)
+        return entities
+
+    @staticmethod
+    def _links(entities: Tensor, start: Tensor, length: Tensor, single: bool) -> EntityLinks:
         if single:
-            links = EntityLinks(entities[0], start[0], span[0])
-        return links
+            return EntityLinks(entities[0], start[0], length[0])
+        return EntityLinks(entities, start, length)

@@ -185,14 +185,15 @@ class KnowledgeSource:
             self.index.to(device)
 
     def link(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        r"""``[B, T, m]`` entity ids of each position of ``input_ids`` ``[B, T]`` (``-1``:
-        none); padded positions (``attention_mask == 0``, when it has the ids' shape) are
-        never part of a mention."""
+        r"""``[B, T, m]`` entity ids each position of ``input_ids`` ``[B, T]`` sees (``-1``:
+        none), linked causally (:meth:`~hetgraph.kg.EntityLinker.causal` with the config's
+        ``visibility``); padded positions (``attention_mask == 0``, when it has the ids'
+        shape) are never part of a mention."""
         ids = input_ids.long()
         if attention_mask is not None and attention_mask.shape == ids.shape:
             ids = ids.masked_fill(attention_mask.to(ids.device) == 0, -1)  # no alias holds -1
         self._on(ids.device)
-        return self.linker(ids).entities
+        return self.linker.causal(ids, self.config.visibility).entities
 
     def add_facts(
         self, graph: HeteroData, input_ids: Tensor, attention_mask: Tensor | None = None

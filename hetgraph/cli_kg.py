@@ -1,6 +1,7 @@
 """The ``hetgraph kg`` commands: ``kg build`` (triples and aliases into a knowledge-graph
-directory) and ``kg embed`` (KGE entity features stored with it). Heavy imports live inside
-the command functions, so parsing stays light."""
+directory), ``kg embed`` (KGE entity features stored with it) and ``kg shuffle`` (a control
+graph: the facts moved among the entities). Heavy imports live inside the command
+functions, so parsing stays light."""
 
 from __future__ import annotations
 
@@ -22,12 +23,25 @@ from hetgraph.cli_options import (
 KG_EPILOG = """examples:
   hetgraph kg build --wordnet --out runs/kg-wordnet          # the shipped WordNet 3.0
   hetgraph kg build --triples facts.tsv --aliases names.tsv --out runs/kg
-  hetgraph kg embed --kg runs/kg --model auto --dim 64 --epochs 20"""
+  hetgraph kg embed --kg runs/kg --model auto --dim 64 --epochs 20
+  hetgraph kg shuffle --kg runs/kg --out runs/kg-shuffled --seed 0   # the control, then
+  hetgraph kg embed --kg runs/kg-shuffled --model auto --dim 64 --epochs 20"""
+
+SHUFFLE_DESCRIPTION = """\
+A control for knowledge-graph experiments: the same graph (entities, relations,
+aliases as token ids, tokenizer) with every fact (h, r, t) moved to (pi(h), r, t) for a
+seeded permutation pi of the entities, so a mention of an entity gets the facts of another
+one (about one entity stays in place): the same relation mix and number of facts per
+entity, about the wrong entity. Tails are not permuted (with --kg-tails an entity still
+sees the facts naming it as their tail).
+
+The output has no embeddings: embed it with `hetgraph kg embed` using the same settings as
+the real graph, then train / eval with --kg on the output directory."""
 
 
 def add_kg_commands(commands: Any, add_model: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Register ``hetgraph kg build`` and ``hetgraph kg embed``; ``add_model`` adds the
-    ``--model`` options every command shares."""
+    """Register ``hetgraph kg build``, ``kg embed`` and ``kg shuffle``; ``add_model`` adds
+    the ``--model`` options every command shares."""
     kg = commands.add_parser("kg", help="knowledge-graph commands").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -108,10 +122,37 @@ def add_kg_commands(commands: Any, add_model: Callable[[argparse.ArgumentParser]
     )
     embed.set_defaults(func=cmd_kg_embed)
 
+    shuffle = kg.add_parser(
+        "shuffle",
+        help="a control graph: the facts shuffled among the entities (embed it with "
+        "`hetgraph kg embed` using the real graph's settings)",
+        description=SHUFFLE_DESCRIPTION,
+        epilog="example:\n  hetgraph kg shuffle --kg runs/kg --out runs/kg-shuffled --seed 0\n"
+        "  hetgraph kg embed --kg runs/kg-shuffled   # the same settings as runs/kg's",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shuffle.add_argument(
+        "--kg", type=Path, required=True, help="the knowledge-graph directory to shuffle"
+    )
+    shuffle.add_argument(
+        "--out", type=Path, required=True, help="the control's knowledge-graph directory"
+    )
+    shuffle.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of the permutation of the entities (0)"
+    )
+    shuffle.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a knowledge graph of another source or seed in --out",
+    )
+    shuffle.set_defaults(func=cmd_kg_shuffle)
 
-def _existing(out: Path, fingerprint: str, overwrite: bool) -> bool:
+
+def _existing(
+    out: Path, fingerprint: str, overwrite: bool, other: str = "built from other inputs"
+) -> bool:
     """Whether ``out`` already holds this build (complete); refuses to replace anything
-    else without ``--overwrite``."""
+    else (``other`` says what, in the message) without ``--overwrite``."""
     from hetgraph.kg.errors import KnowledgeGraphError
     from hetgraph.kg.store import MANIFEST, KnowledgeGraph, read_manifest
 
@@ -132,7 +173,7 @@ def _existing(out: Path, fingerprint: str, overwrite: bool) -> bool:
         same = False
     if not same:
         raise KnowledgeGraphError(
-            f"--out {out} holds a knowledge graph built from other inputs "
+            f"--out {out} holds a knowledge graph {other} "
             "(or a damaged one); pass --overwrite to replace it"
         )
     return True
@@ -162,6 +203,42 @@ def cmd_kg_build(args: argparse.Namespace) -> int:
     graph = KnowledgeGraph.build(triples, aliases, tokenizer, config)
     graph.save_pretrained(args.out)
     print(json.dumps({"out": str(args.out), **graph.counts()}, indent=2))
+    return 0
+
+
+def cmd_kg_shuffle(args: argparse.Namespace) -> int:
+    """Shuffle ``--kg``'s facts into ``--out``; a complete ``--out`` of the same shuffle (the
+    same source content and seed) is kept."""
+    import numpy as np
+
+    from hetgraph.kg.errors import KnowledgeGraphError
+    from hetgraph.kg.store import KnowledgeGraph, entity_permutation
+
+    if args.out.resolve() == args.kg.resolve():
+        raise KnowledgeGraphError(
+            f"--out {args.out} is the --kg directory; write the shuffled control to another "
+            "directory"
+        )
+    source = KnowledgeGraph.from_pretrained(args.kg)
+    record = source.shuffle_record(args.seed)
+    other = "of another source or seed"
+    if _existing(args.out, record["fingerprint"], args.overwrite, other):
+        print(f"{args.out} is up to date (the same graph shuffled with seed {args.seed})")
+        return 0
+    graph = source.shuffled(args.seed)
+    graph.save_pretrained(args.out)
+    permutation = entity_permutation(source.num_entities, args.seed)
+    heads = source.triples[:, 0]
+    summary = {
+        "out": str(args.out),
+        "from": str(args.kg),
+        "seed": args.seed,
+        "entities_in_place": int(np.count_nonzero(permutation == np.arange(len(permutation)))),
+        "triples_moved": int(np.count_nonzero(permutation[heads] != heads)),
+        **graph.counts(),
+        "next": f"hetgraph kg embed --kg {args.out}  (the same settings as {args.kg})",
+    }
+    print(json.dumps(summary, indent=2))
     return 0
 
 

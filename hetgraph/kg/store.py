@@ -14,6 +14,10 @@ A knowledge-graph directory (``hetgraph kg build``) holds
   ``token_flags.npy``, the tokenizer's word-boundary flags;
 * ``embeddings.safetensors`` after ``hetgraph kg embed``.
 
+:meth:`KnowledgeGraph.shuffled` (``hetgraph kg shuffle``) gives the control graph of an
+experiment: the same entities, aliases and relation mix, each entity's facts moved to
+another entity by a seeded permutation.
+
 The directory is written as a whole (:func:`~hetgraph.io.atomic_directory`); building the
 same inputs with the same tokenizer again finds it complete and keeps it. Opening compares
 sizes and sampled checksums (:func:`~hetgraph.integrity.check_file_record`).
@@ -22,7 +26,7 @@ sizes and sampled checksums (:func:`~hetgraph.integrity.check_file_record`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,33 @@ _ARRAYS = {
     "alias_entities": np.int32,
     "token_flags": np.uint8,
 }
+
+
+#: Manifest entries that do not decide a graph's content: derived from its arrays, written
+#: by :meth:`KnowledgeGraph.save_pretrained`, or added later (``kg embed``).
+_NOT_RECORD = (
+    "format_version",
+    "kind",
+    "counts",
+    "content",
+    "fingerprint",
+    "embeddings",
+    INTEGRITY_KEY,
+)
+
+
+def entity_permutation(num_entities: int, seed: int) -> np.ndarray:
+    r"""The seeded permutation :math:`\pi` of :meth:`KnowledgeGraph.shuffled`: ``int64
+    [num_entities]``, entry ``e`` the entity that gets entity ``e``'s facts.
+
+    The stable argsort of ``num_entities`` raw 64-bit words of numpy's ``PCG64(seed)``: a
+    uniformly random permutation (ties have probability about :math:`n^2 / 2^{65}` and are
+    broken by index) that depends on the bit generator's stream alone, which numpy keeps
+    the same across versions and machines (``Generator.permutation``'s algorithm may
+    change between versions).
+    """
+    words = np.random.PCG64(seed).random_raw(num_entities)
+    return np.argsort(np.asarray(words, dtype=np.uint64), kind="stable").astype(np.int64)
 
 
 def _rebuild(directory: Path) -> str:
@@ -268,6 +299,53 @@ class KnowledgeGraph:
             manifest,
         )
 
+    def shuffle_record(self, seed: int) -> dict[str, Any]:
+        r"""The manifest record of :meth:`shuffled` ``(seed)``: this graph's build record
+        (sources, alias config, tokenizer) with ``"shuffled": {"seed", "from"}`` (``from``:
+        this graph's content fingerprint) and a ``fingerprint`` over all of it, so the
+        control never looks like its source (``hetgraph kg shuffle`` compares it with an
+        existing output directory before shuffling)."""
+        record = {key: value for key, value in self.manifest.items() if key not in _NOT_RECORD}
+        record["shuffled"] = {
+            "seed": int(seed),
+            "from": array_fingerprint(*self.arrays().values()),
+        }
+        return {**record, "fingerprint": json_fingerprint(record)}
+
+    def shuffled(self, seed: int) -> KnowledgeGraph:
+        r"""A control graph: every triple ``(h, r, t)`` becomes ``(π(h), r, t)`` for the
+        seeded permutation :math:`\pi` of :func:`entity_permutation`, so a mention of
+        entity ``e`` gets the facts of :math:`\pi^{-1}(e)` — the same relation mix and the
+        same number of facts per entity slot, in the same order, but about another entity.
+        Tails are not permuted: with ``tails=True`` a mentioned entity still sees the facts
+        that name it as their tail, under a shuffled head.
+
+        Entities, relations, aliases, alias token sequences and flags are this graph's;
+        the manifest is :meth:`shuffle_record` (no embeddings: embed the control with the
+        real graph's ``hetgraph kg embed`` settings). ``seed``: a non-negative integer.
+        """
+        permutation = entity_permutation(self.num_entities, seed)
+        triples = np.array(self.triples, dtype=np.int32, copy=True).reshape(-1, 3)
+        triples[:, 0] = permutation[triples[:, 0]]
+        if _same_rows(triples, self.triples):
+            logger.warning(
+                "shuffling with seed %d left the multiset of facts as it was (%d entities, "
+                "%d triples): the control is the graph itself",
+                seed,
+                self.num_entities,
+                triples.shape[0],
+            )
+        return replace(
+            self,
+            entity_ids=list(self.entity_ids),
+            entity_names=list(self.entity_names),
+            relations=list(self.relations),
+            triples=triples,
+            alias_entities=list(self.alias_entities),
+            alias_texts=list(self.alias_texts),
+            manifest=self.shuffle_record(seed),
+        )
+
     def linker(self, max_entities: int = 4, *, word_boundaries: bool = True) -> EntityLinker:
         r"""An :class:`~hetgraph.kg.linking.EntityLinker` over this graph's aliases
         (``word_boundaries=False`` matches inside words too)."""
@@ -278,6 +356,14 @@ class KnowledgeGraph:
             max_entities=max_entities,
             flags=self.flags if word_boundaries else None,
         )
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two ``[N, 3]`` arrays hold the same rows, counted with multiplicity."""
+    a, b = np.asarray(a).reshape(-1, 3), np.asarray(b).reshape(-1, 3)
+    if a.shape != b.shape:
+        return False
+    return bool(np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])]))
 
 
 def build_record(

@@ -4,11 +4,18 @@
 Compares, *paired* on the same document-stratified GCIDE test tokens, the evidence run's
 GNN-LM adapter (``runs/evidence-gcide/graph-s0``, trained without a knowledge graph) with the
 same recipe trained and evaluated with the shipped WordNet 3.0 as ``kg`` nodes
-(``hetgraph train/eval --kg``; the same datastore, seed, steps and tokens), over every scored
-token and over the tokens inside a linked entity mention (the target token lies in a mention
-the linker finds in the test text). Intervals: 1,000 document resamples (7 test documents).
+(``hetgraph train/eval --kg``; the same datastore, seed, steps and tokens), and with the
+control — the same triples shuffled among entities (``hetgraph kg shuffle``), embedded with
+the same settings — over every scored token and over the tokens predicted at a position
+that sees facts (a mention completed within the last ``visibility`` positions, linked
+causally as the model links them). Intervals: 1,000 document resamples (7 test documents).
 
-The runs themselves (``runs/kg-gcide/run.sh`` does them, resumably):
+An earlier run linked every position *inside* a mention to it, which told a position its
+next token (fixed in d63b290); its figures are kept under ``"lookahead_linking"`` when its
+per-token file is still there.
+
+The runs (``runs/kg-gcide/run.sh`` built and embedded the graph, ``runs/kg-gcide/run2.sh``
+does the rest, resumably):
 
     hetgraph kg build --wordnet --out runs/kg-gcide/kg
     hetgraph kg embed --kg runs/kg-gcide/kg --model transe --dim 64 --epochs 3
@@ -17,6 +24,9 @@ The runs themselves (``runs/kg-gcide/run.sh`` does them, resumably):
         --out runs/kg-gcide/graph-kg-s0 --seed 0 --kg runs/kg-gcide/kg
     hetgraph eval … --adapter runs/kg-gcide/graph-kg-s0 --kg runs/kg-gcide/kg --max-tokens 16384 \\
         --tune-tokens 4096 --per-token runs/kg-gcide/eval-graph-kg-s0.safetensors
+    hetgraph kg shuffle --kg runs/kg-gcide/kg --out runs/kg-gcide/kg-shuffled --seed 0
+    hetgraph kg embed --kg runs/kg-gcide/kg-shuffled --model transe --dim 64 --epochs 3
+    (train and eval as above with --kg runs/kg-gcide/kg-shuffled, out graph-kg-shuffled-s0)
 
 then ``python benchmarks/kg_evidence.py``.
 """
@@ -44,52 +54,52 @@ RUNS = ROOT / "runs"
 METHODS = ("gnn", "gnn_knn")
 
 
-def linked_targets(graph_dir: Path, corpus_path: Path, positions: np.ndarray, targets: np.ndarray):
-    """Whether each scored target token lies inside an entity mention the linker finds in
-    the test split (linked document by document), and the share of linked tokens."""
+def target_masks(
+    graph_dir: Path, corpus_path: Path, positions: np.ndarray, targets: np.ndarray, visibility: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two masks over the scored tokens: the target lies inside an entity mention (the
+    leftmost-longest mentions of the test text — the issue's "linked-entity tokens"), and
+    the target is predicted at a position that sees facts (the causal rule the model links
+    by, :meth:`~hetgraph.kg.EntityLinker.causal`). Linked document by document."""
     _, tokenizer = load_model()
     corpus = tokenize_corpus(CorpusConfig(path=str(corpus_path)), tokenizer)
     split = corpus.test
     tokens = np.asarray(split.tokens).astype(np.int64)
     linker = KnowledgeGraph.from_pretrained(graph_dir, tokenizer).linker(max_entities=4)
-    linked = np.zeros(len(tokens), dtype=bool)
+    sees = np.zeros(len(tokens), dtype=bool)
+    inside = np.zeros(len(tokens), dtype=bool)
     doc_ids = np.asarray(split.doc_ids)
     starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]])
     ends = np.r_[starts[1:], len(tokens)]
     for start, end in zip(starts, ends, strict=True):
-        entities = linker(torch.from_numpy(tokens[start:end])).entities  # [T, m]
-        linked[start:end] = (entities >= 0).any(-1).numpy()
-    # A scored token's position is either its own index or its context's: the one whose
-    # token is the recorded target.
+        ids = torch.from_numpy(tokens[start:end])
+        sees[start:end] = (linker.causal(ids, visibility).entities >= 0).any(-1).numpy()
+        inside[start:end] = (linker(ids).entities >= 0).any(-1).numpy()
+    # A scored token's recorded position is either its own index (predicted at the one
+    # before) or its context's: the one whose next token is the recorded target.
     if np.array_equal(tokens[positions], targets):
-        at = positions
+        at = positions - 1
     elif np.array_equal(tokens[np.minimum(positions + 1, len(tokens) - 1)], targets):
-        at = positions + 1
+        at = positions
     else:
         raise SystemExit("the per-token positions do not index the test split's tokens")
-    return linked[at]
+    return inside[at + 1], np.where(at >= 0, sees[np.maximum(at, 0)], False)
 
 
-def compare(
-    with_kg: Any, without: Any, mask: np.ndarray, spec: BootstrapSpec
-) -> dict[str, dict[str, Any]]:
-    """Each method's perplexity with and without the graph on the ``mask``ed tokens, and
-    the paired ratio with its interval."""
+def compare(a: Any, b: Any, mask: np.ndarray, spec: BootstrapSpec) -> dict[str, dict[str, Any]]:
+    """Each method's perplexity in runs ``a`` and ``b`` on the ``mask``ed tokens, and the
+    paired ratio ``a / b`` with its interval."""
     out = {}
     for method in METHODS:
         _, ratios = perplexity_intervals(
-            {
-                "without": without.log_probs[without.method(method)][mask],
-                "with": with_kg.log_probs[with_kg.method(method)][mask],
-            },
-            with_kg.doc_ids[mask],
+            {"b": b.log_probs[b.method(method)][mask], "a": a.log_probs[a.method(method)][mask]},
+            a.doc_ids[mask],
             spec,
         )
-        ratio = ratios["with/without"].to_dict()
         out[method] = {
-            "ppl_with_kg": float(np.exp(-with_kg.log_probs[method][mask].mean())),
-            "ppl_without_kg": float(np.exp(-without.log_probs[method][mask].mean())),
-            "ratio": ratio,
+            "ppl_a": float(np.exp(-a.log_probs[method][mask].mean())),
+            "ppl_b": float(np.exp(-b.log_probs[method][mask].mean())),
+            "ratio": ratios["a/b"].to_dict(),
         }
     return out
 
@@ -103,11 +113,23 @@ def _verdict(ratio: dict[str, Any]) -> str:
     return "no detectable difference"
 
 
+def _interval(r: dict[str, Any]) -> str:
+    return f"{r['ratio']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kg", type=Path, default=RUNS / "kg-gcide" / "kg")
+    kg_runs = RUNS / "kg-gcide"
+    parser.add_argument("--kg", type=Path, default=kg_runs / "kg")
+    parser.add_argument("--with-kg", type=Path, default=kg_runs / "eval-graph-kg-s0.safetensors")
     parser.add_argument(
-        "--with-kg", type=Path, default=RUNS / "kg-gcide" / "eval-graph-kg-s0.safetensors"
+        "--shuffled", type=Path, default=kg_runs / "eval-graph-kg-shuffled-s0.safetensors"
+    )
+    parser.add_argument(
+        "--lookahead",
+        type=Path,
+        default=kg_runs / "eval-graph-kg-s0-lookahead.safetensors",
+        help="the run with the old look-ahead linking (kept for the record when present)",
     )
     parser.add_argument(
         "--without", type=Path, default=RUNS / "evidence-gcide" / "eval-graph-s0.safetensors"
@@ -117,42 +139,83 @@ def main() -> None:
     with_kg, without = read_per_token(args.with_kg), read_per_token(args.without)
     check_same_tokens(with_kg, without)
     spec = BootstrapSpec()
-    linked = linked_targets(args.kg, args.corpus, with_kg.positions, with_kg.targets)
-    everything = np.ones(len(linked), dtype=bool)
-    eval_json = args.with_kg.with_suffix(".json")
-    result = {
+    adapter = args.with_kg.parent / args.with_kg.name.removeprefix("eval-").split(".")[0]
+    visibility = read_json(adapter / "adapter_config.json")["fusion"]["kg"].get("visibility", 8)
+    inside, seen = target_masks(
+        args.kg, args.corpus, with_kg.positions, with_kg.targets, visibility
+    )
+    everything = np.ones(len(seen), dtype=bool)
+    manifest = read_json(args.kg / "kg.json")
+    arms = {"with_kg/without": (with_kg, without)}
+    if args.shuffled.is_file():
+        shuffled = read_per_token(args.shuffled)
+        check_same_tokens(with_kg, shuffled)
+        arms["with_kg/shuffled_kg"] = (with_kg, shuffled)
+        arms["shuffled_kg/without"] = (shuffled, without)
+    result: dict[str, Any] = {
         "corpus": "GCIDE (benchmarks/data/gcide.jsonl.xz), test split",
-        "knowledge_graph": read_json(args.kg / "kg.json")["counts"],
-        "embeddings": read_json(args.kg / "kg.json").get("embeddings"),
-        "tokens": len(linked),
+        "knowledge_graph": manifest["counts"],
+        "embeddings": manifest.get("embeddings"),
+        "linking": {"rule": "causal", "visibility": visibility},
+        "tokens": len(seen),
         "documents": len(np.unique(with_kg.doc_ids)),
-        "linked_tokens": int(linked.sum()),
+        "mention_tokens": int(inside.sum()),
+        "fact_tokens": int(seen.sum()),
         "bootstrap": {"resamples": spec.resamples, "seed": spec.seed, "over": "documents"},
-        "all_tokens": compare(with_kg, without, everything, spec),
-        "linked_entity_tokens": compare(with_kg, without, linked, spec),
-        "evaluation": read_json(eval_json) if eval_json.is_file() else None,
+        "seeds": [0],
+        "comparisons": {
+            name: {
+                "all_tokens": compare(a, b, everything, spec),
+                "mention_tokens": compare(a, b, inside, spec),
+                "fact_tokens": compare(a, b, seen, spec),
+            }
+            for name, (a, b) in arms.items()
+        },
+        "evaluation": {
+            name: read_json(path.with_suffix(".json"))
+            for name, path in (("with_kg", args.with_kg), ("shuffled_kg", args.shuffled))
+            if path.with_suffix(".json").is_file()
+        },
         "valid_ppl_by_step": {
             name: read_json(directory / "training.json")["result"]["valid_ppl"]
             for name, directory in (
-                ("with_kg", args.with_kg.parent / "graph-kg-s0"),
+                ("with_kg", kg_runs / "graph-kg-s0"),
+                ("shuffled_kg", kg_runs / "graph-kg-shuffled-s0"),
                 ("without_kg", args.without.parent / "graph-s0"),
             )
             if (directory / "training.json").is_file()
         },
     }
-    a, b = result["all_tokens"]["gnn"]["ratio"], result["linked_entity_tokens"]["gnn"]["ratio"]
-    result["discussion"] = (
+    if args.lookahead.is_file():
+        lookahead = read_per_token(args.lookahead)
+        check_same_tokens(lookahead, without)
+        result["lookahead_linking"] = {
+            "note": "the run before d63b290, whose positions inside a mention saw it "
+            "(and so their next token); superseded",
+            "all_tokens": compare(lookahead, without, everything, spec),
+        }
+    comparisons = result["comparisons"]
+    main_all = comparisons["with_kg/without"]["all_tokens"]["gnn"]["ratio"]
+    main_seen = comparisons["with_kg/without"]["fact_tokens"]["gnn"]["ratio"]
+    main_inside = comparisons["with_kg/without"]["mention_tokens"]["gnn"]["ratio"]
+    text = (
         f"GNN-LM + WordNet / GNN-LM on GCIDE, seed 0, paired on {result['tokens']:,} test "
-        f"tokens of {result['documents']} documents: {a['ratio']:.3f} "
-        f"({a['ci95'][0]:.3f}–{a['ci95'][1]:.3f}) over all tokens, {b['ratio']:.3f} "
-        f"({b['ci95'][0]:.3f}–{b['ci95'][1]:.3f}) over the {result['linked_tokens']:,} tokens "
-        "inside linked entity mentions: "
-        f"{_verdict(a)} over all tokens, {_verdict(b)} on linked tokens (targets: at most "
-        "0.97 with the interval below 1 on linked tokens, at most 1.00 overall). With kNN-LM "
-        f"mixed in: {result['all_tokens']['gnn_knn']['ratio']['ratio']:.3f} over all tokens, "
-        f"{result['linked_entity_tokens']['gnn_knn']['ratio']['ratio']:.3f} on linked ones. "
-        "One seed; weak embeddings (TransE, 3 epochs; see 'embeddings')."
+        f"tokens of {result['documents']} documents: {_interval(main_all)} over all tokens "
+        f"({_verdict(main_all)}), {_interval(main_seen)} over the {result['fact_tokens']:,} "
+        f"tokens predicted where facts are visible ({_verdict(main_seen)}), "
+        f"{_interval(main_inside)} over the {result['mention_tokens']:,} tokens inside entity "
+        f"mentions ({_verdict(main_inside)}); targets: at most 0.97 with the interval below 1 "
+        "on linked-entity tokens, at most 1.00 overall."
     )
+    if "with_kg/shuffled_kg" in comparisons:
+        real = comparisons["with_kg/shuffled_kg"]
+        text += (
+            f" Real / shuffled triples: {_interval(real['all_tokens']['gnn']['ratio'])} over "
+            f"all tokens ({_verdict(real['all_tokens']['gnn']['ratio'])}), "
+            f"{_interval(real['fact_tokens']['gnn']['ratio'])} where facts are visible "
+            f"({_verdict(real['fact_tokens']['gnn']['ratio'])})."
+        )
+    result["discussion"] = text + " One seed; weak embeddings (TransE, 3 epochs; see 'embeddings')."
     atomic_write_json(RESULT, result)
     print(result["discussion"])
 

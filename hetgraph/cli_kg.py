@@ -272,6 +272,7 @@ KG_SETTINGS = {
     "--kg-windows": ("facts", "kg2nbr"),
     "--kg-links": ("facts", "kg2kg"),
     "--kg-entities": (None, "max_entities"),
+    "--kg-visibility": (None, "visibility"),
 }
 
 
@@ -326,6 +327,14 @@ def add_kg_options(parser: argparse.ArgumentParser, *, settings: bool = False) -
         default=None,
         metavar="M",
         help="entities kept per mention (4)",
+    )
+    parser.add_argument(
+        "--kg-visibility",
+        type=POSITIVE,
+        default=None,
+        metavar="N",
+        help="positions that see a mention's facts, from its last token on (8; linking is "
+        "causal: no position sees a mention before it is complete)",
     )
 
 

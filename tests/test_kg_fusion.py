@@ -311,7 +311,18 @@ def workspace(tmp_path_factory):
     assert run_cli("datastore", "build", *common, "--out", root / "ds", *build) == 0
     train = [*common, "--datastore", root / "ds", "--config", root / "run.json"]
     assert (
-        run_cli("train", *train, "--kg", root / "kg", "--kg-facts", "2", "--out", root / "adapter")
+        run_cli(
+            "train",
+            *train,
+            "--kg",
+            root / "kg",
+            "--kg-facts",
+            "2",
+            "--kg-visibility",
+            "3",
+            "--out",
+            root / "adapter",
+        )
         == 0
     )
     assert run_cli("train", *train, "--out", root / "plain") == 0
@@ -322,6 +333,7 @@ def test_cli_train_eval_generate_inspect_with_a_knowledge_graph(workspace, capsy
     root, common = workspace
     saved = json.loads((root / "adapter" / ADAPTER_CONFIG).read_text())
     assert saved["fusion"]["kg"]["facts"]["k_kg"] == 2 and "knowledge" in saved
+    assert saved["fusion"]["kg"]["visibility"] == 3
     argv = ["eval", *common, "--datastore", root / "ds", "--config", root / "run.json"]
     target = tmp_path / "eval.json"
     assert run_cli(*argv, "--kg", root / "kg", "--adapter", root / "adapter", "--json", target) == 0

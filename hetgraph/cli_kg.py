@@ -336,6 +336,13 @@ def add_kg_options(parser: argparse.ArgumentParser, *, settings: bool = False) -
         help="positions that see a mention's facts, from its last token on (8; linking is "
         "causal: no position sees a mention before it is complete)",
     )
+    parser.add_argument(
+        "--kg-only",
+        action="store_true",
+        help="the knowledge graph alone: the adapter takes no message from the retrieved "
+        "corpus neighbours (adapter.use_n2c false; a control — retrieval still runs for "
+        "kNN-LM)",
+    )
 
 
 def check_kg_options(args: argparse.Namespace, adapter: str | None = None) -> None:
@@ -355,6 +362,8 @@ def check_kg_options(args: argparse.Namespace, adapter: str | None = None) -> No
     from hetgraph.kg.source import check_knowledge_directory, knowledge_fingerprint
 
     given = [option for option in KG_SETTINGS if getattr(args, _dest(option), None) is not None]
+    if getattr(args, "kg_only", False):
+        given.append("--kg-only")
     if args.kg is None and given:
         raise CommandLineError(f"{given[0]} sets how a knowledge graph is fused; add --kg DIR")
     current = None
@@ -393,6 +402,8 @@ def apply_kg_settings(args: argparse.Namespace, fusion: dict[str, Any]) -> None:
         if value is not None:
             (kg[section] if section else kg)[name] = value
     fusion["kg"] = kg
+    if getattr(args, "kg_only", False):
+        fusion["adapter"] = {**(fusion.get("adapter") or {}), "use_n2c": False}
 
 
 def open_knowledge(args: argparse.Namespace, tokenizer: Any) -> Any:

@@ -146,10 +146,13 @@ def _neighbour_attention(
         )
         if K2C in attention[-1]:
             kg_attention[site_key(site)] = attention[-1][K2C]
+        table = torch.zeros(length, k)  # ctx node t is position t (one sequence, no mask)
+        if N2C not in attention[-1]:  # adapter.use_n2c=False: the knowledge graph alone
+            out[site_key(site)] = table[list(positions)]
+            continue
         edge_index, alpha = attention[-1][N2C]
         # Each n2c edge records which of its query's k neighbours (and which window token)
         # it comes from; summing over the window gives one weight per retrieved neighbour.
-        table = torch.zeros(length, k)  # ctx node t is position t (one sequence, no mask)
         table.index_put_(
             (edge_index[1].cpu(), graph[N2C].nbr_slot.cpu()),
             alpha.float().mean(dim=-1).cpu(),

@@ -353,6 +353,25 @@ def test_cli_train_eval_generate_inspect_with_a_knowledge_graph(workspace, capsy
     assert "fact att[head=" in capsys.readouterr().out
 
 
+def test_cli_trains_evaluates_and_inspects_the_kg_alone_control(workspace, capsys, tmp_path):
+    root, common = workspace
+    train = [*common, "--datastore", root / "ds", "--config", root / "run.json"]
+    train += ["--kg", root / "kg"]
+    out = tmp_path / "kg-only"
+    assert run_cli("train", *train, "--kg-only", "--max-steps", "2", "--out", out) == 0
+    saved = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert saved["fusion"]["adapter"]["use_n2c"] is False
+    target = tmp_path / "eval.json"
+    assert run_cli("eval", *train, "--adapter", out, "--json", target) == 0
+    assert json.loads(target.read_text())["gnn"]["ppl"] > 1
+    model = ["--model", root / "model", "--datastore", root / "ds", "--kg", root / "kg"]
+    text = ["--text", "gamma alpha", "--position", "-1", "--json"]
+    capsys.readouterr()
+    assert run_cli("inspect", *model, "--adapter", out, *text) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {f["head"] for f in report["facts"]} == {"alpha"}
+
+
 def test_cli_refuses_a_bad_or_missing_knowledge_graph_in_one_line(workspace, capsys, tmp_path):
     root, common = workspace
     (tmp_path / "empty").mkdir()
@@ -373,6 +392,8 @@ def test_cli_refuses_a_bad_or_missing_knowledge_graph_in_one_line(workspace, cap
     capsys.readouterr()
     assert run_cli(*train, "--out", tmp_path / "a", "--kg-facts", "2") == 2
     assert "add --kg DIR" in one_error_line(capsys)
+    assert run_cli(*train, "--out", tmp_path / "a", "--kg-only") == 2
+    assert "--kg-only sets how a knowledge graph is fused; add --kg DIR" in one_error_line(capsys)
     # Resuming the checkpoint of a run with another graph (re-embedded) is refused too.
     resume = [*train, "--out", root / "adapter", "--kg", root / "kg2", "--kg-facts", "2"]
     assert run_cli(*resume) == 2

@@ -160,6 +160,9 @@ def test_only_the_gates_learn_first():
         {"use_k2n": True, "use_k2k": True},
         {"use_c2c": True, "tie_intra": True, "use_k2k": True},
         {"output_bias": True, "use_k2n": True, "feed_forward": False},
+        {"use_n2c": False},
+        {"use_n2c": False, "use_c2c": True, "token_channels": 6},
+        {"use_n2c": False, "use_k2n": True, "token_channels": 6},
     ],
 )
 def test_parameter_count_counts_the_kg_branch(kw):
@@ -169,6 +172,36 @@ def test_parameter_count_counts_the_kg_branch(kw):
     adapter = GraphAdapter(config)
     assert config.parameter_count() == sum(p.numel() for p in adapter.parameters())
     assert "kg=10" in repr(adapter)
+
+
+@pytest.mark.parametrize("use_c2c", [False, True])
+def test_the_kg_alone_adapter_reads_no_corpus_neighbour(use_c2c):
+    # use_n2c=False: the "KG alone" control. Whatever the neighbours' features, the output
+    # is the same; the facts still move it once the gates open.
+    _, with_kg, ctx_x, nbr_x, tables = kg_inputs(2, use_c2c, KGGraphConfig(k_kg=3, kg2kg=True))
+    adapter = kg_adapter(tables, use_n2c=False, use_c2c=use_c2c, use_k2k=True)
+    assert NBR not in adapter.node_types and N2C not in adapter.edge_types
+    assert adapter.nbr_in is None and "n2c=False" in repr(adapter)
+    perturb(adapter)
+    closed = adapter(with_kg, ctx_x, nbr_x)
+    assert torch.equal(adapter(with_kg, ctx_x, torch.randn_like(nbr_x)), closed)
+    perturb(adapter, gates=True)
+    opened = adapter(with_kg, ctx_x, nbr_x)
+    assert not torch.allclose(opened, closed)
+    assert torch.equal(adapter(with_kg, ctx_x, torch.randn_like(nbr_x)), opened)
+
+
+def test_kg_alone_needs_a_knowledge_graph():
+    config = AdapterConfig(ctx_channels=16, nbr_channels=12, hidden_channels=16, use_n2c=False)
+    with pytest.raises(ValueError, match=r"use_n2c=False.*--kg"):
+        GraphAdapter(config)
+    with pytest.raises(ValueError, match="needs the kg node type"):
+        context_graph_metadata(kg=False, n2c=False)
+    assert context_graph_metadata(kg=True, n2c=False) == ([CTX, KG], [K2C])
+    assert context_graph_metadata(kg=True, k2n=True, n2c=False) == (
+        [CTX, NBR, KG],
+        [N2N, K2C, K2N],
+    )
 
 
 # ----------------------------------------------------------------- layer vs naive reference

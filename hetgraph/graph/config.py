@@ -42,17 +42,23 @@ MAX_WINDOW_SIDE = 256
 
 
 def context_graph_metadata(
-    c2c: bool = False, *, kg: bool = False, k2n: bool = False, k2k: bool = False
+    c2c: bool = False, *, kg: bool = False, k2n: bool = False, k2k: bool = False, n2c: bool = True
 ) -> Metadata:
     """The ``(node_types, edge_types)`` metadata of a context graph, as taken by
     :class:`~hetgraph.nn.HeteroGraphAttention`. ``c2c`` adds the causal
     context relation; ``kg`` the ``kg`` node type and its ``k2c`` relation, with
-    ``k2n`` / ``k2k`` also those relations (see :class:`KGGraphConfig`)."""
-    edge_types = [N2N, N2C] + ([C2C] if c2c else [])
+    ``k2n`` / ``k2k`` also those relations (see :class:`KGGraphConfig`). ``n2c=False``
+    (with ``kg``) drops the neighbours' relation into the queries, and the ``nbr`` type
+    with its ``n2n`` relation unless ``k2n`` still reaches it: the knowledge graph alone."""
     if not kg:
-        return [CTX, NBR], edge_types
+        if not n2c:
+            raise ValueError("a context graph without n2c needs the kg node type (kg=True)")
+        return [CTX, NBR], [N2N, N2C] + ([C2C] if c2c else [])
+    nbr = n2c or k2n
+    edge_types = [N2N] if nbr else []
+    edge_types += ([N2C] if n2c else []) + ([C2C] if c2c else [])
     edge_types += [K2C] + ([K2N] if k2n else []) + ([K2K] if k2k else [])
-    return [CTX, NBR, KG], edge_types
+    return [CTX, NBR, KG] if nbr else [CTX, KG], edge_types
 
 
 @dataclass

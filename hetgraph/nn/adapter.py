@@ -129,9 +129,13 @@ class GraphAdapter(Module):
         self.config = config
         h = config.hidden_channels
         self.ctx_in = _input_map(config.ctx_channels, h, config.input_maps)
-        self.nbr_in = _input_map(config.nbr_channels, h, config.input_maps)
+        # use_n2c=False without k2n: no nbr node reaches anything, so no map for them.
+        uses_nbr = config.use_n2c or (config.kg_channels > 0 and config.use_k2n)
+        self.nbr_in: Module | None = (
+            _input_map(config.nbr_channels, h, config.input_maps) if uses_nbr else None
+        )
         self.token_in: Module | None = None
-        if config.token_channels > 0:
+        if config.token_channels > 0 and uses_nbr:
             self.token_in = (
                 Identity()
                 if config.token_channels == h
@@ -141,7 +145,11 @@ class GraphAdapter(Module):
         if config.kg_channels > 0:
             self.kg_in = KGFactEncoder(config.kg_channels, h, config.kg_combine)
         metadata = context_graph_metadata(
-            config.use_c2c, kg=self.kg_in is not None, k2n=config.use_k2n, k2k=config.use_k2k
+            config.use_c2c,
+            kg=self.kg_in is not None,
+            k2n=config.use_k2n,
+            k2k=config.use_k2k,
+            n2c=config.use_n2c,
         )
         self.node_types = list(metadata[0])
         self.edge_types = list(metadata[1])
@@ -294,7 +302,9 @@ class GraphAdapter(Module):
             of :obj:`ctx_x`, optionally with a list of per-layer attention dicts.
         """
         ctx_h = self.ctx_in(ctx_x.to(self.param_dtype))
-        nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
+        nbr_h = None  # use_n2c=False without k2n: the knowledge graph alone
+        if self.nbr_in is not None:
+            nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
         if not return_attention_weights and self.use_dense(graph, path):
             return self.out(self._forward_dense(graph, ctx_h, nbr_h)).to(ctx_x.dtype)
         ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)
@@ -409,10 +419,14 @@ class GraphAdapter(Module):
         return self.out(self._ctx_layers(graph, ctx_h, window_key_values)).to(ctx_x.dtype)
 
     def _forward_edges(
-        self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor, return_attention_weights: bool
+        self,
+        graph: HeteroData,
+        ctx_h: Tensor,
+        nbr_h: Tensor | None,
+        return_attention_weights: bool,
     ) -> tuple[Tensor, list[AttentionDict]]:
         edge_index_dict = {e: graph[e].edge_index for e in self.edge_types if e in graph.edge_types}
-        x_dict = {CTX: ctx_h, NBR: nbr_h}
+        x_dict = {CTX: ctx_h} if nbr_h is None else {CTX: ctx_h, NBR: nbr_h}
         if self.kg_in is not None and KG in graph.node_types:
             store = graph[KG]
             x_dict[KG] = (
@@ -442,5 +456,6 @@ class GraphAdapter(Module):
             f"token={c.token_channels}, hidden={c.hidden_channels}, out={c.out_channels}, "
             f"layers={c.num_layers}, heads={c.heads}, "
             f"normalization={c.normalization!r}, c2c={c.use_c2c}"
+            + ("" if c.use_n2c else ", n2c=False")
             + (f", kg={c.kg_channels})" if c.kg_channels else ")")
         )

@@ -88,6 +88,11 @@ class AdapterConfig(JSONConfigMixin):
         kg_combine: ``"concat"`` or ``"sum"`` of head, relation and tail embeddings.
         use_k2n: Also the ``(kg, k2n, nbr)`` relation (gated like ``k2c``).
         use_k2k: Also the ``(kg, k2k, kg)`` relation.
+        use_n2c: Take messages from the retrieved neighbours (the ``n2c`` relation;
+            default). ``False`` needs a knowledge-graph branch: the adapter then reads the
+            knowledge graph alone, with no corpus neighbour reaching a query (the "KG
+            alone" control; retrieval still runs for kNN-LM). Without ``use_k2n`` it has no
+            ``nbr`` node type at all.
         norm_init: Initial gain of every LayerNorm of the layers and feed-forward blocks
             (PyTorch's and the paper's: ``1.0``). ``"keys"``: the mean per-row standard
             deviation of the datastore's keys (:meth:`~hetgraph.Datastore.key_scale`),
@@ -125,6 +130,7 @@ class AdapterConfig(JSONConfigMixin):
     kg_combine: KGCombine = "concat"
     use_k2n: bool = False
     use_k2k: bool = False
+    use_n2c: bool = True
     norm_init: NormInit = 1.0
 
     @classmethod
@@ -245,6 +251,10 @@ class AdapterConfig(JSONConfigMixin):
         # Node types ctx and nbr; relations n2n, n2c and c2c (tie_intra: n2n and c2c share).
         types = 2
         relations = 3 if self.use_c2c and not self.tie_intra else 2
+        nbr_type = self.use_n2c or bool(self.kg_channels and self.use_k2n)
+        if not self.use_n2c:  # no n2c; no nbr type (nor n2n) unless k2n reaches it
+            types -= 0 if nbr_type else 1
+            relations -= 1 if nbr_type else 2
         gates = 0
         if self.kg_channels:
             # The kg type; k2c (+ k2n, k2k); a [h] gate per relation into ctx / nbr.
@@ -260,8 +270,8 @@ class AdapterConfig(JSONConfigMixin):
         if self.feed_forward:
             ff = self.ff_multiplier * h
             layer += types * (2 * h * ff + ff + 3 * h)
-        widths = [self.ctx_channels or h, self.nbr_channels or h]
-        maps = sum(w * h + h for w in widths) + self.token_channels * h
+        widths = [self.ctx_channels or h] + ([self.nbr_channels or h] if nbr_type else [])
+        maps = sum(w * h + h for w in widths) + (self.token_channels * h if nbr_type else 0)
         maps += (self.out_channels or h) * (h + 1)
         maps += self.kg_channels * h + h if self.kg_channels else 0
         return self.num_layers * layer + maps
@@ -337,6 +347,11 @@ class AdapterConfig(JSONConfigMixin):
             ValueError: some width is still ``None`` (named, with how to fill it).
         """
         missing = [name for name in _WIDTHS if getattr(self, name) is None]
+        if not self.use_n2c and not self.kg_channels:
+            raise ValueError(
+                "AdapterConfig.use_n2c=False leaves the adapter only the knowledge graph: "
+                "give it one (--kg DIR) or keep use_n2c=True"
+            )
         if self.norm_init == "keys":
             raise ValueError(
                 "AdapterConfig.norm_init='keys' is not resolved: a GraphAdapter needs the gain "

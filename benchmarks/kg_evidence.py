@@ -6,7 +6,9 @@ GNN-LM adapter (``runs/evidence-gcide/graph-s0``, trained without a knowledge gr
 same recipe trained and evaluated with the shipped WordNet 3.0 as ``kg`` nodes
 (``hetgraph train/eval --kg``; the same datastore, seed, steps and tokens), and with the
 control — the same triples shuffled among entities (``hetgraph kg shuffle``), embedded with
-the same settings — over every scored token and over the tokens predicted at a position
+the same settings — and with WordNet *alone* (``train --kg-only``: no corpus neighbour
+reaches a position; against GNN-LM, the evidence run's equally trained LoRA and the base
+LM) — over every scored token and over the tokens predicted at a position
 that sees facts (a mention completed within the last ``visibility`` positions, linked
 causally as the model links them). Intervals: 1,000 document resamples (7 test documents).
 
@@ -27,6 +29,7 @@ does the rest, resumably):
     hetgraph kg shuffle --kg runs/kg-gcide/kg --out runs/kg-gcide/kg-shuffled --seed 0
     hetgraph kg embed --kg runs/kg-gcide/kg-shuffled --model transe --dim 64 --epochs 3
     (train and eval as above with --kg runs/kg-gcide/kg-shuffled, out graph-kg-shuffled-s0)
+    (train and eval as above with --kg runs/kg-gcide/kg --kg-only, out graph-kg-only-s0)
 
 then ``python benchmarks/kg_evidence.py``.
 """
@@ -86,19 +89,19 @@ def target_masks(
     return inside[at + 1], np.where(at >= 0, sees[np.maximum(at, 0)], False)
 
 
-def compare(a: Any, b: Any, mask: np.ndarray, spec: BootstrapSpec) -> dict[str, dict[str, Any]]:
-    """Each method's perplexity in runs ``a`` and ``b`` on the ``mask``ed tokens, and the
+def compare(
+    a: Any, b: Any, mask: np.ndarray, spec: BootstrapSpec, against: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each method of run ``a`` against a method of run ``b`` (``against``: ``a``'s method
+    -> ``b``'s, default the same name) on the ``mask``ed tokens: both perplexities and the
     paired ratio ``a / b`` with its interval."""
     out = {}
-    for method in METHODS:
-        _, ratios = perplexity_intervals(
-            {"b": b.log_probs[b.method(method)][mask], "a": a.log_probs[a.method(method)][mask]},
-            a.doc_ids[mask],
-            spec,
-        )
-        out[method] = {
-            "ppl_a": float(np.exp(-a.log_probs[method][mask].mean())),
-            "ppl_b": float(np.exp(-b.log_probs[method][mask].mean())),
+    for method, other in (against or {m: m for m in METHODS}).items():
+        a_lp, b_lp = a.log_probs[a.method(method)][mask], b.log_probs[b.method(other)][mask]
+        _, ratios = perplexity_intervals({"b": b_lp, "a": a_lp}, a.doc_ids[mask], spec)
+        out[method if method == other else f"{method}/{other}"] = {
+            "ppl_a": float(np.exp(-a_lp.mean())),
+            "ppl_b": float(np.exp(-b_lp.mean())),
             "ratio": ratios["a/b"].to_dict(),
         }
     return out
@@ -126,6 +129,9 @@ def main() -> None:
         "--shuffled", type=Path, default=kg_runs / "eval-graph-kg-shuffled-s0.safetensors"
     )
     parser.add_argument(
+        "--kg-only", type=Path, default=kg_runs / "eval-graph-kg-only-s0.safetensors"
+    )
+    parser.add_argument(
         "--lookahead",
         type=Path,
         default=kg_runs / "eval-graph-kg-s0-lookahead.safetensors",
@@ -146,12 +152,23 @@ def main() -> None:
     )
     everything = np.ones(len(seen), dtype=bool)
     manifest = read_json(args.kg / "kg.json")
-    arms = {"with_kg/without": (with_kg, without)}
+    # name -> (run a, run b, a's method -> b's method or None for the same names)
+    arms: dict[str, tuple[Any, Any, dict[str, str] | None]] = {
+        "with_kg/without": (with_kg, without, None)
+    }
     if args.shuffled.is_file():
         shuffled = read_per_token(args.shuffled)
         check_same_tokens(with_kg, shuffled)
-        arms["with_kg/shuffled_kg"] = (with_kg, shuffled)
-        arms["shuffled_kg/without"] = (shuffled, without)
+        arms["with_kg/shuffled_kg"] = (with_kg, shuffled, None)
+        arms["shuffled_kg/without"] = (shuffled, without, None)
+    if args.kg_only.is_file():
+        # KG alone: the adapter sees facts but no corpus neighbour. Against GNN-LM, against
+        # the equally large LoRA of the evidence run (no retrieval, no graph) and the base.
+        kg_only = read_per_token(args.kg_only)
+        check_same_tokens(with_kg, kg_only)
+        arms["kg_only/without"] = (kg_only, without, None)
+        arms["kg_only/lora"] = (kg_only, without, {"gnn": "lora", "gnn_knn": "lora_knn"})
+        arms["kg_only/base"] = (kg_only, without, {"gnn": "base"})
     result: dict[str, Any] = {
         "corpus": "GCIDE (benchmarks/data/gcide.jsonl.xz), test split",
         "knowledge_graph": manifest["counts"],
@@ -165,15 +182,19 @@ def main() -> None:
         "seeds": [0],
         "comparisons": {
             name: {
-                "all_tokens": compare(a, b, everything, spec),
-                "mention_tokens": compare(a, b, inside, spec),
-                "fact_tokens": compare(a, b, seen, spec),
+                "all_tokens": compare(a, b, everything, spec, against),
+                "mention_tokens": compare(a, b, inside, spec, against),
+                "fact_tokens": compare(a, b, seen, spec, against),
             }
-            for name, (a, b) in arms.items()
+            for name, (a, b, against) in arms.items()
         },
         "evaluation": {
             name: read_json(path.with_suffix(".json"))
-            for name, path in (("with_kg", args.with_kg), ("shuffled_kg", args.shuffled))
+            for name, path in (
+                ("with_kg", args.with_kg),
+                ("shuffled_kg", args.shuffled),
+                ("kg_only", args.kg_only),
+            )
             if path.with_suffix(".json").is_file()
         },
         "valid_ppl_by_step": {
@@ -181,6 +202,7 @@ def main() -> None:
             for name, directory in (
                 ("with_kg", kg_runs / "graph-kg-s0"),
                 ("shuffled_kg", kg_runs / "graph-kg-shuffled-s0"),
+                ("kg_only", kg_runs / "graph-kg-only-s0"),
                 ("without_kg", args.without.parent / "graph-s0"),
             )
             if (directory / "training.json").is_file()
@@ -214,6 +236,16 @@ def main() -> None:
             f"all tokens ({_verdict(real['all_tokens']['gnn']['ratio'])}), "
             f"{_interval(real['fact_tokens']['gnn']['ratio'])} where facts are visible "
             f"({_verdict(real['fact_tokens']['gnn']['ratio'])})."
+        )
+    if "kg_only/without" in comparisons:
+        alone = comparisons["kg_only/without"]["all_tokens"]["gnn"]["ratio"]
+        lora = comparisons["kg_only/lora"]["all_tokens"]["gnn/lora"]["ratio"]
+        base = comparisons["kg_only/base"]["all_tokens"]["gnn/base"]["ratio"]
+        text += (
+            f" WordNet alone (no corpus neighbour reaches a position; --kg-only): "
+            f"{_interval(alone)} of GNN-LM ({_verdict(alone)}), {_interval(lora)} of the "
+            f"equally trained LoRA control ({_verdict(lora)}), {_interval(base)} of the base "
+            f"LM ({_verdict(base)}), over all tokens."
         )
     result["discussion"] = text + " One seed; weak embeddings (TransE, 3 epochs; see 'embeddings')."
     atomic_write_json(RESULT, result)

@@ -454,21 +454,38 @@ def _encoder_curve_rows(data: dict[str, Any]) -> list[str]:
     return _list_table(head, rows)
 
 
+#: The comparisons of ``kg_evidence.json`` and the token subsets, as the table names them.
+_KG_COMPARISONS = {
+    "with_kg/without": "WordNet / none",
+    "with_kg/shuffled_kg": "WordNet / shuffled",
+    "shuffled_kg/without": "shuffled / none",
+    "kg_only/without": "WordNet alone / GNN-LM",
+    "kg_only/lora": "WordNet alone / LoRA",
+    "kg_only/base": "WordNet alone / base LM",
+}
+_KG_SUBSETS = {
+    "all_tokens": "all tokens",
+    "fact_tokens": "facts visible",
+    "mention_tokens": "in a mention",
+}
+
+
 def _kg_evidence_rows(data: dict[str, Any]) -> list[str]:
     rows = []
-    for subset, label in (("all_tokens", "all tokens"), ("linked_entity_tokens", "linked")):
-        for method, row in data.get(subset, {}).items():
-            ratio = row["ratio"]
-            rows.append(
-                [
-                    f"{method}, {label}",
-                    f"{row['ppl_with_kg']:.3f}",
-                    f"{row['ppl_without_kg']:.3f}",
-                    f"{ratio['ratio']:.3f}",
-                    _interval(ratio),
-                ]
-            )
-    head = ["method, tokens", "with WordNet", "without", "ratio", "95 % interval"]
+    for name, label in _KG_COMPARISONS.items():
+        for subset, tokens in _KG_SUBSETS.items():
+            for method, row in data.get("comparisons", {}).get(name, {}).get(subset, {}).items():
+                ratio = row["ratio"]
+                rows.append(
+                    [
+                        f"{label}: {method}, {tokens}",
+                        f"{row['ppl_a']:.3f}",
+                        f"{row['ppl_b']:.3f}",
+                        f"{ratio['ratio']:.3f}",
+                        _interval(ratio),
+                    ]
+                )
+    head = ["comparison: method, tokens", "ppl (first)", "ppl (second)", "ratio", "95 % interval"]
     return _list_table(head, rows)
 
 

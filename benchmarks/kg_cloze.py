@@ -375,6 +375,26 @@ def parse_arms(values: list[list[str]] | None) -> list[tuple[str, Path, Path | N
     return arms
 
 
+def discussion(result: dict[str, Any]) -> str:
+    """One paragraph for the results page: the probe, each KG arm's linking, the verdicts."""
+    n = len(result["prompts"])
+    held = sum(p["held_out"] for p in result["prompts"])
+    text = (
+        f"{n} cloze prompts from WordNet triples ({held} held out of the KG embeddings' "
+        "training, still present in the graph as facts), scored at the last position by the "
+        "rank of the answer's first token; one seed, intervals over prompts."
+    )
+    for arm, shares in result["linking"].items():
+        text += (
+            f" {arm}: the last position sees the subject in {shares['subject_seen_at_last']:.0%}"
+            f" of prompts and is given the answer's entity among its facts in "
+            f"{shares['answer_in_facts_at_last']:.0%}."
+        )
+    for row in result["pairs"].values():
+        text += " " + "; ".join(row["verdict"]) + "."
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kg", type=Path, default=RUNS / "kg-gcide" / "kg")
@@ -539,6 +559,7 @@ def main() -> None:
             for p in prompts
         ],
     }
+    result["discussion"] = discussion(result)
     atomic_write_json(args.out, result)
     print(markdown(result))
     print(f"\nwritten: {args.out}", file=sys.stderr)

@@ -72,6 +72,10 @@ BENCHMARKS = {
         "Knowledge graph: GCIDE + WordNet against GNN-LM without it (paired, seed 0)",
         "benchmarks/kg_evidence.py",
     ),
+    "kg_cloze": (
+        "Knowledge graph: a WordNet cloze probe (held-out triples as prompts)",
+        "benchmarks/kg_cloze.py",
+    ),
 }
 
 #: Benchmarks measured under the evidence protocol, with a section of their own on the page.
@@ -82,9 +86,10 @@ DEDICATED = (
     "encoder_curve",
     "kg_linking",
     "kg_evidence",
+    "kg_cloze",
 )
 #: Benchmarks of learned retrieval and the knowledge graph, in their own section.
-RETRIEVAL_AND_KNOWLEDGE = ("encoder_curve", "kg_evidence", "kg_linking")
+RETRIEVAL_AND_KNOWLEDGE = ("encoder_curve", "kg_evidence", "kg_cloze", "kg_linking")
 
 STAGES = [
     ("Configuration", "hetgraph.configuration"),
@@ -489,10 +494,44 @@ def _kg_evidence_rows(data: dict[str, Any]) -> list[str]:
     return _list_table(head, rows)
 
 
+def _kg_cloze_rows(data: dict[str, Any]) -> list[str]:
+    def cell(metric: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+        low, high = (scale * x for x in metric["ci95"])
+        return f"{scale * metric['value']:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+    rows = [
+        [
+            name,
+            cell(arm["top1"], 100),
+            cell(arm["top10"], 100),
+            cell(arm["mean_log_prob"], digits=3),
+            f"{arm['median_rank']:.0f}",
+        ]
+        for name, arm in data.get("arms", {}).items()
+    ]
+    head = ["arm", "top-1 %", "top-10 %", "mean log-prob", "median rank"]
+    out = _list_table(head, rows)
+    pairs = [
+        [
+            name,
+            cell(pair["top10_diff"], 100),
+            cell(pair["mean_log_prob_diff"], digits=3),
+            "; ".join(v.split(", ", 1)[-1] for v in pair.get("verdict", [])),
+        ]
+        for name, pair in data.get("pairs", {}).items()
+    ]
+    out += _list_table(["pair", "Δ top-10 (points)", "Δ mean log-prob", "verdict"], pairs)
+    return out
+
+
 def retrieval_and_knowledge_body() -> str:
     """Learned retrieval and the knowledge graph: each file's discussion and key table."""
     out = []
-    tables = {"encoder_curve": _encoder_curve_rows, "kg_evidence": _kg_evidence_rows}
+    tables = {
+        "encoder_curve": _encoder_curve_rows,
+        "kg_evidence": _kg_evidence_rows,
+        "kg_cloze": _kg_cloze_rows,
+    }
     for stem in RETRIEVAL_AND_KNOWLEDGE:
         title, script = BENCHMARKS[stem]
         out += [_title(title, "~"), f"From ``benchmarks/results/{stem}.json`` (``{script}``).", ""]

@@ -513,6 +513,8 @@ def main() -> None:
     spec = BootstrapSpec()
     pairs = {"gnn_kg - gnn": ("gnn_kg", "gnn")}
     pairs.update({f"{name} - gnn": (name, "gnn") for name, _, _ in extra_arms})
+    # The controls against the real graph too (e.g. real triples vs shuffled ones).
+    pairs.update({f"gnn_kg - {name}": ("gnn_kg", name) for name, _, _ in extra_arms})
     pairs["gnn - base"] = ("gnn", "base")
     from hetgraph.kg.linking import EntityLinker
 

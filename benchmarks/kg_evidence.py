@@ -235,7 +235,9 @@ def main() -> None:
             f" Real / shuffled triples: {_interval(real['all_tokens']['gnn']['ratio'])} over "
             f"all tokens ({_verdict(real['all_tokens']['gnn']['ratio'])}), "
             f"{_interval(real['fact_tokens']['gnn']['ratio'])} where facts are visible "
-            f"({_verdict(real['fact_tokens']['gnn']['ratio'])})."
+            f"({_verdict(real['fact_tokens']['gnn']['ratio'])}), "
+            f"{_interval(real['mention_tokens']['gnn']['ratio'])} inside mentions "
+            f"({_verdict(real['mention_tokens']['gnn']['ratio'])})."
         )
     if "kg_only/without" in comparisons:
         alone = comparisons["kg_only/without"]["all_tokens"]["gnn"]["ratio"]
@@ -247,7 +249,11 @@ def main() -> None:
             f"equally trained LoRA control ({_verdict(lora)}), {_interval(base)} of the base "
             f"LM ({_verdict(base)}), over all tokens."
         )
-    result["discussion"] = text + " One seed; weak embeddings (TransE, 3 epochs; see 'embeddings')."
+    result["discussion"] = text + (
+        f" One seed; weak embeddings (TransE, 3 epochs; see 'embeddings'); the intervals "
+        f"resample {result['documents']} test documents, too few clusters for a document "
+        "bootstrap to show the full uncertainty."
+    )
     atomic_write_json(RESULT, result)
     print(result["discussion"])
 

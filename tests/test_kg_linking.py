@@ -18,18 +18,23 @@ from hetgraph.kg.linking import EntityLinker
 from hetgraph.testing import byte_tokenizer
 
 
-def naive_link(ids, sequences, entities, m, flags):
-    """Scan left to right; at each position take the longest alias that respects the word
-    boundaries, then jump past it."""
+def reference_tables(ids, sequences, entities, flags):
+    """The naive references' alias -> entities table, longest alias, and flag lookup."""
     table: dict[tuple[int, ...], list[int]] = {}
     for seq, entity in zip(sequences, entities, strict=True):
         table.setdefault(tuple(seq), []).append(entity)
-    longest = max(len(s) for s in sequences)
-    t = len(ids)
 
     def flag(i, bit):
         return flags is not None and ids[i] < len(flags) and bool(flags[ids[i]] & bit)
 
+    return table, max(len(s) for s in sequences), flag
+
+
+def naive_link(ids, sequences, entities, m, flags):
+    """Scan left to right; at each position take the longest alias that respects the word
+    boundaries, then jump past it."""
+    table, longest, flag = reference_tables(ids, sequences, entities, flags)
+    t = len(ids)
     out_entities = [[-1] * m for _ in range(t)]
     start, length = [-1] * t, [0] * t
     s = 0
@@ -102,15 +107,8 @@ def naive_causal_link(ids, sequences, entities, m, flags, visibility):
     """For each position p, look back from q = p to p - visibility + 1 for the longest
     alias ending at q (start on a word boundary; for q < p also the end, which token q + 1
     decides); the first q that has one gives p's entities."""
-    table: dict[tuple[int, ...], list[int]] = {}
-    for seq, entity in zip(sequences, entities, strict=True):
-        table.setdefault(tuple(seq), []).append(entity)
-    longest = max(len(s) for s in sequences)
+    table, longest, flag = reference_tables(ids, sequences, entities, flags)
     t = len(ids)
-
-    def flag(i, bit):
-        return flags is not None and ids[i] < len(flags) and bool(flags[ids[i]] & bit)
-
     out_entities, start, length = [[-1] * m for _ in range(t)], [-1] * t, [0] * t
     for p in range(t):
         for q in range(p, max(p - visibility, -1), -1):

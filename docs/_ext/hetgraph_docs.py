@@ -353,6 +353,8 @@ def evidence_body() -> str:
 
 
 def _list_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:  # a list-table needs a body: a results file of another layout shows none
+        return []
     out = [".. list-table::", "   :header-rows: 1", ""]
     for row in [header, *rows]:
         out += [f"   * - {row[0]}", *(f"     - {cell}" for cell in row[1:])]

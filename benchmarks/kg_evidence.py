@@ -126,6 +126,12 @@ def main() -> None:
     parser.add_argument("--kg", type=Path, default=kg_runs / "kg")
     parser.add_argument("--with-kg", type=Path, default=kg_runs / "eval-graph-kg-s0.safetensors")
     parser.add_argument(
+        "--with-kg-adapter",
+        type=Path,
+        default=kg_runs / "graph-kg-s0",
+        help="the adapter of --with-kg (its linking visibility decides the masks)",
+    )
+    parser.add_argument(
         "--shuffled", type=Path, default=kg_runs / "eval-graph-kg-shuffled-s0.safetensors"
     )
     parser.add_argument(
@@ -145,8 +151,10 @@ def main() -> None:
     with_kg, without = read_per_token(args.with_kg), read_per_token(args.without)
     check_same_tokens(with_kg, without)
     spec = BootstrapSpec()
-    adapter = args.with_kg.parent / args.with_kg.name.removeprefix("eval-").split(".")[0]
-    visibility = read_json(adapter / "adapter_config.json")["fusion"]["kg"].get("visibility", 8)
+    config = args.with_kg_adapter / "adapter_config.json"
+    if not config.is_file():
+        raise SystemExit(f"--with-kg-adapter {args.with_kg_adapter}: no adapter_config.json there")
+    visibility = read_json(config)["fusion"]["kg"].get("visibility", 8)
     inside, seen = target_masks(
         args.kg, args.corpus, with_kg.positions, with_kg.targets, visibility
     )

@@ -142,6 +142,7 @@ def _neighbour_attention(
             inputs.nbr_x,
             inputs.nbr_token_x,
             nbr_token_index=inputs.nbr_token_index,
+            nbr_index=inputs.nbr_index,
             return_attention_weights=True,
         )
         if K2C in attention[-1]:

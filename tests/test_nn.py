@@ -621,6 +621,62 @@ def test_gradients_reach_every_parameter(path):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def per_row_inputs(graph, seed: int = 0):
+    """:func:`adapter_inputs` (of :func:`repeated_neighbours`' graphs) as
+    :class:`~hetgraph.fusion.GraphInputBuilder` gives them: each distinct corpus row's
+    features once, each row's token once, each node's row."""
+    ctx_x, nbr_x, tok_x = adapter_inputs(graph, seed, T=10)
+    rows, nbr_index = graph[NBR].corpus_id.unique(return_inverse=True)
+    first = torch.full((rows.numel(),), nbr_index.numel()).scatter_reduce(
+        0, nbr_index, torch.arange(nbr_index.numel()), "amin"
+    )
+    row_tokens = graph[NBR].token_id[first]
+    tokens, token_index = row_tokens.unique(return_inverse=True)
+    token_x = torch.zeros(tokens.numel(), tok_x.size(1)).index_copy(0, token_index, tok_x[first])
+    return ctx_x, nbr_x[first], token_x, token_index, nbr_index
+
+
+@pytest.mark.parametrize(
+    "gcfg",
+    [GraphConfig(), GraphConfig(left=2, right=2, c2c=True), GraphConfig(share_windows=False)],
+    ids=["shared", "l2r2-c2c", "per-query"],
+)
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_per_row_inputs_equal_per_node_inputs(gcfg, num_layers, path):
+    # Overlapping windows share corpus rows: the adapter maps each row once (and, on
+    # the dense path, projects its first-layer keys and values once) and gathers.
+    ids, tokens, docs, qpos = repeated_neighbours(1)
+    graph = build_context_graph(ids, tokens, docs, gcfg, query_positions=qpos)
+    ctx_x, rows_x, token_x, token_index, nbr_index = per_row_inputs(graph)
+    assert rows_x.size(0) < graph[NBR].num_nodes  # rows are shared, or this tests nothing
+    adapter = make_adapter(num_layers=num_layers, use_c2c=gcfg.c2c).double()
+    per_node = [x.double() for x in adapter_inputs(graph, T=10)]
+    per_row = [ctx_x.double(), rows_x.double(), token_x.double()]
+    for x in (per_node[0], per_row[0]):
+        x.requires_grad_()
+    expected = adapter(graph, *per_node, path=path)
+    weights = torch.randn_like(expected)
+    (expected * weights).sum().backward()
+    expected_grads = [p.grad for p in adapter.parameters()]
+    adapter.zero_grad(set_to_none=True)
+    got = adapter(graph, *per_row, nbr_token_index=token_index, nbr_index=nbr_index, path=path)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(per_row[0].grad, per_node[0].grad, rtol=1e-10, atol=1e-10)
+    for p, g in zip(adapter.parameters(), expected_grads, strict=True):
+        if g is None:  # reaches nothing (the last layer's nbr-side maps)
+            assert p.grad is None or not p.grad.any()
+        else:
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-10)
+    if path == "dense":  # and what a neighbour-state table stores
+        by_node = adapter.window_key_values(graph, *per_node[1:])
+        by_row = adapter.window_key_values(graph, *per_row[1:], token_index, nbr_index)
+        for (k0, v0), (k1, v1) in zip(by_node, by_row, strict=True):
+            torch.testing.assert_close(k1, k0, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(v1, v0, rtol=1e-10, atol=1e-10)
+
+
 def test_adapter_attention_weights_for_inspection():
     *_, graph = corpus_and_graph(GraphConfig())
     adapter = make_adapter()

@@ -389,6 +389,7 @@ class FusionEngine(nn.Module):
             inputs.nbr_x,
             inputs.nbr_token_x,
             nbr_token_index=inputs.nbr_token_index,
+            nbr_index=inputs.nbr_index,
         )
 
     def _fuse_site(

@@ -28,10 +28,12 @@ class AdapterInputs:
     Attributes:
         graph: the context graph.
         ctx_x: :math:`[N_{ctx}, d]` query states (the fused site's hidden states).
-        nbr_x: :math:`[N_{nbr}, d_{nbr}]` stored features of the neighbour tokens.
+        nbr_x: :math:`[R, d_{nbr}]` stored features of the distinct corpus rows of the
+            ``nbr`` nodes (overlapping windows share rows: each is read and mapped once).
         nbr_token_x: :math:`[N_{tok}, d_{tok}]` input embeddings of the distinct tokens of
-            the neighbour rows (``None`` unless ``neighbour_embedding="own_token"``).
-        nbr_token_index: :math:`[N_{nbr}]` each ``nbr`` node's row of ``nbr_token_x``.
+            those rows (``None`` unless ``neighbour_embedding="own_token"``).
+        nbr_token_index: :math:`[R]` each row's row of ``nbr_token_x``.
+        nbr_index: :math:`[N_{nbr}]` each ``nbr`` node's row of ``nbr_x``.
     """
 
     graph: ContextGraph
@@ -39,6 +41,7 @@ class AdapterInputs:
     nbr_x: Tensor
     nbr_token_x: Tensor | None
     nbr_token_index: Tensor | None = None
+    nbr_index: Tensor | None = None
 
 
 class GraphInputBuilder(nn.Module):
@@ -126,11 +129,14 @@ class GraphInputBuilder(nn.Module):
         embedding: nn.Module | None,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """``(nbr_x, nbr_token_x, nbr_token_index)`` of ``graph``'s ``nbr`` nodes for the
-        adapter at ``site``, on ``device``: with ``neighbour_embedding="own_token"`` the
-        embeddings of the distinct tokens and each node's row of them (a batch's nodes
-        hold a few thousand distinct tokens: the adapter maps each once), else ``None``."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """``(nbr_x, nbr_token_x, nbr_token_index, nbr_index)`` of ``graph``'s ``nbr``
+        nodes for the adapter at ``site``, on ``device`` (the adapter's arguments of those
+        names): the features of each distinct corpus row once, and each node's row of
+        them (a row sits in up to ``left + right + 1`` windows); with
+        ``neighbour_embedding="own_token"`` the embeddings of the distinct tokens and each
+        row's row of them (a batch holds a few thousand distinct tokens: the adapter maps
+        each once), else ``None``."""
         nbr = graph["nbr"]
         token_x = token_index = None
         if embedding is None and self.neighbour_embedding != "none":
@@ -138,17 +144,19 @@ class GraphInputBuilder(nn.Module):
                 f"neighbour_embedding={self.neighbour_embedding!r} needs the base model's "
                 "token embedding: pass embedding=model.get_input_embeddings()"
             )
+        rows, nbr_index = nbr.corpus_id.unique(return_inverse=True)
         with torch.no_grad():  # the LM is frozen: its embedding needs no graph
             if self.neighbour_embedding == "label":
-                nbr_x = embedding(self.next_tokens(nbr.corpus_id.to(device))).to(dtype)
+                nbr_x = embedding(self.next_tokens(rows.to(device))).to(dtype)
             else:
-                nbr_x = self.neighbour_features_of(nbr.corpus_id, site).to(
-                    device=device, dtype=dtype
-                )
+                nbr_x = self.neighbour_features_of(rows, site).to(device=device, dtype=dtype)
             if self.neighbour_embedding == "own_token":
-                tokens, token_index = nbr.token_id.to(device).unique(return_inverse=True)
+                row_tokens = nbr.token_id.new_empty(rows.numel()).scatter_(
+                    0, nbr_index, nbr.token_id
+                )
+                tokens, token_index = row_tokens.to(device).unique(return_inverse=True)
                 token_x = embedding(tokens).to(dtype)
-        return nbr_x, token_x, token_index
+        return nbr_x, token_x, token_index, nbr_index.to(device)
 
     def adapter_inputs(
         self,

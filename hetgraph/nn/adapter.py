@@ -275,6 +275,7 @@ class GraphAdapter(Module):
         nbr_token_x: Tensor | None = None,
         *,
         nbr_token_index: Tensor | None = None,
+        nbr_index: Tensor | None = None,
         path: ComputePath | None = None,
         return_attention_weights: bool = False,
     ) -> Tensor | tuple[Tensor, list[AttentionDict]]:
@@ -289,8 +290,15 @@ class GraphAdapter(Module):
                 :obj:`nbr_token_index`, :math:`[N_{tok}, F_{tok}]`: one row per distinct
                 token).
             nbr_token_index (torch.Tensor, optional): :math:`[N_{nbr}]` the row of
-                :obj:`nbr_token_x` of each nbr node, when it holds each distinct token
-                once (their maps are then computed once per token).
+                :obj:`nbr_token_x` of each nbr node (with :obj:`nbr_index`, of each row
+                of :obj:`nbr_x`), when it holds each distinct token once (their maps are
+                then computed once per token).
+            nbr_index (torch.Tensor, optional): :math:`[N_{nbr}]` the row of
+                :obj:`nbr_x` of each nbr node, when :obj:`nbr_x` (and
+                :obj:`nbr_token_x`) hold each distinct corpus row once,
+                :math:`[R, F_{nbr}]`: a row's input maps, and on the dense path its
+                first-layer keys and values, are then computed once, however many
+                windows share it.
             path (str, optional): Override :obj:`config.path`.
             return_attention_weights (bool, optional): Also return each
                 layer's attention coefficients per edge type (forces the
@@ -306,24 +314,38 @@ class GraphAdapter(Module):
         if self.nbr_in is not None:
             nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
         if not return_attention_weights and self.use_dense(graph, path):
-            return self.out(self._forward_dense(graph, ctx_h, nbr_h)).to(ctx_x.dtype)
+            return self.out(self._forward_dense(graph, ctx_h, nbr_h, nbr_index)).to(ctx_x.dtype)
+        if nbr_h is not None and nbr_index is not None:
+            nbr_h = nbr_h[nbr_index]
         ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)
         out = self.out(ctx_h).to(ctx_x.dtype)
         return (out, attentions) if return_attention_weights else out
 
-    def _window_grid(self, graph: HeteroData, nbr_h: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    def _window_grid(
+        self, graph: HeteroData, nbr_h: Tensor | None, nbr_index: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """The ``[U, W, F]`` grid of the nbr nodes' states (empty slots zero; :obj:`None`
-        without ``nbr_h``) and its ``[U, W]`` mask of the slots that hold a node."""
+        without ``nbr_h``), its ``[U, W]`` mask of the slots that hold a node and, with
+        ``nbr_index`` (``nbr_h`` one row per distinct corpus row), the ``[U, W]`` rows of
+        ``[nbr_h; 0]`` the grid is made of (empty slots: the appended zero row), else
+        :obj:`None`."""
         layout = graph.layout
         U, W = layout.num_windows, layout.window
         grid_index = graph[NBR].grid_index
         mask = torch.zeros(U * W, dtype=torch.bool, device=grid_index.device)
         mask[grid_index] = True
         if nbr_h is None:
-            return None, mask.view(U, W)
+            return None, mask.view(U, W), None
         F_ = nbr_h.size(-1)
-        windows = nbr_h.new_zeros(U * W, F_).index_copy(0, grid_index, nbr_h)
-        return windows.view(U, W, F_), mask.view(U, W)
+        if nbr_index is None:
+            windows = nbr_h.new_zeros(U * W, F_).index_copy(0, grid_index, nbr_h)
+            return windows.view(U, W, F_), mask.view(U, W), None
+        R = nbr_h.size(0)
+        slot_rows = torch.full((U * W,), R, dtype=torch.long, device=grid_index.device)
+        slot_rows[grid_index] = nbr_index
+        rows = torch.cat([nbr_h, nbr_h.new_zeros(1, F_)])
+        slot_rows = slot_rows.view(U, W)
+        return rows[slot_rows], mask.view(U, W), (rows, slot_rows)
 
     def _causal_layout(self, graph: HeteroData) -> CausalLayout | None:
         layout = graph.layout
@@ -331,20 +353,29 @@ class GraphAdapter(Module):
             return causal_layout(graph[CTX].batch_index, graph[CTX].seq_index, layout.c2c_window)
         return None
 
-    def _forward_dense(self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor) -> Tensor:
+    def _forward_dense(
+        self, graph: HeteroData, ctx_h: Tensor, nbr_h: Tensor, nbr_index: Tensor | None = None
+    ) -> Tensor:
         # The windows receive nothing from the queries: run their stack first, then the
         # queries' layers on what each layer reads from them (the same functions the
         # neighbour-state table is built and read with).
-        return self._ctx_layers(graph, ctx_h, self._window_layers(graph, nbr_h))
+        return self._ctx_layers(graph, ctx_h, self._window_layers(graph, nbr_h, nbr_index))
 
-    def _window_layers(self, graph: HeteroData, nbr_h: Tensor) -> list[tuple[Tensor, Tensor]]:
-        windows, mask = self._window_grid(graph, nbr_h)
+    def _window_layers(
+        self, graph: HeteroData, nbr_h: Tensor, nbr_index: Tensor | None = None
+    ) -> list[tuple[Tensor, Tensor]]:
+        windows, mask, by_row = self._window_grid(graph, nbr_h, nbr_index)
         query_slots = list(graph.layout.query_slots)
         key_values = []
         for i, conv in enumerate(self.convs):
             # Only the slots whose outputs later layers read are updated (none in the last).
             keep = _slots_within_reach(query_slots, mask.size(1), len(self.convs) - 1 - i)
-            qkv = window_layer_inputs(conv, NBR, windows, N2N, keep is not None, keep)
+            if i == 0 and by_row is not None:  # first layer: maps once per distinct row
+                qkv = window_layer_inputs(
+                    conv, NBR, by_row[0], N2N, keep is not None, keep, by_row[1]
+                )
+            else:
+                qkv = window_layer_inputs(conv, NBR, windows, N2N, keep is not None, keep)
             slots = slot_index(query_slots, mask.size(1), mask.device)
             key_values.append(slot_keys_values(conv, NBR, windows, slots, qkv))
             if qkv is not None:
@@ -358,7 +389,7 @@ class GraphAdapter(Module):
     def _ctx_layers(
         self, graph: HeteroData, ctx_h: Tensor, key_values: list[tuple[Tensor, Tensor]]
     ) -> Tensor:
-        _, mask = self._window_grid(graph, None)
+        _, mask, _ = self._window_grid(graph, None)
         slot_mask = mask[:, list(graph.layout.query_slots)]
         causal = self._causal_layout(graph)
         for i, conv in enumerate(self.convs):
@@ -382,6 +413,7 @@ class GraphAdapter(Module):
         nbr_x: Tensor,
         nbr_token_x: Tensor | None = None,
         nbr_token_index: Tensor | None = None,
+        nbr_index: Tensor | None = None,
     ) -> list[tuple[Tensor, Tensor]]:
         r"""What each layer's ``ctx`` nodes read from the windows: per layer, the keys and
         values :math:`[U, S, H d_k]` of the :math:`S` query-linked slots
@@ -390,13 +422,14 @@ class GraphAdapter(Module):
         The windows receive nothing from the ``ctx`` nodes, so these depend on the
         windows alone: a window's are the same whichever queries retrieve it (the
         basis of :class:`~hetgraph.NeighbourStates`). :meth:`forward`'s dense path is
-        :meth:`ctx_forward` of these.
+        :meth:`ctx_forward` of these. The inputs are :meth:`forward`'s.
 
         Raises:
             ValueError: if ``graph`` has no window grid (see :meth:`use_dense`).
         """
         self._require_dense(graph)
-        return self._window_layers(graph, self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index))
+        nbr_h = self._nbr_inputs(nbr_x, nbr_token_x, nbr_token_index)
+        return self._window_layers(graph, nbr_h, nbr_index)
 
     def ctx_forward(
         self, graph: HeteroData, ctx_x: Tensor, window_key_values: list[tuple[Tensor, Tensor]]

@@ -70,6 +70,7 @@ def window_projection(
     x: Tensor,
     relation: EdgeType | None,
     output_slots: slice | None = None,
+    slot_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""Queries, keys and values ``[N, H, d_k]`` of nodes of type ``node_type``, as
     :meth:`HeteroGraphAttention.project` gives them, except that with ``relation`` the
@@ -79,7 +80,37 @@ def window_projection(
     costs no pass over the nodes. Three Linears on the row blocks of the weight, so that
     each result is contiguous (cheaper in the backward pass than one Linear split in 3).
     With ``output_slots`` (``x`` a ``[U, W, F]`` window grid) only those slots' queries
-    are computed (``[U * len, H, d_k]``): the others' outputs are not needed."""
+    are computed (``[U * len, H, d_k]``): the others' outputs are not needed.
+
+    With ``slot_rows`` (``[U, W]``), ``x`` is ``[R, F]``, each distinct input once, and
+    the grid is ``x[slot_rows]``: keys and values are then computed once per row and
+    gathered (overlapping windows share most of their rows), queries per output slot."""
+    H, D = layer.heads, layer.head_channels
+    weights, biases = _folded_projection(layer, node_type, relation)
+    x = x.to(layer.param_dtype)
+    if slot_rows is None:
+        x_query = x if output_slots is None else x[:, output_slots]
+        q = F.linear(x_query.reshape(-1, x.size(-1)), weights[0], biases[0]).view(-1, H, D)
+        x = x.reshape(-1, x.size(-1))
+        k, v = (
+            F.linear(x, w, b).view(-1, H, D) for w, b in zip(weights[1:], biases[1:], strict=True)
+        )
+        return q, k, v
+    query_rows = slot_rows if output_slots is None else slot_rows[:, output_slots]
+    q = F.linear(x[query_rows.reshape(-1)], weights[0], biases[0]).view(-1, H, D)
+    rows = slot_rows.reshape(-1)
+    k, v = (
+        F.linear(x, w, b)[rows].view(-1, H, D) for w, b in zip(weights[1:], biases[1:], strict=True)
+    )
+    return q, k, v
+
+
+def _folded_projection(
+    layer: HeteroGraphAttention, node_type: str, relation: EdgeType | None
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    r"""The query, key and value blocks of ``node_type``'s Linear, the query block folded
+    with ``relation``'s :math:`\mathbf{W}_{\mathrm{att}}` and prior (see
+    :func:`window_projection`)."""
     H, D, width = layer.heads, layer.head_channels, layer.channels
     lin = layer.lin_qkv[node_type]
     weights = list(lin.weight.split(width))
@@ -91,12 +122,7 @@ def window_projection(
         weights[0] = weights[0].reshape(width, -1)
         if biases[0] is not None:
             biases[0] = torch.einsum("hde,he->hd", fold, biases[0].view(H, D)).reshape(width)
-    x = x.to(layer.param_dtype)
-    x_query = x if output_slots is None else x[:, output_slots]
-    q = F.linear(x_query.reshape(-1, x.size(-1)), weights[0], biases[0]).view(-1, H, D)
-    x = x.reshape(-1, x.size(-1))
-    k, v = (F.linear(x, w, b).view(-1, H, D) for w, b in zip(weights[1:], biases[1:], strict=True))
-    return q, k, v
+    return weights, biases
 
 
 def window_layer_inputs(
@@ -106,14 +132,16 @@ def window_layer_inputs(
     window_relation: EdgeType,
     update_windows: bool,
     output_slots: slice | None,
+    slot_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`window_projection` of every slot when the windows are updated (queries
     folded with ``window_relation``'s W_att if the layer has it), else :obj:`None`: only the
-    linked slots' keys and values are then needed (:func:`slot_keys_values`)."""
+    linked slots' keys and values are then needed (:func:`slot_keys_values`). With
+    ``slot_rows``, ``window_x`` is ``[R, F]`` distinct rows (see :func:`window_projection`)."""
     if not update_windows:
         return None
     relation = window_relation if window_relation in layer.edge_types else None
-    return window_projection(layer, window_type, window_x, relation, output_slots)
+    return window_projection(layer, window_type, window_x, relation, output_slots, slot_rows)
 
 
 def window_messages(
@@ -238,16 +266,16 @@ def query_window_messages(
     H, D = layer.heads, layer.head_channels
     rel = layer.relation_parameters(relation)
     n = K * S
-    rows = window_index.clamp(min=0).view(-1)
+    windows = window_index.clamp(min=0)
     allowed = (window_index >= 0).view(C, K, 1).expand(C, K, S).reshape(C, n)
     if U > 0:
-        allowed = allowed & slot_mask[rows].view(C, n)
-        k, v = (x.index_select(0, rows).view(C, n, H * D) for x in slot_kv)  # per (query, window)
+        allowed = allowed & slot_mask[windows.view(-1)].view(C, n)
+        k = slot_kv[0].index_select(0, windows.view(-1)).view(C, n, H * D)  # per (query, slot)
     else:
-        k = v = query.new_zeros(C, n, H * D)
+        k = query.new_zeros(C, n, H * D)
     # q . (k W_att) = (W_att q) . k and sum(alpha v W_msg) = sum(alpha v) W_msg, so the
     # relation maps act once per query, not per source. Heads are batched through a
-    # block-diagonal query [C, H*D, H], so that every product is one plain bmm.
+    # block-diagonal query [C, H*D, H], so that every score is one plain bmm.
     q = torch.einsum("che,hde->chd", query, rel.att)
     q = q * (rel.prior.view(1, H, 1) * (1.0 / math.sqrt(D)))
     eye = torch.eye(H, dtype=q.dtype, device=q.device)
@@ -255,9 +283,27 @@ def query_window_messages(
     score = (k @ q_block).transpose(1, 2)  # [C, H, n]
     alpha, lse = masked_softmax(score, allowed.view(C, 1, n))
     alpha = F.dropout(alpha, p=layer.attn_dropout, training=layer.training)
-    m_all = alpha @ v  # [C, H, H * D]: head h's weights applied to every head's values
-    m = m_all.view(C, H, H, D).diagonal(dim1=1, dim2=2).permute(0, 2, 1)  # [C, H, D]
+    m = _weighted_slot_values(slot_kv[1], alpha, windows, S) if U > 0 else q.new_zeros(C, H, D)
     return RelationMessages(torch.einsum("chd,hde->che", m, rel.msg), lse, allowed.any(-1))
+
+
+def _weighted_slot_values(values: Tensor, alpha: Tensor, windows: Tensor, S: int) -> Tensor:
+    r""":math:`\sum_{j} \alpha^h_{cj} \mathbf{v}^h_{u(c,j)}` ``[C, H, d_k]`` for slot values
+    ``[U, S, H * d_k]``, weights ``[C, H, k * S]`` and windows ``[C, k]``: one weighted
+    ``embedding_bag`` over the rows ``(u, s, h)`` of the values, so that the ``C * k * S``
+    gathered values are never materialised (memory traffic, not arithmetic, is the cost
+    of this step)."""
+    C, H, n = alpha.shape
+    D = values.size(-1) // H
+    slot = (windows.unsqueeze(-1) * S + torch.arange(S, device=windows.device)).view(C, 1, n)
+    rows = slot * H + torch.arange(H, device=windows.device).view(1, H, 1)  # [C, H, n]
+    m = F.embedding_bag(
+        rows.view(C * H, n),
+        values.reshape(-1, D),
+        per_sample_weights=alpha.reshape(C * H, n),
+        mode="sum",
+    )
+    return m.view(C, H, D)
 
 
 def window_and_query_messages(

@@ -316,7 +316,7 @@ class GraphAdapter(Module):
         if not return_attention_weights and self.use_dense(graph, path):
             return self.out(self._forward_dense(graph, ctx_h, nbr_h, nbr_index)).to(ctx_x.dtype)
         if nbr_h is not None and nbr_index is not None:
-            nbr_h = nbr_h[nbr_index]
+            nbr_h = nbr_h.index_select(0, nbr_index)
         ctx_h, attentions = self._forward_edges(graph, ctx_h, nbr_h, return_attention_weights)
         out = self.out(ctx_h).to(ctx_x.dtype)
         return (out, attentions) if return_attention_weights else out
@@ -345,7 +345,8 @@ class GraphAdapter(Module):
         slot_rows[grid_index] = nbr_index
         rows = torch.cat([nbr_h, nbr_h.new_zeros(1, F_)])
         slot_rows = slot_rows.view(U, W)
-        return rows[slot_rows], mask.view(U, W), (rows, slot_rows)
+        windows = rows.index_select(0, slot_rows.view(-1)).view(U, W, F_)
+        return windows, mask.view(U, W), (rows, slot_rows)
 
     def _causal_layout(self, graph: HeteroData) -> CausalLayout | None:
         layout = graph.layout

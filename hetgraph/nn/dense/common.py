@@ -97,10 +97,11 @@ def window_projection(
         )
         return q, k, v
     query_rows = slot_rows if output_slots is None else slot_rows[:, output_slots]
-    q = F.linear(x[query_rows.reshape(-1)], weights[0], biases[0]).view(-1, H, D)
+    q = F.linear(x.index_select(0, query_rows.reshape(-1)), weights[0], biases[0]).view(-1, H, D)
     rows = slot_rows.reshape(-1)
     k, v = (
-        F.linear(x, w, b)[rows].view(-1, H, D) for w, b in zip(weights[1:], biases[1:], strict=True)
+        F.linear(x, w, b).index_select(0, rows).view(-1, H, D)
+        for w, b in zip(weights[1:], biases[1:], strict=True)
     )
     return q, k, v
 

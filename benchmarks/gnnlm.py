@@ -260,6 +260,7 @@ def main() -> None:
         "fusion": config.fusion.to_dict(),
         "training": config.training.to_dict(),
         "results": {key: results[key] for key in ("base", "knn", "gnn", "gnn_knn")},
+        "ratios": results["ratios"],  # each with its paired document-bootstrap interval
         "ratios_to_base_ppl": {
             key: results[key]["ppl"] / results["base"]["ppl"] for key in ("knn", "gnn", "gnn_knn")
         },

@@ -25,6 +25,7 @@ from hetgraph.graph import (
 )
 from hetgraph.nn import AdapterConfig, GraphAdapter, HeteroGraphAttention
 from hetgraph.nn.dense import dense_window_attention
+from hetgraph.nn.dense.common import _weighted_slot_values
 
 METADATA = context_graph_metadata(c2c=True)
 
@@ -504,6 +505,21 @@ def test_dense_path_bf16_smoke():
     # fp32 adapter, bf16 LM states: output follows the input dtype
     out = make_adapter()(graph, *inputs)
     assert out.dtype == torch.bfloat16
+
+
+def test_window_values_read_with_float32_weights_and_bfloat16_values():
+    # Under CUDA autocast the attention weights stay float32 while the values are
+    # bfloat16 (a Linear's output); the embedding_bag read must take both.
+    gen = torch.Generator().manual_seed(0)
+    U, S, H, D, C, K = 7, 2, 4, 8, 5, 3
+    values = torch.randn(U, S, H * D, generator=gen).bfloat16()
+    alpha = torch.rand(C, H, K * S, generator=gen)
+    windows = torch.randint(0, U, (C, K), generator=gen)
+    got = _weighted_slot_values(values, alpha, windows, S)
+    gathered = values.float()[windows].view(C, K * S, H, D)  # [C, k * S, H, D]
+    expected = torch.einsum("chn,cnhd->chd", alpha.bfloat16().float(), gathered)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_dense_not_taken_for_irregular_graphs():

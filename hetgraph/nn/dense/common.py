@@ -301,7 +301,9 @@ def _weighted_slot_values(values: Tensor, alpha: Tensor, windows: Tensor, S: int
     m = F.embedding_bag(
         rows.view(C * H, n),
         values.reshape(-1, D),
-        per_sample_weights=alpha.reshape(C * H, n),
+        # Same dtype as the values, as a matmul under autocast would make them (CUDA
+        # autocast keeps softmax outputs in float32; embedding_bag does not cast).
+        per_sample_weights=alpha.reshape(C * H, n).to(values.dtype),
         mode="sum",
     )
     return m.view(C, H, D)
